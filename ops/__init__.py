@@ -1,0 +1,21 @@
+"""Sequence mixers written in the tile language, callable on torch tensors.
+
+Each op is a ``@kernel`` program (``*_fwd``) plus a public function with the
+flash-linear-attention calling convention. CPU tensors run the NumPy
+interpreter; the GPU backends are built in ``tilemix.codegen``.
+"""
+
+from .attention import attention, attention_fwd
+from .gemm import gemm, gemm_fwd
+from .linear_attention import linear_attention, linear_attention_fwd
+from .ssd import ssd, ssd_fwd
+
+PROGRAMS = {
+    "gemm": gemm_fwd,
+    "attention": attention_fwd,
+    "linear_attention": linear_attention_fwd,
+    "ssd": ssd_fwd,
+}
+
+__all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS",
+           "attention_fwd", "gemm_fwd", "linear_attention_fwd", "ssd_fwd"]

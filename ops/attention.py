@@ -1,0 +1,40 @@
+"""Softmax attention with an online softmax over key chunks (FlashAttention-style)."""
+
+from __future__ import annotations
+
+import torch
+
+from tilemix.tiles import (Const, Out, Scalar, Seq, blocks, causal, chunks, exp, full, in_seq, kernel,
+                           maximum, rowmax, rowsum, zeros)
+
+from ._dispatch import run_kernel
+
+__all__ = ["attention", "attention_fwd"]
+
+NEG_INF = float("-inf")
+
+
+@kernel
+def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]],
+                  is_causal: Const = False, block: Const = 64):
+    for i in blocks(block):  # one program instance per query block
+        qi = q[i] * scale
+        m, l, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
+        for j in chunks(64, through=i if is_causal else None):
+            s = qi @ k[j].T
+            s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
+            m_new = maximum(m, rowmax(s))
+            p, alpha = exp(s - m_new), exp(m - m_new)
+            l = l * alpha + rowsum(p)
+            acc = acc * alpha + p @ v[j]
+            m = m_new
+        o[i] = acc / l
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """Multi-head softmax attention. q, k: ``[B, T, H, D]``; v: ``[B, T, H, V]``;
+    scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query.
+    Returns ``[B, T, H, V]``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return run_kernel(attention_fwd, dict(q=q, k=k, v=v, scale=scale, is_causal=bool(causal)))["o"]

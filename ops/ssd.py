@@ -1,0 +1,39 @@
+"""Mamba-2 SSD: ``h_t = exp(dt_t·A) h_{t-1} + dt_t · B_t x_tᵀ``, ``y_t = h_tᵀ C_t + D·x_t``."""
+
+from __future__ import annotations
+
+import torch
+
+from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsum, exp, kernel, segsum
+
+from ._dispatch import run_kernel
+
+__all__ = ["ssd", "ssd_fwd"]
+
+
+@kernel
+def ssd_fwd(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"],
+            y: Out[Seq["P"]], D: Head[1] = None, h: State["N", "P"] = None):
+    for c in chunks(64):
+        log_decay = dt[c] * A  # per token, <= 0
+        xdt, bc, cc = x[c] * dt[c], B[c], C[c]
+        decay_from_start = exp(cumsum(log_decay))  # chunk start -> token t
+        decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))  # token t -> chunk end
+        yc = (cc @ bc.T * exp(segsum(log_decay))) @ xdt + (cc * decay_from_start) @ h
+        y[c] = yc if D is None else yc + x[c] * D
+        h = h * exp(colsum(log_decay)) + (bc * decay_to_end).T @ xdt
+
+
+def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
+        output_final_state: bool = False):
+    """The Mamba-2 state-space dual (SSD) scan.
+
+    x: ``[B, T, H, P]``; dt: ``[B, T, H]`` (positive step sizes); A: ``[H]``
+    (negative); B, C: ``[B, T, G, N]`` with ``H % G == 0`` (head h reads group
+    ``h // (H // G)``); D: ``[H]`` or None; initial_state: float32
+    ``[B, H, N, P]`` or None. Returns ``(y [B, T, H, P], final_state or None)``.
+    """
+    out = run_kernel(ssd_fwd, dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
+                     labels={"h": "initial_state"})
+    return out["y"], (out["h"] if output_final_state else None)

@@ -1,0 +1,175 @@
+"""``@kernel``: a Python function written in the tile language becomes a
+``Kernel`` that traces, verifies and (on the CPU) interprets it."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .builder import Builder, ParamRef, Tile, building
+from .errors import Loc, TileError
+from .interpret import interpret
+from .ir import Loop, Op, Program
+from .params import Binding, ParamSpec, bind_arguments
+from .targets import Target, get_target
+from .types import DType, Space, TileType
+from .verify import verify
+
+__all__ = ["kernel", "Kernel", "TensorSpec"]
+
+_SIDE_EFFECTS = ("store", "store_state")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype standing in for a tensor, to trace without data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Kernel:
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+        self.loc = Loc(fn.__code__.co_filename, fn.__code__.co_firstlineno)
+        self.specs: dict[str, ParamSpec] = {}
+        self.defaults: dict[str, Any] = {}
+        for name, param in inspect.signature(fn).parameters.items():
+            annotation = param.annotation
+            if isinstance(annotation, str):
+                annotation = eval(annotation, fn.__globals__)  # postponed annotations
+            if not isinstance(annotation, ParamSpec):
+                raise TileError(f"parameter {name!r} of kernel {self.name!r} needs an annotation such as "
+                                "Seq['K'], State['K', 'V'], Out[Seq['V']], Scalar or Const", self.loc)
+            self.specs[name] = annotation
+            if param.default is not inspect.Parameter.empty:
+                self.defaults[name] = param.default
+        self._programs: dict[tuple, Program] = {}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{n}: {s!r}" for n, s in self.specs.items())
+        return f"@kernel {self.name}({params})"
+
+    # -- specialisation -----------------------------------------------------
+    def bind(self, args: dict[str, Any], labels: dict[str, str] | None = None) -> Binding:
+        """Check call arguments and size every dim (see ``params.bind_arguments``)."""
+        return bind_arguments(self.specs, self.defaults, args, labels)
+
+    def trace(self, binding: Binding | None = None, target: str | Target = "cpu", **args) -> Program:
+        """The verified program for this specialisation (cached)."""
+        binding = binding if binding is not None else self.bind(args)
+        target = get_target(target)
+        key = (binding.key(), target.name)
+        if key not in self._programs:
+            self._programs[key] = verify(self._trace(binding), target)
+        return self._programs[key]
+
+    def run(self, binding: Binding, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Interpret on NumPy ``inputs`` (fp32 values) bound by ``binding``;
+        returns outputs and final states by name."""
+        return interpret(self.trace(binding), binding, inputs)
+
+    def __call__(self, **args) -> dict[str, np.ndarray]:
+        """Run on NumPy arrays with the interpreter."""
+        return self.run(self.bind(args), args)
+
+    # -- tracing ------------------------------------------------------------
+    def _trace(self, binding: Binding) -> Program:
+        builder = Builder(binding, binding.static)
+        kwargs: dict[str, Any] = {}
+        states = []
+        with building(builder):
+            for p in binding.params:
+                kind = p.spec.kind
+                if kind == "const":
+                    kwargs[p.name] = binding.values[p.name]
+                elif kind == "state":
+                    k, v = (binding.sizes.get(d) for d in p.spec.dims)
+                    if k is None or v is None:
+                        raise TileError(f"state {p.name!r}: dims {p.spec.dims} are not sized by any input", self.loc)
+                    kwargs[p.name] = builder.emit("load_state", [], {"param": p.name, "initial": p.present},
+                                                  TileType(k, v), loc=self.loc)
+                    states.append(kwargs[p.name])
+                elif not p.present:
+                    kwargs[p.name] = None
+                elif kind in ("seq", "group_seq", "matrix"):
+                    kwargs[p.name] = ParamRef(p, binding.static)
+                elif kind == "head":
+                    cols = 1 if p.spec.dims == (1,) else binding.static[p.spec.dims[0]]
+                    kwargs[p.name] = builder.emit("read_param", [], {"param": p.name},
+                                                  TileType(1, cols, p.dtype, Space.global_), loc=self.loc)
+                else:  # scalar
+                    kwargs[p.name] = builder.emit("scalar_param", [], {"param": p.name}, TileType(1, 1),
+                                                  loc=self.loc)
+            final_locals = self._call(kwargs)
+            builder.check_closed()
+            for p in binding.params:
+                if p.spec.kind == "state":
+                    self._store_state(builder, p.name, final_locals.get(p.name))
+        body = builder.regions[0]
+        _eliminate_dead_code(body)
+        return Program(self.name, binding.params, body, binding.static, binding.compute_dtype, self.loc)
+
+    def _call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Call the function, returning its local variables as it returns."""
+        captured: dict[str, Any] = {}
+        code = self.fn.__code__
+
+        def on_event(frame, event, arg):
+            if event == "return" and frame.f_code is code:
+                captured.update(frame.f_locals)
+
+        previous = sys.getprofile()
+        sys.setprofile(on_event)
+        try:
+            self.fn(**kwargs)
+        finally:
+            sys.setprofile(previous)
+        return captured
+
+    def _store_state(self, builder: Builder, name: str, final) -> None:
+        if not isinstance(final, Tile):
+            raise TileError(f"state {name!r} must be bound to a tile when the kernel returns, "
+                            f"got {type(final).__name__}", self.loc)
+        shape = builder.binding.sizes
+        want = tuple(shape[d] for d in builder.binding.param(name).spec.dims)
+        if final.shape != want:
+            raise TileError(f"state {name!r} is {want[0]}x{want[1]} but ends as {final.type}", self.loc)
+        builder.emit("store_state", [final], {"param": name}, None, loc=self.loc)
+
+
+def _eliminate_dead_code(body: list[Op]) -> None:
+    """Drop pure ops whose results nobody reads (e.g. a ``.T`` folded into a matmul)."""
+    while True:
+        used = set()
+        for top in body:
+            for op in top.walk():
+                used.update(op.operands)
+                if isinstance(op, Loop):
+                    used.update(op.init)
+                    used.update(op.update)
+        removed = _remove_unused(body, used)
+        if not removed:
+            return
+
+
+def _remove_unused(ops: list[Op], used: set) -> bool:
+    removed = False
+    for op in list(ops):
+        if isinstance(op, Loop):
+            removed |= _remove_unused(op.body, used)
+        elif op.name not in _SIDE_EFFECTS and op.result not in used:
+            ops.remove(op)
+            removed = True
+    return removed
+
+
+def kernel(fn: Callable) -> Kernel:
+    """Decorator: a tile program. See ``tilemix.tiles`` for the language."""
+    return Kernel(fn)

@@ -1,0 +1,208 @@
+"""The primitive operations of the tile language.
+
+All arithmetic is fp32; tiles loaded from bf16/fp16 tensors are widened
+exactly. A matmul rounds both operands to the program's compute dtype
+(the dtype of the tensors that feed matmuls) and accumulates in fp32, as
+tensor cores do — so a bf16 program predicts GPU numerics on the CPU.
+"""
+
+from __future__ import annotations
+
+from .builder import ChunkIndex, LoopIter, Tile, current_builder
+from .errors import TileError, user_loc
+from .types import DType, dtype_of
+
+__all__ = [
+    "chunks", "blocks", "zeros", "full", "exp", "log", "sqrt", "sigmoid", "softplus", "tanh",
+    "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
+    "colmax", "cumsum", "segsum", "cast",
+]
+
+
+# -- loops --------------------------------------------------------------------
+def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None) -> LoopIter:
+    """Sequential loop over ``dim`` in chunks of ``size`` rows; variables
+    rebound in the body are carried to the next chunk. ``through=i`` stops
+    after the chunks that overlap block ``i`` (the causal key range).
+    A partial last chunk reads zeros past the end and writes nothing there."""
+    _check_size(size, "chunks")
+    if through is not None and not isinstance(through, ChunkIndex):
+        raise TileError(f"chunks(through=...) takes a loop index, got {type(through).__name__}", user_loc())
+    return LoopIter("chunks", size, dim, through)
+
+
+def blocks(size: int = 64, dim: str = "T") -> LoopIter:
+    """The parallel grid over ``dim``: one program instance per block of
+    ``size`` rows (besides the implicit one per batch and head)."""
+    _check_size(size, "blocks")
+    return LoopIter("blocks", size, dim, None)
+
+
+def _check_size(size, what: str) -> None:
+    if not isinstance(size, int) or size <= 0 or size % 16:
+        raise TileError(f"{what}({size!r}): the chunk size must be a positive multiple of 16", user_loc())
+
+
+# -- creation -----------------------------------------------------------------
+def full(rows: int, cols: int, value: float) -> Tile:
+    """A ``rows x cols`` fp32 tile filled with ``value``."""
+    for d in (rows, cols):
+        if not isinstance(d, int) or d <= 0:
+            raise TileError(f"full({rows!r}, {cols!r}, ...): dims must be positive ints", user_loc())
+    return current_builder().emit("full", [], {"rows": rows, "cols": cols, "value": float(value)})
+
+
+def zeros(rows: int, cols: int) -> Tile:
+    return full(rows, cols, 0.0)
+
+
+# -- elementwise --------------------------------------------------------------
+def _unary(name: str, x, **attrs) -> Tile:
+    b = current_builder()
+    return b.emit(name, [b.as_tile(x)], attrs)
+
+
+def _nary(name: str, *xs) -> Tile:
+    b = current_builder()
+    return b.emit(name, [b.as_tile(x) for x in xs], {})
+
+
+def exp(x) -> Tile:
+    return _unary("exp", x)
+
+
+def log(x) -> Tile:
+    return _unary("log", x)
+
+
+def sqrt(x) -> Tile:
+    return _unary("sqrt", x)
+
+
+def sigmoid(x) -> Tile:
+    return _unary("sigmoid", x)
+
+
+def softplus(x) -> Tile:
+    """``log(1 + exp(x))``, computed without overflow."""
+    return _unary("softplus", x)
+
+
+def tanh(x) -> Tile:
+    return _unary("tanh", x)
+
+
+def maximum(a, b) -> Tile:
+    return _nary("maximum", a, b)
+
+
+def minimum(a, b) -> Tile:
+    return _nary("minimum", a, b)
+
+
+def where(cond, a, b) -> Tile:
+    """Elementwise select; ``cond`` is a comparison such as ``x > 0``."""
+    return _nary("where", cond, a, b)
+
+
+def cast(x, dtype) -> Tile:
+    """Round to ``dtype`` (f16/bf16/f32) and keep computing in fp32."""
+    dt = dtype_of(dtype)
+    if dt not in (DType.f32, DType.f16, DType.bf16):
+        raise TileError(f"unsupported dtype {dtype!r}: expected f32, f16 or bf16", user_loc())
+    return _unary("cast", x, dtype=dt)
+
+
+# -- masks: use the sequence positions a tile's rows and columns cover --------
+def causal(x, fill: float = 0.0) -> Tile:
+    """Keep entries whose column position <= row position; others become ``fill``."""
+    return _unary("causal", x, fill=float(fill))
+
+
+def window(x, size: int, fill: float = 0.0) -> Tile:
+    """Causal sliding window: keep ``row - size < col <= row``."""
+    if not isinstance(size, int) or size <= 0:
+        raise TileError(f"window size must be a positive int, got {size!r}", user_loc())
+    return _unary("window", x, size=size, fill=float(fill))
+
+
+def in_seq(x, fill: float = 0.0) -> Tile:
+    """Keep columns whose position lies inside the sequence (before T); the
+    zero-filled tail of a partial chunk becomes ``fill`` (``-inf`` before a softmax)."""
+    return _unary("in_seq", x, fill=float(fill))
+
+
+# -- reductions and scans -------------------------------------------------------
+def rowsum(x) -> Tile:
+    """Sum along each row: ``r x c`` → column vector ``r x 1``."""
+    return _unary("rowsum", x)
+
+
+def rowmax(x) -> Tile:
+    return _unary("rowmax", x)
+
+
+def colsum(x) -> Tile:
+    """Sum down each column: ``r x c`` → row vector ``1 x c``."""
+    return _unary("colsum", x)
+
+
+def colmax(x) -> Tile:
+    return _unary("colmax", x)
+
+
+def cumsum(x, reverse: bool = False, exclusive: bool = False) -> Tile:
+    """Cumulative sum down the rows of a chunk (over its tokens).
+    ``reverse`` sums from the end; ``exclusive`` leaves out the row itself."""
+    return _unary("cumsum", x, reverse=bool(reverse), exclusive=bool(exclusive))
+
+
+def segsum(x) -> Tile:
+    """Segment sums of a column vector ``x`` (one value per token):
+    ``out[i, j] = x[j+1] + ... + x[i]`` for ``j <= i`` (0 on the diagonal) and
+    ``-inf`` above it, so ``exp(segsum(log_decay))`` is the causal decay matrix.
+    Exact differences, not ``cumsum[i] - cumsum[j]``: no cancellation."""
+    return _unary("segsum", x)
+
+
+# -- Tile operators -------------------------------------------------------------
+def _matmul(a, b) -> Tile:
+    builder = current_builder()
+    a, b = builder.as_tile(a), builder.as_tile(b)
+    operands, attrs = [], {"operand_dtype": builder.binding.compute_dtype}
+    for tile, flag in ((a, "ta"), (b, "tb")):
+        producer = builder.producer(builder.resolve(tile))
+        if producer is not None and producer.name == "transpose":
+            operands.append(producer.operands[0])  # fold .T into the matmul operand
+            attrs[flag] = True
+        else:
+            operands.append(builder.resolve(tile))
+            attrs[flag] = False
+    return builder.emit("matmul", operands, attrs)
+
+
+def _pow(x, n) -> Tile:
+    if not isinstance(n, int) or n < 1:
+        raise TileError(f"x ** n takes a positive integer n, got {n!r}", user_loc())
+    return _unary("pow", x, n=n)
+
+
+Tile.__add__ = lambda a, b: _nary("add", a, b)
+Tile.__radd__ = lambda a, b: _nary("add", b, a)
+Tile.__sub__ = lambda a, b: _nary("sub", a, b)
+Tile.__rsub__ = lambda a, b: _nary("sub", b, a)
+Tile.__mul__ = lambda a, b: _nary("mul", a, b)
+Tile.__rmul__ = lambda a, b: _nary("mul", b, a)
+Tile.__truediv__ = lambda a, b: _nary("div", a, b)
+Tile.__rtruediv__ = lambda a, b: _nary("div", b, a)
+Tile.__neg__ = lambda a: _unary("neg", a)
+Tile.__abs__ = lambda a: _unary("abs", a)
+Tile.__pow__ = _pow
+Tile.__lt__ = lambda a, b: _nary("lt", a, b)
+Tile.__le__ = lambda a, b: _nary("le", a, b)
+Tile.__gt__ = lambda a, b: _nary("gt", a, b)
+Tile.__ge__ = lambda a, b: _nary("ge", a, b)
+Tile.__matmul__ = _matmul
+Tile.__rmatmul__ = lambda a, b: _matmul(b, a)
+Tile.T = property(lambda a: _unary("transpose", a))
+Tile.to = cast

@@ -1,0 +1,238 @@
+"""Kernel parameters: how a program sees its tensors, and how call arguments
+are checked against them.
+
+Annotations on a ``@kernel`` function say what each argument is:
+
+=====================  ======================  ===========================================
+annotation             tensor layout           inside the program
+=====================  ======================  ===========================================
+``Seq["K"]``           ``[B, T, H, K]``        ``q[c]`` loads chunk ``c``: a ``size x K`` tile
+``Seq[1]``             ``[B, T, H]``           ``dt[c]`` loads a ``size x 1`` column vector
+``GroupSeq["N"]``      ``[B, T, G, N]``        like ``Seq``; head ``h`` reads group ``h // (H // G)``
+``Head[1]``/``Head["D"]`` ``[H]`` / ``[H, D]``  a scalar / row vector for the current head
+``State["K", "V"]``    ``[B, H, K, V]`` f32    the initial state (zeros when absent); the value
+                                               bound to its name at the end is the final state
+``Matrix["M", "K"]``   ``[M, K]``              ``a[i, k]`` loads a block (gemm-style programs)
+``Scalar``             Python float            a runtime scalar (e.g. a softmax scale)
+``Const``              any Python value        fixed at trace time (e.g. ``causal=True``)
+``Out[...]``           as the inner one        written by the program; allocated by tilemix
+=====================  ======================  ===========================================
+
+``B``, ``T``, ``H``, ``G`` and matrix dims are runtime sizes; the feature
+dims of ``Seq``/``GroupSeq``/``Head`` and the ``State`` dims are static:
+a program is traced once per set of static sizes and dtypes. Parameters
+with a default of ``None`` are optional; the program sees ``None`` when
+they are absent and can branch on it in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .types import DType, FLOAT_DTYPES, dtype_of
+
+__all__ = [
+    "ParamSpec", "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
+    "BoundParam", "Binding", "bind_arguments",
+]
+
+_TENSOR_KINDS = ("seq", "group_seq", "head", "state", "matrix")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    kind: str
+    dims: tuple = ()
+    output: bool = False
+
+    @property
+    def layout(self) -> tuple:
+        """The tensor's full shape in symbols (runtime and static)."""
+        feature = tuple(d for d in self.dims if d != 1)
+        if self.kind == "seq":
+            return ("B", "T", "H") + feature
+        if self.kind == "group_seq":
+            return ("B", "T", "G") + feature
+        if self.kind == "head":
+            return ("H",) + feature
+        if self.kind == "state":
+            return ("B", "H") + self.dims
+        return self.dims  # matrix
+
+    @property
+    def static_dims(self) -> tuple:
+        """Symbols whose sizes shape the program's tiles."""
+        if self.kind in ("seq", "group_seq", "head", "state"):
+            return tuple(d for d in self.dims if isinstance(d, str))
+        return ()
+
+    @property
+    def is_tile_operand(self) -> bool:
+        """Tensors whose tiles feed matmuls: they share the compute dtype."""
+        return self.kind == "matrix" or (self.kind in ("seq", "group_seq") and self.dims != (1,))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(map(repr, self.dims))
+        base = {"seq": "Seq", "group_seq": "GroupSeq", "head": "Head", "state": "State",
+                "matrix": "Matrix", "scalar": "Scalar", "const": "Const"}[self.kind]
+        base = f"{base}[{inner}]" if self.dims else base
+        return f"Out[{base}]" if self.output else base
+
+
+class _Factory:
+    def __init__(self, kind: str, ndims: int):
+        self.kind, self.ndims = kind, ndims
+
+    def __getitem__(self, dims) -> ParamSpec:
+        dims = dims if isinstance(dims, tuple) else (dims,)
+        if len(dims) != self.ndims or not all(isinstance(d, str) or d == 1 for d in dims):
+            raise TypeError(f"{self.kind} parameters take {self.ndims} dim(s), each a name like 'K' or 1; got {dims}")
+        return ParamSpec(self.kind, dims)
+
+
+class _Out:
+    def __getitem__(self, spec: ParamSpec) -> ParamSpec:
+        if not isinstance(spec, ParamSpec) or spec.kind not in ("seq", "matrix"):
+            raise TypeError(f"Out[...] wraps a Seq or Matrix parameter, got {spec!r}")
+        return replace(spec, output=True)
+
+
+Seq = _Factory("seq", 1)
+GroupSeq = _Factory("group_seq", 1)
+Head = _Factory("head", 1)
+State = _Factory("state", 2)
+Matrix = _Factory("matrix", 2)
+Scalar = ParamSpec("scalar")
+Const = ParamSpec("const")
+Out = _Out()
+
+
+@dataclass(frozen=True)
+class BoundParam:
+    """A parameter with the concrete dtype and shape of one call."""
+
+    name: str
+    spec: ParamSpec
+    present: bool
+    dtype: DType | None = None
+    shape: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.present:
+            return f"{self.name}: {self.spec!r} = None"
+        dtype = f" {self.dtype}" if self.dtype else ""
+        return f"{self.name}: {self.spec!r}{dtype}"
+
+
+@dataclass
+class Binding:
+    params: list[BoundParam]
+    sizes: dict[str, int]  # every symbol: runtime (B, T, H, G, matrix dims) and static
+    static: dict[str, int]  # the symbols that shape tiles
+    compute_dtype: DType
+    values: dict[str, Any]  # Scalar and Const values
+
+    def key(self) -> tuple:
+        """Identifies the specialisation: what a trace depends on."""
+        consts = tuple((k, repr(v)) for k, v in sorted(self.values.items())
+                       if self.param(k).spec.kind == "const")
+        return (tuple((p.name, p.present, p.dtype) for p in self.params),
+                tuple(sorted(self.static.items())), self.compute_dtype, consts)
+
+    def param(self, name: str) -> BoundParam:
+        return next(p for p in self.params if p.name == name)
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: dict[str, Any],
+                   labels: dict[str, str] | None = None) -> Binding:
+    """Check call arguments against the parameters and size every symbol.
+
+    ``args`` holds arrays (anything with ``shape`` and ``dtype``) for tensor
+    inputs, numbers for ``Scalar``, values for ``Const``; outputs are not
+    passed. ``labels`` maps parameter names to the names the caller knows
+    them by, for error messages. Raises ``ValueError``/``TypeError`` naming
+    the argument and what was expected.
+    """
+    labels = labels or {}
+    label = lambda name: labels.get(name, name)  # noqa: E731
+    unknown = set(args) - set(specs)
+    if unknown:
+        raise TypeError(f"unexpected argument(s) {sorted(unknown)}; expected {list(specs)}")
+
+    sizes: dict[str, int] = {}
+    sized_by: dict[str, str] = {}
+    params: list[BoundParam] = []
+    values: dict[str, Any] = {}
+    compute: tuple[DType, str] | None = None
+
+    for name, spec in specs.items():
+        if spec.output:
+            continue
+        value = args.get(name, defaults.get(name))
+        if value is None:
+            if name not in defaults:
+                raise TypeError(f"missing argument {label(name)!r} ({spec!r})")
+            params.append(BoundParam(name, spec, present=False))
+            values[name] = None
+            continue
+        if spec.kind in ("scalar", "const"):
+            if spec.kind == "scalar" and not isinstance(value, (int, float, np.floating, np.integer)):
+                raise TypeError(f"{label(name)}: expected a Python number, got {type(value).__name__}")
+            params.append(BoundParam(name, spec, present=True))
+            values[name] = float(value) if spec.kind == "scalar" else value
+            continue
+        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise TypeError(f"{label(name)}: expected a tensor of shape {_fmt(spec.layout)}, got {type(value).__name__}")
+        dtype = dtype_of(value.dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{label(name)}: dtype {value.dtype} is not supported; expected float32, float16 or bfloat16")
+        if spec.kind == "state" and dtype is not DType.f32:
+            raise TypeError(f"{label(name)}: the state is float32, got {value.dtype}")
+        if spec.is_tile_operand:
+            if compute is None:
+                compute = (dtype, name)
+            elif compute[0] is not dtype:
+                raise TypeError(f"{label(name)}: dtype {dtype} differs from {label(compute[1])}'s {compute[0]}; "
+                                "tensors that feed matmuls share one dtype")
+        elif spec.kind in ("seq", "head") and compute is not None and dtype not in (DType.f32, compute[0]):
+            raise TypeError(f"{label(name)}: dtype {dtype} must be float32 or {label(compute[1])}'s {compute[0]}")
+        shape = tuple(int(s) for s in value.shape)
+        layout = spec.layout
+        if len(shape) != len(layout):
+            raise ValueError(f"{label(name)}: expected {len(layout)} dims {_fmt(layout)}, got shape {_fmt(shape)}")
+        for sym, size in zip(layout, shape):
+            if isinstance(sym, int):
+                continue
+            if sym in sizes and sizes[sym] != size:
+                expected = _fmt(sizes.get(s, s) for s in layout)
+                raise ValueError(f"{label(name)}: expected shape {_fmt(layout)} = {expected} "
+                                 f"({sym} = {sizes[sym]} from {label(sized_by[sym])}), got {_fmt(shape)}")
+            sizes.setdefault(sym, size)
+            sized_by.setdefault(sym, name)
+        params.append(BoundParam(name, spec, present=True, dtype=dtype, shape=shape))
+
+    if compute is None:
+        raise TypeError(f"no tensor argument feeds a matmul; expected one of "
+                        f"{[label(n) for n, s in specs.items() if s.is_tile_operand and not s.output]}")
+    if "G" in sizes and sizes["G"] and sizes.get("H", 0) % sizes["G"]:
+        raise ValueError(f"{label(sized_by['G'])}: its {sizes['G']} groups must divide the {sizes['H']} heads")
+
+    for name, spec in specs.items():
+        if not spec.output:
+            continue
+        missing = [s for s in spec.layout if isinstance(s, str) and s not in sizes]
+        if missing:
+            raise TypeError(f"output {label(name)}: dims {missing} are not sized by any input")
+        shape = tuple(sizes[s] if isinstance(s, str) else s for s in spec.layout)
+        params.append(BoundParam(name, spec, present=True, dtype=compute[0], shape=shape))
+    order = list(specs)
+    params.sort(key=lambda p: order.index(p.name))
+    static = {s: sizes[s] for p in params for s in p.spec.static_dims if s in sizes}
+    return Binding(params, sizes, static, compute[0], values)

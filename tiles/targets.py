@@ -1,0 +1,41 @@
+"""What each target can hold and compute — the limits the verifier checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .types import DType
+
+__all__ = ["Target", "TARGETS", "get_target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    mma_dtypes: tuple[DType, ...]  # operand dtypes of its matmul instructions
+    carried_bytes: int | None  # fp32 loop-carried state one program instance may keep resident
+
+
+_GENERIC = dict(mma_dtypes=(DType.f16, DType.bf16),
+                # mma.sync keeps state in the registers of 4-8 warps beside the working tiles
+                carried_bytes=64 * 1024)
+
+TARGETS = {
+    "cpu": Target("cpu", "NumPy interpreter (exact semantics, any size)",
+                  (DType.f32, DType.f16, DType.bf16), None),
+    # half of an H100 SM's 256 KiB register file: two consumer warpgroups hold
+    # the state and still have room for the chunk's working tiles
+    "sm_90a": Target("sm_90a", "Hopper: wgmma + TMA, warp-specialised", (DType.f16, DType.bf16), 128 * 1024),
+    **{arch: Target(arch, "generic tensor cores: mma.sync + ldmatrix + cp.async", **_GENERIC)
+       for arch in ("sm_80", "sm_86", "sm_89")},
+}
+
+
+def get_target(name: str | Target) -> Target:
+    if isinstance(name, Target):
+        return name
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; expected one of {sorted(TARGETS)}") from None
