@@ -75,6 +75,10 @@ class Tile:
     def __iter__(self):
         raise TileError("tiles cannot be iterated; loop over chunks(...) instead", user_loc())
 
+    def __getitem__(self, key):
+        raise TileError("tiles cannot be indexed or sliced; use reductions (rowsum, colsum, ...) "
+                        "or masks instead", user_loc())
+
     __hash__ = object.__hash__
 
     # Arithmetic is defined in language.py, where the ops live.

@@ -37,7 +37,7 @@ class Kernel:
         self.fn = fn
         self.name = fn.__name__
         self.__doc__ = fn.__doc__
-        self.loc = Loc(fn.__code__.co_filename, fn.__code__.co_firstlineno)
+        self.loc = Loc(fn.__code__.co_filename, _def_line(fn))
         self.specs: dict[str, ParamSpec] = {}
         self.defaults: dict[str, Any] = {}
         for name, param in inspect.signature(fn).parameters.items():
@@ -142,6 +142,15 @@ class Kernel:
         if final.shape != want:
             raise TileError(f"state {name!r} is {want[0]}x{want[1]} but ends as {final.type}", self.loc)
         builder.emit("store_state", [final], {"param": name}, None, loc=self.loc)
+
+
+def _def_line(fn: Callable) -> int:
+    """The line of ``def`` itself (``co_firstlineno`` is the first decorator's)."""
+    try:
+        lines, start = inspect.getsourcelines(fn)
+    except OSError:
+        return fn.__code__.co_firstlineno
+    return start + next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), 0)
 
 
 def _eliminate_dead_code(body: list[Op]) -> None:

@@ -1,0 +1,308 @@
+"""The language front end: tracing, the IR, and one test per verifier error.
+
+Each error test checks the message and that it names the user's line — the
+line of this file where the offending statement is.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from tilemix.tiles import (Const, Head, Matrix, Out, Scalar, Seq, State, TensorSpec, TileError, blocks, cast,
+                           causal, chunks, colsum, cumsum, kernel, rowsum, verify, window, zeros)
+
+
+def spec(*shape, dtype="float32"):
+    return TensorSpec(tuple(shape), dtype)
+
+
+def line_of(fn, text: str) -> int:
+    """The line number of the first line in ``fn``'s source containing ``text``."""
+    lines, start = inspect.getsourcelines(fn.fn if hasattr(fn, "fn") else fn)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def trace_error(program, target="cpu", **args) -> TileError:
+    with pytest.raises(TileError) as info:
+        program.trace(target=target, **args)
+    return info.value
+
+
+SEQ_ARGS = dict(q=spec(1, 100, 2, 32), k=spec(1, 100, 2, 32), v=spec(1, 100, 2, 32))
+
+
+# -- one test per verifier error --------------------------------------------------
+def test_error_shape_mismatch_in_matmul():
+    @kernel
+    def bad(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):
+        for c in chunks(64):
+            o[c] = (q[c] @ k[c]) @ v[c]  # 64x32 @ 64x32: inner dims differ
+
+    err = trace_error(bad, q=spec(1, 100, 2, 32), k=spec(1, 100, 2, 32), v=spec(1, 100, 2, 48))
+    assert "shape mismatch in @: 64x32 @ 64x32" in str(err)
+    assert err.loc.line == line_of(bad, "inner dims differ")
+
+
+def test_error_dim_not_multiple_of_16():
+    @kernel
+    def copy(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = q[c] * 2.0
+
+    err = trace_error(copy, q=spec(1, 100, 2, 40))
+    assert "dimension 40 is not a multiple of 16" in str(err)
+    assert err.loc.line == line_of(copy, "o[c] = q[c]")
+
+
+def test_error_chunk_size_not_multiple_of_16():
+    @kernel
+    def copy(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(50):
+            o[c] = q[c]
+
+    err = trace_error(copy, q=spec(1, 100, 2, 32))
+    assert "multiple of 16" in str(err) and err.loc.line == line_of(copy, "chunks(50)")
+
+
+def test_error_unsupported_dtype_for_target():
+    @kernel
+    def scores(q: Seq["K"], k: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = causal(q[c] @ k[c].T) @ k[c]
+
+    args = dict(q=spec(1, 100, 2, 32), k=spec(1, 100, 2, 32))
+    scores.trace(target="cpu", **args)  # fp32 is fine for the interpreter
+    err = trace_error(scores, target="sm_90a", **args)
+    assert "unsupported dtype: sm_90a matmuls take f16 or bf16 operands" in str(err)
+    assert err.loc.line == line_of(scores, "o[c] = causal")
+    scores.trace(target="sm_90a", q=spec(1, 100, 2, 32, dtype="bfloat16"), k=spec(1, 100, 2, 32, dtype="bfloat16"))
+
+
+def test_error_unsupported_dtype_in_cast():
+    @kernel
+    def narrow(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = cast(q[c], "int8")
+
+    err = trace_error(narrow, q=spec(1, 64, 1, 32))
+    assert "unsupported dtype 'int8'" in str(err) and err.loc.line == line_of(narrow, "cast(q[c]")
+
+
+def test_error_unsupported_input_dtype_names_the_argument():
+    @kernel
+    def copy(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = q[c]
+
+    with pytest.raises(TypeError, match="q: dtype float64 is not supported"):
+        copy.trace(q=spec(1, 64, 1, 32, dtype="float64"))
+
+
+def test_error_carried_tile_changes_shape():
+    @kernel
+    def grows(q: Seq["K"], o: Out[Seq["K"]]):
+        acc = zeros(64, 1)
+        for c in chunks(64):
+            acc = q[c] * acc  # 64x1 becomes 64x32
+            o[c] = acc
+
+    err = trace_error(grows, q=spec(1, 100, 2, 32))
+    assert "carried tile 'acc' changes shape: 64x1 before the loop, 64x32 after one iteration" in str(err)
+    assert err.loc.line == line_of(grows, "for c in chunks")
+    assert f"line {line_of(grows, 'becomes')}" in str(err)
+
+
+def test_error_output_never_written():
+    @kernel
+    def forgets(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+        for c in chunks(64):
+            s = s + k[c].T @ v[c]
+
+    err = trace_error(forgets, **SEQ_ARGS)
+    assert "output 'o' is never written" in str(err)
+    assert err.loc.line == line_of(forgets, "def forgets")
+
+
+def test_error_state_too_large_for_target():
+    from tilemix.ops import linear_attention_fwd
+
+    big = dict(q=spec(1, 64, 1, 256, dtype="bfloat16"), k=spec(1, 64, 1, 256, dtype="bfloat16"),
+               v=spec(1, 64, 1, 256, dtype="bfloat16"), scale=1.0)
+    linear_attention_fwd.trace(target="cpu", **big)  # the interpreter has no register budget
+    err = trace_error(linear_attention_fwd, target="sm_90a", **big)
+    assert "loop-carried state of 256 KiB (256x256 fp32) exceeds the sm_90a budget of 128 KiB" in str(err)
+    assert err.loc.line == line_of(linear_attention_fwd, "for c in chunks")
+    mid = {k: (spec(1, 64, 1, 128, dtype="bfloat16") if k != "scale" else v) for k, v in big.items()}
+    linear_attention_fwd.trace(target="sm_90a", **mid)  # 64 KiB fits
+
+
+# -- other front-end errors --------------------------------------------------------
+def test_error_loop_value_used_after_loop():
+    @kernel
+    def leaks(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            t = q[c] * 2.0
+            o[c] = t
+        o[c] = t + 1.0
+
+    err = trace_error(leaks, q=spec(1, 64, 1, 32))
+    assert "computed inside the loop at line" in str(err) and err.loc.line == line_of(leaks, "t + 1.0")
+
+
+def test_error_python_if_on_a_tile():
+    @kernel
+    def branches(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = q[c] if q[c] else q[c]
+
+    err = trace_error(branches, q=spec(1, 64, 1, 32))
+    assert "use where(cond, a, b)" in str(err)
+
+
+def test_error_blocks_inside_chunks():
+    @kernel
+    def nested(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            for i in blocks(64):
+                o[i] = q[i]
+
+    err = trace_error(nested, q=spec(1, 64, 1, 32))
+    assert "cannot be nested inside a sequential chunks() loop" in str(err)
+
+
+def test_error_break_in_loop():
+    @kernel
+    def stops(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = q[c]
+            break
+
+    err = trace_error(stops, q=spec(1, 64, 1, 32))
+    assert "did not finish" in str(err)
+
+
+def test_error_mask_needs_positions():
+    @kernel
+    def masks(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = causal(q[c].T @ q[c]) @ zeros(32, 32) + q[c]
+
+    err = trace_error(masks, q=spec(1, 64, 1, 32))
+    assert "causal() needs a tile whose rows are sequence positions" in str(err)
+
+
+def test_error_store_shape():
+    @kernel
+    def wrong(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = rowsum(q[c])
+
+    err = trace_error(wrong, q=spec(1, 64, 1, 32))
+    assert "expected a 64x32 tile" in str(err) and err.loc.line == line_of(wrong, "rowsum")
+
+
+def test_error_missing_annotation():
+    with pytest.raises(TileError, match="needs an annotation"):
+        @kernel
+        def unannotated(q, o: Out[Seq["K"]]):
+            pass
+
+
+def test_error_argument_shapes_name_the_argument():
+    from tilemix.ops import linear_attention_fwd
+
+    with pytest.raises(ValueError, match=r"k: expected shape \[B, T, H, K\] = \[1, 100, 2, 32\]"):
+        linear_attention_fwd.trace(q=spec(1, 100, 2, 32), k=spec(1, 100, 2, 16), v=spec(1, 100, 2, 32),
+                                   scale=1.0)
+
+
+# -- tracing and the IR ----------------------------------------------------------
+def test_carried_state_and_transpose_folding():
+    from tilemix.ops import linear_attention_fwd
+
+    program = linear_attention_fwd.trace(q=spec(1, 100, 2, 32), k=spec(1, 100, 2, 32), v=spec(1, 100, 2, 48),
+                                         scale=1.0)
+    text = str(program)
+    loop = next(op for op in program.body if op.name == "loop")
+    assert len(loop.carried) == 1 and loop.carried[0].type.shape == (32, 48)
+    assert "transpose" not in text  # .T folded into the matmuls
+    assert sum(op.name == "matmul" for op in program.walk()) == 4
+    assert "store_state" in text and "compute f32" in text
+
+
+def test_programs_are_cached_per_specialisation():
+    from tilemix.ops import linear_attention_fwd
+
+    a = linear_attention_fwd.trace(**SEQ_ARGS, scale=1.0)
+    b = linear_attention_fwd.trace(q=spec(3, 7, 5, 32), k=spec(3, 7, 5, 32), v=spec(3, 7, 5, 32), scale=2.0)
+    c = linear_attention_fwd.trace(q=spec(1, 100, 2, 64), k=spec(1, 100, 2, 64), v=spec(1, 100, 2, 32), scale=1.0)
+    assert a is b  # runtime sizes and scalars do not retrace
+    assert c is not a
+
+
+def test_verify_reruns_on_the_finished_program():
+    from tilemix.ops import ssd_fwd
+
+    args = dict(x=spec(1, 70, 2, 32, dtype="bfloat16"), dt=spec(1, 70, 2), A=spec(2), B=spec(1, 70, 1, 16,
+                dtype="bfloat16"), C=spec(1, 70, 1, 16, dtype="bfloat16"))
+    program = ssd_fwd.trace(target="sm_90a", **args)
+    assert verify(program, "sm_80") is program
+
+
+def test_interpreter_masks_partial_chunks_and_carries_state():
+    @kernel
+    def prefix_sum(x: Seq[1], w: Seq["K"], o: Out[Seq["K"]]):
+        total = zeros(1, 1)
+        for c in chunks(16):
+            o[c] = w[c] * (cumsum(x[c]) + total)  # running sum over the whole sequence
+            total = total + colsum(x[c])
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 40, 3)).astype(np.float32)  # 40 = two chunks and a partial one
+    w = rng.standard_normal((2, 40, 3, 16)).astype(np.float32)
+    out = prefix_sum(x=x, w=w)["o"]
+    np.testing.assert_allclose(out, w * np.cumsum(x, axis=1)[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_cannot_be_indexed():
+    @kernel
+    def sliced(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = q[c][0]
+
+    err = trace_error(sliced, q=spec(1, 64, 1, 32))
+    assert "cannot be indexed" in str(err) and err.loc.line == line_of(sliced, "q[c][0]")
+
+
+def test_const_and_scalar_parameters():
+    @kernel
+    def scaled(q: Seq["K"], alpha: Scalar, o: Out[Seq["K"]], twice: Const = False):
+        for c in chunks(64):
+            o[c] = q[c] * alpha * (2.0 if twice else 1.0)
+
+    q = np.arange(2 * 70 * 3 * 16, dtype=np.float32).reshape(2, 70, 3, 16) / 100
+    once = scaled(q=q, alpha=0.5)["o"]
+    double = scaled(q=q, alpha=0.5, twice=True)["o"]
+    np.testing.assert_allclose(once, q * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(double, q, rtol=1e-6)
+
+
+def test_head_parameter_and_window_mask():
+    @kernel
+    def local(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Head[1], o: Out[Seq["V"]]):
+        for c in chunks(32):
+            o[c] = window(q[c] @ k[c].T, 2) @ v[c] * g
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 40, 2, 16)).astype(np.float32) for _ in range(3))
+    g = np.array([1.0, -2.0], np.float32)
+    out = local(q=q, k=k, v=v, g=g)["o"]
+    expected = np.zeros_like(v)
+    for t in range(40):
+        for s in range(max(t - 1, (t // 32) * 32), t + 1):  # window of 2 within the chunk
+            expected[:, t] += np.einsum("bh,bhv->bhv", np.einsum("bhk,bhk->bh", q[:, t], k[:, s]), v[:, s])
+    expected *= g[None, None, :, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
