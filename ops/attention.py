@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import torch
-
-from tilemix.tiles import (Const, Out, Scalar, Seq, blocks, causal, chunks, exp, full, in_seq, kernel,
-                           maximum, rowmax, rowsum, zeros)
+from tilemix.tiles import (
+    Const,
+    Out,
+    Scalar,
+    Seq,
+    blocks,
+    causal,
+    chunks,
+    exp,
+    full,
+    in_seq,
+    kernel,
+    maximum,
+    rowmax,
+    rowsum,
+    zeros,
+)
 
 from ._dispatch import run_kernel
 
@@ -19,16 +33,16 @@ def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[S
                   is_causal: Const = False, block: Const = 64):
     for i in blocks(block):  # one program instance per query block
         qi = q[i] * scale
-        m, l, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
+        m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
         for j in chunks(64, through=i if is_causal else None):
             s = qi @ k[j].T
             s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
             m_new = maximum(m, rowmax(s))
             p, alpha = exp(s - m_new), exp(m - m_new)
-            l = l * alpha + rowsum(p)
+            denom = denom * alpha + rowsum(p)
             acc = acc * alpha + p @ v[j]
             m = m_new
-        o[i] = acc / l
+        o[i] = acc / denom
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,

@@ -10,9 +10,27 @@ import inspect
 
 import numpy as np
 import pytest
-
-from tilemix.tiles import (Const, Head, Matrix, Out, Scalar, Seq, State, TensorSpec, TileError, blocks, cast,
-                           causal, chunks, colsum, cumsum, kernel, rowsum, verify, window, zeros)
+from tilemix.tiles import (
+    Const,
+    Head,
+    Out,
+    Scalar,
+    Seq,
+    State,
+    TensorSpec,
+    TileError,
+    blocks,
+    cast,
+    causal,
+    chunks,
+    colsum,
+    cumsum,
+    kernel,
+    rowsum,
+    verify,
+    window,
+    zeros,
+)
 
 
 def spec(*shape, dtype="float32"):
@@ -165,7 +183,7 @@ def test_error_python_if_on_a_tile():
 def test_error_blocks_inside_chunks():
     @kernel
     def nested(q: Seq["K"], o: Out[Seq["K"]]):
-        for c in chunks(64):
+        for _ in chunks(64):
             for i in blocks(64):
                 o[i] = q[i]
 

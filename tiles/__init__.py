@@ -18,9 +18,31 @@ lowered to GPU kernels by ``tilemix.codegen``.
 from .errors import Loc, TileError
 from .ir import Program
 from .kernel import Kernel, TensorSpec, kernel
-from .language import (blocks, cast, causal, chunks, colmax, colsum, cumsum, exp, full, in_seq, log,
-                       maximum, minimum, rowmax, rowsum, segsum, sigmoid, softplus, sqrt, tanh,
-                       where, window, zeros)
+from .language import (
+                       blocks,
+                       cast,
+                       causal,
+                       chunks,
+                       colmax,
+                       colsum,
+                       cumsum,
+                       exp,
+                       full,
+                       in_seq,
+                       log,
+                       maximum,
+                       minimum,
+                       rowmax,
+                       rowsum,
+                       segsum,
+                       sigmoid,
+                       softplus,
+                       sqrt,
+                       tanh,
+                       where,
+                       window,
+                       zeros,
+)
 from .params import Const, GroupSeq, Head, Matrix, Out, Scalar, Seq, State
 from .targets import TARGETS, Target
 from .types import DType, Space, TileType

@@ -24,17 +24,17 @@ from .types import INDEX, Axis, DType, Space, TileType
 
 __all__ = ["Builder", "Tile", "ChunkIndex", "ParamRef", "LoopIter", "current_builder", "building"]
 
-_BUILDER: list["Builder"] = []
+_BUILDER: list[Builder] = []
 
 
-def current_builder() -> "Builder":
+def current_builder() -> Builder:
     if not _BUILDER:
         raise TileError("tile operations can only be used inside a @kernel function while it is traced", user_loc())
     return _BUILDER[-1]
 
 
 @contextmanager
-def building(builder: "Builder"):
+def building(builder: Builder):
     _BUILDER.append(builder)
     try:
         yield builder
@@ -47,7 +47,7 @@ class Tile:
 
     __slots__ = ("_value", "_scope", "_redirect", "_dead_after")
 
-    def __init__(self, value: Value, scope: "_OpenLoop | None"):
+    def __init__(self, value: Value, scope: _OpenLoop | None):
         self._value = value
         self._scope = scope
         self._redirect: Tile | None = None  # set when a loop turns this body value into a loop result
@@ -163,7 +163,7 @@ class ParamRef:
 @dataclass(eq=False)
 class _OpenLoop:
     op: Loop
-    parent: "_OpenLoop | None"
+    parent: _OpenLoop | None
     before: dict[str, Any]
     handles: list[Tile] = field(default_factory=list)
 

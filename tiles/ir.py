@@ -9,8 +9,9 @@ is traced once per specialisation (feature dims, dtypes, optional arguments).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import Loc
 from .types import DType, TileType
@@ -39,7 +40,7 @@ class Op:
     result: Value | None
     loc: Loc | None
 
-    def walk(self) -> Iterator["Op"]:
+    def walk(self) -> Iterator[Op]:
         yield self
 
 

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .builder import Builder, ParamRef, Tile, building
 from .errors import Loc, TileError
 from .interpret import interpret
-from .ir import Loop, Op, Program
+from .ir import Program
 from .params import Binding, ParamSpec, bind_arguments
+from .passes import simplify
 from .targets import Target, get_target
-from .types import DType, Space, TileType
+from .types import Space, TileType
 from .verify import verify
 
 __all__ = ["kernel", "Kernel", "TensorSpec"]
-
-_SIDE_EFFECTS = ("store", "store_state")
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -51,6 +50,14 @@ class Kernel:
             if param.default is not inspect.Parameter.empty:
                 self.defaults[name] = param.default
         self._programs: dict[tuple, Program] = {}
+
+    @property
+    def source_lines(self) -> int:
+        """Lines of DSL in the program (its function, decorator excluded)."""
+        try:
+            return len(inspect.getsourcelines(self.fn)[0]) - 1
+        except OSError:
+            return 0
 
     def __repr__(self) -> str:
         params = ", ".join(f"{n}: {s!r}" for n, s in self.specs.items())
@@ -113,7 +120,7 @@ class Kernel:
                 if p.spec.kind == "state":
                     self._store_state(builder, p.name, final_locals.get(p.name))
         body = builder.regions[0]
-        _eliminate_dead_code(body)
+        simplify(body)
         return Program(self.name, binding.params, body, binding.static, binding.compute_dtype, self.loc)
 
     def _call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -151,32 +158,6 @@ def _def_line(fn: Callable) -> int:
     except OSError:
         return fn.__code__.co_firstlineno
     return start + next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), 0)
-
-
-def _eliminate_dead_code(body: list[Op]) -> None:
-    """Drop pure ops whose results nobody reads (e.g. a ``.T`` folded into a matmul)."""
-    while True:
-        used = set()
-        for top in body:
-            for op in top.walk():
-                used.update(op.operands)
-                if isinstance(op, Loop):
-                    used.update(op.init)
-                    used.update(op.update)
-        removed = _remove_unused(body, used)
-        if not removed:
-            return
-
-
-def _remove_unused(ops: list[Op], used: set) -> bool:
-    removed = False
-    for op in list(ops):
-        if isinstance(op, Loop):
-            removed |= _remove_unused(op.body, used)
-        elif op.name not in _SIDE_EFFECTS and op.result not in used:
-            ops.remove(op)
-            removed = True
-    return removed
 
 
 def kernel(fn: Callable) -> Kernel:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .types import DType, FLOAT_DTYPES, dtype_of
+from .types import FLOAT_DTYPES, DType, dtype_of
 
 __all__ = [
     "ParamSpec", "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
@@ -189,10 +189,12 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
             values[name] = float(value) if spec.kind == "scalar" else value
             continue
         if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-            raise TypeError(f"{label(name)}: expected a tensor of shape {_fmt(spec.layout)}, got {type(value).__name__}")
+            raise TypeError(f"{label(name)}: expected a tensor of shape {_fmt(spec.layout)}, "
+                            f"got {type(value).__name__}")
         dtype = dtype_of(value.dtype)
         if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{label(name)}: dtype {value.dtype} is not supported; expected float32, float16 or bfloat16")
+            raise TypeError(f"{label(name)}: dtype {value.dtype} is not supported; "
+                            "expected float32, float16 or bfloat16")
         if spec.kind == "state" and dtype is not DType.f32:
             raise TypeError(f"{label(name)}: the state is float32, got {value.dtype}")
         if spec.is_tile_operand:

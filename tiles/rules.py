@@ -7,8 +7,9 @@ A rule raises ``ShapeError`` with a message; the caller attaches the line.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from .types import DType, Space, TileType
 
