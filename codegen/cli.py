@@ -17,6 +17,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+
     from tilemix.ops import PROGRAMS
     from tilemix.tiles import TARGETS
 

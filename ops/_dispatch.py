@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from tilemix.tiles import Kernel
 
 __all__ = ["run_kernel"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
 from ._dispatch import run_kernel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
 from ._dispatch import run_kernel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsum, exp, kernel, segsum
 
 from ._dispatch import run_kernel

@@ -1,0 +1,112 @@
+"""Float64 NumPy definitions of the ops: the ground truth.
+
+Naive on purpose — attention as the explicit quadratic softmax, linear
+attention and SSD as token-by-token recurrences — so they share no
+algorithm (chunking, online softmax, segment sums) with the tile programs
+they check. Inputs may be NumPy arrays or torch tensors of any float dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["gemm", "attention", "linear_attention", "ssd"]
+
+
+def _f64(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _expect(name: str, x: np.ndarray, shape: tuple, names: str) -> None:
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape [{names}] = {list(shape)}, got {list(x.shape)}")
+
+
+def gemm(a, b) -> np.ndarray:
+    """``C = A B`` for ``A [M, K]``, ``B [K, N]``."""
+    a, b = _f64(a), _f64(b)
+    if a.ndim != 2:
+        raise ValueError(f"a: expected shape [M, K], got {list(a.shape)}")
+    _expect("b", b, (a.shape[1], b.shape[-1] if b.ndim == 2 else -1), "K, N")
+    return a @ b
+
+
+def attention(q, k, v, causal: bool = False, scale: float | None = None) -> np.ndarray:
+    """``O = softmax(scale · Q Kᵀ + M) V`` per batch and head, with
+    ``M[i, j] = -inf`` for ``j > i`` when causal. q, k ``[B, T, H, D]``,
+    v ``[B, T, H, Dv]`` → ``[B, T, H, Dv]``; scale defaults to ``D**-0.5``."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape [B, T, H, D], got {list(q.shape)}")
+    B, T, H, D = q.shape
+    _expect("k", k, q.shape, "B, T, H, D")
+    _expect("v", v, (B, T, H, v.shape[-1]), "B, T, H, Dv")
+    scale = D ** -0.5 if scale is None else scale
+    scores = scale * np.einsum("bihd,bjhd->bhij", q, k)
+    if causal:
+        scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
+    if T:
+        scores = scores - scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p = p / p.sum(axis=-1, keepdims=True)
+    return np.einsum("bhij,bjhd->bihd", p, v)
+
+
+def linear_attention(q, k, v, scale: float | None = None, initial_state=None, output_final_state: bool = False):
+    """Causal linear attention without normalisation:
+    ``S_0 = initial_state`` (or 0), ``S_t = S_{t-1} + k_t v_tᵀ``,
+    ``o_t = scale · S_tᵀ q_t``. q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
+    state ``[B, H, K, V]``; scale defaults to ``K**-0.5``.
+    Returns ``(o [B, T, H, V], S_T or None)``."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape [B, T, H, K], got {list(q.shape)}")
+    B, T, H, K = q.shape
+    _expect("k", k, q.shape, "B, T, H, K")
+    _expect("v", v, (B, T, H, v.shape[-1]), "B, T, H, V")
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    state = np.zeros((B, H, K, V)) if initial_state is None else _f64(initial_state).copy()
+    _expect("initial_state", state, (B, H, K, V), "B, H, K, V")
+    o = np.empty((B, T, H, V))
+    for t in range(T):
+        state += np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = scale * np.einsum("bhkv,bhk->bhv", state, q[:, t])
+    return o, (state if output_final_state else None)
+
+
+def ssd(x, dt, A, B, C, D=None, initial_state=None, output_final_state: bool = False):
+    """Mamba-2 SSD recurrence: per head ``h``, with group ``g = h // (H // G)``,
+    ``h_t = exp(dt_t · A) h_{t-1} + dt_t · B_t x_tᵀ`` (state ``[N, P]``),
+    ``y_t = h_tᵀ C_t + D · x_t``. x ``[Bsz, T, H, P]``, dt ``[Bsz, T, H]``,
+    A ``[H]``, B and C ``[Bsz, T, G, N]``, D ``[H]`` or None, state
+    ``[Bsz, H, N, P]``. Returns ``(y [Bsz, T, H, P], h_T or None)``."""
+    x, dt, A, B, C = _f64(x), _f64(dt), _f64(A), _f64(B), _f64(C)
+    if x.ndim != 4:
+        raise ValueError(f"x: expected shape [B, T, H, P], got {list(x.shape)}")
+    Bsz, T, H, P = x.shape
+    _expect("dt", dt, (Bsz, T, H), "B, T, H")
+    _expect("A", A, (H,), "H")
+    if B.ndim != 4:
+        raise ValueError(f"B: expected shape [B, T, G, N], got {list(B.shape)}")
+    G, N = B.shape[2], B.shape[3]
+    _expect("B", B, (Bsz, T, G, N), "B, T, G, N")
+    _expect("C", C, (Bsz, T, G, N), "B, T, G, N")
+    if G == 0 or H % G:
+        raise ValueError(f"B: {G} groups must divide the {H} heads")
+    group = np.arange(H) // (H // G)
+    state = np.zeros((Bsz, H, N, P)) if initial_state is None else _f64(initial_state).copy()
+    _expect("initial_state", state, (Bsz, H, N, P), "B, H, N, P")
+    y = np.empty((Bsz, T, H, P))
+    for t in range(T):
+        decay = np.exp(dt[:, t] * A)[:, :, None, None]
+        inject = dt[:, t][:, :, None, None] * np.einsum("bhn,bhp->bhnp", B[:, t][:, group], x[:, t])
+        state = decay * state + inject
+        y[:, t] = np.einsum("bhnp,bhn->bhp", state, C[:, t][:, group])
+    if D is not None:
+        D = _f64(D)
+        _expect("D", D, (H,), "H")
+        y += D[None, None, :, None] * x
+    return y, (state if output_final_state else None)
