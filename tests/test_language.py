@@ -10,6 +10,7 @@ import inspect
 
 import numpy as np
 import pytest
+
 from tilemix.tiles import (
     Const,
     Head,
