@@ -14,6 +14,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(seed=args.seed)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tilemix.bench.bench import run_bench
+
+    return run_bench(args.ops or None, json_path=args.json)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -57,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_cmd_demo)
     sub.add_parser("list", help="list the ops and targets").set_defaults(run=_cmd_list)
+    bench = sub.add_parser("bench", help="time ops beside their peers on the GPU")
+    bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
+    bench.add_argument("--json", help="write the records to this JSON file")
+    bench.set_defaults(run=_cmd_bench)
     show = sub.add_parser("show", help="print an op's traced IR at an example shape")
     show.add_argument("op", choices=sorted(PROGRAMS))
     show.add_argument("--target", default="cpu", choices=sorted(TARGETS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -33,9 +34,10 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         raise NotImplementedError(f"tilemix.{kernel.name}: gradients are not implemented yet; "
                                   "call it under torch.no_grad() or on tensors that do not require grad")
     binding = kernel.bind(args, labels)
+    if device.type == "cuda":
+        return _run_cuda(kernel, binding, args, device)
     if device.type != "cpu":
-        raise NotImplementedError(f"tilemix.{kernel.name}: no GPU backend is built yet for {device}; "
-                                  "pass CPU tensors to run the interpreter")
+        raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
     inputs = {k: (v.detach().to(torch.float32).numpy() if isinstance(v, torch.Tensor) else v)
               for k, v in args.items()}
     results = kernel.run(binding, inputs)
@@ -45,6 +47,34 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         dtype = torch.float32 if param.spec.kind == "state" else tensors[_first_tile_operand(binding)].dtype
         out[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     return out
+
+
+def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        raise NotImplementedError(f"tilemix.{kernel.name}: only the Hopper (sm_90a) backend exists so far; "
+                                  f"{torch.cuda.get_device_name(device)} is not supported yet")
+    from tilemix.codegen.launch import run_hopper
+
+    dtype = args[_first_tile_operand(binding)].dtype
+    # TILEMIX_POISON=1 fills outputs with NaN first, so tests catch anything a kernel leaves unwritten
+    alloc = torch.full if os.environ.get("TILEMIX_POISON") else (lambda shape, _, **kw: torch.empty(shape, **kw))
+    outputs = {}
+    for p in binding.params:
+        if p.spec.output:
+            outputs[p.name] = alloc(p.shape, float("nan"), dtype=dtype, device=device)
+        elif p.spec.kind == "state":
+            B, H = binding.sizes["B"], binding.sizes["H"]
+            shape = (B, H) + tuple(binding.static[d] for d in p.spec.dims)
+            outputs[p.name] = alloc(shape, float("nan"), dtype=torch.float32, device=device)
+    with torch.cuda.device(device):
+        run_hopper(kernel, binding, args, outputs)
+    return outputs
+
+
+def _alloc(shape, dtype, device, poison: float | None) -> torch.Tensor:
+    if poison is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, poison, dtype=dtype, device=device)
 
 
 def _first_tile_operand(binding) -> str:

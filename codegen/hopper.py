@@ -1,0 +1,418 @@
+"""Lowering of tile programs to warp-specialised sm_90a kernels.
+
+The generated kernel runs one program instance per CTA: a producer warp
+issues the TMA loads of every chunk into a ring of shared-memory stages,
+completing on mbarriers, while a consumer warpgroup walks the program's ops
+— each one a call into ``tiles/include/tilemix/hopper.cuh`` — with
+register tiles in the wgmma accumulator layout. Matmul operands come from
+shared memory (loaded tiles, or register tiles staged there) or, for a
+register left operand, straight from registers.
+
+This first slice lowers sequence scans (one sequential ``chunks`` loop over
+T, as in linear attention and SSD); grid loops (``blocks``) and Matrix
+programs are rejected with a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tilemix.tiles.errors import TileError
+from tilemix.tiles.ir import Loop, Op, Program, Value
+from tilemix.tiles.types import DType
+
+__all__ = ["Schedule", "KernelSource", "lower_hopper"]
+
+CONSUMER_THREADS = 128
+PRODUCER_THREADS = 128
+PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
+
+_UNARY = {
+    "neg": "[](float a) { return -a; }",
+    "abs": "[](float a) { return fabsf(a); }",
+    "exp": "[](float a) { return tm::f_exp(a); }",
+    "log": "[](float a) { return tm::f_log(a); }",
+    "sqrt": "[](float a) { return tm::f_sqrt(a); }",
+    "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",
+    "softplus": "[](float a) { return tm::f_softplus(a); }",
+    "tanh": "[](float a) { return tm::f_tanh(a); }",
+}
+_BINARY = {
+    "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b",
+    "maximum": "fmaxf(a, b)", "minimum": "fminf(a, b)",
+    "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
+    "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
+}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Knobs of the generated kernel (the autotuner searches these).
+
+    ``stages``: depth of the shared-memory ring the producer fills ahead.
+    ``split``: static dim → width; the dim is cut into column blocks, one
+    CTA each (legal when nothing contracts or reduces over it, e.g. the
+    value dim of linear attention).
+    """
+
+    stages: int = 2
+    split: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass
+class KernelSource:
+    name: str
+    source: str
+    smem_bytes: int
+    threads: int
+    params: list = field(default_factory=list)  # (kind, param name) in kernel argument order
+    split: tuple[tuple[str, int], ...] = ()
+
+
+def _ctype(t) -> str:
+    return f"tm::rt<{t.rows}, {t.cols}>"
+
+
+class _Lowering:
+    def __init__(self, program: Program, schedule: Schedule, full_dims: dict[str, int]):
+        self.p = program
+        self.full_dims = full_dims
+        self.schedule = schedule
+        self.is_bf16 = "true" if program.compute_dtype is DType.bf16 else "false"
+        self.lines: list[str] = []
+        self.names: dict[Value, str] = {}
+        self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
+        self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
+        self.staged: dict[Value, str] = {}
+        self.smem_top = 0  # bytes of shared memory allocated so far (after the stage ring)
+        self.loop: Loop | None = None
+        self.loads: list[Op] = []
+        self.index_name: dict[int, str] = {}
+        self.bar = 1  # named barrier id for the consumer warpgroup (0 is __syncthreads)
+
+    # -- helpers -----------------------------------------------------------
+    def fail(self, message: str, op: Op | None = None):
+        raise TileError(f"sm_90a code generator: {message}", op.loc if op else self.p.loc)
+
+    def name(self, v: Value) -> str:
+        return self.names.setdefault(v, f"v{v.id}")
+
+    def emit(self, line: str, indent: int = 2):
+        self.lines.append(" " * indent + line)
+
+    def alloc(self, nbytes: int, align: int = 1024) -> int:
+        self.smem_top = (self.smem_top + align - 1) // align * align
+        offset = self.smem_top
+        self.smem_top += nbytes
+        return offset
+
+    def reg(self, v: Value, ind: int) -> str:
+        """A register-tile expression for ``v`` (copying a shared tile once)."""
+        if v in self.smem_of:
+            if v not in self.reg_of:
+                ptr, rows = self.smem_of[v]
+                name = f"{self.name(v)}_r"
+                self.emit(f"{_ctype(v.type)} {name}; tm::load_shared<{self.is_bf16}>({name}, {ptr});", ind)
+                self.reg_of[v] = name
+            return self.reg_of[v]
+        return self.name(v)
+
+    def shared(self, v: Value, ind: int) -> tuple[str, int]:
+        """A shared tile for ``v``: loaded ones as they are, register tiles staged."""
+        if v in self.smem_of:
+            return self.smem_of[v]
+        t = v.type
+        if t.cols % PANEL or t.rows % 64:
+            self.fail(f"a {t.rows}x{t.cols} register tile used as a shared matmul operand needs rows and "
+                      f"columns that are multiples of 64")
+        if v in self.staged:
+            return self.staged[v], t.rows
+        ptr = self.staged[v] = f"(smem + {self.alloc(t.rows * t.cols * 2)})"
+        self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
+        self.emit(f"tm::store_shared<{self.is_bf16}>({ptr}, {self.reg(v, ind)});", ind)
+        self.emit("tm::fence_proxy_async();", ind)
+        self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
+        return ptr, t.rows
+
+    # -- structure -----------------------------------------------------------
+    def check_shape(self):
+        loops = [op for op in self.p.body if isinstance(op, Loop)]
+        if len(loops) != 1 or loops[0].kind != "chunks" or loops[0].dim != "T":
+            self.fail("this version lowers sequence scans: one chunks() loop over T at the top of the program "
+                      "(grid loops and Matrix programs come next)")
+        self.loop = loops[0]
+        for op in self.loop.body:
+            if isinstance(op, Loop):
+                self.fail("nested loops are not lowered yet", op)
+        self.loads = [op for op in self.loop.body if op.name == "load" and op.result.type.cols > 1]
+        for op in self.loads:
+            if op.result.type.cols % PANEL:
+                self.fail(f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
+                          f"sm_90a needs feature dims that are multiples of {PANEL}", op)
+
+    def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
+        args, order = [], []
+        for p in self.p.params:
+            kind = p.spec.kind
+            if kind == "const" or (not p.present and kind != "state"):
+                continue
+            if kind in ("seq", "group_seq") and p.spec.dims != (1,) and not p.spec.output:
+                args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
+                order.append(("tmap", p.name))
+            elif kind in ("seq", "group_seq") and p.spec.output:
+                args.append(f"tm::u16* __restrict__ out_{p.name}")
+                order.append(("out", p.name))
+            elif kind in ("seq", "head"):
+                args.append(f"const float* __restrict__ ptr_{p.name}")
+                order.append(("f32", p.name))
+            elif kind == "state":
+                args.append(f"const float* __restrict__ init_{p.name}, float* __restrict__ final_{p.name}")
+                order.append(("state", p.name))
+            elif kind == "scalar":
+                args.append(f"float arg_{p.name}")
+                order.append(("scalar", p.name))
+            else:
+                self.fail(f"parameter kind {kind} is not lowered yet")
+        args += ["int T", "int H", "int G"]
+        return args, order
+
+    def col0(self, param_name: str) -> str:
+        """Column offset of this CTA's block of a parameter's feature dim (0 without a split)."""
+        spec = self.p.param(param_name).spec
+        split = dict(self.schedule.split)
+        dims = [d for d in spec.dims if isinstance(d, str)]
+        last = dims[-1] if dims else None
+        return f"blockIdx.y * {split[last]}" if last in split else "0"
+
+    # -- the producer -------------------------------------------------------------
+    def producer(self, stage_bytes: int, offsets: dict[Op, int]) -> list[str]:
+        out = ["    if (threadIdx.x == 0) {"]
+        out.append("      for (int c = 0; c < n_chunks; ++c) {")
+        out.append(f"        int stage = c % {self.schedule.stages};")
+        out.append(f"        if (c >= {self.schedule.stages}) tm::mbar_wait(&empty[stage], "
+                   f"((c / {self.schedule.stages}) - 1) & 1);")
+        out.append(f"        tm::mbar_expect_tx(&full[stage], {stage_bytes});")
+        for op in self.loads:
+            name = op.attrs["param"]
+            param = self.p.param(name)
+            t = op.result.type
+            head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
+            for panel in range(t.cols // PANEL):
+                dst = f"smem + stage * {stage_bytes} + {offsets[op] + panel * t.rows * 128}"
+                out.append(f"        tm::tma_load_4d({dst}, &tmap_{name}, &full[stage], "
+                           f"{self.col0(name)} + {panel * PANEL}, {head}, c * {t.rows}, b);")
+        out.append("      }")
+        out.append("    }")
+        return out
+
+    # -- the consumer ---------------------------------------------------------------
+    def lower_ops(self, ops: list[Op], ind: int):
+        for op in ops:
+            if isinstance(op, Loop):
+                self.lower_loop(op, ind)
+            else:
+                self.lower_op(op, ind)
+
+    def lower_loop(self, loop: Loop, ind: int):
+        for carried, init in zip(loop.carried, loop.init):
+            self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        self.index_name[loop.index.id] = "c"
+        self.names[loop.index] = "c"
+        self.emit("for (int c = 0; c < n_chunks; ++c) {", ind)
+        self.emit(f"int stage = c % {self.schedule.stages};", ind + 2)
+        self.emit(f"tm::mbar_wait(&full[stage], (c / {self.schedule.stages}) & 1);", ind + 2)
+        self.lower_ops(loop.body, ind + 2)
+        for carried, update in zip(loop.carried, loop.update):
+            self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
+        self.emit("tm::mbar_arrive(&empty[stage]);", ind + 2)
+        self.emit("}", ind)
+        self.reg_of = {v: n for v, n in self.reg_of.items() if v not in self.smem_of}
+        for result, carried in zip(loop.results, loop.carried):
+            self.names[result] = self.name(carried)
+
+    def lower_op(self, op: Op, ind: int):
+        a = op.attrs
+        name = op.name
+        out = self.name(op.result) if op.result is not None else None
+        decl = f"{_ctype(op.result.type)} {out};" if op.result is not None else ""
+        args = op.operands
+        if name == "load":
+            param = self.p.param(a["param"])
+            t = op.result.type
+            if t.cols > 1:
+                self.smem_of[op.result] = (f"(smem + stage * stage_bytes + {self.load_offset[op]})", t.rows)
+                return
+            if param.spec.kind != "seq":
+                self.fail("vector loads are implemented for Seq[1] parameters", op)
+            self.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, c * {t.rows}, T);", ind)
+        elif name == "store":
+            param = self.p.param(a["param"])
+            value, *_ = args
+            width = self.full_dims[param.spec.dims[0]]
+            self.emit(f"tm::store_rows<{self.is_bf16}>(out_{param.name} + ((long)b * T * H + h) * {width} + "
+                      f"{self.col0(param.name)}, (long)H * {width}, c * {value.type.rows}, T, "
+                      f"{self.reg(value, ind)});", ind)
+        elif name == "read_param":
+            if op.result.type.cols != 1:
+                self.fail("Head parameters wider than 1 are not lowered yet", op)
+            self.emit(f"{decl} tm::fill({out}, ptr_{a['param']}[h]);", ind)
+        elif name == "scalar_param":
+            self.emit(f"{decl} tm::fill({out}, arg_{a['param']});", ind)
+        elif name == "load_state":
+            t = op.result.type
+            width = self._state_ld(a["param"])
+            if a["initial"]:
+                self.emit(f"{decl} tm::load_f32({out}, init_{a['param']} + ((long)b * H + h) * {t.rows * width} + "
+                          f"{self.col0_state(a['param'])}, {width});", ind)
+            else:
+                self.emit(f"{decl} tm::fill({out}, 0.0f);", ind)
+        elif name == "store_state":
+            t = args[0].type
+            width = self._state_ld(a["param"])
+            self.emit(f"if (final_{a['param']}) tm::store_f32(final_{a['param']} + ((long)b * H + h) * "
+                      f"{t.rows * width} + {self.col0_state(a['param'])}, {width}, {self.reg(args[0], ind)});", ind)
+        elif name == "full":
+            self.emit(f"{decl} tm::fill({out}, {_float(a['value'])});", ind)
+        elif name in _UNARY:
+            self.emit(f"{decl} tm::map1({out}, {_UNARY[name]}, {self.reg(args[0], ind)});", ind)
+        elif name == "pow":
+            body = " * ".join(["a"] * a["n"])
+            self.emit(f"{decl} tm::map1({out}, [](float a) {{ return {body}; }}, {self.reg(args[0], ind)});", ind)
+        elif name in _BINARY:
+            self.emit(f"{decl} tm::map2({out}, [](float a, float b) {{ return {_BINARY[name]}; }}, "
+                      f"{self.reg(args[0], ind)}, {self.reg(args[1], ind)});", ind)
+        elif name == "where":
+            self.emit(f"{decl} tm::map3({out}, [](float c, float a, float b) {{ return c != 0.0f ? a : b; }}, "
+                      f"{', '.join(self.reg(x, ind) for x in args)});", ind)
+        elif name == "cast":
+            flag = "true" if a["dtype"] is DType.bf16 else "false"
+            fn = "[](float a) { return a; }" if a["dtype"] is DType.f32 else \
+                f"[](float a) {{ return tm::round16<{flag}>(a); }}"
+            self.emit(f"{decl} tm::map1({out}, {fn}, {self.reg(args[0], ind)});", ind)
+        elif name in ("causal", "window", "in_seq"):
+            self.lower_mask(op, decl, out, ind)
+        elif name in ("rowsum", "rowmax"):
+            red = "tm::op_sum()" if name == "rowsum" else "tm::op_max()"
+            self.emit(f"{decl} tm::reduce_rows({out}, {self.reg(args[0], ind)}, {red});", ind)
+        elif name in ("colsum", "colmax"):
+            red = "tm::op_sum()" if name == "colsum" else "tm::op_max()"
+            self.emit(f"{decl} tm::reduce_cols({out}, {self.reg(args[0], ind)}, {red}, scratch, {self.bar});", ind)
+        elif name == "cumsum":
+            if args[0].type.cols != 1:
+                self.fail("cumsum is lowered for column vectors", op)
+            self.emit(f"{decl} tm::cumsum({out}, {self.reg(args[0], ind)}, {str(a['reverse']).lower()}, "
+                      f"{str(a['exclusive']).lower()}, scratch, {self.bar});", ind)
+        elif name == "segsum":
+            self.emit(f"{decl} tm::segsum({out}, {self.reg(args[0], ind)}, scratch, {self.bar});", ind)
+        elif name == "matmul":
+            self.lower_matmul(op, decl, out, ind)
+        else:
+            self.fail(f"op {name!r} is not lowered yet", op)
+
+    def _state_ld(self, param_name: str) -> int:
+        spec = self.p.param(param_name).spec
+        return self.full_dims[spec.dims[1]]
+
+    def col0_state(self, param_name: str) -> str:
+        spec = self.p.param(param_name).spec
+        split = dict(self.schedule.split)
+        if spec.dims[0] in split:
+            self.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
+        return f"blockIdx.y * {split[spec.dims[1]]}" if spec.dims[1] in split else "0"
+
+    def lower_mask(self, op: Op, decl: str, out: str, ind: int):
+        t = op.result.type
+        col = f"({self.index_name[t.col_axis.index]} * {t.col_axis.size} + col)"
+        if op.name == "in_seq":
+            keep = f"{col} < T"
+        else:
+            row = f"({self.index_name[t.row_axis.index]} * {t.row_axis.size} + row)"
+            keep = f"{col} <= {row}"
+            if op.name == "window":
+                keep += f" && {col} > {row} - {op.attrs['size']}"
+        self.emit(f"{decl} tm::mask({out}, {self.reg(op.operands[0], ind)}, "
+                  f"[&](int row, int col) {{ return {keep}; }}, {_float(op.attrs['fill'])});", ind)
+
+    def lower_matmul(self, op: Op, decl: str, out: str, ind: int):
+        a, b = op.operands
+        ta, tb = op.attrs["ta"], op.attrs["tb"]
+        t = op.result.type
+        m, n = t.rows, t.cols
+        k = a.type.rows if ta else a.type.cols
+        if m % 64 or n % 64 or k % 16:
+            self.fail(f"wgmma needs M and N multiples of 64 and K of 16; this matmul is {m}x{k} @ {k}x{n}", op)
+        b_ptr, b_rows = self.shared(b, ind)
+        self.emit(decl, ind)
+        if not ta and a not in self.smem_of:
+            self.emit(f"tm::matmul_rs<{self.is_bf16}, {str(tb).lower()}, {b_rows}>({out}, {self.reg(a, ind)}, "
+                      f"{b_ptr});", ind)
+        else:
+            a_ptr, a_rows = self.shared(a, ind)
+            self.emit(f"tm::matmul_ss<{self.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {a_rows}, {b_rows}, "
+                      f"{m}, {n}, {k}>({out}, {a_ptr}, {b_ptr});", ind)
+
+    # -- the whole kernel ---------------------------------------------------------------
+    def run(self) -> KernelSource:
+        self.check_shape()
+        offsets, stage_bytes = {}, 0
+        for op in self.loads:
+            t = op.result.type
+            offsets[op] = stage_bytes
+            stage_bytes += t.rows * t.cols * 2
+        self.load_offset = offsets
+        ring = stage_bytes * self.schedule.stages
+        self.smem_top = ring
+        body_start = len(self.lines)
+        self.lower_ops(self.p.body, 6)
+        consumer = self.lines[body_start:]
+        scratch_off = self.alloc(4 * 4 * 256, 16)
+        bar_off = self.alloc(16 * self.schedule.stages, 8)
+        args, order = self.param_args()
+        name = f"tilemix_{self.p.name}"
+        src = [
+            "#include <tilemix/hopper.cuh>",
+            "",
+            f'extern "C" __global__ void __launch_bounds__({PRODUCER_THREADS + CONSUMER_THREADS}, 1)',
+            f"{name}({', '.join(args)}) {{",
+            "  extern __shared__ __align__(1024) char smem[];",
+            f"  const int stage_bytes = {stage_bytes};",
+            f"  float* scratch = (float*)(smem + {scratch_off});",
+            f"  tm::u64* full = (tm::u64*)(smem + {bar_off});",
+            f"  tm::u64* empty = full + {self.schedule.stages};",
+            "  const int b = blockIdx.x / H, h = blockIdx.x % H;",
+            f"  const int n_chunks = (T + {self.loop.size - 1}) / {self.loop.size};",
+            "  if (threadIdx.x == 0) {",
+            f"    for (int s = 0; s < {self.schedule.stages}; ++s) {{",
+            "      tm::mbar_init(&full[s], 1);",
+            f"      tm::mbar_init(&empty[s], {CONSUMER_THREADS});",
+            "    }",
+            "    tm::fence_barrier_init();",
+            "  }",
+            "  __syncthreads();",
+            f"  if (threadIdx.x < {PRODUCER_THREADS}) {{",
+            "    tm::setmaxnreg_dec<40>();",
+            *self.producer(stage_bytes, offsets),
+            "  } else {",
+            "    tm::setmaxnreg_inc<232>();",
+            *consumer,
+            "  }",
+            "}",
+        ]
+        # each 1024-aligned: the stage ring starts at 0, staged tiles and scratch follow
+        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, PRODUCER_THREADS + CONSUMER_THREADS,
+                            order, tuple(self.schedule.split))
+
+
+def _float(x: float) -> str:
+    if x == float("-inf"):
+        return "tm::f_neg_inf()"
+    if x == float("inf"):
+        return "(-tm::f_neg_inf())"
+    return f"{x!r}f"
+
+
+def lower_hopper(program: Program, schedule: Schedule | None = None,
+                 full_dims: dict[str, int] | None = None) -> KernelSource:
+    """CUDA C++ for ``program``. With a column split the program is traced at
+    the split widths and ``full_dims`` gives the tensors' real sizes."""
+    return _Lowering(program, schedule or Schedule(), full_dims or dict(program.dims)).run()

@@ -1,0 +1,146 @@
+"""Running generated sm_90a kernels on torch tensors: specialise, lower,
+compile (cached), build TMA tensor maps, launch on torch's current stream."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from tilemix.tiles import Kernel
+from tilemix.tiles.params import Binding
+
+from .compile import compile_cuda
+from .hopper import KernelSource, Schedule, lower_hopper
+
+__all__ = ["run_hopper", "hopper_source", "default_schedule"]
+
+SPLIT_WIDTH = 64
+
+
+def _probe_size(binding: Binding) -> int:
+    """A tile width no other dim or chunk size has (a multiple of 16)."""
+    taken = set(binding.sizes.values()) | set(binding.static.values())
+    size = 16 * 61
+    while size in taken:
+        size += 16
+    return size
+
+
+def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
+    """Whether ``dim`` can be cut into independent column blocks: trace with a
+    width no other dim has and check that no matmul contracts over it and no
+    reduction runs along it."""
+    probe = _probe_size(binding)
+    traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
+    for op in traced.walk():
+        if op.name == "matmul":
+            a = op.operands[0].type
+            contracted = a.rows if op.attrs["ta"] else a.cols
+            if contracted == probe:
+                return False
+        if op.name in ("rowsum", "rowmax") and op.operands[0].type.cols == probe:
+            return False
+        if op.name in ("colsum", "colmax", "cumsum", "segsum") and op.operands[0].type.rows == probe:
+            return False
+    return True
+
+
+def default_schedule(kernel: Kernel, binding: Binding) -> Schedule:
+    """Split the widest splittable state column dim into 64-wide blocks (state and
+    output tiles then fit the consumer's registers)."""
+    split = []
+    for p in binding.params:
+        if p.spec.kind == "state":
+            dim = p.spec.dims[1]
+            if binding.static[dim] > SPLIT_WIDTH and splittable(kernel, binding, dim):
+                split.append((dim, SPLIT_WIDTH))
+    return Schedule(split=tuple(split))
+
+
+def hopper_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None) -> KernelSource:
+    schedule = schedule or default_schedule(kernel, binding)
+    traced = replace(binding, static=dict(binding.static, **dict(schedule.split)))
+    program = kernel.trace(traced, target="sm_90a")
+    return lower_hopper(program, schedule, dict(binding.static))
+
+
+# ------------------------------------------------------------------- launch ----
+@functools.cache
+def _module(cubin: bytes):
+    import cupy
+
+    module = cupy.cuda.function.Module()
+    module.load(cubin)
+    return module
+
+
+def _tensor_map(t: torch.Tensor, box_cols: int, box_rows: int):
+    """A 4-D TMA map over a contiguous ``[B, T, H, D]`` 16-bit tensor, box of
+    ``box_rows`` tokens x ``box_cols`` features, 128-byte swizzle, zero fill."""
+    from cuda.bindings import driver as cu
+
+    B, T, H, D = t.shape
+    dtype = (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if t.dtype == torch.bfloat16
+             else cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    dims = [cu.cuuint64_t(x) for x in (D, H, T, B)]
+    strides = [cu.cuuint64_t(x * 2) for x in (D, H * D, T * H * D)]
+    box = [cu.cuuint32_t(x) for x in (box_cols, 1, box_rows, 1)]
+    ones = [cu.cuuint32_t(1)] * 4
+    err, tmap = cu.cuTensorMapEncodeTiled(
+        dtype, cu.cuuint32_t(4), t.data_ptr(), dims, strides, box, ones,
+        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed for a {list(t.shape)} tensor: {err}")
+    raw = ctypes.string_at(tmap.getPtr(), 128)
+    return np.frombuffer(raw, dtype=np.dtype((np.void, 128)))[0]
+
+
+def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: dict[str, torch.Tensor],
+               schedule: Schedule | None = None) -> None:
+    """Launch the sm_90a kernel for ``kernel`` writing into ``outputs`` (allocated by the caller;
+    states absent from ``outputs`` are not written)."""
+    import cupy
+
+    source = hopper_source(kernel, binding, schedule)
+    compiled = compile_cuda(source.source, "sm_90a", source.name)
+    function = _module(compiled.cubin).get_function(source.name)
+    function.max_dynamic_shared_size_bytes = source.smem_bytes
+    params = []
+    keep_alive = []
+    for kind, name in source.params:
+        value = args.get(name)
+        if kind == "tmap":
+            t = value.contiguous()
+            keep_alive.append(t)
+            params.append(_tensor_map(t, 64, 64))
+        elif kind == "out":
+            params.append(np.uint64(outputs[name].data_ptr()))
+        elif kind == "f32":
+            t = value.to(torch.float32).contiguous()
+            keep_alive.append(t)
+            params.append(np.uint64(t.data_ptr()))
+        elif kind == "state":
+            init = value.contiguous() if value is not None else None
+            keep_alive.append(init)
+            final = outputs.get(name)
+            params += [np.uint64(init.data_ptr() if init is not None else 0),
+                       np.uint64(final.data_ptr() if final is not None else 0)]
+        elif kind == "scalar":
+            params.append(np.float32(value))
+    sizes = binding.sizes
+    params += [np.int32(sizes["T"]), np.int32(sizes["H"]), np.int32(sizes.get("G", sizes["H"]))]
+    blocks_y = 1
+    for dim, width in source.split:
+        blocks_y *= binding.static[dim] // width
+    grid = (sizes["B"] * sizes["H"], blocks_y, 1)
+    if grid[0] == 0:
+        return
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        function(grid, (source.threads, 1, 1), tuple(params), shared_mem=source.smem_bytes)

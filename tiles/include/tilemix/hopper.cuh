@@ -1,0 +1,427 @@
+// tilemix device tile library for Hopper (sm_90a).
+//
+// The code generator lowers every tile program to calls into this header; no
+// op has a kernel of its own. NVRTC compiles it with no CUDA headers on the
+// include path, so everything needed is declared here.
+//
+// Register tiles (rt<R, C>) hold fp32 in the wgmma accumulator layout of one
+// warpgroup: rows in blocks of 64 (one m64 block per 64 rows), columns in n8
+// blocks. Thread t of the warpgroup (warp w = t/32, lane l) holds, in block
+// (mb, nb), rows mb*64 + 16w + l/4 + {0, 8} and columns nb*8 + 2(l%4) + {0, 1}.
+// A tile with R == 1 (row vector) or C == 1 (column vector) keeps only the
+// coordinates it has, so broadcasting is index arithmetic.
+//
+// Shared tiles hold bf16/fp16 rows of 128 bytes in panels of 64 columns with
+// the 128-byte swizzle that TMA writes and wgmma reads: element (r, c) of a
+// tile of R rows sits in panel c/64 at row r, 16-byte chunk ((c%64)/8) ^ (r%8).
+#pragma once
+
+namespace tm {
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// ---------------------------------------------------------------- basics ----
+struct alignas(64) TMap { u64 d[16]; };  // a CUtensorMap, passed by value as __grid_constant__
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x % 32; }
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// bar.sync on a named barrier for the `count` threads of one role (warpgroup = 128)
+__device__ __forceinline__ void sync_threads(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
+
+// ----------------------------------------------------------- elementwise ----
+__device__ __forceinline__ float ex2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ float lg2(float x) { float y; asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ float f_exp(float x) { return ex2(x * 1.4426950408889634f); }
+__device__ __forceinline__ float f_log(float x) { return lg2(x) * 0.6931471805599453f; }
+__device__ __forceinline__ float f_sqrt(float x) { float y; asm("sqrt.rn.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ float f_tanh(float x) { float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
+__device__ __forceinline__ float f_sigmoid(float x) { return 0.5f * (1.0f + f_tanh(0.5f * x)); }
+__device__ __forceinline__ float f_softplus(float x) { return fmaxf(x, 0.0f) + f_log(1.0f + f_exp(-fabsf(x))); }
+__device__ __forceinline__ float f_neg_inf() { return __int_as_float(0xff800000); }
+
+// rounding to the 16-bit operand types: bf16 (is_bf16) or fp16
+template <bool is_bf16> __device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 r;
+  if (is_bf16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <bool is_bf16> __device__ __forceinline__ float unpack(u16 h) {
+  if (is_bf16) return __uint_as_float(((u32)h) << 16);
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+template <bool is_bf16> __device__ __forceinline__ float round16(float x) {
+  u32 p = pack2<is_bf16>(x, 0.0f);
+  return unpack<is_bf16>((u16)(p & 0xffff));
+}
+
+// ---------------------------------------------------------- register tiles ----
+template <int R_, int C_> struct rt {
+  static constexpr int R = R_, C = C_;
+  static constexpr int MB = R == 1 ? 1 : R / 64;  // m64 blocks
+  static constexpr int NB = C == 1 ? 1 : C / 8;   // n8 blocks
+  static constexpr int HR = R == 1 ? 1 : 2;       // rows per thread per block
+  static constexpr int CP = C == 1 ? 1 : 2;       // columns per thread per block
+  static_assert(R == 1 || R % 64 == 0, "register tiles have 1 or a multiple of 64 rows on sm_90a");
+  static_assert(C == 1 || C % 8 == 0, "register tile columns are 1 or a multiple of 8");
+  float v[MB][NB][HR][CP];
+};
+
+// the element of `t` that broadcasts to coordinate (mb, nb, hr, cp) of a larger tile
+template <class T> __device__ __forceinline__ float at(const T& t, int mb, int nb, int hr, int cp) {
+  return t.v[T::R == 1 ? 0 : mb][T::C == 1 ? 0 : nb][T::R == 1 ? 0 : hr][T::C == 1 ? 0 : cp];
+}
+__device__ __forceinline__ float at(float x, int, int, int, int) { return x; }
+
+// row / column of coordinate (mb, nb, hr, cp) within the tile
+__device__ __forceinline__ int row_of(int mb, int hr) { return mb * 64 + (threadIdx.x % 128) / 32 * 16 + lane_id() / 4 + 8 * hr; }
+__device__ __forceinline__ int col_of(int nb, int cp) { return nb * 8 + (lane_id() % 4) * 2 + cp; }
+
+#define TM_FOR_EACH(T) \
+  _Pragma("unroll") for (int mb = 0; mb < T::MB; ++mb) \
+  _Pragma("unroll") for (int nb = 0; nb < T::NB; ++nb) \
+  _Pragma("unroll") for (int hr = 0; hr < T::HR; ++hr) \
+  _Pragma("unroll") for (int cp = 0; cp < T::CP; ++cp)
+
+template <class T> __device__ __forceinline__ void fill(T& t, float x) { TM_FOR_EACH(T) t.v[mb][nb][hr][cp] = x; }
+
+template <class T, class F, class A> __device__ __forceinline__ void map1(T& out, F f, const A& a) {
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(at(a, mb, nb, hr, cp));
+}
+template <class T, class F, class A, class B> __device__ __forceinline__ void map2(T& out, F f, const A& a, const B& b) {
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(at(a, mb, nb, hr, cp), at(b, mb, nb, hr, cp));
+}
+template <class T, class F, class A, class B, class C>
+__device__ __forceinline__ void map3(T& out, F f, const A& a, const B& b, const C& c) {
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(at(a, mb, nb, hr, cp), at(b, mb, nb, hr, cp), at(c, mb, nb, hr, cp));
+}
+
+// keep(row, col) decides which entries survive; others become `fill`
+template <class T, class Keep> __device__ __forceinline__ void mask(T& out, const T& in, Keep keep, float fillv) {
+  TM_FOR_EACH(T) {
+    bool k = keep(row_of(mb, hr), col_of(nb, cp));
+    out.v[mb][nb][hr][cp] = k ? in.v[mb][nb][hr][cp] : fillv;
+  }
+}
+
+// ------------------------------------------------------------- reductions ----
+struct op_sum { __device__ float operator()(float a, float b) const { return a + b; } };
+struct op_max { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+
+// along each row: R x C -> R x 1 (the 4 lanes of a quad share a row)
+template <class Op, int R, int C> __device__ __forceinline__ void reduce_rows(rt<R, 1>& out, const rt<R, C>& in, Op op) {
+  using T = rt<R, C>;
+#pragma unroll
+  for (int mb = 0; mb < T::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < T::HR; ++hr) {
+      float acc = in.v[mb][0][hr][0];
+#pragma unroll
+      for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+        for (int cp = 0; cp < T::CP; ++cp)
+          if (nb || cp) acc = op(acc, in.v[mb][nb][hr][cp]);
+      if (C > 1) {
+        acc = op(acc, __shfl_xor_sync(0xffffffff, acc, 1));
+        acc = op(acc, __shfl_xor_sync(0xffffffff, acc, 2));
+      }
+      out.v[mb][0][hr][0] = acc;
+    }
+}
+
+// down each column: R x C -> 1 x C, across the warpgroup through `scratch` (4 * C floats)
+template <class Op, int R, int C>
+__device__ __forceinline__ void reduce_cols(rt<1, C>& out, const rt<R, C>& in, Op op, float* scratch, int bar) {
+  using T = rt<R, C>;
+  const int warp = (threadIdx.x % 128) / 32;
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) {
+      float acc = in.v[0][nb][0][cp];
+#pragma unroll
+      for (int mb = 0; mb < T::MB; ++mb)
+#pragma unroll
+        for (int hr = 0; hr < T::HR; ++hr)
+          if (mb || hr) acc = op(acc, in.v[mb][nb][hr][cp]);
+      if (R > 1) {
+        acc = op(acc, __shfl_xor_sync(0xffffffff, acc, 4));
+        acc = op(acc, __shfl_xor_sync(0xffffffff, acc, 8));
+        acc = op(acc, __shfl_xor_sync(0xffffffff, acc, 16));
+      }
+      if (lane_id() < 4 || C == 1) scratch[warp * C + (C == 1 ? 0 : col_of(nb, cp))] = acc;
+    }
+  sync_threads(bar, 128);
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) {
+      int c = C == 1 ? 0 : col_of(nb, cp);
+      float acc = scratch[c];
+      if (R > 1)
+        for (int w = 1; w < 4; ++w) acc = op(acc, scratch[w * C + c]);
+      out.v[0][nb][0][cp] = acc;
+    }
+  sync_threads(bar, 128);
+}
+
+// -------------------------------------------------- scans over a chunk's rows ----
+// Column vectors pass through `scratch` (R floats); each thread then sums what it needs.
+template <int R> __device__ __forceinline__ void to_scratch(const rt<R, 1>& x, float* scratch, int bar) {
+  if (lane_id() % 4 == 0)
+#pragma unroll
+    for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) scratch[row_of(mb, hr)] = x.v[mb][0][hr][0];
+  sync_threads(bar, 128);
+}
+
+// inclusive/exclusive, forward/reverse cumulative sum down the rows
+template <int R> __device__ __forceinline__ void cumsum(rt<R, 1>& out, const rt<R, 1>& x, bool reverse, bool exclusive,
+                                                       float* scratch, int bar) {
+  to_scratch(x, scratch, bar);
+#pragma unroll
+  for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      int r = row_of(mb, hr);
+      float acc = 0.0f;
+      for (int i = 0; i < R; ++i) {
+        bool take = reverse ? (exclusive ? i > r : i >= r) : (exclusive ? i < r : i <= r);
+        acc += take ? scratch[i] : 0.0f;
+      }
+      out.v[mb][0][hr][0] = acc;
+    }
+  sync_threads(bar, 128);
+}
+
+// out[i][j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal
+template <int R> __device__ __forceinline__ void segsum(rt<R, R>& out, const rt<R, 1>& x, float* scratch, int bar) {
+  to_scratch(x, scratch, bar);
+  using T = rt<R, R>;
+  TM_FOR_EACH(T) {
+    int i = row_of(mb, hr), j = col_of(nb, cp);
+    float acc = 0.0f;
+    for (int k = j + 1; k <= i; ++k) acc += scratch[k];
+    out.v[mb][nb][hr][cp] = j <= i ? acc : f_neg_inf();
+  }
+  sync_threads(bar, 128);
+}
+
+// ------------------------------------------------------------ shared tiles ----
+// byte offset of element (r, c) in a swizzled tile of R rows
+template <int R> __device__ __forceinline__ u32 swz_offset(int r, int c) {
+  return (u32)((c / 64) * R * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2);
+}
+
+// shared 16-bit tile -> fp32 register tile
+template <bool is_bf16, int R, int C> __device__ __forceinline__ void load_shared(rt<R, C>& out, const char* tile) {
+  using T = rt<R, C>;
+  TM_FOR_EACH(T) {
+    u16 h = *(const u16*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, cp)));
+    out.v[mb][nb][hr][cp] = unpack<is_bf16>(h);
+  }
+}
+
+// fp32 register tile -> shared 16-bit tile (then readable by wgmma after fence + barrier)
+template <bool is_bf16, int R, int C> __device__ __forceinline__ void store_shared(char* tile, const rt<R, C>& in) {
+#pragma unroll
+  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
+#pragma unroll
+    for (int nb = 0; nb < rt<R, C>::NB; ++nb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        *(u32*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, 0))) = pack2<is_bf16>(in.v[mb][nb][hr][0], in.v[mb][nb][hr][1]);
+}
+
+// --------------------------------------------------------------- mbarrier ----
+__device__ __forceinline__ void mbar_init(u64* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, int phase) {
+  asm volatile(
+      "{\n .reg .pred p;\n WAIT_%=:\n"
+      " mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      " @!p bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)), "r"(phase) : "memory");
+}
+__device__ __forceinline__ void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"); }
+
+// -------------------------------------------------------------------- TMA ----
+// 4-D tiled load of box (c0.., c1, c2, c3) (innermost first) into shared memory, completing on `bar`
+__device__ __forceinline__ void tma_load_4d(void* dst, const TMap* map, u64* bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];"
+      ::"r"(smem_addr(dst)), "l"((u64)map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const TMap* map, u64* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(smem_addr(dst)), "l"((u64)map), "r"(smem_addr(bar)), "r"(c0), "r"(c1) : "memory");
+}
+__device__ __forceinline__ void tma_prefetch(const TMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"((u64)map) : "memory");
+}
+
+// ------------------------------------------------------------------ wgmma ----
+// Shared-memory matrix descriptor for a 128B-swizzled operand. K-major: rows are the
+// M/N dim, 8-row groups 1024 bytes apart. MN-major: rows are the K dim, 64 M/N
+// elements per 128-byte row, 8-row K groups 1024 bytes apart.
+__device__ __forceinline__ u64 make_desc(const void* p) {
+  u64 addr = smem_addr(p);
+  u64 desc = (addr & 0x3FFFF) >> 4;
+  desc |= (u64)1 << 16;            // leading byte offset (unused by these layouts)
+  desc |= (u64)(1024 >> 4) << 32;  // stride byte offset: next 8-row group
+  desc |= (u64)1 << 62;            // 128-byte swizzle
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void fence_operand(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+#define TM_D32(d) \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define TM_DREGS \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// d[64x64 fp32] (+)= A[64x16] B[16x64], A and B from shared memory
+template <bool is_bf16, int trans_a, int trans_b>
+__device__ __forceinline__ void mma_ss(float* d, u64 desc_a, u64 desc_b, int accumulate) {
+  if (is_bf16)
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TM_DREGS ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : TM_D32(d) : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(trans_a), "n"(trans_b));
+  else
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TM_DREGS ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : TM_D32(d) : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(trans_a), "n"(trans_b));
+}
+
+// d[64x64 fp32] (+)= A[64x16] B[16x64], A from registers (4 x 16-bit pairs), B from shared memory
+template <bool is_bf16, int trans_b>
+__device__ __forceinline__ void mma_rs(float* d, const u32* a, u64 desc_b, int accumulate) {
+  if (is_bf16)
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TM_DREGS ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : TM_D32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(trans_b));
+  else
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TM_DREGS ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+                 : TM_D32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(trans_b));
+}
+
+// Operand views of a swizzled shared tile with `rows` rows. For a K-major view the tile's
+// rows are the M (or N) dim and its columns K; for an MN-major view, the reverse.
+template <int rows> __device__ __forceinline__ u64 desc_kmajor(const char* tile, int mn0, int k0) {
+  return make_desc(tile + (k0 / 64) * rows * 128 + mn0 * 128 + (k0 % 64) * 2);
+}
+template <int rows> __device__ __forceinline__ u64 desc_mnmajor(const char* tile, int mn0, int k0) {
+  return make_desc(tile + (mn0 / 64) * rows * 128 + k0 * 128);
+}
+
+// C[M x N] = A[M x K] B[K x N]: shared A (K-major unless TA) and shared B (MN-major unless TB).
+// `a_rows`/`b_rows` are the stored tiles' row counts.
+template <bool is_bf16, bool TA, bool TB, int a_rows, int b_rows, int M, int N, int K>
+__device__ __forceinline__ void matmul_ss(rt<M, N>& c, const char* a, const char* b) {
+  wgmma_fence();
+#pragma unroll
+  for (int mb = 0; mb < M / 64; ++mb)
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 64)
+#pragma unroll
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        u64 da = TA ? desc_mnmajor<a_rows>(a, mb * 64, k0) : desc_kmajor<a_rows>(a, mb * 64, k0);
+        u64 db = TB ? desc_kmajor<b_rows>(b, n0, k0) : desc_mnmajor<b_rows>(b, n0, k0);
+        mma_ss<is_bf16, TA ? 1 : 0, TB ? 0 : 1>(&c.v[mb][n0 / 8][0][0], da, db, k0 > 0);
+      }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// C[M x N] = A[M x K] B[K x N] with A an fp32 register tile (rounded to 16 bits here)
+template <bool is_bf16, bool TB, int b_rows, int M, int N, int K>
+__device__ __forceinline__ void matmul_rs(rt<M, N>& c, const rt<M, K>& a, const char* b) {
+  u32 frag[M / 64][K / 16][4];
+#pragma unroll
+  for (int mb = 0; mb < M / 64; ++mb)
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      frag[mb][kk][0] = pack2<is_bf16>(a.v[mb][2 * kk][0][0], a.v[mb][2 * kk][0][1]);
+      frag[mb][kk][1] = pack2<is_bf16>(a.v[mb][2 * kk][1][0], a.v[mb][2 * kk][1][1]);
+      frag[mb][kk][2] = pack2<is_bf16>(a.v[mb][2 * kk + 1][0][0], a.v[mb][2 * kk + 1][0][1]);
+      frag[mb][kk][3] = pack2<is_bf16>(a.v[mb][2 * kk + 1][1][0], a.v[mb][2 * kk + 1][1][1]);
+    }
+  wgmma_fence();
+#pragma unroll
+  for (int mb = 0; mb < M / 64; ++mb)
+#pragma unroll
+    for (int n0 = 0; n0 < N; n0 += 64)
+#pragma unroll
+      for (int kk = 0; kk < K / 16; ++kk) {
+        u64 db = TB ? desc_kmajor<b_rows>(b, n0, kk * 16) : desc_mnmajor<b_rows>(b, n0, kk * 16);
+        mma_rs<is_bf16, TB ? 0 : 1>(&c.v[mb][n0 / 8][0][0], frag[mb][kk], db, kk > 0);
+      }
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+// ------------------------------------------------------------ global memory ----
+// rows of a [.., T, .., D] tensor: element (t, d) at base + t * row_stride + d; rows >= T are 0 / skipped
+template <bool is_bf16, int R, int C>
+__device__ __forceinline__ void store_rows(u16* base, long row_stride, int t0, int T, const rt<R, C>& x) {
+#pragma unroll
+  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      int t = t0 + row_of(mb, hr);
+      if (t >= T) continue;
+#pragma unroll
+      for (int nb = 0; nb < rt<R, C>::NB; ++nb)
+        *(u32*)(base + t * row_stride + col_of(nb, 0)) = pack2<is_bf16>(x.v[mb][nb][hr][0], x.v[mb][nb][hr][1]);
+    }
+}
+
+template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const float* base, long stride, int t0, int T) {
+#pragma unroll
+  for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      int t = t0 + row_of(mb, hr);
+      out.v[mb][0][hr][0] = t < T ? base[t * stride] : 0.0f;
+    }
+}
+
+// fp32 [R x C] matrix at base (row stride `ld`), e.g. a state
+template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
+  using T = rt<R, C>;
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[row_of(mb, hr) * ld + col_of(nb, cp)];
+}
+template <int R, int C> __device__ __forceinline__ void store_f32(float* base, int ld, const rt<R, C>& x) {
+  using T = rt<R, C>;
+  TM_FOR_EACH(T) base[row_of(mb, hr) * ld + col_of(nb, cp)] = x.v[mb][nb][hr][cp];
+}
+
+}  // namespace tm
