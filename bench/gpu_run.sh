@@ -10,5 +10,5 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, cupy, cuda.bindings; print('torch', torch.__version__, 'cupy', cupy.__version__)"
 export PYTHONUNBUFFERED=1
 timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests -m gpu -x -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
-  | tee "$OUT/pytest.log" | tail -40
+  | tee "$OUT/pytest.log" | tail -40 || { echo "GPU tests failed: no benchmark"; exit 1; }
 timeout "${BENCH_TIMEOUT:-240}" tilemix bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
