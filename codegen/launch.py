@@ -111,7 +111,10 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
     source = hopper_source(kernel, binding, schedule)
     compiled = compile_cuda(source.source, "sm_90a", source.name)
     function = _module(compiled.cubin).get_function(source.name)
-    function.max_dynamic_shared_size_bytes = source.smem_bytes
+    from cupy.cuda import driver
+
+    driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            source.smem_bytes)
     params = []
     keep_alive = []
     for kind, name in source.params:
