@@ -224,13 +224,19 @@ template <int R> __device__ __forceinline__ u32 swz_offset(int r, int c) {
   return (u32)((c / 64) * R * 128 + r * 128 + ((((c % 64) / 8) ^ (r % 8)) * 16) + (c % 8) * 2);
 }
 
-// shared 16-bit tile -> fp32 register tile
+// shared 16-bit tile -> fp32 register tile (each thread's column pair is one 32-bit word)
 template <bool is_bf16, int R, int C> __device__ __forceinline__ void load_shared(rt<R, C>& out, const char* tile) {
-  using T = rt<R, C>;
-  TM_FOR_EACH(T) {
-    u16 h = *(const u16*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, cp)));
-    out.v[mb][nb][hr][cp] = unpack<is_bf16>(h);
-  }
+  static_assert(C % 8 == 0, "shared tiles are read in column pairs");
+#pragma unroll
+  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
+#pragma unroll
+    for (int nb = 0; nb < rt<R, C>::NB; ++nb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        u32 w = *(const u32*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, 0)));
+        out.v[mb][nb][hr][0] = unpack<is_bf16>((u16)(w & 0xffff));
+        out.v[mb][nb][hr][1] = unpack<is_bf16>((u16)(w >> 16));
+      }
 }
 
 // fp32 register tile -> shared 16-bit tile (then readable by wgmma after fence + barrier)
