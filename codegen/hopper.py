@@ -26,6 +26,7 @@ __all__ = ["Schedule", "KernelSource", "lower_hopper"]
 CONSUMER_THREADS = 128
 PRODUCER_THREADS = 128
 PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
+SCRATCH_FLOATS = 1024  # per consumer: cross-warp reductions (4 x 256) and scans (2 x 128)
 
 _UNARY = {
     "neg": "[](float a) { return -a; }",
@@ -50,13 +51,16 @@ class Schedule:
     """Knobs of the generated kernel (the autotuner searches these).
 
     ``stages``: depth of the shared-memory ring the producer fills ahead.
-    ``split``: static dim → width; the dim is cut into column blocks, one
-    CTA each (legal when nothing contracts or reduces over it, e.g. the
-    value dim of linear attention).
+    ``split``: static dim → width; the dim is cut into column blocks
+    (legal when nothing contracts or reduces over it, e.g. the value dim of
+    linear attention).
+    ``consumers``: consumer warpgroups per CTA, each taking one column block;
+    tiles of unsplit inputs (q, k) are loaded once for all of them.
     """
 
     stages: int = 2
     split: tuple[tuple[str, int], ...] = ()
+    consumers: int = 1
 
 
 @dataclass
@@ -67,6 +71,7 @@ class KernelSource:
     threads: int
     params: list = field(default_factory=list)  # (kind, param name) in kernel argument order
     split: tuple[tuple[str, int], ...] = ()
+    consumers: int = 1
 
 
 def _ctype(t) -> str:
@@ -88,7 +93,7 @@ class _Lowering:
         self.loop: Loop | None = None
         self.loads: list[Op] = []
         self.index_name: dict[int, str] = {}
-        self.bar = 1  # named barrier id for the consumer warpgroup (0 is __syncthreads)
+        self.bar = "bar_id"  # named barrier of this consumer warpgroup (0 is __syncthreads)
 
     # -- helpers -----------------------------------------------------------
     def fail(self, message: str, op: Op | None = None):
@@ -127,7 +132,8 @@ class _Lowering:
                       f"columns that are multiples of 64")
         if v in self.staged:
             return self.staged[v], t.rows
-        ptr = self.staged[v] = f"(smem + {self.alloc(t.rows * t.cols * 2)})"
+        nbytes = t.rows * t.cols * 2
+        ptr = self.staged[v] = f"(smem + {self.alloc(nbytes * self.schedule.consumers)} + wg * {nbytes})"
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         self.emit(f"tm::store_shared<{self.is_bf16}>({ptr}, {self.reg(v, ind)});", ind)
         self.emit("tm::fence_proxy_async();", ind)
@@ -176,13 +182,15 @@ class _Lowering:
         args += ["int T", "int H", "int G"]
         return args, order
 
-    def col0(self, param_name: str) -> str:
-        """Column offset of this CTA's block of a parameter's feature dim (0 without a split)."""
-        spec = self.p.param(param_name).spec
-        split = dict(self.schedule.split)
-        dims = [d for d in spec.dims if isinstance(d, str)]
-        last = dims[-1] if dims else None
-        return f"blockIdx.y * {split[last]}" if last in split else "0"
+    def split_width(self, param_name: str) -> int | None:
+        """The block width of a parameter's feature dim, if it is split."""
+        dims = [d for d in self.p.param(param_name).spec.dims if isinstance(d, str)]
+        return dict(self.schedule.split).get(dims[-1]) if dims else None
+
+    def col0(self, param_name: str, consumer: str = "wg") -> str:
+        """Column offset of a consumer's block of a parameter's feature dim (0 without a split)."""
+        width = self.split_width(param_name)
+        return f"(blockIdx.y * {self.schedule.consumers} + {consumer}) * {width}" if width else "0"
 
     # -- the producer -------------------------------------------------------------
     def producer(self, stage_bytes: int, offsets: dict[Op, int]) -> list[str]:
@@ -197,10 +205,12 @@ class _Lowering:
             param = self.p.param(name)
             t = op.result.type
             head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
-            for panel in range(t.cols // PANEL):
-                dst = f"smem + stage * {stage_bytes} + {offsets[op] + panel * t.rows * 128}"
-                out.append(f"        tm::tma_load_4d({dst}, &tmap_{name}, &full[stage], "
-                           f"{self.col0(name)} + {panel * PANEL}, {head}, c * {t.rows}, b);")
+            for consumer in range(self.schedule.consumers if self.split_width(name) else 1):
+                for panel in range(t.cols // PANEL):
+                    offset = offsets[op] + consumer * t.rows * t.cols * 2 + panel * t.rows * 128
+                    out.append(f"        tm::tma_load_4d(smem + stage * {stage_bytes} + {offset}, &tmap_{name}, "
+                               f"&full[stage], {self.col0(name, str(consumer))} + {panel * PANEL}, {head}, "
+                               f"c * {t.rows}, b);")
         out.append("      }")
         out.append("    }")
         return out
@@ -240,7 +250,8 @@ class _Lowering:
             param = self.p.param(a["param"])
             t = op.result.type
             if t.cols > 1:
-                self.smem_of[op.result] = (f"(smem + stage * stage_bytes + {self.load_offset[op]})", t.rows)
+                mine = f" + wg * {t.rows * t.cols * 2}" if self.split_width(param.name) else ""
+                self.smem_of[op.result] = (f"(smem + stage * stage_bytes + {self.load_offset[op]}{mine})", t.rows)
                 return
             if param.spec.kind != "seq":
                 self.fail("vector loads are implemented for Seq[1] parameters", op)
@@ -318,7 +329,8 @@ class _Lowering:
         split = dict(self.schedule.split)
         if spec.dims[0] in split:
             self.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
-        return f"blockIdx.y * {split[spec.dims[1]]}" if spec.dims[1] in split else "0"
+        width = split.get(spec.dims[1])
+        return f"(blockIdx.y * {self.schedule.consumers} + wg) * {width}" if width else "0"
 
     def lower_mask(self, op: Op, decl: str, out: str, ind: int):
         t = op.result.type
@@ -358,25 +370,29 @@ class _Lowering:
         for op in self.loads:
             t = op.result.type
             offsets[op] = stage_bytes
-            stage_bytes += t.rows * t.cols * 2
+            copies = self.schedule.consumers if self.split_width(op.attrs["param"]) else 1
+            stage_bytes += t.rows * t.cols * 2 * copies
         self.load_offset = offsets
         ring = stage_bytes * self.schedule.stages
         self.smem_top = ring
         body_start = len(self.lines)
         self.lower_ops(self.p.body, 6)
         consumer = self.lines[body_start:]
-        scratch_off = self.alloc(4 * 4 * 256, 16)
+        scratch_off = self.alloc(SCRATCH_FLOATS * 4 * self.schedule.consumers, 16)
         bar_off = self.alloc(16 * self.schedule.stages, 8)
         args, order = self.param_args()
+        consumers = self.schedule.consumers
+        threads = PRODUCER_THREADS + CONSUMER_THREADS * consumers
+        # registers: the producer gives its share to the consumers (64K per SM in all)
+        producer_regs, consumer_regs = (40, 232) if consumers == 1 else (24, 240)
         name = f"tilemix_{self.p.name}"
         src = [
             "#include <tilemix/hopper.cuh>",
             "",
-            f'extern "C" __global__ void __launch_bounds__({PRODUCER_THREADS + CONSUMER_THREADS}, 1)',
+            f'extern "C" __global__ void __launch_bounds__({threads}, 1)',
             f"{name}({', '.join(args)}) {{",
             "  extern __shared__ __align__(1024) char smem[];",
             f"  const int stage_bytes = {stage_bytes};",
-            f"  float* scratch = (float*)(smem + {scratch_off});",
             f"  tm::u64* full = (tm::u64*)(smem + {bar_off});",
             f"  tm::u64* empty = full + {self.schedule.stages};",
             "  const int b = blockIdx.x / H, h = blockIdx.x % H;",
@@ -384,23 +400,26 @@ class _Lowering:
             "  if (threadIdx.x == 0) {",
             f"    for (int s = 0; s < {self.schedule.stages}; ++s) {{",
             "      tm::mbar_init(&full[s], 1);",
-            f"      tm::mbar_init(&empty[s], {CONSUMER_THREADS});",
+            f"      tm::mbar_init(&empty[s], {CONSUMER_THREADS * consumers});",
             "    }",
             "    tm::fence_barrier_init();",
             "  }",
             "  __syncthreads();",
             f"  if (threadIdx.x < {PRODUCER_THREADS}) {{",
-            "    tm::setmaxnreg_dec<40>();",
+            f"    tm::setmaxnreg_dec<{producer_regs}>();",
             *self.producer(stage_bytes, offsets),
             "  } else {",
-            "    tm::setmaxnreg_inc<232>();",
+            f"    tm::setmaxnreg_inc<{consumer_regs}>();",
+            f"    const int wg = threadIdx.x / {CONSUMER_THREADS} - 1;  // this consumer's column block",
+            "    const int bar_id = 1 + wg;",
+            f"    float* scratch = (float*)(smem + {scratch_off}) + wg * {SCRATCH_FLOATS};",
             *consumer,
             "  }",
             "}",
         ]
         # each 1024-aligned: the stage ring starts at 0, staged tiles and scratch follow
-        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, PRODUCER_THREADS + CONSUMER_THREADS,
-                            order, tuple(self.schedule.split))
+        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, order,
+                            tuple(self.schedule.split), consumers)
 
 
 def _float(x: float) -> str:

@@ -59,7 +59,10 @@ def default_schedule(kernel: Kernel, binding: Binding) -> Schedule:
             dim = p.spec.dims[1]
             if binding.static[dim] > SPLIT_WIDTH and splittable(kernel, binding, dim):
                 split.append((dim, SPLIT_WIDTH))
-    return Schedule(split=tuple(split))
+    blocks = 1
+    for dim, width in split:
+        blocks *= binding.static[dim] // width
+    return Schedule(split=tuple(split), consumers=2 if blocks % 2 == 0 else 1)
 
 
 def hopper_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None) -> KernelSource:
@@ -142,6 +145,7 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
     blocks_y = 1
     for dim, width in source.split:
         blocks_y *= binding.static[dim] // width
+    blocks_y //= source.consumers
     grid = (sizes["B"] * sizes["H"], blocks_y, 1)
     if grid[0] == 0:
         return
