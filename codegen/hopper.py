@@ -26,6 +26,7 @@ __all__ = ["Schedule", "KernelSource", "lower_hopper"]
 CONSUMER_THREADS = 128
 PRODUCER_THREADS = 128
 PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
 SCRATCH_FLOATS = 1024  # per consumer: cross-warp reductions (4 x 256) and scans (2 x 128)
 
 _UNARY = {
@@ -417,7 +418,10 @@ class _Lowering:
             "  }",
             "}",
         ]
-        # each 1024-aligned: the stage ring starts at 0, staged tiles and scratch follow
+        if self.smem_top > SMEM_LIMIT:
+            self.fail(f"this schedule needs {self.smem_top // 1024} KiB of shared memory (stages="
+                      f"{self.schedule.stages}, consumers={consumers}); an sm_90a CTA has at most "
+                      f"{SMEM_LIMIT // 1024} KiB")
         return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, order,
                             tuple(self.schedule.split), consumers)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -105,22 +105,56 @@ def _tensor_map(t: torch.Tensor, box_cols: int, box_rows: int):
     return np.frombuffer(raw, dtype=np.dtype((np.void, 128)))[0]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a launch that does not depend on the tensors' addresses."""
+
+    source: KernelSource
+    function: Any
+    blocks_y: int
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(kernel: Kernel, binding: Binding, schedule: Schedule | None) -> _Plan:
+    key = (id(kernel), binding.key(), schedule)
+    plan = _PLANS.get(key)
+    if plan is None:
+        from cupy.cuda import driver
+
+        source = hopper_source(kernel, binding, schedule)
+        compiled = compile_cuda(source.source, "sm_90a", source.name)
+        function = _module(compiled.cubin).get_function(source.name)
+        driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                source.smem_bytes)
+        blocks_y = 1
+        for dim, width in source.split:
+            blocks_y *= binding.static[dim] // width
+        plan = _PLANS[key] = _Plan(source, function, blocks_y // source.consumers)
+    return plan
+
+
+@functools.cache
+def _stream(handle: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(handle)
+
+
 def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: dict[str, torch.Tensor],
                schedule: Schedule | None = None) -> None:
     """Launch the sm_90a kernel for ``kernel`` writing into ``outputs`` (allocated by the caller;
-    states absent from ``outputs`` are not written)."""
-    import cupy
-
-    source = hopper_source(kernel, binding, schedule)
-    compiled = compile_cuda(source.source, "sm_90a", source.name)
-    function = _module(compiled.cubin).get_function(source.name)
-    from cupy.cuda import driver
-
-    driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            source.smem_bytes)
+    states absent from ``outputs`` are not written). Source, cubin and module are cached per
+    specialisation; a call only builds tensor maps and launches."""
+    plan = _plan(kernel, binding, schedule)
+    sizes = binding.sizes
+    grid = (sizes["B"] * sizes["H"], plan.blocks_y, 1)
+    if grid[0] == 0:
+        return
     params = []
-    keep_alive = []
-    for kind, name in source.params:
+    keep_alive = []  # converted copies must outlive the launch's argument packing
+    for kind, name in plan.source.params:
         value = args.get(name)
         if kind == "tmap":
             t = value.contiguous()
@@ -140,14 +174,6 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
                        np.uint64(final.data_ptr() if final is not None else 0)]
         elif kind == "scalar":
             params.append(np.float32(value))
-    sizes = binding.sizes
     params += [np.int32(sizes["T"]), np.int32(sizes["H"]), np.int32(sizes.get("G", sizes["H"]))]
-    blocks_y = 1
-    for dim, width in source.split:
-        blocks_y *= binding.static[dim] // width
-    blocks_y //= source.consumers
-    grid = (sizes["B"] * sizes["H"], blocks_y, 1)
-    if grid[0] == 0:
-        return
-    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        function(grid, (source.threads, 1, 1), tuple(params), shared_mem=source.smem_bytes)
+    plan.function(grid, (plan.source.threads, 1, 1), tuple(params), shared_mem=plan.source.smem_bytes,
+                  stream=_stream(torch.cuda.current_stream().cuda_stream))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -49,8 +50,13 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     return out
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    if torch.cuda.get_device_capability(device) != (9, 0):
+    if _capability(device) != (9, 0):
         raise NotImplementedError(f"tilemix.{kernel.name}: only the Hopper (sm_90a) backend exists so far; "
                                   f"{torch.cuda.get_device_name(device)} is not supported yet")
     from tilemix.codegen.launch import run_hopper
