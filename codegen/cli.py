@@ -47,9 +47,35 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from tilemix.ops import PROGRAMS
     from tilemix.ops.examples import example_specs
+    from tilemix.tiles import TileError
 
     program = PROGRAMS[args.op]
-    print(program.trace(target=args.target, **example_specs(args.op, args.dtype)))
+    binding = program.bind(example_specs(args.op, args.dtype))
+    if args.ir or args.arch == "cpu":
+        print(program.trace(binding, target=args.arch))
+        return 0
+    if args.arch != "sm_90a":
+        print(f"tilemix show: no code generator for {args.arch} yet (sm_90a only)", file=sys.stderr)
+        return 2
+    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.launch import hopper_source
+
+    try:
+        source = hopper_source(program, binding)
+    except TileError as e:
+        print(f"tilemix show: {e}", file=sys.stderr)
+        return 2
+    if not (args.sass or args.resources):
+        print(source.source)
+        return 0
+    compiled = compile_cuda(source.source, args.arch, source.name)
+    if args.resources:
+        usage = resources(compiled)
+        print(f"{source.name} ({args.arch}): {usage['reg']} registers/thread, {usage['stack']} B stack, "
+              f"{usage['local']} B local (spills), {source.smem_bytes} B dynamic shared memory, "
+              f"{source.threads} threads/CTA")
+    if args.sass:
+        print(sass(compiled))
     return 0
 
 
@@ -67,9 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
     bench.add_argument("--json", help="write the records to this JSON file")
     bench.set_defaults(run=_cmd_bench)
-    show = sub.add_parser("show", help="print an op's traced IR at an example shape")
+    show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
     show.add_argument("op", choices=sorted(PROGRAMS))
-    show.add_argument("--target", default="cpu", choices=sorted(TARGETS))
+    show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS))
+    show.add_argument("--ir", action="store_true", help="the traced, verified IR instead of CUDA")
+    show.add_argument("--sass", action="store_true", help="compile and disassemble")
+    show.add_argument("--resources", action="store_true", help="registers, stack/spill and shared memory")
     show.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     show.set_defaults(run=_cmd_show)
     return parser

@@ -1,0 +1,41 @@
+"""The ``tilemix`` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tilemix.codegen.cli import main
+
+
+def test_demo_passes_every_bound(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    for op in ("gemm", "attention", "linear_att", "ssd"):
+        assert op in out
+    assert "NO" not in out
+
+
+def test_list_names_ops_and_targets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "linear_attention_fwd" in out and "sm_90a" in out and "128 KiB" in out
+
+
+def test_show_ir(capsys):
+    assert main(["show", "ssd", "--ir"]) == 0
+    assert "segsum" in capsys.readouterr().out
+
+
+def test_show_unlowered_op_says_why(capsys):
+    assert main(["show", "attention"]) == 2
+    assert "grid loops" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+def test_show_cuda_sass_and_resources(op, capsys):
+    pytest.importorskip("cuda.bindings")
+    assert main(["show", op]) == 0
+    assert "tm::matmul" in capsys.readouterr().out
+    assert main(["show", op, "--sass", "--resources"]) == 0
+    out = capsys.readouterr().out
+    assert "HGMMA" in out and "registers/thread" in out
