@@ -29,6 +29,8 @@ PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
 SCRATCH_FLOATS = 1024  # per consumer: cross-warp reductions (4 x 256) and scans (2 x 128)
 
+_SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
+
 _UNARY = {
     "neg": "[](float a) { return -a; }",
     "abs": "[](float a) { return fabsf(a); }",
@@ -73,6 +75,10 @@ class KernelSource:
     params: list = field(default_factory=list)  # (kind, param name) in kernel argument order
     split: tuple[tuple[str, int], ...] = ()
     consumers: int = 1
+    grid_loops: list = field(default_factory=list)  # (dim, block size) of each blocks() loop, outermost first
+    size_args: list = field(default_factory=list)  # runtime sizes passed as int arguments, in order
+    tmap_rows: dict = field(default_factory=dict)  # rows of the TMA box of each loaded parameter
+    matrix: bool = False  # a Matrix program: no batch/head grid
 
 
 def _ctype(t) -> str:
@@ -94,6 +100,9 @@ class _Lowering:
         self.loop: Loop | None = None
         self.loads: list[Op] = []
         self.index_name: dict[int, str] = {}
+        self.prologue_offset: dict[Op, int] = {}
+        self.prologue_waited = False
+        self.tmap_rows: dict[str, int] = {}
         self.bar = "bar_id"  # named barrier of this consumer warpgroup (0 is __syncthreads)
 
     # -- helpers -----------------------------------------------------------
@@ -142,20 +151,51 @@ class _Lowering:
         return ptr, t.rows
 
     # -- structure -----------------------------------------------------------
-    def check_shape(self):
-        loops = [op for op in self.p.body if isinstance(op, Loop)]
-        if len(loops) != 1 or loops[0].kind != "chunks" or loops[0].dim != "T":
-            self.fail("this version lowers sequence scans: one chunks() loop over T at the top of the program "
-                      "(grid loops and Matrix programs come next)")
-        self.loop = loops[0]
-        for op in self.loop.body:
-            if isinstance(op, Loop):
-                self.fail("nested loops are not lowered yet", op)
-        self.loads = [op for op in self.loop.body if op.name == "load" and op.result.type.cols > 1]
-        for op in self.loads:
+    def analyze(self):
+        """Split the program into grid loops (blocks), the per-CTA body, at most one sequential
+        chunks loop in it, and the tile loads before (prologue) and inside (ring) that loop."""
+        body = self.p.body
+        self.grid_loops = []
+        while True:
+            loops = [op for op in body if isinstance(op, Loop)]
+            if len(loops) == 1 and loops[0].kind == "blocks" and all(
+                    op is loops[0] or op.name in _SETUP for op in body):
+                self.grid_loops.append(loops[0])
+                body = loops[0].body
+                continue
+            break
+        self.body = body
+        loops = [op for op in body if isinstance(op, Loop)]
+        if len(loops) > 1 or any(op.kind != "chunks" for op in loops):
+            self.fail("this version lowers nested blocks() loops around at most one chunks() loop")
+        self.loop = loops[0] if loops else None
+        if self.loop is not None and any(isinstance(op, Loop) for op in self.loop.body):
+            self.fail("loops nested in a chunks() loop are not lowered yet", self.loop)
+        tile_loads = lambda ops: [op for op in ops if op.name == "load" and op.result.type.cols > 1]  # noqa: E731
+        self.prologue_loads = tile_loads(body)
+        self.loads = tile_loads(self.loop.body) if self.loop is not None else []
+        for op in self.prologue_loads + self.loads:
             if op.result.type.cols % PANEL:
                 self.fail(f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
                           f"sm_90a needs feature dims that are multiples of {PANEL}", op)
+        self.matrix = any(p.spec.kind == "matrix" for p in self.p.params)
+        if self.matrix:
+            self.size_args = sorted({d for p in self.p.params if p.spec.kind == "matrix" for d in p.spec.dims})
+        else:
+            self.size_args = ["T", "H", "G"]
+        for depth, loop in enumerate(self.grid_loops):
+            self.index_name[loop.index.id] = self.names[loop.index] = f"blk{depth}"
+        if self.loop is not None:
+            self.index_name[self.loop.index.id] = self.names[self.loop.index] = "c"
+
+    def extent(self, dim: str) -> str:
+        return dim  # runtime sizes are kernel arguments named after their dims
+
+    def trip_count(self, loop: Loop) -> str:
+        end = self.extent(loop.dim)
+        if loop.stop is not None:
+            end = f"min({end}, ({self.index_name[loop.stop.index.id]} + 1) * {loop.stop.size})"
+        return f"(({end}) + {loop.size - 1}) / {loop.size}"
 
     def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
         args, order = [], []
@@ -166,7 +206,10 @@ class _Lowering:
             if kind in ("seq", "group_seq") and p.spec.dims != (1,) and not p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
                 order.append(("tmap", p.name))
-            elif kind in ("seq", "group_seq") and p.spec.output:
+            elif kind == "matrix" and not p.spec.output:
+                args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
+                order.append(("tmap", p.name))
+            elif kind in ("seq", "group_seq", "matrix") and p.spec.output:
                 args.append(f"tm::u16* __restrict__ out_{p.name}")
                 order.append(("out", p.name))
             elif kind in ("seq", "head"):
@@ -180,7 +223,7 @@ class _Lowering:
                 order.append(("scalar", p.name))
             else:
                 self.fail(f"parameter kind {kind} is not lowered yet")
-        args += ["int T", "int H", "int G"]
+        args += [f"int {d}" for d in self.size_args]
         return args, order
 
     def split_width(self, param_name: str) -> int | None:
@@ -191,35 +234,62 @@ class _Lowering:
     def col0(self, param_name: str, consumer: str = "wg") -> str:
         """Column offset of a consumer's block of a parameter's feature dim (0 without a split)."""
         width = self.split_width(param_name)
-        return f"(blockIdx.y * {self.schedule.consumers} + {consumer}) * {width}" if width else "0"
+        return f"(blockIdx.z * {self.schedule.consumers} + {consumer}) * {width}" if width else "0"
 
     # -- the producer -------------------------------------------------------------
+    def tma_loads(self, op: Op, dst: str, bar: str, indent: str) -> list[str]:
+        """The TMA copies of one tile load (one per 64-column panel and, for a split parameter,
+        per consumer), completing on ``bar``."""
+        name = op.attrs["param"]
+        param = self.p.param(name)
+        t = op.result.type
+        idx = [self.index_name[v.id] for v in op.operands]
+        self.tmap_rows[name] = t.rows
+        lines = []
+        for consumer in range(self.schedule.consumers if self.split_width(name) else 1):
+            for panel in range(t.cols // PANEL):
+                at = f"{dst} + {consumer * t.rows * t.cols * 2 + panel * t.rows * 128}"
+                if param.spec.kind == "matrix":
+                    lines.append(f"{indent}tm::tma_load_2d({at}, &tmap_{name}, {bar}, "
+                                 f"{idx[1]} * {t.cols} + {panel * PANEL}, {idx[0]} * {t.rows});")
+                else:
+                    head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
+                    lines.append(f"{indent}tm::tma_load_4d({at}, &tmap_{name}, {bar}, "
+                                 f"{self.col0(name, str(consumer))} + {panel * PANEL}, {head}, "
+                                 f"{idx[0]} * {t.rows}, b);")
+        return lines
+
     def producer(self, stage_bytes: int, offsets: dict[Op, int]) -> list[str]:
         out = ["    if (threadIdx.x == 0) {"]
-        out.append("      for (int c = 0; c < n_chunks; ++c) {")
-        out.append(f"        int stage = c % {self.schedule.stages};")
-        out.append(f"        if (c >= {self.schedule.stages}) tm::mbar_wait(&empty[stage], "
-                   f"((c / {self.schedule.stages}) - 1) & 1);")
-        out.append(f"        tm::mbar_expect_tx(&full[stage], {stage_bytes});")
-        for op in self.loads:
-            name = op.attrs["param"]
-            param = self.p.param(name)
-            t = op.result.type
-            head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
-            for consumer in range(self.schedule.consumers if self.split_width(name) else 1):
-                for panel in range(t.cols // PANEL):
-                    offset = offsets[op] + consumer * t.rows * t.cols * 2 + panel * t.rows * 128
-                    out.append(f"        tm::tma_load_4d(smem + stage * {stage_bytes} + {offset}, &tmap_{name}, "
-                               f"&full[stage], {self.col0(name, str(consumer))} + {panel * PANEL}, {head}, "
-                               f"c * {t.rows}, b);")
-        out.append("      }")
+        if self.prologue_loads:
+            total = sum(self.load_bytes(op) for op in self.prologue_loads)
+            out.append(f"      tm::mbar_expect_tx(prologue, {total});")
+            for op in self.prologue_loads:
+                out += self.tma_loads(op, f"smem + {self.prologue_offset[op]}", "prologue", "      ")
+        if self.loop is not None:
+            stages = self.schedule.stages
+            out.append(f"      const int n_iter = {self.trip_count(self.loop)};")
+            out.append("      for (int c = 0; c < n_iter; ++c) {")
+            out.append(f"        int stage = c % {stages};")
+            out.append(f"        if (c >= {stages}) tm::mbar_wait(&empty[stage], ((c / {stages}) - 1) & 1);")
+            out.append(f"        tm::mbar_expect_tx(&full[stage], {stage_bytes});")
+            for op in self.loads:
+                out += self.tma_loads(op, f"smem + stage * {stage_bytes} + {offsets[op]}", "&full[stage]",
+                                      "        ")
+            out.append("      }")
         out.append("    }")
         return out
+
+    def load_bytes(self, op: Op) -> int:
+        t = op.result.type
+        return t.rows * t.cols * 2 * (self.schedule.consumers if self.split_width(op.attrs["param"]) else 1)
 
     # -- the consumer ---------------------------------------------------------------
     def lower_ops(self, ops: list[Op], ind: int):
         for op in ops:
-            if isinstance(op, Loop):
+            if isinstance(op, Loop) and op.kind == "blocks":
+                self.lower_ops(op.body, ind)  # a grid loop: its index comes from blockIdx
+            elif isinstance(op, Loop):
                 self.lower_loop(op, ind)
             else:
                 self.lower_op(op, ind)
@@ -227,9 +297,8 @@ class _Lowering:
     def lower_loop(self, loop: Loop, ind: int):
         for carried, init in zip(loop.carried, loop.init):
             self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
-        self.index_name[loop.index.id] = "c"
-        self.names[loop.index] = "c"
-        self.emit("for (int c = 0; c < n_chunks; ++c) {", ind)
+        self.emit(f"const int n_iter = {self.trip_count(loop)};", ind)
+        self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
         self.emit(f"int stage = c % {self.schedule.stages};", ind + 2)
         self.emit(f"tm::mbar_wait(&full[stage], (c / {self.schedule.stages}) & 1);", ind + 2)
         self.lower_ops(loop.body, ind + 2)
@@ -252,17 +321,32 @@ class _Lowering:
             t = op.result.type
             if t.cols > 1:
                 mine = f" + wg * {t.rows * t.cols * 2}" if self.split_width(param.name) else ""
-                self.smem_of[op.result] = (f"(smem + stage * stage_bytes + {self.load_offset[op]}{mine})", t.rows)
+                if op in self.prologue_offset:
+                    if not self.prologue_waited:
+                        self.emit("tm::mbar_wait(prologue, 0);", ind)
+                        self.prologue_waited = True
+                    base = f"smem + {self.prologue_offset[op]}"
+                else:
+                    base = f"smem + stage * stage_bytes + {self.load_offset[op]}"
+                self.smem_of[op.result] = (f"({base}{mine})", t.rows)
                 return
             if param.spec.kind != "seq":
                 self.fail("vector loads are implemented for Seq[1] parameters", op)
-            self.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, c * {t.rows}, T);", ind)
+            row0 = f"{self.index_name[args[0].id]} * {t.rows}"
+            self.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, {row0}, T);", ind)
         elif name == "store":
             param = self.p.param(a["param"])
-            value, *_ = args
+            value, *index = args
+            idx = [self.index_name[v.id] for v in index]
+            t = value.type
+            if param.spec.kind == "matrix":
+                rows, cols = param.spec.dims
+                self.emit(f"tm::store_tile<{self.is_bf16}>(out_{param.name}, {cols}, {idx[0]} * {t.rows}, {rows}, "
+                          f"{idx[1]} * {t.cols}, {cols}, {self.reg(value, ind)});", ind)
+                return
             width = self.full_dims[param.spec.dims[0]]
             self.emit(f"tm::store_rows<{self.is_bf16}>(out_{param.name} + ((long)b * T * H + h) * {width} + "
-                      f"{self.col0(param.name)}, (long)H * {width}, c * {value.type.rows}, T, "
+                      f"{self.col0(param.name)}, (long)H * {width}, {idx[0]} * {t.rows}, T, "
                       f"{self.reg(value, ind)});", ind)
         elif name == "read_param":
             if op.result.type.cols != 1:
@@ -331,7 +415,7 @@ class _Lowering:
         if spec.dims[0] in split:
             self.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
         width = split.get(spec.dims[1])
-        return f"(blockIdx.y * {self.schedule.consumers} + wg) * {width}" if width else "0"
+        return f"(blockIdx.z * {self.schedule.consumers} + wg) * {width}" if width else "0"
 
     def lower_mask(self, op: Op, decl: str, out: str, ind: int):
         t = op.result.type
@@ -366,21 +450,27 @@ class _Lowering:
 
     # -- the whole kernel ---------------------------------------------------------------
     def run(self) -> KernelSource:
-        self.check_shape()
+        self.analyze()
         offsets, stage_bytes = {}, 0
         for op in self.loads:
-            t = op.result.type
             offsets[op] = stage_bytes
-            copies = self.schedule.consumers if self.split_width(op.attrs["param"]) else 1
-            stage_bytes += t.rows * t.cols * 2 * copies
+            stage_bytes += self.load_bytes(op)
         self.load_offset = offsets
-        ring = stage_bytes * self.schedule.stages
-        self.smem_top = ring
+        self.smem_top = stage_bytes * self.schedule.stages
+        for op in self.prologue_loads:
+            self.prologue_offset[op] = self.alloc(self.load_bytes(op))
         body_start = len(self.lines)
         self.lower_ops(self.p.body, 6)
         consumer = self.lines[body_start:]
         scratch_off = self.alloc(SCRATCH_FLOATS * 4 * self.schedule.consumers, 16)
-        bar_off = self.alloc(16 * self.schedule.stages, 8)
+        bar_off = self.alloc(16 * self.schedule.stages + 8, 8)
+        grid = []  # grid-loop indices from blockIdx.x, innermost fastest
+        if self.grid_loops:
+            grid.append("  int rest = blockIdx.x;")
+            for depth in reversed(range(len(self.grid_loops))):
+                loop = self.grid_loops[depth]
+                count = f"((({self.extent(loop.dim)}) + {loop.size - 1}) / {loop.size})"
+                grid.append(f"  const int blk{depth} = rest % {count}; rest /= {count};")
         args, order = self.param_args()
         consumers = self.schedule.consumers
         threads = PRODUCER_THREADS + CONSUMER_THREADS * consumers
@@ -396,13 +486,15 @@ class _Lowering:
             f"  const int stage_bytes = {stage_bytes};",
             f"  tm::u64* full = (tm::u64*)(smem + {bar_off});",
             f"  tm::u64* empty = full + {self.schedule.stages};",
-            "  const int b = blockIdx.x / H, h = blockIdx.x % H;",
-            f"  const int n_chunks = (T + {self.loop.size - 1}) / {self.loop.size};",
+            f"  tm::u64* prologue = empty + {self.schedule.stages};",
+            *([] if self.matrix else ["  const int b = blockIdx.y / H, h = blockIdx.y % H;"]),
+            *grid,
             "  if (threadIdx.x == 0) {",
             f"    for (int s = 0; s < {self.schedule.stages}; ++s) {{",
             "      tm::mbar_init(&full[s], 1);",
             f"      tm::mbar_init(&empty[s], {CONSUMER_THREADS * consumers});",
             "    }",
+            "    tm::mbar_init(prologue, 1);",
             "    tm::fence_barrier_init();",
             "  }",
             "  __syncthreads();",
@@ -423,7 +515,9 @@ class _Lowering:
                       f"{self.schedule.stages}, consumers={consumers}); an sm_90a CTA has at most "
                       f"{SMEM_LIMIT // 1024} KiB")
         return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, order,
-                            tuple(self.schedule.split), consumers)
+                            tuple(self.schedule.split), consumers,
+                            [(loop.dim, loop.size) for loop in self.grid_loops], self.size_args,
+                            dict(self.tmap_rows), self.matrix)
 
 
 def _float(x: float) -> str:

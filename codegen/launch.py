@@ -82,20 +82,30 @@ def _module(cubin: bytes):
     return module
 
 
-def _tensor_map(t: torch.Tensor, box_cols: int, box_rows: int):
-    """A 4-D TMA map over a contiguous ``[B, T, H, D]`` 16-bit tensor, box of
-    ``box_rows`` tokens x ``box_cols`` features, 128-byte swizzle, zero fill."""
+def _tensor_map(t: torch.Tensor, name: str, box_rows: int):
+    """A TMA map over a contiguous 16-bit tensor: ``[B, T, H, D]`` (4-D, a box of ``box_rows``
+    tokens of one head) or a ``[rows, cols]`` matrix (2-D); 64-column boxes, 128-byte swizzle,
+    zeros past the edges."""
     from cuda.bindings import driver as cu
 
-    B, T, H, D = t.shape
+    if t.dim() == 4:
+        B, T, H, D = t.shape
+        shape, box = (D, H, T, B), (64, 1, box_rows, 1)
+    else:
+        shape, box = tuple(reversed(t.shape)), (64, box_rows)
+    strides, step = [], 1
+    for extent in shape[:-1]:
+        step *= extent
+        strides.append(step * 2)
+    if any(stride % 16 for stride in strides):
+        raise ValueError(f"{name}: TMA needs rows of a multiple of 16 bytes; shape {list(t.shape)} has "
+                         f"{shape[0] * 2}-byte rows")
     dtype = (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if t.dtype == torch.bfloat16
              else cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
-    dims = [cu.cuuint64_t(x) for x in (D, H, T, B)]
-    strides = [cu.cuuint64_t(x * 2) for x in (D, H * D, T * H * D)]
-    box = [cu.cuuint32_t(x) for x in (box_cols, 1, box_rows, 1)]
-    ones = [cu.cuuint32_t(1)] * 4
+    rank = len(shape)
     err, tmap = cu.cuTensorMapEncodeTiled(
-        dtype, cu.cuuint32_t(4), t.data_ptr(), dims, strides, box, ones,
+        dtype, cu.cuuint32_t(rank), t.data_ptr(), [cu.cuuint64_t(x) for x in shape],
+        [cu.cuuint64_t(x) for x in strides], [cu.cuuint32_t(x) for x in box], [cu.cuuint32_t(1)] * rank,
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
@@ -111,7 +121,7 @@ class _Plan:
 
     source: KernelSource
     function: Any
-    blocks_y: int
+    blocks_z: int
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -128,10 +138,10 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule | None) -> _Plan:
         function = _module(compiled.cubin).get_function(source.name)
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 source.smem_bytes)
-        blocks_y = 1
+        column_blocks = 1
         for dim, width in source.split:
-            blocks_y *= binding.static[dim] // width
-        plan = _PLANS[key] = _Plan(source, function, blocks_y // source.consumers)
+            column_blocks *= binding.static[dim] // width
+        plan = _PLANS[key] = _Plan(source, function, column_blocks // source.consumers)
     return plan
 
 
@@ -149,8 +159,11 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
     specialisation; a call only builds tensor maps and launches."""
     plan = _plan(kernel, binding, schedule)
     sizes = binding.sizes
-    grid = (sizes["B"] * sizes["H"], plan.blocks_y, 1)
-    if grid[0] == 0:
+    blocks = 1
+    for dim, size in plan.source.grid_loops:
+        blocks *= -(-sizes[dim] // size)
+    grid = (blocks, 1 if plan.source.matrix else sizes["B"] * sizes["H"], plan.blocks_z)
+    if 0 in grid:
         return
     params = []
     keep_alive = []  # converted copies must outlive the launch's argument packing
@@ -159,7 +172,7 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
         if kind == "tmap":
             t = value.contiguous()
             keep_alive.append(t)
-            params.append(_tensor_map(t, 64, 64))
+            params.append(_tensor_map(t, name, plan.source.tmap_rows[name]))
         elif kind == "out":
             params.append(np.uint64(outputs[name].data_ptr()))
         elif kind == "f32":
@@ -174,6 +187,6 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
                        np.uint64(final.data_ptr() if final is not None else 0)]
         elif kind == "scalar":
             params.append(np.float32(value))
-    params += [np.int32(sizes["T"]), np.int32(sizes["H"]), np.int32(sizes.get("G", sizes["H"]))]
+    params += [np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args]  # G defaults to H
     plan.function(grid, (plan.source.threads, 1, 1), tuple(params), shared_mem=plan.source.smem_bytes,
                   stream=_stream(torch.cuda.current_stream().cuda_stream))

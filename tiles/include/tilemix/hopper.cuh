@@ -413,6 +413,30 @@ __device__ __forceinline__ void store_rows(u16* base, long row_stride, int t0, i
     }
 }
 
+// a 2-D tile at (r0, c0) of a row-major [rows x cols] matrix with leading dimension ld; out-of-range
+// rows and columns are skipped
+template <bool is_bf16, int R, int C>
+__device__ __forceinline__ void store_tile(u16* base, long ld, int r0, int rows, int c0, int cols, const rt<R, C>& x) {
+#pragma unroll
+  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      int r = r0 + row_of(mb, hr);
+      if (r >= rows) continue;
+#pragma unroll
+      for (int nb = 0; nb < rt<R, C>::NB; ++nb) {
+        int c = c0 + col_of(nb, 0);
+        u32 pair = pack2<is_bf16>(x.v[mb][nb][hr][0], x.v[mb][nb][hr][1]);
+        if (c + 1 < cols && ld % 2 == 0) {
+          *(u32*)(base + r * ld + c) = pair;
+        } else {
+          if (c < cols) base[r * ld + c] = (u16)(pair & 0xffff);
+          if (c + 1 < cols) base[r * ld + c + 1] = (u16)(pair >> 16);
+        }
+      }
+    }
+}
+
 template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const float* base, long stride, int t0, int T) {
 #pragma unroll
   for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
