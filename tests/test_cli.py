@@ -26,12 +26,12 @@ def test_show_ir(capsys):
     assert "segsum" in capsys.readouterr().out
 
 
-def test_show_unlowered_op_says_why(capsys):
-    assert main(["show", "attention"]) == 2
-    assert "grid loops" in capsys.readouterr().err
+def test_show_arch_without_code_generator_says_so(capsys):
+    assert main(["show", "attention", "--arch", "sm_80"]) == 2
+    assert "no code generator for sm_80" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+@pytest.mark.parametrize("op", ["gemm", "attention", "linear_attention", "ssd"])
 def test_show_cuda_sass_and_resources(op, capsys):
     pytest.importorskip("cuda.bindings")
     assert main(["show", op]) == 0
