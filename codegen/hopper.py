@@ -178,6 +178,7 @@ class _Lowering:
             if op.result.type.cols % PANEL:
                 self.fail(f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
                           f"sm_90a needs feature dims that are multiples of {PANEL}", op)
+        self.loaded = {op.attrs["param"] for op in self.p.walk() if op.name == "load"}
         self.matrix = any(p.spec.kind == "matrix" for p in self.p.params)
         if self.matrix:
             self.size_args = sorted({d for p in self.p.params if p.spec.kind == "matrix" for d in p.spec.dims})
@@ -203,6 +204,8 @@ class _Lowering:
             kind = p.spec.kind
             if kind == "const" or (not p.present and kind != "state"):
                 continue
+            if p.name not in self.loaded and not p.spec.output and kind in ("seq", "group_seq", "matrix"):
+                continue  # an input the program never reads needs no tensor map
             if kind in ("seq", "group_seq") and p.spec.dims != (1,) and not p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
                 order.append(("tmap", p.name))
