@@ -13,7 +13,7 @@ __all__ = ["gemm", "gemm_fwd"]
 
 @kernel
 def gemm_fwd(a: Matrix["M", "K"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
-             block_m: Const = 128, block_n: Const = 128, block_k: Const = 64):
+             block_m: Const = 64, block_n: Const = 128, block_k: Const = 128):
     for i in blocks(block_m, dim="M"):
         for j in blocks(block_n, dim="N"):
             acc = zeros(block_m, block_n)
