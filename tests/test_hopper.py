@@ -24,7 +24,6 @@ from tilemix.codegen.launch import hopper_source  # noqa: E402
 LOWERED = ["gemm", "attention", "linear_attention", "ssd"]
 SPILLING = {  # known register spills, tracked until the lowering fixes them (bench/NOTES.md)
     "ssd": "the consumer keeps several 64x128 fp32 tiles live",
-    "gemm": "a 128x128 fp32 accumulator in one warpgroup",
 }
 
 
@@ -43,10 +42,11 @@ def test_sass_uses_wgmma(op):
 def test_no_local_memory(op):
     binary = _compile(op)
     text, usage = sass(binary), resources(binary)
+    spills = "LDL" in text or "STL" in text or usage["stack"] or usage["local"]
     if op in SPILLING:
+        assert spills, f"{op} no longer spills: take it off SPILLING"
         pytest.xfail(f"{op} spills: {SPILLING[op]}")
-    assert "LDL" not in text and "STL" not in text, f"{op}: local memory in the SASS"
-    assert usage["stack"] == 0 and usage["local"] == 0, f"{op}: {usage}"
+    assert not spills, f"{op}: local memory in the SASS or stack use: {usage}"
 
 
 # -- on the H100 -------------------------------------------------------------------
