@@ -10,6 +10,7 @@ bytes / bandwidth and flops / rate.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import platform
 from collections.abc import Callable
@@ -121,7 +122,7 @@ def _gemm_case(B, T, H, D, dtype, n=4096):
 
 
 CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attention": _attention_case,
-         "gemm": _gemm_case}
+         "attention-noncausal": functools.partial(_attention_case, causal=False), "gemm": _gemm_case}
 
 
 def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int = 16, D: int = 128,
@@ -139,6 +140,7 @@ def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int 
     mma_rate = matmul_rate()
     for name in names or list(CASES):
         ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
+        op = name.split("-")[0]
         try:
             ms = time_ms(ours)
         except Exception as e:  # an op the code generator does not lower yet
@@ -150,7 +152,7 @@ def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int 
         except ImportError:
             peer_ms = float("nan")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
-        records.append(dict(op=name, direction="fwd", target="sm_90a", shape=shape, dtype="bf16", ms=ms,
+        records.append(dict(op=op, direction="fwd", target="sm_90a", shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms))
         table.add_row(name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", peer_name,
