@@ -57,13 +57,17 @@ class Schedule:
     ``split``: static dim → width; the dim is cut into column blocks
     (legal when nothing contracts or reduces over it, e.g. the value dim of
     linear attention).
-    ``consumers``: consumer warpgroups per CTA, each taking one column block;
-    tiles of unsplit inputs (q, k) are loaded once for all of them.
+    ``consumers``: consumer warpgroups per CTA. With ``consumer_axis ==
+    "columns"`` each takes one column block of the split dim; with ``"blocks"``
+    each takes one block of the innermost grid loop (attention's query blocks,
+    gemm's N blocks). Tiles the consumers have in common (q and k of a scan,
+    k and v of attention, A of gemm) are loaded once for all of them.
     """
 
     stages: int = 2
     split: tuple[tuple[str, int], ...] = ()
     consumers: int = 1
+    consumer_axis: str = "columns"
 
 
 @dataclass
@@ -186,6 +190,11 @@ class _Lowering:
             self.size_args = ["T", "H", "G"]
         for depth, loop in enumerate(self.grid_loops):
             self.index_name[loop.index.id] = self.names[loop.index] = f"blk{depth}"
+        self.split_loop = None  # the grid loop whose blocks the consumers share out
+        if self.schedule.consumer_axis == "blocks" and self.schedule.consumers > 1:
+            if not self.grid_loops:
+                self.fail("consumer_axis='blocks' needs a blocks() loop")
+            self.split_loop = self.grid_loops[-1]
         if self.loop is not None:
             self.index_name[self.loop.index.id] = self.names[self.loop.index] = "c"
 
@@ -195,7 +204,11 @@ class _Lowering:
     def trip_count(self, loop: Loop) -> str:
         end = self.extent(loop.dim)
         if loop.stop is not None:
-            end = f"min({end}, ({self.index_name[loop.stop.index.id]} + 1) * {loop.stop.size})"
+            block = self.index_name[loop.stop.index.id]
+            if self.split_loop is not None and loop.stop.index is self.split_loop.index:
+                # every consumer runs the CTA's longest range; positions mask what is not theirs
+                block = self.block_expr(self.schedule.consumers - 1)
+            end = f"min({end}, ({block} + 1) * {loop.stop.size})"
         return f"(({end}) + {loop.size - 1}) / {loop.size}"
 
     def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
@@ -229,6 +242,17 @@ class _Lowering:
         args += [f"int {d}" for d in self.size_args]
         return args, order
 
+    def block_expr(self, consumer) -> str:
+        """Index of consumer ``consumer``'s block of the split grid loop."""
+        depth = len(self.grid_loops) - 1
+        return f"(cta{depth} * {self.schedule.consumers} + {consumer})"
+
+    def per_consumer(self, op: Op) -> bool:
+        """Whether each consumer loads its own copy of this tile."""
+        if self.split_width(op.attrs["param"]):
+            return True
+        return self.split_loop is not None and self.split_loop.index in op.operands
+
     def split_width(self, param_name: str) -> int | None:
         """The block width of a parameter's feature dim, if it is split."""
         dims = [d for d in self.p.param(param_name).spec.dims if isinstance(d, str)]
@@ -246,10 +270,11 @@ class _Lowering:
         name = op.attrs["param"]
         param = self.p.param(name)
         t = op.result.type
-        idx = [self.index_name[v.id] for v in op.operands]
         self.tmap_rows[name] = t.rows
         lines = []
-        for consumer in range(self.schedule.consumers if self.split_width(name) else 1):
+        for consumer in range(self.schedule.consumers if self.per_consumer(op) else 1):
+            idx = [self.block_expr(consumer) if self.split_loop is not None and v is self.split_loop.index
+                   else self.index_name[v.id] for v in op.operands]
             for panel in range(t.cols // PANEL):
                 at = f"{dst} + {consumer * t.rows * t.cols * 2 + panel * t.rows * 128}"
                 if param.spec.kind == "matrix":
@@ -285,7 +310,7 @@ class _Lowering:
 
     def load_bytes(self, op: Op) -> int:
         t = op.result.type
-        return t.rows * t.cols * 2 * (self.schedule.consumers if self.split_width(op.attrs["param"]) else 1)
+        return t.rows * t.cols * 2 * (self.schedule.consumers if self.per_consumer(op) else 1)
 
     # -- the consumer ---------------------------------------------------------------
     def lower_ops(self, ops: list[Op], ind: int):
@@ -323,7 +348,7 @@ class _Lowering:
             param = self.p.param(a["param"])
             t = op.result.type
             if t.cols > 1:
-                mine = f" + wg * {t.rows * t.cols * 2}" if self.split_width(param.name) else ""
+                mine = f" + wg * {t.rows * t.cols * 2}" if self.per_consumer(op) else ""
                 if op in self.prologue_offset:
                     if not self.prologue_waited:
                         self.emit("tm::mbar_wait(prologue, 0);", ind)
@@ -472,8 +497,10 @@ class _Lowering:
             grid.append("  int rest = blockIdx.x;")
             for depth in reversed(range(len(self.grid_loops))):
                 loop = self.grid_loops[depth]
-                count = f"((({self.extent(loop.dim)}) + {loop.size - 1}) / {loop.size})"
-                grid.append(f"  const int blk{depth} = rest % {count}; rest /= {count};")
+                size = loop.size * (self.schedule.consumers if loop is self.split_loop else 1)
+                count = f"((({self.extent(loop.dim)}) + {size - 1}) / {size})"
+                var = "cta" if loop is self.split_loop else "blk"
+                grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
         args, order = self.param_args()
         consumers = self.schedule.consumers
         threads = PRODUCER_THREADS + CONSUMER_THREADS * consumers
@@ -507,6 +534,8 @@ class _Lowering:
             "  } else {",
             f"    tm::setmaxnreg_inc<{consumer_regs}>();",
             f"    const int wg = threadIdx.x / {CONSUMER_THREADS} - 1;  // this consumer's column block",
+            *([f"    const int blk{len(self.grid_loops) - 1} = {self.block_expr('wg')};  // and its grid block"]
+              if self.split_loop is not None else []),
             "    const int bar_id = 1 + wg;",
             f"    float* scratch = (float*)(smem + {scratch_off}) + wg * {SCRATCH_FLOATS};",
             *consumer,
@@ -519,7 +548,8 @@ class _Lowering:
                       f"{SMEM_LIMIT // 1024} KiB")
         return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, order,
                             tuple(self.schedule.split), consumers,
-                            [(loop.dim, loop.size) for loop in self.grid_loops], self.size_args,
+                            [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
+                             for loop in self.grid_loops], self.size_args,
                             dict(self.tmap_rows), self.matrix)
 
 

@@ -51,18 +51,23 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
 
 
 def default_schedule(kernel: Kernel, binding: Binding) -> Schedule:
-    """Split the widest splittable state column dim into 64-wide blocks (state and
-    output tiles then fit the consumer's registers)."""
+    """Scans: split the state's column dim into 64-wide blocks (state and output tiles then
+    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA."""
     split = []
     for p in binding.params:
         if p.spec.kind == "state":
             dim = p.spec.dims[1]
             if binding.static[dim] > SPLIT_WIDTH and splittable(kernel, binding, dim):
                 split.append((dim, SPLIT_WIDTH))
-    blocks = 1
-    for dim, width in split:
-        blocks *= binding.static[dim] // width
-    return Schedule(split=tuple(split), consumers=2 if blocks % 2 == 0 else 1)
+    if split:
+        blocks = 1
+        for dim, width in split:
+            blocks *= binding.static[dim] // width
+        return Schedule(split=tuple(split), consumers=2 if blocks % 2 == 0 else 1)
+    program = kernel.trace(binding, target="sm_90a")
+    if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
+        return Schedule(consumers=2, consumer_axis="blocks")  # neighbouring grid blocks share loads
+    return Schedule()
 
 
 def hopper_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None) -> KernelSource:
