@@ -82,7 +82,7 @@ def _devices(console: Console) -> list[str]:
 
 def run_demo(seed: int = 0, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> int:
     """Print the table; return 0 when every op is within its dtype's bound."""
-    console = Console()
+    console = Console(width=max(Console().width, 110))  # wide enough for the table when piped
     devices = _devices(console)
     table = Table(title="tilemix ops vs float64 references")
     for column in ("op", "shape", "device", "dtype", "max rel. error", "bound", "ok", "ms"):
