@@ -83,6 +83,7 @@ class KernelSource:
     size_args: list = field(default_factory=list)  # runtime sizes passed as int arguments, in order
     tmap_rows: dict = field(default_factory=dict)  # rows of the TMA box of each loaded parameter
     matrix: bool = False  # a Matrix program: no batch/head grid
+    consumer_axis: str = "columns"
 
 
 def _ctype(t) -> str:
@@ -550,7 +551,7 @@ class _Lowering:
                             tuple(self.schedule.split), consumers,
                             [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
                              for loop in self.grid_loops], self.size_args,
-                            dict(self.tmap_rows), self.matrix)
+                            dict(self.tmap_rows), self.matrix, self.schedule.consumer_axis)
 
 
 def _float(x: float) -> str:

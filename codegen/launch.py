@@ -146,7 +146,9 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule | None) -> _Plan:
         column_blocks = 1
         for dim, width in source.split:
             column_blocks *= binding.static[dim] // width
-        plan = _PLANS[key] = _Plan(source, function, column_blocks // source.consumers)
+        if source.consumer_axis == "columns":
+            column_blocks //= source.consumers  # each CTA's consumers take that many column blocks
+        plan = _PLANS[key] = _Plan(source, function, column_blocks)
     return plan
 
 
