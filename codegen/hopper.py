@@ -101,6 +101,7 @@ class _Lowering:
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
         self.staged: dict[Value, str] = {}
+        self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
         self.smem_top = 0  # bytes of shared memory allocated so far (after the stage ring)
         self.loop: Loop | None = None
         self.loads: list[Op] = []
@@ -154,6 +155,15 @@ class _Lowering:
         self.emit("tm::fence_proxy_async();", ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         return ptr, t.rows
+
+    def scan(self, v: Value, ind: int) -> str:
+        """Shared memory holding the prefix scan of column vector ``v``, scanned once."""
+        if v not in self.scans:
+            floats = 2 * v.type.rows
+            offset = self.alloc(floats * 4 * self.schedule.consumers, 16)
+            ptr = self.scans[v] = f"((float*)(smem + {offset}) + wg * {floats})"
+            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, {self.bar});", ind)
+        return self.scans[v]
 
     # -- structure -----------------------------------------------------------
     def analyze(self):
@@ -425,10 +435,10 @@ class _Lowering:
         elif name == "cumsum":
             if args[0].type.cols != 1:
                 self.fail("cumsum is lowered for column vectors", op)
-            self.emit(f"{decl} tm::cumsum({out}, {self.reg(args[0], ind)}, {str(a['reverse']).lower()}, "
-                      f"{str(a['exclusive']).lower()}, scratch, {self.bar});", ind)
+            self.emit(f"{decl} tm::cumsum({out}, {self.scan(args[0], ind)}, {str(a['reverse']).lower()}, "
+                      f"{str(a['exclusive']).lower()});", ind)
         elif name == "segsum":
-            self.emit(f"{decl} tm::segsum({out}, {self.reg(args[0], ind)}, scratch, {self.bar});", ind)
+            self.emit(f"{decl} tm::segsum({out}, {self.scan(args[0], ind)});", ind)
         elif name == "matmul":
             self.lower_matmul(op, decl, out, ind)
         else:

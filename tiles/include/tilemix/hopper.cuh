@@ -176,49 +176,47 @@ __device__ __forceinline__ void reduce_cols(rt<1, C>& out, const rt<R, C>& in, O
 }
 
 // -------------------------------------------------- scans over a chunk's rows ----
-// A column vector goes through `scratch` (2R floats): x in [0, R), its inclusive prefix sums
-// in [R, 2R), each computed by one thread. The GPU forms segment sums as prefix differences.
-template <int R> __device__ __forceinline__ void prefix_to_scratch(const rt<R, 1>& x, float* scratch, int bar) {
+// A column vector is scanned once into `scan` (2R floats of shared memory): x in [0, R), its
+// inclusive prefix sums in [R, 2R), each computed by one thread. Every cumsum and segment sum of
+// that vector then reads the scan; the GPU forms segment sums as prefix differences.
+template <int R> __device__ __forceinline__ void prefix_scan(const rt<R, 1>& x, float* scan, int bar) {
+  sync_threads(bar, 128);  // readers of the previous scan in this buffer are done
   if (lane_id() % 4 == 0)
 #pragma unroll
     for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) scratch[row_of(mb, hr)] = x.v[mb][0][hr][0];
+      for (int hr = 0; hr < 2; ++hr) scan[row_of(mb, hr)] = x.v[mb][0][hr][0];
   sync_threads(bar, 128);
   const int t = threadIdx.x % 128;
   if (t < R) {
     float acc = 0.0f;
-    for (int i = 0; i <= t; ++i) acc += scratch[i];
-    scratch[R + t] = acc;
+    for (int i = 0; i <= t; ++i) acc += scan[i];
+    scan[R + t] = acc;
   }
   sync_threads(bar, 128);
 }
 
-// inclusive/exclusive, forward/reverse cumulative sum down the rows
-template <int R> __device__ __forceinline__ void cumsum(rt<R, 1>& out, const rt<R, 1>& x, bool reverse, bool exclusive,
-                                                       float* scratch, int bar) {
-  prefix_to_scratch(x, scratch, bar);
-  const float total = scratch[2 * R - 1];
+// inclusive/exclusive, forward/reverse cumulative sum down the rows, from a prefix scan
+template <int R>
+__device__ __forceinline__ void cumsum(rt<R, 1>& out, const float* scan, bool reverse, bool exclusive) {
+  const float total = scan[2 * R - 1];
 #pragma unroll
   for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       int r = row_of(mb, hr);
-      float inclusive = scratch[R + r], before = inclusive - scratch[r];
+      float inclusive = scan[R + r], before = inclusive - scan[r];
       out.v[mb][0][hr][0] = reverse ? (exclusive ? total - inclusive : total - before) : (exclusive ? before : inclusive);
     }
-  sync_threads(bar, 128);
 }
 
-// out[i][j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal
-template <int R> __device__ __forceinline__ void segsum(rt<R, R>& out, const rt<R, 1>& x, float* scratch, int bar) {
-  prefix_to_scratch(x, scratch, bar);
+// out[i][j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal, from a prefix scan
+template <int R> __device__ __forceinline__ void segsum(rt<R, R>& out, const float* scan) {
   using T = rt<R, R>;
   TM_FOR_EACH(T) {
     int i = row_of(mb, hr), j = col_of(nb, cp);
-    out.v[mb][nb][hr][cp] = j <= i ? scratch[R + i] - scratch[R + j] : f_neg_inf();
+    out.v[mb][nb][hr][cp] = j <= i ? scan[R + i] - scan[R + j] : f_neg_inf();
   }
-  sync_threads(bar, 128);
 }
 
 // ------------------------------------------------------------ shared tiles ----
