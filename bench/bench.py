@@ -25,7 +25,7 @@ from tilemix import ops
 __all__ = ["run_bench"]
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
+def time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 30) -> float:
     """Median milliseconds of ``fn`` over ``reps`` CUDA-event timed calls."""
     for _ in range(warmup):
         fn()
