@@ -281,9 +281,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TMap* map, u64* bar
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
       ::"r"(smem_addr(dst)), "l"((u64)map), "r"(smem_addr(bar)), "r"(c0), "r"(c1) : "memory");
 }
-__device__ __forceinline__ void tma_prefetch(const TMap* map) {
-  asm volatile("prefetch.tensormap [%0];" ::"l"((u64)map) : "memory");
-}
 
 // ------------------------------------------------------------------ wgmma ----
 // Shared-memory matrix descriptor for a 128B-swizzled operand. K-major: rows are the
@@ -301,9 +298,6 @@ __device__ __forceinline__ u64 make_desc(const void* p) {
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ void fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-__device__ __forceinline__ void fence_operand(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
 
 #define TM_D32(d) \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
