@@ -1,16 +1,17 @@
 """Lowering of tile programs to warp-specialised sm_90a kernels.
 
-The generated kernel runs one program instance per CTA: a producer warp
-issues the TMA loads of every chunk into a ring of shared-memory stages,
-completing on mbarriers, while a consumer warpgroup walks the program's ops
-— each one a call into ``tiles/include/tilemix/hopper.cuh`` — with
-register tiles in the wgmma accumulator layout. Matmul operands come from
-shared memory (loaded tiles, or register tiles staged there) or, for a
-register left operand, straight from registers.
+A CTA runs one or two program instances (``Schedule.consumers``): one thread
+of a producer warpgroup issues the TMA loads — those before the sequential
+loop once, those inside it into a ring of shared-memory stages completing on
+mbarriers — while each consumer warpgroup walks the program's ops, each one a
+call into ``tiles/include/tilemix/hopper.cuh``, with register tiles in the
+wgmma accumulator layout. Matmul operands come from shared memory (loaded
+tiles, or register tiles staged there) or, for a register left operand,
+straight from registers.
 
-This first slice lowers sequence scans (one sequential ``chunks`` loop over
-T, as in linear attention and SSD); grid loops (``blocks``) and Matrix
-programs are rejected with a clear error.
+Program shapes lowered: nested ``blocks`` grid loops around at most one
+``chunks`` loop (scans, attention, gemm); anything else is rejected with an
+error naming the line.
 """
 
 from __future__ import annotations
@@ -76,14 +77,12 @@ class KernelSource:
     source: str
     smem_bytes: int
     threads: int
+    schedule: Schedule
     params: list = field(default_factory=list)  # (kind, param name) in kernel argument order
-    split: tuple[tuple[str, int], ...] = ()
-    consumers: int = 1
     grid_loops: list = field(default_factory=list)  # (dim, block size) of each blocks() loop, outermost first
     size_args: list = field(default_factory=list)  # runtime sizes passed as int arguments, in order
     tmap_rows: dict = field(default_factory=dict)  # rows of the TMA box of each loaded parameter
     matrix: bool = False  # a Matrix program: no batch/head grid
-    consumer_axis: str = "columns"
 
 
 def _ctype(t) -> str:
@@ -557,11 +556,10 @@ class _Lowering:
             self.fail(f"this schedule needs {self.smem_top // 1024} KiB of shared memory (stages="
                       f"{self.schedule.stages}, consumers={consumers}); an sm_90a CTA has at most "
                       f"{SMEM_LIMIT // 1024} KiB")
-        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, order,
-                            tuple(self.schedule.split), consumers,
+        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, self.schedule, order,
                             [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
                              for loop in self.grid_loops], self.size_args,
-                            dict(self.tmap_rows), self.matrix, self.schedule.consumer_axis)
+                            dict(self.tmap_rows), self.matrix)
 
 
 def _float(x: float) -> str:

@@ -144,10 +144,10 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule | None) -> _Plan:
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 source.smem_bytes)
         column_blocks = 1
-        for dim, width in source.split:
+        for dim, width in source.schedule.split:
             column_blocks *= binding.static[dim] // width
-        if source.consumer_axis == "columns":
-            column_blocks //= source.consumers  # each CTA's consumers take that many column blocks
+        if source.schedule.consumer_axis == "columns":
+            column_blocks //= source.schedule.consumers  # each CTA's consumers take that many column blocks
         plan = _PLANS[key] = _Plan(source, function, column_blocks)
     return plan
 
