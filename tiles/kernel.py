@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ class Kernel:
             if param.default is not inspect.Parameter.empty:
                 self.defaults[name] = param.default
         self._programs: dict[tuple, Program] = {}
+        self._bindings: dict[tuple, Binding] = {}
 
     @property
     def source_lines(self) -> int:
@@ -65,8 +66,27 @@ class Kernel:
 
     # -- specialisation -----------------------------------------------------
     def bind(self, args: dict[str, Any], labels: dict[str, str] | None = None) -> Binding:
-        """Check call arguments and size every dim (see ``params.bind_arguments``)."""
-        return bind_arguments(self.specs, self.defaults, args, labels)
+        """Check call arguments and size every dim (see ``params.bind_arguments``).
+
+        The checks depend only on the arguments' shapes, dtypes, types and constants, so their
+        result is cached per signature and a repeated call only refreshes the scalar values."""
+        signature = self._signature(args)
+        binding = self._bindings.get(signature)
+        if binding is None:
+            binding = self._bindings[signature] = bind_arguments(self.specs, self.defaults, args, labels)
+        scalars = {n: float(args[n]) for n, spec in self.specs.items()
+                   if spec.kind == "scalar" and args.get(n) is not None}
+        return replace(binding, values={**binding.values, **scalars})
+
+    def _signature(self, args: dict[str, Any]) -> tuple:
+        parts = [tuple(sorted(args))]
+        for name, spec in self.specs.items():
+            value = args.get(name, self.defaults.get(name))
+            if hasattr(value, "shape") and hasattr(value, "dtype"):
+                parts.append((tuple(value.shape), str(value.dtype)))
+            else:
+                parts.append((type(value).__name__, repr(value) if spec.kind == "const" else None))
+        return tuple(parts)
 
     def trace(self, binding: Binding | None = None, target: str | Target = "cpu", **args) -> Program:
         """The verified program for this specialisation (cached)."""
