@@ -24,6 +24,16 @@ def _expect(name: str, x: np.ndarray, shape: tuple, names: str) -> None:
         raise ValueError(f"{name}: expected shape [{names}] = {list(shape)}, got {list(x.shape)}")
 
 
+def _qkv(q, k, v, d: str, dv: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q and k ``[B, T, H, d]``, v ``[B, T, H, dv]``, in float64, checked."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape [B, T, H, {d}], got {list(q.shape)}")
+    _expect("k", k, q.shape, f"B, T, H, {d}")
+    _expect("v", v, q.shape[:3] + v.shape[-1:], f"B, T, H, {dv}")
+    return q, k, v
+
+
 def gemm(a, b) -> np.ndarray:
     """``C = A B`` for ``A [M, K]``, ``B [K, N]``."""
     a, b = _f64(a), _f64(b)
@@ -37,12 +47,8 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None) -> np.n
     """``O = softmax(scale · Q Kᵀ + M) V`` per batch and head, with
     ``M[i, j] = -inf`` for ``j > i`` when causal. q, k ``[B, T, H, D]``,
     v ``[B, T, H, Dv]`` → ``[B, T, H, Dv]``; scale defaults to ``D**-0.5``."""
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    if q.ndim != 4:
-        raise ValueError(f"q: expected shape [B, T, H, D], got {list(q.shape)}")
+    q, k, v = _qkv(q, k, v, "D", "Dv")
     B, T, H, D = q.shape
-    _expect("k", k, q.shape, "B, T, H, D")
-    _expect("v", v, (B, T, H, v.shape[-1]), "B, T, H, Dv")
     scale = D ** -0.5 if scale is None else scale
     scores = scale * np.einsum("bihd,bjhd->bhij", q, k)
     if causal:
@@ -60,12 +66,8 @@ def linear_attention(q, k, v, scale: float | None = None, initial_state=None, ou
     ``o_t = scale · S_tᵀ q_t``. q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
     state ``[B, H, K, V]``; scale defaults to ``K**-0.5``.
     Returns ``(o [B, T, H, V], S_T or None)``."""
-    q, k, v = _f64(q), _f64(k), _f64(v)
-    if q.ndim != 4:
-        raise ValueError(f"q: expected shape [B, T, H, K], got {list(q.shape)}")
+    q, k, v = _qkv(q, k, v, "K", "V")
     B, T, H, K = q.shape
-    _expect("k", k, q.shape, "B, T, H, K")
-    _expect("v", v, (B, T, H, v.shape[-1]), "B, T, H, V")
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     state = np.zeros((B, H, K, V)) if initial_state is None else _f64(initial_state).copy()
