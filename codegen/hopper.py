@@ -208,11 +208,8 @@ class _Lowering:
         if self.loop is not None:
             self.index_name[self.loop.index.id] = self.names[self.loop.index] = "c"
 
-    def extent(self, dim: str) -> str:
-        return dim  # runtime sizes are kernel arguments named after their dims
-
     def trip_count(self, loop: Loop) -> str:
-        end = self.extent(loop.dim)
+        end = loop.dim  # runtime sizes are kernel arguments named after their dims
         if loop.stop is not None:
             block = self.index_name[loop.stop.index.id]
             if self.split_loop is not None and loop.stop.index is self.split_loop.index:
@@ -508,7 +505,7 @@ class _Lowering:
             for depth in reversed(range(len(self.grid_loops))):
                 loop = self.grid_loops[depth]
                 size = loop.size * (self.schedule.consumers if loop is self.split_loop else 1)
-                count = f"((({self.extent(loop.dim)}) + {size - 1}) / {size})"
+                count = f"((({loop.dim}) + {size - 1}) / {size})"
                 var = "cta" if loop is self.split_loop else "blk"
                 grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
         args, order = self.param_args()

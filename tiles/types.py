@@ -84,10 +84,6 @@ class TileType:
     def is_scalar(self) -> bool:
         return self.shape == (1, 1)
 
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.cols * {DType.f32: 4, DType.f16: 2, DType.bf16: 2}.get(self.dtype, 4)
-
     def __str__(self) -> str:
         if self.dtype is DType.index:
             return "index"
