@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-settings.register_profile("ci", deadline=None, max_examples=100)
+settings.register_profile("ci", deadline=None, max_examples=100, derandomize=True, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=20)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
