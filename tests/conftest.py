@@ -10,6 +10,7 @@ from hypothesis import settings
 
 settings.register_profile("ci", deadline=None, max_examples=100, derandomize=True, print_blob=True)
 settings.register_profile("dev", deadline=None, max_examples=20)
+settings.register_profile("stress", deadline=None, max_examples=1000)  # pytest --hypothesis-profile=stress
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
