@@ -122,7 +122,8 @@ def _gemm_case(B, T, H, D, dtype, n=4096):
 
 
 CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attention": _attention_case,
-         "attention-noncausal": functools.partial(_attention_case, causal=False), "gemm": _gemm_case}
+         "attention-noncausal": functools.partial(_attention_case, causal=False), "gemm": _gemm_case,
+         "gemm-8192": functools.partial(_gemm_case, n=8192)}
 
 
 def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int = 16, D: int = 128,

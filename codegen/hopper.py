@@ -9,6 +9,14 @@ wgmma accumulator layout. Matmul operands come from shared memory (loaded
 tiles, or register tiles staged there) or, for a register left operand,
 straight from registers.
 
+Matmuls are asynchronous: each is one committed wgmma group, waited for only
+where its result is first read. ``x + a @ b`` accumulates into ``x``'s
+registers, and a value read once, in its own scope, hands its registers to
+the op that reads it — so a carried accumulator (gemm's, attention's output)
+is updated in place, and when an iteration ends with its matmul still in
+flight the chunk's shared-memory stage is released one iteration later,
+after the next iteration's wgmmas are issued.
+
 Program shapes lowered: nested ``blocks`` grid loops around at most one
 ``chunks`` loop (scans, attention, gemm); anything else is rejected with an
 error naming the line.
@@ -16,6 +24,7 @@ error naming the line.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tilemix.tiles.errors import TileError
@@ -31,6 +40,7 @@ SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
 SCRATCH_FLOATS = 1024  # per consumer: cross-warp reductions (4 x 256) and scans (2 x 128)
 
 _SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
+_ELEMENTWISE = ("where", "cast", "pow", "causal", "window", "in_seq")  # with _UNARY and _BINARY
 
 _UNARY = {
     "neg": "[](float a) { return -a; }",
@@ -76,6 +86,7 @@ class KernelSource:
     name: str
     source: str
     smem_bytes: int
+    stage_bytes: int  # shared memory of one ring stage (each extra stage costs this much)
     threads: int
     schedule: Schedule
     params: list = field(default_factory=list)  # (kind, param name) in kernel argument order
@@ -109,6 +120,8 @@ class _Lowering:
         self.prologue_waited = False
         self.tmap_rows: dict[str, int] = {}
         self.bar = "bar_id"  # named barrier of this consumer warpgroup (0 is __syncthreads)
+        self.pending: set[str] = set()  # register tiles an in-flight wgmma group is writing
+        self.groups = 0  # wgmma groups committed since the last wait
 
     # -- helpers -----------------------------------------------------------
     def fail(self, message: str, op: Op | None = None):
@@ -118,7 +131,7 @@ class _Lowering:
         return self.names.setdefault(v, f"v{v.id}")
 
     def emit(self, line: str, indent: int = 2):
-        self.lines.append(" " * indent + line)
+        self.lines.append(" " * indent + line.lstrip())
 
     def alloc(self, nbytes: int, align: int = 1024) -> int:
         self.smem_top = (self.smem_top + align - 1) // align * align
@@ -149,11 +162,32 @@ class _Lowering:
             return self.staged[v], t.rows
         nbytes = t.rows * t.cols * 2
         ptr = self.staged[v] = f"(smem + {self.alloc(nbytes * self.schedule.consumers)} + wg * {nbytes})"
+        self.wait_all(ind)  # an earlier iteration's wgmma may still read this buffer
+        self.wait_for([v], ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         self.emit(f"tm::store_shared<{self.is_bf16}>({ptr}, {self.reg(v, ind)});", ind)
         self.emit("tm::fence_proxy_async();", ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         return ptr, t.rows
+
+    def wait_all(self, ind: int):
+        if self.groups or self.pending:
+            self.emit("tm::wgmma_wait<0>();", ind)
+        self.pending.clear()
+        self.groups = 0
+
+    def wait_for(self, values, ind: int):
+        """Wait for the wgmma groups writing any of ``values`` (groups complete in order: all)."""
+        if any(self.names.get(v) in self.pending for v in values):
+            self.wait_all(ind)
+
+    def reuses(self, x: Value, op: Op) -> bool:
+        """Whether ``op``'s result may take over ``x``'s registers: ``op`` is ``x``'s only reader,
+        in the scope that defines ``x`` (so not once per iteration of a value made before the loop),
+        and the register tiles have one shape."""
+        return (self.uses[x] == 1 and self.scope.get(x) is not None and self.scope.get(x) is self.scope.get(op.result)
+                and x not in self.smem_of and x in self.names
+                and (x.type.rows, x.type.cols) == (op.result.type.rows, op.result.type.cols))
 
     def scan(self, v: Value, ind: int) -> str:
         """Shared memory holding the prefix scan of column vector ``v``, scanned once."""
@@ -207,6 +241,36 @@ class _Lowering:
             self.split_loop = self.grid_loops[-1]
         if self.loop is not None:
             self.index_name[self.loop.index.id] = self.names[self.loop.index] = "c"
+        self.plan_accumulation()
+
+    def plan_accumulation(self):
+        """Count each value's readers, note the op list (scope) defining it, and pick the adds
+        ``x + a @ b`` whose matmul is read by nothing else: those wgmmas accumulate into ``x``."""
+        self.uses, self.scope = Counter(), {}
+
+        def visit(ops: list[Op]):
+            for op in ops:
+                self.uses.update(op.operands)
+                if op.result is not None:
+                    self.scope[op.result] = ops
+                if isinstance(op, Loop):
+                    self.uses.update(op.init + op.update)
+                    self.scope.update({v: op.body for v in op.carried})
+                    visit(op.body)
+
+        visit(self.p.body)
+        producer = {op.result: op for op in self.p.walk() if op.result is not None}
+        self.accumulate: dict[Op, tuple[Op, Value]] = {}  # add -> (its matmul, the accumulator)
+        for op in self.p.walk():
+            if op.name != "add":
+                continue
+            for m, x in (op.operands, op.operands[::-1]):
+                mm = producer.get(m)
+                if (mm is not None and mm.name == "matmul" and self.uses[m] == 1 and m is not x
+                        and (x.type.rows, x.type.cols) == (op.result.type.rows, op.result.type.cols)):
+                    self.accumulate[op] = (mm, x)
+                    break
+        self.absorbed = {mm for mm, _ in self.accumulate.values()}
 
     def trip_count(self, loop: Loop) -> str:
         end = loop.dim  # runtime sizes are kernel arguments named after their dims
@@ -330,17 +394,40 @@ class _Lowering:
                 self.lower_op(op, ind)
 
     def lower_loop(self, loop: Loop, ind: int):
+        self.wait_for(loop.init, ind)
         for carried, init in zip(loop.carried, loop.init):
             self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
         self.emit(f"const int n_iter = {self.trip_count(loop)};", ind)
         self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
         self.emit(f"int stage = c % {self.schedule.stages};", ind + 2)
         self.emit(f"tm::mbar_wait(&full[stage], (c / {self.schedule.stages}) & 1);", ind + 2)
+        # the previous iteration may have left its accumulating wgmma in flight
+        self.pending = {self.name(v) for v in loop.carried} if any(
+            op.name == "matmul" for op in loop.walk()) else set()
+        self.groups = 0
         self.lower_ops(loop.body, ind + 2)
         for carried, update in zip(loop.carried, loop.update):
-            self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
-        self.emit("tm::mbar_arrive(&empty[stage]);", ind + 2)
+            if self.name(carried) != self.names.get(update):
+                self.wait_for([update], ind + 2)
+                self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
+        # Leave this chunk's wgmmas running (and release its stage next time) only when they write
+        # carried accumulators that nothing but wgmma touches; if other instructions define those
+        # registers inside the loop, ptxas serialises every wgmma of the kernel.
+        only_wgmma = {self.name(v) for v in loop.carried if self.uses[v] == 1
+                      and any(x is v and self.reuses(x, add) for add, (_, x) in self.accumulate.items())}
+        deferred = self.groups > 0 and self.pending <= only_wgmma
+        if self.groups and not deferred:
+            self.wait_all(ind + 2)
+        if deferred:
+            self.emit(f"tm::wgmma_wait<{self.groups}>();  // the previous chunk's groups are done", ind + 2)
+            self.emit(f"if (c > 0) tm::mbar_arrive(&empty[(c - 1) % {self.schedule.stages}]);", ind + 2)
+        else:
+            self.emit("tm::mbar_arrive(&empty[stage]);", ind + 2)
         self.emit("}", ind)
+        if deferred:
+            self.emit("tm::wgmma_wait<0>();", ind)
+        self.pending.clear()
+        self.groups = 0
         self.reg_of = {v: n for v, n in self.reg_of.items() if v not in self.smem_of}
         for result, carried in zip(loop.results, loop.carried):
             self.names[result] = self.name(carried)
@@ -348,9 +435,22 @@ class _Lowering:
     def lower_op(self, op: Op, ind: int):
         a = op.attrs
         name = op.name
-        out = self.name(op.result) if op.result is not None else None
-        decl = f"{_ctype(op.result.type)} {out};" if op.result is not None else ""
+        if op in self.absorbed:
+            return  # emitted by the add it accumulates into
+        if op in self.accumulate:
+            self.lower_accumulate(op, ind)
+            return
         args = op.operands
+        decl = f"{_ctype(op.result.type)} {{}};" if op.result is not None else ""
+        if op.result is not None and name != "matmul" and (name in _UNARY or name in _BINARY or name in _ELEMENTWISE):
+            donor = next((x for x in args if self.reuses(x, op)), None)
+            if donor is not None:  # write in place: no new registers
+                self.names[op.result] = self.names[donor]
+                decl = ""
+        if name != "matmul":
+            self.wait_for(args, ind)
+        out = self.name(op.result) if op.result is not None else None
+        decl = decl.format(out)
         if name == "load":
             param = self.p.param(a["param"])
             t = op.result.type
@@ -465,7 +565,17 @@ class _Lowering:
         self.emit(f"{decl} tm::mask({out}, {self.reg(op.operands[0], ind)}, "
                   f"[&](int row, int col) {{ return {keep}; }}, {_float(op.attrs['fill'])});", ind)
 
-    def lower_matmul(self, op: Op, decl: str, out: str, ind: int):
+    def lower_accumulate(self, add: Op, ind: int):
+        """``x + a @ b``: the wgmma accumulates into ``x``'s registers (or a copy of ``x``)."""
+        mm, x = self.accumulate[add]
+        if self.reuses(x, add):
+            self.names[add.result] = self.name(x)  # in place; in-flight groups on x stay ordered
+        else:
+            self.wait_for([x], ind)
+            self.emit(f"{_ctype(add.result.type)} {self.name(add.result)} = {self.reg(x, ind)};", ind)
+        self.lower_matmul(mm, "", self.name(add.result), ind, accumulate=True)
+
+    def lower_matmul(self, op: Op, decl: str, out: str, ind: int, accumulate: bool = False):
         a, b = op.operands
         ta, tb = op.attrs["ta"], op.attrs["tb"]
         t = op.result.type
@@ -474,14 +584,22 @@ class _Lowering:
         if m % 64 or n % 64 or k % 16:
             self.fail(f"wgmma needs M and N multiples of 64 and K of 16; this matmul is {m}x{k} @ {k}x{n}", op)
         b_ptr, b_rows = self.shared(b, ind)
-        self.emit(decl, ind)
+        acc = str(accumulate).lower()
         if not ta and a not in self.smem_of:
-            self.emit(f"tm::matmul_rs<{self.is_bf16}, {str(tb).lower()}, {b_rows}>({out}, {self.reg(a, ind)}, "
+            a_reg = self.reg(a, ind)
+            self.wait_for([a], ind)
+            if decl:
+                self.emit(decl, ind)
+            self.emit(f"tm::matmul_rs<{self.is_bf16}, {str(tb).lower()}, {acc}, {b_rows}>({out}, {a_reg}, "
                       f"{b_ptr});", ind)
         else:
             a_ptr, a_rows = self.shared(a, ind)
-            self.emit(f"tm::matmul_ss<{self.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {a_rows}, {b_rows}, "
-                      f"{m}, {n}, {k}>({out}, {a_ptr}, {b_ptr});", ind)
+            if decl:
+                self.emit(decl, ind)
+            self.emit(f"tm::matmul_ss<{self.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {acc}, {a_rows}, "
+                      f"{b_rows}, {m}, {n}, {k}>({out}, {a_ptr}, {b_ptr});", ind)
+        self.pending.add(out)
+        self.groups += 1
 
     # -- the whole kernel ---------------------------------------------------------------
     def run(self) -> KernelSource:
@@ -553,7 +671,7 @@ class _Lowering:
             self.fail(f"this schedule needs {self.smem_top // 1024} KiB of shared memory (stages="
                       f"{self.schedule.stages}, consumers={consumers}); an sm_90a CTA has at most "
                       f"{SMEM_LIMIT // 1024} KiB")
-        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, threads, self.schedule, order,
+        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, stage_bytes, threads, self.schedule, order,
                             [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
                              for loop in self.grid_loops], self.size_args,
                             dict(self.tmap_rows), self.matrix)

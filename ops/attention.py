@@ -31,12 +31,12 @@ NEG_INF = float("-inf")
 
 @kernel
 def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]],
-                  is_causal: Const = False, block: Const = 64):
+                  is_causal: Const = False, block: Const = 64, chunk: Const = 128):
     for i in blocks(block):  # one program instance per query block
-        qi = q[i] * scale
+        qi = q[i]
         m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
-        for j in chunks(64, through=i if is_causal else None):
-            s = qi @ k[j].T
+        for j in chunks(chunk, through=i if is_causal else None):
+            s = (qi @ k[j].T) * scale  # scaled in fp32: q * scale in bf16 would round q again
             s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
             m_new = maximum(m, rowmax(s))
             p, alpha = exp(s - m_new), exp(m - m_new)

@@ -13,9 +13,9 @@ __all__ = ["gemm", "gemm_fwd"]
 
 @kernel
 def gemm_fwd(a: Matrix["M", "K"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
-             block_m: Const = 64, block_n: Const = 128, block_k: Const = 128):
-    for i in blocks(block_m, dim="M"):
-        for j in blocks(block_n, dim="N"):
+             block_m: Const = 64, block_n: Const = 256, block_k: Const = 64):
+    for j in blocks(block_n, dim="N"):
+        for i in blocks(block_m, dim="M"):  # innermost: neighbouring M blocks share b's loads
             acc = zeros(block_m, block_n)
             for kk in chunks(block_k, dim="K"):
                 acc = acc + a[i, kk] @ b[kk, j]

@@ -90,7 +90,7 @@ def test_gpu_matches_reference(op, T, D, dtype, initial_state, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 63, 100, 300])
+@pytest.mark.parametrize("T", [1, 63, 100, 300, 1000])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

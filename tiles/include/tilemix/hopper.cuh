@@ -284,87 +284,115 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TMap* map, u64* bar
 
 // ------------------------------------------------------------------ wgmma ----
 // Shared-memory matrix descriptor for a 128B-swizzled operand. K-major: rows are the
-// M/N dim, 8-row groups 1024 bytes apart. MN-major: rows are the K dim, 64 M/N
-// elements per 128-byte row, 8-row K groups 1024 bytes apart.
-__device__ __forceinline__ u64 make_desc(const void* p) {
+// M/N dim, 8-row groups 1024 bytes apart (the leading offset is unused). MN-major: rows
+// are the K dim, 64 M/N elements per 128-byte row, 8-row K groups 1024 bytes apart and
+// successive 64-element M/N panels `lbo` bytes apart (instructions wider than 64).
+__device__ __forceinline__ u64 make_desc(const void* p, u32 lbo) {
   u64 addr = smem_addr(p);
   u64 desc = (addr & 0x3FFFF) >> 4;
-  desc |= (u64)1 << 16;            // leading byte offset (unused by these layouts)
-  desc |= (u64)(1024 >> 4) << 32;  // stride byte offset: next 8-row group
-  desc |= (u64)1 << 62;            // 128-byte swizzle
+  desc |= (u64)((lbo >> 4) & 0x3FFF) << 16;  // leading byte offset
+  desc |= (u64)(1024 >> 4) << 32;            // stride byte offset: next 8-row group
+  desc |= (u64)1 << 62;                      // 128-byte swizzle
   return desc;
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// wait until at most N committed wgmma groups of this warpgroup are still in flight
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
-#define TM_D32(d) \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
-  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
-  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define TM_DREGS \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+// Accumulator operands of one m64nNk16 instruction: N/2 fp32 registers per thread.
+#define TM_D8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                    "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define TM_D32(d, i) TM_D8(d, i), TM_D8(d, i + 8), TM_D8(d, i + 16), TM_D8(d, i + 24)
+#define TM_D64(d) TM_D32(d, 0), TM_D32(d, 32)
+#define TM_D128(d) TM_D32(d, 0), TM_D32(d, 32), TM_D32(d, 64), TM_D32(d, 96)
+#define TM_R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define TM_R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define TM_R128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 
-// d[64x64 fp32] (+)= A[64x16] B[16x64], A and B from shared memory
-template <bool is_bf16, int trans_a, int trans_b>
+// One instruction, A and B from shared memory. DREGS/DOPS: the accumulator list; A, B, P, TA, TB:
+// the operand numbers (after the accumulators) of the descriptors, the accumulate flag, transposes.
+#define TM_WGMMA_SS(SHAPE, TY, DREGS, DOPS, A, B, P, TA, TB)                                              \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %" P ", 0;\n wgmma.mma_async.sync.aligned." SHAPE     \
+               ".f32." TY "." TY " " DREGS ", %" A ", %" B ", p, 1, 1, %" TA ", %" TB ";\n}\n"            \
+               : DOPS : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(trans_a), "n"(trans_b))
+// One instruction, A from registers (4 x 16-bit pairs), B from shared memory.
+#define TM_WGMMA_RS(SHAPE, TY, DREGS, DOPS, A0, A1, A2, A3, B, P, TB)                                     \
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %" P ", 0;\n wgmma.mma_async.sync.aligned." SHAPE     \
+               ".f32." TY "." TY " " DREGS ", {%" A0 ", %" A1 ", %" A2 ", %" A3 "}, %" B ", p, 1, 1, %" TB  \
+               ";\n}\n"                                                                                  \
+               : DOPS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(trans_b))
+
+// d[64 x N fp32] (+)= A[64x16] B[16xN], N in {64, 128, 256}, A and B from shared memory
+template <bool is_bf16, int N, int trans_a, int trans_b>
 __device__ __forceinline__ void mma_ss(float* d, u64 desc_a, u64 desc_b, int accumulate) {
-  if (is_bf16)
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TM_DREGS ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-                 : TM_D32(d) : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(trans_a), "n"(trans_b));
-  else
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TM_DREGS ", %32, %33, p, 1, 1, %35, %36;\n}\n"
-                 : TM_D32(d) : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(trans_a), "n"(trans_b));
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma widths used here: 64, 128, 256");
+  if constexpr (N == 64) {
+    if (is_bf16) TM_WGMMA_SS("m64n64k16", "bf16", TM_R32, TM_D32(d, 0), "32", "33", "34", "35", "36");
+    else TM_WGMMA_SS("m64n64k16", "f16", TM_R32, TM_D32(d, 0), "32", "33", "34", "35", "36");
+  } else if constexpr (N == 128) {
+    if (is_bf16) TM_WGMMA_SS("m64n128k16", "bf16", TM_R64, TM_D64(d), "64", "65", "66", "67", "68");
+    else TM_WGMMA_SS("m64n128k16", "f16", TM_R64, TM_D64(d), "64", "65", "66", "67", "68");
+  } else {
+    if (is_bf16) TM_WGMMA_SS("m64n256k16", "bf16", TM_R128, TM_D128(d), "128", "129", "130", "131", "132");
+    else TM_WGMMA_SS("m64n256k16", "f16", TM_R128, TM_D128(d), "128", "129", "130", "131", "132");
+  }
 }
 
-// d[64x64 fp32] (+)= A[64x16] B[16x64], A from registers (4 x 16-bit pairs), B from shared memory
-template <bool is_bf16, int trans_b>
+// d[64 x N fp32] (+)= A[64x16] B[16xN], A from registers, B from shared memory
+template <bool is_bf16, int N, int trans_b>
 __device__ __forceinline__ void mma_rs(float* d, const u32* a, u64 desc_b, int accumulate) {
-  if (is_bf16)
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " TM_DREGS ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-                 : TM_D32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(trans_b));
-  else
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " TM_DREGS ", {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
-                 : TM_D32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(trans_b));
+  static_assert(N == 64 || N == 128 || N == 256, "wgmma widths used here: 64, 128, 256");
+  if constexpr (N == 64) {
+    if (is_bf16) TM_WGMMA_RS("m64n64k16", "bf16", TM_R32, TM_D32(d, 0), "32", "33", "34", "35", "36", "37", "38");
+    else TM_WGMMA_RS("m64n64k16", "f16", TM_R32, TM_D32(d, 0), "32", "33", "34", "35", "36", "37", "38");
+  } else if constexpr (N == 128) {
+    if (is_bf16) TM_WGMMA_RS("m64n128k16", "bf16", TM_R64, TM_D64(d), "64", "65", "66", "67", "68", "69", "70");
+    else TM_WGMMA_RS("m64n128k16", "f16", TM_R64, TM_D64(d), "64", "65", "66", "67", "68", "69", "70");
+  } else {
+    if (is_bf16) TM_WGMMA_RS("m64n256k16", "bf16", TM_R128, TM_D128(d), "128", "129", "130", "131", "132", "133", "134");
+    else TM_WGMMA_RS("m64n256k16", "f16", TM_R128, TM_D128(d), "128", "129", "130", "131", "132", "133", "134");
+  }
 }
+
+// the widest instruction (256, 128 or 64 columns) that tiles N
+template <int N> __host__ __device__ constexpr int mma_width() { return N % 256 == 0 ? 256 : N % 128 == 0 ? 128 : 64; }
 
 // Operand views of a swizzled shared tile with `rows` rows. For a K-major view the tile's
 // rows are the M (or N) dim and its columns K; for an MN-major view, the reverse.
 template <int rows> __device__ __forceinline__ u64 desc_kmajor(const char* tile, int mn0, int k0) {
-  return make_desc(tile + (k0 / 64) * rows * 128 + mn0 * 128 + (k0 % 64) * 2);
+  return make_desc(tile + (k0 / 64) * rows * 128 + mn0 * 128 + (k0 % 64) * 2, 16);
 }
 template <int rows> __device__ __forceinline__ u64 desc_mnmajor(const char* tile, int mn0, int k0) {
-  return make_desc(tile + (mn0 / 64) * rows * 128 + k0 * 128);
+  return make_desc(tile + (mn0 / 64) * rows * 128 + k0 * 128, rows * 128);
 }
 
-// C[M x N] = A[M x K] B[K x N]: shared A (K-major unless TA) and shared B (MN-major unless TB).
-// `a_rows`/`b_rows` are the stored tiles' row counts.
-template <bool is_bf16, bool TA, bool TB, int a_rows, int b_rows, int M, int N, int K>
+// C[M x N] (ACC: +)= A[M x K] B[K x N]: shared A (K-major unless TA) and shared B (MN-major unless
+// TB); `a_rows`/`b_rows` are the stored tiles' row counts. Issued and committed as one wgmma
+// group, not waited for: the code generator places `wgmma_wait` before C is read.
+template <bool is_bf16, bool TA, bool TB, bool ACC, int a_rows, int b_rows, int M, int N, int K>
 __device__ __forceinline__ void matmul_ss(rt<M, N>& c, const char* a, const char* b) {
+  constexpr int W = mma_width<N>();
   wgmma_fence();
 #pragma unroll
   for (int mb = 0; mb < M / 64; ++mb)
 #pragma unroll
-    for (int n0 = 0; n0 < N; n0 += 64)
+    for (int n0 = 0; n0 < N; n0 += W)
 #pragma unroll
       for (int k0 = 0; k0 < K; k0 += 16) {
         u64 da = TA ? desc_mnmajor<a_rows>(a, mb * 64, k0) : desc_kmajor<a_rows>(a, mb * 64, k0);
         u64 db = TB ? desc_kmajor<b_rows>(b, n0, k0) : desc_mnmajor<b_rows>(b, n0, k0);
-        mma_ss<is_bf16, TA ? 1 : 0, TB ? 0 : 1>(&c.v[mb][n0 / 8][0][0], da, db, k0 > 0);
+        mma_ss<is_bf16, W, TA ? 1 : 0, TB ? 0 : 1>(&c.v[mb][n0 / 8][0][0], da, db, ACC || k0 > 0);
       }
   wgmma_commit();
-  wgmma_wait<0>();
 }
 
-// C[M x N] = A[M x K] B[K x N] with A an fp32 register tile (rounded to 16 bits here)
-template <bool is_bf16, bool TB, int b_rows, int M, int N, int K>
+// C[M x N] (ACC: +)= A[M x K] B[K x N] with A an fp32 register tile (rounded to 16 bits here);
+// committed, not waited for, like matmul_ss
+template <bool is_bf16, bool TB, bool ACC, int b_rows, int M, int N, int K>
 __device__ __forceinline__ void matmul_rs(rt<M, N>& c, const rt<M, K>& a, const char* b) {
+  constexpr int W = mma_width<N>();
   u32 frag[M / 64][K / 16][4];
 #pragma unroll
   for (int mb = 0; mb < M / 64; ++mb)
@@ -379,14 +407,13 @@ __device__ __forceinline__ void matmul_rs(rt<M, N>& c, const rt<M, K>& a, const 
 #pragma unroll
   for (int mb = 0; mb < M / 64; ++mb)
 #pragma unroll
-    for (int n0 = 0; n0 < N; n0 += 64)
+    for (int n0 = 0; n0 < N; n0 += W)
 #pragma unroll
       for (int kk = 0; kk < K / 16; ++kk) {
         u64 db = TB ? desc_kmajor<b_rows>(b, n0, kk * 16) : desc_mnmajor<b_rows>(b, n0, kk * 16);
-        mma_rs<is_bf16, TB ? 0 : 1>(&c.v[mb][n0 / 8][0][0], frag[mb][kk], db, kk > 0);
+        mma_rs<is_bf16, W, TB ? 0 : 1>(&c.v[mb][n0 / 8][0][0], frag[mb][kk], db, ACC || kk > 0);
       }
   wgmma_commit();
-  wgmma_wait<0>();
 }
 
 // ------------------------------------------------------------ global memory ----
