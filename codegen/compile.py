@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Compiled", "CompileError", "compile_cuda", "include_dir", "sass", "resources"]
+__all__ = ["Compiled", "CompileError", "compile_cuda", "include_dir", "ptxas_report", "sass", "resources"]
 
 _MAGIC = b"tilemix-cubin-v1\n"
 
@@ -112,11 +112,11 @@ def _with_source_lines(log: str, source: str) -> str:
     return "\n".join(out)
 
 
-def _nvrtc_compile(source: str, arch: str, name: str) -> Compiled:
+def _nvrtc_compile(source: str, arch: str, name: str, extra_flags: tuple[str, ...] = ()) -> Compiled:
     nvrtc = _nvrtc()
     program = _check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
     try:
-        flags = [f.encode() for f in _flags(arch)]
+        flags = [f.encode() for f in _flags(arch) + list(extra_flags)]
         (err,) = nvrtc.nvrtcCompileProgram(program, len(flags), flags)
         size = _check(nvrtc.nvrtcGetProgramLogSize(program), "nvrtcGetProgramLogSize")
         log = b" " * size
@@ -157,6 +157,13 @@ def compile_cuda(source: str, arch: str, name: str = "kernel") -> Compiled:
 
 
 # -- inspection -----------------------------------------------------------------
+def ptxas_report(source: str, arch: str, name: str = "kernel") -> str:
+    """What ptxas says of ``source`` (compiled afresh with ``-Xptxas -v``): registers, spills, and
+    performance remarks, e.g. C7515 when it serialises wgmma instructions."""
+    log = _nvrtc_compile(source, arch, name, ("-Xptxas", "-v")).log
+    return "\n".join(line for line in log.splitlines() if line.startswith("ptxas"))
+
+
 def _tool(name: str) -> str:
     found = shutil.which(name)
     if found:

@@ -18,7 +18,7 @@ from tilemix.reference.tolerance import bound, rel_err
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
+from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass  # noqa: E402
 from tilemix.codegen.launch import hopper_source  # noqa: E402
 
 LOWERED = ["gemm", "attention", "linear_attention", "ssd"]
@@ -36,6 +36,16 @@ def _compile(op: str):
 @pytest.mark.parametrize("op", LOWERED)
 def test_sass_uses_wgmma(op):
     assert "HGMMA" in sass(_compile(op)), f"{op}: no warpgroup MMA in the SASS"
+
+
+@pytest.mark.parametrize("op", LOWERED)
+def test_wgmma_not_serialised(op):
+    """ptxas serialises every wgmma of a kernel (remark C7515) when other instructions write an
+    accumulator while its wgmma may be in flight: the asynchronous lowering must never cause that."""
+    program = ops.PROGRAMS[op]
+    source = hopper_source(program, program.bind(example_specs(op)))
+    report = ptxas_report(source.source, "sm_90a", source.name)
+    assert "Used" in report and "C7515" not in report, report
 
 
 @pytest.mark.parametrize("op", LOWERED)
