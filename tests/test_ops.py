@@ -30,11 +30,10 @@ def log_uniform(lo: float, hi: float) -> st.SearchStrategy[float]:
     return st.floats(float(np.log(lo)), float(np.log(hi))).map(lambda x: float(np.exp(x)))
 
 
-# scales: log-uniform, or None for the op's default (head dim ** -0.5). Attention keeps its logits modest:
-# q·scale is a matmul operand rounded to the dtype, so its error grows with the logits (bf16 at scale 1.65,
-# D = 96 misses 1e-2)
+# scales: log-uniform, or None for the op's default (head dim ** -0.5). Attention scales its logits in
+# fp32 after q·kᵀ, so large scales are as accurate as small ones (scaling q first, a bf16 operand, missed
+# 1e-2 at scale 1.65, D = 96).
 scales = log_uniform(0.05, 2.0) | st.none()
-attention_scales = log_uniform(0.05, 0.5) | st.none()
 
 
 def randn(rng: np.random.Generator, *shape, dtype=torch.float32) -> torch.Tensor:
@@ -60,7 +59,7 @@ def test_gemm(M, N, K, dtype, seed):
 
 
 @given(B=st.integers(1, 2), T=seq_len, H=st.integers(1, 3), D=head_dim, Dv=head_dim,
-       causal=st.booleans(), dtype=dtype, scale=attention_scales, seed=seed)
+       causal=st.booleans(), dtype=dtype, scale=scales, seed=seed)
 @example(B=1, T=65, H=1, D=64, Dv=64, causal=True, dtype=torch.float32, scale=None, seed=0)
 @example(B=2, T=63, H=3, D=16, Dv=128, causal=True, dtype=torch.float16, scale=0.5, seed=4)
 @example(B=1, T=64, H=1, D=48, Dv=96, causal=False, dtype=torch.float32, scale=0.05, seed=5)
