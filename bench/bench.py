@@ -96,7 +96,7 @@ def _ssd_case(B, T, H, D, dtype):
     return ours, peer, "fla-chunk_simple_gla", nbytes, flops, dict(B=B, T=T, H=H, N=D, P=D, G=1)
 
 
-def _attention_case(B, T, H, D, dtype, causal=True):
+def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION"):
     B, H = 4, 16  # the attention bar's shape
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -109,10 +109,11 @@ def _attention_case(B, T, H, D, dtype, causal=True):
     def peer():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
-    return ours, peer, "sdpa-cudnn", nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
+    name = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}[backend]
+    return ours, peer, name, nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
 
 
 def _gemm_case(B, T, H, D, dtype, n=4096):
@@ -122,7 +123,10 @@ def _gemm_case(B, T, H, D, dtype, n=4096):
 
 
 CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attention": _attention_case,
-         "attention-noncausal": functools.partial(_attention_case, causal=False), "gemm": _gemm_case,
+         "attention-noncausal": functools.partial(_attention_case, causal=False),
+         "attention-flash2": functools.partial(_attention_case, backend="FLASH_ATTENTION"),
+         "attention-noncausal-flash2": functools.partial(_attention_case, causal=False, backend="FLASH_ATTENTION"),
+         "gemm": _gemm_case,
          "gemm-8192": functools.partial(_gemm_case, n=8192)}
 
 
