@@ -573,8 +573,17 @@ class _Lowering:
             keep = f"{col} <= {row}"
             if op.name == "window":
                 keep += f" && {col} > {row} - {op.attrs['size']}"
-        self.emit(f"{decl} tm::mask({out}, {self.reg(op.operands[0], ind)}, "
-                  f"[&](int row, int col) {{ return {keep}; }}, {_float(op.attrs['fill'])});", ind)
+        # The masks keep a corner-bounded region, so a tile whose two far corners are kept is kept
+        # whole: most chunks skip the per-element test.
+        src, fn = self.reg(op.operands[0], ind), f"keep{op.result.id}"
+        self.emit(f"auto {fn} = [&](int row, int col) {{ return {keep}; }};", ind)
+        whole = f"{fn}(0, {t.cols - 1}) && {fn}({t.rows - 1}, 0)"
+        masked = f"tm::mask({out}, {src}, {fn}, {_float(op.attrs['fill'])});"
+        if out == src:
+            self.emit(f"if (!({whole})) {masked}", ind)
+        else:
+            self.emit(decl, ind)
+            self.emit(f"if ({whole}) {out} = {src}; else {masked}", ind)
 
     def lower_accumulate(self, add: Op, ind: int):
         """``x + a @ b``: the wgmma accumulates into ``x``'s registers (or a copy of ``x``)."""
