@@ -76,7 +76,9 @@ class Kernel:
             binding = self._bindings[signature] = bind_arguments(self.specs, self.defaults, args, labels)
         scalars = {n: float(args[n]) for n, spec in self.specs.items()
                    if spec.kind == "scalar" and args.get(n) is not None}
-        return replace(binding, values={**binding.values, **scalars})
+        fresh = replace(binding, values={**binding.values, **scalars})
+        fresh._key = binding.key()  # scalars are not part of the key
+        return fresh
 
     def _signature(self, args: dict[str, Any]) -> tuple:
         parts = [tuple(sorted(args))]

@@ -27,7 +27,7 @@ they are absent and can branch on it in Python.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -134,13 +134,18 @@ class Binding:
     static: dict[str, int]  # the symbols that shape tiles
     compute_dtype: DType
     values: dict[str, Any]  # Scalar and Const values
+    # memo of key(); not an init field, so dataclasses.replace() (which may change what the key
+    # covers) never copies it
+    _key: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def key(self) -> tuple:
         """Identifies the specialisation: what a trace depends on."""
-        consts = tuple((k, repr(v)) for k, v in sorted(self.values.items())
-                       if self.param(k).spec.kind == "const")
-        return (tuple((p.name, p.present, p.dtype) for p in self.params),
-                tuple(sorted(self.static.items())), self.compute_dtype, consts)
+        if self._key is None:
+            consts = tuple((k, repr(v)) for k, v in sorted(self.values.items())
+                           if self.param(k).spec.kind == "const")
+            self._key = (tuple((p.name, p.present, p.dtype) for p in self.params),
+                         tuple(sorted(self.static.items())), self.compute_dtype, consts)
+        return self._key
 
     def param(self, name: str) -> BoundParam:
         return next(p for p in self.params if p.name == name)
