@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tilemix import ops, reference
 from tilemix.ops.examples import example_specs
@@ -97,6 +99,40 @@ def test_gpu_matches_reference(op, T, D, dtype, initial_state, monkeypatch):
     cpu_out, _ = getattr(ops, op)(**args)  # the interpreter predicts the kernel
     assert rel_err(out.cpu(), cpu_out.double().numpy()) <= bound(dtype)
     assert np.isfinite(out.float().cpu().numpy()).all()
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(op=st.sampled_from(["linear_attention", "ssd"]), B=st.integers(1, 3), T=st.integers(1, 700),
+       H=st.integers(1, 4), D=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       initial_state=st.booleans(), seed=st.integers(0, 2**16))
+def test_gpu_scans_drawn(op, B, T, H, D, dtype, initial_state, seed):
+    """Hypothesis-drawn shapes (T mostly not a multiple of the chunk) against float64 and the
+    interpreter, outputs poisoned."""
+    args = _inputs(op, B, T, H, D, dtype, seed=seed, initial_state=initial_state)
+    cuda_args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TILEMIX_POISON", "1")
+        out, state = getattr(ops, op)(**cuda_args)
+    ref_out, ref_state = getattr(reference, op)(**args)
+    assert rel_err(out.cpu(), ref_out) <= bound(dtype)
+    assert rel_err(state.cpu(), ref_state) <= bound(dtype)
+    cpu_out, _ = getattr(ops, op)(**args)
+    assert rel_err(out.cpu(), cpu_out.double().numpy()) <= bound(dtype)
+
+
+@pytest.mark.gpu
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 700), H=st.integers(1, 3), D=st.sampled_from([64, 128]),
+       causal=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_gpu_attention_drawn(B, T, H, D, causal, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(dtype) for _ in range(3))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TILEMIX_POISON", "1")
+        out = ops.attention(q.cuda(), k.cuda(), v.cuda(), causal=causal).cpu()
+    assert rel_err(out, reference.attention(q, k, v, causal=causal)) <= bound(dtype)
+    assert rel_err(out, ops.attention(q, k, v, causal=causal).double().numpy()) <= bound(dtype)
 
 
 @pytest.mark.gpu
