@@ -308,8 +308,8 @@ class _Lowering:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
                 order.append(("tmap", p.name))
             elif kind in ("seq", "group_seq", "matrix") and p.spec.output:
-                args.append(f"tm::u16* __restrict__ out_{p.name}")
-                order.append(("out", p.name))
+                args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
+                order.append(("tmap_out", p.name))
             elif kind in ("seq", "head"):
                 args.append(f"const float* __restrict__ ptr_{p.name}")
                 order.append(("f32", p.name))
@@ -350,7 +350,6 @@ class _Lowering:
         """The TMA copies of one tile load (one per 64-column panel and, for a split parameter,
         per consumer), completing on ``bar``."""
         name = op.attrs["param"]
-        param = self.p.param(name)
         t = op.result.type
         self.tmap_rows[name] = t.rows
         lines = []
@@ -359,15 +358,18 @@ class _Lowering:
                    else self.index_name[v.id] for v in op.operands]
             for panel in range(t.cols // PANEL):
                 at = f"{dst} + {consumer * t.rows * t.cols * 2 + panel * t.rows * 128}"
-                if param.spec.kind == "matrix":
-                    lines.append(f"{indent}tm::tma_load_2d({at}, &tmap_{name}, {bar}, "
-                                 f"{idx[1]} * {t.cols} + {panel * PANEL}, {idx[0]} * {t.rows});")
-                else:
-                    head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
-                    lines.append(f"{indent}tm::tma_load_4d({at}, &tmap_{name}, {bar}, "
-                                 f"{self.col0(name, str(consumer))} + {panel * PANEL}, {head}, "
-                                 f"{idx[0]} * {t.rows}, b);")
+                rank, coords = self.tma_coords(name, idx, t, panel, str(consumer))
+                lines.append(f"{indent}tm::tma_load_{rank}({at}, &tmap_{name}, {bar}, {coords});")
         return lines
+
+    def tma_coords(self, name: str, idx: list[str], t, panel: int, consumer: str = "wg") -> tuple[str, str]:
+        """TMA rank and box coordinates (innermost first) of 64-column panel ``panel`` of tile ``t``
+        of parameter ``name`` at block indices ``idx``."""
+        param = self.p.param(name)
+        if param.spec.kind == "matrix":
+            return "2d", f"{idx[1]} * {t.cols} + {panel * PANEL}, {idx[0]} * {t.rows}"
+        head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
+        return "4d", f"{self.col0(name, consumer)} + {panel * PANEL}, {head}, {idx[0]} * {t.rows}, b"
 
     def producer(self, stage_bytes: int, offsets: dict[Op, int]) -> list[str]:
         out = ["    if (threadIdx.x == 0) {"]
@@ -481,19 +483,7 @@ class _Lowering:
             row0 = f"{self.index_name[args[0].id]} * {t.rows}"
             self.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, {row0}, T);", ind)
         elif name == "store":
-            param = self.p.param(a["param"])
-            value, *index = args
-            idx = [self.index_name[v.id] for v in index]
-            t = value.type
-            if param.spec.kind == "matrix":
-                rows, cols = param.spec.dims
-                self.emit(f"tm::store_tile<{self.is_bf16}>(out_{param.name}, {cols}, {idx[0]} * {t.rows}, {rows}, "
-                          f"{idx[1]} * {t.cols}, {cols}, {self.reg(value, ind)});", ind)
-                return
-            width = self.full_dims[param.spec.dims[0]]
-            self.emit(f"tm::store_rows<{self.is_bf16}>(out_{param.name} + ((long)b * T * H + h) * {width} + "
-                      f"{self.col0(param.name)}, (long)H * {width}, {idx[0]} * {t.rows}, T, "
-                      f"{self.reg(value, ind)});", ind)
+            self.lower_store(op, ind)
         elif name == "read_param":
             if op.result.type.cols != 1:
                 self.fail("Head parameters wider than 1 are not lowered yet", op)
@@ -550,6 +540,31 @@ class _Lowering:
             self.lower_matmul(op, decl, out, ind)
         else:
             self.fail(f"op {name!r} is not lowered yet", op)
+
+    def lower_store(self, op: Op, ind: int):
+        """A tile store: each 64-column panel goes through one of this consumer's shared panel
+        buffers (two, alternating, for wide tiles) and leaves by TMA (asynchronous, clipped at the
+        tensor's edges), while the consumer goes on."""
+        value, *index = op.operands
+        name, t = op.attrs["param"], value.type
+        if t.cols % PANEL:
+            self.fail(f"stored tiles are {t.cols} wide; sm_90a stores need multiples of {PANEL} columns", op)
+        self.tmap_rows[name] = t.rows
+        src, panel_bytes = self.reg(value, ind), self.store_rows * 128
+        leader = f"threadIdx.x % {CONSUMER_THREADS} == 0"
+        idx = [self.index_name[v.id] for v in index]
+        for panel in range(t.cols // PANEL):
+            buf = f"(smem + {self.store_offset + panel % self.store_buffers * panel_bytes} + wg * " \
+                  f"{panel_bytes * self.store_buffers})"
+            in_flight = 0 if panel == 0 else self.store_buffers - 1  # earlier stores may use either buffer
+            self.emit(f"if ({leader}) tm::bulk_wait_read<{in_flight}>();  // this buffer is free again", ind)
+            self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
+            self.emit(f"tm::store_panel<{self.is_bf16}, {panel}>({buf}, {src});", ind)
+            self.emit("tm::fence_proxy_async();", ind)
+            self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
+            rank, coords = self.tma_coords(name, idx, t, panel)
+            self.emit(f"if ({leader}) {{ tm::tma_store_{rank}(&tmap_{name}, {buf}, {coords}); tm::bulk_commit(); }}",
+                      ind)
 
     def _state_ld(self, param_name: str) -> int:
         spec = self.p.param(param_name).spec
@@ -632,6 +647,10 @@ class _Lowering:
         self.smem_top = stage_bytes * self.schedule.stages
         for op in self.prologue_loads:
             self.prologue_offset[op] = self.alloc(self.load_bytes(op))
+        stores = [op for op in self.p.walk() if op.name == "store"]
+        self.store_rows = max((op.operands[0].type.rows for op in stores), default=0)
+        self.store_buffers = min(2, max((op.operands[0].type.cols // PANEL for op in stores), default=1))
+        self.store_offset = self.alloc(self.store_rows * 128 * self.store_buffers * self.schedule.consumers)
         body_start = len(self.lines)
         self.lower_ops(self.p.body, 6)
         consumer = self.lines[body_start:]
@@ -684,6 +703,8 @@ class _Lowering:
             "    const int bar_id = 1 + wg;",
             f"    float* scratch = (float*)(smem + {scratch_off}) + wg * {SCRATCH_FLOATS};",
             *consumer,
+            *([f"    if (threadIdx.x % {CONSUMER_THREADS} == 0) tm::bulk_wait<0>();  // stores done"]
+              if stores else []),
             "  }",
             "}",
         ]

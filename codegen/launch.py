@@ -194,8 +194,8 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
             t = value.contiguous()
             keep_alive.append(t)
             params.append(_tensor_map(t, name, plan.source.tmap_rows[name]))
-        elif kind == "out":
-            params.append(np.uint64(outputs[name].data_ptr()))
+        elif kind == "tmap_out":
+            params.append(_tensor_map(outputs[name], name, plan.source.tmap_rows[name]))
         elif kind == "f32":
             t = value.to(torch.float32).contiguous()
             keep_alive.append(t)

@@ -251,6 +251,20 @@ template <bool is_bf16, int R, int C> __device__ __forceinline__ void store_shar
         *(u32*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, 0))) = pack2<is_bf16>(in.v[mb][nb][hr][0], in.v[mb][nb][hr][1]);
 }
 
+// columns [64P, 64P + 64) of a register tile -> one swizzled 64-column shared panel of R rows (the
+// source of a TMA store)
+template <bool is_bf16, int P, int R, int C> __device__ __forceinline__ void store_panel(char* panel, const rt<R, C>& in) {
+  static_assert(C % 64 == 0 && P < C / 64, "a panel is 64 columns of the tile");
+#pragma unroll
+  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
+#pragma unroll
+    for (int nb = P * 8; nb < P * 8 + 8; ++nb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr)
+        *(u32*)(panel + swz_offset<R>(row_of(mb, hr), col_of(nb, 0) - P * 64)) =
+            pack2<is_bf16>(in.v[mb][nb][hr][0], in.v[mb][nb][hr][1]);
+}
+
 // --------------------------------------------------------------- mbarrier ----
 __device__ __forceinline__ void mbar_init(u64* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
@@ -281,6 +295,21 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TMap* map, u64* bar
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
       ::"r"(smem_addr(dst)), "l"((u64)map), "r"(smem_addr(bar)), "r"(c0), "r"(c1) : "memory");
 }
+
+// TMA stores of a swizzled shared panel: elements past the tensor's edges are not written. Each is
+// one bulk group of the issuing thread once committed; wait (.read: until its shared memory may be
+// reused) before rewriting the panel, and for all before the CTA exits.
+__device__ __forceinline__ void tma_store_4d(const TMap* map, const void* src, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];"
+               ::"l"((u64)map), "r"(smem_addr(src)), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
+}
+__device__ __forceinline__ void tma_store_2d(const TMap* map, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];"
+               ::"l"((u64)map), "r"(smem_addr(src)), "r"(c0), "r"(c1) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory"); }
+template <int N> __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory"); }
 
 // ------------------------------------------------------------------ wgmma ----
 // Shared-memory matrix descriptor for a 128B-swizzled operand. K-major: rows are the
@@ -417,45 +446,6 @@ __device__ __forceinline__ void matmul_rs(rt<M, N>& c, const rt<M, K>& a, const 
 }
 
 // ------------------------------------------------------------ global memory ----
-// rows of a [.., T, .., D] tensor: element (t, d) at base + t * row_stride + d; rows >= T are 0 / skipped
-template <bool is_bf16, int R, int C>
-__device__ __forceinline__ void store_rows(u16* base, long row_stride, int t0, int T, const rt<R, C>& x) {
-#pragma unroll
-  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      int t = t0 + row_of(mb, hr);
-      if (t >= T) continue;
-#pragma unroll
-      for (int nb = 0; nb < rt<R, C>::NB; ++nb)
-        *(u32*)(base + t * row_stride + col_of(nb, 0)) = pack2<is_bf16>(x.v[mb][nb][hr][0], x.v[mb][nb][hr][1]);
-    }
-}
-
-// a 2-D tile at (r0, c0) of a row-major [rows x cols] matrix with leading dimension ld; out-of-range
-// rows and columns are skipped
-template <bool is_bf16, int R, int C>
-__device__ __forceinline__ void store_tile(u16* base, long ld, int r0, int rows, int c0, int cols, const rt<R, C>& x) {
-#pragma unroll
-  for (int mb = 0; mb < rt<R, C>::MB; ++mb)
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      int r = r0 + row_of(mb, hr);
-      if (r >= rows) continue;
-#pragma unroll
-      for (int nb = 0; nb < rt<R, C>::NB; ++nb) {
-        int c = c0 + col_of(nb, 0);
-        u32 pair = pack2<is_bf16>(x.v[mb][nb][hr][0], x.v[mb][nb][hr][1]);
-        if (c + 1 < cols && ld % 2 == 0) {
-          *(u32*)(base + r * ld + c) = pair;
-        } else {
-          if (c < cols) base[r * ld + c] = (u16)(pair & 0xffff);
-          if (c + 1 < cols) base[r * ld + c + 1] = (u16)(pair >> 16);
-        }
-      }
-    }
-}
-
 template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const float* base, long stride, int t0, int T) {
 #pragma unroll
   for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
