@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tilemix import ops, reference
 from tilemix.ops.examples import example_specs
-from tilemix.reference.tolerance import bound, rel_err
+from tilemix.reference.tolerance import MAX_CONDITION, bound, rel_err
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
@@ -108,15 +108,19 @@ def test_gpu_matches_reference(op, T, D, dtype, initial_state, monkeypatch):
        initial_state=st.booleans(), seed=st.integers(0, 2**16))
 def test_gpu_scans_drawn(op, B, T, H, D, dtype, initial_state, seed):
     """Hypothesis-drawn shapes (T mostly not a multiple of the chunk) against float64 and the
-    interpreter, outputs poisoned."""
+    interpreter, outputs poisoned. Outputs that are small differences of large terms are judged
+    against the terms (as in test_ops: hypothesis found ssd at T=1 with c·b·dt·x cancelling D·x)."""
     args = _inputs(op, B, T, H, D, dtype, seed=seed, initial_state=initial_state)
     cuda_args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TILEMIX_POISON", "1")
         out, state = getattr(ops, op)(**cuda_args)
     ref_out, ref_state = getattr(reference, op)(**args)
-    assert rel_err(out.cpu(), ref_out) <= bound(dtype)
-    assert rel_err(state.cpu(), ref_state) <= bound(dtype)
+    absolute = {k: (v.abs() if isinstance(v, torch.Tensor) and k not in ("dt", "A") else v) for k, v in args.items()}
+    mag_out, mag_state = getattr(reference, op)(**absolute)
+    condition = MAX_CONDITION[str(dtype).replace("torch.", "")]
+    assert rel_err(out.cpu(), ref_out, mag_out, condition) <= bound(dtype)
+    assert rel_err(state.cpu(), ref_state, mag_state, condition) <= bound(dtype)
     cpu_out, _ = getattr(ops, op)(**args)
     assert rel_err(out.cpu(), cpu_out.double().numpy()) <= bound(dtype)
 
