@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tilemix.tiles.errors import TileError
+from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
 from tilemix.tiles.types import DType
 
@@ -199,7 +199,7 @@ class _Lowering:
             floats = 2 * v.type.rows
             offset = self.alloc(floats * 4 * self.schedule.consumers, 16)
             ptr = self.scans[v] = f"((float*)(smem + {offset}) + wg * {floats})"
-            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, {self.bar});", ind)
+            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, scratch, {self.bar});", ind)
         return self.scans[v]
 
     # -- structure -----------------------------------------------------------
@@ -529,9 +529,19 @@ class _Lowering:
         elif name in ("colsum", "colmax"):
             red = "tm::op_sum()" if name == "colsum" else "tm::op_max()"
             self.emit(f"{decl} tm::reduce_cols({out}, {self.reg(args[0], ind)}, {red}, scratch, {self.bar});", ind)
+        elif name == "transpose":
+            t = args[0].type
+            if t.rows != 1 and t.cols != 1:
+                self.fail(f"a {t.rows}x{t.cols} tile is transposed only as a matmul operand (a.T @ b); "
+                          "standalone transposes are lowered for row and column vectors", op)
+            if t.rows == 1 and t.cols == 1:
+                self.emit(f"{decl} {out} = {self.reg(args[0], ind)};", ind)
+            else:
+                self.emit(f"{decl} tm::transpose({out}, {self.reg(args[0], ind)}, scratch, {self.bar});", ind)
+        elif name == "cumsum" and args[0].type.cols > 1:
+            self.emit(f"{decl} tm::cumsum_rows({out}, {self.reg(args[0], ind)}, {str(a['reverse']).lower()}, "
+                      f"{str(a['exclusive']).lower()}, scratch, {self.bar});", ind)
         elif name == "cumsum":
-            if args[0].type.cols != 1:
-                self.fail("cumsum is lowered for column vectors", op)
             self.emit(f"{decl} tm::cumsum({out}, {self.scan(args[0], ind)}, {str(a['reverse']).lower()}, "
                       f"{str(a['exclusive']).lower()});", ind)
         elif name == "segsum":
@@ -568,7 +578,8 @@ class _Lowering:
 
     def _state_ld(self, param_name: str) -> int:
         spec = self.p.param(param_name).spec
-        return self.full_dims[spec.dims[1]]
+        dim = spec.dims[1]
+        return dim if isinstance(dim, int) else self.full_dims[dim]
 
     def col0_state(self, param_name: str) -> str:
         spec = self.p.param(param_name).spec
@@ -610,12 +621,36 @@ class _Lowering:
             self.emit(f"{_ctype(add.result.type)} {self.name(add.result)} = {self.reg(x, ind)};", ind)
         self.lower_matmul(mm, "", self.name(add.result), ind, accumulate=True)
 
+    def lower_matvec(self, op: Op, decl: str, out: str, ind: int, accumulate: bool):
+        """``a @ x`` with x a column (or ``a @ y.T``, y a row): products along the rows and a row sum,
+        operands rounded to 16 bits as a matmul's are."""
+        a, b = op.operands
+        self.wait_for([a, b], ind)
+        k, tag = a.type.cols, f"mv{op.result.id}"
+        round16 = f"[](float v) {{ return tm::round16<{self.is_bf16}>(v); }}"
+        row = self.reg(b, ind)
+        if not op.attrs["tb"]:  # a column: as a row
+            self.emit(f"tm::rt<1, {k}> {tag}_row; tm::transpose({tag}_row, {row}, scratch, {self.bar});", ind)
+            row = f"{tag}_row"
+        self.emit(f"tm::rt<1, {k}> {tag}_b; tm::map1({tag}_b, {round16}, {row});", ind)
+        self.emit(f"{_ctype(a.type)} {tag}_p; tm::map1({tag}_p, {round16}, {self.reg(a, ind)});", ind)
+        self.emit(f"tm::map2({tag}_p, [](float x, float y) {{ return x * y; }}, {tag}_p, {tag}_b);", ind)
+        if accumulate:
+            self.emit(f"{_ctype(op.result.type)} {tag}_s; tm::reduce_rows({tag}_s, {tag}_p, tm::op_sum());", ind)
+            self.emit(f"tm::map2({out}, [](float x, float y) {{ return x + y; }}, {out}, {tag}_s);", ind)
+        else:
+            self.emit(decl, ind)
+            self.emit(f"tm::reduce_rows({out}, {tag}_p, tm::op_sum());", ind)
+
     def lower_matmul(self, op: Op, decl: str, out: str, ind: int, accumulate: bool = False):
         a, b = op.operands
         ta, tb = op.attrs["ta"], op.attrs["tb"]
         t = op.result.type
         m, n = t.rows, t.cols
         k = a.type.rows if ta else a.type.cols
+        if n == 1 and not ta:
+            self.lower_matvec(op, decl, out, ind, accumulate)
+            return
         if m % 64 or n % 64 or k % 16:
             self.fail(f"wgmma needs M and N multiples of 64 and K of 16; this matmul is {m}x{k} @ {k}x{n}", op)
         b_ptr, b_rows = self.shared(b, ind)
@@ -709,9 +744,9 @@ class _Lowering:
             "}",
         ]
         if self.smem_top > SMEM_LIMIT:
-            self.fail(f"this schedule needs {self.smem_top // 1024} KiB of shared memory (stages="
-                      f"{self.schedule.stages}, consumers={consumers}); an sm_90a CTA has at most "
-                      f"{SMEM_LIMIT // 1024} KiB")
+            raise ResourceError(f"sm_90a code generator: this schedule needs {self.smem_top // 1024} KiB of "
+                                f"shared memory (stages={self.schedule.stages}, consumers={consumers}); an "
+                                f"sm_90a CTA has at most {SMEM_LIMIT // 1024} KiB", self.p.loc)
         return KernelSource(name, "\n".join(src) + "\n", self.smem_top, stage_bytes, threads, self.schedule, order,
                             [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
                              for loop in self.grid_loops], self.size_args,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from tilemix.tiles import Kernel
+from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.params import Binding
 
 from .compile import compile_cuda
@@ -53,28 +54,44 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
 
 def default_schedule(kernel: Kernel, binding: Binding) -> Schedule:
     """Scans: split the state's column dim into 64-wide blocks (state and output tiles then
-    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA."""
+    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA, the ring
+    as deep as shared memory allows. Where shared memory is short: one consumer, then one stage."""
     split = []
     for p in binding.params:
         if p.spec.kind == "state":
             dim = p.spec.dims[1]
-            if binding.static[dim] > SPLIT_WIDTH and splittable(kernel, binding, dim):
+            if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim):
                 split.append((dim, SPLIT_WIDTH))
     if split:
         blocks = 1
         for dim, width in split:
             blocks *= binding.static[dim] // width
-        return Schedule(split=tuple(split), consumers=2 if blocks % 2 == 0 else 1)
+        pairs = [Schedule(split=tuple(split), consumers=2)] if blocks % 2 == 0 else []
+        # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
+        return _first_fitting(kernel, binding, pairs + [Schedule(split=tuple(split), consumers=1),
+                                                        Schedule(split=tuple(split), consumers=1, stages=1)])
     program = kernel.trace(binding, target="sm_90a")
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
-        # neighbouring grid blocks share loads; the ring as deep as shared memory allows (up to 4)
-        schedule = Schedule(consumers=2, consumer_axis="blocks")
+        # neighbouring grid blocks share loads; the ring as deep as shared memory allows
+        schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
+                                                    Schedule(stages=1)])
         source = hopper_source(kernel, binding, schedule)
         if source.stage_bytes:
             room = (SMEM_LIMIT - source.smem_bytes) // source.stage_bytes
             schedule = replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
         return schedule
-    return Schedule()
+    return _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)])
+
+
+def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule]) -> Schedule:
+    """The first schedule whose kernel fits the target; the last one's error if none does."""
+    for schedule in candidates:
+        try:
+            hopper_source(kernel, binding, schedule)
+            return schedule
+        except ResourceError as e:
+            error = e
+    raise error
 
 
 def hopper_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None) -> KernelSource:

@@ -70,7 +70,7 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
             outputs[p.name] = alloc(p.shape, float("nan"), dtype=dtype, device=device)
         elif p.spec.kind == "state":
             B, H = binding.sizes["B"], binding.sizes["H"]
-            shape = (B, H) + tuple(binding.static[d] for d in p.spec.dims)
+            shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
             outputs[p.name] = alloc(shape, float("nan"), dtype=torch.float32, device=device)
     if device.index == torch.cuda.current_device():
         run_hopper(kernel, binding, args, outputs)

@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-__all__ = ["Loc", "TileError", "user_loc"]
+__all__ = ["Loc", "ResourceError", "TileError", "user_loc"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,6 +37,11 @@ class TileError(Exception):
         if loc is not None:
             where = f"\n  at {loc}" + (f"\n    {loc.source}" if loc.source else "")
         super().__init__(message + where)
+
+
+class ResourceError(TileError):
+    """A schedule that needs more of the target (shared memory, registers) than it has; another
+    schedule of the same program may fit."""
 
 
 def user_loc() -> Loc | None:

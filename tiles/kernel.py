@@ -119,7 +119,7 @@ class Kernel:
                 if kind == "const":
                     kwargs[p.name] = binding.values[p.name]
                 elif kind == "state":
-                    k, v = (binding.static.get(d) for d in p.spec.dims)
+                    k, v = (binding.extent(d) for d in p.spec.dims)
                     if k is None or v is None:
                         raise TileError(f"state {p.name!r}: dims {p.spec.dims} are not sized by any input", self.loc)
                     kwargs[p.name] = builder.emit("load_state", [], {"param": p.name, "initial": p.present},
@@ -166,7 +166,7 @@ class Kernel:
         if not isinstance(final, Tile):
             raise TileError(f"state {name!r} must be bound to a tile when the kernel returns, "
                             f"got {type(final).__name__}", self.loc)
-        want = tuple(builder.static[d] for d in builder.binding.param(name).spec.dims)
+        want = tuple(d if isinstance(d, int) else builder.static[d] for d in builder.binding.param(name).spec.dims)
         if final.shape != want:
             raise TileError(f"state {name!r} is {want[0]}x{want[1]} but ends as {final.type}", self.loc)
         builder.emit("store_state", [final], {"param": name}, None, loc=self.loc)

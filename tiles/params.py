@@ -150,6 +150,11 @@ class Binding:
     def param(self, name: str) -> BoundParam:
         return next(p for p in self.params if p.name == name)
 
+    def extent(self, dim: str | int) -> int | None:
+        """The size of a dim symbol as the tiles see it (static first: a column split traces at
+        the split width), or a literal dim (1) itself; None if nothing sized it."""
+        return dim if isinstance(dim, int) else self.static.get(dim, self.sizes.get(dim))
+
 
 def _fmt(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"

@@ -175,28 +175,121 @@ __device__ __forceinline__ void reduce_cols(rt<1, C>& out, const rt<R, C>& in, O
   sync_threads(bar, 128);
 }
 
+// a row vector as a column vector and back, through `scratch` (N floats)
+template <int N> __device__ __forceinline__ void transpose(rt<N, 1>& out, const rt<1, N>& in, float* scratch, int bar) {
+  sync_threads(bar, 128);  // earlier readers of scratch are done
+  if ((threadIdx.x % 128) < 4)
+#pragma unroll
+    for (int nb = 0; nb < rt<1, N>::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < 2; ++cp) scratch[col_of(nb, cp)] = in.v[0][nb][0][cp];
+  sync_threads(bar, 128);
+#pragma unroll
+  for (int mb = 0; mb < rt<N, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) out.v[mb][0][hr][0] = scratch[row_of(mb, hr)];
+}
+template <int N> __device__ __forceinline__ void transpose(rt<1, N>& out, const rt<N, 1>& in, float* scratch, int bar) {
+  sync_threads(bar, 128);
+  if (lane_id() % 4 == 0)
+#pragma unroll
+    for (int mb = 0; mb < rt<N, 1>::MB; ++mb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) scratch[row_of(mb, hr)] = in.v[mb][0][hr][0];
+  sync_threads(bar, 128);
+#pragma unroll
+  for (int nb = 0; nb < rt<1, N>::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < 2; ++cp) out.v[0][nb][0][cp] = scratch[col_of(nb, cp)];
+}
+
 // -------------------------------------------------- scans over a chunk's rows ----
+// Inclusive prefix sums down the rows of every column of x (R x C; C == 1 for a column vector):
+// a shuffle scan over the 16 rows each warp holds, then warp totals through `scratch` (4 * C
+// floats, two barriers per 64 rows). `total` gets each column's sum.
+template <int R, int C>
+__device__ __forceinline__ void scan_rows(rt<R, C>& inc, rt<1, C>& total, const rt<R, C>& x, float* scratch, int bar) {
+  using T = rt<R, C>;
+  const int warp = (threadIdx.x % 128) / 32, g = lane_id() / 4, q = lane_id() % 4;
+  float carry[T::NB][T::CP];
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) carry[nb][cp] = 0.0f;
+#pragma unroll
+  for (int mb = 0; mb < T::MB; ++mb) {
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) {
+        float a = x.v[mb][nb][0][cp], b = x.v[mb][nb][1][cp];  // rows 16w + g and 16w + g + 8
+#pragma unroll
+        for (int d = 1; d < 8; d *= 2) {
+          float ya = __shfl_up_sync(0xffffffff, a, 4 * d), yb = __shfl_up_sync(0xffffffff, b, 4 * d);
+          if (g >= d) { a += ya; b += yb; }
+        }
+        b += __shfl_sync(0xffffffff, a, 28 + q);  // the warp's first 8 rows come before its last 8
+        inc.v[mb][nb][0][cp] = a;
+        inc.v[mb][nb][1][cp] = b;
+        if (g == 7) scratch[warp * C + (C == 1 ? 0 : col_of(nb, cp))] = b;
+      }
+    sync_threads(bar, 128);
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) {
+        const int c = C == 1 ? 0 : col_of(nb, cp);
+        float before = carry[nb][cp], block = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          float t = scratch[w * C + c];
+          before += w < warp ? t : 0.0f;
+          block += t;
+        }
+        inc.v[mb][nb][0][cp] += before;
+        inc.v[mb][nb][1][cp] += before;
+        carry[nb][cp] += block;
+      }
+    sync_threads(bar, 128);  // scratch is free again
+  }
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) total.v[0][nb][0][cp] = carry[nb][cp];
+}
+
+// inclusive/exclusive, forward/reverse cumulative sum down the rows of every column
+template <int R, int C>
+__device__ __forceinline__ void cumsum_rows(rt<R, C>& out, const rt<R, C>& x, bool reverse, bool exclusive,
+                                            float* scratch, int bar) {
+  using T = rt<R, C>;
+  rt<1, C> total;
+  scan_rows(out, total, x, scratch, bar);
+  TM_FOR_EACH(T) {
+    float inclusive = out.v[mb][nb][hr][cp], before = inclusive - x.v[mb][nb][hr][cp], all = total.v[0][nb][0][cp];
+    out.v[mb][nb][hr][cp] = reverse ? (exclusive ? all - inclusive : all - before) : (exclusive ? before : inclusive);
+  }
+}
+
 // A column vector is scanned once into `scan` (2R floats of shared memory): x in [0, R), its
-// inclusive prefix sums in [R, 2R), each computed by one thread. Every cumsum and segment sum of
-// that vector then reads the scan; the GPU forms segment sums as prefix differences.
-template <int R> __device__ __forceinline__ void prefix_scan(const rt<R, 1>& x, float* scan, int bar) {
-  sync_threads(bar, 128);  // readers of the previous scan in this buffer are done
+// inclusive prefix sums in [R, 2R). Every cumsum and segment sum of that vector then reads the
+// scan; the GPU forms segment sums as prefix differences.
+template <int R> __device__ __forceinline__ void prefix_scan(const rt<R, 1>& x, float* scan, float* scratch, int bar) {
+  rt<R, 1> inc;
+  rt<1, 1> total;
+  scan_rows(inc, total, x, scratch, bar);  // its barriers also order this write after earlier reads
   if (lane_id() % 4 == 0)
 #pragma unroll
     for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) scan[row_of(mb, hr)] = x.v[mb][0][hr][0];
-  sync_threads(bar, 128);
-  const int t = threadIdx.x % 128;
-  if (t < R) {
-    float acc = 0.0f;
-    for (int i = 0; i <= t; ++i) acc += scan[i];
-    scan[R + t] = acc;
-  }
+      for (int hr = 0; hr < 2; ++hr) {
+        scan[row_of(mb, hr)] = x.v[mb][0][hr][0];
+        scan[R + row_of(mb, hr)] = inc.v[mb][0][hr][0];
+      }
   sync_threads(bar, 128);
 }
 
-// inclusive/exclusive, forward/reverse cumulative sum down the rows, from a prefix scan
+// inclusive/exclusive, forward/reverse cumulative sum of a column vector, from its prefix scan
 template <int R>
 __device__ __forceinline__ void cumsum(rt<R, 1>& out, const float* scan, bool reverse, bool exclusive) {
   const float total = scan[2 * R - 1];
