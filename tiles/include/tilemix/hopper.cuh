@@ -550,13 +550,16 @@ template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const f
 }
 
 // fp32 [R x C] matrix at base (row stride `ld`), e.g. a state
+// (a vector tile's missing coordinate is 0; of the threads holding copies of an element, one stores it)
 template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
   using T = rt<R, C>;
-  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[row_of(mb, hr) * ld + col_of(nb, cp)];
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))];
 }
 template <int R, int C> __device__ __forceinline__ void store_f32(float* base, int ld, const rt<R, C>& x) {
   using T = rt<R, C>;
-  TM_FOR_EACH(T) base[row_of(mb, hr) * ld + col_of(nb, cp)] = x.v[mb][nb][hr][cp];
+  const int t = threadIdx.x % 128;
+  if ((R > 1 || t / 4 == 0) && (C > 1 || t % 4 == 0))
+    TM_FOR_EACH(T) base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))] = x.v[mb][nb][hr][cp];
 }
 
 }  // namespace tm
