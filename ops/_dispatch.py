@@ -24,10 +24,13 @@ def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> 
     return first
 
 
-def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
+               final_states: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """Run ``kernel`` on ``args`` (torch tensors, numbers, None for absent
     optionals). Returns its outputs and final states as torch tensors on the
-    inputs' device: outputs in the inputs' dtype, states in float32."""
+    inputs' device: outputs in the inputs' dtype, states in float32.
+    ``final_states`` names the states to return (None: all); a GPU kernel
+    neither allocates nor writes the others."""
     labels = labels or {}
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     device = _check_devices(tensors, labels)
@@ -36,7 +39,7 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
                                   "call it under torch.no_grad() or on tensors that do not require grad")
     binding = kernel.bind(args, labels)
     if device.type == "cuda":
-        return _run_cuda(kernel, binding, args, device)
+        return _run_cuda(kernel, binding, args, device, final_states)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
     inputs = {k: (v.detach().to(torch.float32).numpy() if isinstance(v, torch.Tensor) else v)
@@ -45,6 +48,8 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     out = {}
     for name, array in results.items():
         param = binding.param(name)
+        if param.spec.kind == "state" and final_states is not None and name not in final_states:
+            continue
         dtype = torch.float32 if param.spec.kind == "state" else tensors[_first_tile_operand(binding)].dtype
         out[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     return out
@@ -55,7 +60,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device,
+              final_states: tuple[str, ...] | None) -> dict[str, torch.Tensor]:
     if _capability(device) != (9, 0):
         raise NotImplementedError(f"tilemix.{kernel.name}: only the Hopper (sm_90a) backend exists so far; "
                                   f"{torch.cuda.get_device_name(device)} is not supported yet")
@@ -68,7 +74,7 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
     for p in binding.params:
         if p.spec.output:
             outputs[p.name] = alloc(p.shape, float("nan"), dtype=dtype, device=device)
-        elif p.spec.kind == "state":
+        elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             B, H = binding.sizes["B"], binding.sizes["H"]
             shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
             outputs[p.name] = alloc(shape, float("nan"), dtype=torch.float32, device=device)
@@ -78,12 +84,6 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
         with torch.cuda.device(device):  # ~10 µs: only when the tensors are not on the current GPU
             run_hopper(kernel, binding, args, outputs)
     return outputs
-
-
-def _alloc(shape, dtype, device, poison: float | None) -> torch.Tensor:
-    if poison is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, poison, dtype=dtype, device=device)
 
 
 def _first_tile_operand(binding) -> str:

@@ -31,5 +31,5 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = run_kernel(linear_attention_fwd, dict(q=q, k=k, v=v, scale=scale, s=initial_state),
-                     labels={"s": "initial_state"})
+                     labels={"s": "initial_state"}, final_states=("s",) if output_final_state else ())
     return out["o"], (out["s"] if output_final_state else None)

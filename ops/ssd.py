@@ -35,5 +35,5 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     ``[B, H, N, P]`` or None. Returns ``(y [B, T, H, P], final_state or None)``.
     """
     out = run_kernel(ssd_fwd, dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
-                     labels={"h": "initial_state"})
+                     labels={"h": "initial_state"}, final_states=("h",) if output_final_state else ())
     return out["y"], (out["h"] if output_final_state else None)

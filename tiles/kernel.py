@@ -81,13 +81,14 @@ class Kernel:
         return fresh
 
     def _signature(self, args: dict[str, Any]) -> tuple:
-        parts = [tuple(sorted(args))]
+        parts = [tuple(args)]  # the names given (in call order: a reordered call binds once more)
         for name, spec in self.specs.items():
             value = args.get(name, self.defaults.get(name))
-            if hasattr(value, "shape") and hasattr(value, "dtype"):
-                parts.append((tuple(value.shape), str(value.dtype)))
+            dtype = getattr(value, "dtype", None)
+            if dtype is not None:
+                parts.append((tuple(value.shape), dtype))
             else:
-                parts.append((type(value).__name__, repr(value) if spec.kind == "const" else None))
+                parts.append((type(value), value if spec.kind == "const" else None))
         return tuple(parts)
 
     def trace(self, binding: Binding | None = None, target: str | Target = "cpu", **args) -> Program:
