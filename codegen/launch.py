@@ -18,7 +18,7 @@ from tilemix.tiles.params import Binding
 from .compile import compile_cuda
 from .hopper import SMEM_LIMIT, KernelSource, Schedule, lower_hopper
 
-__all__ = ["run_hopper", "hopper_source", "default_schedule"]
+__all__ = ["run_hopper", "hopper_source", "default_schedule", "launch_schedule"]
 
 SPLIT_WIDTH = 64
 MAX_STAGES = 3  # 4 measured no faster (gemm 8192³: 0.81x vs 0.91x cuBLAS at 3); the tuner may try more
@@ -161,9 +161,33 @@ class _Plan:
 
 
 _PLANS: dict[tuple, _Plan] = {}
+_DEFAULTS: dict[tuple, Schedule] = {}
 
 
-def _plan(kernel: Kernel, binding: Binding, schedule: Schedule | None) -> _Plan:
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_schedule(kernel: Kernel, binding: Binding, device_index: int) -> Schedule:
+    """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
+    than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
+    CTAs. H100, linear attention, D=128 (bench/NOTES.md): T=4096 B·H=128 two consumers 0.189 ms
+    vs one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353."""
+    key = (id(kernel), binding.key())
+    base = _DEFAULTS.get(key)
+    if base is None:
+        base = _DEFAULTS[key] = default_schedule(kernel, binding)
+    if base.consumer_axis != "columns" or base.consumers == 1 or "B" not in binding.sizes:
+        return base
+    blocks = 1
+    for dim, width in base.split:
+        blocks *= binding.static[dim] // width
+    ctas = binding.sizes["B"] * binding.sizes["H"] * blocks // base.consumers
+    return replace(base, consumers=1) if 2 * ctas < _sm_count(device_index) else base
+
+
+def _plan(kernel: Kernel, binding: Binding, schedule: Schedule) -> _Plan:
     key = (id(kernel), binding.key(), schedule)
     plan = _PLANS.get(key)
     if plan is None:
@@ -202,7 +226,8 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
     """Launch the sm_90a kernel for ``kernel`` writing into ``outputs`` (allocated by the caller;
     states absent from ``outputs`` are not written). Source, cubin and module are cached per
     specialisation; a call only builds tensor maps and launches."""
-    plan = _plan(kernel, binding, schedule)
+    device = next(iter(outputs.values())).device.index
+    plan = _plan(kernel, binding, schedule or launch_schedule(kernel, binding, device))
     sizes = binding.sizes
     blocks = 1
     for dim, size in plan.source.grid_loops:
@@ -233,6 +258,5 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
         elif kind == "scalar":
             params.append(np.float32(value))
     params += [np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args]  # G defaults to H
-    device = next(iter(outputs.values())).device.index
     plan.function(grid, (plan.source.threads, 1, 1), tuple(params), shared_mem=plan.source.smem_bytes,
                   stream=_stream(_current_stream(device)))

@@ -162,3 +162,15 @@ def test_gpu_gemm(M, N, K, dtype, monkeypatch):
     a, b = torch.randn(M, K, generator=g).to(dtype), torch.randn(K, N, generator=g).to(dtype)
     out = ops.gemm(a.cuda(), b.cuda()).cpu()
     assert rel_err(out, reference.gemm(a, b)) <= bound(dtype)
+
+
+@pytest.mark.parametrize("B, H, consumers", [(8, 16, 2), (4, 16, 1), (1, 8, 1)])
+def test_launch_schedule_fills_the_gpu(B, H, consumers, monkeypatch):
+    """Scans whose two-consumer CTAs would fill less than half of a 132-SM GPU get one consumer per
+    CTA (twice the CTAs)."""
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(example_specs("linear_attention", B=B, H=H))
+    assert launch.launch_schedule(program, binding, 0).consumers == consumers
