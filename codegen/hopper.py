@@ -691,15 +691,18 @@ class _Lowering:
         consumer = self.lines[body_start:]
         scratch_off = self.alloc(SCRATCH_FLOATS * 4 * self.schedule.consumers, 16)
         bar_off = self.alloc(16 * self.schedule.stages + 8, 8)
-        grid = []  # grid-loop indices from blockIdx.x, innermost fastest
+        # blockIdx.x: the grid loops' indices, innermost fastest, then batch x head (no 65535 limit
+        # on B·H as grid y would have)
+        grid = ["  int rest = blockIdx.x;"]
         if self.grid_loops:
-            grid.append("  int rest = blockIdx.x;")
             for depth in reversed(range(len(self.grid_loops))):
                 loop = self.grid_loops[depth]
                 size = loop.size * (self.schedule.consumers if loop is self.split_loop else 1)
                 count = f"((({loop.dim}) + {size - 1}) / {size})"
                 var = "cta" if loop is self.split_loop else "blk"
                 grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
+        if not self.matrix:
+            grid.append("  const int b = rest / H, h = rest % H;")
         args, order = self.param_args()
         consumers = self.schedule.consumers
         threads = PRODUCER_THREADS + CONSUMER_THREADS * consumers
@@ -716,7 +719,6 @@ class _Lowering:
             f"  tm::u64* full = (tm::u64*)(smem + {bar_off});",
             f"  tm::u64* empty = full + {self.schedule.stages};",
             f"  tm::u64* prologue = empty + {self.schedule.stages};",
-            *([] if self.matrix else ["  const int b = blockIdx.y / H, h = blockIdx.y % H;"]),
             *grid,
             "  if (threadIdx.x == 0) {",
             f"    for (int s = 0; s < {self.schedule.stages}; ++s) {{",

@@ -232,7 +232,7 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
     blocks = 1
     for dim, size in plan.source.grid_loops:
         blocks *= -(-sizes[dim] // size)
-    grid = (blocks, 1 if plan.source.matrix else sizes["B"] * sizes["H"], plan.blocks_z)
+    grid = (blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"]), 1, plan.blocks_z)
     if 0 in grid:
         return
     params = []

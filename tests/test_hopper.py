@@ -174,3 +174,14 @@ def test_launch_schedule_fills_the_gpu(B, H, consumers, monkeypatch):
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", B=B, H=H))
     assert launch.launch_schedule(program, binding, 0).consumers == consumers
+
+
+@pytest.mark.gpu
+def test_gpu_more_heads_than_grid_y_allows(monkeypatch):
+    """B·H = 70000 > 65535 (the grid's y limit): batch x head rides in grid x."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70000, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    out, _ = ops.linear_attention(q.cuda(), k.cuda(), v.cuda())
+    ref, _ = reference.linear_attention(q, k, v)
+    assert rel_err(out.cpu(), ref) <= bound(torch.bfloat16)
