@@ -545,7 +545,7 @@ template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const f
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
       int t = t0 + row_of(mb, hr);
-      out.v[mb][0][hr][0] = t < T ? base[t * stride] : 0.0f;
+      out.v[mb][0][hr][0] = t < T ? base[(long)t * stride] : 0.0f;
     }
 }
 
