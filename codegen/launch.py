@@ -241,6 +241,8 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
         value = args.get(name)
         if kind == "tmap":
             t = value.contiguous()
+            if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
+                t = t.clone()
             keep_alive.append(t)
             params.append(_tensor_map(t, name, plan.source.tmap_rows[name]))
         elif kind == "tmap_out":

@@ -185,3 +185,19 @@ def test_gpu_more_heads_than_grid_y_allows(monkeypatch):
     out, _ = ops.linear_attention(q.cuda(), k.cuda(), v.cuda())
     ref, _ = reference.linear_attention(q, k, v)
     assert rel_err(out.cpu(), ref) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_unaligned_and_strided_inputs():
+    """Views TMA cannot read directly (a storage offset off 16 bytes, a transposed layout) are
+    copied first and give the same result as contiguous inputs."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 100, 2, 64, generator=g).to(torch.bfloat16).cuda() for _ in range(3))
+    flat = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
+    shifted = flat[1:].view_as(q)  # 2 bytes past an aligned address
+    shifted.copy_(q)
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, D] view of a [B, H, T, D] tensor
+    expected, _ = ops.linear_attention(q, k, v)
+    for view in (shifted, strided):
+        out, _ = ops.linear_attention(view, k, v)
+        assert torch.equal(out, expected)
