@@ -11,7 +11,16 @@ import torch
 
 from tilemix.tiles import Kernel
 
-__all__ = ["run_kernel"]
+__all__ = ["run_kernel", "default_scale"]
+
+
+def default_scale(q: Any, scale: float | None) -> float:
+    """``scale``, or ``q``'s head dim ** -0.5 (q checked first: a non-tensor is a TypeError naming it)."""
+    if scale is not None:
+        return scale
+    if not isinstance(q, torch.Tensor) or q.dim() == 0:
+        raise TypeError(f"q: expected a tensor of shape [B, T, H, D], got {type(q).__name__}")
+    return q.shape[-1] ** -0.5
 
 
 def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> torch.device:
@@ -39,6 +48,7 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
                                   "call it under torch.no_grad() or on tensors that do not require grad")
     binding = kernel.bind(args, labels)
     if device.type == "cuda":
+        check_hopper_dims(binding, labels)
         return _run_cuda(kernel, binding, args, device, final_states)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
@@ -53,6 +63,27 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         dtype = torch.float32 if param.spec.kind == "state" else tensors[_first_tile_operand(binding)].dtype
         out[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
     return out
+
+
+HOPPER_PANEL = 64  # sm_90a kernels move feature dims in 64-column (128-byte) swizzled panels
+
+
+def check_hopper_dims(binding, labels: dict[str, str]) -> None:
+    """Feature dims the sm_90a kernels cannot tile are an error naming the argument, before any
+    compile or launch (the interpreter takes any size on CPU tensors)."""
+    for p in binding.params:
+        if p.present and not p.spec.output and p.spec.kind == "matrix":
+            dim = p.spec.dims[-1]
+            if binding.sizes[dim] % 8:  # TMA reads rows of a multiple of 16 bytes
+                raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {binding.sizes[dim]}; the sm_90a "
+                                 "kernels need rows of a multiple of 8 elements (16 bytes)")
+        if not (p.present and not p.spec.output and p.spec.kind in ("seq", "group_seq")):
+            continue
+        for dim in p.spec.static_dims:
+            size = binding.sizes[dim]
+            if size % HOPPER_PANEL:
+                raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {size}; the sm_90a kernels take "
+                                 f"multiples of {HOPPER_PANEL} (CPU tensors run any size through the interpreter)")
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from tilemix.tiles import (
     zeros,
 )
 
-from ._dispatch import run_kernel
+from ._dispatch import default_scale, run_kernel
 
 __all__ = ["attention", "attention_fwd"]
 
@@ -51,5 +51,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     """Multi-head softmax attention. q, k: ``[B, T, H, D]``; v: ``[B, T, H, V]``;
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query.
     Returns ``[B, T, H, V]``."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q, scale)
     return run_kernel(attention_fwd, dict(q=q, k=k, v=v, scale=scale, is_causal=bool(causal)))["o"]

@@ -6,7 +6,7 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._dispatch import run_kernel
+from ._dispatch import default_scale, run_kernel
 
 __all__ = ["linear_attention", "linear_attention_fwd"]
 
@@ -29,7 +29,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     initial_state: float32 ``[B, H, K, V]`` or None (zeros).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = default_scale(q, scale)
     out = run_kernel(linear_attention_fwd, dict(q=q, k=k, v=v, scale=scale, s=initial_state),
                      labels={"s": "initial_state"}, final_states=("s",) if output_final_state else ())
     return out["o"], (out["s"] if output_final_state else None)

@@ -1,0 +1,106 @@
+"""Bad input to every public op is an error naming the argument, raised before anything runs.
+
+Hypothesis draws a valid call of each op, then breaks one argument in one way (rank, a dim, the
+dtype, the device, not a tensor at all); the error must name that argument, and neither the
+interpreter nor a kernel launch may have been reached.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tilemix import ops
+from tilemix.ops._dispatch import check_hopper_dims
+from tilemix.tiles import Kernel
+
+
+def _valid_call(op: str, T: int, H: int, D: int) -> dict:
+    def t(*shape):
+        return torch.randn(*shape)
+
+    if op == "gemm":
+        return dict(a=t(T, D), b=t(D, H * 16))
+    if op == "attention":
+        return dict(q=t(1, T, H, D), k=t(1, T, H, D), v=t(1, T, H, D))
+    if op == "linear_attention":
+        return dict(q=t(1, T, H, D), k=t(1, T, H, D), v=t(1, T, H, D), initial_state=t(1, H, D, D))
+    return dict(x=t(1, T, H, D), dt=torch.rand(1, T, H), A=-torch.rand(H), B=t(1, T, 1, D), C=t(1, T, 1, D),
+                D=t(H), initial_state=t(1, H, D, D))
+
+
+# dims another argument also sizes (the others, e.g. gemm's M, may take any size)
+TIED = {("gemm", "a"): [1], ("gemm", "b"): [0], ("attention", "v"): [0, 1, 2], ("ssd", "B"): [0, 1, 3],
+        ("ssd", "A"): [0], ("ssd", "D"): [0], ("ssd", "dt"): [0, 1, 2]}
+
+
+def _break(value: torch.Tensor, how: str, dim: int, tied: list[int]):
+    if how == "rank":
+        return value[0] if value.dim() > 1 else value[None, None]
+    if how == "dim":
+        shape = list(value.shape)
+        shape[tied[dim % len(tied)]] += 1
+        return torch.randn(*shape)
+    if how == "integer dtype":
+        return value.to(torch.int32)
+    if how == "other device":
+        return value.to("meta")
+    return value.tolist()  # not a tensor
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input reached the interpreter or a launch")
+
+    monkeypatch.setattr(Kernel, "run", refuse)
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "run_hopper", refuse)
+
+
+# the patch that refuses to run anything may stay in place across examples
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["gemm", "attention", "linear_attention", "ssd"]), T=st.integers(1, 80),
+       H=st.integers(1, 3), D=st.sampled_from([16, 32]), victim=st.integers(0, 6), dim=st.integers(0, 3),
+       how=st.sampled_from(["rank", "dim", "integer dtype", "other device", "not a tensor"]))
+def test_bad_input_names_the_argument(op, T, H, D, victim, dim, how, nothing_runs):
+    args = _valid_call(op, T, H, D)
+    name = list(args)[victim % len(args)]
+    args[name] = _break(args[name], how, dim, TIED.get((op, name), list(range(args[name].dim()))))
+    with pytest.raises((TypeError, ValueError)) as error:
+        getattr(ops, op)(**args)
+    # "name: ...", or the argument that sized a dim first: "(T = 11 from name)", "name's", "name is on"
+    named = rf"(^{name}:|from {name}\)|\b{name}'s|\b{name} is on)"
+    assert re.search(named, str(error.value)), f"{how} {name}: {error.value}"
+
+
+def test_mixed_dtypes_name_both_arguments(nothing_runs):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(TypeError, match="k: dtype bf16 differs from q's f32"):
+        ops.attention(q, q.bfloat16(), q)
+
+
+def test_hopper_head_dims_are_checked_before_compiling():
+    """A head dim the sm_90a kernels cannot tile is a ValueError naming the argument (CPU-checkable:
+    the same check runs first on every CUDA call)."""
+    q = torch.zeros(1, 4, 2, 96)
+    binding = ops.linear_attention_fwd.bind(dict(q=q, k=q, v=torch.zeros(1, 4, 2, 64), scale=1.0))
+    with pytest.raises(ValueError, match="q: its K dim is 96; the sm_90a kernels take multiples of 64"):
+        check_hopper_dims(binding, {})
+    gemm = ops.gemm_fwd.bind(dict(a=torch.zeros(8, 12), b=torch.zeros(12, 16)))
+    with pytest.raises(ValueError, match="a: its K dim is 12"):
+        check_hopper_dims(gemm, {})
+
+
+@pytest.mark.gpu
+def test_gpu_bad_input_is_refused_before_launch(nothing_runs):
+    q = torch.randn(1, 8, 2, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q: its K dim is 96"):
+        ops.linear_attention(q, q, q[..., :64].contiguous())
+    with pytest.raises(ValueError, match="k is on cpu but q is on cuda"):
+        ops.attention(q[..., :64], q[..., :64].cpu(), q[..., :64])
