@@ -149,9 +149,12 @@ def compile_cuda(source: str, arch: str, name: str = "kernel") -> Compiled:
     compiled = _nvrtc_compile(source, arch, name)
     if path is not None:
         blob = _MAGIC + hashlib.sha256(compiled.cubin).hexdigest().encode() + b"\n" + compiled.cubin
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-            tmp.write(blob)
-        os.replace(tmp.name, path)
+        try:  # write aside, then rename: a reader sees the old file or the whole new one, never a part
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+                tmp.write(blob)
+            os.replace(tmp.name, path)
+        except OSError as e:
+            warnings.warn(f"tilemix: could not write {path} ({e}); the kernel stays in memory", stacklevel=2)
     _MEMORY[key] = compiled
     return compiled
 
