@@ -47,6 +47,11 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         raise NotImplementedError(f"tilemix.{kernel.name}: gradients are not implemented yet; "
                                   "call it under torch.no_grad() or on tensors that do not require grad")
     binding = kernel.bind(args, labels)
+    if device.type == "cuda" and 0 in binding.sizes.values():
+        # nothing to tile (T = 0, say): the interpreter gives the outputs (empty) and final states
+        cpu = run_kernel(kernel, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                         labels, final_states)
+        return {name: t.to(device) for name, t in cpu.items()}
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
         return _run_cuda(kernel, binding, args, device, final_states)

@@ -91,3 +91,23 @@ def test_gpu_million_tokens(op):
     ref, ref_state = getattr(reference, op)(**args, output_final_state=True)
     assert rel_err(out.cpu(), ref) <= bound(torch.bfloat16)
     assert rel_err(state.cpu(), ref_state) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear_attention", "ssd", "attention", "gemm"])
+def test_gpu_empty_inputs(op):
+    """T = 0 (M = 0 for gemm): empty outputs, the initial state as the final state, no launch."""
+    s0 = torch.randn(2, 3, 64, 64, device="cuda")
+    x = torch.zeros(2, 0, 3, 64, device="cuda", dtype=torch.bfloat16)
+    if op == "gemm":
+        assert ops.gemm(x[0, :, 0], torch.zeros(64, 64, device="cuda", dtype=torch.bfloat16)).shape == (0, 64)
+    elif op == "attention":
+        assert ops.attention(x, x, x).shape == x.shape
+    elif op == "linear_attention":
+        out, state = ops.linear_attention(x, x, x, initial_state=s0, output_final_state=True)
+        assert out.shape == x.shape and torch.equal(state, s0)
+    else:
+        bm = torch.zeros(2, 0, 1, 64, device="cuda", dtype=torch.bfloat16)
+        out, state = ops.ssd(x, torch.zeros(2, 0, 3, device="cuda"), -torch.ones(3, device="cuda"), bm, bm,
+                             initial_state=s0, output_final_state=True)
+        assert out.shape == x.shape and torch.equal(state, s0)
