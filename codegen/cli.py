@@ -20,6 +20,43 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args.ops or None, json_path=args.json)
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tilemix.codegen.tune import config_space, tune
+    from tilemix.ops import PROGRAMS
+    from tilemix.ops.examples import example_inputs
+
+    console = Console()
+    unknown = sorted(set(args.ops) - set(PROGRAMS))
+    if unknown:
+        console.print(f"tilemix tune: unknown op(s) {unknown}; expected some of {sorted(PROGRAMS)}")
+        return 2
+    if not torch.cuda.is_available():
+        console.print("tilemix tune needs a CUDA GPU.")
+        return 1
+    B, T, H, D = args.shape
+    table = Table(title=f"tilemix tune on {torch.cuda.get_device_name()} (B={B} T={T} H={H} D={D})")
+    for column in ("op", "default ms", "tuned ms", "speedup", "tuned config", "candidates", "rejected"):
+        table.add_column(column)
+    for name in args.ops or list(PROGRAMS):
+        kernel, inputs = PROGRAMS[name], example_inputs(name, B=B, T=T, H=H, D=D)
+        with Progress(console=console, transient=True) as bar:
+            from tilemix.codegen.launch import default_schedule
+
+            total = len(config_space(kernel, kernel.bind(inputs), default_schedule(kernel, kernel.bind(inputs))))
+            task = bar.add_task(f"tuning {name}", total=total)
+            result = tune(kernel, inputs, progress=lambda config, task=task: bar.advance(task))
+        default, best = result.times[result.default], result.times[result.best]
+        table.add_row(name, f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x", result.best.describe(),
+                      str(len(result.times) + len(result.rejected)), str(len(result.rejected)))
+    console.print(table)
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -93,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
     bench.add_argument("--json", help="write the records to this JSON file")
     bench.set_defaults(run=_cmd_bench)
+    tune = sub.add_parser("tune", help="search schedules and block sizes on this GPU; cache the winners")
+    tune.add_argument("ops", nargs="*", help=f"ops to tune: {', '.join(sorted(PROGRAMS))} (default: all)")
+    tune.add_argument("--shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 4096, 16, 128),
+                      metavar="B,T,H,D", help="the problem to tune for (default 8,4096,16,128)")
+    tune.set_defaults(run=_cmd_tune)
     show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
     show.add_argument("op", choices=sorted(PROGRAMS))
     show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS))

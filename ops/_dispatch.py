@@ -34,12 +34,14 @@ def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> 
 
 
 def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
-               final_states: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+               final_states: tuple[str, ...] | None = None, schedule=None) -> dict[str, torch.Tensor]:
     """Run ``kernel`` on ``args`` (torch tensors, numbers, None for absent
     optionals). Returns its outputs and final states as torch tensors on the
     inputs' device: outputs in the inputs' dtype, states in float32.
     ``final_states`` names the states to return (None: all); a GPU kernel
-    neither allocates nor writes the others."""
+    neither allocates nor writes the others. ``schedule``: the GPU kernel's
+    (default: a tuned one if cached, see ``tilemix.codegen.tune``, else the
+    code generator's default)."""
     labels = labels or {}
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     device = _check_devices(tensors, labels)
@@ -54,7 +56,16 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         return {name: t.to(device) for name, t in cpu.items()}
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
-        return _run_cuda(kernel, binding, args, device, final_states)
+        if schedule is None:
+            from tilemix.codegen.tune import config_for
+
+            tuned = config_for(kernel, binding, args, device)
+            if tuned is not None:
+                schedule = tuned.schedule
+                if tuned.consts:
+                    args = {**args, **dict(tuned.consts)}
+                    binding = kernel.bind(args, labels)
+        return _run_cuda(kernel, binding, args, device, final_states, schedule)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
     inputs = {k: (v.detach().to(torch.float32).numpy() if isinstance(v, torch.Tensor) else v)
@@ -97,7 +108,7 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device,
-              final_states: tuple[str, ...] | None) -> dict[str, torch.Tensor]:
+              final_states: tuple[str, ...] | None, schedule) -> dict[str, torch.Tensor]:
     if _capability(device) != (9, 0):
         raise NotImplementedError(f"tilemix.{kernel.name}: only the Hopper (sm_90a) backend exists so far; "
                                   f"{torch.cuda.get_device_name(device)} is not supported yet")
@@ -115,10 +126,10 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
             shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
             outputs[p.name] = alloc(shape, float("nan"), dtype=torch.float32, device=device)
     if device.index == torch.cuda.current_device():
-        run_hopper(kernel, binding, args, outputs)
+        run_hopper(kernel, binding, args, outputs, schedule)
     else:
         with torch.cuda.device(device):  # ~10 µs: only when the tensors are not on the current GPU
-            run_hopper(kernel, binding, args, outputs)
+            run_hopper(kernel, binding, args, outputs, schedule)
     return outputs
 
 

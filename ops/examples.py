@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tilemix.tiles import TensorSpec
 
-__all__ = ["example_specs"]
+__all__ = ["example_specs", "example_inputs"]
 
 
 def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H: int = 16,
@@ -23,4 +23,30 @@ def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H
         return dict(x=seq, dt=TensorSpec((B, T, H), "float32"), A=TensorSpec((H,), "float32"),
                     B=TensorSpec((B, T, 1, D), dtype), C=TensorSpec((B, T, 1, D), dtype),
                     D=TensorSpec((H,), "float32"))
+    raise ValueError(f"unknown op {op!r}")
+
+
+def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: int = 8, T: int = 4096,
+                   H: int = 16, D: int = 128, seed: int = 0) -> dict:
+    """Random program arguments for ``op`` at the benchmark shape, with values in their valid ranges
+    (positive dt, negative A), for tuning and timing."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt16 = getattr(torch, dtype)
+
+    def randn(*shape, dtype=dt16):
+        return torch.randn(*shape, device=device, generator=g).to(dtype)
+
+    if op == "gemm":
+        return dict(a=randn(4096, 4096), b=randn(4096, 4096))
+    if op == "attention":
+        return dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, D), scale=D ** -0.5, is_causal=True)
+    if op == "linear_attention":
+        return dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, D), scale=D ** -0.5)
+    if op == "ssd":
+        dt = torch.rand(B, T, H, device=device, generator=g) * 0.5 + 0.01
+        A = -(torch.rand(H, device=device, generator=g) + 0.1)
+        return dict(x=randn(B, T, H, D), dt=dt, A=A, B=randn(B, T, 1, D), C=randn(B, T, 1, D),
+                    D=randn(H, dtype=torch.float32))
     raise ValueError(f"unknown op {op!r}")

@@ -39,3 +39,15 @@ def test_show_cuda_sass_and_resources(op, capsys):
     assert main(["show", op, "--sass", "--resources"]) == 0
     out = capsys.readouterr().out
     assert "HGMMA" in out and "registers/thread" in out
+
+
+def test_tune_rejects_unknown_ops(capsys):
+    assert main(["tune", "not_an_op"]) == 2
+    assert "unknown op(s) ['not_an_op']" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_gpu_tune_one_op(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
+    assert main(["tune", "linear_attention", "--shape", "2,1024,4,64"]) == 0
+    assert "tuned config" in capsys.readouterr().out

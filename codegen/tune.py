@@ -1,0 +1,270 @@
+"""Autotuning: search a program's schedules and block sizes on the GPU it runs on.
+
+A ``Config`` is a ``Schedule`` plus overrides of the program's block-size ``Const``s. The space is
+derived from what the code generator exposes (ring depth, consumer warpgroups, block sizes);
+candidates that do not fit shared memory, or that spill, are dropped before any timing. Each
+survivor is compiled (in parallel), run on the first tokens (rows) of the real inputs and checked
+against the interpreter — a fast wrong kernel never wins — then timed (CUDA events after an
+L2-flushing write, median). The winner is cached per (program, GPU, capability, dtype, shape
+bucket) as a small JSON file written atomically; a damaged file is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tilemix.tiles import Kernel
+from tilemix.tiles.errors import ResourceError
+from tilemix.tiles.params import Binding
+from tilemix.tiles.types import DType
+
+from .hopper import Schedule
+
+__all__ = ["Config", "TuneResult", "config_space", "tune", "cached_config", "cache_key", "config_for"]
+
+MAX_STAGES = 4
+_TORCH_NAMES = {DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16"}
+CHECK_ROWS = 256  # tokens (or matrix rows) of the real inputs each candidate is checked on
+
+
+@dataclass(frozen=True)
+class Config:
+    schedule: Schedule
+    consts: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> str:
+        s = self.schedule
+        parts = [f"stages={s.stages}", f"consumers={s.consumers}"] + [f"{k}={v}" for k, v in self.consts]
+        return " ".join(parts)
+
+
+@dataclass
+class TuneResult:
+    best: Config
+    default: Config
+    times: dict[Config, float] = field(default_factory=dict)  # ms of every candidate timed
+    rejected: dict[Config, str] = field(default_factory=dict)  # why the others were dropped
+
+
+# -- the space -------------------------------------------------------------------------
+def _block_consts(kernel: Kernel, binding: Binding) -> dict[str, list[int]]:
+    """Alternatives for the program's block-size constants: integer Consts that are multiples of 64
+    (bools such as is_causal are not sizes), halved and doubled within 64..256."""
+    choices = {}
+    for name, spec in kernel.specs.items():
+        value = binding.values.get(name)
+        if spec.kind == "const" and isinstance(value, int) and not isinstance(value, bool) and value % 64 == 0:
+            choices[name] = sorted({v for v in (value // 2, value, value * 2) if 64 <= v <= 256 and v % 64 == 0})
+    return choices
+
+
+def config_space(kernel: Kernel, binding: Binding, default: Schedule) -> list[Config]:
+    """Every combination of ring depth (1..4), consumer warpgroups (1, 2) and block sizes, the
+    default first."""
+    consts = _block_consts(kernel, binding)
+    names = sorted(consts)
+    space = [Config(default)]
+    for stages, consumers in itertools.product(range(1, MAX_STAGES + 1), (1, 2)):
+        for values in itertools.product(*(consts[n] for n in names)):
+            config = Config(replace(default, stages=stages, consumers=consumers), tuple(zip(names, values)))
+            if config not in space and not (config.schedule == default and _is_default(config, binding)):
+                space.append(config)
+    return space
+
+
+def _is_default(config: Config, binding: Binding) -> bool:
+    return all(binding.values.get(k) == v for k, v in config.consts)
+
+
+# -- the cache ---------------------------------------------------------------------------
+def _bucket(size: int) -> int:
+    """Runtime sizes tune per power of two (T = 3000 and 4000 share a config)."""
+    return 1 << max(size - 1, 0).bit_length()
+
+
+def cache_key(kernel: Kernel, binding: Binding, gpu: str, capability: tuple[int, int]) -> str:
+    program = _PROGRAM_HASH.get(id(kernel))
+    if program is None:
+        program = _PROGRAM_HASH[id(kernel)] = hashlib.sha256(inspect.getsource(kernel.fn).encode()).hexdigest()[:16]
+    runtime = {k: _bucket(v) for k, v in sorted(binding.sizes.items()) if k not in binding.static}
+    parts = [program, gpu, f"sm_{capability[0]}{capability[1]}", str(binding.compute_dtype),
+             json.dumps(sorted(binding.static.items())), json.dumps(sorted(runtime.items())),
+             json.dumps(sorted((k, repr(v)) for k, v in binding.values.items() if kernel.specs[k].kind == "const"))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _cache_path(key: str) -> Path:
+    root = Path(os.environ.get("TILEMIX_CACHE", Path.home() / ".cache" / "tilemix"))
+    return root / "tuned" / f"{key}.json"
+
+
+def _to_json(config: Config) -> str:
+    return json.dumps({"schedule": asdict(config.schedule), "consts": list(config.consts)})
+
+
+def _from_json(text: str) -> Config:
+    data = json.loads(text)
+    s = data["schedule"]
+    schedule = Schedule(stages=int(s["stages"]), split=tuple((d, int(w)) for d, w in s["split"]),
+                        consumers=int(s["consumers"]), consumer_axis=str(s["consumer_axis"]))
+    return Config(schedule, tuple((str(k), v) for k, v in data["consts"]))
+
+
+def cached_config(key: str) -> Config | None:
+    """The tuned config for ``key``, or None (absent, unreadable or damaged: tuned again)."""
+    try:
+        return _from_json(_cache_path(key).read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_config(key: str, config: Config) -> None:
+    """Write aside and rename: concurrent writers each leave a whole file, one of them wins."""
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
+            tmp.write(_to_json(config))
+        os.replace(tmp.name, path)
+    except OSError:
+        pass  # an unwritable cache only costs tuning again
+
+
+_PROGRAM_HASH: dict[int, str] = {}
+_LOOKUPS: dict[tuple, Config | None] = {}
+
+
+def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device) -> Config | None:
+    """The tuned config of this call: from memory, else from the cache dir, else (with
+    ``TILEMIX_AUTOTUNE=1``) tuned now on ``args``; None means the default schedule."""
+    memo = (id(kernel), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device)
+    if memo not in _LOOKUPS:
+        import torch
+
+        key = cache_key(kernel, binding, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+        config = cached_config(key)
+        if config is None and os.environ.get("TILEMIX_AUTOTUNE") == "1":
+            config = tune(kernel, args).best
+        _LOOKUPS[memo] = config
+    return _LOOKUPS[memo]
+
+
+# -- the search ----------------------------------------------------------------------------
+def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], object]], float] | None = None,
+         runner=None, progress: Callable[[str], None] | None = None, workers: int | None = None) -> TuneResult:
+    """Tune ``kernel`` for ``args`` (CUDA tensors) and cache the winner.
+
+    ``timer(fn) -> ms`` and ``runner`` (an object with ``prepare(config) -> error or None``,
+    ``check(config) -> error or None`` and ``launch(config) -> callable``) default to the GPU ones;
+    tests pass fakes."""
+    runner = runner or _GpuRunner(kernel, args)
+    timer = timer or _gpu_timer()
+    space = config_space(kernel, runner.binding, runner.default)
+    result = TuneResult(best=space[0], default=space[0])
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        prepared = list(pool.map(runner.prepare, space))  # lowering + NVRTC, in parallel
+    for config, error in zip(space, prepared):
+        error = error or runner.check(config)
+        if error:
+            result.rejected[config] = error
+            if config == result.default:
+                raise RuntimeError(f"the default config of {kernel.name} failed: {error}")
+        else:
+            result.times[config] = timer(runner.launch(config))
+        if progress:
+            progress(config.describe())
+    result.best = min(result.times, key=result.times.get)
+    store_config(runner.key, result.best)
+    return result
+
+
+def _gpu_timer():
+    from tilemix.bench.bench import time_ms
+
+    return time_ms
+
+
+class _GpuRunner:
+    """Compiles, checks and launches candidate configs of one call on the current GPU."""
+
+    def __init__(self, kernel: Kernel, args: dict[str, Any]):
+        import torch
+
+        from .launch import default_schedule
+
+        self.kernel, self.args = kernel, args
+        self.binding = kernel.bind(args)
+        self.default = default_schedule(kernel, self.binding)
+        device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
+        self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device),
+                             torch.cuda.get_device_capability(device))
+        self.small = {k: self._first_rows(v) for k, v in args.items()}
+        self._reference = None
+
+    @staticmethod
+    def _first_rows(value):
+        """The first CHECK_ROWS tokens of a [B, T, ...] tensor or rows of a matrix."""
+        import torch
+
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            return value
+        dim = 1 if value.dim() >= 3 else 0
+        return value.narrow(dim, 0, min(value.shape[dim], CHECK_ROWS)).contiguous()
+
+    def _with(self, config: Config, args: dict[str, Any]) -> dict[str, Any]:
+        return {**args, **dict(config.consts)}
+
+    def prepare(self, config: Config) -> str | None:
+        from .compile import compile_cuda, resources
+        from .launch import hopper_source
+
+        try:
+            binding = self.kernel.bind(self._with(config, self.args))
+            source = hopper_source(self.kernel, binding, config.schedule)
+        except ResourceError as e:
+            return str(e).splitlines()[0]
+        usage = resources(compile_cuda(source.source, "sm_90a", source.name))
+        if usage["local"] or usage["stack"] > 64:
+            return f"spills ({usage['local']} B local, {usage['stack']} B stack)"
+        return None
+
+    def _run(self, config: Config, args: dict[str, Any]):
+        from tilemix.ops._dispatch import run_kernel
+
+        return run_kernel(self.kernel, self._with(config, args), schedule=config.schedule)
+
+    def check(self, config: Config) -> str | None:
+        """Against the interpreter on the first rows: no worse than twice the default's error (and
+        within the dtype's bound if the default is)."""
+        import torch
+
+        from tilemix.reference.tolerance import bound
+
+        if self._reference is None:
+            cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.small.items()}
+            self._reference = self._run(Config(self.default), cpu)
+            self._default_err = max(self._error(self._run(Config(self.default), self.small)).values())
+        limit = max(bound(_TORCH_NAMES[self.binding.compute_dtype]), 2 * self._default_err)
+        errors = self._error(self._run(config, self.small))
+        worst = max(errors, key=errors.get)
+        if not errors[worst] <= limit:
+            return f"{worst} differs from the interpreter by {errors[worst]:.2e} (limit {limit:.2e})"
+        return None
+
+    def _error(self, outputs) -> dict[str, float]:
+        from tilemix.reference.tolerance import rel_err
+
+        return {name: rel_err(out.cpu(), self._reference[name].double().numpy()) for name, out in outputs.items()}
+
+    def launch(self, config: Config) -> Callable[[], object]:
+        return lambda: self._run(config, self.args)
