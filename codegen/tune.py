@@ -208,18 +208,24 @@ class _GpuRunner:
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
         self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device),
                              torch.cuda.get_device_capability(device))
-        self.small = {k: self._first_rows(v) for k, v in args.items()}
+        self.small = self._first_rows(args)
         self._reference = None
 
-    @staticmethod
-    def _first_rows(value):
-        """The first CHECK_ROWS tokens of a [B, T, ...] tensor or rows of a matrix."""
+    def _first_rows(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``args`` cut to their first CHECK_ROWS along one runtime dim: the sequence (T), or for
+        matrix programs the first matrix's rows (gemm's M), in every tensor that has that dim."""
         import torch
 
-        if not isinstance(value, torch.Tensor) or value.dim() < 2:
-            return value
-        dim = 1 if value.dim() >= 3 else 0
-        return value.narrow(dim, 0, min(value.shape[dim], CHECK_ROWS)).contiguous()
+        layouts = {p.name: p.spec.layout for p in self.binding.params if p.present and not p.spec.output}
+        matrices = [layout for layout in layouts.values() if len(layout) == 2 and "T" not in layout]
+        dim = "T" if "T" in self.binding.sizes else matrices[0][0]
+        small = dict(args)
+        for name, layout in layouts.items():
+            value = args.get(name)
+            if isinstance(value, torch.Tensor) and dim in layout:
+                axis = layout.index(dim)
+                small[name] = value.narrow(axis, 0, min(value.shape[axis], CHECK_ROWS)).contiguous()
+        return small
 
     def _with(self, config: Config, args: dict[str, Any]) -> dict[str, Any]:
         return {**args, **dict(config.consts)}
