@@ -13,6 +13,7 @@ import datetime
 import functools
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +123,6 @@ def _ssd_case(B, T, H, D, dtype):
 
 
 def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION"):
-    B, H = 4, 16  # the attention bar's shape
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     nbytes = 4 * q.numel() * q.element_size()
@@ -155,8 +155,32 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "gemm-8192": functools.partial(_gemm_case, n=8192)}
 
 
-def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int = 16, D: int = 128,
-              json_path: str | None = None) -> int:
+SHAPE = (8, 4096, 16, 128)  # B, T, H, D of the Hopper issue's bars
+ATTENTION_SHAPE = (4, 4096, 16, 128)
+SWEEP_OPS = ("linear_attention", "ssd", "attention")
+SWEEP_T = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+SWEEP_D = (64, 128)
+
+
+def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D) -> list[tuple[str, int, int, int, int]]:
+    """(case, B, T, H, D) over sequence lengths with batch x heads x length held at 8·16·4096 (H = 16
+    while B >= 1, then fewer heads), for each head dim."""
+    tokens = SHAPE[0] * SHAPE[1] * SHAPE[2]
+    rows = []
+    for name in SWEEP_OPS:
+        for D in head_dims:
+            for T in lengths:
+                H = min(16, tokens // T)
+                rows.append((name, max(1, tokens // (T * H)), T, H, D))
+    return rows
+
+
+def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
+    return [(name, *(ATTENTION_SHAPE if name.startswith("attention") else SHAPE)) for name in names or list(CASES)]
+
+
+def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
+              plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D) -> int:
     console = Console()
     if not torch.cuda.is_available():
         console.print("tilemix bench needs a CUDA GPU.")
@@ -168,7 +192,10 @@ def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int 
         table.add_column(column)
     records = []
     mma_rate = matmul_rate()
-    for name in names or list(CASES):
+    rows = sweep_rows(head_dims=head_dims) if sweep else default_rows(names)
+    if sweep and names:
+        rows = [row for row in rows if row[0] in names]
+    for name, B, T, H, D in rows:
         ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
         op = name.split("-")[0]
         try:
@@ -188,10 +215,26 @@ def run_bench(names: list[str] | None = None, B: int = 8, T: int = 4096, H: int 
         table.add_row(name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
                       f"{peer_ms:.3f}", f"{peer_ms / ms:.2f}x", f"{flops / ms / 1e9:.0f}", f"{roofline_ms / ms:.0%}")
     console.print(table)
+    result = dict(gpu=gpu, date=datetime.date.today().isoformat(), copy_tbps=bandwidth / 1e12,
+                  mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
+                  records=records)
     if json_path:
-        result = dict(gpu=gpu, date=datetime.date.today().isoformat(), copy_tbps=bandwidth / 1e12,
-                      mma_tflops=mma_rate / 1e12,
-                      versions=dict(torch=torch.__version__, python=platform.python_version()),
-                      command="tilemix bench", records=records)
         Path(json_path).write_text(json.dumps(result, indent=2))
+    if plot_dir:
+        from .plots import plot_results
+
+        for path in plot_results(result, plot_dir):
+            console.print(f"wrote {path}")
     return 0
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = dict(torch=torch.__version__, cuda=str(torch.version.cuda), python=platform.python_version())
+    for package in ("tilemix", "triton", "flash-linear-attention", "cupy-cuda13x"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

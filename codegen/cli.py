@@ -17,7 +17,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
-    return run_bench(args.ops or None, json_path=args.json)
+    return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
+                     head_dims=tuple(args.head_dim or (64, 128)))
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from tilemix.bench.plots import main
+
+    return main(args.json, args.out)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -129,7 +136,15 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time ops beside their peers on the GPU")
     bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
     bench.add_argument("--json", help="write the records to this JSON file")
+    bench.add_argument("--sweep", action="store_true",
+                       help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64 and 128")
+    bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64 and 128)")
+    bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
     bench.set_defaults(run=_cmd_bench)
+    plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
+    plot.add_argument("json")
+    plot.add_argument("out", help="directory for the PNGs")
+    plot.set_defaults(run=_cmd_plot)
     tune = sub.add_parser("tune", help="search schedules and block sizes on this GPU; cache the winners")
     tune.add_argument("ops", nargs="*", help=f"ops to tune: {', '.join(sorted(PROGRAMS))} (default: all)")
     tune.add_argument("--shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 4096, 16, 128),

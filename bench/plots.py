@@ -1,0 +1,68 @@
+"""PNG plots of a ``tilemix bench`` result (matplotlib, an optional dependency: ``pip install
+tilemix[plot]``): time against sequence length per op and head dim, beside the peer, and each row's
+fraction of its roofline."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["plot_results", "main"]
+
+
+def _series(records: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Sweep records grouped by (op, head dim), ordered by sequence length."""
+    groups = defaultdict(list)
+    for r in records:
+        shape = r["shape"]
+        groups[(r["op"], shape.get("D", shape.get("K", shape.get("N"))))].append(r)
+    return {k: sorted(v, key=lambda r: r["shape"].get("T", 0)) for k, v in groups.items()}
+
+
+def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("plots need matplotlib: pip install 'tilemix[plot]'") from e
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    caption = f"{result['gpu']}, {result['date']}, torch {result['versions'].get('torch', '?')}"
+    written = []
+    series = {k: v for k, v in _series(result["records"]).items() if len(v) > 1 and "T" in v[0]["shape"]}
+    for (op, dim), rows in sorted(series.items()):
+        T = [r["shape"]["T"] for r in rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(T, [r["ms"] for r in rows], "o-", label="tilemix")
+        ax.plot(T, [r["peer_ms"] for r in rows], "s--", label=rows[0]["peer"])
+        ax.plot(T, [r["ms"] * r["roofline_fraction"] for r in rows], ":", color="gray", label="roofline")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T (B·H·T constant)", ylabel="ms",
+               title=f"{op}, head dim {dim}")
+        ax.legend()
+        fig.text(0.01, 0.01, caption, fontsize=7)
+        path = out / f"{op}-d{dim}-time.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    if series:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (op, dim), rows in sorted(series.items()):
+            ax.plot([r["shape"]["T"] for r in rows], [r["roofline_fraction"] for r in rows], "o-", label=f"{op} d{dim}")
+        ax.set(xscale="log", ylim=(0, 1.05), xlabel="sequence length T", ylabel="fraction of roofline",
+               title="roofline fraction")
+        ax.legend(fontsize=7)
+        fig.text(0.01, 0.01, caption, fontsize=7)
+        path = out / "roofline.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(json_path: str, out_dir: str) -> int:
+    for path in plot_results(json.loads(Path(json_path).read_text()), out_dir):
+        print(f"wrote {path}")
+    return 0
