@@ -428,7 +428,9 @@ class _Lowering:
         # registers inside the loop, ptxas serialises every wgmma of the kernel.
         only_wgmma = {self.name(v) for v in loop.carried if self.uses[v] == 1
                       and any(x is v and self.reuses(x, add) for add, (_, x) in self.accumulate.items())}
-        deferred = self.groups > 0 and self.pending <= only_wgmma
+        # (and only with two stages or more: with one, the producer needs this stage back before it
+        # can load the chunk the next iteration waits for — a deadlock the tuner found)
+        deferred = self.groups > 0 and self.pending <= only_wgmma and self.schedule.stages > 1
         if self.groups and not deferred:
             self.wait_all(ind + 2)
         if deferred:
