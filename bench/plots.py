@@ -39,10 +39,9 @@ def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
         ax.plot(T, [r["ms"] for r in rows], "o-", label="tilemix")
         ax.plot(T, [r["peer_ms"] for r in rows], "s--", label=rows[0]["peer"])
         ax.plot(T, [r["ms"] * r["roofline_fraction"] for r in rows], ":", color="gray", label="roofline")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T (B·H·T constant)", ylabel="ms",
-               title=f"{op}, head dim {dim}")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T (B·H·T constant)", ylabel="ms")
+        ax.set_title(f"{op}, head dim {dim}\n{caption}", fontsize=9)
         ax.legend()
-        fig.text(0.01, 0.01, caption, fontsize=7)
         path = out / f"{op}-d{dim}-time.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -51,10 +50,9 @@ def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for (op, dim), rows in sorted(series.items()):
             ax.plot([r["shape"]["T"] for r in rows], [r["roofline_fraction"] for r in rows], "o-", label=f"{op} d{dim}")
-        ax.set(xscale="log", ylim=(0, 1.05), xlabel="sequence length T", ylabel="fraction of roofline",
-               title="roofline fraction")
+        ax.set(xscale="log", ylim=(0, 1.05), xlabel="sequence length T", ylabel="fraction of roofline")
+        ax.set_title(f"roofline fraction\n{caption}", fontsize=9)
         ax.legend(fontsize=7)
-        fig.text(0.01, 0.01, caption, fontsize=7)
         path = out / "roofline.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
