@@ -11,7 +11,7 @@ import torch
 
 from tilemix.tiles import Kernel
 
-__all__ = ["run_kernel", "default_scale"]
+__all__ = ["run_kernel", "fake_run", "default_scale", "check_call"]
 
 
 def default_scale(q: Any, scale: float | None) -> float:
@@ -31,6 +31,37 @@ def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> 
             raise ValueError(f"{labels.get(name, name)} is on {device} but {labels.get(first_name, first_name)} "
                              f"is on {first}; all tensors must be on one device")
     return first
+
+
+def check_call(op: str, **tensors: Any) -> None:
+    """What the public functions check before calling their torch op: tensor arguments are tensors
+    (the op's schema would reject them less clearly), and nothing asks for gradients yet."""
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
+        raise NotImplementedError(f"tilemix.{op}: gradients are not implemented yet; "
+                                  "call it under torch.no_grad() or on tensors that do not require grad")
+
+
+def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
+             final_states: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """What ``run_kernel`` returns, as empty tensors of the right shapes, dtypes and device
+    (meta/fake tensors for torch.compile), after the same argument checks."""
+    labels = labels or {}
+    device = _check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels)
+    binding = kernel.bind(args, labels)
+    if device.type == "cuda":
+        check_hopper_dims(binding, labels)
+    dtype = args[_first_tile_operand(binding)].dtype
+    out = {}
+    for p in binding.params:
+        if p.spec.output:
+            out[p.name] = torch.empty(p.shape, dtype=dtype, device=device)
+        elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
+            shape = (binding.sizes["B"], binding.sizes["H"]) + tuple(binding.extent(d) for d in p.spec.dims)
+            out[p.name] = torch.empty(shape, dtype=torch.float32, device=device)
+    return out
 
 
 def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,

@@ -22,7 +22,8 @@ from tilemix.tiles import (
     zeros,
 )
 
-from ._dispatch import default_scale, run_kernel
+from ._dispatch import check_call, default_scale
+from ._library import tile_op
 
 __all__ = ["attention", "attention_fwd"]
 
@@ -46,10 +47,16 @@ def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[S
         o[i] = acc / denom
 
 
+attention_op = tile_op("attention", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor",
+                       attention_fwd,
+                       lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal), {}, None),
+                       lambda out: out["o"])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None) -> torch.Tensor:
     """Multi-head softmax attention. q, k: ``[B, T, H, D]``; v: ``[B, T, H, V]``;
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query.
     Returns ``[B, T, H, V]``."""
-    scale = default_scale(q, scale)
-    return run_kernel(attention_fwd, dict(q=q, k=k, v=v, scale=scale, is_causal=bool(causal)))["o"]
+    check_call("attention", q=q, k=k, v=v)
+    return attention_op(q, k, v, bool(causal), default_scale(q, scale))

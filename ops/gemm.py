@@ -6,7 +6,8 @@ import torch
 
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
-from ._dispatch import run_kernel
+from ._dispatch import check_call
+from ._library import tile_op
 
 __all__ = ["gemm", "gemm_fwd"]
 
@@ -22,6 +23,12 @@ def gemm_fwd(a: Matrix["M", "K"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
             c[i, j] = acc
 
 
+gemm_op = tile_op("gemm", "(Tensor a, Tensor b) -> Tensor", gemm_fwd,
+                  lambda a, b: (dict(a=a, b=b), {}, None), lambda out: out["c"])
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a [M, K] @ b [K, N] → [M, N]`` with fp32 accumulation, in a's dtype."""
-    return run_kernel(gemm_fwd, dict(a=a, b=b))["c"]
+    """``a [M, K] @ b [K, N] → [M, N]`` with fp32 accumulation, in a's dtype
+    (``torch.ops.tilemix.gemm``)."""
+    check_call("gemm", a=a, b=b)
+    return gemm_op(a, b)

@@ -6,7 +6,8 @@ import torch
 
 from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsum, exp, kernel, segsum
 
-from ._dispatch import run_kernel
+from ._dispatch import check_call
+from ._library import no_state, tile_op
 
 __all__ = ["ssd", "ssd_fwd"]
 
@@ -24,6 +25,16 @@ def ssd_fwd(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["
         h = h * exp(colsum(log_decay)) + (bc * decay_to_end).T @ xdt
 
 
+ssd_op = tile_op(
+    "ssd",
+    "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state, bool output_final_state)"
+    " -> (Tensor, Tensor)",
+    ssd_fwd,
+    lambda x, dt, A, B, C, D, initial_state, final: (dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
+                                                     {"h": "initial_state"}, ("h",) if final else ()),
+    lambda out: (out["y"], out.get("h", no_state(out["y"]))))
+
+
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
         output_final_state: bool = False):
@@ -34,6 +45,6 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     ``h // (H // G)``); D: ``[H]`` or None; initial_state: float32
     ``[B, H, N, P]`` or None. Returns ``(y [B, T, H, P], final_state or None)``.
     """
-    out = run_kernel(ssd_fwd, dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
-                     labels={"h": "initial_state"}, final_states=("h",) if output_final_state else ())
-    return out["y"], (out["h"] if output_final_state else None)
+    check_call("ssd", x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+    y, state = ssd_op(x, dt, A, B, C, D, initial_state, bool(output_final_state))
+    return y, (state if output_final_state else None)

@@ -71,6 +71,8 @@ class Kernel:
         The checks depend only on the arguments' shapes, dtypes, types and constants, so their
         result is cached per signature and a repeated call only refreshes the scalar values."""
         signature = self._signature(args)
+        if signature is None:  # symbolic sizes (torch.compile, dynamic shapes): nothing to cache by
+            return bind_arguments(self.specs, self.defaults, args, labels)
         binding = self._bindings.get(signature)
         if binding is None:
             binding = self._bindings[signature] = bind_arguments(self.specs, self.defaults, args, labels)
@@ -80,13 +82,16 @@ class Kernel:
         fresh._key = binding.key()  # scalars are not part of the key
         return fresh
 
-    def _signature(self, args: dict[str, Any]) -> tuple:
+    def _signature(self, args: dict[str, Any]) -> tuple | None:
         parts = [tuple(args)]  # the names given (in call order: a reordered call binds once more)
         for name, spec in self.specs.items():
             value = args.get(name, self.defaults.get(name))
             dtype = getattr(value, "dtype", None)
             if dtype is not None:
-                parts.append((tuple(value.shape), dtype))
+                shape = tuple(value.shape)
+                if not all(type(s) is int for s in shape):
+                    return None
+                parts.append((shape, dtype))
             else:
                 parts.append((type(value), value if spec.kind == "const" else None))
         return tuple(parts)

@@ -156,6 +156,12 @@ class Binding:
         return dim if isinstance(dim, int) else self.static.get(dim, self.sizes.get(dim))
 
 
+def _symbolic(size) -> bool:
+    """A torch.SymInt (torch.compile with dynamic shapes): kept symbolic, so checks become guards
+    instead of pinning the size."""
+    return not isinstance(size, int) and hasattr(size, "node")
+
+
 def _fmt(shape) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
@@ -215,7 +221,7 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
                                 "tensors that feed matmuls share one dtype")
         elif spec.kind in ("seq", "head") and compute is not None and dtype not in (DType.f32, compute[0]):
             raise TypeError(f"{label(name)}: dtype {dtype} must be float32 or {label(compute[1])}'s {compute[0]}")
-        shape = tuple(int(s) for s in value.shape)
+        shape = tuple(s if _symbolic(s) else int(s) for s in value.shape)
         layout = spec.layout
         if len(shape) != len(layout):
             raise ValueError(f"{label(name)}: expected {len(layout)} dims {_fmt(layout)}, got shape {_fmt(shape)}")
