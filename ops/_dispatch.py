@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tilemix.tiles import Kernel
+from tilemix.tiles.types import DType
 
 __all__ = ["run_kernel", "fake_run", "default_scale", "check_call"]
 
@@ -20,7 +21,7 @@ def default_scale(q: Any, scale: float | None) -> float:
         return scale
     if not isinstance(q, torch.Tensor) or q.dim() == 0:
         raise TypeError(f"q: expected a tensor of shape [B, T, H, D], got {type(q).__name__}")
-    return q.shape[-1] ** -0.5
+    return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0  # K = 0: every score is 0 whatever the scale
 
 
 def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> torch.device:
@@ -60,7 +61,8 @@ def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
             out[p.name] = torch.empty(p.shape, dtype=dtype, device=device)
         elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             shape = (binding.sizes["B"], binding.sizes["H"]) + tuple(binding.extent(d) for d in p.spec.dims)
-            out[p.name] = torch.empty(shape, dtype=torch.float32, device=device)
+            state = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32
+            out[p.name] = torch.empty(shape, dtype=state, device=device)
     return out
 
 
@@ -80,6 +82,9 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         raise NotImplementedError(f"tilemix.{kernel.name}: gradients are not implemented yet; "
                                   "call it under torch.no_grad() or on tensors that do not require grad")
     binding = kernel.bind(args, labels)
+    if 0 in (binding.sizes.get("B", 1), binding.sizes.get("H", 1)):
+        # no program instance at all (B = 0 or H = 0): every output and state is empty
+        return {name: t.zero_() for name, t in fake_run(kernel, args, labels, final_states).items()}
     if device.type == "cuda" and 0 in binding.sizes.values():
         # nothing to tile (T = 0, say): the interpreter gives the outputs (empty) and final states
         cpu = run_kernel(kernel, {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
@@ -99,16 +104,16 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         return _run_cuda(kernel, binding, args, device, final_states, schedule)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
-    inputs = {k: (v.detach().to(torch.float32).numpy() if isinstance(v, torch.Tensor) else v)
-              for k, v in args.items()}
+    work = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32  # the interpreter's precision
+    inputs = {k: (v.detach().to(work).numpy() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     results = kernel.run(binding, inputs)
     out = {}
     for name, array in results.items():
         param = binding.param(name)
         if param.spec.kind == "state" and final_states is not None and name not in final_states:
             continue
-        dtype = torch.float32 if param.spec.kind == "state" else tensors[_first_tile_operand(binding)].dtype
-        out[name] = torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+        dtype = work if param.spec.kind == "state" else tensors[_first_tile_operand(binding)].dtype
+        out[name] = torch.from_numpy(np.array(array)).to(dtype)  # a copy: never an alias of an input
     return out
 
 
@@ -116,8 +121,12 @@ HOPPER_PANEL = 64  # sm_90a kernels move feature dims in 64-column (128-byte) sw
 
 
 def check_hopper_dims(binding, labels: dict[str, str]) -> None:
-    """Feature dims the sm_90a kernels cannot tile are an error naming the argument, before any
-    compile or launch (the interpreter takes any size on CPU tensors)."""
+    """Dtypes and feature dims the sm_90a kernels cannot take are an error naming the argument,
+    before any compile or launch (the interpreter takes any size, and float32/64, on CPU tensors)."""
+    if binding.compute_dtype not in (DType.bf16, DType.f16):
+        first = _first_tile_operand(binding)
+        raise TypeError(f"{labels.get(first, first)}: the sm_90a kernels take bfloat16 or float16 tensors, got "
+                        f"{binding.compute_dtype} (float32 and float64 run through the interpreter on CPU tensors)")
     for p in binding.params:
         if p.present and not p.spec.output and p.spec.kind == "matrix":
             dim = p.spec.dims[-1]

@@ -111,3 +111,19 @@ def test_gpu_empty_inputs(op):
         out, state = ops.ssd(x, torch.zeros(2, 0, 3, device="cuda"), -torch.ones(3, device="cuda"), bm, bm,
                              initial_state=s0, output_final_state=True)
         assert out.shape == x.shape and torch.equal(state, s0)
+
+
+@pytest.mark.parametrize("empty", ["B", "H", "K"])
+def test_empty_batch_heads_or_head_dim(empty):
+    """B = 0 or H = 0 (no program instance) and a zero head dim K are valid: outputs of the right
+    (empty or zero) shape, no crash; with K = 0 every score is 0 and the default scale is moot."""
+    B, H, K = {"B": (0, 2, 16), "H": (1, 0, 16), "K": (1, 2, 0)}[empty]
+    q, v = torch.randn(B, 5, H, K), torch.randn(B, 5, H, 16)
+    o, state = ops.linear_attention(q, q, v, initial_state=torch.randn(B, H, K, 16), output_final_state=True)
+    assert o.shape == v.shape and state.shape == (B, H, K, 16) and not o.abs().sum()
+    out = ops.attention(q, q, v, causal=True)
+    expected = v.cumsum(1) / torch.arange(1, 6).view(1, 5, 1, 1)  # equal scores: running means of v
+    torch.testing.assert_close(out, expected if empty == "K" else torch.empty_like(v), atol=1e-5, rtol=1e-5)
+    y, h = ops.ssd(v, torch.rand(B, 5, H), -torch.rand(H), torch.randn(B, 5, 1, 16), torch.randn(B, 5, 1, 16),
+                   output_final_state=True)
+    assert y.shape == v.shape and h.shape == (B, H, 16, 16)

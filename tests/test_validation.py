@@ -88,13 +88,18 @@ def test_mixed_dtypes_name_both_arguments(nothing_runs):
 def test_hopper_head_dims_are_checked_before_compiling():
     """A head dim the sm_90a kernels cannot tile is a ValueError naming the argument (CPU-checkable:
     the same check runs first on every CUDA call)."""
-    q = torch.zeros(1, 4, 2, 96)
-    binding = ops.linear_attention_fwd.bind(dict(q=q, k=q, v=torch.zeros(1, 4, 2, 64), scale=1.0))
+    q = torch.zeros(1, 4, 2, 96, dtype=torch.bfloat16)
+    v = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
+    binding = ops.linear_attention_fwd.bind(dict(q=q, k=q, v=v, scale=1.0))
     with pytest.raises(ValueError, match="q: its K dim is 96; the sm_90a kernels take multiples of 64"):
         check_hopper_dims(binding, {})
-    gemm = ops.gemm_fwd.bind(dict(a=torch.zeros(8, 12), b=torch.zeros(12, 16)))
+    a, b = torch.zeros(8, 12, dtype=torch.float16), torch.zeros(12, 16, dtype=torch.float16)
+    gemm = ops.gemm_fwd.bind(dict(a=a, b=b))
     with pytest.raises(ValueError, match="a: its K dim is 12"):
         check_hopper_dims(gemm, {})
+    single = ops.linear_attention_fwd.bind(dict(q=v.float(), k=v.float(), v=v.float(), scale=1.0))
+    with pytest.raises(TypeError, match="q: the sm_90a kernels take bfloat16 or float16 tensors, got f32"):
+        check_hopper_dims(single, {})
 
 
 @pytest.mark.gpu
@@ -104,3 +109,30 @@ def test_gpu_bad_input_is_refused_before_launch(nothing_runs):
         ops.linear_attention(q, q, q[..., :64].contiguous())
     with pytest.raises(ValueError, match="k is on cpu but q is on cuda"):
         ops.attention(q[..., :64], q[..., :64].cpu(), q[..., :64])
+
+
+def test_tensors_on_different_gpus_are_refused():
+    """The device check compares whole devices (index included); CPU-testable with stand-ins."""
+    from types import SimpleNamespace
+
+    from tilemix.ops._dispatch import _check_devices
+
+    on = lambda index: SimpleNamespace(device=torch.device("cuda", index))  # noqa: E731
+    with pytest.raises(ValueError, match="k is on cuda:1 but q is on cuda:0"):
+        _check_devices({"q": on(0), "k_": on(1)}, {"k_": "k"})
+    assert _check_devices({"q": on(1), "k": on(1)}, {}) == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("op", ["gemm", "attention", "linear_attention", "ssd"])
+def test_torch_ops_check_before_running(op, nothing_runs):
+    """torch.ops.tilemix.* called directly (no public wrapper in front) refuses a mismatched
+    argument by name before anything runs."""
+    t = torch.randn
+    calls = {"gemm": (lambda: (t(8, 16), t(17, 8)), "b"),
+             "attention": (lambda: (t(1, 8, 2, 16), t(1, 9, 2, 16), t(1, 8, 2, 16), False, 1.0), "k"),
+             "linear_attention": (lambda: (t(1, 8, 2, 16), t(1, 8, 2, 16), t(1, 8, 3, 16), 1.0, None, False), "v"),
+             "ssd": (lambda: (t(1, 8, 2, 16), torch.rand(1, 8, 2), -torch.rand(2), t(1, 8, 1, 16), t(1, 8, 1, 16),
+                              t(3), None, False), "D")}
+    make, name = calls[op]
+    with pytest.raises((TypeError, ValueError), match=rf"(^{name}:|from {name}\)|\b{name}'s)"):
+        getattr(torch.ops.tilemix, op)(*make())

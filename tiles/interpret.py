@@ -1,7 +1,7 @@
 """The NumPy interpreter: the reference semantics of a tile program.
 
 All (batch, head) program instances run at once: every value is an fp32
-array of shape ``[B, H, rows, cols]`` (leading dims may be 1 and broadcast).
+(float64 for float64 programs) array of shape ``[B, H, rows, cols]`` (leading dims may be 1 and broadcast).
 Loops run in Python, chunk by chunk. Loads past the end of a dimension read
 zeros and stores there are dropped — the one place partial chunks are
 handled. Output buffers start as NaN, so anything the program fails to
@@ -19,13 +19,14 @@ import numpy as np
 from .ir import Loop, Op, Program, Value
 from .numerics import round_to
 from .params import Binding, BoundParam
+from .types import DType
 
 __all__ = ["interpret"]
 
 
-def _to_program_layout(param: BoundParam, array: np.ndarray, sizes: dict[str, int]) -> np.ndarray:
-    """Caller layout → ``[B|1, H|1, rows, cols]`` fp32."""
-    a = np.asarray(array, dtype=np.float32)
+def _to_program_layout(param: BoundParam, array: np.ndarray, sizes: dict[str, int], dtype) -> np.ndarray:
+    """Caller layout → ``[B|1, H|1, rows, cols]`` in the working precision."""
+    a = np.asarray(array, dtype=dtype)
     kind = param.spec.kind
     if kind in ("seq", "group_seq"):
         if a.ndim == 3:
@@ -63,15 +64,15 @@ def _pad_rows(a: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
 def _segsum(x: np.ndarray) -> np.ndarray:
     rows = x.shape[-2]
     below = np.tril(np.ones((rows, rows), dtype=bool), -1)
-    terms = np.where(below, x, np.float32(0))  # terms[i, j] = x[i] for i > j
-    sums = np.cumsum(terms, axis=-2, dtype=np.float32)  # sum of x[k] for j < k <= i
-    return np.where(np.tril(np.ones((rows, rows), dtype=bool)), sums, np.float32(-np.inf))
+    terms = np.where(below, x, x.dtype.type(0))  # terms[i, j] = x[i] for i > j
+    sums = np.cumsum(terms, axis=-2, dtype=x.dtype)  # sum of x[k] for j < k <= i
+    return np.where(np.tril(np.ones((rows, rows), dtype=bool)), sums, x.dtype.type(-np.inf))
 
 
 def _cumsum(x: np.ndarray, reverse: bool, exclusive: bool) -> np.ndarray:
     if reverse:
         x = x[..., ::-1, :]
-    out = np.cumsum(x, axis=-2, dtype=np.float32)
+    out = np.cumsum(x, axis=-2, dtype=x.dtype)
     if exclusive:
         out = np.concatenate([np.zeros_like(out[..., :1, :]), out[..., :-1, :]], axis=-2)
     return out[..., ::-1, :] if reverse else out
@@ -85,7 +86,7 @@ _UNARY = {
     "sqrt": np.sqrt,
     "tanh": np.tanh,
     "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
-    "softplus": lambda x: np.logaddexp(np.float32(0), x),
+    "softplus": lambda x: np.logaddexp(x.dtype.type(0), x),
 }
 _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
@@ -93,9 +94,9 @@ _BINARY = {
     "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
 }
 _REDUCE = {
-    "rowsum": lambda x: x.sum(-1, keepdims=True, dtype=np.float32),
+    "rowsum": lambda x: x.sum(-1, keepdims=True, dtype=x.dtype),
     "rowmax": lambda x: x.max(-1, keepdims=True),
-    "colsum": lambda x: x.sum(-2, keepdims=True, dtype=np.float32),
+    "colsum": lambda x: x.sum(-2, keepdims=True, dtype=x.dtype),
     "colmax": lambda x: x.max(-2, keepdims=True),
 }
 
@@ -109,13 +110,15 @@ class _Run:
         self.arrays: dict[str, np.ndarray] = {}
         self.final_state: dict[str, np.ndarray] = {}
         self.chunk_of: dict[int, int] = {}  # loop-index value id -> current chunk
+        # the working precision: fp32 as on the GPU, or double for float64 programs (gradient checks)
+        self.float = np.float64 if program.compute_dtype is DType.f64 else np.float32
         for p in binding.params:
             if p.spec.kind in ("scalar", "const") or not p.present:
                 continue
             if p.spec.output:
-                self.arrays[p.name] = _to_program_layout(p, np.full(p.shape, np.nan, np.float32), self.sizes)
+                self.arrays[p.name] = _to_program_layout(p, np.full(p.shape, np.nan), self.sizes, self.float)
             else:
-                self.arrays[p.name] = _to_program_layout(p, inputs[p.name], self.sizes)
+                self.arrays[p.name] = _to_program_layout(p, inputs[p.name], self.sizes, self.float)
 
     # -- positions of a tile's rows/columns, for masks --------------------
     def _positions(self, axis, n: int) -> np.ndarray:
@@ -135,7 +138,7 @@ class _Run:
         if loop.stop is not None:
             end = min(end, (self.env[loop.stop.index] + 1) * loop.stop.size)
         for carried, init in zip(loop.carried, loop.init):
-            self.env[carried] = np.asarray(self.env[init], np.float32)
+            self.env[carried] = np.asarray(self.env[init], self.float)
         for chunk in range(math.ceil(end / loop.size)):
             self.env[loop.index] = self.chunk_of[loop.index.id] = chunk
             self.run_ops(loop.body)
@@ -156,9 +159,9 @@ class _Run:
         if name == "pow":
             return args[0] ** a["n"]
         if name == "where":
-            return np.where(args[0], args[1], args[2]).astype(np.float32)
+            return np.where(args[0], args[1], args[2]).astype(self.float)
         if name == "full":
-            return np.full((1, 1, a["rows"], a["cols"]), a["value"], np.float32)
+            return np.full((1, 1, a["rows"], a["cols"]), a["value"], self.float)
         if name == "cast":
             return round_to(args[0], a["dtype"])
         if name == "transpose":
@@ -167,7 +170,7 @@ class _Run:
             x, y = (round_to(t, a["operand_dtype"]) for t in args)
             x = np.swapaxes(x, -1, -2) if a["ta"] else x
             y = np.swapaxes(y, -1, -2) if a["tb"] else y
-            return np.matmul(x, y, dtype=np.float32)
+            return np.matmul(x, y, dtype=self.float)
         if name in ("causal", "window", "in_seq"):
             return self.mask(op, args[0])
         if name == "cumsum":
@@ -181,12 +184,12 @@ class _Run:
         if name == "read_param":
             return self.arrays[a["param"]]
         if name == "scalar_param":
-            return np.full((1, 1, 1, 1), self.values[a["param"]], np.float32)
+            return np.full((1, 1, 1, 1), self.values[a["param"]], self.float)
         if name == "load_state":
             if a["initial"]:
                 return self.arrays[a["param"]]
             t = op.result.type
-            return np.zeros((1, 1, t.rows, t.cols), np.float32)
+            return np.zeros((1, 1, t.rows, t.cols), self.float)
         if name == "store_state":
             self.final_state[a["param"]] = args[0]
             return None
@@ -202,7 +205,7 @@ class _Run:
             keep = cols <= rows
             if op.name == "window":
                 keep &= cols > rows - op.attrs["size"]
-        return np.where(keep, x, np.float32(op.attrs["fill"]))
+        return np.where(keep, x, self.float(op.attrs["fill"]))
 
     def load(self, op: Op, indices: list[int]) -> np.ndarray:
         a = self.arrays[op.attrs["param"]]
@@ -239,5 +242,5 @@ def interpret(program: Program, binding: Binding, inputs: dict[str, Any]) -> dic
     out = {p.name: _from_program_layout(p, run.arrays[p.name]) for p in binding.params if p.spec.output}
     B, H = binding.sizes.get("B", 1), binding.sizes.get("H", 1)
     for name, state in run.final_state.items():
-        out[name] = np.ascontiguousarray(np.broadcast_to(state, (B, H) + state.shape[2:]), dtype=np.float32)
+        out[name] = np.ascontiguousarray(np.broadcast_to(state, (B, H) + state.shape[2:]), dtype=run.float)
     return out

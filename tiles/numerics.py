@@ -17,7 +17,9 @@ def _round_bf16(x: np.ndarray) -> np.ndarray:
 
 
 def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
-    """``x`` (fp32) rounded to ``dtype`` and widened back to fp32."""
+    """``x`` (fp32) rounded to ``dtype`` and widened back to fp32; float64 stays float64."""
+    if dtype is DType.f64:
+        return np.asarray(x, dtype=np.float64)
     x = np.asarray(x, dtype=np.float32)
     if dtype is DType.bf16:
         return _round_bf16(x)

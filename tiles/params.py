@@ -210,9 +210,10 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
         dtype = dtype_of(value.dtype)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"{label(name)}: dtype {value.dtype} is not supported; "
-                            "expected float32, float16 or bfloat16")
-        if spec.kind == "state" and dtype is not DType.f32:
-            raise TypeError(f"{label(name)}: the state is float32, got {value.dtype}")
+                            "expected float32, float16 or bfloat16 (float64 on CPU tensors)")
+        double = compute is not None and compute[0] is DType.f64
+        if spec.kind == "state" and dtype is not DType.f32 and not (double and dtype is DType.f64):
+            raise TypeError(f"{label(name)}: the state is float32 (float64 with float64 inputs), got {value.dtype}")
         if spec.is_tile_operand:
             if compute is None:
                 compute = (dtype, name)

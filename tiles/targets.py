@@ -23,7 +23,7 @@ _GENERIC = dict(mma_dtypes=(DType.f16, DType.bf16),
 
 TARGETS = {
     "cpu": Target("cpu", "NumPy interpreter (exact semantics, any size)",
-                  (DType.f32, DType.f16, DType.bf16), None),
+                  (DType.f32, DType.f16, DType.bf16, DType.f64), None),
     # half of an H100 SM's 256 KiB register file: two consumer warpgroups hold
     # the state and still have room for the chunk's working tiles
     "sm_90a": Target("sm_90a", "Hopper: wgmma + TMA, warp-specialised", (DType.f16, DType.bf16), 128 * 1024),

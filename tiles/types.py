@@ -18,6 +18,7 @@ class DType(str, Enum):
     """Element types. Inputs are f32/f16/bf16; arithmetic and state are f32."""
 
     f32 = "f32"
+    f64 = "f64"  # CPU only: the interpreter in double precision (gradient checks)
     f16 = "f16"
     bf16 = "bf16"
     bool = "bool"
@@ -27,10 +28,11 @@ class DType(str, Enum):
         return self.value
 
 
-FLOAT_DTYPES = (DType.f32, DType.f16, DType.bf16)
+FLOAT_DTYPES = (DType.f32, DType.f16, DType.bf16, DType.f64)
 
 _DTYPE_NAMES = {
     "f32": DType.f32, "float32": DType.f32, "fp32": DType.f32,
+    "f64": DType.f64, "float64": DType.f64, "fp64": DType.f64, "double": DType.f64,
     "f16": DType.f16, "float16": DType.f16, "fp16": DType.f16, "half": DType.f16,
     "bf16": DType.bf16, "bfloat16": DType.bf16,
 }
