@@ -4,7 +4,8 @@
 
 runs this module's ``--launch`` mode once per tool: it launches each op's kernels once on shapes
 with masked tails (T not a multiple of the chunk, gemm dims off the tile grid), in both dtypes,
-causal and not, with and without states. Prints the kernels checked and the errors each tool
+causal and not, with and without states, and the scans at one and two
+consumers per CTA. Prints the kernels checked and the errors each tool
 reported; exits non-zero on any error. Host-side API errors are not counted (cuda-bindings probes
 the driver for optional entry points, which memcheck would report).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -45,6 +47,13 @@ def launch_all() -> list[str]:
         ops.ssd(v, dt, A, rnd(B, T, 1, D), rnd(B, T, 1, D), D=torch.randn(H, device="cuda"),
                 initial_state=torch.randn(B, H, D, 128, device="cuda"), output_final_state=True)
         ops.gemm(rnd(200, 72), rnd(72, 136))
+        # enough batch x heads that the scans keep their two-consumer CTAs (few run one per CTA)
+        B, H = 4, 32
+        v = rnd(B, T, H, 128)
+        state = torch.randn(B, H, D, 128, device="cuda")
+        ops.linear_attention(rnd(B, T, H, D), rnd(B, T, H, D), v, initial_state=state, output_final_state=True)
+        ops.ssd(v, torch.rand(B, T, H, device="cuda") * 0.5, -torch.rand(H, device="cuda") - 0.1,
+                rnd(B, T, 1, D), rnd(B, T, 1, D), output_final_state=True)
     torch.cuda.synchronize()
     # one kernel per specialisation (dtype, consts, optional arguments, schedule): tell them apart by source
     return sorted({f"{plan.source.name} {hashlib.sha256(plan.source.source.encode()).hexdigest()[:8]}"
@@ -59,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in launch_all():
             print("kernel:", name)
         return 0
-    sanitizer = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
-    if not shutil.which(sanitizer):
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    sanitizer = shutil.which("compute-sanitizer") or shutil.which(os.path.join(home, "bin", "compute-sanitizer"))
+    if not sanitizer:
         print("compute-sanitizer not found (CUDA toolkit's bin/ on PATH?)", file=sys.stderr)
         return 2
     from rich.console import Console
