@@ -19,18 +19,24 @@ from tilemix.ops._dispatch import check_hopper_dims
 from tilemix.tiles import Kernel
 
 
-def _valid_call(op: str, T: int, H: int, D: int) -> dict:
+def _valid_call(op: str, T: int, H: int, D: int, device: str = "cpu") -> dict:
+    """A valid call; on CUDA in bfloat16 (what the kernels take), per-head and state tensors float32."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+
     def t(*shape):
-        return torch.randn(*shape)
+        return torch.randn(*shape, device=device).to(dtype)
+
+    def f32(x):
+        return x.to(device)
 
     if op == "gemm":
         return dict(a=t(T, D), b=t(D, H * 16))
     if op == "attention":
         return dict(q=t(1, T, H, D), k=t(1, T, H, D), v=t(1, T, H, D))
     if op == "linear_attention":
-        return dict(q=t(1, T, H, D), k=t(1, T, H, D), v=t(1, T, H, D), initial_state=t(1, H, D, D))
-    return dict(x=t(1, T, H, D), dt=torch.rand(1, T, H), A=-torch.rand(H), B=t(1, T, 1, D), C=t(1, T, 1, D),
-                D=t(H), initial_state=t(1, H, D, D))
+        return dict(q=t(1, T, H, D), k=t(1, T, H, D), v=t(1, T, H, D), initial_state=f32(torch.randn(1, H, D, D)))
+    return dict(x=t(1, T, H, D), dt=f32(torch.rand(1, T, H)), A=f32(-torch.rand(H)), B=t(1, T, 1, D),
+                C=t(1, T, 1, D), D=f32(torch.randn(H)), initial_state=f32(torch.randn(1, H, D, D)))
 
 
 # dims another argument also sizes (the others, e.g. gemm's M, may take any size)
@@ -44,11 +50,11 @@ def _break(value: torch.Tensor, how: str, dim: int, tied: list[int]):
     if how == "dim":
         shape = list(value.shape)
         shape[tied[dim % len(tied)]] += 1
-        return torch.randn(*shape)
+        return torch.randn(*shape, device=value.device).to(value.dtype)
     if how == "integer dtype":
         return value.to(torch.int32)
     if how == "other device":
-        return value.to("meta")
+        return value.to("meta" if value.device.type == "cpu" else "cpu")
     return value.tolist()  # not a tensor
 
 
@@ -69,7 +75,21 @@ def nothing_runs(monkeypatch):
        H=st.integers(1, 3), D=st.sampled_from([16, 32]), victim=st.integers(0, 6), dim=st.integers(0, 3),
        how=st.sampled_from(["rank", "dim", "integer dtype", "other device", "not a tensor"]))
 def test_bad_input_names_the_argument(op, T, H, D, victim, dim, how, nothing_runs):
-    args = _valid_call(op, T, H, D)
+    _check_bad_input(op, T, H, D, victim, dim, how, "cpu")
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["gemm", "attention", "linear_attention", "ssd"]), T=st.integers(1, 80),
+       H=st.integers(1, 3), victim=st.integers(0, 6), dim=st.integers(0, 3),
+       how=st.sampled_from(["rank", "dim", "integer dtype", "other device", "not a tensor"]))
+def test_gpu_bad_input_names_the_argument(op, T, H, victim, dim, how, nothing_runs):
+    """The same on CUDA tensors (bfloat16, head dims the sm_90a kernels take): no compile, no launch."""
+    _check_bad_input(op, T, H, 64, victim, dim, how, "cuda")
+
+
+def _check_bad_input(op, T, H, D, victim, dim, how, device):
+    args = _valid_call(op, T, H, D, device)
     name = list(args)[victim % len(args)]
     args[name] = _break(args[name], how, dim, TIED.get((op, name), list(range(args[name].dim()))))
     with pytest.raises((TypeError, ValueError)) as error:
