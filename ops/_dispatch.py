@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from typing import Any
 
@@ -18,6 +19,8 @@ __all__ = ["run_kernel", "fake_run", "default_scale", "check_call"]
 def default_scale(q: Any, scale: float | None) -> float:
     """``scale``, or ``q``'s head dim ** -0.5 (q checked first: a non-tensor is a TypeError naming it)."""
     if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat, torch.SymInt)):
+            raise TypeError(f"scale: expected a Python number or None, got {type(scale).__name__}")
         return scale
     if not isinstance(q, torch.Tensor) or q.dim() == 0:
         raise TypeError(f"q: expected a tensor of shape [B, T, H, D], got {type(q).__name__}")

@@ -156,3 +156,11 @@ def test_torch_ops_check_before_running(op, nothing_runs):
     make, name = calls[op]
     with pytest.raises((TypeError, ValueError), match=rf"(^{name}:|from {name}\)|\b{name}'s)"):
         getattr(torch.ops.tilemix, op)(*make())
+
+
+@pytest.mark.parametrize("scale", ["0.5", torch.tensor(0.5), True, [0.5]])
+@pytest.mark.parametrize("op", ["attention", "linear_attention"])
+def test_scale_must_be_a_number(op, scale, nothing_runs):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(TypeError, match="^scale: expected a Python number"):
+        getattr(ops, op)(q, q, q, scale=scale)
