@@ -37,13 +37,15 @@ def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> 
     return first
 
 
-def check_call(op: str, **tensors: Any) -> None:
+def check_call(op: str, differentiable: bool = False, **tensors: Any) -> None:
     """What the public functions check before calling their torch op: tensor arguments are tensors
-    (the op's schema would reject them less clearly), and nothing asks for gradients yet."""
+    (the op's schema would reject them less clearly), and no gradient is asked of an op whose
+    backward programs do not exist yet."""
     for name, value in tensors.items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
+    if not differentiable and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors.values()):
         raise NotImplementedError(f"tilemix.{op}: gradients are not implemented yet; "
                                   "call it under torch.no_grad() or on tensors that do not require grad")
 

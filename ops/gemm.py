@@ -1,4 +1,5 @@
-"""Matrix multiply, blocked: the smallest program that exercises the grid."""
+"""Matrix multiply, blocked: the smallest program that exercises the grid. Its gradients are two
+more tile programs, with one operand transposed (``a @ bᵀ`` and ``aᵀ @ b``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import torch
 
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
-from ._dispatch import check_call
+from ._dispatch import check_call, run_kernel
 from ._library import tile_op
 
-__all__ = ["gemm", "gemm_fwd"]
+__all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
 
 
 @kernel
@@ -23,12 +24,51 @@ def gemm_fwd(a: Matrix["M", "K"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
             c[i, j] = acc
 
 
+@kernel
+def gemm_nt(a: Matrix["M", "K"], b: Matrix["N", "K"], c: Out[Matrix["M", "N"]],
+            block_m: Const = 64, block_n: Const = 256, block_k: Const = 64):
+    """``a @ bᵀ`` (the gradient of gemm's a: ``dc @ bᵀ``)."""
+    for j in blocks(block_n, dim="N"):
+        for i in blocks(block_m, dim="M"):
+            acc = zeros(block_m, block_n)
+            for kk in chunks(block_k, dim="K"):
+                acc = acc + a[i, kk] @ b[j, kk].T
+            c[i, j] = acc
+
+
+@kernel
+def gemm_tn(a: Matrix["K", "M"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
+            block_m: Const = 64, block_n: Const = 256, block_k: Const = 64):
+    """``aᵀ @ b`` (the gradient of gemm's b: ``aᵀ @ dc``)."""
+    for j in blocks(block_n, dim="N"):
+        for i in blocks(block_m, dim="M"):
+            acc = zeros(block_m, block_n)
+            for kk in chunks(block_k, dim="K"):
+                acc = acc + a[kk, i].T @ b[kk, j]
+            c[i, j] = acc
+
+
 gemm_op = tile_op("gemm", "(Tensor a, Tensor b) -> Tensor", gemm_fwd,
                   lambda a, b: (dict(a=a, b=b), {}, None), lambda out: out["c"])
 
 
+def _gemm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _gemm_backward(ctx, dc):
+    a, b = ctx.saved_tensors
+    dc = dc.contiguous()
+    da = run_kernel(gemm_nt, dict(a=dc, b=b))["c"] if ctx.needs_input_grad[0] else None
+    db = run_kernel(gemm_tn, dict(a=a, b=dc))["c"] if ctx.needs_input_grad[1] else None
+    return da, db
+
+
+gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a [M, K] @ b [K, N] → [M, N]`` with fp32 accumulation, in a's dtype
-    (``torch.ops.tilemix.gemm``)."""
-    check_call("gemm", a=a, b=b)
+    (``torch.ops.tilemix.gemm``; differentiable: the backward runs ``gemm_nt`` and ``gemm_tn``)."""
+    check_call("gemm", differentiable=True, a=a, b=b)
     return gemm_op(a, b)
