@@ -7,6 +7,7 @@ interpreter; the GPU backends are built in ``tilemix.codegen``.
 
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
+from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
 from .linear_attention import linear_attention, linear_attention_fwd
 from .ssd import ssd, ssd_fwd
 
@@ -18,4 +19,5 @@ PROGRAMS = {
 }
 
 __all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS",
-           "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd"]
+           "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
+           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer"]
