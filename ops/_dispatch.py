@@ -152,11 +152,35 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+TARGET_CHOICES = ("auto", "hopper", "generic")
+
+
+def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
+    """The arch a CUDA device's kernels are compiled for: compute capability 9.0 → "sm_90a" (Hopper),
+    8.x → the exact "sm_8x" (generic mma.sync target). ``target`` (or $TILEMIX_TARGET when it is None)
+    forces a backend: "generic" on 9.0 gives "sm_90" (mma.sync code on a Hopper), "hopper" needs 9.0.
+    Anything else is a ValueError saying what the device is and what is supported."""
+    target = (target or os.environ.get("TILEMIX_TARGET") or "auto").lower()
+    if target not in TARGET_CHOICES:
+        raise ValueError(f"target {target!r} is not one of {TARGET_CHOICES} (argument target= or $TILEMIX_TARGET)")
+    major, minor = capability
+    cc = f"compute capability {major}.{minor}"
+    if target == "hopper" and (major, minor) != (9, 0):
+        raise ValueError(f"target 'hopper' needs compute capability 9.0 (sm_90a), the device has {cc}")
+    if (major, minor) == (9, 0):
+        return "sm_90" if target == "generic" else "sm_90a"
+    if major == 8:
+        return f"sm_{major}{minor}"
+    raise ValueError(f"tilemix runs CUDA tensors on compute capability 8.x (generic) or 9.0 (Hopper); "
+                     f"the device has {cc}: move the tensors to the CPU to use the interpreter")
+
+
 def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device,
               final_states: tuple[str, ...] | None, schedule) -> dict[str, torch.Tensor]:
-    if _capability(device) != (9, 0):
-        raise NotImplementedError(f"tilemix.{kernel.name}: only the Hopper (sm_90a) backend exists so far; "
-                                  f"{torch.cuda.get_device_name(device)} is not supported yet")
+    arch = select_arch(_capability(device))
+    if arch != "sm_90a":
+        raise NotImplementedError(f"tilemix.{kernel.name}: the generic ({arch}, mma.sync) backend is not "
+                                  f"lowered yet (issue 5); {torch.cuda.get_device_name(device)} needs it")
     from tilemix.codegen.launch import run_hopper
 
     dtype = args[_first_tile_operand(binding)].dtype
