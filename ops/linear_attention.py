@@ -1,4 +1,9 @@
-"""Linear attention: ``S_t = S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``."""
+"""Linear attention: ``S_t = S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
+
+The backward is two more tile programs: dq runs forward in time like the output (dq_t = scale·S_t
+do_t), and dk, dv run over the time-reversed sequence, where the state D accumulates the later
+tokens' scale·q do_ᵀ (dk_t = D_t v_t, dv_t = D_tᵀ k_t) starting from the final state's gradient;
+what D reaches is the initial state's gradient."""
 
 from __future__ import annotations
 
@@ -6,10 +11,10 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._dispatch import check_call, default_scale
+from ._dispatch import check_call, default_scale, run_kernel
 from ._library import no_state, tile_op
 
-__all__ = ["linear_attention", "linear_attention_fwd"]
+__all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dkdv"]
 
 
 @kernel
@@ -21,6 +26,26 @@ def linear_attention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], scale: Scalar,
         s = s + kc.T @ vc
 
 
+@kernel
+def linear_attention_bwd_dq(do: Seq["V"], k: Seq["K"], v: Seq["V"], scale: Scalar,
+                            dq: Out[Seq["K"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        doc, kc, vc = do[c], k[c], v[c]
+        dq[c] = (causal(doc @ vc.T) @ kc + doc @ s.T) * scale
+        s = s + kc.T @ vc
+
+
+@kernel
+def linear_attention_bwd_dkdv(q: Seq["K"], k: Seq["K"], v: Seq["V"], do: Seq["V"], scale: Scalar,
+                              dk: Out[Seq["K"]], dv: Out[Seq["V"]], d: State["K", "V"] = None):
+    """On time-reversed inputs: "causal" here reaches the later tokens of the original order."""
+    for c in chunks(64):
+        qc, kc, vc, doc = q[c] * scale, k[c], v[c], do[c]
+        dk[c] = causal(vc @ doc.T) @ qc + vc @ d.T
+        dv[c] = causal(kc @ qc.T) @ doc + kc @ d
+        d = d + qc.T @ doc
+
+
 linear_attention_op = tile_op(
     "linear_attention",
     "(Tensor q, Tensor k, Tensor v, float scale, Tensor? initial_state, bool output_final_state) -> (Tensor, Tensor)",
@@ -28,6 +53,28 @@ linear_attention_op = tile_op(
     lambda q, k, v, scale, initial_state, final: (dict(q=q, k=k, v=v, scale=scale, s=initial_state),
                                                   {"s": "initial_state"}, ("s",) if final else ()),
     lambda out: (out["o"], out.get("s", no_state(out["o"]))))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, scale, initial_state, _ = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, initial_state)
+
+
+def _backward(ctx, do, dstate):
+    q, k, v, initial_state = ctx.saved_tensors
+    do = do.contiguous()
+    final_grad = dstate if dstate is not None and dstate.numel() else None
+    dq = run_kernel(linear_attention_bwd_dq, dict(do=do, k=k, v=v, scale=ctx.scale, s=initial_state),
+                    final_states=())["dq"]
+    flip = lambda t: t.flip(1)  # noqa: E731  (time reversed, contiguous)
+    rev = run_kernel(linear_attention_bwd_dkdv, dict(q=flip(q), k=flip(k), v=flip(v), do=flip(do), scale=ctx.scale,
+                                                     d=final_grad), final_states=("d",))
+    dinit = rev["d"] if initial_state is not None and ctx.needs_input_grad[4] else None
+    return dq, flip(rev["dk"]), flip(rev["dv"]), None, dinit, None
+
+
+linear_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -39,6 +86,6 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     initial_state: float32 ``[B, H, K, V]`` or None (zeros).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``.
     """
-    check_call("linear_attention", q=q, k=k, v=v, initial_state=initial_state)
+    check_call("linear_attention", differentiable=True, q=q, k=k, v=v, initial_state=initial_state)
     o, state = linear_attention_op(q, k, v, default_scale(q, scale), initial_state, bool(output_final_state))
     return o, (state if output_final_state else None)
