@@ -19,12 +19,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tilemix.tiles import Kernel
-from tilemix.tiles.errors import ResourceError
+from tilemix.tiles.errors import TileError
 from tilemix.tiles.params import Binding
 from tilemix.tiles.types import DType
 
@@ -43,9 +43,15 @@ class Config:
     consts: tuple[tuple[str, Any], ...] = ()
 
     def describe(self) -> str:
-        s = self.schedule
-        parts = [f"stages={s.stages}", f"consumers={s.consumers}"] + [f"{k}={v}" for k, v in self.consts]
-        return " ".join(parts)
+        parts = [f"{f.name}={_show(getattr(self.schedule, f.name))}" for f in fields(Schedule)
+                 if f.name in ("stages", "consumers") or getattr(self.schedule, f.name) != f.default]
+        return " ".join(parts + [f"{k}={v}" for k, v in self.consts])
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):  # split: (("V", 64),) -> V/64
+        return ",".join(f"{d}/{w}" for d, w in value) or "-"
+    return str(value)
 
 
 @dataclass
@@ -68,16 +74,68 @@ def _block_consts(kernel: Kernel, binding: Binding) -> dict[str, list[int]]:
     return choices
 
 
+# Alternatives for the Schedule fields the tuner varies. A field of Schedule may declare its own
+# with ``field(default=..., metadata={"choices": (...)})``; those take precedence, so a knob the code
+# generator adds is searched without touching this module.
+KNOB_CHOICES: dict[str, tuple] = {"stages": tuple(range(1, MAX_STAGES + 1)), "consumers": (1, 2)}
+PLANE = ("stages", "consumers")  # searched as a product; every other knob one at a time
+
+
+def knob_choices() -> dict[str, tuple]:
+    """Schedule field -> the values the tuner tries (field metadata first, then KNOB_CHOICES)."""
+    found = {}
+    for f in fields(Schedule):
+        choices = f.metadata.get("choices", KNOB_CHOICES.get(f.name)) if f.metadata else KNOB_CHOICES.get(f.name)
+        if choices:
+            found[f.name] = tuple(choices)
+    return found
+
+
+def _split_alternatives(binding: Binding, default: Schedule) -> list[tuple[tuple[str, int], ...]]:
+    """The default's column split with one dim's width halved or doubled (multiples of 64 that
+    divide the dim)."""
+    out = []
+    for i, (dim, width) in enumerate(default.split):
+        extent = binding.static.get(dim, 0)
+        for w in (width // 2, width * 2):
+            if w >= 64 and w % 64 == 0 and extent % w == 0 and w <= extent:
+                out.append(default.split[:i] + ((dim, w),) + default.split[i + 1:])
+    return out
+
+
+def legal(schedule: Schedule, binding: Binding) -> bool:
+    """Consumers over columns each take whole column blocks: their count must divide the split's
+    blocks (a scan with no split has one block, so one consumer)."""
+    if schedule.consumer_axis != "columns":
+        return True
+    blocks = 1
+    for dim, width in schedule.split:
+        extent = binding.static.get(dim)
+        if extent is None or extent % width:
+            return False
+        blocks *= extent // width
+    return blocks % schedule.consumers == 0
+
+
 def config_space(kernel: Kernel, binding: Binding, default: Schedule) -> list[Config]:
-    """The default first, then every ring depth (1..4) x consumer warpgroups (1, 2) at the default
-    block sizes, then each block size's alternatives at the default schedule: one axis at a time
-    around the default, so a tune stays within a minute (the full product for gemm was 65 kernels
-    and 120 s on the H100)."""
+    """The default first, then every ring depth x consumer warpgroups at the default block sizes,
+    then each other Schedule knob's choices alone, the split's widths (halved, doubled; with each
+    consumer count that fits), then each block size's alternatives at the default schedule: one
+    axis at a time around the default, so a tune stays within a minute (the full product for gemm
+    was 65 kernels and 120 s on the H100). Schedules the launch cannot map (``legal``) are left out."""
+    knobs = knob_choices()
+    plane = [k for k in PLANE if k in knobs]
     space = [Config(default)]
-    for stages, consumers in itertools.product(range(1, MAX_STAGES + 1), (1, 2)):
-        space.append(Config(replace(default, stages=stages, consumers=consumers)))
+    for values in itertools.product(*(knobs[k] for k in plane)):
+        space.append(Config(replace(default, **dict(zip(plane, values)))))
+    for name, values in knobs.items():
+        if name not in plane:
+            space += [Config(replace(default, **{name: v})) for v in values]
+    for split in _split_alternatives(binding, default):
+        space += [Config(replace(default, split=split, consumers=c)) for c in knobs.get("consumers", (1,))]
     for name, values in sorted(_block_consts(kernel, binding).items()):
         space += [Config(default, ((name, v),)) for v in values if v != binding.values[name]]
+    space = [c for c in space if c == space[0] or legal(c.schedule, binding)]
     return list(dict.fromkeys(space))  # the default appears once, first
 
 
@@ -107,12 +165,24 @@ def _to_json(config: Config) -> str:
     return json.dumps({"schedule": asdict(config.schedule), "consts": list(config.consts)})
 
 
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _from_json(text: str) -> Config:
+    """Every Schedule field by name (lists back to tuples); a field the file lacks keeps its default,
+    one Schedule does not have (or a wrong type) makes the file unreadable: tuned again."""
     data = json.loads(text)
     s = data["schedule"]
-    schedule = Schedule(stages=int(s["stages"]), split=tuple((d, int(w)) for d, w in s["split"]),
-                        consumers=int(s["consumers"]), consumer_axis=str(s["consumer_axis"]))
-    return Config(schedule, tuple((str(k), v) for k, v in data["consts"]))
+    known = {f.name: f for f in fields(Schedule)}
+    if not isinstance(s, dict) or set(s) - set(known):
+        raise ValueError("schedule fields differ")
+    values = {name: _tuples(v) for name, v in s.items()}
+    for name, v in values.items():
+        default = known[name].default
+        if default is not MISSING and type(v) is not type(default):
+            raise TypeError(f"{name}: {v!r}")
+    return Config(Schedule(**values), tuple((str(k), v) for k, v in data["consts"]))
 
 
 def cached_config(key: str) -> Config | None:
@@ -148,10 +218,27 @@ def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device) -
 
         key = cache_key(kernel, binding, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
         config = cached_config(key)
+        if config is not None and not usable(kernel, args, config):
+            config = None  # tuned by an older code generator; the default (or a new tune) instead
         if config is None and os.environ.get("TILEMIX_AUTOTUNE") == "1":
             config = tune(kernel, args).best
         _LOOKUPS[memo] = config
     return _LOOKUPS[memo]
+
+
+def usable(kernel: Kernel, args: dict[str, Any], config: Config) -> bool:
+    """Whether the code generator still lowers ``config`` for these arguments (a cached config may
+    come from an older version of it, or name a block size the program no longer has)."""
+    from .launch import hopper_source
+
+    try:
+        binding = kernel.bind({**args, **dict(config.consts)})
+        if not legal(config.schedule, binding):
+            return False
+        hopper_source(kernel, binding, config.schedule)
+    except (TileError, TypeError, ValueError, KeyError):
+        return False
+    return True
 
 
 # -- the search ----------------------------------------------------------------------------
@@ -169,13 +256,16 @@ def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         prepared = list(pool.map(runner.prepare, space))  # lowering + NVRTC, in parallel
     for config, error in zip(space, prepared):
-        error = error or runner.check(config)
+        try:
+            error = error or runner.check(config)
+            if not error:
+                result.times[config] = timer(runner.launch(config))
+        except Exception as e:  # a candidate that fails to launch is dropped, not the tune
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if error:
             result.rejected[config] = error
             if config == result.default:
                 raise RuntimeError(f"the default config of {kernel.name} failed: {error}")
-        else:
-            result.times[config] = timer(runner.launch(config))
         if progress:
             progress(config.describe())
     result.best = min(result.times, key=result.times.get)
@@ -195,12 +285,12 @@ class _GpuRunner:
     def __init__(self, kernel: Kernel, args: dict[str, Any]):
         import torch
 
-        from .launch import default_schedule
+        from .launch import launch_schedule
 
         self.kernel, self.args = kernel, args
         self.binding = kernel.bind(args)
-        self.default = default_schedule(kernel, self.binding)
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
+        self.default = launch_schedule(kernel, self.binding, device.index)  # what an untuned call runs
         self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device),
                              torch.cuda.get_device_capability(device))
         self.small = self._first_rows(args)
@@ -226,15 +316,17 @@ class _GpuRunner:
         return {**args, **dict(config.consts)}
 
     def prepare(self, config: Config) -> str | None:
-        from .compile import compile_cuda, resources
+        from .compile import CompileError, compile_cuda, resources
         from .launch import hopper_source
 
         try:
             binding = self.kernel.bind(self._with(config, self.args))
             source = hopper_source(self.kernel, binding, config.schedule)
-        except ResourceError as e:
+            usage = resources(compile_cuda(source.source, "sm_90a", source.name))
+        except (TileError, CompileError) as e:
             return str(e).splitlines()[0]
-        usage = resources(compile_cuda(source.source, "sm_90a", source.name))
+        if config == Config(self.default):
+            return None  # what an untuned call runs: timed even if it spills
         if usage["local"] or usage["stack"] > 64:
             return f"spills ({usage['local']} B local, {usage['stack']} B stack)"
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -116,6 +117,78 @@ def test_cache_key_buckets_runtime_sizes():
     key = lambda M: tune.cache_key(ops.gemm_fwd, _gemm_binding(M), "H100", (9, 0))  # noqa: E731
     assert key(3000) == key(4000) != key(5000)
     assert key(4000) != tune.cache_key(ops.gemm_fwd, _gemm_binding(4000), "H100", (8, 0))
+
+
+def test_space_follows_the_schedule_fields(monkeypatch):
+    """A knob the code generator adds to Schedule (with its choices in the field's metadata) is
+    searched and round-trips through the cache without changes to the tuner."""
+
+    @dataclass(frozen=True)
+    class Wider(Schedule):
+        wgmma_n: int = field(default=128, metadata={"choices": (64, 128, 256)})
+
+    monkeypatch.setattr(tune, "Schedule", Wider)
+    default = Wider(stages=3, consumers=2, consumer_axis="blocks")
+    space = tune.config_space(ops.gemm_fwd, _gemm_binding(), default)
+    assert {c.schedule.wgmma_n for c in space} == {64, 128, 256}
+    assert sum(c.schedule.wgmma_n != 128 for c in space) == 2  # one axis at a time
+    wide = next(c for c in space if c.schedule.wgmma_n == 256)
+    assert "wgmma_n=256" in wide.describe()
+    tune.store_config("wide", wide)
+    assert tune.cached_config("wide") == wide
+
+
+def test_scan_space_varies_the_split_and_keeps_consumers_on_whole_column_blocks():
+    specs = example_specs("linear_attention")
+    binding = ops.linear_attention_fwd.bind(specs)
+    space = tune.config_space(ops.linear_attention_fwd, binding, Schedule(split=(("V", 64),), consumers=2))
+    assert (("V", 128),) in {c.schedule.split for c in space}
+    assert all(tune.legal(c.schedule, binding) for c in space)
+    assert not any(c.schedule.split == (("V", 128),) and c.schedule.consumers == 2 for c in space)
+    narrow = ops.linear_attention_fwd.bind({**specs, **{n: type(specs[n])((2, 4096, 16, 64), specs[n].dtype)
+                                                         for n in ("q", "k", "v")}})
+    small = tune.config_space(ops.linear_attention_fwd, narrow, Schedule())  # D = 64: no split, one block
+    assert {c.schedule.consumers for c in small} == {1}
+
+
+def test_a_stale_cached_config_falls_back_to_the_default():
+    specs = example_specs("gemm")
+    fits = tune.Config(Schedule(stages=3, consumers=2, consumer_axis="blocks"))
+    assert tune.usable(ops.gemm_fwd, specs, fits)
+    assert not tune.usable(ops.gemm_fwd, specs, tune.Config(Schedule(stages=4, consumers=2, consumer_axis="blocks")))
+    assert not tune.usable(ops.gemm_fwd, specs, tune.Config(fits.schedule, (("block_q", 64),)))  # no such Const
+
+
+def test_cache_file_from_another_schedule_version_is_ignored(cache_dir):
+    tune.store_config("k", tune.Config(Schedule()))
+    path = cache_dir / "tuned" / "k.json"
+    data = json.loads(path.read_text())
+    data["schedule"]["persistent"] = True  # a field this Schedule does not have
+    path.write_text(json.dumps(data))
+    assert tune.cached_config("k") is None
+    data["schedule"].pop("persistent")
+    data["schedule"].pop("consumer_axis")  # a missing field keeps its default
+    path.write_text(json.dumps(data))
+    assert tune.cached_config("k") == tune.Config(Schedule())
+    data["schedule"]["stages"] = "2"
+    path.write_text(json.dumps(data))
+    assert tune.cached_config("k") is None
+
+
+def test_a_candidate_that_raises_is_rejected_not_the_tune():
+    binding = _gemm_binding()
+    default = Schedule(stages=2, consumers=2, consumer_axis="blocks")
+
+    class Crashing(FakeRunner):
+        def check(self, config):
+            if config.schedule.stages == 3 and config.schedule.consumers == 1:
+                raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED\nmore")
+            return super().check(config)
+
+    result = tune.tune(ops.gemm_fwd, {}, timer=fake_ms, runner=Crashing(binding, default), workers=2)
+    crashed = [e for c, e in result.rejected.items() if c.schedule.stages == 3]
+    assert crashed == ["RuntimeError: CUDA_ERROR_LAUNCH_FAILED"]
+    assert result.best.schedule.stages == 3 and result.best.schedule.consumers == 2
 
 
 @pytest.mark.gpu
