@@ -24,7 +24,7 @@ from rich.table import Table
 
 from tilemix import ops
 
-__all__ = ["run_bench"]
+__all__ = ["run_bench", "results_markdown", "default_json_path"]
 
 
 L2_FLUSH_BYTES = 1 << 30  # 20x the H100's 50 MB L2; ~0.35 ms of writes, longer than a call's host time
@@ -180,7 +180,7 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
-              plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D) -> int:
+              plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D, md_path: str | None = None) -> int:
     console = Console()
     if not torch.cuda.is_available():
         console.print("tilemix bench needs a CUDA GPU.")
@@ -219,13 +219,50 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
                   records=records)
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        path = default_json_path(result) if json_path == "auto" else Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {path}")
+    if md_path:
+        Path(md_path).write_text(results_markdown(result))
+        console.print(f"wrote {md_path}")
     if plot_dir:
         from .plots import plot_results
 
-        for path in plot_results(result, plot_dir):
-            console.print(f"wrote {path}")
+        try:
+            for path in plot_results(result, plot_dir):
+                console.print(f"wrote {path}")
+        except RuntimeError as e:  # no matplotlib here: the JSON is written, plot it elsewhere
+            console.print(f"no plots: {e}; later: tilemix plot <json> {plot_dir}")
+            return 1
     return 0
+
+
+def default_json_path(result: dict) -> Path:
+    """bench/results/<gpu>-<date>.json, the GPU as its model ("NVIDIA H100 80GB HBM3" -> h100)."""
+    words = [w for w in result["gpu"].lower().replace("nvidia", "").split() if w]
+    return Path(__file__).resolve().parent / "results" / f"{words[0] if words else 'gpu'}-{result['date']}.json"
+
+
+def _shape_text(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def results_markdown(result: dict) -> str:
+    """A RESULTS.md section for one run: the machine, the ceilings measured in it, one row per
+    record (and, for a sweep, that is every length and head dim)."""
+    versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
+    nan = float("nan")
+    lines = [f"## {result['gpu']}, {result['date']}", "",
+             f"Command: `{result.get('command', 'tilemix bench')}`; {versions}. Ceilings of this run: copy "
+             f"{result.get('copy_tbps', nan):.2f} TB/s, cuBLAS bf16 {result.get('mma_tflops', nan):.0f} TFLOP/s. "
+             "Median of CUDA-event timings after warm-up, L2 flushed before each call.", "",
+             "| op | shape | tilemix ms | host µs | peer | peer ms | speedup | roofline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        lines.append(f"| {r['op']} | {_shape_text(r['shape'])} | {r['ms']:.3f} | {r.get('host_us', nan):.0f} | "
+                     f"{r['peer']} | {r['peer_ms']:.3f} | {r['speedup']:.2f}x | {r['roofline_fraction']:.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 def _versions() -> dict[str, str]:

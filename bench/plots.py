@@ -60,7 +60,19 @@ def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
     return written
 
 
-def main(json_path: str, out_dir: str) -> int:
-    for path in plot_results(json.loads(Path(json_path).read_text()), out_dir):
+def main(json_path: str, out_dir: str, md: bool = False) -> int:
+    result = json.loads(Path(json_path).read_text())
+    if md:
+        from .bench import results_markdown
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "results.md").write_text(results_markdown(result))
+        print(f"wrote {Path(out_dir) / 'results.md'}")
+    try:
+        written = plot_results(result, out_dir)
+    except RuntimeError as e:
+        print(f"tilemix plot: {e}")
+        return 1
+    for path in written:
         print(f"wrote {path}")
     return 0

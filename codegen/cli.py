@@ -18,21 +18,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
-                     head_dims=tuple(args.head_dim or (64, 128)))
+                     head_dims=tuple(args.head_dim or (64, 128)), md_path=args.md)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from tilemix.bench.plots import main
 
-    return main(args.json, args.out)
+    return main(args.json, args.out, md=args.md)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    import time
+
     import torch
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
+    from tilemix.codegen.launch import launch_schedule
     from tilemix.codegen.tune import config_space, tune
     from tilemix.ops import PROGRAMS
     from tilemix.ops.examples import example_inputs
@@ -47,19 +50,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         return 1
     B, T, H, D = args.shape
     table = Table(title=f"tilemix tune on {torch.cuda.get_device_name()} (B={B} T={T} H={H} D={D})")
-    for column in ("op", "default ms", "tuned ms", "speedup", "tuned config", "candidates", "rejected"):
+    for column in ("op", "default ms", "tuned ms", "speedup", "tuned config", "candidates", "rejected", "tune s"):
         table.add_column(column)
     for name in args.ops or list(PROGRAMS):
         kernel, inputs = PROGRAMS[name], example_inputs(name, B=B, T=T, H=H, D=D)
+        binding = kernel.bind(inputs)
+        total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device())))
+        start = time.perf_counter()
         with Progress(console=console, transient=True) as bar:
-            from tilemix.codegen.launch import default_schedule
-
-            total = len(config_space(kernel, kernel.bind(inputs), default_schedule(kernel, kernel.bind(inputs))))
             task = bar.add_task(f"tuning {name}", total=total)
             result = tune(kernel, inputs, progress=lambda config, task=task: bar.advance(task))
+        seconds = time.perf_counter() - start
         default, best = result.times[result.default], result.times[result.best]
         table.add_row(name, f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x", result.best.describe(),
-                      str(len(result.times) + len(result.rejected)), str(len(result.rejected)))
+                      str(len(result.times) + len(result.rejected)), str(len(result.rejected)), f"{seconds:.1f}")
+        if args.verbose:
+            for config, why in result.rejected.items():
+                console.print(f"  {name} rejected {config.describe()}: {why}")
+            for config, ms in sorted(result.times.items(), key=lambda kv: kv[1]):
+                console.print(f"  {name} {ms:.3f} ms  {config.describe()}")
     console.print(table)
     return 0
 
@@ -135,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the ops and targets").set_defaults(run=_cmd_list)
     bench = sub.add_parser("bench", help="time ops beside their peers on the GPU")
     bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
-    bench.add_argument("--json", help="write the records to this JSON file")
+    bench.add_argument("--json", nargs="?", const="auto", metavar="PATH",
+                       help="write the records to this JSON file (no PATH: bench/results/<gpu>-<date>.json)")
+    bench.add_argument("--md", metavar="PATH", help="write the run as a RESULTS.md section (markdown table)")
     bench.add_argument("--sweep", action="store_true",
                        help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64 and 128")
     bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64 and 128)")
@@ -144,11 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
     plot.add_argument("json")
     plot.add_argument("out", help="directory for the PNGs")
+    plot.add_argument("--md", action="store_true", help="also write results.md (the run's markdown table) there")
     plot.set_defaults(run=_cmd_plot)
     tune = sub.add_parser("tune", help="search schedules and block sizes on this GPU; cache the winners")
     tune.add_argument("ops", nargs="*", help=f"ops to tune: {', '.join(sorted(PROGRAMS))} (default: all)")
     tune.add_argument("--shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 4096, 16, 128),
                       metavar="B,T,H,D", help="the problem to tune for (default 8,4096,16,128)")
+    tune.add_argument("-v", "--verbose", action="store_true", help="every candidate's time or why it was rejected")
     tune.set_defaults(run=_cmd_tune)
     show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
     show.add_argument("op", choices=sorted(PROGRAMS))

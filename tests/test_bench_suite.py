@@ -25,3 +25,24 @@ def test_plots_from_a_result(tmp_path):
     written = plot_results(result, tmp_path)
     assert {p.name for p in written} == {"linear_attention-d128-time.png", "roofline.png"}
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_markdown_and_json_path_from_a_result(tmp_path, capsys):
+    import json
+
+    from tilemix.bench.bench import default_json_path, results_markdown
+    from tilemix.bench.plots import main
+
+    records = [dict(op="ssd", shape=dict(B=8, T=4096, H=16), ms=0.3, host_us=90.0, peer="fla-chunk_simple_gla",
+                    peer_ms=0.5, speedup=0.5 / 0.3, roofline_fraction=0.31)]
+    result = dict(gpu="NVIDIA H100 80GB HBM3", date="2026-11-24", versions=dict(torch="2.11"), copy_tbps=3.0,
+                  mma_tflops=790.0, command="tilemix bench ssd", records=records)
+    assert default_json_path(result).name == "h100-2026-11-24.json"
+    assert default_json_path(result).parent.name == "results"
+    text = results_markdown(result)
+    assert "| ssd | B=8 T=4096 H=16 | 0.300 | 90 | fla-chunk_simple_gla | 0.500 | 1.67x | 31% |" in text
+    assert "copy 3.00 TB/s" in text and "790 TFLOP/s" in text
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(result))
+    main(str(path), str(tmp_path / "out"), md=True)  # no sweep series: the table only (no matplotlib needed)
+    assert (tmp_path / "out" / "results.md").read_text() == text
