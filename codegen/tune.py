@@ -117,12 +117,15 @@ def legal(schedule: Schedule, binding: Binding) -> bool:
     return blocks % schedule.consumers == 0
 
 
-def config_space(kernel: Kernel, binding: Binding, default: Schedule) -> list[Config]:
+def config_space(kernel: Kernel, binding: Binding, default: Schedule,
+                 fits: Callable[[Config], bool] | None = None) -> list[Config]:
     """The default first, then every ring depth x consumer warpgroups at the default block sizes,
     then each other Schedule knob's choices alone, the split's widths (halved, doubled; with each
     consumer count that fits), then each block size's alternatives at the default schedule: one
     axis at a time around the default, so a tune stays within a minute (the full product for gemm
-    was 65 kernels and 120 s on the H100). Schedules the launch cannot map (``legal``) are left out."""
+    was 65 kernels and 120 s on the H100). Schedules the launch cannot map (``legal``) are left out.
+    ``fits(config)`` (the lowering's shared-memory check) lets a larger block size take a shallower
+    ring, then one consumer, where the default schedule has no room for it."""
     knobs = knob_choices()
     plane = [k for k in PLANE if k in knobs]
     space = [Config(default)]
@@ -133,8 +136,13 @@ def config_space(kernel: Kernel, binding: Binding, default: Schedule) -> list[Co
             space += [Config(replace(default, **{name: v})) for v in values]
     for split in _split_alternatives(binding, default):
         space += [Config(replace(default, split=split, consumers=c)) for c in knobs.get("consumers", (1,))]
+    shallower = [replace(default, consumers=c, stages=st) for c in sorted({default.consumers, 1}, reverse=True)
+                 for st in range(default.stages, 0, -1)]
     for name, values in sorted(_block_consts(kernel, binding).items()):
-        space += [Config(default, ((name, v),)) for v in values if v != binding.values[name]]
+        for v in values:
+            if v != binding.values[name]:
+                options = [Config(sched, ((name, v),)) for sched in shallower]
+                space.append(next((c for c in options if fits(c)), options[0]) if fits else options[0])
     space = [c for c in space if c == space[0] or legal(c.schedule, binding)]
     return list(dict.fromkeys(space))  # the default appears once, first
 
@@ -251,7 +259,7 @@ def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], 
     tests pass fakes."""
     runner = runner or _GpuRunner(kernel, args)
     timer = timer or _gpu_timer()
-    space = config_space(kernel, runner.binding, runner.default)
+    space = config_space(kernel, runner.binding, runner.default, getattr(runner, "fits", None))
     result = TuneResult(best=space[0], default=space[0])
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         prepared = list(pool.map(runner.prepare, space))  # lowering + NVRTC, in parallel
@@ -314,6 +322,16 @@ class _GpuRunner:
 
     def _with(self, config: Config, args: dict[str, Any]) -> dict[str, Any]:
         return {**args, **dict(config.consts)}
+
+    def fits(self, config: Config) -> bool:
+        """Whether the lowering takes ``config`` (shared memory; no compile)."""
+        from .launch import hopper_source
+
+        try:
+            hopper_source(self.kernel, self.kernel.bind(self._with(config, self.args)), config.schedule)
+        except TileError:
+            return False
+        return True
 
     def prepare(self, config: Config) -> str | None:
         from .compile import CompileError, compile_cuda, resources

@@ -138,6 +138,17 @@ def test_space_follows_the_schedule_fields(monkeypatch):
     assert tune.cached_config("wide") == wide
 
 
+def test_a_larger_block_takes_a_shallower_ring_where_the_default_has_no_room():
+    binding = _gemm_binding()
+    default = Schedule(stages=3, consumers=2, consumer_axis="blocks")
+    fits = lambda c: not c.consts or c.schedule.stages == 1  # noqa: E731 - big blocks fit one stage only
+    space = tune.config_space(ops.gemm_fwd, binding, default, fits)
+    sized = [c for c in space if c.consts]
+    assert len(sized) == 3 and all(c.schedule == Schedule(stages=1, consumers=2, consumer_axis="blocks") for c in sized)
+    none_fit = tune.config_space(ops.gemm_fwd, binding, default, lambda c: not c.consts)
+    assert all(c.schedule == default for c in none_fit if c.consts)  # kept, and rejected when prepared
+
+
 def test_scan_space_varies_the_split_and_keeps_consumers_on_whole_column_blocks():
     specs = example_specs("linear_attention")
     binding = ops.linear_attention_fwd.bind(specs)
