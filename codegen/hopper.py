@@ -101,6 +101,14 @@ def _ctype(t) -> str:
 
 
 class _Lowering:
+    # What another target's lowering (codegen/generic.py) changes: the name in errors, the matmul
+    # entry points (same template arguments), and the fence that hands ordinary shared-memory
+    # stores to wgmma's asynchronous proxy (None where matmuls read shared memory synchronously).
+    target = "sm_90a"
+    matmul_ss = "tm::matmul_ss"
+    matmul_rs = "tm::matmul_rs"
+    proxy_fence: str | None = "tm::fence_proxy_async();"
+
     def __init__(self, program: Program, schedule: Schedule, full_dims: dict[str, int]):
         self.p = program
         self.full_dims = full_dims
@@ -125,7 +133,7 @@ class _Lowering:
 
     # -- helpers -----------------------------------------------------------
     def fail(self, message: str, op: Op | None = None):
-        raise TileError(f"sm_90a code generator: {message}", op.loc if op else self.p.loc)
+        raise TileError(f"{self.target} code generator: {message}", op.loc if op else self.p.loc)
 
     def name(self, v: Value) -> str:
         return self.names.setdefault(v, f"v{v.id}")
@@ -169,7 +177,8 @@ class _Lowering:
         self.wait_for([v], ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         self.emit(f"tm::store_shared<{self.is_bf16}>({ptr}, {self.reg(v, ind)});", ind)
-        self.emit("tm::fence_proxy_async();", ind)
+        if self.proxy_fence:
+            self.emit(self.proxy_fence, ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         return ptr, t.rows
 
@@ -662,18 +671,32 @@ class _Lowering:
             self.wait_for([a], ind)
             if decl:
                 self.emit(decl, ind)
-            self.emit(f"tm::matmul_rs<{self.is_bf16}, {str(tb).lower()}, {acc}, {b_rows}>({out}, {a_reg}, "
+            self.emit(f"{self.matmul_rs}<{self.is_bf16}, {str(tb).lower()}, {acc}, {b_rows}>({out}, {a_reg}, "
                       f"{b_ptr});", ind)
         else:
             a_ptr, a_rows = self.shared(a, ind)
             if decl:
                 self.emit(decl, ind)
-            self.emit(f"tm::matmul_ss<{self.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {acc}, {a_rows}, "
+            self.emit(f"{self.matmul_ss}<{self.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {acc}, {a_rows}, "
                       f"{b_rows}, {m}, {n}, {k}>({out}, {a_ptr}, {b_ptr});", ind)
         self.pending.add(out)
         self.groups += 1
 
     # -- the whole kernel ---------------------------------------------------------------
+    def grid_decode(self) -> list[str]:
+        """blockIdx.x: the grid loops' indices, innermost fastest, then batch x head (no 65535 limit
+        on B·H as grid y would have)."""
+        grid = ["  int rest = blockIdx.x;"]
+        for depth in reversed(range(len(self.grid_loops))):
+            loop = self.grid_loops[depth]
+            size = loop.size * (self.schedule.consumers if loop is self.split_loop else 1)
+            count = f"((({loop.dim}) + {size - 1}) / {size})"
+            var = "cta" if loop is self.split_loop else "blk"
+            grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
+        if not self.matrix:
+            grid.append("  const int b = rest / H, h = rest % H;")
+        return grid
+
     def run(self) -> KernelSource:
         self.analyze()
         offsets, stage_bytes = {}, 0
@@ -693,18 +716,7 @@ class _Lowering:
         consumer = self.lines[body_start:]
         scratch_off = self.alloc(SCRATCH_FLOATS * 4 * self.schedule.consumers, 16)
         bar_off = self.alloc(16 * self.schedule.stages + 8, 8)
-        # blockIdx.x: the grid loops' indices, innermost fastest, then batch x head (no 65535 limit
-        # on B·H as grid y would have)
-        grid = ["  int rest = blockIdx.x;"]
-        if self.grid_loops:
-            for depth in reversed(range(len(self.grid_loops))):
-                loop = self.grid_loops[depth]
-                size = loop.size * (self.schedule.consumers if loop is self.split_loop else 1)
-                count = f"((({loop.dim}) + {size - 1}) / {size})"
-                var = "cta" if loop is self.split_loop else "blk"
-                grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
-        if not self.matrix:
-            grid.append("  const int b = rest / H, h = rest % H;")
+        grid = self.grid_decode()
         args, order = self.param_args()
         consumers = self.schedule.consumers
         threads = PRODUCER_THREADS + CONSUMER_THREADS * consumers
