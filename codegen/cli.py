@@ -40,7 +40,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from tilemix.ops import PROGRAMS
     from tilemix.ops.examples import example_inputs
 
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # the table's config column unwrapped when piped
     unknown = sorted(set(args.ops) - set(PROGRAMS))
     if unknown:
         console.print(f"tilemix tune: unknown op(s) {unknown}; expected some of {sorted(PROGRAMS)}")
