@@ -16,9 +16,11 @@ from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.params import Binding
 
 from .compile import compile_cuda
+from .generic import SMEM_LIMITS, lower_generic
 from .hopper import SMEM_LIMIT, KernelSource, Schedule, lower_hopper
 
-__all__ = ["run_hopper", "hopper_source", "default_schedule", "launch_schedule"]
+__all__ = ["run_hopper", "run_tiles", "hopper_source", "generic_source", "kernel_source", "default_schedule",
+           "launch_schedule"]
 
 SPLIT_WIDTH = 64
 MAX_STAGES = 3  # 4 measured no faster (gemm 8192³: 0.81x vs 0.91x cuBLAS at 3); the tuner may try more
@@ -52,7 +54,7 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
     return True
 
 
-def default_schedule(kernel: Kernel, binding: Binding) -> Schedule:
+def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> Schedule:
     """Scans: split the state's column dim into 64-wide blocks (state and output tiles then
     fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA, the ring
     as deep as shared memory allows. Where shared memory is short: one consumer, then one stage."""
@@ -69,25 +71,29 @@ def default_schedule(kernel: Kernel, binding: Binding) -> Schedule:
         pairs = [Schedule(split=tuple(split), consumers=2)] if blocks % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
         return _first_fitting(kernel, binding, pairs + [Schedule(split=tuple(split), consumers=1),
-                                                        Schedule(split=tuple(split), consumers=1, stages=1)])
+                                                        Schedule(split=tuple(split), consumers=1, stages=1)], arch)
     program = kernel.trace(binding, target="sm_90a")
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads; the ring as deep as shared memory allows
         schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
-                                                    Schedule(stages=1)])
-        source = hopper_source(kernel, binding, schedule)
+                                                    Schedule(stages=1)], arch)
+        source = kernel_source(kernel, binding, schedule, arch)
         if source.stage_bytes:
-            room = (SMEM_LIMIT - source.smem_bytes) // source.stage_bytes
+            room = (_smem_limit(arch) - source.smem_bytes) // source.stage_bytes
             schedule = replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
         return schedule
-    return _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)])
+    return _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
 
 
-def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule]) -> Schedule:
+def _smem_limit(arch: str) -> int:
+    return SMEM_LIMIT if arch == "sm_90a" else SMEM_LIMITS[arch]
+
+
+def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule], arch: str = "sm_90a") -> Schedule:
     """The first schedule whose kernel fits the target; the last one's error if none does."""
     for schedule in candidates:
         try:
-            hopper_source(kernel, binding, schedule)
+            kernel_source(kernel, binding, schedule, arch)
             return schedule
         except ResourceError as e:
             error = e
@@ -99,6 +105,24 @@ def hopper_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = 
     traced = replace(binding, static=dict(binding.static, **dict(schedule.split)))
     program = kernel.trace(traced, target="sm_90a")
     return lower_hopper(program, schedule, dict(binding.static))
+
+
+def generic_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None,
+                   arch: str = "sm_80") -> KernelSource:
+    """The generic (mma.sync) kernel for ``arch``, one of ``GENERIC_ARCHS``: same schedules, same
+    tracing, with the arch's shared-memory limit."""
+    schedule = schedule or default_schedule(kernel, binding, arch)
+    traced = replace(binding, static=dict(binding.static, **dict(schedule.split)))
+    program = kernel.trace(traced, target=arch)
+    return lower_generic(program, arch, schedule, dict(binding.static))
+
+
+def kernel_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None,
+                  arch: str = "sm_90a") -> KernelSource:
+    """The kernel for ``arch``: sm_90a lowers for Hopper, the others for the generic target."""
+    if arch == "sm_90a":
+        return hopper_source(kernel, binding, schedule)
+    return generic_source(kernel, binding, schedule, arch)
 
 
 # ------------------------------------------------------------------- launch ----
@@ -169,15 +193,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def launch_schedule(kernel: Kernel, binding: Binding, device_index: int) -> Schedule:
+def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
     CTAs. H100, linear attention, D=128 (bench/NOTES.md): T=4096 B·H=128 two consumers 0.189 ms
     vs one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353."""
-    key = (id(kernel), binding.key())
+    key = (id(kernel), binding.key(), arch)
     base = _DEFAULTS.get(key)
     if base is None:
-        base = _DEFAULTS[key] = default_schedule(kernel, binding)
+        base = _DEFAULTS[key] = default_schedule(kernel, binding, arch)
     if base.consumer_axis != "columns" or base.consumers == 1 or "B" not in binding.sizes:
         return base
     blocks = 1
@@ -187,14 +211,14 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int) -> Sche
     return replace(base, consumers=1) if 2 * ctas < _sm_count(device_index) else base
 
 
-def _plan(kernel: Kernel, binding: Binding, schedule: Schedule) -> _Plan:
-    key = (id(kernel), binding.key(), schedule)
+def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_90a") -> _Plan:
+    key = (id(kernel), binding.key(), schedule, arch)
     plan = _PLANS.get(key)
     if plan is None:
         from cupy.cuda import driver
 
-        source = hopper_source(kernel, binding, schedule)
-        compiled = compile_cuda(source.source, "sm_90a", source.name)
+        source = kernel_source(kernel, binding, schedule, arch)
+        compiled = compile_cuda(source.source, arch, source.name)
         function = _module(compiled.cubin).get_function(source.name)
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 source.smem_bytes)
@@ -226,8 +250,14 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
     """Launch the sm_90a kernel for ``kernel`` writing into ``outputs`` (allocated by the caller;
     states absent from ``outputs`` are not written). Source, cubin and module are cached per
     specialisation; a call only builds tensor maps and launches."""
+    run_tiles(kernel, binding, args, outputs, schedule, "sm_90a")
+
+
+def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: dict[str, torch.Tensor],
+              schedule: Schedule | None = None, arch: str = "sm_90a") -> None:
+    """``run_hopper`` for any arch: sm_90a (tensor maps) or a generic one (plain pointers)."""
     device = next(iter(outputs.values())).device.index
-    plan = _plan(kernel, binding, schedule or launch_schedule(kernel, binding, device))
+    plan = _plan(kernel, binding, schedule or launch_schedule(kernel, binding, device, arch), arch)
     sizes = binding.sizes
     blocks = 1
     for dim, size in plan.source.grid_loops:
@@ -247,6 +277,14 @@ def run_hopper(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: 
             params.append(_tensor_map(t, name, plan.source.tmap_rows[name]))
         elif kind == "tmap_out":
             params.append(_tensor_map(outputs[name], name, plan.source.tmap_rows[name]))
+        elif kind == "ptr":  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
+            t = value.contiguous()
+            if t.data_ptr() % 16:
+                t = t.clone()
+            keep_alive.append(t)
+            params.append(np.uint64(t.data_ptr()))
+        elif kind == "ptr_out":
+            params.append(np.uint64(outputs[name].data_ptr()))
         elif kind == "f32":
             t = value.to(torch.float32).contiguous()
             keep_alive.append(t)

@@ -28,7 +28,7 @@ TARGETS = {
     # the state and still have room for the chunk's working tiles
     "sm_90a": Target("sm_90a", "Hopper: wgmma + TMA, warp-specialised", (DType.f16, DType.bf16), 128 * 1024),
     **{arch: Target(arch, "generic tensor cores: mma.sync + ldmatrix + cp.async", **_GENERIC)
-       for arch in ("sm_80", "sm_86", "sm_89")},
+       for arch in ("sm_80", "sm_86", "sm_89", "sm_90")},  # sm_90: the generic target forced on a Hopper
 }
 
 

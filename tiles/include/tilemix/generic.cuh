@@ -16,7 +16,24 @@
 // row g at cols 2t, 2t+1 (with .trans: of the transposed matrix). Addressing
 // matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
 // (rows 8-15, k 8-15) therefore yields a0..a3 of an A fragment directly.
+//
+// Register tiles are shared with the Hopper target: per warp, the wgmma m64nN
+// accumulator layout of hopper.cuh (warp w of a 128-thread group owns rows
+// 16w..16w+15 of each 64-row block; lane 4g+t holds rows g, g+8 and columns
+// 8j+2t, 8j+2t+1) *is* the m16n8 C fragment above repeated over N/8, and two
+// neighbouring n8 C fragments, rounded to 16 bits, are one m16n8k16 A fragment.
+// So this header includes hopper.cuh for tm::rt and everything that works on
+// it (elementwise maps, masks, reductions, scans, transposes, shared-tile and
+// fp32 global accessors); its wgmma/TMA/mbarrier functions are never called
+// from generic kernels and so never reach ptxas. What differs is below, in
+// namespace tm: cp.async tile loads into the same 128-byte-swizzled shared
+// layout TMA writes (panels of 64 columns, 16-byte chunk (c%64)/8 ^ r%8 of
+// row r), matmuls with ldmatrix(.trans) + mma.sync (A from shared memory or
+// registers, B from shared memory), and stores through a swizzled shared panel
+// with 16-byte global writes.
 #pragma once
+
+#include "hopper.cuh"
 
 // NVRTC runs without the CUDA toolkit's include path: 16-bit values travel as
 // unsigned short / packed unsigned, and the dtype is a template flag.
@@ -41,14 +58,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory"); }
 
-// ---- ldmatrix: four 8x8 16-bit matrices from shared memory, row addresses per lane
+// ---- ldmatrix: four 8x8 16-bit matrices from shared memory, row addresses per lane (a memory
+// clobber: never moved across the barriers and stores that make the tile ready)
 __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)) : "memory");
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)) : "memory");
 }
 
 // ---- mma.sync m16n8k16, 16-bit inputs, fp32 accumulate in place: d += a @ b
@@ -69,3 +87,121 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 
 }  // namespace generic
 }  // namespace tilemix
+
+namespace tm {
+
+struct alignas(16) u128 { u32 x, y, z, w; };
+
+// ------------------------------------------------------------ cp.async loads ----
+// Global R x C 16-bit tile (row stride `ld` elements, 16-byte aligned rows) -> swizzled shared
+// tile, by the NT threads of the CTA (thread `tid`), as 16-byte cp.async copies. Rows at or past
+// `rows_left` and columns at or past `cols_left` (a multiple of 8) read as zeros. Not committed:
+// the caller commits one group per ring stage.
+template <int R, int C, int NT>
+__device__ __forceinline__ void load_tile_async(char* tile, const u16* src, long ld, int rows_left, int cols_left,
+                                                int tid) {
+  static_assert(C % 64 == 0, "shared tiles are whole 64-column panels");
+  constexpr int CHUNKS = R * C / 8, PER_ROW = C / 8;
+  // not unrolled: unrolled, the compiler hoists every copy's address out of the chunk loop and
+  // keeps them live beside the program's tiles (spills)
+#pragma unroll 1
+  for (int i0 = 0; i0 < CHUNKS; i0 += NT) {
+    const int i = i0 + tid;
+    if (CHUNKS % NT == 0 || i < CHUNKS) {
+      const int r = i / PER_ROW, j = i % PER_ROW;
+      const bool valid = r < rows_left && j * 8 < cols_left;
+      const u16* from = valid ? src + (long)r * ld + j * 8 : src;
+      char* to = tile + (j / 8) * R * 128 + r * 128 + (((j % 8) ^ (r % 8)) * 16);
+      tilemix::generic::cp_async_16_zfill(to, from, valid);
+    }
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { tilemix::generic::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { tilemix::generic::cp_async_wait<N>(); }
+
+// ------------------------------------------------------------------ stores ----
+// One 64-column swizzled shared panel of R rows (tm::store_panel's output) -> global, by the 128
+// threads of a group, 16 bytes per thread and row chunk; rows at or past `rows_left` and columns
+// at or past `cols_left` (a multiple of 8) are not written.
+template <int R>
+__device__ __forceinline__ void copy_panel_out(u16* dst, long ld, int rows_left, int cols_left, const char* panel) {
+  const int tid = threadIdx.x % 128;
+#pragma unroll
+  for (int i0 = 0; i0 < R * 8; i0 += 128) {
+    const int i = i0 + tid, r = i / 8, j = i % 8;
+    if ((R * 8 % 128 == 0 || i < R * 8) && r < rows_left && j * 8 < cols_left)
+      *(u128*)(dst + (long)r * ld + j * 8) = *(const u128*)(panel + r * 128 + ((j ^ (r % 8)) * 16));
+  }
+}
+
+// --------------------------------------------------------------- mma.sync ----
+// Fragments for the 16 rows of this warp. A (16 x 16 at rows m0.., k k0..) from a swizzled tile of
+// `rows` rows holding A (K-major: rows are M) or, TA, its transpose (rows are K).
+template <int rows, bool TA> __device__ __forceinline__ void frag_a(u32 (&a)[4], const char* tile, int m0, int k0) {
+  const int l = lane_id(), i = l / 8;
+  if (TA) tilemix::generic::ldmatrix_x4_trans(a, tile + swz_offset<rows>(k0 + (i / 2) * 8 + l % 8, m0 + (i % 2) * 8));
+  else tilemix::generic::ldmatrix_x4(a, tile + swz_offset<rows>(m0 + (i % 2) * 8 + l % 8, k0 + (i / 2) * 8));
+}
+// B fragments of the two n8 blocks n0.. and n0+8.. at k k0..k0+15 ({b[0], b[1]} and {b[2], b[3]})
+// from a tile holding B (K x N: rows are K) or, TB, its transpose (rows are N)
+template <int rows, bool TB> __device__ __forceinline__ void frag_b(u32 (&b)[4], const char* tile, int n0, int k0) {
+  const int l = lane_id(), i = l / 8;
+  if (TB) tilemix::generic::ldmatrix_x4(b, tile + swz_offset<rows>(n0 + (i / 2) * 8 + l % 8, k0 + (i % 2) * 8));
+  else tilemix::generic::ldmatrix_x4_trans(b, tile + swz_offset<rows>(k0 + (i % 2) * 8 + l % 8, n0 + (i / 2) * 8));
+}
+
+// the m16n8 C fragment of block (mb, nb) of a register tile: floats [hr][cp] = c0..c3
+template <int M, int N> __device__ __forceinline__ float (&c_frag(rt<M, N>& c, int mb, int nb))[4] {
+  return *reinterpret_cast<float(*)[4]>(&c.v[mb][nb][0][0]);
+}
+
+// one k16 step of this warp's 16 rows of block mb: c[mb][:] += A(16 x 16) B(16 x N)
+template <bool is_bf16, bool TB, int b_rows, int M, int N>
+__device__ __forceinline__ void mma_row_block(rt<M, N>& c, int mb, const u32 (&a)[4], const char* b, int k0) {
+#pragma unroll
+  for (int n0 = 0; n0 < N; n0 += 16) {
+    u32 f[4];
+    frag_b<b_rows, TB>(f, b, n0, k0);
+    const u32 lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+    tilemix::generic::mma_16816<is_bf16>(c_frag(c, mb, n0 / 8), a, lo);
+    tilemix::generic::mma_16816<is_bf16>(c_frag(c, mb, n0 / 8 + 1), a, hi);
+  }
+}
+
+// C[M x N] (ACC: +)= A[M x K] B[K x N], A and B from swizzled shared tiles (A K-major unless TA,
+// B K x N unless TB; `a_rows`/`b_rows` the stored tiles' rows): the template arguments of
+// tm::matmul_ss. Synchronous (mma.sync): C is ready when it returns.
+template <bool is_bf16, bool TA, bool TB, bool ACC, int a_rows, int b_rows, int M, int N, int K>
+__device__ __forceinline__ void matmul_sync_ss(rt<M, N>& c, const char* a, const char* b) {
+  static_assert(M % 64 == 0 && N % 16 == 0 && K % 16 == 0, "mma.sync tiles: M of 64, N and K of 16");
+  if (!ACC) fill(c, 0.0f);
+  const int warp_row = (threadIdx.x % 128) / 32 * 16;
+#pragma unroll
+  for (int mb = 0; mb < M / 64; ++mb)
+#pragma unroll
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      u32 fa[4];
+      frag_a<a_rows, TA>(fa, a, mb * 64 + warp_row, k0);
+      mma_row_block<is_bf16, TB, b_rows>(c, mb, fa, b, k0);
+    }
+}
+
+// the same with A an fp32 register tile, rounded to 16 bits here: two neighbouring n8 blocks of
+// its C layout are one A fragment (the template arguments of tm::matmul_rs)
+template <bool is_bf16, bool TB, bool ACC, int b_rows, int M, int N, int K>
+__device__ __forceinline__ void matmul_sync_rs(rt<M, N>& c, const rt<M, K>& a, const char* b) {
+  static_assert(M % 64 == 0 && N % 16 == 0 && K % 16 == 0, "mma.sync tiles: M of 64, N and K of 16");
+  if (!ACC) fill(c, 0.0f);
+#pragma unroll
+  for (int mb = 0; mb < M / 64; ++mb)
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      const u32 fa[4] = {pack2<is_bf16>(a.v[mb][2 * kk][0][0], a.v[mb][2 * kk][0][1]),
+                         pack2<is_bf16>(a.v[mb][2 * kk][1][0], a.v[mb][2 * kk][1][1]),
+                         pack2<is_bf16>(a.v[mb][2 * kk + 1][0][0], a.v[mb][2 * kk + 1][0][1]),
+                         pack2<is_bf16>(a.v[mb][2 * kk + 1][1][0], a.v[mb][2 * kk + 1][1][1])};
+      mma_row_block<is_bf16, TB, b_rows>(c, mb, fa, b, kk * 16);
+    }
+}
+
+}  // namespace tm

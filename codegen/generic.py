@@ -1,0 +1,226 @@
+"""Lowering of tile programs to generic tensor-core kernels (sm_80/86/89, and sm_90 when forced).
+
+The same IR, the same walk as the sm_90a lowering (this is a subclass of it), with what the
+target lacks done otherwise:
+
+- no warp specialisation: a CTA is ``Schedule.consumers`` groups of 128 threads, each running one
+  program instance on register tiles in the same layout as on Hopper (hopper.cuh's ``tm::rt``,
+  which per warp is the mma.sync m16n8 accumulator layout), so every elementwise op, mask,
+  reduction and scan lowers to the same tile-library call;
+- loads: every thread of the CTA issues ``cp.async`` copies into the 128-byte-swizzled shared
+  layout TMA would write, the chunk loop's loads into a ring of ``stages`` buffers filled
+  ``stages - 1`` chunks ahead (one commit group per chunk, ``cp.async.wait_group`` and
+  ``__syncthreads`` at the top of each iteration; that barrier also frees the stage the next
+  loads overwrite), the tiles before the loop once;
+- matmuls: ``ldmatrix`` (``.trans`` for the MN-major operands) + ``mma.sync.m16n8k16``, A from
+  shared memory or straight from registers, synchronous (no wgmma groups to wait for);
+- stores: each 64-column panel through a swizzled shared panel (``tm::store_panel``) and out with
+  16-byte global writes, clipped at the tensor's edges.
+
+Kernel arguments are plain pointers where Hopper passes tensor maps (``ptr``/``ptr_out`` in
+``KernelSource.params``)."""
+
+from __future__ import annotations
+
+from tilemix.tiles.errors import ResourceError
+from tilemix.tiles.ir import Loop, Op, Program
+
+from .hopper import CONSUMER_THREADS, PANEL, SCRATCH_FLOATS, KernelSource, Schedule, _ctype, _Lowering
+
+__all__ = ["GENERIC_ARCHS", "SMEM_LIMITS", "lower_generic"]
+
+GENERIC_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
+# dynamic shared memory one CTA may opt into (CUDA programming guide, compute capabilities table)
+SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+
+
+class _GenericLowering(_Lowering):
+    matmul_ss = "tm::matmul_sync_ss"
+    matmul_rs = "tm::matmul_sync_rs"
+    proxy_fence = None  # ldmatrix reads shared memory like any load: the group's barrier orders it
+
+    def __init__(self, program: Program, schedule: Schedule, full_dims: dict[str, int], arch: str):
+        super().__init__(program, schedule, full_dims)
+        if arch not in SMEM_LIMITS:
+            raise ValueError(f"generic code generator: arch {arch!r} is not one of {GENERIC_ARCHS}")
+        self.arch = arch
+        self.target = f"generic ({arch})"
+        self.threads = CONSUMER_THREADS * schedule.consumers
+
+    # mma.sync is synchronous: nothing is ever in flight
+    def wait_all(self, ind: int):
+        self.pending.clear()
+        self.groups = 0
+
+    # -- arguments ------------------------------------------------------------------
+    def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """Hopper's arguments with each tensor map replaced by a pointer to the 16-bit tensor."""
+        args, order = super().param_args()
+        for i, (kind, name) in enumerate(order):
+            if kind == "tmap":
+                args[i], order[i] = f"const tm::u16* __restrict__ ptr_{name}", ("ptr", name)
+            elif kind == "tmap_out":
+                args[i], order[i] = f"tm::u16* __restrict__ out_{name}", ("ptr_out", name)
+        return args, order
+
+    def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",
+                out: bool = False) -> tuple[str, str, str, str]:
+        """Global address of the tile of parameter ``name`` at block indices ``idx`` (16-bit
+        elements), its row stride, and the rows and columns left in the tensor from there."""
+        base = f"{'out' if out else 'ptr'}_{name}"
+        param = self.p.param(name)
+        if param.spec.kind == "matrix":
+            rdim, cdim = param.spec.dims
+            row0, col0 = f"{idx[0]} * {rows}", f"{idx[1]} * {cols}"
+            return (f"{base} + (long)({row0}) * {cdim} + {col0}", f"(long){cdim}", f"{rdim} - {row0}",
+                    f"{cdim} - ({col0})")
+        heads, head = ("G", "h / (H / G)") if param.spec.kind == "group_seq" else ("H", "h")
+        dim = [d for d in param.spec.dims if isinstance(d, str)][-1]
+        width = self.full_dims[dim]
+        row0 = f"{idx[0]} * {rows}"
+        col0 = self.col0(name, consumer)
+        return (f"{base} + (((long)b * T + {row0}) * {heads} + {head}) * {width} + {col0}",
+                f"(long){heads} * {width}", f"T - {row0}", str(cols))
+
+    def issue_load(self, op: Op, dst: str) -> list[str]:
+        """The cp.async copies of one tile load (for a split parameter or a split grid loop, one
+        per consumer), issued by every thread of the CTA."""
+        name, t = op.attrs["param"], op.result.type
+        lines = []
+        for consumer in range(self.schedule.consumers if self.per_consumer(op) else 1):
+            idx = [self.block_expr(consumer) if self.split_loop is not None and v is self.split_loop.index
+                   else self.index_name[v.id] for v in op.operands]
+            src, ld, rows_left, cols_left = self.tile_at(name, idx, t.rows, t.cols, str(consumer))
+            lines.append(f"tm::load_tile_async<{t.rows}, {t.cols}, {self.threads}>({dst} + "
+                         f"{consumer * t.rows * t.cols * 2}, {src}, {ld}, {rows_left}, {cols_left}, threadIdx.x);")
+        return lines
+
+    # -- ops ----------------------------------------------------------------------------
+    def lower_op(self, op: Op, ind: int):
+        if op.name == "load" and op in self.prologue_offset and not self.prologue_waited:
+            # the tiles loaded before the chunk loop: their group is the oldest, so waiting for all
+            # issued groups here waits for them (the ring is primed later)
+            self.emit("tm::cp_async_wait<0>();", ind)
+            self.emit("__syncthreads();", ind)
+            self.prologue_waited = True  # and the Hopper walk does not wait on its mbarrier
+        super().lower_op(op, ind)
+
+    def lower_store(self, op: Op, ind: int):
+        """A tile store: each 64-column panel into this group's shared panel, then out in 16-byte
+        writes, clipped at the tensor's edges. Other stores (per-token values) as on Hopper."""
+        value, *index = op.operands
+        name, t = op.attrs["param"], value.type
+        if t.cols == 1 or t.rows == 1:
+            super().lower_store(op, ind)
+            return
+        if t.cols % PANEL:
+            self.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
+        src = self.reg(value, ind)
+        idx = [self.index_name[v.id] for v in index]
+        dst, ld, rows_left, cols_left = self.tile_at(name, idx, t.rows, t.cols, out=True)
+        buf = f"(smem + {self.store_offset} + wg * {self.store_rows * 128})"
+        for panel in range(t.cols // PANEL):
+            self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});  // the panel buffer is free", ind)
+            self.emit(f"tm::store_panel<{self.is_bf16}, {panel}>({buf}, {src});", ind)
+            self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
+            self.emit(f"tm::copy_panel_out<{t.rows}>({dst} + {panel * PANEL}, {ld}, {rows_left}, "
+                      f"({cols_left}) - {panel * PANEL}, {buf});", ind)
+
+    def lower_loop(self, loop: Loop, ind: int):
+        stages = self.schedule.stages
+        for carried, init in zip(loop.carried, loop.init):
+            self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        self.emit(f"const int n_iter = {self.trip_count(loop)};", ind)
+        # the loads of chunk c into stage c % stages, named after the loop's index as in the body
+        self.emit("auto load_chunk = [&](const int c) {", ind)
+        self.emit(f"char* ring = smem + (c % {stages}) * stage_bytes;", ind + 2)
+        for op in self.loads:
+            for line in self.issue_load(op, f"ring + {self.load_offset[op]}"):
+                self.emit(line, ind + 2)
+        self.emit("};", ind)
+        if stages > 1:
+            self.emit(f"for (int c = 0; c < {stages - 1}; ++c) {{  // the ring's first chunks", ind)
+            self.emit("if (c < n_iter) load_chunk(c);", ind + 2)
+            self.emit("tm::cp_async_commit();", ind + 2)
+            self.emit("}", ind)
+        self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
+        if stages > 1:
+            self.emit(f"tm::cp_async_wait<{stages - 2}>();  // chunk c has landed (this thread's copies)", ind + 2)
+            self.emit("__syncthreads();  // everyone's copies; and chunk c - 1's stage is read by all", ind + 2)
+            self.emit(f"if (c + {stages - 1} < n_iter) load_chunk(c + {stages - 1});", ind + 2)
+            self.emit("tm::cp_async_commit();", ind + 2)
+        else:
+            self.emit("__syncthreads();  // the previous chunk's stage is read by all", ind + 2)
+            self.emit("load_chunk(c);", ind + 2)
+            self.emit("tm::cp_async_commit();", ind + 2)
+            self.emit("tm::cp_async_wait<0>();", ind + 2)
+            self.emit("__syncthreads();", ind + 2)
+        self.emit(f"const int stage = c % {stages};", ind + 2)
+        self.lower_ops(loop.body, ind + 2)
+        for carried, update in zip(loop.carried, loop.update):
+            if self.name(carried) != self.names.get(update):
+                self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
+        self.emit("}", ind)
+        self.reg_of = {v: n for v, n in self.reg_of.items() if v not in self.smem_of}
+        for result, carried in zip(loop.results, loop.carried):
+            self.names[result] = self.name(carried)
+
+    # -- the whole kernel -------------------------------------------------------------
+    def run(self) -> KernelSource:
+        self.analyze()
+        offsets, stage_bytes = {}, 0
+        for op in self.loads:
+            offsets[op] = stage_bytes
+            stage_bytes += self.load_bytes(op)
+        self.load_offset = offsets
+        self.smem_top = stage_bytes * self.schedule.stages
+        for op in self.prologue_loads:
+            self.prologue_offset[op] = self.alloc(self.load_bytes(op))
+        stores = [op for op in self.p.walk() if op.name == "store" and op.operands[0].type.cols > 1]
+        self.store_rows = max((op.operands[0].type.rows for op in stores), default=0)
+        self.store_offset = self.alloc(self.store_rows * 128 * self.schedule.consumers)
+        prologue = []
+        for op in self.prologue_loads:
+            prologue += ["  " + line for line in self.issue_load(op, f"(smem + {self.prologue_offset[op]})")]
+        if prologue:
+            prologue.append("  tm::cp_async_commit();")
+        body_start = len(self.lines)
+        self.lower_ops(self.p.body, 2)
+        body = self.lines[body_start:]
+        scratch_off = self.alloc(SCRATCH_FLOATS * 4 * self.schedule.consumers, 16)
+        args, order = self.param_args()
+        consumers = self.schedule.consumers
+        name = f"tilemix_{self.p.name}"
+        src = [
+            "#include <tilemix/generic.cuh>",
+            "",
+            f'extern "C" __global__ void __launch_bounds__({self.threads}, 1)',
+            f"{name}({', '.join(args)}) {{",
+            "  extern __shared__ __align__(1024) char smem[];",
+            f"  const int stage_bytes = {stage_bytes};",
+            *self.grid_decode(),
+            f"  const int wg = threadIdx.x / {CONSUMER_THREADS};  // this group's program instance",
+            *([f"  const int blk{len(self.grid_loops) - 1} = {self.block_expr('wg')};  // and its grid block"]
+              if self.split_loop is not None else []),
+            "  const int bar_id = 1 + wg;",
+            f"  float* scratch = (float*)(smem + {scratch_off}) + wg * {SCRATCH_FLOATS};",
+            *prologue,
+            *body,
+            "}",
+        ]
+        limit = SMEM_LIMITS[self.arch]
+        if self.smem_top > limit:
+            raise ResourceError(f"{self.target} code generator: this schedule needs {self.smem_top // 1024} KiB of "
+                                f"shared memory (stages={self.schedule.stages}, consumers={consumers}); a CTA "
+                                f"has at most {limit // 1024} KiB on {self.arch}", self.p.loc)
+        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, stage_bytes, self.threads, self.schedule,
+                            order, [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
+                                    for loop in self.grid_loops], self.size_args, {}, self.matrix)
+
+
+def lower_generic(program: Program, arch: str = "sm_80", schedule: Schedule | None = None,
+                  full_dims: dict[str, int] | None = None) -> KernelSource:
+    """CUDA C++ for ``program`` on the generic tensor-core target ``arch`` (one of
+    ``GENERIC_ARCHS``). With a column split the program is traced at the split widths and
+    ``full_dims`` gives the tensors' real sizes."""
+    return _GenericLowering(program, schedule or Schedule(), full_dims or dict(program.dims), arch).run()
