@@ -253,7 +253,9 @@ class _Lowering:
                 self.fail("consumer_axis='blocks' needs a blocks() loop")
             self.split_loop = self.grid_loops[-1]
         if self.loop is not None:
-            self.index_name[self.loop.index.id] = self.names[self.loop.index] = "c"
+            # the chunk index: the iteration counter c, offset by the first chunk when the loop has a start
+            index = "c" if self.loop.start is None else "(c_first + c)"
+            self.index_name[self.loop.index.id] = self.names[self.loop.index] = index
         self.plan_accumulation()
 
     def plan_accumulation(self):
@@ -300,7 +302,17 @@ class _Lowering:
                 # every consumer runs the CTA's longest range; positions mask what is not theirs
                 block = self.block_expr(self.schedule.consumers - 1)
             end = f"min({end}, ({block} + 1) * {loop.stop.size})"
-        return f"(({end}) + {loop.size - 1}) / {loop.size}"
+        chunks = f"(({end}) + {loop.size - 1}) / {loop.size}"
+        return chunks if loop.start is None else f"max(0, {chunks} - c_first)"
+
+    def first_chunk(self, loop: Loop) -> list[str]:
+        """The declaration of ``c_first``, the first chunk of a loop with a start (none without)."""
+        if loop.start is None:
+            return []
+        block = self.index_name[loop.start.index.id]
+        if self.split_loop is not None and loop.start.index is self.split_loop.index:
+            block = self.block_expr(0)  # every consumer starts where the CTA's first block does
+        return [f"const int c_first = {block} * {loop.start.size} / {loop.size};"]
 
     def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
         args, order = [], []
@@ -316,6 +328,9 @@ class _Lowering:
             elif kind == "matrix" and not p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
                 order.append(("tmap", p.name))
+            elif kind == "seq" and p.spec.output and p.spec.dims == (1,):
+                args.append(f"float* __restrict__ out_{p.name}")  # per-token fp32 values: plain stores
+                order.append(("ptr_out", p.name))  # launched as the output's address
             elif kind in ("seq", "group_seq", "matrix") and p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
                 order.append(("tmap_out", p.name))
@@ -389,6 +404,7 @@ class _Lowering:
                 out += self.tma_loads(op, f"smem + {self.prologue_offset[op]}", "prologue", "      ")
         if self.loop is not None:
             stages = self.schedule.stages
+            out += ["      " + line for line in self.first_chunk(self.loop)]
             out.append(f"      const int n_iter = {self.trip_count(self.loop)};")
             out.append("      for (int c = 0; c < n_iter; ++c) {")
             out.append(f"        int stage = c % {stages};")
@@ -419,6 +435,8 @@ class _Lowering:
         self.wait_for(loop.init, ind)
         for carried, init in zip(loop.carried, loop.init):
             self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        for line in self.first_chunk(loop):
+            self.emit(line, ind)
         self.emit(f"const int n_iter = {self.trip_count(loop)};", ind)
         self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
         self.emit(f"int stage = c % {self.schedule.stages};", ind + 2)
@@ -568,6 +586,11 @@ class _Lowering:
         tensor's edges), while the consumer goes on."""
         value, *index = op.operands
         name, t = op.attrs["param"], value.type
+        if t.cols == 1 and self.p.param(name).spec.kind == "seq":  # one fp32 value per token
+            row0 = f"{self.index_name[index[0].id]} * {t.rows}"
+            self.wait_for([value], ind)
+            self.emit(f"tm::store_col(out_{name} + (long)b * T * H + h, H, {row0}, T, {self.reg(value, ind)});", ind)
+            return
         if t.cols % PANEL:
             self.fail(f"stored tiles are {t.cols} wide; sm_90a stores need multiples of {PANEL} columns", op)
         self.tmap_rows[name] = t.rows
@@ -607,9 +630,10 @@ class _Lowering:
             keep = f"{col} < T"
         else:
             row = f"({self.index_name[t.row_axis.index]} * {t.row_axis.size} + row)"
-            keep = f"{col} <= {row}"
+            query, key = (col, row) if op.attrs.get("transposed") else (row, col)
+            keep = f"{key} <= {query}"
             if op.name == "window":
-                keep += f" && {col} > {row} - {op.attrs['size']}"
+                keep += f" && {key} > {query} - {op.attrs['size']}"
         # The masks keep a corner-bounded region, so a tile whose two far corners are kept is kept
         # whole: most chunks skip the per-element test.
         src, fn = self.reg(op.operands[0], ind), f"keep{op.result.id}"
@@ -707,7 +731,7 @@ class _Lowering:
         self.smem_top = stage_bytes * self.schedule.stages
         for op in self.prologue_loads:
             self.prologue_offset[op] = self.alloc(self.load_bytes(op))
-        stores = [op for op in self.p.walk() if op.name == "store"]
+        stores = [op for op in self.p.walk() if op.name == "store" and op.operands[0].type.cols > 1]  # by TMA
         self.store_rows = max((op.operands[0].type.rows for op in stores), default=0)
         self.store_buffers = min(2, max((op.operands[0].type.cols // PANEL for op in stores), default=1))
         self.store_offset = self.alloc(self.store_rows * 128 * self.store_buffers * self.schedule.consumers)

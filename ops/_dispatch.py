@@ -63,7 +63,7 @@ def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     out = {}
     for p in binding.params:
         if p.spec.output:
-            out[p.name] = torch.empty(p.shape, dtype=dtype, device=device)
+            out[p.name] = torch.empty(p.shape, dtype=_output_dtype(p, dtype), device=device)
         elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             shape = (binding.sizes["B"], binding.sizes["H"]) + tuple(binding.extent(d) for d in p.spec.dims)
             state = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32
@@ -117,7 +117,8 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         param = binding.param(name)
         if param.spec.kind == "state" and final_states is not None and name not in final_states:
             continue
-        dtype = work if param.spec.kind == "state" else tensors[_first_tile_operand(binding)].dtype
+        like = tensors[_first_tile_operand(binding)].dtype
+        dtype = work if param.spec.kind == "state" else _output_dtype(param, like)
         out[name] = torch.from_numpy(np.array(array)).to(dtype)  # a copy: never an alias of an input
     return out
 
@@ -189,7 +190,7 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
     outputs = {}
     for p in binding.params:
         if p.spec.output:
-            outputs[p.name] = alloc(p.shape, float("nan"), dtype=dtype, device=device)
+            outputs[p.name] = alloc(p.shape, float("nan"), dtype=_output_dtype(p, dtype), device=device)
         elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             B, H = binding.sizes["B"], binding.sizes["H"]
             shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
@@ -200,6 +201,14 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
         with torch.cuda.device(device):  # ~10 µs: only when the tensors are not on the current GPU
             run_hopper(kernel, binding, args, outputs, schedule)
     return outputs
+
+
+def _output_dtype(param, like: torch.dtype) -> torch.dtype:
+    """An output's torch dtype: a tile output's is the inputs' (``like``), a per-token scalar's
+    (``Out[Seq[1]]``) float32, or float64 in a float64 program."""
+    if param.spec.is_tile_operand:
+        return like
+    return torch.float64 if param.dtype is DType.f64 else torch.float32
 
 
 def _first_tile_operand(binding) -> str:

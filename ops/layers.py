@@ -1,9 +1,9 @@
 """Mixer layers: ``nn.Module``s with the usual projections around the tile ops.
 
-``LinearAttention`` trains (linear attention's backward kernels are tile programs). Attention's and
-SSD's backward programs are not written yet, so ``MultiHeadAttention`` and ``Mamba2Mixer`` run
-forward only: call them under ``torch.no_grad()`` / ``torch.inference_mode()`` (with parameters that
-require grad and grad mode on, the ops raise ``NotImplementedError``).
+``LinearAttention`` and ``MultiHeadAttention`` train (the ops' backward kernels are tile programs).
+SSD's backward programs are not written yet, so ``Mamba2Mixer`` runs forward only: call it under
+``torch.no_grad()`` / ``torch.inference_mode()`` (with parameters that require grad and grad mode
+on, the op raises ``NotImplementedError``).
 """
 
 from __future__ import annotations

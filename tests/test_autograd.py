@@ -1,4 +1,4 @@
-"""Gradients whose backward kernels are tile programs (so far: gemm's two transposed products).
+"""Gradients whose backward kernels are tile programs (gemm, linear attention, softmax attention).
 float64 gradcheck on CPU through the interpreter; on an H100 the same programs as sm_90a kernels
 against float64 autograd of the reference."""
 
@@ -102,3 +102,153 @@ def test_gpu_linear_attention_gradients(T):
     _la(*ref)[0].backward(do.double())
     for ours, expected in zip(gpu, ref):
         assert rel_err(ours.grad.cpu(), expected.grad.numpy()) <= bound(torch.bfloat16)
+
+
+# -- softmax attention: FlashAttention-2-style backward programs ---------------------------------------
+def _attention(q, k, v, causal, scale=None):
+    """Softmax attention in plain torch (float64 autograd ground truth)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    if causal:
+        T = q.shape[1]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshv->bthv", s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("T", [1, 70, 130])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_gradcheck(T, causal):
+    """dq from one program (per query block over key chunks), dk and dv from another (per key block
+    over query chunks, causal: from the block's own chunk on), both recomputing the probabilities from
+    the log-sum-exp the training forward saves. fast_mode, as for linear attention."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(1, T, 2, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.attention(q, k, v, causal=causal, scale=0.3), (q, k, v),
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_gradients_match_torch(causal):
+    """Every gradient against torch autograd of the plain formula, through ``ops.attention`` (saves the
+    log-sum-exp) and through ``torch.ops.tilemix.attention`` called directly (recomputes it)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(2, 150, 3, 32, generator=g, dtype=torch.float64) for _ in range(4))
+    expected = torch.autograd.grad(_attention(*(t.requires_grad_() for t in (q, k, v)), causal), (q, k, v), do)
+    for forward in (lambda *a: ops.attention(*a, causal=causal),
+                    lambda *a: torch.ops.tilemix.attention(*a, causal, 32 ** -0.5)):
+        grads = torch.autograd.grad(forward(q, k, v), (q, k, v), do)
+        for ours, ref in zip(grads, expected):
+            assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_lse_saved():
+    """The training forward's second output is each query's log-sum-exp of its scaled scores, float32."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=g) for _ in range(3))
+    o, lse = torch.ops.tilemix.attention_lse(q, k, v, True, 0.5)
+    s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * 0.5
+    s = s.masked_fill(torch.ones(70, 70, dtype=torch.bool).triu(1), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (1, 70, 2)
+    assert torch.allclose(lse.double(), torch.logsumexp(s, -1).transpose(1, 2), atol=1e-5)
+    assert torch.equal(o, ops.attention(q, k, v, causal=True, scale=0.5))
+
+
+@pytest.mark.parametrize("name", ["attention", "attention_lse"])
+def test_attention_opcheck_with_gradients(name):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 70, 2, 32, generator=g, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(getattr(torch.ops.tilemix, name).default, (q, k, v, True, 0.2))
+
+
+def test_attention_interpreter_bf16_gradients():
+    """The backward programs in bf16 through the interpreter (what the sm_90a kernels compute) against
+    float64 autograd: within the bf16 bound."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v, do = (torch.randn(1, 130, 2, 64, generator=g).bfloat16() for _ in range(4))
+    for causal in (False, True):
+        ours = [t.clone().requires_grad_() for t in (q, k, v)]
+        ops.attention(*ours, causal=causal).backward(do)
+        ref = [t.double().requires_grad_() for t in (q, k, v)]
+        _attention(*ref, causal).backward(do.double())
+        for a, b in zip(ours, ref):
+            assert rel_err(a.grad.float(), b.grad.numpy()) <= bound(torch.bfloat16)
+
+
+def _attention_backward_sources(causal):
+    from tilemix.codegen.launch import hopper_source
+    from tilemix.ops.attention import attention_bwd_dkdv, attention_bwd_dq, attention_fwd_lse
+    from tilemix.tiles import TensorSpec
+
+    seq, vec = TensorSpec((2, 4096, 16, 128), "bfloat16"), TensorSpec((2, 4096, 16), "float32")
+    args = dict(q=seq, k=seq, v=seq, do=seq, lse=vec, scale=0.1, is_causal=causal)
+    return [hopper_source(kernel, kernel.bind(a)) for kernel, a in (
+        (attention_fwd_lse, dict(q=seq, k=seq, v=seq, scale=0.1, is_causal=causal)),
+        (attention_bwd_dq, dict(args, o=seq)),
+        (attention_bwd_dkdv, dict(args, delta=vec)))]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_backward_programs_lower(causal):
+    """The training forward and both backward programs compile for sm_90a: wgmma, no local memory,
+    no wgmma serialisation (ptxas C7515)."""
+    pytest.importorskip("cuda.bindings")
+    from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass
+
+    for source in _attention_backward_sources(causal):
+        binary = compile_cuda(source.source, "sm_90a", source.name)
+        text, usage = sass(binary), resources(binary)
+        assert "HGMMA" in text, source.name
+        assert not ("LDL" in text or "STL" in text or usage["stack"] or usage["local"]), (source.name, usage)
+        report = ptxas_report(source.source, "sm_90a", source.name)
+        assert "Used" in report and "C7515" not in report, report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [100, 300, 1024])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_attention_gradients(T, causal):
+    g = torch.Generator().manual_seed(T)
+    q, k, v, do = (torch.randn(2, T, 3, 64, generator=g).bfloat16() for _ in range(4))
+    gpu = [t.cuda().requires_grad_() for t in (q, k, v)]
+    ops.attention(*gpu, causal=causal).backward(do.cuda())
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    _attention(*ref, causal).backward(do.double())
+    for ours, expected in zip(gpu, ref):
+        assert rel_err(ours.grad.cpu(), expected.grad.numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_attention_backward_matches_interpreter(causal, monkeypatch):
+    """GPU kernels against the same programs in the interpreter (bf16 numerics emulated), head dims
+    128, outputs poisoned so an unwritten element fails; also the saved log-sum-exp."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    g = torch.Generator().manual_seed(7)
+    q, k, v, do = (torch.randn(1, 333, 2, 128, generator=g).bfloat16() for _ in range(4))
+    results = []
+    for device in ("cuda", "cpu"):
+        xs = [t.to(device).requires_grad_() for t in (q, k, v)]
+        o, lse = torch.ops.tilemix.attention_lse(*xs, causal, 128 ** -0.5)
+        o.backward(do.to(device))
+        results.append([lse.detach().cpu()] + [t.grad.cpu() for t in xs])
+    for ours, interp in zip(*results):
+        assert not ours.isnan().any()
+        assert rel_err(ours, interp.double().numpy()) <= bound(torch.bfloat16)
+
+
+def test_attention_training_step_compiles_fullgraph():
+    """The forward with saved log-sum-exp and both backward programs are custom ops: a compiled
+    training step has no graph break and matches eager."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v, do = (torch.randn(1, 70, 2, 32, generator=g) for _ in range(4))
+
+    def loss(q, k, v):
+        return (ops.attention(q, k, v, causal=True) * do).sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):  # AOT traces the backward too
+        xs = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*xs).backward()
+        grads.append([t.grad for t in xs])
+    for e, c in zip(*grads):
+        assert torch.equal(e, c)

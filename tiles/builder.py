@@ -218,13 +218,15 @@ class Builder:
         return None
 
     # -- loops ----------------------------------------------------------
-    def open_loop(self, kind: str, size: int, dim: str, through: ChunkIndex | None, frame_locals: dict) -> ChunkIndex:
+    def open_loop(self, kind: str, size: int, dim: str, through: ChunkIndex | None, frame_locals: dict,
+                  start: ChunkIndex | None = None) -> ChunkIndex:
         loc = user_loc()
         if kind == "blocks" and self.open is not None and self.open.op.kind == "chunks":
             raise TileError("blocks() is the parallel grid: it cannot be nested inside a sequential chunks() loop", loc)
         index = Value(INDEX)
         stop = Bound(through.value, through.size) if through is not None else None
-        loop = Loop("loop", (), {}, None, loc, kind=kind, dim=dim, size=size, stop=stop, index=index)
+        first = Bound(start.value, start.size) if start is not None else None
+        loop = Loop("loop", (), {}, None, loc, kind=kind, dim=dim, size=size, stop=stop, start=first, index=index)
         self.regions[-1].append(loop)
         self.regions.append(loop.body)
         self.open = _OpenLoop(loop, self.open, dict(frame_locals))
@@ -287,8 +289,8 @@ class LoopIter:
     """``for c in chunks(...)``: yields one symbolic index, so the body is
     traced once, then closes the loop."""
 
-    def __init__(self, kind: str, size: int, dim: str, through: ChunkIndex | None):
-        self.kind, self.size, self.dim, self.through = kind, size, dim, through
+    def __init__(self, kind: str, size: int, dim: str, through: ChunkIndex | None, start: ChunkIndex | None = None):
+        self.kind, self.size, self.dim, self.through, self.start = kind, size, dim, through, start
         self.state = 0
 
     def __iter__(self):
@@ -299,7 +301,7 @@ class LoopIter:
         builder = current_builder()
         self.state += 1
         if self.state == 1:
-            return builder.open_loop(self.kind, self.size, self.dim, self.through, frame_locals)
+            return builder.open_loop(self.kind, self.size, self.dim, self.through, frame_locals, self.start)
         if self.state == 2:
             builder.close_loop(frame_locals)
         raise StopIteration

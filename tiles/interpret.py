@@ -137,9 +137,10 @@ class _Run:
         end = self.sizes[loop.dim]
         if loop.stop is not None:
             end = min(end, (self.env[loop.stop.index] + 1) * loop.stop.size)
+        first = 0 if loop.start is None else self.env[loop.start.index] * loop.start.size // loop.size
         for carried, init in zip(loop.carried, loop.init):
             self.env[carried] = np.asarray(self.env[init], self.float)
-        for chunk in range(math.ceil(end / loop.size)):
+        for chunk in range(first, math.ceil(end / loop.size)):
             self.env[loop.index] = self.chunk_of[loop.index.id] = chunk
             self.run_ops(loop.body)
             for carried, update in zip(loop.carried, loop.update):
@@ -202,9 +203,10 @@ class _Run:
             keep = cols < self.sizes[t.col_axis.dim]
         else:
             rows = self._positions(t.row_axis, t.rows)[:, None]
-            keep = cols <= rows
+            query, key = (cols, rows) if op.attrs.get("transposed") else (rows, cols)
+            keep = key <= query
             if op.name == "window":
-                keep &= cols > rows - op.attrs["size"]
+                keep &= key > query - op.attrs["size"]
         return np.where(keep, x, self.float(op.attrs["fill"]))
 
     def load(self, op: Op, indices: list[int]) -> np.ndarray:

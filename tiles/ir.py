@@ -46,9 +46,11 @@ class Op:
 
 @dataclass(frozen=True)
 class Bound:
-    """A loop bound taken from an enclosing loop: run only over the chunks
-    that start before the end of chunk ``index`` of size ``size`` (the key
-    loop of causal attention stops at its query block)."""
+    """A loop bound taken from an enclosing loop, chunk ``index`` of size ``size``.
+    As a loop's ``stop``: run only over the chunks that start before that chunk
+    ends (the key loop of causal attention stops at its query block); as its
+    ``start``: begin at the chunk holding that chunk's first row (the query
+    loop of causal attention's key-gradient program)."""
 
     index: Value
     size: int
@@ -69,6 +71,7 @@ class Loop(Op):
     dim: str = "T"
     size: int = 64
     stop: Bound | None = None
+    start: Bound | None = None
     index: Value | None = None
     init: list[Value] = field(default_factory=list)
     carried: list[Value] = field(default_factory=list)  # body-side values of the carried state
@@ -114,6 +117,7 @@ def _format_ops(ops: list[Op], indent: str) -> Iterator[str]:
         where = f"  # line {op.loc.line}" if op.loc else ""
         if isinstance(op, Loop):
             stop = f", through={op.stop.index}" if op.stop else ""
+            stop += f", start={op.start.index}" if op.start else ""
             carried = ", ".join(f"{c} = {i}" for c, i in zip(op.carried, op.init))
             results = ", ".join(map(repr, op.results))
             head = f"{results} = " if results else ""

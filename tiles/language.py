@@ -20,22 +20,26 @@ __all__ = [
 
 
 # -- loops --------------------------------------------------------------------
-def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None) -> LoopIter:
+def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None,
+           start: ChunkIndex | None = None) -> LoopIter:
     """Sequential loop over ``dim`` in chunks of ``size`` rows; variables
     rebound in the body are carried to the next chunk. ``through=i`` stops
-    after the chunks that overlap block ``i`` (the causal key range).
+    after the chunks that overlap block ``i`` (the causal key range);
+    ``start=i`` begins at the chunk that holds block ``i``'s first row (the
+    queries that see key block ``i`` under a causal mask).
     A partial last chunk reads zeros past the end and writes nothing there."""
     _check_size(size, "chunks")
-    if through is not None and not isinstance(through, ChunkIndex):
-        raise TileError(f"chunks(through=...) takes a loop index, got {type(through).__name__}", user_loc())
-    return LoopIter("chunks", size, dim, through)
+    for what, index in (("through", through), ("start", start)):
+        if index is not None and not isinstance(index, ChunkIndex):
+            raise TileError(f"chunks({what}=...) takes a loop index, got {type(index).__name__}", user_loc())
+    return LoopIter("chunks", size, dim, through, start)
 
 
 def blocks(size: int = 64, dim: str = "T") -> LoopIter:
     """The parallel grid over ``dim``: one program instance per block of
     ``size`` rows (besides the implicit one per batch and head)."""
     _check_size(size, "blocks")
-    return LoopIter("blocks", size, dim, None)
+    return LoopIter("blocks", size, dim, None, None)
 
 
 def _check_size(size, what: str) -> None:
@@ -114,16 +118,19 @@ def cast(x, dtype) -> Tile:
 
 
 # -- masks: use the sequence positions a tile's rows and columns cover --------
-def causal(x, fill: float = 0.0) -> Tile:
-    """Keep entries whose column position <= row position; others become ``fill``."""
-    return _unary("causal", x, fill=float(fill))
+def causal(x, fill: float = 0.0, transposed: bool = False) -> Tile:
+    """Keep entries whose column position <= row position; others become ``fill``.
+    ``transposed``: ``x`` has the keys on its rows and the queries on its columns (``k @ q.T``,
+    a backward pass's transposed scores): keep row position <= column position."""
+    return _unary("causal", x, fill=float(fill), transposed=bool(transposed))
 
 
-def window(x, size: int, fill: float = 0.0) -> Tile:
-    """Causal sliding window: keep ``row - size < col <= row``."""
+def window(x, size: int, fill: float = 0.0, transposed: bool = False) -> Tile:
+    """Causal sliding window: keep ``row - size < col <= row`` (``transposed``: rows and
+    columns swap roles, as in ``causal``)."""
     if not isinstance(size, int) or size <= 0:
         raise TileError(f"window size must be a positive int, got {size!r}", user_loc())
-    return _unary("window", x, size=size, fill=float(fill))
+    return _unary("window", x, size=size, fill=float(fill), transposed=bool(transposed))
 
 
 def in_seq(x, fill: float = 0.0) -> Tile:

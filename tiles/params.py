@@ -16,6 +16,7 @@ annotation             tensor layout           inside the program
 ``Scalar``             Python float            a runtime scalar (e.g. a softmax scale)
 ``Const``              any Python value        fixed at trace time (e.g. ``causal=True``)
 ``Out[...]``           as the inner one        written by the program; allocated by tilemix
+                                               (in the inputs' dtype; ``Out[Seq[1]]`` in float32)
 =====================  ======================  ===========================================
 
 ``B``, ``T``, ``H``, ``G`` and matrix dims are runtime sizes; the feature
@@ -250,7 +251,10 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
         if missing:
             raise TypeError(f"output {label(name)}: dims {missing} are not sized by any input")
         shape = tuple(sizes[s] if isinstance(s, str) else s for s in spec.layout)
-        params.append(BoundParam(name, spec, present=True, dtype=compute[0], shape=shape))
+        # a tile output is written in the compute dtype; a per-token scalar (Out[Seq[1]], e.g. a
+        # softmax's log-sum-exp kept for the backward) in float32 (float64 in a float64 program)
+        dtype = compute[0] if spec.is_tile_operand or compute[0] is DType.f64 else DType.f32
+        params.append(BoundParam(name, spec, present=True, dtype=dtype, shape=shape))
     order = list(specs)
     params.sort(key=lambda p: order.index(p.name))
     static = {s: sizes[s] for p in params for s in p.spec.static_dims if s in sizes}

@@ -549,6 +549,20 @@ template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const f
     }
 }
 
+// a column vector (one value per row) -> rows t0.. of a strided fp32 sequence (element t at
+// base[t * stride], e.g. a [B, T, H] tensor's (b, h) slice), rows at or past T not written;
+// one lane of each quad (they hold the same rows) stores
+template <int R> __device__ __forceinline__ void store_col(float* base, long stride, int t0, int T, const rt<R, 1>& x) {
+  if (lane_id() % 4 == 0)
+#pragma unroll
+    for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        int t = t0 + row_of(mb, hr);
+        if (t < T) base[(long)t * stride] = x.v[mb][0][hr][0];
+      }
+}
+
 // fp32 [R x C] matrix at base (row stride `ld`), e.g. a state
 // (a vector tile's missing coordinate is 0; of the threads holding copies of an element, one stores it)
 template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
