@@ -19,11 +19,15 @@ __all__ = ["tile_op", "no_state"]
 ToArgs = Callable[..., tuple[dict[str, Any], dict[str, str], tuple[str, ...] | None]]
 
 
-def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: Callable[[dict], Any]):
-    """Register ``tilemix::name`` with ``schema`` running ``kernel``."""
+def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: Callable[[dict], Any],
+            run: Callable[..., dict] | None = None):
+    """Register ``tilemix::name`` with ``schema`` running ``kernel`` (through ``run(args, labels,
+    final_states)`` when given: a ``SegmentedScan`` of it, say)."""
 
     def real(*args):
         program_args, labels, final = to_args(*args)
+        if run is not None:
+            return to_result(run(program_args, labels, final))
         return to_result(run_kernel(kernel, program_args, labels, final))
 
     def fake(*args):

@@ -11,10 +11,12 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._dispatch import check_call, default_scale, run_kernel
+from ._dispatch import call_with_target, check_call, current_target, default_scale, run_kernel, use_target
 from ._library import no_state, tile_op
+from ._segments import SegmentedScan
 
-__all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_bwd_dq", "linear_attention_bwd_dkdv"]
+__all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_states", "linear_attention_bwd_dq",
+           "linear_attention_bwd_dkdv"]
 
 
 @kernel
@@ -24,6 +26,13 @@ def linear_attention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], scale: Scalar,
         qc, kc, vc = q[c] * scale, k[c], v[c]
         o[c] = causal(qc @ kc.T) @ vc + qc @ s  # within the chunk + everything before it
         s = s + kc.T @ vc
+
+
+@kernel
+def linear_attention_states(k: Seq["K"], v: Seq["V"], s: State["K", "V"] = None):
+    """The state a sequence (a segment of one) adds: pass 1 of the segmented forward."""
+    for c in chunks(64):
+        s = s + k[c].T @ v[c]
 
 
 @kernel
@@ -46,18 +55,22 @@ def linear_attention_bwd_dkdv(q: Seq["K"], k: Seq["K"], v: Seq["V"], do: Seq["V"
         d = d + qc.T @ doc
 
 
+linear_attention_scan = SegmentedScan(linear_attention_fwd, linear_attention_states, "s")
+
 linear_attention_op = tile_op(
     "linear_attention",
     "(Tensor q, Tensor k, Tensor v, float scale, Tensor? initial_state, bool output_final_state) -> (Tensor, Tensor)",
     linear_attention_fwd,
     lambda q, k, v, scale, initial_state, final: (dict(q=q, k=k, v=v, scale=scale, s=initial_state),
                                                   {"s": "initial_state"}, ("s",) if final else ()),
-    lambda out: (out["o"], out.get("s", no_state(out["o"]))))
+    lambda out: (out["o"], out.get("s", no_state(out["o"]))),
+    run=linear_attention_scan)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, scale, initial_state, _ = inputs
     ctx.scale = scale
+    ctx.target = current_target()  # the backward programs run on the forward's target
     ctx.save_for_backward(q, k, v, initial_state)
 
 
@@ -65,11 +78,12 @@ def _backward(ctx, do, dstate):
     q, k, v, initial_state = ctx.saved_tensors
     do = do.contiguous()
     final_grad = dstate if dstate is not None and dstate.numel() else None
-    dq = run_kernel(linear_attention_bwd_dq, dict(do=do, k=k, v=v, scale=ctx.scale, s=initial_state),
-                    final_states=())["dq"]
     flip = lambda t: t.flip(1)  # noqa: E731  (time reversed, contiguous)
-    rev = run_kernel(linear_attention_bwd_dkdv, dict(q=flip(q), k=flip(k), v=flip(v), do=flip(do), scale=ctx.scale,
-                                                     d=final_grad), final_states=("d",))
+    with use_target(ctx.target):
+        dq = run_kernel(linear_attention_bwd_dq, dict(do=do, k=k, v=v, scale=ctx.scale, s=initial_state),
+                        final_states=())["dq"]
+        rev = run_kernel(linear_attention_bwd_dkdv, dict(q=flip(q), k=flip(k), v=flip(v), do=flip(do),
+                                                         scale=ctx.scale, d=final_grad), final_states=("d",))
     dinit = rev["d"] if initial_state is not None and ctx.needs_input_grad[4] else None
     return dq, flip(rev["dk"]), flip(rev["dv"]), None, dinit, None
 
@@ -78,14 +92,18 @@ linear_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+                     initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
+                     target: str | None = None):
     """Causal linear attention without normalisation (flash-linear-attention's
     ``chunk_linear_attn`` convention).
 
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; scale defaults to ``K ** -0.5``;
     initial_state: float32 ``[B, H, K, V]`` or None (zeros).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``.
+    ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
+    kernels, also on an H100); the backward runs on the forward's.
     """
     check_call("linear_attention", differentiable=True, q=q, k=k, v=v, initial_state=initial_state)
-    o, state = linear_attention_op(q, k, v, default_scale(q, scale), initial_state, bool(output_final_state))
+    o, state = call_with_target(target, linear_attention_op, q, k, v, default_scale(q, scale), initial_state,
+                                bool(output_final_state))
     return o, (state if output_final_state else None)

@@ -6,10 +6,11 @@ import torch
 
 from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsum, exp, kernel, segsum
 
-from ._dispatch import check_call
+from ._dispatch import call_with_target, check_call
 from ._library import no_state, tile_op
+from ._segments import SegmentedScan
 
-__all__ = ["ssd", "ssd_fwd"]
+__all__ = ["ssd", "ssd_fwd", "ssd_states"]
 
 
 @kernel
@@ -25,6 +26,23 @@ def ssd_fwd(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["
         h = h * exp(colsum(log_decay)) + (bc * decay_to_end).T @ xdt
 
 
+@kernel
+def ssd_states(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], h: State["N", "P"] = None):
+    """The state a sequence (a segment of one) reaches from zero: pass 1 of the segmented scan."""
+    for c in chunks(64):
+        log_decay = dt[c] * A
+        decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))
+        h = h * exp(colsum(log_decay)) + (B[c] * decay_to_end).T @ (x[c] * dt[c])
+
+
+def _segment_log_decay(args: dict, segments: int) -> torch.Tensor:
+    """Each segment's ``Σ dt·A`` as ``[B, S, H]`` (float64: a handful of numbers per segment)."""
+    dt = args["dt"]
+    return dt.reshape(dt.shape[0], segments, -1, dt.shape[2]).double().sum(2) * args["A"].double()
+
+
+ssd_scan = SegmentedScan(ssd_fwd, ssd_states, "h", _segment_log_decay)
+
 ssd_op = tile_op(
     "ssd",
     "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state, bool output_final_state)"
@@ -32,19 +50,22 @@ ssd_op = tile_op(
     ssd_fwd,
     lambda x, dt, A, B, C, D, initial_state, final: (dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
                                                      {"h": "initial_state"}, ("h",) if final else ()),
-    lambda out: (out["y"], out.get("h", no_state(out["y"]))))
+    lambda out: (out["y"], out.get("h", no_state(out["y"]))),
+    run=ssd_scan)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-        output_final_state: bool = False):
+        output_final_state: bool = False, *, target: str | None = None):
     """The Mamba-2 state-space dual (SSD) scan.
 
     x: ``[B, T, H, P]``; dt: ``[B, T, H]`` (positive step sizes); A: ``[H]``
     (negative); B, C: ``[B, T, G, N]`` with ``H % G == 0`` (head h reads group
     ``h // (H // G)``); D: ``[H]`` or None; initial_state: float32
     ``[B, H, N, P]`` or None. Returns ``(y [B, T, H, P], final_state or None)``.
+    ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
+    kernels, also on an H100).
     """
     check_call("ssd", x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
-    y, state = ssd_op(x, dt, A, B, C, D, initial_state, bool(output_final_state))
+    y, state = call_with_target(target, ssd_op, x, dt, A, B, C, D, initial_state, bool(output_final_state))
     return y, (state if output_final_state else None)

@@ -102,6 +102,23 @@ def test_gpu_matches_reference(op, T, D, dtype, initial_state, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+@pytest.mark.parametrize("T, segments", [(1024, 4), (4096, 16), (4096, 64)])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_gpu_segments_match_reference(op, T, segments, D, initial_state, monkeypatch):
+    """Sequence-parallel state passing (forced segment counts) against the float64 reference."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    monkeypatch.setenv("TILEMIX_SEGMENTS", str(segments))
+    args = _inputs(op, 1, T, 2, D, torch.bfloat16, seed=segments + D, initial_state=initial_state)
+    cuda_args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out, state = getattr(ops, op)(**cuda_args)
+    ref_out, ref_state = getattr(reference, op)(**args)
+    assert rel_err(out.cpu(), ref_out) <= bound(torch.bfloat16)
+    assert rel_err(state.cpu(), ref_state) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
 @settings(max_examples=40, deadline=None)
 @given(op=st.sampled_from(["linear_attention", "ssd"]), B=st.integers(1, 3), T=st.integers(1, 700),
        H=st.integers(1, 4), D=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),

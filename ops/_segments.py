@@ -1,0 +1,159 @@
+"""Sequence-parallel state passing for chunked scans (linear attention, SSD) with few sequences.
+
+A scan program runs one CTA per (batch, head, column block) and walks the sequence chunk by
+chunk, so long sequences with few batch x heads leave most of the GPU idle (H100, linear
+attention D=128: 94% of the HBM roofline at B·H=128, 46% of fla's speed at B·H=8, T=64k).
+Because the carried state is linear in the inputs, ``s_end = decay · s_start + local``, the
+sequence can be cut into S segments that run in parallel, in two passes of tile programs:
+
+1. ``states`` program on every segment from a zero state: the segment's ``local`` contribution;
+2. a combine over the S segments (float32/64 torch on [B, S, H, ...] states: an exclusive
+   prefix, decay-weighted for SSD) gives every segment's starting state;
+3. the scan program itself on every segment from its starting state: the outputs.
+
+Segments are views: ``[B, T, ...]`` is reshaped to ``[B·S, T/S, ...]``, so T must be a
+multiple of ``64·S``; otherwise the scan runs sequentially. Pass 1 reads k and v (x, dt, B)
+once more, and the states make three extra trips through HBM, so segments pay only where the
+sequential scan would leave SMs idle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tilemix.tiles import Kernel
+
+from ._dispatch import run_kernel
+
+__all__ = ["SegmentedScan", "segment_count"]
+
+CHUNK = 64  # the scans' chunk: a segment holds whole chunks
+MIN_SEGMENT = 1024  # shorter segments spend more on states than they gain in parallelism
+MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H (H200, 2026-11-30)
+TARGET_CTAS_PER_SM = 1.5
+
+
+def segment_count(T: int, programs: int, sms: int) -> int:
+    """How many segments a sequence of length ``T`` is cut into when the sequential scan runs
+    ``programs`` CTAs on ``sms`` SMs; 1 means the sequential scan. Segments pay when fewer than
+    half the SMs would have a CTA and the sequence is long; then the fewest (a power of two) that
+    give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T into whole chunks. H200,
+    linear attention D=128 (bench/NOTES.md): T=64k B·H=8 1.451 ms sequential, 0.260 at 16
+    segments; T=8192 B·H=64 0.192 sequential, 0.261 at 2 segments. ``$TILEMIX_SEGMENTS`` forces a
+    count (where T allows it)."""
+    forced = os.environ.get("TILEMIX_SEGMENTS")
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"TILEMIX_SEGMENTS must be a positive integer, got {forced!r}")
+        return int(forced) if T % (CHUNK * int(forced)) == 0 else 1
+    segments = 1
+    if T < MIN_LENGTH or 2 * programs >= sms:
+        return segments
+    while (programs * segments < TARGET_CTAS_PER_SM * sms and T // (2 * segments) >= MIN_SEGMENT
+           and T % (CHUNK * 2 * segments) == 0):
+        segments *= 2
+    return segments
+
+
+@dataclass(frozen=True)
+class SegmentedScan:
+    """A scan program and what it takes to run it over segments in parallel.
+
+    ``states`` takes the scan's inputs (those it declares) and returns the state named ``state``
+    it reaches from zero; ``log_decay(args, segments)`` gives each segment's state decay as a
+    ``[B, S, H]`` log (None: the state is a plain sum, as in linear attention)."""
+
+    kernel: Kernel
+    states: Kernel
+    state: str
+    log_decay: Callable[[dict[str, Any], int], torch.Tensor] | None = None
+
+    def __call__(self, args: dict[str, Any], labels: dict[str, str] | None = None,
+                 final_states: tuple[str, ...] | None = None, segments: int | None = None) -> dict[str, torch.Tensor]:
+        """``run_kernel(self.kernel, ...)``, in ``segments`` segments (default: ``segment_count`` on
+        a GPU, 1 on the CPU)."""
+        if segments is None:
+            segments = self._default_segments(args, labels)
+        if segments == 1:
+            return run_kernel(self.kernel, args, labels, final_states)
+        binding = self.kernel.bind(args, labels)
+        B, T = binding.sizes["B"], binding.sizes["T"]
+        if T % (CHUNK * segments):
+            raise ValueError(f"{segments} segments need T to be a multiple of {CHUNK * segments}, got T={T}")
+        split = {p.name: _split(args[p.name], segments) for p in binding.params
+                 if p.present and p.spec.kind in ("seq", "group_seq") and not p.spec.output}
+        inputs = {name: split.get(name, value) for name, value in args.items()
+                  if name in self.states.specs and name != self.state}  # from a zero state
+        local = run_kernel(self.states, inputs, labels, final_states=(self.state,))[self.state]
+        local = local.view(B, segments, *local.shape[1:])
+        log_decay = None if self.log_decay is None else self.log_decay(args, segments)
+        starts, final = combine(local, log_decay, args.get(self.state))
+        outputs = run_kernel(self.kernel, {**args, **split, self.state: starts.flatten(0, 1)}, labels,
+                             final_states=())
+        result = {name: t.view(B, T, *t.shape[2:]) for name, t in outputs.items()}
+        if final_states is None or self.state in final_states:
+            result[self.state] = final
+        return result
+
+    def _default_segments(self, args: dict[str, Any], labels: dict[str, str] | None) -> int:
+        tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
+        if not tensors or tensors[0].device.type != "cuda":
+            return 1
+        from tilemix.codegen.launch import launch_schedule
+
+        binding = self.kernel.bind(args, labels)
+        if 0 in binding.sizes.values():
+            return 1
+        device = tensors[0].device.index
+        schedule = launch_schedule(self.kernel, binding, device)
+        programs = binding.sizes["B"] * binding.sizes["H"]
+        for dim, width in schedule.split:
+            programs *= binding.static[dim] // width
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return segment_count(binding.sizes["T"], programs, sms)
+
+
+def _split(t: torch.Tensor, segments: int) -> torch.Tensor:
+    """``[B, T, ...]`` as ``[B·S, T/S, ...]`` (a view of a contiguous tensor)."""
+    B, T = t.shape[:2]
+    return t.reshape(B * segments, T // segments, *t.shape[2:])
+
+
+def combine(local: torch.Tensor, log_decay: torch.Tensor | None,
+            initial: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every segment's starting state and the final state from the segments' ``local [B, S, H, ...]``
+    contributions, their ``log_decay [B, S, H]`` (None: no decay) and the ``initial [B, H, ...]``
+    state (None: zeros): ``start_i = Σ_{j<i} exp(g_{j+1} + … + g_{i-1}) local_j + exp(g_0 + … + g_{i-1}) initial``."""
+    extra = local.dim() - 3  # the state's own dims
+    if log_decay is None:
+        inclusive = torch.cumsum(local, dim=1)
+        starts = inclusive - local
+        final = inclusive[:, -1]
+        if initial is not None:
+            starts = starts + initial.unsqueeze(1)
+            final = final + initial
+        return starts, final
+    g = log_decay.to(torch.float64).transpose(1, 2)  # [B, H, S]
+    inclusive = torch.cumsum(g, dim=2)  # log decay from the sequence start to segment i's end
+    exclusive = inclusive - g  # ... to segment i's start
+    # weight of local_j in start_i (j < i): the decay over segments j+1 .. i-1
+    S = local.shape[1]
+    exponent = exclusive.unsqueeze(3) - inclusive.unsqueeze(2)  # [B, H, S(i), S(j)]
+    below = torch.ones(S, S, dtype=torch.bool, device=local.device).tril(-1)
+    weights = torch.where(below, exponent, float("-inf")).exp().to(local.dtype)
+    starts = torch.matmul(weights, local.flatten(3).transpose(1, 2))  # [B, H, S, X]
+    starts = starts.transpose(1, 2).reshape(local.shape)
+    if initial is not None:
+        starts = starts + _per_state(exclusive.exp().to(local.dtype).transpose(1, 2), extra) * initial.unsqueeze(1)
+    final = _per_state(g[:, :, -1].exp().to(local.dtype), extra) * starts[:, -1] + local[:, -1]
+    return starts, final
+
+
+def _per_state(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """``x`` with ``extra`` unit dims appended, to scale whole states."""
+    return x.view(*x.shape, *(1,) * extra)

@@ -1,0 +1,91 @@
+"""Sequence-parallel state passing (ops/_segments.py): cutting a scan into segments that run in
+parallel gives the sequential scan's outputs and final state; when it is chosen."""
+
+import pytest
+import torch
+
+from tilemix.ops._dispatch import run_kernel
+from tilemix.ops._segments import MIN_LENGTH, segment_count
+from tilemix.ops.linear_attention import linear_attention_fwd, linear_attention_scan
+from tilemix.ops.ssd import ssd_fwd, ssd_scan
+
+
+def _args(op: str, B: int, T: int, H: int, initial: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if op == "linear_attention":
+        args = dict(q=rnd(B, T, H, 32), k=rnd(B, T, H, 32), v=rnd(B, T, H, 16), scale=0.25,
+                    s=rnd(B, H, 32, 16) if initial else None)
+        return linear_attention_fwd, linear_attention_scan, args
+    G = 1 if H % 2 else 2
+    args = dict(x=rnd(B, T, H, 16), dt=torch.rand(B, T, H, generator=g, dtype=torch.float64) * 0.5,
+                A=-torch.rand(H, generator=g, dtype=torch.float64) * 2, B=rnd(B, T, G, 32), C=rnd(B, T, G, 32),
+                D=rnd(H), h=rnd(B, H, 32, 16) if initial else None)
+    return ssd_fwd, ssd_scan, args
+
+
+@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+@pytest.mark.parametrize("segments", [2, 4])
+@pytest.mark.parametrize("initial", [False, True])
+def test_segments_match_the_sequential_scan(op, segments, initial):
+    kernel, scan, args = _args(op, B=2, T=256, H=2, initial=initial, seed=segments)
+    expected = run_kernel(kernel, args)
+    got = scan(args, segments=segments)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-10)
+
+
+def test_segments_need_whole_chunks():
+    _, scan, args = _args("linear_attention", B=1, T=200, H=1, initial=False, seed=0)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        scan(args, segments=4)
+
+
+def test_final_state_only_when_asked():
+    _, scan, args = _args("ssd", B=1, T=128, H=1, initial=True, seed=0)
+    assert set(scan(args, final_states=(), segments=2)) == {"y"}
+
+
+@pytest.mark.parametrize("T, programs, expected", [
+    (4096, 16, 1),  # short: the sequential scan
+    (MIN_LENGTH, 132, 1),  # enough CTAs already
+    (MIN_LENGTH, 64, 4),  # 256 CTAs >= 1.5 per SM
+    (32768, 32, 8),
+    (65536, 16, 16),
+    (65536, 1, 64),  # as many as 1024-token segments allow
+    (MIN_LENGTH + 64, 16, 1),  # no power of two divides it into whole chunks
+])
+def test_segment_count(T, programs, expected, monkeypatch):
+    monkeypatch.delenv("TILEMIX_SEGMENTS", raising=False)
+    assert segment_count(T, programs, sms=132) == expected
+
+
+def test_segment_count_forced(monkeypatch):
+    monkeypatch.setenv("TILEMIX_SEGMENTS", "4")
+    assert segment_count(1024, 500, sms=132) == 4
+    assert segment_count(1000, 500, sms=132) == 1  # T does not split into 4 x whole chunks
+    monkeypatch.setenv("TILEMIX_SEGMENTS", "four")
+    with pytest.raises(ValueError, match="TILEMIX_SEGMENTS must be a positive integer"):
+        segment_count(1024, 1, sms=132)
+
+
+@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_states_programs_lower_to_wgmma_without_spills(op, D):
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass
+    from tilemix.codegen.launch import hopper_source
+    from tilemix.ops.examples import example_specs
+
+    scan = {"linear_attention": linear_attention_scan, "ssd": ssd_scan}[op]
+    specs = {name: spec for name, spec in example_specs(op, D=D).items() if name in scan.states.specs}
+    source = hopper_source(scan.states, scan.states.bind(specs))
+    binary = compile_cuda(source.source, "sm_90a", source.name)
+    text, usage = sass(binary), resources(binary)
+    assert "HGMMA" in text and "LDL" not in text and "STL" not in text
+    assert usage["stack"] == usage["local"] == 0, usage
+    assert "C7515" not in ptxas_report(source.source, "sm_90a", source.name)
