@@ -104,27 +104,28 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     program = PROGRAMS[args.op]
     binding = program.bind(example_specs(args.op, args.dtype))
-    if args.ir or args.arch == "cpu":
-        print(program.trace(binding, target=args.arch))
-        return 0
-    if args.arch != "sm_90a":
-        print(f"tilemix show: no code generator for {args.arch} yet (sm_90a only)", file=sys.stderr)
+    arch = "sm_90" if args.target == "generic" and args.arch == "sm_90a" else args.arch  # generic on a Hopper
+    if args.target == "hopper" and arch != "sm_90a":
+        print(f"tilemix show: --target hopper is sm_90a, not {arch}", file=sys.stderr)
         return 2
+    if args.ir or arch == "cpu":
+        print(program.trace(binding, target=arch))
+        return 0
     from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.launch import kernel_source
 
     try:
-        source = hopper_source(program, binding)
+        source = kernel_source(program, binding, arch=arch)
     except TileError as e:
         print(f"tilemix show: {e}", file=sys.stderr)
         return 2
     if not (args.sass or args.resources):
         print(source.source)
         return 0
-    compiled = compile_cuda(source.source, args.arch, source.name)
+    compiled = compile_cuda(source.source, arch, source.name)
     if args.resources:
         usage = resources(compiled)
-        print(f"{source.name} ({args.arch}): {usage['reg']} registers/thread, {usage['stack']} B stack, "
+        print(f"{source.name} ({arch}): {usage['reg']} registers/thread, {usage['stack']} B stack, "
               f"{usage['local']} B local (spills), {source.smem_bytes} B dynamic shared memory, "
               f"{source.threads} threads/CTA")
     if args.sass:
@@ -165,7 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     tune.set_defaults(run=_cmd_tune)
     show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
     show.add_argument("op", choices=sorted(PROGRAMS))
-    show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS))
+    show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS),
+                      help="sm_90a: the Hopper kernel; sm_80/86/89/90: the generic mma.sync kernel")
+    show.add_argument("--target", default="auto", choices=["auto", "hopper", "generic"],
+                      help="generic: the mma.sync kernel (for --arch sm_90a: the one an H100 runs when forced)")
     show.add_argument("--ir", action="store_true", help="the traced, verified IR instead of CUDA")
     show.add_argument("--sass", action="store_true", help="compile and disassemble")
     show.add_argument("--resources", action="store_true", help="registers, stack/spill and shared memory")

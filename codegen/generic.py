@@ -130,6 +130,8 @@ class _GenericLowering(_Lowering):
         stages = self.schedule.stages
         for carried, init in zip(loop.carried, loop.init):
             self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        for line in self.first_chunk(loop):
+            self.emit(line, ind)
         self.emit(f"const int n_iter = {self.trip_count(loop)};", ind)
         # the loads of chunk c into stage c % stages, named after the loop's index as in the body
         self.emit("auto load_chunk = [&](const int c) {", ind)

@@ -5,6 +5,7 @@ flash-linear-attention calling convention. CPU tensors run the NumPy
 interpreter; the GPU backends are built in ``tilemix.codegen``.
 """
 
+from ._dispatch import use_target
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
@@ -20,4 +21,4 @@ PROGRAMS = {
 
 __all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
-           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer"]
+           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
 import os
@@ -13,7 +15,7 @@ import torch
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
 
-__all__ = ["run_kernel", "fake_run", "default_scale", "check_call"]
+__all__ = ["run_kernel", "fake_run", "default_scale", "check_call", "use_target", "call_with_target"]
 
 
 def default_scale(q: Any, scale: float | None) -> float:
@@ -97,7 +99,8 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         return {name: t.to(device) for name, t in cpu.items()}
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
-        if schedule is None:
+        arch = select_arch(_capability(device), _TARGET.get())
+        if schedule is None and arch == "sm_90a":  # tuned configs are Hopper schedules
             from tilemix.codegen.tune import config_for
 
             tuned = config_for(kernel, binding, args, device)
@@ -106,7 +109,7 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
                 if tuned.consts:
                     args = {**args, **dict(tuned.consts)}
                     binding = kernel.bind(args, labels)
-        return _run_cuda(kernel, binding, args, device, final_states, schedule)
+        return _run_cuda(kernel, binding, args, device, final_states, schedule, arch)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
     work = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32  # the interpreter's precision
@@ -154,6 +157,38 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 TARGET_CHOICES = ("auto", "hopper", "generic")
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("tilemix_target", default=None)
+
+
+@contextlib.contextmanager
+def use_target(target: str | None):
+    """Run the tilemix ops called inside (and, for ops called inside, their backward programs) on
+    ``target``: "auto", "hopper" or "generic" (mma.sync kernels, also on an H100); None changes
+    nothing. Wins over $TILEMIX_TARGET. CPU tensors always run the interpreter."""
+    if target is None:
+        yield
+        return
+    if not isinstance(target, str) or target.lower() not in TARGET_CHOICES:
+        raise ValueError(f"target {target!r} is not one of {TARGET_CHOICES}")
+    token = _TARGET.set(target.lower())
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def current_target() -> str | None:
+    """The target forced by the innermost ``use_target`` (None: $TILEMIX_TARGET or automatic)."""
+    return _TARGET.get()
+
+
+def call_with_target(target: str | None, fn, *args):
+    """``fn(*args)`` under ``use_target(target)``; a plain call when target is None (what
+    torch.compile traces)."""
+    if target is None:
+        return fn(*args)
+    with use_target(target):
+        return fn(*args)
 
 
 def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
@@ -177,12 +212,10 @@ def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
 
 
 def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device,
-              final_states: tuple[str, ...] | None, schedule) -> dict[str, torch.Tensor]:
-    arch = select_arch(_capability(device))
-    if arch != "sm_90a":
-        raise NotImplementedError(f"tilemix.{kernel.name}: the generic ({arch}, mma.sync) backend is not "
-                                  f"lowered yet (issue 5); {torch.cuda.get_device_name(device)} needs it")
-    from tilemix.codegen.launch import run_hopper
+              final_states: tuple[str, ...] | None, schedule, arch: str = "sm_90a") -> dict[str, torch.Tensor]:
+    """The kernel for ``arch`` (``select_arch``: sm_90a is the Hopper lowering, sm_8x and sm_90 the
+    generic mma.sync one) on ``args``, into freshly allocated outputs."""
+    from tilemix.codegen.launch import run_tiles
 
     dtype = args[_first_tile_operand(binding)].dtype
     # TILEMIX_POISON=1 fills outputs with NaN first, so tests catch anything a kernel leaves unwritten
@@ -196,10 +229,10 @@ def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.devic
             shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
             outputs[p.name] = alloc(shape, float("nan"), dtype=torch.float32, device=device)
     if device.index == torch.cuda.current_device():
-        run_hopper(kernel, binding, args, outputs, schedule)
+        run_tiles(kernel, binding, args, outputs, schedule, arch)
     else:
         with torch.cuda.device(device):  # ~10 µs: only when the tensors are not on the current GPU
-            run_hopper(kernel, binding, args, outputs, schedule)
+            run_tiles(kernel, binding, args, outputs, schedule, arch)
     return outputs
 
 

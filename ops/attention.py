@@ -29,7 +29,7 @@ from tilemix.tiles import (
     zeros,
 )
 
-from ._dispatch import check_call, default_scale
+from ._dispatch import call_with_target, check_call, default_scale
 from ._library import tile_op
 
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv"]
@@ -183,14 +183,16 @@ attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, *, target: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention. q, k: ``[B, T, H, D]``; v: ``[B, T, H, V]``;
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query.
     Returns ``[B, T, H, V]``. Differentiable: when a gradient is wanted the forward also saves the
     rows' log-sum-exp (``attention_fwd_lse``) and the backward runs ``attention_bwd_dq`` and
-    ``attention_bwd_dkdv``; otherwise it runs ``attention_fwd`` alone."""
+    ``attention_bwd_dkdv``; otherwise it runs ``attention_fwd`` alone.
+    ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
+    kernels, also on an H100)."""
     check_call("attention", differentiable=True, q=q, k=k, v=v)
     scale = default_scale(q, scale)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        return attention_lse_op(q, k, v, bool(causal), scale)[0]
-    return attention_op(q, k, v, bool(causal), scale)
+        return call_with_target(target, attention_lse_op, q, k, v, bool(causal), scale)[0]
+    return call_with_target(target, attention_op, q, k, v, bool(causal), scale)

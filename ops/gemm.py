@@ -7,7 +7,7 @@ import torch
 
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
-from ._dispatch import check_call, run_kernel
+from ._dispatch import call_with_target, check_call, current_target, run_kernel, use_target
 from ._library import tile_op
 
 __all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
@@ -54,21 +54,25 @@ gemm_op = tile_op("gemm", "(Tensor a, Tensor b) -> Tensor", gemm_fwd,
 
 def _gemm_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
+    ctx.target = current_target()  # the backward programs run on the forward's target
 
 
 def _gemm_backward(ctx, dc):
     a, b = ctx.saved_tensors
     dc = dc.contiguous()
-    da = run_kernel(gemm_nt, dict(a=dc, b=b))["c"] if ctx.needs_input_grad[0] else None
-    db = run_kernel(gemm_tn, dict(a=a, b=dc))["c"] if ctx.needs_input_grad[1] else None
+    with use_target(ctx.target):
+        da = run_kernel(gemm_nt, dict(a=dc, b=b))["c"] if ctx.needs_input_grad[0] else None
+        db = run_kernel(gemm_tn, dict(a=a, b=dc))["c"] if ctx.needs_input_grad[1] else None
     return da, db
 
 
 gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gemm(a: torch.Tensor, b: torch.Tensor, *, target: str | None = None) -> torch.Tensor:
     """``a [M, K] @ b [K, N] → [M, N]`` with fp32 accumulation, in a's dtype
-    (``torch.ops.tilemix.gemm``; differentiable: the backward runs ``gemm_nt`` and ``gemm_tn``)."""
+    (``torch.ops.tilemix.gemm``; differentiable: the backward runs ``gemm_nt`` and ``gemm_tn``).
+    ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
+    kernels, also on an H100)."""
     check_call("gemm", differentiable=True, a=a, b=b)
-    return gemm_op(a, b)
+    return call_with_target(target, gemm_op, a, b)

@@ -26,9 +26,17 @@ def test_show_ir(capsys):
     assert "segsum" in capsys.readouterr().out
 
 
-def test_show_arch_without_code_generator_says_so(capsys):
-    assert main(["show", "attention", "--arch", "sm_80"]) == 2
-    assert "no code generator for sm_80" in capsys.readouterr().err
+def test_show_generic_target(capsys):
+    """--arch sm_8x, or --target generic (sm_90: what an H100 runs when the generic target is forced),
+    shows the mma.sync kernel; --target hopper is sm_90a only."""
+    pytest.importorskip("cuda.bindings")
+    assert main(["show", "attention", "--arch", "sm_80"]) == 0
+    assert "tm::matmul_sync" in capsys.readouterr().out
+    assert main(["show", "gemm", "--target", "generic", "--sass", "--resources"]) == 0
+    out = capsys.readouterr().out
+    assert "(sm_90)" in out and "HMMA" in out and "HGMMA" not in out
+    assert main(["show", "gemm", "--arch", "sm_86", "--target", "hopper"]) == 2
+    assert "sm_90a" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("op", ["gemm", "attention", "linear_attention", "ssd"])
