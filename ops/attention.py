@@ -29,7 +29,7 @@ from tilemix.tiles import (
     zeros,
 )
 
-from ._dispatch import call_with_target, check_call, default_scale
+from ._dispatch import call_with_target, check_call, current_target, default_scale, use_target
 from ._library import tile_op
 
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv"]
@@ -148,14 +148,15 @@ attention_bwd_dkdv_op = tile_op(
 def _gradients(ctx, q, k, v, o, lse, do):
     """dq (and delta) from one program, dk and dv from the other."""
     args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
-    dq, delta = attention_bwd_dq_op(*args, o)
-    dk, dv = attention_bwd_dkdv_op(*args, delta)
+    with use_target(ctx.target):  # the backward programs run on the forward's target
+        dq, delta = attention_bwd_dq_op(*args, o)
+        dk, dv = attention_bwd_dkdv_op(*args, delta)
     return dq, dk, dv, None, None
 
 
 def _setup_lse(ctx, inputs, output):
     q, k, v, causal, scale = inputs
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(q, k, v, *output)
 
@@ -166,7 +167,7 @@ def _backward_lse(ctx, do, _dlse):
 
 def _setup(ctx, inputs, output):
     q, k, v, causal, scale = inputs
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
     ctx.save_for_backward(q, k, v, output)
 
 
@@ -174,7 +175,8 @@ def _backward(ctx, do):
     """``torch.ops.tilemix.attention`` called directly saved no log-sum-exp: recompute it (one more
     forward pass; ``attention()`` runs ``attention_lse`` instead when gradients are wanted)."""
     q, k, v, o = ctx.saved_tensors
-    _, lse = attention_lse_op(q, k, v, ctx.causal, ctx.scale)
+    with use_target(ctx.target):
+        _, lse = attention_lse_op(q, k, v, ctx.causal, ctx.scale)
     return _gradients(ctx, q, k, v, o, lse, do)
 
 

@@ -325,3 +325,31 @@ def test_head_parameter_and_window_mask():
             expected[:, t] += np.einsum("bh,bhv->bhv", np.einsum("bhk,bhk->bh", q[:, t], k[:, s]), v[:, s])
     expected *= g[None, None, :, None]
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_chunks_start_transposed_causal_and_per_token_outputs():
+    """``chunks(start=j)`` begins at the chunk holding block j's first row; ``causal(transposed=True)``
+    keeps row <= column (keys on the rows); an ``Out[Seq[1]]`` is float32 whatever the inputs."""
+    import torch
+
+    from tilemix.ops._dispatch import run_kernel
+    from tilemix.tiles import in_seq
+
+    @kernel
+    def prog(q: Seq["K"], k: Seq["K"], later: Out[Seq[1]], seen: Out[Seq[1]]):
+        for j in blocks(32):
+            n, m = zeros(32, 1), zeros(32, 1)
+            for i in chunks(16, start=j):
+                st = k[j] @ q[i].T * 0.0 + 1.0
+                n = n + rowsum(in_seq(causal(st, transposed=True)))  # queries at or after each key
+                m = m + rowsum(st)  # 16 per chunk visited
+            later[j] = n
+            seen[j] = m
+
+    T = 100
+    x = torch.randn(1, T, 2, 16).bfloat16()
+    out = run_kernel(prog, dict(q=x, k=x))
+    t = torch.arange(T, dtype=torch.float32)[None, :, None].expand(1, T, 2)
+    assert out["later"].dtype == torch.float32 and torch.equal(out["later"], T - t)
+    chunks_visited = -(-T // 16) - (t // 32) * 2  # from block j's first chunk (2j) to the last
+    assert torch.equal(out["seen"], 16 * chunks_visited)
