@@ -19,6 +19,7 @@ sequential scan would leave SMs idle.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,14 +145,20 @@ def combine(local: torch.Tensor, log_decay: torch.Tensor | None,
     # weight of local_j in start_i (j < i): the decay over segments j+1 .. i-1
     S = local.shape[1]
     exponent = exclusive.unsqueeze(3) - inclusive.unsqueeze(2)  # [B, H, S(i), S(j)]
-    below = torch.ones(S, S, dtype=torch.bool, device=local.device).tril(-1)
-    weights = torch.where(below, exponent, float("-inf")).exp().to(local.dtype)
+    weights = torch.where(_strictly_below(S, local.device), exponent, float("-inf")).exp().to(local.dtype)
     starts = torch.matmul(weights, local.flatten(3).transpose(1, 2))  # [B, H, S, X]
     starts = starts.transpose(1, 2).reshape(local.shape)
     if initial is not None:
         starts = starts + _per_state(exclusive.exp().to(local.dtype).transpose(1, 2), extra) * initial.unsqueeze(1)
     final = _per_state(g[:, :, -1].exp().to(local.dtype), extra) * starts[:, -1] + local[:, -1]
     return starts, final
+
+
+@functools.cache
+def _strictly_below(n: int, device: torch.device) -> torch.Tensor:
+    """The ``n x n`` mask of j < i (built once: ``tril`` of a bool tensor costs ~1 ms of host)."""
+    index = torch.arange(n, device=device)
+    return index[:, None] > index[None, :]
 
 
 def _per_state(x: torch.Tensor, extra: int) -> torch.Tensor:
