@@ -146,11 +146,13 @@ attention_bwd_dkdv_op = tile_op(
 
 
 def _gradients(ctx, q, k, v, o, lse, do):
-    """dq (and delta) from one program, dk and dv from the other."""
+    """dq (and delta) from one program, dk and dv from the other (skipped if neither is wanted)."""
     args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
+    dk = dv = None
     with use_target(ctx.target):  # the backward programs run on the forward's target
         dq, delta = attention_bwd_dq_op(*args, o)
-        dk, dv = attention_bwd_dkdv_op(*args, delta)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dk, dv = attention_bwd_dkdv_op(*args, delta)
     return dq, dk, dv, None, None
 
 

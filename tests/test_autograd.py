@@ -255,3 +255,11 @@ def test_attention_training_step_compiles_fullgraph():
         grads.append([t.grad for t in xs])
     for e, c in zip(*grads):
         assert torch.equal(e, c)
+
+
+def test_attention_gradient_of_q_only():
+    g = torch.Generator().manual_seed(9)
+    q, k, v, do = (torch.randn(1, 70, 2, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    (dq,) = torch.autograd.grad(ops.attention(q.requires_grad_(), k, v, causal=True), (q,), do)
+    (expected,) = torch.autograd.grad(_attention(q, k, v, True), (q,), do)
+    assert torch.allclose(dq, expected, rtol=1e-10, atol=1e-12)
