@@ -36,8 +36,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tilemix.codegen.launch import launch_schedule
-    from tilemix.codegen.tune import config_space, tune
-    from tilemix.ops import PROGRAMS
+    from tilemix.codegen.tune import config_space, tune, tune_segments
+    from tilemix.ops import PROGRAMS, SEGMENTED
     from tilemix.ops.examples import example_inputs
 
     console = Console(width=max(Console().width, 150))  # the table's config column unwrapped when piped
@@ -69,6 +69,21 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 console.print(f"  {name} rejected {config.describe()}: {why}")
             for config, ms in sorted(result.times.items(), key=lambda kv: kv[1]):
                 console.print(f"  {name} {ms:.3f} ms  {config.describe()}")
+        if name in SEGMENTED:  # the sequential scan (now tuned) against sequence segments
+            start = time.perf_counter()
+            scan = SEGMENTED[name]
+            with Progress(console=console, transient=True) as bar:
+                task = bar.add_task(f"segments of {name}", total=len(scan.segment_choices(T)))
+                segments = tune_segments(scan, inputs, progress=lambda _, task=task: bar.advance(task))
+            default, best = segments.times[segments.default], segments.times[segments.best]
+            table.add_row(f"{name} (segments)", f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x",
+                          f"segments={segments.best}", str(len(segments.times) + len(segments.rejected)),
+                          str(len(segments.rejected)), f"{time.perf_counter() - start:.1f}")
+            if args.verbose:
+                for count, ms in sorted(segments.times.items(), key=lambda kv: kv[1]):
+                    console.print(f"  {name} {ms:.3f} ms  segments={count}")
+                for count, why in segments.rejected.items():
+                    console.print(f"  {name} rejected segments={count}: {why}")
     console.print(table)
     return 0
 

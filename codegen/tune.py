@@ -30,7 +30,8 @@ from tilemix.tiles.types import DType
 
 from .hopper import Schedule
 
-__all__ = ["Config", "TuneResult", "config_space", "tune", "cached_config", "cache_key", "config_for"]
+__all__ = ["Config", "TuneResult", "config_space", "tune", "cached_config", "cache_key", "config_for",
+           "SegmentsResult", "tune_segments", "tuned_segments"]
 
 MAX_STAGES = 4
 _TORCH_NAMES = {DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16"}
@@ -202,12 +203,16 @@ def cached_config(key: str) -> Config | None:
 
 
 def store_config(key: str, config: Config) -> None:
+    _store_text(key, _to_json(config))
+
+
+def _store_text(key: str, text: str) -> None:
     """Write aside and rename: concurrent writers each leave a whole file, one of them wins."""
     path = _cache_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            tmp.write(_to_json(config))
+            tmp.write(text)
         os.replace(tmp.name, path)
     except OSError:
         pass  # an unwritable cache only costs tuning again
@@ -379,3 +384,68 @@ class _GpuRunner:
 
     def launch(self, config: Config) -> Callable[[], object]:
         return lambda: self._run(config, self.args)
+
+
+# -- sequence segments of a scan (ops/_segments.py) ----------------------------------------------------
+@dataclass
+class SegmentsResult:
+    best: int
+    default: int
+    times: dict[int, float] = field(default_factory=dict)  # ms per segment count timed
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+def _segments_key(scan, binding: Binding, device) -> str:
+    import torch
+
+    gpu, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    return cache_key(scan.kernel, binding, gpu, capability) + "-segments"
+
+
+_SEGMENTS: dict[tuple, int | None] = {}
+
+
+def tuned_segments(scan, binding: Binding, device) -> int | None:
+    """The cached segment count for this call's shape bucket, or None (the heuristic decides)."""
+    memo = (id(scan), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device)
+    if memo not in _SEGMENTS:
+        try:
+            count = json.loads(_cache_path(_segments_key(scan, binding, device)).read_text())["segments"]
+            _SEGMENTS[memo] = count if isinstance(count, int) and count >= 1 else None
+        except (OSError, ValueError, KeyError, TypeError):
+            _SEGMENTS[memo] = None
+    return _SEGMENTS[memo]
+
+
+def tune_segments(scan, args: dict[str, Any], *, timer: Callable[[Callable[[], object]], float] | None = None,
+                  progress: Callable[[str], None] | None = None) -> SegmentsResult:
+    """Time ``scan`` (a ``SegmentedScan``) on ``args`` at each segment count T allows, checked against
+    the sequential scan's outputs (within the dtype's bound), and cache the fastest for the shape."""
+    import torch
+
+    from tilemix.reference.tolerance import bound, rel_err
+
+    timer = timer or _gpu_timer()
+    binding = scan.kernel.bind(args)
+    device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device.index
+    default = scan.default_segments(args, tuned=False)
+    result = SegmentsResult(best=default, default=default)
+    sequential = scan(args, final_states=None, segments=1)
+    limit = bound(_TORCH_NAMES.get(binding.compute_dtype, "float32"))  # float64 (CPU tests): float32's
+    for count in scan.segment_choices(binding.sizes["T"]):
+        outputs = scan(args, final_states=None, segments=count)
+        errors = {name: rel_err(out.double().cpu(), sequential[name].double().cpu()) for name, out in outputs.items()}
+        worst = max(errors, key=errors.get)
+        if errors[worst] <= limit:
+            result.times[count] = timer(lambda count=count: scan(args, final_states=(), segments=count))
+        else:
+            result.rejected[count] = f"{worst} differs from the sequential scan by {errors[worst]:.2e}"
+        if progress:
+            progress(f"segments={count}")
+    if default not in result.times:
+        raise RuntimeError(f"{scan.kernel.name} at its default {default} segments failed: {result.rejected.get(default)}")
+    result.best = min(result.times, key=result.times.get)
+    key = _segments_key(scan, binding, device)
+    _store_text(key, json.dumps({"segments": result.best}))
+    _SEGMENTS.clear()
+    return result

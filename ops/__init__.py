@@ -9,8 +9,8 @@ from ._dispatch import use_target
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
-from .linear_attention import linear_attention, linear_attention_fwd
-from .ssd import ssd, ssd_fwd
+from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .ssd import ssd, ssd_fwd, ssd_scan
 
 PROGRAMS = {
     "gemm": gemm_fwd,
@@ -19,6 +19,11 @@ PROGRAMS = {
     "ssd": ssd_fwd,
 }
 
-__all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS",
+SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; tuned by `tilemix tune`)
+    "linear_attention": linear_attention_scan,
+    "ssd": ssd_scan,
+}
+
+__all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
            "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target"]

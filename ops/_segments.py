@@ -35,6 +35,8 @@ __all__ = ["SegmentedScan", "segment_count"]
 
 CHUNK = 64  # the scans' chunk: a segment holds whole chunks
 MIN_SEGMENT = 1024  # shorter segments spend more on states than they gain in parallelism
+MIN_TUNED_SEGMENT = 256  # the shortest segments the tuner tries
+MAX_SEGMENTS = 64
 MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H (H200, 2026-11-30)
 TARGET_CTAS_PER_SM = 1.5
 
@@ -79,7 +81,7 @@ class SegmentedScan:
         """``run_kernel(self.kernel, ...)``, in ``segments`` segments (default: ``segment_count`` on
         a GPU, 1 on the CPU)."""
         if segments is None:
-            segments = self._default_segments(args, labels)
+            segments = self.default_segments(args, labels)
         if segments == 1:
             return run_kernel(self.kernel, args, labels, final_states)
         binding = self.kernel.bind(args, labels)
@@ -101,7 +103,16 @@ class SegmentedScan:
             result[self.state] = final
         return result
 
-    def _default_segments(self, args: dict[str, Any], labels: dict[str, str] | None) -> int:
+    def segment_choices(self, T: int) -> list[int]:
+        """The segment counts the tuner tries: powers of two up to MAX_SEGMENTS that cut T into
+        whole chunks, segments no shorter than MIN_TUNED_SEGMENT (1 included)."""
+        return [s for s in (2 ** i for i in range(MAX_SEGMENTS.bit_length()))
+                if T % (CHUNK * s) == 0 and (s == 1 or T // s >= MIN_TUNED_SEGMENT)]
+
+    def default_segments(self, args: dict[str, Any], labels: dict[str, str] | None = None,
+                         tuned: bool = True) -> int:
+        """The segment count a call runs: 1 on the CPU, else a tuned count for the shape (``tilemix
+        tune``) when ``tuned`` and one is cached, else ``segment_count``."""
         tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
         if not tensors or tensors[0].device.type != "cuda":
             return 1
@@ -111,6 +122,12 @@ class SegmentedScan:
         if 0 in binding.sizes.values():
             return 1
         device = tensors[0].device.index
+        if tuned and not os.environ.get("TILEMIX_SEGMENTS"):
+            from tilemix.codegen.tune import tuned_segments
+
+            count = tuned_segments(self, binding, device)
+            if count is not None and binding.sizes["T"] % (CHUNK * count) == 0:
+                return count
         schedule = launch_schedule(self.kernel, binding, device)
         programs = binding.sizes["B"] * binding.sizes["H"]
         for dim, width in schedule.split:

@@ -21,6 +21,7 @@ from tilemix.reference.tolerance import bound, rel_err
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
     tune._LOOKUPS.clear()
+    tune._SEGMENTS.clear()
     return tmp_path
 
 
@@ -203,6 +204,19 @@ def test_a_candidate_that_raises_is_rejected_not_the_tune():
 
 
 @pytest.mark.gpu
+def test_gpu_tunes_segments_and_calls_use_them():
+    q, k, v = (torch.randn(1, 4096, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    args = dict(q=q, k=k, v=v, scale=0.125, s=None)
+    scan = ops.SEGMENTED["linear_attention"]
+    result = tune.tune_segments(scan, args)
+    assert set(result.times) | set(result.rejected) == {1, 2, 4, 8, 16} and not result.rejected
+    assert scan.default_segments(args) == result.best
+    out, _ = ops.linear_attention(q, k, v, scale=0.125)
+    cpu, _ = ops.linear_attention(q.cpu(), k.cpu(), v.cpu(), scale=0.125)
+    assert rel_err(out.cpu(), cpu.double().numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_gpu_tunes_linear_attention_end_to_end():
     q, k, v = (torch.randn(2, 1024, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     args = dict(q=q, k=k, v=v, scale=0.125, s=None)
@@ -211,3 +225,27 @@ def test_gpu_tunes_linear_attention_end_to_end():
     tuned, _ = ops.linear_attention(q, k, v)  # now runs the cached config
     cpu, _ = ops.linear_attention(q.cpu(), k.cpu(), v.cpu())
     assert rel_err(tuned.cpu(), cpu.double().numpy()) <= bound(torch.bfloat16)
+
+
+def test_segment_counts_are_checked_timed_and_cached(monkeypatch):
+    """On CPU tensors (float64 interpreter) with a fake timer: every count T allows is checked
+    against the sequential scan and timed; the fastest is cached and then looked up by shape."""
+    monkeypatch.setattr(tune, "_segments_key", lambda scan, binding, device: "la-segments")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1024, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    args = dict(q=q, k=k, v=v, scale=0.25, s=None)
+    scan = ops.SEGMENTED["linear_attention"]
+    assert scan.segment_choices(1024) == [1, 2, 4]  # segments of at least 256 tokens
+    fake_ms = iter([3.0, 1.0, 2.0])
+    result = tune.tune_segments(scan, args, timer=lambda fn: (fn(), next(fake_ms))[1])
+    assert result.default == 1 and result.times == {1: 3.0, 2: 1.0, 4: 2.0} and result.best == 2
+    assert tune.tuned_segments(scan, scan.kernel.bind(args), None) == 2
+
+
+def test_a_damaged_segments_file_means_the_heuristic(cache_dir, monkeypatch):
+    monkeypatch.setattr(tune, "_segments_key", lambda scan, binding, device: "bad-segments")
+    (cache_dir / "tuned").mkdir()
+    (cache_dir / "tuned" / "bad-segments.json").write_text("{\"segments\": -3}")
+    scan = ops.SEGMENTED["ssd"]
+    binding = scan.kernel.bind(example_specs("ssd"))
+    assert tune.tuned_segments(scan, binding, None) is None
