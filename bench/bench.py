@@ -180,14 +180,22 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
-              plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D, md_path: str | None = None) -> int:
+              plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D, md_path: str | None = None,
+              target: str | None = None) -> int:
+    """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
+    H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch."""
+    from tilemix.ops._dispatch import call_with_target, select_arch
+
     console = Console()
     if not torch.cuda.is_available():
         console.print("tilemix bench needs a CUDA GPU.")
         return 1
     gpu = torch.cuda.get_device_name()
+    arch = select_arch(torch.cuda.get_device_capability(), target)
+    label = "sm_90a" if arch == "sm_90a" else "generic"
     bandwidth = copy_bandwidth()
-    table = Table(title=f"tilemix bench on {gpu} (copy {bandwidth / 1e12:.2f} TB/s)", width=140)
+    table = Table(title=f"tilemix bench on {gpu}, {label} kernels ({arch}) (copy {bandwidth / 1e12:.2f} TB/s)",
+                  width=140)
     for column in ("op", "shape", "ms", "host µs", "peer", "peer ms", "speedup", "TFLOP/s", "roofline"):
         table.add_column(column)
     records = []
@@ -197,6 +205,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         rows = [row for row in rows if row[0] in names]
     for name, B, T, H, D in rows:
         ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
+        if target is not None:
+            ours = functools.partial(call_with_target, target, ours)
         op = name.split("-")[0]
         try:
             ms, host = time_ms(ours), host_us(ours)
@@ -209,7 +219,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         except ImportError:
             peer_ms = float("nan")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
-        records.append(dict(op=op, direction="fwd", target="sm_90a", shape=shape, dtype="bf16", ms=ms,
+        records.append(dict(op=op, direction="fwd", target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
         table.add_row(name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
@@ -217,7 +227,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
     console.print(table)
     result = dict(gpu=gpu, date=datetime.date.today().isoformat(), copy_tbps=bandwidth / 1e12,
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
-                  records=records)
+                  target=label, records=records)
     if json_path:
         path = default_json_path(result) if json_path == "auto" else Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -239,9 +249,11 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
 
 
 def default_json_path(result: dict) -> Path:
-    """bench/results/<gpu>-<date>.json, the GPU as its model ("NVIDIA H100 80GB HBM3" -> h100)."""
+    """bench/results/<gpu>-<date>.json, the GPU as its model ("NVIDIA H100 80GB HBM3" -> h100);
+    <gpu>-<date>-generic.json for a run of the generic kernels."""
     words = [w for w in result["gpu"].lower().replace("nvidia", "").split() if w]
-    return Path(__file__).resolve().parent / "results" / f"{words[0] if words else 'gpu'}-{result['date']}.json"
+    suffix = "-generic" if result.get("target") == "generic" else ""
+    return Path(__file__).resolve().parent / "results" / f"{words[0] if words else 'gpu'}-{result['date']}{suffix}.json"
 
 
 def _shape_text(shape: dict) -> str:
@@ -253,7 +265,8 @@ def results_markdown(result: dict) -> str:
     record (and, for a sweep, that is every length and head dim)."""
     versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
     nan = float("nan")
-    lines = [f"## {result['gpu']}, {result['date']}", "",
+    kernels = ", generic (mma.sync) kernels" if result.get("target") == "generic" else ""
+    lines = [f"## {result['gpu']}, {result['date']}{kernels}", "",
              f"Command: `{result.get('command', 'tilemix bench')}`; {versions}. Ceilings of this run: copy "
              f"{result.get('copy_tbps', nan):.2f} TB/s, cuBLAS bf16 {result.get('mma_tflops', nan):.0f} TFLOP/s. "
              "Median of CUDA-event timings after warm-up, L2 flushed before each call.", "",

@@ -18,7 +18,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
-                     head_dims=tuple(args.head_dim or (64, 128)), md_path=args.md)
+                     head_dims=tuple(args.head_dim or (64, 128)), md_path=args.md, target=args.target)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -167,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64 and 128")
     bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64 and 128)")
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
+    bench.add_argument("--target", choices=["auto", "hopper", "generic"],
+                       help="the backend our ops run on (generic: the mma.sync kernels, also on an H100)")
     bench.set_defaults(run=_cmd_bench)
     plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
     plot.add_argument("json")

@@ -46,3 +46,16 @@ def test_markdown_and_json_path_from_a_result(tmp_path, capsys):
     path.write_text(json.dumps(result))
     main(str(path), str(tmp_path / "out"), md=True)  # no sweep series: the table only (no matplotlib needed)
     assert (tmp_path / "out" / "results.md").read_text() == text
+
+
+def test_generic_runs_have_their_own_json_and_heading():
+    """tilemix bench --target generic: records and result carry target "generic"; the default JSON
+    path and the markdown heading say so (a Hopper run of the same day is not overwritten)."""
+    from tilemix.bench.bench import default_json_path, results_markdown
+
+    records = [dict(op="gemm", target="generic", arch="sm_90", shape=dict(M=4096), ms=0.5, peer="cublas",
+                    peer_ms=0.2, speedup=0.4, roofline_fraction=0.3)]
+    result = dict(gpu="NVIDIA H100 80GB HBM3", date="2026-11-30", target="generic", records=records)
+    assert default_json_path(result).name == "h100-2026-11-30-generic.json"
+    assert "generic (mma.sync) kernels" in results_markdown(result).splitlines()[0]
+    assert default_json_path(dict(result, target="sm_90a")).name == "h100-2026-11-30.json"
