@@ -155,16 +155,20 @@ template <int M, int N> __device__ __forceinline__ float (&c_frag(rt<M, N>& c, i
   return *reinterpret_cast<float(*)[4]>(&c.v[mb][nb][0][0]);
 }
 
-// one k16 step of this warp's 16 rows of block mb: c[mb][:] += A(16 x 16) B(16 x N)
+// one k16 step of this warp's rows (16 per 64-row block): c += A(rows x 16) B(16 x N), each B
+// fragment loaded once for all of the warp's row blocks
 template <bool is_bf16, bool TB, int b_rows, int M, int N>
-__device__ __forceinline__ void mma_row_block(rt<M, N>& c, int mb, const u32 (&a)[4], const char* b, int k0) {
+__device__ __forceinline__ void mma_k_step(rt<M, N>& c, const u32 (&a)[M / 64][4], const char* b, int k0) {
 #pragma unroll
   for (int n0 = 0; n0 < N; n0 += 16) {
     u32 f[4];
     frag_b<b_rows, TB>(f, b, n0, k0);
     const u32 lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-    tilemix::generic::mma_16816<is_bf16>(c_frag(c, mb, n0 / 8), a, lo);
-    tilemix::generic::mma_16816<is_bf16>(c_frag(c, mb, n0 / 8 + 1), a, hi);
+#pragma unroll
+    for (int mb = 0; mb < M / 64; ++mb) {
+      tilemix::generic::mma_16816<is_bf16>(c_frag(c, mb, n0 / 8), a[mb], lo);
+      tilemix::generic::mma_16816<is_bf16>(c_frag(c, mb, n0 / 8 + 1), a[mb], hi);
+    }
   }
 }
 
@@ -177,13 +181,12 @@ __device__ __forceinline__ void matmul_sync_ss(rt<M, N>& c, const char* a, const
   if (!ACC) fill(c, 0.0f);
   const int warp_row = (threadIdx.x % 128) / 32 * 16;
 #pragma unroll
-  for (int mb = 0; mb < M / 64; ++mb)
+  for (int k0 = 0; k0 < K; k0 += 16) {
+    u32 fa[M / 64][4];
 #pragma unroll
-    for (int k0 = 0; k0 < K; k0 += 16) {
-      u32 fa[4];
-      frag_a<a_rows, TA>(fa, a, mb * 64 + warp_row, k0);
-      mma_row_block<is_bf16, TB, b_rows>(c, mb, fa, b, k0);
-    }
+    for (int mb = 0; mb < M / 64; ++mb) frag_a<a_rows, TA>(fa[mb], a, mb * 64 + warp_row, k0);
+    mma_k_step<is_bf16, TB, b_rows>(c, fa, b, k0);
+  }
 }
 
 // the same with A an fp32 register tile, rounded to 16 bits here: two neighbouring n8 blocks of
@@ -193,15 +196,17 @@ __device__ __forceinline__ void matmul_sync_rs(rt<M, N>& c, const rt<M, K>& a, c
   static_assert(M % 64 == 0 && N % 16 == 0 && K % 16 == 0, "mma.sync tiles: M of 64, N and K of 16");
   if (!ACC) fill(c, 0.0f);
 #pragma unroll
-  for (int mb = 0; mb < M / 64; ++mb)
+  for (int kk = 0; kk < K / 16; ++kk) {
+    u32 fa[M / 64][4];
 #pragma unroll
-    for (int kk = 0; kk < K / 16; ++kk) {
-      const u32 fa[4] = {pack2<is_bf16>(a.v[mb][2 * kk][0][0], a.v[mb][2 * kk][0][1]),
-                         pack2<is_bf16>(a.v[mb][2 * kk][1][0], a.v[mb][2 * kk][1][1]),
-                         pack2<is_bf16>(a.v[mb][2 * kk + 1][0][0], a.v[mb][2 * kk + 1][0][1]),
-                         pack2<is_bf16>(a.v[mb][2 * kk + 1][1][0], a.v[mb][2 * kk + 1][1][1])};
-      mma_row_block<is_bf16, TB, b_rows>(c, mb, fa, b, kk * 16);
+    for (int mb = 0; mb < M / 64; ++mb) {
+      fa[mb][0] = pack2<is_bf16>(a.v[mb][2 * kk][0][0], a.v[mb][2 * kk][0][1]);
+      fa[mb][1] = pack2<is_bf16>(a.v[mb][2 * kk][1][0], a.v[mb][2 * kk][1][1]);
+      fa[mb][2] = pack2<is_bf16>(a.v[mb][2 * kk + 1][0][0], a.v[mb][2 * kk + 1][0][1]);
+      fa[mb][3] = pack2<is_bf16>(a.v[mb][2 * kk + 1][1][0], a.v[mb][2 * kk + 1][1][1]);
     }
+    mma_k_step<is_bf16, TB, b_rows>(c, fa, b, kk * 16);
+  }
 }
 
 }  // namespace tm
