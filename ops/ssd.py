@@ -17,13 +17,16 @@ __all__ = ["ssd", "ssd_fwd", "ssd_states"]
 def ssd_fwd(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"],
             y: Out[Seq["P"]], D: Head[1] = None, h: State["N", "P"] = None):
     for c in chunks(64):
-        log_decay = dt[c] * A  # per token, <= 0
-        xdt, bc, cc = x[c] * dt[c], B[c], C[c]
+        # row scalings sit on the smallest operand: (C·diag(a)) @ h = diag(a)(C @ h), and dt scales the
+        # score columns rather than x, so x, B and C reach the tensor cores straight from shared memory
+        dtc, xc = dt[c], x[c]
+        log_decay = dtc * A  # per token, <= 0
         decay_from_start = exp(cumsum(log_decay))  # chunk start -> token t
         decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))  # token t -> chunk end
-        yc = (cc @ bc.T * exp(segsum(log_decay))) @ xdt + (cc * decay_from_start) @ h
-        y[c] = yc if D is None else yc + x[c] * D
-        h = h * exp(colsum(log_decay)) + (bc * decay_to_end).T @ xdt
+        scores = C[c] @ B[c].T * (exp(segsum(log_decay)) * dtc.T)
+        yc = scores @ xc + (C[c] @ h) * decay_from_start
+        y[c] = yc if D is None else yc + xc * D
+        h = h * exp(colsum(log_decay)) + B[c].T @ (xc * (dtc * decay_to_end))
 
 
 @kernel
@@ -32,7 +35,7 @@ def ssd_states(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], h: State["
     for c in chunks(64):
         log_decay = dt[c] * A
         decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))
-        h = h * exp(colsum(log_decay)) + (B[c] * decay_to_end).T @ (x[c] * dt[c])
+        h = h * exp(colsum(log_decay)) + B[c].T @ (x[c] * (dt[c] * decay_to_end))
 
 
 def _segment_log_decay(args: dict, segments: int) -> torch.Tensor:

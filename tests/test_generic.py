@@ -163,7 +163,8 @@ PROGRAM_NAMES = ["gemm", "attention", "linear_attention", "ssd", "gemm_nt", "gem
 # spill on sm_90a (ssd, the linear-attention backward programs and the user mixers keep several
 # 64x128 / 128x128 fp32 tiles live); attention_bwd_dkdv only with two groups per CTA.
 SPILLING = {
-    "ssd": "several 64x64 fp32 tiles and the 128x64 state live (ssd spills on sm_90a too)",
+    ("ssd", "sm_86"): "one group per CTA at one stage (99 KiB): the 128x64 state and the chunk's tiles",
+    ("ssd", "sm_89"): "one group per CTA at one stage (99 KiB): the 128x64 state and the chunk's tiles",
     "linear_attention_bwd_dq": "V is contracted, so no column split: a 128x128 fp32 state (spills on sm_90a too)",
     "linear_attention_bwd_dkdv": "V is contracted, so no column split: a 128x128 fp32 state (spills on sm_90a too)",
     "gla": "a 128x128 state decayed row by row beside the chunk's tiles (spills on sm_90a too)",

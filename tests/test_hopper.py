@@ -24,9 +24,7 @@ from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass 
 from tilemix.codegen.launch import hopper_source  # noqa: E402
 
 LOWERED = ["gemm", "attention", "linear_attention", "ssd"]
-SPILLING = {  # known register spills, tracked until the lowering fixes them (bench/NOTES.md)
-    "ssd": "the consumer keeps several 64x128 fp32 tiles live",
-}
+SPILLING: dict[str, str] = {}  # known register spills (op -> why), tracked until the lowering fixes them
 
 
 def _compile(op: str):
