@@ -7,7 +7,7 @@ import torch
 
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
-from ._dispatch import call_with_target, check_call, current_target, run_kernel, use_target
+from ._dispatch import call_with_target, check_call, current_target, use_target
 from ._library import tile_op
 
 __all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
@@ -51,6 +51,13 @@ def gemm_tn(a: Matrix["K", "M"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
 gemm_op = tile_op("gemm", "(Tensor a, Tensor b) -> Tensor", gemm_fwd,
                   lambda a, b: (dict(a=a, b=b), {}, None), lambda out: out["c"])
 
+# the backward programs as custom ops too, so a compiled training step (AOT autograd traces the
+# backward with fake tensors) sees them as ops, not as Python that runs a kernel
+gemm_nt_op = tile_op("gemm_nt", "(Tensor a, Tensor b) -> Tensor", gemm_nt,
+                     lambda a, b: (dict(a=a, b=b), {}, None), lambda out: out["c"])
+gemm_tn_op = tile_op("gemm_tn", "(Tensor a, Tensor b) -> Tensor", gemm_tn,
+                     lambda a, b: (dict(a=a, b=b), {}, None), lambda out: out["c"])
+
 
 def _gemm_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
@@ -61,8 +68,8 @@ def _gemm_backward(ctx, dc):
     a, b = ctx.saved_tensors
     dc = dc.contiguous()
     with use_target(ctx.target):
-        da = run_kernel(gemm_nt, dict(a=dc, b=b))["c"] if ctx.needs_input_grad[0] else None
-        db = run_kernel(gemm_tn, dict(a=a, b=dc))["c"] if ctx.needs_input_grad[1] else None
+        da = gemm_nt_op(dc, b) if ctx.needs_input_grad[0] else None
+        db = gemm_tn_op(a, dc) if ctx.needs_input_grad[1] else None
     return da, db
 
 

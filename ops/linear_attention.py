@@ -11,7 +11,7 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._dispatch import call_with_target, check_call, current_target, default_scale, run_kernel, use_target
+from ._dispatch import call_with_target, check_call, current_target, default_scale, use_target
 from ._library import no_state, tile_op
 from ._segments import SegmentedScan
 
@@ -67,6 +67,31 @@ linear_attention_op = tile_op(
     run=linear_attention_scan)
 
 
+def _flip(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(1)  # time reversed (a contiguous copy)
+
+
+# the backward programs as custom ops too, so a compiled training step (AOT autograd traces the
+# backward with fake tensors) sees them as ops, not as Python that runs a kernel
+linear_attention_bwd_dq_op = tile_op(
+    "linear_attention_bwd_dq", "(Tensor do, Tensor k, Tensor v, float scale, Tensor? initial_state) -> Tensor",
+    linear_attention_bwd_dq,
+    lambda do, k, v, scale, initial_state: (dict(do=do, k=k, v=v, scale=scale, s=initial_state),
+                                            {"s": "initial_state"}, ()),
+    lambda out: out["dq"])
+
+# dk, dv and the initial state's gradient (empty unless asked for), in the original time order; the
+# program runs on the time-reversed sequence, seeded with the final state's gradient
+linear_attention_bwd_dkdv_op = tile_op(
+    "linear_attention_bwd_dkdv",
+    "(Tensor q, Tensor k, Tensor v, Tensor do, float scale, Tensor? final_state_grad, bool initial_state_grad)"
+    " -> (Tensor, Tensor, Tensor)",
+    linear_attention_bwd_dkdv,
+    lambda q, k, v, do, scale, dfinal, want: (dict(q=_flip(q), k=_flip(k), v=_flip(v), do=_flip(do), scale=scale,
+                                                   d=dfinal), {"d": "final_state_grad"}, ("d",) if want else ()),
+    lambda out: (_flip(out["dk"]), _flip(out["dv"]), out.get("d", no_state(out["dk"]))))
+
+
 def _setup(ctx, inputs, output):
     q, k, v, scale, initial_state, _ = inputs
     ctx.scale = scale
@@ -78,14 +103,11 @@ def _backward(ctx, do, dstate):
     q, k, v, initial_state = ctx.saved_tensors
     do = do.contiguous()
     final_grad = dstate if dstate is not None and dstate.numel() else None
-    flip = lambda t: t.flip(1)  # noqa: E731  (time reversed, contiguous)
+    want_dinit = initial_state is not None and ctx.needs_input_grad[4]
     with use_target(ctx.target):
-        dq = run_kernel(linear_attention_bwd_dq, dict(do=do, k=k, v=v, scale=ctx.scale, s=initial_state),
-                        final_states=())["dq"]
-        rev = run_kernel(linear_attention_bwd_dkdv, dict(q=flip(q), k=flip(k), v=flip(v), do=flip(do),
-                                                         scale=ctx.scale, d=final_grad), final_states=("d",))
-    dinit = rev["d"] if initial_state is not None and ctx.needs_input_grad[4] else None
-    return dq, flip(rev["dk"]), flip(rev["dv"]), None, dinit, None
+        dq = linear_attention_bwd_dq_op(do, k, v, ctx.scale, initial_state)
+        dk, dv, dinit = linear_attention_bwd_dkdv_op(q, k, v, do, ctx.scale, final_grad, want_dinit)
+    return dq, dk, dv, None, (dinit if want_dinit else None), None
 
 
 linear_attention_op.register_autograd(_backward, setup_context=_setup)
