@@ -147,12 +147,109 @@ def _gemm_case(B, T, H, D, dtype, n=4096):
         dict(M=n, N=n, K=n)
 
 
+# -- backward rows: after one forward (graph retained), the time of torch.autograd.grad(out, inputs, dout) --
+def _backward_of(forward: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                 dout: torch.Tensor) -> Callable[[], object]:
+    """A call that runs ``forward()`` the first time only (in the warm-up: an op that cannot do it
+    fails inside the bench's try) and then ``torch.autograd.grad(out, inputs, dout)`` each time,
+    the graph retained."""
+    out = None
+
+    def backward():
+        nonlocal out
+        if out is None:
+            out = forward()
+        return torch.autograd.grad(out, inputs, dout, retain_graph=True)
+
+    return backward
+
+
+def _leaves(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.detach().contiguous().requires_grad_() for t in tensors)
+
+
+def _linear_attention_bwd_case(B, T, H, D, dtype, device="cuda"):
+    q, k, v = _leaves(*(torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3)))
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    nbytes = 7 * q.numel() * q.element_size()  # read q, k, v, do; write dq, dk, dv
+    ours = _backward_of(lambda: ops.linear_attention(q, k, v)[0], (q, k, v), do)
+
+    def forward():
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        return chunk_linear_attn(q, k, v, normalize=False)[0]
+
+    # per 64-token chunk: dq 2 C²D + 2 CD² (as the forward), dk/dv 8 C²D + 6 CD² (C = 64, recompute included)
+    flops = 2 * B * T * H * D * (6 * 64 + 5 * D)
+    return ours, _backward_of(forward, (q, k, v), do), "fla-chunk_linear_attn", nbytes, flops, \
+        dict(B=B, T=T, H=H, K=D, V=D)
+
+
+def _ssd_bwd_case(B, T, H, D, dtype, device="cuda"):
+    x = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    dt = torch.rand(B, T, H, device=device) * 0.5 + 0.01
+    A = -(torch.rand(H, device=device) * 4 + 0.1)
+    Bm, Cm = (torch.randn(B, T, 1, D, device=device, dtype=dtype) for _ in range(2))
+    dy = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    # read x, dy, B, C, dt; write dx, dB, dC, ddt
+    nbytes = 3 * x.numel() * x.element_size() + 4 * Bm.numel() * Bm.element_size() + 2 * dt.numel() * 4
+    inputs = _leaves(x, dt, A, Bm, Cm)
+    ours = _backward_of(lambda: ops.ssd(*inputs)[0], inputs, dy)
+    # the same recurrence as fla's simple GLA (see _ssd_case), its per-head q, k, v, g as the leaves
+    leaves = _leaves(Cm.expand(B, T, H, D), Bm.expand(B, T, H, D), (x * dt[..., None]).to(dtype), dt * A)
+
+    def forward():
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        return chunk_simple_gla(*leaves[:3], g=leaves[3], scale=1.0)[0]
+
+    flops = 2 * B * T * H * D * (6 * 64 + 5 * D)  # as linear attention's, plus the decay terms
+    return ours, _backward_of(forward, leaves, dy), "fla-chunk_simple_gla", nbytes, flops, \
+        dict(B=B, T=T, H=H, N=D, P=D, G=1)
+
+
+def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION", device="cuda"):
+    q, k, v = _leaves(*(torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3)))
+    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    nbytes = 8 * q.numel() * q.element_size()  # read q, k, v, o, do; write dq, dk, dv
+    flops = 2.5 * 4 * B * H * T * T * D / (2 if causal else 1)  # 5 matmuls (scores recomputed) vs the forward's 2
+    ours = _backward_of(lambda: ops.attention(q, k, v, causal=causal), (q, k, v), do)
+
+    def forward():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend)):  # the forward picks the backend, and so its backward
+            out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                                   is_causal=causal)
+        return out.transpose(1, 2)
+
+    name = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}[backend]
+    return ours, _backward_of(forward, (q, k, v), do), name, nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
+
+
+def _gemm_bwd_case(B, T, H, D, dtype, n=4096, device="cuda"):
+    a, b = _leaves(*(torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)))
+    dc = torch.randn(n, n, device=device, dtype=dtype)
+    return (_backward_of(lambda: ops.gemm(a, b), (a, b), dc), _backward_of(lambda: torch.matmul(a, b), (a, b), dc),
+            "cublas", 5 * a.numel() * a.element_size(), 4 * n ** 3, dict(M=n, N=n, K=n))
+
+
 CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attention": _attention_case,
          "attention-noncausal": functools.partial(_attention_case, causal=False),
          "attention-flash2": functools.partial(_attention_case, backend="FLASH_ATTENTION"),
          "attention-noncausal-flash2": functools.partial(_attention_case, causal=False, backend="FLASH_ATTENTION"),
          "gemm": _gemm_case,
-         "gemm-8192": functools.partial(_gemm_case, n=8192)}
+         "gemm-8192": functools.partial(_gemm_case, n=8192),
+         # backward rows (direction "bwd"): peers' backward after their own forward
+         "linear_attention-bwd": _linear_attention_bwd_case, "ssd-bwd": _ssd_bwd_case,
+         "attention-bwd": _attention_bwd_case,
+         "attention-bwd-flash2": functools.partial(_attention_bwd_case, backend="FLASH_ATTENTION"),
+         "gemm-bwd": _gemm_bwd_case}
+
+
+def direction(name: str) -> str:
+    """"bwd" for a backward row (a case named <op>-bwd[-...]), else "fwd"."""
+    return "bwd" if "bwd" in name.split("-") else "fwd"
 
 
 SHAPE = (8, 4096, 16, 128)  # B, T, H, D of the Hopper issue's bars
@@ -218,8 +315,11 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
             peer_ms = time_ms(peer)
         except ImportError:
             peer_ms = float("nan")
+        except RuntimeError as e:  # a peer backend that does not take this shape (or its backward)
+            console.print(f"{name} peer {peer_name}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            peer_ms = float("nan")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
-        records.append(dict(op=op, direction="fwd", target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
+        records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
         table.add_row(name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
@@ -273,7 +373,8 @@ def results_markdown(result: dict) -> str:
              "| op | shape | tilemix ms | host µs | peer | peer ms | speedup | roofline |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
-        lines.append(f"| {r['op']} | {_shape_text(r['shape'])} | {r['ms']:.3f} | {r.get('host_us', nan):.0f} | "
+        op = r["op"] if r.get("direction", "fwd") == "fwd" else f"{r['op']} ({r['direction']})"
+        lines.append(f"| {op} | {_shape_text(r['shape'])} | {r['ms']:.3f} | {r.get('host_us', nan):.0f} | "
                      f"{r['peer']} | {r['peer_ms']:.3f} | {r['speedup']:.2f}x | {r['roofline_fraction']:.0%} |")
     return "\n".join(lines) + "\n"
 

@@ -170,14 +170,7 @@ class _GenericLowering(_Lowering):
     # -- the whole kernel -------------------------------------------------------------
     def run(self) -> KernelSource:
         self.analyze()
-        offsets, stage_bytes = {}, 0
-        for op in self.loads:
-            offsets[op] = stage_bytes
-            stage_bytes += self.load_bytes(op)
-        self.load_offset = offsets
-        self.smem_top = stage_bytes * self.schedule.stages
-        for op in self.prologue_loads:
-            self.prologue_offset[op] = self.alloc(self.load_bytes(op))
+        stage_bytes = self.plan_loads()
         stores = [op for op in self.p.walk() if op.name == "store" and op.operands[0].type.cols > 1]
         self.store_rows = max((op.operands[0].type.rows for op in stores), default=0)
         self.store_offset = self.alloc(self.store_rows * 128 * self.schedule.consumers)

@@ -721,16 +721,23 @@ class _Lowering:
             grid.append("  const int b = rest / H, h = rest % H;")
         return grid
 
-    def run(self) -> KernelSource:
-        self.analyze()
-        offsets, stage_bytes = {}, 0
+    def plan_loads(self) -> int:
+        """Shared memory for the loaded tiles: the ring of stages first (each holding every tile the
+        chunk loop loads), then the tiles loaded once before it. Returns the bytes of one stage."""
+        stage_bytes = 0
+        self.load_offset = {}
         for op in self.loads:
-            offsets[op] = stage_bytes
+            self.load_offset[op] = stage_bytes
             stage_bytes += self.load_bytes(op)
-        self.load_offset = offsets
         self.smem_top = stage_bytes * self.schedule.stages
         for op in self.prologue_loads:
             self.prologue_offset[op] = self.alloc(self.load_bytes(op))
+        return stage_bytes
+
+    def run(self) -> KernelSource:
+        self.analyze()
+        stage_bytes = self.plan_loads()
+        offsets = self.load_offset
         stores = [op for op in self.p.walk() if op.name == "store" and op.operands[0].type.cols > 1]  # by TMA
         self.store_rows = max((op.operands[0].type.rows for op in stores), default=0)
         self.store_buffers = min(2, max((op.operands[0].type.cols // PANEL for op in stores), default=1))

@@ -59,3 +59,86 @@ def test_generic_runs_have_their_own_json_and_heading():
     assert default_json_path(result).name == "h100-2026-11-30-generic.json"
     assert "generic (mma.sync) kernels" in results_markdown(result).splitlines()[0]
     assert default_json_path(dict(result, target="sm_90a")).name == "h100-2026-11-30.json"
+
+
+# -- backward rows (issue 6) -----------------------------------------------------------------------------
+BWD_ROWS = ("linear_attention-bwd", "ssd-bwd", "attention-bwd", "attention-bwd-flash2", "gemm-bwd")
+
+
+def test_backward_rows_are_cases_and_default_rows():
+    from tilemix.bench.bench import ATTENTION_SHAPE, CASES, default_rows, direction
+
+    assert set(BWD_ROWS) <= set(CASES)
+    rows = {row[0]: row[1:] for row in default_rows(None)}
+    assert set(BWD_ROWS) <= set(rows)  # `tilemix bench` with no names times them too
+    assert rows["attention-bwd"] == ATTENTION_SHAPE and rows["linear_attention-bwd"] == SHAPE
+    assert [direction(n) for n in ("attention-bwd-flash2", "gemm-bwd", "attention-noncausal-flash2", "gemm")] == \
+        ["bwd", "bwd", "fwd", "fwd"]
+    assert [r[0] for r in default_rows(["gemm-bwd", "attention-bwd"])] == ["gemm-bwd", "attention-bwd"]
+
+
+@pytest.mark.parametrize("name", ["linear_attention-bwd", "attention-bwd", "gemm-bwd", "ssd-bwd"])
+def test_backward_case_runs_forward_once_then_gradients(name, monkeypatch):
+    """A backward row's timed call (CPU stand-in: the interpreter at a small shape) runs the op's
+    forward on its first call only and returns a gradient of every input each call."""
+    import functools
+
+    import torch
+
+    from tilemix import ops
+    from tilemix.bench import bench
+
+    op = name.split("-")[0]
+    forwards = []
+    real = getattr(ops, op)
+    monkeypatch.setattr(ops, op, lambda *a, **kw: forwards.append(1) or real(*a, **kw))
+    build = bench.CASES[name]
+    if name == "gemm-bwd":
+        build = functools.partial(build, n=24)
+    ours, peer, peer_name, nbytes, flops, shape = build(1, 70, 2, 16, torch.float32, device="cpu")
+    try:
+        first = ours()
+    except NotImplementedError:
+        pytest.skip(f"{op} has no backward programs yet")
+    second = ours()
+    assert len(forwards) == 1 and len(first) == len(second) >= 2
+    for a, b in zip(first, second):
+        assert torch.equal(a, b) and a.isfinite().all()
+    assert nbytes > 0 and flops > 0 and peer_name and callable(peer)
+
+
+def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
+    """run_bench with fakes for the GPU, the timer and the cases: a -bwd row's record says
+    direction "bwd" (op without the suffix), the forward's "fwd"; the markdown row says (bwd); a peer
+    that raises is NaN, not the end of the run."""
+    import json
+
+    import torch
+
+    from tilemix.bench import bench
+
+    def case(peer_error=None):
+        def build(B, T, H, D, dtype):
+            def peer():
+                if peer_error:
+                    raise peer_error
+            return (lambda: None), peer, "peer", 1e6, 1e9, dict(B=B, T=T)
+        return build
+
+    monkeypatch.delenv("TILEMIX_TARGET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 8e14)
+    monkeypatch.setattr(bench, "time_ms", lambda fn: fn() or 2.0)
+    monkeypatch.setattr(bench, "host_us", lambda fn: 50.0)
+    monkeypatch.setattr(bench, "CASES", {"toy": case(), "toy-bwd": case(RuntimeError("no backward here"))})
+    path, md = tmp_path / "run.json", tmp_path / "run.md"
+    assert bench.run_bench(["toy", "toy-bwd"], json_path=str(path), md_path=str(md)) == 0
+    records = json.loads(path.read_text())["records"]
+    assert [(r["op"], r["direction"]) for r in records] == [("toy", "fwd"), ("toy", "bwd")]
+    assert records[0]["peer_ms"] == 2.0 and records[1]["peer_ms"] != records[1]["peer_ms"]  # NaN
+    text = md.read_text()
+    assert "| toy | B=8 T=4096 |" in text and "| toy (bwd) | B=8 T=4096 |" in text
