@@ -147,7 +147,6 @@ def combine(local: torch.Tensor, log_decay: torch.Tensor | None,
     """Every segment's starting state and the final state from the segments' ``local [B, S, H, ...]``
     contributions, their ``log_decay [B, S, H]`` (None: no decay) and the ``initial [B, H, ...]``
     state (None: zeros): ``start_i = Σ_{j<i} exp(g_{j+1} + … + g_{i-1}) local_j + exp(g_0 + … + g_{i-1}) initial``."""
-    extra = local.dim() - 3  # the state's own dims
     if log_decay is None:
         inclusive = torch.cumsum(local, dim=1)
         starts = inclusive - local
@@ -156,18 +155,20 @@ def combine(local: torch.Tensor, log_decay: torch.Tensor | None,
             starts = starts + initial.unsqueeze(1)
             final = final + initial
         return starts, final
+    # one matmul gives the S starts and, as row S, the final state: start_i = Σ_{j<i} w_ij local_j
+    # with w_ij = exp(E_i - I_j), I the inclusive and E the exclusive cumulative log decay
+    B, S, H = local.shape[:3]
     g = log_decay.to(torch.float64).transpose(1, 2)  # [B, H, S]
-    inclusive = torch.cumsum(g, dim=2)  # log decay from the sequence start to segment i's end
-    exclusive = inclusive - g  # ... to segment i's start
-    # weight of local_j in start_i (j < i): the decay over segments j+1 .. i-1
-    S = local.shape[1]
-    exponent = exclusive.unsqueeze(3) - inclusive.unsqueeze(2)  # [B, H, S(i), S(j)]
-    weights = torch.where(_strictly_below(S, local.device), exponent, float("-inf")).exp().to(local.dtype)
-    starts = torch.matmul(weights, local.flatten(3).transpose(1, 2))  # [B, H, S, X]
-    starts = starts.transpose(1, 2).reshape(local.shape)
+    inclusive = torch.cumsum(g, dim=2)
+    exclusive = torch.nn.functional.pad(inclusive, (1, 0))  # [B, H, S + 1]: E_0 = 0, ..., E_S = total
+    exponent = exclusive.unsqueeze(3) - inclusive.unsqueeze(2)  # [B, H, S + 1 (i), S (j)]
+    below = _strictly_below(S + 1, local.device)[:, :S]
+    weights = torch.where(below, exponent, float("-inf")).exp().to(local.dtype)
+    rows = torch.matmul(weights, local.flatten(3).transpose(1, 2))  # [B, H, S + 1, X]
     if initial is not None:
-        starts = starts + _per_state(exclusive.exp().to(local.dtype).transpose(1, 2), extra) * initial.unsqueeze(1)
-    final = _per_state(g[:, :, -1].exp().to(local.dtype), extra) * starts[:, -1] + local[:, -1]
+        rows = rows + exclusive.exp().to(local.dtype).unsqueeze(3) * initial.flatten(2).unsqueeze(2)
+    starts = rows[:, :, :S].transpose(1, 2).reshape(local.shape)
+    final = rows[:, :, S].reshape(B, H, *local.shape[3:]).contiguous()
     return starts, final
 
 
@@ -178,6 +179,3 @@ def _strictly_below(n: int, device: torch.device) -> torch.Tensor:
     return index[:, None] > index[None, :]
 
 
-def _per_state(x: torch.Tensor, extra: int) -> torch.Tensor:
-    """``x`` with ``extra`` unit dims appended, to scale whole states."""
-    return x.view(*x.shape, *(1,) * extra)

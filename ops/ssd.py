@@ -41,7 +41,7 @@ def ssd_states(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], h: State["
 def _segment_log_decay(args: dict, segments: int) -> torch.Tensor:
     """Each segment's ``Σ dt·A`` as ``[B, S, H]`` (float64: a handful of numbers per segment)."""
     dt = args["dt"]
-    return dt.reshape(dt.shape[0], segments, -1, dt.shape[2]).double().sum(2) * args["A"].double()
+    return dt.reshape(dt.shape[0], segments, -1, dt.shape[2]).sum(2, dtype=torch.float64) * args["A"]
 
 
 ssd_scan = SegmentedScan(ssd_fwd, ssd_states, "h", _segment_log_decay)
