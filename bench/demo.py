@@ -1,7 +1,8 @@
 """``tilemix demo``: run every op and check it against the float64 reference.
 
 The ops run through the NumPy interpreter — the same tile programs the GPU
-backends compile — and, on an H100, as generated sm_90a kernels too; the
+backends compile — and, on a GPU, as generated kernels too (sm_90a on an H100,
+the generic mma.sync kernels on sm_8x or with TILEMIX_TARGET=generic); the
 table shows how close each comes to the exact answer per dtype.
 """
 
@@ -68,22 +69,36 @@ def _on(device: str, args: dict) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
+def _gpu_arch() -> str | None:
+    """The arch the ops compile for on this GPU (sm_90a, or a generic sm_8x / forced sm_90), None
+    without a GPU tilemix generates code for."""
+    from tilemix.ops._dispatch import select_arch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return select_arch(torch.cuda.get_device_capability())
+    except ValueError:
+        return None
+
+
 def _devices(console: Console) -> list[str]:
     if not torch.cuda.is_available():
         console.print("No CUDA GPU: running the NumPy interpreter (the tile programs' reference semantics).")
         return ["cpu"]
-    name = torch.cuda.get_device_name()
-    if torch.cuda.get_device_capability() != (9, 0):
-        console.print(f"{name}: no code generator for this GPU yet; running the NumPy interpreter only.")
+    name, arch = torch.cuda.get_device_name(), _gpu_arch()
+    if arch is None:
+        console.print(f"{name}: no code generator for this GPU; running the NumPy interpreter only.")
         return ["cpu"]
-    console.print(f"{name}: the NumPy interpreter, then the generated sm_90a kernels (bf16/fp16).")
+    kind = "sm_90a" if arch == "sm_90a" else f"generic {arch} (mma.sync)"
+    console.print(f"{name}: the NumPy interpreter, then the generated {kind} kernels (bf16/fp16).")
     return ["cpu", "cuda"]
 
 
 def run_demo(seed: int = 0, dtypes=(torch.float32, torch.bfloat16, torch.float16)) -> int:
     """Print the table; return 0 when every op is within its dtype's bound."""
     console = Console(width=max(Console().width, 110))  # wide enough for the table when piped
-    devices = _devices(console)
+    devices, arch = _devices(console), _gpu_arch()
     table = Table(title="tilemix ops vs float64 references")
     for column in ("op", "shape", "device", "dtype", "max rel. error", "bound", "ok", "ms"):
         table.add_column(column, justify="right" if column in ("max rel. error", "bound", "ms") else "left")
@@ -95,7 +110,7 @@ def run_demo(seed: int = 0, dtypes=(torch.float32, torch.bfloat16, torch.float16
             expected = _outputs(case.ref(**args))
             for device in devices:
                 if device == "cuda" and dtype == torch.float32:
-                    continue  # sm_90a tensor cores take 16-bit operands
+                    continue  # the tensor cores take 16-bit operands
                 run = _on(device, args)
                 if device == "cuda":
                     case.run(**run)  # compile (cached on disk) and warm up
@@ -108,7 +123,7 @@ def run_demo(seed: int = 0, dtypes=(torch.float32, torch.bfloat16, torch.float16
                 error = max(rel_err(g.cpu(), e) for g, e in zip(got, expected))
                 ok = error <= bound(dtype)
                 failures += not ok
-                table.add_row(case.op, case.shape, "interpreter" if device == "cpu" else "sm_90a",
+                table.add_row(case.op, case.shape, "interpreter" if device == "cpu" else arch,
                               str(dtype).replace("torch.", ""), f"{error:.2e}", f"{bound(dtype):.0e}",
                               "[green]yes[/]" if ok else "[red]NO[/]", f"{ms:.1f}")
     console.print(table)
