@@ -37,20 +37,26 @@ __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq"
 NEG_INF = float("-inf")
 
 
+def _online_softmax(qi, k, v, i, scale, is_causal, block, chunk):
+    """One query block's unnormalised output, running row max and denominator over its key chunks
+    (the flash-attention recurrence), shared by the two forward programs."""
+    m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
+    for j in chunks(chunk, through=i if is_causal else None):
+        s = (qi @ k[j].T) * scale  # scaled in fp32: q * scale in bf16 would round q again
+        s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
+        m_new = maximum(m, rowmax(s))
+        p, alpha = exp(s - m_new), exp(m - m_new)
+        denom = denom * alpha + rowsum(p)
+        acc = acc * alpha + p @ v[j]
+        m = m_new
+    return acc, m, denom
+
+
 @kernel
 def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]],
                   is_causal: Const = False, block: Const = 64, chunk: Const = 128):
     for i in blocks(block):  # one program instance per query block
-        qi = q[i]
-        m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
-        for j in chunks(chunk, through=i if is_causal else None):
-            s = (qi @ k[j].T) * scale  # scaled in fp32: q * scale in bf16 would round q again
-            s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
-            m_new = maximum(m, rowmax(s))
-            p, alpha = exp(s - m_new), exp(m - m_new)
-            denom = denom * alpha + rowsum(p)
-            acc = acc * alpha + p @ v[j]
-            m = m_new
+        acc, _, denom = _online_softmax(q[i], k, v, i, scale, is_causal, block, chunk)
         o[i] = acc / denom
 
 
@@ -60,16 +66,7 @@ def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: O
     """``attention_fwd`` that also writes each query's log-sum-exp of its scaled scores (float32): what
     the backward programs need to recompute the probabilities. Run only when gradients are wanted."""
     for i in blocks(block):
-        qi = q[i]
-        m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
-        for j in chunks(chunk, through=i if is_causal else None):
-            s = (qi @ k[j].T) * scale
-            s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
-            m_new = maximum(m, rowmax(s))
-            p, alpha = exp(s - m_new), exp(m - m_new)
-            denom = denom * alpha + rowsum(p)
-            acc = acc * alpha + p @ v[j]
-            m = m_new
+        acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, block, chunk)
         o[i] = acc / denom
         lse[i] = m + log(denom)
 
