@@ -98,12 +98,25 @@ class _GenericLowering(_Lowering):
     # -- ops ----------------------------------------------------------------------------
     def lower_op(self, op: Op, ind: int):
         if op.name == "load" and op in self.prologue_offset and not self.prologue_waited:
-            # the tiles loaded before the chunk loop: their group is the oldest, so waiting for all
-            # issued groups here waits for them (the ring is primed later)
-            self.emit("tm::cp_async_wait<0>();", ind)
-            self.emit("__syncthreads();", ind)
+            # The tiles loaded before the chunk loop are one commit group, the oldest. If only the
+            # loop reads them, its first wait (for chunk 0) waits for them too, and their latency
+            # overlaps the ring's first loads; otherwise wait here, before the ring is primed.
+            if not self.only_loop_reads(self.prologue_offset):
+                self.emit("tm::cp_async_wait<0>();", ind)
+                self.emit("__syncthreads();", ind)
             self.prologue_waited = True  # and the Hopper walk does not wait on its mbarrier
         super().lower_op(op, ind)
+
+    def only_loop_reads(self, loads) -> bool:
+        """Whether every reader of these loads' tiles is inside the chunk loop's body, which waits
+        for all earlier commit groups before its first iteration (a loop that may run no
+        iteration, one with a start, waits for nothing: then no)."""
+        if self.loop is None or self.loop.start is not None:
+            return False
+        tiles = {op.result for op in loads}
+        inside = {id(op) for op in self.loop.walk()}
+        return not any(v in tiles for op in self.p.walk() if id(op) not in inside
+                       for v in (list(op.operands) + list(getattr(op, "init", []))))
 
     def lower_store(self, op: Op, ind: int):
         """A tile store: each 64-column panel into this group's shared panel, then out in 16-byte
