@@ -1,9 +1,6 @@
 """Mixer layers: ``nn.Module``s with the usual projections around the tile ops.
 
-``LinearAttention`` and ``MultiHeadAttention`` train (the ops' backward kernels are tile programs).
-SSD's backward programs are not written yet, so ``Mamba2Mixer`` runs forward only: call it under
-``torch.no_grad()`` / ``torch.inference_mode()`` (with parameters that require grad and grad mode
-on, the op raises ``NotImplementedError``).
+All three train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``).
 """
 
 from __future__ import annotations

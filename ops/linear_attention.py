@@ -1,9 +1,13 @@
 """Linear attention: ``S_t = S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
 
-The backward is two more tile programs: dq runs forward in time like the output (dq_t = scale·S_t
-do_t), and dk, dv run over the time-reversed sequence, where the state D accumulates the later
-tokens' scale·q do_ᵀ (dk_t = D_t v_t, dv_t = D_tᵀ k_t) starting from the final state's gradient;
-what D reaches is the initial state's gradient."""
+The backward is four more tile programs, all forward in time and each with a state whose columns
+no matmul contracts, so like the forward they split the state into 64-wide column blocks (no
+128x128 fp32 state in registers, no spills on sm_90a): dq (``dq_t = scale·S_t do_t``, the state
+carried transposed), a pass summing ``Σ q doᵀ`` (which with the final state's gradient is the
+initial state's gradient ``D_0``), then dv (``D_tᵀ k_t``) and dk (``D_t v_t``), where ``D_t = dS_T +
+scale·Σ_{s≥t} q_s do_sᵀ`` is carried as ``-D_0/scale`` plus the chunks seen so far, the chunk's own
+included before it is used. Each is a ``SegmentedScan`` (sequence-parallel on long sequences with
+few heads)."""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._dispatch import call_with_target, check_call, current_target, default_scale, use_target
+from ._dispatch import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 from ._library import no_state, tile_op
 from ._segments import SegmentedScan
 
 __all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_states", "linear_attention_bwd_dq",
-           "linear_attention_bwd_dkdv"]
+           "linear_attention_bwd_dq_states", "linear_attention_bwd_total", "linear_attention_bwd_dv",
+           "linear_attention_bwd_dk", "linear_attention_bwd_dk_states"]
 
 
 @kernel
@@ -37,25 +42,69 @@ def linear_attention_states(k: Seq["K"], v: Seq["V"], s: State["K", "V"] = None)
 
 @kernel
 def linear_attention_bwd_dq(do: Seq["V"], k: Seq["K"], v: Seq["V"], scale: Scalar,
-                            dq: Out[Seq["K"]], s: State["K", "V"] = None):
+                            dq: Out[Seq["K"]], s: State["V", "K"] = None):
+    """``dq_t = scale · S_t do_t``, the state carried transposed (``Sᵀ``, V x K: initial_stateᵀ) so that
+    no matmul contracts K and the K columns split into 64-wide blocks."""
     for c in chunks(64):
         doc, kc, vc = do[c], k[c], v[c]
-        dq[c] = (causal(doc @ vc.T) @ kc + doc @ s.T) * scale
-        s = s + kc.T @ vc
+        dq[c] = (causal(doc @ vc.T) @ kc + doc @ s) * scale
+        s = s + vc.T @ kc
 
 
 @kernel
-def linear_attention_bwd_dkdv(q: Seq["K"], k: Seq["K"], v: Seq["V"], do: Seq["V"], scale: Scalar,
-                              dk: Out[Seq["K"]], dv: Out[Seq["V"]], d: State["K", "V"] = None):
-    """On time-reversed inputs: "causal" here reaches the later tokens of the original order."""
+def linear_attention_bwd_dq_states(k: Seq["K"], v: Seq["V"], s: State["V", "K"] = None):
+    """The transposed state a sequence (a segment of one) adds: pass 1 of the segmented dq."""
     for c in chunks(64):
-        qc, kc, vc, doc = q[c] * scale, k[c], v[c], do[c]
-        dk[c] = causal(vc @ doc.T) @ qc + vc @ d.T
-        dv[c] = causal(kc @ qc.T) @ doc + kc @ d
-        d = d + qc.T @ doc
+        s = s + v[c].T @ k[c]
+
+
+@kernel
+def linear_attention_bwd_total(q: Seq["K"], do: Seq["V"], e: State["K", "V"] = None):
+    """``e + Σ_t q_t do_tᵀ`` over the sequence (unscaled): pass 1 of the dk and dv programs, whose state
+    starts from the negated sum."""
+    for c in chunks(64):
+        e = e + q[c].T @ do[c]
+
+
+@kernel
+def linear_attention_bwd_dv(q: Seq["K"], k: Seq["K"], do: Seq["V"], scale: Scalar,
+                            dv: Out[Seq["V"]], e: State["K", "V"] = None):
+    """``dv_t = D_tᵀ k_t`` with ``D_t = dS_T + scale · Σ_{s≥t} q_s do_sᵀ``, forward in time: ``e`` starts at
+    ``-D_0 / scale`` (``-(linear_attention_bwd_total + dS_T / scale)``) and adds each chunk's ``q doᵀ``
+    before the chunk uses it, so there ``-scale · e`` is D at the chunk's end (the later chunks'
+    sum, as a reverse scan would carry it: rounding relative to that, not to D_0) and the chunk's own
+    tokens at or after t come in through the transposed causal mask. No matmul contracts V: V splits
+    into 64-wide column blocks. q is not scaled before the matmuls (it reaches them from shared
+    memory, as the same bf16 values pass 1 summed)."""
+    for c in chunks(64):
+        qc, kc, doc = q[c], k[c], do[c]
+        e = e + qc.T @ doc
+        dv[c] = (kc @ e + (-causal(kc @ qc.T, transposed=True)) @ doc) * -scale
+
+
+@kernel
+def linear_attention_bwd_dk(q: Seq["K"], v: Seq["V"], do: Seq["V"], scale: Scalar,
+                            dk: Out[Seq["K"]], g: State["V", "K"] = None):
+    """``dk_t = D_t v_t`` as ``linear_attention_bwd_dv`` computes dv, on the transposed state ``g``
+    (``eᵀ``, V x K: K splits into 64-wide column blocks)."""
+    for c in chunks(64):
+        qc, vc, doc = q[c], v[c], do[c]
+        g = g + doc.T @ qc
+        dk[c] = (vc @ g + (-causal(vc @ doc.T, transposed=True)) @ qc) * -scale
+
+
+@kernel
+def linear_attention_bwd_dk_states(q: Seq["K"], do: Seq["V"], g: State["V", "K"] = None):
+    """Pass 1 of the segmented dk: ``g + Σ do_t q_tᵀ``."""
+    for c in chunks(64):
+        g = g + do[c].T @ q[c]
 
 
 linear_attention_scan = SegmentedScan(linear_attention_fwd, linear_attention_states, "s")
+# the backward's three scans, each also sequence-parallel on long sequences with few heads
+linear_attention_bwd_dq_scan = SegmentedScan(linear_attention_bwd_dq, linear_attention_bwd_dq_states, "s")
+linear_attention_bwd_dv_scan = SegmentedScan(linear_attention_bwd_dv, linear_attention_bwd_total, "e")
+linear_attention_bwd_dk_scan = SegmentedScan(linear_attention_bwd_dk, linear_attention_bwd_dk_states, "g")
 
 linear_attention_op = tile_op(
     "linear_attention",
@@ -67,8 +116,8 @@ linear_attention_op = tile_op(
     run=linear_attention_scan)
 
 
-def _flip(t: torch.Tensor) -> torch.Tensor:
-    return t.flip(1)  # time reversed (a contiguous copy)
+def _transposed(state: torch.Tensor | None) -> torch.Tensor | None:
+    return None if state is None else state.transpose(-1, -2).contiguous()
 
 
 # the backward programs as custom ops too, so a compiled training step (AOT autograd traces the
@@ -76,20 +125,43 @@ def _flip(t: torch.Tensor) -> torch.Tensor:
 linear_attention_bwd_dq_op = tile_op(
     "linear_attention_bwd_dq", "(Tensor do, Tensor k, Tensor v, float scale, Tensor? initial_state) -> Tensor",
     linear_attention_bwd_dq,
-    lambda do, k, v, scale, initial_state: (dict(do=do, k=k, v=v, scale=scale, s=initial_state),
+    lambda do, k, v, scale, initial_state: (dict(do=do, k=k, v=v, scale=scale, s=_transposed(initial_state)),
                                             {"s": "initial_state"}, ()),
-    lambda out: out["dq"])
+    lambda out: out["dq"],
+    run=linear_attention_bwd_dq_scan)
 
-# dk, dv and the initial state's gradient (empty unless asked for), in the original time order; the
-# program runs on the time-reversed sequence, seeded with the final state's gradient
-linear_attention_bwd_dkdv_op = tile_op(
-    "linear_attention_bwd_dkdv",
+
+def _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad, run):
+    """dk, dv and the initial state's gradient D_0 = dS_T + scale · Σ q doᵀ (empty unless
+    ``initial_state_grad``), forward in time: pass 1 sums Σ q doᵀ, then the dv and dk programs start
+    from ``-D_0 / scale`` (dk's transposed). ``run(kernel or scan, args, labels, final_states)``."""
+    if scale == 0 and final_state_grad is not None:  # D_t = dS_T throughout: what q = 0, scale = 1 give
+        q, scale = torch.zeros_like(q), 1.0
+    total = run(linear_attention_bwd_total, dict(q=q, do=do), {}, ("e",))["e"]
+    start = -total if final_state_grad is None else -(total + final_state_grad / scale)
+    labels = {"e": "final_state_grad"}
+    dv = run(linear_attention_bwd_dv_scan, dict(q=q, k=k, do=do, scale=scale, e=start), labels, ())["dv"]
+    dk = run(linear_attention_bwd_dk_scan, dict(q=q, v=v, do=do, scale=scale, g=_transposed(start)), {}, ())["dk"]
+    if not initial_state_grad:
+        return dk, dv, no_state(dk)
+    return dk, dv, total * scale if final_state_grad is None else total * scale + final_state_grad
+
+
+@torch.library.custom_op("tilemix::linear_attention_bwd_dkdv", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor do, float scale, Tensor? final_state_grad, bool initial_state_grad)"
-    " -> (Tensor, Tensor, Tensor)",
-    linear_attention_bwd_dkdv,
-    lambda q, k, v, do, scale, dfinal, want: (dict(q=_flip(q), k=_flip(k), v=_flip(v), do=_flip(do), scale=scale,
-                                                   d=dfinal), {"d": "final_state_grad"}, ("d",) if want else ()),
-    lambda out: (_flip(out["dk"]), _flip(out["dv"]), out.get("d", no_state(out["dk"]))))
+    " -> (Tensor, Tensor, Tensor)"))
+def linear_attention_bwd_dkdv_op(q, k, v, do, scale, final_state_grad, initial_state_grad):
+    """dk, dv and the initial state's gradient (empty unless asked for)."""
+    return _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad,
+                 lambda program, args, labels, final: program(args, labels, final) if isinstance(program, SegmentedScan)
+                 else run_kernel(program, args, labels, final))
+
+
+@linear_attention_bwd_dkdv_op.register_fake
+def _(q, k, v, do, scale, final_state_grad, initial_state_grad):
+    return _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad,
+                 lambda program, args, labels, final: fake_run(getattr(program, "kernel", program), args, labels,
+                                                               final))
 
 
 def _setup(ctx, inputs, output):

@@ -9,6 +9,7 @@ from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsu
 from ._dispatch import call_with_target, check_call
 from ._library import no_state, tile_op
 from ._segments import SegmentedScan
+from .ssd_backward import register_ssd_autograd
 
 __all__ = ["ssd", "ssd_fwd", "ssd_states"]
 
@@ -55,6 +56,7 @@ ssd_op = tile_op(
                                                      {"h": "initial_state"}, ("h",) if final else ()),
     lambda out: (out["y"], out.get("h", no_state(out["y"]))),
     run=ssd_scan)
+register_ssd_autograd(ssd_op)  # backward programs: ops/ssd_backward.py
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -66,9 +68,11 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     (negative); B, C: ``[B, T, G, N]`` with ``H % G == 0`` (head h reads group
     ``h // (H // G)``); D: ``[H]`` or None; initial_state: float32
     ``[B, H, N, P]`` or None. Returns ``(y [B, T, H, P], final_state or None)``.
+    Differentiable in every tensor argument (and through the final state): the backward programs
+    are in ``ops/ssd_backward.py`` and run on the forward's target.
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100).
     """
-    check_call("ssd", x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+    check_call("ssd", differentiable=True, x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
     y, state = call_with_target(target, ssd_op, x, dt, A, B, C, D, initial_state, bool(output_final_state))
     return y, (state if output_final_state else None)

@@ -1,0 +1,169 @@
+"""Mamba-2 SSD backward: two tile programs and a few per-token sums in torch.
+
+Per (batch, head), with ``a_t = dt_t·A`` (log decay), ``u_t = dt_t x_t`` (``xdt``), states
+``h_t = e^{a_t} h_{t-1} + B_t u_tᵀ`` (N x P) and ``y_t = h_tᵀ C_t + D x_t``. Given ``dy`` and the
+final state's gradient ``dh_T``, the state gradient is ``g_t = C_t dy_tᵀ + e^{a_{t+1}} g_{t+1}``
+(``g_T = C_T dy_Tᵀ + dh_T``), and
+
+- ``dC_t = h_t dy_t`` — forward in time, the states recomputed chunk by chunk as the forward does
+  (``ssd_bwd_dc``): ``dC = ((dy uᵀ) ∘ L) B + (dy ∘ e^{cumsum a}) hᵀ`` per chunk, L = e^{segsum a};
+- ``du_t = g_tᵀ B_t``, ``dB_t = g_t u_t`` — over the time-reversed sequence (``ssd_bwd_dx``), where
+  ``g`` is carried like the forward's state with C in B's place and dy in u's: ``du = ((B Cᵀ) ∘ L')
+  dy + (B ∘ e^{cumsum a'}) ĝ``, ``dB = ((u dyᵀ) ∘ L') C + (u ∘ e^{cumsum a'}) ĝᵀ``. The decay
+  between a token and a later one covers the tokens after the first, so the reversed program reads
+  the log decays shifted by one token (``a'_u = a`` of the token after u, 0 for the last), carries
+  ``ĝ`` = the full gradient of the state at the last token it has seen (the final state's gradient
+  to start with) and ends with ``g_1``: d(initial state) = ``e^{a_1} g_1``;
+- ``dx_t = dt_t du_t + D dy_t``; dt's direct part ``x_t·du_t`` (a per-token output);
+- the decays: every term of ``y_t`` carries ``e^{Σ_{k≤t} a_k}`` and every term a token s injects
+  carries ``e^{-Σ_{k≤s} a_k}``, so with ``r_t = dy_t·(y_t - D x_t) - u_t·du_t`` (which is
+  ``C_t·dC_t - dt_t (x_t·du_t)``) the gradient of ``a_k`` is ``Σ_{t≥k} r_t + <dh_T, h_T>`` (a
+  reverse cumulative sum over the sequence, float64 in torch). Then ``ddt = x·du + A·da`` and
+  ``dA = Σ_t dt_t da_t``; ``dD = Σ x·dy``.
+
+Group heads (G < H): the programs write dB and dC per head ``[B, T, H, N]`` and torch sums the heads
+of each group (a read of H/G times the group tensors: cheap next to the programs).
+
+The sum for ``da`` telescopes (its terms are larger than the result where the decay is strong), so
+its rounding error grows with the sequence; the programs' per-token values are float32 and the sum
+is float64."""
+
+from __future__ import annotations
+
+import torch
+
+from tilemix.tiles import (GroupSeq, Head, Out, Seq, State, causal, chunks, colsum, cumsum, exp, kernel, rowsum, segsum,
+                           zeros)
+
+from ._dispatch import current_target, use_target
+from ._library import no_state, tile_op
+
+__all__ = ["ssd_bwd_dc", "ssd_bwd_dx", "register_ssd_autograd"]
+
+
+@kernel
+def ssd_bwd_dc(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"], dy: Seq["P"],
+               dC: Out[Seq["N"]], da: Out[Seq[1]], alpha: Out[Seq[1]], h: State["N", "P"] = None):
+    """Forward in time, h recomputed as the forward does: ``dC_t = h_t dy_t`` per head; ``da``: the
+    decays' gradient from the pairs within the chunk and from the state entering it (terms i, ii
+    of the module docstring); ``alpha``: ``<Q, h_in>`` of each chunk (on all its tokens)."""
+    for c in chunks(64):
+        log_decay = dt[c] * A
+        xdt, bc, cc, dyc = x[c] * dt[c], B[c], C[c], dy[c]
+        decay_from_start = exp(cumsum(log_decay))
+        decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))
+        m = dyc @ xdt.T * exp(segsum(log_decay))  # [t, s]: dy_t·u_s e^{A_t - A_s}
+        inter = (dyc * decay_from_start) @ h.T  # e^{A_t} h_in dy_t
+        dC[c] = m @ bc + inter
+        w = cumsum(m * (cc @ bc.T), reverse=True)  # [k, s]: the pairs' terms summed over t >= k
+        da[c] = rowsum(w - causal(w, transposed=True)) + cumsum(rowsum(cc * inter), reverse=True)
+        alpha[c] = zeros(64, 1) + colsum(rowsum(h * ((cc * decay_from_start).T @ dyc)))
+        h = h * exp(colsum(log_decay)) + (bc * decay_to_end).T @ xdt
+
+
+@kernel
+def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], dt_next: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"],
+               dy: Seq["P"], dx: Out[Seq["P"]], dB: Out[Seq["N"]], ddt: Out[Seq[1]], da: Out[Seq[1]],
+               beta: Out[Seq[1]], D: Head[1] = None, g: State["N", "P"] = None):
+    """On the time-reversed sequence, chunks aligned with the forward's (see the module docstring):
+    dx, dB per head, dt's direct part ``x·du``, the decays' gradient from the state leaving each
+    chunk (term iii), ``beta = <G_out, L>`` per chunk; g ends as d(initial state)."""
+    for c in chunks(64):
+        log_decay = dt[c] * A
+        xc, dtc, bc, cc, dyc = x[c], dt[c], B[c], C[c], dy[c]
+        xdt = xc * dtc
+        decay = exp(segsum(dt_next[c] * A))  # [t, t'] (t' later in time): e^{a of the tokens after t, to t'}
+        to_end = exp(cumsum(log_decay, exclusive=True))  # token -> chunk end (in time)
+        from_start = exp(cumsum(log_decay, reverse=True))  # chunk start (in time) -> token
+        inter = (bc * to_end) @ g
+        dxdt = (bc @ cc.T * decay) @ dyc + inter
+        dB[c] = (xdt @ dyc.T * decay) @ cc + (xdt * to_end) @ g.T
+        ddt[c] = rowsum(xc * dxdt)
+        dx[c] = dxdt * dtc if D is None else dxdt * dtc + dyc * D
+        da[c] = cumsum(rowsum(xdt * inter), reverse=True, exclusive=True)
+        beta[c] = zeros(64, 1) + colsum(rowsum(g * ((bc * to_end).T @ xdt)))
+        g = g * exp(colsum(log_decay)) + (cc * from_start).T @ dyc
+
+
+# the backward programs as custom ops, so a compiled training step sees ops, not Python
+ssd_bwd_dc_op = tile_op(
+    "ssd_bwd_dc", "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? initial_state)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    ssd_bwd_dc,
+    lambda x, dt, A, B, C, dy, initial_state: (dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, h=initial_state),
+                                               {"h": "initial_state"}, ("h",)),
+    lambda out: (out["dC"], out["da"], out["alpha"], out["h"]))
+ssd_bwd_dx_op = tile_op(
+    "ssd_bwd_dx",
+    "(Tensor x, Tensor dt, Tensor dt_next, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    ssd_bwd_dx,
+    lambda x, dt, dt_next, A, B, C, dy, D, final_grad: (
+        dict(x=x, dt=dt, dt_next=dt_next, A=A, B=B, C=C, dy=dy, D=D, g=final_grad), {"g": "final_grad"}, ("g",)),
+    lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["g"]))
+
+
+def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, T, H, N]`` per-head gradients summed over each group's heads: ``[B, T, G, N]``."""
+    b, t, h, n = per_head.shape
+    if groups == h:
+        return per_head
+    work = torch.float64 if per_head.dtype == torch.float64 else torch.float32
+    return per_head.view(b, t, groups, h // groups, n).sum(3, dtype=work).to(per_head.dtype)
+
+
+def _setup(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_state, _ = inputs
+    ctx.target = current_target()  # the backward programs run on the forward's target
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+
+
+CHUNK = 64  # the programs' chunk: the reversed pass is padded so its chunks are the forward's
+
+
+def _backward(ctx, dy, dstate):
+    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy = dy.contiguous()
+    final_grad = dstate if dstate is not None and dstate.numel() else None
+    Bsz, T, H = x.shape[:3]
+    groups = B.shape[2]
+    if T == 0 or Bsz == 0 or H == 0:  # nothing to differentiate through (T = 0: the final state is the initial one)
+        zeros = [torch.zeros_like(t) if t is not None else None for t in (x, dt, A, B, C, D)]
+        dinit = None
+        if initial_state is not None:
+            dinit = final_grad.clone() if final_grad is not None and T == 0 else torch.zeros_like(initial_state)
+        return (*zeros, dinit, None)
+    pad = -T % CHUNK
+
+    def reverse(t):  # time reversed, zeros in front so the reversed chunks are the forward's (contiguous)
+        t = t.flip(1)
+        return torch.cat([t.new_zeros(t.shape[0], pad, *t.shape[2:]), t], 1) if pad else t
+
+    dt_rev = reverse(dt)
+    dt_next = torch.cat([torch.zeros_like(dt_rev[:, :1]), dt_rev[:, :-1]], 1)  # decay to the later token
+    with use_target(ctx.target):
+        dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(x, dt, A, B, C, dy, initial_state)
+        dx, dB_h, ddt_direct, da_out, beta, dinit = ssd_bwd_dx_op(reverse(x), dt_rev, dt_next, A, reverse(B),
+                                                                  reverse(C), reverse(dy), D, final_grad)
+    unreverse = lambda t: t.flip(1)[:, :T]  # noqa: E731
+    dx, dB_h, ddt_direct, da_out = unreverse(dx), unreverse(dB_h), unreverse(ddt_direct), unreverse(da_out)
+    # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
+    alpha, beta = alpha[:, ::CHUNK].double(), beta.flip(1)[:, ::CHUNK].double()  # [B, chunks, H]
+    tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
+    if final_grad is not None:
+        tail = tail + (final_grad.double() * h_last.double()).sum((-2, -1))[:, None, :]
+    da = da_in.double() + da_out.double() + tail.repeat_interleave(CHUNK, 1)[:, :T]
+    ddt = (ddt_direct.double() + A.double() * da).to(dt.dtype)
+    dA = (dt.double() * da).sum((0, 1)).to(A.dtype)
+    dD = None
+    if D is not None and need[5]:
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dD = (x.to(work) * dy.to(work)).sum((0, 1, 3)).to(D.dtype)
+    dinit = dinit.to(initial_state.dtype) if initial_state is not None and need[6] else None
+    return (dx, ddt, dA, _group_sum(dB_h, groups), _group_sum(dC_h, groups), dD, dinit, None)
+
+
+def register_ssd_autograd(op) -> None:
+    """Make ``tilemix::ssd`` differentiable with the programs above."""
+    op.register_autograd(_backward, setup_context=_setup)
