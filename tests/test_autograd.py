@@ -180,6 +180,30 @@ def test_gpu_linear_attention_gradients(T):
         assert rel_err(ours.grad.cpu(), expected.grad.numpy()) <= bound(torch.bfloat16)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, K, segments", [(333, 128, None), (1024, 64, None), (1024, 128, "4")])
+def test_gpu_linear_attention_backward_matches_interpreter(T, K, segments, monkeypatch):
+    """The four backward kernels (K = 128: column-split states) against the same programs in the
+    interpreter (bf16 rounding emulated), with initial and final-state gradients, outputs poisoned so an
+    unwritten element fails; masked tail (T = 333) and forced segments (TILEMIX_SEGMENTS)."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    if segments:
+        monkeypatch.setenv("TILEMIX_SEGMENTS", segments)
+    g = torch.Generator().manual_seed(T + K)
+    q, k = (torch.randn(1, T, 2, K, generator=g).bfloat16() for _ in range(2))
+    v, do = (torch.randn(1, T, 2, 128, generator=g).bfloat16() for _ in range(2))
+    s0, ds = (torch.randn(1, 2, K, 128, generator=g) for _ in range(2))
+    results = []
+    for device in ("cuda", "cpu"):
+        xs = [t.to(device).requires_grad_() for t in (q, k, v, s0)]
+        o, state = ops.linear_attention(*xs[:3], initial_state=xs[3], output_final_state=True)
+        torch.autograd.backward([o, state], [do.to(device), ds.to(device)])
+        results.append([t.grad.cpu() for t in xs])
+    for ours, interp in zip(*results):
+        assert not ours.isnan().any()
+        assert rel_err(ours, interp.double().numpy()) <= bound(torch.bfloat16)
+
+
 # -- softmax attention: FlashAttention-2-style backward programs ---------------------------------------
 def _attention(q, k, v, causal, scale=None):
     """Softmax attention in plain torch (float64 autograd ground truth)."""
