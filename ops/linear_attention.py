@@ -75,11 +75,12 @@ def linear_attention_bwd_dv(q: Seq["K"], k: Seq["K"], do: Seq["V"], scale: Scala
     sum, as a reverse scan would carry it: rounding relative to that, not to D_0) and the chunk's own
     tokens at or after t come in through the transposed causal mask. No matmul contracts V: V splits
     into 64-wide column blocks. q is not scaled before the matmuls (it reaches them from shared
-    memory, as the same bf16 values pass 1 summed)."""
+    memory, as the same bf16 values pass 1 summed). The masked product comes first in the sum: the
+    lowering then stages e while it runs (one wgmma wait per chunk less than the other order)."""
     for c in chunks(64):
         qc, kc, doc = q[c], k[c], do[c]
         e = e + qc.T @ doc
-        dv[c] = (kc @ e + (-causal(kc @ qc.T, transposed=True)) @ doc) * -scale
+        dv[c] = ((-causal(kc @ qc.T, transposed=True)) @ doc + kc @ e) * -scale
 
 
 @kernel
@@ -90,7 +91,7 @@ def linear_attention_bwd_dk(q: Seq["K"], v: Seq["V"], do: Seq["V"], scale: Scala
     for c in chunks(64):
         qc, vc, doc = q[c], v[c], do[c]
         g = g + doc.T @ qc
-        dk[c] = (vc @ g + (-causal(vc @ doc.T, transposed=True)) @ qc) * -scale
+        dk[c] = ((-causal(vc @ doc.T, transposed=True)) @ qc + vc @ g) * -scale
 
 
 @kernel
