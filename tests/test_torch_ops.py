@@ -96,21 +96,21 @@ def test_backward_ops_opcheck(name):
 
 
 class TrainBlock(torch.nn.Module):
-    """gemm, causal attention and linear attention (with a carried state) with gradients, ssd on a
-    branch without them (its backward programs do not exist yet)."""
+    """All four ops with gradients: gemm, causal attention, linear attention (with a carried state)
+    and ssd (its A a parameter)."""
 
-    def __init__(self, D):
+    def __init__(self, D, H):
         super().__init__()
         g = torch.Generator().manual_seed(4)
         self.w_in = torch.nn.Parameter(torch.randn(D, D, generator=g) * D ** -0.5)
         self.w_out = torch.nn.Parameter(torch.randn(D, D, generator=g) * D ** -0.5)
+        self.A = torch.nn.Parameter(-torch.rand(H, generator=g) - 0.1)
 
     def forward(self, x, s0, dt, A, b):
         h = ops.gemm(x.reshape(-1, x.shape[-1]), self.w_in).reshape(x.shape)
         y = ops.attention(h, x, x, causal=True)
         z, state = ops.linear_attention(y, h, x, initial_state=s0, output_final_state=True)
-        with torch.no_grad():
-            s, _ = ops.ssd(x.detach(), dt, A, b, b)
+        s, _ = ops.ssd(z, dt, self.A + A, b, b)
         return ops.gemm((z + s).reshape(-1, z.shape[-1]), self.w_out), state
 
 
@@ -136,7 +136,7 @@ def test_training_step_compiles_fullgraph(dynamic):
     break and gives eager's outputs and gradients exactly. (backend="inductor" on CPU matches too, but
     compiling its C++ takes ~20 s: the GPU test runs it.)"""
     inputs = _training_inputs(B, T, H, D)
-    model = TrainBlock(D)
+    model = TrainBlock(D, H)
     eager = _training_step(model, model, *inputs)
     torch._dynamo.reset()
     compiled = _training_step(model, torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=dynamic),
@@ -153,7 +153,8 @@ def test_gpu_training_step_compiles_fullgraph(backend):
     from tilemix.reference.tolerance import bound, rel_err
 
     inputs = _training_inputs(2, 200, 2, 64, "cuda", torch.bfloat16)
-    model = TrainBlock(64).cuda().bfloat16()
+    model = TrainBlock(64, 2).cuda().bfloat16()
+    model.A.data = model.A.data.float()  # ssd's A is float32
     eager = _training_step(model, model, *inputs)
     torch._dynamo.reset()
     compiled = _training_step(model, torch.compile(model, fullgraph=True, backend=backend), *inputs)
