@@ -384,3 +384,43 @@ def test_gpu_target_argument_runs_generic_kernels(monkeypatch):
     assert rel_err(out.detach().cpu(), reference.gemm(a, b)) <= bound(torch.bfloat16)
     archs = {key[-1] for key in launch._PLANS}
     assert archs and "sm_90a" not in archs, archs
+
+
+# --- on a GPU: each tile primitive alone (test_hopper_primitives' probes, run again here under the
+# generic target), plus the two shared-operand matmul layouts those probes do not reach: A and B
+# both from shared memory untransposed (B through ldmatrix.trans) and both transposed
+from test_hopper_primitives import _run, test_primitive  # noqa: E402, F401
+from tilemix.tiles import Out, Seq, chunks, kernel  # noqa: E402
+
+
+@kernel
+def shared_nn(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):  # K = 64: q's columns meet v's rows
+    for c in chunks(64):
+        o[c] = q[c] @ v[c]
+
+
+@kernel
+def shared_tt(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):  # K = V = 64
+    for c in chunks(64):
+        o[c] = k[c].T @ v[c].T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("probe", [shared_nn, shared_tt], ids=lambda p: p.name)
+@pytest.mark.parametrize("T", [64, 100])
+def test_gpu_shared_operand_layouts(probe, T, monkeypatch):
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    errors = _run(probe, T)
+    assert all(e <= 1e-2 for e in errors.values()), errors
+
+
+def test_shared_operand_probes_lower_to_both_layouts():
+    """The two probes above reach matmul_sync_ss with (TA, TB) = (false, false) and (true, true)."""
+    import torch
+
+    from tilemix.codegen.launch import generic_source
+
+    q = torch.zeros(1, 100, 2, 64, dtype=torch.bfloat16)
+    for probe, flags in ((shared_nn, "<true, false, false, false,"), (shared_tt, "<true, true, true, false,")):
+        source = generic_source(probe, probe.bind(dict(q=q, k=q, v=q)), arch="sm_80").source
+        assert f"tm::matmul_sync_ss{flags}" in source, probe.name
