@@ -18,7 +18,13 @@ target lacks done otherwise:
   16-byte global writes, clipped at the tensor's edges.
 
 Kernel arguments are plain pointers where Hopper passes tensor maps (``ptr``/``ptr_out`` in
-``KernelSource.params``)."""
+``KernelSource.params``).
+
+Schedules are the Hopper ones (``launch.default_schedule`` with the arch), fitted to the arch's
+shared memory: on sm_86/sm_89 (99 KiB) most scans get one group per CTA and a one-stage ring (no
+load/compute overlap); programs whose loaded and staged tiles need more than that at one stage
+(gla-style 128x128 states) are a ResourceError there. Tuned configs (``tilemix tune``) are
+Hopper's and are not applied to generic kernels."""
 
 from __future__ import annotations
 
