@@ -424,3 +424,18 @@ def test_shared_operand_probes_lower_to_both_layouts():
     for probe, flags in ((shared_nn, "<true, false, false, false,"), (shared_tt, "<true, true, true, false,")):
         source = generic_source(probe, probe.bind(dict(q=q, k=q, v=q)), arch="sm_80").source
         assert f"tm::matmul_sync_ss{flags}" in source, probe.name
+
+
+@pytest.mark.gpu
+def test_gpu_bench_target_generic(tmp_path):
+    """tilemix bench --target generic: the records say target "generic" and the arch they ran on."""
+    import json
+
+    from tilemix.codegen.cli import main
+
+    path = tmp_path / "run.json"
+    assert main(["bench", "gemm", "--target", "generic", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["target"] == "generic"
+    assert [r["target"] for r in result["records"]] == ["generic"]
+    assert result["records"][0]["arch"] in ("sm_80", "sm_86", "sm_89", "sm_90")
