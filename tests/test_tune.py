@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -249,3 +251,28 @@ def test_a_damaged_segments_file_means_the_heuristic(cache_dir, monkeypatch):
     scan = ops.SEGMENTED["ssd"]
     binding = scan.kernel.bind(example_specs("ssd"))
     assert tune.tuned_segments(scan, binding, None) is None
+
+
+def test_kernels_trace_in_parallel_threads():
+    """The tuner traces candidates in a thread pool: each thread has its own builder stack (a shared
+    one made concurrent traces rebind each other's tiles: spurious TileErrors or wrong programs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["gemm", "attention", "linear_attention", "ssd"]
+    bindings = {name: ops.PROGRAMS[name].bind(example_specs(name)) for name in names}
+
+    def trace(name):
+        kernel = ops.PROGRAMS[name]
+        kernel._programs.clear()
+        text, ids = str(kernel.trace(bindings[name])), {}
+        return name, re.sub(r"%\d+", lambda m: ids.setdefault(m.group(), f"%{len(ids)}"), text)  # ids are global
+
+    serial = dict(trace(name) for name in names)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: with a shared stack this fails every run
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for name, program in pool.map(trace, names * 8):
+                assert program == serial[name]
+    finally:
+        sys.setswitchinterval(previous)

@@ -12,6 +12,7 @@ carried cannot be used after it.
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,22 +25,31 @@ from .types import INDEX, Axis, DType, Space, TileType
 
 __all__ = ["Builder", "Tile", "ChunkIndex", "ParamRef", "LoopIter", "current_builder", "building"]
 
-_BUILDER: list[Builder] = []
+_TRACING = threading.local()  # per thread: the tuner traces candidates in a thread pool
+
+
+def _stack() -> list[Builder]:
+    stack = getattr(_TRACING, "builders", None)
+    if stack is None:
+        stack = _TRACING.builders = []
+    return stack
 
 
 def current_builder() -> Builder:
-    if not _BUILDER:
+    stack = _stack()
+    if not stack:
         raise TileError("tile operations can only be used inside a @kernel function while it is traced", user_loc())
-    return _BUILDER[-1]
+    return stack[-1]
 
 
 @contextmanager
 def building(builder: Builder):
-    _BUILDER.append(builder)
+    stack = _stack()
+    stack.append(builder)
     try:
         yield builder
     finally:
-        _BUILDER.pop()
+        stack.pop()
 
 
 class Tile:
