@@ -29,7 +29,7 @@ import torch
 
 from tilemix.tiles import Kernel
 
-from ._dispatch import run_kernel
+from ._dispatch import check_hopper_dims, run_kernel
 
 __all__ = ["SegmentedScan", "segment_count"]
 
@@ -121,6 +121,7 @@ class SegmentedScan:
         binding = self.kernel.bind(args, labels)
         if 0 in binding.sizes.values():
             return 1
+        check_hopper_dims(binding, labels or {})  # a clear error before the schedule lowers anything
         device = tensors[0].device.index
         if tuned and not os.environ.get("TILEMIX_SEGMENTS"):
             from tilemix.codegen.tune import tuned_segments
