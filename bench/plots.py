@@ -12,11 +12,12 @@ __all__ = ["plot_results", "main"]
 
 
 def _series(records: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    """Sweep records grouped by (op, head dim), ordered by sequence length."""
+    """Sweep records grouped by (op and direction, head dim), ordered by sequence length."""
     groups = defaultdict(list)
     for r in records:
-        shape = r["shape"]
-        groups[(r["op"], shape.get("D", shape.get("K", shape.get("N"))))].append(r)
+        shape, direction = r["shape"], r.get("direction", "fwd")
+        op = r["op"] if direction == "fwd" else f"{r['op']}-{direction}"
+        groups[(op, shape.get("D", shape.get("K", shape.get("N"))))].append(r)
     return {k: sorted(v, key=lambda r: r["shape"].get("T", 0)) for k, v in groups.items()}
 
 

@@ -21,9 +21,11 @@ def test_plots_from_a_result(tmp_path):
     records = [dict(op="linear_attention", shape=dict(B=8 * 4096 // T, T=T, H=16, K=128, V=128), ms=0.2 * T / 4096,
                     peer="fla-chunk_linear_attn", peer_ms=0.5 * T / 4096, roofline_fraction=0.9)
                for T in (1024, 4096, 16384)]
+    records += [dict(r, direction="bwd", ms=3 * r["ms"]) for r in records[:2]]  # a series of its own
     result = dict(gpu="H100", date="2026-11-24", versions=dict(torch="2.11"), records=records)
     written = plot_results(result, tmp_path)
-    assert {p.name for p in written} == {"linear_attention-d128-time.png", "roofline.png"}
+    assert {p.name for p in written} == {"linear_attention-d128-time.png", "linear_attention-bwd-d128-time.png",
+                                         "roofline.png"}
     assert all(p.stat().st_size > 1000 for p in written)
 
 
