@@ -68,17 +68,19 @@ def ssd_bwd_dc(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
     decays' gradient from the pairs within the chunk and from the state entering it (terms i, ii
     of the module docstring); ``alpha``: ``<Q, h_in>`` of each chunk (on all its tokens)."""
     for c in chunks(64):
-        log_decay = dt[c] * A
-        xdt, bc, cc, dyc = x[c] * dt[c], B[c], C[c], dy[c]
+        # row scalings sit on the matmul results (as in ssd_fwd): x, B, C and dy reach the tensor cores
+        # as loaded
+        dtc, xc, bc, cc, dyc = dt[c], x[c], B[c], C[c], dy[c]
+        log_decay = dtc * A
         decay_from_start = exp(cumsum(log_decay))
         decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))
-        m = dyc @ xdt.T * exp(segsum(log_decay))  # [t, s]: dy_t·u_s e^{A_t - A_s}
-        inter = (dyc * decay_from_start) @ h.T  # e^{A_t} h_in dy_t
+        m = dyc @ xc.T * (exp(segsum(log_decay)) * dtc.T)  # [t, s]: dy_t·u_s e^{A_t - A_s}
+        inter = (dyc @ h.T) * decay_from_start  # e^{A_t} h_in dy_t
         dC[c] = m @ bc + inter
         w = cumsum(m * (cc @ bc.T), reverse=True)  # [k, s]: the pairs' terms summed over t >= k
         da[c] = rowsum(w - causal(w, transposed=True)) + cumsum(rowsum(cc * inter), reverse=True)
-        alpha[c] = zeros(64, 1) + colsum(rowsum(h * ((cc * decay_from_start).T @ dyc)))
-        h = h * exp(colsum(log_decay)) + (bc * decay_to_end).T @ xdt
+        alpha[c] = zeros(64, 1) + colsum(rowsum(h * (cc.T @ (dyc * decay_from_start))))
+        h = h * exp(colsum(log_decay)) + bc.T @ (xc * (dtc * decay_to_end))
 
 
 @kernel
@@ -89,20 +91,20 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], dt_next: Seq[1], A: Head[1], B: GroupSeq
     dx, dB per head, dt's direct part ``x·du``, the decays' gradient from the state leaving each
     chunk (term iii), ``beta = <G_out, L>`` per chunk; g ends as d(initial state)."""
     for c in chunks(64):
-        log_decay = dt[c] * A
-        xc, dtc, bc, cc, dyc = x[c], dt[c], B[c], C[c], dy[c]
-        xdt = xc * dtc
+        dtc, xc, bc, cc, dyc = dt[c], x[c], B[c], C[c], dy[c]
+        log_decay = dtc * A
         decay = exp(segsum(dt_next[c] * A))  # [t, t'] (t' later in time): e^{a of the tokens after t, to t'}
         to_end = exp(cumsum(log_decay, exclusive=True))  # token -> chunk end (in time)
         from_start = exp(cumsum(log_decay, reverse=True))  # chunk start (in time) -> token
-        inter = (bc * to_end) @ g
+        inter = (bc @ g) * to_end
         dxdt = (bc @ cc.T * decay) @ dyc + inter
-        dB[c] = (xdt @ dyc.T * decay) @ cc + (xdt * to_end) @ g.T
+        dB[c] = (xc @ dyc.T * (decay * dtc)) @ cc + (xc @ g.T) * (dtc * to_end)
         ddt[c] = rowsum(xc * dxdt)
         dx[c] = dxdt * dtc if D is None else dxdt * dtc + dyc * D
-        da[c] = cumsum(rowsum(xdt * inter), reverse=True, exclusive=True)
-        beta[c] = zeros(64, 1) + colsum(rowsum(g * ((bc * to_end).T @ xdt)))
-        g = g * exp(colsum(log_decay)) + (cc * from_start).T @ dyc
+        da[c] = cumsum(rowsum(xc * inter) * dtc, reverse=True, exclusive=True)
+        # the forward program's state update, rounded as it rounds it (and alpha: this one's)
+        beta[c] = zeros(64, 1) + colsum(rowsum(g * (bc.T @ (xc * (dtc * to_end)))))
+        g = g * exp(colsum(log_decay)) + cc.T @ (dyc * from_start)
 
 
 # the backward programs as custom ops, so a compiled training step sees ops, not Python
