@@ -361,6 +361,7 @@ from test_hopper import (  # noqa: E402, F401
     test_gpu_scans_drawn,
     test_gpu_unaligned_and_strided_inputs,
 )
+from test_ssd_backward import test_gpu_ssd_gradients  # noqa: E402, F401
 from test_user_mixers import test_gpu_user_mixer_matches_interpreter  # noqa: E402, F401
 
 

@@ -223,25 +223,41 @@ def test_ssd_backward_programs_lower(N, P):
 @pytest.mark.parametrize("T", [100, 300, 1024])
 @pytest.mark.parametrize("H, G", [(4, 1), (4, 2)])
 @pytest.mark.parametrize("N, P", [(64, 64), (128, 64)])
-def test_gpu_ssd_gradients(T, H, G, N, P):
+def test_gpu_ssd_gradients(T, H, G, N, P, monkeypatch):
     """The sm_90a kernels against float64 autograd of the recurrence, within the bf16 bound (outputs
-    poisoned so an unwritten element fails)."""
-    import os
+    poisoned so an unwritten element fails); strong decay, initial state and final-state gradient."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    args = _inputs(T, H, G, N=N, P=P, dtype=torch.bfloat16, seed=T, batch=2, dt_range=(0.001, 0.1),
+                   A_range=(1.0, 16.0))
+    g = torch.Generator().manual_seed(T + 1)
+    dy = torch.randn(2, T, H, P, generator=g).bfloat16()
+    dh = torch.randn(2, H, N, P, generator=g)
+    gpu = [t.cuda().requires_grad_() for t in args]
+    y, h = ops.ssd(*gpu[:5], D=gpu[5], initial_state=gpu[6], output_final_state=True)
+    ((y * dy.cuda()).sum() + (h * dh.cuda()).sum()).backward()
+    ref = [t.double().requires_grad_() for t in args]
+    y, h = _ssd(*ref)
+    ((y * dy.double()).sum() + (h * dh.double()).sum()).backward()
+    assert not any(t.grad.isnan().any() for t in gpu)
+    _check_bf16([t.grad.cpu() for t in gpu], [t.grad for t in ref], args, dy, dh)
 
-    os.environ["TILEMIX_POISON"] = "1"
-    try:
-        args = _inputs(T, H, G, N=N, P=P, dtype=torch.bfloat16, seed=T, batch=2, dt_range=(0.001, 0.1),
-                       A_range=(1.0, 16.0))
-        g = torch.Generator().manual_seed(T + 1)
-        dy = torch.randn(2, T, H, P, generator=g).bfloat16()
-        dh = torch.randn(2, H, N, P, generator=g)
-        gpu = [t.cuda().requires_grad_() for t in args]
-        y, h = ops.ssd(*gpu[:5], D=gpu[5], initial_state=gpu[6], output_final_state=True)
-        ((y * dy.cuda()).sum() + (h * dh.cuda()).sum()).backward()
-        ref = [t.double().requires_grad_() for t in args]
-        y, h = _ssd(*ref)
-        ((y * dy.double()).sum() + (h * dh.double()).sum()).backward()
-        assert not any(t.grad.isnan().any() for t in gpu)
-        _check_bf16([t.grad.cpu() for t in gpu], [t.grad for t in ref], args, dy, dh)
-    finally:
-        del os.environ["TILEMIX_POISON"]
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N, P", [(128, 128), (128, 64)])
+def test_gpu_ssd_backward_matches_interpreter(N, P, monkeypatch):
+    """The GPU kernels against the same programs in the interpreter (bf16 numerics emulated): a masked
+    tail (T = 333), group heads, D, initial state and final-state gradient, poisoned outputs."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    args = _inputs(333, 4, 2, N=N, P=P, dtype=torch.bfloat16, seed=7, batch=1)
+    g = torch.Generator().manual_seed(8)
+    dy = torch.randn(1, 333, 4, P, generator=g).bfloat16()
+    dh = torch.randn(1, 4, N, P, generator=g)
+    results = []
+    for device in ("cuda", "cpu"):
+        xs = [t.to(device).requires_grad_() for t in args]
+        y, h = ops.ssd(*xs[:5], D=xs[5], initial_state=xs[6], output_final_state=True)
+        ((y * dy.to(device)).sum() + (h * dh.to(device)).sum()).backward()
+        results.append([t.grad.cpu() for t in xs])
+    for name, ours, interp in zip("x dt A B C D h0".split(), *results):
+        assert not ours.isnan().any(), name
+        assert rel_err(ours.float(), interp.double().numpy()) <= bound(torch.bfloat16), name
