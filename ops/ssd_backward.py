@@ -31,10 +31,15 @@ dy_Tᵀ + dh_T``), and
 Group heads (G < H): the programs write dB and dC per head, ``[B, T, H, N]``, and torch sums the heads
 of each group (one read of H/G times the group tensors: cheap next to the programs).
 
-No column split: du contracts N, dB contracts P and the decay terms reduce both, so each program
-instance holds a whole state (N x P fp32) and spills at N = P = 128 (bench/NOTES.md)."""
+Column blocks: the code generator's column split cannot cut these programs (du contracts N, dB
+contracts P and the decay terms reduce both), but every output is either per column of P (dx, the
+states) or a sum over P (dB, dC, x·du, the decay terms, alpha, beta), so torch runs both programs on
+64-wide blocks of P (``_split_width``) and adds the partial sums: on an H100 each program instance
+then holds an N x 64 state, like the forward's column split."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -134,6 +139,19 @@ def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     return per_head.view(b, t, groups, h // groups, n).sum(3, dtype=work).to(per_head.dtype)
 
 
+SPLIT_WIDTH = 64
+
+
+def _split_width(x: torch.Tensor) -> int:
+    """The programs run on column blocks of P this wide (their partial sums over P added in torch):
+    on a GPU 64 where P is a larger multiple of 64 (the state then fits the registers, as the forward's
+    column split), else all of P. ``$TILEMIX_SSD_BWD_SPLIT`` sets the width (0: no split)."""
+    P = x.shape[3]
+    forced = os.environ.get("TILEMIX_SSD_BWD_SPLIT")
+    width = int(forced) if forced else (SPLIT_WIDTH if x.device.type == "cuda" else 0)
+    return width if 0 < width < P and P % width == 0 else P
+
+
 def _setup(ctx, inputs, output):
     x, dt, A, B, C, D, initial_state, _ = inputs
     ctx.target = current_target()  # the backward programs run on the forward's target
@@ -162,28 +180,45 @@ def _backward(ctx, dy, dstate):
         t = t.flip(1)
         return torch.cat([t.new_zeros(t.shape[0], pad, *t.shape[2:]), t], 1) if pad else t
 
+    unreverse = lambda t: t.flip(1)[:, :T]  # noqa: E731
     dt_rev = reverse(dt)
     dt_next = torch.cat([torch.zeros_like(dt_rev[:, :1]), dt_rev[:, :-1]], 1)  # decay to the later token
-    with use_target(ctx.target):
-        dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(x, dt, A, B, C, dy, initial_state)
-        dx, dB_h, ddt_direct, da_out, beta, dinit = ssd_bwd_dx_op(reverse(x), dt_rev, dt_next, A, reverse(B),
-                                                                  reverse(C), reverse(dy), D, final_grad)
-    unreverse = lambda t: t.flip(1)[:, :T]  # noqa: E731
-    dx, dB_h, ddt_direct, da_out = unreverse(dx), unreverse(dB_h), unreverse(ddt_direct), unreverse(da_out)
-    # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
-    alpha, beta = alpha[:, ::CHUNK].double(), beta.flip(1)[:, ::CHUNK].double()  # [B, chunks, H]
-    tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
-    if final_grad is not None:
-        tail = tail + (final_grad.double() * h_last.double()).sum((-2, -1))[:, None, :]
-    da = da_in.double() + da_out.double() + tail.repeat_interleave(CHUNK, 1)[:, :T]
-    ddt = (ddt_direct.double() + A.double() * da).to(dt.dtype)
+    B_rev, C_rev = reverse(B), reverse(C)
+    P = x.shape[3]
+    width = _split_width(x)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums: dict[str, torch.Tensor] = {}  # the outputs that are sums over P, summed over the column blocks
+    dx, dinit = [], []
+    for p0 in range(0, P, width):
+        cols = slice(p0, p0 + width)
+        part = (lambda t: None if t is None else t[..., cols].contiguous()) if width < P else (lambda t: t)
+        xs, dys, init_s, final_s = part(x), part(dy), part(initial_state), part(final_grad)
+        with use_target(ctx.target):
+            dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dt, A, B, C, dys, init_s)
+            dx_s, dB_h, ddt_direct, da_out, beta, dinit_s = ssd_bwd_dx_op(reverse(xs), dt_rev, dt_next, A, B_rev,
+                                                                          C_rev, reverse(dys), D, final_s)
+        dx.append(dx_s)
+        dinit.append(dinit_s)
+        # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
+        alpha, beta = alpha[:, ::CHUNK].double(), beta.flip(1)[:, ::CHUNK].double()  # [B, chunks, H]
+        tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
+        if final_s is not None:
+            tail = tail + (final_s.double() * h_last.double()).sum((-2, -1))[:, None, :]
+        parts = dict(dC=dC_h.to(work), dB=dB_h.to(work), ddt=ddt_direct.double(), tail=tail,
+                     da=da_in.double() + unreverse(da_out.double()))
+        for name, value in parts.items():
+            sums[name] = sums[name] + value if name in sums else value
+    dx = unreverse(dx[0] if len(dx) == 1 else torch.cat(dx, -1))
+    dinit = dinit[0] if len(dinit) == 1 else torch.cat(dinit, -1)
+    dB, dC = (_group_sum(t, groups).to(B.dtype) for t in (unreverse(sums["dB"]), sums["dC"]))
+    da = sums["da"] + sums["tail"].repeat_interleave(CHUNK, 1)[:, :T]
+    ddt = (unreverse(sums["ddt"]) + A.double() * da).to(dt.dtype)
     dA = (dt.double() * da).sum((0, 1)).to(A.dtype)
     dD = None
     if D is not None and need[5]:
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
         dD = (x.to(work) * dy.to(work)).sum((0, 1, 3)).to(D.dtype)
     dinit = dinit.to(initial_state.dtype) if initial_state is not None and need[6] else None
-    return (dx, ddt, dA, _group_sum(dB_h, groups), _group_sum(dC_h, groups), dD, dinit, None)
+    return (dx, ddt, dA, dB, dC, dD, dinit, None)
 
 
 def register_ssd_autograd(op) -> None:

@@ -100,6 +100,26 @@ def test_ssd_gradients_match_torch(T, H, G, with_D, with_state, final):
         assert rel_err(o, e.numpy()) <= 1e-8, ("x dt A B C D h0".split()[i], rel_err(o, e.numpy()))
 
 
+def test_ssd_backward_in_column_blocks(monkeypatch):
+    """On a GPU the backward programs run on 64-wide blocks of P (the state then fits the registers)
+    and torch adds their partial sums over P (dB, dC, dt's and the decays' terms): the same gradients,
+    here with 16-wide blocks of P = 48."""
+    monkeypatch.setenv("TILEMIX_SSD_BWD_SPLIT", "16")
+    args = _inputs(130, 4, 2, N=16, P=48, seed=4)
+    g = torch.Generator().manual_seed(6)
+    dy = torch.randn(1, 130, 4, 48, generator=g, dtype=torch.float64)
+    dh = torch.randn(1, 4, 16, 48, generator=g, dtype=torch.float64)
+
+    def grads(forward):
+        full = [a.clone().requires_grad_() for a in args]
+        y, h = forward(*full)
+        return torch.autograd.grad((y * dy).sum() + (h * dh).sum(), full)
+
+    ours = grads(lambda *a: ops.ssd(*a[:5], D=a[5], initial_state=a[6], output_final_state=True))
+    for name, o, e in zip("x dt A B C D h0".split(), ours, grads(_ssd)):
+        assert rel_err(o, e.numpy()) <= 1e-8, name
+
+
 def test_ssd_gradient_of_some_inputs():
     """Only x and A want gradients; a call without an initial state but with one for B only."""
     x, dt, A, B, C, D, h0 = _inputs(70, 2, 1, seed=3)
