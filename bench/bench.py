@@ -283,7 +283,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch."""
     from tilemix.ops._dispatch import call_with_target, select_arch
 
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
     if not torch.cuda.is_available():
         console.print("tilemix bench needs a CUDA GPU.")
         return 1
