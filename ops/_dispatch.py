@@ -126,28 +126,29 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     return out
 
 
-HOPPER_PANEL = 64  # sm_90a kernels move feature dims in 64-column (128-byte) swizzled panels
+HOPPER_PANEL = 64  # both GPU targets move feature dims in 64-column (128-byte) swizzled panels
 
 
 def check_hopper_dims(binding, labels: dict[str, str]) -> None:
-    """Dtypes and feature dims the sm_90a kernels cannot take are an error naming the argument,
-    before any compile or launch (the interpreter takes any size, and float32/64, on CPU tensors)."""
+    """Dtypes and feature dims the GPU kernels (sm_90a and generic: the same panels and 16-byte rows)
+    cannot take are an error naming the argument, before any compile or launch (the interpreter
+    takes any size, and float32/64, on CPU tensors)."""
     if binding.compute_dtype not in (DType.bf16, DType.f16):
         first = _first_tile_operand(binding)
-        raise TypeError(f"{labels.get(first, first)}: the sm_90a kernels take bfloat16 or float16 tensors, got "
+        raise TypeError(f"{labels.get(first, first)}: the GPU kernels take bfloat16 or float16 tensors, got "
                         f"{binding.compute_dtype} (float32 and float64 run through the interpreter on CPU tensors)")
     for p in binding.params:
         if p.present and not p.spec.output and p.spec.kind == "matrix":
             dim = p.spec.dims[-1]
             if binding.sizes[dim] % 8:  # TMA reads rows of a multiple of 16 bytes
-                raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {binding.sizes[dim]}; the sm_90a "
+                raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {binding.sizes[dim]}; the GPU "
                                  "kernels need rows of a multiple of 8 elements (16 bytes)")
         if not (p.present and not p.spec.output and p.spec.kind in ("seq", "group_seq")):
             continue
         for dim in p.spec.static_dims:
             size = binding.sizes[dim]
             if size % HOPPER_PANEL:
-                raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {size}; the sm_90a kernels take "
+                raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {size}; the GPU kernels take "
                                  f"multiples of {HOPPER_PANEL} (CPU tensors run any size through the interpreter)")
 
 

@@ -85,7 +85,7 @@ def test_bad_input_names_the_argument(op, T, H, D, victim, dim, how, nothing_run
        H=st.integers(1, 3), victim=st.integers(0, 6), dim=st.integers(0, 3),
        how=st.sampled_from(["rank", "dim", "integer dtype", "other device", "not a tensor"]))
 def test_gpu_bad_input_names_the_argument(op, T, H, victim, dim, how, nothing_runs):
-    """The same on CUDA tensors (bfloat16, head dims the sm_90a kernels take): no compile, no launch."""
+    """The same on CUDA tensors (bfloat16, head dims the GPU kernels take): no compile, no launch."""
     _check_bad_input(op, T, H, 64, victim, dim, how, "cuda")
 
 
@@ -107,19 +107,19 @@ def test_mixed_dtypes_name_both_arguments(nothing_runs):
 
 
 def test_hopper_head_dims_are_checked_before_compiling():
-    """A head dim the sm_90a kernels cannot tile is a ValueError naming the argument (CPU-checkable:
+    """A head dim the GPU kernels cannot tile is a ValueError naming the argument (CPU-checkable:
     the same check runs first on every CUDA call)."""
     q = torch.zeros(1, 4, 2, 96, dtype=torch.bfloat16)
     v = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
     binding = ops.linear_attention_fwd.bind(dict(q=q, k=q, v=v, scale=1.0))
-    with pytest.raises(ValueError, match="q: its K dim is 96; the sm_90a kernels take multiples of 64"):
+    with pytest.raises(ValueError, match="q: its K dim is 96; the GPU kernels take multiples of 64"):
         check_hopper_dims(binding, {})
     a, b = torch.zeros(8, 12, dtype=torch.float16), torch.zeros(12, 16, dtype=torch.float16)
     gemm = ops.gemm_fwd.bind(dict(a=a, b=b))
     with pytest.raises(ValueError, match="a: its K dim is 12"):
         check_hopper_dims(gemm, {})
     single = ops.linear_attention_fwd.bind(dict(q=v.float(), k=v.float(), v=v.float(), scale=1.0))
-    with pytest.raises(TypeError, match="q: the sm_90a kernels take bfloat16 or float16 tensors, got f32"):
+    with pytest.raises(TypeError, match="q: the GPU kernels take bfloat16 or float16 tensors, got f32"):
         check_hopper_dims(single, {})
 
 
