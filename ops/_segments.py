@@ -7,8 +7,9 @@ Because the carried state is linear in the inputs, ``s_end = decay · s_start + 
 sequence can be cut into S segments that run in parallel, in two passes of tile programs:
 
 1. ``states`` program on every segment from a zero state: the segment's ``local`` contribution;
-2. a combine over the S segments (float32/64 torch on [B, S, H, ...] states: an exclusive
-   prefix, decay-weighted for SSD) gives every segment's starting state;
+2. a combine over the S segments in torch (a few small ops on [B, S, H, ...] float32 states: a
+   cumsum for linear attention; for SSD one matmul whose weights, decays between segments, are
+   formed in float64) gives every segment's starting state and the final state;
 3. the scan program itself on every segment from its starting state: the outputs.
 
 Segments are views: ``[B, T, ...]`` is reshaped to ``[B·S, T/S, ...]``, so T must be a
