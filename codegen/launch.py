@@ -65,13 +65,11 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
             if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim):
                 split.append((dim, SPLIT_WIDTH))
     if split:
-        blocks = 1
-        for dim, width in split:
-            blocks *= binding.static[dim] // width
-        pairs = [Schedule(split=tuple(split), consumers=2)] if blocks % 2 == 0 else []
+        split = tuple(split)
+        pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding) % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
-        return _first_fitting(kernel, binding, pairs + [Schedule(split=tuple(split), consumers=1),
-                                                        Schedule(split=tuple(split), consumers=1, stages=1)], arch)
+        return _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
+                                                        Schedule(split=split, consumers=1, stages=1)], arch)
     program = kernel.trace(binding, target="sm_90a")
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads; the ring as deep as shared memory allows
@@ -188,8 +186,16 @@ _PLANS: dict[tuple, _Plan] = {}
 _DEFAULTS: dict[tuple, Schedule] = {}
 
 
+def column_blocks(split: tuple[tuple[str, int], ...], binding: Binding) -> int:
+    """How many column blocks a schedule's ``split`` cuts the state and output columns into."""
+    blocks = 1
+    for dim, width in split:
+        blocks *= binding.static[dim] // width
+    return blocks
+
+
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -204,11 +210,8 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
         base = _DEFAULTS[key] = default_schedule(kernel, binding, arch)
     if base.consumer_axis != "columns" or base.consumers == 1 or "B" not in binding.sizes:
         return base
-    blocks = 1
-    for dim, width in base.split:
-        blocks *= binding.static[dim] // width
-    ctas = binding.sizes["B"] * binding.sizes["H"] * blocks // base.consumers
-    return replace(base, consumers=1) if 2 * ctas < _sm_count(device_index) else base
+    ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(base.split, binding) // base.consumers
+    return replace(base, consumers=1) if 2 * ctas < sm_count(device_index) else base
 
 
 def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_90a") -> _Plan:
@@ -222,12 +225,10 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_
         function = _module(compiled.cubin).get_function(source.name)
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 source.smem_bytes)
-        column_blocks = 1
-        for dim, width in source.schedule.split:
-            column_blocks *= binding.static[dim] // width
+        blocks = column_blocks(source.schedule.split, binding)
         if source.schedule.consumer_axis == "columns":
-            column_blocks //= source.schedule.consumers  # each CTA's consumers take that many column blocks
-        plan = _PLANS[key] = _Plan(source, function, column_blocks)
+            blocks //= source.schedule.consumers  # each CTA's consumers take that many column blocks
+        plan = _PLANS[key] = _Plan(source, function, blocks)
     return plan
 
 

@@ -117,7 +117,7 @@ class SegmentedScan:
         tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
         if not tensors or tensors[0].device.type != "cuda":
             return 1
-        from tilemix.codegen.launch import launch_schedule
+        from tilemix.codegen.launch import column_blocks, launch_schedule, sm_count
 
         binding = self.kernel.bind(args, labels)
         if 0 in binding.sizes.values():
@@ -130,12 +130,9 @@ class SegmentedScan:
             count = tuned_segments(self, binding, device)
             if count is not None and binding.sizes["T"] % (CHUNK * count) == 0:
                 return count
-        schedule = launch_schedule(self.kernel, binding, device)
-        programs = binding.sizes["B"] * binding.sizes["H"]
-        for dim, width in schedule.split:
-            programs *= binding.static[dim] // width
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return segment_count(binding.sizes["T"], programs, sms)
+        programs = binding.sizes["B"] * binding.sizes["H"] * column_blocks(
+            launch_schedule(self.kernel, binding, device).split, binding)
+        return segment_count(binding.sizes["T"], programs, sm_count(device))
 
 
 def _split(t: torch.Tensor, segments: int) -> torch.Tensor:

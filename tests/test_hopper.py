@@ -185,7 +185,7 @@ def test_launch_schedule_fills_the_gpu(B, H, consumers, monkeypatch):
     CTA (twice the CTAs)."""
     from tilemix.codegen import launch
 
-    monkeypatch.setattr(launch, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", B=B, H=H))
     assert launch.launch_schedule(program, binding, 0).consumers == consumers
