@@ -433,17 +433,19 @@ def tune_segments(scan, args: dict[str, Any], *, timer: Callable[[Callable[[], o
     sequential = scan(args, final_states=None, segments=1)
     limit = bound(_TORCH_NAMES.get(binding.compute_dtype, "float32"))  # float64 (CPU tests): float32's
     for count in scan.segment_choices(binding.sizes["T"]):
-        outputs = scan(args, final_states=None, segments=count)
-        errors = {name: rel_err(out.double().cpu(), sequential[name].double().cpu()) for name, out in outputs.items()}
-        worst = max(errors, key=errors.get)
-        if errors[worst] <= limit:
+        errors = {} if count == 1 else {  # the sequential scan is the reference itself
+            name: rel_err(out.double().cpu(), sequential[name].double().cpu())
+            for name, out in scan(args, final_states=None, segments=count).items()}
+        worst = max(errors, key=errors.get, default=None)
+        if worst is None or errors[worst] <= limit:
             result.times[count] = timer(lambda count=count: scan(args, final_states=(), segments=count))
         else:
             result.rejected[count] = f"{worst} differs from the sequential scan by {errors[worst]:.2e}"
         if progress:
             progress(f"segments={count}")
     if default not in result.times:
-        raise RuntimeError(f"{scan.kernel.name} at its default {default} segments failed: {result.rejected.get(default)}")
+        raise RuntimeError(f"{scan.kernel.name} at its default {default} segments failed: "
+                           f"{result.rejected.get(default)}")
     result.best = min(result.times, key=result.times.get)
     key = _segments_key(scan, binding, device)
     _store_text(key, json.dumps({"segments": result.best}))
