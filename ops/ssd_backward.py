@@ -191,7 +191,7 @@ def _backward(ctx, dy, dstate):
     dx, dinit = [], []
     for p0 in range(0, P, width):
         cols = slice(p0, p0 + width)
-        part = (lambda t: None if t is None else t[..., cols].contiguous()) if width < P else (lambda t: t)
+        part = (lambda t, cols=cols: None if t is None else t[..., cols].contiguous()) if width < P else (lambda t: t)
         xs, dys, init_s, final_s = part(x), part(dy), part(initial_state), part(final_grad)
         with use_target(ctx.target):
             dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dt, A, B, C, dys, init_s)

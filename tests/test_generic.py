@@ -155,8 +155,9 @@ def _programs() -> dict:
     import importlib
     import pkgutil
 
-    import tilemix.ops
     from test_user_mixers import MIXERS
+
+    import tilemix.ops
     from tilemix.tiles import Kernel
 
     programs = {}
@@ -349,8 +350,11 @@ def _generic_target():
 
 
 # the same tests, collected again here (so run under the fixture above): extend, don't copy
-from test_autograd import test_gpu_attention_gradients, test_gpu_gemm_gradients  # noqa: E402, F401
-from test_autograd import test_gpu_linear_attention_gradients  # noqa: E402, F401
+from test_autograd import (  # noqa: E402, F401
+    test_gpu_attention_gradients,
+    test_gpu_gemm_gradients,
+    test_gpu_linear_attention_gradients,  # noqa: E402, F401
+)
 from test_hopper import (  # noqa: E402, F401
     test_gpu_attention,
     test_gpu_attention_drawn,
@@ -391,6 +395,7 @@ def test_gpu_target_argument_runs_generic_kernels(monkeypatch):
 # generic target), plus the two shared-operand matmul layouts those probes do not reach: A and B
 # both from shared memory untransposed (B through ldmatrix.trans) and both transposed
 from test_hopper_primitives import _run, test_primitive  # noqa: E402, F401
+
 from tilemix.tiles import Out, Seq, chunks, kernel  # noqa: E402
 
 
