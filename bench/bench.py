@@ -116,21 +116,30 @@ def _linear_attention_case(B, T, H, D, dtype):
     return ours, peer, "fla-chunk_linear_attn", nbytes, flops, dict(B=B, T=T, H=H, K=D, V=D)
 
 
+def _ssd_inputs(B, T, H, D, dtype, device="cuda"):
+    """x, dt, A, B, C of the SSD rows: one group, dt in [0.01, 0.51], A in [-4.1, -0.1]."""
+    x = torch.randn(B, T, H, D, device=device, dtype=dtype)
+    dt = torch.rand(B, T, H, device=device) * 0.5 + 0.01
+    A = -(torch.rand(H, device=device) * 4 + 0.1)
+    Bm, Cm = (torch.randn(B, T, 1, D, device=device, dtype=dtype) for _ in range(2))
+    return x, dt, A, Bm, Cm
+
+
+def _as_simple_gla(x, dt, A, Bm, Cm):
+    """The same recurrence as fla's simple GLA: q = C, k = B (per head), v = x * dt, g = dt * A."""
+    B, T, H, D = x.shape
+    return (Cm.expand(B, T, H, D).contiguous(), Bm.expand(B, T, H, D).contiguous(),
+            (x * dt[..., None]).to(x.dtype), (dt * A).contiguous())
+
+
 def _ssd_case(B, T, H, D, dtype):
-    x = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
-    dt = torch.rand(B, T, H, device="cuda") * 0.5 + 0.01
-    A = -(torch.rand(H, device="cuda") * 4 + 0.1)
-    Bm, Cm = (torch.randn(B, T, 1, D, device="cuda", dtype=dtype) for _ in range(2))
+    x, dt, A, Bm, Cm = _ssd_inputs(B, T, H, D, dtype)
     nbytes = 2 * x.numel() * x.element_size() + 2 * Bm.numel() * Bm.element_size() + dt.numel() * 4
 
     def ours():
         return ops.ssd(x, dt, A, Bm, Cm)
 
-    # the same recurrence as fla's simple GLA: q = C, k = B (per head), v = x * dt, g = dt * A
-    k = Bm.expand(B, T, H, D).contiguous()
-    q = Cm.expand(B, T, H, D).contiguous()
-    v = (x * dt[..., None]).to(dtype)
-    g = (dt * A).contiguous()
+    q, k, v, g = _as_simple_gla(x, dt, A, Bm, Cm)
 
     def peer():
         from fla.ops.simple_gla import chunk_simple_gla
@@ -205,17 +214,13 @@ def _linear_attention_bwd_case(B, T, H, D, dtype, device="cuda"):
 
 
 def _ssd_bwd_case(B, T, H, D, dtype, device="cuda"):
-    x = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    dt = torch.rand(B, T, H, device=device) * 0.5 + 0.01
-    A = -(torch.rand(H, device=device) * 4 + 0.1)
-    Bm, Cm = (torch.randn(B, T, 1, D, device=device, dtype=dtype) for _ in range(2))
+    x, dt, A, Bm, Cm = _ssd_inputs(B, T, H, D, dtype, device)
     dy = torch.randn(B, T, H, D, device=device, dtype=dtype)
     # read x, dy, B, C, dt; write dx, dB, dC, ddt
     nbytes = 3 * x.numel() * x.element_size() + 4 * Bm.numel() * Bm.element_size() + 2 * dt.numel() * 4
     inputs = _leaves(x, dt, A, Bm, Cm)
     ours = _backward_of(lambda: ops.ssd(*inputs)[0], inputs, dy)
-    # the same recurrence as fla's simple GLA (see _ssd_case), its per-head q, k, v, g as the leaves
-    leaves = _leaves(Cm.expand(B, T, H, D), Bm.expand(B, T, H, D), (x * dt[..., None]).to(dtype), dt * A)
+    leaves = _leaves(*_as_simple_gla(x, dt, A, Bm, Cm))  # fla's simple GLA on the same recurrence
 
     def forward():
         from fla.ops.simple_gla import chunk_simple_gla
