@@ -302,9 +302,10 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
               plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D, md_path: str | None = None,
-              target: str | None = None) -> int:
+              target: str | None = None, peers: bool = True) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
-    H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch."""
+    H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
+    ``peers=False`` times our ops only (peer_ms NaN)."""
     from tilemix.ops._dispatch import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
@@ -334,20 +335,23 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         except Exception as e:  # an op the code generator does not lower yet
             console.print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
+        peer_ms = float("nan")
         try:
-            peer(), torch.cuda.synchronize()  # autotunes on the first call
-            peer_ms = time_ms(peer)
-        except ImportError:
-            peer_ms = float("nan")
+            if peers:
+                peer(), torch.cuda.synchronize()  # autotunes on the first call
+                peer_ms = time_ms(peer)
+        except ImportError:  # fla not installed
+            pass
         except RuntimeError as e:  # a peer backend that does not take this shape (or its backward)
             console.print(f"{name} peer {peer_name}: {type(e).__name__}: {str(e).splitlines()[0]}")
-            peer_ms = float("nan")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
-        table.add_row(name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
-                      f"{peer_ms:.3f}", f"{peer_ms / ms:.2f}x", f"{flops / ms / 1e9:.0f}", f"{roofline_ms / ms:.0%}")
+        cells = (name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
+                 f"{peer_ms:.3f}", f"{peer_ms / ms:.2f}x", f"{flops / ms / 1e9:.0f}", f"{roofline_ms / ms:.0%}")
+        table.add_row(*cells)
+        console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
     console.print(table)
     result = dict(gpu=gpu, date=datetime.date.today().isoformat(), copy_tbps=bandwidth / 1e12,
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),

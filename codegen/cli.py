@@ -18,7 +18,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
-                     head_dims=tuple(args.head_dim or (64, 128)), md_path=args.md, target=args.target)
+                     head_dims=tuple(args.head_dim or (64, 128)), md_path=args.md, target=args.target,
+                     peers=not args.no_peers)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -169,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
     bench.add_argument("--target", choices=["auto", "hopper", "generic"],
                        help="the backend our ops run on (generic: the mma.sync kernels, also on an H100)")
+    bench.add_argument("--no-peers", action="store_true",
+                       help="time our ops only (peer columns NaN): skips the peers' first-call autotuning, minutes for fla")
     bench.set_defaults(run=_cmd_bench)
     plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
     plot.add_argument("json")
