@@ -288,8 +288,8 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D) -> list[tuple[str, int, int, 
     while B >= 1, then fewer heads), for each head dim."""
     tokens = SHAPE[0] * SHAPE[1] * SHAPE[2]
     rows = []
-    for name in SWEEP_OPS:
-        for D in head_dims:
+    for D in head_dims:  # a run cut short has every op at the first head dims
+        for name in SWEEP_OPS:
             for T in lengths:
                 H = min(16, tokens // T)
                 rows.append((name, max(1, tokens // (T * H)), T, H, D))
@@ -322,6 +322,10 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         table.add_column(column)
     records = []
     mma_rate = matmul_rate()
+    result = dict(gpu=gpu, date=datetime.date.today().isoformat(), copy_tbps=bandwidth / 1e12,
+                  mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
+                  target=label, records=records)
+    json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
     rows = sweep_rows(head_dims=head_dims) if sweep else default_rows(names)
     if sweep and names:
         rows = [row for row in rows if row[0] in names]
@@ -352,15 +356,12 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                  f"{peer_ms:.3f}", f"{peer_ms / ms:.2f}x", f"{flops / ms / 1e9:.0f}", f"{roofline_ms / ms:.0%}")
         table.add_row(*cells)
         console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
+        if json_file:  # rewritten after every row: a run cut short leaves its records
+            json_file.parent.mkdir(parents=True, exist_ok=True)
+            json_file.write_text(json.dumps(result, indent=2))
     console.print(table)
-    result = dict(gpu=gpu, date=datetime.date.today().isoformat(), copy_tbps=bandwidth / 1e12,
-                  mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
-                  target=label, records=records)
-    if json_path:
-        path = default_json_path(result) if json_path == "auto" else Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        console.print(f"wrote {path}")
+    if json_file:
+        console.print(f"wrote {json_file}")
     if md_path:
         Path(md_path).write_text(results_markdown(result))
         console.print(f"wrote {md_path}")

@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--target", choices=["auto", "hopper", "generic"],
                        help="the backend our ops run on (generic: the mma.sync kernels, also on an H100)")
     bench.add_argument("--no-peers", action="store_true",
-                       help="time our ops only (peer columns NaN): skips the peers' first-call autotuning, minutes for fla")
+                       help="time our ops only (no peer columns): skips fla's minutes of first-call autotuning")
     bench.set_defaults(run=_cmd_bench)
     plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
     plot.add_argument("json")
