@@ -253,8 +253,10 @@ class _Lowering:
                 self.fail("consumer_axis='blocks' needs a blocks() loop")
             self.split_loop = self.grid_loops[-1]
         if self.loop is not None:
-            # the chunk index: the iteration counter c, offset by the first chunk when the loop has a start
+            # the chunk index: the iteration counter c, offset by the first chunk when the loop has a start,
+            # counted down from the last chunk when it runs in reverse
             index = "c" if self.loop.start is None else "(c_first + c)"
+            index = f"(n_iter - 1 - {index})" if self.loop.reverse else index
             self.index_name[self.loop.index.id] = self.names[self.loop.index] = index
         self.plan_accumulation()
 

@@ -209,16 +209,16 @@ def generic_builds():
     from tilemix.tiles import TileError
 
     sources = {}
-    for name, (kernel, specs) in PROGRAMS.items():
-        binding = kernel.bind(specs)
+    for name, (program, specs) in PROGRAMS.items():
+        binding = program.bind(specs)
         try:
-            hopper_source(kernel, binding)
+            hopper_source(program, binding)
         except TileError:  # not lowered for sm_90a either: nothing to match
             sources.update({(name, arch): None for arch in GENERIC_CI_ARCHS})
             continue
         for arch in GENERIC_CI_ARCHS:
             try:
-                sources[(name, arch)] = generic_source(kernel, binding, arch=arch)
+                sources[(name, arch)] = generic_source(program, binding, arch=arch)
             except TileError as e:  # reported by the test of that case
                 sources[(name, arch)] = e
 

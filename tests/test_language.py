@@ -286,6 +286,35 @@ def test_interpreter_masks_partial_chunks_and_carries_state():
     np.testing.assert_allclose(out, w * np.cumsum(x, axis=1)[..., None], rtol=1e-5, atol=1e-5)
 
 
+def test_interpreter_runs_reverse_chunks_last_to_first():
+    @kernel
+    def suffix_sum(x: Seq[1], w: Seq["K"], o: Out[Seq["K"]]):
+        total = zeros(1, 1)
+        for c in chunks(16, reverse=True):
+            o[c] = w[c] * (cumsum(x[c], reverse=True) + total)  # running sum from the end
+            total = total + colsum(x[c])
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 40, 3)).astype(np.float32)  # the partial chunk runs first
+    w = rng.standard_normal((2, 40, 3, 16)).astype(np.float32)
+    assert "reverse" in str(suffix_sum.trace(x=x, w=w))
+    out = suffix_sum(x=x, w=w)["o"]
+    suffix = np.flip(np.cumsum(np.flip(x, 1), axis=1), 1)
+    np.testing.assert_allclose(out, w * suffix[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_error_reverse_chunks_with_a_bound():
+    @kernel
+    def bounded(x: Seq["K"], o: Out[Seq["K"]]):
+        for i in blocks(64):
+            for c in chunks(64, through=i, reverse=True):
+                o[c] = x[c]
+
+    err = trace_error(bounded, x=spec(1, 128, 1, 16))
+    assert "reverse=True" in str(err) and "through=" in str(err)
+    assert err.loc.line == line_of(bounded, "reverse=True")
+
+
 def test_tiles_cannot_be_indexed():
     @kernel
     def sliced(q: Seq["K"], o: Out[Seq["K"]]):

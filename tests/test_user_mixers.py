@@ -3,7 +3,9 @@ op-specific code (CI compiles them) and, on an H100, match the interpreter.
 
 - gated linear attention with a per-key-dim gate (GLA): cumulative sums of a matrix tile, a row
   vector turned into a column vector, a state decayed row by row;
-- normalised linear attention with positive features: row and column reductions, a division.
+- normalised linear attention with positive features: row and column reductions, a division;
+- anti-causal linear attention (each token attends to itself and the tokens after it, the second
+  half of a bidirectional mixer): chunks visited last to first.
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ def normalized_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], s
         z = z + colsum(kc).T
 
 
-MIXERS = {"gla": gla_fwd, "normalized_la": normalized_la_fwd}
+@kernel
+def anticausal_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64, reverse=True):
+        qc, kc, vc = q[c], k[c], v[c]
+        o[c] = causal(qc @ kc.T, transposed=True) @ vc + qc @ s  # keys at or after the query
+        s = s + kc.T @ vc
+
+
+MIXERS = {"gla": gla_fwd, "normalized_la": normalized_la_fwd, "anticausal_la": anticausal_la_fwd}
 
 
 def _specs(name: str, B=2, T=4096, H=16, D=128) -> dict:
@@ -71,3 +81,13 @@ def test_gpu_user_mixer_matches_interpreter(name, T, D, monkeypatch):
     cpu = run_kernel(MIXERS[name], args)
     for out in cpu:
         assert rel_err(gpu[out].cpu(), cpu[out].double().numpy()) <= bound(torch.bfloat16), out
+
+
+def test_anticausal_la_interpreter_matches_float64():
+    """The interpreter runs the reverse loop as written: o_t = Σ_{s >= t} (q_t·k_s) v_s."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (0.5 * torch.randn(2, 100, 3, 16, generator=gen) for _ in range(3))  # 100: a partial last chunk
+    out = run_kernel(anticausal_la_fwd, dict(q=q, k=k, v=v))["o"]
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()).triu()
+    want = torch.einsum("bhts,bshd->bthd", scores, v.double())
+    assert rel_err(out, want.numpy()) <= bound(torch.float32)

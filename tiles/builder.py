@@ -229,14 +229,15 @@ class Builder:
 
     # -- loops ----------------------------------------------------------
     def open_loop(self, kind: str, size: int, dim: str, through: ChunkIndex | None, frame_locals: dict,
-                  start: ChunkIndex | None = None) -> ChunkIndex:
+                  start: ChunkIndex | None = None, reverse: bool = False) -> ChunkIndex:
         loc = user_loc()
         if kind == "blocks" and self.open is not None and self.open.op.kind == "chunks":
             raise TileError("blocks() is the parallel grid: it cannot be nested inside a sequential chunks() loop", loc)
         index = Value(INDEX)
         stop = Bound(through.value, through.size) if through is not None else None
         first = Bound(start.value, start.size) if start is not None else None
-        loop = Loop("loop", (), {}, None, loc, kind=kind, dim=dim, size=size, stop=stop, start=first, index=index)
+        loop = Loop("loop", (), {}, None, loc, kind=kind, dim=dim, size=size, stop=stop, start=first, index=index,
+                    reverse=reverse)
         self.regions[-1].append(loop)
         self.regions.append(loop.body)
         self.open = _OpenLoop(loop, self.open, dict(frame_locals))
@@ -299,8 +300,10 @@ class LoopIter:
     """``for c in chunks(...)``: yields one symbolic index, so the body is
     traced once, then closes the loop."""
 
-    def __init__(self, kind: str, size: int, dim: str, through: ChunkIndex | None, start: ChunkIndex | None = None):
+    def __init__(self, kind: str, size: int, dim: str, through: ChunkIndex | None, start: ChunkIndex | None = None,
+                 reverse: bool = False):
         self.kind, self.size, self.dim, self.through, self.start = kind, size, dim, through, start
+        self.reverse = reverse
         self.state = 0
 
     def __iter__(self):
@@ -311,7 +314,8 @@ class LoopIter:
         builder = current_builder()
         self.state += 1
         if self.state == 1:
-            return builder.open_loop(self.kind, self.size, self.dim, self.through, frame_locals, self.start)
+            return builder.open_loop(self.kind, self.size, self.dim, self.through, frame_locals, self.start,
+                                     self.reverse)
         if self.state == 2:
             builder.close_loop(frame_locals)
         raise StopIteration

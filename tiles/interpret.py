@@ -140,7 +140,8 @@ class _Run:
         first = 0 if loop.start is None else self.env[loop.start.index] * loop.start.size // loop.size
         for carried, init in zip(loop.carried, loop.init):
             self.env[carried] = np.asarray(self.env[init], self.float)
-        for chunk in range(first, math.ceil(end / loop.size)):
+        order = range(first, math.ceil(end / loop.size))
+        for chunk in reversed(order) if loop.reverse else order:
             self.env[loop.index] = self.chunk_of[loop.index.id] = chunk
             self.run_ops(loop.body)
             for carried, update in zip(loop.carried, loop.update):

@@ -72,6 +72,7 @@ class Loop(Op):
     size: int = 64
     stop: Bound | None = None
     start: Bound | None = None
+    reverse: bool = False  # chunks last to first
     index: Value | None = None
     init: list[Value] = field(default_factory=list)
     carried: list[Value] = field(default_factory=list)  # body-side values of the carried state
@@ -118,6 +119,7 @@ def _format_ops(ops: list[Op], indent: str) -> Iterator[str]:
         if isinstance(op, Loop):
             stop = f", through={op.stop.index}" if op.stop else ""
             stop += f", start={op.start.index}" if op.start else ""
+            stop += ", reverse" if op.reverse else ""
             carried = ", ".join(f"{c} = {i}" for c, i in zip(op.carried, op.init))
             results = ", ".join(map(repr, op.results))
             head = f"{results} = " if results else ""

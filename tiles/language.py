@@ -21,25 +21,30 @@ __all__ = [
 
 # -- loops --------------------------------------------------------------------
 def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None,
-           start: ChunkIndex | None = None) -> LoopIter:
+           start: ChunkIndex | None = None, reverse: bool = False) -> LoopIter:
     """Sequential loop over ``dim`` in chunks of ``size`` rows; variables
     rebound in the body are carried to the next chunk. ``through=i`` stops
     after the chunks that overlap block ``i`` (the causal key range);
     ``start=i`` begins at the chunk that holds block ``i``'s first row (the
-    queries that see key block ``i`` under a causal mask).
+    queries that see key block ``i`` under a causal mask). ``reverse=True``
+    visits the chunks last to first (a backward pass carrying a gradient back
+    in time); the rows within a chunk keep their order.
     A partial last chunk reads zeros past the end and writes nothing there."""
     _check_size(size, "chunks")
     for what, index in (("through", through), ("start", start)):
         if index is not None and not isinstance(index, ChunkIndex):
             raise TileError(f"chunks({what}=...) takes a loop index, got {type(index).__name__}", user_loc())
-    return LoopIter("chunks", size, dim, through, start)
+    if reverse and (through is not None or start is not None):
+        raise TileError("chunks(reverse=True) runs over the whole dim: through= and start= are not supported with it",
+                        user_loc())
+    return LoopIter("chunks", size, dim, through, start, bool(reverse))
 
 
 def blocks(size: int = 64, dim: str = "T") -> LoopIter:
     """The parallel grid over ``dim``: one program instance per block of
     ``size`` rows (besides the implicit one per batch and head)."""
     _check_size(size, "blocks")
-    return LoopIter("blocks", size, dim, None, None)
+    return LoopIter("blocks", size, dim, None, None, False)
 
 
 def _check_size(size, what: str) -> None:
