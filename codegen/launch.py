@@ -134,27 +134,44 @@ def _module(cubin: bytes):
 
 
 def _tensor_map(t: torch.Tensor, name: str, box_rows: int):
-    """A TMA map over a contiguous 16-bit tensor: ``[B, T, H, D]`` (4-D, a box of ``box_rows``
-    tokens of one head) or a ``[rows, cols]`` matrix (2-D); 64-column boxes, 128-byte swizzle,
-    zeros past the edges."""
-    return _encode_map(t.data_ptr(), tuple(t.shape), t.dtype == torch.bfloat16, name, box_rows)
+    """A TMA map over a 16-bit tensor: ``[B, T, H, D]`` (4-D, a box of ``box_rows`` tokens of one
+    head) or a ``[rows, cols]`` matrix (2-D); 64-column boxes, 128-byte swizzle, zeros past the
+    edges. Any strides TMA takes (``tma_readable``): a column slice or a head-split view is read in
+    place."""
+    return _encode_map(t.data_ptr(), tuple(t.shape), _strides(t), t.dtype == torch.bfloat16, name, box_rows)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides in elements, a dim of size 1 given its contiguous stride (torch leaves any
+    value there; it addresses nothing)."""
+    strides, step = [], 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        strides.append(step if size == 1 else stride)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def tma_readable(t: torch.Tensor) -> bool:
+    """Whether TMA reads ``t`` where it lies: 16-byte aligned, unit stride along the last dim, the
+    other strides positive multiples of 16 bytes."""
+    *outer, inner = _strides(t)
+    return (t.data_ptr() % 16 == 0 and inner == 1
+            and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in outer))
 
 
 @functools.lru_cache(maxsize=1024)
-def _encode_map(ptr: int, dims: tuple[int, ...], bf16: bool, name: str, box_rows: int):
+def _encode_map(ptr: int, dims: tuple[int, ...], element_strides: tuple[int, ...], bf16: bool, name: str,
+                box_rows: int):
     """The 128-byte descriptor; a pure function of its arguments, so cached (steady-state
     calls reuse the caching allocator's addresses)."""
     from cuda.bindings import driver as cu
 
-    if len(dims) == 4:
+    if len(dims) == 4:  # the map's dims run innermost first: D, H, T, B
         B, T, H, D = dims
-        shape, box = (D, H, T, B), (64, 1, box_rows, 1)
+        shape, box, order = (D, H, T, B), (64, 1, box_rows, 1), (2, 1, 0)
     else:
-        shape, box = tuple(reversed(dims)), (64, box_rows)
-    strides, step = [], 1
-    for extent in shape[:-1]:
-        step *= extent
-        strides.append(step * 2)
+        shape, box, order = tuple(reversed(dims)), (64, box_rows), (0,)
+    strides = [element_strides[i] * 2 for i in order]  # bytes, of every dim but the innermost
     if any(stride % 16 for stride in strides):
         raise ValueError(f"{name}: TMA needs rows of a multiple of 16 bytes; shape {list(dims)} has "
                          f"{shape[0] * 2}-byte rows")
@@ -271,7 +288,7 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
     for kind, name in plan.source.params:
         value = args.get(name)
         if kind == "tmap":
-            t = value.contiguous()
+            t = value if tma_readable(value) else value.contiguous()
             if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
                 t = t.clone()
             keep_alive.append(t)

@@ -202,18 +202,34 @@ def test_gpu_more_heads_than_grid_y_allows(monkeypatch):
     assert rel_err(out.cpu(), ref) <= bound(torch.bfloat16)
 
 
+def test_views_tma_reads_in_place():
+    """TMA takes any 16-byte multiple strides: head-split views of a fused projection, column
+    slices and transposed layouts are read where they lie; an offset off 16 bytes, a broadcast dim
+    or a strided last dim are copied first."""
+    from tilemix.codegen.launch import tma_readable
+
+    qkv = torch.empty(2, 100, 4, 3, 64, dtype=torch.bfloat16)  # [B, T, H, (q, k, v), D]
+    wide = torch.empty(2, 100, 4, 128, dtype=torch.bfloat16)
+    assert all(tma_readable(view) for view in (qkv[..., 0, :], qkv[..., 2, :], wide[..., 64:],
+                                                 wide.transpose(1, 2).contiguous().transpose(1, 2), wide[:1, :, :1]))
+    assert not any(tma_readable(view) for view in (wide[..., 1:65], wide[:, :, :1].expand(2, 100, 4, 128),
+                                                     wide[..., ::2], wide.flatten()[1:51201].view(2, 100, 4, 64)))
+
+
 @pytest.mark.gpu
 def test_gpu_unaligned_and_strided_inputs():
-    """Views TMA cannot read directly (a storage offset off 16 bytes, a transposed layout) are
-    copied first and give the same result as contiguous inputs."""
+    """Views TMA reads in place (head-split, column slice, transposed layout) and views it cannot
+    read (a storage offset off 16 bytes) give the same result as contiguous inputs."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 100, 2, 64, generator=g).to(torch.bfloat16).cuda() for _ in range(3))
     flat = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")
     shifted = flat[1:].view_as(q)  # 2 bytes past an aligned address
     shifted.copy_(q)
     strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, H, D] view of a [B, H, T, D] tensor
+    fused = torch.stack([k, q, v], dim=3)[..., 1, :]  # q's head-split view of a fused projection
+    sliced = torch.cat([v, q], dim=-1)[..., 64:]  # q as the right half of a 128-wide tensor
     expected, _ = ops.linear_attention(q, k, v)
-    for view in (shifted, strided):
+    for view in (shifted, strided, fused, sliced):
         out, _ = ops.linear_attention(view, k, v)
         assert torch.equal(out, expected)
 
