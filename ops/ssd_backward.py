@@ -73,18 +73,23 @@ def ssd_bwd_dc(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
     decays' gradient from the pairs within the chunk and from the state entering it (terms i, ii
     of the module docstring); ``alpha``: ``<Q, h_in>`` of each chunk (on all its tokens)."""
     for c in chunks(64):
-        # row scalings sit on the matmul results (as in ssd_fwd): x, B, C and dy reach the tensor cores
-        # as loaded
+        # Ordered so that at most one 64x128 fp32 tile sits beside the state (sm_90a: no spills at
+        # N = 128, P = 64): alpha's Q and the pair tile m die before dC's accumulator is made. x, B, C
+        # and dy reach the tensor cores as loaded; only alpha's operand is scaled (dy ∘ e^{A_t}, as
+        # ssd_bwd_dx rounds it in its state-gradient update, so alpha pairs exactly with beta).
         dtc, xc, bc, cc, dyc = dt[c], x[c], B[c], C[c], dy[c]
         log_decay = dtc * A
         decay_from_start = exp(cumsum(log_decay))
         decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))
+        dy_scaled = dyc * decay_from_start
+        alpha[c] = zeros(64, 1) + colsum(rowsum(h * (cc.T @ dy_scaled)))
+        # term ii, <C_t, e^{A_t} h_in dy_t> = <dy_t e^{A_t}, (C h_in)_t>: a 64 x P product, not C
+        # against the 64 x N inter-chunk part of dC
+        da_inter = cumsum(rowsum(dy_scaled * (cc @ h)), reverse=True)
         m = dyc @ xc.T * (exp(segsum(log_decay)) * dtc.T)  # [t, s]: dy_t·u_s e^{A_t - A_s}
-        inter = (dyc @ h.T) * decay_from_start  # e^{A_t} h_in dy_t
-        dC[c] = m @ bc + inter
+        dC[c] = m @ bc + (dyc @ h.T) * decay_from_start
         w = cumsum(m * (cc @ bc.T), reverse=True)  # [k, s]: the pairs' terms summed over t >= k
-        da[c] = rowsum(w - causal(w, transposed=True)) + cumsum(rowsum(cc * inter), reverse=True)
-        alpha[c] = zeros(64, 1) + colsum(rowsum(h * (cc.T @ (dyc * decay_from_start))))
+        da[c] = rowsum(w - causal(w, transposed=True)) + da_inter
         h = h * exp(colsum(log_decay)) + bc.T @ (xc * (dtc * decay_to_end))
 
 
