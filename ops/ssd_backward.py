@@ -7,21 +7,21 @@ dy_Tᵀ + dh_T``), and
 
 - ``dC_t = h_t dy_t``: forward in time, the states recomputed chunk by chunk (``ssd_bwd_dc``):
   ``dC = ((dy uᵀ) ∘ L) B + (dy ∘ e^{cumsum a}) h_inᵀ`` per chunk, ``L = e^{segsum a}``;
-- ``du_t = g_tᵀ B_t``, ``dB_t = g_t u_t``: over the time-reversed sequence (``ssd_bwd_dx``), which
-  carries ``G`` = the gradient of the state a chunk leaves (``dh_T`` first, d(initial state) last):
-  ``du = ((B Cᵀ) ∘ L') dy + (B ∘ e^{A_end - A_t}) G``, ``dB = ((u dyᵀ) ∘ L') C + (u ∘ e^{A_end -
-  A_t}) Gᵀ``, ``G ← e^{A_end} G + (C ∘ e^{A_t})ᵀ dy`` (``A_t``: cumulative log decay from the chunk's
-  start). Pairs (t, t'), t' later, decay over the tokens after t, so ``L'`` is the segsum of the log
-  decays shifted by one token (``dt_next``). The reversed sequence gets zeros in front (tokens that
-  change nothing) so that its chunks are the forward program's;
+- ``du_t = g_tᵀ B_t``, ``dB_t = g_t u_t``: over the chunks last to first (``ssd_bwd_dx``,
+  ``chunks(reverse=True)``), which carries ``G`` = the gradient of the state a chunk leaves (``dh_T``
+  first, d(initial state) last): ``du = ((C Bᵀ) ∘ L)ᵀ dy + (B ∘ e^{A_end - A_t}) G``, ``dB = ((dy uᵀ)
+  ∘ L)ᵀ C + (u ∘ e^{A_end - A_t}) Gᵀ``, ``G ← e^{A_end} G + (C ∘ e^{A_t})ᵀ dy`` (``A_t``: cumulative
+  log decay from the chunk's start; ``L[t', t] = e^{A_t' - A_t}`` for t' >= t, the forward's decay
+  matrix, transposed where the later token is the column). A partial last chunk, visited first,
+  reads zeros: tokens that change nothing;
 - ``dx_t = dt_t du_t + D dy_t``; dt's direct part ``x_t·du_t``; ``dD = Σ x·dy`` (torch);
 - the decays: ``∂L/∂a_k = e^{a_k} <g_k, h_{k-1}>``, split per chunk into the pairs (s < k <= t)
   inside the chunk (i), the state entering the chunk with the chunk's later outputs (ii), the chunk's
   earlier inputs with the gradient leaving it (iii), and ``X_c = e^{A_end} <G_c, h_in_c>`` (iv),
   the same for every token of chunk c. (i, ii) come from the forward program and (iii) from the
-  reversed one, as sums of products (no cancellation). (iv) pairs the two programs' states: with
+  backward one, as sums of products (no cancellation). (iv) pairs the two programs' states: with
   ``alpha_c = <(C ∘ e^{A_t})ᵀ dy, h_in_c>`` (forward program) and ``beta_c = <G_c, (B ∘
-  e^{A_end - A_s})ᵀ u>`` (reversed one), both states' recurrences give ``X_c = X_{c+1} +
+  e^{A_end - A_s})ᵀ u>`` (backward one), both states' recurrences give ``X_c = X_{c+1} +
   alpha_{c+1} - beta_c`` and ``X_last = <dh_T, h_T> - beta_last``. Each program computes the
   other's update term with the same operand rounding as the other adds to its state, so the sum
   telescopes exactly for the states the programs carry (the plain telescoped sum over tokens, ``Σ_{t
@@ -94,26 +94,28 @@ def ssd_bwd_dc(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
 
 
 @kernel
-def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], dt_next: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"],
-               dy: Seq["P"], dx: Out[Seq["P"]], dB: Out[Seq["N"]], ddt: Out[Seq[1]], da: Out[Seq[1]],
-               beta: Out[Seq[1]], D: Head[1] = None, g: State["N", "P"] = None):
-    """On the time-reversed sequence, chunks aligned with the forward's (see the module docstring):
-    dx, dB per head, dt's direct part ``x·du``, the decays' gradient from the state leaving each
-    chunk (term iii), ``beta = <G_out, L>`` per chunk; g ends as d(initial state)."""
-    for c in chunks(64):
+def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"], dy: Seq["P"],
+               dx: Out[Seq["P"]], dB: Out[Seq["N"]], ddt: Out[Seq[1]], da: Out[Seq[1]], beta: Out[Seq[1]],
+               D: Head[1] = None, g: State["N", "P"] = None):
+    """Chunks last to first, carrying ``g``, the gradient of the state a chunk leaves (``dh_T``
+    first, d(initial state) last; see the module docstring): dx, dB per head, dt's direct part
+    ``x·du``, the decays' gradient from the state leaving each chunk (term iii), ``beta = <G_out,
+    L>`` per chunk."""
+    for c in chunks(64, reverse=True):
         dtc, xc, bc, cc, dyc = dt[c], x[c], B[c], C[c], dy[c]
         log_decay = dtc * A
-        decay = exp(segsum(dt_next[c] * A))  # [t, t'] (t' later in time): e^{a of the tokens after t, to t'}
-        to_end = exp(cumsum(log_decay, exclusive=True))  # token -> chunk end (in time)
-        from_start = exp(cumsum(log_decay, reverse=True))  # chunk start (in time) -> token
-        inter = (bc @ g) * to_end
-        dxdt = (bc @ cc.T * decay) @ dyc + inter
-        dB[c] = (xc @ dyc.T * (decay * dtc)) @ cc + (xc @ g.T) * (dtc * to_end)
-        ddt[c] = rowsum(xc * dxdt)
-        dx[c] = dxdt * dtc if D is None else dxdt * dtc + dyc * D
-        da[c] = cumsum(rowsum(xc * inter) * dtc, reverse=True, exclusive=True)
+        to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))  # token -> chunk end
         # the forward program's state update, rounded as it rounds it (and alpha: this one's)
         beta[c] = zeros(64, 1) + colsum(rowsum(g * (bc.T @ (xc * (dtc * to_end)))))
+        decay = exp(segsum(log_decay))  # [t', t]: e^{A_t' - A_t}, t' at or after t
+        dB[c] = (dyc @ xc.T * (decay * dtc.T)).T @ cc + (xc @ g.T) * (dtc * to_end)
+        inter = (bc @ g) * to_end
+        da[c] = cumsum(rowsum(xc * inter) * dtc, exclusive=True)
+        # du: dy_t' (C_t'·B_t) e^{A_t' - A_t} over t' >= t (the decays recomputed: fewer live registers)
+        dxdt = (cc @ bc.T * exp(segsum(log_decay))).T @ dyc + inter
+        ddt[c] = rowsum(xc * dxdt)
+        dx[c] = dxdt * dtc if D is None else dxdt * dtc + dyc * D
+        from_start = exp(cumsum(log_decay))  # chunk start -> token
         g = g * exp(colsum(log_decay)) + cc.T @ (dyc * from_start)
 
 
@@ -127,21 +129,20 @@ ssd_bwd_dc_op = tile_op(
     lambda out: (out["dC"], out["da"], out["alpha"], out["h"]))
 ssd_bwd_dx_op = tile_op(
     "ssd_bwd_dx",
-    "(Tensor x, Tensor dt, Tensor dt_next, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad)"
+    "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     ssd_bwd_dx,
-    lambda x, dt, dt_next, A, B, C, dy, D, final_grad: (
-        dict(x=x, dt=dt, dt_next=dt_next, A=A, B=B, C=C, dy=dy, D=D, g=final_grad), {"g": "final_grad"}, ("g",)),
+    lambda x, dt, A, B, C, dy, D, final_grad: (
+        dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, D=D, g=final_grad), {"g": "final_grad"}, ("g",)),
     lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["g"]))
 
 
 def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, T, H, N]`` per-head gradients summed over each group's heads: ``[B, T, G, N]``."""
+    """``[B, T, H, N]`` per-head gradients summed over each group's heads, ``[B, T, G, N]``, in
+    float32 (float64 for float64): one pass over the per-head tensor, whatever its dtype."""
     b, t, h, n = per_head.shape
-    if groups == h:
-        return per_head
     work = torch.float64 if per_head.dtype == torch.float64 else torch.float32
-    return per_head.view(b, t, groups, h // groups, n).sum(3, dtype=work).to(per_head.dtype)
+    return per_head.view(b, t, groups, h // groups, n).sum(3, dtype=work)
 
 
 SPLIT_WIDTH = 64
@@ -163,7 +164,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
 
 
-CHUNK = 64  # the programs' chunk: the reversed pass is padded so its chunks are the forward's
+CHUNK = 64  # the programs' chunk: the per-chunk terms alpha and beta are read once per chunk
 
 
 def _backward(ctx, dy, dstate):
@@ -179,16 +180,6 @@ def _backward(ctx, dy, dstate):
         if initial_state is not None:
             dinit = final_grad.clone() if final_grad is not None and T == 0 else torch.zeros_like(initial_state)
         return (*zeros, dinit, None)
-    pad = -T % CHUNK
-
-    def reverse(t):  # time reversed, zeros in front so the reversed chunks are the forward's (contiguous)
-        t = t.flip(1)
-        return torch.cat([t.new_zeros(t.shape[0], pad, *t.shape[2:]), t], 1) if pad else t
-
-    unreverse = lambda t: t.flip(1)[:, :T]  # noqa: E731
-    dt_rev = reverse(dt)
-    dt_next = torch.cat([torch.zeros_like(dt_rev[:, :1]), dt_rev[:, :-1]], 1)  # decay to the later token
-    B_rev, C_rev = reverse(B), reverse(C)
     P = x.shape[3]
     width = _split_width(x)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -196,28 +187,27 @@ def _backward(ctx, dy, dstate):
     dx, dinit = [], []
     for p0 in range(0, P, width):
         cols = slice(p0, p0 + width)
-        part = (lambda t, cols=cols: None if t is None else t[..., cols].contiguous()) if width < P else (lambda t: t)
+        part = (lambda t, cols=cols: None if t is None else t[..., cols]) if width < P else (lambda t: t)  # views
         xs, dys, init_s, final_s = part(x), part(dy), part(initial_state), part(final_grad)
         with use_target(ctx.target):
             dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dt, A, B, C, dys, init_s)
-            dx_s, dB_h, ddt_direct, da_out, beta, dinit_s = ssd_bwd_dx_op(reverse(xs), dt_rev, dt_next, A, B_rev,
-                                                                          C_rev, reverse(dys), D, final_s)
+            dx_s, dB_h, ddt_direct, da_out, beta, dinit_s = ssd_bwd_dx_op(xs, dt, A, B, C, dys, D, final_s)
         dx.append(dx_s)
         dinit.append(dinit_s)
         # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
-        alpha, beta = alpha[:, ::CHUNK].double(), beta.flip(1)[:, ::CHUNK].double()  # [B, chunks, H]
+        alpha, beta = alpha[:, ::CHUNK].double(), beta[:, ::CHUNK].double()  # [B, chunks, H]
         tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
         if final_s is not None:
             tail = tail + (final_s.double() * h_last.double()).sum((-2, -1))[:, None, :]
-        parts = dict(dC=dC_h.to(work), dB=dB_h.to(work), ddt=ddt_direct.double(), tail=tail,
-                     da=da_in.double() + unreverse(da_out.double()))
+        parts = dict(dC=_group_sum(dC_h, groups), dB=_group_sum(dB_h, groups), ddt=ddt_direct.double(), tail=tail,
+                     da=da_in.double() + da_out.double())
         for name, value in parts.items():
             sums[name] = sums[name] + value if name in sums else value
-    dx = unreverse(dx[0] if len(dx) == 1 else torch.cat(dx, -1))
+    dx = dx[0] if len(dx) == 1 else torch.cat(dx, -1)
     dinit = dinit[0] if len(dinit) == 1 else torch.cat(dinit, -1)
-    dB, dC = (_group_sum(t, groups).to(B.dtype) for t in (unreverse(sums["dB"]), sums["dC"]))
+    dB, dC = (sums[name].to(B.dtype) for name in ("dB", "dC"))
     da = sums["da"] + sums["tail"].repeat_interleave(CHUNK, 1)[:, :T]
-    ddt = (unreverse(sums["ddt"]) + A.double() * da).to(dt.dtype)
+    ddt = (sums["ddt"] + A.double() * da).to(dt.dtype)
     dA = (dt.double() * da).sum((0, 1)).to(A.dtype)
     dD = None
     if D is not None and need[5]:

@@ -1,5 +1,5 @@
 """SSD gradients: two backward tile programs (``ssd_bwd_dc`` forward in time, ``ssd_bwd_dx`` over the
-reversed sequence) and per-chunk sums in torch. float64 gradcheck on CPU through the interpreter;
+chunks last to first) and per-chunk sums in torch. float64 gradcheck on CPU through the interpreter;
 float64 torch autograd of the token-by-token recurrence; bf16 numerics through the interpreter; on
 an H100 the same programs as sm_90a kernels."""
 
@@ -222,7 +222,7 @@ def _backward_sources(N, P):
     head, bc = TensorSpec((16,), "float32"), TensorSpec((2, 4096, 2, N), "bfloat16")
     return [hopper_source(kernel, kernel.bind(a)) for kernel, a in (
         (ssd_bwd_dc, dict(x=x, dt=vec, A=head, B=bc, C=bc, dy=x)),
-        (ssd_bwd_dx, dict(x=x, dt=vec, dt_next=vec, A=head, B=bc, C=bc, dy=x, D=head)))]
+        (ssd_bwd_dx, dict(x=x, dt=vec, A=head, B=bc, C=bc, dy=x, D=head)))]
 
 
 @pytest.mark.parametrize("N, P", [(64, 64), (128, 64)])
