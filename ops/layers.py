@@ -19,7 +19,8 @@ __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, T, heads * D]`` → ``[B, T, heads, D]``."""
+    """``[B, T, heads * D]`` → ``[B, T, heads, D]``: a view, which the GPU kernels read in place (no
+    copy of a fused projection's slices)."""
     return x.unflatten(-1, (heads, -1))
 
 
@@ -43,7 +44,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.out(attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal).flatten(-2))
+        return self.out(attention(q, k, v, causal=self.causal).flatten(-2))
 
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -80,8 +81,7 @@ class LinearAttention(nn.Module):
                 output_final_state: bool = False):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = self.feature_map(q), self.feature_map(k)
-        o, state = linear_attention(q.contiguous(), k.contiguous(), v.contiguous(), initial_state=initial_state,
-                                    output_final_state=output_final_state)
+        o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 
@@ -121,8 +121,8 @@ class Mamba2Mixer(nn.Module):
         xs, B, C = xbc.split([inner, bc // 2, bc // 2], dim=-1)
         exact = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # for dt, A, D
         dt = F.softplus(dt.to(exact) + self.dt_bias.to(exact))
-        y, state = ssd(_heads(xs, self.heads).contiguous(), dt.contiguous(), -torch.exp(self.A_log.to(exact)),
-                       _heads(B, self.groups).contiguous(), _heads(C, self.groups).contiguous(),
+        y, state = ssd(_heads(xs, self.heads), dt, -torch.exp(self.A_log.to(exact)),
+                       _heads(B, self.groups), _heads(C, self.groups),
                        D=self.D.to(exact), initial_state=initial_state, output_final_state=output_final_state)
         out = self.out_proj(y.flatten(-2) * F.silu(z))
         return (out, state) if output_final_state else out
