@@ -109,6 +109,47 @@ def test_backward_case_runs_forward_once_then_gradients(name, monkeypatch):
     assert nbytes > 0 and flops > 0 and peer_name and callable(peer)
 
 
+def _fake_gpu(monkeypatch, bench, torch):
+    monkeypatch.delenv("TILEMIX_TARGET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(bench, "matmul_rate", lambda: 8e14)
+    monkeypatch.setattr(bench, "time_ms", lambda fn: fn() or 2.0)
+    monkeypatch.setattr(bench, "host_us", lambda fn: 50.0)
+
+
+def test_run_bench_without_peers_keeps_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """--no-peers never calls a peer (NaN columns); the JSON holds every row measured before the
+    run was interrupted."""
+    import json
+
+    import torch
+
+    from tilemix.bench import bench
+
+    def build(interrupt):
+        def make(B, T, H, D, dtype):
+            def ours():
+                if interrupt:
+                    raise KeyboardInterrupt
+
+            def peer():
+                raise AssertionError("a peer was timed with peers=False")
+            return ours, peer, "peer", 1e6, 1e9, dict(B=B, T=T)
+        return make
+
+    _fake_gpu(monkeypatch, bench, torch)
+    monkeypatch.setattr(bench, "CASES", {"first": build(False), "second": build(True)})
+    path = tmp_path / "run.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(["first", "second"], json_path=str(path), peers=False)
+    records = json.loads(path.read_text())["records"]
+    assert [r["op"] for r in records] == ["first"] and records[0]["peer_ms"] != records[0]["peer_ms"]
+
+
 def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
     """run_bench with fakes for the GPU, the timer and the cases: a -bwd row's record says
     direction "bwd" (op without the suffix), the forward's "fwd"; the markdown row says (bwd); a peer
@@ -127,15 +168,7 @@ def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
             return (lambda: None), peer, "peer", 1e6, 1e9, dict(B=B, T=T)
         return build
 
-    monkeypatch.delenv("TILEMIX_TARGET", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 3e12)
-    monkeypatch.setattr(bench, "matmul_rate", lambda: 8e14)
-    monkeypatch.setattr(bench, "time_ms", lambda fn: fn() or 2.0)
-    monkeypatch.setattr(bench, "host_us", lambda fn: 50.0)
+    _fake_gpu(monkeypatch, bench, torch)
     monkeypatch.setattr(bench, "CASES", {"toy": case(), "toy-bwd": case(RuntimeError("no backward here"))})
     path, md = tmp_path / "run.json", tmp_path / "run.md"
     assert bench.run_bench(["toy", "toy-bwd"], json_path=str(path), md_path=str(md)) == 0
