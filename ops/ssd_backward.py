@@ -14,7 +14,8 @@ dy_Tᵀ + dh_T``), and
   log decay from the chunk's start; ``L[t', t] = e^{A_t' - A_t}`` for t' >= t, the forward's decay
   matrix, transposed where the later token is the column). A partial last chunk, visited first,
   reads zeros: tokens that change nothing;
-- ``dx_t = dt_t du_t + D dy_t``; dt's direct part ``x_t·du_t``; ``dD = Σ x·dy`` (torch);
+- ``dx_t = dt_t du_t + D dy_t``; dt's direct part ``x_t·du_t``; ``dD = Σ x·dy`` (``x_t·dy_t`` per token
+  from ``ssd_bwd_dx``, summed in torch);
 - the decays: ``∂L/∂a_k = e^{a_k} <g_k, h_{k-1}>``, split per chunk into the pairs (s < k <= t)
   inside the chunk (i), the state entering the chunk with the chunk's later outputs (ii), the chunk's
   earlier inputs with the gradient leaving it (iii), and ``X_c = e^{A_end} <G_c, h_in_c>`` (iv),
@@ -96,11 +97,11 @@ def ssd_bwd_dc(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
 @kernel
 def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["N"], dy: Seq["P"],
                dx: Out[Seq["P"]], dB: Out[Seq["N"]], ddt: Out[Seq[1]], da: Out[Seq[1]], beta: Out[Seq[1]],
-               D: Head[1] = None, g: State["N", "P"] = None):
+               xdy: Out[Seq[1]], D: Head[1] = None, g: State["N", "P"] = None):
     """Chunks last to first, carrying ``g``, the gradient of the state a chunk leaves (``dh_T``
     first, d(initial state) last; see the module docstring): dx, dB per head, dt's direct part
     ``x·du``, the decays' gradient from the state leaving each chunk (term iii), ``beta = <G_out,
-    L>`` per chunk."""
+    L>`` per chunk, ``xdy = x_t·dy_t`` (D's gradient, summed in torch)."""
     for c in chunks(64, reverse=True):
         dtc, xc, bc, cc, dyc = dt[c], x[c], B[c], C[c], dy[c]
         log_decay = dtc * A
@@ -114,6 +115,7 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
         # du: dy_t' (C_t'·B_t) e^{A_t' - A_t} over t' >= t (the decays recomputed: fewer live registers)
         dxdt = (cc @ bc.T * exp(segsum(log_decay))).T @ dyc + inter
         ddt[c] = rowsum(xc * dxdt)
+        xdy[c] = rowsum(xc * dyc)
         dx[c] = dxdt * dtc if D is None else dxdt * dtc + dyc * D
         from_start = exp(cumsum(log_decay))  # chunk start -> token
         g = g * exp(colsum(log_decay)) + cc.T @ (dyc * from_start)
@@ -130,11 +132,11 @@ ssd_bwd_dc_op = tile_op(
 ssd_bwd_dx_op = tile_op(
     "ssd_bwd_dx",
     "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     ssd_bwd_dx,
     lambda x, dt, A, B, C, dy, D, final_grad: (
         dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, D=D, g=final_grad), {"g": "final_grad"}, ("g",)),
-    lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["g"]))
+    lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["xdy"], out["g"]))
 
 
 def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
@@ -182,7 +184,6 @@ def _backward(ctx, dy, dstate):
         return (*zeros, dinit, None)
     P = x.shape[3]
     width = _split_width(x)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
     sums: dict[str, torch.Tensor] = {}  # the outputs that are sums over P, summed over the column blocks
     dx, dinit = [], []
     for p0 in range(0, P, width):
@@ -191,7 +192,7 @@ def _backward(ctx, dy, dstate):
         xs, dys, init_s, final_s = part(x), part(dy), part(initial_state), part(final_grad)
         with use_target(ctx.target):
             dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dt, A, B, C, dys, init_s)
-            dx_s, dB_h, ddt_direct, da_out, beta, dinit_s = ssd_bwd_dx_op(xs, dt, A, B, C, dys, D, final_s)
+            dx_s, dB_h, ddt_direct, da_out, beta, xdy, dinit_s = ssd_bwd_dx_op(xs, dt, A, B, C, dys, D, final_s)
         dx.append(dx_s)
         dinit.append(dinit_s)
         # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
@@ -200,7 +201,7 @@ def _backward(ctx, dy, dstate):
         if final_s is not None:
             tail = tail + (final_s.double() * h_last.double()).sum((-2, -1))[:, None, :]
         parts = dict(dC=_group_sum(dC_h, groups), dB=_group_sum(dB_h, groups), ddt=ddt_direct.double(), tail=tail,
-                     da=da_in.double() + da_out.double())
+                     da=da_in.double() + da_out.double(), xdy=xdy.double())
         for name, value in parts.items():
             sums[name] = sums[name] + value if name in sums else value
     dx = dx[0] if len(dx) == 1 else torch.cat(dx, -1)
@@ -211,7 +212,7 @@ def _backward(ctx, dy, dstate):
     dA = (dt.double() * da).sum((0, 1)).to(A.dtype)
     dD = None
     if D is not None and need[5]:
-        dD = (x.to(work) * dy.to(work)).sum((0, 1, 3)).to(D.dtype)
+        dD = sums["xdy"].sum((0, 1)).to(D.dtype)
     dinit = dinit.to(initial_state.dtype) if initial_state is not None and need[6] else None
     return (dx, ddt, dA, dB, dC, dD, dinit, None)
 
