@@ -34,9 +34,10 @@ of each group (one read of H/G times the group tensors: cheap next to the progra
 
 Column blocks: the code generator's column split cannot cut these programs (du contracts N, dB
 contracts P and the decay terms reduce both), but every output is either per column of P (dx, the
-states) or a sum over P (dB, dC, x·du, the decay terms, alpha, beta), so torch runs both programs on
-64-wide blocks of P (``_split_width``) and adds the partial sums: on an H100 each program instance
-then holds an N x 64 state, like the forward's column split."""
+states) or a sum over P (dB, dC, x·du, the decay terms, alpha, beta), so both programs run on
+64-wide blocks of P (``_split_width``) and torch adds the partial sums: each block is a head of its
+own (``[B, T, H, P]`` viewed as ``[B, T, H·P/64, 64]``; head h's block j in h's group), one launch per
+program, and each program instance holds an N x 64 state, like the forward's column split."""
 
 from __future__ import annotations
 
@@ -182,37 +183,44 @@ def _backward(ctx, dy, dstate):
         if initial_state is not None:
             dinit = final_grad.clone() if final_grad is not None and T == 0 else torch.zeros_like(initial_state)
         return (*zeros, dinit, None)
-    P = x.shape[3]
+    P, N = x.shape[3], B.shape[3]
     width = _split_width(x)
-    sums: dict[str, torch.Tensor] = {}  # the outputs that are sums over P, summed over the column blocks
-    dx, dinit = [], []
-    for p0 in range(0, P, width):
-        cols = slice(p0, p0 + width)
-        part = (lambda t, cols=cols: None if t is None else t[..., cols]) if width < P else (lambda t: t)  # views
-        xs, dys, init_s, final_s = part(x), part(dy), part(initial_state), part(final_grad)
-        with use_target(ctx.target):
-            dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dt, A, B, C, dys, init_s)
-            dx_s, dB_h, ddt_direct, da_out, beta, xdy, dinit_s = ssd_bwd_dx_op(xs, dt, A, B, C, dys, D, final_s)
-        dx.append(dx_s)
-        dinit.append(dinit_s)
-        # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
-        alpha, beta = alpha[:, ::CHUNK].double(), beta[:, ::CHUNK].double()  # [B, chunks, H]
-        tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
-        if final_s is not None:
-            tail = tail + (final_s.double() * h_last.double()).sum((-2, -1))[:, None, :]
-        parts = dict(dC=_group_sum(dC_h, groups), dB=_group_sum(dB_h, groups), ddt=ddt_direct.double(), tail=tail,
-                     da=da_in.double() + da_out.double(), xdy=xdy.double())
-        for name, value in parts.items():
-            sums[name] = sums[name] + value if name in sums else value
-    dx = dx[0] if len(dx) == 1 else torch.cat(dx, -1)
-    dinit = dinit[0] if len(dinit) == 1 else torch.cat(dinit, -1)
-    dB, dC = (sums[name].to(B.dtype) for name in ("dB", "dC"))
-    da = sums["da"] + sums["tail"].repeat_interleave(CHUNK, 1)[:, :T]
-    ddt = (sums["ddt"] + A.double() * da).to(dt.dtype)
+    blocks = P // width  # P's column blocks run as heads of their own: head h's block j is head h·blocks + j
+    heads = H * blocks
+
+    def as_heads(t):  # [B, T, H, P] -> [B, T, H·blocks, width]: a view where t allows
+        return t.reshape(Bsz, T, heads, width)
+
+    def per_block(t):  # a per-head [.., H] tensor repeated for each block
+        return t if t is None or blocks == 1 else t.repeat_interleave(blocks, dim=-1)
+
+    def state_as_heads(t):  # [B, H, N, P] -> [B, H·blocks, N, width]
+        if t is None or blocks == 1:
+            return t
+        return t.unflatten(-1, (blocks, width)).movedim(-2, 2).reshape(Bsz, heads, N, width)
+
+    def sum_blocks(t):  # [.., H·blocks] -> [.., H], in float64
+        return t.double().unflatten(-1, (H, blocks)).sum(-1)
+
+    xs, dys = as_heads(x), as_heads(dy)
+    dts, As, Ds = per_block(dt), per_block(A), per_block(D)
+    with use_target(ctx.target):  # group heads: G divides H·blocks, and head h·blocks + j is in h's group
+        dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dts, As, B, C, dys, state_as_heads(initial_state))
+        dx, dB_h, ddt_direct, da_out, beta, xdy, dinit = ssd_bwd_dx_op(xs, dts, As, B, C, dys, Ds,
+                                                                       state_as_heads(final_grad))
+    dx = dx.reshape(x.shape)
+    dB, dC = (_group_sum(t, groups).to(B.dtype) for t in (dB_h, dC_h))
+    # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
+    alpha, beta = sum_blocks(alpha[:, ::CHUNK]), sum_blocks(beta[:, ::CHUNK])  # [B, chunks, H]
+    tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
+    if final_grad is not None:
+        tail = tail + sum_blocks((state_as_heads(final_grad).double() * h_last.double()).sum((-2, -1)))[:, None]
+    da = sum_blocks(da_in) + sum_blocks(da_out) + tail.repeat_interleave(CHUNK, 1)[:, :T]
+    ddt = (sum_blocks(ddt_direct) + A.double() * da).to(dt.dtype)
     dA = (dt.double() * da).sum((0, 1)).to(A.dtype)
-    dD = None
-    if D is not None and need[5]:
-        dD = sums["xdy"].sum((0, 1)).to(D.dtype)
+    dD = sum_blocks(xdy).sum((0, 1)).to(D.dtype) if D is not None and need[5] else None
+    if dinit is not None and blocks > 1:  # [B, H·blocks, N, width] -> [B, H, N, P]
+        dinit = dinit.reshape(Bsz, H, blocks, N, width).movedim(2, -2).reshape(Bsz, H, N, P)
     dinit = dinit.to(initial_state.dtype) if initial_state is not None and need[6] else None
     return (dx, ddt, dA, dB, dC, dD, dinit, None)
 

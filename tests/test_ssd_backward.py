@@ -101,9 +101,10 @@ def test_ssd_gradients_match_torch(T, H, G, with_D, with_state, final):
 
 
 def test_ssd_backward_in_column_blocks(monkeypatch):
-    """On a GPU the backward programs run on 64-wide blocks of P (the state then fits the registers)
-    and torch adds their partial sums over P (dB, dC, dt's and the decays' terms): the same gradients,
-    here with 16-wide blocks of P = 48."""
+    """On a GPU the backward programs run on 64-wide blocks of P (the state then fits the registers),
+    each block a head of its own in its head's group, and torch adds their partial sums over P (dB,
+    dC, dt's, D's and the decays' terms): the same gradients, here with 16-wide blocks of P = 48 and
+    two heads per group."""
     monkeypatch.setenv("TILEMIX_SSD_BWD_SPLIT", "16")
     args = _inputs(130, 4, 2, N=16, P=48, seed=4)
     g = torch.Generator().manual_seed(6)
