@@ -73,12 +73,16 @@ class Schedule:
     each takes one block of the innermost grid loop (attention's query blocks,
     gemm's N blocks). Tiles the consumers have in common (q and k of a scan,
     k and v of attention, A of gemm) are loaded once for all of them.
+    ``share_staging``: register tiles staged in shared memory as matmul operands share buffers
+    once a tile's readers are emitted (less shared memory; the default schedule takes it only
+    where no schedule fits without it).
     """
 
     stages: int = 2
     split: tuple[tuple[str, int], ...] = ()
     consumers: int = 1
     consumer_axis: str = "columns"
+    share_staging: bool = False
 
 
 @dataclass
@@ -119,6 +123,8 @@ class _Lowering:
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
         self.staged: dict[Value, str] = {}
+        self.stage_slots: dict[Value, tuple[int, int]] = {}  # staged value -> (offset, bytes per group)
+        self.lowered: set[Op] = set()  # ops whose code is emitted (an absorbed matmul: with its add)
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
         self.smem_top = 0  # bytes of shared memory allocated so far (after the stage ring)
         self.loop: Loop | None = None
@@ -170,7 +176,8 @@ class _Lowering:
         if v in self.staged:
             return self.staged[v], t.rows
         nbytes = t.rows * t.cols * 2
-        ptr = self.staged[v] = f"(smem + {self.alloc(nbytes * self.schedule.consumers)} + wg * {nbytes})"
+        offset = self.stage_slot(v, nbytes)
+        ptr = self.staged[v] = f"(smem + {offset} + wg * {nbytes})"
         # The previous iteration's wgmmas may still read this buffer. Waiting for this iteration's
         # too keeps their results from being live beside the staged tile: SSD spills 4 B, not 56 B.
         self.wait_all(ind)
@@ -181,6 +188,22 @@ class _Lowering:
             self.emit(self.proxy_fence, ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         return ptr, t.rows
+
+    def stage_slot(self, v: Value, nbytes: int) -> int:
+        """Shared memory for staging ``v``: a new buffer, or with ``Schedule.share_staging`` the
+        buffer of a value staged in the same scope whose readers are all emitted. Staging waits for
+        every in-flight wgmma and passes the group's barrier before it stores, so no read of the old
+        value is pending then."""
+        if self.schedule.share_staging:
+            for u, (offset, size) in self.stage_slots.items():
+                done = self.last_reader.get(u) in self.lowered
+                if size == nbytes and done and self.scope.get(u) is self.scope.get(v):
+                    del self.stage_slots[u], self.staged[u]
+                    self.stage_slots[v] = (offset, size)
+                    return offset
+        offset = self.alloc(nbytes * self.schedule.consumers)
+        self.stage_slots[v] = (offset, nbytes)
+        return offset
 
     def wait_all(self, ind: int):
         if self.groups or self.pending:
@@ -432,6 +455,8 @@ class _Lowering:
                 self.lower_loop(op, ind)
             else:
                 self.lower_op(op, ind)
+                if op not in self.absorbed:
+                    self.lowered.add(op)
 
     def lower_loop(self, loop: Loop, ind: int):
         self.wait_for(loop.init, ind)
@@ -657,6 +682,7 @@ class _Lowering:
             self.wait_for([x], ind)
             self.emit(f"{_ctype(add.result.type)} {self.name(add.result)} = {self.reg(x, ind)};", ind)
         self.lower_matmul(mm, "", self.name(add.result), ind, accumulate=True)
+        self.lowered.add(mm)
 
     def lower_matvec(self, op: Op, decl: str, out: str, ind: int, accumulate: bool):
         """``a @ x`` with x a column (or ``a @ y.T``, y a row): products along the rows and a row sum,

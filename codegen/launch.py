@@ -88,8 +88,10 @@ def _smem_limit(arch: str) -> int:
 
 
 def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule], arch: str = "sm_90a") -> Schedule:
-    """The first schedule whose kernel fits the target; the last one's error if none does."""
-    for schedule in candidates:
+    """The first schedule whose kernel fits the target, then the same with staging buffers shared
+    (a program that fits without keeps the code every GPU test so far has run); the last one's
+    error if none fits."""
+    for schedule in candidates + [replace(c, share_staging=True) for c in candidates]:
         try:
             kernel_source(kernel, binding, schedule, arch)
             return schedule

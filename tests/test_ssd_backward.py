@@ -269,6 +269,27 @@ def test_gpu_ssd_backward_matches_interpreter(N, P, monkeypatch):
     """The GPU kernels against the same programs in the interpreter (bf16 numerics emulated): a masked
     tail (T = 333), group heads, D, initial state and final-state gradient, poisoned outputs."""
     monkeypatch.setenv("TILEMIX_POISON", "1")
+    _check_against_interpreter(N, P)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["hopper", "generic"])
+def test_gpu_shared_staging_matches_interpreter(target, monkeypatch):
+    """Staging buffers shared by tiles whose readers are done (``Schedule.share_staging``, what
+    sm_86/sm_89 lower the SSD backward with at N = 128) on the GPU, forward and backward programs,
+    against the interpreter."""
+    from dataclasses import replace
+
+    from tilemix.codegen import launch
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    default = launch.launch_schedule
+    monkeypatch.setattr(launch, "launch_schedule", lambda *a: replace(default(*a), share_staging=True))
+    with ops.use_target(target):
+        _check_against_interpreter(128, 64)
+
+
+def _check_against_interpreter(N, P):
     args = _inputs(333, 4, 2, N=N, P=P, dtype=torch.bfloat16, seed=7, batch=1)
     g = torch.Generator().manual_seed(8)
     dy = torch.randn(1, 333, 4, P, generator=g).bfloat16()
