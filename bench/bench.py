@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import platform
 import sys
 import time
@@ -353,7 +354,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
         cells = (name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
-                 f"{peer_ms:.3f}", f"{peer_ms / ms:.2f}x", f"{flops / ms / 1e9:.0f}", f"{roofline_ms / ms:.0%}")
+                 _number(peer_ms, ".3f"), _number(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
+                 f"{roofline_ms / ms:.0%}")
         table.add_row(*cells)
         console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
         if json_file:  # rewritten after every row: a run cut short leaves its records
@@ -385,6 +387,11 @@ def default_json_path(result: dict) -> Path:
     return Path(__file__).resolve().parent / "results" / f"{words[0] if words else 'gpu'}-{result['date']}{suffix}.json"
 
 
+def _number(x: float, spec: str, unit: str = "") -> str:
+    """``x`` formatted, or "—" for NaN (a peer not timed: --no-peers, fla not installed, a shape it refuses)."""
+    return "—" if math.isnan(x) else f"{x:{spec}}{unit}"
+
+
 def _shape_text(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
@@ -398,13 +405,15 @@ def results_markdown(result: dict) -> str:
     lines = [f"## {result['gpu']}, {result['date']}{kernels}", "",
              f"Command: `{result.get('command', 'tilemix bench')}`; {versions}. Ceilings of this run: copy "
              f"{result.get('copy_tbps', nan):.2f} TB/s, cuBLAS bf16 {result.get('mma_tflops', nan):.0f} TFLOP/s. "
-             "Median of CUDA-event timings after warm-up, L2 flushed before each call.", "",
+             "Median of CUDA-event timings after warm-up; before each call L2 is flushed and the GPU spins "
+             f"{HOST_WINDOW_MS:g} ms, so host time shorter than that is not counted (host µs: per call).", "",
              "| op | shape | tilemix ms | host µs | peer | peer ms | speedup | roofline |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         op = r["op"] if r.get("direction", "fwd") == "fwd" else f"{r['op']} ({r['direction']})"
         lines.append(f"| {op} | {_shape_text(r['shape'])} | {r['ms']:.3f} | {r.get('host_us', nan):.0f} | "
-                     f"{r['peer']} | {r['peer_ms']:.3f} | {r['speedup']:.2f}x | {r['roofline_fraction']:.0%} |")
+                     f"{r['peer']} | {_number(r['peer_ms'], '.3f')} | {_number(r['speedup'], '.2f', 'x')} | "
+                     f"{r['roofline_fraction']:.0%} |")
     return "\n".join(lines) + "\n"
 
 

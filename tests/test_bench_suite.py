@@ -177,3 +177,4 @@ def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
     assert records[0]["peer_ms"] == 2.0 and records[1]["peer_ms"] != records[1]["peer_ms"]  # NaN
     text = md.read_text()
     assert "| toy | B=8 T=4096 |" in text and "| toy (bwd) | B=8 T=4096 |" in text
+    assert "| peer | 2.000 | 1.00x |" in text and "| peer | — | — |" in text  # a NaN peer reads as a dash
