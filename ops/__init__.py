@@ -6,6 +6,7 @@ interpreter; the GPU backends are built in ``tilemix.codegen``.
 """
 
 from ._dispatch import use_target
+from ._library import custom_op
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
@@ -26,4 +27,4 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
 
 __all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
-           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target"]
+           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target", "custom_op"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tilemix import ops
+from tilemix.tiles import Const, Out, Scalar, Seq, chunks, kernel
 
 B, T, H, D = 1, 70, 2, 32
 
@@ -162,3 +163,58 @@ def test_gpu_training_step_compiles_fullgraph(backend):
         e, c = e.detach(), c.detach()  # the step's outputs require grad
         assert not c.isnan().any()
         assert rel_err(c.float().cpu(), e.double().cpu().numpy()) <= bound(torch.bfloat16)
+
+
+# -- a user's own program as a custom op -------------------------------------------------
+def test_custom_op_of_a_user_program():
+    """ops.custom_op turns any @kernel into a torch op: the schema from its parameters (an
+    optional initial state, a Scalar), outputs then final states returned, opcheck's checks pass,
+    and torch.compile traces it whole."""
+    import doctest
+
+    from test_user_mixers import anticausal_la_fwd
+
+    from tilemix.ops import _library
+    from tilemix.ops._dispatch import run_kernel
+
+    assert doctest.testmod(_library, extraglobs={"torch": torch}).failed == 0
+    op = ops.custom_op(anticausal_la_fwd, "tilemix_test::anticausal_la")
+    assert str(op._opoverload._schema) == ("tilemix_test::anticausal_la(Tensor q, Tensor k, Tensor v, Tensor? s) "
+                                           "-> (Tensor, Tensor)")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 100, 2, 16, generator=g) for _ in range(3))
+    s0 = torch.randn(1, 2, 16, 16, generator=g)
+    o, s = op(q, k, v, s0)
+    want = run_kernel(anticausal_la_fwd, dict(q=q, k=k, v=v, s=s0))
+    assert torch.equal(o, want["o"]) and torch.equal(s, want["s"])
+    torch.library.opcheck(op._opoverload, (q, k, v, None))
+    compiled = torch.compile(lambda *a: op(*a)[0] * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, k, v, s0), 2 * o)
+
+
+def test_custom_op_takes_a_backward():
+    """register_autograd on the op custom_op returns: the backward calls the same program (y = x·a,
+    so dx = dy·a); gradcheck in float64."""
+    @kernel
+    def scaled(x: Seq["D"], a: Scalar, y: Out[Seq["D"]]):
+        for c in chunks(64):
+            y[c] = x[c] * a
+
+    op = ops.custom_op(scaled, "tilemix_test::scaled")
+
+    def setup(ctx, inputs, output):
+        ctx.a = inputs[1]
+
+    op.register_autograd(lambda ctx, dy: (op(dy, ctx.a), None), setup_context=setup)
+    x = torch.randn(1, 70, 2, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: op(x, 0.7), (x,))
+
+
+def test_custom_op_needs_typed_consts():
+    @kernel
+    def untyped(x: Seq["D"], mode: Const, y: Out[Seq["D"]]):
+        for c in chunks(64):
+            y[c] = x[c]
+
+    with pytest.raises(TypeError, match="Const parameter 'mode' needs a default"):
+        ops.custom_op(untyped)
