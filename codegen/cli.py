@@ -29,17 +29,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    import time
-
     import torch
     from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
 
-    from tilemix.codegen.launch import launch_schedule
-    from tilemix.codegen.tune import config_space, tune, tune_segments
-    from tilemix.ops import PROGRAMS, SEGMENTED
-    from tilemix.ops.examples import example_inputs
+    from tilemix.ops import PROGRAMS, use_target
 
     console = Console(width=max(Console().width, 150))  # the table's config column unwrapped when piped
     unknown = sorted(set(args.ops) - set(PROGRAMS))
@@ -49,14 +42,32 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         console.print("tilemix tune needs a CUDA GPU.")
         return 1
+    with use_target(args.target):  # the candidates, the default and the cache entries: that target's
+        return _tune_ops(args, console)
+
+
+def _tune_ops(args: argparse.Namespace, console) -> int:
+    import time
+
+    import torch
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from tilemix.codegen.launch import launch_schedule
+    from tilemix.codegen.tune import config_space, tune, tune_segments
+    from tilemix.ops import PROGRAMS, SEGMENTED
+    from tilemix.ops._dispatch import device_arch
+    from tilemix.ops.examples import example_inputs
+
     B, T, H, D = args.shape
-    table = Table(title=f"tilemix tune on {torch.cuda.get_device_name()} (B={B} T={T} H={H} D={D})")
+    arch = device_arch(torch.cuda.current_device())
+    table = Table(title=f"tilemix tune on {torch.cuda.get_device_name()}, {arch} kernels (B={B} T={T} H={H} D={D})")
     for column in ("op", "default ms", "tuned ms", "speedup", "tuned config", "candidates", "rejected", "tune s"):
         table.add_column(column)
     for name in args.ops or list(PROGRAMS):
         kernel, inputs = PROGRAMS[name], example_inputs(name, B=B, T=T, H=H, D=D)
         binding = kernel.bind(inputs)
-        total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device())))
+        total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device(), arch)))
         start = time.perf_counter()
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"tuning {name}", total=total)
@@ -183,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 4096, 16, 128),
                       metavar="B,T,H,D", help="the problem to tune for (default 8,4096,16,128)")
     tune.add_argument("-v", "--verbose", action="store_true", help="every candidate's time or why it was rejected")
+    tune.add_argument("--target", choices=["auto", "hopper", "generic"],
+                      help="the kernels to tune (generic: the mma.sync ones, also on an H100); each has its own cache")
     tune.set_defaults(run=_cmd_tune)
     show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
     show.add_argument("op", choices=sorted(PROGRAMS))

@@ -5,8 +5,10 @@ derived from what the code generator exposes (ring depth, consumer warpgroups, b
 candidates that do not fit shared memory, or that spill, are dropped before any timing. Each
 survivor is compiled (in parallel), run on the first tokens (rows) of the real inputs and checked
 against the interpreter — a fast wrong kernel never wins — then timed (CUDA events after an
-L2-flushing write, median). The winner is cached per (program, GPU, capability, dtype, shape
-bucket) as a small JSON file written atomically; a damaged file is ignored and rewritten.
+L2-flushing write, median). The winner is cached per (program, GPU, capability, target arch,
+dtype, shape bucket) as a small JSON file written atomically; a damaged file is ignored and
+rewritten. Both targets tune: sm_90a's kernels, and the generic ones (sm_8x, or sm_90 where an
+H100 is told to run them), each with its own cache entries.
 """
 
 from __future__ import annotations
@@ -154,12 +156,12 @@ def _bucket(size: int) -> int:
     return 1 << max(size - 1, 0).bit_length()
 
 
-def cache_key(kernel: Kernel, binding: Binding, gpu: str, capability: tuple[int, int]) -> str:
+def cache_key(kernel: Kernel, binding: Binding, gpu: str, capability: tuple[int, int], arch: str = "sm_90a") -> str:
     program = _PROGRAM_HASH.get(id(kernel))
     if program is None:
         program = _PROGRAM_HASH[id(kernel)] = hashlib.sha256(inspect.getsource(kernel.fn).encode()).hexdigest()[:16]
     runtime = {k: _bucket(v) for k, v in sorted(binding.sizes.items()) if k not in binding.static}
-    parts = [program, gpu, f"sm_{capability[0]}{capability[1]}", str(binding.compute_dtype),
+    parts = [program, gpu, f"sm_{capability[0]}{capability[1]}", arch, str(binding.compute_dtype),
              json.dumps(sorted(binding.static.items())), json.dumps(sorted(runtime.items())),
              json.dumps(sorted((k, repr(v)) for k, v in binding.values.items() if kernel.specs[k].kind == "const"))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
@@ -222,33 +224,34 @@ _PROGRAM_HASH: dict[int, str] = {}
 _LOOKUPS: dict[tuple, Config | None] = {}
 
 
-def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device) -> Config | None:
-    """The tuned config of this call: from memory, else from the cache dir, else (with
+def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device, arch: str = "sm_90a") -> Config | None:
+    """The tuned config of this call on ``arch``: from memory, else from the cache dir, else (with
     ``TILEMIX_AUTOTUNE=1``) tuned now on ``args``; None means the default schedule."""
-    memo = (id(kernel), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device)
+    memo = (id(kernel), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device, arch)
     if memo not in _LOOKUPS:
         import torch
 
-        key = cache_key(kernel, binding, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+        key = cache_key(kernel, binding, torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                        arch)
         config = cached_config(key)
-        if config is not None and not usable(kernel, args, config):
+        if config is not None and not usable(kernel, args, config, arch):
             config = None  # tuned by an older code generator; the default (or a new tune) instead
         if config is None and os.environ.get("TILEMIX_AUTOTUNE") == "1":
-            config = tune(kernel, args).best
+            config = tune(kernel, args, arch=arch).best
         _LOOKUPS[memo] = config
     return _LOOKUPS[memo]
 
 
-def usable(kernel: Kernel, args: dict[str, Any], config: Config) -> bool:
-    """Whether the code generator still lowers ``config`` for these arguments (a cached config may
-    come from an older version of it, or name a block size the program no longer has)."""
-    from .launch import hopper_source
+def usable(kernel: Kernel, args: dict[str, Any], config: Config, arch: str = "sm_90a") -> bool:
+    """Whether the code generator still lowers ``config`` for these arguments on ``arch`` (a cached
+    config may come from an older version of it, or name a block size the program no longer has)."""
+    from .launch import kernel_source
 
     try:
         binding = kernel.bind({**args, **dict(config.consts)})
         if not legal(config.schedule, binding):
             return False
-        hopper_source(kernel, binding, config.schedule)
+        kernel_source(kernel, binding, config.schedule, arch)
     except (TileError, TypeError, ValueError, KeyError):
         return False
     return True
@@ -256,13 +259,15 @@ def usable(kernel: Kernel, args: dict[str, Any], config: Config) -> bool:
 
 # -- the search ----------------------------------------------------------------------------
 def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], object]], float] | None = None,
-         runner=None, progress: Callable[[str], None] | None = None, workers: int | None = None) -> TuneResult:
-    """Tune ``kernel`` for ``args`` (CUDA tensors) and cache the winner.
+         runner=None, progress: Callable[[str], None] | None = None, workers: int | None = None,
+         arch: str | None = None) -> TuneResult:
+    """Tune ``kernel`` for ``args`` (CUDA tensors) on ``arch`` (default: the arch the ops run on
+    here, see ``use_target``) and cache the winner.
 
     ``timer(fn) -> ms`` and ``runner`` (an object with ``prepare(config) -> error or None``,
     ``check(config) -> error or None`` and ``launch(config) -> callable``) default to the GPU ones;
     tests pass fakes."""
-    runner = runner or _GpuRunner(kernel, args)
+    runner = runner or _GpuRunner(kernel, args, arch)
     timer = timer or _gpu_timer()
     space = config_space(kernel, runner.binding, runner.default, getattr(runner, "fits", None))
     result = TuneResult(best=space[0], default=space[0])
@@ -295,17 +300,21 @@ def _gpu_timer():
 class _GpuRunner:
     """Compiles, checks and launches candidate configs of one call on the current GPU."""
 
-    def __init__(self, kernel: Kernel, args: dict[str, Any]):
+    def __init__(self, kernel: Kernel, args: dict[str, Any], arch: str | None = None):
         import torch
+
+        from tilemix.ops._dispatch import current_target, select_arch
 
         from .launch import launch_schedule
 
         self.kernel, self.args = kernel, args
         self.binding = kernel.bind(args)
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
-        self.default = launch_schedule(kernel, self.binding, device.index)  # what an untuned call runs
-        self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device),
-                             torch.cuda.get_device_capability(device))
+        capability = torch.cuda.get_device_capability(device)
+        self.arch = arch or select_arch(capability, current_target())
+        self.target = "hopper" if self.arch == "sm_90a" else "generic"  # what runs a candidate
+        self.default = launch_schedule(kernel, self.binding, device.index, self.arch)  # what an untuned call runs
+        self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device), capability, self.arch)
         self.small = self._first_rows(args)
         self._reference = None
 
@@ -330,22 +339,22 @@ class _GpuRunner:
 
     def fits(self, config: Config) -> bool:
         """Whether the lowering takes ``config`` (shared memory; no compile)."""
-        from .launch import hopper_source
+        from .launch import kernel_source
 
         try:
-            hopper_source(self.kernel, self.kernel.bind(self._with(config, self.args)), config.schedule)
+            kernel_source(self.kernel, self.kernel.bind(self._with(config, self.args)), config.schedule, self.arch)
         except TileError:
             return False
         return True
 
     def prepare(self, config: Config) -> str | None:
         from .compile import CompileError, compile_cuda, resources
-        from .launch import hopper_source
+        from .launch import kernel_source
 
         try:
             binding = self.kernel.bind(self._with(config, self.args))
-            source = hopper_source(self.kernel, binding, config.schedule)
-            usage = resources(compile_cuda(source.source, "sm_90a", source.name))
+            source = kernel_source(self.kernel, binding, config.schedule, self.arch)
+            usage = resources(compile_cuda(source.source, self.arch, source.name))
         except (TileError, CompileError) as e:
             return str(e).splitlines()[0]
         if config == Config(self.default):
@@ -355,9 +364,10 @@ class _GpuRunner:
         return None
 
     def _run(self, config: Config, args: dict[str, Any]):
-        from tilemix.ops._dispatch import run_kernel
+        from tilemix.ops._dispatch import run_kernel, use_target
 
-        return run_kernel(self.kernel, self._with(config, args), schedule=config.schedule)
+        with use_target(self.target):
+            return run_kernel(self.kernel, self._with(config, args), schedule=config.schedule)
 
     def check(self, config: Config) -> str | None:
         """Against the interpreter on the first rows: no worse than twice the default's error (and
@@ -396,18 +406,22 @@ class SegmentsResult:
 
 
 def _segments_key(scan, binding: Binding, device) -> str:
+    """The cache key of a scan's segment count, for the arch its kernels run as now."""
     import torch
 
+    from tilemix.ops._dispatch import device_arch
+
     gpu, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    return cache_key(scan.kernel, binding, gpu, capability) + "-segments"
+    return cache_key(scan.kernel, binding, gpu, capability, device_arch(device)) + "-segments"
 
 
 _SEGMENTS: dict[tuple, int | None] = {}
 
 
-def tuned_segments(scan, binding: Binding, device) -> int | None:
-    """The cached segment count for this call's shape bucket, or None (the heuristic decides)."""
-    memo = (id(scan), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device)
+def tuned_segments(scan, binding: Binding, device, arch: str = "sm_90a") -> int | None:
+    """The cached segment count for this call's shape bucket on ``arch`` (the arch its kernels run
+    as now), or None (the heuristic decides)."""
+    memo = (id(scan), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device, arch)
     if memo not in _SEGMENTS:
         try:
             count = json.loads(_cache_path(_segments_key(scan, binding, device)).read_text())["segments"]

@@ -15,7 +15,7 @@ import torch
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
 
-__all__ = ["run_kernel", "fake_run", "default_scale", "check_call", "use_target", "call_with_target"]
+__all__ = ["run_kernel", "fake_run", "default_scale", "check_call", "use_target", "call_with_target", "device_arch"]
 
 
 def default_scale(q: Any, scale: float | None) -> float:
@@ -99,11 +99,11 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         return {name: t.to(device) for name, t in cpu.items()}
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
-        arch = select_arch(_capability(device), _TARGET.get())
-        if schedule is None and arch == "sm_90a":  # tuned configs are Hopper schedules
+        arch = device_arch(device)
+        if schedule is None:  # a tuned config for this arch, if `tilemix tune` left one
             from tilemix.codegen.tune import config_for
 
-            tuned = config_for(kernel, binding, args, device)
+            tuned = config_for(kernel, binding, args, device, arch)
             if tuned is not None:
                 schedule = tuned.schedule
                 if tuned.consts:
@@ -190,6 +190,11 @@ def call_with_target(target: str | None, fn, *args):
         return fn(*args)
     with use_target(target):
         return fn(*args)
+
+
+def device_arch(device) -> str:
+    """The arch the ops' kernels run as on CUDA ``device`` now (``select_arch`` under ``use_target``)."""
+    return select_arch(_capability(device), _TARGET.get())
 
 
 def select_arch(capability: tuple[int, int], target: str | None = None) -> str:

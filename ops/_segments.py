@@ -30,7 +30,7 @@ import torch
 
 from tilemix.tiles import Kernel
 
-from ._dispatch import check_hopper_dims, run_kernel
+from ._dispatch import check_hopper_dims, device_arch, run_kernel
 
 __all__ = ["SegmentedScan", "segment_count"]
 
@@ -124,14 +124,15 @@ class SegmentedScan:
             return 1
         check_hopper_dims(binding, labels or {})  # a clear error before the schedule lowers anything
         device = tensors[0].device.index
+        arch = device_arch(device)
         if tuned and not os.environ.get("TILEMIX_SEGMENTS"):
             from tilemix.codegen.tune import tuned_segments
 
-            count = tuned_segments(self, binding, device)
+            count = tuned_segments(self, binding, device, arch)
             if count is not None and binding.sizes["T"] % (CHUNK * count) == 0:
                 return count
         programs = binding.sizes["B"] * binding.sizes["H"] * column_blocks(
-            launch_schedule(self.kernel, binding, device).split, binding)
+            launch_schedule(self.kernel, binding, device, arch).split, binding)
         return segment_count(binding.sizes["T"], programs, sm_count(device))
 
 

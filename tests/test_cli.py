@@ -55,7 +55,9 @@ def test_tune_rejects_unknown_ops(capsys):
 
 
 @pytest.mark.gpu
-def test_gpu_tune_one_op(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("target", ["hopper", "generic"])
+def test_gpu_tune_one_op(target, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
-    assert main(["tune", "linear_attention", "--shape", "2,1024,4,64"]) == 0
-    assert "tuned config" in capsys.readouterr().out
+    assert main(["tune", "linear_attention", "--shape", "2,1024,4,64", "--target", target]) == 0
+    out = capsys.readouterr().out
+    assert "tuned config" in out and ("sm_90a kernels" if target == "hopper" else "sm_90 kernels") in out

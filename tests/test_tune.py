@@ -120,6 +120,26 @@ def test_cache_key_buckets_runtime_sizes():
     key = lambda M: tune.cache_key(ops.gemm_fwd, _gemm_binding(M), "H100", (9, 0))  # noqa: E731
     assert key(3000) == key(4000) != key(5000)
     assert key(4000) != tune.cache_key(ops.gemm_fwd, _gemm_binding(4000), "H100", (8, 0))
+    assert key(4000) != tune.cache_key(ops.gemm_fwd, _gemm_binding(4000), "H100", (9, 0), "sm_90")  # generic
+
+
+def test_each_target_reads_its_own_tuned_configs(cache_dir, monkeypatch):
+    """A config tuned for the generic kernels (sm_90: an H100 running them) is what a generic call
+    uses and not what an sm_90a call does, and is checked against the generic lowering (a ring
+    depth the generic target has no room for is refused)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    specs = example_specs("gemm")
+    binding = ops.gemm_fwd.bind(specs)
+    generic = tune.Config(Schedule(stages=1, consumers=2, consumer_axis="blocks"))
+    tune.store_config(tune.cache_key(ops.gemm_fwd, binding, "NVIDIA H100 80GB HBM3", (9, 0), "sm_90"), generic)
+    tune._LOOKUPS.clear()
+    assert tune.config_for(ops.gemm_fwd, binding, specs, 0, "sm_90") == generic
+    assert tune.config_for(ops.gemm_fwd, binding, specs, 0, "sm_90a") is None
+    assert not tune.usable(ops.gemm_fwd, specs, tune.Config(Schedule(stages=4, consumers=2, consumer_axis="blocks")),
+                           "sm_86")
 
 
 def test_space_follows_the_schedule_fields(monkeypatch):
