@@ -71,8 +71,11 @@ class Schedule:
     ``consumers``: consumer warpgroups per CTA. With ``consumer_axis ==
     "columns"`` each takes one column block of the split dim; with ``"blocks"``
     each takes one block of the innermost grid loop (attention's query blocks,
-    gemm's N blocks). Tiles the consumers have in common (q and k of a scan,
-    k and v of attention, A of gemm) are loaded once for all of them.
+    gemm's N blocks); with ``"heads"`` (sm_90a only, never a default) each takes one of
+    ``consumers`` consecutive heads of one batch, ``h = hcta * consumers + wg`` (the launch needs
+    H and H/G multiples of ``consumers``). Tiles the consumers have in common (q and k of a scan,
+    k and v of attention, A of gemm, the GroupSeq tiles of a group's heads such as SSD's B and C)
+    are loaded once for all of them.
     ``share_staging``: register tiles staged in shared memory as matmul operands share buffers
     once a tile's readers are emitted (less shared memory; the default schedule takes it only
     where no schedule fits without it).
@@ -271,6 +274,17 @@ class _Lowering:
         for depth, loop in enumerate(self.grid_loops):
             self.index_name[loop.index.id] = self.names[loop.index] = f"blk{depth}"
         self.split_loop = None  # the grid loop whose blocks the consumers share out
+        axis = self.schedule.consumer_axis
+        if axis not in ("columns", "blocks", "heads"):
+            self.fail(f"consumer_axis is 'columns', 'blocks' or 'heads', not {axis!r}")
+        self.heads = axis == "heads"  # the consumers take consecutive heads of one batch
+        if self.heads:
+            if self.target != "sm_90a":  # the generic lowering (a subclass) issues loads per head otherwise
+                self.fail("consumer_axis='heads' is lowered for sm_90a only")
+            if self.matrix:
+                self.fail("consumer_axis='heads' needs a batch x head grid (a program of Seq parameters)")
+            if self.schedule.split:
+                self.fail("consumer_axis='heads' takes no column split (each consumer runs a whole head)")
         if self.schedule.consumer_axis == "blocks" and self.schedule.consumers > 1:
             if not self.grid_loops:
                 self.fail("consumer_axis='blocks' needs a blocks() loop")
@@ -380,6 +394,8 @@ class _Lowering:
 
     def per_consumer(self, op: Op) -> bool:
         """Whether each consumer loads its own copy of this tile."""
+        if self.heads:  # each consumer its own head's Seq tiles; a group's tiles once for all
+            return self.p.param(op.attrs["param"]).spec.kind == "seq"
         if self.split_width(op.attrs["param"]):
             return True
         return self.split_loop is not None and self.split_loop.index in op.operands
@@ -407,17 +423,26 @@ class _Lowering:
                    else self.index_name[v.id] for v in op.operands]
             for panel in range(t.cols // PANEL):
                 at = f"{dst} + {consumer * t.rows * t.cols * 2 + panel * t.rows * 128}"
-                rank, coords = self.tma_coords(name, idx, t, panel, str(consumer))
+                head = None
+                if self.heads:  # the producer has no h: the head of consumer `consumer`, or the CTA's first
+                    C = self.schedule.consumers
+                    head = f"(hcta * {C} + {consumer})" if self.per_consumer(op) else f"(hcta * {C})"
+                rank, coords = self.tma_coords(name, idx, t, panel, str(consumer), head)
                 lines.append(f"{indent}tm::tma_load_{rank}({at}, &tmap_{name}, {bar}, {coords});")
         return lines
 
-    def tma_coords(self, name: str, idx: list[str], t, panel: int, consumer: str = "wg") -> tuple[str, str]:
+    def tma_coords(self, name: str, idx: list[str], t, panel: int, consumer: str = "wg",
+                   head: str | None = None) -> tuple[str, str]:
         """TMA rank and box coordinates (innermost first) of 64-column panel ``panel`` of tile ``t``
-        of parameter ``name`` at block indices ``idx``."""
+        of parameter ``name`` at block indices ``idx``, for head ``head`` (default: this consumer's
+        ``h``)."""
         param = self.p.param(name)
         if param.spec.kind == "matrix":
             return "2d", f"{idx[1]} * {t.cols} + {panel * PANEL}, {idx[0]} * {t.rows}"
-        head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
+        if head is None:
+            head = "h / (H / G)" if param.spec.kind == "group_seq" else "h"
+        elif param.spec.kind == "group_seq":
+            head = f"{head} / (H / G)"
         return "4d", f"{self.col0(name, consumer)} + {panel * PANEL}, {head}, {idx[0]} * {t.rows}, b"
 
     def producer(self, stage_bytes: int, offsets: dict[Op, int]) -> list[str]:
@@ -745,7 +770,12 @@ class _Lowering:
             count = f"((({loop.dim}) + {size - 1}) / {size})"
             var = "cta" if loop is self.split_loop else "blk"
             grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
-        if not self.matrix:
+        if self.matrix:
+            return grid
+        if self.heads:  # consumer wg runs head hcta * consumers + wg
+            C = self.schedule.consumers
+            grid.append(f"  const int b = rest / (H / {C}), hcta = rest % (H / {C});")
+        else:
             grid.append("  const int b = rest / H, h = rest % H;")
         return grid
 
@@ -810,6 +840,7 @@ class _Lowering:
             f"    const int wg = threadIdx.x / {CONSUMER_THREADS} - 1;  // this consumer's column block",
             *([f"    const int blk{len(self.grid_loops) - 1} = {self.block_expr('wg')};  // and its grid block"]
               if self.split_loop is not None else []),
+            *([f"    const int h = hcta * {consumers} + wg;  // and its head"] if self.heads else []),
             "    const int bar_id = 1 + wg;",
             f"    float* scratch = (float*)(smem + {scratch_off}) + wg * {SCRATCH_FLOATS};",
             *consumer,

@@ -218,6 +218,20 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def heads_per_cta(schedule: Schedule, sizes: dict[str, int]) -> int:
+    """How many consecutive heads one CTA runs: ``consumers`` with ``consumer_axis='heads'`` (one
+    per consumer warpgroup, sharing the group's tiles), else 1. Raises ``ValueError`` where H or the
+    heads of a group (H/G) are not a multiple of it (a CTA's heads must share one group)."""
+    if schedule.consumer_axis != "heads":
+        return 1
+    C, H = schedule.consumers, sizes.get("H", 0)  # (a Matrix program has no heads: its lowering refuses the axis)
+    G = sizes.get("G", H)  # no GroupSeq parameter: each head its own group
+    if H % C or (G and (H // G) % C):
+        raise ValueError(f"consumer_axis='heads' with consumers={C} runs {C} heads of one group per CTA: "
+                         f"H and H/G must be multiples of {C}, got H={H}, G={G}")
+    return C
+
+
 def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
@@ -277,12 +291,14 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
               schedule: Schedule | None = None, arch: str = "sm_90a") -> None:
     """``run_hopper`` for any arch: sm_90a (tensor maps) or a generic one (plain pointers)."""
     device = next(iter(outputs.values())).device.index
-    plan = _plan(kernel, binding, schedule or launch_schedule(kernel, binding, device, arch), arch)
+    schedule = schedule or launch_schedule(kernel, binding, device, arch)
     sizes = binding.sizes
+    per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
+    plan = _plan(kernel, binding, schedule, arch)
     blocks = 1
     for dim, size in plan.source.grid_loops:
         blocks *= -(-sizes[dim] // size)
-    grid = (blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"]), 1, plan.blocks_z)
+    grid = (blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, plan.blocks_z)
     if 0 in grid:
         return
     params = []

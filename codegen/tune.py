@@ -108,7 +108,13 @@ def _split_alternatives(binding: Binding, default: Schedule) -> list[tuple[tuple
 
 def legal(schedule: Schedule, binding: Binding) -> bool:
     """Consumers over columns each take whole column blocks: their count must divide the split's
-    blocks (a scan with no split has one block, so one consumer)."""
+    blocks (a scan with no split has one block, so one consumer). Consumers over heads each take a
+    head of one group: their count must divide H and H/G, with no split."""
+    if schedule.consumer_axis == "heads":
+        H = binding.sizes.get("H")
+        G = binding.sizes.get("G", H)
+        return (not schedule.split and H is not None and H % schedule.consumers == 0
+                and (not G or (H // G) % schedule.consumers == 0))
     if schedule.consumer_axis != "columns":
         return True
     blocks = 1

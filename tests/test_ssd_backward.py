@@ -5,6 +5,8 @@ an H100 the same programs as sm_90a kernels."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -238,6 +240,122 @@ def test_ssd_backward_programs_lower(N, P):
         assert "HGMMA" in sass(compile_cuda(source.source, "sm_90a", source.name)), source.name
         report = ptxas_report(source.source, "sm_90a", source.name)
         assert "Used" in report and "C7515" not in report, report
+
+
+# -- two heads per CTA (Schedule(consumer_axis="heads"), off by default): heads 2h and 2h + 1 (P's
+# column blocks of one head) share the group's B and C tiles, loaded once per stage for both
+HEADS = dict(stages=1, consumers=2, consumer_axis="heads")
+
+
+def _backward_bindings(N=128, P=64, H=16, G=2):
+    from tilemix.ops.ssd_backward import ssd_bwd_dc, ssd_bwd_dx
+    from tilemix.tiles import TensorSpec
+
+    x, vec = TensorSpec((2, 4096, H, P), "bfloat16"), TensorSpec((2, 4096, H), "float32")
+    head, bc = TensorSpec((H,), "float32"), TensorSpec((2, 4096, G, N), "bfloat16")
+    return [(kernel, kernel.bind(a)) for kernel, a in (
+        (ssd_bwd_dc, dict(x=x, dt=vec, A=head, B=bc, C=bc, dy=x)),
+        (ssd_bwd_dx, dict(x=x, dt=vec, A=head, B=bc, C=bc, dy=x, D=head)))]
+
+
+@pytest.mark.parametrize("stages, share", [(1, False), (2, True)])
+def test_ssd_backward_two_heads_per_cta_lowers(stages, share):
+    """Both backward programs (N = 128, a 64-wide P block) with two consumer warpgroups on
+    consecutive heads: they fit an sm_90a CTA at one stage (170 and 202 KiB), or at two with staging
+    buffers shared (218 KiB), and compile with wgmma and no wgmma serialisation (ptxas C7515)."""
+    pytest.importorskip("cuda.bindings")
+    from tilemix.codegen.compile import compile_cuda, ptxas_report, sass
+    from tilemix.codegen.hopper import SMEM_LIMIT, Schedule
+    from tilemix.codegen.launch import hopper_source
+
+    for kernel, binding in _backward_bindings():
+        source = hopper_source(kernel, binding, Schedule(**{**HEADS, "stages": stages, "share_staging": share}))
+        assert source.threads == 384 and source.smem_bytes <= SMEM_LIMIT
+        assert "HGMMA" in sass(compile_cuda(source.source, "sm_90a", source.name)), source.name
+        report = ptxas_report(source.source, "sm_90a", source.name)
+        assert "Used" in report and "C7515" not in report, report
+
+
+def test_ssd_backward_two_heads_share_group_tiles():
+    """The producer loads B and C once per stage at the CTA's group, x and dy once per consumer at
+    its own head; the grid runs B·H/2 CTAs (``hcta``) and each consumer's per-head values (dt, A,
+    D, the states, the per-token outputs, the TMA stores) use its own ``h``."""
+    from tilemix.codegen.hopper import Schedule
+    from tilemix.codegen.launch import hopper_source
+
+    for kernel, binding in _backward_bindings():
+        src = hopper_source(kernel, binding, Schedule(**HEADS)).source
+        loads = [line for line in src.splitlines() if "tm::tma_load" in line]
+        group = [line for line in loads if "&tmap_B," in line or "&tmap_C," in line]
+        assert len(group) == 4 and all("(hcta * 2) / (H / G)" in line for line in group)  # 2 panels of N each
+        for name in ("x", "dy"):
+            mine = [line for line in loads if f"&tmap_{name}," in line]
+            assert len(mine) == 2 and "(hcta * 2 + 0)" in mine[0] and "(hcta * 2 + 1)" in mine[1], mine
+        assert len(loads) == 8
+        assert "const int b = rest / (H / 2), hcta = rest % (H / 2);" in src
+        assert "const int h = hcta * 2 + wg;" in src and "h = rest % H" not in src
+        assert "ptr_A[h]" in src and "ptr_dt + (long)b * T * H + h," in src
+        producer = src[src.index("setmaxnreg_dec"):src.index("setmaxnreg_inc")]
+        assert not re.search(r"\bh\b", producer), producer  # the producer has no head of its own
+
+
+def test_heads_schedule_refuses_what_it_cannot_map():
+    """An H (or H/G) that is not a multiple of the consumers is a ValueError naming the sizes, at
+    launch and in the tuner's ``legal``; a split, a Matrix program and the generic target are
+    refused by the lowering."""
+    from dataclasses import replace
+
+    from tilemix import ops as tm_ops
+    from tilemix.codegen import tune
+    from tilemix.codegen.hopper import Schedule
+    from tilemix.codegen.launch import generic_source, heads_per_cta, hopper_source, run_tiles
+    from tilemix.ops.examples import example_specs
+    from tilemix.tiles import TileError
+
+    heads = Schedule(**HEADS)
+    for H, G in ((3, 1), (3, 3), (4, 4), (6, 2)):  # H odd, or one head per group (H/G = 1 or 3)
+        kernel, binding = _backward_bindings(H=H, G=G)[1]
+        with pytest.raises(ValueError, match=f"H={H}, G={G}"):
+            heads_per_cta(heads, binding.sizes)
+        with pytest.raises(ValueError, match="multiples of 2"):  # before anything is compiled or launched
+            run_tiles(kernel, binding, {}, {"dx": torch.empty(1)}, heads)
+        assert not tune.legal(heads, binding)
+    for _, binding in _backward_bindings(H=4, G=2):
+        assert heads_per_cta(heads, binding.sizes) == 2 and tune.legal(heads, binding)
+        assert heads_per_cta(Schedule(), binding.sizes) == 1
+    kernel, binding = _backward_bindings()[0]
+    with pytest.raises(TileError, match="sm_90a only"):
+        generic_source(kernel, binding, heads, arch="sm_80")
+    kernel, binding = _backward_bindings(P=128)[0]
+    with pytest.raises(TileError, match="no column split"):
+        hopper_source(kernel, binding, replace(heads, split=(("P", 64),)))
+    gemm = tm_ops.PROGRAMS["gemm"]
+    with pytest.raises(TileError, match="batch x head grid"):
+        hopper_source(gemm, gemm.bind(example_specs("gemm")), heads)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages, share", [(1, False), (2, True)])  # both fit 227 KiB at N = 128
+@pytest.mark.parametrize("N, P", [(128, 64), (128, 128), (64, 64)])
+def test_gpu_ssd_backward_two_heads_per_cta(N, P, stages, share, monkeypatch):
+    """The backward programs forced to two heads per CTA (H·P/64 = 4 or 8 column-block heads, 2 or 4
+    per group) against the interpreter, outputs poisoned."""
+    from dataclasses import replace
+
+    from tilemix.codegen import launch
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    default, forced = launch.launch_schedule, set()
+
+    def schedule(kernel, *a):
+        if kernel.name not in ("ssd_bwd_dc", "ssd_bwd_dx"):
+            return default(kernel, *a)
+        forced.add(kernel.name)
+        return replace(default(kernel, *a), **{**HEADS, "stages": stages, "share_staging": share})
+
+    monkeypatch.setattr(launch, "launch_schedule", schedule)
+    _check_against_interpreter(N, P)
+    assert forced == {"ssd_bwd_dc", "ssd_bwd_dx"}
 
 
 @pytest.mark.gpu
