@@ -225,7 +225,7 @@ def heads_per_cta(schedule: Schedule, sizes: dict[str, int]) -> int:
     if schedule.consumer_axis != "heads":
         return 1
     C, H = schedule.consumers, sizes.get("H", 0)  # (a Matrix program has no heads: its lowering refuses the axis)
-    G = sizes.get("G", H)  # no GroupSeq parameter: each head its own group
+    G = sizes.get("G")  # absent without GroupSeq parameters: nothing shared, any H that C divides
     if H % C or (G and (H // G) % C):
         raise ValueError(f"consumer_axis='heads' with consumers={C} runs {C} heads of one group per CTA: "
                          f"H and H/G must be multiples of {C}, got H={H}, G={G}")

@@ -112,7 +112,7 @@ def legal(schedule: Schedule, binding: Binding) -> bool:
     head of one group: their count must divide H and H/G, with no split."""
     if schedule.consumer_axis == "heads":
         H = binding.sizes.get("H")
-        G = binding.sizes.get("G", H)
+        G = binding.sizes.get("G")  # absent without GroupSeq parameters
         return (not schedule.split and H is not None and H % schedule.consumers == 0
                 and (not G or (H // G) % schedule.consumers == 0))
     if schedule.consumer_axis != "columns":

@@ -310,7 +310,7 @@ def test_heads_schedule_refuses_what_it_cannot_map():
     from tilemix.codegen.hopper import Schedule
     from tilemix.codegen.launch import generic_source, heads_per_cta, hopper_source, run_tiles
     from tilemix.ops.examples import example_specs
-    from tilemix.tiles import TileError
+    from tilemix.tiles import TensorSpec, TileError
 
     heads = Schedule(**HEADS)
     for H, G in ((3, 1), (3, 3), (4, 4), (6, 2)):  # H odd, or one head per group (H/G = 1 or 3)
@@ -323,6 +323,11 @@ def test_heads_schedule_refuses_what_it_cannot_map():
     for _, binding in _backward_bindings(H=4, G=2):
         assert heads_per_cta(heads, binding.sizes) == 2 and tune.legal(heads, binding)
         assert heads_per_cta(Schedule(), binding.sizes) == 1
+    la = tm_ops.PROGRAMS["linear_attention"]  # no GroupSeq parameter: any even H
+    for H in (2, 6):
+        x = TensorSpec((1, 256, H, 64), "bfloat16")
+        binding = la.bind(dict(q=x, k=x, v=x, scale=1.0))
+        assert "G" not in binding.sizes and heads_per_cta(heads, binding.sizes) == 2 and tune.legal(heads, binding)
     kernel, binding = _backward_bindings()[0]
     with pytest.raises(TileError, match="sm_90a only"):
         generic_source(kernel, binding, heads, arch="sm_80")
