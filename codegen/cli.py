@@ -124,13 +124,43 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_kernel(ref: str):
+    """``module:name`` -> that module's ``@kernel`` (a user's program for ``tilemix show``), the
+    module importable from here (the current directory is searched first, as ``python -m`` does)."""
+    import importlib
+    import os
+
+    from tilemix.tiles import Kernel
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module, _, name = ref.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load {ref!r}: {e}") from None
+    if not isinstance(found, Kernel):
+        raise ValueError(f"{ref!r} is a {type(found).__name__}, not a @kernel program")
+    return found
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from tilemix.ops import PROGRAMS
-    from tilemix.ops.examples import example_specs
+    from tilemix.ops.examples import example_specs, kernel_specs
     from tilemix.tiles import TileError
 
-    program = PROGRAMS[args.op]
-    binding = program.bind(example_specs(args.op, args.dtype))
+    try:
+        if args.op in PROGRAMS:
+            program = PROGRAMS[args.op]
+            binding = program.bind(example_specs(args.op, args.dtype))
+        elif ":" in args.op:
+            program = _user_kernel(args.op)
+            binding = program.bind(kernel_specs(program, dict(args.dim or ()), args.dtype))
+        else:
+            raise ValueError(f"unknown op {args.op!r}: one of {sorted(PROGRAMS)}, or module:kernel for your own")
+    except (ValueError, TypeError, TileError) as e:
+        print(f"tilemix show: {e}", file=sys.stderr)
+        return 2
     arch = "sm_90" if args.target == "generic" and args.arch == "sm_90a" else args.arch  # generic on a Hopper
     if args.target == "hopper" and arch != "sm_90a":
         print(f"tilemix show: --target hopper is sm_90a, not {arch}", file=sys.stderr)
@@ -158,6 +188,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.sass:
         print(sass(compiled))
     return 0
+
+
+def _dim(text: str) -> tuple[str, int]:
+    name, _, size = text.partition("=")
+    if not name or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE, e.g. K=64; got {text!r}")
+    return name, int(size)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,7 +235,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="the kernels to tune (generic: the mma.sync ones, also on an H100); each has its own cache")
     tune.set_defaults(run=_cmd_tune)
     show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
-    show.add_argument("op", choices=sorted(PROGRAMS))
+    show.add_argument("op", help=f"one of {', '.join(sorted(PROGRAMS))}, or module:kernel (your own @kernel program)")
+    show.add_argument("--dim", action="append", metavar="NAME=SIZE", type=_dim,
+                      help="a named dim's size for module:kernel programs (default 128), e.g. --dim K=64")
     show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS),
                       help="sm_90a: the Hopper kernel; sm_80/86/89/90: the generic mma.sync kernel")
     show.add_argument("--target", default="auto", choices=["auto", "hopper", "generic"],

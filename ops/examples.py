@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tilemix.tiles import TensorSpec
 
-__all__ = ["example_specs", "example_inputs"]
+__all__ = ["example_specs", "example_inputs", "kernel_specs"]
 
 
 def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H: int = 16,
@@ -50,3 +50,30 @@ def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: in
         return dict(x=randn(B, T, H, D), dt=dt, A=A, B=randn(B, T, 1, D), C=randn(B, T, 1, D),
                     D=randn(H, dtype=torch.float32))
     raise ValueError(f"unknown op {op!r}")
+
+
+def kernel_specs(kernel, sizes: dict[str, int] | None = None, dtype: str = "bfloat16", B: int = 2, T: int = 4096,
+                 H: int = 16, G: int = 1, size: int = 128) -> dict:
+    """Program arguments for any ``@kernel`` (a user's mixer, for ``tilemix show``): sequences
+    ``[B, T, H, ...]``, group tensors ``[B, T, G, ...]``, each named dim ``sizes.get(name, size)``;
+    matmul operands in ``dtype``, per-token and per-head vectors in float32; scalars 1.0 and
+    constants at their defaults; states omitted (they start from zeros)."""
+    sizes = sizes or {}
+    dim = lambda d: () if d == 1 else (sizes.get(d, size),)  # noqa: E731
+    args = {}
+    for name, spec in kernel.specs.items():
+        if spec.output or spec.kind == "state":
+            continue
+        if spec.kind == "const":
+            if name not in kernel.defaults:
+                raise ValueError(f"{kernel.name}: Const parameter {name!r} has no default to show the program with")
+            args[name] = kernel.defaults[name]
+        elif spec.kind == "scalar":
+            args[name] = 1.0
+        elif spec.kind == "matrix":
+            args[name] = TensorSpec(tuple(sizes.get(d, size) for d in spec.dims), dtype)
+        else:
+            lead = {"seq": (B, T, H), "group_seq": (B, T, G), "head": (H,)}[spec.kind]
+            shape = lead + dim(spec.dims[0])
+            args[name] = TensorSpec(shape, dtype if spec.is_tile_operand else "float32")
+    return args

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tilemix.codegen.cli import main
@@ -37,6 +39,21 @@ def test_show_generic_target(capsys):
     assert "(sm_90)" in out and "HMMA" in out and "HGMMA" not in out
     assert main(["show", "gemm", "--arch", "sm_86", "--target", "hopper"]) == 2
     assert "sm_90a" in capsys.readouterr().err
+
+
+def test_show_a_users_own_program(capsys, monkeypatch):
+    """module:kernel shows any @kernel (imported from the current directory), each named dim at
+    --dim NAME=SIZE or 128; anything else is an error naming what was expected."""
+    pytest.importorskip("cuda.bindings")
+    monkeypatch.chdir(Path(__file__).parent)
+    assert main(["show", "test_user_mixers:gla_fwd", "--ir", "--dim", "K=64"]) == 0
+    assert "K=64, V=128" in capsys.readouterr().out
+    assert main(["show", "test_user_mixers:anticausal_la_fwd", "--resources"]) == 0
+    assert "tilemix_anticausal_la_fwd (sm_90a)" in capsys.readouterr().out
+    for ref, words in (("test_user_mixers:MIXERS", "is a dict, not a @kernel"), ("no_such_module:x", "cannot load"),
+                       ("linear_attn", "unknown op 'linear_attn'")):
+        assert main(["show", ref]) == 2
+        assert words in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("op", ["gemm", "attention", "linear_attention", "ssd"])
