@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,44 @@ def heads_per_cta(schedule: Schedule, sizes: dict[str, int]) -> int:
     return C
 
 
+@functools.lru_cache(maxsize=8)
+def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
+    """``$TILEMIX_SCHEDULE``, e.g. ``"ssd_bwd_dc:consumers=2,consumer_axis=heads,stages=1;gemm_fwd:stages=3"``:
+    per program name, Schedule fields that replace its default schedule's (for experiments; a tuned
+    config still wins). ``split`` is written ``V/64`` (several ``V/64+K/64``, none ``-``), booleans
+    ``true``/``false``."""
+    kinds = {f.name: f.default for f in fields(Schedule)}
+    overrides: dict[str, dict[str, Any]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, assignments = part.partition(":")
+        values = {}
+        for item in filter(None, (a.strip() for a in assignments.split(","))):
+            field_name, _, value = item.partition("=")
+            if field_name not in kinds or not value:
+                raise ValueError(f"TILEMIX_SCHEDULE: {item!r} in {part!r} is not FIELD=VALUE with FIELD one of "
+                                 f"{sorted(kinds)}")
+            default = kinds[field_name]
+            if isinstance(default, bool):
+                if value not in ("true", "false"):
+                    raise ValueError(f"TILEMIX_SCHEDULE: {field_name} is true or false, got {value!r}")
+                values[field_name] = value == "true"
+            elif isinstance(default, int):
+                if not value.isdigit():
+                    raise ValueError(f"TILEMIX_SCHEDULE: {field_name} is a whole number, got {value!r}")
+                values[field_name] = int(value)
+            elif isinstance(default, tuple):  # split: V/64+K/64 or -
+                pairs = [] if value == "-" else [p.split("/") for p in value.split("+")]
+                if not all(len(p) == 2 and p[1].isdigit() for p in pairs):
+                    raise ValueError(f"TILEMIX_SCHEDULE: split is DIM/WIDTH (several joined by +) or -, got {value!r}")
+                values[field_name] = tuple((d, int(w)) for d, w in pairs)
+            else:
+                values[field_name] = value
+        if not name or not values:
+            raise ValueError(f"TILEMIX_SCHEDULE: {part!r} is not PROGRAM:FIELD=VALUE[,FIELD=VALUE...]")
+        overrides[name] = values
+    return overrides
+
+
 def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
@@ -241,6 +280,9 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     base = _DEFAULTS.get(key)
     if base is None:
         base = _DEFAULTS[key] = default_schedule(kernel, binding, arch)
+    forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(kernel.name)
+    if forced:
+        return replace(base, **forced)
     if base.consumer_axis != "columns" or base.consumers == 1 or "B" not in binding.sizes:
         return base
     ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(base.split, binding) // base.consumers

@@ -296,3 +296,29 @@ def test_kernels_trace_in_parallel_threads():
                 assert program == serial[name]
     finally:
         sys.setswitchinterval(previous)
+
+
+def test_schedule_override_from_the_environment(monkeypatch):
+    """$TILEMIX_SCHEDULE replaces fields of a program's default schedule (an experiment without a
+    code change, e.g. the SSD backward's heads axis); other programs keep theirs; text that is not
+    PROGRAM:FIELD=VALUE is an error naming what was expected."""
+    from dataclasses import replace
+
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    binding = ops.linear_attention_fwd.bind(example_specs("linear_attention"))
+    gemm = ops.gemm_fwd.bind(example_specs("gemm"))
+    default = launch.launch_schedule(ops.linear_attention_fwd, binding, 0)
+    gemm_default = launch.launch_schedule(ops.gemm_fwd, gemm, 0)
+    monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:stages=3,consumers=1,share_staging=true")
+    assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0) == replace(
+        default, stages=3, consumers=1, share_staging=True)
+    assert launch.launch_schedule(ops.gemm_fwd, gemm, 0) == gemm_default
+    monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:split=V/64+K/64")
+    assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0).split == (("V", 64), ("K", 64))
+    for text, words in (("linear_attention_fwd:stages=three", "stages is a whole number"),
+                        ("linear_attention_fwd:ring=2", "FIELD one of"), ("linear_attention_fwd", "PROGRAM:FIELD")):
+        monkeypatch.setenv("TILEMIX_SCHEDULE", text)
+        with pytest.raises(ValueError, match=words):
+            launch.launch_schedule(ops.linear_attention_fwd, binding, 0)
