@@ -25,4 +25,11 @@ if [ "${PHASE:-all}" != tests ]; then
   timeout "${BENCH_TIMEOUT:-120}" tilemix bench ssd ssd-bwd linear_attention linear_attention-bwd --no-peers \
     --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -a " | " "$OUT/bench.log"
+  # the SSD backward with two heads (its P blocks) per CTA: off by default until it measures faster
+  heads="consumers=2,consumer_axis=heads"
+  for variant in "stages=1" "stages=2,share_staging=true"; do
+    TILEMIX_SCHEDULE="ssd_bwd_dc:$heads,$variant;ssd_bwd_dx:$heads,$variant" timeout 90 \
+      tilemix bench ssd-bwd --no-peers >"$OUT/bench-heads.log" 2>&1
+    echo "heads $variant rc=$?"; grep -a "^ssd-bwd | " "$OUT/bench-heads.log"
+  done
 fi
