@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from tilemix.tiles import Kernel
 from tilemix.tiles.errors import ResourceError
+from tilemix.tiles.kernel import kernel_names
 from tilemix.tiles.params import Binding
 
 from .compile import compile_cuda
@@ -268,6 +270,9 @@ def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
         if not name or not values:
             raise ValueError(f"TILEMIX_SCHEDULE: {part!r} is not PROGRAM:FIELD=VALUE[,FIELD=VALUE...]")
         overrides[name] = values
+    unknown = sorted(set(overrides) - kernel_names())
+    if unknown:  # a typo would otherwise change nothing, silently
+        warnings.warn(f"TILEMIX_SCHEDULE names no @kernel program defined so far: {unknown}", stacklevel=2)
     return overrides
 
 

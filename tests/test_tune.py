@@ -317,6 +317,9 @@ def test_schedule_override_from_the_environment(monkeypatch):
     assert launch.launch_schedule(ops.gemm_fwd, gemm, 0) == gemm_default
     monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:split=V/64+K/64")
     assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0).split == (("V", 64), ("K", 64))
+    monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_atention_fwd:stages=3")  # a typo: said, not ignored
+    with pytest.warns(UserWarning, match="no @kernel program defined so far: \\['linear_atention_fwd'\\]"):
+        assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0) == default
     for text, words in (("linear_attention_fwd:stages=three", "stages is a whole number"),
                         ("linear_attention_fwd:ring=2", "FIELD one of"), ("linear_attention_fwd", "PROGRAM:FIELD")):
         monkeypatch.setenv("TILEMIX_SCHEDULE", text)

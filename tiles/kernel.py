@@ -21,7 +21,9 @@ from .targets import Target, get_target
 from .types import Space, TileType
 from .verify import verify
 
-__all__ = ["kernel", "Kernel", "TensorSpec"]
+__all__ = ["kernel", "Kernel", "TensorSpec", "kernel_names"]
+
+_NAMES: set[str] = set()  # every @kernel program's name so far (what $TILEMIX_SCHEDULE may name)
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -35,6 +37,7 @@ class Kernel:
     def __init__(self, fn: Callable):
         self.fn = fn
         self.name = fn.__name__
+        _NAMES.add(self.name)
         self.__doc__ = fn.__doc__
         self.loc = Loc(fn.__code__.co_filename, _def_line(fn))
         self.specs: dict[str, ParamSpec] = {}
@@ -185,6 +188,11 @@ def _def_line(fn: Callable) -> int:
     except OSError:
         return fn.__code__.co_firstlineno
     return start + next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), 0)
+
+
+def kernel_names() -> frozenset[str]:
+    """The names of the ``@kernel`` programs defined so far in this process."""
+    return frozenset(_NAMES)
 
 
 def kernel(fn: Callable) -> Kernel:
