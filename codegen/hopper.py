@@ -126,7 +126,9 @@ class _Lowering:
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
         self.staged: dict[Value, str] = {}
-        self.stage_slots: dict[Value, tuple[int, int]] = {}  # staged value -> (offset, bytes per group)
+        # staged value -> (offset, bytes per group, whether staged inside the chunk loop)
+        self.stage_slots: dict[Value, tuple[int, int, bool]] = {}
+        self.in_loop = False  # lowering the chunk loop's body
         self.lowered: set[Op] = set()  # ops whose code is emitted (an absorbed matmul: with its add)
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
         self.smem_top = 0  # bytes of shared memory allocated so far (after the stage ring)
@@ -198,14 +200,17 @@ class _Lowering:
         every in-flight wgmma and passes the group's barrier before it stores, so no read of the old
         value is pending then."""
         if self.schedule.share_staging:
-            for u, (offset, size) in self.stage_slots.items():
+            for u, (offset, size, in_loop) in self.stage_slots.items():
                 done = self.last_reader.get(u) in self.lowered
-                if size == nbytes and done and self.scope.get(u) is self.scope.get(v):
+                # a tile staged before the chunk loop is not staged again in each iteration: a buffer
+                # reused inside the loop would hand the next iteration's readers another tile
+                once = self.in_loop and not in_loop
+                if size == nbytes and done and not once and self.scope.get(u) is self.scope.get(v):
                     del self.stage_slots[u], self.staged[u]
-                    self.stage_slots[v] = (offset, size)
+                    self.stage_slots[v] = (offset, size, self.in_loop)
                     return offset
         offset = self.alloc(nbytes * self.schedule.consumers)
-        self.stage_slots[v] = (offset, nbytes)
+        self.stage_slots[v] = (offset, nbytes, self.in_loop)
         return offset
 
     def wait_all(self, ind: int):
@@ -332,6 +337,22 @@ class _Lowering:
                     self.accumulate[op] = (mm, x)
                     break
         self.absorbed = {mm for mm, _ in self.accumulate.values()}
+        # An absorbed matmul is emitted with its add, so its operands are read there: an op between
+        # the two must not take their registers (or their staging buffers) as their last reader.
+        deferred = {add: mm.operands for add, (mm, _) in self.accumulate.items()}
+
+        def reread(ops: list[Op]):
+            for op in ops:
+                if isinstance(op, Loop):
+                    self.last_reader.update((v, op) for v in op.init)
+                    reread(op.body)
+                    self.last_reader.update((v, op) for v in op.update)
+                elif op not in self.absorbed:
+                    self.last_reader.update((v, op) for v in (*deferred.get(op, ()), *op.operands))
+
+        if deferred:
+            self.last_reader = {}
+            reread(self.p.body)
 
     def trip_count(self, loop: Loop) -> str:
         end = loop.dim  # runtime sizes are kernel arguments named after their dims
@@ -477,7 +498,9 @@ class _Lowering:
             if isinstance(op, Loop) and op.kind == "blocks":
                 self.lower_ops(op.body, ind)  # a grid loop: its index comes from blockIdx
             elif isinstance(op, Loop):
+                self.in_loop = True
                 self.lower_loop(op, ind)
+                self.in_loop = False
             else:
                 self.lower_op(op, ind)
                 if op not in self.absorbed:

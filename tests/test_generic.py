@@ -299,6 +299,67 @@ def test_staging_buffers_are_reused_only_where_a_program_does_not_fit():
             assert shared.run().smem_bytes < source.smem_bytes
 
 
+def _staged_before_and_in_loop(source: str) -> tuple[set[str], set[str]]:
+    """The shared-memory offsets tiles are staged at before the consumers' chunk loop and inside it."""
+    import re
+
+    loop = source.rfind("for (int c = 0; c < n_iter; ++c) {")
+    staged = lambda text: set(re.findall(r"store_shared<\w+>\(\(smem \+ (\d+) \+", text))  # noqa: E731
+    return staged(source[:loop]), staged(source[loop:])
+
+
+def test_shared_staging_keeps_a_tile_staged_before_the_loop():
+    """A tile staged before the chunk loop and read inside it is not staged again each iteration,
+    so with ``share_staging`` no tile staged in the loop may take its buffer (the second iteration
+    would read the other tile)."""
+    from dataclasses import replace
+
+    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.tiles import Out, Seq, TensorSpec, blocks, chunks, kernel
+
+    @kernel
+    def staged_twice(q: Seq["D"], k: Seq["D"], o: Out[Seq["D"]]):
+        for i in blocks(64):
+            a, b = q[i] * 2.0, q[i] * 3.0
+            acc = (q[i] @ a.T) @ q[i]  # a staged before the loop
+            for c in chunks(64):
+                kc = k[c]
+                acc = acc + (kc @ a.T).T @ kc  # a read from that buffer in every iteration
+                acc = acc + (kc @ b.T).T @ kc  # b staged in the loop, after a's last reader
+            o[i] = acc
+
+    x = TensorSpec((1, 256, 2, 64), "bfloat16")
+    binding = staged_twice.bind(dict(q=x, k=x))
+    for arch in ("sm_90a", "sm_80"):
+        schedule = replace(default_schedule(staged_twice, binding, arch), share_staging=True)
+        before, inside = _staged_before_and_in_loop(kernel_source(staged_twice, binding, schedule, arch).source)
+        assert before and inside and not before & inside, (arch, before, inside)
+
+
+def test_absorbed_matmul_reads_its_operands_at_its_add():
+    """``u @ k + u * 3``: the matmul accumulates into the add's result, so it is emitted at the add,
+    after ``u * 3``; that product must not overwrite u's registers as u's last reader."""
+    import re
+
+    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.tiles import Out, Seq, TensorSpec, chunks, kernel
+
+    @kernel
+    def absorbed(q: Seq["D"], k: Seq["D"], o: Out[Seq["D"]]):
+        for c in chunks(64):
+            u = q[c] * 2.0
+            o[c] = u @ k[c] + u * 3.0
+
+    x = TensorSpec((1, 256, 2, 64), "bfloat16")
+    binding = absorbed.bind(dict(q=x, k=x))
+    for arch in ("sm_90a", "sm_80"):
+        source = kernel_source(absorbed, binding, default_schedule(absorbed, binding, arch), arch).source
+        out, a = re.search(r"matmul(?:_sync)?_rs<[^>]*>\((v\d+), (v\d+),", source).groups()
+        assert out != a, source
+        defined = source.find("\n", source.find(f"tm::rt<64, 64> {a};"))  # u's line; then nothing writes u
+        assert not re.search(rf"tm::map\d\({a}, ", source[defined:source.find(f"({out}, {a},")]), source
+
+
 def test_schedules_fit_each_arch():
     """The default schedule is fitted to the arch's shared memory: two groups and a ring on sm_80,
     one stage where 99 KiB is all there is (sm_86/89)."""
