@@ -336,13 +336,9 @@ def test_shared_staging_keeps_a_tile_staged_before_the_loop():
         assert before and inside and not before & inside, (arch, before, inside)
 
 
-def test_absorbed_matmul_reads_its_operands_at_its_add():
-    """``u @ k + u * 3``: the matmul accumulates into the add's result, so it is emitted at the add,
-    after ``u * 3``; that product must not overwrite u's registers as u's last reader."""
-    import re
-
-    from tilemix.codegen.launch import default_schedule, kernel_source
-    from tilemix.tiles import Out, Seq, TensorSpec, chunks, kernel
+def _absorbed_kernel():
+    """``u @ k + u * 3`` with ``u = 2q``: a matmul folded into an add, an op on its operand between."""
+    from tilemix.tiles import Out, Seq, chunks, kernel
 
     @kernel
     def absorbed(q: Seq["D"], k: Seq["D"], o: Out[Seq["D"]]):
@@ -350,6 +346,18 @@ def test_absorbed_matmul_reads_its_operands_at_its_add():
             u = q[c] * 2.0
             o[c] = u @ k[c] + u * 3.0
 
+    return absorbed
+
+
+def test_absorbed_matmul_reads_its_operands_at_its_add():
+    """``u @ k + u * 3``: the matmul accumulates into the add's result, so it is emitted at the add,
+    after ``u * 3``; that product must not overwrite u's registers as u's last reader."""
+    import re
+
+    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.tiles import TensorSpec
+
+    absorbed = _absorbed_kernel()
     x = TensorSpec((1, 256, 2, 64), "bfloat16")
     binding = absorbed.bind(dict(q=x, k=x))
     for arch in ("sm_90a", "sm_80"):
@@ -358,6 +366,25 @@ def test_absorbed_matmul_reads_its_operands_at_its_add():
         assert out != a, source
         defined = source.find("\n", source.find(f"tm::rt<64, 64> {a};"))  # u's line; then nothing writes u
         assert not re.search(rf"tm::map\d\({a}, ", source[defined:source.find(f"({out}, {a},")]), source
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["hopper", "generic"])
+def test_gpu_absorbed_matmul_matches_interpreter(target):
+    """The same program on the GPU (each target) against the interpreter."""
+    import torch
+
+    from tilemix.ops import use_target
+    from tilemix.ops._dispatch import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    absorbed = _absorbed_kernel()
+    g = torch.Generator().manual_seed(0)
+    q, k = ((0.5 * torch.randn(1, 200, 2, 64, generator=g)).bfloat16() for _ in range(2))
+    expected = run_kernel(absorbed, dict(q=q, k=k))["o"]
+    with use_target(target):
+        out = run_kernel(absorbed, dict(q=q.cuda(), k=k.cuda()))["o"]
+    assert rel_err(out.cpu().float(), expected.double().numpy()) <= bound(torch.bfloat16)
 
 
 def test_schedules_fit_each_arch():
