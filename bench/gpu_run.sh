@@ -14,7 +14,8 @@ if [ "${PHASE:-all}" != bench ]; then
   # xdist is on the image; -v so a run cut by its timeout still says what passed
   timeout "${FIRST_TIMEOUT:-200}" python3 -m pytest -m gpu -n 8 -v -p no:cacheprovider -rfE \
     tests/test_ssd_backward.py tests/test_layers.py tests/test_torch_ops.py tests/test_cli.py \
-    tests/test_user_mixers.py "tests/test_hopper.py::test_gpu_unaligned_and_strided_inputs" >"$OUT/pytest-first.log" 2>&1
+    tests/test_user_mixers.py "tests/test_hopper.py::test_gpu_unaligned_and_strided_inputs" \
+    "tests/test_generic.py::test_gpu_absorbed_matmul_matches_interpreter" >"$OUT/pytest-first.log" 2>&1
   echo "first tests rc=$?"; summary "$OUT/pytest-first.log"
   timeout "${REST_TIMEOUT:-240}" python3 -m pytest -m gpu -n 8 -v -p no:cacheprovider -rfE tests \
     --deselect tests/test_ssd_backward.py --deselect tests/test_layers.py --deselect tests/test_torch_ops.py \
