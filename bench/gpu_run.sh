@@ -15,11 +15,13 @@ if [ "${PHASE:-all}" != bench ]; then
   timeout "${FIRST_TIMEOUT:-200}" python3 -m pytest -m gpu -n 8 -v -p no:cacheprovider -rfE \
     tests/test_ssd_backward.py tests/test_layers.py tests/test_torch_ops.py tests/test_cli.py \
     tests/test_user_mixers.py "tests/test_hopper.py::test_gpu_unaligned_and_strided_inputs" \
-    "tests/test_generic.py::test_gpu_absorbed_matmul_matches_interpreter" >"$OUT/pytest-first.log" 2>&1
+    "tests/test_generic.py::test_gpu_absorbed_matmul_matches_interpreter" tests/test_readme.py \
+    >"$OUT/pytest-first.log" 2>&1
   echo "first tests rc=$?"; summary "$OUT/pytest-first.log"
   timeout "${REST_TIMEOUT:-240}" python3 -m pytest -m gpu -n 8 -v -p no:cacheprovider -rfE tests \
     --deselect tests/test_ssd_backward.py --deselect tests/test_layers.py --deselect tests/test_torch_ops.py \
-    --deselect tests/test_cli.py --deselect tests/test_user_mixers.py >"$OUT/pytest-rest.log" 2>&1
+    --deselect tests/test_cli.py --deselect tests/test_user_mixers.py --deselect tests/test_readme.py \
+    >"$OUT/pytest-rest.log" 2>&1
   echo "other tests rc=$?"; summary "$OUT/pytest-rest.log"
 fi
 if [ "${PHASE:-all}" != tests ]; then

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -34,3 +35,24 @@ def test_your_own_mixer_runs_as_written(tmp_path, monkeypatch):
     expected = torch.stack(outputs, 1)
     assert (scope["o"].double() - expected).norm() <= 1e-5 * expected.norm()
     assert (scope["state"].double() - state).norm() <= 1e-5 * state.norm()
+
+
+@pytest.mark.gpu
+def test_gpu_your_own_mixer_matches_the_interpreter(tmp_path, monkeypatch):
+    """The same op on CUDA tensors: the generated kernel against the interpreter (bf16 inputs)."""
+    from tilemix.ops._dispatch import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    module, _ = _section_code("Your own mixer")
+    (tmp_path / "mymixers_gpu.py").write_text(module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mymixers_gpu import gated_retention_fwd
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = ((0.5 * torch.randn(2, 300, 4, 64, generator=gen)).bfloat16() for _ in range(3))
+    g = -0.1 * torch.rand(2, 300, 4, generator=gen)
+    args = dict(q=q, k=k, v=v, g=g)
+    expected = run_kernel(gated_retention_fwd, args)
+    out = run_kernel(gated_retention_fwd, {n: t.cuda() for n, t in args.items()})
+    for name in ("o", "s"):
+        assert rel_err(out[name].cpu().float(), expected[name].double().numpy()) <= bound(torch.bfloat16), name
