@@ -6,7 +6,9 @@ set -o pipefail
 OUT=${OUT:-/tmp/tilemix-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TILEMIX_CACHE=${TILEMIX_CACHE:-/tmp/tmcache}
+# OMP_NUM_THREADS: each xdist worker's torch would start a thread per core; 8 workers x 16 threads
+# on 16 cores made the first-phase tests 5x slower (10 of 48 in 190 s; 42 in 40 s with 2 each)
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TILEMIX_CACHE=${TILEMIX_CACHE:-/tmp/tmcache} OMP_NUM_THREADS=2
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 summary() { grep -a -oE "(PASSED|FAILED|ERROR|XFAIL|SKIPPED) tests/[a-z_]+\.py" "$1" | sort | uniq -c; grep -a -E "^(FAILED|ERROR)" "$1" | head -20; }
