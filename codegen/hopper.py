@@ -46,6 +46,7 @@ _UNARY = {
     "neg": "[](float a) { return -a; }",
     "abs": "[](float a) { return fabsf(a); }",
     "exp": "[](float a) { return tm::f_exp(a); }",
+    "exp2": "[](float a) { return tm::ex2(a); }",
     "log": "[](float a) { return tm::f_log(a); }",
     "sqrt": "[](float a) { return tm::f_sqrt(a); }",
     "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",

@@ -206,6 +206,7 @@ class _Plan:
 
 _PLANS: dict[tuple, _Plan] = {}
 _DEFAULTS: dict[tuple, Schedule] = {}
+_HEADS: dict[tuple, Schedule | None] = {}  # launch_schedule's two-heads choice per specialisation
 
 
 def column_blocks(split: tuple[tuple[str, int], ...], binding: Binding) -> int:
@@ -279,7 +280,7 @@ def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
 def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
-    CTAs. H100, linear attention, D=128 (bench/NOTES.md): T=4096 B·H=128 two consumers 0.189 ms
+    CTAs; a one-consumer scan over grouped heads may run two heads per CTA (``_heads_pair``). H100, linear attention, D=128 (bench/NOTES.md): T=4096 B·H=128 two consumers 0.189 ms
     vs one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353."""
     key = (id(kernel), binding.key(), arch)
     base = _DEFAULTS.get(key)
@@ -288,10 +289,42 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(kernel.name)
     if forced:
         return replace(base, **forced)
-    if base.consumer_axis != "columns" or base.consumers == 1 or "B" not in binding.sizes:
+    if base.consumer_axis != "columns" or "B" not in binding.sizes:
         return base
+    if base.consumers == 1:
+        return _heads_pair(kernel, binding, base, device_index, arch) or base
     ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(base.split, binding) // base.consumers
     return replace(base, consumers=1) if 2 * ctas < sm_count(device_index) else base
+
+
+def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: int, arch: str) -> Schedule | None:
+    """Two heads of one group per CTA (``consumer_axis="heads"``), for a one-consumer scan with no
+    column split that reads per-group tiles (GroupSeq: SSD's B and C), which the pair then loads
+    once; None where that does not apply, would leave more than half the GPU idle, or does not fit.
+    H200, SSD backward B=8 T=4096 H=16 N=P=128 (its P blocks run as 32 heads): 1.834 ms one head
+    per CTA, 1.509 two heads at one stage, 1.356 two heads at two stages sharing staging buffers."""
+    sizes = binding.sizes
+    if (arch != "sm_90a" or base.split or "H" not in sizes
+            or not any(p.present and p.spec.kind == "group_seq" for p in binding.params)):
+        return None
+    try:
+        heads_per_cta(replace(base, consumers=2, consumer_axis="heads"), sizes)
+    except ValueError:  # odd H or H/G: a CTA's heads must share a group
+        return None
+    if sizes["B"] * sizes["H"] < sm_count(device_index):  # fewer than half the SMs busy
+        return None
+    key = (id(kernel), binding.key(), arch)
+    if key not in _HEADS:
+        _HEADS[key] = None
+        for candidate in (replace(base, consumers=2, consumer_axis="heads", stages=2, share_staging=True),
+                          replace(base, consumers=2, consumer_axis="heads", stages=1)):
+            try:
+                kernel_source(kernel, binding, candidate, arch)
+            except ResourceError:
+                continue
+            _HEADS[key] = candidate
+            break
+    return _HEADS[key]
 
 
 def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_90a") -> _Plan:

@@ -19,6 +19,7 @@ from tilemix.tiles import (
     causal,
     chunks,
     exp,
+    exp2,
     full,
     in_seq,
     kernel,
@@ -35,17 +36,20 @@ from ._library import tile_op
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv"]
 
 NEG_INF = float("-inf")
+LOG2E = 1.4426950408889634
 
 
 def _online_softmax(qi, k, v, i, scale, is_causal, block, chunk):
-    """One query block's unnormalised output, running row max and denominator over its key chunks
-    (the flash-attention recurrence), shared by the two forward programs."""
+    """One query block's unnormalised output, running row max (of the scores in base-2 units:
+    ``scale · log2(e) · q·k``, so each probability is one ``exp2`` of a difference) and denominator
+    over its key chunks (the flash-attention recurrence), shared by the two forward programs."""
     m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
+    scale2 = scale * LOG2E
     for j in chunks(chunk, through=i if is_causal else None):
-        s = (qi @ k[j].T) * scale  # scaled in fp32: q * scale in bf16 would round q again
+        s = (qi @ k[j].T) * scale2  # scaled in fp32: q * scale in bf16 would round q again
         s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
         m_new = maximum(m, rowmax(s))
-        p, alpha = exp(s - m_new), exp(m - m_new)
+        p, alpha = exp2(s - m_new), exp2(m - m_new)
         denom = denom * alpha + rowsum(p)
         acc = acc * alpha + p @ v[j]
         m = m_new
@@ -68,7 +72,7 @@ def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: O
     for i in blocks(block):
         acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, block, chunk)
         o[i] = acc / denom
-        lse[i] = m + log(denom)
+        lse[i] = m * (1 / LOG2E) + log(denom)  # natural-log units, what the backward programs read
 
 
 @kernel

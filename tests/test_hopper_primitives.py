@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tilemix.reference.tolerance import rel_err
-from tilemix.tiles import Out, Seq, State, causal, chunks, cumsum, exp, kernel, rowsum, segsum
+from tilemix.tiles import (Out, Seq, State, causal, chunks, cumsum, exp, exp2, kernel, log, rowsum, segsum, sigmoid,
+                           softplus, sqrt, tanh)
 
 pytest.importorskip("cuda.bindings")
 
@@ -63,7 +64,14 @@ def scans(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):
         o[c] = v[c] * cumsum(x) + (exp(segsum(x)) @ v[c]) + v[c] * cumsum(x, reverse=True, exclusive=True)
 
 
-PROBES = [copy, scores, mix, shared_a, causal_mix, outer, staged, scans]
+@kernel
+def unary(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):  # every elementwise function
+    for c in chunks(64):
+        x = v[c] * 0.5
+        o[c] = exp(x) + exp2(x) + log(abs(x) + 1.0) + sqrt(abs(x)) + sigmoid(x) + softplus(-x) + tanh(x) - x
+
+
+PROBES = [copy, scores, mix, shared_a, causal_mix, outer, staged, scans, unary]
 
 
 @pytest.mark.gpu

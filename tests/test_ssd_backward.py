@@ -276,6 +276,25 @@ def test_ssd_backward_two_heads_per_cta_lowers(stages, share):
         assert "Used" in report and "C7515" not in report, report
 
 
+@pytest.mark.parametrize("H, G, sms, arch, paired", [
+    (16, 2, 32, "sm_90a", True),     # B·H = 32 heads, 32 SMs: 16 CTAs of two heads
+    (16, 2, 33, "sm_90a", False),    # fewer heads than SMs: pairs would leave over half of them idle
+    (6, 2, 8, "sm_90a", False),      # H/G = 3 heads per group: a pair would straddle two groups
+    (16, 2, 8, "sm_86", False),      # the heads axis is sm_90a's (warp specialisation)
+])
+def test_launch_schedule_pairs_heads_of_a_group(H, G, sms, arch, paired, monkeypatch):
+    """One-consumer scans over grouped heads (SSD's backward programs) run two heads of a group per
+    CTA by default where that is legal, fits, and keeps at least half the GPU busy."""
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: sms)
+    for kernel, binding in _backward_bindings(H=H, G=G):
+        schedule = launch.launch_schedule(kernel, binding, 0, arch)
+        assert (schedule.consumer_axis == "heads") == paired, (kernel.name, schedule)
+        if paired:
+            assert schedule.consumers == 2 and schedule.stages == 2 and schedule.share_staging
+
+
 def test_ssd_backward_two_heads_share_group_tiles():
     """The producer loads B and C once per stage at the CTA's group, x and dy once per consumer at
     its own head; the grid runs B·H/2 CTAs (``hcta``) and each consumer's per-head values (dt, A,

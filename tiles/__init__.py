@@ -27,6 +27,7 @@ from .language import (
                        colsum,
                        cumsum,
                        exp,
+                       exp2,
                        full,
                        in_seq,
                        log,
@@ -52,7 +53,7 @@ __all__ = [
     "kernel", "Kernel", "TensorSpec", "Program", "TileError", "Loc", "verify", "Target", "TARGETS",
     "DType", "Space", "TileType",
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
-    "chunks", "blocks", "zeros", "full", "exp", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
+    "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
     "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum", "colmax",
     "cumsum", "segsum", "cast",
 ]

@@ -82,6 +82,7 @@ _UNARY = {
     "neg": np.negative,
     "abs": np.abs,
     "exp": np.exp,
+    "exp2": np.exp2,
     "log": np.log,
     "sqrt": np.sqrt,
     "tanh": np.tanh,

@@ -13,7 +13,7 @@ from .errors import TileError, user_loc
 from .types import DType, dtype_of
 
 __all__ = [
-    "chunks", "blocks", "zeros", "full", "exp", "log", "sqrt", "sigmoid", "softplus", "tanh",
+    "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
     "colmax", "cumsum", "segsum", "cast",
 ]
@@ -78,6 +78,13 @@ def _nary(name: str, *xs) -> Tile:
 
 def exp(x) -> Tile:
     return _unary("exp", x)
+
+
+def exp2(x) -> Tile:
+    """``2 ** x``: one hardware instruction. ``exp2(s * c - m * c)`` with ``c = scale · log2(e)``
+    is one fused multiply-add and that instruction per element, where ``exp(s * scale - m)``
+    takes two more (softmax's inner loop)."""
+    return _unary("exp2", x)
 
 
 def log(x) -> Tile:
