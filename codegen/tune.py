@@ -313,11 +313,12 @@ class _GpuRunner:
 
         from .launch import launch_schedule
 
-        self.kernel, self.args = kernel, args
-        self.binding = kernel.bind(args)
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
         capability = torch.cuda.get_device_capability(device)
         self.arch = arch or select_arch(capability, current_target())
+        args = {**kernel.consts_for(self.arch), **args}  # the block shapes an untuned call runs here
+        self.kernel, self.args = kernel, args
+        self.binding = kernel.bind(args)
         self.target = "hopper" if self.arch == "sm_90a" else "generic"  # what runs a candidate
         self.default = launch_schedule(kernel, self.binding, device.index, self.arch)  # what an untuned call runs
         self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device), capability, self.arch)

@@ -100,6 +100,10 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
         arch = device_arch(device)
+        preferred = {k: v for k, v in kernel.consts_for(arch).items() if k not in args}
+        if preferred:  # this arch's block shapes, where the caller chose none
+            args = {**args, **preferred}
+            binding = kernel.bind(args, labels)
         if schedule is None:  # a tuned config for this arch, if `tilemix tune` left one
             from tilemix.codegen.tune import config_for
 

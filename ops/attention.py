@@ -56,7 +56,14 @@ def _online_softmax(qi, k, v, i, scale, is_causal, block, chunk):
     return acc, m, denom
 
 
-@kernel
+# mma.sync (the generic target): a warp holds 16 rows of each 64-row block of a tile, so 128-query
+# blocks load each key/value fragment once for two row blocks. H200, generic forced, B=4 T=4096
+# H=16 D=128: non-causal 2.042 -> 1.811 ms, causal 1.147 -> 1.118 (bench/NOTES.md). Measured on
+# sm_90 only: sm_80's 163 KiB holds one such block per CTA, not two.
+GENERIC_BLOCKS = {"sm_90": dict(block=128, chunk=64)}
+
+
+@kernel(target_consts=GENERIC_BLOCKS)
 def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]],
                   is_causal: Const = False, block: Const = 64, chunk: Const = 128):
     for i in blocks(block):  # one program instance per query block
@@ -64,7 +71,7 @@ def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[S
         o[i] = acc / denom
 
 
-@kernel
+@kernel(target_consts=GENERIC_BLOCKS)
 def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]], lse: Out[Seq[1]],
                       is_causal: Const = False, block: Const = 64, chunk: Const = 128):
     """``attention_fwd`` that also writes each query's log-sum-exp of its scaled scores (float32): what

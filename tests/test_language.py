@@ -382,3 +382,17 @@ def test_chunks_start_transposed_causal_and_per_token_outputs():
     assert out["later"].dtype == torch.float32 and torch.equal(out["later"], T - t)
     chunks_visited = -(-T // 16) - (t // 32) * 2  # from block j's first chunk (2j) to the last
     assert torch.equal(out["seen"], 16 * chunks_visited)
+
+
+def test_target_consts_name_const_parameters_of_known_targets():
+    """``@kernel(target_consts=...)``: per-arch Const defaults, checked when the program is defined."""
+    def program(v: Seq["V"], o: Out[Seq["V"]], chunk: Const = 64):
+        for c in chunks(chunk):
+            o[c] = v[c] * 2.0
+
+    assert kernel(target_consts={"sm_90": dict(chunk=128)})(program).consts_for("sm_90") == dict(chunk=128)
+    assert kernel(program).consts_for("sm_90") == {}
+    with pytest.raises(TileError, match="'v', which is not one of its Const parameters"):
+        kernel(target_consts={"sm_90": dict(v=1)})(program)
+    with pytest.raises(ValueError, match="unknown target 'sm_70'"):
+        kernel(target_consts={"sm_70": dict(chunk=128)})(program)

@@ -34,7 +34,7 @@ class TensorSpec:
 
 
 class Kernel:
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, target_consts: dict[str, dict[str, Any]] | None = None):
         self.fn = fn
         self.name = fn.__name__
         _NAMES.add(self.name)
@@ -54,6 +54,18 @@ class Kernel:
                 self.defaults[name] = param.default
         self._programs: dict[tuple, Program] = {}
         self._bindings: dict[tuple, Binding] = {}
+        self.target_consts = {arch: dict(consts) for arch, consts in (target_consts or {}).items()}
+        for arch, consts in self.target_consts.items():
+            get_target(arch)  # a ValueError naming the known targets
+            for name in consts:
+                if name not in self.specs or self.specs[name].kind != "const":
+                    raise TileError(f"target_consts[{arch!r}] of kernel {self.name!r} names {name!r}, which is not "
+                                    "one of its Const parameters", self.loc)
+
+    def consts_for(self, arch: str) -> dict[str, Any]:
+        """The Const defaults this program takes on ``arch`` in place of its own (block shapes that
+        measured faster there); arguments a caller passes still win."""
+        return self.target_consts.get(arch, {})
 
     @property
     def source_lines(self) -> int:
@@ -195,6 +207,11 @@ def kernel_names() -> frozenset[str]:
     return frozenset(_NAMES)
 
 
-def kernel(fn: Callable) -> Kernel:
-    """Decorator: a tile program. See ``tilemix.tiles`` for the language."""
-    return Kernel(fn)
+def kernel(fn: Callable | None = None, *, target_consts: dict[str, dict[str, Any]] | None = None):
+    """Decorator: a tile program. See ``tilemix.tiles`` for the language.
+
+    ``@kernel(target_consts={"sm_90": dict(block=128)})``: other defaults for Const parameters on
+    one target (an arch name of ``tiles.targets.TARGETS``), where a block shape measured faster."""
+    if fn is None:
+        return lambda f: Kernel(f, target_consts)
+    return Kernel(fn, target_consts)
