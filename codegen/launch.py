@@ -75,28 +75,15 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
                                                         Schedule(split=split, consumers=1, stages=1)], arch)
     program = kernel.trace(binding, target="sm_90a")
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
-        # neighbouring grid blocks share loads; the ring as deep as shared memory allows, unless the
-        # deeper ring's addresses make the kernel spill (generic attention at 128-query blocks)
+        # neighbouring grid blocks share loads; the ring as deep as shared memory allows
         schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
                                                     Schedule(stages=1)], arch)
         source = kernel_source(kernel, binding, schedule, arch)
         if source.stage_bytes:
             room = (_smem_limit(arch) - source.smem_bytes) // source.stage_bytes
-            deeper = replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
-            if deeper != schedule and (_spills(kernel, binding, schedule, arch)
-                                       or not _spills(kernel, binding, deeper, arch)):
-                schedule = deeper
+            schedule = replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
         return schedule
     return _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
-
-
-def _spills(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> bool:
-    """Whether the compiled kernel keeps anything in local memory (compiles are cached on disk)."""
-    from .compile import resources
-
-    source = kernel_source(kernel, binding, schedule, arch)
-    usage = resources(compile_cuda(source.source, arch, source.name))
-    return bool(usage["stack"] or usage["local"])
 
 
 def _smem_limit(arch: str) -> int:
