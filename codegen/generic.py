@@ -22,9 +22,9 @@ Kernel arguments are plain pointers where Hopper passes tensor maps (``ptr``/``p
 
 Schedules are the Hopper ones (``launch.default_schedule`` with the arch), fitted to the arch's
 shared memory: on sm_86/sm_89 (99 KiB) most scans get one group per CTA and a one-stage ring (no
-load/compute overlap); programs whose loaded and staged tiles need more than that at one stage
-(gla-style 128x128 states) are a ResourceError there. Tuned configs (``tilemix tune``) are
-Hopper's and are not applied to generic kernels."""
+load/compute overlap), with staging buffers shared where nothing fits otherwise; programs whose
+tiles need more than that even then (gla-style 128x128 states) are a ResourceError there.
+``tilemix tune --target generic`` tunes these kernels, cached apart from Hopper's."""
 
 from __future__ import annotations
 

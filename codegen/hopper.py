@@ -72,14 +72,15 @@ class Schedule:
     ``consumers``: consumer warpgroups per CTA. With ``consumer_axis ==
     "columns"`` each takes one column block of the split dim; with ``"blocks"``
     each takes one block of the innermost grid loop (attention's query blocks,
-    gemm's N blocks); with ``"heads"`` (sm_90a only, never a default) each takes one of
+    gemm's N blocks); with ``"heads"`` (sm_90a only; ``launch_schedule`` picks it for one-consumer
+    scans over grouped heads, SSD's backward) each takes one of
     ``consumers`` consecutive heads of one batch, ``h = hcta * consumers + wg`` (the launch needs
     H and H/G multiples of ``consumers``). Tiles the consumers have in common (q and k of a scan,
     k and v of attention, A of gemm, the GroupSeq tiles of a group's heads such as SSD's B and C)
     are loaded once for all of them.
     ``share_staging``: register tiles staged in shared memory as matmul operands share buffers
-    once a tile's readers are emitted (less shared memory; the default schedule takes it only
-    where no schedule fits without it).
+    once a tile's readers are emitted (less shared memory; the defaults take it only where no
+    schedule fits without it, and for two heads per CTA at two stages).
     """
 
     stages: int = 2

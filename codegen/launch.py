@@ -280,8 +280,9 @@ def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
 def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
-    CTAs; a one-consumer scan over grouped heads may run two heads per CTA (``_heads_pair``). H100, linear attention, D=128 (bench/NOTES.md): T=4096 B·H=128 two consumers 0.189 ms
-    vs one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353."""
+    CTAs (H100, linear attention, D=128, bench/NOTES.md: T=4096 B·H=128 two consumers 0.189 ms vs
+    one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353); a one-consumer scan
+    over grouped heads may run two heads per CTA (``_heads_pair``)."""
     key = (id(kernel), binding.key(), arch)
     base = _DEFAULTS.get(key)
     if base is None:

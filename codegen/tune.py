@@ -111,10 +111,13 @@ def legal(schedule: Schedule, binding: Binding) -> bool:
     blocks (a scan with no split has one block, so one consumer). Consumers over heads each take a
     head of one group: their count must divide H and H/G, with no split."""
     if schedule.consumer_axis == "heads":
-        H = binding.sizes.get("H")
-        G = binding.sizes.get("G")  # absent without GroupSeq parameters
-        return (not schedule.split and H is not None and H % schedule.consumers == 0
-                and (not G or (H // G) % schedule.consumers == 0))
+        from .launch import heads_per_cta
+
+        try:
+            heads_per_cta(schedule, binding.sizes)
+        except ValueError:
+            return False
+        return not schedule.split and "H" in binding.sizes
     if schedule.consumer_axis != "columns":
         return True
     blocks = 1
