@@ -151,6 +151,9 @@ def _ssd_case(B, T, H, D, dtype):
     return ours, peer, "fla-chunk_simple_gla", nbytes, flops, dict(B=B, T=T, H=H, N=D, P=D, G=1)
 
 
+SDPA_PEERS = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}  # peer names per SDPA backend
+
+
 def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION"):
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(3))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -166,7 +169,7 @@ def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION"):
         with sdpa_kernel(getattr(SDPBackend, backend)):
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
 
-    name = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}[backend]
+    name = SDPA_PEERS[backend]
     return ours, peer, name, nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
 
 
@@ -248,7 +251,7 @@ def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION
                                                                    is_causal=causal)
         return out.transpose(1, 2)
 
-    name = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}[backend]
+    name = SDPA_PEERS[backend]
     return ours, _backward_of(forward, (q, k, v), do), name, nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
 
 
