@@ -58,15 +58,15 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory"); }
 
-// ---- ldmatrix: four 8x8 16-bit matrices from shared memory, row addresses per lane (a memory
-// clobber: never moved across the barriers and stores that make the tile ready)
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* row) {
+// ---- ldmatrix: four 8x8 16-bit matrices from shared memory, row addresses per lane (shared-window
+// addresses; a memory clobber: never moved across the barriers and stores that make the tile ready)
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)) : "memory");
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row) : "memory");
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* row) {
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(row)) : "memory");
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row) : "memory");
 }
 
 // ---- mma.sync m16n8k16, 16-bit inputs, fp32 accumulate in place: d += a @ b
@@ -104,29 +104,32 @@ __device__ __forceinline__ void load_tile_async(char* tile, const u16* src, long
   constexpr int PER_ROW = C / 8;
   if constexpr (NT % PER_ROW == 0) {
     // Each thread copies one 16-byte column chunk j of rows r, r + STEP, ...: its column, panel and
-    // bounds test are loop-invariant, the source advances by a constant: ~12 instructions a copy
-    // in SASS, where recomputing (row, chunk) from a flat index took ~45 and made the loads half
-    // of a generic gemm's issued instructions (ncu: 41% tensor-pipe use).
+    // bounds test are fixed, the source advances by a constant (recomputing (row, chunk) from a
+    // flat index took ~45 instructions a copy and made the loads half of a generic gemm's issued
+    // instructions).
     constexpr int STEP = NT / PER_ROW;
     // tid through an opaque move: what derives from it is recomputed per load, not hoisted out of
     // the chunk loop and kept live beside the program's tiles (ssd_fwd spilled on sm_80 without it)
     asm volatile("mov.b32 %0, %0;" : "+r"(tid));
-    const unsigned j = tid % PER_ROW;
+    const unsigned j = tid % PER_ROW, r0 = tid / PER_ROW;
     const bool col_ok = j * 8 < cols_left;
-    unsigned r = tid / PER_ROW;
-    const u16* from = src + (long)r * ld + j * 8;
-    char* to = tile + (j / 8) * R * 128 + r * 128 + (((j % 8) ^ (r % 8)) * 16);
+    const u16* from = src + (long)r0 * ld + j * 8;
+    char* to = tile + (j / 8) * R * 128 + r0 * 128 + (((j % 8) ^ (r0 % 8)) * 16);
     const long step = (long)STEP * ld;
-#pragma unroll 1  // small code: the copies wait on nothing, unrolling would only lengthen the loop body
-    for (; r < R; r += STEP, from += step) {
-      const bool valid = col_ok && (int)r < rows_left;
-      if constexpr (STEP % 8 == 0) {  // the row's swizzle (r % 8) is the same on every step
-        tilemix::generic::cp_async_16_zfill(to, valid ? from : src, valid);
-        to += STEP * 128;
-      } else {
-        char* dst = tile + (j / 8) * R * 128 + r * 128 + (((j % 8) ^ (r % 8)) * 16);
-        tilemix::generic::cp_async_16_zfill(dst, valid ? from : src, valid);
-      }
+    // Up to 4 steps unrolled: straight-line copies, ~5 instructions each where the loop took ~15
+    // (H200, generic gemm 4096^3 with the fragment addresses below: 0.466 -> 0.365 ms); more steps,
+    // and the addresses ptxas computes ahead make programs at 255 registers spill. A copy of 0
+    // bytes reads nothing, so masked copies keep their (out-of-range) source.
+    constexpr int STEPS = (R + STEP - 1) / STEP;
+#pragma unroll(STEPS <= 4 ? STEPS : 1)
+    for (int i = 0; i < STEPS; ++i, from += step) {
+      const unsigned r = r0 + i * STEP;
+      if (R % STEP != 0 && r >= R) continue;  // the last step's rows past the tile
+      if constexpr (STEP % 8 == 0)  // the row's swizzle (r % 8) is the same on every step
+        tilemix::generic::cp_async_16_zfill(to + i * STEP * 128, from, col_ok && (int)r < rows_left);
+      else
+        tilemix::generic::cp_async_16_zfill(tile + (j / 8) * R * 128 + r * 128 + (((j % 8) ^ (r % 8)) * 16), from,
+                                            col_ok && (int)r < rows_left);
     }
   } else {  // rows of a width that does not divide the threads (C = 192 with 128 threads)
     constexpr int CHUNKS = R * PER_ROW;
@@ -162,19 +165,37 @@ __device__ __forceinline__ void copy_panel_out(u16* dst, long ld, int rows_left,
 }
 
 // --------------------------------------------------------------- mma.sync ----
-// Fragments for the 16 rows of this warp. A (16 x 16 at rows m0.., k k0..) from a swizzled tile of
-// `rows` rows holding A (K-major: rows are M) or, TA, its transpose (rows are K).
-template <int rows, bool TA> __device__ __forceinline__ void frag_a(u32 (&a)[4], const char* tile, int m0, int k0) {
+// Fragment addresses. Lane l of an ldmatrix.x4 gives a row address of matrix l / 8 of a 16 x 16
+// block: row half and column half (i % 2, i / 2) of the block when `rows_first` (A stored M x K,
+// B stored K x N), (i / 2, i % 2) otherwise (the transposed storages). In a swizzled tile
+// (tm::swz_offset) a block at row r0 % 8 == 0 and column c0 % 16 == 0 moves the lane's 16-byte
+// chunk by XOR with ((c0 % 64) / 8), and tiles start on 128-byte rows (the lowering places them
+// at 1024-byte boundaries), so the address splits into a per-lane base, computed once per matmul,
+// and a compile-time part:
+//   address = (base ^ ((c0 % 64) / 8 * 16)) + (c0 / 64) * R * 128 + r0 * 128
+// one LOP3 per ldmatrix, where deriving row, panel and swizzle per load took ~5 integer
+// instructions (the generic gemm's chunk loop: 460 -> 348 SASS instructions for 128 HMMAs; with
+// the unrolled copies above, 305). (row0, col0): a run-time origin of the blocks (row0 % 8 == 0;
+// col0 % 16 == 0 and col0 < 64), e.g. the warp's rows.
+__device__ __forceinline__ unsigned frag_base(const char* tile, bool rows_first, int row0, int col0) {
   const int l = lane_id(), i = l / 8;
-  if (TA) tilemix::generic::ldmatrix_x4_trans(a, tile + swz_offset<rows>(k0 + (i / 2) * 8 + l % 8, m0 + (i % 2) * 8));
-  else tilemix::generic::ldmatrix_x4(a, tile + swz_offset<rows>(m0 + (i % 2) * 8 + l % 8, k0 + (i / 2) * 8));
+  const int r = (rows_first ? i % 2 : i / 2) * 8 + l % 8, half = rows_first ? i / 2 : i % 2;
+  return tilemix::generic::smem_addr(tile) + (row0 + r) * 128 + (((col0 / 8) ^ half ^ (r % 8)) * 16);
+}
+template <int rows> __device__ __forceinline__ unsigned frag_addr(unsigned base, int r0, int c0) {
+  return (base ^ (((c0 % 64) / 8) * 16)) + (c0 / 64) * rows * 128 + r0 * 128;
+}
+// A fragment (16 x 16 at rows m0.., k k0.. past the base's origin) from a tile of `rows` rows
+// holding A (rows are M) or, TA, its transpose (rows are K)
+template <int rows, bool TA> __device__ __forceinline__ void frag_a(u32 (&a)[4], unsigned base, int m0, int k0) {
+  if (TA) tilemix::generic::ldmatrix_x4_trans(a, frag_addr<rows>(base, k0, m0));
+  else tilemix::generic::ldmatrix_x4(a, frag_addr<rows>(base, m0, k0));
 }
 // B fragments of the two n8 blocks n0.. and n0+8.. at k k0..k0+15 ({b[0], b[1]} and {b[2], b[3]})
 // from a tile holding B (K x N: rows are K) or, TB, its transpose (rows are N)
-template <int rows, bool TB> __device__ __forceinline__ void frag_b(u32 (&b)[4], const char* tile, int n0, int k0) {
-  const int l = lane_id(), i = l / 8;
-  if (TB) tilemix::generic::ldmatrix_x4(b, tile + swz_offset<rows>(n0 + (i / 2) * 8 + l % 8, k0 + (i % 2) * 8));
-  else tilemix::generic::ldmatrix_x4_trans(b, tile + swz_offset<rows>(k0 + (i % 2) * 8 + l % 8, n0 + (i / 2) * 8));
+template <int rows, bool TB> __device__ __forceinline__ void frag_b(u32 (&b)[4], unsigned base, int n0, int k0) {
+  if (TB) tilemix::generic::ldmatrix_x4(b, frag_addr<rows>(base, n0, k0));
+  else tilemix::generic::ldmatrix_x4_trans(b, frag_addr<rows>(base, k0, n0));
 }
 
 // the m16n8 C fragment of block (mb, nb) of a register tile: floats [hr][cp] = c0..c3
@@ -185,7 +206,7 @@ template <int M, int N> __device__ __forceinline__ float (&c_frag(rt<M, N>& c, i
 // one k16 step of this warp's rows (16 per 64-row block): c += A(rows x 16) B(16 x N), each B
 // fragment loaded once for all of the warp's row blocks
 template <bool is_bf16, bool TB, int b_rows, int M, int N>
-__device__ __forceinline__ void mma_k_step(rt<M, N>& c, const u32 (&a)[M / 64][4], const char* b, int k0) {
+__device__ __forceinline__ void mma_k_step(rt<M, N>& c, const u32 (&a)[M / 64][4], unsigned b, int k0) {
 #pragma unroll
   for (int n0 = 0; n0 < N; n0 += 16) {
     u32 f[4];
@@ -207,12 +228,13 @@ __device__ __forceinline__ void matmul_sync_ss(rt<M, N>& c, const char* a, const
   static_assert(M % 64 == 0 && N % 16 == 0 && K % 16 == 0, "mma.sync tiles: M of 64, N and K of 16");
   if (!ACC) fill(c, 0.0f);
   const int warp_row = (threadIdx.x % 128) / 32 * 16;
+  const unsigned a_base = frag_base(a, !TA, TA ? 0 : warp_row, TA ? warp_row : 0), b_base = frag_base(b, !TB, 0, 0);
 #pragma unroll
   for (int k0 = 0; k0 < K; k0 += 16) {
     u32 fa[M / 64][4];
 #pragma unroll
-    for (int mb = 0; mb < M / 64; ++mb) frag_a<a_rows, TA>(fa[mb], a, mb * 64 + warp_row, k0);
-    mma_k_step<is_bf16, TB, b_rows>(c, fa, b, k0);
+    for (int mb = 0; mb < M / 64; ++mb) frag_a<a_rows, TA>(fa[mb], a_base, mb * 64, k0);
+    mma_k_step<is_bf16, TB, b_rows>(c, fa, b_base, k0);
   }
 }
 
@@ -222,6 +244,7 @@ template <bool is_bf16, bool TB, bool ACC, int b_rows, int M, int N, int K>
 __device__ __forceinline__ void matmul_sync_rs(rt<M, N>& c, const rt<M, K>& a, const char* b) {
   static_assert(M % 64 == 0 && N % 16 == 0 && K % 16 == 0, "mma.sync tiles: M of 64, N and K of 16");
   if (!ACC) fill(c, 0.0f);
+  const unsigned b_base = frag_base(b, !TB, 0, 0);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     u32 fa[M / 64][4];
@@ -232,7 +255,7 @@ __device__ __forceinline__ void matmul_sync_rs(rt<M, N>& c, const rt<M, K>& a, c
       fa[mb][2] = pack2<is_bf16>(a.v[mb][2 * kk + 1][0][0], a.v[mb][2 * kk + 1][0][1]);
       fa[mb][3] = pack2<is_bf16>(a.v[mb][2 * kk + 1][1][0], a.v[mb][2 * kk + 1][1][1]);
     }
-    mma_k_step<is_bf16, TB, b_rows>(c, fa, b, kk * 16);
+    mma_k_step<is_bf16, TB, b_rows>(c, fa, b_base, kk * 16);
   }
 }
 
