@@ -141,11 +141,11 @@ ssd_bwd_dx_op = tile_op(
 
 
 def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, T, H, N]`` per-head gradients summed over each group's heads, ``[B, T, G, N]``, in
-    float32 (float64 for float64): one pass over the per-head tensor, whatever its dtype."""
+    """``[B, T, H, N]`` per-head gradients summed over each group's heads, ``[B, T, G, N]`` in
+    ``per_head``'s dtype: one pass, accumulated in float32 (torch's sums of 16-bit tensors; float64
+    for float64) and rounded once."""
     b, t, h, n = per_head.shape
-    work = torch.float64 if per_head.dtype == torch.float64 else torch.float32
-    return per_head.view(b, t, groups, h // groups, n).sum(3, dtype=work)
+    return per_head if h == groups else per_head.view(b, t, groups, h // groups, n).sum(3)
 
 
 SPLIT_WIDTH = 64
@@ -200,7 +200,7 @@ def _backward(ctx, dy, dstate):
         return t.unflatten(-1, (blocks, width)).movedim(-2, 2).reshape(Bsz, heads, N, width)
 
     def sum_blocks(t):  # [.., H·blocks] -> [.., H], in float64
-        return t.double().unflatten(-1, (H, blocks)).sum(-1)
+        return t.unflatten(-1, (H, blocks)).sum(-1, dtype=torch.float64)
 
     xs, dys = as_heads(x), as_heads(dy)
     dts, As, Ds = per_block(dt), per_block(A), per_block(D)
@@ -212,13 +212,16 @@ def _backward(ctx, dy, dstate):
     dB, dC = (_group_sum(t, groups).to(B.dtype) for t in (dB_h, dC_h))
     # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
     alpha, beta = sum_blocks(alpha[:, ::CHUNK]), sum_blocks(beta[:, ::CHUNK])  # [B, chunks, H]
-    tail = (alpha - beta).flip(1).cumsum(1).flip(1) - alpha
+    prefix = (alpha - beta).cumsum(1)
+    tail = prefix[:, -1:] - prefix - beta
     if final_grad is not None:
         tail = tail + sum_blocks((state_as_heads(final_grad).double() * h_last.double()).sum((-2, -1)))[:, None]
     da = sum_blocks(da_in) + sum_blocks(da_out) + tail.repeat_interleave(CHUNK, 1)[:, :T]
-    ddt = (sum_blocks(ddt_direct) + A.double() * da).to(dt.dtype)
-    dA = (dt.double() * da).sum((0, 1)).to(A.dtype)
-    dD = sum_blocks(xdy).sum((0, 1)).to(D.dtype) if D is not None and need[5] else None
+    ddt = torch.addcmul(sum_blocks(ddt_direct), da, A.double()).to(dt.dtype)
+    dA = (dt * da).sum((0, 1)).to(A.dtype)  # da is float64: so is the product
+    dD = None
+    if D is not None and need[5]:
+        dD = xdy.sum((0, 1), dtype=torch.float64).view(H, blocks).sum(-1).to(D.dtype)
     if dinit is not None and blocks > 1:  # [B, H·blocks, N, width] -> [B, H, N, P]
         dinit = dinit.reshape(Bsz, H, blocks, N, width).movedim(2, -2).reshape(Bsz, H, N, P)
     dinit = dinit.to(initial_state.dtype) if initial_state is not None and need[6] else None

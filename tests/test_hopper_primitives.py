@@ -8,8 +8,24 @@ import pytest
 import torch
 
 from tilemix.reference.tolerance import rel_err
-from tilemix.tiles import (Out, Seq, State, causal, chunks, cumsum, exp, exp2, kernel, log, rowsum, segsum, sigmoid,
-                           softplus, sqrt, tanh)
+from tilemix.tiles import (
+    Out,
+    Seq,
+    State,
+    causal,
+    chunks,
+    cumsum,
+    exp,
+    exp2,
+    kernel,
+    log,
+    rowsum,
+    segsum,
+    sigmoid,
+    softplus,
+    sqrt,
+    tanh,
+)
 
 pytest.importorskip("cuda.bindings")
 
