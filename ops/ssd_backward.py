@@ -202,12 +202,11 @@ def _backward(ctx, dy, dstate):
     def sum_blocks(t):  # [.., H·blocks] -> [.., H], in float64
         return t.unflatten(-1, (H, blocks)).sum(-1, dtype=torch.float64)
 
-    xs, dys = as_heads(x), as_heads(dy)
+    xs, dys, final_heads = as_heads(x), as_heads(dy), state_as_heads(final_grad)
     dts, As, Ds = per_block(dt), per_block(A), per_block(D)
     with use_target(ctx.target):  # group heads: G divides H·blocks, and head h·blocks + j is in h's group
         dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dts, As, B, C, dys, state_as_heads(initial_state))
-        dx, dB_h, ddt_direct, da_out, beta, xdy, dinit = ssd_bwd_dx_op(xs, dts, As, B, C, dys, Ds,
-                                                                       state_as_heads(final_grad))
+        dx, dB_h, ddt_direct, da_out, beta, xdy, dinit = ssd_bwd_dx_op(xs, dts, As, B, C, dys, Ds, final_heads)
     dx = dx.reshape(x.shape)
     dB, dC = (_group_sum(t, groups).to(B.dtype) for t in (dB_h, dC_h))
     # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
@@ -215,7 +214,7 @@ def _backward(ctx, dy, dstate):
     prefix = (alpha - beta).cumsum(1)
     tail = prefix[:, -1:] - prefix - beta
     if final_grad is not None:
-        tail = tail + sum_blocks((state_as_heads(final_grad).double() * h_last.double()).sum((-2, -1)))[:, None]
+        tail = tail + sum_blocks((final_heads.double() * h_last.double()).sum((-2, -1)))[:, None]
     da = sum_blocks(da_in) + sum_blocks(da_out) + tail.repeat_interleave(CHUNK, 1)[:, :T]
     ddt = torch.addcmul(sum_blocks(ddt_direct), da, A.double()).to(dt.dtype)
     dA = (dt * da).sum((0, 1)).to(A.dtype)  # da is float64: so is the product
