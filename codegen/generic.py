@@ -158,6 +158,10 @@ class _GenericLowering(_Lowering):
         for op in self.loads:
             for line in self.issue_load(op, f"ring + {self.load_offset[op]}"):
                 self.emit(line, ind + 2)
+        for op in self.col_loads:  # the chunk's per-token vectors, in the same commit group
+            dst = f"smem + {self.col_ring} + (c % {stages}) * {self.col_stage_bytes} + {self.col_offset[op]}"
+            for line in self.col_copies(op, dst, self.threads, "threadIdx.x"):
+                self.emit(line, ind + 2)
         self.emit("};", ind)
         if stages > 1:
             self.emit(f"for (int c = 0; c < {stages - 1}; ++c) {{  // the ring's first chunks", ind)

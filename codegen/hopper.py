@@ -268,6 +268,12 @@ class _Lowering:
         tile_loads = lambda ops: [op for op in ops if op.name == "load" and op.result.type.cols > 1]  # noqa: E731
         self.prologue_loads = tile_loads(body)
         self.loads = tile_loads(self.loop.body) if self.loop is not None else []
+        # per-token vectors (Seq[1]) of the chunk: copied into the ring with the chunk's tiles, so
+        # the consumers read them from shared memory rather than wait on global memory at the head
+        # of every chunk
+        self.col_loads = [op for op in (self.loop.body if self.loop is not None else [])
+                          if op.name == "load" and op.result.type.cols == 1 and op.operands[0] is self.loop.index
+                          and self.p.param(op.attrs["param"]).spec.kind == "seq"]
         for op in self.prologue_loads + self.loads:
             if op.result.type.cols % PANEL:
                 self.fail(f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
@@ -468,13 +474,36 @@ class _Lowering:
             head = f"{head} / (H / G)"
         return "4d", f"{self.col0(name, consumer)} + {panel * PANEL}, {head}, {idx[0]} * {t.rows}, b"
 
+    def col_source(self, op: Op, consumer: int) -> str:
+        """Address of the (b, head) slice of the per-token vector ``op`` loads, for consumer ``consumer``."""
+        head = "h"
+        if self.heads:
+            C = self.schedule.consumers
+            head = f"(hcta * {C} + {consumer})" if self.per_consumer(op) else f"(hcta * {C})"
+        return f"ptr_{op.attrs['param']} + (long)b * T * H + {head}"
+
+    def col_copies(self, op: Op, dst: str, threads: int, tid: str) -> list[str]:
+        """The 4-byte cp.async copies of one per-token vector of the chunk (one per consumer where
+        each loads its own), by ``threads`` threads numbered ``tid``."""
+        rows = op.result.type.rows
+        index = self.index_name[op.operands[0].id]
+        return [f"tm::load_col_async<{rows}, {threads}>((float*)({dst} + {consumer * rows * 4}), "
+                f"{self.col_source(op, consumer)}, H, {index} * {rows}, T, {tid});"
+                for consumer in range(self.schedule.consumers if self.per_consumer(op) else 1)]
+
     def producer(self, stage_bytes: int, offsets: dict[Op, int]) -> list[str]:
-        out = ["    if (threadIdx.x == 0) {"]
+        # One thread issues the TMA loads; with per-token vectors in the ring its warp copies those,
+        # each lane arriving on the stage's barrier once its copies land (the barrier expects them).
+        lanes = bool(self.col_loads)
+        leader = "threadIdx.x == 0"
+        out = [f"    if ({'threadIdx.x < 32' if lanes else leader}) {{"]
         if self.prologue_loads:
             total = sum(self.load_bytes(op) for op in self.prologue_loads)
-            out.append(f"      tm::mbar_expect_tx(prologue, {total});")
+            copies = [f"tm::mbar_expect_tx(prologue, {total});"]
             for op in self.prologue_loads:
-                out += self.tma_loads(op, f"smem + {self.prologue_offset[op]}", "prologue", "      ")
+                copies += self.tma_loads(op, f"smem + {self.prologue_offset[op]}", "prologue", "")
+            out += [f"      if ({leader}) {{", *["        " + line for line in copies], "      }"] if lanes else \
+                ["      " + line for line in copies]
         if self.loop is not None:
             stages = self.schedule.stages
             out += ["      " + line for line in self.first_chunk(self.loop)]
@@ -482,17 +511,25 @@ class _Lowering:
             out.append("      for (int c = 0; c < n_iter; ++c) {")
             out.append(f"        int stage = c % {stages};")
             out.append(f"        if (c >= {stages}) tm::mbar_wait(&empty[stage], ((c / {stages}) - 1) & 1);")
-            out.append(f"        tm::mbar_expect_tx(&full[stage], {stage_bytes});")
+            tiles = [f"tm::mbar_expect_tx(&full[stage], {stage_bytes});"]
             for op in self.loads:
-                out += self.tma_loads(op, f"smem + stage * {stage_bytes} + {offsets[op]}", "&full[stage]",
-                                      "        ")
+                tiles += self.tma_loads(op, f"smem + stage * {stage_bytes} + {offsets[op]}", "&full[stage]", "")
+            if lanes:
+                for op in self.col_loads:
+                    dst = f"smem + {self.col_ring} + stage * {self.col_stage_bytes} + {self.col_offset[op]}"
+                    out += ["        " + line for line in self.col_copies(op, dst, 32, "threadIdx.x")]
+                out.append("        tm::cp_async_arrive(&full[stage]);")
+                out += [f"        if ({leader}) {{", *["          " + line for line in tiles], "        }"]
+            else:
+                out += ["        " + line for line in tiles]
             out.append("      }")
         out.append("    }")
         return out
 
     def load_bytes(self, op: Op) -> int:
         t = op.result.type
-        return t.rows * t.cols * 2 * (self.schedule.consumers if self.per_consumer(op) else 1)
+        size = 4 if t.cols == 1 else 2  # per-token vectors are fp32
+        return t.rows * t.cols * size * (self.schedule.consumers if self.per_consumer(op) else 1)
 
     # -- the consumer ---------------------------------------------------------------
     def lower_ops(self, ops: list[Op], ind: int):
@@ -586,6 +623,11 @@ class _Lowering:
                 return
             if param.spec.kind != "seq":
                 self.fail("vector loads are implemented for Seq[1] parameters", op)
+            if op in self.col_offset:  # copied into the ring with the chunk's tiles
+                mine = f" + wg * {t.rows * 4}" if self.per_consumer(op) else ""
+                at = f"smem + {self.col_ring} + stage * {self.col_stage_bytes} + {self.col_offset[op]}{mine}"
+                self.emit(f"{decl} tm::load_col_shared({out}, (const float*)({at}));", ind)
+                return
             row0 = f"{self.index_name[args[0].id]} * {t.rows}"
             self.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, {row0}, T);", ind)
         elif name == "store":
@@ -815,6 +857,11 @@ class _Lowering:
         self.smem_top = stage_bytes * self.schedule.stages
         for op in self.prologue_loads:
             self.prologue_offset[op] = self.alloc(self.load_bytes(op))
+        self.col_offset, self.col_stage_bytes = {}, 0  # the per-token vectors' ring, stage by stage
+        for op in self.col_loads:
+            self.col_offset[op] = self.col_stage_bytes
+            self.col_stage_bytes += self.load_bytes(op)
+        self.col_ring = self.alloc(self.col_stage_bytes * self.schedule.stages, 16) if self.col_loads else 0
         return stage_bytes
 
     def run(self) -> KernelSource:
@@ -850,7 +897,7 @@ class _Lowering:
             *grid,
             "  if (threadIdx.x == 0) {",
             f"    for (int s = 0; s < {self.schedule.stages}; ++s) {{",
-            "      tm::mbar_init(&full[s], 1);",
+            f"      tm::mbar_init(&full[s], {'33);  // the TMA leader and 32 copying lanes' if self.col_loads else '1);'}",
             f"      tm::mbar_init(&empty[s], {CONSUMER_THREADS * consumers});",
             "    }",
             "    tm::mbar_init(prologue, 1);",

@@ -179,7 +179,6 @@ PROGRAMS = _programs()
 # bytes with any change to the headers: ssd_fwd on sm_90 and attention_bwd_dkdv reload one or two
 # values per chunk.
 SPILLING = {
-    ("ssd_fwd", "sm_90"): "two groups per CTA at two stages: one value reloaded per chunk",
     "gla_fwd": "a 128x128 state decayed row by row beside the chunk's tiles (spills on sm_90a too)",
     "normalized_la_fwd": "a 128x128 state and the chunk's normaliser (spills on sm_90a too)",
     ("attention_bwd_dkdv", "sm_80"): "two groups per CTA (the schedule shared memory allows)",

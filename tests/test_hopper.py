@@ -249,6 +249,30 @@ def test_one_stage_ring_releases_each_chunk_at_once():
     assert "mbar_arrive(&empty[(c - 1)" in deep
 
 
+def test_per_token_vectors_ride_in_the_ring():
+    """A chunk's Seq[1] loads (SSD's dt) are copied into the ring by the producer's first warp, each
+    lane arriving on the stage's barrier (initialised to expect them), and read from shared memory;
+    a program without them keeps its one-thread producer. The generic target copies them with the
+    chunk's tiles."""
+    from tilemix.codegen.launch import generic_source
+
+    program = ops.PROGRAMS["ssd"]
+    binding = program.bind(example_specs("ssd"))
+    src = hopper_source(program, binding).source
+    producer = src[src.index("setmaxnreg_dec"):src.index("setmaxnreg_inc")]
+    assert "if (threadIdx.x < 32) {" in producer and "tm::load_col_async<64, 32>(" in producer
+    assert "tm::cp_async_arrive(&full[stage]);" in producer and "tm::mbar_init(&full[s], 33);" in src
+    consumer = src[src.index("setmaxnreg_inc"):]
+    assert "tm::load_col_shared(" in consumer and "tm::load_col(" not in consumer
+    la = ops.PROGRAMS["linear_attention"]
+    plain = hopper_source(la, la.bind(example_specs("linear_attention"))).source
+    assert "load_col" not in plain and "tm::mbar_init(&full[s], 1);" in plain and "if (threadIdx.x == 0) {" in plain
+    generic = generic_source(program, binding, arch="sm_90").source
+    start = generic.index("auto load_chunk")
+    assert "tm::load_col_async<64, " in generic[start:generic.index("};", start)]
+    assert "tm::load_col_shared(" in generic and "tm::load_col(" not in generic
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 def test_gpu_gemm_every_ring_depth(stages):
