@@ -31,7 +31,7 @@ from __future__ import annotations
 from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.ir import Loop, Op, Program
 
-from .hopper import CONSUMER_THREADS, PANEL, SCRATCH_FLOATS, KernelSource, Schedule, _ctype, _Lowering
+from .hopper import CONSUMER_THREADS, PANEL, KernelSource, Schedule, _ctype, _Lowering
 
 __all__ = ["GENERIC_ARCHS", "SMEM_LIMITS", "lower_generic"]
 
@@ -217,7 +217,7 @@ class _GenericLowering(_Lowering):
         body_start = len(self.lines)
         self.lower_ops(self.p.body, 2)
         body = self.lines[body_start:]
-        scratch_off = self.alloc(SCRATCH_FLOATS * 4 * self.schedule.consumers, 16)
+        scratch = self.scratch_base()
         args, order = self.param_args()
         consumers = self.schedule.consumers
         name = f"tilemix_{self.p.name}"
@@ -233,7 +233,7 @@ class _GenericLowering(_Lowering):
             *([f"  const int blk{len(self.grid_loops) - 1} = {self.block_expr('wg')};  // and its grid block"]
               if self.split_loop is not None else []),
             "  const int bar_id = 1 + wg;",
-            f"  float* scratch = (float*)(smem + {scratch_off}) + wg * {SCRATCH_FLOATS};",
+            *("  " + line for line in scratch),
             *prologue,
             *body,
             "}",

@@ -8,6 +8,8 @@ poisoned with NaN so an unwritten element fails.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -271,6 +273,18 @@ def test_per_token_vectors_ride_in_the_ring():
     start = generic.index("auto load_chunk")
     assert "tm::load_col_async<64, " in generic[start:generic.index("};", start)]
     assert "tm::load_col_shared(" in generic and "tm::load_col(" not in generic
+
+
+def test_transposes_and_reductions_exchange_through_separate_buffers():
+    """A transpose returns right after reading its buffer, and a column sum or scan writes its own at
+    once: through one buffer, a column sum right after a transpose could overwrite values a slower
+    warp was still reading. Each kind has its buffer, sized for the program's widest exchange."""
+    program = ops.PROGRAMS["ssd"]
+    src = hopper_source(program, program.bind(example_specs("ssd"))).source
+    assert re.search(r"tm::transpose\(\w+, \w+, transposed, bar_id\);", src)
+    assert re.search(r"tm::reduce_cols\([^;]*, scratch, bar_id\);", src)
+    assert re.search(r"tm::prefix_scan\([^;]*, scratch, bar_id\);", src)
+    assert "float* transposed = scratch + 4;" in src  # after the scans' and column sums' 4 floats
 
 
 @pytest.mark.gpu

@@ -189,7 +189,7 @@ def test_a_stale_cached_config_falls_back_to_the_default():
     specs = example_specs("gemm")
     fits = tune.Config(Schedule(stages=3, consumers=2, consumer_axis="blocks"))
     assert tune.usable(ops.gemm_fwd, specs, fits)
-    assert not tune.usable(ops.gemm_fwd, specs, tune.Config(Schedule(stages=4, consumers=2, consumer_axis="blocks")))
+    assert not tune.usable(ops.gemm_fwd, specs, tune.Config(Schedule(stages=5, consumers=2, consumer_axis="blocks")))
     assert not tune.usable(ops.gemm_fwd, specs, tune.Config(fits.schedule, (("block_q", 64),)))  # no such Const
 
 

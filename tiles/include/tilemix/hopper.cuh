@@ -139,6 +139,12 @@ template <class Op, int R, int C> __device__ __forceinline__ void reduce_rows(rt
     }
 }
 
+// Cross-warp exchanges go through per-consumer shared buffers the code generator sizes for its
+// program: column reductions and scans through one (they write, sync, read, and sync again before
+// returning, so the next may write at once), transposes through another (they sync before writing,
+// and return right after reading: the next transpose's first barrier frees the buffer). Sharing
+// one buffer, a reduction could overwrite a transpose that a slower warp was still reading.
+
 // down each column: R x C -> 1 x C, across the warpgroup through `scratch` (4 * C floats)
 template <class Op, int R, int C>
 __device__ __forceinline__ void reduce_cols(rt<1, C>& out, const rt<R, C>& in, Op op, float* scratch, int bar) {
