@@ -282,7 +282,7 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
     CTAs (H100, linear attention, D=128, bench/NOTES.md: T=4096 B·H=128 two consumers 0.189 ms vs
     one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353); a one-consumer scan
-    over grouped heads may run two heads per CTA (``_heads_pair``)."""
+    may run two heads per CTA (``_heads_pair``)."""
     key = (id(kernel), binding.key(), arch)
     base = _DEFAULTS.get(key)
     if base is None:
@@ -299,14 +299,16 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
 
 
 def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: int, arch: str) -> Schedule | None:
-    """Two heads of one group per CTA (``consumer_axis="heads"``), for a one-consumer scan with no
-    column split that reads per-group tiles (GroupSeq: SSD's B and C), which the pair then loads
-    once; None where that does not apply, would leave more than half the GPU idle, or does not fit.
-    H200, SSD backward B=8 T=4096 H=16 N=P=128 (its P blocks run as 32 heads): 1.834 ms one head
-    per CTA, 1.509 two heads at one stage, 1.356 two heads at two stages sharing staging buffers."""
+    """Two heads (of one group) per CTA (``consumer_axis="heads"``) for a one-consumer scan with no
+    column split: two warpgroups per SM hide each other's latency, and per-group tiles (GroupSeq:
+    SSD's B and C) load once for both; None where that does not apply, would leave more than half
+    the GPU idle, or does not fit. H200: SSD backward B=8 T=4096 H=16 N=P=128 (its P blocks run as 32
+    heads): 1.834 ms one head per CTA, 1.509 two heads at one stage, 1.356 two heads at two stages
+    sharing staging buffers; linear attention D=64 (no group tiles), B·H·T = 8·16·4096: T=1024 0.087
+    -> 0.074 ms, T=2048 0.086 -> 0.076, segmented T >= 16k 0.162-0.168 -> 0.130-0.134; at T=4096
+    (B·H = 128, fewer than the SMs: no pair) two heads measured 0.084 -> 0.102."""
     sizes = binding.sizes
-    if (arch != "sm_90a" or base.split or "H" not in sizes
-            or not any(p.present and p.spec.kind == "group_seq" for p in binding.params)):
+    if arch != "sm_90a" or base.split or "H" not in sizes:
         return None
     try:
         heads_per_cta(replace(base, consumers=2, consumer_axis="heads"), sizes)

@@ -193,6 +193,40 @@ def test_launch_schedule_fills_the_gpu(B, H, consumers, monkeypatch):
     assert launch.launch_schedule(program, binding, 0).consumers == consumers
 
 
+@pytest.mark.parametrize("B, sms, paired", [(32, 132, True), (8, 132, False)])
+def test_launch_schedule_pairs_heads_of_one_consumer_scans(B, sms, paired, monkeypatch):
+    """A one-consumer scan (linear attention at D = 64: no column split) runs two heads per CTA where
+    its B·H heads are at least as many as the SMs (the pairs keep over half of them busy)."""
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: sms)
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(example_specs("linear_attention", B=B, H=16, D=64))
+    schedule = launch.launch_schedule(program, binding, 0)
+    assert (schedule.consumer_axis == "heads" and schedule.consumers == 2) == paired, schedule
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+@pytest.mark.parametrize("T, segments", [(300, 1), (4096, 8)])
+@pytest.mark.parametrize("initial_state", [False, True])
+def test_gpu_scans_with_two_heads_per_cta(op, T, segments, initial_state, monkeypatch):
+    """One-consumer scans (D = 64) with two heads per CTA, as they run where the heads fill the GPU
+    (the SM count lowered here so that a small problem pairs), plain and in segments, against the
+    float64 reference."""
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: 2)
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    monkeypatch.setenv("TILEMIX_SEGMENTS", str(segments))
+    args = _inputs(op, 2, T, 4, 64, torch.bfloat16, seed=T + segments, initial_state=initial_state)
+    cuda_args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out, state = getattr(ops, op)(**cuda_args)
+    ref_out, ref_state = getattr(reference, op)(**args)
+    assert rel_err(out.cpu(), ref_out) <= bound(torch.bfloat16)
+    assert rel_err(state.cpu(), ref_state) <= bound(torch.bfloat16)
+
+
 @pytest.mark.gpu
 def test_gpu_more_heads_than_grid_y_allows(monkeypatch):
     """B·H = 70000 > 65535 (the grid's y limit): batch x head rides in grid x."""
