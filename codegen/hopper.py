@@ -241,15 +241,15 @@ class _Lowering:
             floats = 2 * v.type.rows
             offset = self.alloc(floats * 4 * self.schedule.consumers, 16)
             ptr = self.scans[v] = f"((float*)(smem + {offset}) + wg * {floats})"
-            slot = self.scratch(4 * (v.type.rows // 64))
-            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, {slot}, {self.bar});", ind)
+            buffer = self.scratch(4 * (v.type.rows // 64))
+            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, {buffer}, {self.bar});", ind)
         return self.scans[v]
 
     def scratch(self, floats: int, buffer: str = "scratch") -> str:
         """The consumer's buffer for a cross-warp exchange of ``floats`` floats: ``scratch`` for column
         reductions and scans, ``transposed`` for transposes (hopper.cuh says why), each sized for the
         program's widest exchange (a fixed 4 KiB per consumer kept attention_bwd_dq at two stages; at
-        three, H200, attention backward B=4 T=4096 H=16 D=128 causal: 2.084 -> 1.888 ms)."""
+        three, H200, attention backward B=4 T=4096 H=16 D=128 causal: 2.084 -> 1.862 ms)."""
         self.scratch_floats[buffer] = max(self.scratch_floats[buffer], -(-floats // 4) * 4)
         return buffer
 
@@ -693,8 +693,8 @@ class _Lowering:
             self.emit(f"{decl} tm::reduce_rows({out}, {self.reg(args[0], ind)}, {red});", ind)
         elif name in ("colsum", "colmax"):
             red = "tm::op_sum()" if name == "colsum" else "tm::op_max()"
-            slot = self.scratch(4 * args[0].type.cols)
-            self.emit(f"{decl} tm::reduce_cols({out}, {self.reg(args[0], ind)}, {red}, {slot}, {self.bar});", ind)
+            buffer = self.scratch(4 * args[0].type.cols)
+            self.emit(f"{decl} tm::reduce_cols({out}, {self.reg(args[0], ind)}, {red}, {buffer}, {self.bar});", ind)
         elif name == "transpose":
             t = args[0].type
             if t.rows != 1 and t.cols != 1:
@@ -703,13 +703,13 @@ class _Lowering:
             if t.rows == 1 and t.cols == 1:
                 self.emit(f"{decl} {out} = {self.reg(args[0], ind)};", ind)
             else:
-                slot = self.scratch(max(t.rows, t.cols), "transposed")
-                self.emit(f"{decl} tm::transpose({out}, {self.reg(args[0], ind)}, {slot}, {self.bar});", ind)
+                buffer = self.scratch(max(t.rows, t.cols), "transposed")
+                self.emit(f"{decl} tm::transpose({out}, {self.reg(args[0], ind)}, {buffer}, {self.bar});", ind)
         elif name == "cumsum" and args[0].type.cols > 1:
             t = args[0].type
-            slot = self.scratch(4 * t.cols * (t.rows // 64))
+            buffer = self.scratch(4 * t.cols * (t.rows // 64))
             self.emit(f"{decl} tm::cumsum_rows({out}, {self.reg(args[0], ind)}, {str(a['reverse']).lower()}, "
-                      f"{str(a['exclusive']).lower()}, {slot}, {self.bar});", ind)
+                      f"{str(a['exclusive']).lower()}, {buffer}, {self.bar});", ind)
         elif name == "cumsum":
             self.emit(f"{decl} tm::cumsum({out}, {self.scan(args[0], ind)}, {str(a['reverse']).lower()}, "
                       f"{str(a['exclusive']).lower()});", ind)
@@ -806,8 +806,8 @@ class _Lowering:
         round16 = f"[](float v) {{ return tm::round16<{self.is_bf16}>(v); }}"
         row = self.reg(b, ind)
         if not op.attrs["tb"]:  # a column: as a row
-            slot = self.scratch(k, "transposed")
-            self.emit(f"tm::rt<1, {k}> {tag}_row; tm::transpose({tag}_row, {row}, {slot}, {self.bar});", ind)
+            buffer = self.scratch(k, "transposed")
+            self.emit(f"tm::rt<1, {k}> {tag}_row; tm::transpose({tag}_row, {row}, {buffer}, {self.bar});", ind)
             row = f"{tag}_row"
         self.emit(f"tm::rt<1, {k}> {tag}_b; tm::map1({tag}_b, {round16}, {row});", ind)
         self.emit(f"{_ctype(a.type)} {tag}_p; tm::map1({tag}_p, {round16}, {self.reg(a, ind)});", ind)
