@@ -206,6 +206,21 @@ def test_launch_schedule_pairs_heads_of_one_consumer_scans(B, sms, paired, monke
     assert (schedule.consumer_axis == "heads" and schedule.consumers == 2) == paired, schedule
 
 
+def test_paired_heads_scan_has_no_local_memory(monkeypatch):
+    """Two heads per CTA take the three-warpgroup register split (168 registers a thread at launch):
+    linear attention at D = 64, paired as on a full H100/H200, compiles without spills."""
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(example_specs("linear_attention", B=32, T=1024, H=16, D=64))
+    schedule = launch.launch_schedule(program, binding, 0)
+    assert schedule.consumer_axis == "heads"
+    source = hopper_source(program, binding, schedule)
+    usage = resources(compile_cuda(source.source, "sm_90a", source.name))
+    assert not usage["stack"] and not usage["local"], usage
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", ["linear_attention", "ssd"])
 @pytest.mark.parametrize("T, segments", [(300, 1), (4096, 8)])
