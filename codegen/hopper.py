@@ -72,7 +72,7 @@ class Schedule:
     "columns"`` each takes one column block of the split dim; with ``"blocks"``
     each takes one block of the innermost grid loop (attention's query blocks,
     gemm's N blocks); with ``"heads"`` (sm_90a only; ``launch_schedule`` picks it for one-consumer
-    scans over grouped heads, SSD's backward) each takes one of
+    scans whose heads fill the GPU: SSD's backward, linear attention at D = 64) each takes one of
     ``consumers`` consecutive heads of one batch, ``h = hcta * consumers + wg`` (the launch needs
     H and H/G multiples of ``consumers``). Tiles the consumers have in common (q and k of a scan,
     k and v of attention, A of gemm, the GroupSeq tiles of a group's heads such as SSD's B and C)
@@ -469,11 +469,7 @@ class _Lowering:
                    else self.index_name[v.id] for v in op.operands]
             for panel in range(t.cols // PANEL):
                 at = f"{dst} + {consumer * t.rows * t.cols * 2 + panel * t.rows * 128}"
-                head = None
-                if self.heads:  # the producer has no h: the head of consumer `consumer`, or the CTA's first
-                    C = self.schedule.consumers
-                    head = f"(hcta * {C} + {consumer})" if self.per_consumer(op) else f"(hcta * {C})"
-                rank, coords = self.tma_coords(name, idx, t, panel, str(consumer), head)
+                rank, coords = self.tma_coords(name, idx, t, panel, str(consumer), self.producer_head(op, consumer))
                 lines.append(f"{indent}tm::tma_load_{rank}({at}, &tmap_{name}, {bar}, {coords});")
         return lines
 
@@ -491,13 +487,18 @@ class _Lowering:
             head = f"{head} / (H / G)"
         return "4d", f"{self.col0(name, consumer)} + {panel * PANEL}, {head}, {idx[0]} * {t.rows}, b"
 
+    def producer_head(self, op: Op, consumer: int) -> str:
+        """The head whose data ``op`` loads for consumer ``consumer``, as the producer names it: ``h``;
+        with consumers over heads (the producer has no ``h``) the consumer's own where each loads its
+        copy, else the CTA's first."""
+        if not self.heads:
+            return "h"
+        C = self.schedule.consumers
+        return f"(hcta * {C} + {consumer})" if self.per_consumer(op) else f"(hcta * {C})"
+
     def col_source(self, op: Op, consumer: int) -> str:
         """Address of the (b, head) slice of the per-token vector ``op`` loads, for consumer ``consumer``."""
-        head = "h"
-        if self.heads:
-            C = self.schedule.consumers
-            head = f"(hcta * {C} + {consumer})" if self.per_consumer(op) else f"(hcta * {C})"
-        return f"ptr_{op.attrs['param']} + (long)b * T * H + {head}"
+        return f"ptr_{op.attrs['param']} + (long)b * T * H + {self.producer_head(op, consumer)}"
 
     def col_copies(self, op: Op, dst: str, threads: int, tid: str) -> list[str]:
         """The 4-byte cp.async copies of one per-token vector of the chunk (one per consumer where
