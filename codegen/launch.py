@@ -59,8 +59,9 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
 
 def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> Schedule:
     """Scans: split the state's column dim into 64-wide blocks (state and output tiles then
-    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA, the ring
-    as deep as shared memory allows. Where shared memory is short: one consumer, then one stage."""
+    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA. Where
+    shared memory is short: one consumer, then one stage. Then the ring as deep as shared memory
+    allows (up to MAX_STAGES; scans on sm_90a only, the generic target's scans unmeasured)."""
     split = []
     for p in binding.params:
         if p.spec.kind == "state":
@@ -71,19 +72,29 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
         split = tuple(split)
         pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding) % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
-        return _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
-                                                        Schedule(split=split, consumers=1, stages=1)], arch)
+        schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
+                                                            Schedule(split=split, consumers=1, stages=1)], arch)
+        return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
     program = kernel.trace(binding, target="sm_90a")
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
-        # neighbouring grid blocks share loads; the ring as deep as shared memory allows
+        # neighbouring grid blocks share loads
         schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
                                                     Schedule(stages=1)], arch)
-        source = kernel_source(kernel, binding, schedule, arch)
-        if source.stage_bytes:
-            room = (_smem_limit(arch) - source.smem_bytes) // source.stage_bytes
-            schedule = replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
+        return _deepest_ring(kernel, binding, schedule, arch)
+    schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
+    return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+
+
+def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> Schedule:
+    """``schedule`` with as many ring stages as shared memory holds, up to MAX_STAGES: more loads in
+    flight while the consumers work. H200, same process (bench/NOTES.md, session 9): linear attention
+    D=64 B·H·T = 8·16·4096 0.083 -> 0.073 ms at 3 stages (4: 0.074, 6: 0.077), D=128 0.151 -> 0.148,
+    D=128 T=8192 (one consumer per CTA) 0.197 -> 0.186; SSD N=P=128 0.183 -> 0.178."""
+    source = kernel_source(kernel, binding, schedule, arch)
+    if not source.stage_bytes:
         return schedule
-    return _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
+    room = (_smem_limit(arch) - source.smem_bytes) // source.stage_bytes
+    return replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
 
 
 def _smem_limit(arch: str) -> int:
