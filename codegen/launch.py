@@ -22,8 +22,8 @@ from .compile import compile_cuda
 from .generic import SMEM_LIMITS, lower_generic
 from .hopper import SMEM_LIMIT, KernelSource, Schedule, lower_hopper
 
-__all__ = ["run_hopper", "run_tiles", "hopper_source", "generic_source", "kernel_source", "default_schedule",
-           "launch_schedule"]
+__all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch", "hopper_source", "generic_source", "kernel_source",
+           "default_schedule", "launch_schedule"]
 
 SPLIT_WIDTH = 64
 MAX_STAGES = 3  # 4 measured no faster (gemm 8192³: 0.81x vs 0.91x cuBLAS at 3); the tuner may try more
@@ -385,6 +385,13 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
               schedule: Schedule | None = None, arch: str = "sm_90a") -> None:
     """``run_hopper`` for any arch: sm_90a (tensor maps) or a generic one (plain pointers)."""
     device = next(iter(outputs.values())).device.index
+    prepare_launch(kernel, binding, schedule, arch, device)(args, outputs)
+
+
+def prepare_launch(kernel: Kernel, binding: Binding, schedule: Schedule | None, arch: str, device: int) -> Launch:
+    """Everything about launching ``kernel`` on ``binding``'s sizes but the arguments themselves:
+    the schedule (``launch_schedule`` if None), the compiled kernel and the grid. ``ops`` keeps one
+    per call signature, so a repeated call only packs addresses and launches."""
     schedule = schedule or launch_schedule(kernel, binding, device, arch)
     sizes = binding.sizes
     per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
@@ -393,40 +400,56 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
     for dim, size in plan.source.grid_loops:
         blocks *= -(-sizes[dim] // size)
     grid = (blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, plan.blocks_z)
-    if 0 in grid:
-        return
-    params = []
-    keep_alive = []  # converted copies must outlive the launch's argument packing
-    for kind, name in plan.source.params:
-        value = args.get(name)
-        if kind == "tmap":
-            t = value if tma_readable(value) else value.contiguous()
-            if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
-                t = t.clone()
-            keep_alive.append(t)
-            params.append(_tensor_map(t, name, plan.source.tmap_rows[name]))
-        elif kind == "tmap_out":
-            params.append(_tensor_map(outputs[name], name, plan.source.tmap_rows[name]))
-        elif kind == "ptr":  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
-            t = value.contiguous()
-            if t.data_ptr() % 16:
-                t = t.clone()
-            keep_alive.append(t)
-            params.append(np.uint64(t.data_ptr()))
-        elif kind == "ptr_out":
-            params.append(np.uint64(outputs[name].data_ptr()))
-        elif kind == "f32":
-            t = value.to(torch.float32).contiguous()
-            keep_alive.append(t)
-            params.append(np.uint64(t.data_ptr()))
-        elif kind == "state":
-            init = value.contiguous() if value is not None else None
-            keep_alive.append(init)
-            final = outputs.get(name)
-            params += [np.uint64(init.data_ptr() if init is not None else 0),
-                       np.uint64(final.data_ptr() if final is not None else 0)]
-        elif kind == "scalar":
-            params.append(np.float32(value))
-    params += [np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args]  # G defaults to H
-    plan.function(grid, (plan.source.threads, 1, 1), tuple(params), shared_mem=plan.source.smem_bytes,
-                  stream=_stream(_current_stream(device)))
+    size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
+    return Launch(plan, grid, size_args, device)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A prepared launch (``prepare_launch``): called with the arguments and the outputs (allocated
+    by the caller; states absent from ``outputs`` are not written), it builds the tensor maps and
+    pointers and launches on torch's current stream."""
+
+    plan: _Plan
+    grid: tuple[int, int, int]
+    size_args: tuple[np.int32, ...]
+    device: int
+
+    def __call__(self, args: dict[str, Any], outputs: dict[str, torch.Tensor]) -> None:
+        if 0 in self.grid:
+            return
+        source = self.plan.source
+        params = []
+        keep_alive = []  # converted copies must outlive the launch's argument packing
+        for kind, name in source.params:
+            value = args.get(name)
+            if kind == "tmap":
+                t = value if tma_readable(value) else value.contiguous()
+                if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
+                    t = t.clone()
+                keep_alive.append(t)
+                params.append(_tensor_map(t, name, source.tmap_rows[name]))
+            elif kind == "tmap_out":
+                params.append(_tensor_map(outputs[name], name, source.tmap_rows[name]))
+            elif kind == "ptr":  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
+                t = value.contiguous()
+                if t.data_ptr() % 16:
+                    t = t.clone()
+                keep_alive.append(t)
+                params.append(np.uint64(t.data_ptr()))
+            elif kind == "ptr_out":
+                params.append(np.uint64(outputs[name].data_ptr()))
+            elif kind == "f32":
+                t = value.to(torch.float32).contiguous()
+                keep_alive.append(t)
+                params.append(np.uint64(t.data_ptr()))
+            elif kind == "state":
+                init = value.contiguous() if value is not None else None
+                keep_alive.append(init)
+                final = outputs.get(name)
+                params += [np.uint64(init.data_ptr() if init is not None else 0),
+                           np.uint64(final.data_ptr() if final is not None else 0)]
+            elif kind == "scalar":
+                params.append(np.float32(value))
+        self.plan.function(self.grid, (source.threads, 1, 1), (*params, *self.size_args),
+                           shared_mem=source.smem_bytes, stream=_stream(_current_stream(self.device)))

@@ -297,7 +297,17 @@ def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], 
             progress(config.describe())
     result.best = min(result.times, key=result.times.get)
     store_config(runner.key, result.best)
+    _forget_choices()
     return result
+
+
+def _forget_choices() -> None:
+    """After a tune: calls in this process look their configs and segment counts up again."""
+    from tilemix.ops._dispatch import forget_calls
+
+    _LOOKUPS.clear()
+    _SEGMENTS.clear()
+    forget_calls()
 
 
 def _gpu_timer():
@@ -473,5 +483,5 @@ def tune_segments(scan, args: dict[str, Any], *, timer: Callable[[Callable[[], o
     result.best = min(result.times, key=result.times.get)
     key = _segments_key(scan, binding, device)
     _store_text(key, json.dumps({"segments": result.best}))
-    _SEGMENTS.clear()
+    _forget_choices()
     return result

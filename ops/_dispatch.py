@@ -7,6 +7,7 @@ import contextvars
 import functools
 import numbers
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
 
-__all__ = ["run_kernel", "fake_run", "default_scale", "check_call", "use_target", "call_with_target", "device_arch"]
+__all__ = ["run_kernel", "call_signature", "remember", "recall", "forget_calls", "fake_run", "default_scale",
+           "check_call", "use_target", "call_with_target", "device_arch"]
 
 
 def default_scale(q: Any, scale: float | None) -> float:
@@ -81,13 +83,17 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     ``final_states`` names the states to return (None: all); a GPU kernel
     neither allocates nor writes the others. ``schedule``: the GPU kernel's
     (default: a tuned one if cached, see ``tilemix.codegen.tune``, else the
-    code generator's default)."""
+    code generator's default). A CUDA call whose signature (``call_signature``) ran before skips
+    the checks and choices and only allocates, packs and launches."""
+    signature = call_signature(kernel, args, final_states, schedule)
+    prepared = recall(signature)
+    if prepared is not None:
+        _refuse_gradients(kernel, args.values())
+        return prepared(args)
     labels = labels or {}
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     device = _check_devices(tensors, labels)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
-        raise NotImplementedError(f"tilemix.{kernel.name}: gradients are not implemented yet; "
-                                  "call it under torch.no_grad() or on tensors that do not require grad")
+    _refuse_gradients(kernel, tensors.values())
     binding = kernel.bind(args, labels)
     if 0 in (binding.sizes.get("B", 1), binding.sizes.get("H", 1)):
         # no program instance at all (B = 0 or H = 0): every output and state is empty
@@ -100,20 +106,22 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
         arch = device_arch(device)
-        preferred = {k: v for k, v in kernel.consts_for(arch).items() if k not in args}
-        if preferred:  # this arch's block shapes, where the caller chose none
-            args = {**args, **preferred}
-            binding = kernel.bind(args, labels)
+        extra = {k: v for k, v in kernel.consts_for(arch).items() if k not in args}
+        if extra:  # this arch's block shapes, where the caller chose none
+            binding = kernel.bind({**args, **extra}, labels)
         if schedule is None:  # a tuned config for this arch, if `tilemix tune` left one
             from tilemix.codegen.tune import config_for
 
-            tuned = config_for(kernel, binding, args, device, arch)
+            tuned = config_for(kernel, binding, {**args, **extra}, device, arch)
             if tuned is not None:
                 schedule = tuned.schedule
                 if tuned.consts:
-                    args = {**args, **dict(tuned.consts)}
-                    binding = kernel.bind(args, labels)
-        return _run_cuda(kernel, binding, args, device, final_states, schedule, arch)
+                    extra = {**extra, **dict(tuned.consts)}
+                    binding = kernel.bind({**args, **extra}, labels)
+        prepared = _prepare_cuda(kernel, binding, args, extra, device, final_states, schedule, arch)
+        if signature is not None:
+            remember(signature, prepared)
+        return prepared(args)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
     work = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32  # the interpreter's precision
@@ -221,29 +229,106 @@ def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
                      f"the device has {cc}: move the tensors to the CPU to use the interpreter")
 
 
-def _run_cuda(kernel: Kernel, binding, args: dict[str, Any], device: torch.device,
-              final_states: tuple[str, ...] | None, schedule, arch: str = "sm_90a") -> dict[str, torch.Tensor]:
+MAX_REMEMBERED = 4096  # call signatures remembered (a few KiB each)
+_BY_SIGNATURE: dict[tuple, Any] = {}
+_ENV_KNOBS = ("TILEMIX_TARGET", "TILEMIX_SCHEDULE", "TILEMIX_POISON", "TILEMIX_CACHE", "TILEMIX_AUTOTUNE")
+
+
+def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple | None:
+    """What a CUDA call's checks and choices (binding, arch, tuned config, schedule, grid) depend on:
+    the tensors' shapes, strides, dtypes and devices, the other arguments (a scalar by type only: its
+    value is passed at launch), the target, the environment knobs, the SM count, and ``extra``.
+    None when a tensor is not on a CUDA device (nothing is remembered for the interpreter)."""
+    from tilemix.codegen.launch import sm_count
+
+    parts = [kernel, _TARGET.get(), *map(os.environ.get, _ENV_KNOBS), *extra]
+    device = None
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            device = value.device
+            if device.type != "cuda":
+                return None
+            parts.append((name, value.shape, value.stride(), value.dtype, device))
+        elif (spec := kernel.specs.get(name)) is not None and spec.kind == "scalar":
+            parts.append((name, type(value)))
+        else:
+            parts.append((name, value))
+    if device is None:
+        return None
+    parts.append(sm_count(device.index))  # the launch schedule depends on it
+    return tuple(parts)
+
+
+def remember(signature: tuple, value: Any) -> None:
+    """Keep ``value`` for a call signature (``recall`` gives it back): the prepared launch of a
+    ``run_kernel`` call, the segment count of a segmented scan's."""
+    if len(_BY_SIGNATURE) >= MAX_REMEMBERED:  # many shapes (varying lengths, say): forget the oldest
+        del _BY_SIGNATURE[next(iter(_BY_SIGNATURE))]
+    _BY_SIGNATURE[signature] = value
+
+
+def recall(signature: tuple | None) -> Any:
+    """What ``remember`` kept for ``signature``; None if nothing (or the signature is None)."""
+    return _BY_SIGNATURE.get(signature) if signature is not None else None
+
+
+def forget_calls() -> None:
+    """Forget every remembered call signature: the next call of each runs the checks and choices
+    again (after changing what they depend on in a way ``call_signature`` does not see)."""
+    _BY_SIGNATURE.clear()
+
+
+def _refuse_gradients(kernel: Kernel, values) -> None:
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in values):
+        raise NotImplementedError(f"tilemix.{kernel.name}: gradients are not implemented yet; "
+                                  "call it under torch.no_grad() or on tensors that do not require grad")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One call signature's CUDA launch, resolved: the constants the arch or a tuned config added,
+    the outputs to allocate and the prepared launch. Called with the arguments, it returns the
+    outputs."""
+
+    extra: dict[str, Any]
+    outputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    launch: Any  # tilemix.codegen.launch.Launch
+    device: torch.device
+    poison: bool
+
+    def __call__(self, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.extra:
+            args = {**args, **self.extra}
+        if self.poison:  # TILEMIX_POISON=1: outputs start as NaN, so tests catch anything a kernel leaves unwritten
+            outputs = {name: torch.full(shape, float("nan"), dtype=dtype, device=self.device)
+                       for name, shape, dtype in self.outputs}
+        else:
+            outputs = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, shape, dtype in self.outputs}
+        if self.device.index == torch.cuda.current_device():
+            self.launch(args, outputs)
+        else:
+            with torch.cuda.device(self.device):  # ~10 µs: only when the tensors are not on the current GPU
+                self.launch(args, outputs)
+        return outputs
+
+
+def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str, Any], device: torch.device,
+                  final_states: tuple[str, ...] | None, schedule, arch: str = "sm_90a") -> _Prepared:
     """The kernel for ``arch`` (``select_arch``: sm_90a is the Hopper lowering, sm_8x and sm_90 the
-    generic mma.sync one) on ``args``, into freshly allocated outputs."""
-    from tilemix.codegen.launch import run_tiles
+    generic mma.sync one) on ``binding`` (``args`` with the constants ``extra``), prepared to
+    launch into freshly allocated outputs."""
+    from tilemix.codegen import launch
 
     dtype = args[_first_tile_operand(binding)].dtype
-    # TILEMIX_POISON=1 fills outputs with NaN first, so tests catch anything a kernel leaves unwritten
-    alloc = torch.full if os.environ.get("TILEMIX_POISON") else (lambda shape, _, **kw: torch.empty(shape, **kw))
-    outputs = {}
+    outputs = []
     for p in binding.params:
         if p.spec.output:
-            outputs[p.name] = alloc(p.shape, float("nan"), dtype=_output_dtype(p, dtype), device=device)
+            outputs.append((p.name, tuple(p.shape), _output_dtype(p, dtype)))
         elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             B, H = binding.sizes["B"], binding.sizes["H"]
-            shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
-            outputs[p.name] = alloc(shape, float("nan"), dtype=torch.float32, device=device)
-    if device.index == torch.cuda.current_device():
-        run_tiles(kernel, binding, args, outputs, schedule, arch)
-    else:
-        with torch.cuda.device(device):  # ~10 µs: only when the tensors are not on the current GPU
-            run_tiles(kernel, binding, args, outputs, schedule, arch)
-    return outputs
+            outputs.append((p.name, (B, H) + tuple(binding.extent(d) for d in p.spec.dims), torch.float32))
+    prepared = launch.prepare_launch(kernel, binding, schedule, arch, device.index)
+    return _Prepared(extra, tuple(outputs), prepared, device, bool(os.environ.get("TILEMIX_POISON")))
 
 
 def _output_dtype(param, like: torch.dtype) -> torch.dtype:

@@ -30,7 +30,7 @@ import torch
 
 from tilemix.tiles import Kernel
 
-from ._dispatch import check_hopper_dims, device_arch, run_kernel
+from ._dispatch import call_signature, check_hopper_dims, device_arch, recall, remember, run_kernel
 
 __all__ = ["SegmentedScan", "segment_count"]
 
@@ -113,17 +113,25 @@ class SegmentedScan:
     def default_segments(self, args: dict[str, Any], labels: dict[str, str] | None = None,
                          tuned: bool = True) -> int:
         """The segment count a call runs: 1 on the CPU, else a tuned count for the shape (``tilemix
-        tune``) when ``tuned`` and one is cached, else ``segment_count``."""
-        tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
-        if not tensors or tensors[0].device.type != "cuda":
+        tune``) when ``tuned`` and one is cached, else ``segment_count``; remembered per call
+        signature."""
+        signature = call_signature(self.kernel, args, "segments", tuned, os.environ.get("TILEMIX_SEGMENTS"))
+        if signature is None:  # CPU tensors
             return 1
+        count = recall(signature)
+        if count is None:
+            count = self._choose_segments(args, labels, tuned)
+            remember(signature, count)
+        return count
+
+    def _choose_segments(self, args: dict[str, Any], labels: dict[str, str] | None, tuned: bool) -> int:
         from tilemix.codegen.launch import column_blocks, launch_schedule, sm_count
 
         binding = self.kernel.bind(args, labels)
         if 0 in binding.sizes.values():
             return 1
         check_hopper_dims(binding, labels or {})  # a clear error before the schedule lowers anything
-        device = tensors[0].device.index
+        device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device.index
         arch = device_arch(device)
         if tuned and not os.environ.get("TILEMIX_SEGMENTS"):
             from tilemix.codegen.tune import tuned_segments

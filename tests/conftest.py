@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def fresh_call_cache():
+    """Each test starts with no remembered CUDA call signatures (``run_kernel``'s prepared launches,
+    segment counts), so the schedules, SM counts and plans a test patches in are the ones its calls
+    use."""
+    from tilemix.ops import _dispatch
+
+    _dispatch.forget_calls()
