@@ -70,12 +70,15 @@ class SegmentedScan:
 
     ``states`` takes the scan's inputs (those it declares) and returns the state named ``state``
     it reaches from zero; ``log_decay(args, segments)`` gives each segment's state decay as a
-    ``[B, S, H]`` log (None: the state is a plain sum, as in linear attention)."""
+    ``[B, S, H]`` log (None: the state is a plain sum, as in linear attention). ``reverse``: the
+    scan walks its chunks last to first (a state's gradient, as in the SSD backward), so the state
+    enters each segment from the next one and the final state is the first segment's."""
 
     kernel: Kernel
     states: Kernel
     state: str
     log_decay: Callable[[dict[str, Any], int], torch.Tensor] | None = None
+    reverse: bool = False
 
     def __call__(self, args: dict[str, Any], labels: dict[str, str] | None = None,
                  final_states: tuple[str, ...] | None = None, segments: int | None = None) -> dict[str, torch.Tensor]:
@@ -96,7 +99,11 @@ class SegmentedScan:
         local = run_kernel(self.states, inputs, labels, final_states=(self.state,))[self.state]
         local = local.view(B, segments, *local.shape[1:])
         log_decay = None if self.log_decay is None else self.log_decay(args, segments)
+        if self.reverse:  # segments in the order the scan meets them
+            local, log_decay = local.flip(1), (None if log_decay is None else log_decay.flip(1))
         starts, final = combine(local, log_decay, args.get(self.state))
+        if self.reverse:
+            starts = starts.flip(1)
         outputs = run_kernel(self.kernel, {**args, **split, self.state: starts.flatten(0, 1)}, labels,
                              final_states=())
         result = {name: t.view(B, T, *t.shape[2:]) for name, t in outputs.items()}

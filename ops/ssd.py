@@ -10,6 +10,7 @@ from ._dispatch import call_with_target, check_call
 from ._library import no_state, tile_op
 from ._segments import SegmentedScan
 from .ssd_backward import register_ssd_autograd
+from .ssd_states import segment_log_decay, ssd_states
 
 __all__ = ["ssd", "ssd_fwd", "ssd_states"]
 
@@ -30,22 +31,7 @@ def ssd_fwd(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["
         h = h * exp(colsum(log_decay)) + B[c].T @ (xc * (dtc * decay_to_end))
 
 
-@kernel
-def ssd_states(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], h: State["N", "P"] = None):
-    """The state a sequence (a segment of one) reaches from zero: pass 1 of the segmented scan."""
-    for c in chunks(64):
-        log_decay = dt[c] * A
-        decay_to_end = exp(cumsum(log_decay, reverse=True, exclusive=True))
-        h = h * exp(colsum(log_decay)) + B[c].T @ (x[c] * (dt[c] * decay_to_end))
-
-
-def _segment_log_decay(args: dict, segments: int) -> torch.Tensor:
-    """Each segment's ``Σ dt·A`` as ``[B, S, H]`` (float64: a handful of numbers per segment)."""
-    dt = args["dt"]
-    return dt.reshape(dt.shape[0], segments, -1, dt.shape[2]).sum(2, dtype=torch.float64) * args["A"]
-
-
-ssd_scan = SegmentedScan(ssd_fwd, ssd_states, "h", _segment_log_decay)
+ssd_scan = SegmentedScan(ssd_fwd, ssd_states, "h", segment_log_decay)
 
 ssd_op = tile_op(
     "ssd",

@@ -64,8 +64,10 @@ from tilemix.tiles import (
 
 from ._dispatch import current_target, use_target
 from ._library import tile_op
+from ._segments import SegmentedScan
+from .ssd_states import segment_log_decay, ssd_bwd_dx_states, ssd_states
 
-__all__ = ["ssd_bwd_dc", "ssd_bwd_dx", "register_ssd_autograd"]
+__all__ = ["ssd_bwd_dc", "ssd_bwd_dx", "ssd_bwd_dc_scan", "ssd_bwd_dx_scan", "register_ssd_autograd"]
 
 
 @kernel
@@ -122,6 +124,10 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
         g = g * exp(colsum(log_decay)) + cc.T @ (dyc * from_start)
 
 
+# each in sequence segments where the heads leave the GPU idle (long sequences, few heads), as the forward
+ssd_bwd_dc_scan = SegmentedScan(ssd_bwd_dc, ssd_states, "h", segment_log_decay)
+ssd_bwd_dx_scan = SegmentedScan(ssd_bwd_dx, ssd_bwd_dx_states, "g", segment_log_decay, reverse=True)
+
 # the backward programs as custom ops, so a compiled training step sees ops, not Python
 ssd_bwd_dc_op = tile_op(
     "ssd_bwd_dc", "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? initial_state)"
@@ -129,7 +135,8 @@ ssd_bwd_dc_op = tile_op(
     ssd_bwd_dc,
     lambda x, dt, A, B, C, dy, initial_state: (dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, h=initial_state),
                                                {"h": "initial_state"}, ("h",)),
-    lambda out: (out["dC"], out["da"], out["alpha"], out["h"]))
+    lambda out: (out["dC"], out["da"], out["alpha"], out["h"]),
+    run=ssd_bwd_dc_scan)
 ssd_bwd_dx_op = tile_op(
     "ssd_bwd_dx",
     "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad)"
@@ -137,7 +144,8 @@ ssd_bwd_dx_op = tile_op(
     ssd_bwd_dx,
     lambda x, dt, A, B, C, dy, D, final_grad: (
         dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, D=D, g=final_grad), {"g": "final_grad"}, ("g",)),
-    lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["xdy"], out["g"]))
+    lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["xdy"], out["g"]),
+    run=ssd_bwd_dx_scan)
 
 
 def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:

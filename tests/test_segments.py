@@ -8,6 +8,7 @@ from tilemix.ops._dispatch import run_kernel
 from tilemix.ops._segments import MIN_LENGTH, segment_count
 from tilemix.ops.linear_attention import linear_attention_fwd, linear_attention_scan
 from tilemix.ops.ssd import ssd_fwd, ssd_scan
+from tilemix.ops.ssd_backward import ssd_bwd_dc, ssd_bwd_dc_scan, ssd_bwd_dx, ssd_bwd_dx_scan
 
 
 def _args(op: str, B: int, T: int, H: int, initial: bool, seed: int):
@@ -32,6 +33,23 @@ def _args(op: str, B: int, T: int, H: int, initial: bool, seed: int):
 @pytest.mark.parametrize("initial", [False, True])
 def test_segments_match_the_sequential_scan(op, segments, initial):
     kernel, scan, args = _args(op, B=2, T=256, H=2, initial=initial, seed=segments)
+    expected = run_kernel(kernel, args)
+    got = scan(args, segments=segments)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel, scan, state", [(ssd_bwd_dc, ssd_bwd_dc_scan, "h"),
+                                                 (ssd_bwd_dx, ssd_bwd_dx_scan, "g")])
+@pytest.mark.parametrize("segments", [2, 4])
+def test_ssd_backward_segments_match_the_sequential_programs(kernel, scan, state, segments):
+    """The SSD backward's programs in segments: ``ssd_bwd_dc`` carries the forward's state first to
+    last, ``ssd_bwd_dx`` the state's gradient last to first (the final state is then the gradient
+    of the initial one); outputs and final states as the sequential programs give them."""
+    _, _, args = _args("ssd", B=2, T=256, H=2, initial=True, seed=segments)
+    args = {name: value for name, value in args.items() if name in kernel.specs and name != "h"}
+    args.update(dy=torch.randn_like(args["x"]), **{state: torch.randn(2, 2, 32, 16, dtype=torch.float64)})
     expected = run_kernel(kernel, args)
     got = scan(args, segments=segments)
     assert got.keys() == expected.keys()
@@ -73,7 +91,7 @@ def test_segment_count_forced(monkeypatch):
         segment_count(1024, 1, sms=132)
 
 
-@pytest.mark.parametrize("op", ["linear_attention", "ssd"])
+@pytest.mark.parametrize("op", ["linear_attention", "ssd", "ssd_bwd_dx"])
 @pytest.mark.parametrize("D", [64, 128])
 def test_states_programs_lower_to_wgmma_without_spills(op, D):
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
@@ -81,8 +99,9 @@ def test_states_programs_lower_to_wgmma_without_spills(op, D):
     from tilemix.codegen.launch import hopper_source
     from tilemix.ops.examples import example_specs
 
-    scan = {"linear_attention": linear_attention_scan, "ssd": ssd_scan}[op]
-    specs = {name: spec for name, spec in example_specs(op, D=D).items() if name in scan.states.specs}
+    scan = {"linear_attention": linear_attention_scan, "ssd": ssd_scan, "ssd_bwd_dx": ssd_bwd_dx_scan}[op]
+    specs = example_specs("linear_attention" if op == "linear_attention" else "ssd", D=D)
+    specs = {name: spec for name, spec in dict(specs, dy=specs.get("x")).items() if name in scan.states.specs}
     source = hopper_source(scan.states, scan.states.bind(specs))
     binary = compile_cuda(source.source, "sm_90a", source.name)
     text, usage = sass(binary), resources(binary)

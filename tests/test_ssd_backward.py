@@ -393,6 +393,21 @@ def test_gpu_ssd_gradients(T, H, G, N, P, monkeypatch):
     """The sm_90a kernels against float64 autograd of the recurrence, within the bf16 bound (outputs
     poisoned so an unwritten element fails); strong decay, initial state and final-state gradient."""
     monkeypatch.setenv("TILEMIX_POISON", "1")
+    _check_gpu_gradients(T, H, G, N, P)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H, G", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("N, P", [(64, 64), (128, 128)])
+def test_gpu_ssd_gradients_in_segments(H, G, N, P, monkeypatch):
+    """The forward and both backward programs in 4 sequence segments (as long sequences with few heads
+    run them), ``ssd_bwd_dx``'s entering each segment from the next one: gradients as above."""
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    monkeypatch.setenv("TILEMIX_SEGMENTS", "4")
+    _check_gpu_gradients(1024, H, G, N, P)
+
+
+def _check_gpu_gradients(T, H, G, N, P):
     args = _inputs(T, H, G, N=N, P=P, dtype=torch.bfloat16, seed=T, batch=2, dt_range=(0.001, 0.1),
                    A_range=(1.0, 16.0))
     g = torch.Generator().manual_seed(T + 1)
