@@ -17,6 +17,7 @@ from tilemix.tiles import Kernel
 from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.kernel import kernel_names
 from tilemix.tiles.params import Binding
+from tilemix.tiles.types import DType
 
 from .compile import compile_cuda
 from .generic import SMEM_LIMITS, lower_generic
@@ -168,11 +169,15 @@ def _strides(t: torch.Tensor) -> tuple[int, ...]:
 
 
 def tma_readable(t: torch.Tensor) -> bool:
-    """Whether TMA reads ``t`` where it lies: 16-byte aligned, unit stride along the last dim, the
-    other strides positive multiples of 16 bytes."""
+    """Whether TMA reads ``t`` where it lies: 16-byte aligned and ``tma_strided``."""
+    return t.data_ptr() % 16 == 0 and tma_strided(t)
+
+
+def tma_strided(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides suit TMA: unit stride along the last dim, the other strides positive
+    multiples of 16 bytes."""
     *outer, inner = _strides(t)
-    return (t.data_ptr() % 16 == 0 and inner == 1
-            and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in outer))
+    return inner == 1 and all(stride > 0 and stride * t.element_size() % 16 == 0 for stride in outer)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -385,13 +390,15 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
               schedule: Schedule | None = None, arch: str = "sm_90a") -> None:
     """``run_hopper`` for any arch: sm_90a (tensor maps) or a generic one (plain pointers)."""
     device = next(iter(outputs.values())).device.index
-    prepare_launch(kernel, binding, schedule, arch, device)(args, outputs)
+    prepare_launch(kernel, binding, args, schedule, arch, device)(args, outputs)
 
 
-def prepare_launch(kernel: Kernel, binding: Binding, schedule: Schedule | None, arch: str, device: int) -> Launch:
-    """Everything about launching ``kernel`` on ``binding``'s sizes but the arguments themselves:
-    the schedule (``launch_schedule`` if None), the compiled kernel and the grid. ``ops`` keeps one
-    per call signature, so a repeated call only packs addresses and launches."""
+def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], schedule: Schedule | None, arch: str,
+                   device: int) -> Launch:
+    """Everything about launching ``kernel`` on arguments shaped and strided as ``args`` but their
+    addresses and scalar values: the schedule (``launch_schedule`` if None), the compiled kernel,
+    the grid and the tensor maps' layouts. ``ops`` keeps one per call signature, so a repeated call
+    only packs addresses and launches."""
     schedule = schedule or launch_schedule(kernel, binding, device, arch)
     sizes = binding.sizes
     per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
@@ -401,19 +408,28 @@ def prepare_launch(kernel: Kernel, binding: Binding, schedule: Schedule | None, 
         blocks *= -(-sizes[dim] // size)
     grid = (blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, plan.blocks_z)
     size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
-    return Launch(plan, grid, size_args, device)
+    layouts = {}  # tensor maps whose strides TMA reads in place: only the address changes from call to call
+    for kind, name in plan.source.params:
+        if kind == "tmap" and tma_strided(args[name]):
+            layouts[name] = (tuple(args[name].shape), _strides(args[name]), args[name].dtype == torch.bfloat16)
+        elif kind == "tmap_out":  # a contiguous output in the compute dtype
+            shape = tuple(binding.param(name).shape)
+            strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+            layouts[name] = (shape, strides, binding.compute_dtype is DType.bf16)
+    return Launch(plan, grid, size_args, device, layouts)
 
 
 @dataclass(frozen=True)
 class Launch:
     """A prepared launch (``prepare_launch``): called with the arguments and the outputs (allocated
-    by the caller; states absent from ``outputs`` are not written), it builds the tensor maps and
-    pointers and launches on torch's current stream."""
+    contiguous by the caller; states absent from ``outputs`` are not written), it builds the tensor
+    maps and pointers and launches on torch's current stream."""
 
     plan: _Plan
     grid: tuple[int, int, int]
     size_args: tuple[np.int32, ...]
     device: int
+    layouts: dict[str, tuple]  # tensor-map parameter -> (dims, element strides, bf16) of every call
 
     def __call__(self, args: dict[str, Any], outputs: dict[str, torch.Tensor]) -> None:
         if 0 in self.grid:
@@ -424,13 +440,17 @@ class Launch:
         for kind, name in source.params:
             value = args.get(name)
             if kind == "tmap":
+                layout = self.layouts.get(name)
+                if layout is not None and value.data_ptr() % 16 == 0:
+                    params.append(_encode_map(value.data_ptr(), *layout, name, source.tmap_rows[name]))
+                    continue
                 t = value if tma_readable(value) else value.contiguous()
                 if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
                     t = t.clone()
                 keep_alive.append(t)
                 params.append(_tensor_map(t, name, source.tmap_rows[name]))
             elif kind == "tmap_out":
-                params.append(_tensor_map(outputs[name], name, source.tmap_rows[name]))
+                params.append(_encode_map(outputs[name].data_ptr(), *self.layouts[name], name, source.tmap_rows[name]))
             elif kind == "ptr":  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
                 t = value.contiguous()
                 if t.data_ptr() % 16:

@@ -327,7 +327,7 @@ def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str
         elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             B, H = binding.sizes["B"], binding.sizes["H"]
             outputs.append((p.name, (B, H) + tuple(binding.extent(d) for d in p.spec.dims), torch.float32))
-    prepared = launch.prepare_launch(kernel, binding, schedule, arch, device.index)
+    prepared = launch.prepare_launch(kernel, binding, {**args, **extra}, schedule, arch, device.index)
     return _Prepared(extra, tuple(outputs), prepared, device, bool(os.environ.get("TILEMIX_POISON")))
 
 
