@@ -287,13 +287,14 @@ SWEEP_T = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SWEEP_D = (64, 128)
 
 
-def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D) -> list[tuple[str, int, int, int, int]]:
+def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tuple[str, int, int, int, int]]:
     """(case, B, T, H, D) over sequence lengths with batch x heads x length held at 8·16·4096 (H = 16
-    while B >= 1, then fewer heads), for each head dim."""
+    while B >= 1, then fewer heads), for each head dim; ``names``: the cases (default: the forward
+    scans and attention; backward cases such as ``ssd-bwd`` sweep the same way)."""
     tokens = SHAPE[0] * SHAPE[1] * SHAPE[2]
     rows = []
     for D in head_dims:  # a run cut short has every op at the first head dims
-        for name in SWEEP_OPS:
+        for name in names:
             for T in lengths:
                 H = min(16, tokens // T)
                 rows.append((name, max(1, tokens // (T * H)), T, H, D))
@@ -330,9 +331,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
                   target=label, records=records)
     json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
-    rows = sweep_rows(head_dims=head_dims) if sweep else default_rows(names)
-    if sweep and names:
-        rows = [row for row in rows if row[0] in names]
+    rows = sweep_rows(head_dims=head_dims, names=names or SWEEP_OPS) if sweep else default_rows(names)
     for name, B, T, H, D in rows:
         ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
         if target is not None:

@@ -213,7 +213,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the records to this JSON file (no PATH: bench/results/<gpu>-<date>.json)")
     bench.add_argument("--md", metavar="PATH", help="write the run as a RESULTS.md section (markdown table)")
     bench.add_argument("--sweep", action="store_true",
-                       help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64 and 128")
+                       help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64 and 128, "
+                            "for the ops given (default: linear_attention, ssd, attention; backward rows such "
+                            "as ssd-bwd too)")
     bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64 and 128)")
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
     bench.add_argument("--target", choices=["auto", "hopper", "generic"],
