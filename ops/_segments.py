@@ -42,11 +42,12 @@ MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H 
 TARGET_CTAS_PER_SM = 1.5
 
 
-def segment_count(T: int, programs: int, sms: int) -> int:
+def segment_count(T: int, programs: int, sms: int, min_length: int = MIN_LENGTH) -> int:
     """How many segments a sequence of length ``T`` is cut into when the sequential scan runs
     ``programs`` CTAs on ``sms`` SMs; 1 means the sequential scan. Segments pay when fewer than
-    half the SMs would have a CTA and the sequence is long; then the fewest (a power of two) that
-    give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T into whole chunks. H200,
+    half the SMs would have a CTA and the sequence is at least ``min_length`` long; then the
+    fewest (a power of two) that give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T
+    into whole chunks. H200,
     linear attention D=128 (bench/NOTES.md): T=64k B·H=8 1.451 ms sequential, 0.260 at 16
     segments; T=8192 B·H=64 0.192 sequential, 0.261 at 2 segments. ``$TILEMIX_SEGMENTS`` forces a
     count (where T allows it)."""
@@ -56,7 +57,7 @@ def segment_count(T: int, programs: int, sms: int) -> int:
             raise ValueError(f"TILEMIX_SEGMENTS must be a positive integer, got {forced!r}")
         return int(forced) if T % (CHUNK * int(forced)) == 0 else 1
     segments = 1
-    if T < MIN_LENGTH or 2 * programs >= sms:
+    if T < min_length or 2 * programs >= sms:
         return segments
     while (programs * segments < TARGET_CTAS_PER_SM * sms and T // (2 * segments) >= MIN_SEGMENT
            and T % (CHUNK * 2 * segments) == 0):
@@ -72,13 +73,16 @@ class SegmentedScan:
     it reaches from zero; ``log_decay(args, segments)`` gives each segment's state decay as a
     ``[B, S, H]`` log (None: the state is a plain sum, as in linear attention). ``reverse``: the
     scan walks its chunks last to first (a state's gradient, as in the SSD backward), so the state
-    enters each segment from the next one and the final state is the first segment's."""
+    enters each segment from the next one and the final state is the first segment's.
+    ``min_length``: the shortest sequence ``segment_count`` cuts (a scan with much work per chunk
+    gains from segments on shorter sequences than one with little)."""
 
     kernel: Kernel
     states: Kernel
     state: str
     log_decay: Callable[[dict[str, Any], int], torch.Tensor] | None = None
     reverse: bool = False
+    min_length: int = MIN_LENGTH
 
     def __call__(self, args: dict[str, Any], labels: dict[str, str] | None = None,
                  final_states: tuple[str, ...] | None = None, segments: int | None = None) -> dict[str, torch.Tensor]:
@@ -148,7 +152,7 @@ class SegmentedScan:
                 return count
         programs = binding.sizes["B"] * binding.sizes["H"] * column_blocks(
             launch_schedule(self.kernel, binding, device, arch).split, binding)
-        return segment_count(binding.sizes["T"], programs, sm_count(device))
+        return segment_count(binding.sizes["T"], programs, sm_count(device), self.min_length)
 
 
 def _split(t: torch.Tensor, segments: int) -> torch.Tensor:

@@ -82,6 +82,14 @@ def test_segment_count(T, programs, expected, monkeypatch):
     assert segment_count(T, programs, sms=132) == expected
 
 
+def test_segment_count_from_a_scans_own_length(monkeypatch):
+    """A scan with more work per chunk (the SSD backward) is cut from a shorter length."""
+    monkeypatch.delenv("TILEMIX_SEGMENTS", raising=False)
+    assert segment_count(8192, 64, sms=132) == 1
+    assert segment_count(8192, 64, sms=132, min_length=ssd_bwd_dx_scan.min_length) == 4
+    assert ssd_bwd_dc_scan.min_length == ssd_bwd_dx_scan.min_length == 8192
+
+
 def test_segment_count_forced(monkeypatch):
     monkeypatch.setenv("TILEMIX_SEGMENTS", "4")
     assert segment_count(1024, 500, sms=132) == 4
