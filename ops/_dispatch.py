@@ -238,7 +238,8 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
     """What a CUDA call's checks and choices (binding, arch, tuned config, schedule, grid) depend on:
     the tensors' shapes, strides, dtypes and devices, the other arguments (a scalar by type only: its
     value is passed at launch), the target, the environment knobs, the SM count, and ``extra``.
-    None when a tensor is not on a CUDA device (nothing is remembered for the interpreter)."""
+    None when a tensor is not on a CUDA device (nothing is remembered for the interpreter) or an
+    argument is of a kind no call accepts."""
     from tilemix.codegen.launch import sm_count
 
     parts = [kernel, _TARGET.get(), *map(os.environ.get, _ENV_KNOBS), *extra]
@@ -251,8 +252,10 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
             parts.append((name, value.shape, value.stride(), value.dtype, device))
         elif (spec := kernel.specs.get(name)) is not None and spec.kind == "scalar":
             parts.append((name, type(value)))
-        else:
+        elif value is None or isinstance(value, (bool, int, float, str)):
             parts.append((name, value))
+        else:  # not an argument the checks accept: let them say so
+            return None
     if device is None:
         return None
     parts.append(sm_count(device.index))  # the launch schedule depends on it
@@ -262,8 +265,8 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
 def remember(signature: tuple, value: Any) -> None:
     """Keep ``value`` for a call signature (``recall`` gives it back): the prepared launch of a
     ``run_kernel`` call, the segment count of a segmented scan's."""
-    if len(_BY_SIGNATURE) >= MAX_REMEMBERED:  # many shapes (varying lengths, say): forget the oldest
-        del _BY_SIGNATURE[next(iter(_BY_SIGNATURE))]
+    if len(_BY_SIGNATURE) >= MAX_REMEMBERED:  # many shapes (varying lengths, say): start over
+        _BY_SIGNATURE.clear()
     _BY_SIGNATURE[signature] = value
 
 

@@ -20,6 +20,18 @@ def prepared(monkeypatch):
     return names
 
 
+def test_interpreter_calls_are_not_remembered():
+    """CPU tensors (and arguments no call accepts) have no call signature: nothing is remembered and
+    the checks run every time."""
+    from tilemix.ops import _dispatch
+
+    q = torch.randn(1, 64, 1, 16)
+    assert _dispatch.call_signature(ops.linear_attention_fwd, dict(q=q, k=q, v=q, scale=0.5)) is None
+    assert _dispatch.call_signature(ops.linear_attention_fwd, dict(q=[1.0], k=q, v=q, scale=0.5)) is None
+    ops.linear_attention(q, q, q)
+    assert not _dispatch._BY_SIGNATURE
+
+
 @pytest.mark.gpu
 def test_gpu_remembered_calls_prepare_once_per_signature(prepared, monkeypatch):
     """A repeated call prepares nothing; new scalars and new tensors of the same shape do not either,
