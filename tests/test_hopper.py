@@ -181,6 +181,23 @@ def test_gpu_gemm(M, N, K, dtype, monkeypatch):
     assert rel_err(out, reference.gemm(a, b)) <= bound(dtype)
 
 
+@pytest.mark.parametrize("op, D, arch, stages", [
+    ("linear_attention", 64, "sm_90a", 3),   # one consumer, 24 KiB a stage
+    ("linear_attention", 128, "sm_90a", 3),  # two consumers: 192 KiB at three stages
+    ("ssd", 128, "sm_90a", 3),
+    ("linear_attention", 64, "sm_80", 2),    # the generic target's scans keep two (unmeasured deeper)
+])
+def test_default_schedule_of_scans_has_the_deepest_ring_that_fits(op, D, arch, stages):
+    """Scans get as many ring stages as shared memory holds, up to MAX_STAGES, on sm_90a."""
+    from tilemix.codegen.launch import MAX_STAGES, default_schedule, kernel_source
+
+    program = ops.PROGRAMS[op]
+    binding = program.bind(example_specs(op, D=D))
+    schedule = default_schedule(program, binding, arch)
+    assert schedule.stages == stages <= MAX_STAGES
+    kernel_source(program, binding, schedule, arch)  # it fits
+
+
 @pytest.mark.parametrize("B, H, consumers", [(8, 16, 2), (4, 16, 1), (1, 8, 1)])
 def test_launch_schedule_fills_the_gpu(B, H, consumers, monkeypatch):
     """Scans whose two-consumer CTAs would fill less than half of a 132-SM GPU get one consumer per
