@@ -63,16 +63,22 @@ def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     binding = kernel.bind(args, labels)
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
-    dtype = args[_first_tile_operand(binding)].dtype
-    out = {}
+    return {name: torch.empty(shape, dtype=dtype, device=device)
+            for name, shape, dtype in _output_specs(binding, args, final_states)}
+
+
+def _output_specs(binding, args: dict[str, Any], final_states: tuple[str, ...] | None) -> tuple[tuple, ...]:
+    """(name, shape, torch dtype) of each output and of each final state wanted (None: all)."""
+    like = args[_first_tile_operand(binding)].dtype
+    state = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32
+    specs = []
     for p in binding.params:
         if p.spec.output:
-            out[p.name] = torch.empty(p.shape, dtype=_output_dtype(p, dtype), device=device)
+            specs.append((p.name, tuple(p.shape), _output_dtype(p, like)))
         elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
             shape = (binding.sizes["B"], binding.sizes["H"]) + tuple(binding.extent(d) for d in p.spec.dims)
-            state = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32
-            out[p.name] = torch.empty(shape, dtype=state, device=device)
-    return out
+            specs.append((p.name, shape, state))
+    return tuple(specs)
 
 
 def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
@@ -322,16 +328,9 @@ def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str
     launch into freshly allocated outputs."""
     from tilemix.codegen import launch
 
-    dtype = args[_first_tile_operand(binding)].dtype
-    outputs = []
-    for p in binding.params:
-        if p.spec.output:
-            outputs.append((p.name, tuple(p.shape), _output_dtype(p, dtype)))
-        elif p.spec.kind == "state" and (final_states is None or p.name in final_states):
-            B, H = binding.sizes["B"], binding.sizes["H"]
-            outputs.append((p.name, (B, H) + tuple(binding.extent(d) for d in p.spec.dims), torch.float32))
     prepared = launch.prepare_launch(kernel, binding, {**args, **extra}, schedule, arch, device.index)
-    return _Prepared(extra, tuple(outputs), prepared, device, bool(os.environ.get("TILEMIX_POISON")))
+    return _Prepared(extra, _output_specs(binding, args, final_states), prepared, device,
+                     bool(os.environ.get("TILEMIX_POISON")))
 
 
 def _output_dtype(param, like: torch.dtype) -> torch.dtype:
