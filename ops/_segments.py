@@ -47,10 +47,9 @@ def segment_count(T: int, programs: int, sms: int, min_length: int = MIN_LENGTH)
     ``programs`` CTAs on ``sms`` SMs; 1 means the sequential scan. Segments pay when fewer than
     half the SMs would have a CTA and the sequence is at least ``min_length`` long; then the
     fewest (a power of two) that give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T
-    into whole chunks. H200,
-    linear attention D=128 (bench/NOTES.md): T=64k B·H=8 1.451 ms sequential, 0.260 at 16
-    segments; T=8192 B·H=64 0.192 sequential, 0.261 at 2 segments. ``$TILEMIX_SEGMENTS`` forces a
-    count (where T allows it)."""
+    into whole chunks. H200, linear attention D=128 (bench/NOTES.md): T=64k B·H=8 1.451 ms
+    sequential, 0.260 at 16 segments; T=8192 B·H=64 0.192 sequential, 0.261 at 2 segments.
+    ``$TILEMIX_SEGMENTS`` forces a count (where T allows it)."""
     forced = os.environ.get("TILEMIX_SEGMENTS")
     if forced:
         if not forced.isdigit() or int(forced) < 1:

@@ -37,7 +37,11 @@ contracts P and the decay terms reduce both), but every output is either per col
 states) or a sum over P (dB, dC, x·du, the decay terms, alpha, beta), so both programs run on
 64-wide blocks of P (``_split_width``) and torch adds the partial sums: each block is a head of its
 own (``[B, T, H, P]`` viewed as ``[B, T, H·P/64, 64]``; head h's block j in h's group), one launch per
-program, and each program instance holds an N x 64 state, like the forward's column split."""
+program, and each program instance holds an N x 64 state, like the forward's column split.
+
+Long sequences with few heads: both programs run in sequence segments (``ops/_segments.py``), the
+forward-in-time one from the forward's segment states, the last-to-first one from state gradients
+combined over the later segments (``SegmentedScan(reverse=True)``)."""
 
 from __future__ import annotations
 
