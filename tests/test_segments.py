@@ -3,6 +3,8 @@ parallel gives the sequential scan's outputs and final state; when it is chosen.
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tilemix.ops._dispatch import run_kernel
 from tilemix.ops._segments import MIN_LENGTH, segment_count
@@ -55,6 +57,31 @@ def test_ssd_backward_segments_match_the_sequential_programs(kernel, scan, state
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(segments=st.sampled_from([2, 4, 8]), chunks=st.integers(1, 2), heads_per_group=st.sampled_from([1, 2]),
+       G=st.integers(1, 2), strong_decay=st.booleans(), seed=st.integers(0, 2**16))
+def test_ssd_backward_segments_property(segments, chunks, heads_per_group, G, strong_decay, seed):
+    """Any segment count, segment length, grouping and decay strength: both backward programs in
+    segments agree with the sequential ones (float64 interpreter), states and all."""
+    g = torch.Generator().manual_seed(seed)
+    B, T, H, N, P = 1, 64 * chunks * segments, G * heads_per_group, 16, 16
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    scale = 8.0 if strong_decay else 0.5
+    args = dict(x=rnd(B, T, H, P), dt=torch.rand(B, T, H, generator=g, dtype=torch.float64) * 0.5,
+                A=-torch.rand(H, generator=g, dtype=torch.float64) * scale, B=rnd(B, T, G, N), C=rnd(B, T, G, N),
+                dy=rnd(B, T, H, P))
+    for kernel, scan, state in ((ssd_bwd_dc, ssd_bwd_dc_scan, "h"), (ssd_bwd_dx, ssd_bwd_dx_scan, "g")):
+        call = {name: value for name, value in args.items() if name in kernel.specs}
+        call[state] = rnd(B, H, N, P)
+        expected = run_kernel(kernel, call)
+        got = scan(call, segments=segments)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-9, atol=1e-9, msg=f"{kernel.name} {name}")
 
 
 def test_segments_need_whole_chunks():
