@@ -44,6 +44,7 @@ class _GenericLowering(_Lowering):
     matmul_ss = "tm::matmul_sync_ss"
     matmul_rs = "tm::matmul_sync_rs"
     proxy_fence = None  # ldmatrix reads shared memory like any load: the group's barrier orders it
+    asynchronous = False  # mma.sync: nothing is ever in flight, and the chunk loop's ops keep program order
 
     def __init__(self, program: Program, schedule: Schedule, full_dims: dict[str, int], arch: str):
         super().__init__(program, schedule, full_dims)
@@ -52,11 +53,6 @@ class _GenericLowering(_Lowering):
         self.arch = arch
         self.target = f"generic ({arch})"
         self.threads = CONSUMER_THREADS * schedule.consumers
-
-    # mma.sync is synchronous: nothing is ever in flight
-    def wait_all(self, ind: int):
-        self.pending.clear()
-        self.groups = 0
 
     # -- arguments ------------------------------------------------------------------
     def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:

@@ -31,6 +31,8 @@ from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
 from tilemix.tiles.types import DType
 
+from .issue_order import issue_order
+
 __all__ = ["Schedule", "KernelSource", "lower_hopper"]
 
 CONSUMER_THREADS = 128
@@ -110,12 +112,14 @@ def _ctype(t) -> str:
 
 class _Lowering:
     # What another target's lowering (codegen/generic.py) changes: the name in errors, the matmul
-    # entry points (same template arguments), and the fence that hands ordinary shared-memory
-    # stores to wgmma's asynchronous proxy (None where matmuls read shared memory synchronously).
+    # entry points (same template arguments), the fence that hands ordinary shared-memory stores to
+    # wgmma's asynchronous proxy (None where matmuls read shared memory synchronously), and whether
+    # matmuls run asynchronously (then the chunk loop's ops are walked in issue_order).
     target = "sm_90a"
     matmul_ss = "tm::matmul_ss"
     matmul_rs = "tm::matmul_rs"
     proxy_fence: str | None = "tm::fence_proxy_async();"
+    asynchronous = True  # matmuls are wgmma groups, waited for where their results are read
 
     def __init__(self, program: Program, schedule: Schedule, full_dims: dict[str, int]):
         self.p = program
@@ -141,8 +145,8 @@ class _Lowering:
         self.prologue_waited = False
         self.tmap_rows: dict[str, int] = {}
         self.bar = "bar_id"  # named barrier of this consumer warpgroup (0 is __syncthreads)
-        self.pending: set[str] = set()  # register tiles an in-flight wgmma group is writing
-        self.groups = 0  # wgmma groups committed since the last wait
+        self.in_flight: list[str] = []  # the register tile each wgmma group not yet waited for writes, oldest first
+        self.carried_over: set[str] = set()  # tiles the previous chunk's groups may still be writing
 
     # -- helpers -----------------------------------------------------------
     def fail(self, message: str, op: Op | None = None):
@@ -185,10 +189,11 @@ class _Lowering:
         nbytes = t.rows * t.cols * 2
         offset = self.stage_slot(v, nbytes)
         ptr = self.staged[v] = f"(smem + {offset} + wg * {nbytes})"
-        # The previous iteration's wgmmas may still read this buffer. Waiting for this iteration's
-        # too keeps their results from being live beside the staged tile: SSD spills 4 B, not 56 B.
-        self.wait_all(ind)
-        self.wait_for([v], ind)
+        # In-flight wgmmas may still read this buffer: the previous chunk's (left running at its end),
+        # or, where buffers are shared, those of the value staged here before.
+        if self.schedule.share_staging:
+            self.wait_all(ind)
+        self.wait_for([v], ind, older=True)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         self.emit(f"tm::store_shared<{self.is_bf16}>({ptr}, {self.reg(v, ind)});", ind)
         if self.proxy_fence:
@@ -216,15 +221,28 @@ class _Lowering:
         return offset
 
     def wait_all(self, ind: int):
-        if self.groups or self.pending:
+        if self.in_flight or self.carried_over:
             self.emit("tm::wgmma_wait<0>();", ind)
-        self.pending.clear()
-        self.groups = 0
+        self.in_flight.clear()
+        self.carried_over.clear()
 
-    def wait_for(self, values, ind: int):
-        """Wait for the wgmma groups writing any of ``values`` (groups complete in order: all)."""
-        if any(self.names.get(v) in self.pending for v in values):
-            self.wait_all(ind)
+    def wait_older(self, ind: int):
+        """Wait for the previous chunk's groups (older than all of this chunk's)."""
+        self.emit(f"tm::wgmma_wait<{len(self.in_flight)}>();", ind)
+        self.carried_over.clear()
+
+    def wait_for(self, values, ind: int, older: bool = False):
+        """Wait for the wgmma groups writing any of ``values`` (and with ``older`` for the previous
+        chunk's): groups complete in issue order, so for the newest of them, leaving the ones issued
+        after it in flight."""
+        names = {self.names.get(v) for v in values}
+        newest = max((i for i, out in enumerate(self.in_flight) if out in names), default=None)
+        if newest is not None:
+            self.emit(f"tm::wgmma_wait<{len(self.in_flight) - 1 - newest}>();", ind)
+            del self.in_flight[:newest + 1]
+            self.carried_over.clear()
+        elif self.carried_over and (older or names & self.carried_over):
+            self.wait_older(ind)
 
     def reuses(self, x: Value, op: Op) -> bool:
         """Whether ``op``'s result may take over ``x``'s registers: ``op`` is ``x``'s last reader,
@@ -573,38 +591,65 @@ class _Lowering:
         self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
         self.emit(f"int stage = c % {self.schedule.stages};", ind + 2)
         self.emit(f"tm::mbar_wait(&full[stage], (c / {self.schedule.stages}) & 1);", ind + 2)
-        # the previous iteration may have left its accumulating wgmma in flight
-        has_matmul = any(op.name == "matmul" for op in loop.walk())
-        self.pending = {self.name(v) for v in loop.carried} if has_matmul else set()
-        self.groups = 0
-        self.lower_ops(loop.body, ind + 2)
+        # Leave this chunk's wgmmas running (and release its stage next time) only when they write
+        # carried accumulators that nothing but wgmma touches; if other instructions define those
+        # registers inside the loop, ptxas serialises every wgmma of the kernel. (And only with two
+        # stages or more: with one, the producer needs this stage back before it can load the chunk
+        # the next iteration waits for — a deadlock the tuner found.)
+        only_wgmma = {self.name(v) for v in loop.carried if self.uses[v] == 1
+                      and any(x is v and self.reuses(x, add) for add, (_, x) in self.accumulate.items())}
+        may_defer = self.asynchronous and self.schedule.stages > 1
+        # so the previous iteration may have left groups writing those in flight
+        self.carried_over = set(only_wgmma) if may_defer else set()
+        self.in_flight = []
+        self.lower_ops(self.body_order(loop), ind + 2)
         for carried, update in zip(loop.carried, loop.update):
             if self.name(carried) != self.names.get(update):
                 self.wait_for([update], ind + 2)
                 self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
-        # Leave this chunk's wgmmas running (and release its stage next time) only when they write
-        # carried accumulators that nothing but wgmma touches; if other instructions define those
-        # registers inside the loop, ptxas serialises every wgmma of the kernel.
-        only_wgmma = {self.name(v) for v in loop.carried if self.uses[v] == 1
-                      and any(x is v and self.reuses(x, add) for add, (_, x) in self.accumulate.items())}
-        # (and only with two stages or more: with one, the producer needs this stage back before it
-        # can load the chunk the next iteration waits for — a deadlock the tuner found)
-        deferred = self.groups > 0 and self.pending <= only_wgmma and self.schedule.stages > 1
-        if self.groups and not deferred:
+        groups = len(self.in_flight)
+        deferred = may_defer and groups > 0 and {*self.in_flight, *self.carried_over} <= only_wgmma
+        if groups and not deferred:
             self.wait_all(ind + 2)
         if deferred:
-            self.emit(f"tm::wgmma_wait<{self.groups}>();  // the previous chunk's groups are done", ind + 2)
+            self.emit(f"tm::wgmma_wait<{groups}>();  // the previous chunk's groups are done", ind + 2)
             self.emit(f"if (c > 0) tm::mbar_arrive(&empty[(c - 1) % {self.schedule.stages}]);", ind + 2)
         else:
             self.emit("tm::mbar_arrive(&empty[stage]);", ind + 2)
         self.emit("}", ind)
         if deferred:
             self.emit("tm::wgmma_wait<0>();", ind)
-        self.pending.clear()
-        self.groups = 0
+        self.in_flight.clear()
+        self.carried_over.clear()
         self.reg_of = {v: n for v, n in self.reg_of.items() if v not in self.smem_of}
         for result, carried in zip(loop.results, loop.carried):
             self.names[result] = self.name(carried)
+
+    def body_order(self, loop: Loop) -> list[Op]:
+        """The chunk loop's ops in the order they are lowered: program order for synchronous
+        matmuls, else wgmma groups issued early and waited for late (``issue_order``)."""
+        if not self.asynchronous:
+            return loop.body
+        tiles = {op.result for op in self.loads}  # in shared memory: their readers hand over no registers
+        return issue_order(loop.body, absorbed={mm: add for add, (mm, _) in self.accumulate.items()},
+                           last_reader={v: op for v, op in self.last_reader.items() if v not in tiles},
+                           issues_group=self.issues_group, waits_for=self.waits_for,
+                           in_registers=lambda v: 0 if v in tiles else v.type.rows * v.type.cols)
+
+    def issues_group(self, op: Op) -> bool:
+        """Whether lowering ``op`` commits a wgmma group (a matvec is a row sum, done at once)."""
+        mm = self.accumulate[op][0] if op in self.accumulate else op
+        if mm.name != "matmul":
+            return False
+        return mm.result.type.cols > 1 or mm.attrs["ta"]
+
+    def waits_for(self, op: Op) -> list[Value]:
+        """The values lowering ``op`` waits for if a wgmma group is still writing them: its operands,
+        an accumulating add's matmul operands, less the accumulator it adds into in place."""
+        if op in self.accumulate:
+            mm, x = self.accumulate[op]
+            return [*mm.operands, *([] if self.reuses(x, op) else [x])]
+        return list(op.operands)
 
     def lower_op(self, op: Op, ind: int):
         a = op.attrs
@@ -846,8 +891,8 @@ class _Lowering:
                 self.emit(decl, ind)
             self.emit(f"{self.matmul_ss}<{self.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {acc}, {a_rows}, "
                       f"{b_rows}, {m}, {n}, {k}>({out}, {a_ptr}, {b_ptr});", ind)
-        self.pending.add(out)
-        self.groups += 1
+        if self.asynchronous:
+            self.in_flight.append(out)
 
     # -- the whole kernel ---------------------------------------------------------------
     def grid_decode(self) -> list[str]:

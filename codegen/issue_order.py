@@ -1,0 +1,118 @@
+"""The order the sm_90a lowering walks a chunk loop's body in: wgmma groups first, waits last.
+
+The lowering emits ops in the order it is given and waits for a wgmma group where the group's
+result is first read (``wgmma_wait<n>``, groups completing in issue order). In program order a
+scan's chunk waits three or four times, each wait stalling on one small matmul: linear attention
+reads ``q·kᵀ`` (to mask it) before it issues ``q·S``, and issues the state update ``S + kᵀ·v`` last,
+after the output's store. Walked so that each step takes the ready op that issues a group without
+waiting (else one that feeds such an op, else the next in program order), the independent matmuls
+are in flight before the first wait: linear attention's chunk waits twice, the state update
+running beside the rest.
+
+Data dependences order the walk, and three more rules keep the lowering's decisions as in program
+order: stores keep their order; an op that reads a value last (and so may take its registers, or
+accumulate into them) stays after the value's other readers; an absorbed matmul (emitted with the
+add it accumulates into) is walked where that add is. Earlier matmuls keep their accumulators live
+longer, so an order is taken only if it keeps no more register tiles live at once than program
+order does: hoisting every ready op that feeds a matmul first, else matmuls alone, else none (the
+SSD backward's fifteen matmuls a chunk spill otherwise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from tilemix.tiles.ir import Op, Value
+
+__all__ = ["issue_order"]
+
+_SIDE_EFFECTS = ("store", "store_state")
+
+
+def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Value, Op],
+                issues_group: Callable[[Op], bool], waits_for: Callable[[Op], Iterable[Value]],
+                in_registers: Callable[[Value], int]) -> list[Op]:
+    """``body`` reordered (see the module docstring). ``absorbed``: matmul -> the add it is emitted
+    with; ``issues_group(op)``: whether lowering ``op`` commits a wgmma group (its result is then in
+    flight); ``waits_for(op)``: the values ``op`` waits for if a group is still writing them;
+    ``in_registers(v)``: the registers a value takes (0 for tiles in shared memory)."""
+    units = [op for op in body if op not in absorbed]
+    merged = {add: mm for mm, add in absorbed.items()}
+    reads = {u: {*u.operands, *(merged[u].operands if u in merged else ())} for u in units}
+    defined = {u.result: u for u in units if u.result is not None}
+    defined.update({mm.result: absorbed[mm] for mm in absorbed if mm.result is not None})
+    after: dict[Op, set[Op]] = {u: {defined[v] for v in reads[u] if v in defined and defined[v] is not u}
+                                for u in units}
+    effects = [u for u in units if u.name in _SIDE_EFFECTS]
+    for earlier, later in zip(effects, effects[1:]):
+        after[later].add(earlier)
+    for u in units:
+        for v in reads[u]:
+            last = last_reader.get(v)
+            if last is not None and last is not u and last in after:
+                after[last].add(u)  # the value's last reader stays last
+    feeds = _feeders(units, after, issues_group)
+    walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for)  # noqa: E731
+    budget = _peak_registers(units, reads, in_registers)
+    for hoist in (lambda u: u in feeds, lambda u: False):
+        order = walk(hoist)
+        if _peak_registers(order, reads, in_registers) <= budget:
+            break
+    else:
+        order = units
+    return [op for u in order for op in ((merged[u], u) if u in merged else (u,))]
+
+
+def _walk(units: list[Op], after: dict[Op, set[Op]], hoist: Callable[[Op], bool],
+          issues_group: Callable[[Op], bool], waits_for: Callable[[Op], Iterable[Value]]) -> list[Op]:
+    """List-schedule ``units``: each step the ready unit that issues a wgmma group without waiting,
+    else one ``hoist`` picks, else the first in program order."""
+    position = {u: i for i, u in enumerate(units)}
+    in_flight: list[Value] = []  # results of the groups not yet waited for, oldest first
+    order: list[Op] = []
+    done: set[Op] = set()
+
+    def key(u: Op):
+        waits = any(v in in_flight for v in waits_for(u))
+        kind = 0 if u.name == "load" else 1 if issues_group(u) and not waits else 2 if hoist(u) and not waits else 3
+        return (kind, position[u])
+
+    while len(order) < len(units):
+        chosen = min((u for u in units if u not in done and after[u] <= done), key=key)
+        waited = [in_flight.index(v) for v in waits_for(chosen) if v in in_flight]
+        if waited:
+            del in_flight[:max(waited) + 1]
+        if issues_group(chosen) and chosen.result is not None:
+            in_flight.append(chosen.result)
+        done.add(chosen)
+        order.append(chosen)
+    return order
+
+
+def _feeders(units: list[Op], after: dict[Op, set[Op]], issues_group: Callable[[Op], bool]) -> set[Op]:
+    """The ops some group-issuing op depends on, directly or not."""
+    feeds: set[Op] = set()
+    stack = [u for u in units if issues_group(u)]
+    while stack:
+        for dep in after[stack.pop()]:
+            if dep not in feeds:
+                feeds.add(dep)
+                stack.append(dep)
+    return feeds
+
+
+def _peak_registers(order: list[Op], reads: dict[Op, set[Value]], in_registers: Callable[[Value], int]) -> int:
+    """The most registers the body's values hold at once in ``order``: each value from its op (or,
+    made before the loop, from the start) to its last reader there (to the end if nothing there
+    reads it: the loop's carried update). An op's operands that it reads last free their registers
+    for its result, as an in-place update does."""
+    last = {v: i for i, u in enumerate(order) for v in reads[u]}
+    made = {u.result for u in order if u.result is not None}
+    live = {v for v in last if v not in made}
+    peak = 0
+    for i, u in enumerate(order):
+        live = {v for v in live if last.get(v, len(order)) > i}
+        if u.result is not None:
+            live.add(u.result)
+        peak = max(peak, sum(in_registers(v) for v in live))
+    return peak
