@@ -10,7 +10,9 @@ tiles, or register tiles staged there) or, for a register left operand,
 straight from registers.
 
 Matmuls are asynchronous: each is one committed wgmma group, waited for only
-where its result is first read. ``x + a @ b`` accumulates into ``x``'s
+where its result is first read, and then only as far as that group
+(``wgmma_wait<n>``, n = the groups issued after it); the chunk loop's ops are
+walked in ``issue_order`` (independent matmuls issued before the first wait). ``x + a @ b`` accumulates into ``x``'s
 registers, and a value read once, in its own scope, hands its registers to
 the op that reads it — so a carried accumulator (gemm's, attention's output)
 is updated in place, and when an iteration ends with its matmul still in

@@ -57,10 +57,8 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
     for hoist in (lambda u: u in feeds, lambda u: False):
         order = walk(hoist)
         if _peak_registers(order, reads, in_registers) <= budget:
-            break
-    else:
-        order = units
-    return [op for u in order for op in ((merged[u], u) if u in merged else (u,))]
+            return [op for u in order for op in ((merged[u], u) if u in merged else (u,))]
+    return body
 
 
 def _walk(units: list[Op], after: dict[Op, set[Op]], hoist: Callable[[Op], bool],

@@ -1,0 +1,100 @@
+"""The order sm_90a kernels walk a chunk loop's ops in (codegen/issue_order.py): wgmma groups issued
+before the waits, every dependence and register hand-over of program order kept, program order
+itself where another order would hold more registers. CPU only: no compiler needed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+from test_generic import PROGRAMS
+
+from tilemix.codegen.hopper import _Lowering
+from tilemix.codegen.launch import default_schedule, hopper_source
+from tilemix.tiles import TensorSpec
+
+
+def _lowering(name: str, **dims) -> _Lowering:
+    """The sm_90a lowering of program ``name`` at the bench shape (feature dims ``dims``, default 128),
+    analysed, not yet run."""
+    kernel, specs = PROGRAMS[name]
+    specs = {n: _resized(s, dims) for n, s in specs.items()}
+    binding = kernel.bind(specs)
+    schedule = default_schedule(kernel, binding)
+    program = kernel.trace(replace(binding, static=dict(binding.static, **dict(schedule.split))), target="sm_90a")
+    lowering = _Lowering(program, schedule, dict(binding.static))
+    lowering.analyze()
+    return lowering
+
+
+def _resized(spec, dims):
+    if not isinstance(spec, TensorSpec) or "D" not in dims or len(spec.shape) < 4:
+        return spec
+    return TensorSpec(spec.shape[:3] + tuple(dims["D"] for _ in spec.shape[3:]), spec.dtype)
+
+
+LOOPED = [name for name in PROGRAMS if _lowering(name).loop is not None]
+
+
+@pytest.mark.parametrize("name", LOOPED)
+def test_order_keeps_dependences_and_hand_overs(name):
+    """The walk is a permutation of the body in which every value is made before it is read (an
+    absorbed matmul before the add it is emitted with), stores keep their order, and each value's last reader in
+    program order is still its last: the lowering's in-place decisions do not change."""
+    lowering = _lowering(name)
+    body = lowering.loop.body
+    order = lowering.body_order(lowering.loop)
+    assert sorted(map(id, order)) == sorted(map(id, body))
+    at = {op: i for i, op in enumerate(order)}
+    made = {op.result: op for op in body if op.result is not None}
+    for op in order:
+        for v in op.operands:
+            assert v not in made or at[made[v]] < at[op], (name, op.name, v)
+    for add, (mm, _) in lowering.accumulate.items():
+        if add in at:
+            assert at[mm] < at[add], (name, add)
+    stores = [op for op in body if op.name in ("store", "store_state")]
+    assert sorted(stores, key=at.get) == stores, name
+    for op in body:
+        for v in op.operands:
+            last = lowering.last_reader.get(v)
+            if last in at and last is not op and v not in {t.result for t in lowering.loads}:
+                assert at[op] < at[last], (name, op.name, v)
+
+
+def _chunk_loop(source: str) -> str:
+    """The consumer's chunk loop: from its full-barrier wait to the stage's release."""
+    body = source.split("tm::mbar_wait(&full[stage]")[1]
+    return body.split("mbar_arrive(&empty")[0]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_linear_attention_issues_its_matmuls_before_waiting(D):
+    """Linear attention's chunk: q·kᵀ, q·S and the state update S + kᵀ·v are all issued before the first
+    wait, which waits for q·kᵀ alone (``wgmma_wait<2>``, to mask it), and the chunk waits twice. In
+    program order it waited three times, the state update issued last and waited for alone."""
+    kernel, specs = PROGRAMS["linear_attention_fwd"]
+    loop = _chunk_loop(hopper_source(kernel, kernel.bind({n: _resized(s, {"D": D}) for n, s in specs.items()})).source)
+    first_wait = loop.index("wgmma_wait")
+    assert len(re.findall(r"tm::matmul_(?:rs|ss)<", loop[:first_wait])) == 3, loop
+    assert loop[first_wait:].startswith("wgmma_wait<2>"), loop
+    assert loop.count("wgmma_wait") == 2, loop
+
+
+def test_program_order_where_matmuls_first_would_hold_more_registers():
+    """The SSD backward's programs (fifteen matmuls a chunk, at the register limit) spill when their
+    matmuls are issued early: their loops keep program order."""
+    for name in ("ssd_bwd_dc", "ssd_bwd_dx"):
+        lowering = _lowering(name, D=64)
+        assert lowering.body_order(lowering.loop) == lowering.loop.body, name
+
+
+def test_generic_target_keeps_program_order():
+    """mma.sync is synchronous: nothing to overlap, the generic kernels walk the body as written."""
+    from tilemix.codegen.generic import _GenericLowering
+
+    lowering = _lowering("linear_attention_fwd")
+    generic = _GenericLowering(lowering.p, lowering.schedule, lowering.full_dims, "sm_80")
+    generic.analyze()
+    assert generic.body_order(generic.loop) is generic.loop.body
