@@ -13,9 +13,10 @@ Data dependences order the walk, and three more rules keep the lowering's decisi
 order: stores keep their order; an op that reads a value last (and so may take its registers, or
 accumulate into them) stays after the value's other readers; an absorbed matmul (emitted with the
 add it accumulates into) is walked where that add is. Earlier matmuls keep their accumulators live
-longer, so an order is taken only if it keeps no more register tiles live at once than program
-order does: hoisting every ready op that feeds a matmul first, else matmuls alone, else none (the
-SSD backward's fifteen matmuls a chunk spill otherwise).
+longer, so by default (``Schedule.issue == "fit"``) an order is taken only if it keeps no more
+register tiles live at once than program order does: hoisting every ready op that feeds a matmul
+first, else matmuls alone, else none (the SSD backward's fifteen matmuls a chunk spill otherwise).
+``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ _SIDE_EFFECTS = ("store", "store_state")
 
 def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Value, Op],
                 issues_group: Callable[[Op], bool], waits_for: Callable[[Op], Iterable[Value]],
-                in_registers: Callable[[Value], int]) -> list[Op]:
+                in_registers: Callable[[Value], int] | None) -> list[Op]:
     """``body`` reordered (see the module docstring). ``absorbed``: matmul -> the add it is emitted
     with; ``issues_group(op)``: whether lowering ``op`` commits a wgmma group (its result is then in
     flight); ``waits_for(op)``: the values ``op`` waits for if a group is still writing them;
-    ``in_registers(v)``: the registers a value takes (0 for tiles in shared memory)."""
+    ``in_registers(v)``: the registers a value takes (0 for tiles in shared memory), or None to take
+    the first order whatever it holds."""
     units = [op for op in body if op not in absorbed]
     merged = {add: mm for mm, add in absorbed.items()}
     reads = {u: {*u.operands, *(merged[u].operands if u in merged else ())} for u in units}
@@ -53,10 +55,10 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
                 after[last].add(u)  # the value's last reader stays last
     feeds = _feeders(units, after, issues_group)
     walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for)  # noqa: E731
-    budget = _peak_registers(units, reads, in_registers)
+    budget = _peak_registers(units, reads, in_registers) if in_registers else 0
     for hoist in (lambda u: u in feeds, lambda u: False):
         order = walk(hoist)
-        if _peak_registers(order, reads, in_registers) <= budget:
+        if in_registers is None or _peak_registers(order, reads, in_registers) <= budget:
             return [op for u in order for op in ((merged[u], u) if u in merged else (u,))]
     return body
 

@@ -98,3 +98,26 @@ def test_generic_target_keeps_program_order():
     generic = _GenericLowering(lowering.p, lowering.schedule, lowering.full_dims, "sm_80")
     generic.analyze()
     assert generic.body_order(generic.loop) is generic.loop.body
+
+
+def test_schedule_chooses_the_order():
+    """``Schedule.issue``: "program" walks the body as written, "early" issues the matmuls first even where
+    that holds more registers (the SSD backward), "fit" (the default) only where it does not; anything
+    else is an error naming the choices."""
+    from tilemix.tiles.errors import TileError
+
+    def walk(name, issue):
+        lowering = _lowering(name, D=64)
+        lowering.schedule = replace(lowering.schedule, issue=issue)
+        return lowering.body_order(lowering.loop), lowering.loop.body
+
+    program, body = walk("linear_attention_fwd", "program")
+    assert program is body
+    fit, body = walk("linear_attention_fwd", "fit")
+    assert fit != body
+    fit, body = walk("ssd_bwd_dx", "fit")
+    assert fit == body
+    early, body = walk("ssd_bwd_dx", "early")
+    assert early != body
+    with pytest.raises(TileError, match="'fit', 'early', 'program'"):
+        walk("linear_attention_fwd", "sideways")
