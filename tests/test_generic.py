@@ -198,6 +198,34 @@ NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_d
            for arch in ("sm_86", "sm_89")}
 
 
+# Programs whose wgmmas ptxas runs one at a time on sm_90a (remark C7512, "insufficient register
+# resources") at the bench shape (feature dims 128): their tiles leave no registers for a second group
+# in flight. Found 2026-11-30 (bench/NOTES.md session 10); the generic kernels are synchronous anyway.
+SERIALISED_SM90A = {
+    "attention_bwd_dkdv": "dk and dv accumulators (64x128 each) beside the recomputed probabilities and dp",
+    "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (it spills too)",
+    "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (it spills too)",
+}
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_sm90a_wgmma_serialisation_is_known(name):
+    """Every program on sm_90a: ptxas serialises its wgmmas (C7512: registers; C7515: an accumulator
+    written while in flight) only where SERIALISED_SM90A says so and why."""
+    pytest.importorskip("cuda.bindings")
+    from tilemix.codegen.compile import ptxas_report
+    from tilemix.codegen.launch import hopper_source
+
+    program, specs = PROGRAMS[name]
+    source = hopper_source(program, program.bind({**program.consts_for("sm_90a"), **specs}))
+    report = ptxas_report(source.source, "sm_90a", source.name)
+    assert "Used" in report and "C7515" not in report, report
+    if name in SERIALISED_SM90A:
+        assert "C7512" in report, f"{name} is no longer serialised: take it off SERIALISED_SM90A"
+    else:
+        assert "C7512" not in report, report
+
+
 @pytest.fixture(scope="module")
 def generic_builds():
     """Every (program, arch) lowered (here: tracing is not thread-safe), then compiled and
