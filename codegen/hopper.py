@@ -12,12 +12,12 @@ straight from registers.
 Matmuls are asynchronous: each is one committed wgmma group, waited for only
 where its result is first read, and then only as far as that group
 (``wgmma_wait<n>``, n = the groups issued after it); the chunk loop's ops are
-walked in ``issue_order`` (independent matmuls issued before the first wait). ``x + a @ b`` accumulates into ``x``'s
-registers, and a value read once, in its own scope, hands its registers to
-the op that reads it — so a carried accumulator (gemm's, attention's output)
-is updated in place, and when an iteration ends with its matmul still in
-flight the chunk's shared-memory stage is released one iteration later,
-after the next iteration's wgmmas are issued.
+walked in ``issue_order`` (independent matmuls issued before the first wait).
+``x + a @ b`` accumulates into ``x``'s registers, and a value read once, in its
+own scope, hands its registers to the op that reads it — so a carried
+accumulator (gemm's, attention's output) is updated in place, and when an
+iteration ends with its matmul still in flight the chunk's shared-memory stage
+is released one iteration later, after the next iteration's wgmmas are issued.
 
 Program shapes lowered: nested ``blocks`` grid loops around at most one
 ``chunks`` loop (scans, attention, gemm); anything else is rejected with an
