@@ -28,16 +28,24 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return main(args.json, args.out, md=args.md)
 
 
+def _tunable() -> list[str]:
+    """What ``tilemix tune`` takes: each op (its forward program) and ``<op>-bwd`` (the programs its
+    backward launches)."""
+    from tilemix.ops import PROGRAMS
+
+    return [*PROGRAMS, *(f"{name}-bwd" for name in PROGRAMS)]
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
-    from tilemix.ops import PROGRAMS, use_target
+    from tilemix.ops import use_target
 
     console = Console(width=max(Console().width, 150))  # the table's config column unwrapped when piped
-    unknown = sorted(set(args.ops) - set(PROGRAMS))
+    unknown = sorted(set(args.ops) - set(_tunable()))
     if unknown:
-        console.print(f"tilemix tune: unknown op(s) {unknown}; expected some of {sorted(PROGRAMS)}")
+        console.print(f"tilemix tune: unknown op(s) {unknown}; expected some of {_tunable()}")
         return 2
     if not torch.cuda.is_available():
         console.print("tilemix tune needs a CUDA GPU.")
@@ -47,14 +55,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _tune_ops(args: argparse.Namespace, console) -> int:
-    import time
-
     import torch
-    from rich.progress import Progress
     from rich.table import Table
 
-    from tilemix.codegen.launch import launch_schedule
-    from tilemix.codegen.tune import config_space, tune, tune_segments
     from tilemix.ops import PROGRAMS, SEGMENTED
     from tilemix.ops._dispatch import device_arch
     from tilemix.ops.examples import example_inputs
@@ -65,39 +68,84 @@ def _tune_ops(args: argparse.Namespace, console) -> int:
     for column in ("op", "default ms", "tuned ms", "speedup", "tuned config", "candidates", "rejected", "tune s"):
         table.add_column(column)
     for name in args.ops or list(PROGRAMS):
-        kernel, inputs = PROGRAMS[name], example_inputs(name, B=B, T=T, H=H, D=D)
-        binding = kernel.bind(inputs)
-        total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device(), arch)))
-        start = time.perf_counter()
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"tuning {name}", total=total)
-            result = tune(kernel, inputs, progress=lambda config, task=task: bar.advance(task))
-        seconds = time.perf_counter() - start
-        default, best = result.times[result.default], result.times[result.best]
-        table.add_row(name, f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x", result.best.describe(),
-                      str(len(result.times) + len(result.rejected)), str(len(result.rejected)), f"{seconds:.1f}")
-        if args.verbose:
-            for config, why in result.rejected.items():
-                console.print(f"  {name} rejected {config.describe()}: {why}")
-            for config, ms in sorted(result.times.items(), key=lambda kv: kv[1]):
-                console.print(f"  {name} {ms:.3f} ms  {config.describe()}")
+        if name.endswith("-bwd"):
+            for kernel, inputs in _backward_programs(name, args.shape):
+                _tune_program(f"{name}: {kernel.name}", kernel, inputs, table, console, args.verbose, arch)
+            continue
+        inputs = example_inputs(name, B=B, T=T, H=H, D=D)
+        _tune_program(name, PROGRAMS[name], inputs, table, console, args.verbose, arch)
         if name in SEGMENTED:  # the sequential scan (now tuned) against sequence segments
-            start = time.perf_counter()
-            scan = SEGMENTED[name]
-            with Progress(console=console, transient=True) as bar:
-                task = bar.add_task(f"segments of {name}", total=len(scan.segment_choices(T)))
-                segments = tune_segments(scan, inputs, progress=lambda _, task=task: bar.advance(task))
-            default, best = segments.times[segments.default], segments.times[segments.best]
-            table.add_row(f"{name} (segments)", f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x",
-                          f"segments={segments.best}", str(len(segments.times) + len(segments.rejected)),
-                          str(len(segments.rejected)), f"{time.perf_counter() - start:.1f}")
-            if args.verbose:
-                for count, ms in sorted(segments.times.items(), key=lambda kv: kv[1]):
-                    console.print(f"  {name} {ms:.3f} ms  segments={count}")
-                for count, why in segments.rejected.items():
-                    console.print(f"  {name} rejected segments={count}: {why}")
+            _tune_segment_count(name, SEGMENTED[name], inputs, T, table, console, args.verbose)
     console.print(table)
     return 0
+
+
+def _backward_programs(name: str, shape) -> list:
+    """(kernel, arguments) of each program the backward of op ``name[:-4]`` launches at ``shape``
+    (B, T, H, D; bf16), the first call of each, as the bench's backward row runs it."""
+    import torch
+
+    from tilemix.bench.bench import CASES
+    from tilemix.ops._dispatch import capture_calls
+
+    backward = CASES[name](*shape, torch.bfloat16)[0]
+    backward()  # the forward (its first call only), then a backward
+    with capture_calls() as calls:
+        backward()  # the backward alone
+    programs: dict = {}
+    for kernel, inputs in calls:
+        programs.setdefault(kernel.name, (kernel, inputs))
+    return list(programs.values())
+
+
+def _tune_program(label: str, kernel, inputs: dict, table, console, verbose: bool, arch: str) -> None:
+    """Tune one program at ``inputs`` and add its row to ``table``."""
+    import time
+
+    import torch
+    from rich.progress import Progress
+
+    from tilemix.codegen.launch import launch_schedule
+    from tilemix.codegen.tune import config_space, tune
+
+    binding = kernel.bind(inputs)
+    total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device(), arch)))
+    start = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"tuning {label}", total=total)
+        result = tune(kernel, inputs, progress=lambda config, task=task: bar.advance(task))
+    default, best = result.times[result.default], result.times[result.best]
+    table.add_row(label, f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x", result.best.describe(),
+                  str(len(result.times) + len(result.rejected)), str(len(result.rejected)),
+                  f"{time.perf_counter() - start:.1f}")
+    if verbose:
+        for config, why in result.rejected.items():
+            console.print(f"  {label} rejected {config.describe()}: {why}")
+        for config, ms in sorted(result.times.items(), key=lambda kv: kv[1]):
+            console.print(f"  {label} {ms:.3f} ms  {config.describe()}")
+
+
+def _tune_segment_count(name: str, scan, inputs: dict, T: int, table, console, verbose: bool) -> None:
+    """Time the tuned sequential scan against sequence segments; add the row."""
+    import time
+
+    from rich.progress import Progress
+
+    from tilemix.codegen.tune import tune_segments
+
+    start = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"segments of {name}", total=len(scan.segment_choices(T)))
+        segments = tune_segments(scan, inputs, progress=lambda _, task=task: bar.advance(task))
+    default, best = segments.times[segments.default], segments.times[segments.best]
+    table.add_row(f"{name} (segments)", f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x",
+                  f"segments={segments.best}", str(len(segments.times) + len(segments.rejected)),
+                  str(len(segments.rejected)), f"{time.perf_counter() - start:.1f}")
+    if verbose:
+        for count, ms in sorted(segments.times.items(), key=lambda kv: kv[1]):
+            console.print(f"  {name} {ms:.3f} ms  segments={count}")
+        for count, why in segments.rejected.items():
+            console.print(f"  {name} rejected segments={count}: {why}")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -229,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--md", action="store_true", help="also write results.md (the run's markdown table) there")
     plot.set_defaults(run=_cmd_plot)
     tune = sub.add_parser("tune", help="search schedules and block sizes on this GPU; cache the winners")
-    tune.add_argument("ops", nargs="*", help=f"ops to tune: {', '.join(sorted(PROGRAMS))} (default: all)")
+    tune.add_argument("ops", nargs="*", help=f"ops to tune: {', '.join(sorted(PROGRAMS))} (default: all); "
+                      "<op>-bwd tunes the programs that op's backward launches, at the shapes it runs them")
     tune.add_argument("--shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 4096, 16, 128),
                       metavar="B,T,H,D", help="the problem to tune for (default 8,4096,16,128)")
     tune.add_argument("-v", "--verbose", action="store_true", help="every candidate's time or why it was rejected")

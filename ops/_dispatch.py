@@ -17,7 +17,22 @@ from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
 
 __all__ = ["run_kernel", "call_signature", "remember", "recall", "forget_calls", "fake_run", "default_scale",
-           "check_call", "use_target", "call_with_target", "device_arch"]
+           "check_call", "use_target", "call_with_target", "device_arch", "capture_calls"]
+
+_CAPTURED: list[tuple[Kernel, dict[str, Any]]] | None = None  # run_kernel's calls, inside capture_calls
+
+
+@contextlib.contextmanager
+def capture_calls():
+    """Record the program and arguments of every ``run_kernel`` call made inside the block (a list of
+    ``(kernel, args)``, in call order): what an op launches, its backward say, so that ``tilemix tune``
+    can tune those programs at the shapes they run."""
+    global _CAPTURED
+    outer, _CAPTURED = _CAPTURED, []
+    try:
+        yield _CAPTURED
+    finally:
+        _CAPTURED = outer
 
 
 def default_scale(q: Any, scale: float | None) -> float:
@@ -91,6 +106,8 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     (default: a tuned one if cached, see ``tilemix.codegen.tune``, else the
     code generator's default). A CUDA call whose signature (``call_signature``) ran before skips
     the checks and choices and only allocates, packs and launches."""
+    if _CAPTURED is not None:
+        _CAPTURED.append((kernel, dict(args)))
     signature = call_signature(kernel, args, final_states, schedule)
     prepared = recall(signature)
     if prepared is not None:

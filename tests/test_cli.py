@@ -68,7 +68,8 @@ def test_show_cuda_sass_and_resources(op, capsys):
 
 def test_tune_rejects_unknown_ops(capsys):
     assert main(["tune", "not_an_op"]) == 2
-    assert "unknown op(s) ['not_an_op']" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "unknown op(s) ['not_an_op']" in out and "'ssd-bwd'" in out
 
 
 @pytest.mark.gpu
@@ -78,3 +79,14 @@ def test_gpu_tune_one_op(target, capsys, tmp_path, monkeypatch):
     assert main(["tune", "linear_attention", "--shape", "2,1024,4,64", "--target", target]) == 0
     out = capsys.readouterr().out
     assert "tuned config" in out and ("sm_90a kernels" if target == "hopper" else "sm_90 kernels") in out
+
+
+@pytest.mark.gpu
+def test_gpu_tune_a_backward(capsys, tmp_path, monkeypatch):
+    """``<op>-bwd`` tunes each program the op's backward launches, a row each."""
+    monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
+    assert main(["tune", "linear_attention-bwd", "--shape", "2,1024,4,64"]) == 0
+    out = capsys.readouterr().out
+    for program in ("linear_attention_bwd_dq", "linear_attention_bwd_total", "linear_attention_bwd_dv",
+                    "linear_attention_bwd_dk"):
+        assert f"linear_attention-bwd: {program}" in out, out

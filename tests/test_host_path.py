@@ -32,6 +32,24 @@ def test_interpreter_calls_are_not_remembered():
     assert not _dispatch._BY_SIGNATURE
 
 
+def test_capture_calls_records_what_a_backward_launches():
+    """``capture_calls`` lists each ``run_kernel`` call made inside it, in order, with its arguments
+    (``tilemix tune <op>-bwd`` tunes those): a linear-attention backward's four programs, nothing of
+    the forward before it; an inner capture keeps its calls from the outer one."""
+    from tilemix.ops._dispatch import capture_calls
+
+    q, k, v = (torch.randn(1, 100, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    o = ops.linear_attention(q, k, v)[0]
+    with capture_calls() as calls:
+        o.sum().backward()
+        with capture_calls() as inner:
+            ops.linear_attention(q.detach(), k.detach(), v.detach())
+    assert [kernel.name for kernel, _ in calls] == ["linear_attention_bwd_dq", "linear_attention_bwd_total",
+                                                    "linear_attention_bwd_dv", "linear_attention_bwd_dk"]
+    assert [kernel.name for kernel, _ in inner] == ["linear_attention_fwd"]
+    assert calls[0][1]["k"].shape == (1, 100, 2, 16)
+
+
 @pytest.mark.gpu
 def test_gpu_remembered_calls_prepare_once_per_signature(prepared, monkeypatch):
     """A repeated call prepares nothing; new scalars and new tensors of the same shape do not either,
