@@ -93,7 +93,8 @@ def _backward_programs(name: str, shape) -> list:
     with capture_calls() as calls:
         backward()  # the backward alone
     programs: dict = {}
-    for kernel, inputs in calls:
+    for kernel, inputs in calls:  # saved for the backward, some inputs still require grad: the tune's calls do not
+        inputs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         programs.setdefault(kernel.name, (kernel, inputs))
     return list(programs.values())
 
