@@ -69,8 +69,8 @@ def _tune_ops(args: argparse.Namespace, console) -> int:
         table.add_column(column)
     for name in args.ops or list(PROGRAMS):
         if name.endswith("-bwd"):
-            for kernel, inputs in _backward_programs(name, args.shape):
-                _tune_program(f"{name}: {kernel.name}", kernel, inputs, table, console, args.verbose, arch)
+            for kernel, inputs in _backward_programs(name, args.shape):  # a row each, named by the program
+                _tune_program(kernel.name, kernel, inputs, table, console, args.verbose, arch)
             continue
         inputs = example_inputs(name, B=B, T=T, H=H, D=D)
         _tune_program(name, PROGRAMS[name], inputs, table, console, args.verbose, arch)
