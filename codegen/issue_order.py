@@ -15,7 +15,8 @@ accumulate into them) stays after the value's other readers; an absorbed matmul 
 add it accumulates into) is walked where that add is. Earlier matmuls keep their accumulators live
 longer, so by default (``Schedule.issue == "fit"``) an order is taken only if it keeps no more
 register tiles live at once than program order does: hoisting every ready op that feeds a matmul
-first, else matmuls alone, else none (the SSD backward's fifteen matmuls a chunk spill otherwise).
+first, else matmuls alone, else none (the SSD backward's fifteen matmuls a chunk spill otherwise);
+and a body that fills the register file in program order already keeps it.
 ``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
 """
 
@@ -28,6 +29,12 @@ from tilemix.tiles.ir import Op, Value
 __all__ = ["issue_order"]
 
 _SIDE_EFFECTS = ("store", "store_state")
+# Register tiles (floats per 128-thread warpgroup, as _peak_registers counts them) beyond which a body
+# in program order already fills the register file (232-240 a thread): it keeps program order. The
+# estimate reads ~130-260 registers a thread for every shipped scan, gemm and attention program that
+# compiles without spills, ~350 for the user mixers whose 128x128 states spill (gla_fwd and
+# normalized_la_fwd at K = V = 128, which spilled more in an early order: 1120 B of stack, not 832).
+FULL = 320 * 128
 
 
 def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Value, Op],
@@ -56,6 +63,8 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
     feeds = _feeders(units, after, issues_group)
     walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for)  # noqa: E731
     budget = _peak_registers(units, reads, in_registers) if in_registers else 0
+    if budget > FULL:
+        return body
     for hoist in (lambda u: u in feeds, lambda u: False):
         order = walk(hoist)
         if in_registers is None or _peak_registers(order, reads, in_registers) <= budget:

@@ -121,3 +121,20 @@ def test_schedule_chooses_the_order():
     assert early != body
     with pytest.raises(TileError, match="'fit', 'early', 'program'"):
         walk("linear_attention_fwd", "sideways")
+
+
+@pytest.mark.parametrize("name", LOOPED)
+def test_fit_holds_no_more_registers_than_program_order(name):
+    """The default order ("fit") compiles to no more stack (spills) than program order: the register
+    estimate behind it keeps the early order only where ptxas agrees it fits."""
+    pytest.importorskip("cuda.bindings")
+    from tilemix.codegen.compile import compile_cuda, resources
+
+    kernel, specs = PROGRAMS[name]
+    binding = kernel.bind({**kernel.consts_for("sm_90a"), **specs})
+    default = default_schedule(kernel, binding)
+    stack = {}
+    for issue in ("fit", "program"):
+        source = hopper_source(kernel, binding, replace(default, issue=issue))
+        stack[issue] = resources(compile_cuda(source.source, "sm_90a", source.name))["stack"]
+    assert stack["fit"] <= stack["program"], stack
