@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
 
 __all__ = ["main"]
 
@@ -218,10 +220,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(program.trace(binding, target=arch))
         return 0
     from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.launch import kernel_source
+    from tilemix.codegen.launch import default_schedule, kernel_source, schedule_overrides
 
     try:
-        source = kernel_source(program, binding, arch=arch)
+        schedule = default_schedule(program, binding, arch)
+        forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(program.name)  # as a launch does
+        source = kernel_source(program, binding, replace(schedule, **forced) if forced else schedule, arch)
     except TileError as e:
         print(f"tilemix show: {e}", file=sys.stderr)
         return 2
@@ -286,7 +290,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--target", choices=["auto", "hopper", "generic"],
                       help="the kernels to tune (generic: the mma.sync ones, also on an H100); each has its own cache")
     tune.set_defaults(run=_cmd_tune)
-    show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape")
+    show = sub.add_parser("show", help="print an op's generated CUDA (or IR, SASS, resources) at the bench shape, "
+                          "with $TILEMIX_SCHEDULE's fields applied as a launch applies them")
     show.add_argument("op", help=f"one of {', '.join(sorted(PROGRAMS))}, or module:kernel (your own @kernel program)")
     show.add_argument("--dim", action="append", metavar="NAME=SIZE", type=_dim,
                       help="a named dim's size for module:kernel programs (default 128), e.g. --dim K=64")

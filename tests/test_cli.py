@@ -66,6 +66,22 @@ def test_show_cuda_sass_and_resources(op, capsys):
     assert "HGMMA" in out and "registers/thread" in out
 
 
+def test_show_applies_schedule_overrides(capsys, monkeypatch):
+    """``show`` prints the kernel a launch would run: $TILEMIX_SCHEDULE's fields apply (linear attention's
+    chunk in program order waits three times, in the default order twice); a bad value is an error."""
+    pytest.importorskip("cuda.bindings")
+    waits = {}
+    for issue in ("fit", "program"):
+        monkeypatch.setenv("TILEMIX_SCHEDULE", f"linear_attention_fwd:issue={issue}")
+        assert main(["show", "linear_attention"]) == 0
+        loop = capsys.readouterr().out.split("for (int c = 0; c < n_iter")[-1]
+        waits[issue] = loop.count("wgmma_wait")
+    assert waits == {"fit": 2, "program": 3}, waits
+    monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:issue=sideways")
+    assert main(["show", "linear_attention"]) == 2
+    assert "'fit', 'early', 'program'" in capsys.readouterr().err
+
+
 def test_tune_rejects_unknown_ops(capsys):
     assert main(["tune", "not_an_op"]) == 2
     out = capsys.readouterr().out
