@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from dataclasses import replace
 
 __all__ = ["main"]
 
@@ -220,12 +218,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
         print(program.trace(binding, target=arch))
         return 0
     from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.launch import default_schedule, kernel_source, schedule_overrides
+    from tilemix.codegen.launch import default_schedule, kernel_source, overridden
 
-    try:
-        schedule = default_schedule(program, binding, arch)
-        forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(program.name)  # as a launch does
-        source = kernel_source(program, binding, replace(schedule, **forced) if forced else schedule, arch)
+    try:  # $TILEMIX_SCHEDULE's fields applied as a launch applies them
+        source = kernel_source(program, binding, overridden(program, default_schedule(program, binding, arch)), arch)
     except TileError as e:
         print(f"tilemix show: {e}", file=sys.stderr)
         return 2

@@ -60,11 +60,11 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
             last = last_reader.get(v)
             if last is not None and last is not u and last in after:
                 after[last].add(u)  # the value's last reader stays last
-    feeds = _feeders(units, after, issues_group)
-    walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for)  # noqa: E731
     budget = _peak_registers(units, reads, in_registers) if in_registers else 0
     if budget > FULL:
         return body
+    feeds = _feeders(units, after, issues_group)
+    walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for)  # noqa: E731
     for hoist in (lambda u: u in feeds, lambda u: False):
         order = walk(hoist)
         if in_registers is None or _peak_registers(order, reads, in_registers) <= budget:

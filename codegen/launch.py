@@ -293,6 +293,12 @@ def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
     return overrides
 
 
+def overridden(kernel: Kernel, schedule: Schedule) -> Schedule:
+    """``schedule`` with the fields ``$TILEMIX_SCHEDULE`` sets for ``kernel`` (itself where it sets none)."""
+    forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(kernel.name)
+    return replace(schedule, **forced) if forced else schedule
+
+
 def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
@@ -303,9 +309,9 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     base = _DEFAULTS.get(key)
     if base is None:
         base = _DEFAULTS[key] = default_schedule(kernel, binding, arch)
-    forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(kernel.name)
-    if forced:
-        return replace(base, **forced)
+    forced = overridden(kernel, base)
+    if forced is not base:
+        return forced
     if base.consumer_axis != "columns" or "B" not in binding.sizes:
         return base
     if base.consumers == 1:
