@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable
 
 from tilemix.tiles.ir import Op, Value
 
-__all__ = ["issue_order"]
+__all__ = ["issue_order", "peak_registers"]
 
 _SIDE_EFFECTS = ("store", "store_state")
-# Register tiles (floats per 128-thread warpgroup, as _peak_registers counts them) beyond which a body
+# Register tiles (floats per 128-thread warpgroup, as issue_order counts them) beyond which a body
 # in program order already fills the register file (232-240 a thread): it keeps program order. The
 # estimate reads ~130-260 registers a thread for every shipped scan, gemm and attention program that
 # compiles without spills, ~350 for the user mixers whose 128x128 states spill (gla_fwd and
@@ -60,14 +60,14 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
             last = last_reader.get(v)
             if last is not None and last is not u and last in after:
                 after[last].add(u)  # the value's last reader stays last
-    budget = _peak_registers(units, reads, in_registers) if in_registers else 0
+    budget = peak_registers(units, reads, in_registers) if in_registers else 0
     if budget > FULL:
         return body
     feeds = _feeders(units, after, issues_group)
     walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for)  # noqa: E731
     for hoist in (lambda u: u in feeds, lambda u: False):
         order = walk(hoist)
-        if in_registers is None or _peak_registers(order, reads, in_registers) <= budget:
+        if in_registers is None or peak_registers(order, reads, in_registers) <= budget:
             return [op for u in order for op in ((merged[u], u) if u in merged else (u,))]
     return body
 
@@ -110,11 +110,11 @@ def _feeders(units: list[Op], after: dict[Op, set[Op]], issues_group: Callable[[
     return feeds
 
 
-def _peak_registers(order: list[Op], reads: dict[Op, set[Value]], in_registers: Callable[[Value], int]) -> int:
-    """The most registers the body's values hold at once in ``order``: each value from its op (or,
-    made before the loop, from the start) to its last reader there (to the end if nothing there
-    reads it: the loop's carried update). An op's operands that it reads last free their registers
-    for its result, as an in-place update does."""
+def peak_registers(order: list[Op], reads: dict[Op, set[Value]], in_registers: Callable[[Value], int]) -> int:
+    """The most registers the body's values hold at once in ``order`` (``reads``: what each op
+    reads): each value from its op (or, made before the loop, from the start) to its last reader
+    there (to the end if nothing there reads it: the loop's carried update). An op's operands that
+    it reads last free their registers for its result, as an in-place update does."""
     last = {v: i for i, u in enumerate(order) for v in reads[u]}
     made = {u.result for u in order if u.result is not None}
     live = {v for v in last if v not in made}

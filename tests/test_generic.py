@@ -200,9 +200,9 @@ NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_d
 
 # Programs whose wgmmas ptxas runs one at a time on sm_90a (remark C7512, "insufficient register
 # resources") at the bench shape (feature dims 128): their tiles leave no registers for a second group
-# in flight. Found 2026-11-30 (bench/NOTES.md session 10); the generic kernels are synchronous anyway.
+# in flight. Found 2026-11-30 (bench/NOTES.md session 10; attention_bwd_dkdv was serialised too until its
+# chunks stopped overlapping, Schedule.overlap); the generic kernels are synchronous anyway.
 SERIALISED_SM90A = {
-    "attention_bwd_dkdv": "dk and dv accumulators (64x128 each) beside the recomputed probabilities and dp",
     # at P = 128 unsplit; on a GPU the SSD backward runs 64-wide blocks of P, which are not serialised
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (it spills too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (it spills too)",

@@ -1,6 +1,7 @@
 """The order sm_90a kernels walk a chunk loop's ops in (codegen/issue_order.py): wgmma groups issued
 before the waits, every dependence and register hand-over of program order kept, program order
-itself where another order would hold more registers. CPU only: no compiler needed."""
+itself where another order would hold more registers; and whether a chunk's last groups run on into
+the next chunk (``Schedule.overlap``). CPU only, but for the tests that ask ptxas."""
 
 from __future__ import annotations
 
@@ -138,3 +139,48 @@ def test_fit_holds_no_more_registers_than_program_order(name):
         source = hopper_source(kernel, binding, replace(default, issue=issue))
         stack[issue] = resources(compile_cuda(source.source, "sm_90a", source.name))["stack"]
     assert stack["fit"] <= stack["program"], stack
+
+
+OVERLAPPED = "the previous chunk's groups are done"  # the chunk's end with its last groups still running
+
+
+def _source(name: str, D: int, **fields):
+    """Program ``name``'s sm_90a source (feature dims ``D``), its default schedule with ``fields`` replaced."""
+    kernel, specs = PROGRAMS[name]
+    binding = kernel.bind({**kernel.consts_for("sm_90a"), **{n: _resized(s, {"D": D}) for n, s in specs.items()}})
+    return hopper_source(kernel, binding, replace(default_schedule(kernel, binding), **fields))
+
+
+def test_overlap_chooses_whether_groups_cross_chunks():
+    """``Schedule.overlap``: "on" leaves a chunk's accumulating groups running into the next chunk, "off"
+    waits for them at its end; "fit" (the default) overlaps attention's dk/dv program at D = 64 but
+    not at 128, where its two 64x128 accumulators, scores, dp and the probabilities' bf16 operands
+    would not fit beside each other (ptxas then serialised every wgmma: 1.10 -> 0.95 ms causal on an
+    H200 without the overlap, bench/NOTES.md session 11), and overlaps its dq program at both.
+    Anything else is an error naming the choices."""
+    from tilemix.tiles.errors import TileError
+
+    assert OVERLAPPED not in _source("attention_bwd_dkdv", 128).source
+    assert OVERLAPPED in _source("attention_bwd_dkdv", 128, overlap="on").source
+    assert OVERLAPPED in _source("attention_bwd_dkdv", 64).source
+    assert OVERLAPPED not in _source("attention_bwd_dkdv", 64, overlap="off").source
+    assert OVERLAPPED in _source("attention_bwd_dq", 128).source
+    assert OVERLAPPED in _source("gemm_fwd", 128).source
+    with pytest.raises(TileError, match="'fit', 'on', 'off'"):
+        _source("gemm_fwd", 128, overlap="sometimes")
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("name", LOOPED)
+def test_fit_overlaps_only_where_ptxas_keeps_wgmma_asynchronous(name, D):
+    """Wherever "fit" overlaps chunks, ptxas keeps the wgmmas asynchronous (no remark C7512); and it
+    does not where the estimate refuses (attention's dk/dv program at D = 128 forced "on")."""
+    pytest.importorskip("cuda.bindings")
+    from tilemix.codegen.compile import ptxas_report
+
+    source = _source(name, D)
+    if OVERLAPPED in source.source:
+        assert "C7512" not in ptxas_report(source.source, "sm_90a", source.name), (name, D)
+    if (name, D) == ("attention_bwd_dkdv", 128):
+        forced = _source(name, D, overlap="on")
+        assert "C7512" in ptxas_report(forced.source, "sm_90a", forced.name)
