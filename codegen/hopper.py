@@ -158,6 +158,7 @@ class _Lowering:
         self.lines: list[str] = []
         self.names: dict[Value, str] = {}
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
+        self.ring_vector: dict[Value, str] = {}  # per-token vector -> its address in the chunk's stage
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
         self.staged: dict[Value, str] = {}
         # staged value -> (offset, bytes per group, whether staged inside the chunk loop)
@@ -276,10 +277,10 @@ class _Lowering:
     def reuses(self, x: Value, op: Op) -> bool:
         """Whether ``op``'s result may take over ``x``'s registers: ``op`` is ``x``'s last reader,
         in the scope that defines ``x`` (so not once per iteration of a value made before the loop),
-        and the register tiles have one shape."""
+        and the register tiles have one shape (a view of shared memory has no registers to give)."""
         scope = self.scope.get(x)
         return (self.last_reader.get(x) is op and scope is not None and scope is self.scope.get(op.result)
-                and x not in self.smem_of and x in self.names
+                and x not in self.smem_of and x not in self.shared_rows and x in self.names
                 and (x.type.rows, x.type.cols) == (op.result.type.rows, op.result.type.cols))
 
     def scan(self, v: Value, ind: int) -> str:
@@ -312,6 +313,10 @@ class _Lowering:
     def analyze(self):
         """Split the program into grid loops (blocks), the per-CTA body, at most one sequential
         chunks loop in it, and the tile loads before (prologue) and inside (ring) that loop."""
+        # column vectors prefix-scanned in shared memory (``scan``) for a cumsum or segsum: their
+        # column sums read the scan too, wherever they come, so every program rounds them alike
+        self.scanned = {op.operands[0] for op in self.p.walk()
+                        if op.name in ("cumsum", "segsum") and op.operands[0].type.cols == 1}
         body = self.p.body
         self.grid_loops = []
         while True:
@@ -338,6 +343,20 @@ class _Lowering:
         self.col_loads = [op for op in (self.loop.body if self.loop is not None else [])
                           if op.name == "load" and op.result.type.cols == 1 and op.operands[0] is self.loop.index
                           and self.p.param(op.attrs["param"]).spec.kind == "seq"]
+        # their transposes that only elementwise maps read: views of the stage (``tm::shared_row``),
+        # each element read where it is used, no registers held
+        ring = {op.result for op in self.col_loads}
+        readers: dict[Value, list[Op]] = {}
+        for op in self.p.walk():
+            for v in (op.init if isinstance(op, Loop) else op.operands):
+                readers.setdefault(v, []).append(op)
+            if isinstance(op, Loop):
+                for v in op.update:
+                    readers.setdefault(v, []).append(op)
+        self.shared_rows = {op.result for op in (self.loop.body if self.loop is not None else [])
+                            if op.name == "transpose" and op.operands[0] in ring
+                            and all(not isinstance(r, Loop) and (r.name in _UNARY or r.name in _BINARY)
+                                    for r in readers.get(op.result, ()))}
         for op in self.prologue_loads + self.loads:
             if op.result.type.cols % PANEL:
                 self.fail(f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
@@ -663,7 +682,7 @@ class _Lowering:
             self.fail(f"Schedule.issue is one of {', '.join(map(repr, ISSUE_ORDERS))}, not {issue!r}")
         if not self.asynchronous or issue == "program":
             return loop.body
-        tiles = {op.result for op in self.loads}  # in shared memory: their readers hand over no registers
+        tiles = {op.result for op in self.loads} | self.shared_rows  # in shared memory: no registers
         registers = (lambda v: 0 if v in tiles else v.type.rows * v.type.cols) if issue == "fit" else None
         return issue_order(loop.body, absorbed={mm: add for add, (mm, _) in self.accumulate.items()},
                            last_reader={v: op for v, op in self.last_reader.items() if v not in tiles},
@@ -689,7 +708,7 @@ class _Lowering:
         """Registers a thread's tiles need with the chunk's last groups overlapping the next chunk:
         the body's peak of register tiles (``peak_registers``) and those groups' register operands
         (bf16 fragments, live until the next chunk's first wait)."""
-        tiles = {op.result for op in self.loads}  # in shared memory
+        tiles = {op.result for op in self.loads} | self.shared_rows  # in shared memory
         registers = lambda v: 0 if v in tiles else thread_registers(v.type)  # noqa: E731
         units = [op for op in order if op not in self.absorbed]  # an absorbed matmul's result is its add's
         reads = {op: {*op.operands} for op in units}
@@ -754,6 +773,7 @@ class _Lowering:
                 mine = f" + wg * {t.rows * 4}" if self.per_consumer(op) else ""
                 at = f"smem + {self.col_ring} + stage * {self.col_stage_bytes} + {self.col_offset[op]}{mine}"
                 self.emit(f"{decl} tm::load_col_shared({out}, (const float*)({at}));", ind)
+                self.ring_vector[op.result] = at
                 return
             row0 = f"{self.index_name[args[0].id]} * {t.rows}"
             self.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, {row0}, T);", ind)
@@ -801,6 +821,8 @@ class _Lowering:
         elif name in ("rowsum", "rowmax"):
             red = "tm::op_sum()" if name == "rowsum" else "tm::op_max()"
             self.emit(f"{decl} tm::reduce_rows({out}, {self.reg(args[0], ind)}, {red});", ind)
+        elif name == "colsum" and args[0] in self.scanned:  # the scan's last row: no exchange of its own
+            self.emit(f"{decl} tm::fill({out}, {self.scan(args[0], ind)}[{2 * args[0].type.rows - 1}]);", ind)
         elif name in ("colsum", "colmax"):
             red = "tm::op_sum()" if name == "colsum" else "tm::op_max()"
             buffer = self.scratch(4 * args[0].type.cols)
@@ -812,6 +834,8 @@ class _Lowering:
                           "standalone transposes are lowered for row and column vectors", op)
             if t.rows == 1 and t.cols == 1:
                 self.emit(f"{decl} {out} = {self.reg(args[0], ind)};", ind)
+            elif op.result in self.shared_rows:
+                self.emit(f"const tm::shared_row<{t.rows}> {out}{{(const float*)({self.ring_vector[args[0]]})}};", ind)
             else:
                 buffer = self.scratch(max(t.rows, t.cols), "transposed")
                 self.emit(f"{decl} tm::transpose({out}, {self.reg(args[0], ind)}, {buffer}, {self.bar});", ind)

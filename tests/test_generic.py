@@ -176,11 +176,10 @@ PROGRAMS = _programs()
 # Known register spills, tracked until the lowering fixes them (bench/NOTES.md), by program name (or
 # name and arch). The same programs spill on sm_90a (the linear-attention backward programs and the
 # user mixers keep 128x128 fp32 tiles live). Programs at the 255-register ceiling gain or lose a few
-# bytes with any change to the headers: attention_bwd_dkdv and ssd_fwd on 99 KiB GPUs reload one or
-# two values per chunk.
+# bytes with any change to the headers: attention_bwd_dkdv on 99 KiB GPUs reloads two values per chunk
+# (ssd_fwd there stopped spilling when per-token vectors were read from shared memory where used,
+# rather than transposed through it).
 SPILLING = {
-    ("ssd_fwd", "sm_86"): "one group at one stage (99 KiB): one value reloaded per chunk",
-    ("ssd_fwd", "sm_89"): "one group at one stage (99 KiB): one value reloaded per chunk",
     "gla_fwd": "a 128x128 state decayed row by row beside the chunk's tiles (spills on sm_90a too)",
     "normalized_la_fwd": "a 128x128 state and the chunk's normaliser (spills on sm_90a too)",
     ("attention_bwd_dkdv", "sm_80"): "two groups per CTA (the schedule shared memory allows)",

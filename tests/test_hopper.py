@@ -344,13 +344,30 @@ def test_per_token_vectors_ride_in_the_ring():
 def test_transposes_and_reductions_exchange_through_separate_buffers():
     """A transpose returns right after reading its buffer, and a column sum or scan writes its own at
     once: through one buffer, a column sum right after a transpose could overwrite values a slower
-    warp was still reading. Each kind has its buffer, sized for the program's widest exchange."""
-    program = ops.PROGRAMS["ssd"]
-    src = hopper_source(program, program.bind(example_specs("ssd"))).source
+    warp was still reading. Each kind has its buffer, sized for the program's widest exchange (the
+    user mixer gla_fwd: a 64x128 cumsum and column sum, 512 floats, and a 128-row transpose)."""
+    from test_generic import PROGRAMS
+
+    program, specs = PROGRAMS["gla_fwd"]
+    src = hopper_source(program, program.bind(specs)).source
     assert re.search(r"tm::transpose\(\w+, \w+, transposed, bar_id\);", src)
     assert re.search(r"tm::reduce_cols\([^;]*, scratch, bar_id\);", src)
-    assert re.search(r"tm::prefix_scan\([^;]*, scratch, bar_id\);", src)
-    assert "float* transposed = scratch + 4;" in src  # after the scans' and column sums' 4 floats
+    assert re.search(r"tm::cumsum_rows\([^;]*, scratch, bar_id\);", src)
+    assert "float* transposed = scratch + 512;" in src
+
+
+def test_per_token_vectors_need_no_exchange():
+    """SSD's chunk reads dtᵀ's elements from its ring stage where it multiplies by them (a view, no
+    registers, no transpose through a buffer: two barriers fewer), and its total log decay from the
+    prefix scan its cumsums read (no column reduction): no exchange buffer but the scan's."""
+    program = ops.PROGRAMS["ssd"]
+    src = hopper_source(program, program.bind(example_specs("ssd"))).source
+    view = re.search(r"const tm::shared_row<64> (\w+)\{\(const float\*\)\(smem \+ \d+ \+ stage \* \d+", src)
+    assert view and re.search(rf"tm::map2\(.*, {view.group(1)}\);", src)  # read where it multiplies
+    assert "tm::transpose(" not in src and "tm::reduce_cols(" not in src
+    scan = re.search(r"tm::prefix_scan\(\w+, (\(\(float\*\)\(smem \+ \d+\) \+ wg \* (\d+)\))", src)
+    assert scan and f"{scan.group(1)}[{int(scan.group(2)) - 1}]);" in src  # its last inclusive sum
+    assert "transposed" not in src
 
 
 @pytest.mark.gpu

@@ -582,6 +582,16 @@ template <int R> __device__ __forceinline__ void load_col_shared(rt<R, 1>& out, 
     for (int hr = 0; hr < 2; ++hr) out.v[mb][0][hr][0] = src[row_of(mb, hr)];
 }
 
+// a per-token vector in shared memory seen as a row (its transpose: one value per column), for
+// elementwise maps: each element is read where it is used, so no registers hold it and no
+// exchange through scratch transposes it
+template <int C_> struct shared_row {
+  static constexpr int R = 1, C = C_;
+  const float* p;
+};
+template <int C>
+__device__ __forceinline__ float at(const shared_row<C>& t, int, int nb, int, int cp) { return t.p[col_of(nb, cp)]; }
+
 // a column vector (one value per row) -> rows t0.. of a strided fp32 sequence (element t at
 // base[t * stride], e.g. a [B, T, H] tensor's (b, h) slice), rows at or past T not written;
 // one lane of each quad (they hold the same rows) stores
