@@ -28,8 +28,9 @@ __all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_states"
 def linear_attention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], scale: Scalar,
                          o: Out[Seq["V"]], s: State["K", "V"] = None):
     for c in chunks(64):
-        qc, kc, vc = q[c] * scale, k[c], v[c]
-        o[c] = causal(qc @ kc.T) @ vc + qc @ s  # within the chunk + everything before it
+        # scaled after the matmuls: q reaches the tensor cores straight from shared memory
+        qc, kc, vc = q[c], k[c], v[c]
+        o[c] = (causal(qc @ kc.T) @ vc + qc @ s) * scale  # within the chunk + everything before it
         s = s + kc.T @ vc
 
 
