@@ -686,7 +686,8 @@ class _Lowering:
         registers = (lambda v: 0 if v in tiles else v.type.rows * v.type.cols) if issue == "fit" else None
         return issue_order(loop.body, absorbed={mm: add for add, (mm, _) in self.accumulate.items()},
                            last_reader={v: op for v, op in self.last_reader.items() if v not in tiles},
-                           issues_group=self.issues_group, waits_for=self.waits_for, in_registers=registers)
+                           issues_group=self.issues_group, waits_for=self.waits_for, in_registers=registers,
+                           state_last=loop.update if self.schedule.consumers == 1 else ())
 
     @property
     def consumer_registers(self) -> int:

@@ -70,17 +70,31 @@ def _chunk_loop(source: str) -> str:
     return body.split("mbar_arrive(&empty")[0]
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_linear_attention_issues_its_matmuls_before_waiting(D):
-    """Linear attention's chunk: q·kᵀ, q·S and the state update S + kᵀ·v are all issued before the first
-    wait, which waits for q·kᵀ alone (``wgmma_wait<2>``, to mask it), and the chunk waits twice. In
-    program order it waited three times, the state update issued last and waited for alone."""
+def test_linear_attention_issues_its_matmuls_before_waiting():
+    """Linear attention's chunk with two consumers (D=128): q·kᵀ, q·S and the state update S + kᵀ·v are
+    all issued before the first wait, which waits for q·kᵀ alone (``wgmma_wait<2>``, to mask it), and
+    the chunk waits twice. In program order it waited three times, the state update issued last and
+    waited for alone."""
     kernel, specs = PROGRAMS["linear_attention_fwd"]
-    loop = _chunk_loop(hopper_source(kernel, kernel.bind({n: _resized(s, {"D": D}) for n, s in specs.items()})).source)
+    loop = _chunk_loop(hopper_source(kernel, kernel.bind(specs)).source)
     first_wait = loop.index("wgmma_wait")
     assert len(re.findall(r"tm::matmul_(?:rs|ss)<", loop[:first_wait])) == 3, loop
     assert loop[first_wait:].startswith("wgmma_wait<2>"), loop
     assert loop.count("wgmma_wait") == 2, loop
+
+
+def test_one_consumer_runs_the_state_update_through_the_store():
+    """With one consumer per CTA (D=64) the state update is issued after the chunk's other groups, so the
+    output's wait leaves it running (``wgmma_wait<1>``) through the store, and the chunk's end waits for
+    it: q·kᵀ and q·S, a wait for q·kᵀ, the masked product and the update, a wait for the output."""
+    kernel, specs = PROGRAMS["linear_attention_fwd"]
+    loop = _chunk_loop(hopper_source(kernel, kernel.bind({n: _resized(s, {"D": 64}) for n, s in specs.items()})).source)
+    waits = re.findall(r"wgmma_wait<(\d)>", loop)
+    assert waits == ["1", "1", "0"], loop
+    issued = [loop.index(m) for m in re.findall(r"tm::matmul_(?:rs|ss)<[^;]*;", loop)]
+    state_update = re.findall(r"tm::matmul_ss<true, true, false, true[^;]*;", loop)  # kᵀ·v, accumulating
+    assert len(issued) == 4 and state_update and loop.index(state_update[0]) == max(issued), loop
+    assert loop.index("tma_store") > max(issued) and loop.index("tma_store") < loop.rindex("wgmma_wait<0>"), loop
 
 
 def test_program_order_where_matmuls_first_would_hold_more_registers():
