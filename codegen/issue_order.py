@@ -68,7 +68,7 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
         return body
     feeds = _feeders(units, after, issues_group)
     read_here = {v for u in units for v in reads[u]}
-    next_only = {u for u in units if u.result in set(state_last) and u.result not in read_here}
+    next_only = {u for u in units if issues_group(u) and u.result in set(state_last) and u.result not in read_here}
     walk = lambda hoist: _walk(units, after, hoist, issues_group, waits_for, next_only)  # noqa: E731
     for hoist in (lambda u: u in feeds, lambda u: False):
         order = walk(hoist)
@@ -82,7 +82,7 @@ def _walk(units: list[Op], after: dict[Op, set[Op]], hoist: Callable[[Op], bool]
           next_only: set[Op]) -> list[Op]:
     """List-schedule ``units``: each step the ready unit that issues a wgmma group without waiting,
     else one ``hoist`` picks, else the first in program order. A group only the next iteration
-    reads (``next_only``: a state update) waits until this iteration's other groups are issued, so
+    reads (``next_only``: a state update's) waits until this iteration's other groups are issued, so
     it is the one still running while the chunk's outputs are waited for and stored. (The lowering
     asks for that with one consumer warpgroup per CTA; H200, linear attention at T=8192, one
     consumer: D=64 0.108 -> 0.105 ms, D=128 0.163 -> 0.159; with two, where the other warpgroup
