@@ -26,7 +26,7 @@ error naming the line.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from tilemix.tiles.errors import ResourceError, TileError
@@ -343,20 +343,6 @@ class _Lowering:
         self.col_loads = [op for op in (self.loop.body if self.loop is not None else [])
                           if op.name == "load" and op.result.type.cols == 1 and op.operands[0] is self.loop.index
                           and self.p.param(op.attrs["param"]).spec.kind == "seq"]
-        # their transposes that only elementwise maps read: views of the stage (``tm::shared_row``),
-        # each element read where it is used, no registers held
-        ring = {op.result for op in self.col_loads}
-        readers: dict[Value, list[Op]] = {}
-        for op in self.p.walk():
-            for v in (op.init if isinstance(op, Loop) else op.operands):
-                readers.setdefault(v, []).append(op)
-            if isinstance(op, Loop):
-                for v in op.update:
-                    readers.setdefault(v, []).append(op)
-        self.shared_rows = {op.result for op in (self.loop.body if self.loop is not None else [])
-                            if op.name == "transpose" and op.operands[0] in ring
-                            and all(not isinstance(r, Loop) and (r.name in _UNARY or r.name in _BINARY)
-                                    for r in readers.get(op.result, ()))}
         for op in self.prologue_loads + self.loads:
             if op.result.type.cols % PANEL:
                 self.fail(f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
@@ -392,16 +378,26 @@ class _Lowering:
             index = f"(n_iter - 1 - {index})" if self.loop.reverse else index
             self.index_name[self.loop.index.id] = self.names[self.loop.index] = index
         self.plan_accumulation()
+        # transposes of per-token vectors that only elementwise maps read: views of the stage
+        # (``tm::shared_row``), each element read where it is used, no registers held
+        ring = {op.result for op in self.col_loads}
+        self.shared_rows = {op.result for op in (self.loop.body if self.loop is not None else [])
+                            if op.name == "transpose" and op.operands[0] in ring
+                            and all(not isinstance(r, Loop) and (r.name in _UNARY or r.name in _BINARY)
+                                    for r in self.readers[op.result])}
 
     def plan_accumulation(self):
-        """Count each value's readers and find its last one (a loop reads its carried updates after
+        """List each value's readers and find its last one (a loop reads its carried updates after
         its body), note the op list (scope) defining it, and pick the adds ``x + a @ b`` whose
         matmul is read by nothing else: those wgmmas accumulate into ``x``."""
         self.uses, self.scope, self.last_reader = Counter(), {}, {}
+        self.readers: defaultdict[Value, list[Op]] = defaultdict(list)
 
         def read(values, op: Op):
             self.uses.update(values)
             self.last_reader.update((v, op) for v in values)
+            for v in values:
+                self.readers[v].append(op)
 
         def visit(ops: list[Op]):
             for op in ops:
