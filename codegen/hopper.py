@@ -206,6 +206,14 @@ class _Lowering:
             return self.reg_of[v]
         return self.name(v)
 
+    def elementwise(self, v: Value, ind: int) -> str:
+        """A binary map's operand: a loaded shared tile not yet in registers as a view
+        (``tm::shared_tile``: each element read where the map uses it), not a register copy that
+        stays live until the tile's last reader (32 registers per 64x64 tile), else ``reg``."""
+        if v in self.smem_of and v not in self.reg_of:
+            return f"tm::shared_tile<{self.is_bf16}, {v.type.rows}, {v.type.cols}>{{{self.smem_of[v][0]}}}"
+        return self.reg(v, ind)
+
     def shared(self, v: Value, ind: int) -> tuple[str, int]:
         """A shared tile for ``v``: loaded ones as they are, register tiles staged."""
         if v in self.smem_of:
@@ -804,7 +812,7 @@ class _Lowering:
             self.emit(f"{decl} tm::map1({out}, [](float a) {{ return {body}; }}, {self.reg(args[0], ind)});", ind)
         elif name in _BINARY:
             self.emit(f"{decl} tm::map2({out}, [](float a, float b) {{ return {_BINARY[name]}; }}, "
-                      f"{self.reg(args[0], ind)}, {self.reg(args[1], ind)});", ind)
+                      f"{self.elementwise(args[0], ind)}, {self.elementwise(args[1], ind)});", ind)
         elif name == "where":
             self.emit(f"{decl} tm::map3({out}, [](float c, float a, float b) {{ return c != 0.0f ? a : b; }}, "
                       f"{', '.join(self.reg(x, ind) for x in args)});", ind)

@@ -370,6 +370,18 @@ def test_per_token_vectors_need_no_exchange():
     assert "transposed" not in src
 
 
+def test_elementwise_maps_read_loaded_tiles_in_place():
+    """SSD's ``x[c] * (dt·decay)`` reads x's elements from the ring stage where it multiplies (a
+    view of the swizzled tile, no 32-register copy live until x's last reader), on both targets."""
+    from tilemix.codegen.launch import generic_source
+
+    program = ops.PROGRAMS["ssd"]
+    binding = program.bind(example_specs("ssd"))
+    for src in (hopper_source(program, binding).source, generic_source(program, binding, arch="sm_80").source):
+        assert re.search(r"tm::map2\(\w+, .*, tm::shared_tile<true, 64, \d+>\{\(smem \+ stage \* stage_bytes", src)
+        assert "tm::load_shared<" not in src
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stages", [1, 2, 3, 4])
 def test_gpu_gemm_every_ring_depth(stages):

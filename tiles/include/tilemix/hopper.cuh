@@ -592,6 +592,19 @@ template <int C_> struct shared_row {
 template <int C>
 __device__ __forceinline__ float at(const shared_row<C>& t, int, int nb, int, int cp) { return t.p[col_of(nb, cp)]; }
 
+// a loaded (swizzled 16-bit) shared tile seen by elementwise maps: each element read where it is
+// used, so no register copy of it stays live until its last reader. The pair a thread holds is
+// read as one 32-bit word (as load_shared reads it): the compiler merges the two reads of a pair.
+template <bool is_bf16, int R_, int C_> struct shared_tile {
+  static constexpr int R = R_, C = C_;
+  const char* p;
+};
+template <bool is_bf16, int R, int C>
+__device__ __forceinline__ float at(const shared_tile<is_bf16, R, C>& t, int mb, int nb, int hr, int cp) {
+  const u32 w = *(const u32*)(t.p + swz_offset<R>(row_of(mb, hr), col_of(nb, 0)));
+  return unpack<is_bf16>((u16)(cp ? w >> 16 : w & 0xffff));
+}
+
 // a column vector (one value per row) -> rows t0.. of a strided fp32 sequence (element t at
 // base[t * stride], e.g. a [B, T, H] tensor's (b, h) slice), rows at or past T not written;
 // one lane of each quad (they hold the same rows) stores
