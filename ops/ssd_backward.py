@@ -119,9 +119,9 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
         dB[c] = (dyc @ xc.T * (decay * dtc.T)).T @ cc + (xc @ g.T) * (dtc * to_end)
         inter = (bc @ g) * to_end
         da[c] = cumsum(rowsum(xc * inter) * dtc, exclusive=True)
-        # du: dy_t' (C_t'·B_t) e^{A_t' - A_t} over t' >= t (``decay`` is made again here, not held
-        # across dB: tiles/passes.py rematerialises tiles made of vectors alone)
-        dxdt = (cc @ bc.T * decay).T @ dyc + inter
+        # du: dy_t' (C_t'·B_t) e^{A_t' - A_t} over t' >= t (written again, but CSE makes it ``decay`` above:
+        # one 64x64 tile live across dB; bench/NOTES.md session 11)
+        dxdt = (cc @ bc.T * exp(segsum(log_decay))).T @ dyc + inter
         ddt[c] = rowsum(xc * dxdt)
         xdy[c] = rowsum(xc * dyc)
         dx[c] = dxdt * dtc if D is None else dxdt * dtc + dyc * D

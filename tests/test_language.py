@@ -26,10 +26,8 @@ from tilemix.tiles import (
     chunks,
     colsum,
     cumsum,
-    exp,
     kernel,
     rowsum,
-    segsum,
     verify,
     window,
     zeros,
@@ -252,31 +250,6 @@ def test_carried_state_and_transpose_folding():
     assert "transpose" not in text  # .T folded into the matmuls
     assert sum(op.name == "matmul" for op in program.walk()) == 4
     assert "store_state" in text and "compute f32" in text
-
-
-def test_outer_product_tiles_are_recomputed_at_each_later_reader():
-    @kernel
-    def decayed(x: Seq["K"], ld: Seq[1], y: Out[Seq["K"]], z: Out[Seq["K"]]):
-        for c in chunks(16):
-            decay = exp(segsum(ld[c]))  # read twice: CSE would hold one tile from y's matmul to z's
-            y[c] = (x[c] @ x[c].T * decay) @ x[c]
-            z[c] = (decay * ld[c].T) @ x[c]
-
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((1, 40, 2, 16)).astype(np.float32)
-    ld = -rng.uniform(0.1, 1.0, (1, 40, 2)).astype(np.float32)
-    loop = next(op for op in decayed.trace(x=x, ld=ld).body if op.name == "loop")
-    names = [op.name for op in loop.body]
-    assert names.count("segsum") == 2 and names.count("exp") == 2 and names.count("load") == 2
-    # the copy is made just before its reader, after y's store
-    assert names.index("store") < len(names) - 1 - names[::-1].index("segsum")
-    out = decayed(x=x, ld=ld)
-    for b, h, c in np.ndindex(1, 2, 3):
-        t = slice(16 * c, min(16 * c + 16, 40))
-        xc, cum = x[b, t, h].astype(np.float64), np.cumsum(ld[b, t, h].astype(np.float64))
-        dec = np.tril(np.exp(cum[:, None] - cum[None, :]))
-        np.testing.assert_allclose(out["y"][b, t, h], (xc @ xc.T * dec) @ xc, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(out["z"][b, t, h], (dec * ld[b, t, h]) @ xc, rtol=1e-4, atol=1e-4)
 
 
 def test_programs_are_cached_per_specialisation():
