@@ -33,7 +33,7 @@ from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
 from tilemix.tiles.types import DType
 
-from .issue_order import issue_order, peak_registers
+from .issue_order import issue_order, peak_registers, unit_reads
 
 __all__ = ["Schedule", "KernelSource", "lower_hopper"]
 
@@ -345,6 +345,7 @@ class _Lowering:
         tile_loads = lambda ops: [op for op in ops if op.name == "load" and op.result.type.cols > 1]  # noqa: E731
         self.prologue_loads = tile_loads(body)
         self.loads = tile_loads(self.loop.body) if self.loop is not None else []
+        self.loaded_tiles = {op.result for op in self.loads}
         # per-token vectors (Seq[1]) of the chunk: copied into the ring with the chunk's tiles, so
         # the consumers read them from shared memory rather than wait on global memory at the head
         # of every chunk
@@ -686,12 +687,21 @@ class _Lowering:
             self.fail(f"Schedule.issue is one of {', '.join(map(repr, ISSUE_ORDERS))}, not {issue!r}")
         if not self.asynchronous or issue == "program":
             return loop.body
-        tiles = {op.result for op in self.loads} | self.shared_rows  # in shared memory: no registers
-        registers = (lambda v: 0 if v in tiles else v.type.rows * v.type.cols) if issue == "fit" else None
-        return issue_order(loop.body, absorbed={mm: add for add, (mm, _) in self.accumulate.items()},
-                           last_reader={v: op for v, op in self.last_reader.items() if v not in tiles},
-                           issues_group=self.issues_group, waits_for=self.waits_for, in_registers=registers,
+        return issue_order(loop.body, absorbed=self.absorbed_by,
+                           last_reader={v: op for v, op in self.last_reader.items() if self.tile_registers(v)},
+                           issues_group=self.issues_group, waits_for=self.waits_for,
+                           in_registers=self.tile_registers if issue == "fit" else None,
+                           capacity=self.consumer_registers - OVERLAP_RESERVE,
                            state_last=loop.update if self.schedule.consumers == 1 else ())
+
+    @property
+    def absorbed_by(self) -> dict[Op, Op]:
+        """Each absorbed matmul -> the add it is emitted with."""
+        return {mm: add for add, (mm, _) in self.accumulate.items()}
+
+    def tile_registers(self, v: Value) -> int:
+        """Registers a thread holds of ``v``: none for tiles in shared memory (loads, row views)."""
+        return 0 if v in self.shared_rows or v in self.loaded_tiles else thread_registers(v.type)
 
     @property
     def consumer_registers(self) -> int:
@@ -713,16 +723,11 @@ class _Lowering:
         """Registers a thread's tiles need with the chunk's last groups overlapping the next chunk:
         the body's peak of register tiles (``peak_registers``) and those groups' register operands
         (bf16 fragments, live until the next chunk's first wait)."""
-        tiles = {op.result for op in self.loads} | self.shared_rows  # in shared memory
-        registers = lambda v: 0 if v in tiles else thread_registers(v.type)  # noqa: E731
-        units = [op for op in order if op not in self.absorbed]  # an absorbed matmul's result is its add's
-        reads = {op: {*op.operands} for op in units}
-        for add in set(units) & self.accumulate.keys():
-            mm, x = self.accumulate[add]
-            reads[add] = {x, *mm.operands}
+        units = [op for op in order if op not in self.absorbed]
+        reads = unit_reads(units, self.absorbed_by)
         held = [mm.operands[0] for add, (mm, x) in self.accumulate.items()
                 if add in reads and self.name(x) in carried and not mm.attrs["ta"]]
-        return peak_registers(units, reads, registers) + sum(registers(a) for a in held) // 2
+        return peak_registers(units, reads, self.tile_registers) + sum(map(self.tile_registers, held)) // 2
 
     def issues_group(self, op: Op) -> bool:
         """Whether lowering ``op`` commits a wgmma group (a matvec is a row sum, done at once)."""

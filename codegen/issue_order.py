@@ -18,7 +18,9 @@ add it accumulates into) is walked where that add is. Earlier matmuls keep their
 longer, so by default (``Schedule.issue == "fit"``) an order is taken only if it keeps no more
 register tiles live at once than program order does: hoisting every ready op that feeds a matmul
 first, else matmuls alone, else none (the SSD backward's fifteen matmuls a chunk spill otherwise);
-and a body that fills the register file in program order already keeps it.
+and a body whose tiles fill the consumer's registers in program order already keeps it. The
+lowering counts registers per thread, as ``peak_registers`` walks the ops ``unit_reads`` lists,
+and asks the same of the chunk overlap (``Schedule.overlap``).
 ``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
 """
 
@@ -28,29 +30,34 @@ from collections.abc import Callable, Iterable
 
 from tilemix.tiles.ir import Op, Value
 
-__all__ = ["issue_order", "peak_registers"]
+__all__ = ["issue_order", "peak_registers", "unit_reads"]
 
 _SIDE_EFFECTS = ("store", "store_state")
-# Register tiles (floats per 128-thread warpgroup, as issue_order counts them) beyond which a body
-# in program order already fills the register file (232-240 a thread): it keeps program order. The
-# estimate reads ~130-260 registers a thread for every shipped scan, gemm and attention program that
-# compiles without spills, ~350 for the user mixers whose 128x128 states spill (gla_fwd and
-# normalized_la_fwd at K = V = 128, which spilled more in an early order: 1120 B of stack, not 832).
-FULL = 320 * 128
+
+
+def unit_reads(units: list[Op], absorbed: dict[Op, Op]) -> dict[Op, set[Value]]:
+    """What each op of a walk over ``units`` (the body less its absorbed matmuls; ``absorbed``:
+    matmul -> the add it is emitted with) reads: an add with its matmul reads the matmul's operands
+    and the accumulator, the product being no tile of its own."""
+    merged = {add: mm for mm, add in absorbed.items()}
+    return {u: {*u.operands, *merged[u].operands} - {merged[u].result} if u in merged else {*u.operands}
+            for u in units}
 
 
 def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Value, Op],
                 issues_group: Callable[[Op], bool], waits_for: Callable[[Op], Iterable[Value]],
-                in_registers: Callable[[Value], int] | None, state_last: Iterable[Value] = ()) -> list[Op]:
+                in_registers: Callable[[Value], int] | None, capacity: int,
+                state_last: Iterable[Value] = ()) -> list[Op]:
     """``body`` reordered (see the module docstring). ``absorbed``: matmul -> the add it is emitted
     with; ``issues_group(op)``: whether lowering ``op`` commits a wgmma group (its result is then in
     flight); ``waits_for(op)``: the values ``op`` waits for if a group is still writing them;
     ``in_registers(v)``: the registers a value takes (0 for tiles in shared memory), or None to take
-    the first order whatever it holds; ``state_last``: loop updates (what the next iteration reads)
-    whose groups are issued after this iteration's others (see ``_walk``)."""
+    the first order whatever it holds; ``capacity``: the registers a thread has for tiles (a body
+    whose tiles take more in program order keeps it); ``state_last``: loop updates (what the next
+    iteration reads) whose groups are issued after this iteration's others (see ``_walk``)."""
     units = [op for op in body if op not in absorbed]
     merged = {add: mm for mm, add in absorbed.items()}
-    reads = {u: {*u.operands, *(merged[u].operands if u in merged else ())} for u in units}
+    reads = unit_reads(units, absorbed)
     defined = {u.result: u for u in units if u.result is not None}
     defined.update({mm.result: absorbed[mm] for mm in absorbed if mm.result is not None})
     after: dict[Op, set[Op]] = {u: {defined[v] for v in reads[u] if v in defined and defined[v] is not u}
@@ -64,7 +71,7 @@ def issue_order(body: list[Op], *, absorbed: dict[Op, Op], last_reader: dict[Val
             if last is not None and last is not u and last in after:
                 after[last].add(u)  # the value's last reader stays last
     budget = peak_registers(units, reads, in_registers) if in_registers else 0
-    if budget > FULL:
+    if in_registers and budget > capacity:
         return body
     feeds = _feeders(units, after, issues_group)
     read_here = {v for u in units for v in reads[u]}
