@@ -105,6 +105,22 @@ def test_program_order_where_matmuls_first_would_hold_more_registers():
         assert lowering.body_order(lowering.loop) == lowering.loop.body, name
 
 
+def test_a_body_whose_tiles_fill_the_registers_keeps_program_order(monkeypatch):
+    """The user mixer gla_fwd at K = V = 128 holds more register tiles in program order than a
+    consumer has (its 128x128 state spills either way, more in an early order): it keeps program
+    order, and would not with the registers to spare (the limit is the one the chunk overlap uses)."""
+    from tilemix.codegen import hopper
+    from tilemix.codegen.issue_order import peak_registers, unit_reads
+
+    lowering = _lowering("gla_fwd")
+    units = [op for op in lowering.loop.body if op not in lowering.absorbed]
+    held = peak_registers(units, unit_reads(units, lowering.absorbed_by), lowering.tile_registers)
+    assert held + hopper.OVERLAP_RESERVE > lowering.consumer_registers
+    assert lowering.body_order(lowering.loop) == lowering.loop.body
+    monkeypatch.setattr(hopper, "CONSUMER_REGISTERS", (held + hopper.OVERLAP_RESERVE,) * 2)
+    assert lowering.body_order(lowering.loop) != lowering.loop.body
+
+
 def test_generic_target_keeps_program_order():
     """mma.sync is synchronous: nothing to overlap, the generic kernels walk the body as written."""
     from tilemix.codegen.generic import _GenericLowering
