@@ -7,7 +7,9 @@ mbarriers — while each consumer warpgroup walks the program's ops, each one a
 call into ``tiles/include/tilemix/hopper.cuh``, with register tiles in the
 wgmma accumulator layout. Matmul operands come from shared memory (loaded
 tiles, or register tiles staged there) or, for a register left operand,
-straight from registers.
+straight from registers. Elementwise maps read a loaded tile (``tm::shared_tile``)
+or a per-token vector's transpose (``tm::shared_row``) where it lies in its ring
+stage, element by element, rather than from a register copy.
 
 Matmuls are asynchronous: each is one committed wgmma group, waited for only
 where its result is first read, and then only as far as that group
