@@ -28,6 +28,7 @@ __all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch", "hopper_source
 
 SPLIT_WIDTH = 64
 MAX_STAGES = 3  # 4 measured no faster (gemm 8192³: 0.81x vs 0.91x cuBLAS at 3); the tuner may try more
+IDLE_STAGES = 6  # a scan that leaves most SMs idle (``_idle_ring``); 8 measured no faster
 
 
 def _probe_size(binding: Binding) -> int:
@@ -86,8 +87,9 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
     return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
 
 
-def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> Schedule:
-    """``schedule`` with as many ring stages as shared memory holds, up to MAX_STAGES: more loads in
+def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str,
+                  limit: int = MAX_STAGES) -> Schedule:
+    """``schedule`` with as many ring stages as shared memory holds, up to ``limit``: more loads in
     flight while the consumers work. H200, same process (bench/NOTES.md, session 9): linear attention
     D=64 B·H·T = 8·16·4096 0.083 -> 0.073 ms at 3 stages (4: 0.074, 6: 0.077), D=128 0.151 -> 0.148,
     D=128 T=8192 (one consumer per CTA) 0.197 -> 0.186; SSD N=P=128 0.183 -> 0.178."""
@@ -95,7 +97,7 @@ def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: st
     if not source.stage_bytes:
         return schedule
     room = (_smem_limit(arch) - source.smem_bytes) // source.stage_bytes
-    return replace(schedule, stages=min(MAX_STAGES, schedule.stages + room))
+    return replace(schedule, stages=max(schedule.stages, min(limit, schedule.stages + room)))
 
 
 def _smem_limit(arch: str) -> int:
@@ -304,7 +306,8 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
     CTAs (H100, linear attention, D=128, bench/NOTES.md: T=4096 B·H=128 two consumers 0.189 ms vs
     one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353); a one-consumer scan
-    may run two heads per CTA (``_heads_pair``)."""
+    may run two heads per CTA (``_heads_pair``); and one that still leaves SMs idle a deeper ring
+    (``_idle_ring``)."""
     key = (id(kernel), binding.key(), arch)
     base = _DEFAULTS.get(key)
     if base is None:
@@ -315,9 +318,23 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     if base.consumer_axis != "columns" or "B" not in binding.sizes:
         return base
     if base.consumers == 1:
-        return _heads_pair(kernel, binding, base, device_index, arch) or base
-    ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(base.split, binding) // base.consumers
-    return replace(base, consumers=1) if 2 * ctas < sm_count(device_index) else base
+        chosen = _heads_pair(kernel, binding, base, device_index, arch) or base
+    else:
+        ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(base.split, binding) // base.consumers
+        chosen = replace(base, consumers=1) if 2 * ctas < sm_count(device_index) else base
+    return _idle_ring(kernel, binding, chosen, device_index, arch)
+
+
+def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_index: int, arch: str) -> Schedule:
+    """A scan whose CTAs leave more than half the SMs idle streams its chunks alone on each SM, where
+    the bytes its ring keeps in flight bound it (bandwidth per SM = bytes in flight / latency): the ring
+    as deep as shared memory holds, up to IDLE_STAGES. H200, B=4 T=8192 H=16 (64 CTAs), 3 -> 6 stages:
+    linear attention D=64 0.1050 -> 0.0975 ms, SSD N=P=64 0.1812 -> 0.1753; with a CTA per SM (T=4096,
+    128 CTAs) 6 stages cost linear attention D=64 3% (0.0720 -> 0.0743) and kept 3."""
+    ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding) // schedule.consumers
+    if arch != "sm_90a" or 2 * ctas >= sm_count(device_index):
+        return schedule
+    return _deepest_ring(kernel, binding, schedule, arch, IDLE_STAGES)
 
 
 def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: int, arch: str) -> Schedule | None:

@@ -223,6 +223,21 @@ def test_launch_schedule_pairs_heads_of_one_consumer_scans(B, sms, paired, monke
     assert (schedule.consumer_axis == "heads" and schedule.consumers == 2) == paired, schedule
 
 
+@pytest.mark.parametrize("B, D, stages", [(4, 64, 6), (8, 64, 3), (1, 128, 5)])
+def test_launch_schedule_deepens_the_ring_where_sms_idle(B, D, stages, monkeypatch):
+    """A scan whose CTAs leave over half of a 132-SM GPU idle gets the deepest ring shared memory
+    holds, up to IDLE_STAGES (64 CTAs of linear attention at D = 64: 6; D = 128, 16 one-consumer CTAs:
+    the 5 that fit); with a CTA per SM it keeps MAX_STAGES."""
+    from tilemix.codegen import launch
+
+    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(example_specs("linear_attention", B=B, H=16 if D == 64 else 8, D=D))
+    schedule = launch.launch_schedule(program, binding, 0)
+    assert schedule.stages == stages, schedule
+    launch.kernel_source(program, binding, schedule, "sm_90a")  # it fits
+
+
 def test_paired_heads_scan_has_no_local_memory(monkeypatch):
     """Two heads per CTA take the three-warpgroup register split (168 registers a thread at launch):
     linear attention at D = 64, paired as on a full H100/H200, compiles without spills."""
