@@ -320,9 +320,13 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     if base.consumers == 1:
         chosen = _heads_pair(kernel, binding, base, device_index, arch) or base
     else:
-        ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(base.split, binding) // base.consumers
-        chosen = replace(base, consumers=1) if 2 * ctas < sm_count(device_index) else base
+        chosen = replace(base, consumers=1) if 2 * _ctas(binding, base) < sm_count(device_index) else base
     return _idle_ring(kernel, binding, chosen, device_index, arch)
+
+
+def _ctas(binding: Binding, schedule: Schedule) -> int:
+    """The CTAs a scan's grid has: one per (batch, head, column block), shared by its consumers."""
+    return binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding) // schedule.consumers
 
 
 def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_index: int, arch: str) -> Schedule:
@@ -331,8 +335,7 @@ def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_inde
     as deep as shared memory holds, up to IDLE_STAGES. H200, B=4 T=8192 H=16 (64 CTAs), 3 -> 6 stages:
     linear attention D=64 0.1050 -> 0.0975 ms, SSD N=P=64 0.1812 -> 0.1753; with a CTA per SM (T=4096,
     128 CTAs) 6 stages cost linear attention D=64 3% (0.0720 -> 0.0743) and kept 3."""
-    ctas = binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding) // schedule.consumers
-    if arch != "sm_90a" or 2 * ctas >= sm_count(device_index):
+    if arch != "sm_90a" or 2 * _ctas(binding, schedule) >= sm_count(device_index):
         return schedule
     return _deepest_ring(kernel, binding, schedule, arch, IDLE_STAGES)
 
