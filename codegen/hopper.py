@@ -975,7 +975,7 @@ class _Lowering:
             self.lower_matvec(op, decl, out, ind, accumulate)
             return
         if m % 64 or n % 64 or k % 16:
-            self.fail(f"wgmma needs M and N multiples of 64 and K of 16; this matmul is {m}x{k} @ {k}x{n}", op)
+            self.fail(f"matmuls take M and N in multiples of 64 and K of 16; this one is {m}x{k} @ {k}x{n}", op)
         b_ptr, b_rows = self.shared(b, ind)
         acc = str(accumulate).lower()
         if not ta and a not in self.smem_of:

@@ -77,7 +77,7 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
         schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
                                                             Schedule(split=split, consumers=1, stages=1)], arch)
         return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-    program = kernel.trace(binding, target="sm_90a")
+    program = kernel.trace(binding, target=arch)
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads
         schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),

@@ -329,7 +329,7 @@ class _GpuRunner:
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
         capability = torch.cuda.get_device_capability(device)
         self.arch = arch or select_arch(capability, current_target())
-        args = {**kernel.consts_for(self.arch), **args}  # the block shapes an untuned call runs here
+        args = {**kernel.consts_for(self.arch, args), **args}  # the block shapes an untuned call runs here
         self.kernel, self.args = kernel, args
         self.binding = kernel.bind(args)
         self.target = "hopper" if self.arch == "sm_90a" else "generic"  # what runs a candidate

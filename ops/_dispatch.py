@@ -129,7 +129,7 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
         arch = device_arch(device)
-        extra = {k: v for k, v in kernel.consts_for(arch).items() if k not in args}
+        extra = kernel.consts_for(arch, args)
         if extra:  # this arch's block shapes, where the caller chose none
             binding = kernel.bind({**args, **extra}, labels)
         if schedule is None:  # a tuned config for this arch, if `tilemix tune` left one

@@ -218,7 +218,7 @@ def test_sm90a_wgmma_serialisation_is_known(name):
     from tilemix.codegen.launch import hopper_source
 
     program, specs = PROGRAMS[name]
-    source = hopper_source(program, program.bind({**program.consts_for("sm_90a"), **specs}))
+    source = hopper_source(program, program.bind({**program.consts_for("sm_90a", specs), **specs}))
     report = ptxas_report(source.source, "sm_90a", source.name)
     assert "Used" in report and "C7515" not in report and "C7508" not in report, report
     if name in SERIALISED_SM90A:
@@ -243,12 +243,12 @@ def generic_builds():
     sources = {}
     for name, (program, specs) in PROGRAMS.items():
         try:
-            hopper_source(program, program.bind({**program.consts_for("sm_90a"), **specs}))
+            hopper_source(program, program.bind({**program.consts_for("sm_90a", specs), **specs}))
         except TileError:  # not lowered for sm_90a either: nothing to match
             sources.update({(name, arch): None for arch in GENERIC_CI_ARCHS})
             continue
         for arch in GENERIC_CI_ARCHS:  # at the block shapes the program runs with there
-            binding = program.bind({**program.consts_for(arch), **specs})
+            binding = program.bind({**program.consts_for(arch, specs), **specs})
             try:
                 sources[(name, arch)] = generic_source(program, binding, arch=arch)
             except TileError as e:  # reported by the test of that case
@@ -451,6 +451,20 @@ def test_schedules_fit_each_arch():
         assert source.smem_bytes <= limit, arch
     assert generic_source(program, binding, arch="sm_80").schedule.consumers == 2
     assert generic_source(program, binding, arch="sm_86").schedule.stages == 1
+
+
+def test_arch_block_shapes_yield_where_they_do_not_fit():
+    """Attention's 128-query blocks on the generic target forced on a Hopper carry 65 KiB of state at
+    head dim 128; at 256 they would carry 129 KiB, over the target's budget, so the program's own
+    64-query blocks run there instead of an error."""
+    from tilemix import ops
+    from tilemix.ops.attention import GENERIC_BLOCKS
+    from tilemix.ops.examples import example_specs
+
+    program = ops.PROGRAMS["attention"]
+    assert program.consts_for("sm_90", example_specs("attention", D=128)) == GENERIC_BLOCKS["sm_90"]
+    assert program.consts_for("sm_90", example_specs("attention", D=256)) == {}
+    assert program.consts_for("sm_90", {**example_specs("attention", D=128), "block": 64}) == dict(chunk=64)
 
 
 def test_ring_waits_and_barriers():

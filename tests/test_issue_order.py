@@ -162,7 +162,7 @@ def test_fit_holds_no_more_registers_than_program_order(name):
     from tilemix.codegen.compile import compile_cuda, resources
 
     kernel, specs = PROGRAMS[name]
-    binding = kernel.bind({**kernel.consts_for("sm_90a"), **specs})
+    binding = kernel.bind({**kernel.consts_for("sm_90a", specs), **specs})
     default = default_schedule(kernel, binding)
     stack = {}
     for issue in ("fit", "program"):
@@ -177,7 +177,8 @@ OVERLAPPED = "the previous chunk's groups are done"  # the chunk's end with its 
 def _source(name: str, D: int, **fields):
     """Program ``name``'s sm_90a source (feature dims ``D``), its default schedule with ``fields`` replaced."""
     kernel, specs = PROGRAMS[name]
-    binding = kernel.bind({**kernel.consts_for("sm_90a"), **{n: _resized(s, {"D": D}) for n, s in specs.items()}})
+    args = {n: _resized(s, {"D": D}) for n, s in specs.items()}
+    binding = kernel.bind({**kernel.consts_for("sm_90a", args), **args})
     return hopper_source(kernel, binding, replace(default_schedule(kernel, binding), **fields))
 
 

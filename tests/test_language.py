@@ -390,8 +390,10 @@ def test_target_consts_name_const_parameters_of_known_targets():
         for c in chunks(chunk):
             o[c] = v[c] * 2.0
 
-    assert kernel(target_consts={"sm_90": dict(chunk=128)})(program).consts_for("sm_90") == dict(chunk=128)
-    assert kernel(program).consts_for("sm_90") == {}
+    v = TensorSpec((1, 256, 1, 64), "bfloat16")
+    assert kernel(target_consts={"sm_90": dict(chunk=128)})(program).consts_for("sm_90", dict(v=v)) == dict(chunk=128)
+    assert kernel(target_consts={"sm_90": dict(chunk=128)})(program).consts_for("sm_90", dict(v=v, chunk=64)) == {}
+    assert kernel(program).consts_for("sm_90", dict(v=v)) == {}
     with pytest.raises(TileError, match="'v', which is not one of its Const parameters"):
         kernel(target_consts={"sm_90": dict(v=1)})(program)
     with pytest.raises(ValueError, match="unknown target 'sm_70'"):

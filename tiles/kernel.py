@@ -62,10 +62,18 @@ class Kernel:
                     raise TileError(f"target_consts[{arch!r}] of kernel {self.name!r} names {name!r}, which is not "
                                     "one of its Const parameters", self.loc)
 
-    def consts_for(self, arch: str) -> dict[str, Any]:
+    def consts_for(self, arch: str, args: dict[str, Any]) -> dict[str, Any]:
         """The Const defaults this program takes on ``arch`` in place of its own (block shapes that
-        measured faster there); arguments a caller passes still win."""
-        return self.target_consts.get(arch, {})
+        measured faster there) for a call with ``args``, less those the call passes. None where the
+        program does not fit ``arch`` with them but may with its own defaults (attention's 128-query
+        blocks on the generic target carry 129 KiB of state at head dim 256)."""
+        consts = {k: v for k, v in self.target_consts.get(arch, {}).items() if k not in args}
+        if consts:
+            try:
+                self.trace(self.bind({**args, **consts}), target=arch)
+            except TileError:
+                return {}
+        return consts
 
     @property
     def source_lines(self) -> int:
