@@ -241,7 +241,7 @@ class _GenericLowering(_Lowering):
                                 f"has at most {limit // 1024} KiB on {self.arch}", self.p.loc)
         return KernelSource(name, "\n".join(src) + "\n", self.smem_top, stage_bytes, self.threads, self.schedule,
                             order, [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
-                                    for loop in self.grid_loops], self.size_args, {}, self.matrix)
+                                    for loop in self.grid_loops], self.size_args, {}, self.matrix, self.column_ctas)
 
 
 def lower_generic(program: Program, arch: str = "sm_80", schedule: Schedule | None = None,

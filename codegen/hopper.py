@@ -127,6 +127,7 @@ class KernelSource:
     size_args: list = field(default_factory=list)  # runtime sizes passed as int arguments, in order
     tmap_rows: dict = field(default_factory=dict)  # rows of the TMA box of each loaded parameter
     matrix: bool = False  # a Matrix program: no batch/head grid
+    column_ctas: int = 1  # CTAs per head (and grid block): the split's column blocks over the consumers
 
 
 def _ctype(t) -> str:
@@ -527,7 +528,15 @@ class _Lowering:
     def col0(self, param_name: str, consumer: str = "wg") -> str:
         """Column offset of a consumer's block of a parameter's feature dim (0 without a split)."""
         width = self.split_width(param_name)
-        return f"(blockIdx.z * {self.schedule.consumers} + {consumer}) * {width}" if width else "0"
+        return f"(colcta * {self.schedule.consumers} + {consumer}) * {width}" if width else "0"
+
+    @property
+    def column_ctas(self) -> int:
+        """CTAs the split cuts each head's columns into (each CTA's consumers take one block each)."""
+        blocks = 1
+        for dim, width in self.schedule.split:
+            blocks *= self.full_dims[dim] // width
+        return blocks // self.schedule.consumers if self.schedule.consumer_axis == "columns" else blocks
 
     # -- the producer -------------------------------------------------------------
     def tma_loads(self, op: Op, dst: str, bar: str, indent: str) -> list[str]:
@@ -907,7 +916,7 @@ class _Lowering:
         if spec.dims[0] in split:
             self.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
         width = split.get(spec.dims[1])
-        return f"(blockIdx.z * {self.schedule.consumers} + wg) * {width}" if width else "0"
+        return f"(colcta * {self.schedule.consumers} + wg) * {width}" if width else "0"
 
     def lower_mask(self, op: Op, decl: str, out: str, ind: int):
         t = op.result.type
@@ -996,9 +1005,14 @@ class _Lowering:
 
     # -- the whole kernel ---------------------------------------------------------------
     def grid_decode(self) -> list[str]:
-        """blockIdx.x: the grid loops' indices, innermost fastest, then batch x head (no 65535 limit
-        on B·H as grid y would have)."""
+        """blockIdx.x: a head's column block fastest (the CTAs of one head run side by side and
+        read its shared tiles, linear attention's q and k, through L2 once), then the grid loops'
+        indices, innermost fastest, then batch x head (no 65535 limit on B·H as grid y would have)."""
         grid = ["  int rest = blockIdx.x;"]
+        if self.column_ctas > 1:
+            grid.append(f"  const int colcta = rest % {self.column_ctas}; rest /= {self.column_ctas};")
+        elif self.schedule.split:
+            grid.append("  const int colcta = 0;  // the CTA's consumers take every column block")
         for depth in reversed(range(len(self.grid_loops))):
             loop = self.grid_loops[depth]
             size = loop.size * (self.schedule.consumers if loop is self.split_loop else 1)
@@ -1097,7 +1111,7 @@ class _Lowering:
         return KernelSource(name, "\n".join(src) + "\n", self.smem_top, stage_bytes, threads, self.schedule, order,
                             [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
                              for loop in self.grid_loops], self.size_args,
-                            dict(self.tmap_rows), self.matrix)
+                            dict(self.tmap_rows), self.matrix, self.column_ctas)
 
 
 def _float(x: float) -> str:

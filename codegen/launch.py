@@ -219,7 +219,6 @@ class _Plan:
 
     source: KernelSource
     function: Any
-    blocks_z: int
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -383,10 +382,7 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_
         function = _module(compiled.cubin).get_function(source.name)
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 source.smem_bytes)
-        blocks = column_blocks(source.schedule.split, binding)
-        if source.schedule.consumer_axis == "columns":
-            blocks //= source.schedule.consumers  # each CTA's consumers take that many column blocks
-        plan = _PLANS[key] = _Plan(source, function, blocks)
+        plan = _PLANS[key] = _Plan(source, function)
     return plan
 
 
@@ -432,7 +428,7 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     blocks = 1
     for dim, size in plan.source.grid_loops:
         blocks *= -(-sizes[dim] // size)
-    grid = (blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, plan.blocks_z)
+    grid = (plan.source.column_ctas * blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, 1)
     size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
     layouts = {}  # tensor maps whose strides TMA reads in place: only the address changes from call to call
     for kind, name in plan.source.params:
