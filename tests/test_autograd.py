@@ -166,19 +166,20 @@ def test_linear_attention_backward_programs_lower(head_dims):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T, H, paired", [(100, 3, False), (300, 3, False), (100, 4, True), (1024, 4, True)])
-def test_gpu_linear_attention_gradients(T, H, paired, monkeypatch):
+@pytest.mark.parametrize("T, H, D, paired", [(100, 3, 64, False), (300, 3, 64, False), (100, 4, 64, True),
+                                             (1024, 4, 64, True), (300, 2, 256, False)])
+def test_gpu_linear_attention_gradients(T, H, D, paired, monkeypatch):
     """Gradients against float64 autograd. ``paired``: at D = 64 the forward and backward programs are
     one-consumer scans; with the SM count lowered they all run two heads per CTA, as they do where
-    the heads fill the GPU."""
+    the heads fill the GPU. D = 256: the states split into column blocks."""
     from tilemix.codegen import launch
 
     if paired:
         monkeypatch.setattr(launch, "sm_count", lambda device: 2)
     monkeypatch.setenv("TILEMIX_POISON", "1")
     g = torch.Generator().manual_seed(T + paired)
-    q, k, v, do = (torch.randn(2, T, H, 64, generator=g).bfloat16() for _ in range(4))
-    s0 = torch.randn(2, H, 64, 64, generator=g)
+    q, k, v, do = (torch.randn(2, T, H, D, generator=g).bfloat16() for _ in range(4))
+    s0 = torch.randn(2, H, D, D, generator=g)
     gpu = [t.cuda().requires_grad_() for t in (q, k, v, s0)]
     o, _ = ops.linear_attention(*gpu[:3], initial_state=gpu[3])
     o.backward(do.cuda())
@@ -315,13 +316,24 @@ def test_attention_backward_programs_lower(causal):
 @pytest.mark.parametrize("T", [100, 300, 1024])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_attention_gradients(T, causal, dtype):
+@pytest.mark.parametrize("D", [64, 256])
+def test_gpu_attention_gradients(T, causal, dtype, D):
     """Against float64 autograd of the plain formula (the interpreter, emulating the same rounding,
-    measures 2.2-2.6e-3 in bf16 and 2.8-3.2e-4 in fp16 at these shapes: bounds 1e-2 and 3e-3)."""
+    measures 2.2-2.6e-3 in bf16 and 2.8-3.2e-4 in fp16 at these shapes: bounds 1e-2 and 3e-3). The
+    generic target's dk/dv program carries 128 KiB at head dim 256, twice what its warps hold: an
+    error saying so."""
+    from tilemix.ops._dispatch import device_arch
+    from tilemix.tiles import TileError
+
     g = torch.Generator().manual_seed(T)
-    q, k, v, do = (torch.randn(2, T, 3, 64, generator=g).to(dtype) for _ in range(4))
+    q, k, v, do = (torch.randn(2, T, 3, D, generator=g).to(dtype) for _ in range(4))
     gpu = [t.cuda().requires_grad_() for t in (q, k, v)]
-    ops.attention(*gpu, causal=causal).backward(do.cuda())
+    o = ops.attention(*gpu, causal=causal)
+    if D > 128 and device_arch(o.device) != "sm_90a":
+        with pytest.raises(TileError, match="loop-carried state of 128 KiB .* exceeds the sm_.* budget of 66 KiB"):
+            o.backward(do.cuda())
+        return
+    o.backward(do.cuda())
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     _attention(*ref, causal).backward(do.double())
     for ours, expected in zip(gpu, ref):

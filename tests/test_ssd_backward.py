@@ -388,7 +388,7 @@ def test_gpu_ssd_backward_two_heads_per_cta(N, P, stages, share, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [100, 300, 1024])
 @pytest.mark.parametrize("H, G", [(4, 1), (4, 2)])
-@pytest.mark.parametrize("N, P", [(64, 64), (128, 64)])
+@pytest.mark.parametrize("N, P", [(64, 64), (128, 64), (256, 256)])
 def test_gpu_ssd_gradients(T, H, G, N, P, monkeypatch):
     """The sm_90a kernels against float64 autograd of the recurrence, within the bf16 bound (outputs
     poisoned so an unwritten element fails); strong decay, initial state and final-state gradient."""
