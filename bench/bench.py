@@ -284,7 +284,7 @@ SHAPE = (8, 4096, 16, 128)  # B, T, H, D of the Hopper issue's bars
 ATTENTION_SHAPE = (4, 4096, 16, 128)
 SWEEP_OPS = ("linear_attention", "ssd", "attention")
 SWEEP_T = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-SWEEP_D = (64, 128)
+SWEEP_D = (64, 128, 256)  # the head dims every op lowers (attention backward: sm_90a only at 256)
 
 
 def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tuple[str, int, int, int, int]]:
@@ -306,7 +306,7 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
-              plot_dir: str | None = None, head_dims: tuple[int, ...] = SWEEP_D, md_path: str | None = None,
+              plot_dir: str | None = None, head_dims: tuple[int, ...] = (), md_path: str | None = None,
               target: str | None = None, peers: bool = True) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
@@ -331,7 +331,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
                   target=label, records=records)
     json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
-    rows = sweep_rows(head_dims=head_dims, names=names or SWEEP_OPS) if sweep else default_rows(names)
+    rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS) if sweep else default_rows(names)
     for name, B, T, H, D in rows:
         ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
         if target is not None:

@@ -18,7 +18,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
-                     head_dims=tuple(args.head_dim or (64, 128)), md_path=args.md, target=args.target,
+                     head_dims=tuple(args.head_dim or ()), md_path=args.md, target=args.target,
                      peers=not args.no_peers)
 
 
@@ -262,10 +262,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="write the records to this JSON file (no PATH: bench/results/<gpu>-<date>.json)")
     bench.add_argument("--md", metavar="PATH", help="write the run as a RESULTS.md section (markdown table)")
     bench.add_argument("--sweep", action="store_true",
-                       help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64 and 128, "
+                       help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64, 128 and 256, "
                             "for the ops given (default: linear_attention, ssd, attention; backward rows such "
                             "as ssd-bwd too)")
-    bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64 and 128)")
+    bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64, 128, 256)")
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
     bench.add_argument("--target", choices=["auto", "hopper", "generic"],
                        help="the backend our ops run on (generic: the mma.sync kernels, also on an H100)")
