@@ -124,19 +124,20 @@ def attention_bwd_dkdv(q: Seq["D"], k: Seq["D"], v: Seq["V"], do: Seq["V"], lse:
         dv[j] = dvj
 
 
-def _key_chunk(q: torch.Tensor, v: torch.Tensor) -> dict:
-    """The forward programs' key chunk: their default (128 keys; 64 on the generic target forced on
-    a Hopper) up to head dim 128; 64 beyond, where two ring stages of 128-key k and v chunks and two
-    query blocks do not fit shared memory: at D = 256 128-key chunks run one consumer warpgroup on a
-    one-stage ring, 64-key chunks two on two stages (H200, B=8 T=4096 H=16 causal: 3.70 -> 1.97 ms;
-    B=4 non-causal: 3.47 -> 1.72)."""
+def key_chunk(q, v) -> dict:
+    """The forward programs' key chunk for these q and v (tensors or TensorSpecs): their default (128
+    keys; 64 on the generic target forced on a Hopper) up to head dim 128; 64 beyond, where two ring
+    stages of 128-key k and v chunks and two query blocks do not fit shared memory: at D = 256 128-key
+    chunks run one consumer warpgroup on a one-stage ring, 64-key chunks two on two stages (H200, B=8
+    T=4096 H=16 causal: 3.70 -> 1.97 ms; B=4 non-causal: 3.47 -> 1.72). ``ops.examples`` passes it too,
+    so ``tilemix tune`` tunes (and caches under) the arguments the op runs with."""
     return {} if max(q.shape[-1], v.shape[-1]) <= 128 else dict(chunk=64)
 
 
 attention_op = tile_op("attention", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor",
                        attention_fwd,
                        lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal,
-                                                            **_key_chunk(q, v)), {}, None),
+                                                            **key_chunk(q, v)), {}, None),
                        lambda out: out["o"])
 
 # the training forward: also returns the rows' log-sum-exp [B, T, H] (float32), saved for the backward
@@ -144,7 +145,7 @@ attention_lse_op = tile_op("attention_lse",
                            "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
                            attention_fwd_lse,
                            lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal,
-                                                                **_key_chunk(q, v)), {}, None),
+                                                                **key_chunk(q, v)), {}, None),
                            lambda out: (out["o"], out["lse"]))
 
 

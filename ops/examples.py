@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from tilemix.tiles import TensorSpec
 
+from .attention import key_chunk
+
 __all__ = ["example_specs", "example_inputs", "kernel_specs"]
 
 
@@ -16,7 +18,7 @@ def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H
     if op == "gemm":
         return dict(a=TensorSpec((4096, 4096), dtype), b=TensorSpec((4096, 4096), dtype))
     if op == "attention":
-        return dict(q=seq, k=seq, v=seq, scale=D ** -0.5, is_causal=True)
+        return dict(q=seq, k=seq, v=seq, scale=D ** -0.5, is_causal=True, **key_chunk(seq, seq))
     if op == "linear_attention":
         return dict(q=seq, k=seq, v=seq, scale=D ** -0.5)
     if op == "ssd":
@@ -41,7 +43,8 @@ def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: in
     if op == "gemm":
         return dict(a=randn(4096, 4096), b=randn(4096, 4096))
     if op == "attention":
-        return dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, D), scale=D ** -0.5, is_causal=True)
+        q, k, v = randn(B, T, H, D), randn(B, T, H, D), randn(B, T, H, D)
+        return dict(q=q, k=k, v=v, scale=D ** -0.5, is_causal=True, **key_chunk(q, v))
     if op == "linear_attention":
         return dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, D), scale=D ** -0.5)
     if op == "ssd":

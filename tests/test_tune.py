@@ -326,3 +326,18 @@ def test_schedule_override_from_the_environment(monkeypatch):
         monkeypatch.setenv("TILEMIX_SCHEDULE", text)
         with pytest.raises(ValueError, match=words):
             launch.launch_schedule(ops.linear_attention_fwd, binding, 0)
+
+
+@pytest.mark.parametrize("D", [128, 256])
+def test_tune_examples_pass_the_block_shapes_the_op_runs(D):
+    """``tilemix tune attention`` tunes ``example_inputs``; the op at head dim 256 passes 64-key chunks,
+    so the examples must too, or the tuned config is cached under a key the op never looks up."""
+    from tilemix.ops._dispatch import capture_calls
+    from tilemix.ops.examples import example_inputs
+
+    args = example_inputs("attention", device="cpu", dtype="float32", B=1, T=64, H=1, D=D)
+    with capture_calls() as calls:
+        ops.attention(args["q"], args["k"], args["v"], causal=True)
+    (kernel, launched), = calls
+    binding = kernel.bind(launched)
+    assert kernel.bind(args).values["chunk"] == binding.values["chunk"] == (128 if D == 128 else 64)
