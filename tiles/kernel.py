@@ -64,7 +64,7 @@ class Kernel:
 
     def consts_for(self, arch: str, args: dict[str, Any]) -> dict[str, Any]:
         """The Const defaults this program takes on ``arch`` in place of its own (block shapes that
-        measured faster there) for a call with ``args``, less those the call passes. None where the
+        measured faster there) for a call with ``args``, less those the call passes; none where the
         program does not fit ``arch`` with them but may with its own defaults (attention's 128-query
         blocks on the generic target carry 129 KiB of state at head dim 256)."""
         consts = {k: v for k, v in self.target_consts.get(arch, {}).items() if k not in args}
