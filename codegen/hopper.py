@@ -130,6 +130,15 @@ class KernelSource:
     column_ctas: int = 1  # CTAs per head (and grid block): the split's column blocks over the consumers
 
 
+def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> int:
+    """How many column blocks a schedule's ``split`` cuts the state and output columns into (``dims``:
+    the static dims' full sizes)."""
+    blocks = 1
+    for dim, width in split:
+        blocks *= dims[dim] // width
+    return blocks
+
+
 def _ctype(t) -> str:
     return f"tm::rt<{t.rows}, {t.cols}>"
 
@@ -533,9 +542,7 @@ class _Lowering:
     @property
     def column_ctas(self) -> int:
         """CTAs the split cuts each head's columns into (each CTA's consumers take one block each)."""
-        blocks = 1
-        for dim, width in self.schedule.split:
-            blocks *= self.full_dims[dim] // width
+        blocks = column_blocks(self.schedule.split, self.full_dims)
         return blocks // self.schedule.consumers if self.schedule.consumer_axis == "columns" else blocks
 
     # -- the producer -------------------------------------------------------------

@@ -21,7 +21,7 @@ from tilemix.tiles.types import DType
 
 from .compile import compile_cuda
 from .generic import SMEM_LIMITS, lower_generic
-from .hopper import SMEM_LIMIT, KernelSource, Schedule, lower_hopper
+from .hopper import SMEM_LIMIT, KernelSource, Schedule, column_blocks, lower_hopper
 
 __all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch", "hopper_source", "generic_source", "kernel_source",
            "default_schedule", "launch_schedule"]
@@ -72,7 +72,7 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
                 split.append((dim, SPLIT_WIDTH))
     if split:
         split = tuple(split)
-        pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding) % 2 == 0 else []
+        pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
         schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
                                                             Schedule(split=split, consumers=1, stages=1)], arch)
@@ -226,14 +226,6 @@ _DEFAULTS: dict[tuple, Schedule] = {}
 _HEADS: dict[tuple, Schedule | None] = {}  # launch_schedule's two-heads choice per specialisation
 
 
-def column_blocks(split: tuple[tuple[str, int], ...], binding: Binding) -> int:
-    """How many column blocks a schedule's ``split`` cuts the state and output columns into."""
-    blocks = 1
-    for dim, width in split:
-        blocks *= binding.static[dim] // width
-    return blocks
-
-
 @functools.cache
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -325,7 +317,7 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
 
 def _ctas(binding: Binding, schedule: Schedule) -> int:
     """The CTAs a scan's grid has: one per (batch, head, column block), shared by its consumers."""
-    return binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding) // schedule.consumers
+    return binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding.static) // schedule.consumers
 
 
 def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_index: int, arch: str) -> Schedule:

@@ -150,7 +150,7 @@ class SegmentedScan:
             if count is not None and binding.sizes["T"] % (CHUNK * count) == 0:
                 return count
         programs = binding.sizes["B"] * binding.sizes["H"] * column_blocks(
-            launch_schedule(self.kernel, binding, device, arch).split, binding)
+            launch_schedule(self.kernel, binding, device, arch).split, binding.static)
         return segment_count(binding.sizes["T"], programs, sm_count(device), self.min_length)
 
 
