@@ -1,0 +1,77 @@
+"""Every program the tests cover, each lowered for every target under its default schedule and a
+few others, hashed: the code generator's refactors must leave each generated kernel byte for byte
+the same (``test_lowering_identity.py``; ``python tests/lowering_corpus.py`` rewrites the record)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from tilemix.tiles import Kernel, TileError
+
+RECORD = Path(__file__).parent / "data" / "lowering_hashes.json"
+ARCHS = ("sm_90a", "sm_80", "sm_86", "sm_89", "sm_90")
+MODULES = ("tilemix.ops.gemm", "tilemix.ops.attention", "tilemix.ops.linear_attention", "tilemix.ops.ssd",
+           "tilemix.ops.ssd_states", "tilemix.ops.ssd_backward", "test_user_mixers")
+VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(stages=1),
+            "early": dict(issue="early"), "program-order": dict(issue="program"),
+            "overlap-on": dict(overlap="on"), "overlap-off": dict(overlap="off"), "six-stages": dict(stages=6),
+            "shared-staging": dict(share_staging=True),
+            "heads-pair": dict(split=(), consumers=2, consumer_axis="heads", stages=2, share_staging=True)}
+
+
+def programs() -> dict[str, Kernel]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    found = {}
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for attr, value in sorted(vars(module).items()):
+            if isinstance(value, Kernel) and value.fn.__module__ == module.__name__:
+                found[f"{name.rsplit('.', 1)[-1]}.{attr}"] = value
+    return found
+
+
+def _kind(kind) -> str:
+    return str(getattr(kind, "value", kind))
+
+
+def fingerprint(source) -> str:
+    """The generated source and everything the launch reads from it."""
+    parts = [source.name, source.source, source.smem_bytes, source.stage_bytes, source.threads,
+             [(_kind(k), n) for k, n in source.params], source.grid_loops, source.size_args,
+             sorted(source.tmap_rows.items()), source.matrix, source.column_ctas]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def lowered(kernel: Kernel, size: int, arch: str, variant: dict) -> str:
+    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.ops.examples import kernel_specs
+
+    args = kernel_specs(kernel, size=size)
+    try:
+        binding = kernel.bind(args)
+        schedule = replace(default_schedule(kernel, binding, arch), **variant)
+        return fingerprint(kernel_source(kernel, binding, schedule, arch))
+    except (TileError, ValueError, TypeError) as e:
+        return f"error {type(e).__name__}"
+
+
+def corpus() -> dict[str, str]:
+    out = {}
+    for name, kernel in programs().items():
+        for size in (64, 128, 256):
+            for arch in ARCHS:
+                for vname, variant in VARIANTS.items():
+                    if vname != "default" and (size == 256 or arch not in ("sm_90a", "sm_80")):
+                        continue
+                    out[f"{name} {size} {arch} {vname}"] = lowered(kernel, size, arch, variant)
+    return out
+
+
+if __name__ == "__main__":
+    RECORD.write_text(json.dumps(corpus(), indent=0, sort_keys=True) + "\n")
+    print(RECORD)
