@@ -311,7 +311,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
     ``peers=False`` times our ops only (peer_ms NaN)."""
-    from tilemix.ops._dispatch import call_with_target, select_arch
+    from tilemix.ops.runtime import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
     if not torch.cuda.is_available():

@@ -72,7 +72,7 @@ def _on(device: str, args: dict) -> dict:
 def _gpu_arch() -> str | None:
     """The arch the ops compile for on this GPU (sm_90a, or a generic sm_8x / forced sm_90), None
     without a GPU tilemix generates code for."""
-    from tilemix.ops._dispatch import select_arch
+    from tilemix.ops.runtime import select_arch
 
     if not torch.cuda.is_available():
         return None

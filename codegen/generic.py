@@ -31,13 +31,12 @@ from __future__ import annotations
 from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.ir import Loop, Op, Program
 
-from .hopper import CONSUMER_THREADS, PANEL, KernelSource, Schedule, _ctype, _Lowering
+from .hopper import CONSUMER_THREADS, PANEL, KernelSource, _ctype, _Lowering
+from .schedule import SMEM_LIMITS, Schedule
 
-__all__ = ["GENERIC_ARCHS", "SMEM_LIMITS", "lower_generic"]
+__all__ = ["GENERIC_ARCHS", "lower_generic"]
 
 GENERIC_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
-# dynamic shared memory one CTA may opt into (CUDA programming guide, compute capabilities table)
-SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
 
 
 class _GenericLowering(_Lowering):

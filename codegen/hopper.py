@@ -36,18 +36,16 @@ from tilemix.tiles.ir import Loop, Op, Program, Value
 from tilemix.tiles.types import DType
 
 from .issue_order import issue_order, peak_registers, unit_reads
+from .schedule import ISSUE_ORDERS, OVERLAPS, SMEM_LIMIT, Schedule, column_blocks
 
-__all__ = ["Schedule", "KernelSource", "lower_hopper"]
+__all__ = ["KernelSource", "lower_hopper"]
 
 CONSUMER_THREADS = 128
 PRODUCER_THREADS = 128
 PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
-SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
-ISSUE_ORDERS = ("fit", "early", "program")  # Schedule.issue
 # per thread, [several consumers, one]: with one consumer the producer keeps 40, with more 24
 PRODUCER_REGISTERS, CONSUMER_REGISTERS = (24, 40), (240, 232)
 OVERLAP_RESERVE = 24  # registers a consumer keeps beside its tiles (addresses, indices): see Schedule.overlap
-OVERLAPS = ("fit", "on", "off")  # Schedule.overlap
 
 _SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
 _ELEMENTWISE = ("where", "cast", "pow", "causal", "window", "in_seq")  # with _UNARY and _BINARY
@@ -71,49 +69,6 @@ _BINARY = {
 }
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Knobs of the generated kernel (the autotuner searches these).
-
-    ``stages``: depth of the shared-memory ring the producer fills ahead.
-    ``split``: static dim → width; the dim is cut into column blocks
-    (legal when nothing contracts or reduces over it, e.g. the value dim of
-    linear attention).
-    ``consumers``: consumer warpgroups per CTA. With ``consumer_axis ==
-    "columns"`` each takes one column block of the split dim; with ``"blocks"``
-    each takes one block of the innermost grid loop (attention's query blocks,
-    gemm's N blocks); with ``"heads"`` (sm_90a only; ``launch_schedule`` picks it for one-consumer
-    scans whose heads fill the GPU: SSD's backward, linear attention at D = 64) each takes one of
-    ``consumers`` consecutive heads of one batch, ``h = hcta * consumers + wg`` (the launch needs
-    H and H/G multiples of ``consumers``). Tiles the consumers have in common (q and k of a scan,
-    k and v of attention, A of gemm, the GroupSeq tiles of a group's heads such as SSD's B and C)
-    are loaded once for all of them.
-    ``share_staging``: register tiles staged in shared memory as matmul operands share buffers
-    once a tile's readers are emitted (less shared memory; the defaults take it only where no
-    schedule fits without it, and for two heads per CTA at two stages).
-    ``issue`` (sm_90a; the generic kernels keep program order): the order the chunk loop's ops are
-    lowered in (``issue_order``). ``"early"`` issues each matmul as soon as its operands are ready;
-    ``"fit"`` does so where that keeps no more register tiles live than program order, else keeps
-    program order (``"program"``). H200: "fit" keeps SSD's forward in program order, which at
-    N=P=64 is ~5% slower than "early" and at N=P=128 ~4% faster.
-    ``overlap`` (sm_90a): whether a chunk's last wgmma groups, those accumulating into the loop's
-    carried tiles, keep running while the next chunk starts (``"on"``, where nothing else touches
-    those tiles and the ring has two stages or more) or are waited for at the chunk's end
-    (``"off"``). Their register operands then stay live into the next chunk; where that leaves
-    ptxas too few registers it runs every wgmma of the kernel one at a time (remark C7512), so
-    ``"fit"`` overlaps only where the estimate (``overlap_registers``) leaves room. H200: attention's
-    dk/dv program at D=128, serialised when overlapped, 1.10 -> 0.95 ms causal without.
-    """
-
-    stages: int = 2
-    split: tuple[tuple[str, int], ...] = ()
-    consumers: int = 1
-    consumer_axis: str = "columns"
-    share_staging: bool = False
-    issue: str = field(default="fit", metadata={"choices": ISSUE_ORDERS})
-    overlap: str = field(default="fit", metadata={"choices": OVERLAPS})
-
-
 @dataclass
 class KernelSource:
     name: str
@@ -128,15 +83,6 @@ class KernelSource:
     tmap_rows: dict = field(default_factory=dict)  # rows of the TMA box of each loaded parameter
     matrix: bool = False  # a Matrix program: no batch/head grid
     column_ctas: int = 1  # CTAs per head (and grid block): the split's column blocks over the consumers
-
-
-def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> int:
-    """How many column blocks a schedule's ``split`` cuts the state and output columns into (``dims``:
-    the static dims' full sizes)."""
-    blocks = 1
-    for dim, width in split:
-        blocks *= dims[dim] // width
-    return blocks
 
 
 def _ctype(t) -> str:

@@ -20,8 +20,9 @@ from tilemix.tiles.params import Binding
 from tilemix.tiles.types import DType
 
 from .compile import compile_cuda
-from .generic import SMEM_LIMITS, lower_generic
-from .hopper import SMEM_LIMIT, KernelSource, Schedule, column_blocks, lower_hopper
+from .generic import lower_generic
+from .hopper import KernelSource, lower_hopper
+from .schedule import SMEM_LIMIT, SMEM_LIMITS, Schedule, column_blocks
 
 __all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch", "hopper_source", "generic_source", "kernel_source",
            "default_schedule", "launch_schedule"]

@@ -30,7 +30,7 @@ from tilemix.tiles.errors import TileError
 from tilemix.tiles.params import Binding
 from tilemix.tiles.types import DType
 
-from .hopper import Schedule
+from .schedule import Schedule
 
 __all__ = ["Config", "TuneResult", "config_space", "tune", "cached_config", "cache_key", "config_for",
            "SegmentsResult", "tune_segments", "tuned_segments"]
@@ -303,7 +303,7 @@ def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], 
 
 def _forget_choices() -> None:
     """After a tune: calls in this process look their configs and segment counts up again."""
-    from tilemix.ops._dispatch import forget_calls
+    from tilemix.ops.runtime import forget_calls
 
     _LOOKUPS.clear()
     _SEGMENTS.clear()
@@ -322,7 +322,7 @@ class _GpuRunner:
     def __init__(self, kernel: Kernel, args: dict[str, Any], arch: str | None = None):
         import torch
 
-        from tilemix.ops._dispatch import current_target, select_arch
+        from tilemix.ops.runtime import current_target, select_arch
 
         from .launch import launch_schedule
 
@@ -384,7 +384,7 @@ class _GpuRunner:
         return None
 
     def _run(self, config: Config, args: dict[str, Any]):
-        from tilemix.ops._dispatch import run_kernel, use_target
+        from tilemix.ops.runtime import run_kernel, use_target
 
         with use_target(self.target):
             return run_kernel(self.kernel, self._with(config, args), schedule=config.schedule)
@@ -429,7 +429,7 @@ def _segments_key(scan, binding: Binding, device) -> str:
     """The cache key of a scan's segment count, for the arch its kernels run as now."""
     import torch
 
-    from tilemix.ops._dispatch import device_arch
+    from tilemix.ops.runtime import device_arch
 
     gpu, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     return cache_key(scan.kernel, binding, gpu, capability, device_arch(device)) + "-segments"

@@ -5,12 +5,12 @@ flash-linear-attention calling convention. CPU tensors run the NumPy
 interpreter; the GPU backends are built in ``tilemix.codegen``.
 """
 
-from ._dispatch import use_target
 from ._library import custom_op
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .runtime import use_target
 from .ssd import ssd, ssd_fwd, ssd_scan
 
 PROGRAMS = {

@@ -11,7 +11,7 @@ import torch
 
 from tilemix.tiles import Kernel
 
-from ._dispatch import fake_run, run_kernel
+from .runtime import fake_run, run_kernel
 
 __all__ = ["tile_op", "no_state", "custom_op"]
 

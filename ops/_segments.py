@@ -30,7 +30,7 @@ import torch
 
 from tilemix.tiles import Kernel
 
-from ._dispatch import call_signature, check_hopper_dims, device_arch, recall, remember, run_kernel
+from .runtime import call_signature, check_hopper_dims, device_arch, recall, remember, run_kernel
 
 __all__ = ["SegmentedScan", "segment_count"]
 

@@ -30,8 +30,8 @@ from tilemix.tiles import (
     zeros,
 )
 
-from ._dispatch import call_with_target, check_call, current_target, default_scale, use_target
 from ._library import tile_op
+from .runtime import call_with_target, check_call, current_target, default_scale, use_target
 
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv"]
 

@@ -7,8 +7,8 @@ import torch
 
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
-from ._dispatch import call_with_target, check_call, current_target, use_target
 from ._library import tile_op
+from .runtime import call_with_target, check_call, current_target, use_target
 
 __all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
 

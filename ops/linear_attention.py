@@ -15,9 +15,9 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._dispatch import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 from ._library import no_state, tile_op
 from ._segments import SegmentedScan
+from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 
 __all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_states", "linear_attention_bwd_dq",
            "linear_attention_bwd_dq_states", "linear_attention_bwd_total", "linear_attention_bwd_dv",

@@ -6,9 +6,9 @@ import torch
 
 from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsum, exp, kernel, segsum
 
-from ._dispatch import call_with_target, check_call
 from ._library import no_state, tile_op
 from ._segments import SegmentedScan
+from .runtime import call_with_target, check_call
 from .ssd_backward import register_ssd_autograd
 from .ssd_states import segment_log_decay, ssd_states
 

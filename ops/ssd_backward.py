@@ -66,9 +66,9 @@ from tilemix.tiles import (
     zeros,
 )
 
-from ._dispatch import current_target, use_target
 from ._library import tile_op
 from ._segments import SegmentedScan
+from .runtime import current_target, use_target
 from .ssd_states import segment_log_decay, ssd_bwd_dx_states, ssd_states
 
 __all__ = ["ssd_bwd_dc", "ssd_bwd_dx", "ssd_bwd_dc_scan", "ssd_bwd_dx_scan", "register_ssd_autograd"]

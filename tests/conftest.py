@@ -28,6 +28,6 @@ def fresh_call_cache():
     """Each test starts with no remembered CUDA call signatures (``run_kernel``'s prepared launches,
     segment counts), so the schedules, SM counts and plans a test patches in are the ones its calls
     use."""
-    from tilemix.ops import _dispatch
+    from tilemix.ops import runtime
 
-    _dispatch.forget_calls()
+    runtime.forget_calls()

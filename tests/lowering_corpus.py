@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -39,9 +40,16 @@ def _kind(kind) -> str:
     return str(getattr(kind, "value", kind))
 
 
+def canonical(text: str) -> str:
+    """``text`` with names made from IR value ids (``v123``, ``keep123``, ``mv123``: a process-wide
+    counter) numbered by first appearance."""
+    names: dict[str, str] = {}
+    return re.sub(r"\b(v|keep|mv)\d+", lambda m: names.setdefault(m.group(), f"{m.group(1)}#{len(names)}"), text)
+
+
 def fingerprint(source) -> str:
-    """The generated source and everything the launch reads from it."""
-    parts = [source.name, source.source, source.smem_bytes, source.stage_bytes, source.threads,
+    """The generated source (value names canonical) and everything the launch reads from it."""
+    parts = [source.name, canonical(source.source), source.smem_bytes, source.stage_bytes, source.threads,
              [(_kind(k), n) for k, n in source.params], source.grid_loops, source.size_args,
              sorted(source.tmap_rows.items()), source.matrix, source.column_ctas]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]

@@ -322,7 +322,7 @@ def test_gpu_attention_gradients(T, causal, dtype, D):
     measures 2.2-2.6e-3 in bf16 and 2.8-3.2e-4 in fp16 at these shapes: bounds 1e-2 and 3e-3). The
     generic target's dk/dv program carries 128 KiB at head dim 256, twice what its warps hold: an
     error saying so."""
-    from tilemix.ops._dispatch import device_arch
+    from tilemix.ops.runtime import device_arch
     from tilemix.tiles import TileError
 
     g = torch.Generator().manual_seed(T)

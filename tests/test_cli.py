@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tilemix.codegen.cli import main
+from tilemix.bench.cli import main
 
 
 def test_demo_passes_every_bound(capsys):

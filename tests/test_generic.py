@@ -3,7 +3,7 @@ mma.sync target for the exact arch, forced by target= or $TILEMIX_TARGET; no GPU
 
 import pytest
 
-from tilemix.ops._dispatch import select_arch
+from tilemix.ops.runtime import select_arch
 
 
 @pytest.mark.parametrize("cc, arch", [((9, 0), "sm_90a"), ((8, 0), "sm_80"), ((8, 6), "sm_86"), ((8, 9), "sm_89")])
@@ -303,8 +303,8 @@ def test_program_has_no_local_memory(name, arch, generic_builds):
 def test_ring_is_refilled_after_the_math_when_three_stages_deep():
     """With three stages or more, chunk c + stages - 1 is loaded at the end of iteration c (the
     copies issue while the tensor pipe drains); with two, at its start, the only lead it can get."""
-    from tilemix.codegen.hopper import Schedule
     from tilemix.codegen.launch import generic_source
+    from tilemix.codegen.schedule import Schedule
     from tilemix.ops import gemm_fwd
     from tilemix.tiles import TensorSpec
 
@@ -323,8 +323,9 @@ def test_staging_buffers_are_reused_only_where_a_program_does_not_fit():
     Where a program fits (sm_80 here, every op on sm_90a), each staged tile keeps its own buffer."""
     from dataclasses import replace
 
-    from tilemix.codegen.generic import SMEM_LIMITS, _GenericLowering
+    from tilemix.codegen.generic import _GenericLowering
     from tilemix.codegen.launch import default_schedule, generic_source
+    from tilemix.codegen.schedule import SMEM_LIMITS
     from tilemix.ops.ssd_backward import ssd_bwd_dx
     from tilemix.tiles import TensorSpec
     from tilemix.tiles.errors import ResourceError
@@ -424,7 +425,7 @@ def test_gpu_absorbed_matmul_matches_interpreter(target):
     import torch
 
     from tilemix.ops import use_target
-    from tilemix.ops._dispatch import run_kernel
+    from tilemix.ops.runtime import run_kernel
     from tilemix.reference.tolerance import bound, rel_err
 
     absorbed = _absorbed_kernel()
@@ -440,8 +441,8 @@ def test_schedules_fit_each_arch():
     """The default schedule is fitted to the arch's shared memory: two groups and a ring on sm_80,
     one stage where 99 KiB is all there is (sm_86/89)."""
     from tilemix import ops
-    from tilemix.codegen.generic import SMEM_LIMITS
     from tilemix.codegen.launch import generic_source
+    from tilemix.codegen.schedule import SMEM_LIMITS
     from tilemix.ops.examples import example_specs
 
     program = ops.PROGRAMS["linear_attention"]
@@ -490,7 +491,7 @@ def test_ring_waits_and_barriers():
 # --- choosing the target from Python
 def test_use_target_forces_and_nests(monkeypatch):
     from tilemix.ops import use_target
-    from tilemix.ops._dispatch import current_target
+    from tilemix.ops.runtime import current_target
 
     monkeypatch.setenv("TILEMIX_TARGET", "generic")
     assert current_target() is None and select_arch((9, 0), current_target()) == "sm_90"
@@ -619,7 +620,7 @@ def test_gpu_bench_target_generic(tmp_path):
     """tilemix bench --target generic: the records say target "generic" and the arch they ran on."""
     import json
 
-    from tilemix.codegen.cli import main
+    from tilemix.bench.cli import main
 
     path = tmp_path / "run.json"
     assert main(["bench", "gemm", "--target", "generic", "--json", str(path)]) == 0

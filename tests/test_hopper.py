@@ -417,7 +417,7 @@ def test_gpu_gemm_every_ring_depth(stages):
     from dataclasses import replace
 
     from tilemix.codegen.launch import default_schedule
-    from tilemix.ops._dispatch import run_kernel
+    from tilemix.ops.runtime import run_kernel
 
     g = torch.Generator().manual_seed(stages)
     a, b = (torch.randn(300, 200, generator=g).bfloat16(), torch.randn(200, 264, generator=g).bfloat16())

@@ -101,7 +101,7 @@ def test_primitive(probe, T, monkeypatch):
 
 
 def _run(probe, T):
-    from tilemix.ops._dispatch import run_kernel
+    from tilemix.ops.runtime import run_kernel
 
     g = torch.Generator().manual_seed(T)
     K = 64

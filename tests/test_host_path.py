@@ -23,20 +23,20 @@ def prepared(monkeypatch):
 def test_interpreter_calls_are_not_remembered():
     """CPU tensors (and arguments no call accepts) have no call signature: nothing is remembered and
     the checks run every time."""
-    from tilemix.ops import _dispatch
+    from tilemix.ops import runtime
 
     q = torch.randn(1, 64, 1, 16)
-    assert _dispatch.call_signature(ops.linear_attention_fwd, dict(q=q, k=q, v=q, scale=0.5)) is None
-    assert _dispatch.call_signature(ops.linear_attention_fwd, dict(q=[1.0], k=q, v=q, scale=0.5)) is None
+    assert runtime.call_signature(ops.linear_attention_fwd, dict(q=q, k=q, v=q, scale=0.5)) is None
+    assert runtime.call_signature(ops.linear_attention_fwd, dict(q=[1.0], k=q, v=q, scale=0.5)) is None
     ops.linear_attention(q, q, q)
-    assert not _dispatch._BY_SIGNATURE
+    assert not runtime._BY_SIGNATURE
 
 
 def test_capture_calls_records_what_a_backward_launches():
     """``capture_calls`` lists each ``run_kernel`` call made inside it, in order, with its arguments
     (``tilemix tune <op>-bwd`` tunes those): a linear-attention backward's four programs, nothing of
     the forward before it; an inner capture keeps its calls from the outer one."""
-    from tilemix.ops._dispatch import capture_calls
+    from tilemix.ops.runtime import capture_calls
 
     q, k, v = (torch.randn(1, 100, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     o = ops.linear_attention(q, k, v)[0]

@@ -361,7 +361,7 @@ def test_chunks_start_transposed_causal_and_per_token_outputs():
     keeps row <= column (keys on the rows); an ``Out[Seq[1]]`` is float32 whatever the inputs."""
     import torch
 
-    from tilemix.ops._dispatch import run_kernel
+    from tilemix.ops.runtime import run_kernel
     from tilemix.tiles import in_seq
 
     @kernel

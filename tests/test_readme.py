@@ -40,7 +40,7 @@ def test_your_own_mixer_runs_as_written(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_gpu_your_own_mixer_matches_the_interpreter(tmp_path, monkeypatch):
     """The same op on CUDA tensors: the generated kernel against the interpreter (bf16 inputs)."""
-    from tilemix.ops._dispatch import run_kernel
+    from tilemix.ops.runtime import run_kernel
     from tilemix.reference.tolerance import bound, rel_err
 
     module, _ = _section_code("Your own mixer")

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilemix.ops._dispatch import run_kernel
 from tilemix.ops._segments import MIN_LENGTH, segment_count
 from tilemix.ops.linear_attention import linear_attention_fwd, linear_attention_scan
+from tilemix.ops.runtime import run_kernel
 from tilemix.ops.ssd import ssd_fwd, ssd_scan
 from tilemix.ops.ssd_backward import ssd_bwd_dc, ssd_bwd_dc_scan, ssd_bwd_dx, ssd_bwd_dx_scan
 

@@ -265,8 +265,8 @@ def test_ssd_backward_two_heads_per_cta_lowers(stages, share):
     buffers shared (218 KiB), and compile with wgmma and no wgmma serialisation (ptxas C7515)."""
     pytest.importorskip("cuda.bindings")
     from tilemix.codegen.compile import compile_cuda, ptxas_report, sass
-    from tilemix.codegen.hopper import SMEM_LIMIT, Schedule
     from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import SMEM_LIMIT, Schedule
 
     for kernel, binding in _backward_bindings():
         source = hopper_source(kernel, binding, Schedule(**{**HEADS, "stages": stages, "share_staging": share}))
@@ -299,8 +299,8 @@ def test_ssd_backward_two_heads_share_group_tiles():
     """The producer loads B and C once per stage at the CTA's group, x and dy once per consumer at
     its own head; the grid runs B·H/2 CTAs (``hcta``) and each consumer's per-head values (dt, A,
     D, the states, the per-token outputs, the TMA stores) use its own ``h``."""
-    from tilemix.codegen.hopper import Schedule
     from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import Schedule
 
     for kernel, binding in _backward_bindings():
         src = hopper_source(kernel, binding, Schedule(**HEADS)).source
@@ -329,8 +329,8 @@ def test_heads_schedule_refuses_what_it_cannot_map():
 
     from tilemix import ops as tm_ops
     from tilemix.codegen import tune
-    from tilemix.codegen.hopper import Schedule
     from tilemix.codegen.launch import generic_source, heads_per_cta, hopper_source, run_tiles
+    from tilemix.codegen.schedule import Schedule
     from tilemix.ops.examples import example_specs
     from tilemix.tiles import TensorSpec, TileError
 

@@ -175,7 +175,7 @@ def test_custom_op_of_a_user_program():
     from test_user_mixers import anticausal_la_fwd
 
     from tilemix.ops import _library
-    from tilemix.ops._dispatch import run_kernel
+    from tilemix.ops.runtime import run_kernel
 
     assert doctest.testmod(_library, extraglobs={"torch": torch}).failed == 0
     op = ops.custom_op(anticausal_la_fwd, "tilemix_test::anticausal_la")

@@ -14,7 +14,7 @@ import torch
 
 from tilemix import ops
 from tilemix.codegen import tune
-from tilemix.codegen.hopper import Schedule
+from tilemix.codegen.schedule import Schedule
 from tilemix.ops.examples import example_specs
 from tilemix.reference.tolerance import bound, rel_err
 
@@ -103,7 +103,7 @@ def _store_many(args):
 
     os.environ["TILEMIX_CACHE"] = cache
     from tilemix.codegen import tune as t
-    from tilemix.codegen.hopper import Schedule as S
+    from tilemix.codegen.schedule import Schedule as S
 
     for i in range(50):
         t.store_config("shared", t.Config(S(stages=1 + (n + i) % 4)))
@@ -332,8 +332,8 @@ def test_schedule_override_from_the_environment(monkeypatch):
 def test_tune_examples_pass_the_block_shapes_the_op_runs(D):
     """``tilemix tune attention`` tunes ``example_inputs``; the op at head dim 256 passes 64-key chunks,
     so the examples must too, or the tuned config is cached under a key the op never looks up."""
-    from tilemix.ops._dispatch import capture_calls
     from tilemix.ops.examples import example_inputs
+    from tilemix.ops.runtime import capture_calls
 
     args = example_inputs("attention", device="cpu", dtype="float32", B=1, T=64, H=1, D=D)
     with capture_calls() as calls:

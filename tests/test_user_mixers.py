@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tilemix.ops._dispatch import run_kernel
+from tilemix.ops.runtime import run_kernel
 from tilemix.reference.tolerance import bound, rel_err
 from tilemix.tiles import Out, Seq, State, TensorSpec, causal, chunks, colsum, cumsum, exp, kernel, rowsum
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tilemix import ops
-from tilemix.ops._dispatch import check_hopper_dims
+from tilemix.ops.runtime import check_hopper_dims
 from tilemix.tiles import Kernel
 
 
@@ -135,7 +135,7 @@ def test_tensors_on_different_gpus_are_refused():
     """The device check compares whole devices (index included); CPU-testable with stand-ins."""
     from types import SimpleNamespace
 
-    from tilemix.ops._dispatch import _check_devices
+    from tilemix.ops.runtime import _check_devices
 
     on = lambda index: SimpleNamespace(device=torch.device("cuda", index))  # noqa: E731
     with pytest.raises(ValueError, match="k is on cuda:1 but q is on cuda:0"):

@@ -59,8 +59,8 @@ def _tune_ops(args: argparse.Namespace, console) -> int:
     from rich.table import Table
 
     from tilemix.ops import PROGRAMS, SEGMENTED
-    from tilemix.ops._dispatch import device_arch
     from tilemix.ops.examples import example_inputs
+    from tilemix.ops.runtime import device_arch
 
     B, T, H, D = args.shape
     arch = device_arch(torch.cuda.current_device())
@@ -86,7 +86,7 @@ def _backward_programs(name: str, shape) -> list:
     import torch
 
     from tilemix.bench.bench import CASES
-    from tilemix.ops._dispatch import capture_calls
+    from tilemix.ops.runtime import capture_calls
 
     backward = CASES[name](*shape, torch.bfloat16)[0]
     backward()  # the forward (its first call only), then a backward
