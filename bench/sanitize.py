@@ -2,12 +2,13 @@
 
     python -m tilemix.bench.sanitize            # on a GPU machine with CUDA's compute-sanitizer
 
-runs this module's ``--launch`` mode once per tool: it launches each op's kernels once on shapes
-with masked tails (T not a multiple of the chunk, gemm dims off the tile grid), in both dtypes,
-causal and not, with and without states, and the scans at one and two
-consumers per CTA. Prints the kernels checked and the errors each tool
-reported; exits non-zero on any error. Host-side API errors are not counted (cuda-bindings probes
-the driver for optional entry points, which memcheck would report).
+runs this module's ``--launch`` mode once per tool: it launches each op's kernels once, forward and
+backward, on shapes with masked tails (T not a multiple of the chunk, gemm dims off the tile grid), in
+both dtypes, on both targets (sm_90a and the generic mma.sync kernels), causal and not, with and
+without states, the scans at one and two consumers per CTA and in sequence segments. Prints the
+kernels checked and the errors each tool reported; exits non-zero on any error. Host-side API errors
+are not counted (cuda-bindings probes the driver for optional entry points, which memcheck would
+report).
 """
 
 from __future__ import annotations
@@ -24,40 +25,81 @@ TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 SUMMARY = re.compile(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard)")
 
 
-def launch_all() -> list[str]:
-    """Launch every op's kernels once on tail shapes; the names of the kernels launched."""
+def _tail_calls(rnd, target):
+    """Every op, forward and backward (gradients of every input), on shapes with masked tails."""
     import torch
 
     from tilemix import ops
+
+    def grads(*outputs):  # the backward kernels, from random output gradients
+        outputs = [o for o in outputs if o is not None]
+        torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+    def leaf(t):
+        return t.requires_grad_(True)
+
+    cuda = dict(device="cuda")
+    B, T, H, D = 2, 100, 3, 64
+    q, k, v = leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, 128))
+    state = leaf(torch.randn(B, H, D, 128, **cuda))
+    grads(*ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, target=target))
+    grads(ops.linear_attention(q, k, v, target=target)[0])
+    for causal in (True, False):
+        grads(ops.attention(q, k, v, causal=causal, target=target))
+    dt, A = leaf(torch.rand(B, T, H, **cuda) * 0.5), leaf(-torch.rand(H, **cuda) - 0.1)
+    grads(*ops.ssd(v, dt, A, leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), D=leaf(torch.randn(H, **cuda)),
+                   initial_state=state, output_final_state=True, target=target))
+    grads(ops.gemm(leaf(rnd(200, 72)), leaf(rnd(72, 136)), target=target))
+    # enough batch x heads that the scans keep their two-consumer CTAs (few run one per CTA)
+    B, H = 4, 32
+    v = leaf(rnd(B, T, H, 128))
+    state = leaf(torch.randn(B, H, D, 128, **cuda))
+    grads(*ops.linear_attention(leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), v, initial_state=state,
+                                output_final_state=True, target=target))
+    grads(*ops.ssd(v, leaf(torch.rand(B, T, H, **cuda) * 0.5), leaf(-torch.rand(H, **cuda) - 0.1),
+                   leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), output_final_state=True, target=target))
+
+
+def launch_all() -> list[str]:
+    """Launch every kernel the ops run once: forwards and backwards, on tail shapes, both dtypes, both
+    targets (the generic kernels forced on this GPU), and the scans cut into sequence segments; the
+    names of the kernels launched."""
+    import torch
+
     from tilemix.codegen import launch
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float16):
-        def rnd(*shape, dtype=dtype):
-            return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+    for target in ("auto", "generic"):
+        for dtype in (torch.bfloat16, torch.float16):
+            def rnd(*shape, dtype=dtype):
+                return torch.randn(*shape, device="cuda", generator=g).to(dtype)
 
-        B, T, H, D = 2, 100, 3, 64
-        q, k, v = rnd(B, T, H, D), rnd(B, T, H, D), rnd(B, T, H, 128)
-        ops.linear_attention(q, k, v, initial_state=torch.randn(B, H, D, 128, device="cuda"), output_final_state=True)
-        ops.linear_attention(q, k, v)
-        for causal in (True, False):
-            ops.attention(q, k, v, causal=causal)
-        dt = torch.rand(B, T, H, device="cuda") * 0.5
-        A = -torch.rand(H, device="cuda") - 0.1
-        ops.ssd(v, dt, A, rnd(B, T, 1, D), rnd(B, T, 1, D), D=torch.randn(H, device="cuda"),
-                initial_state=torch.randn(B, H, D, 128, device="cuda"), output_final_state=True)
-        ops.gemm(rnd(200, 72), rnd(72, 136))
-        # enough batch x heads that the scans keep their two-consumer CTAs (few run one per CTA)
-        B, H = 4, 32
-        v = rnd(B, T, H, 128)
-        state = torch.randn(B, H, D, 128, device="cuda")
-        ops.linear_attention(rnd(B, T, H, D), rnd(B, T, H, D), v, initial_state=state, output_final_state=True)
-        ops.ssd(v, torch.rand(B, T, H, device="cuda") * 0.5, -torch.rand(H, device="cuda") - 0.1,
-                rnd(B, T, 1, D), rnd(B, T, 1, D), output_final_state=True)
+            _tail_calls(rnd, target)
+            os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
+            try:
+                _segmented_calls(rnd, target)
+            finally:
+                del os.environ["TILEMIX_SEGMENTS"]
     torch.cuda.synchronize()
     # one kernel per specialisation (dtype, consts, optional arguments, schedule): tell them apart by source
     return sorted({f"{plan.source.name} {hashlib.sha256(plan.source.source.encode()).hexdigest()[:8]}"
                    for plan in launch._PLANS.values()})
+
+
+def _segmented_calls(rnd, target):
+    """The scans at a length two segments divide, with gradients."""
+    import torch
+
+    from tilemix import ops
+
+    B, T, H, D = 1, 256, 2, 64
+    q, k, v = (rnd(B, T, H, D).requires_grad_(True) for _ in range(3))
+    o, _ = ops.linear_attention(q, k, v, target=target)
+    o.backward(torch.randn_like(o))
+    dt = (torch.rand(B, T, H, device="cuda") * 0.5).requires_grad_(True)
+    Bm, Cm = (rnd(B, T, 1, D).requires_grad_(True) for _ in range(2))
+    y, _ = ops.ssd(v, dt, -torch.rand(H, device="cuda") - 0.1, Bm, Cm, target=target)
+    y.backward(torch.randn_like(y))
 
 
 def main(argv: list[str] | None = None) -> int:
