@@ -22,6 +22,8 @@ import subprocess
 import sys
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+TARGETS = ("auto", "generic")  # the device's own kernels, then the mma.sync ones forced
+REPORT_LINES = 80  # of a failing tool's output
 SUMMARY = re.compile(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard)")
 
 
@@ -60,7 +62,7 @@ def _tail_calls(rnd, target):
                    leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), output_final_state=True, target=target))
 
 
-def launch_all() -> list[str]:
+def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
     """Launch every kernel the ops run once: forwards and backwards, on tail shapes, both dtypes, both
     targets (the generic kernels forced on this GPU), and the scans cut into sequence segments; the
     names of the kernels launched."""
@@ -69,7 +71,7 @@ def launch_all() -> list[str]:
     from tilemix.codegen import launch
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    for target in ("auto", "generic"):
+    for target in targets:
         for dtype in (torch.bfloat16, torch.float16):
             def rnd(*shape, dtype=dtype):
                 return torch.randn(*shape, device="cuda", generator=g).to(dtype)
@@ -105,9 +107,11 @@ def _segmented_calls(rnd, target):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launch", action="store_true", help="only launch the kernels (what each tool runs)")
+    parser.add_argument("--tool", choices=TOOLS, action="append", help="run only this tool (repeatable)")
+    parser.add_argument("--target", choices=TARGETS, action="append", help="launch only this target's kernels")
     args = parser.parse_args(argv)
     if args.launch:
-        for name in launch_all():
+        for name in launch_all(tuple(args.target or TARGETS)):
             print("kernel:", name)
         return 0
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
@@ -122,17 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     for column in ("tool", "kernels", "errors"):
         table.add_column(column)
     failed = False
-    for tool in TOOLS:
+    for tool in args.tool or TOOLS:
         command = [sanitizer, "--tool", tool, "--report-api-errors", "no", sys.executable, "-m",
-                   "tilemix.bench.sanitize", "--launch"]
+                   "tilemix.bench.sanitize", "--launch", *(f"--target={t}" for t in args.target or ())]
         run = subprocess.run(command, capture_output=True, text=True)
         kernels = [line for line in run.stdout.splitlines() if line.startswith("kernel:")]
         found = [int(a or b) for a, b in SUMMARY.findall(run.stdout + run.stderr)]
         errors = sum(found) if found else None
         failed |= run.returncode != 0 or errors != 0
         table.add_row(tool, str(len(kernels)), "no summary (see below)" if errors is None else str(errors))
-        if run.returncode != 0 or errors:
-            print(run.stdout[-4000:], run.stderr[-4000:], sep="\n")
+        if run.returncode != 0 or errors:  # the first reports name the kernel, the access and the thread
+            reports = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("=====")]
+            print("\n".join(reports[:REPORT_LINES]), run.stderr[-2000:], sep="\n")
     Console().print(table)
     return 1 if failed else 0
 
