@@ -33,6 +33,7 @@ from tilemix.tiles.ir import Loop, Op, Program
 
 from .hopper import CONSUMER_THREADS, PANEL, KernelSource, _ctype, _Lowering
 from .schedule import SMEM_LIMITS, Schedule
+from .source import ParamKind
 
 __all__ = ["GENERIC_ARCHS", "lower_generic"]
 
@@ -54,14 +55,14 @@ class _GenericLowering(_Lowering):
         self.threads = CONSUMER_THREADS * schedule.consumers
 
     # -- arguments ------------------------------------------------------------------
-    def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
+    def param_args(self) -> tuple[list[str], list[tuple[ParamKind, str]]]:
         """Hopper's arguments with each tensor map replaced by a pointer to the 16-bit tensor."""
         args, order = super().param_args()
         for i, (kind, name) in enumerate(order):
-            if kind == "tmap":
-                args[i], order[i] = f"const tm::u16* __restrict__ ptr_{name}", ("ptr", name)
-            elif kind == "tmap_out":
-                args[i], order[i] = f"tm::u16* __restrict__ out_{name}", ("ptr_out", name)
+            if kind is ParamKind.TMAP:
+                args[i], order[i] = f"const tm::u16* __restrict__ ptr_{name}", (ParamKind.PTR, name)
+            elif kind is ParamKind.TMAP_OUT:
+                args[i], order[i] = f"tm::u16* __restrict__ out_{name}", (ParamKind.PTR_OUT, name)
         return args, order
 
     def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",

@@ -29,7 +29,6 @@ error naming the line.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 
 from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
@@ -37,6 +36,7 @@ from tilemix.tiles.types import DType
 
 from .issue_order import issue_order, peak_registers, unit_reads
 from .schedule import ISSUE_ORDERS, OVERLAPS, SMEM_LIMIT, Schedule, column_blocks
+from .source import KernelSource, ParamKind
 
 __all__ = ["KernelSource", "lower_hopper"]
 
@@ -67,22 +67,6 @@ _BINARY = {
     "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
     "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
 }
-
-
-@dataclass
-class KernelSource:
-    name: str
-    source: str
-    smem_bytes: int
-    stage_bytes: int  # shared memory of one ring stage (each extra stage costs this much)
-    threads: int
-    schedule: Schedule
-    params: list = field(default_factory=list)  # (kind, param name) in kernel argument order
-    grid_loops: list = field(default_factory=list)  # (dim, block size) of each blocks() loop, outermost first
-    size_args: list = field(default_factory=list)  # runtime sizes passed as int arguments, in order
-    tmap_rows: dict = field(default_factory=dict)  # rows of the TMA box of each loaded parameter
-    matrix: bool = False  # a Matrix program: no batch/head grid
-    column_ctas: int = 1  # CTAs per head (and grid block): the split's column blocks over the consumers
 
 
 def _ctype(t) -> str:
@@ -428,7 +412,7 @@ class _Lowering:
             block = self.block_expr(0)  # every consumer starts where the CTA's first block does
         return [f"const int c_first = {block} * {loop.start.size} / {loop.size};"]
 
-    def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
+    def param_args(self) -> tuple[list[str], list[tuple[ParamKind, str]]]:
         args, order = [], []
         for p in self.p.params:
             kind = p.spec.kind
@@ -438,25 +422,25 @@ class _Lowering:
                 continue  # an input the program never reads needs no tensor map
             if kind in ("seq", "group_seq") and p.spec.dims != (1,) and not p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
-                order.append(("tmap", p.name))
+                order.append((ParamKind.TMAP, p.name))
             elif kind == "matrix" and not p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
-                order.append(("tmap", p.name))
+                order.append((ParamKind.TMAP, p.name))
             elif kind == "seq" and p.spec.output and p.spec.dims == (1,):
                 args.append(f"float* __restrict__ out_{p.name}")  # per-token fp32 values: plain stores
-                order.append(("ptr_out", p.name))  # launched as the output's address
+                order.append((ParamKind.PTR_OUT, p.name))  # launched as the output's address
             elif kind in ("seq", "group_seq", "matrix") and p.spec.output:
                 args.append(f"const __grid_constant__ tm::TMap tmap_{p.name}")
-                order.append(("tmap_out", p.name))
+                order.append((ParamKind.TMAP_OUT, p.name))
             elif kind in ("seq", "head"):
                 args.append(f"const float* __restrict__ ptr_{p.name}")
-                order.append(("f32", p.name))
+                order.append((ParamKind.F32, p.name))
             elif kind == "state":
                 args.append(f"const float* __restrict__ init_{p.name}, float* __restrict__ final_{p.name}")
-                order.append(("state", p.name))
+                order.append((ParamKind.STATE, p.name))
             elif kind == "scalar":
                 args.append(f"float arg_{p.name}")
-                order.append(("scalar", p.name))
+                order.append((ParamKind.SCALAR, p.name))
             else:
                 self.fail(f"parameter kind {kind} is not lowered yet")
         args += [f"int {d}" for d in self.size_args]
