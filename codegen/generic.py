@@ -20,7 +20,7 @@ target), with what the target lacks done otherwise:
 Kernel arguments are plain pointers where Hopper passes tensor maps (``ParamKind.PTR``/``PTR_OUT``
 in ``KernelSource.params``).
 
-Schedules are the Hopper ones (``launch.default_schedule`` with the arch), fitted to the arch's
+Schedules are the Hopper ones (``default_schedule`` with the arch), fitted to the arch's
 shared memory: on sm_86/sm_89 (99 KiB) most scans get one group per CTA and a one-stage ring (no
 load/compute overlap), with staging buffers shared where nothing fits otherwise; programs whose
 tiles need more than that even then (gla-style 128x128 states) are a ResourceError there.

@@ -98,9 +98,8 @@ def _walk(units: list[Op], after: dict[Op, set[Op]], hoist: Callable[[Op], bool]
     else one ``hoist`` picks, else the first in program order. A group only the next iteration
     reads (``next_only``: a state update's) waits until this iteration's other groups are issued, so
     it is the one still running while the chunk's outputs are waited for and stored. (The lowering
-    asks for that with one consumer warpgroup per CTA; H200, linear attention at T=8192, one
-    consumer, where nothing else keeps the tensor cores busy through a store; with two, the other
-    warpgroup does, and the later issue was slower.)"""
+    asks for that with one consumer warpgroup per CTA, where nothing else keeps the tensor cores
+    busy through a store; with two the other warpgroup does, and the later issue measured slower.)"""
     position = {u: i for i, u in enumerate(units)}
     in_flight: list[Value] = []  # results of the groups not yet waited for, oldest first
     order: list[Op] = []
