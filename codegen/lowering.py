@@ -18,27 +18,33 @@ from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import Emitter, ctype
-from .issue_order import plan_issue
-from .op_emitters import OP_EMITTERS, emit_matmul
-from .plan import BINARY, UNARY, analyze_structure, plan_liveness, plan_shared_memory
+from .issue_order import IssuePlan, plan_issue
+from .op_emitters import MAPS, OP_EMITTERS, emit_matmul
+from .plan import KernelPlan, Liveness, SharedLayout, analyze_structure, plan_liveness, plan_shared_memory
 from .schedule import Schedule
 from .source import KernelSource, ParamKind
 
-__all__ = ["Lowering", "lower"]
+__all__ = ["Lowering", "lower", "plans"]
 
-_IN_PLACE = (*UNARY, *BINARY, "where", "cast", "pow", "causal", "window", "in_seq")  # may reuse an operand's registers
+_IN_PLACE = (*MAPS, "where", "cast", "pow", "causal", "window", "in_seq")  # may reuse an operand's registers
+
+
+def plans(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],
+          target: str) -> tuple[KernelPlan, Liveness, SharedLayout, IssuePlan | None]:
+    """Passes 1-4 for the target ``lowering`` (``target``: its name in errors)."""
+    plan = analyze_structure(program, schedule, full_dims, target, lowering.consumer_heads)
+    live = plan_liveness(plan, MAPS)
+    layout = plan_shared_memory(plan, lowering.store_buffers)
+    issue = plan_issue(plan, live, asynchronous=lowering.asynchronous,
+                       registers=lowering.consumer_registers(schedule))
+    return plan, live, layout, issue
 
 
 def lower(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],
           target: str, **options) -> KernelSource:
-    """``program`` lowered by the target ``lowering`` (``target``: its name in errors; ``options``:
-    what its constructor takes beside the plans)."""
-    plan = analyze_structure(program, schedule, full_dims, target, lowering.consumer_heads)
-    live = plan_liveness(plan)
-    layout = plan_shared_memory(plan, lowering.store_buffers)
-    issue = plan_issue(plan, live, asynchronous=lowering.asynchronous,
-                       registers=lowering.consumer_registers(schedule))
-    return lowering(plan, live, layout, issue, **options).kernel()
+    """``program`` lowered by the target ``lowering``: the plans, then its code (``options``: what
+    its constructor takes beside them)."""
+    return lowering(*plans(lowering, program, schedule, full_dims, target), **options).kernel()
 
 
 class Lowering(Emitter):

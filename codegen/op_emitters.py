@@ -14,12 +14,30 @@ from tilemix.tiles.ir import Op
 from tilemix.tiles.types import DType
 
 from .emit import ctype, float_literal
-from .plan import BINARY, UNARY
 
 if TYPE_CHECKING:
     from .lowering import Lowering
 
-__all__ = ["OP_EMITTERS", "emit_matmul"]
+__all__ = ["OP_EMITTERS", "MAPS", "emit_matmul"]
+
+UNARY = {
+    "neg": "[](float a) { return -a; }",
+    "abs": "[](float a) { return fabsf(a); }",
+    "exp": "[](float a) { return tm::f_exp(a); }",
+    "exp2": "[](float a) { return tm::ex2(a); }",
+    "log": "[](float a) { return tm::f_log(a); }",
+    "sqrt": "[](float a) { return tm::f_sqrt(a); }",
+    "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",
+    "softplus": "[](float a) { return tm::f_softplus(a); }",
+    "tanh": "[](float a) { return tm::f_tanh(a); }",
+}
+BINARY = {
+    "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b",
+    "maximum": "fmaxf(a, b)", "minimum": "fminf(a, b)",
+    "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
+    "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
+}
+MAPS = frozenset({*UNARY, *BINARY})  # the elementwise maps: they read a ring stage's row view in place
 
 
 def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):

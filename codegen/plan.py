@@ -3,8 +3,8 @@
 ``analyze_structure`` splits a program into grid loops, the per-CTA body and its chunk loop
 (``KernelPlan``); ``plan_liveness`` finds each value's readers and the adds a matmul accumulates
 into (``Liveness``); ``plan_shared_memory`` lays out the loads' ring, the tiles loaded once and the
-store panels (``SharedLayout``). Nothing here emits code or depends on the target beyond the
-``lowers_consumer_heads`` flag and the store buffer count it is given."""
+store panels (``SharedLayout``). Nothing here emits code; what a target decides (whether it lowers
+``consumer_axis="heads"``, its store buffers, which ops are elementwise maps) is an argument."""
 
 from __future__ import annotations
 
@@ -19,30 +19,12 @@ from tilemix.tiles.ir import Loop, Op, Program, Value
 from .schedule import Schedule, column_blocks
 
 __all__ = ["KernelPlan", "Liveness", "SharedLayout", "analyze_structure", "plan_liveness", "plan_shared_memory",
-           "PANEL", "CONSUMER_THREADS", "UNARY", "BINARY", "thread_registers", "align"]
+           "PANEL", "CONSUMER_THREADS", "thread_registers", "align"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
 
 _SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
-UNARY = {
-    "neg": "[](float a) { return -a; }",
-    "abs": "[](float a) { return fabsf(a); }",
-    "exp": "[](float a) { return tm::f_exp(a); }",
-    "exp2": "[](float a) { return tm::ex2(a); }",
-    "log": "[](float a) { return tm::f_log(a); }",
-    "sqrt": "[](float a) { return tm::f_sqrt(a); }",
-    "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",
-    "softplus": "[](float a) { return tm::f_softplus(a); }",
-    "tanh": "[](float a) { return tm::f_tanh(a); }",
-}
-BINARY = {
-    "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b",
-    "maximum": "fmaxf(a, b)", "minimum": "fminf(a, b)",
-    "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
-    "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
-}
-
 
 def fail(target: str, message: str, program: Program, op: Op | None = None):
     raise TileError(f"{target} code generator: {message}", op.loc if op else program.loc)
@@ -279,8 +261,9 @@ def _last_readers_with_absorbed(program: Program, accumulate, absorbed) -> dict[
     return last_reader
 
 
-def plan_liveness(plan: KernelPlan) -> Liveness:
-    """Pass 2: readers, last readers and scopes, the accumulating adds, the ring's row views."""
+def plan_liveness(plan: KernelPlan, maps: frozenset[str]) -> Liveness:
+    """Pass 2: readers, last readers and scopes, the accumulating adds, the ring's row views
+    (``maps``: the elementwise ops, which read such a view in place)."""
     uses, scope, last_reader, readers = _reads(plan.program)
     accumulate = _accumulations(plan.program, uses)
     absorbed = frozenset(mm for mm, _ in accumulate.values())
@@ -292,7 +275,7 @@ def plan_liveness(plan: KernelPlan) -> Liveness:
     shared_rows = frozenset(
         op.result for op in (plan.loop.body if plan.loop is not None else [])
         if op.name == "transpose" and op.operands[0] in ring
-        and all(not isinstance(r, Loop) and (r.name in UNARY or r.name in BINARY) for r in readers[op.result]))
+        and all(not isinstance(r, Loop) and r.name in maps for r in readers[op.result]))
     return Liveness(uses=MappingProxyType(dict(uses)), scope=MappingProxyType(scope),
                     last_reader=MappingProxyType(last_reader),
                     readers=MappingProxyType({v: tuple(ops) for v, ops in readers.items()}),

@@ -14,7 +14,8 @@ from test_generic import PROGRAMS
 from tilemix.codegen.hopper import HopperLowering
 from tilemix.codegen.issue_order import OVERLAP_RESERVE, peak_registers, plan_issue, tile_registers, unit_reads
 from tilemix.codegen.launch import default_schedule, hopper_source
-from tilemix.codegen.plan import KernelPlan, Liveness, analyze_structure, plan_liveness
+from tilemix.codegen.lowering import plans
+from tilemix.codegen.plan import KernelPlan, Liveness
 from tilemix.tiles import TensorSpec
 
 
@@ -29,8 +30,8 @@ def _plans(name: str, **dims) -> tuple[KernelPlan, Liveness]:
     if issue is not None:
         schedule = replace(schedule, issue=issue)
     program = kernel.trace(replace(binding, static=dict(binding.static, **dict(schedule.split))), target="sm_90a")
-    plan = analyze_structure(program, schedule, dict(binding.static), "sm_90a", consumer_heads=True)
-    return plan, plan_liveness(plan)
+    plan, live, _, _ = plans(HopperLowering, program, schedule, dict(binding.static), "sm_90a")
+    return plan, live
 
 
 def _order(plan: KernelPlan, live: Liveness, registers: int | None = None) -> list:
