@@ -12,7 +12,9 @@ from tilemix.tiles.ir import Op, Value
 from tilemix.tiles.types import DType
 
 from .issue_order import IssuePlan
-from .plan import CONSUMER_THREADS, PANEL, KernelPlan, Liveness, SharedLayout, align
+from .layout import SharedLayout, align
+from .liveness import Liveness
+from .structure import CONSUMER_THREADS, PANEL, KernelPlan
 
 __all__ = ["Emitter", "ctype", "float_literal"]
 

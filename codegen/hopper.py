@@ -33,9 +33,9 @@ from tilemix.tiles.ir import Loop, Op, Program
 from .emit import ctype
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, emit_store_col
-from .plan import CONSUMER_THREADS, PANEL
 from .schedule import SMEM_LIMIT, Schedule
 from .source import KernelSource
+from .structure import CONSUMER_THREADS, PANEL
 
 __all__ = ["KernelSource", "lower_hopper", "HopperLowering"]
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 from tilemix.tiles.ir import Op, Value
 
-from .plan import KernelPlan, Liveness, thread_registers
+from .liveness import Liveness, thread_registers
 from .schedule import ISSUE_ORDERS, OVERLAPS
+from .structure import KernelPlan
 
 __all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",
            "OVERLAP_RESERVE"]

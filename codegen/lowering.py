@@ -2,11 +2,11 @@
 
 ``lower`` runs the passes in order, each reading the frozen plans before it:
 
-1. ``analyze_structure``  -> ``KernelPlan``    grid loops, per-CTA body, chunk loop, loads
-2. ``plan_liveness``      -> ``Liveness``      readers, last readers, accumulating adds
-3. ``plan_shared_memory`` -> ``SharedLayout``  load ring, tiles loaded once, store panels
-4. ``plan_issue``         -> ``IssuePlan``     the chunk loop's issue order and overlap
-5. ``Lowering.kernel``    -> ``KernelSource``  producer and consumer code, the kernel around them
+1. ``structure.analyze_structure``  -> ``KernelPlan``    grid loops, per-CTA body, chunk loop, loads
+2. ``liveness.plan_liveness``        -> ``Liveness``      readers, last readers, accumulating adds
+3. ``layout.plan_shared_memory``     -> ``SharedLayout``  load ring, tiles loaded once, store panels
+4. ``issue_order.plan_issue``        -> ``IssuePlan``     the chunk loop's issue order and overlap
+5. ``Lowering.kernel``               -> ``KernelSource``  producer and consumer code, the kernel frame
 
 A target is a ``Lowering`` subclass: data (matmul entry points, whether matmuls are asynchronous,
 store buffers, ...), entries of the op -> emitter table (``emitters``) it lowers otherwise, and
@@ -19,10 +19,12 @@ from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import Emitter, ctype
 from .issue_order import IssuePlan, plan_issue
+from .layout import SharedLayout, plan_shared_memory
+from .liveness import Liveness, plan_liveness
 from .op_emitters import MAPS, OP_EMITTERS, emit_matmul
-from .plan import KernelPlan, Liveness, SharedLayout, analyze_structure, plan_liveness, plan_shared_memory
 from .schedule import Schedule
 from .source import KernelSource, ParamKind
+from .structure import KernelPlan, analyze_structure
 
 __all__ = ["Lowering", "lower", "plans"]
 

@@ -14,8 +14,9 @@ from test_generic import PROGRAMS
 from tilemix.codegen.hopper import HopperLowering
 from tilemix.codegen.issue_order import OVERLAP_RESERVE, peak_registers, plan_issue, tile_registers, unit_reads
 from tilemix.codegen.launch import default_schedule, hopper_source
+from tilemix.codegen.liveness import Liveness
 from tilemix.codegen.lowering import plans
-from tilemix.codegen.plan import KernelPlan, Liveness
+from tilemix.codegen.structure import KernelPlan
 from tilemix.tiles import TensorSpec
 
 

@@ -1,14 +1,11 @@
-"""The lowering's analysis passes, each returning a frozen plan that the later passes read.
+"""Pass 1, structure analysis: a program as the kernel lays it out (``KernelPlan``).
 
-``analyze_structure`` splits a program into grid loops, the per-CTA body and its chunk loop
-(``KernelPlan``); ``plan_liveness`` finds each value's readers and the adds a matmul accumulates
-into (``Liveness``); ``plan_shared_memory`` lays out the loads' ring, the tiles loaded once and the
-store panels (``SharedLayout``). Nothing here emits code; what a target decides (whether it lowers
-``consumer_axis="heads"``, its store buffers, which ops are elementwise maps) is an argument."""
+Grid loops (blockIdx), the per-CTA body, its one sequential chunk loop, the tile loads before the
+loop (loaded once) and inside it (into the ring), its per-token vectors, and how the consumer groups
+share a CTA's work; anything else is rejected with an error naming the line."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -18,13 +15,13 @@ from tilemix.tiles.ir import Loop, Op, Program, Value
 
 from .schedule import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "Liveness", "SharedLayout", "analyze_structure", "plan_liveness", "plan_shared_memory",
-           "PANEL", "CONSUMER_THREADS", "thread_registers", "align"]
+__all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
 
 _SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
+
 
 def fail(target: str, message: str, program: Program, op: Op | None = None):
     raise TileError(f"{target} code generator: {message}", op.loc if op else program.loc)
@@ -182,170 +179,3 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
         size_args=tuple(sorted({d for p in program.params if p.spec.kind == "matrix" for d in p.spec.dims})
                         if matrix else ("T", "H", "G")),
         index_name=MappingProxyType(index_name), split_loop=split_loop, heads=schedule.consumer_axis == "heads")
-
-
-@dataclass(frozen=True)
-class Liveness:
-    """Who reads each value and when it dies: ``readers``, ``uses``, ``last_reader`` (a loop reads
-    its carried updates after its body; an absorbed matmul's operands are read at its add), the op
-    list (``scope``) defining each value; ``accumulate``: add -> (its matmul, the accumulator) for
-    each ``x + a @ b`` whose product nothing else reads (the matmul accumulates into ``x``);
-    ``shared_rows``: transposed per-token vectors read in place from the ring."""
-
-    uses: Mapping[Value, int]
-    scope: Mapping[Value, list[Op]]
-    last_reader: Mapping[Value, Op]
-    readers: Mapping[Value, tuple[Op, ...]]
-    accumulate: Mapping[Op, tuple[Op, Value]]
-    absorbed: frozenset[Op]  # matmuls emitted with the add they accumulate into
-    absorbed_by: Mapping[Op, Op]  # absorbed matmul -> its add
-    shared_rows: frozenset[Value]
-
-
-def _reads(program: Program):
-    uses, scope, last_reader, readers = Counter(), {}, {}, defaultdict(list)
-
-    def read(values, op: Op):
-        uses.update(values)
-        last_reader.update((v, op) for v in values)
-        for v in values:
-            readers[v].append(op)
-
-    def visit(ops: list[Op]):
-        for op in ops:
-            if op.result is not None:
-                scope[op.result] = ops
-            if isinstance(op, Loop):
-                read(op.init, op)
-                scope.update({v: op.body for v in op.carried})
-                visit(op.body)
-                read(op.update, op)
-            else:
-                read(op.operands, op)
-
-    visit(program.body)
-    return uses, scope, last_reader, readers
-
-
-def _accumulations(program: Program, uses: Counter) -> dict[Op, tuple[Op, Value]]:
-    producer = {op.result: op for op in program.walk() if op.result is not None}
-    accumulate = {}
-    for op in program.walk():
-        if op.name != "add":
-            continue
-        for m, x in (op.operands, op.operands[::-1]):
-            mm = producer.get(m)
-            if (mm is not None and mm.name == "matmul" and uses[m] == 1 and m is not x
-                    and (x.type.rows, x.type.cols) == (op.result.type.rows, op.result.type.cols)):
-                accumulate[op] = (mm, x)
-                break
-    return accumulate
-
-
-def _last_readers_with_absorbed(program: Program, accumulate, absorbed) -> dict[Value, Op]:
-    """Last readers where an absorbed matmul's operands are read by its add: an op between the two
-    must not take their registers (or their staging buffers) as their last reader."""
-    deferred = {add: mm.operands for add, (mm, _) in accumulate.items()}
-    last_reader = {}
-
-    def reread(ops: list[Op]):
-        for op in ops:
-            if isinstance(op, Loop):
-                last_reader.update((v, op) for v in op.init)
-                reread(op.body)
-                last_reader.update((v, op) for v in op.update)
-            elif op not in absorbed:
-                last_reader.update((v, op) for v in (*deferred.get(op, ()), *op.operands))
-
-    reread(program.body)
-    return last_reader
-
-
-def plan_liveness(plan: KernelPlan, maps: frozenset[str]) -> Liveness:
-    """Pass 2: readers, last readers and scopes, the accumulating adds, the ring's row views
-    (``maps``: the elementwise ops, which read such a view in place)."""
-    uses, scope, last_reader, readers = _reads(plan.program)
-    accumulate = _accumulations(plan.program, uses)
-    absorbed = frozenset(mm for mm, _ in accumulate.values())
-    if accumulate:
-        last_reader = _last_readers_with_absorbed(plan.program, accumulate, absorbed)
-    # transposes of per-token vectors that only elementwise maps read: views of the stage
-    # (``tm::shared_row``), each element read where it is used, no registers held
-    ring = {op.result for op in plan.col_loads}
-    shared_rows = frozenset(
-        op.result for op in (plan.loop.body if plan.loop is not None else [])
-        if op.name == "transpose" and op.operands[0] in ring
-        and all(not isinstance(r, Loop) and r.name in maps for r in readers[op.result]))
-    return Liveness(uses=MappingProxyType(dict(uses)), scope=MappingProxyType(scope),
-                    last_reader=MappingProxyType(last_reader),
-                    readers=MappingProxyType({v: tuple(ops) for v, ops in readers.items()}),
-                    accumulate=MappingProxyType(accumulate), absorbed=absorbed,
-                    absorbed_by=MappingProxyType({mm: add for add, (mm, _) in accumulate.items()}),
-                    shared_rows=shared_rows)
-
-
-def thread_registers(t) -> int:
-    """Registers a thread holds of a ``tm::rt<rows, cols>`` (wgmma's accumulator layout: 2 rows of
-    each 64 and 2 columns of each 8; a row vector repeats in every row's threads)."""
-    rows = 1 if t.rows == 1 else t.rows // 32
-    cols = 1 if t.cols == 1 else t.cols // 4
-    return rows * cols
-
-
-def align(offset: int, alignment: int) -> int:
-    return (offset + alignment - 1) // alignment * alignment
-
-
-@dataclass(frozen=True)
-class SharedLayout:
-    """Shared memory known before the consumer code is emitted: the ring of ``stages`` stages of
-    ``stage_bytes`` (each holding every tile the chunk loop loads, at ``load_offset``), the tiles
-    loaded once (``prologue_offset``), the per-token vectors' ring (``col_ring``, ``col_stage_bytes``
-    a stage, at ``col_offset``), then ``store_buffers`` panel buffers of ``store_rows`` rows per
-    consumer for tile stores. ``top``: the bytes these take; staging buffers, scans and the
-    exchange buffers are allocated after them as the consumer code is emitted."""
-
-    stage_bytes: int
-    load_offset: Mapping[Op, int]
-    prologue_offset: Mapping[Op, int]
-    col_offset: Mapping[Op, int]
-    col_stage_bytes: int
-    col_ring: int
-    stores: tuple[Op, ...]  # the tile stores (through shared panels)
-    store_rows: int
-    store_buffers: int
-    store_offset: int
-    top: int
-
-
-def plan_shared_memory(plan: KernelPlan, max_store_buffers: int) -> SharedLayout:
-    """Pass 3: the ring, the tiles loaded once and the store panels (``max_store_buffers``: panel
-    buffers a consumer alternates between for wide tiles)."""
-    stages = plan.schedule.stages
-    top = 0
-
-    def alloc(nbytes: int, alignment: int = 1024) -> int:
-        nonlocal top
-        offset = align(top, alignment)
-        top = offset + nbytes
-        return offset
-
-    load_offset, stage_bytes = {}, 0
-    for op in plan.loads:
-        load_offset[op] = stage_bytes
-        stage_bytes += plan.load_bytes(op)
-    top = stage_bytes * stages
-    prologue_offset = {op: alloc(plan.load_bytes(op)) for op in plan.prologue_loads}
-    col_offset, col_stage_bytes = {}, 0
-    for op in plan.col_loads:
-        col_offset[op] = col_stage_bytes
-        col_stage_bytes += plan.load_bytes(op)
-    col_ring = alloc(col_stage_bytes * stages, 16) if plan.col_loads else 0
-    stores = tuple(op for op in plan.program.walk() if op.name == "store" and op.operands[0].type.cols > 1)
-    store_rows = max((op.operands[0].type.rows for op in stores), default=0)
-    store_buffers = min(max_store_buffers, max((op.operands[0].type.cols // PANEL for op in stores), default=1))
-    store_offset = alloc(store_rows * 128 * store_buffers * plan.schedule.consumers)
-    return SharedLayout(stage_bytes=stage_bytes, load_offset=MappingProxyType(load_offset),
-                        prologue_offset=MappingProxyType(prologue_offset), col_offset=MappingProxyType(col_offset),
-                        col_stage_bytes=col_stage_bytes, col_ring=col_ring, stores=stores, store_rows=store_rows,
-                        store_buffers=store_buffers, store_offset=store_offset, top=top)
