@@ -50,9 +50,8 @@ def emit_store_copy(lw: GenericLowering, op: Op, decl: str, out: str, ind: int):
     if t.cols == 1 and lw.program.param(name).spec.kind == "seq":
         emit_store_col(lw, op, ind)
         return
-    if t.cols % PANEL or t.rows == 1:
-        lw.fail(f"stored tiles are {t.rows}x{t.cols}; stores need more than one row and multiples of {PANEL} "
-                "columns", op)
+    if t.cols % PANEL:
+        lw.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
     src = lw.reg(value, ind)
     idx = [lw.plan.index_name[v.id] for v in index]
     dst, ld, rows_left, cols_left = lw.tile_at(name, idx, t.rows, t.cols, out=True)
