@@ -128,7 +128,7 @@ def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: 
     if axis not in ("columns", "blocks", "heads"):
         fail(target, f"consumer_axis is 'columns', 'blocks' or 'heads', not {axis!r}", program)
     if axis == "heads":
-        if not consumer_heads:  # the generic target issues loads per head otherwise
+        if not consumer_heads:  # a target whose loads are issued per consumer group
             fail(target, "consumer_axis='heads' is lowered for sm_90a only", program)
         if matrix:
             fail(target, "consumer_axis='heads' needs a batch x head grid (a program of Seq parameters)", program)
@@ -154,7 +154,7 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
     for op in tile_loads(body) + tile_loads(in_loop):
         if op.result.type.cols % PANEL:
             fail(target, f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
-                 f"sm_90a needs feature dims that are multiples of {PANEL}", program, op)
+                 f"feature dims must be multiples of {PANEL} (128-byte shared-memory panels)", program, op)
     matrix = any(p.spec.kind == "matrix" for p in program.params)
     index_name = {loop.index.id: f"blk{depth}" for depth, loop in enumerate(grid_loops)}
     _check_consumers(target, program, schedule, matrix, consumer_heads)
