@@ -24,6 +24,10 @@ is released one iteration later, after the next iteration's wgmmas are issued.
 Program shapes lowered: nested ``blocks`` grid loops around at most one
 ``chunks`` loop (scans, attention, gemm); anything else is rejected with an
 error naming the line.
+
+The analysis passes and the consumer walk are shared with the generic target
+(``lowering.lower``); this module is what only sm_90a emits: the producer, the
+mbarrier ring's chunk loop, TMA stores and the warp-specialised kernel frame.
 """
 
 from __future__ import annotations

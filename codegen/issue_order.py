@@ -22,6 +22,9 @@ and a body whose tiles fill the consumer's registers in program order already ke
 lowering counts registers per thread, as ``peak_registers`` walks the ops ``unit_reads`` lists,
 and asks the same of the chunk overlap (``Schedule.overlap``).
 ``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
+
+``plan_issue`` is the lowering's pass 4: it asks ``issue_order`` with answers from the earlier
+plans and decides ``Schedule.overlap``, both in an ``IssuePlan``.
 """
 
 from __future__ import annotations
