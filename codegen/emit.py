@@ -2,9 +2,9 @@
 
 ``Emitter`` is what every op emitter writes through: ``reg`` (a register tile for a value,
 copying a loaded tile once), ``shared`` (a shared tile for a matmul operand, staging a register
-tile), ``wait_for`` (the asynchronous matmul groups a value waits on), ``scan`` and ``scratch``
-(shared memory for cross-warp exchanges). It reads the frozen plans and allocates the shared
-memory only emission decides (staging buffers, scans, exchange buffers) after ``SharedLayout``'s."""
+tile in its ``SharedLayout`` buffer), ``wait_for`` (the asynchronous matmul groups a value waits
+on), ``scan`` (a column vector's prefix scan, once). It reads the frozen plans; what it tracks is
+only what the code emitted so far holds: names, register copies, groups in flight."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tilemix.tiles.ir import Op, Value
 from tilemix.tiles.types import DType
 
 from .issue_order import IssuePlan
-from .layout import SharedLayout, align
+from .layout import SharedLayout
 from .liveness import Liveness
 from .structure import CONSUMER_THREADS, PANEL, KernelPlan
 
@@ -39,8 +39,8 @@ class Emitter:
 
     proxy_fence: str | None = None
 
-    def __init__(self, plan: KernelPlan, live: Liveness, layout: SharedLayout, issue: IssuePlan | None):
-        self.plan, self.live, self.layout, self.issue = plan, live, layout, issue
+    def __init__(self, plan: KernelPlan, live: Liveness, issue: IssuePlan | None, layout: SharedLayout):
+        self.plan, self.live, self.issue, self.layout = plan, live, issue, layout
         self.program, self.schedule = plan.program, plan.schedule
         self.is_bf16 = "true" if self.program.compute_dtype is DType.bf16 else "false"
         self.lines: list[str] = []
@@ -49,14 +49,8 @@ class Emitter:
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.ring_vector: dict[Value, str] = {}  # per-token vector -> its address in the chunk's stage
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
-        self.staged: dict[Value, str] = {}
-        # staged value -> (offset, bytes per group, whether staged inside the chunk loop)
-        self.stage_slots: dict[Value, tuple[int, int, bool]] = {}
-        self.in_loop = False  # emitting the chunk loop's body
-        self.scratch_floats = {"scratch": 0, "transposed": 0}  # per consumer: the widest exchange of each buffer
-        self.lowered: set[Op] = set()  # ops whose code is emitted (an absorbed matmul: with its add)
+        self.staged: dict[Value, str] = {}  # staged value -> its buffer
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
-        self.smem_top = layout.top  # bytes of shared memory allocated so far
         self.prologue_waited = False
         self.tmap_rows: dict[str, int] = {}
         self.bar = "bar_id"  # named barrier of this consumer group (0 is __syncthreads)
@@ -71,11 +65,6 @@ class Emitter:
 
     def emit(self, line: str, indent: int = 2):
         self.lines.append(" " * indent + line.lstrip())
-
-    def alloc(self, nbytes: int, alignment: int = 1024) -> int:
-        offset = align(self.smem_top, alignment)
-        self.smem_top = offset + nbytes
-        return offset
 
     def reg(self, v: Value, ind: int) -> str:
         """A register-tile expression for ``v`` (copying a shared tile once: reading it afresh at
@@ -107,9 +96,7 @@ class Emitter:
                       f"columns that are multiples of 64")
         if v in self.staged:
             return self.staged[v], t.rows
-        nbytes = t.rows * t.cols * 2
-        offset = self.stage_slot(v, nbytes)
-        ptr = self.staged[v] = f"(smem + {offset} + wg * {nbytes})"
+        ptr = self.staged[v] = f"(smem + {self.layout.staging[v]} + wg * {t.rows * t.cols * 2})"
         # In-flight matmuls may still read this buffer: the previous chunk's (left running at its end),
         # or, where buffers are shared, those of the value staged here before.
         if self.schedule.share_staging:
@@ -121,26 +108,6 @@ class Emitter:
             self.emit(self.proxy_fence, ind)
         self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
         return ptr, t.rows
-
-    def stage_slot(self, v: Value, nbytes: int) -> int:
-        """Shared memory for staging ``v``: a new buffer, or with ``Schedule.share_staging`` the
-        buffer of a value staged in the same scope whose readers are all emitted. Staging waits for
-        every in-flight matmul and passes the group's barrier before it stores, so no read of the old
-        value is pending then."""
-        scope = self.live.scope
-        if self.schedule.share_staging:
-            for u, (offset, size, in_loop) in self.stage_slots.items():
-                done = self.live.last_reader.get(u) in self.lowered
-                # a tile staged before the chunk loop is not staged again in each iteration: a buffer
-                # reused inside the loop would hand the next iteration's readers another tile
-                once = self.in_loop and not in_loop
-                if size == nbytes and done and not once and scope.get(u) is scope.get(v):
-                    del self.stage_slots[u], self.staged[u]
-                    self.stage_slots[v] = (offset, size, self.in_loop)
-                    return offset
-        offset = self.alloc(nbytes * self.schedule.consumers)
-        self.stage_slots[v] = (offset, nbytes, self.in_loop)
-        return offset
 
     def wait_all(self, ind: int):
         if self.in_flight or self.carried_over:
@@ -179,24 +146,14 @@ class Emitter:
         """Shared memory holding the prefix scan of column vector ``v``, scanned once."""
         if v not in self.scans:
             floats = 2 * v.type.rows
-            offset = self.alloc(floats * 4 * self.schedule.consumers, 16)
-            ptr = self.scans[v] = f"((float*)(smem + {offset}) + wg * {floats})"
-            buffer = self.scratch(4 * (v.type.rows // 64))
-            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, {buffer}, {self.bar});", ind)
+            ptr = self.scans[v] = f"((float*)(smem + {self.layout.scans[v]}) + wg * {floats})"
+            self.emit(f"tm::prefix_scan({self.reg(v, ind)}, {ptr}, scratch, {self.bar});", ind)
         return self.scans[v]
 
-    def scratch(self, floats: int, buffer: str = "scratch") -> str:
-        """The consumer's buffer for a cross-warp exchange of ``floats`` floats: ``scratch`` for column
-        reductions and scans, ``transposed`` for transposes (hopper.cuh says why), each sized for the
-        program's widest exchange (a fixed size per consumer cost a ring stage where shared memory
-        is tight)."""
-        self.scratch_floats[buffer] = max(self.scratch_floats[buffer], -(-floats // 4) * 4)
-        return buffer
-
     def scratch_base(self) -> list[str]:
-        """Allocate the consumers' exchange buffers (after emitting the body): their declarations."""
-        per_consumer = sum(self.scratch_floats.values()) or 4
-        offset = self.alloc(per_consumer * 4 * self.schedule.consumers, 16)
-        return [f"float* scratch = (float*)(smem + {offset}) + wg * {per_consumer};",
-                *([f"float* transposed = scratch + {self.scratch_floats['scratch']};"]
-                  if self.scratch_floats["transposed"] else [])]
+        """The declarations of the consumer's exchange buffers: ``scratch`` for column reductions
+        and scans, ``transposed`` for transposes (hopper.cuh says why)."""
+        floats = self.layout.scratch_floats
+        per_consumer = sum(floats.values()) or 4
+        return [f"float* scratch = (float*)(smem + {self.layout.scratch_offset}) + wg * {per_consumer};",
+                *([f"float* transposed = scratch + {floats['scratch']};"] if floats["transposed"] else [])]

@@ -231,8 +231,8 @@ class GenericLowering(Lowering):
             *body,
             "}",
         ]
-        self.check_shared_memory(SMEM_LIMITS[self.arch], f"a CTA on {self.arch}")
-        return self.kernel_source(src, self.threads, order, {})
+        self.check_shared_memory(self.layout.top, SMEM_LIMITS[self.arch], f"a CTA on {self.arch}")
+        return self.kernel_source(src, self.layout.top, self.threads, order, {})
 
 
 def lower_generic(program: Program, arch: str = "sm_80", schedule: Schedule | None = None,

@@ -35,6 +35,7 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
+from .layout import align
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, emit_store_col
 from .schedule import SMEM_LIMIT, Schedule
@@ -208,7 +209,8 @@ class HopperLowering(Lowering):
         self.lower_ops(self.program.body, 6)
         consumer = self.lines
         scratch = self.scratch_base()
-        bar_off = self.alloc(16 * self.schedule.stages + 8, 8)
+        bar_off = align(self.layout.top, 8)  # the ring's full and empty barriers, then the prologue's
+        smem_bytes = bar_off + 16 * self.schedule.stages + 8
         args, order = self.param_args()
         consumers = self.schedule.consumers
         threads = PRODUCER_THREADS + CONSUMER_THREADS * consumers
@@ -240,8 +242,8 @@ class HopperLowering(Lowering):
             "  }",
             "}",
         ]
-        self.check_shared_memory(SMEM_LIMIT, "an sm_90a CTA")
-        return self.kernel_source(src, threads, order, dict(self.tmap_rows))
+        self.check_shared_memory(smem_bytes, SMEM_LIMIT, "an sm_90a CTA")
+        return self.kernel_source(src, smem_bytes, threads, order, dict(self.tmap_rows))
 
     def barrier_init(self) -> list[str]:
         """The ring's full and empty mbarriers and the prologue's, initialised by one thread."""

@@ -4,8 +4,8 @@
 
 1. ``structure.analyze_structure``  -> ``KernelPlan``    grid loops, per-CTA body, chunk loop, loads
 2. ``liveness.plan_liveness``        -> ``Liveness``      readers, last readers, accumulating adds
-3. ``layout.plan_shared_memory``     -> ``SharedLayout``  load ring, tiles loaded once, store panels
-4. ``issue_order.plan_issue``        -> ``IssuePlan``     the chunk loop's issue order and overlap
+3. ``issue_order.plan_issue``        -> ``IssuePlan``     the chunk loop's issue order and overlap
+4. ``layout.plan_shared_memory``     -> ``SharedLayout``  ring, store panels, staging, scans, exchanges
 5. ``Lowering.kernel``               -> ``KernelSource``  producer and consumer code, the kernel frame
 
 A target is a ``Lowering`` subclass: data (matmul entry points, whether matmuls are asynchronous,
@@ -32,14 +32,14 @@ _IN_PLACE = (*MAPS, "where", "cast", "pow", "causal", "window", "in_seq")  # may
 
 
 def plans(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],
-          target: str) -> tuple[KernelPlan, Liveness, SharedLayout, IssuePlan | None]:
+          target: str) -> tuple[KernelPlan, Liveness, IssuePlan | None, SharedLayout]:
     """Passes 1-4 for the target ``lowering`` (``target``: its name in errors)."""
     plan = analyze_structure(program, schedule, full_dims, target, lowering.consumer_heads)
     live = plan_liveness(plan, MAPS)
-    layout = plan_shared_memory(plan, lowering.store_buffers)
     issue = plan_issue(plan, live, asynchronous=lowering.asynchronous,
                        registers=lowering.consumer_registers(schedule))
-    return plan, live, layout, issue
+    layout = plan_shared_memory(plan, live, issue, lowering.store_buffers)
+    return plan, live, issue, layout
 
 
 def lower(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],
@@ -81,13 +81,9 @@ class Lowering(Emitter):
             if isinstance(op, Loop) and op.kind == "blocks":
                 self.lower_ops(op.body, ind)  # a grid loop: its index comes from blockIdx
             elif isinstance(op, Loop):
-                self.in_loop = True
                 self.lower_loop(op, ind)
-                self.in_loop = False
             else:
                 self.lower_op(op, ind)
-                if op not in self.live.absorbed:
-                    self.lowered.add(op)
 
     def lower_op(self, op: Op, ind: int):
         """One op through its table entry: its result declared, or written in place over an operand
@@ -120,7 +116,6 @@ class Lowering(Emitter):
             self.wait_for([x], ind)
             self.emit(f"{ctype(add.result.type)} {self.name(add.result)} = {self.reg(x, ind)};", ind)
         emit_matmul(self, mm, "", self.name(add.result), ind, accumulate=True)
-        self.lowered.add(mm)
 
     def end_loop(self, loop: Loop):
         """After a chunk loop: loaded tiles' register copies are the last chunk's, and the loop's
@@ -214,16 +209,16 @@ class Lowering(Emitter):
             return []
         return [f"const int blk{len(self.plan.grid_loops) - 1} = {self.plan.block_expr('wg')};  // and its grid block"]
 
-    def check_shared_memory(self, limit: int, where: str):
-        if self.smem_top > limit:
-            raise ResourceError(f"{self.plan.target} code generator: this schedule needs {self.smem_top // 1024} KiB "
+    def check_shared_memory(self, smem_bytes: int, limit: int, where: str):
+        if smem_bytes > limit:
+            raise ResourceError(f"{self.plan.target} code generator: this schedule needs {smem_bytes // 1024} KiB "
                                 f"of shared memory (stages={self.schedule.stages}, consumers="
                                 f"{self.schedule.consumers}); {where} has at most {limit // 1024} KiB",
                                 self.program.loc)
 
-    def kernel_source(self, source: list[str], threads: int, order, tmap_rows: dict) -> KernelSource:
+    def kernel_source(self, source: list[str], smem_bytes: int, threads: int, order, tmap_rows: dict) -> KernelSource:
         plan, consumers = self.plan, self.schedule.consumers
-        return KernelSource(f"tilemix_{self.program.name}", "\n".join(source) + "\n", self.smem_top,
+        return KernelSource(f"tilemix_{self.program.name}", "\n".join(source) + "\n", smem_bytes,
                             self.layout.stage_bytes, threads, self.schedule, order,
                             [(loop.dim, loop.size * (consumers if loop is plan.split_loop else 1))
                              for loop in plan.grid_loops], list(plan.size_args), tmap_rows, plan.matrix,

@@ -174,8 +174,7 @@ def emit_reduce_cols(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         lw.emit(f"{decl} tm::fill({out}, {lw.scan(x, ind)}[{2 * x.type.rows - 1}]);", ind)
         return
     red = "tm::op_sum()" if op.name == "colsum" else "tm::op_max()"
-    buffer = lw.scratch(4 * x.type.cols)
-    lw.emit(f"{decl} tm::reduce_cols({out}, {lw.reg(x, ind)}, {red}, {buffer}, {lw.bar});", ind)
+    lw.emit(f"{decl} tm::reduce_cols({out}, {lw.reg(x, ind)}, {red}, scratch, {lw.bar});", ind)
 
 
 def emit_transpose(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -189,16 +188,14 @@ def emit_transpose(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     elif op.result in lw.live.shared_rows:
         lw.emit(f"const tm::shared_row<{t.rows}> {out}{{(const float*)({lw.ring_vector[x]})}};", ind)
     else:
-        buffer = lw.scratch(max(t.rows, t.cols), "transposed")
-        lw.emit(f"{decl} tm::transpose({out}, {lw.reg(x, ind)}, {buffer}, {lw.bar});", ind)
+        lw.emit(f"{decl} tm::transpose({out}, {lw.reg(x, ind)}, transposed, {lw.bar});", ind)
 
 
 def emit_cumsum(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     x, a = op.operands[0], op.attrs
     flags = f"{str(a['reverse']).lower()}, {str(a['exclusive']).lower()}"
     if x.type.cols > 1:
-        buffer = lw.scratch(4 * x.type.cols * (x.type.rows // 64))
-        lw.emit(f"{decl} tm::cumsum_rows({out}, {lw.reg(x, ind)}, {flags}, {buffer}, {lw.bar});", ind)
+        lw.emit(f"{decl} tm::cumsum_rows({out}, {lw.reg(x, ind)}, {flags}, scratch, {lw.bar});", ind)
     else:
         lw.emit(f"{decl} tm::cumsum({out}, {lw.scan(x, ind)}, {flags});", ind)
 
@@ -216,8 +213,7 @@ def emit_matvec(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate:
     round16 = f"[](float v) {{ return tm::round16<{lw.is_bf16}>(v); }}"
     row = lw.reg(b, ind)
     if not op.attrs["tb"]:  # a column: as a row
-        buffer = lw.scratch(k, "transposed")
-        lw.emit(f"tm::rt<1, {k}> {tag}_row; tm::transpose({tag}_row, {row}, {buffer}, {lw.bar});", ind)
+        lw.emit(f"tm::rt<1, {k}> {tag}_row; tm::transpose({tag}_row, {row}, transposed, {lw.bar});", ind)
         row = f"{tag}_row"
     lw.emit(f"tm::rt<1, {k}> {tag}_b; tm::map1({tag}_b, {round16}, {row});", ind)
     lw.emit(f"{ctype(a.type)} {tag}_p; tm::map1({tag}_p, {round16}, {lw.reg(a, ind)});", ind)
