@@ -92,10 +92,10 @@ def plan_shared_memory(plan: KernelPlan, live: Liveness, issue: IssuePlan | None
                         scratch_offset=scratch_offset, top=alloc.top)
 
 
-def emission_order(plan: KernelPlan, issue: IssuePlan | None) -> Iterator[tuple[Op, bool]]:
+def _emission_order(plan: KernelPlan, issue: IssuePlan | None) -> Iterator[tuple[Op, bool]]:
     """The consumer code's ops in the order they are emitted, each with whether it is in the chunk
     loop: grid loops' bodies where they stand (their indices come from blockIdx), the chunk loop's
-    in its issue order."""
+    in its issue order, as ``Lowering.lower_ops`` walks them."""
     def walk(ops: list[Op], in_loop: bool):
         for op in ops:
             if isinstance(op, Loop):
@@ -126,7 +126,7 @@ def _consumer_buffers(plan: KernelPlan, live: Liveness, issue: IssuePlan | None,
         slots[v] = (offset, nbytes, in_loop)
         staging[v] = offset
 
-    for op, in_loop in emission_order(plan, issue):
+    for op, in_loop in _emission_order(plan, issue):
         if op in live.absorbed:
             continue
         staged, scanned, exchanges = _buffers_of(op, plan, live, loaded)
