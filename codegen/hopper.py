@@ -81,7 +81,12 @@ class HopperLowering(Lowering):
     """sm_90a: a producer warpgroup's TMA loads into a ring completing on mbarriers, consumer
     warpgroups issuing wgmma groups, TMA stores."""
 
+    matmul_ss = "tm::matmul_ss"
+    matmul_rs = "tm::matmul_rs"
     proxy_fence = "tm::fence_proxy_async();"
+    asynchronous = True
+    consumer_heads = True
+    store_buffers = 2
     emitters = {**OP_EMITTERS, "store": emit_store_tma}
 
     @classmethod

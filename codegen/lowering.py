@@ -53,11 +53,11 @@ class Lowering(Emitter):
     """The consumer walk every target shares; a target sets the data below, overrides entries of
     ``emitters`` and implements ``wait_prologue``, ``lower_loop`` and ``kernel``."""
 
-    matmul_ss = "tm::matmul_ss"  # matmul entry points (same template arguments on every target)
-    matmul_rs = "tm::matmul_rs"
-    asynchronous = True  # matmuls are groups, waited for where their results are read
-    consumer_heads = True  # lowers consumer_axis="heads"
-    store_buffers = 2  # shared panel buffers a consumer alternates between for wide tile stores
+    matmul_ss: str  # matmul entry points, A from shared memory or registers (same template arguments)
+    matmul_rs: str
+    asynchronous: bool  # matmuls are groups, waited for where their results are read
+    consumer_heads: bool  # lowers consumer_axis="heads"
+    store_buffers: int  # shared panel buffers a consumer alternates between for wide tile stores
     emitters = OP_EMITTERS
 
     @classmethod
