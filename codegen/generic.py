@@ -1,7 +1,7 @@
 """Lowering of tile programs to generic tensor-core kernels (sm_80/86/89, and sm_90 when forced).
 
-The same IR, the same walk as the sm_90a lowering (this is a subclass of it), with what the
-target lacks done otherwise:
+The same IR, the same passes and consumer walk as the sm_90a lowering (a sibling ``Lowering``
+target), with what the target lacks done otherwise:
 
 - no warp specialisation: a CTA is ``Schedule.consumers`` groups of 128 threads, each running one
   program instance on register tiles in the same layout as on Hopper (hopper.cuh's ``tm::rt``,
@@ -17,10 +17,10 @@ target lacks done otherwise:
 - stores: each 64-column panel through a swizzled shared panel (``tm::store_panel``) and out with
   16-byte global writes, clipped at the tensor's edges.
 
-Kernel arguments are plain pointers where Hopper passes tensor maps (``ptr``/``ptr_out`` in
-``KernelSource.params``).
+Kernel arguments are plain pointers where Hopper passes tensor maps (``ParamKind.PTR``/``PTR_OUT``
+in ``KernelSource.params``).
 
-Schedules are the Hopper ones (``launch.default_schedule`` with the arch), fitted to the arch's
+Schedules are the Hopper ones (``default_schedule`` with the arch), fitted to the arch's
 shared memory: on sm_86/sm_89 (99 KiB) most scans get one group per CTA and a one-stage ring (no
 load/compute overlap), with staging buffers shared where nothing fits otherwise; programs whose
 tiles need more than that even then (gla-style 128x128 states) are a ResourceError there.
@@ -28,40 +28,67 @@ tiles need more than that even then (gla-style 128x128 states) are a ResourceErr
 
 from __future__ import annotations
 
-from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.ir import Loop, Op, Program
 
-from .hopper import CONSUMER_THREADS, PANEL, KernelSource, _ctype, _Lowering
+from .emit import ctype
+from .lowering import Lowering, lower
+from .op_emitters import OP_EMITTERS, emit_store_col
 from .schedule import SMEM_LIMITS, Schedule
+from .source import KernelSource, ParamKind
+from .structure import CONSUMER_THREADS, PANEL
 
-__all__ = ["GENERIC_ARCHS", "lower_generic"]
+__all__ = ["GENERIC_ARCHS", "lower_generic", "GenericLowering"]
 
 GENERIC_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 
-class _GenericLowering(_Lowering):
+def emit_store_copy(lw: GenericLowering, op: Op, decl: str, out: str, ind: int):
+    """A tile store: each 64-column panel into this group's shared panel, then out in 16-byte
+    writes, clipped at the tensor's edges. Per-token values are stored as on every target."""
+    value, *index = op.operands
+    name, t = op.attrs["param"], value.type
+    if t.cols == 1 and lw.program.param(name).spec.kind == "seq":
+        emit_store_col(lw, op, ind)
+        return
+    if t.cols % PANEL:
+        lw.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
+    src = lw.reg(value, ind)
+    idx = [lw.plan.index_name[v.id] for v in index]
+    dst, ld, rows_left, cols_left = lw.tile_at(name, idx, t.rows, t.cols, out=True)
+    buf = f"(smem + {lw.layout.store_offset} + wg * {lw.layout.store_rows * 128})"
+    for panel in range(t.cols // PANEL):
+        lw.emit(f"tm::sync_threads({lw.bar}, {CONSUMER_THREADS});  // the panel buffer is free", ind)
+        lw.emit(f"tm::store_panel<{lw.is_bf16}, {panel}>({buf}, {src});", ind)
+        lw.emit(f"tm::sync_threads({lw.bar}, {CONSUMER_THREADS});", ind)
+        lw.emit(f"tm::copy_panel_out<{t.rows}>({dst} + {panel * PANEL}, {ld}, {rows_left}, "
+                f"({cols_left}) - {panel * PANEL}, {buf});", ind)
+
+
+class GenericLowering(Lowering):
+    """mma.sync: every thread issues cp.async loads into a ring, matmuls synchronous."""
+
     matmul_ss = "tm::matmul_sync_ss"
     matmul_rs = "tm::matmul_sync_rs"
     proxy_fence = None  # ldmatrix reads shared memory like any load: the group's barrier orders it
-    asynchronous = False  # mma.sync: nothing is ever in flight, and the chunk loop's ops keep program order
+    asynchronous = False  # nothing is ever in flight, and the chunk loop's ops keep program order
+    consumer_heads = False  # loads are issued per consumer group, not per head
+    store_buffers = 1
+    emitters = {**OP_EMITTERS, "store": emit_store_copy}
 
-    def __init__(self, program: Program, schedule: Schedule, full_dims: dict[str, int], arch: str):
-        super().__init__(program, schedule, full_dims)
-        if arch not in SMEM_LIMITS:
-            raise ValueError(f"generic code generator: arch {arch!r} is not one of {GENERIC_ARCHS}")
+    def __init__(self, *plans, arch: str):
+        super().__init__(*plans)
         self.arch = arch
-        self.target = f"generic ({arch})"
-        self.threads = CONSUMER_THREADS * schedule.consumers
+        self.threads = CONSUMER_THREADS * self.schedule.consumers
 
-    # -- arguments ------------------------------------------------------------------
-    def param_args(self) -> tuple[list[str], list[tuple[str, str]]]:
-        """Hopper's arguments with each tensor map replaced by a pointer to the 16-bit tensor."""
+    # -- arguments and loads ------------------------------------------------------------
+    def param_args(self) -> tuple[list[str], list[tuple[ParamKind, str]]]:
+        """The base arguments with each tensor map replaced by a pointer to the 16-bit tensor."""
         args, order = super().param_args()
         for i, (kind, name) in enumerate(order):
-            if kind == "tmap":
-                args[i], order[i] = f"const tm::u16* __restrict__ ptr_{name}", ("ptr", name)
-            elif kind == "tmap_out":
-                args[i], order[i] = f"tm::u16* __restrict__ out_{name}", ("ptr_out", name)
+            if kind is ParamKind.TMAP:
+                args[i], order[i] = f"const tm::u16* __restrict__ ptr_{name}", (ParamKind.PTR, name)
+            elif kind is ParamKind.TMAP_OUT:
+                args[i], order[i] = f"tm::u16* __restrict__ out_{name}", (ParamKind.PTR_OUT, name)
         return args, order
 
     def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",
@@ -69,95 +96,63 @@ class _GenericLowering(_Lowering):
         """Global address of the tile of parameter ``name`` at block indices ``idx`` (16-bit
         elements), its row stride, and the rows and columns left in the tensor from there."""
         base = f"{'out' if out else 'ptr'}_{name}"
-        param = self.p.param(name)
-        if param.spec.kind == "matrix":
-            rdim, cdim = param.spec.dims
+        spec = self.program.param(name).spec
+        if spec.kind == "matrix":
+            rdim, cdim = spec.dims
             row0, col0 = f"{idx[0]} * {rows}", f"{idx[1]} * {cols}"
             return (f"{base} + (long)({row0}) * {cdim} + {col0}", f"(long){cdim}", f"{rdim} - {row0}",
                     f"{cdim} - ({col0})")
-        heads, head = ("G", "h / (H / G)") if param.spec.kind == "group_seq" else ("H", "h")
-        dim = [d for d in param.spec.dims if isinstance(d, str)][-1]
-        width = self.full_dims[dim]
+        heads, head = ("G", "h / (H / G)") if spec.kind == "group_seq" else ("H", "h")
+        dim = [d for d in spec.dims if isinstance(d, str)][-1]
+        width = self.plan.full_dims[dim]
         row0 = f"{idx[0]} * {rows}"
-        col0 = self.col0(name, consumer)
+        col0 = self.plan.col0(name, consumer)
         return (f"{base} + (((long)b * T + {row0}) * {heads} + {head}) * {width} + {col0}",
                 f"(long){heads} * {width}", f"T - {row0}", str(cols))
 
     def issue_load(self, op: Op, dst: str) -> list[str]:
         """The cp.async copies of one tile load (for a split parameter or a split grid loop, one
         per consumer), issued by every thread of the CTA."""
-        name, t = op.attrs["param"], op.result.type
+        plan, name, t = self.plan, op.attrs["param"], op.result.type
         lines = []
-        for consumer in range(self.schedule.consumers if self.per_consumer(op) else 1):
-            idx = [self.block_expr(consumer) if self.split_loop is not None and v is self.split_loop.index
-                   else self.index_name[v.id] for v in op.operands]
+        for consumer in range(self.schedule.consumers if plan.per_consumer(op) else 1):
+            idx = [plan.block_expr(consumer) if plan.split_loop is not None and v is plan.split_loop.index
+                   else plan.index_name[v.id] for v in op.operands]
             src, ld, rows_left, cols_left = self.tile_at(name, idx, t.rows, t.cols, str(consumer))
             lines.append(f"tm::load_tile_async<{t.rows}, {t.cols}, {self.threads}>({dst} + "
                          f"{consumer * t.rows * t.cols * 2}, {src}, {ld}, {rows_left}, {cols_left}, threadIdx.x);")
         return lines
 
-    # -- ops ----------------------------------------------------------------------------
-    def lower_op(self, op: Op, ind: int):
-        if op.name == "load" and op in self.prologue_offset and not self.prologue_waited:
-            # The tiles loaded before the chunk loop are one commit group, the oldest. If only the
-            # loop reads them, its first wait (for chunk 0) waits for them too, and their latency
-            # overlaps the ring's first loads; otherwise wait here, before the ring is primed.
-            if not self.only_loop_reads(self.prologue_offset):
-                self.emit("tm::cp_async_wait<0>();", ind)
-                self.emit("__syncthreads();", ind)
-            self.prologue_waited = True  # and the Hopper walk does not wait on its mbarrier
-        super().lower_op(op, ind)
+    def wait_prologue(self, ind: int):
+        """The tiles loaded before the chunk loop are one commit group, the oldest. If only the
+        loop reads them, its first wait (for chunk 0) waits for them too, and their latency
+        overlaps the ring's first loads; otherwise wait here, before the ring is primed."""
+        if not self.only_loop_reads(self.plan.prologue_loads):
+            self.emit("tm::cp_async_wait<0>();", ind)
+            self.emit("__syncthreads();", ind)
 
     def only_loop_reads(self, loads) -> bool:
         """Whether every reader of these loads' tiles is inside the chunk loop's body, which waits
         for all earlier commit groups before its first iteration (a loop that may run no
         iteration, one with a start, waits for nothing: then no)."""
-        if self.loop is None or self.loop.start is not None:
+        loop = self.plan.loop
+        if loop is None or loop.start is not None:
             return False
         tiles = {op.result for op in loads}
-        inside = {id(op) for op in self.loop.walk()}
-        return not any(v in tiles for op in self.p.walk() if id(op) not in inside
+        inside = {id(op) for op in loop.walk()}
+        return not any(v in tiles for op in self.program.walk() if id(op) not in inside
                        for v in (list(op.operands) + list(getattr(op, "init", []))))
 
-    def lower_store(self, op: Op, ind: int):
-        """A tile store: each 64-column panel into this group's shared panel, then out in 16-byte
-        writes, clipped at the tensor's edges. Other stores (per-token values) as on Hopper."""
-        value, *index = op.operands
-        name, t = op.attrs["param"], value.type
-        if t.cols == 1 or t.rows == 1:
-            super().lower_store(op, ind)
-            return
-        if t.cols % PANEL:
-            self.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
-        src = self.reg(value, ind)
-        idx = [self.index_name[v.id] for v in index]
-        dst, ld, rows_left, cols_left = self.tile_at(name, idx, t.rows, t.cols, out=True)
-        buf = f"(smem + {self.store_offset} + wg * {self.store_rows * 128})"
-        for panel in range(t.cols // PANEL):
-            self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});  // the panel buffer is free", ind)
-            self.emit(f"tm::store_panel<{self.is_bf16}, {panel}>({buf}, {src});", ind)
-            self.emit(f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});", ind)
-            self.emit(f"tm::copy_panel_out<{t.rows}>({dst} + {panel * PANEL}, {ld}, {rows_left}, "
-                      f"({cols_left}) - {panel * PANEL}, {buf});", ind)
-
+    # -- the chunk loop -----------------------------------------------------------------
     def lower_loop(self, loop: Loop, ind: int):
+        """The ring of ``stages`` buffers, filled ``stages - 1`` chunks ahead, one commit group a chunk."""
         stages = self.schedule.stages
         for carried, init in zip(loop.carried, loop.init):
-            self.emit(f"{_ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
-        for line in self.first_chunk(loop):
+            self.emit(f"{ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        for line in self.plan.first_chunk(loop):
             self.emit(line, ind)
-        self.emit(f"const int n_iter = {self.trip_count(loop)};", ind)
-        # the loads of chunk c into stage c % stages, named after the loop's index as in the body
-        self.emit("auto load_chunk = [&](const int c) {", ind)
-        self.emit(f"char* ring = smem + (c % {stages}) * stage_bytes;", ind + 2)
-        for op in self.loads:
-            for line in self.issue_load(op, f"ring + {self.load_offset[op]}"):
-                self.emit(line, ind + 2)
-        for op in self.col_loads:  # the chunk's per-token vectors, in the same commit group
-            dst = f"smem + {self.col_ring} + (c % {stages}) * {self.col_stage_bytes} + {self.col_offset[op]}"
-            for line in self.col_copies(op, dst, self.threads, "threadIdx.x"):
-                self.emit(line, ind + 2)
-        self.emit("};", ind)
+        self.emit(f"const int n_iter = {self.plan.trip_count(loop)};", ind)
+        self.emit_load_chunk(ind)
         if stages > 1:
             self.emit(f"for (int c = 0; c < {stages - 1}; ++c) {{  // the ring's first chunks", ind)
             self.emit("if (c < n_iter) load_chunk(c);", ind + 2)
@@ -167,9 +162,8 @@ class _GenericLowering(_Lowering):
         # The copies of chunk c + stages - 1 go into the stage chunk c - 1 left, free once every
         # thread has passed the barrier below. With three stages or more they are issued at the end
         # of the body: an iteration starts on its math, and the copies issue while the tensor pipe
-        # drains the body's last mma.syncs (H200, generic forced: attention 1.672 -> 1.492 ms,
-        # gemm 0.365 -> 0.358); a chunk still has stages - 2 iterations to land. With two stages
-        # that would leave it none, so there they are issued first.
+        # drains the body's last mma.syncs; a chunk still has stages - 2 iterations to land. With
+        # two stages that would leave it none, so there they are issued first.
         late = stages > 2
         refill = [f"if (c + {stages - 1} < n_iter) load_chunk(c + {stages - 1});", "tm::cp_async_commit();"]
         if stages > 1:
@@ -185,7 +179,7 @@ class _GenericLowering(_Lowering):
             self.emit("tm::cp_async_wait<0>();", ind + 2)
             self.emit("__syncthreads();", ind + 2)
         self.emit(f"const int stage = c % {stages};", ind + 2)
-        self.lower_ops(loop.body, ind + 2)
+        self.lower_ops(list(self.issue.order), ind + 2)
         for carried, update in zip(loop.carried, loop.update):
             if self.name(carried) != self.names.get(update):
                 self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
@@ -193,54 +187,52 @@ class _GenericLowering(_Lowering):
             for line in refill:
                 self.emit(line, ind + 2)
         self.emit("}", ind)
-        self.reg_of = {v: n for v, n in self.reg_of.items() if v not in self.smem_of}
-        for result, carried in zip(loop.results, loop.carried):
-            self.names[result] = self.name(carried)
+        self.end_loop(loop)
+
+    def emit_load_chunk(self, ind: int):
+        """``load_chunk(c)``: the loads of chunk c into stage c % stages, named after the loop's
+        index as in the body."""
+        layout, stages = self.layout, self.schedule.stages
+        self.emit("auto load_chunk = [&](const int c) {", ind)
+        self.emit(f"char* ring = smem + (c % {stages}) * stage_bytes;", ind + 2)
+        for op in self.plan.loads:
+            for line in self.issue_load(op, f"ring + {layout.load_offset[op]}"):
+                self.emit(line, ind + 2)
+        for op in self.plan.col_loads:  # the chunk's per-token vectors, in the same commit group
+            dst = f"smem + {layout.col_ring} + (c % {stages}) * {layout.col_stage_bytes} + {layout.col_offset[op]}"
+            for line in self.col_copies(op, dst, self.threads, "threadIdx.x"):
+                self.emit(line, ind + 2)
+        self.emit("};", ind)
 
     # -- the whole kernel -------------------------------------------------------------
-    def run(self) -> KernelSource:
-        self.analyze()
-        stage_bytes = self.plan_loads()
-        stores = [op for op in self.p.walk() if op.name == "store" and op.operands[0].type.cols > 1]
-        self.store_rows = max((op.operands[0].type.rows for op in stores), default=0)
-        self.store_offset = self.alloc(self.store_rows * 128 * self.schedule.consumers)
+    def kernel(self) -> KernelSource:
         prologue = []
-        for op in self.prologue_loads:
-            prologue += ["  " + line for line in self.issue_load(op, f"(smem + {self.prologue_offset[op]})")]
+        for op in self.plan.prologue_loads:
+            prologue += ["  " + line for line in self.issue_load(op, f"(smem + {self.layout.prologue_offset[op]})")]
         if prologue:
             prologue.append("  tm::cp_async_commit();")
-        body_start = len(self.lines)
-        self.lower_ops(self.p.body, 2)
-        body = self.lines[body_start:]
+        self.lower_ops(self.program.body, 2)
+        body = self.lines
         scratch = self.scratch_base()
         args, order = self.param_args()
-        consumers = self.schedule.consumers
-        name = f"tilemix_{self.p.name}"
         src = [
             "#include <tilemix/generic.cuh>",
             "",
             f'extern "C" __global__ void __launch_bounds__({self.threads}, 1)',
-            f"{name}({', '.join(args)}) {{",
+            f"tilemix_{self.program.name}({', '.join(args)}) {{",
             "  extern __shared__ __align__(1024) char smem[];",
-            f"  const int stage_bytes = {stage_bytes};",
+            f"  const int stage_bytes = {self.layout.stage_bytes};",
             *self.grid_decode(),
             f"  const int wg = threadIdx.x / {CONSUMER_THREADS};  // this group's program instance",
-            *([f"  const int blk{len(self.grid_loops) - 1} = {self.block_expr('wg')};  // and its grid block"]
-              if self.split_loop is not None else []),
+            *("  " + line for line in self.consumer_block()),
             "  const int bar_id = 1 + wg;",
             *("  " + line for line in scratch),
             *prologue,
             *body,
             "}",
         ]
-        limit = SMEM_LIMITS[self.arch]
-        if self.smem_top > limit:
-            raise ResourceError(f"{self.target} code generator: this schedule needs {self.smem_top // 1024} KiB of "
-                                f"shared memory (stages={self.schedule.stages}, consumers={consumers}); a CTA "
-                                f"has at most {limit // 1024} KiB on {self.arch}", self.p.loc)
-        return KernelSource(name, "\n".join(src) + "\n", self.smem_top, stage_bytes, self.threads, self.schedule,
-                            order, [(loop.dim, loop.size * (consumers if loop is self.split_loop else 1))
-                                    for loop in self.grid_loops], self.size_args, {}, self.matrix, self.column_ctas)
+        self.check_shared_memory(self.layout.top, SMEM_LIMITS[self.arch], f"a CTA on {self.arch}")
+        return self.kernel_source(src, self.layout.top, self.threads, order, {})
 
 
 def lower_generic(program: Program, arch: str = "sm_80", schedule: Schedule | None = None,
@@ -248,4 +240,7 @@ def lower_generic(program: Program, arch: str = "sm_80", schedule: Schedule | No
     """CUDA C++ for ``program`` on the generic tensor-core target ``arch`` (one of
     ``GENERIC_ARCHS``). With a column split the program is traced at the split widths and
     ``full_dims`` gives the tensors' real sizes."""
-    return _GenericLowering(program, schedule or Schedule(), full_dims or dict(program.dims), arch).run()
+    if arch not in SMEM_LIMITS:
+        raise ValueError(f"generic code generator: arch {arch!r} is not one of {GENERIC_ARCHS}")
+    return lower(GenericLowering, program, schedule or Schedule(), full_dims or dict(program.dims),
+                 f"generic ({arch})", arch=arch)

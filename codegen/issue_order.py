@@ -22,15 +22,26 @@ and a body whose tiles fill the consumer's registers in program order already ke
 lowering counts registers per thread, as ``peak_registers`` walks the ops ``unit_reads`` lists,
 and asks the same of the chunk overlap (``Schedule.overlap``).
 ``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
+
+``plan_issue`` is the lowering's pass 4: it asks ``issue_order`` with answers from the earlier
+plans and decides ``Schedule.overlap``, both in an ``IssuePlan``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from tilemix.tiles.ir import Op, Value
 
-__all__ = ["issue_order", "peak_registers", "unit_reads"]
+from .liveness import Liveness, thread_registers
+from .schedule import ISSUE_ORDERS, OVERLAPS
+from .structure import KernelPlan
+
+__all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",
+           "OVERLAP_RESERVE"]
+
+OVERLAP_RESERVE = 24  # registers a consumer keeps beside its tiles (addresses, indices): see Schedule.overlap
 
 _SIDE_EFFECTS = ("store", "store_state")
 
@@ -91,9 +102,8 @@ def _walk(units: list[Op], after: dict[Op, set[Op]], hoist: Callable[[Op], bool]
     else one ``hoist`` picks, else the first in program order. A group only the next iteration
     reads (``next_only``: a state update's) waits until this iteration's other groups are issued, so
     it is the one still running while the chunk's outputs are waited for and stored. (The lowering
-    asks for that with one consumer warpgroup per CTA; H200, linear attention at T=8192, one
-    consumer: D=64 0.108 -> 0.105 ms, D=128 0.163 -> 0.159; with two, where the other warpgroup
-    keeps the tensor cores busy through a store, D=128 T=1024-4096 was 1-4% slower.)"""
+    asks for that with one consumer warpgroup per CTA, where nothing else keeps the tensor cores
+    busy through a store; with two the other warpgroup does, and the later issue measured slower.)"""
     position = {u: i for i, u in enumerate(units)}
     in_flight: list[Value] = []  # results of the groups not yet waited for, oldest first
     order: list[Op] = []
@@ -145,3 +155,107 @@ def peak_registers(order: list[Op], reads: dict[Op, set[Value]], in_registers: C
             live.add(u.result)
         peak = max(peak, sum(in_registers(v) for v in live))
     return peak
+
+
+@dataclass(frozen=True)
+class IssuePlan:
+    """How the chunk loop's body is walked: ``order`` (the ops as emitted) and ``overlapped``, the
+    carried tiles whose last groups run on into the next chunk (empty: the chunk waits for all of
+    its groups and releases its own stage)."""
+
+    order: tuple[Op, ...]
+    overlapped: frozenset[Value]
+
+
+def plan_issue(plan: KernelPlan, live: Liveness, *, asynchronous: bool, registers: int) -> IssuePlan | None:
+    """Pass 4: the chunk loop's issue order and overlap (None without a chunk loop). ``asynchronous``:
+    matmuls are groups waited for where their results are read (else program order, no overlap);
+    ``registers``: a consumer thread's registers (``setmaxnreg``)."""
+    loop = plan.loop
+    if loop is None:
+        return None
+    walk = _IssueWalk(plan, live, registers)
+    order = walk.body_order() if asynchronous else loop.body
+    # Leave a chunk's groups running (and release its stage next time) only when they write
+    # carried accumulators that nothing but the matmul touches; if other instructions define those
+    # registers inside the loop, ptxas serialises every wgmma of the kernel. (And only with two
+    # stages or more: with one, the producer needs this stage back before it can load the chunk
+    # the next iteration waits for — a deadlock the tuner found.)
+    only_matmuls = frozenset(v for v in loop.carried if live.uses.get(v, 0) == 1
+                             and any(x is v and walk.reuses(x, add) for add, (_, x) in live.accumulate.items()))
+    overlap = asynchronous and plan.schedule.stages > 1 and walk.overlaps(order, only_matmuls)
+    return IssuePlan(tuple(order), only_matmuls if overlap else frozenset())
+
+
+def tile_registers(plan: KernelPlan, live: Liveness, v: Value) -> int:
+    """Registers a thread holds of ``v``: none for tiles in shared memory (loads, row views)."""
+    return 0 if v in live.shared_rows or v in plan.loaded_tiles else thread_registers(v.type)
+
+
+class _IssueWalk:
+    """The questions ``issue_order`` asks of a chunk loop, answered from the plans."""
+
+    def __init__(self, plan: KernelPlan, live: Liveness, registers: int):
+        self.plan, self.live, self.loop, self.registers = plan, live, plan.loop, registers
+
+    def reuses(self, x: Value, op: Op) -> bool:
+        """Whether ``op`` updates ``x`` in place (the emitter's ``reuses`` as it stands when the loop
+        starts: of the values scoped to the body only the carried ones have registers yet)."""
+        live = self.live
+        return (x in self.loop.carried and live.last_reader.get(x) is op
+                and live.scope.get(op.result) is self.loop.body and x not in live.shared_rows
+                and (x.type.rows, x.type.cols) == (op.result.type.rows, op.result.type.cols))
+
+    def body_order(self) -> list[Op]:
+        """The chunk loop's ops with wgmma groups issued early and waited for late (``issue_order``)."""
+        plan, live = self.plan, self.live
+        issue = plan.schedule.issue
+        if issue not in ISSUE_ORDERS:
+            plan.fail(f"Schedule.issue is one of {', '.join(map(repr, ISSUE_ORDERS))}, not {issue!r}")
+        if issue == "program":
+            return self.loop.body
+        return issue_order(self.loop.body, absorbed=dict(live.absorbed_by),
+                           last_reader={v: op for v, op in live.last_reader.items() if self.tile_registers(v)},
+                           issues_group=self.issues_group, waits_for=self.waits_for,
+                           in_registers=self.tile_registers if issue == "fit" else None,
+                           capacity=self.registers - OVERLAP_RESERVE,
+                           state_last=self.loop.update if plan.schedule.consumers == 1 else ())
+
+    def tile_registers(self, v: Value) -> int:
+        return tile_registers(self.plan, self.live, v)
+
+    def overlaps(self, order: list[Op], carried: frozenset[Value]) -> bool:
+        """``Schedule.overlap`` for the chunk loop walked in ``order``, whose groups writing the
+        ``carried`` tiles may run on into the next chunk ("fit": where ``overlap_registers`` and
+        ``OVERLAP_RESERVE`` for addresses and indices fit the consumer's registers)."""
+        overlap = self.plan.schedule.overlap
+        if overlap not in OVERLAPS:
+            self.plan.fail(f"Schedule.overlap is one of {', '.join(map(repr, OVERLAPS))}, not {overlap!r}")
+        if overlap != "fit":
+            return overlap == "on"
+        return self.overlap_registers(order, carried) + OVERLAP_RESERVE <= self.registers
+
+    def overlap_registers(self, order: list[Op], carried: frozenset[Value]) -> int:
+        """Registers a thread's tiles need with the chunk's last groups overlapping the next chunk:
+        the body's peak of register tiles (``peak_registers``) and those groups' register operands
+        (bf16 fragments, live until the next chunk's first wait)."""
+        units = [op for op in order if op not in self.live.absorbed]
+        reads = unit_reads(units, dict(self.live.absorbed_by))
+        held = [mm.operands[0] for add, (mm, x) in self.live.accumulate.items()
+                if add in reads and x in carried and not mm.attrs["ta"]]
+        return peak_registers(units, reads, self.tile_registers) + sum(map(self.tile_registers, held)) // 2
+
+    def issues_group(self, op: Op) -> bool:
+        """Whether lowering ``op`` commits a wgmma group (a matvec is a row sum, done at once)."""
+        mm = self.live.accumulate[op][0] if op in self.live.accumulate else op
+        if mm.name != "matmul":
+            return False
+        return mm.result.type.cols > 1 or mm.attrs["ta"]
+
+    def waits_for(self, op: Op) -> list[Value]:
+        """The values lowering ``op`` waits for if a wgmma group is still writing them: its operands,
+        an accumulating add's matmul operands, less the accumulator it adds into in place."""
+        if op in self.live.accumulate:
+            mm, x = self.live.accumulate[op]
+            return [*mm.operands, *([] if self.reuses(x, op) else [x])]
+        return list(op.operands)

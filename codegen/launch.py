@@ -21,8 +21,9 @@ from tilemix.tiles.types import DType
 
 from .compile import compile_cuda
 from .generic import lower_generic
-from .hopper import KernelSource, lower_hopper
+from .hopper import lower_hopper
 from .schedule import SMEM_LIMIT, SMEM_LIMITS, Schedule, column_blocks
+from .source import KernelSource, ParamKind
 
 __all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch", "hopper_source", "generic_source", "kernel_source",
            "default_schedule", "launch_schedule"]
@@ -425,9 +426,9 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
     layouts = {}  # tensor maps whose strides TMA reads in place: only the address changes from call to call
     for kind, name in plan.source.params:
-        if kind == "tmap" and tma_strided(args[name]):
+        if kind is ParamKind.TMAP and tma_strided(args[name]):
             layouts[name] = (tuple(args[name].shape), _strides(args[name]), args[name].dtype == torch.bfloat16)
-        elif kind == "tmap_out":  # a contiguous output in the compute dtype
+        elif kind is ParamKind.TMAP_OUT:  # a contiguous output in the compute dtype
             shape = tuple(binding.param(name).shape)
             strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
             layouts[name] = (shape, strides, binding.compute_dtype is DType.bf16)
@@ -454,7 +455,7 @@ class Launch:
         keep_alive = []  # converted copies must outlive the launch's argument packing
         for kind, name in source.params:
             value = args.get(name)
-            if kind == "tmap":
+            if kind is ParamKind.TMAP:
                 layout = self.layouts.get(name)
                 if layout is not None and value.data_ptr() % 16 == 0:
                     params.append(_encode_map(value.data_ptr(), *layout, name, source.tmap_rows[name]))
@@ -464,27 +465,27 @@ class Launch:
                     t = t.clone()
                 keep_alive.append(t)
                 params.append(_tensor_map(t, name, source.tmap_rows[name]))
-            elif kind == "tmap_out":
+            elif kind is ParamKind.TMAP_OUT:
                 params.append(_encode_map(outputs[name].data_ptr(), *self.layouts[name], name, source.tmap_rows[name]))
-            elif kind == "ptr":  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
+            elif kind is ParamKind.PTR:  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
                 t = value.contiguous()
                 if t.data_ptr() % 16:
                     t = t.clone()
                 keep_alive.append(t)
                 params.append(np.uint64(t.data_ptr()))
-            elif kind == "ptr_out":
+            elif kind is ParamKind.PTR_OUT:
                 params.append(np.uint64(outputs[name].data_ptr()))
-            elif kind == "f32":
+            elif kind is ParamKind.F32:
                 t = value.to(torch.float32).contiguous()
                 keep_alive.append(t)
                 params.append(np.uint64(t.data_ptr()))
-            elif kind == "state":
+            elif kind is ParamKind.STATE:
                 init = value.contiguous() if value is not None else None
                 keep_alive.append(init)
                 final = outputs.get(name)
                 params += [np.uint64(init.data_ptr() if init is not None else 0),
                            np.uint64(final.data_ptr() if final is not None else 0)]
-            elif kind == "scalar":
+            elif kind is ParamKind.SCALAR:
                 params.append(np.float32(value))
         self.plan.function(self.grid, (source.threads, 1, 1), (*params, *self.size_args),
                            shared_mem=source.smem_bytes, stream=_stream(_current_stream(self.device)))

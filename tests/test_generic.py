@@ -323,7 +323,7 @@ def test_staging_buffers_are_reused_only_where_a_program_does_not_fit():
     Where a program fits (sm_80 here, every op on sm_90a), each staged tile keeps its own buffer."""
     from dataclasses import replace
 
-    from tilemix.codegen.generic import _GenericLowering
+    from tilemix.codegen.generic import lower_generic
     from tilemix.codegen.launch import default_schedule, generic_source
     from tilemix.codegen.schedule import SMEM_LIMITS
     from tilemix.ops.ssd_backward import ssd_bwd_dx
@@ -339,14 +339,14 @@ def test_staging_buffers_are_reused_only_where_a_program_does_not_fit():
         source = generic_source(ssd_bwd_dx, binding, schedule, arch)
         assert source.smem_bytes <= SMEM_LIMITS[arch]
         assert schedule.share_staging == (arch == "sm_86")
-        own_buffers = _GenericLowering(program, replace(schedule, share_staging=False), dict(binding.static), arch)
+        own_buffers = replace(schedule, share_staging=False)
         if arch == "sm_86":
             with pytest.raises(ResourceError, match="shared memory"):
-                own_buffers.run()
+                lower_generic(program, arch, own_buffers, dict(binding.static))
         else:
-            assert own_buffers.run().source == source.source
-            shared = _GenericLowering(program, replace(schedule, share_staging=True), dict(binding.static), arch)
-            assert shared.run().smem_bytes < source.smem_bytes
+            assert lower_generic(program, arch, own_buffers, dict(binding.static)).source == source.source
+            shared = lower_generic(program, arch, replace(schedule, share_staging=True), dict(binding.static))
+            assert shared.smem_bytes < source.smem_bytes
 
 
 def _staged_before_and_in_loop(source: str) -> tuple[set[str], set[str]]:

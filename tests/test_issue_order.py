@@ -11,22 +11,34 @@ from dataclasses import replace
 import pytest
 from test_generic import PROGRAMS
 
-from tilemix.codegen.hopper import _Lowering
+from tilemix.codegen.hopper import HopperLowering
+from tilemix.codegen.issue_order import OVERLAP_RESERVE, peak_registers, plan_issue, tile_registers, unit_reads
 from tilemix.codegen.launch import default_schedule, hopper_source
+from tilemix.codegen.liveness import Liveness
+from tilemix.codegen.lowering import plans
+from tilemix.codegen.structure import KernelPlan
 from tilemix.tiles import TensorSpec
 
 
-def _lowering(name: str, **dims) -> _Lowering:
-    """The sm_90a lowering of program ``name`` at the bench shape (feature dims ``dims``, default 128),
-    analysed, not yet run."""
+def _plans(name: str, **dims) -> tuple[KernelPlan, Liveness]:
+    """The sm_90a structure and liveness plans of program ``name`` at the bench shape (feature dims
+    ``dims``, default 128, or ``issue``: the schedule's issue order)."""
+    issue = dims.pop("issue", None)
     kernel, specs = PROGRAMS[name]
     specs = {n: _resized(s, dims) for n, s in specs.items()}
     binding = kernel.bind(specs)
     schedule = default_schedule(kernel, binding)
+    if issue is not None:
+        schedule = replace(schedule, issue=issue)
     program = kernel.trace(replace(binding, static=dict(binding.static, **dict(schedule.split))), target="sm_90a")
-    lowering = _Lowering(program, schedule, dict(binding.static))
-    lowering.analyze()
-    return lowering
+    plan, live, _, _ = plans(HopperLowering, program, schedule, dict(binding.static), "sm_90a")
+    return plan, live
+
+
+def _order(plan: KernelPlan, live: Liveness, registers: int | None = None) -> list:
+    """The chunk loop's ops in the order the sm_90a kernel walks them (``registers``: a consumer's)."""
+    registers = HopperLowering.consumer_registers(plan.schedule) if registers is None else registers
+    return list(plan_issue(plan, live, asynchronous=True, registers=registers).order)
 
 
 def _resized(spec, dims):
@@ -35,7 +47,7 @@ def _resized(spec, dims):
     return TensorSpec(spec.shape[:3] + tuple(dims["D"] for _ in spec.shape[3:]), spec.dtype)
 
 
-LOOPED = [name for name in PROGRAMS if _lowering(name).loop is not None]
+LOOPED = [name for name in PROGRAMS if _plans(name)[0].loop is not None]
 
 
 @pytest.mark.parametrize("name", LOOPED)
@@ -43,24 +55,24 @@ def test_order_keeps_dependences_and_hand_overs(name):
     """The walk is a permutation of the body in which every value is made before it is read (an
     absorbed matmul before the add it is emitted with), stores keep their order, and each value's last reader in
     program order is still its last: the lowering's in-place decisions do not change."""
-    lowering = _lowering(name)
-    body = lowering.loop.body
-    order = lowering.body_order(lowering.loop)
+    plan, live = _plans(name)
+    body = plan.loop.body
+    order = _order(plan, live)
     assert sorted(map(id, order)) == sorted(map(id, body))
     at = {op: i for i, op in enumerate(order)}
     made = {op.result: op for op in body if op.result is not None}
     for op in order:
         for v in op.operands:
             assert v not in made or at[made[v]] < at[op], (name, op.name, v)
-    for add, (mm, _) in lowering.accumulate.items():
+    for add, (mm, _) in live.accumulate.items():
         if add in at:
             assert at[mm] < at[add], (name, add)
     stores = [op for op in body if op.name in ("store", "store_state")]
     assert sorted(stores, key=at.get) == stores, name
     for op in body:
         for v in op.operands:
-            last = lowering.last_reader.get(v)
-            if last in at and last is not op and v not in {t.result for t in lowering.loads}:
+            last = live.last_reader.get(v)
+            if last in at and last is not op and v not in {t.result for t in plan.loads}:
                 assert at[op] < at[last], (name, op.name, v)
 
 
@@ -101,34 +113,30 @@ def test_program_order_where_matmuls_first_would_hold_more_registers():
     """The SSD backward's programs (fifteen matmuls a chunk, at the register limit) spill when their
     matmuls are issued early: their loops keep program order."""
     for name in ("ssd_bwd_dc", "ssd_bwd_dx"):
-        lowering = _lowering(name, D=64)
-        assert lowering.body_order(lowering.loop) == lowering.loop.body, name
+        plan, live = _plans(name, D=64)
+        assert _order(plan, live) == plan.loop.body, name
 
 
-def test_a_body_whose_tiles_fill_the_registers_keeps_program_order(monkeypatch):
+def test_a_body_whose_tiles_fill_the_registers_keeps_program_order():
     """The user mixer gla_fwd at K = V = 128 holds more register tiles in program order than a
     consumer has (its 128x128 state spills either way, more in an early order): it keeps program
     order, and would not with the registers to spare (the limit is the one the chunk overlap uses)."""
-    from tilemix.codegen import hopper
-    from tilemix.codegen.issue_order import peak_registers, unit_reads
-
-    lowering = _lowering("gla_fwd")
-    units = [op for op in lowering.loop.body if op not in lowering.absorbed]
-    held = peak_registers(units, unit_reads(units, lowering.absorbed_by), lowering.tile_registers)
-    assert held + hopper.OVERLAP_RESERVE > lowering.consumer_registers
-    assert lowering.body_order(lowering.loop) == lowering.loop.body
-    monkeypatch.setattr(hopper, "CONSUMER_REGISTERS", (held + hopper.OVERLAP_RESERVE,) * 2)
-    assert lowering.body_order(lowering.loop) != lowering.loop.body
+    plan, live = _plans("gla_fwd")
+    units = [op for op in plan.loop.body if op not in live.absorbed]
+    held = peak_registers(units, unit_reads(units, dict(live.absorbed_by)),
+                          lambda v: tile_registers(plan, live, v))
+    assert held + OVERLAP_RESERVE > HopperLowering.consumer_registers(plan.schedule)
+    assert _order(plan, live) == plan.loop.body
+    assert _order(plan, live, registers=held + OVERLAP_RESERVE) != plan.loop.body
 
 
 def test_generic_target_keeps_program_order():
     """mma.sync is synchronous: nothing to overlap, the generic kernels walk the body as written."""
-    from tilemix.codegen.generic import _GenericLowering
+    from tilemix.codegen.generic import GenericLowering
 
-    lowering = _lowering("linear_attention_fwd")
-    generic = _GenericLowering(lowering.p, lowering.schedule, lowering.full_dims, "sm_80")
-    generic.analyze()
-    assert generic.body_order(generic.loop) is generic.loop.body
+    plan, live = _plans("linear_attention_fwd")
+    issue = plan_issue(plan, live, asynchronous=GenericLowering.asynchronous, registers=0)
+    assert list(issue.order) == plan.loop.body and not issue.overlapped
 
 
 def test_schedule_chooses_the_order():
@@ -138,12 +146,11 @@ def test_schedule_chooses_the_order():
     from tilemix.tiles.errors import TileError
 
     def walk(name, issue):
-        lowering = _lowering(name, D=64)
-        lowering.schedule = replace(lowering.schedule, issue=issue)
-        return lowering.body_order(lowering.loop), lowering.loop.body
+        plan, live = _plans(name, D=64, issue=issue)
+        return _order(plan, live), plan.loop.body
 
     program, body = walk("linear_attention_fwd", "program")
-    assert program is body
+    assert program == body
     fit, body = walk("linear_attention_fwd", "fit")
     assert fit != body
     fit, body = walk("ssd_bwd_dx", "fit")

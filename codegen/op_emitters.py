@@ -1,0 +1,275 @@
+"""The op -> emitter table: the consumer code of each tile-IR op, one small function per op.
+
+Each emitter is ``(lowering, op, decl, out, ind)``: ``decl`` declares the result's register tile
+(empty where the result takes over an operand's registers), ``out`` is the result's name, ``ind``
+the indentation. Register tiles have one layout on every target (hopper.cuh's ``tm::rt``), so a
+target overrides only the entries it lowers otherwise (``Lowering.emitters``): stores, and the
+matmul entry points through ``Lowering.matmul_ss``/``matmul_rs``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tilemix.tiles.ir import Op
+from tilemix.tiles.types import DType
+
+from .emit import ctype, float_literal
+
+if TYPE_CHECKING:
+    from .lowering import Lowering
+
+__all__ = ["OP_EMITTERS", "MAPS", "emit_matmul"]
+
+UNARY = {
+    "neg": "[](float a) { return -a; }",
+    "abs": "[](float a) { return fabsf(a); }",
+    "exp": "[](float a) { return tm::f_exp(a); }",
+    "exp2": "[](float a) { return tm::ex2(a); }",
+    "log": "[](float a) { return tm::f_log(a); }",
+    "sqrt": "[](float a) { return tm::f_sqrt(a); }",
+    "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",
+    "softplus": "[](float a) { return tm::f_softplus(a); }",
+    "tanh": "[](float a) { return tm::f_tanh(a); }",
+}
+BINARY = {
+    "add": "a + b", "sub": "a - b", "mul": "a * b", "div": "a / b",
+    "maximum": "fmaxf(a, b)", "minimum": "fminf(a, b)",
+    "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
+    "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
+}
+MAPS = frozenset({*UNARY, *BINARY})  # the elementwise maps: they read a ring stage's row view in place
+
+
+def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    """A tile load is a view of its shared memory (ring stage or loaded once); a per-token vector
+    is read from the ring where the producer copied it, else from global memory."""
+    param, t, layout = lw.program.param(op.attrs["param"]), op.result.type, lw.layout
+    if t.cols > 1:
+        mine = f" + wg * {t.rows * t.cols * 2}" if lw.plan.per_consumer(op) else ""
+        if op in layout.prologue_offset:
+            if not lw.prologue_waited:
+                lw.wait_prologue(ind)
+                lw.prologue_waited = True
+            base = f"smem + {layout.prologue_offset[op]}"
+        else:
+            base = f"smem + stage * stage_bytes + {layout.load_offset[op]}"
+        lw.smem_of[op.result] = (f"({base}{mine})", t.rows)
+        return
+    if param.spec.kind != "seq":
+        lw.fail("vector loads are implemented for Seq[1] parameters", op)
+    if op in layout.col_offset:  # copied into the ring with the chunk's tiles
+        mine = f" + wg * {t.rows * 4}" if lw.plan.per_consumer(op) else ""
+        at = f"smem + {layout.col_ring} + stage * {layout.col_stage_bytes} + {layout.col_offset[op]}{mine}"
+        lw.emit(f"{decl} tm::load_col_shared({out}, (const float*)({at}));", ind)
+        lw.ring_vector[op.result] = at
+        return
+    row0 = f"{lw.plan.index_name[op.operands[0].id]} * {t.rows}"
+    lw.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, {row0}, T);", ind)
+
+
+def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    if op.result.type.cols != 1:
+        lw.fail("Head parameters wider than 1 are not lowered yet", op)
+    lw.emit(f"{decl} tm::fill({out}, ptr_{op.attrs['param']}[h]);", ind)
+
+
+def emit_scalar_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(f"{decl} tm::fill({out}, arg_{op.attrs['param']});", ind)
+
+
+def _state_ld(lw: Lowering, param_name: str) -> int:
+    dim = lw.program.param(param_name).spec.dims[1]
+    return dim if isinstance(dim, int) else lw.plan.full_dims[dim]
+
+
+def _state_col0(lw: Lowering, param_name: str) -> str:
+    spec = lw.program.param(param_name).spec
+    split = dict(lw.schedule.split)
+    if spec.dims[0] in split:
+        lw.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
+    width = split.get(spec.dims[1])
+    return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
+
+
+def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    param, rows = op.attrs["param"], op.result.type.rows
+    width = _state_ld(lw, param)
+    if op.attrs["initial"]:
+        lw.emit(f"{decl} tm::load_f32({out}, init_{param} + ((long)b * H + h) * {rows * width} + "
+                f"{_state_col0(lw, param)}, {width});", ind)
+    else:
+        lw.emit(f"{decl} tm::fill({out}, 0.0f);", ind)
+
+
+def emit_store_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    param, value = op.attrs["param"], op.operands[0]
+    width = _state_ld(lw, param)
+    lw.emit(f"if (final_{param}) tm::store_f32(final_{param} + ((long)b * H + h) * "
+            f"{value.type.rows * width} + {_state_col0(lw, param)}, {width}, {lw.reg(value, ind)});", ind)
+
+
+def emit_full(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(f"{decl} tm::fill({out}, {float_literal(op.attrs['value'])});", ind)
+
+
+def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(f"{decl} tm::map1({out}, {UNARY[op.name]}, {lw.reg(op.operands[0], ind)});", ind)
+
+
+def emit_pow(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    body = " * ".join(["a"] * op.attrs["n"])
+    lw.emit(f"{decl} tm::map1({out}, [](float a) {{ return {body}; }}, {lw.reg(op.operands[0], ind)});", ind)
+
+
+def emit_binary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    a, b = op.operands
+    lw.emit(f"{decl} tm::map2({out}, [](float a, float b) {{ return {BINARY[op.name]}; }}, "
+            f"{lw.elementwise(a, ind)}, {lw.elementwise(b, ind)});", ind)
+
+
+def emit_where(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(f"{decl} tm::map3({out}, [](float c, float a, float b) {{ return c != 0.0f ? a : b; }}, "
+            f"{', '.join(lw.reg(x, ind) for x in op.operands)});", ind)
+
+
+def emit_cast(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    dtype = op.attrs["dtype"]
+    flag = "true" if dtype is DType.bf16 else "false"
+    fn = "[](float a) { return a; }" if dtype is DType.f32 else f"[](float a) {{ return tm::round16<{flag}>(a); }}"
+    lw.emit(f"{decl} tm::map1({out}, {fn}, {lw.reg(op.operands[0], ind)});", ind)
+
+
+def emit_mask(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    """``causal``, ``window``, ``in_seq``. The masks keep a corner-bounded region, so a tile whose
+    two far corners are kept is kept whole: most chunks skip the per-element test."""
+    t, index_name = op.result.type, lw.plan.index_name
+    col = f"({index_name[t.col_axis.index]} * {t.col_axis.size} + col)"
+    if op.name == "in_seq":
+        keep = f"{col} < T"
+    else:
+        row = f"({index_name[t.row_axis.index]} * {t.row_axis.size} + row)"
+        query, key = (col, row) if op.attrs.get("transposed") else (row, col)
+        keep = f"{key} <= {query}"
+        if op.name == "window":
+            keep += f" && {key} > {query} - {op.attrs['size']}"
+    src, fn = lw.reg(op.operands[0], ind), f"keep{op.result.id}"
+    lw.emit(f"auto {fn} = [&](int row, int col) {{ return {keep}; }};", ind)
+    whole = f"{fn}(0, {t.cols - 1}) && {fn}({t.rows - 1}, 0)"
+    masked = f"tm::mask({out}, {src}, {fn}, {float_literal(op.attrs['fill'])});"
+    if out == src:
+        lw.emit(f"if (!({whole})) {masked}", ind)
+    else:
+        lw.emit(decl, ind)
+        lw.emit(f"if ({whole}) {out} = {src}; else {masked}", ind)
+
+
+def emit_reduce_rows(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    red = "tm::op_sum()" if op.name == "rowsum" else "tm::op_max()"
+    lw.emit(f"{decl} tm::reduce_rows({out}, {lw.reg(op.operands[0], ind)}, {red});", ind)
+
+
+def emit_reduce_cols(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    x = op.operands[0]
+    if op.name == "colsum" and x in lw.plan.scanned:  # the scan's last row: no exchange of its own
+        lw.emit(f"{decl} tm::fill({out}, {lw.scan(x, ind)}[{2 * x.type.rows - 1}]);", ind)
+        return
+    red = "tm::op_sum()" if op.name == "colsum" else "tm::op_max()"
+    lw.emit(f"{decl} tm::reduce_cols({out}, {lw.reg(x, ind)}, {red}, scratch, {lw.bar});", ind)
+
+
+def emit_transpose(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    x = op.operands[0]
+    t = x.type
+    if t.rows != 1 and t.cols != 1:
+        lw.fail(f"a {t.rows}x{t.cols} tile is transposed only as a matmul operand (a.T @ b); "
+                "standalone transposes are lowered for row and column vectors", op)
+    if t.rows == 1 and t.cols == 1:
+        lw.emit(f"{decl} {out} = {lw.reg(x, ind)};", ind)
+    elif op.result in lw.live.shared_rows:
+        lw.emit(f"const tm::shared_row<{t.rows}> {out}{{(const float*)({lw.ring_vector[x]})}};", ind)
+    else:
+        lw.emit(f"{decl} tm::transpose({out}, {lw.reg(x, ind)}, transposed, {lw.bar});", ind)
+
+
+def emit_cumsum(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    x, a = op.operands[0], op.attrs
+    flags = f"{str(a['reverse']).lower()}, {str(a['exclusive']).lower()}"
+    if x.type.cols > 1:
+        lw.emit(f"{decl} tm::cumsum_rows({out}, {lw.reg(x, ind)}, {flags}, scratch, {lw.bar});", ind)
+    else:
+        lw.emit(f"{decl} tm::cumsum({out}, {lw.scan(x, ind)}, {flags});", ind)
+
+
+def emit_segsum(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(f"{decl} tm::segsum({out}, {lw.scan(op.operands[0], ind)});", ind)
+
+
+def emit_matvec(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate: bool):
+    """``a @ x`` with x a column (or ``a @ y.T``, y a row): products along the rows and a row sum,
+    operands rounded to 16 bits as a matmul's are."""
+    a, b = op.operands
+    lw.wait_for([a, b], ind)
+    k, tag = a.type.cols, f"mv{op.result.id}"
+    round16 = f"[](float v) {{ return tm::round16<{lw.is_bf16}>(v); }}"
+    row = lw.reg(b, ind)
+    if not op.attrs["tb"]:  # a column: as a row
+        lw.emit(f"tm::rt<1, {k}> {tag}_row; tm::transpose({tag}_row, {row}, transposed, {lw.bar});", ind)
+        row = f"{tag}_row"
+    lw.emit(f"tm::rt<1, {k}> {tag}_b; tm::map1({tag}_b, {round16}, {row});", ind)
+    lw.emit(f"{ctype(a.type)} {tag}_p; tm::map1({tag}_p, {round16}, {lw.reg(a, ind)});", ind)
+    lw.emit(f"tm::map2({tag}_p, [](float x, float y) {{ return x * y; }}, {tag}_p, {tag}_b);", ind)
+    if accumulate:
+        lw.emit(f"{ctype(op.result.type)} {tag}_s; tm::reduce_rows({tag}_s, {tag}_p, tm::op_sum());", ind)
+        lw.emit(f"tm::map2({out}, [](float x, float y) {{ return x + y; }}, {out}, {tag}_s);", ind)
+    else:
+        lw.emit(decl, ind)
+        lw.emit(f"tm::reduce_rows({out}, {tag}_p, tm::op_sum());", ind)
+
+
+def emit_matmul(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate: bool = False):
+    """A matmul through the target's entry points: A from registers (``matmul_rs``) or shared
+    memory (``matmul_ss``), B from shared memory; on an asynchronous target one group in flight."""
+    a, b = op.operands
+    ta, tb = op.attrs["ta"], op.attrs["tb"]
+    m, n = op.result.type.rows, op.result.type.cols
+    k = a.type.rows if ta else a.type.cols
+    if n == 1 and not ta:
+        emit_matvec(lw, op, decl, out, ind, accumulate)
+        return
+    if m % 64 or n % 64 or k % 16:
+        lw.fail(f"matmuls take M and N in multiples of 64 and K of 16; this one is {m}x{k} @ {k}x{n}", op)
+    b_ptr, b_rows = lw.shared(b, ind)
+    acc = str(accumulate).lower()
+    if not ta and a not in lw.smem_of:
+        a_reg = lw.reg(a, ind)
+        lw.wait_for([a], ind)
+        if decl:
+            lw.emit(decl, ind)
+        lw.emit(f"{lw.matmul_rs}<{lw.is_bf16}, {str(tb).lower()}, {acc}, {b_rows}>({out}, {a_reg}, {b_ptr});", ind)
+    else:
+        a_ptr, a_rows = lw.shared(a, ind)
+        if decl:
+            lw.emit(decl, ind)
+        lw.emit(f"{lw.matmul_ss}<{lw.is_bf16}, {str(ta).lower()}, {str(tb).lower()}, {acc}, {a_rows}, "
+                f"{b_rows}, {m}, {n}, {k}>({out}, {a_ptr}, {b_ptr});", ind)
+    if lw.asynchronous:
+        lw.in_flight.append(out)
+
+
+def emit_store_col(lw: Lowering, op: Op, ind: int):
+    """A per-token fp32 value (a column stored to a ``Seq[1]`` output): plain stores."""
+    value, index = op.operands[0], op.operands[1]
+    row0 = f"{lw.plan.index_name[index.id]} * {value.type.rows}"
+    lw.wait_for([value], ind)
+    lw.emit(f"tm::store_col(out_{op.attrs['param']} + (long)b * T * H + h, H, {row0}, T, {lw.reg(value, ind)});",
+            ind)
+
+
+OP_EMITTERS = {
+    "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
+    "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
+    **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
+    "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
+    **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),
+    "transpose": emit_transpose, "cumsum": emit_cumsum, "segsum": emit_segsum, "matmul": emit_matmul,
+}

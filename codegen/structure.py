@@ -1,0 +1,181 @@
+"""Pass 1, structure analysis: a program as the kernel lays it out (``KernelPlan``).
+
+Grid loops (blockIdx), the per-CTA body, its one sequential chunk loop, the tile loads before the
+loop (loaded once) and inside it (into the ring), its per-token vectors, and how the consumer groups
+share a CTA's work; anything else is rejected with an error naming the line."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from tilemix.tiles.errors import TileError
+from tilemix.tiles.ir import Loop, Op, Program, Value
+
+from .schedule import Schedule, column_blocks
+
+__all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
+
+CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
+PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
+
+_SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
+
+
+def fail(target: str, message: str, program: Program, op: Op | None = None):
+    raise TileError(f"{target} code generator: {message}", op.loc if op else program.loc)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """A program's structure as the kernel lays it out: the grid loops (blockIdx), the per-CTA
+    ``body``, its chunk ``loop`` (or None), the tile loads before it (``prologue_loads``, loaded
+    once) and inside it (``loads``, into the ring), its per-token vectors (``col_loads``, copied
+    into the ring with the chunk's tiles), and how the consumers share the CTA's work."""
+
+    program: Program
+    schedule: Schedule
+    full_dims: Mapping[str, int]
+    target: str  # the name errors give
+    grid_loops: tuple[Loop, ...]
+    body: list[Op]
+    loop: Loop | None
+    prologue_loads: tuple[Op, ...]
+    loads: tuple[Op, ...]
+    col_loads: tuple[Op, ...]
+    loaded_tiles: frozenset[Value]
+    loaded: frozenset[str]  # parameters the program loads
+    scanned: frozenset[Value]  # column vectors prefix-scanned in shared memory (cumsum, segsum)
+    matrix: bool  # a Matrix program: no batch x head grid
+    size_args: tuple[str, ...]  # runtime sizes passed as int arguments
+    index_name: Mapping[int, str]  # loop index value id -> its C++ expression
+    split_loop: Loop | None  # the grid loop whose blocks the consumers share out
+    heads: bool  # the consumers take consecutive heads of one batch
+
+    def fail(self, message: str, op: Op | None = None):
+        fail(self.target, message, self.program, op)
+
+    def block_expr(self, consumer) -> str:
+        """Index of consumer ``consumer``'s block of the split grid loop."""
+        depth = len(self.grid_loops) - 1
+        return f"(cta{depth} * {self.schedule.consumers} + {consumer})"
+
+    def split_width(self, param_name: str) -> int | None:
+        """The block width of a parameter's feature dim, if it is split."""
+        dims = [d for d in self.program.param(param_name).spec.dims if isinstance(d, str)]
+        return dict(self.schedule.split).get(dims[-1]) if dims else None
+
+    def per_consumer(self, op: Op) -> bool:
+        """Whether each consumer loads its own copy of this tile."""
+        if self.heads:  # each consumer its own head's Seq tiles; a group's tiles once for all
+            return self.program.param(op.attrs["param"]).spec.kind == "seq"
+        if self.split_width(op.attrs["param"]):
+            return True
+        return self.split_loop is not None and self.split_loop.index in op.operands
+
+    def col0(self, param_name: str, consumer: str = "wg") -> str:
+        """Column offset of a consumer's block of a parameter's feature dim (0 without a split)."""
+        width = self.split_width(param_name)
+        return f"(colcta * {self.schedule.consumers} + {consumer}) * {width}" if width else "0"
+
+    def load_bytes(self, op: Op) -> int:
+        t = op.result.type
+        size = 4 if t.cols == 1 else 2  # per-token vectors are fp32
+        return t.rows * t.cols * size * (self.schedule.consumers if self.per_consumer(op) else 1)
+
+    @property
+    def column_ctas(self) -> int:
+        """CTAs the split cuts each head's columns into (each CTA's consumers take one block each)."""
+        blocks = column_blocks(self.schedule.split, self.full_dims)
+        return blocks // self.schedule.consumers if self.schedule.consumer_axis == "columns" else blocks
+
+    def trip_count(self, loop: Loop) -> str:
+        end = loop.dim  # runtime sizes are kernel arguments named after their dims
+        if loop.stop is not None:
+            block = self.index_name[loop.stop.index.id]
+            if self.split_loop is not None and loop.stop.index is self.split_loop.index:
+                # every consumer runs the CTA's longest range; positions mask what is not theirs
+                block = self.block_expr(self.schedule.consumers - 1)
+            end = f"min({end}, ({block} + 1) * {loop.stop.size})"
+        chunks = f"(({end}) + {loop.size - 1}) / {loop.size}"
+        return chunks if loop.start is None else f"max(0, {chunks} - c_first)"
+
+    def first_chunk(self, loop: Loop) -> list[str]:
+        """The declaration of ``c_first``, the first chunk of a loop with a start (none without)."""
+        if loop.start is None:
+            return []
+        block = self.index_name[loop.start.index.id]
+        if self.split_loop is not None and loop.start.index is self.split_loop.index:
+            block = self.block_expr(0)  # every consumer starts where the CTA's first block does
+        return [f"const int c_first = {block} * {loop.start.size} / {loop.size};"]
+
+
+def _grid_loops(body: list[Op]) -> tuple[list[Loop], list[Op]]:
+    """The nested blocks() loops a body starts with (beside setup ops only), and the body inside them."""
+    grid_loops = []
+    while True:
+        loops = [op for op in body if isinstance(op, Loop)]
+        if len(loops) == 1 and loops[0].kind == "blocks" and all(op is loops[0] or op.name in _SETUP for op in body):
+            grid_loops.append(loops[0])
+            body = loops[0].body
+            continue
+        return grid_loops, body
+
+
+def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: bool, consumer_heads: bool):
+    axis = schedule.consumer_axis
+    if axis not in ("columns", "blocks", "heads"):
+        fail(target, f"consumer_axis is 'columns', 'blocks' or 'heads', not {axis!r}", program)
+    if axis == "heads":
+        if not consumer_heads:  # a target whose loads are issued per consumer group
+            fail(target, "consumer_axis='heads' is lowered for sm_90a only", program)
+        if matrix:
+            fail(target, "consumer_axis='heads' needs a batch x head grid (a program of Seq parameters)", program)
+        if schedule.split:
+            fail(target, "consumer_axis='heads' takes no column split (each consumer runs a whole head)", program)
+
+
+def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[str, int], target: str,
+                      consumer_heads: bool) -> KernelPlan:
+    """Pass 1: the program's grid loops, per-CTA body, chunk loop and loads (``KernelPlan``);
+    ``consumer_heads``: whether the target lowers ``consumer_axis="heads"``."""
+    grid_loops, body = _grid_loops(program.body)
+    loops = [op for op in body if isinstance(op, Loop)]
+    if len(loops) > 1 or any(op.kind != "chunks" for op in loops):
+        fail(target, "this version lowers nested blocks() loops around at most one chunks() loop", program)
+    loop = loops[0] if loops else None
+    if loop is not None and any(isinstance(op, Loop) for op in loop.body):
+        fail(target, "loops nested in a chunks() loop are not lowered yet", program, loop)
+    tile_loads = lambda ops: tuple(op for op in ops if op.name == "load" and op.result.type.cols > 1)  # noqa: E731
+    in_loop = loop.body if loop is not None else []
+    col_loads = tuple(op for op in in_loop if op.name == "load" and op.result.type.cols == 1
+                      and op.operands[0] is loop.index and program.param(op.attrs["param"]).spec.kind == "seq")
+    for op in tile_loads(body) + tile_loads(in_loop):
+        if op.result.type.cols % PANEL:
+            fail(target, f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
+                 f"feature dims must be multiples of {PANEL} (128-byte shared-memory panels)", program, op)
+    matrix = any(p.spec.kind == "matrix" for p in program.params)
+    index_name = {loop.index.id: f"blk{depth}" for depth, loop in enumerate(grid_loops)}
+    _check_consumers(target, program, schedule, matrix, consumer_heads)
+    split_loop = None
+    if schedule.consumer_axis == "blocks" and schedule.consumers > 1:
+        if not grid_loops:
+            fail(target, "consumer_axis='blocks' needs a blocks() loop", program)
+        split_loop = grid_loops[-1]
+    if loop is not None:
+        # the chunk index: the iteration counter c, offset by the first chunk when the loop has a start,
+        # counted down from the last chunk when it runs in reverse
+        index = "c" if loop.start is None else "(c_first + c)"
+        index_name[loop.index.id] = f"(n_iter - 1 - {index})" if loop.reverse else index
+    return KernelPlan(
+        program=program, schedule=schedule, full_dims=MappingProxyType(dict(full_dims)), target=target,
+        grid_loops=tuple(grid_loops), body=body, loop=loop, prologue_loads=tile_loads(body),
+        loads=tile_loads(in_loop), col_loads=col_loads, loaded_tiles=frozenset(op.result for op in tile_loads(in_loop)),
+        loaded=frozenset(op.attrs["param"] for op in program.walk() if op.name == "load"),
+        scanned=frozenset(op.operands[0] for op in program.walk()
+                          if op.name in ("cumsum", "segsum") and op.operands[0].type.cols == 1),
+        matrix=matrix,
+        size_args=tuple(sorted({d for p in program.params if p.spec.kind == "matrix" for d in p.spec.dims})
+                        if matrix else ("T", "H", "G")),
+        index_name=MappingProxyType(index_name), split_loop=split_loop, heads=schedule.consumer_axis == "heads")
