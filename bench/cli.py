@@ -107,7 +107,8 @@ def _tune_program(label: str, kernel, inputs: dict, table, console, verbose: boo
     from rich.progress import Progress
 
     from tilemix.codegen.launch import launch_schedule
-    from tilemix.codegen.tune import config_space, tune
+    from tilemix.codegen.tune import config_space
+    from tilemix.ops.runtime import tune
 
     binding = kernel.bind(inputs)
     total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device(), arch)))
@@ -132,7 +133,7 @@ def _tune_segment_count(name: str, scan, inputs: dict, T: int, table, console, v
 
     from rich.progress import Progress
 
-    from tilemix.codegen.tune import tune_segments
+    from tilemix.ops.runtime import tune_segments
 
     start = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
