@@ -137,6 +137,8 @@ def run(kernel: Kernel, **args: Any) -> dict[str, torch.Tensor]:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
         raise NotImplementedError(f"run({kernel.name}): run() records no gradients; make the program a torch "
                                   "function with tilemix.ops.mixer, or call it under torch.no_grad()")
+    if not any(isinstance(t, torch.Tensor) for t in tensors.values()):
+        kernel.bind(args)  # no tensor at all: the binding's error names what is missing
     return run_kernel(kernel, args)
 
 
