@@ -8,6 +8,8 @@ import ast
 import sys
 from pathlib import Path
 
+from tilemix.tiles import Out, Seq, TensorSpec, chunks, kernel
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tiles", "codegen", "ops", "reference", "bench")  # source folders, as tilemix.<folder>
 
@@ -137,3 +139,31 @@ def test_the_checks_see_function_level_and_relative_imports():
     assert found["tilemix.bench.bench"] == 6 and found["tilemix.reference"] == 7
     assert layer_of("tilemix.ops.runtime") == "runtime" and layer_of("tilemix.ops.attention") == "ops"
     assert layer_of("tilemix.ops") == "ops" and layer_of("tilemix") is None and layer_of("numpy") is None
+
+
+# -- dependencies -------------------------------------------------------------------------
+@kernel
+def copy_for_cupy(x: Seq["D"], y: Out[Seq["D"]]):
+    for c in chunks(64):
+        y[c] = x[c]
+
+
+def test_cupy_is_declared_as_the_cuda_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("cupy-cuda13x") for req in extras["cuda"])
+
+
+def test_a_cuda_call_without_cupy_names_the_extra(monkeypatch):
+    """The kernel compiles (NVRTC, the codegen extra); loading it needs cupy, which is optional."""
+    import pytest
+
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen import launch
+    from tilemix.codegen.schedule import Schedule
+
+    specs = dict(x=TensorSpec((1, 64, 1, 64), "bfloat16"))
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` raises ImportError
+    with pytest.raises(ImportError, match=r"needs cupy: pip install 'tilemix\[cuda\]'"):
+        launch.prepare_launch(copy_for_cupy, copy_for_cupy.bind(specs), specs, Schedule(), "sm_90a", 0)
