@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import math
 import platform
 import sys
 from collections.abc import Callable
@@ -23,9 +22,12 @@ from rich.console import Console
 from rich.table import Table
 
 from tilemix import ops
-from tilemix.ops.timing import HOST_WINDOW_MS, host_us, time_ms
+from tilemix.ops.timing import host_us, time_ms
 
-__all__ = ["run_bench", "results_markdown", "default_json_path"]
+from .plots import plot_results
+from .report import number_cell, results_markdown, shape_text
+
+__all__ = ["run_bench", "default_json_path"]
 
 
 def copy_bandwidth() -> float:
@@ -296,8 +298,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
-        cells = (name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
-                 _number(peer_ms, ".3f"), _number(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
+        cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
+                 number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")
         table.add_row(*cells)
         console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
@@ -311,8 +313,6 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         Path(md_path).write_text(results_markdown(result))
         console.print(f"wrote {md_path}")
     if plot_dir:
-        from .plots import plot_results
-
         try:
             for path in plot_results(result, plot_dir):
                 console.print(f"wrote {path}")
@@ -328,36 +328,6 @@ def default_json_path(result: dict) -> Path:
     words = [w for w in result["gpu"].lower().replace("nvidia", "").split() if w]
     suffix = "-generic" if result.get("target") == "generic" else ""
     return Path(__file__).resolve().parent / "results" / f"{words[0] if words else 'gpu'}-{result['date']}{suffix}.json"
-
-
-def _number(x: float, spec: str, unit: str = "") -> str:
-    """``x`` formatted, or "—" for NaN (a peer not timed: --no-peers, fla not installed, a shape it refuses)."""
-    return "—" if math.isnan(x) else f"{x:{spec}}{unit}"
-
-
-def _shape_text(shape: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in shape.items())
-
-
-def results_markdown(result: dict) -> str:
-    """A RESULTS.md section for one run: the machine, the ceilings measured in it, one row per
-    record (and, for a sweep, that is every length and head dim)."""
-    versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
-    nan = float("nan")
-    kernels = ", generic (mma.sync) kernels" if result.get("target") == "generic" else ""
-    lines = [f"## {result['gpu']}, {result['date']}{kernels}", "",
-             f"Command: `{result.get('command', 'tilemix bench')}`; {versions}. Ceilings of this run: copy "
-             f"{result.get('copy_tbps', nan):.2f} TB/s, cuBLAS bf16 {result.get('mma_tflops', nan):.0f} TFLOP/s. "
-             "Median of CUDA-event timings after warm-up; before each call L2 is flushed and the GPU spins "
-             f"{HOST_WINDOW_MS:g} ms, so host time shorter than that is not counted (host µs: per call).", "",
-             "| op | shape | tilemix ms | host µs | peer | peer ms | speedup | roofline |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["records"]:
-        op = r["op"] if r.get("direction", "fwd") == "fwd" else f"{r['op']} ({r['direction']})"
-        lines.append(f"| {op} | {_shape_text(r['shape'])} | {r['ms']:.3f} | {r.get('host_us', nan):.0f} | "
-                     f"{r['peer']} | {_number(r['peer_ms'], '.3f')} | {_number(r['speedup'], '.2f', 'x')} | "
-                     f"{r['roofline_fraction']:.0%} |")
-    return "\n".join(lines) + "\n"
 
 
 def _versions() -> dict[str, str]:

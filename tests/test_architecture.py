@@ -108,6 +108,29 @@ def test_no_cycle_between_layers():
         visit(layer, ())
 
 
+def test_no_cycle_between_modules():
+    """Within a layer too: a cycle of modules kept apart only by imports inside functions is a cycle."""
+    modules = {_module_name(path): path for path in _sources()}
+    graph = {module: set() for module in modules}
+    for module, path in modules.items():
+        for _, target in imports_of(path):
+            prefixes = [target.rsplit(".", cut)[0] for cut in range(target.count(".") + 1)]  # longest first
+            found = next((prefix for prefix in prefixes if prefix in modules), None)
+            if found not in (None, module):
+                graph[module].add(found)
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + (module,))}"
+        if module not in done:
+            for nxt in sorted(graph[module]):
+                visit(nxt, path + (module,))
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
+
+
 def test_reference_needs_numpy_only():
     for path in sorted((ROOT / "reference").rglob("*.py")):
         for line, target in imports_of(path):

@@ -35,8 +35,9 @@ def test_plots_from_a_result(tmp_path):
 def test_markdown_and_json_path_from_a_result(tmp_path, capsys):
     import json
 
-    from tilemix.bench.bench import default_json_path, results_markdown
+    from tilemix.bench.bench import default_json_path
     from tilemix.bench.plots import main
+    from tilemix.bench.report import results_markdown
 
     records = [dict(op="ssd", shape=dict(B=8, T=4096, H=16), ms=0.3, host_us=90.0, peer="fla-chunk_simple_gla",
                     peer_ms=0.5, speedup=0.5 / 0.3, roofline_fraction=0.31)]
@@ -56,7 +57,8 @@ def test_markdown_and_json_path_from_a_result(tmp_path, capsys):
 def test_generic_runs_have_their_own_json_and_heading():
     """tilemix bench --target generic: records and result carry target "generic"; the default JSON
     path and the markdown heading say so (a Hopper run of the same day is not overwritten)."""
-    from tilemix.bench.bench import default_json_path, results_markdown
+    from tilemix.bench.bench import default_json_path
+    from tilemix.bench.report import results_markdown
 
     records = [dict(op="gemm", target="generic", arch="sm_90", shape=dict(M=4096), ms=0.5, peer="cublas",
                     peer_ms=0.2, speedup=0.4, roofline_fraction=0.3)]
