@@ -142,7 +142,6 @@ class Mixer:
         self.op = custom_op(kernel, self.name, self.final_states)  # torch's CustomOpDef
         self._inputs = [n for n, spec in kernel.specs.items() if not spec.output]
         self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
-        self.has_backward = False
         self.op.register_autograd(self._no_backward)
 
     def __call__(self, **inputs):
@@ -162,7 +161,6 @@ class Mixer:
         input in the program's order, as ``torch.library.register_autograd`` describes; it may call
         other tile programs (``run``, other mixers). Replaces any backward registered before."""
         self.op.register_autograd(backward, setup_context=setup_context)
-        self.has_backward = True
 
     def _no_backward(self, ctx, *grads):
         raise RuntimeError(

@@ -110,3 +110,27 @@ def test_mixer_backward_is_an_error_until_one_is_registered():
 
     m.register_autograd(lambda ctx, dy: (m(x=dy, decay=ctx.decay), None, None, None), setup_context=setup)
     assert torch.autograd.gradcheck(lambda x: m(x=x, decay=0.7), (x,))
+
+
+@pytest.mark.parametrize("function", [ops.run, ops.mixer])
+def test_docstring_examples(function):
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(function, globs={"torch": torch, function.__name__: function}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted and not runner.summarize(verbose=False).failed
+
+
+@pytest.mark.gpu
+def test_gpu_run_and_mixer_match_the_interpreter():
+    q, k, v = (0.5 * _randn(2, 200, 3, 64, seed=i) for i in range(3))
+    g = -0.05 * _randn(2, 200, 3, 64, seed=3).abs()
+    cpu = ops.run(gla_fwd, q=q, k=k, v=v, g=g)
+    cuda = {n: t.cuda().to(torch.bfloat16) for n, t in dict(q=q, k=k, v=v, g=g).items()}
+    out = ops.run(gla_fwd, **cuda)
+    assert out["o"].device.type == "cuda" and out["s"].dtype == torch.float32
+    for name in ("o", "s"):
+        assert rel_err(out[name].float().cpu(), cpu[name].double().numpy()) <= bound(torch.bfloat16)
+    o, s = ops.mixer(gla_fwd, "tilemix_test::gla_gpu", final_states=("s",))(**cuda)
+    assert torch.equal(o, out["o"]) and torch.equal(s, out["s"])
