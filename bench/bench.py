@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tilemix import ops
+from tilemix.ops.examples import kernel_inputs
 from tilemix.ops.timing import host_us, time_ms
 
 from .plots import plot_results
@@ -205,6 +206,24 @@ def _gemm_bwd_case(B, T, H, D, dtype, n=4096, device="cuda"):
             "cublas", 5 * a.numel() * a.element_size(), 4 * n ** 3, dict(M=n, N=n, K=n))
 
 
+def program_case(kernel):
+    """The bench case of any ``@kernel`` (``tilemix bench module:kernel``): the program alone (no
+    peer) through ``ops.run`` on random inputs (``kernel_inputs``, each named dim D); its bytes
+    are its inputs and outputs, its flops unknown (0: the roofline is the memory one)."""
+
+    def case(B, T, H, D, dtype, device="cuda"):
+        inputs = kernel_inputs(kernel, device=device, dtype=str(dtype).removeprefix("torch."), B=B, T=T, H=H, size=D)
+
+        def ours():
+            return ops.run(kernel, **inputs)
+
+        tensors = [*(t for t in inputs.values() if isinstance(t, torch.Tensor)), *ours().values()]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return ours, None, "-", nbytes, 0, dict(B=B, T=T, H=H, D=D)
+
+    return case
+
+
 CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attention": _attention_case,
          "attention-noncausal": functools.partial(_attention_case, causal=False),
          "attention-flash2": functools.partial(_attention_case, backend="FLASH_ATTENTION"),
@@ -250,10 +269,11 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
               plot_dir: str | None = None, head_dims: tuple[int, ...] = (), md_path: str | None = None,
-              target: str | None = None, peers: bool = True) -> int:
+              target: str | None = None, peers: bool = True, programs: dict | None = None) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
-    ``peers=False`` times our ops only (peer_ms NaN)."""
+    ``peers=False`` times our ops only (peer_ms NaN). ``programs``: name -> ``@kernel`` of programs
+    to time beside the ops (``module:kernel``, a user's own; no peer)."""
     from tilemix.ops.runtime import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
@@ -276,10 +296,12 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
     json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
     rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS) if sweep else default_rows(names)
     for name, B, T, H, D in rows:
-        ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
+        program = (programs or {}).get(name)
+        case = CASES[name] if program is None else program_case(program)
+        ours, peer, peer_name, nbytes, flops, shape = case(B, T, H, D, torch.bfloat16)
         if target is not None:
             ours = functools.partial(call_with_target, target, ours)
-        op = name.split("-")[0]
+        op = name.split("-")[0] if program is None else program.name
         try:
             ms, host = time_ms(ours), host_us(ours)
         except Exception as e:  # an op the code generator does not lower yet
@@ -287,7 +309,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
             continue
         peer_ms = float("nan")
         try:
-            if peers:
+            if peers and peer is not None:
                 peer(), torch.cuda.synchronize()  # autotunes on the first call
                 peer_ms = time_ms(peer)
         except ImportError:  # fla not installed

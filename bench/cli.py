@@ -17,9 +17,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
+    try:  # a user's program: loaded before anything asks for a GPU
+        programs = {name: _user_kernel(name) for name in args.ops if ":" in name}
+    except ValueError as e:
+        print(f"tilemix bench: {e}", file=sys.stderr)
+        return 2
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
                      head_dims=tuple(args.head_dim or ()), md_path=args.md, target=args.target,
-                     peers=not args.no_peers)
+                     peers=not args.no_peers, programs=programs)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -268,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_cmd_demo)
     sub.add_parser("list", help="list the ops and targets").set_defaults(run=_cmd_list)
     bench = sub.add_parser("bench", help="time ops beside their peers on the GPU")
-    bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
+    bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops), or module:kernel (your own "
+                       "@kernel program, each named dim D, no peer)")
     bench.add_argument("--json", nargs="?", const="auto", metavar="PATH",
                        help="write the records to this JSON file (no PATH: bench/results/<gpu>-<date>.json)")
     bench.add_argument("--md", metavar="PATH", help="write the run as a RESULTS.md section (markdown table)")

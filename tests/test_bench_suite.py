@@ -183,3 +183,19 @@ def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
     text = md.read_text()
     assert "| toy | B=8 T=4096 |" in text and "| toy (bwd) | B=8 T=4096 |" in text
     assert "| peer | 2.000 | 1.00x |" in text and "| peer | — | — |" in text  # a NaN peer reads as a dash
+
+
+def test_a_users_program_is_a_case_without_peer():
+    """`tilemix bench module:kernel`: the program through ops.run on inputs kernel_inputs builds, its
+    bytes those of its inputs and outputs, no peer."""
+    import torch
+    from test_user_mixers import gla_fwd
+
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.program_case(gla_fwd)(1, 70, 2, 16, torch.float32,
+                                                                             device="cpu")
+    out = ours()
+    assert set(out) == {"o", "s"} and out["o"].shape == (1, 70, 2, 16) and out["o"].isfinite().all()
+    assert peer is None and flops == 0 and shape == dict(B=1, T=70, H=2, D=16)
+    assert nbytes == 4 * (5 * 70 * 2 * 16 + 2 * 16 * 16)  # q, k, v, g and o; the state
