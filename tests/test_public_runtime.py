@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_user_mixers import gla_fwd
 
 from tilemix import ops, reference
 from tilemix.reference.tolerance import bound, rel_err
@@ -34,6 +33,8 @@ def test_run_a_shipped_program():
 
 
 def test_run_a_user_program():
+    from test_user_mixers import gla_fwd
+
     x = _randn(2, 130, 3, 16)
     out = ops.run(decayed_sum, x=x, decay=1.0)
     assert torch.equal(out["y"], x) and out["s"].shape == (2, 3, 16, 1)
@@ -124,6 +125,8 @@ def test_docstring_examples(function):
 
 @pytest.mark.gpu
 def test_gpu_run_and_mixer_match_the_interpreter():
+    from test_user_mixers import gla_fwd
+
     q, k, v = (0.5 * _randn(2, 200, 3, 64, seed=i) for i in range(3))
     g = -0.05 * _randn(2, 200, 3, 64, seed=3).abs()
     cpu = ops.run(gla_fwd, q=q, k=k, v=v, g=g)
