@@ -12,10 +12,8 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import math
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,67 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from tilemix import ops
+from tilemix.ops.examples import kernel_inputs
+from tilemix.ops.timing import host_us, time_ms
 
-__all__ = ["run_bench", "results_markdown", "default_json_path"]
+from .plots import plot_results
+from .report import number_cell, results_markdown, shape_text
 
-
-L2_FLUSH_BYTES = 1 << 30  # 20x the H100's 50 MB L2
-
-
-@functools.cache
-def _l2_flush_buffer() -> torch.Tensor:
-    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-
-
-HOST_WINDOW_MS = 2.0  # GPU spin before each timed call: host work shorter than this is not timed
-
-
-@functools.cache
-def _spin_cycles_per_ms() -> float:
-    """GPU clock cycles per millisecond of ``torch.cuda._sleep`` (calibrated once per process)."""
-    torch.cuda._sleep(1000)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(20_000_000)
-    end.record()
-    end.synchronize()
-    return 20_000_000 / start.elapsed_time(end)
-
-
-def time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 30) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event timed calls: GPU time. Before each call
-    a 1 GiB write evicts L2 (no call finds its inputs cached by the previous one), then the GPU spins
-    HOST_WINDOW_MS while the host enqueues the call, so host time shorter than that is not counted
-    (``host_us`` reports it: the GPU time is what a model whose GPU runs behind the host sees; the
-    flush alone, ~0.25 ms on an H200, let 0.4-1.2 ms of host time of segmented scans into the
-    timings of 2026-11-30)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    flush = _l2_flush_buffer()
-    spin = int(HOST_WINDOW_MS * _spin_cycles_per_ms())
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush.zero_()
-        torch.cuda._sleep(spin)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def host_us(fn: Callable[[], object], calls: int = 50) -> float:
-    """Microseconds of host time per call: back-to-back calls, the GPU running behind."""
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+__all__ = ["run_bench", "default_json_path"]
 
 
 def copy_bandwidth() -> float:
@@ -262,6 +206,24 @@ def _gemm_bwd_case(B, T, H, D, dtype, n=4096, device="cuda"):
             "cublas", 5 * a.numel() * a.element_size(), 4 * n ** 3, dict(M=n, N=n, K=n))
 
 
+def program_case(kernel):
+    """The bench case of any ``@kernel`` (``tilemix bench module:kernel``): the program alone (no
+    peer) through ``ops.run`` on random inputs (``kernel_inputs``, each named dim D); its bytes
+    are its inputs and outputs, its flops unknown (0: the roofline is the memory one)."""
+
+    def case(B, T, H, D, dtype, device="cuda"):
+        inputs = kernel_inputs(kernel, device=device, dtype=str(dtype).removeprefix("torch."), B=B, T=T, H=H, size=D)
+
+        def ours():
+            return ops.run(kernel, **inputs)
+
+        tensors = [*(t for t in inputs.values() if isinstance(t, torch.Tensor)), *ours().values()]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return ours, None, "-", nbytes, 0, dict(B=B, T=T, H=H, D=D)
+
+    return case
+
+
 CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attention": _attention_case,
          "attention-noncausal": functools.partial(_attention_case, causal=False),
          "attention-flash2": functools.partial(_attention_case, backend="FLASH_ATTENTION"),
@@ -307,10 +269,11 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
               plot_dir: str | None = None, head_dims: tuple[int, ...] = (), md_path: str | None = None,
-              target: str | None = None, peers: bool = True) -> int:
+              target: str | None = None, peers: bool = True, programs: dict | None = None) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
-    ``peers=False`` times our ops only (peer_ms NaN)."""
+    ``peers=False`` times our ops only (peer_ms NaN). ``programs``: name -> ``@kernel`` of programs
+    to time beside the ops (``module:kernel``, a user's own; no peer)."""
     from tilemix.ops.runtime import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
@@ -333,10 +296,12 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
     json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
     rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS) if sweep else default_rows(names)
     for name, B, T, H, D in rows:
-        ours, peer, peer_name, nbytes, flops, shape = CASES[name](B, T, H, D, torch.bfloat16)
+        program = (programs or {}).get(name)
+        case = CASES[name] if program is None else program_case(program)
+        ours, peer, peer_name, nbytes, flops, shape = case(B, T, H, D, torch.bfloat16)
         if target is not None:
             ours = functools.partial(call_with_target, target, ours)
-        op = name.split("-")[0]
+        op = name.split("-")[0] if program is None else program.name
         try:
             ms, host = time_ms(ours), host_us(ours)
         except Exception as e:  # an op the code generator does not lower yet
@@ -344,7 +309,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
             continue
         peer_ms = float("nan")
         try:
-            if peers:
+            if peers and peer is not None:
                 peer(), torch.cuda.synchronize()  # autotunes on the first call
                 peer_ms = time_ms(peer)
         except ImportError:  # fla not installed
@@ -355,8 +320,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
-        cells = (name, " ".join(f"{k}={v}" for k, v in shape.items()), f"{ms:.3f}", f"{host:.0f}", peer_name,
-                 _number(peer_ms, ".3f"), _number(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
+        cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
+                 number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")
         table.add_row(*cells)
         console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
@@ -370,8 +335,6 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         Path(md_path).write_text(results_markdown(result))
         console.print(f"wrote {md_path}")
     if plot_dir:
-        from .plots import plot_results
-
         try:
             for path in plot_results(result, plot_dir):
                 console.print(f"wrote {path}")
@@ -387,36 +350,6 @@ def default_json_path(result: dict) -> Path:
     words = [w for w in result["gpu"].lower().replace("nvidia", "").split() if w]
     suffix = "-generic" if result.get("target") == "generic" else ""
     return Path(__file__).resolve().parent / "results" / f"{words[0] if words else 'gpu'}-{result['date']}{suffix}.json"
-
-
-def _number(x: float, spec: str, unit: str = "") -> str:
-    """``x`` formatted, or "—" for NaN (a peer not timed: --no-peers, fla not installed, a shape it refuses)."""
-    return "—" if math.isnan(x) else f"{x:{spec}}{unit}"
-
-
-def _shape_text(shape: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in shape.items())
-
-
-def results_markdown(result: dict) -> str:
-    """A RESULTS.md section for one run: the machine, the ceilings measured in it, one row per
-    record (and, for a sweep, that is every length and head dim)."""
-    versions = ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items())
-    nan = float("nan")
-    kernels = ", generic (mma.sync) kernels" if result.get("target") == "generic" else ""
-    lines = [f"## {result['gpu']}, {result['date']}{kernels}", "",
-             f"Command: `{result.get('command', 'tilemix bench')}`; {versions}. Ceilings of this run: copy "
-             f"{result.get('copy_tbps', nan):.2f} TB/s, cuBLAS bf16 {result.get('mma_tflops', nan):.0f} TFLOP/s. "
-             "Median of CUDA-event timings after warm-up; before each call L2 is flushed and the GPU spins "
-             f"{HOST_WINDOW_MS:g} ms, so host time shorter than that is not counted (host µs: per call).", "",
-             "| op | shape | tilemix ms | host µs | peer | peer ms | speedup | roofline |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["records"]:
-        op = r["op"] if r.get("direction", "fwd") == "fwd" else f"{r['op']} ({r['direction']})"
-        lines.append(f"| {op} | {_shape_text(r['shape'])} | {r['ms']:.3f} | {r.get('host_us', nan):.0f} | "
-                     f"{r['peer']} | {_number(r['peer_ms'], '.3f')} | {_number(r['speedup'], '.2f', 'x')} | "
-                     f"{r['roofline_fraction']:.0%} |")
-    return "\n".join(lines) + "\n"
 
 
 def _versions() -> dict[str, str]:

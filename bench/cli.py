@@ -17,9 +17,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import run_bench
 
+    try:  # a user's program: loaded before anything asks for a GPU
+        programs = {name: _user_kernel(name) for name in args.ops if ":" in name}
+    except ValueError as e:
+        print(f"tilemix bench: {e}", file=sys.stderr)
+        return 2
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
                      head_dims=tuple(args.head_dim or ()), md_path=args.md, target=args.target,
-                     peers=not args.no_peers)
+                     peers=not args.no_peers, programs=programs)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -43,23 +48,29 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from tilemix.ops import use_target
 
     console = Console(width=max(Console().width, 150))  # the table's config column unwrapped when piped
-    unknown = sorted(set(args.ops) - set(_tunable()))
+    unknown = sorted(name for name in args.ops if name not in _tunable() and ":" not in name)
     if unknown:
-        console.print(f"tilemix tune: unknown op(s) {unknown}; expected some of {_tunable()}")
+        console.print(f"tilemix tune: unknown op(s) {unknown}; expected some of {_tunable()}, or module:kernel")
+        return 2
+    try:  # a user's program: loaded before anything asks for a GPU
+        programs = {name: _user_kernel(name) for name in args.ops if ":" in name}
+    except ValueError as e:
+        console.print(f"tilemix tune: {e}")
         return 2
     if not torch.cuda.is_available():
         console.print("tilemix tune needs a CUDA GPU.")
         return 1
     with use_target(args.target):  # the candidates, the default and the cache entries: that target's
-        return _tune_ops(args, console)
+        return _tune_ops(args, console, programs)
 
 
-def _tune_ops(args: argparse.Namespace, console) -> int:
+def _tune_ops(args: argparse.Namespace, console, programs: dict) -> int:
+    """Tune each op of ``args.ops`` (all when none), ``programs`` (module:kernel -> its @kernel) too."""
     import torch
     from rich.table import Table
 
     from tilemix.ops import PROGRAMS, SEGMENTED
-    from tilemix.ops.examples import example_inputs
+    from tilemix.ops.examples import example_inputs, kernel_inputs
     from tilemix.ops.runtime import device_arch
 
     B, T, H, D = args.shape
@@ -71,6 +82,10 @@ def _tune_ops(args: argparse.Namespace, console) -> int:
         if name.endswith("-bwd"):
             for kernel, inputs in _backward_programs(name, args.shape):  # a row each, named by the program
                 _tune_program(kernel.name, kernel, inputs, table, console, args.verbose, arch)
+            continue
+        if name in programs:  # each named dim of the program D
+            inputs = kernel_inputs(programs[name], B=B, T=T, H=H, size=D)
+            _tune_program(programs[name].name, programs[name], inputs, table, console, args.verbose, arch)
             continue
         inputs = example_inputs(name, B=B, T=T, H=H, D=D)
         _tune_program(name, PROGRAMS[name], inputs, table, console, args.verbose, arch)
@@ -107,7 +122,8 @@ def _tune_program(label: str, kernel, inputs: dict, table, console, verbose: boo
     from rich.progress import Progress
 
     from tilemix.codegen.launch import launch_schedule
-    from tilemix.codegen.tune import config_space, tune
+    from tilemix.codegen.tune import config_space
+    from tilemix.ops.runtime import tune
 
     binding = kernel.bind(inputs)
     total = len(config_space(kernel, binding, launch_schedule(kernel, binding, torch.cuda.current_device(), arch)))
@@ -132,7 +148,7 @@ def _tune_segment_count(name: str, scan, inputs: dict, T: int, table, console, v
 
     from rich.progress import Progress
 
-    from tilemix.codegen.tune import tune_segments
+    from tilemix.ops.runtime import tune_segments
 
     start = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
@@ -257,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_cmd_demo)
     sub.add_parser("list", help="list the ops and targets").set_defaults(run=_cmd_list)
     bench = sub.add_parser("bench", help="time ops beside their peers on the GPU")
-    bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops)")
+    bench.add_argument("ops", nargs="*", help="ops to time (default: all lowered ops), or module:kernel (your own "
+                       "@kernel program, each named dim D, no peer)")
     bench.add_argument("--json", nargs="?", const="auto", metavar="PATH",
                        help="write the records to this JSON file (no PATH: bench/results/<gpu>-<date>.json)")
     bench.add_argument("--md", metavar="PATH", help="write the run as a RESULTS.md section (markdown table)")
@@ -279,7 +296,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=_cmd_plot)
     tune = sub.add_parser("tune", help="search schedules and block sizes on this GPU; cache the winners")
     tune.add_argument("ops", nargs="*", help=f"ops to tune: {', '.join(sorted(PROGRAMS))} (default: all); "
-                      "<op>-bwd tunes the programs that op's backward launches, at the shapes it runs them")
+                      "<op>-bwd tunes the programs that op's backward launches, at the shapes it runs them; "
+                      "module:kernel tunes your own @kernel program (each named dim D)")
     tune.add_argument("--shape", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 4096, 16, 128),
                       metavar="B,T,H,D", help="the problem to tune for (default 8,4096,16,128)")
     tune.add_argument("-v", "--verbose", action="store_true", help="every candidate's time or why it was rejected")

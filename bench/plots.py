@@ -8,6 +8,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from .report import results_markdown
+
 __all__ = ["plot_results", "main"]
 
 
@@ -64,8 +66,6 @@ def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
 def main(json_path: str, out_dir: str, md: bool = False) -> int:
     result = json.loads(Path(json_path).read_text())
     if md:
-        from .bench import results_markdown
-
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "results.md").write_text(results_markdown(result))
         print(f"wrote {Path(out_dir) / 'results.md'}")

@@ -145,11 +145,20 @@ def kernel_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = 
 
 
 # ------------------------------------------------------------------- launch ----
+def _cupy():
+    """cupy, which loads and launches the kernels; without it, an error naming the extra that
+    installs it (cupy is not a dependency: CPU tensors run without it)."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError("running tilemix kernels on CUDA tensors needs cupy: pip install 'tilemix[cuda]' "
+                          "(cupy-cuda13x and the codegen extra)") from e
+    return cupy
+
+
 @functools.cache
 def _module(cubin: bytes):
-    import cupy
-
-    module = cupy.cuda.function.Module()
+    module = _cupy().cuda.function.Module()
     module.load(cubin)
     return module
 
@@ -369,8 +378,7 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_
     key = (id(kernel), binding.key(), schedule, arch)
     plan = _PLANS.get(key)
     if plan is None:
-        from cupy.cuda import driver
-
+        driver = _cupy().cuda.driver
         source = kernel_source(kernel, binding, schedule, arch)
         compiled = compile_cuda(source.source, arch, source.name)
         function = _module(compiled.cubin).get_function(source.name)
@@ -382,9 +390,7 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_
 
 @functools.cache
 def _stream(handle: int):
-    import cupy
-
-    return cupy.cuda.ExternalStream(handle)
+    return _cupy().cuda.ExternalStream(handle)
 
 
 def _current_stream(device_index: int) -> int:

@@ -3,12 +3,13 @@
 A ``Config`` is a ``Schedule`` plus overrides of the program's block-size ``Const``s. The space is
 derived from what the code generator exposes (ring depth, consumer warpgroups, block sizes);
 candidates that do not fit shared memory, or that spill, are dropped before any timing. Each
-survivor is compiled (in parallel), run on the first tokens (rows) of the real inputs and checked
-against the interpreter — a fast wrong kernel never wins — then timed (CUDA events after an
-L2-flushing write, median). The winner is cached per (program, GPU, capability, target arch,
-dtype, shape bucket) as a small JSON file written atomically; a damaged file is ignored and
-rewritten. Both targets tune: sm_90a's kernels, and the generic ones (sm_8x, or sm_90 where an
-H100 is told to run them), each with its own cache entries.
+survivor is compiled (in parallel), checked and timed by the runner and timer the caller passes
+(``tilemix.ops.runtime.tune`` passes the GPU ones: a check against the interpreter on the first
+tokens of the real inputs — a fast wrong kernel never wins — and CUDA events). The winner is
+cached per (program, GPU, capability, target arch, dtype, shape bucket) as a small JSON file
+written atomically; a damaged file is ignored and rewritten. Both targets tune: sm_90a's kernels,
+and the generic ones (sm_8x, or sm_90 where an H100 is told to run them), each with its own cache
+entries.
 """
 
 from __future__ import annotations
@@ -28,16 +29,13 @@ from typing import Any
 from tilemix.tiles import Kernel
 from tilemix.tiles.errors import TileError
 from tilemix.tiles.params import Binding
-from tilemix.tiles.types import DType
 
 from .schedule import Schedule
 
 __all__ = ["Config", "TuneResult", "config_space", "tune", "cached_config", "cache_key", "config_for",
-           "SegmentsResult", "tune_segments", "tuned_segments"]
+           "SegmentsResult", "tuned_segments", "store_segments", "forget_choices"]
 
 MAX_STAGES = 4
-_TORCH_NAMES = {DType.f32: "float32", DType.f16: "float16", DType.bf16: "bfloat16"}
-CHECK_ROWS = 256  # tokens (or matrix rows) of the real inputs each candidate is checked on
 
 
 @dataclass(frozen=True)
@@ -233,9 +231,10 @@ _PROGRAM_HASH: dict[int, str] = {}
 _LOOKUPS: dict[tuple, Config | None] = {}
 
 
-def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device, arch: str = "sm_90a") -> Config | None:
+def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device, arch: str = "sm_90a",
+               autotune: Callable[[], Config] | None = None) -> Config | None:
     """The tuned config of this call on ``arch``: from memory, else from the cache dir, else (with
-    ``TILEMIX_AUTOTUNE=1``) tuned now on ``args``; None means the default schedule."""
+    ``TILEMIX_AUTOTUNE=1``) ``autotune()``, which tunes it now; None means the default schedule."""
     memo = (id(kernel), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device, arch)
     if memo not in _LOOKUPS:
         import torch
@@ -245,8 +244,8 @@ def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device, a
         config = cached_config(key)
         if config is not None and not usable(kernel, args, config, arch):
             config = None  # tuned by an older code generator; the default (or a new tune) instead
-        if config is None and os.environ.get("TILEMIX_AUTOTUNE") == "1":
-            config = tune(kernel, args, arch=arch).best
+        if config is None and autotune is not None and os.environ.get("TILEMIX_AUTOTUNE") == "1":
+            config = autotune()
         _LOOKUPS[memo] = config
     return _LOOKUPS[memo]
 
@@ -267,17 +266,15 @@ def usable(kernel: Kernel, args: dict[str, Any], config: Config, arch: str = "sm
 
 
 # -- the search ----------------------------------------------------------------------------
-def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], object]], float] | None = None,
-         runner=None, progress: Callable[[str], None] | None = None, workers: int | None = None,
-         arch: str | None = None) -> TuneResult:
-    """Tune ``kernel`` for ``args`` (CUDA tensors) on ``arch`` (default: the arch the ops run on
-    here, see ``use_target``) and cache the winner.
+def tune(kernel: Kernel, runner, *, timer: Callable[[Callable[[], object]], float],
+         progress: Callable[[str], None] | None = None, workers: int | None = None) -> TuneResult:
+    """Search ``kernel``'s configs with ``runner`` and ``timer`` and cache the winner under
+    ``runner.key``.
 
-    ``timer(fn) -> ms`` and ``runner`` (an object with ``prepare(config) -> error or None``,
-    ``check(config) -> error or None`` and ``launch(config) -> callable``) default to the GPU ones;
-    tests pass fakes."""
-    runner = runner or _GpuRunner(kernel, args, arch)
-    timer = timer or _gpu_timer()
+    ``runner`` has the call's ``binding``, ``default`` schedule and cache ``key``, and
+    ``prepare(config) -> error or None`` (lower and compile), ``check(config) -> error or None``
+    (correctness), ``launch(config) -> callable`` and optionally ``fits(config) -> bool``;
+    ``timer(callable) -> ms``. ``tilemix.ops.runtime.tune`` passes the GPU ones; tests pass fakes."""
     space = config_space(kernel, runner.binding, runner.default, getattr(runner, "fits", None))
     result = TuneResult(best=space[0], default=space[0])
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
@@ -297,123 +294,15 @@ def tune(kernel: Kernel, args: dict[str, Any], *, timer: Callable[[Callable[[], 
             progress(config.describe())
     result.best = min(result.times, key=result.times.get)
     store_config(runner.key, result.best)
-    _forget_choices()
+    forget_choices()
     return result
 
 
-def _forget_choices() -> None:
-    """After a tune: calls in this process look their configs and segment counts up again."""
-    from tilemix.ops.runtime import forget_calls
-
+def forget_choices() -> None:
+    """After a tune: calls in this process look their configs and segment counts up again (the
+    runtime also forgets the calls it prepared with the old ones)."""
     _LOOKUPS.clear()
     _SEGMENTS.clear()
-    forget_calls()
-
-
-def _gpu_timer():
-    from tilemix.bench.bench import time_ms
-
-    return time_ms
-
-
-class _GpuRunner:
-    """Compiles, checks and launches candidate configs of one call on the current GPU."""
-
-    def __init__(self, kernel: Kernel, args: dict[str, Any], arch: str | None = None):
-        import torch
-
-        from tilemix.ops.runtime import current_target, select_arch
-
-        from .launch import launch_schedule
-
-        device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
-        capability = torch.cuda.get_device_capability(device)
-        self.arch = arch or select_arch(capability, current_target())
-        args = {**kernel.consts_for(self.arch, args), **args}  # the block shapes an untuned call runs here
-        self.kernel, self.args = kernel, args
-        self.binding = kernel.bind(args)
-        self.target = "hopper" if self.arch == "sm_90a" else "generic"  # what runs a candidate
-        self.default = launch_schedule(kernel, self.binding, device.index, self.arch)  # what an untuned call runs
-        self.key = cache_key(kernel, self.binding, torch.cuda.get_device_name(device), capability, self.arch)
-        self.small = self._first_rows(args)
-        self._reference = None
-
-    def _first_rows(self, args: dict[str, Any]) -> dict[str, Any]:
-        """``args`` cut to their first CHECK_ROWS along one runtime dim: the sequence (T), or for
-        matrix programs the first matrix's rows (gemm's M), in every tensor that has that dim."""
-        import torch
-
-        layouts = {p.name: p.spec.layout for p in self.binding.params if p.present and not p.spec.output}
-        matrices = [layout for layout in layouts.values() if len(layout) == 2 and "T" not in layout]
-        dim = "T" if "T" in self.binding.sizes else matrices[0][0]
-        small = dict(args)
-        for name, layout in layouts.items():
-            value = args.get(name)
-            if isinstance(value, torch.Tensor) and dim in layout:
-                axis = layout.index(dim)
-                small[name] = value.narrow(axis, 0, min(value.shape[axis], CHECK_ROWS)).contiguous()
-        return small
-
-    def _with(self, config: Config, args: dict[str, Any]) -> dict[str, Any]:
-        return {**args, **dict(config.consts)}
-
-    def fits(self, config: Config) -> bool:
-        """Whether the lowering takes ``config`` (shared memory; no compile)."""
-        from .launch import kernel_source
-
-        try:
-            kernel_source(self.kernel, self.kernel.bind(self._with(config, self.args)), config.schedule, self.arch)
-        except TileError:
-            return False
-        return True
-
-    def prepare(self, config: Config) -> str | None:
-        from .compile import CompileError, compile_cuda, resources
-        from .launch import kernel_source
-
-        try:
-            binding = self.kernel.bind(self._with(config, self.args))
-            source = kernel_source(self.kernel, binding, config.schedule, self.arch)
-            usage = resources(compile_cuda(source.source, self.arch, source.name))
-        except (TileError, CompileError) as e:
-            return str(e).splitlines()[0]
-        if config == Config(self.default):
-            return None  # what an untuned call runs: timed even if it spills
-        if usage["local"] or usage["stack"] > 64:
-            return f"spills ({usage['local']} B local, {usage['stack']} B stack)"
-        return None
-
-    def _run(self, config: Config, args: dict[str, Any]):
-        from tilemix.ops.runtime import run_kernel, use_target
-
-        with use_target(self.target):
-            return run_kernel(self.kernel, self._with(config, args), schedule=config.schedule)
-
-    def check(self, config: Config) -> str | None:
-        """Against the interpreter on the first rows: no worse than twice the default's error (and
-        within the dtype's bound if the default is)."""
-        import torch
-
-        from tilemix.reference.tolerance import bound
-
-        if self._reference is None:
-            cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.small.items()}
-            self._reference = self._run(Config(self.default), cpu)
-            self._default_err = max(self._error(self._run(Config(self.default), self.small)).values())
-        limit = max(bound(_TORCH_NAMES[self.binding.compute_dtype]), 2 * self._default_err)
-        errors = self._error(self._run(config, self.small))
-        worst = max(errors, key=errors.get)
-        if not errors[worst] <= limit:
-            return f"{worst} differs from the interpreter by {errors[worst]:.2e} (limit {limit:.2e})"
-        return None
-
-    def _error(self, outputs) -> dict[str, float]:
-        from tilemix.reference.tolerance import rel_err
-
-        return {name: rel_err(out.cpu(), self._reference[name].double().numpy()) for name, out in outputs.items()}
-
-    def launch(self, config: Config) -> Callable[[], object]:
-        return lambda: self._run(config, self.args)
 
 
 # -- sequence segments of a scan (ops/_segments.py) ----------------------------------------------------
@@ -425,14 +314,12 @@ class SegmentsResult:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-def _segments_key(scan, binding: Binding, device) -> str:
-    """The cache key of a scan's segment count, for the arch its kernels run as now."""
+def _segments_key(scan, binding: Binding, device, arch: str) -> str:
+    """The cache key of a scan's segment count for the kernels of ``arch``."""
     import torch
 
-    from tilemix.ops.runtime import device_arch
-
     gpu, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    return cache_key(scan.kernel, binding, gpu, capability, device_arch(device)) + "-segments"
+    return cache_key(scan.kernel, binding, gpu, capability, arch) + "-segments"
 
 
 _SEGMENTS: dict[tuple, int | None] = {}
@@ -444,44 +331,15 @@ def tuned_segments(scan, binding: Binding, device, arch: str = "sm_90a") -> int 
     memo = (id(scan), binding.key(), tuple(_bucket(v) for k, v in sorted(binding.sizes.items())), device, arch)
     if memo not in _SEGMENTS:
         try:
-            count = json.loads(_cache_path(_segments_key(scan, binding, device)).read_text())["segments"]
+            count = json.loads(_cache_path(_segments_key(scan, binding, device, arch)).read_text())["segments"]
             _SEGMENTS[memo] = count if isinstance(count, int) and count >= 1 else None
         except (OSError, ValueError, KeyError, TypeError):
             _SEGMENTS[memo] = None
     return _SEGMENTS[memo]
 
 
-def tune_segments(scan, args: dict[str, Any], *, timer: Callable[[Callable[[], object]], float] | None = None,
-                  progress: Callable[[str], None] | None = None) -> SegmentsResult:
-    """Time ``scan`` (a ``SegmentedScan``) on ``args`` at each segment count T allows, checked against
-    the sequential scan's outputs (within the dtype's bound), and cache the fastest for the shape."""
-    import torch
-
-    from tilemix.reference.tolerance import bound, rel_err
-
-    timer = timer or _gpu_timer()
-    binding = scan.kernel.bind(args)
-    device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device.index
-    default = scan.default_segments(args, tuned=False)
-    result = SegmentsResult(best=default, default=default)
-    sequential = scan(args, final_states=None, segments=1)
-    limit = bound(_TORCH_NAMES.get(binding.compute_dtype, "float32"))  # float64 (CPU tests): float32's
-    for count in scan.segment_choices(binding.sizes["T"]):
-        errors = {} if count == 1 else {  # the sequential scan is the reference itself
-            name: rel_err(out.double().cpu(), sequential[name].double().cpu())
-            for name, out in scan(args, final_states=None, segments=count).items()}
-        worst = max(errors, key=errors.get, default=None)
-        if worst is None or errors[worst] <= limit:
-            result.times[count] = timer(lambda count=count: scan(args, final_states=(), segments=count))
-        else:
-            result.rejected[count] = f"{worst} differs from the sequential scan by {errors[worst]:.2e}"
-        if progress:
-            progress(f"segments={count}")
-    if default not in result.times:
-        raise RuntimeError(f"{scan.kernel.name} at its default {default} segments failed: "
-                           f"{result.rejected.get(default)}")
-    result.best = min(result.times, key=result.times.get)
-    key = _segments_key(scan, binding, device)
-    _store_text(key, json.dumps({"segments": result.best}))
-    _forget_choices()
-    return result
+def store_segments(scan, binding: Binding, device, arch: str, count: int) -> None:
+    """Cache ``count`` as the segment count of this call's shape bucket on ``arch`` (what
+    ``tuned_segments`` then gives)."""
+    _store_text(_segments_key(scan, binding, device, arch), json.dumps({"segments": count}))
+    forget_choices()

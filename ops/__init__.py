@@ -2,15 +2,18 @@
 
 Each op is a ``@kernel`` program (``*_fwd``) plus a public function with the
 flash-linear-attention calling convention. CPU tensors run the NumPy
-interpreter; the GPU backends are built in ``tilemix.codegen``.
+interpreter; the GPU backends are built in ``tilemix.codegen``. Programs of
+your own run the same way: ``run(kernel, **args)`` returns their outputs and
+final states, ``mixer(kernel)`` makes them a torch function (a custom op that
+``torch.compile`` traces), see ``tilemix.ops.runtime``.
 """
 
-from ._library import custom_op
+from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
-from .runtime import use_target
+from .runtime import run, use_target
 from .ssd import ssd, ssd_fwd, ssd_scan
 
 PROGRAMS = {
@@ -27,4 +30,5 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
 
 __all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
-           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target", "custom_op"]
+           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target", "custom_op",
+           "run", "mixer", "Mixer"]

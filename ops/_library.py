@@ -11,9 +11,9 @@ import torch
 
 from tilemix.tiles import Kernel
 
-from .runtime import fake_run, run_kernel
+from .runtime import check_call, fake_run, run_kernel
 
-__all__ = ["tile_op", "no_state", "custom_op"]
+__all__ = ["tile_op", "no_state", "custom_op", "mixer", "Mixer"]
 
 # to_args(*op_args) -> (program arguments, labels, final states wanted); to_result(outputs) -> op result
 ToArgs = Callable[..., tuple[dict[str, Any], dict[str, str], tuple[str, ...] | None]]
@@ -35,10 +35,17 @@ def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: 
         program_args, labels, final = to_args(*args)
         return to_result(fake_run(kernel, program_args, labels, final))
 
-    qualified = name if "::" in name else f"tilemix::{name}"
+    qualified = _qualified(name)
+    namespace, _, short = qualified.partition("::")
+    if hasattr(getattr(torch.ops, namespace), short):  # torch takes a second one; the first then corrupts memory
+        raise ValueError(f"name: a torch op {qualified!r} is already registered; pick another name")
     op = torch.library.custom_op(qualified, real, mutates_args=(), schema=schema)
     op.register_fake(fake)
     return op
+
+
+def _qualified(name: str) -> str:
+    return name if "::" in name else f"tilemix::{name}"
 
 
 def no_state(like: torch.Tensor) -> torch.Tensor:
@@ -49,16 +56,19 @@ def no_state(like: torch.Tensor) -> torch.Tensor:
 _CONST_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
 
 
-def custom_op(kernel: Kernel, name: str | None = None):
+def custom_op(kernel: Kernel, name: str | None = None, final_states: tuple[str, ...] | None = None):
     """``kernel`` as a PyTorch custom op ``name`` (``"namespace::op"``; default
-    ``"tilemix_user::<kernel name>"``), for a mixer of your own in a model.
+    ``"tilemix_user::<kernel name>"``), for a mixer of your own in a model (``mixer`` wraps it in a
+    function called by parameter name).
 
     Call it with the program's inputs in their order (tensors, ``None`` for an absent optional, a
-    number for a ``Scalar`` or ``Const``); it returns the outputs and then the final states, a tensor
-    where there is one, else a tuple. CPU tensors run the interpreter, CUDA tensors the generated
-    kernel. A fake kernel shapes the results, so ``torch.compile(fullgraph=True)`` traces it. The
-    result is torch's ``CustomOpDef``: ``op.register_autograd(backward, setup_context=...)`` makes
-    it differentiable, with a backward that may call other tile programs' ops.
+    number for a ``Scalar`` or ``Const``); trailing inputs with a default may be left out. It
+    returns the outputs and then the final states named in ``final_states`` (None: every state),
+    a tensor where there is one, else a tuple. CPU tensors run the interpreter, CUDA tensors the
+    generated kernel (which writes only the states asked for). A fake kernel shapes the results, so
+    ``torch.compile(fullgraph=True)`` traces it. The result is torch's ``CustomOpDef``:
+    ``op.register_autograd(backward, setup_context=...)`` makes it differentiable, with a backward
+    that may call other tile programs' ops. A name registered before is a ValueError.
 
     >>> from tilemix.tiles import Out, Scalar, Seq, chunks, kernel
     >>> @kernel
@@ -72,27 +82,117 @@ def custom_op(kernel: Kernel, name: str | None = None):
     inputs = [n for n, spec in kernel.specs.items() if not spec.output]
     outputs = [n for n, spec in kernel.specs.items() if spec.output]
     states = [n for n, spec in kernel.specs.items() if spec.kind == "state"]
-    arguments = []
-    for n in inputs:
-        spec, optional = kernel.specs[n], n in kernel.defaults and kernel.defaults[n] is None
-        if spec.kind == "scalar":
-            kind = "float"
-        elif spec.kind == "const":
-            kind = _CONST_TYPES.get(type(kernel.defaults.get(n)))
-            if kind is None:
-                raise TypeError(f"custom_op({kernel.name}): Const parameter {n!r} needs a default of type bool, int, "
-                                "float or str (it gives the op's schema its type)")
-        else:
-            kind = "Tensor"
-        arguments.append(f"{kind}{'?' if optional else ''} {n}")
-    results = outputs + states
+    if final_states is None:
+        final_states = tuple(states)
+    unknown = [n for n in final_states if n not in states]
+    if unknown:
+        raise ValueError(f"final_states: {unknown} are not states of {kernel.name}; its states are {states}")
+    results = outputs + list(final_states)
+    if not results:
+        raise ValueError(f"final_states: {kernel.name} has no outputs, so the op must return at least one of its "
+                         f"states {states}")
+    arguments = [_schema_argument(kernel, n) for n in inputs]
+    for i in range(len(arguments) - 1, -1, -1):  # torch takes defaults on trailing arguments only
+        if inputs[i] not in kernel.defaults:
+            break
+        arguments[i] += "=" + _schema_default(kernel.defaults[inputs[i]])
     returns = "Tensor" if len(results) == 1 else f"({', '.join(['Tensor'] * len(results))})"
     schema = f"({', '.join(arguments)}) -> {returns}"
 
     def to_args(*values):
-        return dict(zip(inputs, values)), {}, tuple(states)
+        return dict(zip(inputs, values)), {}, tuple(final_states)
 
     def to_result(out):
         return out[results[0]] if len(results) == 1 else tuple(out[n] for n in results)
 
     return tile_op(name or f"tilemix_user::{kernel.name}", schema, kernel, to_args, to_result)
+
+
+def _schema_argument(kernel: Kernel, name: str) -> str:
+    """``name``'s type and name in the op's schema: a Scalar is a float, a Const its default's type."""
+    spec, optional = kernel.specs[name], name in kernel.defaults and kernel.defaults[name] is None
+    if spec.kind == "scalar":
+        kind = "float"
+    elif spec.kind == "const":
+        kind = _CONST_TYPES.get(type(kernel.defaults.get(name)))
+        if kind is None:
+            raise TypeError(f"custom_op({kernel.name}): Const parameter {name!r} needs a default of type bool, int, "
+                            "float or str (it gives the op's schema its type)")
+    else:
+        kind = "Tensor"
+    return f"{kind}{'?' if optional else ''} {name}"
+
+
+def _schema_default(value) -> str:
+    """A Python default as the schema writes it."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "None" if value is None else repr(value)
+
+
+class Mixer:
+    """A tile program as a torch function backed by a custom op (see ``mixer``): called with the
+    program's inputs by name, it returns its outputs in declaration order, then the final states
+    it was asked for (a tensor where there is one result, else a tuple)."""
+
+    def __init__(self, kernel: Kernel, name: str | None, final_states: tuple[str, ...]):
+        self.kernel = kernel
+        self.final_states = tuple(final_states)
+        self.name = _qualified(name or f"tilemix_user::{kernel.name}")
+        self.op = custom_op(kernel, self.name, self.final_states)  # torch's CustomOpDef
+        self._inputs = [n for n, spec in kernel.specs.items() if not spec.output]
+        self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
+        self.op.register_autograd(self._no_backward)
+
+    def __call__(self, **inputs):
+        unknown = sorted(set(inputs) - set(self._inputs))
+        if unknown:
+            outputs = [n for n in unknown if n in self.kernel.specs]
+            why = f"{outputs} are outputs, which the op returns" if outputs else f"expected {self._inputs}"
+            raise TypeError(f"{self.name}: unexpected argument(s) {unknown}; {why}")
+        missing = [n for n in self._inputs if n not in inputs and n not in self.kernel.defaults]
+        if missing:
+            raise TypeError(f"{self.name}: missing argument(s) {missing}")
+        check_call(self.name, differentiable=True, **{n: inputs.get(n) for n in self._tensors})
+        return self.op(*(inputs[n] if n in inputs else self.kernel.defaults[n] for n in self._inputs))
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
+        """Make the op differentiable: ``backward(ctx, *grads)`` returns a gradient (or None) per
+        input in the program's order, as ``torch.library.register_autograd`` describes; it may call
+        other tile programs (``run``, other mixers). Replaces any backward registered before."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+
+    def _no_backward(self, ctx, *grads):
+        raise RuntimeError(
+            f"{self.name}: the tile program {self.kernel.name!r} has no backward yet, so no gradient flows "
+            f"through it; attach one with mixer.register_autograd(backward, setup_context=...) (see "
+            f"torch.library.register_autograd), or call it under torch.no_grad()")
+
+    def __repr__(self) -> str:
+        return f"mixer({self.kernel.name}, name={self.name!r}, final_states={self.final_states})"
+
+
+def mixer(kernel: Kernel, name: str | None = None, *, final_states: tuple[str, ...] = ()) -> Mixer:
+    """A forward tile program as a torch function: ``mixer(kernel)(q=q, k=k, v=v)`` returns the
+    program's outputs in declaration order, then the final states named in ``final_states``.
+
+    Backed by the custom op ``name`` (default ``"tilemix_user::<kernel name>"``): CPU tensors run
+    the interpreter, CUDA tensors the generated kernel for the device's target; a fake kernel
+    shapes the results from the program's shapes, so ``torch.compile(fullgraph=True)`` traces it,
+    with dynamic shapes, and ``torch.library.opcheck(m.op, ...)`` passes. Arguments get the checks
+    the shipped ops make (a ValueError or TypeError naming the argument). A gradient needs a
+    backward: ``m.register_autograd(...)``; until then backward through the op is an error that
+    says so, never a wrong gradient.
+
+    >>> from tilemix.tiles import Out, Seq, State, chunks, colsum, kernel
+    >>> @kernel
+    ... def running_sum(x: Seq["D"], y: Out[Seq["D"]], s: State["D", 1] = None):
+    ...     for c in chunks(64):
+    ...         y[c] = x[c] * 2.0
+    ...         s = s + colsum(x[c]).T
+    >>> m = mixer(running_sum, "demo::running_sum", final_states=("s",))
+    >>> y, s = m(x=torch.ones(1, 100, 2, 16))
+    >>> y.shape, s.shape, s[0, 0, 0, 0].item()
+    (torch.Size([1, 100, 2, 16]), torch.Size([1, 2, 16, 1]), 100.0)
+    """
+    return Mixer(kernel, name, tuple(final_states))

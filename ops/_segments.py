@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from tilemix.codegen import launch
+from tilemix.codegen.tune import tuned_segments
 from tilemix.tiles import Kernel
 
 from .runtime import call_signature, check_hopper_dims, device_arch, recall, remember, run_kernel
@@ -135,8 +137,6 @@ class SegmentedScan:
         return count
 
     def _choose_segments(self, args: dict[str, Any], labels: dict[str, str] | None, tuned: bool) -> int:
-        from tilemix.codegen.launch import column_blocks, launch_schedule, sm_count
-
         binding = self.kernel.bind(args, labels)
         if 0 in binding.sizes.values():
             return 1
@@ -144,14 +144,12 @@ class SegmentedScan:
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device.index
         arch = device_arch(device)
         if tuned and not os.environ.get("TILEMIX_SEGMENTS"):
-            from tilemix.codegen.tune import tuned_segments
-
             count = tuned_segments(self, binding, device, arch)
             if count is not None and binding.sizes["T"] % (CHUNK * count) == 0:
                 return count
-        programs = binding.sizes["B"] * binding.sizes["H"] * column_blocks(
-            launch_schedule(self.kernel, binding, device, arch).split, binding.static)
-        return segment_count(binding.sizes["T"], programs, sm_count(device), self.min_length)
+        programs = binding.sizes["B"] * binding.sizes["H"] * launch.column_blocks(
+            launch.launch_schedule(self.kernel, binding, device, arch).split, binding.static)
+        return segment_count(binding.sizes["T"], programs, launch.sm_count(device), self.min_length)
 
 
 def _split(t: torch.Tensor, segments: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from tilemix.tiles import TensorSpec
 
 from .attention import key_chunk
 
-__all__ = ["example_specs", "example_inputs", "kernel_specs"]
+__all__ = ["example_specs", "example_inputs", "kernel_specs", "kernel_inputs"]
 
 
 def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H: int = 16,
@@ -80,3 +80,16 @@ def kernel_specs(kernel, sizes: dict[str, int] | None = None, dtype: str = "bflo
             shape = lead + dim(spec.dims[0])
             args[name] = TensorSpec(shape, dtype if spec.is_tile_operand else "float32")
     return args
+
+
+def kernel_inputs(kernel, sizes: dict[str, int] | None = None, device: str = "cuda", dtype: str = "bfloat16",
+                  B: int = 8, T: int = 4096, H: int = 16, size: int = 128, seed: int = 0) -> dict:
+    """Random arguments for any ``@kernel`` (a user's mixer, for ``tilemix tune module:kernel``),
+    shaped as ``kernel_specs`` says: small values (standard normal x 0.1), so that decays and
+    exponentials of a program the tuner knows nothing about stay finite."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    args = kernel_specs(kernel, sizes, dtype, B=B, T=T, H=H, size=size)
+    return {name: 0.1 * torch.randn(spec.shape, device=device, generator=g).to(getattr(torch, spec.dtype))
+            if isinstance(spec, TensorSpec) else spec for name, spec in args.items()}

@@ -1,4 +1,7 @@
-"""Running a tile program on torch tensors: CPU tensors go to the interpreter."""
+"""Running a tile program on torch tensors: CPU tensors go to the interpreter, CUDA tensors to the
+generated kernel for the device's target. ``run`` is the public entry; the shipped ops call
+``run_kernel``. Also here: the targets (``use_target``), the call cache, and tuning a call's
+schedule (``tune``, ``tune_segments``: ``codegen.tune``'s search with this runtime's runner)."""
 
 from __future__ import annotations
 
@@ -7,17 +10,24 @@ import contextvars
 import functools
 import numbers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from tilemix.codegen import launch
+from tilemix.codegen import tune as search
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
 
-__all__ = ["run_kernel", "call_signature", "remember", "recall", "forget_calls", "fake_run", "default_scale",
-           "check_call", "use_target", "call_with_target", "device_arch", "capture_calls"]
+from .timing import time_ms
+from .tuning import GpuRunner, search_segments
+
+__all__ = ["run", "run_kernel", "tune", "tune_segments",
+           "call_signature", "remember", "recall", "forget_calls", "fake_run", "default_scale",
+           "check_call", "check_devices", "use_target", "call_with_target", "device_arch", "capture_calls"]
 
 _CAPTURED: list[tuple[Kernel, dict[str, Any]]] | None = None  # run_kernel's calls, inside capture_calls
 
@@ -46,7 +56,9 @@ def default_scale(q: Any, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if q.shape[-1] else 1.0  # K = 0: every score is 0 whatever the scale
 
 
-def _check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> torch.device:
+def check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> torch.device:
+    """The one device of ``tensors``; tensors on different devices (index included) are a ValueError
+    naming both (by ``labels``, where a caller knows them by other names)."""
     devices = {name: t.device for name, t in tensors.items()}
     first_name, first = next(iter(devices.items()))
     for name, device in devices.items():
@@ -74,7 +86,7 @@ def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     """What ``run_kernel`` returns, as empty tensors of the right shapes, dtypes and device
     (meta/fake tensors for torch.compile), after the same argument checks."""
     labels = labels or {}
-    device = _check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels)
+    device = check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels)
     binding = kernel.bind(args, labels)
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
@@ -96,6 +108,72 @@ def _output_specs(binding, args: dict[str, Any], final_states: tuple[str, ...] |
     return tuple(specs)
 
 
+def run(kernel: Kernel, **args: Any) -> dict[str, torch.Tensor]:
+    """Run ``kernel`` (any ``@kernel`` program) on torch tensors; returns its outputs and final
+    states by parameter name.
+
+    Arguments by parameter name: tensors for the tensor parameters (all on one device), ``None``
+    or nothing for an absent optional, a number for a ``Scalar`` or ``Const``. CPU tensors run the
+    interpreter (any size; float32 or float64), CUDA tensors the generated kernel for the device's
+    target (see ``use_target``). Outputs come in the inputs' dtype, final states in float32
+    (float64 in a float64 program). Bad arguments are a TypeError or ValueError naming the argument.
+    ``run`` does not record gradients: ``mixer`` makes a program a differentiable torch function.
+
+    >>> from tilemix.tiles import Out, Seq, chunks, kernel
+    >>> @kernel
+    ... def double(x: Seq["D"], y: Out[Seq["D"]]):
+    ...     for c in chunks(64):
+    ...         y[c] = x[c] * 2.0
+    >>> run(double, x=torch.ones(1, 100, 2, 16))["y"].sum().item()
+    6400.0
+    """
+    if not isinstance(kernel, Kernel):
+        raise TypeError(f"kernel: expected a @kernel program, got {type(kernel).__name__}")
+    outputs = sorted(n for n in args if n in kernel.specs and kernel.specs[n].output)
+    if outputs:
+        raise TypeError(f"{kernel.name}: {outputs} are outputs, which run() allocates and returns; pass only inputs")
+    tensors = {n: v for n, v in args.items() if n in kernel.specs and kernel.specs[n].kind not in ("scalar", "const")}
+    check_call(kernel.name, differentiable=True, **tensors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors.values()):
+        raise NotImplementedError(f"run({kernel.name}): run() records no gradients; make the program a torch "
+                                  "function with tilemix.ops.mixer, or call it under torch.no_grad()")
+    if not any(isinstance(t, torch.Tensor) for t in tensors.values()):
+        kernel.bind(args)  # no tensor at all: the binding's error names what is missing
+    return run_kernel(kernel, args)
+
+
+def tune(kernel: Kernel, args: dict[str, Any], *, arch: str | None = None,
+         timer: Callable[[Callable[[], object]], float] = time_ms, progress: Callable[[str], None] | None = None,
+         workers: int | None = None) -> search.TuneResult:
+    """Tune ``kernel`` for ``args`` (CUDA tensors) on ``arch`` (default: the arch the ops run on
+    here, see ``use_target``) and cache the winner: ``codegen.tune.tune`` with this GPU's runner
+    (candidates checked against the interpreter) and ``timer``. Later calls of this shape use it."""
+    device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
+    arch = arch or device_arch(device)
+    target = "hopper" if arch == "sm_90a" else "generic"  # what runs a candidate
+
+    def run_candidate(kernel: Kernel, args: dict[str, Any], schedule) -> dict[str, torch.Tensor]:
+        with use_target(target):
+            return run_kernel(kernel, args, schedule=schedule)
+
+    runner = GpuRunner(kernel, args, arch, run_candidate)
+    result = search.tune(kernel, runner, timer=timer, progress=progress, workers=workers)
+    forget_calls()
+    return result
+
+
+def tune_segments(scan, args: dict[str, Any], *, arch: str | None = None,
+                  timer: Callable[[Callable[[], object]], float] = time_ms,
+                  progress: Callable[[str], None] | None = None) -> search.SegmentsResult:
+    """Time ``scan`` (a segmented scan of ``tilemix.ops.SEGMENTED``) on ``args`` at each segment count
+    its sequence allows, checked against the sequential scan, and cache the fastest for the shape
+    on ``arch`` (default: the arch the ops run on here)."""
+    device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
+    result = search_segments(scan, args, arch or device_arch(device), timer, progress)
+    forget_calls()
+    return result
+
+
 def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
                final_states: tuple[str, ...] | None = None, schedule=None) -> dict[str, torch.Tensor]:
     """Run ``kernel`` on ``args`` (torch tensors, numbers, None for absent
@@ -115,7 +193,7 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         return prepared(args)
     labels = labels or {}
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
-    device = _check_devices(tensors, labels)
+    device = check_devices(tensors, labels)
     _refuse_gradients(kernel, tensors.values())
     binding = kernel.bind(args, labels)
     if 0 in (binding.sizes.get("B", 1), binding.sizes.get("H", 1)):
@@ -133,9 +211,8 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         if extra:  # this arch's block shapes, where the caller chose none
             binding = kernel.bind({**args, **extra}, labels)
         if schedule is None:  # a tuned config for this arch, if `tilemix tune` left one
-            from tilemix.codegen.tune import config_for
-
-            tuned = config_for(kernel, binding, {**args, **extra}, device, arch)
+            tuned = search.config_for(kernel, binding, {**args, **extra}, device, arch,
+                                      autotune=lambda: tune(kernel, {**args, **extra}, arch=arch).best)
             if tuned is not None:
                 schedule = tuned.schedule
                 if tuned.consts:
@@ -263,8 +340,6 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
     value is passed at launch), the target, the environment knobs, the SM count, and ``extra``.
     None when a tensor is not on a CUDA device (nothing is remembered for the interpreter) or an
     argument is of a kind no call accepts."""
-    from tilemix.codegen.launch import sm_count
-
     parts = [kernel, _TARGET.get(), *map(os.environ.get, _ENV_KNOBS), *extra]
     device = None
     for name, value in args.items():
@@ -281,7 +356,7 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
             return None
     if device is None:
         return None
-    parts.append(sm_count(device.index))  # the launch schedule depends on it
+    parts.append(launch.sm_count(device.index))  # the launch schedule depends on it
     return tuple(parts)
 
 
@@ -343,8 +418,6 @@ def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str
     """The kernel for ``arch`` (``select_arch``: sm_90a is the Hopper lowering, sm_8x and sm_90 the
     generic mma.sync one) on ``binding`` (``args`` with the constants ``extra``), prepared to
     launch into freshly allocated outputs."""
-    from tilemix.codegen import launch
-
     prepared = launch.prepare_launch(kernel, binding, {**args, **extra}, schedule, arch, device.index)
     return _Prepared(extra, _output_specs(binding, args, final_states), prepared, device,
                      bool(os.environ.get("TILEMIX_POISON")))

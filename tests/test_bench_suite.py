@@ -35,8 +35,9 @@ def test_plots_from_a_result(tmp_path):
 def test_markdown_and_json_path_from_a_result(tmp_path, capsys):
     import json
 
-    from tilemix.bench.bench import default_json_path, results_markdown
+    from tilemix.bench.bench import default_json_path
     from tilemix.bench.plots import main
+    from tilemix.bench.report import results_markdown
 
     records = [dict(op="ssd", shape=dict(B=8, T=4096, H=16), ms=0.3, host_us=90.0, peer="fla-chunk_simple_gla",
                     peer_ms=0.5, speedup=0.5 / 0.3, roofline_fraction=0.31)]
@@ -56,7 +57,8 @@ def test_markdown_and_json_path_from_a_result(tmp_path, capsys):
 def test_generic_runs_have_their_own_json_and_heading():
     """tilemix bench --target generic: records and result carry target "generic"; the default JSON
     path and the markdown heading say so (a Hopper run of the same day is not overwritten)."""
-    from tilemix.bench.bench import default_json_path, results_markdown
+    from tilemix.bench.bench import default_json_path
+    from tilemix.bench.report import results_markdown
 
     records = [dict(op="gemm", target="generic", arch="sm_90", shape=dict(M=4096), ms=0.5, peer="cublas",
                     peer_ms=0.2, speedup=0.4, roofline_fraction=0.3)]
@@ -181,3 +183,19 @@ def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
     text = md.read_text()
     assert "| toy | B=8 T=4096 |" in text and "| toy (bwd) | B=8 T=4096 |" in text
     assert "| peer | 2.000 | 1.00x |" in text and "| peer | — | — |" in text  # a NaN peer reads as a dash
+
+
+def test_a_users_program_is_a_case_without_peer():
+    """`tilemix bench module:kernel`: the program through ops.run on inputs kernel_inputs builds, its
+    bytes those of its inputs and outputs, no peer."""
+    import torch
+    from test_user_mixers import gla_fwd
+
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.program_case(gla_fwd)(1, 70, 2, 16, torch.float32,
+                                                                             device="cpu")
+    out = ours()
+    assert set(out) == {"o", "s"} and out["o"].shape == (1, 70, 2, 16) and out["o"].isfinite().all()
+    assert peer is None and flops == 0 and shape == dict(B=1, T=70, H=2, D=16)
+    assert nbytes == 4 * (5 * 70 * 2 * 16 + 2 * 16 * 16)  # q, k, v, g and o; the state

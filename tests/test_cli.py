@@ -88,6 +88,42 @@ def test_tune_rejects_unknown_ops(capsys):
     assert "unknown op(s) ['not_an_op']" in out and "'ssd-bwd'" in out
 
 
+def test_tune_and_bench_load_a_users_program_before_asking_for_a_gpu(capsys):
+    assert main(["tune", "no_such_module:x"]) == 2
+    assert "cannot load 'no_such_module:x'" in capsys.readouterr().out
+    assert main(["bench", "test_user_mixers:MIXERS"]) == 2
+    assert "is a dict, not a @kernel" in capsys.readouterr().err
+
+
+def test_random_inputs_for_a_users_program():
+    """What `tilemix tune module:kernel` tunes on: inputs the program takes, each named dim sized."""
+    from test_user_mixers import gla_fwd
+
+    from tilemix import ops
+    from tilemix.ops.examples import kernel_inputs
+
+    inputs = kernel_inputs(gla_fwd, device="cpu", dtype="float32", B=1, T=70, H=2, size=16)
+    assert set(inputs) == {"q", "k", "v", "g"} and inputs["g"].shape == (1, 70, 2, 16)
+    assert ops.run(gla_fwd, **inputs)["o"].isfinite().all()
+
+
+@pytest.mark.gpu
+def test_gpu_tune_a_users_program(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
+    assert main(["tune", "test_user_mixers:anticausal_la_fwd", "--shape", "2,1024,4,64"]) == 0
+    assert "anticausal_la_fwd" in capsys.readouterr().out  # its row, named by the program
+
+
+@pytest.mark.gpu
+def test_gpu_bench_a_users_program(tmp_path):
+    import json
+
+    path = tmp_path / "run.json"
+    assert main(["bench", "test_user_mixers:anticausal_la_fwd", "--json", str(path)]) == 0
+    (record,) = json.loads(path.read_text())["records"]
+    assert record["op"] == "anticausal_la_fwd" and record["ms"] > 0 and record["peer_ms"] != record["peer_ms"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("target", ["hopper", "generic"])
 def test_gpu_tune_one_op(target, capsys, tmp_path, monkeypatch):

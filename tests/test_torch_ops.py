@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tilemix import ops
-from tilemix.tiles import Const, Out, Scalar, Seq, chunks, kernel
+from tilemix.tiles import Const, Out, Scalar, Seq, State, chunks, colsum, kernel
 
 B, T, H, D = 1, 70, 2, 32
 
@@ -174,12 +174,14 @@ def test_custom_op_of_a_user_program():
 
     from test_user_mixers import anticausal_la_fwd
 
-    from tilemix.ops import _library
     from tilemix.ops.runtime import run_kernel
 
-    assert doctest.testmod(_library, extraglobs={"torch": torch}).failed == 0
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(ops.custom_op, globs={"torch": torch, "custom_op": ops.custom_op}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
     op = ops.custom_op(anticausal_la_fwd, "tilemix_test::anticausal_la")
-    assert str(op._opoverload._schema) == ("tilemix_test::anticausal_la(Tensor q, Tensor k, Tensor v, Tensor? s) "
+    assert str(op._opoverload._schema) == ("tilemix_test::anticausal_la(Tensor q, Tensor k, Tensor v, Tensor? s=None) "
                                            "-> (Tensor, Tensor)")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 100, 2, 16, generator=g) for _ in range(3))
@@ -218,3 +220,50 @@ def test_custom_op_needs_typed_consts():
 
     with pytest.raises(TypeError, match="Const parameter 'mode' needs a default"):
         ops.custom_op(untyped)
+
+
+def test_custom_op_takes_consts_and_optionals_at_their_defaults():
+    """Trailing inputs with a default (an optional state, a Const) may be left out of the call."""
+    @kernel
+    def scaled_sum(x: Seq["D"], y: Out[Seq["D"]], s: State["D", 1] = None, factor: Const = 2.0,
+                   negate: Const = False):
+        for c in chunks(64):
+            y[c] = x[c] * (-factor if negate else factor)
+            s = s + colsum(x[c]).T
+
+    op = ops.custom_op(scaled_sum, "tilemix_test::scaled_sum")
+    assert str(op._opoverload._schema).endswith("(Tensor x, Tensor? s=None, float factor=2., bool negate=False) "
+                                                "-> (Tensor, Tensor)")
+    x = torch.ones(1, 70, 2, 16)
+    y, s = op(x)
+    assert torch.equal(y, 2 * x) and torch.equal(s, torch.full((1, 2, 16, 1), 70.0))
+    assert torch.equal(op(x, None, 3.0, True)[0], -3 * x)
+
+
+def test_custom_op_returns_the_final_states_asked_for():
+    @kernel
+    def two_states(x: Seq["D"], y: Out[Seq["D"]], s: State["D", 1] = None, z: State["D", 1] = None):
+        for c in chunks(64):
+            y[c] = x[c]
+            s = s + colsum(x[c]).T
+            z = z + colsum(x[c] * x[c]).T
+
+    x = torch.full((1, 64, 1, 16), 2.0)
+    y = ops.custom_op(two_states, "tilemix_test::two_states_none", final_states=())(x)
+    assert isinstance(y, torch.Tensor) and torch.equal(y, x)
+    y, z = ops.custom_op(two_states, "tilemix_test::two_states_z", final_states=("z",))(x)
+    assert torch.equal(z, torch.full((1, 1, 16, 1), 256.0))
+    with pytest.raises(ValueError, match=r"final_states: \['w'\] are not states of two_states"):
+        ops.custom_op(two_states, "tilemix_test::two_states_w", final_states=("w",))
+
+
+def test_a_custom_op_name_is_registered_once():
+    """torch accepts a second op of one name, and the first op object then corrupts memory: refused."""
+    @kernel
+    def copy(x: Seq["D"], y: Out[Seq["D"]]):
+        for c in chunks(64):
+            y[c] = x[c]
+
+    ops.custom_op(copy, "tilemix_test::copy")
+    with pytest.raises(ValueError, match="name: a torch op 'tilemix_test::copy' is already registered"):
+        ops.custom_op(copy, "tilemix_test::copy")

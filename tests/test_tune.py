@@ -15,6 +15,7 @@ import torch
 from tilemix import ops
 from tilemix.codegen import tune
 from tilemix.codegen.schedule import Schedule
+from tilemix.ops import runtime
 from tilemix.ops.examples import example_specs
 from tilemix.reference.tolerance import bound, rel_err
 
@@ -22,8 +23,7 @@ from tilemix.reference.tolerance import bound, rel_err
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
-    tune._LOOKUPS.clear()
-    tune._SEGMENTS.clear()
+    tune.forget_choices()
     return tmp_path
 
 
@@ -76,7 +76,7 @@ def test_fast_wrong_kernels_never_win_and_the_winner_is_cached():
     default = Schedule(stages=2, consumers=2, consumer_axis="blocks")
     runner = FakeRunner(binding, default)
     seen = []
-    result = tune.tune(ops.gemm_fwd, {}, timer=fake_ms, runner=runner, progress=seen.append, workers=2)
+    result = tune.tune(ops.gemm_fwd, runner, timer=fake_ms, progress=seen.append, workers=2)
     assert result.best.schedule.stages == 3 and result.best.schedule.consumers == 2
     assert all(c.schedule.stages not in (1, 4) for c in runner.launched)  # never timed
     assert {c.schedule.stages for c in result.rejected} == {1, 4}
@@ -136,11 +136,29 @@ def test_each_target_reads_its_own_tuned_configs(cache_dir, monkeypatch):
     binding = ops.gemm_fwd.bind(specs)
     generic = tune.Config(Schedule(stages=1, consumers=2, consumer_axis="blocks"))
     tune.store_config(tune.cache_key(ops.gemm_fwd, binding, "NVIDIA H100 80GB HBM3", (9, 0), "sm_90"), generic)
-    tune._LOOKUPS.clear()
+    tune.forget_choices()
     assert tune.config_for(ops.gemm_fwd, binding, specs, 0, "sm_90") == generic
     assert tune.config_for(ops.gemm_fwd, binding, specs, 0, "sm_90a") is None
     assert not tune.usable(ops.gemm_fwd, specs, tune.Config(Schedule(stages=4, consumers=2, consumer_axis="blocks")),
                            "sm_86")
+
+
+def test_a_cache_miss_tunes_through_the_runtimes_callback_only_when_asked(monkeypatch):
+    """config_for tunes nothing itself: on a miss under TILEMIX_AUTOTUNE=1 it calls the ``autotune``
+    the runtime passes (once: the answer is remembered), and without the variable it never does."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    specs = example_specs("gemm")
+    binding = ops.gemm_fwd.bind(specs)
+    tuned = tune.Config(Schedule(stages=2, consumers=2, consumer_axis="blocks"))
+    calls = []
+    autotune = lambda: calls.append(1) or tuned  # noqa: E731
+    assert tune.config_for(ops.gemm_fwd, binding, specs, 0, "sm_90a", autotune) is None and not calls
+    tune.forget_choices()
+    monkeypatch.setenv("TILEMIX_AUTOTUNE", "1")
+    for _ in range(2):
+        assert tune.config_for(ops.gemm_fwd, binding, specs, 0, "sm_90a", autotune) == tuned
+    assert calls == [1]
 
 
 def test_space_follows_the_schedule_fields(monkeypatch):
@@ -220,7 +238,7 @@ def test_a_candidate_that_raises_is_rejected_not_the_tune():
                 raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED\nmore")
             return super().check(config)
 
-    result = tune.tune(ops.gemm_fwd, {}, timer=fake_ms, runner=Crashing(binding, default), workers=2)
+    result = tune.tune(ops.gemm_fwd, Crashing(binding, default), timer=fake_ms, workers=2)
     crashed = [e for c, e in result.rejected.items() if c.schedule.stages == 3]
     assert crashed == ["RuntimeError: CUDA_ERROR_LAUNCH_FAILED"]
     assert result.best.schedule.stages == 3 and result.best.schedule.consumers == 2
@@ -231,7 +249,7 @@ def test_gpu_tunes_segments_and_calls_use_them():
     q, k, v = (torch.randn(1, 4096, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     args = dict(q=q, k=k, v=v, scale=0.125, s=None)
     scan = ops.SEGMENTED["linear_attention"]
-    result = tune.tune_segments(scan, args)
+    result = runtime.tune_segments(scan, args)
     assert set(result.times) | set(result.rejected) == {1, 2, 4, 8, 16} and not result.rejected
     assert scan.default_segments(args) == result.best
     out, _ = ops.linear_attention(q, k, v, scale=0.125)
@@ -243,7 +261,7 @@ def test_gpu_tunes_segments_and_calls_use_them():
 def test_gpu_tunes_linear_attention_end_to_end():
     q, k, v = (torch.randn(2, 1024, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     args = dict(q=q, k=k, v=v, scale=0.125, s=None)
-    result = tune.tune(ops.linear_attention_fwd, args)
+    result = runtime.tune(ops.linear_attention_fwd, args)
     assert result.best in result.times and result.times[result.best] <= result.times[result.default]
     tuned, _ = ops.linear_attention(q, k, v)  # now runs the cached config
     cpu, _ = ops.linear_attention(q.cpu(), k.cpu(), v.cpu())
@@ -253,25 +271,25 @@ def test_gpu_tunes_linear_attention_end_to_end():
 def test_segment_counts_are_checked_timed_and_cached(monkeypatch):
     """On CPU tensors (float64 interpreter) with a fake timer: every count T allows is checked
     against the sequential scan and timed; the fastest is cached and then looked up by shape."""
-    monkeypatch.setattr(tune, "_segments_key", lambda scan, binding, device: "la-segments")
+    monkeypatch.setattr(tune, "_segments_key", lambda scan, binding, device, arch: "la-segments")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1024, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
     args = dict(q=q, k=k, v=v, scale=0.25, s=None)
     scan = ops.SEGMENTED["linear_attention"]
     assert scan.segment_choices(1024) == [1, 2, 4]  # segments of at least 256 tokens
     fake_ms = iter([3.0, 1.0, 2.0])
-    result = tune.tune_segments(scan, args, timer=lambda fn: (fn(), next(fake_ms))[1])
+    result = runtime.tune_segments(scan, args, arch="sm_90a", timer=lambda fn: (fn(), next(fake_ms))[1])
     assert result.default == 1 and result.times == {1: 3.0, 2: 1.0, 4: 2.0} and result.best == 2
-    assert tune.tuned_segments(scan, scan.kernel.bind(args), None) == 2
+    assert tune.tuned_segments(scan, scan.kernel.bind(args), None, "sm_90a") == 2
 
 
 def test_a_damaged_segments_file_means_the_heuristic(cache_dir, monkeypatch):
-    monkeypatch.setattr(tune, "_segments_key", lambda scan, binding, device: "bad-segments")
+    monkeypatch.setattr(tune, "_segments_key", lambda scan, binding, device, arch: "bad-segments")
     (cache_dir / "tuned").mkdir()
     (cache_dir / "tuned" / "bad-segments.json").write_text("{\"segments\": -3}")
     scan = ops.SEGMENTED["ssd"]
     binding = scan.kernel.bind(example_specs("ssd"))
-    assert tune.tuned_segments(scan, binding, None) is None
+    assert tune.tuned_segments(scan, binding, None, "sm_90a") is None
 
 
 def test_kernels_trace_in_parallel_threads():

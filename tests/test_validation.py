@@ -135,12 +135,12 @@ def test_tensors_on_different_gpus_are_refused():
     """The device check compares whole devices (index included); CPU-testable with stand-ins."""
     from types import SimpleNamespace
 
-    from tilemix.ops.runtime import _check_devices
+    from tilemix.ops.runtime import check_devices
 
     on = lambda index: SimpleNamespace(device=torch.device("cuda", index))  # noqa: E731
     with pytest.raises(ValueError, match="k is on cuda:1 but q is on cuda:0"):
-        _check_devices({"q": on(0), "k_": on(1)}, {"k_": "k"})
-    assert _check_devices({"q": on(1), "k": on(1)}, {}) == torch.device("cuda", 1)
+        check_devices({"q": on(0), "k_": on(1)}, {"k_": "k"})
+    assert check_devices({"q": on(1), "k": on(1)}, {}) == torch.device("cuda", 1)
 
 
 @pytest.mark.parametrize("op", ["gemm", "attention", "linear_attention", "ssd"])
