@@ -56,8 +56,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 30) -> float
     a 1 GiB write evicts L2 (no call finds its inputs cached by the previous one), then the GPU spins
     HOST_WINDOW_MS while the host enqueues the call, so host time shorter than that is not counted
     (``host_us`` reports it: the GPU time is what a model whose GPU runs behind the host sees; the
-    flush alone, ~0.25 ms on an H200, let 0.4-1.2 ms of host time of segmented scans into the
-    timings of 2026-11-30)."""
+    flush alone is too short to hide the host time of segmented scans, bench/NOTES.md)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
