@@ -6,8 +6,8 @@ set -o pipefail
 OUT=${OUT:-/tmp/tilemix-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-# OMP_NUM_THREADS: each xdist worker's torch would start a thread per core; 8 workers x 16 threads
-# on 16 cores made the first-phase tests 5x slower (10 of 48 in 190 s; 42 in 40 s with 2 each)
+# OMP_NUM_THREADS: each xdist worker's torch would start a thread per core, and 8 workers x 16
+# threads on 16 cores slowed the tests several-fold (bench/NOTES.md, "Benchmark method")
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TILEMIX_CACHE=${TILEMIX_CACHE:-/tmp/tmcache} OMP_NUM_THREADS=2
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -30,7 +30,8 @@ if [ "${PHASE:-all}" != tests ]; then
   timeout "${BENCH_TIMEOUT:-120}" tilemix bench ssd ssd-bwd linear_attention linear_attention-bwd --no-peers \
     --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
   echo "bench rc=$?"; grep -a " | " "$OUT/bench.log"
-  # the SSD backward with two heads (its P blocks) per CTA: off by default until it measures faster
+  # the SSD backward with two heads (its P blocks) per CTA forced, at one stage and at two with shared
+  # staging (the default takes two heads per CTA only where B·H fills the GPU)
   heads="consumers=2,consumer_axis=heads"
   for variant in "stages=1" "stages=2,share_staging=true"; do
     TILEMIX_SCHEDULE="ssd_bwd_dc:$heads,$variant;ssd_bwd_dx:$heads,$variant" timeout 90 \

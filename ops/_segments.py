@@ -1,8 +1,8 @@
 """Sequence-parallel state passing for chunked scans (linear attention, SSD) with few sequences.
 
 A scan program runs one CTA per (batch, head, column block) and walks the sequence chunk by
-chunk, so long sequences with few batch x heads leave most of the GPU idle (H100, linear
-attention D=128: 94% of the HBM roofline at B·H=128, 46% of fla's speed at B·H=8, T=64k).
+chunk, so long sequences with few batch x heads leave most of the GPU idle (bench/NOTES.md,
+"Sequence segments").
 Because the carried state is linear in the inputs, ``s_end = decay · s_start + local``, the
 sequence can be cut into S segments that run in parallel, in two passes of tile programs:
 
@@ -40,7 +40,7 @@ CHUNK = 64  # the scans' chunk: a segment holds whole chunks
 MIN_SEGMENT = 1024  # shorter segments spend more on states than they gain in parallelism
 MIN_TUNED_SEGMENT = 256  # the shortest segments the tuner tries
 MAX_SEGMENTS = 64
-MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H (H200, 2026-11-30)
+MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H (bench/NOTES.md)
 TARGET_CTAS_PER_SM = 1.5
 
 
@@ -49,8 +49,8 @@ def segment_count(T: int, programs: int, sms: int, min_length: int = MIN_LENGTH)
     ``programs`` CTAs on ``sms`` SMs; 1 means the sequential scan. Segments pay when fewer than
     half the SMs would have a CTA and the sequence is at least ``min_length`` long; then the
     fewest (a power of two) that give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T
-    into whole chunks. H200, linear attention D=128 (bench/NOTES.md): T=64k B·H=8 1.451 ms
-    sequential, 0.260 at 16 segments; T=8192 B·H=64 0.192 sequential, 0.261 at 2 segments.
+    into whole chunks: segments pay on an idle GPU and lose on a full one, where their second pass
+    over the inputs costs more than the idle SMs (bench/NOTES.md, "Sequence segments").
     ``$TILEMIX_SEGMENTS`` forces a count (where T allows it)."""
     forced = os.environ.get("TILEMIX_SEGMENTS")
     if forced:
@@ -190,7 +190,7 @@ def combine(local: torch.Tensor, log_decay: torch.Tensor | None,
 
 @functools.cache
 def _strictly_below(n: int, device: torch.device) -> torch.Tensor:
-    """The ``n x n`` mask of j < i (built once: ``tril`` of a bool tensor costs ~1 ms of host)."""
+    """The ``n x n`` mask of j < i (built once: ``tril`` of a bool tensor is slow on the host)."""
     index = torch.arange(n, device=device)
     return index[:, None] > index[None, :]
 

@@ -57,9 +57,8 @@ def _online_softmax(qi, k, v, i, scale, is_causal, block, chunk):
 
 
 # mma.sync (the generic target): a warp holds 16 rows of each 64-row block of a tile, so 128-query
-# blocks load each key/value fragment once for two row blocks. H200, generic forced, B=4 T=4096
-# H=16 D=128: non-causal 2.042 -> 1.811 ms, causal 1.147 -> 1.118 (bench/NOTES.md). Measured on
-# sm_90 only: sm_80's 163 KiB holds one such block per CTA, not two.
+# blocks load each key/value fragment once for two row blocks (bench/NOTES.md, "Generic target").
+# Measured on sm_90 only: sm_80's 163 KiB holds one such block per CTA, not two.
 GENERIC_BLOCKS = {"sm_90": dict(block=128, chunk=64)}
 
 
@@ -128,8 +127,8 @@ def key_chunk(q, v) -> dict:
     """The forward programs' key chunk for these q and v (tensors or TensorSpecs): their default (128
     keys; 64 on the generic target forced on a Hopper) up to head dim 128; 64 beyond, where two ring
     stages of 128-key k and v chunks and two query blocks do not fit shared memory: at D = 256 128-key
-    chunks run one consumer warpgroup on a one-stage ring, 64-key chunks two on two stages (H200, B=8
-    T=4096 H=16 causal: 3.70 -> 1.97 ms; B=4 non-causal: 3.47 -> 1.72). ``ops.examples`` passes it too,
+    chunks run one consumer warpgroup on a one-stage ring, 64-key chunks two on two stages, about twice
+    as fast (bench/NOTES.md). ``ops.examples`` passes it too,
     so ``tilemix tune`` tunes (and caches under) the arguments the op runs with."""
     return {} if max(q.shape[-1], v.shape[-1]) <= 128 else dict(chunk=64)
 

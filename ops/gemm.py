@@ -14,8 +14,8 @@ __all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
 
 
 # mma.sync (generic target): a warp holds 16 rows of each 64-row block across all of a tile's
-# columns, so square 128x128 blocks reuse fragments better than 64x256. H200, generic forced,
-# 4096³: 0.538 -> 0.464 ms (bench/NOTES.md); measured on sm_90 only.
+# columns, so square 128x128 blocks reuse fragments better than 64x256 (bench/NOTES.md, "Generic
+# target"); measured on sm_90 only.
 @kernel(target_consts={"sm_90": dict(block_m=128, block_n=128)})
 def gemm_fwd(a: Matrix["M", "K"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],
              block_m: Const = 64, block_n: Const = 256, block_k: Const = 64):

@@ -408,7 +408,7 @@ class _Prepared:
         if self.device.index == torch.cuda.current_device():
             self.launch(args, outputs)
         else:
-            with torch.cuda.device(self.device):  # ~10 µs: only when the tensors are not on the current GPU
+            with torch.cuda.device(self.device):  # costs host time: only when the tensors are not on the current GPU
                 self.launch(args, outputs)
         return outputs
 

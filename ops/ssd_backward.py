@@ -120,7 +120,7 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
         inter = (bc @ g) * to_end
         da[c] = cumsum(rowsum(xc * inter) * dtc, exclusive=True)
         # du: dy_t' (C_t'·B_t) e^{A_t' - A_t} over t' >= t (written again, but CSE makes it ``decay`` above:
-        # one 64x64 tile live across dB; bench/NOTES.md session 11)
+        # one 64x64 tile live across dB; bench/NOTES.md, "SSD backward")
         dxdt = (cc @ bc.T * exp(segsum(log_decay))).T @ dyc + inter
         ddt[c] = rowsum(xc * dxdt)
         xdy[c] = rowsum(xc * dyc)
@@ -130,8 +130,8 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
 
 
 # each in sequence segments where the heads leave the GPU idle (long sequences, few heads), as the forward,
-# from T = 8192: H200, B=4 T=8192 H=16 N=P=64 (64 programs), backward 1.310 ms sequential, 1.003 in 2
-# segments, 0.808 in 4 (the forward's scans gain nothing there: less work per chunk)
+# but from T = 8192: these programs do about four times the forward's work per chunk, so segments pay
+# at lengths where the forward's scans gain nothing (bench/NOTES.md, "Sequence segments")
 SEGMENTS_FROM = 8192
 ssd_bwd_dc_scan = SegmentedScan(ssd_bwd_dc, ssd_states, "h", segment_log_decay, min_length=SEGMENTS_FROM)
 ssd_bwd_dx_scan = SegmentedScan(ssd_bwd_dx, ssd_bwd_dx_states, "g", segment_log_decay, reverse=True,
@@ -167,7 +167,7 @@ def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _repeat_each(t: torch.Tensor, times: int, dim: int) -> torch.Tensor:
     """``t.repeat_interleave(times, dim)`` as one copy of an expanded view: torch's repeat_interleave
-    launches a few kernels more and cost ~180 µs of host time per call here (H200, torch.profiler)."""
+    launches a few kernels more, which showed as host time per call under torch.profiler."""
     dim %= t.dim()
     return t.unsqueeze(dim + 1).expand(*t.shape[:dim + 1], times, *t.shape[dim + 1:]).flatten(dim, dim + 1)
 

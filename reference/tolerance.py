@@ -6,7 +6,7 @@ import numpy as np
 
 __all__ = ["BOUNDS", "MAX_CONDITION", "bound", "rel_err"]
 
-# relative Frobenius error bounds (DESIGN.md): fp32 accumulation throughout,
+# relative Frobenius error bounds (README.md, "Guarantees"): fp32 accumulation throughout,
 # inputs and matmul operands rounded to the dtype
 BOUNDS = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 1e-2}
 

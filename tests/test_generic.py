@@ -199,7 +199,7 @@ NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_d
 
 # Programs whose wgmmas ptxas runs one at a time on sm_90a (remark C7512, "insufficient register
 # resources") at the bench shape (feature dims 128): their tiles leave no registers for a second group
-# in flight. Found 2026-11-30 (bench/NOTES.md session 10; attention_bwd_dkdv was serialised too until its
+# in flight. Found 2026-11-30 (bench/NOTES.md, "Chunk overlap"; attention_bwd_dkdv was serialised too until its
 # chunks stopped overlapping, Schedule.overlap); the generic kernels are synchronous anyway.
 SERIALISED_SM90A = {
     # at P = 128 unsplit; on a GPU the SSD backward runs 64-wide blocks of P, which are not serialised

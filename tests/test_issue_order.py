@@ -193,8 +193,8 @@ def test_overlap_chooses_whether_groups_cross_chunks():
     """``Schedule.overlap``: "on" leaves a chunk's accumulating groups running into the next chunk, "off"
     waits for them at its end; "fit" (the default) overlaps attention's dk/dv program at D = 64 but
     not at 128, where its two 64x128 accumulators, scores, dp and the probabilities' bf16 operands
-    would not fit beside each other (ptxas then serialised every wgmma: 1.10 -> 0.95 ms causal on an
-    H200 without the overlap, bench/NOTES.md session 11), and overlaps its dq program at both.
+    would not fit beside each other (ptxas then serialised every wgmma, bench/NOTES.md "Chunk
+    overlap"), and overlaps its dq program at both.
     Anything else is an error naming the choices."""
     from tilemix.tiles.errors import TileError
 

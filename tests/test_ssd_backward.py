@@ -232,7 +232,7 @@ def _backward_sources(N, P):
 def test_ssd_backward_programs_lower(N, P):
     """Both backward programs compile for sm_90a with wgmma and no wgmma serialisation (ptxas
     C7515). They spill: no column split is possible (du contracts N, dB contracts P, and the decay
-    gradient reduces both); ptxas at 232 registers (bench/NOTES.md has the stack sizes)."""
+    gradient reduces both); ptxas at 232 registers (bench/history/NOTES-2026-11.md has the stack sizes)."""
     pytest.importorskip("cuda.bindings")
     from tilemix.codegen.compile import compile_cuda, ptxas_report, sass
 

@@ -117,7 +117,7 @@ __device__ __forceinline__ void load_tile_async(char* tile, const u16* src, long
     char* to = tile + (j / 8) * R * 128 + r0 * 128 + (((j % 8) ^ (r0 % 8)) * 16);
     const long step = (long)STEP * ld;
     // Up to 4 steps unrolled: straight-line copies, ~5 instructions each where the loop took ~15
-    // (H200, generic gemm 4096^3 with the fragment addresses below: 0.466 -> 0.365 ms); more steps,
+    // (bench/NOTES.md, "Generic target"); more steps,
     // and the addresses ptxas computes ahead make programs at 255 registers spill. A copy of 0
     // bytes reads nothing, so masked copies keep their (out-of-range) source.
     constexpr int STEPS = (R + STEP - 1) / STEP;

@@ -559,7 +559,7 @@ template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const f
 // memory, as 4-byte cp.async copies by threads tid, tid + NT, ... (zeros at or past T: a 0-byte copy
 // reads nothing, so the source past the end is never read). The chunk loop's column loads travel
 // this way beside its tiles: a global load at the head of every chunk stalled the consumers on its
-// latency (H200: ssd_fwd 0.227 -> 0.193 ms, attention_bwd_dkdv causal 1.192 -> 1.098 ms).
+// latency (bench/NOTES.md, "Per-token vectors").
 __device__ __forceinline__ void cp_async_4_zfill(float* smem, const float* gmem, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0)
                : "memory");
