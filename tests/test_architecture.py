@@ -49,12 +49,22 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     return imports_in(path.read_text(), module if path.name == "__init__.py" else module.rpartition(".")[0])
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node below ``tree`` but those in ``if TYPE_CHECKING:`` blocks."""
+    for node in ast.iter_child_nodes(tree):
+        typing_only = isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for child in node.orelse if typing_only else [node]:
+            yield child
+            yield from _runtime_nodes(child)
+
+
 def imports_in(text: str, package: str) -> list[tuple[int, str]]:
     """(line, module) of every import in ``text``, a module of ``package``, at any depth (inside
     functions too), relative ones resolved; ``from tilemix import ops`` counts as an import of
-    ``tilemix.ops``, ``from .x import y`` as one of ``package.x`` and ``package.x.y``."""
+    ``tilemix.ops``, ``from .x import y`` as one of ``package.x`` and ``package.x.y``. Imports under
+    ``if TYPE_CHECKING:`` name types for annotations and never run, so they do not count."""
     found = []
-    for node in ast.walk(ast.parse(text)):
+    for node in _runtime_nodes(ast.parse(text)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -162,6 +172,12 @@ def test_the_checks_see_function_level_and_relative_imports():
     assert found["tilemix.bench.bench"] == 6 and found["tilemix.reference"] == 7
     assert layer_of("tilemix.ops.runtime") == "runtime" and layer_of("tilemix.ops.attention") == "ops"
     assert layer_of("tilemix.ops") == "ops" and layer_of("tilemix") is None and layer_of("numpy") is None
+
+
+def test_imports_for_annotations_only_do_not_count():
+    text = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .lowering import L\nelse:\n    import os\n"
+    found = {target for _, target in imports_in(text, "tilemix.codegen")}
+    assert "tilemix.codegen.lowering" not in found and "os" in found
 
 
 # -- dependencies -------------------------------------------------------------------------
