@@ -1,0 +1,417 @@
+"""Reverse-mode differentiation of tile programs: a forward scan program becomes backward
+programs in the same language (an IR→IR transform), which the interpreter runs and the code
+generator can lower like any other program.
+
+A differentiable program is one ``for c in chunks(...)`` loop (either direction) with carried
+state, pure ops before it (the preamble: ``Head``/``Scalar`` reads, constants) and nothing after it
+but the final states. Its backward is two programs:
+
+- **states** (in the forward's direction): the forward body, its outputs dropped, writing the
+  value of every carried tile *entering* each chunk to a ``ChunkState`` output ``saved_<i>``
+  (``[B, H, NC, r, c]``; fla's ``chunk_fwd_h``). Extra memory: ``NC · r · c`` floats per batch
+  and head for each carried ``r x c`` tile (``NC = ceil(T / chunk)``), e.g. ``NC·K·V·4`` bytes
+  for a ``K x V`` fp32 state;
+- **reverse** (``chunks`` in the other direction): per chunk, loads the chunk's inputs, the saved
+  entering states and the output gradients ``d_<out>[c]``, recomputes the body's forward values,
+  runs the adjoint of each op in reverse order (``tiles.adjoints``), writes ``d_<x>[c]`` for every
+  ``Seq``/``GroupSeq`` input ``x`` (a ``GroupSeq`` per head: ``[B, T, H, N]``), carries the state
+  gradients back (seeded by the final states' gradients ``d_<state>``; their last value is the
+  initial state's gradient, the final state of the same ``State`` parameter ``d_<state>``) and
+  accumulates the gradients of preamble values as carried tiles, which after the loop flow back
+  through the preamble to ``Head``/``Scalar`` gradients, written once per (batch, head) as the
+  final states ``d_<name>`` (``[B, H, 1, cols]``). ``Backward.run`` sums those over the batch and
+  the per-head ``GroupSeq`` gradients over each group's heads.
+
+Anything else (a ``blocks`` grid, nested or several loops, ``through=``/``start=`` bounds, ops
+after the loop, ``Matrix`` parameters, an op without an adjoint rule) raises ``TileError`` naming
+the op and the user's line: never a wrong gradient.
+
+For the GPU (not done here): the lowering needs ``ChunkState`` loads and stores (a ``K x V``
+tile at ``[b, h, c]``), and the reverse program carries the state gradients and the preamble
+accumulators in registers as the forward carries its state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .adjoints import ADJOINTS, NO_GRADIENT, Emitter
+from .errors import TileError
+from .interpret import interpret
+from .ir import Loop, Op, Program, Value
+from .params import Binding, BoundParam, ParamSpec
+from .passes import simplify
+from .types import DType, Space, TileType
+from .verify import verify
+
+__all__ = ["Backward", "derive_backward", "gradients"]
+
+_PARAM_READS = ("load", "read_param", "scalar_param", "load_state")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A forward program cut into what the backward treats differently."""
+
+    preamble: list[Op]
+    loop: Loop
+    final_states: list[Op]  # store_state ops after the loop
+
+
+def _split(program: Program) -> _Shape:
+    loops = [i for i, op in enumerate(program.body) if isinstance(op, Loop)]
+    if not loops:
+        raise TileError(f"cannot differentiate {program.name}: it has no chunks() loop", program.loc)
+    loop = program.body[loops[0]]
+    if loop.kind != "chunks":
+        raise TileError(f"cannot differentiate {program.name}: a blocks() grid loop (its instances share no "
+                        "carried state to differentiate through, e.g. an online softmax; write its backward "
+                        "by hand)", loop.loc)
+    if len(loops) > 1:
+        raise TileError(f"cannot differentiate {program.name}: only one chunks() loop is supported",
+                        program.body[loops[1]].loc)
+    if loop.stop is not None or loop.start is not None:
+        raise TileError(f"cannot differentiate {program.name}: a chunks() loop with through= or start=",
+                        loop.loc)
+    for op in loop.body:
+        if isinstance(op, Loop):
+            raise TileError(f"cannot differentiate {program.name}: a loop nested in the chunks() loop", op.loc)
+    after = program.body[loops[0] + 1:]
+    for op in after:
+        if op.name != "store_state":
+            raise TileError(f"cannot differentiate {program.name}: {op.name} after the chunks() loop "
+                            "(only the final states may follow it)", op.loc)
+    for op in program.body[:loops[0]] + loop.body:
+        known = op.name in ADJOINTS or op.name in NO_GRADIENT or op.name in _PARAM_READS or op.name == "store"
+        if not known:
+            raise TileError(f"cannot differentiate {program.name}: no adjoint rule for {op.name}", op.loc)
+        if op.name in ("load", "store") and len(op.operands) != (2 if op.name == "store" else 1):
+            raise TileError(f"cannot differentiate {program.name}: {op.attrs['param']} is a Matrix parameter "
+                            "(two-index loads)", op.loc)
+    return _Shape(program.body[:loops[0]], loop, after)
+
+
+def _source_param(op: Op, wrt: frozenset[str]) -> bool:
+    """Does ``op`` read a parameter whose gradient is wanted?"""
+    if op.name == "load_state":
+        return op.attrs["initial"] and op.attrs["param"] in wrt
+    return op.name in ("load", "read_param", "scalar_param") and op.attrs["param"] in wrt
+
+
+def _active(shape: _Shape, wrt: frozenset[str]) -> set[Value]:
+    """Values that depend on a parameter in ``wrt`` (only they get gradients)."""
+    active: set[Value] = set()
+
+    def visit(ops: list[Op]) -> None:
+        for op in ops:
+            if op.result is None or op.result.type.dtype is DType.bool:
+                continue
+            if _source_param(op, wrt) or any(v in active for v in op.operands):
+                active.add(op.result)
+
+    visit(shape.preamble)
+    loop = shape.loop
+    active.update(c for c, i in zip(loop.carried, loop.init) if i in active)
+    while True:
+        visit(loop.body)
+        newly = [c for c, u in zip(loop.carried, loop.update) if u in active and c not in active]
+        if not newly:
+            break
+        active.update(newly)
+    active.update(r for r, c in zip(loop.results, loop.carried) if c in active)
+    return active
+
+
+class _Grads:
+    """Gradients being accumulated, keyed by forward values."""
+
+    def __init__(self, em: Emitter):
+        self.em = em
+        self.of: dict[Value, Value] = {}
+
+    def add(self, value: Value, contribution: Value) -> None:
+        contribution = self.em.reduce_to(contribution, value.type.shape)
+        known = self.of.get(value)
+        self.of[value] = contribution if known is None else self.em.add(known, contribution)
+
+    def whole(self, value: Value) -> Value:
+        """The gradient of ``value`` at its full shape (zeros if nothing reached it)."""
+        g = self.of.get(value)
+        rows, cols = value.type.shape
+        return self.em.const(0.0, rows, cols) if g is None else self.em.expand(g, (rows, cols))
+
+
+def _backprop(em: Emitter, ops: list[Op], grads: _Grads, active: set[Value], primal: dict[Value, Op]) -> None:
+    """Adjoints of the pure ops in ``ops``, last first. ``primal[v]``: the op that recomputed the
+    forward value ``v`` in the program being built (its operands possibly renamed)."""
+    for op in reversed(ops):
+        if op.result is None or op.result not in grads.of or op.name not in ADJOINTS:
+            continue
+        em.loc = op.loc
+        thunks = ADJOINTS[op.name](em, primal[op.result], grads.of[op.result])
+        for index, thunk in thunks.items():
+            operand = op.operands[index]
+            if operand in active:
+                grads.add(operand, thunk())
+
+
+def _copy(op: Op, rename: dict[Value, Value]) -> Op:
+    clone = copy.copy(op)
+    clone.operands = tuple(rename.get(v, v) for v in op.operands)
+    return clone
+
+
+def _as_output(p: BoundParam) -> BoundParam:
+    return replace(p, spec=replace(p.spec, output=True))
+
+
+def _carried_type(value: Value) -> TileType:
+    return replace(value.type, dtype=DType.f32, space=Space.register, row_axis=None, col_axis=None)
+
+
+def _saved_name(i: int) -> str:
+    return f"saved_{i}"
+
+
+def _states_program(program: Program, shape: _Shape, saved: list[BoundParam]) -> Program:
+    loop = shape.loop
+    body = [Op("store", (carried, loop.index), {"param": p.name}, None, loop.loc)
+            for carried, p in zip(loop.carried, saved)]
+    body += [copy.copy(op) for op in loop.body if op.name != "store"]
+    states_loop = copy.copy(loop)
+    states_loop.body = body
+    ops = [copy.copy(op) for op in shape.preamble] + [states_loop]
+    simplify(ops)
+    params = [p for p in program.params if not p.spec.output] + [_as_output(p) for p in saved]
+    return verify(Program(f"{program.name}_states", params, ops, program.dims, program.compute_dtype, program.loc))
+
+
+def _reverse_program(program: Program, shape: _Shape, active: set[Value], params: dict[str, BoundParam],
+                     wrt: frozenset[str], grads_given: frozenset[str]) -> Program:
+    em = Emitter()
+    loop = shape.loop
+    top = em.ops = [copy.copy(op) for op in shape.preamble]
+    primal = {op.result: op for op in top if op.result is not None}
+    outer = _Grads(em)
+    for op in shape.final_states:  # seeds: the final states' gradients
+        name, value = op.attrs["param"], op.operands[0]
+        if name in grads_given and value in active:
+            em.loc = op.loc
+            outer.add(value, em.op("load_state", [], {"param": f"d_{name}", "initial": True},
+                                   TileType(*value.type.shape)))
+    state_grads = [(i, c) for i, c in enumerate(loop.carried) if c in active]
+    inits = [outer.whole(loop.results[i]) for i, _ in state_grads]
+    carried = [Value(_carried_type(c)) for _, c in state_grads]
+
+    body = em.ops = []
+    rename: dict[Value, Value] = {}
+    for i, c in enumerate(loop.carried):
+        em.loc = loop.loc
+        p = params[_saved_name(i)]
+        rename[c] = em.op("load", [loop.index], {"param": p.name}, TileType(*c.type.shape, p.dtype, Space.shared))
+    for op in loop.body:
+        if op.name != "store":
+            clone = _copy(op, rename)
+            body.append(clone)
+            if op.result is not None:
+                primal[op.result] = clone
+    inner = _Grads(em)
+    for (i, c), g in zip(state_grads, carried):
+        if loop.update[i] in active:
+            inner.add(loop.update[i], g)
+    for op in reversed(loop.body):
+        em.loc = op.loc
+        if op.name == "store":
+            name, value = op.attrs["param"], op.operands[0]
+            if name in grads_given and value in active:
+                slot = TileType(value.type.rows, value.type.cols, params[f"d_{name}"].dtype, Space.shared,
+                                value.type.row_axis)
+                inner.add(value, em.op("load", [loop.index], {"param": f"d_{name}"}, slot))
+        elif op.name == "load" and op.attrs["param"] in wrt:
+            em.op("store", [inner.whole(op.result), loop.index], {"param": f"d_{op.attrs['param']}"}, None)
+        else:
+            _backprop(em, [op], inner, active, primal)
+    em.loc = loop.loc
+    written = {op.attrs["param"] for op in loop.body if op.name == "load"}
+    for name in sorted(wrt - written):  # an input the program never reads: zero gradient
+        p = params.get(f"d_{name}")
+        if p is not None and p.spec.kind == "seq":
+            em.op("store", [em.const(0.0, loop.size, _cols(p)), loop.index], {"param": p.name}, None)
+    updates = [inner.whole(c) for _, c in state_grads]
+    # preamble values the body reads: their gradients summed over the chunks, as carried tiles
+    used = [v for v in primal if v in active and primal[v] in top and v in inner.of]
+    acc_carried = [Value(_carried_type(v)) for v in used]
+    updates += [em.add(a, inner.whole(v)) for a, v in zip(acc_carried, used)]
+    em.ops = top
+    inits += [em.const(0.0, *v.type.shape) for v in used]
+    results = [Value(v.type) for v in carried + acc_carried]
+    reverse = Loop("loop", (), {}, None, loop.loc, kind="chunks", dim=loop.dim, size=loop.size,
+                   reverse=not loop.reverse, index=loop.index, init=inits, carried=carried + acc_carried,
+                   update=updates, results=results, body=body)
+    top.append(reverse)
+
+    for (i, _), r in zip(state_grads, results):
+        if loop.init[i] in active:
+            outer.add(loop.init[i], r)
+    for v, r in zip(used, results[len(carried):]):
+        outer.add(v, r)
+    _backprop(em, shape.preamble, outer, active, primal)
+    for op in shape.preamble:
+        if op.result is not None and _source_param(op, wrt) and op.name != "load":
+            em.loc = op.loc
+            em.op("store_state", [outer.whole(op.result)], {"param": f"d_{op.attrs['param']}"}, None)
+    simplify(top)
+    param_list = [p for p in program.params if not p.spec.output] + list(params.values())
+    return verify(Program(f"{program.name}_bwd", param_list, top, program.dims, program.compute_dtype, program.loc))
+
+
+def _cols(p: BoundParam) -> int:
+    return 1 if p.spec.dims == (1,) else p.shape[-1]
+
+
+@dataclass
+class Backward:
+    """The derived backward of one forward specialisation.
+
+    ``states``/``reverse``: the two programs (``states`` is None when the loop carries nothing);
+    ``params(binding)`` their parameters for one forward call; ``run`` runs them on the CPU."""
+
+    forward: Program
+    states: Program | None
+    reverse: Program
+    wrt: tuple[str, ...]
+    grads_given: tuple[str, ...]
+
+    def bindings(self, binding: Binding) -> tuple[Binding | None, Binding]:
+        """Bindings of (states, reverse) for a forward call bound as ``binding``."""
+        params = _backward_params(self.forward, binding, frozenset(self.wrt), frozenset(self.grads_given))
+        sizes = {**binding.sizes, "NC": _chunk_count(self.forward, binding)}
+        states = None
+        inputs = [p for p in binding.params if not p.spec.output]
+        if self.states is not None:
+            saved = [_as_output(p) for p in params.values() if p.spec.kind == "chunk_state"]
+            states = Binding(inputs + saved, sizes, binding.static, binding.compute_dtype, binding.values)
+        reverse = Binding(inputs + list(params.values()), sizes, binding.static, binding.compute_dtype,
+                          binding.values)
+        return states, reverse
+
+    def run(self, binding: Binding, inputs: dict[str, Any], output_grads: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Gradients by input name on the CPU interpreter, in the inputs' layouts (``Head`` summed
+        over the batch, ``GroupSeq`` over each group's heads, ``Scalar`` a 0-d array).
+        ``inputs``: the forward's NumPy inputs; ``output_grads``: by output or state name."""
+        states_binding, reverse_binding = self.bindings(binding)
+        args = dict(inputs)
+        if self.states is not None:
+            args.update(interpret(self.states, states_binding, inputs))
+        args.update({f"d_{name}": output_grads[name] for name in self.grads_given})
+        raw = interpret(self.reverse, reverse_binding, args)
+        return {name: _reduce_grad(binding.param(name), raw[f"d_{name}"], binding.sizes) for name in self.wrt}
+
+
+def _reduce_grad(param: BoundParam, g: np.ndarray, sizes: dict[str, int]) -> np.ndarray:
+    kind = param.spec.kind
+    if kind == "group_seq":
+        B, T, H = g.shape[:3]
+        return g.reshape(B, T, sizes["G"], H // sizes["G"], *g.shape[3:]).sum(3)
+    if kind == "head":
+        return g.sum(0).reshape(param.shape)
+    if kind == "scalar":
+        return g.sum()
+    return g
+
+
+def _chunk_count(program: Program, binding: Binding) -> int:
+    loop = next(op for op in program.body if isinstance(op, Loop))
+    return math.ceil(binding.sizes[loop.dim] / loop.size)
+
+
+def _backward_params(program: Program, binding: Binding, wrt: frozenset[str],
+                     grads_given: frozenset[str]) -> dict[str, BoundParam]:
+    """The parameters the backward programs add to the forward's inputs, by name."""
+    loop = next(op for op in program.body if isinstance(op, Loop))
+    sizes = binding.sizes
+    B, H = sizes.get("B", 1), sizes.get("H", 1)
+    NC = _chunk_count(program, binding)
+    state_dtype = DType.f64 if binding.compute_dtype is DType.f64 else DType.f32
+    out: dict[str, BoundParam] = {}
+    for i, c in enumerate(loop.carried):
+        r, k = c.type.shape
+        out[_saved_name(i)] = BoundParam(_saved_name(i), ParamSpec("chunk_state", (r, k)), True,
+                                         state_dtype, (B, H, NC, r, k))
+    for p in binding.params:
+        kind, name = p.spec.kind, f"d_{p.name}"
+        if p.spec.output and p.name in grads_given:
+            out[name] = BoundParam(name, replace(p.spec, output=False), True, p.dtype, p.shape)
+        elif kind == "state" and (p.name in grads_given or p.name in wrt):
+            shape = (B, H) + tuple(binding.extent(d) for d in p.spec.dims)
+            out[name] = BoundParam(name, p.spec, p.name in grads_given, state_dtype, shape)
+        elif p.name in wrt and kind in ("seq", "group_seq"):
+            dims = tuple(d for d in p.spec.dims if d != 1)
+            shape = (p.shape[0], p.shape[1], H) + tuple(sizes[d] for d in dims)
+            out[name] = BoundParam(name, ParamSpec("seq", p.spec.dims, output=True), True, p.dtype, shape)
+        elif p.name in wrt and kind in ("head", "scalar"):
+            cols = 1 if kind == "scalar" or p.spec.dims == (1,) else binding.extent(p.spec.dims[0])
+            out[name] = BoundParam(name, ParamSpec("state", (1, p.spec.dims[0] if kind == "head" else 1)), False,
+                                   state_dtype, (B, H, 1, cols))
+    taken = {p.name for p in binding.params} & set(out)
+    if taken:
+        raise TileError(f"cannot differentiate {program.name}: its parameter {sorted(taken)[0]!r} has the name the "
+                        "backward gives a gradient; rename it", program.loc)
+    return out
+
+
+def _default_wrt(binding: Binding) -> frozenset[str]:
+    return frozenset(p.name for p in binding.params if p.present and not p.spec.output
+                     and p.spec.kind in ("seq", "group_seq", "head", "state"))
+
+
+_CACHE: dict[tuple, Backward] = {}
+
+
+def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
+                    wrt: Iterable[str] | None = None) -> Backward:
+    """The backward of ``kernel`` specialised as ``binding`` (``Kernel.bind``), cached.
+
+    ``grads_given``: the outputs and states whose gradients the caller passes (the others are
+    zero); ``wrt``: the inputs to differentiate (default: every tensor input given; ``Scalar``
+    parameters only when named). Raises ``TileError`` for a program it cannot differentiate."""
+    wrt = _default_wrt(binding) if wrt is None else frozenset(wrt)
+    grads_given = frozenset(grads_given)
+    for name in wrt | grads_given:
+        if name not in {p.name for p in binding.params}:
+            raise ValueError(f"{kernel.name} has no parameter {name!r}")
+    for name in wrt:
+        p = binding.param(name)
+        if p.spec.output or not p.present or p.spec.kind not in ("seq", "group_seq", "head", "state", "scalar"):
+            raise ValueError(f"wrt: {name!r} is not a tensor or Scalar input given to {kernel.name}")
+    for name in grads_given:
+        p = binding.param(name)
+        if not (p.spec.output or p.spec.kind == "state"):
+            raise ValueError(f"grads_given: {name!r} is neither an output nor a state of {kernel.name}")
+    key = (kernel, binding.key(), wrt, grads_given)
+    if key not in _CACHE:
+        forward = kernel.trace(binding)
+        shape = _split(forward)
+        active = _active(shape, wrt)
+        params = _backward_params(forward, binding, wrt, grads_given)
+        saved = [params[_saved_name(i)] for i in range(len(shape.loop.carried))]
+        states = _states_program(forward, shape, saved) if saved else None
+        reverse = _reverse_program(forward, shape, active, params, wrt, grads_given)
+        _CACHE[key] = Backward(forward, states, reverse, tuple(sorted(wrt)), tuple(sorted(grads_given)))
+    return _CACHE[key]
+
+
+def gradients(kernel, inputs: dict[str, Any], output_grads: dict[str, Any],
+              wrt: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Gradients of ``kernel`` at ``inputs`` (NumPy arrays by parameter name, as the kernel takes
+    them) given ``output_grads`` (by output or state name; missing ones are zero), on the CPU
+    interpreter. Returns NumPy arrays by input name in the inputs' layouts."""
+    binding = kernel.bind(inputs)
+    backward = derive_backward(kernel, binding, output_grads, wrt)
+    return backward.run(binding, inputs, output_grads)
