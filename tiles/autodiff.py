@@ -192,86 +192,116 @@ def _states_program(program: Program, shape: _Shape, saved: list[BoundParam]) ->
     return verify(Program(f"{program.name}_states", params, ops, program.dims, program.compute_dtype, program.loc))
 
 
-def _reverse_program(program: Program, shape: _Shape, active: set[Value], params: dict[str, BoundParam],
-                     wrt: frozenset[str], grads_given: frozenset[str]) -> Program:
-    em = Emitter()
-    loop = shape.loop
-    top = em.ops = [copy.copy(op) for op in shape.preamble]
-    primal = {op.result: op for op in top if op.result is not None}
-    outer = _Grads(em)
-    for op in shape.final_states:  # seeds: the final states' gradients
-        name, value = op.attrs["param"], op.operands[0]
-        if name in grads_given and value in active:
-            em.loc = op.loc
-            outer.add(value, em.op("load_state", [], {"param": f"d_{name}", "initial": True},
-                                   TileType(*value.type.shape)))
-    state_grads = [(i, c) for i, c in enumerate(loop.carried) if c in active]
-    inits = [outer.whole(loop.results[i]) for i, _ in state_grads]
-    carried = [Value(_carried_type(c)) for _, c in state_grads]
+class _Reverse:
+    """Builds the reverse program: the preamble recomputed, the final states' gradients as seeds,
+    the reverse loop, then the preamble's adjoints and the once-per-(batch, head) gradients."""
 
-    body = em.ops = []
-    rename: dict[Value, Value] = {}
-    for i, c in enumerate(loop.carried):
-        em.loc = loop.loc
-        p = params[_saved_name(i)]
-        rename[c] = em.op("load", [loop.index], {"param": p.name}, TileType(*c.type.shape, p.dtype, Space.shared))
-    for op in loop.body:
-        if op.name != "store":
-            clone = _copy(op, rename)
-            body.append(clone)
-            if op.result is not None:
-                primal[op.result] = clone
-    inner = _Grads(em)
-    for (i, c), g in zip(state_grads, carried):
-        if loop.update[i] in active:
-            inner.add(loop.update[i], g)
-    for op in reversed(loop.body):
-        em.loc = op.loc
-        if op.name == "store":
+    def __init__(self, program: Program, shape: _Shape, active: set[Value], params: dict[str, BoundParam],
+                 wrt: frozenset[str], grads_given: frozenset[str]):
+        self.program, self.shape, self.active, self.params = program, shape, active, params
+        self.wrt, self.grads_given = wrt, grads_given
+        self.em = Emitter()
+        self.top = self.em.ops = [copy.copy(op) for op in shape.preamble]
+        self.preamble = {op.result for op in self.top if op.result is not None}
+        self.primal: dict[Value, Op] = {op.result: op for op in self.top if op.result is not None}
+        self.outer = _Grads(self.em)  # gradients of values outside the loop
+
+    def build(self) -> Program:
+        self.seed_final_states()
+        self.top.append(self.reverse_loop())
+        self.preamble_gradients()
+        simplify(self.top)
+        params = [p for p in self.program.params if not p.spec.output] + list(self.params.values())
+        return verify(Program(f"{self.program.name}_bwd", params, self.top, self.program.dims,
+                              self.program.compute_dtype, self.program.loc))
+
+    def seed_final_states(self) -> None:
+        em = self.em
+        for op in self.shape.final_states:
             name, value = op.attrs["param"], op.operands[0]
-            if name in grads_given and value in active:
-                slot = TileType(value.type.rows, value.type.cols, params[f"d_{name}"].dtype, Space.shared,
-                                value.type.row_axis)
-                inner.add(value, em.op("load", [loop.index], {"param": f"d_{name}"}, slot))
-        elif op.name == "load" and op.attrs["param"] in wrt:
-            em.op("store", [inner.whole(op.result), loop.index], {"param": f"d_{op.attrs['param']}"}, None)
-        else:
-            _backprop(em, [op], inner, active, primal)
-    em.loc = loop.loc
-    written = {op.attrs["param"] for op in loop.body if op.name == "load"}
-    for name in sorted(wrt - written):  # an input the program never reads: zero gradient
-        p = params.get(f"d_{name}")
-        if p is not None and p.spec.kind == "seq":
-            em.op("store", [em.const(0.0, loop.size, _cols(p)), loop.index], {"param": p.name}, None)
-    updates = [inner.whole(c) for _, c in state_grads]
-    # preamble values the body reads: their gradients summed over the chunks, as carried tiles
-    used = [v for v in primal if v in active and primal[v] in top and v in inner.of]
-    acc_carried = [Value(_carried_type(v)) for v in used]
-    updates += [em.add(a, inner.whole(v)) for a, v in zip(acc_carried, used)]
-    em.ops = top
-    inits += [em.const(0.0, *v.type.shape) for v in used]
-    results = [Value(v.type) for v in carried + acc_carried]
-    reverse = Loop("loop", (), {}, None, loop.loc, kind="chunks", dim=loop.dim, size=loop.size,
-                   reverse=not loop.reverse, index=loop.index, init=inits, carried=carried + acc_carried,
-                   update=updates, results=results, body=body)
-    top.append(reverse)
+            if name in self.grads_given and value in self.active:
+                em.loc = op.loc
+                seed = em.op("load_state", [], {"param": f"d_{name}", "initial": True}, TileType(*value.type.shape))
+                self.outer.add(value, seed)
 
-    for (i, _), r in zip(state_grads, results):
-        if loop.init[i] in active:
-            outer.add(loop.init[i], r)
-    for v, r in zip(used, results[len(carried):]):
-        outer.add(v, r)
-    _backprop(em, shape.preamble, outer, active, primal)
-    for op in shape.preamble:
-        if op.result is not None and _source_param(op, wrt) and op.name != "load":
+    def reverse_loop(self) -> Loop:
+        em, loop, active = self.em, self.shape.loop, self.active
+        states = [i for i, c in enumerate(loop.carried) if c in active]
+        inits = [self.outer.whole(loop.results[i]) for i in states]  # the final states' gradients
+        state_grads = [Value(_carried_type(loop.carried[i])) for i in states]
+        body = em.ops = []
+        self.recompute(loop)
+        inner = _Grads(em)
+        for i, g in zip(states, state_grads):
+            if loop.update[i] in active:
+                inner.add(loop.update[i], g)
+        for op in reversed(loop.body):
             em.loc = op.loc
-            em.op("store_state", [outer.whole(op.result)], {"param": f"d_{op.attrs['param']}"}, None)
-    simplify(top)
-    param_list = [p for p in program.params if not p.spec.output] + list(params.values())
-    return verify(Program(f"{program.name}_bwd", param_list, top, program.dims, program.compute_dtype, program.loc))
+            name = op.attrs.get("param")
+            if op.name == "store" and name in self.grads_given and op.operands[0] in active:
+                value = op.operands[0]
+                slot = TileType(*value.type.shape, self.params[f"d_{name}"].dtype, Space.shared, value.type.row_axis)
+                inner.add(value, em.op("load", [loop.index], {"param": f"d_{name}"}, slot))
+            elif op.name == "load" and name in self.wrt:
+                em.op("store", [inner.whole(op.result), loop.index], {"param": f"d_{name}"}, None)
+            else:
+                _backprop(em, [op], inner, active, self.primal)
+        em.loc = loop.loc
+        read = {op.attrs["param"] for op in loop.body if op.name == "load"}
+        for name in sorted(self.wrt - read):  # a sequence input the program never reads: zero gradient
+            p = self.params[f"d_{name}"]
+            if p.spec.kind == "seq":
+                em.op("store", [em.const(0.0, loop.size, _cols(p)), loop.index], {"param": p.name}, None)
+        updates = [inner.whole(loop.carried[i]) for i in states]  # the gradient of the state entering the chunk
+        # preamble values the body reads: their gradients summed over the chunks, as carried tiles
+        self.summed = [v for v in self.preamble if v in active and v in inner.of]
+        sums = [Value(_carried_type(v)) for v in self.summed]
+        updates += [em.add(a, inner.whole(v)) for a, v in zip(sums, self.summed)]
+        em.ops = self.top
+        inits += [em.const(0.0, *v.type.shape) for v in self.summed]
+        results = [Value(v.type) for v in state_grads + sums]
+        for i, r in zip(states, results):
+            if loop.init[i] in active:
+                self.outer.add(loop.init[i], r)
+        for v, r in zip(self.summed, results[len(states):]):
+            self.outer.add(v, r)
+        return Loop("loop", (), {}, None, loop.loc, kind="chunks", dim=loop.dim, size=loop.size,
+                    reverse=not loop.reverse, index=loop.index, init=inits, carried=state_grads + sums,
+                    update=updates, results=results, body=body)
+
+    def recompute(self, loop: Loop) -> None:
+        """The body's forward values, from the saved states entering the chunk; outputs dropped."""
+        rename: dict[Value, Value] = {}
+        self.em.loc = loop.loc
+        for i, c in enumerate(loop.carried):
+            p = self.params[_saved_name(i)]
+            rename[c] = self.em.op("load", [loop.index], {"param": p.name},
+                                   TileType(*c.type.shape, p.dtype, Space.shared))
+        for op in loop.body:
+            if op.name != "store":
+                clone = _copy(op, rename)
+                self.em.ops.append(clone)
+                if op.result is not None:
+                    self.primal[op.result] = clone
+
+    def preamble_gradients(self) -> None:
+        """Back through the preamble; then the Head, Scalar and initial-state gradients, one tile
+        per (batch, head), as the final states ``d_<name>``."""
+        em = self.em
+        _backprop(em, self.shape.preamble, self.outer, self.active, self.primal)
+        sources = {op.attrs["param"]: op for op in self.shape.preamble if _source_param(op, self.wrt)}
+        for name in sorted(self.wrt):
+            p = self.params[f"d_{name}"]
+            if p.spec.kind != "state":
+                continue
+            source = sources.get(name)
+            em.loc = source.loc if source is not None else self.program.loc
+            grad = self.outer.whole(source.result) if source is not None else em.const(0.0, *p.shape[2:])
+            em.op("store_state", [grad], {"param": p.name}, None)
 
 
 def _cols(p: BoundParam) -> int:
+    """The width of a sequence parameter's tiles."""
     return 1 if p.spec.dims == (1,) else p.shape[-1]
 
 
@@ -323,7 +353,7 @@ def _reduce_grad(param: BoundParam, g: np.ndarray, sizes: dict[str, int]) -> np.
         return g.sum(0).reshape(param.shape)
     if kind == "scalar":
         return g.sum()
-    return g
+    return np.require(g, requirements="W")  # a final state may come back as a read-only view
 
 
 def _chunk_count(program: Program, binding: Binding) -> int:
@@ -402,7 +432,7 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         params = _backward_params(forward, binding, wrt, grads_given)
         saved = [params[_saved_name(i)] for i in range(len(shape.loop.carried))]
         states = _states_program(forward, shape, saved) if saved else None
-        reverse = _reverse_program(forward, shape, active, params, wrt, grads_given)
+        reverse = _Reverse(forward, shape, active, params, wrt, grads_given).build()
         _CACHE[key] = Backward(forward, states, reverse, tuple(sorted(wrt)), tuple(sorted(grads_given)))
     return _CACHE[key]
 
