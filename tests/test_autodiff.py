@@ -16,6 +16,7 @@ from tilemix import ops
 from tilemix.ops.attention import attention_fwd
 from tilemix.ops.linear_attention import linear_attention_fwd
 from tilemix.ops.ssd import ssd_fwd
+from tilemix.reference.tolerance import bound, rel_err
 from tilemix.tiles import (
     Head,
     Out,
@@ -130,6 +131,35 @@ def test_derived_backward_gradcheck(name, T):
 def test_derived_backward_gradcheck_any_shape(name, B, T, H, K, V, seed):
     program, tensors, fixed = _case(name, B, T, H, K, V, seed)
     assert _gradcheck(program, tensors, **fixed)
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_bf16_derived_backward_within_bf16_bounds(name):
+    """bfloat16 inputs, as a GPU runs them (matmul operands rounded, gradients written in bf16),
+    emulated by the interpreter: within the bf16 bound of the float64 gradients."""
+    program, tensors, fixed = _case(name, B=2, T=200, H=2, K=64, V=64, seed=3)
+    exact_args = {**fixed, **{n: t.numpy() for n, t in tensors.items()}}
+    gen = np.random.default_rng(0)
+    cotangents = {n: gen.standard_normal(a.shape) for n, a in program(**exact_args).items()}
+    exact = gradients(program, exact_args, cotangents)
+    states = [n for n, spec in program.specs.items() if spec.kind == "state"]
+    low = {**fixed, **{n: t.float() if n in states or not program.specs[n].is_tile_operand else t.bfloat16()
+                       for n, t in tensors.items()}}
+    binding = program.bind(low)
+    backward = derive_backward(program, binding, cotangents)
+    got = backward.run(binding, {n: (t.float().numpy() if isinstance(t, torch.Tensor) else t) for n, t in low.items()},
+                       {n: c.astype(np.float32) for n, c in cotangents.items()})
+    for n in exact:
+        assert rel_err(torch.from_numpy(np.asarray(got[n], np.float64)), exact[n]) <= bound(torch.bfloat16), n
+
+
+def test_empty_sequence_passes_the_state_gradient_through():
+    program, tensors, fixed = _case("ssd", B=2, T=0, H=2, K=16, V=16)
+    args = {**fixed, **{n: t.numpy() for n, t in tensors.items()}}
+    dh = np.random.default_rng(0).standard_normal((2, 2, 16, 16))
+    grads = gradients(program, args, dict(h=dh))
+    assert np.array_equal(grads["h"], dh)
+    assert grads["x"].shape == (2, 0, 2, 16) and np.array_equal(grads["A"], np.zeros(2))
 
 
 def _torch_grads(forward, tensors: dict[str, torch.Tensor], cotangents: list[torch.Tensor]) -> dict:
