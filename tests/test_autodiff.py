@@ -238,6 +238,23 @@ def test_every_op_gradcheck(T):
 
 
 @kernel
+def masked_sums_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    """Masked scores reach the outputs only through row and column sums: the gradients coming back
+    are vectors, which must be given the scores' positions before a mask can read them."""
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        scores = xc @ yc.T
+        o[c] = rowsum(causal(scores)) * yc + colsum(window(scores, 16, transposed=True)).T * xc
+
+
+@pytest.mark.parametrize("T", [1, 100])
+def test_mask_gradients_from_vectors_gradcheck(T):
+    gen = torch.Generator().manual_seed(T)
+    tensors = {n: torch.randn(2, T, 2, 16, generator=gen, dtype=torch.float64) for n in ("x", "y")}
+    assert _gradcheck(masked_sums_fwd, tensors)
+
+
+@kernel
 def cast_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
     for c in chunks(64):
         o[c] = cast(x[c], "bf16") * y[c]
