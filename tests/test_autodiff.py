@@ -238,6 +238,27 @@ def test_every_op_gradcheck(T):
 
 
 @kernel
+def vector_products_fwd(x: Seq["D"], y: Seq["D"], w: Head["D"], o: Out[Seq["D"]], s: State["D", 1] = None):
+    """Matmuls with a unit dim, in every orientation: their adjoints are elementwise products."""
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        col = xc @ w.T  # a matrix-vector product
+        row = w @ yc.T  # a row-vector product
+        o[c] = col @ w + row.T * yc + (xc.T @ col).T * xc + (row @ yc) * xc + (xc @ s) * yc  # outer, ...
+        s = s + yc.T @ col
+
+
+@pytest.mark.parametrize("T", [1, 100])
+def test_vector_product_gradients_gradcheck(T):
+    gen = torch.Generator().manual_seed(T)
+    tensors = dict(x=torch.randn(2, T, 2, 16, generator=gen, dtype=torch.float64),
+                   y=torch.randn(2, T, 2, 16, generator=gen, dtype=torch.float64),
+                   w=torch.randn(2, 16, generator=gen, dtype=torch.float64),
+                   s=torch.randn(2, 2, 16, 1, generator=gen, dtype=torch.float64))
+    assert _gradcheck(vector_products_fwd, tensors)
+
+
+@kernel
 def masked_sums_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
     """Masked scores reach the outputs only through row and column sums: the gradients coming back
     are vectors, which must be given the scores' positions before a mask can read them."""
@@ -300,12 +321,13 @@ def test_derived_programs_are_chunk_loops_of_the_language():
     """A states program forward in time and a reverse one: the shape the code generator lowers."""
     program, tensors, fixed = _case("gated_retention", B=1, T=70, H=1, K=16, V=16)
     args = {**fixed, **{n: t.numpy() for n, t in tensors.items()}}
-    backward = derive_backward(program, program.bind(args), ["o", "s"])
+    binding = program.bind(args)
+    backward = derive_backward(program, binding, ["o", "s"])
     (states_loop,) = [op for op in backward.states.body if op.name == "loop"]
     (reverse_loop,) = [op for op in backward.reverse.body if op.name == "loop"]
     assert (states_loop.kind, states_loop.reverse, reverse_loop.kind, reverse_loop.reverse) == (
         "chunks", False, "chunks", True)
-    saved = backward.states.param("saved_0")
+    saved = backward.bindings(binding)[0].param("saved_0")  # the program's own: the first call's shapes
     assert (saved.spec.kind, saved.spec.output, saved.shape) == ("chunk_state", True, (1, 1, 2, 16, 16))
 
 

@@ -171,14 +171,16 @@ def _cumsum(em, op, gy):
 
 
 def _segsum(em, op, gy):
-    """``y[i, j] = x[j+1] + ... + x[i]`` (j <= i): ``dx[k] = Σ_{i >= k} Σ_{j < k} gy[i, j]``, as
-    ``rowsum(causalᵀ(cumsum_exclusive(gyᵀ)))``: the exclusive cumsum sums j < k down the
-    transposed rows, the transposed causal mask keeps i >= k. The -inf entries above the diagonal
-    are constant: their gradient never enters the sums."""
+    """``y[i, j] = x[j+1] + ... + x[i]`` (j <= i): ``dx[k] = Σ_{j < k} Σ_{i >= k} gy[i, j]``, the
+    reverse cumsum down the rows (``i >= k``) summed over the columns strictly left of the
+    diagonal (``j < k``: where ``segsum(1) > 0``). The -inf entries above the diagonal are constant:
+    their gradient never enters the sums. No transposed tile: the code generator transposes tiles
+    only as matmul operands."""
     def dx():
-        g = em.positioned_like(gy, op.result)
-        summed = em.op("cumsum", [em.op("transpose", [g])], {"reverse": False, "exclusive": True})
-        return em.op("rowsum", [em.op("causal", [summed], {"fill": 0.0, "transposed": True})])
+        rows = op.result.type.rows
+        below = em.op("gt", [em.op("segsum", [em.const(1.0, rows, 1)]), em.const(0.5)])
+        later = em.op("cumsum", [em.expand(gy, op.result.type.shape)], {"reverse": True, "exclusive": False})
+        return em.op("rowsum", [em.select(below, later, em.const(0.0))])
     return {0: dx}
 
 
@@ -186,13 +188,38 @@ def _transpose(em, op, gy):
     return {0: lambda: em.op("transpose", [gy])}
 
 
+def _vector_product(em: Emitter, x: Value, y: Value, tx: bool, ty: bool) -> Value:
+    """``op(x) @ op(y)`` when one of its dims is 1 (an outer product, a matrix-vector product), as
+    elementwise products and a row or column sum: the code generator takes matmuls of 64-multiples
+    (and ``a @ column``), and a degenerate matmul wastes a tensor core. Only vectors are
+    transposed."""
+    def vector(v: Value, column: bool) -> Value:
+        return v if (v.type.cols == 1) == column else em.op("transpose", [v])
+    p = x.type.cols if tx else x.type.rows
+    q = x.type.rows if tx else x.type.cols
+    if q == 1:
+        return em.mul(vector(x, column=True), vector(y, column=False))
+    if (y.type.rows if ty else y.type.cols) == 1:  # a column: p x 1
+        if not tx:
+            return em.op("rowsum", [em.mul(x, vector(y, column=False))])
+        return em.op("transpose", [em.op("colsum", [em.mul(x, vector(y, column=True))])])
+    assert p == 1  # a row: 1 x r
+    if not ty:
+        return em.op("colsum", [em.mul(y, vector(x, column=True))])
+    return em.op("transpose", [em.op("rowsum", [em.mul(y, vector(x, column=False))])])
+
+
 def _matmul(em, op, gy):
     """``y = A @ B`` with ``A = a`` or ``aᵀ`` (``ta``), ``B = b`` or ``bᵀ`` (``tb``): ``dA = gy Bᵀ``,
-    ``dB = Aᵀ gy``, each written as one matmul with the transposes folded into its flags."""
+    ``dB = Aᵀ gy``, each written as one matmul with the transposes folded into its flags (or as
+    elementwise products where a dim is 1)."""
     a, b = op.operands
     ta, tb, dtype = op.attrs["ta"], op.attrs["tb"], op.attrs["operand_dtype"]
+    unit = 1 in op.result.type.shape or 1 in a.type.shape
 
     def mm(x, y, tx, ty):
+        if unit:
+            return _vector_product(em, x, y, tx, ty)
         return em.op("matmul", [x, y], {"operand_dtype": dtype, "ta": tx, "tb": ty})
 
     def full():
