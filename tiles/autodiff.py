@@ -205,6 +205,7 @@ class _Reverse:
         self.preamble = {op.result for op in self.top if op.result is not None}
         self.primal: dict[Value, Op] = {op.result: op for op in self.top if op.result is not None}
         self.outer = _Grads(self.em)  # gradients of values outside the loop
+        self.pending: dict[Value, Op] = {}  # recomputed body values not emitted yet
 
     def build(self) -> Program:
         self.seed_final_states()
@@ -245,6 +246,8 @@ class _Reverse:
             elif op.name == "load" and name in self.wrt:
                 em.op("store", [inner.whole(op.result), loop.index], {"param": f"d_{name}"}, None)
             else:
+                if op.result in inner.of and op.name in ADJOINTS:
+                    self.need([*op.operands, op.result])
                 _backprop(em, [op], inner, active, self.primal)
         em.loc = loop.loc
         read = {op.attrs["param"] for op in loop.body if op.name == "load"}
@@ -270,19 +273,26 @@ class _Reverse:
                     update=updates, results=results, body=body)
 
     def recompute(self, loop: Loop) -> None:
-        """The body's forward values, from the saved states entering the chunk; outputs dropped."""
+        """Prepare the body's forward values, from the saved states entering the chunk (each op
+        emitted by ``need`` where an adjoint first reads it: late, so it holds registers briefly)."""
         rename: dict[Value, Value] = {}
-        self.em.loc = loop.loc
         for i, c in enumerate(loop.carried):
             p = self.params[_saved_name(i)]
-            rename[c] = self.em.op("load", [loop.index], {"param": p.name},
-                                   TileType(*c.type.shape, p.dtype, Space.shared))
+            load = Op("load", (loop.index,), {"param": p.name}, Value(TileType(*c.type.shape, p.dtype, Space.shared)),
+                      loop.loc)
+            rename[c] = load.result
+            self.pending[load.result] = load
         for op in loop.body:
-            if op.name != "store":
-                clone = _copy(op, rename)
-                self.em.ops.append(clone)
-                if op.result is not None:
-                    self.primal[op.result] = clone
+            if op.result is not None:
+                self.primal[op.result] = self.pending[op.result] = _copy(op, rename)
+
+    def need(self, values: list[Value]) -> None:
+        """Emit the recomputation of ``values`` (and what they read) not emitted yet."""
+        for value in values:
+            op = self.pending.pop(value, None)
+            if op is not None:
+                self.need(list(op.operands))
+                self.em.ops.append(op)
 
     def preamble_gradients(self) -> None:
         """Back through the preamble; then the Head, Scalar and initial-state gradients, one tile
