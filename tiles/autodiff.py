@@ -1,6 +1,6 @@
 """Reverse-mode differentiation of tile programs: a forward scan program becomes backward
-programs in the same language (an IR→IR transform), which the interpreter runs and the code
-generator can lower like any other program.
+programs in the same language (an IR→IR transform): the interpreter runs them, and they use only
+ops the sm_90a code generator lowers, but for the new ``ChunkState`` parameter kind.
 
 A differentiable program is one ``for c in chunks(...)`` loop (either direction) with carried
 state, pure ops before it (the preamble: ``Head``/``Scalar`` reads, constants) and nothing after it
@@ -12,8 +12,9 @@ but the final states. Its backward is two programs:
   and head for each carried ``r x c`` tile (``NC = ceil(T / chunk)``), e.g. ``NC·K·V·4`` bytes
   for a ``K x V`` fp32 state;
 - **reverse** (``chunks`` in the other direction): per chunk, loads the chunk's inputs, the saved
-  entering states and the output gradients ``d_<out>[c]``, recomputes the body's forward values,
-  runs the adjoint of each op in reverse order (``tiles.adjoints``), writes ``d_<x>[c]`` for every
+  entering states and the output gradients ``d_<out>[c]``, recomputes the body's forward values
+  (each where an adjoint first reads it), runs the adjoint of each op in reverse order
+  (``tiles.adjoints``; ``cast`` passes the gradient straight through), writes ``d_<x>[c]`` for every
   ``Seq``/``GroupSeq`` input ``x`` (a ``GroupSeq`` per head: ``[B, T, H, N]``), carries the state
   gradients back (seeded by the final states' gradients ``d_<state>``; their last value is the
   initial state's gradient, the final state of the same ``State`` parameter ``d_<state>``) and
@@ -26,9 +27,10 @@ Anything else (a ``blocks`` grid, nested or several loops, ``through=``/``start=
 after the loop, ``Matrix`` parameters, an op without an adjoint rule) raises ``TileError`` naming
 the op and the user's line: never a wrong gradient.
 
-For the GPU (not done here): the lowering needs ``ChunkState`` loads and stores (a ``K x V``
-tile at ``[b, h, c]``), and the reverse program carries the state gradients and the preamble
-accumulators in registers as the forward carries its state.
+For the GPU (not done here): the lowering needs ``ChunkState`` loads and stores (an ``r x c``
+fp32 tile at ``[b, h, c]``); the reverse program carries the state gradients and the preamble
+accumulators in registers as a forward carries its state. It cannot take the forward's column
+split as it is (input gradients contract the state's columns).
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def _split(program: Program) -> _Shape:
         raise TileError(f"cannot differentiate {program.name}: it has no chunks() loop", program.loc)
     loop = program.body[loops[0]]
     if loop.kind != "chunks":
-        raise TileError(f"cannot differentiate {program.name}: a blocks() grid loop (its instances share no "
-                        "carried state to differentiate through, e.g. an online softmax; write its backward "
-                        "by hand)", loop.loc)
+        raise TileError(f"cannot differentiate {program.name}: a blocks() grid loop (only a chunks() scan is "
+                        "differentiated; a grid program such as an online softmax keeps a hand-written backward)",
+                        loop.loc)
     if len(loops) > 1:
         raise TileError(f"cannot differentiate {program.name}: only one chunks() loop is supported",
                         program.body[loops[1]].loc)
