@@ -308,6 +308,20 @@ def test_inputs_the_program_ignores_get_zero_gradients():
     assert np.array_equal(grads["w"], np.zeros(3))
 
 
+@kernel
+def stores_twice_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    for c in chunks(64):
+        o[c] = x[c] * 3.0
+        o[c] = y[c] * 2.0  # what the output holds: x's value is overwritten
+
+
+def test_an_overwritten_store_gets_no_gradient():
+    gen = np.random.default_rng(0)
+    x, y, do = (gen.standard_normal((1, 70, 2, 16)) for _ in range(3))
+    grads = gradients(stores_twice_fwd, dict(x=x, y=y), dict(o=do))
+    assert np.array_equal(grads["x"], np.zeros_like(x)) and np.array_equal(grads["y"], 2 * do)
+
+
 def test_wrt_picks_the_gradients_computed():
     program, tensors, fixed = _case("gla", B=1, T=70, H=2, K=16, V=16)
     args = {**fixed, **{n: t.numpy() for n, t in tensors.items()}}

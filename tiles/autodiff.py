@@ -238,13 +238,17 @@ class _Reverse:
         for i, g in zip(states, state_grads):
             if loop.update[i] in active:
                 inner.add(loop.update[i], g)
+        overwritten: set[str] = set()  # outputs a later store writes again: the earlier value is lost
         for op in reversed(loop.body):
             em.loc = op.loc
             name = op.attrs.get("param")
-            if op.name == "store" and name in self.grads_given and op.operands[0] in active:
+            if op.name == "store":
                 value = op.operands[0]
-                slot = TileType(*value.type.shape, self.params[f"d_{name}"].dtype, Space.shared, value.type.row_axis)
-                inner.add(value, em.op("load", [loop.index], {"param": f"d_{name}"}, slot))
+                if name in self.grads_given and value in active and name not in overwritten:
+                    slot = TileType(*value.type.shape, self.params[f"d_{name}"].dtype, Space.shared,
+                                    value.type.row_axis)
+                    inner.add(value, em.op("load", [loop.index], {"param": f"d_{name}"}, slot))
+                overwritten.add(name)
             elif op.name == "load" and name in self.wrt:
                 em.op("store", [inner.whole(op.result), loop.index], {"param": f"d_{name}"}, None)
             else:
