@@ -321,12 +321,13 @@ def _cols(p: BoundParam) -> int:
     return 1 if p.spec.dims == (1,) else p.shape[-1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Backward:
     """The derived backward of one forward specialisation.
 
-    ``states``/``reverse``: the two programs (``states`` is None when the loop carries nothing);
-    ``params(binding)`` their parameters for one forward call; ``run`` runs them on the CPU."""
+    ``states``/``reverse``: the two programs (``states`` is None when the loop carries nothing;
+    their parameters carry the shapes of the call that derived them, as a traced program's do);
+    ``bindings(binding)``: theirs for one forward call; ``run``: both on the CPU interpreter."""
 
     forward: Program
     states: Program | None
@@ -349,8 +350,11 @@ class Backward:
 
     def run(self, binding: Binding, inputs: dict[str, Any], output_grads: dict[str, Any]) -> dict[str, np.ndarray]:
         """Gradients by input name on the CPU interpreter, in the inputs' layouts (``Head`` summed
-        over the batch, ``GroupSeq`` over each group's heads, ``Scalar`` a 0-d array).
-        ``inputs``: the forward's NumPy inputs; ``output_grads``: by output or state name."""
+        over the batch, ``GroupSeq`` over each group's heads, ``Scalar`` a 0-d array), as fp32
+        (float64 in a float64 program) holding values rounded to each input's dtype.
+        ``binding``: the forward call's (``Kernel.bind``, which takes torch tensors too);
+        ``inputs``: its arguments with NumPy arrays for tensors; ``output_grads``: NumPy arrays by
+        the output or state name, one for each of ``grads_given``."""
         states_binding, reverse_binding = self.bindings(binding)
         args = dict(inputs)
         if self.states is not None:
