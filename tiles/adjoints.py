@@ -1,6 +1,6 @@
 """Adjoint rules: for each op of the language, the ops that carry its result's gradient back to
-its operands. Used by ``tiles.autodiff``, which recomputes every forward value before it needs
-one, so a rule may read the op's operands and result as primal values.
+its operands. Used by ``tiles.autodiff``, which recomputes the forward values a rule reads before
+calling it, so a rule may read the op's operands and result as primal values.
 
 A rule takes the emitter, the op (its operands and result: primal values in the program being
 built) and ``gy``, the gradient of the result: a tile broadcastable to the result's shape (the
@@ -86,12 +86,6 @@ class Emitter:
 Rule = Callable[[Emitter, Op, Value], dict[int, Callable[[], Value]]]
 
 
-def _binary_linear(sign_b: float) -> Rule:
-    def rule(em, op, gy):
-        return {0: lambda: gy, 1: lambda: gy if sign_b > 0 else em.neg(gy)}
-    return rule
-
-
 def _mul(em, op, gy):
     a, b = op.operands
     return {0: lambda: em.mul(gy, b), 1: lambda: em.mul(gy, a)}
@@ -119,8 +113,7 @@ def _pow(em, op, gy):
     n = op.attrs["n"]
     if n == 1:
         return {0: lambda: gy}
-    lower = x if n == 2 else em.op("pow", [x], {"n": n - 1})
-    return {0: lambda: em.mul(gy, em.mul(lower, em.const(n)))}
+    return {0: lambda: em.mul(gy, em.mul(x if n == 2 else em.op("pow", [x], {"n": n - 1}), em.const(n)))}
 
 
 def _select_by(compare: str) -> Rule:
@@ -241,8 +234,8 @@ def _sigmoid_slope(em, op):
 
 
 ADJOINTS: dict[str, Rule] = {
-    "add": _binary_linear(1.0),
-    "sub": _binary_linear(-1.0),
+    "add": lambda em, op, gy: {0: lambda: gy, 1: lambda: gy},
+    "sub": lambda em, op, gy: {0: lambda: gy, 1: lambda: em.neg(gy)},
     "mul": _mul,
     "div": _div,
     "neg": lambda em, op, gy: {0: lambda: em.neg(gy)},
