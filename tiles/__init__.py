@@ -12,7 +12,8 @@
 
 A ``@kernel`` is traced into a typed SSA IR (``tilemix.tiles.ir``), checked by
 the verifier (``verify``), and run by the NumPy interpreter on the CPU or
-lowered to GPU kernels by ``tilemix.codegen``.
+lowered to GPU kernels by ``tilemix.codegen``. ``tilemix.tiles.autodiff``
+derives a scan program's backward as more programs of the language.
 """
 
 from .errors import Loc, TileError

@@ -40,12 +40,16 @@ def _to_program_layout(param: BoundParam, array: np.ndarray, sizes: dict[str, in
         return a.reshape(1, sizes["H"], 1, -1)
     if kind == "matrix":
         return a[None, None]
+    if kind == "chunk_state":  # [B, H, NC, r, c]: chunk c's tile is rows c*r.. of one [B, H, NC*r, c] array
+        return a.reshape(a.shape[0], a.shape[1], a.shape[2] * a.shape[3], a.shape[4])
     return a  # state: already [B, H, K, V]
 
 
 def _from_program_layout(param: BoundParam, a: np.ndarray) -> np.ndarray:
     if param.spec.kind == "matrix":
         return a[0, 0]
+    if param.spec.kind == "chunk_state":
+        return a.reshape(param.shape)
     out = a.transpose(0, 2, 1, 3)
     return out[..., 0] if len(param.shape) == 3 else out
 

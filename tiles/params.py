@@ -13,6 +13,10 @@ annotation             tensor layout           inside the program
 ``State["K", "V"]``    ``[B, H, K, V]`` f32    the initial state (zeros when absent); the value
                                                bound to its name at the end is the final state
 ``Matrix["M", "K"]``   ``[M, K]``              ``a[i, k]`` loads a block (gemm-style programs)
+``ChunkState[r, c]``   ``[B, H, NC, r, c]``    one ``r x c`` tile per chunk (``NC`` chunks): the
+                                               state entering each chunk, checkpointed by a
+                                               derived backward (``tiles.autodiff``; not
+                                               written by users)
 ``Scalar``             Python float            a runtime scalar (e.g. a softmax scale)
 ``Const``              any Python value        fixed at trace time (e.g. ``causal=True``)
 ``Out[...]``           as the inner one        written by the program; allocated by tilemix
@@ -61,6 +65,8 @@ class ParamSpec:
             return ("H",) + feature
         if self.kind == "state":
             return ("B", "H") + self.dims
+        if self.kind == "chunk_state":
+            return ("B", "H", "NC") + self.dims
         return self.dims  # matrix
 
     @property
@@ -78,7 +84,7 @@ class ParamSpec:
     def __repr__(self) -> str:
         inner = ", ".join(map(repr, self.dims))
         base = {"seq": "Seq", "group_seq": "GroupSeq", "head": "Head", "state": "State",
-                "matrix": "Matrix", "scalar": "Scalar", "const": "Const"}[self.kind]
+                "matrix": "Matrix", "scalar": "Scalar", "const": "Const", "chunk_state": "ChunkState"}[self.kind]
         base = f"{base}[{inner}]" if self.dims else base
         return f"Out[{base}]" if self.output else base
 

@@ -1,0 +1,264 @@
+"""Adjoint rules: for each op of the language, the ops that carry its result's gradient back to
+its operands. Used by ``tiles.autodiff``, which recomputes the forward values a rule reads before
+calling it, so a rule may read the op's operands and result as primal values.
+
+A rule takes the emitter, the op (its operands and result: primal values in the program being
+built) and ``gy``, the gradient of the result: a tile broadcastable to the result's shape (the
+gradient of a ``rowsum`` is a column vector, say). It returns ``{operand index: thunk}``; the
+transform calls a thunk only for operands that need a gradient, and reduces what it returns to the
+operand's shape (``colsum``/``rowsum`` over broadcast dims).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .errors import TileError
+from .ir import Op, Value
+from .rules import MASKS, ShapeError, infer
+from .types import TileType
+
+__all__ = ["Emitter", "ADJOINTS", "NO_GRADIENT"]
+
+# ops whose result carries no gradient to its operands (constants, comparisons: bool tiles)
+NO_GRADIENT = ("full", "lt", "le", "gt", "ge")
+
+
+class Emitter:
+    """Appends ops to ``self.ops`` (switchable: the transform builds several regions), each
+    carrying ``self.loc``, the forward line it derives from, so a type error names that line."""
+
+    def __init__(self):
+        self.ops: list[Op] = []
+        self.loc = None
+
+    def op(self, name: str, operands: list[Value], attrs: dict | None = None,
+           type: TileType | None = None) -> Value | None:
+        attrs = attrs or {}
+        if type is None:
+            try:
+                type = infer(name, tuple(v.type for v in operands), attrs)
+            except ShapeError as e:
+                raise TileError(f"differentiating this line built an ill-typed {name}: {e}", self.loc) from None
+        result = Value(type) if type is not None else None
+        self.ops.append(Op(name, tuple(operands), attrs, result, self.loc))
+        return result
+
+    def const(self, value: float, rows: int = 1, cols: int = 1) -> Value:
+        return self.op("full", [], {"rows": rows, "cols": cols, "value": float(value)})
+
+    def add(self, a: Value, b: Value) -> Value:
+        return self.op("add", [a, b])
+
+    def mul(self, a: Value, b: Value) -> Value:
+        return self.op("mul", [a, b])
+
+    def neg(self, a: Value) -> Value:
+        return self.op("neg", [a])
+
+    def select(self, cond: Value, a: Value, b: Value) -> Value:
+        return self.op("where", [cond, a, b])
+
+    def expand(self, g: Value, shape: tuple[int, int]) -> Value:
+        """``g`` broadcast to ``shape`` (a matmul operand, a store, a carried value need it whole)."""
+        return g if g.type.shape == shape else self.add(g, self.const(0.0, *shape))
+
+    def reduce_to(self, g: Value, shape: tuple[int, int]) -> Value:
+        """Sum ``g`` over the dims that broadcasting stretched from ``shape``."""
+        if shape[0] == 1 and g.type.rows > 1:
+            g = self.op("colsum", [g])
+        if shape[1] == 1 and g.type.cols > 1:
+            g = self.op("rowsum", [g])
+        return g
+
+    def positioned_like(self, g: Value, ref: Value) -> Value:
+        """``g`` expanded to ``ref``'s shape, its rows and columns tagged with ``ref``'s sequence
+        positions (what a mask reads); ``where(ref < ref, ref, g)`` is ``g`` itself (false even
+        for NaN), typed with ``ref``'s axes."""
+        g = self.expand(g, ref.type.shape)
+        t = ref.type
+        if (g.type.row_axis, g.type.col_axis) == (t.row_axis, t.col_axis):
+            return g
+        return self.select(self.op("lt", [ref, ref]), ref, g)
+
+
+Rule = Callable[[Emitter, Op, Value], dict[int, Callable[[], Value]]]
+
+
+def _mul(em, op, gy):
+    a, b = op.operands
+    return {0: lambda: em.mul(gy, b), 1: lambda: em.mul(gy, a)}
+
+
+def _div(em, op, gy):
+    a, b = op.operands  # y = a / b: dy/db = -y / b
+    return {0: lambda: em.op("div", [gy, b]), 1: lambda: em.neg(em.op("div", [em.mul(gy, op.result), b]))}
+
+
+def _abs(em, op, gy):
+    (x,) = op.operands
+    zero = em.const(0.0)
+    return {0: lambda: em.select(em.op("gt", [x, zero]), gy,
+                                 em.select(em.op("lt", [x, zero]), em.neg(gy), zero))}
+
+
+def _scaled_by(factor: Callable[[Emitter, Op], Value]) -> Rule:
+    """``dx = gy * factor`` for an elementwise unary op."""
+    return lambda em, op, gy: {0: lambda: em.mul(gy, factor(em, op))}
+
+
+def _pow(em, op, gy):
+    (x,) = op.operands
+    n = op.attrs["n"]
+    if n == 1:
+        return {0: lambda: gy}
+    return {0: lambda: em.mul(gy, em.mul(x if n == 2 else em.op("pow", [x], {"n": n - 1}), em.const(n)))}
+
+
+def _select_by(compare: str) -> Rule:
+    """maximum/minimum: the gradient goes to the operand that was chosen (``a`` on ties)."""
+    def rule(em, op, gy):
+        a, b = op.operands
+        zero = em.const(0.0)
+        take_a = em.op(compare, [a, b])
+        return {0: lambda: em.select(take_a, gy, zero), 1: lambda: em.select(take_a, zero, gy)}
+    return rule
+
+
+def _where(em, op, gy):
+    cond = op.operands[0]
+    zero = em.const(0.0)
+    return {1: lambda: em.select(cond, gy, zero), 2: lambda: em.select(cond, zero, gy)}
+
+
+def _mask(em, op, gy):
+    (x,) = op.operands
+    attrs = {**op.attrs, "fill": 0.0}
+    return {0: lambda: em.op(op.name, [em.positioned_like(gy, x)], attrs)}
+
+
+def _passthrough(em, op, gy):
+    """rowsum, colsum (the column/row vector gradient broadcasts back) and cast (rounding passes the
+    gradient straight through, as torch's ``.to()`` does)."""
+    return {0: lambda: gy}
+
+
+def _extreme(reduce_sum: str) -> Rule:
+    """rowmax/colmax: the gradient split evenly among the entries equal to the maximum (torch's
+    ``amax``), a subgradient."""
+    def rule(em, op, gy):
+        (x,) = op.operands
+
+        def dx():
+            hit = em.op("ge", [x, op.result])
+            count = em.op(reduce_sum, [em.select(hit, em.const(1.0), em.const(0.0))])
+            return em.select(hit, em.op("div", [gy, count]), em.const(0.0))
+        return {0: dx}
+    return rule
+
+
+def _cumsum(em, op, gy):
+    attrs = {"reverse": not op.attrs["reverse"], "exclusive": op.attrs["exclusive"]}
+    return {0: lambda: em.op("cumsum", [em.expand(gy, op.result.type.shape)], attrs)}
+
+
+def _segsum(em, op, gy):
+    """``y[i, j] = x[j+1] + ... + x[i]`` (j <= i): ``dx[k] = Σ_{j < k} Σ_{i >= k} gy[i, j]``, the
+    reverse cumsum down the rows (``i >= k``) summed over the columns strictly left of the
+    diagonal (``j < k``: where ``segsum(1) > 0``). The -inf entries above the diagonal are constant:
+    their gradient never enters the sums. No transposed tile: the code generator transposes tiles
+    only as matmul operands."""
+    def dx():
+        rows = op.result.type.rows
+        below = em.op("gt", [em.op("segsum", [em.const(1.0, rows, 1)]), em.const(0.5)])
+        later = em.op("cumsum", [em.expand(gy, op.result.type.shape)], {"reverse": True, "exclusive": False})
+        return em.op("rowsum", [em.select(below, later, em.const(0.0))])
+    return {0: dx}
+
+
+def _transpose(em, op, gy):
+    return {0: lambda: em.op("transpose", [gy])}
+
+
+def _vector_product(em: Emitter, x: Value, y: Value, tx: bool, ty: bool) -> Value:
+    """``op(x) @ op(y)`` when one of its dims is 1 (an outer product, a matrix-vector product), as
+    elementwise products and a row or column sum: the code generator takes matmuls of 64-multiples
+    (and ``a @ column``), and a degenerate matmul wastes a tensor core. Only vectors are
+    transposed."""
+    def vector(v: Value, column: bool) -> Value:
+        return v if (v.type.cols == 1) == column else em.op("transpose", [v])
+    p = x.type.cols if tx else x.type.rows
+    q = x.type.rows if tx else x.type.cols
+    if q == 1:
+        return em.mul(vector(x, column=True), vector(y, column=False))
+    if (y.type.rows if ty else y.type.cols) == 1:  # a column: p x 1
+        if not tx:
+            return em.op("rowsum", [em.mul(x, vector(y, column=False))])
+        return em.op("transpose", [em.op("colsum", [em.mul(x, vector(y, column=True))])])
+    assert p == 1  # a row: 1 x r
+    if not ty:
+        return em.op("colsum", [em.mul(y, vector(x, column=True))])
+    return em.op("transpose", [em.op("rowsum", [em.mul(y, vector(x, column=False))])])
+
+
+def _matmul(em, op, gy):
+    """``y = A @ B`` with ``A = a`` or ``aᵀ`` (``ta``), ``B = b`` or ``bᵀ`` (``tb``): ``dA = gy Bᵀ``,
+    ``dB = Aᵀ gy``, each written as one matmul with the transposes folded into its flags (or as
+    elementwise products where a dim is 1)."""
+    a, b = op.operands
+    ta, tb, dtype = op.attrs["ta"], op.attrs["tb"], op.attrs["operand_dtype"]
+    unit = 1 in op.result.type.shape or 1 in a.type.shape
+
+    def mm(x, y, tx, ty):
+        if unit:
+            return _vector_product(em, x, y, tx, ty)
+        return em.op("matmul", [x, y], {"operand_dtype": dtype, "ta": tx, "tb": ty})
+
+    def full():
+        return em.expand(gy, op.result.type.shape)
+    return {0: lambda: mm(b, full(), tb, True) if ta else mm(full(), b, False, not tb),
+            1: lambda: mm(full(), a, True, ta) if tb else mm(a, full(), not ta, False)}
+
+
+def _sigmoid_of_input(em, op):
+    return em.op("sigmoid", [op.operands[0]])
+
+
+def _one_minus_square(em, op):
+    return em.op("sub", [em.const(1.0), em.mul(op.result, op.result)])
+
+
+def _sigmoid_slope(em, op):
+    return em.mul(op.result, em.op("sub", [em.const(1.0), op.result]))
+
+
+ADJOINTS: dict[str, Rule] = {
+    "add": lambda em, op, gy: {0: lambda: gy, 1: lambda: gy},
+    "sub": lambda em, op, gy: {0: lambda: gy, 1: lambda: em.neg(gy)},
+    "mul": _mul,
+    "div": _div,
+    "neg": lambda em, op, gy: {0: lambda: em.neg(gy)},
+    "abs": _abs,
+    "exp": _scaled_by(lambda em, op: op.result),
+    "exp2": _scaled_by(lambda em, op: em.mul(op.result, em.const(math.log(2.0)))),
+    "log": lambda em, op, gy: {0: lambda: em.op("div", [gy, op.operands[0]])},
+    "sqrt": lambda em, op, gy: {0: lambda: em.op("div", [em.mul(gy, em.const(0.5)), op.result])},
+    "sigmoid": _scaled_by(_sigmoid_slope),
+    "softplus": _scaled_by(_sigmoid_of_input),
+    "tanh": _scaled_by(_one_minus_square),
+    "pow": _pow,
+    "maximum": _select_by("ge"),
+    "minimum": _select_by("le"),
+    "where": _where,
+    **{name: _mask for name in MASKS},
+    "rowsum": _passthrough,
+    "colsum": _passthrough,
+    "cast": _passthrough,
+    "rowmax": _extreme("rowsum"),
+    "colmax": _extreme("colsum"),
+    "cumsum": _cumsum,
+    "segsum": _segsum,
+    "transpose": _transpose,
+    "matmul": _matmul,
+}
