@@ -359,4 +359,7 @@ def _output_dtype(param, like: torch.dtype) -> torch.dtype:
 
 
 def _first_tile_operand(binding) -> str:
-    return next(p.name for p in binding.params if p.present and p.spec.is_tile_operand and not p.spec.output)
+    """The input the compute dtype comes from: the first that feeds matmuls, else (matmuls that read only
+    State or Head tiles) the first of that dtype."""
+    inputs = [p for p in binding.params if p.present and not p.spec.output and p.dtype is binding.compute_dtype]
+    return next((p.name for p in inputs if p.spec.is_tile_operand), inputs[0].name)
