@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -15,8 +16,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from tilemix.bench.bench import run_bench
+    from tilemix.bench.bench import CASES, run_bench
 
+    unknown = sorted(set(args.ops) - set(CASES))
+    if unknown:  # before anything asks for a GPU
+        print(f"tilemix bench: unknown op(s) {unknown}; expected some of {sorted(CASES)}", file=sys.stderr)
+        return 2
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
                      head_dims=tuple(args.head_dim or ()), md_path=args.md, target=args.target,
                      peers=not args.no_peers)
@@ -198,13 +203,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     from tilemix.ops.examples import example_specs, kernel_specs
     from tilemix.tiles import TileError
 
+    sizes = dict(args.dim or ())
     try:
         if args.op in PROGRAMS:
             program = PROGRAMS[args.op]
-            binding = program.bind(example_specs(args.op, args.dtype))
+            binding = program.bind(example_specs(args.op, args.dtype, sizes=sizes))
         elif ":" in args.op:
             program = _user_kernel(args.op)
-            binding = program.bind(kernel_specs(program, dict(args.dim or ()), args.dtype))
+            binding = program.bind(kernel_specs(program, sizes, args.dtype))
         else:
             raise ValueError(f"unknown op {args.op!r}: one of {sorted(PROGRAMS)}, or module:kernel for your own")
     except (ValueError, TypeError, TileError) as e:
@@ -217,7 +223,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.ir or arch == "cpu":
         print(program.trace(binding, target=arch))
         return 0
-    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.compile import MissingTool, compile_cuda, resources, sass
     from tilemix.codegen.launch import default_schedule, kernel_source, overridden
 
     try:  # $TILEMIX_SCHEDULE's fields applied as a launch applies them
@@ -228,14 +234,18 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if not (args.sass or args.resources):
         print(source.source)
         return 0
-    compiled = compile_cuda(source.source, arch, source.name)
-    if args.resources:
-        usage = resources(compiled)
-        print(f"{source.name} ({arch}): {usage['reg']} registers/thread, {usage['stack']} B stack, "
-              f"{usage['local']} B local (spills), {source.smem_bytes} B dynamic shared memory, "
-              f"{source.threads} threads/CTA")
-    if args.sass:
-        print(sass(compiled))
+    try:
+        compiled = compile_cuda(source.source, arch, source.name)
+        usage = resources(compiled) if args.resources else None
+        code = sass(compiled) if args.sass else None
+    except MissingTool as e:
+        print(f"tilemix show: {e}", file=sys.stderr)
+        return 1
+    if usage is not None:  # the stack frame is local memory: spills and local arrays
+        print(f"{source.name} ({arch}): {usage['reg']} registers/thread, {usage['local_memory']} B local memory "
+              f"({usage['stack']} B stack), {source.smem_bytes} B dynamic shared memory, {source.threads} threads/CTA")
+    if code is not None:
+        print(code)
     return 0
 
 
@@ -248,9 +258,10 @@ def _dim(text: str) -> tuple[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     from tilemix.ops import PROGRAMS
-    from tilemix.tiles import TARGETS
+    from tilemix.tiles import TARGETS, __version__
 
     parser = argparse.ArgumentParser(prog="tilemix", description="Tile-language sequence mixers.")
+    parser.add_argument("--version", action="version", version=f"tilemix {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run every op and check it against the float64 reference")
     demo.add_argument("--seed", type=int, default=0)
@@ -290,7 +301,8 @@ def _parser() -> argparse.ArgumentParser:
                           "with $TILEMIX_SCHEDULE's fields applied as a launch applies them")
     show.add_argument("op", help=f"one of {', '.join(sorted(PROGRAMS))}, or module:kernel (your own @kernel program)")
     show.add_argument("--dim", action="append", metavar="NAME=SIZE", type=_dim,
-                      help="a named dim's size for module:kernel programs (default 128), e.g. --dim K=64")
+                      help="a named dim's size, e.g. --dim K=64 (B, T, H and G too; default: the bench shape for "
+                           "the ops, 128 for module:kernel programs)")
     show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS),
                       help="sm_90a: the Hopper kernel; sm_80/86/89/90: the generic mma.sync kernel")
     show.add_argument("--target", default="auto", choices=["auto", "hopper", "generic"],
@@ -305,7 +317,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return args.run(args)
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # `tilemix show ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush writes nowhere
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    return code
 
 
 if __name__ == "__main__":

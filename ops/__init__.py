@@ -5,6 +5,8 @@ flash-linear-attention calling convention. CPU tensors run the NumPy
 interpreter; the GPU backends are built in ``tilemix.codegen``.
 """
 
+from tilemix.tiles import __version__
+
 from ._library import custom_op
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
@@ -25,6 +27,6 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
     "ssd": ssd_scan,
 }
 
-__all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
+__all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
            "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target", "custom_op"]

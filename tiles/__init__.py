@@ -15,6 +15,8 @@ the verifier (``verify``), and run by the NumPy interpreter on the CPU or
 lowered to GPU kernels by ``tilemix.codegen``.
 """
 
+from importlib.metadata import version as _version
+
 from .errors import Loc, TileError
 from .ir import Program
 from .kernel import Kernel, TensorSpec, kernel
@@ -49,8 +51,10 @@ from .targets import TARGETS, Target
 from .types import DType, Space, TileType
 from .verify import verify
 
+__version__ = _version("tilemix")  # the installed distribution's, as pip and `tilemix --version` report it
+
 __all__ = [
-    "kernel", "Kernel", "TensorSpec", "Program", "TileError", "Loc", "verify", "Target", "TARGETS",
+    "__version__", "kernel", "Kernel", "TensorSpec", "Program", "TileError", "Loc", "verify", "Target", "TARGETS",
     "DType", "Space", "TileType",
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
