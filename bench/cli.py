@@ -198,42 +198,46 @@ def _user_kernel(ref: str):
     return found
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
+def _show_binding(args: argparse.Namespace):
+    """The program ``tilemix show`` names and its binding at the bench shape, ``--dim`` applied."""
     from tilemix.ops import PROGRAMS
     from tilemix.ops.examples import example_specs, kernel_specs
-    from tilemix.tiles import TileError
 
     sizes = dict(args.dim or ())
-    try:
-        if args.op in PROGRAMS:
-            program = PROGRAMS[args.op]
-            binding = program.bind(example_specs(args.op, args.dtype, sizes=sizes))
-        elif ":" in args.op:
-            program = _user_kernel(args.op)
-            binding = program.bind(kernel_specs(program, sizes, args.dtype))
-        else:
-            raise ValueError(f"unknown op {args.op!r}: one of {sorted(PROGRAMS)}, or module:kernel for your own")
-    except (ValueError, TypeError, TileError) as e:
-        print(f"tilemix show: {e}", file=sys.stderr)
-        return 2
+    if args.op in PROGRAMS:
+        return PROGRAMS[args.op], PROGRAMS[args.op].bind(example_specs(args.op, args.dtype, sizes=sizes))
+    if ":" in args.op:
+        program = _user_kernel(args.op)
+        return program, program.bind(kernel_specs(program, sizes, args.dtype))
+    raise ValueError(f"unknown op {args.op!r}: one of {sorted(PROGRAMS)}, or module:kernel for your own")
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from tilemix.tiles import TileError
+
     arch = "sm_90" if args.target == "generic" and args.arch == "sm_90a" else args.arch  # generic on a Hopper
     if args.target == "hopper" and arch != "sm_90a":
         print(f"tilemix show: --target hopper is sm_90a, not {arch}", file=sys.stderr)
         return 2
-    if args.ir or arch == "cpu":
-        print(program.trace(binding, target=arch))
-        return 0
-    from tilemix.codegen.compile import MissingTool, compile_cuda, resources, sass
-    from tilemix.codegen.launch import default_schedule, kernel_source, overridden
+    try:
+        program, binding = _show_binding(args)
+        if args.ir or arch == "cpu":
+            print(program.trace(binding, target=arch))
+        if arch != "cpu":  # lowered as a launch lowers it, $TILEMIX_SCHEDULE's fields applied: a run's errors
+            from tilemix.codegen.launch import default_schedule, kernel_source, overridden
 
-    try:  # $TILEMIX_SCHEDULE's fields applied as a launch applies them
-        source = kernel_source(program, binding, overridden(program, default_schedule(program, binding, arch)), arch)
-    except TileError as e:
+            schedule = overridden(program, default_schedule(program, binding, arch))
+            source = kernel_source(program, binding, schedule, arch)
+    except (ValueError, TypeError, TileError) as e:
         print(f"tilemix show: {e}", file=sys.stderr)
         return 2
+    if args.ir or arch == "cpu":
+        return 0
     if not (args.sass or args.resources):
         print(source.source)
         return 0
+    from tilemix.codegen.compile import MissingTool, compile_cuda, resources, sass
+
     try:
         compiled = compile_cuda(source.source, arch, source.name)
         usage = resources(compiled) if args.resources else None
