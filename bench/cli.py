@@ -159,6 +159,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tilemix.ops import PROGRAMS
+    from tilemix.ops.runtime import HOPPER_PANEL
     from tilemix.tiles import TARGETS
 
     ops = Table(title="ops (tilemix.ops)")
@@ -166,13 +167,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
         ops.add_column(column)
     for name, program in PROGRAMS.items():
         ops.add_row(name, program.name, ", ".join(program.specs), str(program.source_lines))
-    targets = Table(title="targets")
-    for column in ("target", "what", "matmul dtypes", "carried-state budget"):
+    targets = Table(title="targets", caption=f"CPU tensors run the interpreter at any size; the ops' GPU kernels take "
+                    f"head dims in multiples of {HOPPER_PANEL}")
+    for column in ("target", "what", "tile dims", "matmul dtypes", "carried-state budget"):
         targets.add_column(column)
     for target in TARGETS.values():
         budget = "unlimited" if target.carried_bytes is None else f"{target.carried_bytes // 1024} KiB"
-        targets.add_row(target.name, target.description, ", ".join(map(str, target.mma_dtypes)), budget)
-    console = Console()
+        dims = "any size" if target.fragment is None else f"1 or multiples of {target.fragment}"
+        targets.add_row(target.name, target.description, dims, ", ".join(map(str, target.mma_dtypes)), budget)
+    console = Console(width=max(Console().width, 120))  # the tables unwrapped when piped
     console.print(ops)
     console.print(targets)
     return 0

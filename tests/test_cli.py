@@ -32,6 +32,10 @@ def test_list_names_ops_and_targets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "linear_attention_fwd" in out and "sm_90a" in out and "128 KiB" in out
+    cpu = next(line for line in out.splitlines() if "│ cpu " in line)
+    hopper = next(line for line in out.splitlines() if "│ sm_90a " in line)
+    assert "any size" in cpu and "1 or multiples of 16" in hopper, out  # what the verifier holds each to
+    assert "head dims in multiples of 64" in out
 
 
 def test_show_ir(capsys):

@@ -25,7 +25,7 @@ _GENERIC = dict(mma_dtypes=(DType.f16, DType.bf16),
                 carried_bytes=66 * 1024, fragment=16)
 
 TARGETS = {
-    "cpu": Target("cpu", "NumPy interpreter (exact semantics, any size)",
+    "cpu": Target("cpu", "NumPy interpreter (exact semantics)",
                   (DType.f32, DType.f16, DType.bf16, DType.f64), None, None),
     # half of an H100 SM's 256 KiB register file: two consumer warpgroups hold
     # the state and still have room for the chunk's working tiles
