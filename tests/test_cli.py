@@ -130,15 +130,16 @@ def test_demo_prints_each_row_as_it_goes_and_times_a_warm_call(capsys, monkeypat
 
     from tilemix.bench import demo
 
-    calls, printed = [], []
+    calls, printed, results = [], [], []
     gemm, linear_attention = demo.CASES[0], demo.CASES[2]
 
     def slow_first_call(**kwargs):
         printed.append(capsys.readouterr().out)
         calls.append(kwargs)
-        if len(calls) == 1:
-            time.sleep(1.0)  # what tracing or compiling costs the first call
-        return linear_attention.run(**kwargs)
+        if len(calls) % 2:  # a dtype's first call: as slow as tracing or compiling
+            time.sleep(0.5)
+            results.append(linear_attention.run(**kwargs))
+        return results[-1]
 
     monkeypatch.setattr(demo, "CASES", [gemm, demo.Case(linear_attention.op, linear_attention.shape,
                                                         linear_attention.make, slow_first_call, linear_attention.ref)])
@@ -146,8 +147,8 @@ def test_demo_prints_each_row_as_it_goes_and_times_a_warm_call(capsys, monkeypat
     assert all("gemm  " in printed[0] and dtype in printed[0] for dtype in ("float32", "bfloat16", "float16"))
     assert len(calls) == 6  # a first call and a timed one per dtype
     rows = "".join(printed) + capsys.readouterr().out
-    first = next(line for line in rows.splitlines() if line.startswith("linear_attention"))
-    assert float(first.split()[-1]) < 500, first
+    timed = [float(line.split()[-1]) for line in rows.splitlines() if line.startswith("linear_attention")]
+    assert len(timed) == 3 and max(timed) < 250, rows
 
 
 def test_version(capsys):
