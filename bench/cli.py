@@ -18,7 +18,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import CASES, run_bench
 
-    unknown = sorted(set(args.ops) - set(CASES))
+    unknown = sorted(name for name in args.ops if name not in CASES and ":" not in name)  # module:kernel: a program
     if unknown:  # before anything asks for a GPU
         print(f"tilemix bench: unknown op(s) {unknown}; expected some of {sorted(CASES)}", file=sys.stderr)
         return 2
