@@ -40,7 +40,7 @@ __all__ = [
     "BoundParam", "Binding", "bind_arguments",
 ]
 
-_TENSOR_KINDS = ("seq", "group_seq", "head", "state", "matrix")
+_VALUE_KINDS = ("scalar", "const")  # passed as Python values; every other kind is a tensor
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
         raise TypeError(f"unexpected argument(s) {sorted(unknown)}; expected {list(specs)}")
     inputs = {name: spec for name, spec in specs.items() if not spec.output}
     given = _given_values(inputs, defaults, args, label)
-    tensors = {name: value for name, value in given.items() if inputs[name].kind in _TENSOR_KINDS}
+    tensors = {name: value for name, value in given.items() if inputs[name].kind not in _VALUE_KINDS}
     compute = _compute_dtype(inputs, tensors, label)
     sizes, sized_by = _size_symbols(inputs, tensors, label)
     params = []
@@ -222,10 +222,10 @@ def _given_values(inputs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
             continue
         if spec.kind == "scalar" and not isinstance(value, (int, float, np.floating, np.integer)):
             raise TypeError(f"{label(name)}: expected a Python number, got {type(value).__name__}")
-        if spec.kind in _TENSOR_KINDS and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        if spec.kind not in _VALUE_KINDS and not (hasattr(value, "shape") and hasattr(value, "dtype")):
             raise TypeError(f"{label(name)}: expected a tensor of shape {_fmt(spec.layout)}, "
                             f"got {type(value).__name__}")
-        if spec.kind in _TENSOR_KINDS and dtype_of(value.dtype) not in FLOAT_DTYPES:
+        if spec.kind not in _VALUE_KINDS and dtype_of(value.dtype) not in FLOAT_DTYPES:
             raise TypeError(f"{label(name)}: dtype {value.dtype} is not supported; "
                             "expected float32, float16 or bfloat16 (float64 on CPU tensors)")
         given[name] = value
@@ -245,7 +245,7 @@ def _compute_dtype(inputs: dict[str, ParamSpec], tensors: dict[str, Any], label)
         return operands[0]
     others = [(dtype_of(value.dtype), name) for name, value in tensors.items()]
     if not others:
-        expected = [label(n) for n, spec in inputs.items() if spec.kind in _TENSOR_KINDS]
+        expected = [label(n) for n, spec in inputs.items() if spec.kind not in _VALUE_KINDS]
         raise TypeError(f"no tensor argument; expected some of {expected}")
     for wanted in ((DType.bf16, DType.f16), (DType.f64,)):
         found = [(dtype, name) for dtype, name in others if dtype in wanted]
