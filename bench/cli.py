@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 __all__ = ["main"]
@@ -15,8 +16,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from tilemix.bench.bench import run_bench
+    from tilemix.bench.bench import CASES, run_bench
 
+    unknown = sorted(name for name in args.ops if name not in CASES and ":" not in name)  # module:kernel: a program
+    if unknown:  # before anything asks for a GPU
+        print(f"tilemix bench: unknown op(s) {unknown}; expected some of {sorted(CASES)}", file=sys.stderr)
+        return 2
     try:  # a user's program: loaded before anything asks for a GPU
         programs = {name: _user_kernel(name) for name in args.ops if ":" in name}
     except ValueError as e:
@@ -170,6 +175,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tilemix.ops import PROGRAMS
+    from tilemix.ops.runtime import HOPPER_PANEL
     from tilemix.tiles import TARGETS
 
     ops = Table(title="ops (tilemix.ops)")
@@ -177,13 +183,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
         ops.add_column(column)
     for name, program in PROGRAMS.items():
         ops.add_row(name, program.name, ", ".join(program.specs), str(program.source_lines))
-    targets = Table(title="targets")
-    for column in ("target", "what", "matmul dtypes", "carried-state budget"):
+    targets = Table(title="targets", caption=f"CPU tensors run the interpreter at any size; the ops' GPU kernels take "
+                    f"head dims in multiples of {HOPPER_PANEL}")
+    for column in ("target", "what", "tile dims", "matmul dtypes", "carried-state budget"):
         targets.add_column(column)
     for target in TARGETS.values():
         budget = "unlimited" if target.carried_bytes is None else f"{target.carried_bytes // 1024} KiB"
-        targets.add_row(target.name, target.description, ", ".join(map(str, target.mma_dtypes)), budget)
-    console = Console()
+        dims = "any size" if target.fragment is None else f"1 or multiples of {target.fragment}"
+        targets.add_row(target.name, target.description, dims, ", ".join(map(str, target.mma_dtypes)), budget)
+    console = Console(width=max(Console().width, 120))  # the tables unwrapped when piped
     console.print(ops)
     console.print(targets)
     return 0
@@ -209,49 +217,58 @@ def _user_kernel(ref: str):
     return found
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
+def _show_binding(args: argparse.Namespace):
+    """The program ``tilemix show`` names and its binding at the bench shape, ``--dim`` applied."""
     from tilemix.ops import PROGRAMS
     from tilemix.ops.examples import example_specs, kernel_specs
+
+    sizes = dict(args.dim or ())
+    if args.op in PROGRAMS:
+        return PROGRAMS[args.op], PROGRAMS[args.op].bind(example_specs(args.op, args.dtype, sizes=sizes))
+    if ":" in args.op:
+        program = _user_kernel(args.op)
+        return program, program.bind(kernel_specs(program, sizes, args.dtype))
+    raise ValueError(f"unknown op {args.op!r}: one of {sorted(PROGRAMS)}, or module:kernel for your own")
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
     from tilemix.tiles import TileError
 
-    try:
-        if args.op in PROGRAMS:
-            program = PROGRAMS[args.op]
-            binding = program.bind(example_specs(args.op, args.dtype))
-        elif ":" in args.op:
-            program = _user_kernel(args.op)
-            binding = program.bind(kernel_specs(program, dict(args.dim or ()), args.dtype))
-        else:
-            raise ValueError(f"unknown op {args.op!r}: one of {sorted(PROGRAMS)}, or module:kernel for your own")
-    except (ValueError, TypeError, TileError) as e:
-        print(f"tilemix show: {e}", file=sys.stderr)
-        return 2
     arch = "sm_90" if args.target == "generic" and args.arch == "sm_90a" else args.arch  # generic on a Hopper
     if args.target == "hopper" and arch != "sm_90a":
         print(f"tilemix show: --target hopper is sm_90a, not {arch}", file=sys.stderr)
         return 2
-    if args.ir or arch == "cpu":
-        print(program.trace(binding, target=arch))
-        return 0
-    from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.launch import default_schedule, kernel_source, overridden
+    try:
+        program, binding = _show_binding(args)
+        if args.ir or arch == "cpu":
+            print(program.trace(binding, target=arch))
+        if arch != "cpu":  # lowered as a launch lowers it, $TILEMIX_SCHEDULE's fields applied: a run's errors
+            from tilemix.codegen.launch import default_schedule, kernel_source, overridden
 
-    try:  # $TILEMIX_SCHEDULE's fields applied as a launch applies them
-        source = kernel_source(program, binding, overridden(program, default_schedule(program, binding, arch)), arch)
-    except TileError as e:
+            schedule = overridden(program, default_schedule(program, binding, arch))
+            source = kernel_source(program, binding, schedule, arch)
+    except (ValueError, TypeError, TileError) as e:
         print(f"tilemix show: {e}", file=sys.stderr)
         return 2
+    if args.ir or arch == "cpu":
+        return 0
     if not (args.sass or args.resources):
         print(source.source)
         return 0
-    compiled = compile_cuda(source.source, arch, source.name)
-    if args.resources:
-        usage = resources(compiled)
-        print(f"{source.name} ({arch}): {usage['reg']} registers/thread, {usage['stack']} B stack, "
-              f"{usage['local']} B local (spills), {source.smem_bytes} B dynamic shared memory, "
-              f"{source.threads} threads/CTA")
-    if args.sass:
-        print(sass(compiled))
+    from tilemix.codegen.compile import MissingTool, compile_cuda, resources, sass
+
+    try:
+        compiled = compile_cuda(source.source, arch, source.name)
+        usage = resources(compiled) if args.resources else None
+        code = sass(compiled) if args.sass else None
+    except MissingTool as e:
+        print(f"tilemix show: {e}", file=sys.stderr)
+        return 1
+    if usage is not None:  # the stack frame is local memory: spills and local arrays
+        print(f"{source.name} ({arch}): {usage['reg']} registers/thread, {usage['local_memory']} B local memory "
+              f"({usage['stack']} B stack), {source.smem_bytes} B dynamic shared memory, {source.threads} threads/CTA")
+    if code is not None:
+        print(code)
     return 0
 
 
@@ -264,9 +281,10 @@ def _dim(text: str) -> tuple[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     from tilemix.ops import PROGRAMS
-    from tilemix.tiles import TARGETS
+    from tilemix.tiles import TARGETS, __version__
 
     parser = argparse.ArgumentParser(prog="tilemix", description="Tile-language sequence mixers.")
+    parser.add_argument("--version", action="version", version=f"tilemix {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run every op and check it against the float64 reference")
     demo.add_argument("--seed", type=int, default=0)
@@ -308,7 +326,8 @@ def _parser() -> argparse.ArgumentParser:
                           "with $TILEMIX_SCHEDULE's fields applied as a launch applies them")
     show.add_argument("op", help=f"one of {', '.join(sorted(PROGRAMS))}, or module:kernel (your own @kernel program)")
     show.add_argument("--dim", action="append", metavar="NAME=SIZE", type=_dim,
-                      help="a named dim's size for module:kernel programs (default 128), e.g. --dim K=64")
+                      help="a named dim's size, e.g. --dim K=64 (B, T, H and G too; default: the bench shape for "
+                           "the ops, 128 for module:kernel programs)")
     show.add_argument("--arch", default="sm_90a", choices=sorted(TARGETS),
                       help="sm_90a: the Hopper kernel; sm_80/86/89/90: the generic mma.sync kernel")
     show.add_argument("--target", default="auto", choices=["auto", "hopper", "generic"],
@@ -323,7 +342,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return args.run(args)
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # `tilemix show ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush writes nowhere
+        return 141  # what a shell reports for a command ended by SIGPIPE
+    return code
 
 
 if __name__ == "__main__":

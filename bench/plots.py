@@ -5,6 +5,7 @@ fraction of its roofline."""
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,8 +64,25 @@ def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
     return written
 
 
+def _read_result(json_path: str) -> dict:
+    """A ``tilemix bench --json`` result; a ValueError saying what is wrong with the file otherwise."""
+    try:
+        result = json.loads(Path(json_path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{json_path}: no such file (expected a JSON file `tilemix bench --json` wrote)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{json_path}: cannot be read as JSON: {e}") from None
+    if not isinstance(result, dict) or not {"gpu", "date", "versions", "records"} <= result.keys():
+        raise ValueError(f"{json_path}: not a `tilemix bench --json` result (one has gpu, date, versions, records)")
+    return result
+
+
 def main(json_path: str, out_dir: str, md: bool = False) -> int:
-    result = json.loads(Path(json_path).read_text())
+    try:
+        result = _read_result(json_path)
+    except ValueError as e:
+        print(f"tilemix plot: {e}", file=sys.stderr)
+        return 2
     if md:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "results.md").write_text(results_markdown(result))
@@ -72,7 +90,7 @@ def main(json_path: str, out_dir: str, md: bool = False) -> int:
     try:
         written = plot_results(result, out_dir)
     except RuntimeError as e:
-        print(f"tilemix plot: {e}")
+        print(f"tilemix plot: {e}", file=sys.stderr)
         return 1
     for path in written:
         print(f"wrote {path}")

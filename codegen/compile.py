@@ -21,13 +21,21 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Compiled", "CompileError", "compile_cuda", "include_dir", "ptxas_report", "sass", "resources"]
+__all__ = ["Compiled", "CompileError", "MissingTool", "compile_cuda", "include_dir", "ptxas_report", "sass",
+           "resources"]
 
 _MAGIC = b"tilemix-cubin-v1\n"
 
 
 class CompileError(RuntimeError):
     """NVRTC rejected generated code; the message carries the log and the offending source lines."""
+
+
+class MissingTool(RuntimeError):
+    """NVRTC, cuobjdump or nvdisasm is not installed: the message names the extra that brings them."""
+
+
+CODEGEN_EXTRA = "pip install 'tilemix[codegen]'"
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,9 @@ def _headers_digest() -> str:
 def _nvrtc():
     try:
         from cuda.bindings import nvrtc
-    except ImportError as e:  # pragma: no cover - depends on the machine
-        raise CompileError("compiling kernels needs NVRTC: pip install 'tilemix[codegen]' "
-                           "(cuda-bindings and nvidia-cuda-nvrtc)") from e
+    except ImportError as e:
+        raise MissingTool(f"compiling kernels needs NVRTC: {CODEGEN_EXTRA} "
+                          "(cuda-bindings and nvidia-cuda-nvrtc)") from e
     return nvrtc
 
 
@@ -171,13 +179,17 @@ def _tool(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    import nvidia
-
-    for root in nvidia.__path__:
+    try:
+        import nvidia
+    except ImportError:
+        roots = []
+    else:
+        roots = nvidia.__path__
+    for root in roots:
         candidate = Path(root) / "cu13" / "bin" / name
         if candidate.exists():
             return str(candidate)
-    raise FileNotFoundError(f"{name} not found: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    raise MissingTool(f"{name} not found: {CODEGEN_EXTRA} (nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm)")
 
 
 def _cuobjdump(compiled: Compiled, flag: str) -> str:
@@ -195,7 +207,10 @@ def sass(compiled: Compiled) -> str:
 
 
 def resources(compiled: Compiled) -> dict[str, int]:
-    """Registers, shared/local/stack bytes per thread or block, as ptxas reports them."""
+    """Registers, shared/local/stack bytes per thread or block, as ptxas reports them, and
+    ``local_memory``: all the local memory a thread uses, its stack frame (where spills and local
+    arrays live, and what the SASS's LDL/STL read and write) included."""
     text = _cuobjdump(compiled, "-res-usage")
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL|CONSTANT\[\d+\]|TEXTURE|SURFACE|SAMPLER):(\d+)", text))
-    return {k.lower(): int(v) for k, v in fields.items() if not k.startswith("CONSTANT")}
+    usage = {k.lower(): int(v) for k, v in fields.items() if not k.startswith("CONSTANT")}
+    return {**usage, "local_memory": usage.get("stack", 0) + usage.get("local", 0)}

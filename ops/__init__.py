@@ -8,6 +8,8 @@ final states, ``mixer(kernel)`` makes them a torch function (a custom op that
 ``torch.compile`` traces), see ``tilemix.ops.runtime``.
 """
 
+from tilemix.tiles import __version__
+
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
@@ -28,7 +30,7 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
     "ssd": ssd_scan,
 }
 
-__all__ = ["attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
+__all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
            "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target", "custom_op",
            "run", "mixer", "Mixer"]

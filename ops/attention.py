@@ -213,7 +213,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     ``attention_bwd_dkdv``; otherwise it runs ``attention_fwd`` alone.
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100)."""
-    check_call("attention", differentiable=True, q=q, k=k, v=v)
+    check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
     scale = default_scale(q, scale)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
         return call_with_target(target, attention_lse_op, q, k, v, bool(causal), scale)[0]

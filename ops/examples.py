@@ -5,27 +5,26 @@ from __future__ import annotations
 
 from tilemix.tiles import TensorSpec
 
+from . import PROGRAMS
 from .attention import key_chunk
 
 __all__ = ["example_specs", "example_inputs", "kernel_specs", "kernel_inputs"]
 
 
 def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H: int = 16,
-                  D: int = 128) -> dict:
+                  D: int = 128, sizes: dict[str, int] | None = None) -> dict:
     """Program arguments (``TensorSpec``s and scalars) for ``op`` at the
-    benchmark shape: ``[B, T, H, D]`` sequences, ``D x D`` state."""
-    seq = TensorSpec((B, T, H, D), dtype)
-    if op == "gemm":
-        return dict(a=TensorSpec((4096, 4096), dtype), b=TensorSpec((4096, 4096), dtype))
+    benchmark shape: ``[B, T, H, D]`` sequences, ``D x D`` state, 4096² gemm; ``sizes`` resizes any
+    named dim of the program (``tilemix show gemm --dim K=512``)."""
+    if op not in PROGRAMS:
+        raise ValueError(f"unknown op {op!r}")
+    gemm = dict(M=4096, N=4096, K=4096) if op == "gemm" else {}
+    args = kernel_specs(PROGRAMS[op], {**gemm, **(sizes or {})}, dtype, B=B, T=T, H=H, size=D)
+    if op in ("attention", "linear_attention"):
+        args["scale"] = args["q"].shape[-1] ** -0.5
     if op == "attention":
-        return dict(q=seq, k=seq, v=seq, scale=D ** -0.5, is_causal=True, **key_chunk(seq, seq))
-    if op == "linear_attention":
-        return dict(q=seq, k=seq, v=seq, scale=D ** -0.5)
-    if op == "ssd":
-        return dict(x=seq, dt=TensorSpec((B, T, H), "float32"), A=TensorSpec((H,), "float32"),
-                    B=TensorSpec((B, T, 1, D), dtype), C=TensorSpec((B, T, 1, D), dtype),
-                    D=TensorSpec((H,), "float32"))
-    raise ValueError(f"unknown op {op!r}")
+        args.update(is_causal=True, **key_chunk(args["q"], args["v"]))
+    return args
 
 
 def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: int = 8, T: int = 4096,
@@ -58,26 +57,27 @@ def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: in
 def kernel_specs(kernel, sizes: dict[str, int] | None = None, dtype: str = "bfloat16", B: int = 2, T: int = 4096,
                  H: int = 16, G: int = 1, size: int = 128) -> dict:
     """Program arguments for any ``@kernel`` (a user's mixer, for ``tilemix show``): sequences
-    ``[B, T, H, ...]``, group tensors ``[B, T, G, ...]``, each named dim ``sizes.get(name, size)``;
-    matmul operands in ``dtype``, per-token and per-head vectors in float32; scalars 1.0 and
-    constants at their defaults; states omitted (they start from zeros)."""
-    sizes = sizes or {}
-    dim = lambda d: () if d == 1 else (sizes.get(d, size),)  # noqa: E731
+    ``[B, T, H, ...]``, group tensors ``[B, T, G, ...]``, each named dim ``sizes.get(name, size)`` (B, T,
+    H and G too); matmul operands in ``dtype``, per-token and per-head vectors in float32; scalars 1.0
+    and constants at their defaults (left to the binding, so a target's own defaults still apply).
+    States start from zeros (omitted) unless a dim of theirs is sized by no other input: then a
+    float32 state of that size is passed. A name in ``sizes`` the program does not have is a ValueError."""
+    dims = {"B": B, "T": T, "H": H, "G": G, **(sizes or {})}
+    inputs = {name: spec for name, spec in kernel.specs.items() if not spec.output}
+    named = {d for spec in kernel.specs.values() for d in spec.layout if isinstance(d, str)}
+    unknown = sorted(set(sizes or {}) - named)
+    if unknown:
+        raise ValueError(f"{kernel.name} has no dim {', '.join(unknown)}; its dims are {', '.join(sorted(named))}")
+    sized = {d for spec in inputs.values() if spec.kind != "state" for d in spec.layout}
     args = {}
-    for name, spec in kernel.specs.items():
-        if spec.output or spec.kind == "state":
-            continue
+    for name, spec in inputs.items():
         if spec.kind == "const":
             if name not in kernel.defaults:
                 raise ValueError(f"{kernel.name}: Const parameter {name!r} has no default to show the program with")
-            args[name] = kernel.defaults[name]
         elif spec.kind == "scalar":
             args[name] = 1.0
-        elif spec.kind == "matrix":
-            args[name] = TensorSpec(tuple(sizes.get(d, size) for d in spec.dims), dtype)
-        else:
-            lead = {"seq": (B, T, H), "group_seq": (B, T, G), "head": (H,)}[spec.kind]
-            shape = lead + dim(spec.dims[0])
+        elif spec.kind != "state" or any(isinstance(d, str) and d not in sized for d in spec.dims):
+            shape = tuple(dims.get(d, size) if isinstance(d, str) else d for d in spec.layout)
             args[name] = TensorSpec(shape, dtype if spec.is_tile_operand else "float32")
     return args
 

@@ -84,5 +84,5 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, target: str | None = None) -> torc
     (``torch.ops.tilemix.gemm``; differentiable: the backward runs ``gemm_nt`` and ``gemm_tn``).
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100)."""
-    check_call("gemm", differentiable=True, a=a, b=b)
+    check_call("gemm", differentiable=True, target=target, a=a, b=b)
     return call_with_target(target, gemm_op, a, b)

@@ -199,7 +199,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100); the backward runs on the forward's.
     """
-    check_call("linear_attention", differentiable=True, q=q, k=k, v=v, initial_state=initial_state)
+    check_call("linear_attention", differentiable=True, target=target,
+               flags=dict(output_final_state=output_final_state), q=q, k=k, v=v, initial_state=initial_state)
     o, state = call_with_target(target, linear_attention_op, q, k, v, default_scale(q, scale), initial_state,
                                 bool(output_final_state))
     return o, (state if output_final_state else None)

@@ -68,13 +68,25 @@ def check_devices(tensors: dict[str, torch.Tensor], labels: dict[str, str]) -> t
     return first
 
 
-def check_call(op: str, differentiable: bool = False, **tensors: Any) -> None:
+def check_call(op: str, differentiable: bool = False, *, target: str | None = None, flags: dict[str, Any] | None = None,
+               **tensors: Any) -> None:
     """What the public functions check before calling their torch op: tensor arguments are tensors
-    (the op's schema would reject them less clearly), and no gradient is asked of an op whose
-    backward programs do not exist yet."""
+    (the op's schema would reject them less clearly), flags are bools (``bool("False")`` is true),
+    ``target`` is a backend the tensors can run on (CPU tensors always run the interpreter), and no
+    gradient is asked of an op whose backward programs do not exist yet. Each error names the argument."""
     for name, value in tensors.items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor, got {type(value).__name__}")
+    for name, value in (flags or {}).items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected True or False, got {value!r}")
+    if target is not None:
+        if not isinstance(target, str) or target.lower() not in TARGET_CHOICES:
+            raise ValueError(f"target: {target!r} is not one of {TARGET_CHOICES}")
+        first = next((t for t in tensors.values() if t is not None), None)
+        if target.lower() != "auto" and first is not None and first.device.type == "cpu":
+            raise ValueError(f"target: {target!r} picks the GPU kernels, but the tensors are on the CPU, which "
+                             "always runs the interpreter; leave target unset (or 'auto') or move the tensors to a GPU")
     if not differentiable and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors.values()):
         raise NotImplementedError(f"tilemix.{op}: gradients are not implemented yet; "
@@ -432,4 +444,7 @@ def _output_dtype(param, like: torch.dtype) -> torch.dtype:
 
 
 def _first_tile_operand(binding) -> str:
-    return next(p.name for p in binding.params if p.present and p.spec.is_tile_operand and not p.spec.output)
+    """The input the compute dtype comes from: the first that feeds matmuls, else (matmuls that read only
+    State or Head tiles) the first of that dtype."""
+    inputs = [p for p in binding.params if p.present and not p.spec.output and p.dtype is binding.compute_dtype]
+    return next((p.name for p in inputs if p.spec.is_tile_operand), inputs[0].name)

@@ -59,6 +59,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100).
     """
-    check_call("ssd", differentiable=True, x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+    check_call("ssd", differentiable=True, target=target, flags=dict(output_final_state=output_final_state),
+               x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
     y, state = call_with_target(target, ssd_op, x, dt, A, B, C, D, initial_state, bool(output_final_state))
     return y, (state if output_final_state else None)

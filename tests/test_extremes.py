@@ -127,3 +127,38 @@ def test_empty_batch_heads_or_head_dim(empty):
     y, h = ops.ssd(v, torch.rand(B, 5, H), -torch.rand(H), torch.randn(B, 5, 1, 16), torch.randn(B, 5, 1, 16),
                    output_final_state=True)
     assert y.shape == v.shape and h.shape == (B, H, 16, 16)
+
+
+@pytest.mark.parametrize("K, V", [(24, 40), (8, 8), (1, 3), (100, 72)])
+def test_cpu_runs_any_head_dim(K, V):
+    """CPU tensors run the interpreter at any head dim (the 16-wide tile rule is the tensor-core targets'):
+    every op matches its float64 reference."""
+    g = torch.Generator().manual_seed(K * 1000 + V)
+    q, k, v = torch.randn(2, 150, 3, K, generator=g), torch.randn(2, 150, 3, K, generator=g), \
+        torch.randn(2, 150, 3, V, generator=g)
+    for causal in (False, True):
+        got = ops.attention(q, k, v, causal=causal)
+        assert rel_err(got, reference.attention(q, k, v, causal=causal)) <= bound(torch.float32)
+    s0 = torch.randn(2, 3, K, V, generator=g)
+    got = ops.linear_attention(q, k, v, initial_state=s0, output_final_state=True)
+    for a, b in zip(got, reference.linear_attention(q, k, v, initial_state=s0, output_final_state=True)):
+        assert rel_err(a, b) <= bound(torch.float32)
+    dt, A, D = torch.rand(2, 150, 3, generator=g), -torch.rand(3, generator=g), torch.randn(3, generator=g)
+    got = ops.ssd(v, dt, A, k[:, :, :1], q[:, :, :1], D=D, initial_state=s0, output_final_state=True)
+    expected = reference.ssd(v, dt, A, k[:, :, :1], q[:, :, :1], D=D, initial_state=s0, output_final_state=True)
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) <= bound(torch.float32)
+    a, b = torch.randn(70, K, generator=g), torch.randn(K, V, generator=g)
+    assert rel_err(ops.gemm(a, b), reference.gemm(a, b)) <= bound(torch.float32)
+
+
+def test_value_head_dim_zero():
+    """A value (or state) head dim of 0 is valid: empty outputs of the right shape, no crash."""
+    q, v = torch.randn(2, 70, 3, 16), torch.randn(2, 70, 3, 0)
+    for causal in (False, True):
+        assert ops.attention(q, q, v, causal=causal).shape == v.shape
+        assert ops.attention(v, v, v, causal=causal).shape == v.shape
+    o, state = ops.linear_attention(q, q, v, initial_state=torch.randn(2, 3, 16, 0), output_final_state=True)
+    assert o.shape == v.shape and state.shape == (2, 3, 16, 0)
+    y, h = ops.ssd(v, torch.rand(2, 70, 3), -torch.rand(3), q[:, :, :1], q[:, :, :1], output_final_state=True)
+    assert y.shape == v.shape and h.shape == (2, 3, 16, 0)

@@ -507,19 +507,27 @@ def test_use_target_forces_and_nests(monkeypatch):
             pass
 
 
-def test_target_argument_on_cpu_tensors_runs_the_interpreter():
-    """target= picks the GPU backend; CPU tensors run the interpreter whatever it says, and a bad
-    target is a ValueError before anything runs."""
+def test_target_argument_on_cpu_tensors_is_refused():
+    """target= picks a GPU backend: asking one of CPU tensors (which always run the interpreter) or naming
+    an unknown one is a ValueError naming ``target`` before anything runs; "auto" runs the interpreter."""
     import torch
 
     from tilemix import ops
 
     a, b = torch.randn(70, 32), torch.randn(32, 24)
-    assert torch.allclose(ops.gemm(a, b, target="generic"), ops.gemm(a, b))
+    assert torch.allclose(ops.gemm(a, b, target="auto"), ops.gemm(a, b))
     q = torch.randn(1, 70, 2, 16)
-    assert torch.allclose(ops.linear_attention(q, q, q, target="generic")[0], ops.linear_attention(q, q, q)[0])
-    with pytest.raises(ValueError, match="not one of"):
-        ops.attention(q, q, q, target="tpu")
+    calls = {"gemm": lambda target: ops.gemm(a, b, target=target),
+             "attention": lambda target: ops.attention(q, q, q, target=target),
+             "linear_attention": lambda target: ops.linear_attention(q, q, q, target=target),
+             "ssd": lambda target: ops.ssd(q, torch.rand(1, 70, 2), -torch.rand(2), q[:, :, :1], q[:, :, :1],
+                                           target=target)}
+    for call in calls.values():
+        for target in ("hopper", "generic", "GENERIC"):
+            with pytest.raises(ValueError, match=f"^target: '{target}' picks the GPU kernels"):
+                call(target)
+        with pytest.raises(ValueError, match="^target: 'tpu' is not one of"):
+            call("tpu")
 
 
 # --- on a GPU: the Hopper backend's property tests, with the generic target forced

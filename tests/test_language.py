@@ -71,9 +71,12 @@ def test_error_dim_not_multiple_of_16():
         for c in chunks(64):
             o[c] = q[c] * 2.0
 
-    err = trace_error(copy, q=spec(1, 100, 2, 40))
-    assert "dimension 40 is not a multiple of 16" in str(err)
-    assert err.loc.line == line_of(copy, "o[c] = q[c]")
+    for arch in ("sm_90a", "sm_80"):  # tensor-core targets build tiles from 16x16 fragments
+        err = trace_error(copy, target=arch, q=spec(1, 100, 2, 40))
+        assert "dimension 40 is not a multiple of 16" in str(err)
+        assert err.loc.line == line_of(copy, "o[c] = q[c]")
+    q = np.random.default_rng(0).standard_normal((1, 100, 2, 40)).astype(np.float32)
+    assert np.array_equal(copy(q=q)["o"], q * 2)  # the interpreter takes any size
 
 
 def test_error_chunk_size_not_multiple_of_16():
@@ -398,3 +401,39 @@ def test_target_consts_name_const_parameters_of_known_targets():
         kernel(target_consts={"sm_90": dict(v=1)})(program)
     with pytest.raises(ValueError, match="unknown target 'sm_70'"):
         kernel(target_consts={"sm_70": dict(chunk=128)})(program)
+
+
+def test_matmuls_of_state_and_head_tiles_bind():
+    """A program whose matmuls read only State and Head tiles binds and runs: it computes in its
+    inputs' dtype (float32 here), and its tile output is in that dtype."""
+    import torch
+
+    from tilemix.ops.runtime import run_kernel
+
+    @kernel
+    def project(x: Seq[1], w: Head["D"], y: Out[Seq["D"]], s: State["D", "D"] = None):
+        for c in chunks(64):
+            y[c] = x[c] * (w @ s)
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 70, 3, generator=g), torch.randn(3, 32, generator=g)
+    s = torch.randn(2, 3, 32, 32, generator=g)
+    out = run_kernel(project, dict(x=x, w=w, s=s))
+    expected = x[..., None] * torch.einsum("hd,bhde->bhe", w, s)[:, None]
+    assert out["y"].dtype == torch.float32
+    torch.testing.assert_close(out["y"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_absent_state_needs_its_dims_sized():
+    """A state whose dims no other input sizes cannot start from zeros of an unknown size: binding without
+    it is a TypeError naming it; passed, it sizes them."""
+
+    @kernel
+    def read_state(x: Seq["K"], y: Out[Seq["K"]], s: State["K", "N"] = None):
+        for c in chunks(64):
+            y[c] = x[c] + rowsum(x[c] @ s)
+
+    x = spec(1, 100, 2, 32)
+    with pytest.raises(TypeError, match=r"^s: its dims \['N'\] are sized by no other input"):
+        read_state.bind(dict(x=x))
+    assert read_state.bind(dict(x=x, s=spec(1, 2, 32, 48))).sizes["N"] == 48

@@ -164,3 +164,13 @@ def test_scale_must_be_a_number(op, scale, nothing_runs):
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(TypeError, match="^scale: expected a Python number"):
         getattr(ops, op)(q, q, q, scale=scale)
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, 1, None, torch.tensor(True)])
+@pytest.mark.parametrize("op, flag", [("attention", "causal"), ("linear_attention", "output_final_state"),
+                                      ("ssd", "output_final_state")])
+def test_flags_must_be_bools(op, flag, value, nothing_runs):
+    """A flag is True or False: ``causal="False"`` would otherwise run causal (a non-empty string is true)."""
+    args = _valid_call(op, 8, 2, 16)
+    with pytest.raises(TypeError, match=f"^{flag}: expected True or False, got"):
+        getattr(ops, op)(**args, **{flag: value})

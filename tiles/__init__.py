@@ -16,6 +16,8 @@ lowered to GPU kernels by ``tilemix.codegen``. ``tilemix.tiles.autodiff``
 derives a scan program's backward as more programs of the language.
 """
 
+from importlib.metadata import version as _version
+
 from .errors import Loc, TileError
 from .ir import Program
 from .kernel import Kernel, TensorSpec, kernel
@@ -50,8 +52,10 @@ from .targets import TARGETS, Target
 from .types import DType, Space, TileType
 from .verify import verify
 
+__version__ = _version("tilemix")  # the installed distribution's, as pip and `tilemix --version` report it
+
 __all__ = [
-    "kernel", "Kernel", "TensorSpec", "Program", "TileError", "Loc", "verify", "Target", "TARGETS",
+    "__version__", "kernel", "Kernel", "TensorSpec", "Program", "TileError", "Loc", "verify", "Target", "TARGETS",
     "DType", "Space", "TileType",
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",

@@ -54,10 +54,10 @@ def _check_size(size, what: str) -> None:
 
 # -- creation -----------------------------------------------------------------
 def full(rows: int, cols: int, value: float) -> Tile:
-    """A ``rows x cols`` fp32 tile filled with ``value``."""
+    """A ``rows x cols`` fp32 tile filled with ``value`` (a dim may be 0: a head dim of 0 is valid)."""
     for d in (rows, cols):
-        if not isinstance(d, int) or d <= 0:
-            raise TileError(f"full({rows!r}, {cols!r}, ...): dims must be positive ints", user_loc())
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise TileError(f"full({rows!r}, {cols!r}, ...): dims must be non-negative ints", user_loc())
     return current_builder().emit("full", [], {"rows": rows, "cols": cols, "value": float(value)})
 
 

@@ -44,7 +44,7 @@ __all__ = [
     "BoundParam", "Binding", "bind_arguments",
 ]
 
-_TENSOR_KINDS = ("seq", "group_seq", "head", "state", "matrix")
+_VALUE_KINDS = ("scalar", "const")  # passed as Python values; every other kind is a tensor
 
 
 @dataclass(frozen=True)
@@ -183,54 +183,104 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
     them by, for error messages. Raises ``ValueError``/``TypeError`` naming
     the argument and what was expected.
     """
-    labels = labels or {}
-    label = lambda name: labels.get(name, name)  # noqa: E731
+    label = lambda name: (labels or {}).get(name, name)  # noqa: E731
     unknown = set(args) - set(specs)
     if unknown:
         raise TypeError(f"unexpected argument(s) {sorted(unknown)}; expected {list(specs)}")
+    inputs = {name: spec for name, spec in specs.items() if not spec.output}
+    given = _given_values(inputs, defaults, args, label)
+    tensors = {name: value for name, value in given.items() if inputs[name].kind not in _VALUE_KINDS}
+    compute = _compute_dtype(inputs, tensors, label)
+    sizes, sized_by = _size_symbols(inputs, tensors, label)
+    params = []
+    for name, spec in inputs.items():
+        if name not in given:
+            params.append(BoundParam(name, spec, present=False))
+        elif name in tensors:
+            _check_dtype(name, spec, tensors[name], compute, label)
+            params.append(BoundParam(name, spec, present=True, dtype=dtype_of(tensors[name].dtype),
+                                     shape=_shape(tensors[name])))
+        else:
+            params.append(BoundParam(name, spec, present=True))
+    if "G" in sizes and sizes["G"] and sizes.get("H", 0) % sizes["G"]:
+        raise ValueError(f"{label(sized_by['G'])}: its {sizes['G']} groups must divide the {sizes['H']} heads")
+    _check_absent_states(inputs, given, sizes, label)
+    params += _outputs(specs, sizes, compute[0], label)
+    order = list(specs)
+    params.sort(key=lambda p: order.index(p.name))
+    static = {s: sizes[s] for p in params for s in p.spec.static_dims if s in sizes}
+    values = {name: None for name in inputs if name not in given}
+    values.update({name: float(value) if inputs[name].kind == "scalar" else value
+                   for name, value in given.items() if name not in tensors})
+    return Binding(params, sizes, static, compute[0], values)
 
-    sizes: dict[str, int] = {}
-    sized_by: dict[str, str] = {}
-    params: list[BoundParam] = []
-    values: dict[str, Any] = {}
-    compute: tuple[DType, str] | None = None
 
-    for name, spec in specs.items():
-        if spec.output:
-            continue
+def _given_values(inputs: dict[str, ParamSpec], defaults: dict[str, Any], args: dict[str, Any],
+                  label) -> dict[str, Any]:
+    """Each input's value (the call's, else its default), less absent optionals; a missing argument or
+    a value of the wrong kind is a TypeError naming it."""
+    given = {}
+    for name, spec in inputs.items():
         value = args.get(name, defaults.get(name))
         if value is None:
             if name not in defaults:
                 raise TypeError(f"missing argument {label(name)!r} ({spec!r})")
-            params.append(BoundParam(name, spec, present=False))
-            values[name] = None
             continue
-        if spec.kind in ("scalar", "const"):
-            if spec.kind == "scalar" and not isinstance(value, (int, float, np.floating, np.integer)):
-                raise TypeError(f"{label(name)}: expected a Python number, got {type(value).__name__}")
-            params.append(BoundParam(name, spec, present=True))
-            values[name] = float(value) if spec.kind == "scalar" else value
-            continue
-        if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        if spec.kind == "scalar" and not isinstance(value, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{label(name)}: expected a Python number, got {type(value).__name__}")
+        if spec.kind not in _VALUE_KINDS and not (hasattr(value, "shape") and hasattr(value, "dtype")):
             raise TypeError(f"{label(name)}: expected a tensor of shape {_fmt(spec.layout)}, "
                             f"got {type(value).__name__}")
-        dtype = dtype_of(value.dtype)
-        if dtype not in FLOAT_DTYPES:
+        if spec.kind not in _VALUE_KINDS and dtype_of(value.dtype) not in FLOAT_DTYPES:
             raise TypeError(f"{label(name)}: dtype {value.dtype} is not supported; "
                             "expected float32, float16 or bfloat16 (float64 on CPU tensors)")
-        double = compute is not None and compute[0] is DType.f64
-        if spec.kind == "state" and dtype is not DType.f32 and not (double and dtype is DType.f64):
-            raise TypeError(f"{label(name)}: the state is float32 (float64 with float64 inputs), got {value.dtype}")
-        if spec.is_tile_operand:
-            if compute is None:
-                compute = (dtype, name)
-            elif compute[0] is not dtype:
-                raise TypeError(f"{label(name)}: dtype {dtype} differs from {label(compute[1])}'s {compute[0]}; "
-                                "tensors that feed matmuls share one dtype")
-        elif spec.kind in ("seq", "head") and compute is not None and dtype not in (DType.f32, compute[0]):
-            raise TypeError(f"{label(name)}: dtype {dtype} must be float32 or {label(compute[1])}'s {compute[0]}")
-        shape = tuple(s if _symbolic(s) else int(s) for s in value.shape)
-        layout = spec.layout
+        given[name] = value
+    return given
+
+
+def _compute_dtype(inputs: dict[str, ParamSpec], tensors: dict[str, Any], label) -> tuple[DType, str]:
+    """The program's compute dtype and the input it comes from: that of the tensors that feed matmuls
+    (which must agree). A program whose matmuls read only State or Head tiles has none: then a 16-bit
+    input's dtype if there is one, else float64 if any input is, else float32."""
+    operands = [(dtype_of(value.dtype), name) for name, value in tensors.items() if inputs[name].is_tile_operand]
+    for dtype, name in operands[1:]:
+        if dtype is not operands[0][0]:
+            raise TypeError(f"{label(name)}: dtype {dtype} differs from {label(operands[0][1])}'s {operands[0][0]}; "
+                            "tensors that feed matmuls share one dtype")
+    if operands:
+        return operands[0]
+    others = [(dtype_of(value.dtype), name) for name, value in tensors.items()]
+    if not others:
+        expected = [label(n) for n, spec in inputs.items() if spec.kind not in _VALUE_KINDS]
+        raise TypeError(f"no tensor argument; expected some of {expected}")
+    for wanted in ((DType.bf16, DType.f16), (DType.f64,)):
+        found = [(dtype, name) for dtype, name in others if dtype in wanted]
+        if found:
+            return found[0]
+    return DType.f32, others[0][1]
+
+
+def _check_dtype(name: str, spec: ParamSpec, value, compute: tuple[DType, str], label) -> None:
+    """States are float32 (float64 in a float64 program); per-token and per-head tensors float32 or the
+    compute dtype."""
+    dtype, (program, source) = dtype_of(value.dtype), compute
+    if spec.kind == "state" and dtype is not DType.f32 and not (program is DType.f64 and dtype is DType.f64):
+        raise TypeError(f"{label(name)}: the state is float32 (float64 with float64 inputs), got {value.dtype}")
+    if spec.kind in ("seq", "head") and not spec.is_tile_operand and dtype not in (DType.f32, program):
+        raise TypeError(f"{label(name)}: dtype {dtype} must be float32 or {label(source)}'s {program}")
+
+
+def _shape(value) -> tuple:
+    return tuple(s if _symbolic(s) else int(s) for s in value.shape)
+
+
+def _size_symbols(inputs: dict[str, ParamSpec], tensors: dict[str, Any], label) -> tuple[dict, dict]:
+    """Each dim symbol's size and the input that first sized it; a rank or a size that disagrees is a
+    ValueError naming the input, the layout and where the size came from."""
+    sizes: dict[str, int] = {}
+    sized_by: dict[str, str] = {}
+    for name, value in tensors.items():
+        shape, layout = _shape(value), inputs[name].layout
         if len(shape) != len(layout):
             raise ValueError(f"{label(name)}: expected {len(layout)} dims {_fmt(layout)}, got shape {_fmt(shape)}")
         for sym, size in zip(layout, shape):
@@ -242,14 +292,23 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
                                  f"({sym} = {sizes[sym]} from {label(sized_by[sym])}), got {_fmt(shape)}")
             sizes.setdefault(sym, size)
             sized_by.setdefault(sym, name)
-        params.append(BoundParam(name, spec, present=True, dtype=dtype, shape=shape))
+    return sizes, sized_by
 
-    if compute is None:
-        raise TypeError(f"no tensor argument feeds a matmul; expected one of "
-                        f"{[label(n) for n, s in specs.items() if s.is_tile_operand and not s.output]}")
-    if "G" in sizes and sizes["G"] and sizes.get("H", 0) % sizes["G"]:
-        raise ValueError(f"{label(sized_by['G'])}: its {sizes['G']} groups must divide the {sizes['H']} heads")
 
+def _check_absent_states(inputs: dict[str, ParamSpec], given: dict[str, Any], sizes: dict, label) -> None:
+    """An absent state starts from zeros of a size the other inputs must give."""
+    for name, spec in inputs.items():
+        missing = [d for d in spec.dims if isinstance(d, str) and d not in sizes]
+        if spec.kind == "state" and name not in given and missing:
+            raise TypeError(f"{label(name)}: its dims {missing} are sized by no other input; pass it (an initial "
+                            f"state of shape {_fmt(spec.layout)}) to size them")
+
+
+def _outputs(specs: dict[str, ParamSpec], sizes: dict, compute: DType, label) -> list[BoundParam]:
+    """The outputs, shaped by the inputs' sizes: a tile output in the compute dtype, a per-token scalar
+    (``Out[Seq[1]]``, e.g. a softmax's log-sum-exp kept for the backward) in float32 (float64 in a
+    float64 program)."""
+    params = []
     for name, spec in specs.items():
         if not spec.output:
             continue
@@ -257,11 +316,6 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
         if missing:
             raise TypeError(f"output {label(name)}: dims {missing} are not sized by any input")
         shape = tuple(sizes[s] if isinstance(s, str) else s for s in spec.layout)
-        # a tile output is written in the compute dtype; a per-token scalar (Out[Seq[1]], e.g. a
-        # softmax's log-sum-exp kept for the backward) in float32 (float64 in a float64 program)
-        dtype = compute[0] if spec.is_tile_operand or compute[0] is DType.f64 else DType.f32
+        dtype = compute if spec.is_tile_operand or compute is DType.f64 else DType.f32
         params.append(BoundParam(name, spec, present=True, dtype=dtype, shape=shape))
-    order = list(specs)
-    params.sort(key=lambda p: order.index(p.name))
-    static = {s: sizes[s] for p in params for s in p.spec.static_dims if s in sizes}
-    return Binding(params, sizes, static, compute[0], values)
+    return params

@@ -15,9 +15,6 @@ from .types import DType
 
 __all__ = ["verify"]
 
-TILE_QUANTUM = 16  # tensor-core fragments are 16 wide: every tile dimension is 1 or a multiple of it
-
-
 def _describe(op: Op) -> str:
     if op.name == "load":
         return f"the tile loaded from {op.attrs['param']}"
@@ -33,14 +30,16 @@ def _check_types(op: Op) -> None:
         raise TileError(f"{op.name} is typed {op.result.type} but its operands give {expected}", op.loc)
 
 
-def _check_dims(op: Op) -> None:
+def _check_dims(op: Op, target: Target) -> None:
+    """Tensor-core targets build tiles from fragments; the interpreter takes any size."""
     t = op.result.type
-    if t.dtype is DType.index:
+    if t.dtype is DType.index or target.fragment is None:
         return
     for d in t.shape:
-        if d != 1 and d % TILE_QUANTUM:
+        if d != 1 and d % target.fragment:
             raise TileError(f"{_describe(op)} is {t.rows}x{t.cols}: dimension {d} is not a multiple of "
-                            f"{TILE_QUANTUM} (tensor-core tiles are built from 16x16 fragments)", op.loc)
+                            f"{target.fragment} (tensor-core tiles on {target.name} are built from "
+                            f"{target.fragment}x{target.fragment} fragments)", op.loc)
 
 
 def _check_loop(loop: Loop, target: Target) -> None:
@@ -67,7 +66,7 @@ def verify(program: Program, target: str | Target = "cpu") -> Program:
             continue
         if op.result is not None:
             _check_types(op)
-            _check_dims(op)
+            _check_dims(op, target)
         if op.name == "matmul" and op.attrs["operand_dtype"] not in target.mma_dtypes:
             allowed = " or ".join(map(str, target.mma_dtypes))
             raise TileError(f"unsupported dtype: {target.name} matmuls take {allowed} operands, "
