@@ -126,8 +126,7 @@ def _tune_program(label: str, kernel, inputs: dict, table, console, verbose: boo
     import torch
     from rich.progress import Progress
 
-    from tilemix.codegen.launch import launch_schedule
-    from tilemix.codegen.tune import config_space
+    from tilemix.codegen.schedule import config_space, launch_schedule
     from tilemix.ops.runtime import tune
 
     binding = kernel.bind(inputs)
@@ -153,11 +152,12 @@ def _tune_segment_count(name: str, scan, inputs: dict, T: int, table, console, v
 
     from rich.progress import Progress
 
+    from tilemix.codegen.schedule import segment_choices
     from tilemix.ops.runtime import tune_segments
 
     start = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"segments of {name}", total=len(scan.segment_choices(T)))
+        task = bar.add_task(f"segments of {name}", total=len(segment_choices(T)))
         segments = tune_segments(scan, inputs, progress=lambda _, task=task: bar.advance(task))
     default, best = segments.times[segments.default], segments.times[segments.best]
     table.add_row(f"{name} (segments)", f"{default:.3f}", f"{best:.3f}", f"{default / best:.2f}x",
@@ -174,8 +174,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tilemix.codegen.structure import PANEL
     from tilemix.ops import PROGRAMS
-    from tilemix.ops.runtime import HOPPER_PANEL
     from tilemix.tiles import TARGETS
 
     ops = Table(title="ops (tilemix.ops)")
@@ -184,7 +184,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name, program in PROGRAMS.items():
         ops.add_row(name, program.name, ", ".join(program.specs), str(program.source_lines))
     targets = Table(title="targets", caption=f"CPU tensors run the interpreter at any size; the ops' GPU kernels take "
-                    f"head dims in multiples of {HOPPER_PANEL}")
+                    f"head dims in multiples of {PANEL}")
     for column in ("target", "what", "tile dims", "matmul dtypes", "carried-state budget"):
         targets.add_column(column)
     for target in TARGETS.values():
@@ -243,7 +243,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         if args.ir or arch == "cpu":
             print(program.trace(binding, target=arch))
         if arch != "cpu":  # lowered as a launch lowers it, $TILEMIX_SCHEDULE's fields applied: a run's errors
-            from tilemix.codegen.launch import default_schedule, kernel_source, overridden
+            from tilemix.codegen.schedule import default_schedule, overridden
+            from tilemix.codegen.specialise import kernel_source
 
             schedule = overridden(program, default_schedule(program, binding, arch))
             source = kernel_source(program, binding, schedule, arch)

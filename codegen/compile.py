@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .env import cache_root
+
 __all__ = ["Compiled", "CompileError", "MissingTool", "compile_cuda", "include_dir", "ptxas_report", "sass",
            "resources"]
 
@@ -96,7 +98,7 @@ def _flags(arch: str) -> list[str]:
 
 
 def _cache_dir() -> Path | None:
-    root = Path(os.environ.get("TILEMIX_CACHE", Path.home() / ".cache" / "tilemix"))
+    root = cache_root()
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=root, delete=True)

@@ -31,9 +31,9 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
+from .knobs import SMEM_LIMITS, Schedule
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, emit_store_col
-from .schedule import SMEM_LIMITS, Schedule
 from .source import KernelSource, ParamKind
 from .structure import CONSUMER_THREADS, PANEL
 

@@ -35,10 +35,10 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
+from .knobs import SMEM_LIMIT, Schedule
 from .layout import align
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, emit_store_col
-from .schedule import SMEM_LIMIT, Schedule
 from .source import KernelSource
 from .structure import CONSUMER_THREADS, PANEL
 

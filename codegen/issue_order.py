@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from tilemix.tiles.ir import Op, Value
 
+from .knobs import ISSUE_ORDERS, OVERLAPS
 from .liveness import Liveness, thread_registers
-from .schedule import ISSUE_ORDERS, OVERLAPS
 from .structure import KernelPlan
 
 __all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",

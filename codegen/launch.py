@@ -1,150 +1,30 @@
-"""Running generated sm_90a kernels on torch tensors: specialise, lower,
-compile (cached), build TMA tensor maps, launch on torch's current stream."""
+"""Running generated kernels on torch tensors: the schedule (``schedule.launch_schedule``), the
+kernel (``specialise``), compiled (cached); then TMA tensor maps or pointers, and a launch on
+torch's current stream."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from tilemix.tiles import Kernel
-from tilemix.tiles.errors import ResourceError
-from tilemix.tiles.kernel import kernel_names
 from tilemix.tiles.params import Binding
 from tilemix.tiles.types import DType
 
 from .compile import compile_cuda
-from .generic import lower_generic
-from .hopper import lower_hopper
-from .schedule import SMEM_LIMIT, SMEM_LIMITS, Schedule, column_blocks
+from .knobs import Schedule
+from .schedule import heads_per_cta, launch_schedule
 from .source import KernelSource, ParamKind
+from .specialise import kernel_source
 
-__all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch", "hopper_source", "generic_source", "kernel_source",
-           "default_schedule", "launch_schedule"]
-
-SPLIT_WIDTH = 64
-MAX_STAGES = 3  # 4 measured no faster (gemm 8192³: 0.81x vs 0.91x cuBLAS at 3); the tuner may try more
-IDLE_STAGES = 6  # a scan that leaves most SMs idle (``_idle_ring``); 8 measured no faster
+__all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch"]
 
 
-def _probe_size(binding: Binding) -> int:
-    """A tile width no other dim or chunk size has (a multiple of 16)."""
-    taken = set(binding.sizes.values()) | set(binding.static.values())
-    size = 16 * 61
-    while size in taken:
-        size += 16
-    return size
-
-
-def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
-    """Whether ``dim`` can be cut into independent column blocks: trace with a
-    width no other dim has and check that no matmul contracts over it and no
-    reduction runs along it."""
-    probe = _probe_size(binding)
-    traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
-    for op in traced.walk():
-        if op.name == "matmul":
-            a = op.operands[0].type
-            contracted = a.rows if op.attrs["ta"] else a.cols
-            if contracted == probe:
-                return False
-        if op.name in ("rowsum", "rowmax") and op.operands[0].type.cols == probe:
-            return False
-        if op.name in ("colsum", "colmax", "cumsum", "segsum") and op.operands[0].type.rows == probe:
-            return False
-    return True
-
-
-def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> Schedule:
-    """Scans: split the state's column dim into 64-wide blocks (state and output tiles then
-    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA. Where
-    shared memory is short: one consumer, then one stage. Then the ring as deep as shared memory
-    allows (up to MAX_STAGES; scans on sm_90a only, the generic target's scans unmeasured)."""
-    split = []
-    for p in binding.params:
-        if p.spec.kind == "state":
-            dim = p.spec.dims[1]
-            if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim):
-                split.append((dim, SPLIT_WIDTH))
-    if split:
-        split = tuple(split)
-        pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
-        # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
-        schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
-                                                            Schedule(split=split, consumers=1, stages=1)], arch)
-        return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-    program = kernel.trace(binding, target=arch)
-    if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
-        # neighbouring grid blocks share loads
-        schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
-                                                    Schedule(stages=1)], arch)
-        return _deepest_ring(kernel, binding, schedule, arch)
-    schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
-    return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-
-
-def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str,
-                  limit: int = MAX_STAGES) -> Schedule:
-    """``schedule`` with as many ring stages as shared memory holds, up to ``limit``: more loads in
-    flight while the consumers work. H200, same process (bench/NOTES.md, session 9): linear attention
-    D=64 B·H·T = 8·16·4096 0.083 -> 0.073 ms at 3 stages (4: 0.074, 6: 0.077), D=128 0.151 -> 0.148,
-    D=128 T=8192 (one consumer per CTA) 0.197 -> 0.186; SSD N=P=128 0.183 -> 0.178."""
-    source = kernel_source(kernel, binding, schedule, arch)
-    if not source.stage_bytes:
-        return schedule
-    room = (_smem_limit(arch) - source.smem_bytes) // source.stage_bytes
-    return replace(schedule, stages=max(schedule.stages, min(limit, schedule.stages + room)))
-
-
-def _smem_limit(arch: str) -> int:
-    return SMEM_LIMIT if arch == "sm_90a" else SMEM_LIMITS[arch]
-
-
-def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule], arch: str = "sm_90a") -> Schedule:
-    """The first schedule whose kernel fits the target, then the same with staging buffers shared
-    (a program that fits without keeps the code every GPU test so far has run); the last one's
-    error if none fits."""
-    for schedule in candidates + [replace(c, share_staging=True) for c in candidates]:
-        try:
-            kernel_source(kernel, binding, schedule, arch)
-            return schedule
-        except ResourceError as e:
-            error = e
-    raise error
-
-
-def hopper_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None) -> KernelSource:
-    schedule = schedule or default_schedule(kernel, binding)
-    traced = replace(binding, static=dict(binding.static, **dict(schedule.split)))
-    program = kernel.trace(traced, target="sm_90a")
-    return lower_hopper(program, schedule, dict(binding.static))
-
-
-def generic_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None,
-                   arch: str = "sm_80") -> KernelSource:
-    """The generic (mma.sync) kernel for ``arch``, one of ``GENERIC_ARCHS``: same schedules, same
-    tracing, with the arch's shared-memory limit."""
-    schedule = schedule or default_schedule(kernel, binding, arch)
-    traced = replace(binding, static=dict(binding.static, **dict(schedule.split)))
-    program = kernel.trace(traced, target=arch)
-    return lower_generic(program, arch, schedule, dict(binding.static))
-
-
-def kernel_source(kernel: Kernel, binding: Binding, schedule: Schedule | None = None,
-                  arch: str = "sm_90a") -> KernelSource:
-    """The kernel for ``arch``: sm_90a lowers for Hopper, the others for the generic target."""
-    if arch == "sm_90a":
-        return hopper_source(kernel, binding, schedule)
-    return generic_source(kernel, binding, schedule, arch)
-
-
-# ------------------------------------------------------------------- launch ----
 def _cupy():
     """cupy, which loads and launches the kernels; without it, an error naming the extra that
     installs it (cupy is not a dependency: CPU tensors run without it)."""
@@ -233,145 +113,6 @@ class _Plan:
 
 
 _PLANS: dict[tuple, _Plan] = {}
-_DEFAULTS: dict[tuple, Schedule] = {}
-_HEADS: dict[tuple, Schedule | None] = {}  # launch_schedule's two-heads choice per specialisation
-
-
-@functools.cache
-def sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def heads_per_cta(schedule: Schedule, sizes: dict[str, int]) -> int:
-    """How many consecutive heads one CTA runs: ``consumers`` with ``consumer_axis='heads'`` (one
-    per consumer warpgroup, sharing the group's tiles), else 1. Raises ``ValueError`` where H or the
-    heads of a group (H/G) are not a multiple of it (a CTA's heads must share one group)."""
-    if schedule.consumer_axis != "heads":
-        return 1
-    C, H = schedule.consumers, sizes.get("H", 0)  # (a Matrix program has no heads: its lowering refuses the axis)
-    G = sizes.get("G")  # absent without GroupSeq parameters: nothing shared, any H that C divides
-    if H % C or (G and (H // G) % C):
-        raise ValueError(f"consumer_axis='heads' with consumers={C} runs {C} heads of one group per CTA: "
-                         f"H and H/G must be multiples of {C}, got H={H}, G={G}")
-    return C
-
-
-@functools.lru_cache(maxsize=8)
-def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
-    """``$TILEMIX_SCHEDULE``, e.g. ``"ssd_bwd_dc:consumers=2,consumer_axis=heads,stages=1;gemm_fwd:stages=3"``:
-    per program name, Schedule fields that replace its default schedule's (for experiments; a tuned
-    config still wins). ``split`` is written ``V/64`` (several ``V/64+K/64``, none ``-``), booleans
-    ``true``/``false``."""
-    kinds = {f.name: f.default for f in fields(Schedule)}
-    overrides: dict[str, dict[str, Any]] = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        name, _, assignments = part.partition(":")
-        values = {}
-        for item in filter(None, (a.strip() for a in assignments.split(","))):
-            field_name, _, value = item.partition("=")
-            if field_name not in kinds or not value:
-                raise ValueError(f"TILEMIX_SCHEDULE: {item!r} in {part!r} is not FIELD=VALUE with FIELD one of "
-                                 f"{sorted(kinds)}")
-            default = kinds[field_name]
-            if isinstance(default, bool):
-                if value not in ("true", "false"):
-                    raise ValueError(f"TILEMIX_SCHEDULE: {field_name} is true or false, got {value!r}")
-                values[field_name] = value == "true"
-            elif isinstance(default, int):
-                if not value.isdigit():
-                    raise ValueError(f"TILEMIX_SCHEDULE: {field_name} is a whole number, got {value!r}")
-                values[field_name] = int(value)
-            elif isinstance(default, tuple):  # split: V/64+K/64 or -
-                pairs = [] if value == "-" else [p.split("/") for p in value.split("+")]
-                if not all(len(p) == 2 and p[1].isdigit() for p in pairs):
-                    raise ValueError(f"TILEMIX_SCHEDULE: split is DIM/WIDTH (several joined by +) or -, got {value!r}")
-                values[field_name] = tuple((d, int(w)) for d, w in pairs)
-            else:
-                values[field_name] = value
-        if not name or not values:
-            raise ValueError(f"TILEMIX_SCHEDULE: {part!r} is not PROGRAM:FIELD=VALUE[,FIELD=VALUE...]")
-        overrides[name] = values
-    unknown = sorted(set(overrides) - kernel_names())
-    if unknown:  # a typo would otherwise change nothing, silently
-        warnings.warn(f"TILEMIX_SCHEDULE names no @kernel program defined so far: {unknown}", stacklevel=2)
-    return overrides
-
-
-def overridden(kernel: Kernel, schedule: Schedule) -> Schedule:
-    """``schedule`` with the fields ``$TILEMIX_SCHEDULE`` sets for ``kernel`` (itself where it sets none)."""
-    forced = schedule_overrides(os.environ.get("TILEMIX_SCHEDULE", "")).get(kernel.name)
-    return replace(schedule, **forced) if forced else schedule
-
-
-def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
-    """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
-    than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
-    CTAs (H100, linear attention, D=128, bench/NOTES.md: T=4096 B·H=128 two consumers 0.189 ms vs
-    one 0.280; T=8192 B·H=64: 0.254 vs 0.210; T=16384 B·H=32: 0.485 vs 0.353); a one-consumer scan
-    may run two heads per CTA (``_heads_pair``); and one that still leaves SMs idle a deeper ring
-    (``_idle_ring``)."""
-    key = (id(kernel), binding.key(), arch)
-    base = _DEFAULTS.get(key)
-    if base is None:
-        base = _DEFAULTS[key] = default_schedule(kernel, binding, arch)
-    forced = overridden(kernel, base)
-    if forced is not base:
-        return forced
-    if base.consumer_axis != "columns" or "B" not in binding.sizes:
-        return base
-    if base.consumers == 1:
-        chosen = _heads_pair(kernel, binding, base, device_index, arch) or base
-    else:
-        chosen = replace(base, consumers=1) if 2 * _ctas(binding, base) < sm_count(device_index) else base
-    return _idle_ring(kernel, binding, chosen, device_index, arch)
-
-
-def _ctas(binding: Binding, schedule: Schedule) -> int:
-    """The CTAs a scan's grid has: one per (batch, head, column block), shared by its consumers."""
-    return binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding.static) // schedule.consumers
-
-
-def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_index: int, arch: str) -> Schedule:
-    """A scan whose CTAs leave more than half the SMs idle streams its chunks alone on each SM, where
-    the bytes its ring keeps in flight bound it (bandwidth per SM = bytes in flight / latency): the ring
-    as deep as shared memory holds, up to IDLE_STAGES. H200, B=4 T=8192 H=16 (64 CTAs), 3 -> 6 stages:
-    linear attention D=64 0.1050 -> 0.0975 ms, SSD N=P=64 0.1812 -> 0.1753; with a CTA per SM (T=4096,
-    128 CTAs) 6 stages cost linear attention D=64 3% (0.0720 -> 0.0743) and kept 3."""
-    if arch != "sm_90a" or 2 * _ctas(binding, schedule) >= sm_count(device_index):
-        return schedule
-    return _deepest_ring(kernel, binding, schedule, arch, IDLE_STAGES)
-
-
-def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: int, arch: str) -> Schedule | None:
-    """Two heads (of one group) per CTA (``consumer_axis="heads"``) for a one-consumer scan with no
-    column split: two warpgroups per SM hide each other's latency, and per-group tiles (GroupSeq:
-    SSD's B and C) load once for both; None where that does not apply, would leave more than half
-    the GPU idle, or does not fit. H200: SSD backward B=8 T=4096 H=16 N=P=128 (its P blocks run as 32
-    heads): 1.834 ms one head per CTA, 1.509 two heads at one stage, 1.356 two heads at two stages
-    sharing staging buffers; linear attention D=64 (no group tiles), B·H·T = 8·16·4096: T=1024 0.087
-    -> 0.074 ms, T=2048 0.086 -> 0.076, segmented T >= 16k 0.162-0.168 -> 0.130-0.134; at T=4096
-    (B·H = 128, fewer than the SMs: no pair) two heads measured 0.084 -> 0.102."""
-    sizes = binding.sizes
-    if arch != "sm_90a" or base.split or "H" not in sizes:
-        return None
-    try:
-        heads_per_cta(replace(base, consumers=2, consumer_axis="heads"), sizes)
-    except ValueError:  # odd H or H/G: a CTA's heads must share a group
-        return None
-    if sizes["B"] * sizes["H"] < sm_count(device_index):  # fewer than half the SMs busy
-        return None
-    key = (id(kernel), binding.key(), arch)
-    if key not in _HEADS:
-        _HEADS[key] = None
-        for candidate in (replace(base, consumers=2, consumer_axis="heads", stages=2, share_staging=True),
-                          replace(base, consumers=2, consumer_axis="heads", stages=1)):
-            try:
-                kernel_source(kernel, binding, candidate, arch)
-            except ResourceError:
-                continue
-            _HEADS[key] = candidate
-            break
-    return _HEADS[key]
 
 
 def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_90a") -> _Plan:

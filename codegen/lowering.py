@@ -19,10 +19,10 @@ from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import Emitter, ctype
 from .issue_order import IssuePlan, plan_issue
+from .knobs import Schedule
 from .layout import SharedLayout, plan_shared_memory
 from .liveness import Liveness, plan_liveness
 from .op_emitters import MAPS, OP_EMITTERS, emit_matmul
-from .schedule import Schedule
 from .source import KernelSource, ParamKind
 from .structure import KernelPlan, analyze_structure
 

@@ -1,69 +1,481 @@
-"""Schedules: the knobs of a generated kernel, apart from the program's math.
+"""Schedule choices: how each program runs on the GPU, apart from its math, decided in one place.
 
-A ``Schedule`` says how a program is laid onto the GPU (ring depth, consumer warpgroups, column
-split, issue order); the lowering reads it, the launch picks one per call, the tuner searches
-them. The constants every layer shares live here once."""
+- defaults: ``default_schedule``, the first candidate that fits, with the ring as deep as shared
+  memory allows;
+- launch-time choices: ``launch_schedule`` adapts the default to the grid and the GPU (consumers
+  per CTA, two heads per CTA, a deeper ring where SMs idle); ``$TILEMIX_SCHEDULE`` overrides it;
+- sequence segments of scans: ``segment_count``, ``scan_segments``, ``segment_choices``;
+- choices a program's module declares beside the program (``declare``): Const values chosen from
+  the arguments' shapes (attention's key chunk), a column split the op makes itself (the SSD
+  backward's);
+- the tuner's search space: ``Config``, ``config_space``, ``legal``.
+
+``Schedule`` itself lives in ``knobs.py`` (the lowering reads it, and this module lowers candidate
+schedules to see which fit); it is exported here too."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+import itertools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
-__all__ = ["Schedule", "column_blocks", "ISSUE_ORDERS", "OVERLAPS", "SMEM_LIMIT", "SMEM_LIMITS"]
+import torch
 
-ISSUE_ORDERS = ("fit", "early", "program")  # Schedule.issue
-OVERLAPS = ("fit", "on", "off")  # Schedule.overlap
-SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
-# the generic target's archs (CUDA programming guide, compute capabilities table)
-SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+from tilemix.tiles import Kernel
+from tilemix.tiles.errors import ResourceError
+from tilemix.tiles.kernel import kernel_names
+from tilemix.tiles.params import Binding
+
+from .env import read
+from .knobs import Schedule, column_blocks, smem_limit
+from .specialise import kernel_source
+
+__all__ = ["Schedule", "default_schedule", "default_source", "launch_schedule", "heads_per_cta", "sm_count",
+           "schedule_overrides", "overridden", "splittable", "segment_count", "scan_segments", "segment_choices",
+           "declare", "Declared", "HeadSplit", "call_consts", "head_split_width", "Config", "config_space",
+           "knob_choices", "legal", "SPLIT_WIDTH", "MAX_STAGES", "IDLE_STAGES", "TUNED_MAX_STAGES"]
+
+SPLIT_WIDTH = 64  # a column block's width: a 64-wide state's tiles fit a consumer's registers
+MAX_STAGES = 3  # the default ring's depth at most (deeper measured no faster)
+IDLE_STAGES = 6  # the ring of a scan that leaves most SMs idle (``_idle_ring``)
+TUNED_MAX_STAGES = 4  # the tuner tries one stage past the default's bound
+
+
+# -- defaults -----------------------------------------------------------------------------------
+def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> Schedule:
+    """Scans: split the state's column dim into SPLIT_WIDTH-wide blocks (state and output tiles then
+    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA. Where
+    shared memory is short: one consumer, then one stage. Then the ring as deep as shared memory
+    allows (up to MAX_STAGES; scans on sm_90a only, the generic target's scans unmeasured)."""
+    split = []
+    for p in binding.params:
+        if p.spec.kind == "state":
+            dim = p.spec.dims[1]
+            if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim):
+                split.append((dim, SPLIT_WIDTH))
+    if split:
+        split = tuple(split)
+        pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
+        # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
+        schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
+                                                            Schedule(split=split, consumers=1, stages=1)], arch)
+        return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+    program = kernel.trace(binding, target=arch)
+    if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
+        # neighbouring grid blocks share loads
+        schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
+                                                    Schedule(stages=1)], arch)
+        return _deepest_ring(kernel, binding, schedule, arch)
+    schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
+    return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+
+
+def default_source(kernel: Kernel, binding: Binding, arch: str = "sm_90a"):
+    """The kernel ``default_schedule`` gives on ``arch`` (a ``KernelSource``)."""
+    return kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
+
+
+def _probe_size(binding: Binding) -> int:
+    """A tile width no other dim or chunk size has (a multiple of 16)."""
+    taken = set(binding.sizes.values()) | set(binding.static.values())
+    size = 16 * 61
+    while size in taken:
+        size += 16
+    return size
+
+
+def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
+    """Whether ``dim`` can be cut into independent column blocks: trace with a
+    width no other dim has and check that no matmul contracts over it and no
+    reduction runs along it."""
+    probe = _probe_size(binding)
+    traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
+    for op in traced.walk():
+        if op.name == "matmul":
+            a = op.operands[0].type
+            contracted = a.rows if op.attrs["ta"] else a.cols
+            if contracted == probe:
+                return False
+        if op.name in ("rowsum", "rowmax") and op.operands[0].type.cols == probe:
+            return False
+        if op.name in ("colsum", "colmax", "cumsum", "segsum") and op.operands[0].type.rows == probe:
+            return False
+    return True
+
+
+def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str,
+                  limit: int = MAX_STAGES) -> Schedule:
+    """``schedule`` with as many ring stages as shared memory holds, up to ``limit``: more loads in
+    flight while the consumers work."""
+    source = kernel_source(kernel, binding, schedule, arch)
+    if not source.stage_bytes:
+        return schedule
+    room = (smem_limit(arch) - source.smem_bytes) // source.stage_bytes
+    return replace(schedule, stages=max(schedule.stages, min(limit, schedule.stages + room)))
+
+
+def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule], arch: str = "sm_90a") -> Schedule:
+    """The first schedule whose kernel fits the target, then the same with staging buffers shared
+    (a program that fits without keeps the code every GPU test so far has run); the last one's
+    error if none fits."""
+    for schedule in candidates + [replace(c, share_staging=True) for c in candidates]:
+        try:
+            kernel_source(kernel, binding, schedule, arch)
+            return schedule
+        except ResourceError as e:
+            error = e
+    raise error
+
+
+# -- launch-time choices ------------------------------------------------------------------------
+_DEFAULTS: dict[tuple, Schedule] = {}
+_HEADS: dict[tuple, Schedule | None] = {}  # launch_schedule's two-heads choice per specialisation
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: str = "sm_90a") -> Schedule:
+    """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
+    than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
+    CTAs; a one-consumer scan may run two heads per CTA (``_heads_pair``); and one that still
+    leaves SMs idle a deeper ring (``_idle_ring``). ``$TILEMIX_SCHEDULE``'s fields win."""
+    key = (id(kernel), binding.key(), arch)
+    base = _DEFAULTS.get(key)
+    if base is None:
+        base = _DEFAULTS[key] = default_schedule(kernel, binding, arch)
+    forced = overridden(kernel, base)
+    if forced is not base:
+        return forced
+    if base.consumer_axis != "columns" or "B" not in binding.sizes:
+        return base
+    if base.consumers == 1:
+        chosen = _heads_pair(kernel, binding, base, device_index, arch) or base
+    else:
+        chosen = replace(base, consumers=1) if 2 * _ctas(binding, base) < sm_count(device_index) else base
+    return _idle_ring(kernel, binding, chosen, device_index, arch)
+
+
+def heads_per_cta(schedule: Schedule, sizes: dict[str, int]) -> int:
+    """How many consecutive heads one CTA runs: ``consumers`` with ``consumer_axis='heads'`` (one
+    per consumer warpgroup, sharing the group's tiles), else 1. Raises ``ValueError`` where H or the
+    heads of a group (H/G) are not a multiple of it (a CTA's heads must share one group)."""
+    if schedule.consumer_axis != "heads":
+        return 1
+    C, H = schedule.consumers, sizes.get("H", 0)  # (a Matrix program has no heads: its lowering refuses the axis)
+    G = sizes.get("G")  # absent without GroupSeq parameters: nothing shared, any H that C divides
+    if H % C or (G and (H // G) % C):
+        raise ValueError(f"consumer_axis='heads' with consumers={C} runs {C} heads of one group per CTA: "
+                         f"H and H/G must be multiples of {C}, got H={H}, G={G}")
+    return C
+
+
+def _ctas(binding: Binding, schedule: Schedule) -> int:
+    """The CTAs a scan's grid has: one per (batch, head, column block), shared by its consumers."""
+    return binding.sizes["B"] * binding.sizes["H"] * column_blocks(schedule.split, binding.static) // schedule.consumers
+
+
+def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_index: int, arch: str) -> Schedule:
+    """A scan whose CTAs leave more than half the SMs idle streams its chunks alone on each SM, where
+    the bytes its ring keeps in flight bound it (bandwidth per SM = bytes in flight / latency): the ring
+    as deep as shared memory holds, up to IDLE_STAGES. With a CTA per SM a deeper ring costs time, so
+    it is left as it is."""
+    if arch != "sm_90a" or 2 * _ctas(binding, schedule) >= sm_count(device_index):
+        return schedule
+    return _deepest_ring(kernel, binding, schedule, arch, IDLE_STAGES)
+
+
+def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: int, arch: str) -> Schedule | None:
+    """Two heads (of one group) per CTA (``consumer_axis="heads"``) for a one-consumer scan with no
+    column split: two warpgroups per SM hide each other's latency, and per-group tiles (GroupSeq:
+    SSD's B and C) load once for both; None where that does not apply, would leave more than half
+    the GPU idle (there pairs measured slower), or does not fit. Two stages sharing staging buffers
+    first, else one stage."""
+    sizes = binding.sizes
+    if arch != "sm_90a" or base.split or "H" not in sizes:
+        return None
+    try:
+        heads_per_cta(replace(base, consumers=2, consumer_axis="heads"), sizes)
+    except ValueError:  # odd H or H/G: a CTA's heads must share a group
+        return None
+    if sizes["B"] * sizes["H"] < sm_count(device_index):  # fewer than half the SMs busy
+        return None
+    key = (id(kernel), binding.key(), arch)
+    if key not in _HEADS:
+        _HEADS[key] = None
+        for candidate in (replace(base, consumers=2, consumer_axis="heads", stages=2, share_staging=True),
+                          replace(base, consumers=2, consumer_axis="heads", stages=1)):
+            try:
+                kernel_source(kernel, binding, candidate, arch)
+            except ResourceError:
+                continue
+            _HEADS[key] = candidate
+            break
+    return _HEADS[key]
+
+
+@functools.lru_cache(maxsize=8)
+def schedule_overrides(text: str) -> dict[str, dict[str, Any]]:
+    """``$TILEMIX_SCHEDULE``, e.g. ``"ssd_bwd_dc:consumers=2,consumer_axis=heads,stages=1;gemm_fwd:stages=3"``:
+    per program name, Schedule fields that replace its default schedule's (for experiments; a tuned
+    config still wins). ``split`` is written ``V/64`` (several ``V/64+K/64``, none ``-``), booleans
+    ``true``/``false``."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, assignments = part.partition(":")
+        values = dict(_override(item, part) for item in filter(None, (a.strip() for a in assignments.split(","))))
+        if not name or not values:
+            raise ValueError(f"TILEMIX_SCHEDULE: {part!r} is not PROGRAM:FIELD=VALUE[,FIELD=VALUE...]")
+        overrides[name] = values
+    unknown = sorted(set(overrides) - kernel_names())
+    if unknown:  # a typo would otherwise change nothing, silently
+        warnings.warn(f"TILEMIX_SCHEDULE names no @kernel program defined so far: {unknown}", stacklevel=2)
+    return overrides
+
+
+def _override(item: str, part: str) -> tuple[str, Any]:
+    """One ``FIELD=VALUE`` of ``$TILEMIX_SCHEDULE`` (in ``part``), the value of the field's type."""
+    kinds = {f.name: f.default for f in fields(Schedule)}
+    field_name, _, value = item.partition("=")
+    if field_name not in kinds or not value:
+        raise ValueError(f"TILEMIX_SCHEDULE: {item!r} in {part!r} is not FIELD=VALUE with FIELD one of "
+                         f"{sorted(kinds)}")
+    default = kinds[field_name]
+    if isinstance(default, bool):
+        if value not in ("true", "false"):
+            raise ValueError(f"TILEMIX_SCHEDULE: {field_name} is true or false, got {value!r}")
+        return field_name, value == "true"
+    if isinstance(default, int):
+        if not value.isdigit():
+            raise ValueError(f"TILEMIX_SCHEDULE: {field_name} is a whole number, got {value!r}")
+        return field_name, int(value)
+    if isinstance(default, tuple):  # split: V/64+K/64 or -
+        pairs = [] if value == "-" else [p.split("/") for p in value.split("+")]
+        if not all(len(p) == 2 and p[1].isdigit() for p in pairs):
+            raise ValueError(f"TILEMIX_SCHEDULE: split is DIM/WIDTH (several joined by +) or -, got {value!r}")
+        return field_name, tuple((d, int(w)) for d, w in pairs)
+    return field_name, value
+
+
+def overridden(kernel: Kernel, schedule: Schedule) -> Schedule:
+    """``schedule`` with the fields ``$TILEMIX_SCHEDULE`` sets for ``kernel`` (itself where it sets none)."""
+    forced = schedule_overrides(read("TILEMIX_SCHEDULE") or "").get(kernel.name)
+    return replace(schedule, **forced) if forced else schedule
+
+
+# -- sequence segments of a scan (ops/_segments.py runs them) ----------------------------------------
+SCAN_CHUNK = 64  # the scans' chunk: a segment holds whole chunks
+MIN_SEGMENT = 1024  # shorter segments spend more on states than they gain in parallelism
+MIN_TUNED_SEGMENT = 256  # the shortest segments the tuner tries
+MAX_SEGMENTS = 64
+MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H (bench/NOTES.md)
+TARGET_CTAS_PER_SM = 1.5
+
+
+def segment_count(T: int, programs: int, sms: int, min_length: int = MIN_LENGTH) -> int:
+    """How many segments a sequence of length ``T`` is cut into when the sequential scan runs
+    ``programs`` CTAs on ``sms`` SMs; 1 means the sequential scan. Segments pay when fewer than
+    half the SMs would have a CTA and the sequence is at least ``min_length`` long; then the
+    fewest (a power of two) that give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T
+    into whole chunks: segments pay on an idle GPU and lose on a full one, where their second pass
+    over the inputs costs more than the idle SMs (bench/NOTES.md, "Sequence segments").
+    ``$TILEMIX_SEGMENTS`` forces a count (where T allows it)."""
+    forced = read("TILEMIX_SEGMENTS")
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"TILEMIX_SEGMENTS must be a positive integer, got {forced!r}")
+        return int(forced) if T % (SCAN_CHUNK * int(forced)) == 0 else 1
+    segments = 1
+    if T < min_length or 2 * programs >= sms:
+        return segments
+    while (programs * segments < TARGET_CTAS_PER_SM * sms and T // (2 * segments) >= MIN_SEGMENT
+           and T % (SCAN_CHUNK * 2 * segments) == 0):
+        segments *= 2
+    return segments
+
+
+def scan_segments(kernel: Kernel, binding: Binding, device_index: int, arch: str, min_length: int = MIN_LENGTH) -> int:
+    """``segment_count`` for a scan program at ``binding`` on the device: its CTAs are those of its
+    launch schedule (batch x heads x column blocks)."""
+    programs = binding.sizes["B"] * binding.sizes["H"] * column_blocks(
+        launch_schedule(kernel, binding, device_index, arch).split, binding.static)
+    return segment_count(binding.sizes["T"], programs, sm_count(device_index), min_length)
+
+
+def segment_choices(T: int) -> list[int]:
+    """The segment counts the tuner tries: powers of two up to MAX_SEGMENTS that cut T into whole
+    chunks, segments no shorter than MIN_TUNED_SEGMENT (1 included)."""
+    return [s for s in (2 ** i for i in range(MAX_SEGMENTS.bit_length()))
+            if T % (SCAN_CHUNK * s) == 0 and (s == 1 or T // s >= MIN_TUNED_SEGMENT)]
+
+
+# -- choices declared beside a program ------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadSplit:
+    """The op runs the programs on ``width``-wide column blocks of their static dim ``dim``, each
+    block a head of its own, and adds up the partial results: a column split for programs the code
+    generator cannot split (they contract or reduce over ``dim``). ``env``: the variable (one of
+    ``codegen/env.py``'s) that sets the width, 0 for none."""
+
+    dim: str
+    width: int = SPLIT_WIDTH
+    env: str | None = None
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """Knobs of the generated kernel (the autotuner searches these).
+class Declared:
+    """What a program's module states about running it (``declare``). ``consts(args)``: Const values
+    for a call that passes none, from the arguments' shapes (tensors or ``TensorSpec``s);
+    ``head_split``: a ``HeadSplit``."""
 
-    ``stages``: depth of the shared-memory ring the producer fills ahead.
-    ``split``: static dim → width; the dim is cut into column blocks
-    (legal when nothing contracts or reduces over it, e.g. the value dim of
-    linear attention).
-    ``consumers``: consumer warpgroups per CTA. With ``consumer_axis ==
-    "columns"`` each takes one column block of the split dim; with ``"blocks"``
-    each takes one block of the innermost grid loop (attention's query blocks,
-    gemm's N blocks); with ``"heads"`` (sm_90a only; ``launch_schedule`` picks it for one-consumer
-    scans whose heads fill the GPU: SSD's backward, linear attention at D = 64) each takes one of
-    ``consumers`` consecutive heads of one batch, ``h = hcta * consumers + wg`` (the launch needs
-    H and H/G multiples of ``consumers``). Tiles the consumers have in common (q and k of a scan,
-    k and v of attention, A of gemm, the GroupSeq tiles of a group's heads such as SSD's B and C)
-    are loaded once for all of them.
-    ``share_staging``: register tiles staged in shared memory as matmul operands share buffers
-    once a tile's readers are emitted (less shared memory; the defaults take it only where no
-    schedule fits without it, and for two heads per CTA at two stages).
-    ``issue`` (sm_90a; the generic kernels keep program order): the order the chunk loop's ops are
-    lowered in (``issue_order``). ``"early"`` issues each matmul as soon as its operands are ready;
-    ``"fit"`` does so where that keeps no more register tiles live than program order, else keeps
-    program order (``"program"``). H200: "fit" keeps SSD's forward in program order, which at
-    N=P=64 is ~5% slower than "early" and at N=P=128 ~4% faster.
-    ``overlap`` (sm_90a): whether a chunk's last wgmma groups, those accumulating into the loop's
-    carried tiles, keep running while the next chunk starts (``"on"``, where nothing else touches
-    those tiles and the ring has two stages or more) or are waited for at the chunk's end
-    (``"off"``). Their register operands then stay live into the next chunk; where that leaves
-    ptxas too few registers it runs every wgmma of the kernel one at a time (remark C7512), so
-    ``"fit"`` overlaps only where the estimate (``overlap_registers``) leaves room. H200: attention's
-    dk/dv program at D=128, serialised when overlapped, 1.10 -> 0.95 ms causal without.
-    """
-
-    stages: int = 2
-    split: tuple[tuple[str, int], ...] = ()
-    consumers: int = 1
-    consumer_axis: str = "columns"
-    share_staging: bool = False
-    issue: str = field(default="fit", metadata={"choices": ISSUE_ORDERS})
-    overlap: str = field(default="fit", metadata={"choices": OVERLAPS})
+    consts: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    head_split: HeadSplit | None = None
 
 
-def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> int:
-    """How many column blocks a schedule's ``split`` cuts the state and output columns into (``dims``:
-    the static dims' full sizes)."""
+_DECLARED: dict[Kernel, Declared] = {}
+
+
+def declare(*kernels: Kernel, consts: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+            head_split: HeadSplit | None = None) -> Declared:
+    """State ``kernels``' schedule choices beside them, in their ops module, as Triton's autotune
+    configs and Pallas' ``TuningConfig`` sit beside a kernel: ``call_consts`` and
+    ``head_split_width`` read them, so no choice tests a program's name."""
+    declared = Declared(consts, head_split)
+    for kernel in kernels:
+        _DECLARED[kernel] = declared
+    return declared
+
+
+def call_consts(kernel: Kernel, args: dict[str, Any]) -> dict[str, Any]:
+    """The Const values ``kernel``'s module declares for a call with ``args``, less those it passes."""
+    choose = _DECLARED.get(kernel, Declared()).consts
+    return {} if choose is None else {k: v for k, v in choose(args).items() if k not in args}
+
+
+def head_split_width(kernel: Kernel, sizes: dict[str, int], gpu: bool) -> int:
+    """The width of the column blocks of ``kernel``'s ``HeadSplit`` dim (whose size ``sizes`` gives)
+    its op runs it on: the declared width on a GPU, none on the CPU, the ``env`` variable's where set;
+    all of the dim (no split) where the width does not cut it into two or more whole blocks."""
+    split = _DECLARED.get(kernel, Declared()).head_split
+    if split is None:
+        raise ValueError(f"{kernel.name}: its module declares no head_split")
+    extent = sizes[split.dim]
+    forced = read(split.env) if split.env else None
+    width = int(forced) if forced else (split.width if gpu else 0)
+    return width if 0 < width < extent and extent % width == 0 else extent
+
+
+# -- the tuner's search space -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """What the tuner chooses: a ``Schedule`` and overrides of the program's block-size ``Const``s."""
+
+    schedule: Schedule
+    consts: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> str:
+        parts = [f"{f.name}={_show(getattr(self.schedule, f.name))}" for f in fields(Schedule)
+                 if f.name in ("stages", "consumers") or getattr(self.schedule, f.name) != f.default]
+        return " ".join(parts + [f"{k}={v}" for k, v in self.consts])
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):  # split: (("V", 64),) -> V/64
+        return ",".join(f"{d}/{w}" for d, w in value) or "-"
+    return str(value)
+
+
+# Alternatives for the Schedule fields the tuner varies. A field of Schedule may declare its own
+# with ``field(default=..., metadata={"choices": (...)})``; those take precedence, so a knob the code
+# generator adds is searched without touching this module.
+KNOB_CHOICES: dict[str, tuple] = {"stages": tuple(range(1, TUNED_MAX_STAGES + 1)), "consumers": (1, 2)}
+PLANE = ("stages", "consumers")  # searched as a product; every other knob one at a time
+
+
+def knob_choices() -> dict[str, tuple]:
+    """Schedule field -> the values the tuner tries (field metadata first, then KNOB_CHOICES)."""
+    found = {}
+    for f in fields(Schedule):
+        choices = f.metadata.get("choices", KNOB_CHOICES.get(f.name)) if f.metadata else KNOB_CHOICES.get(f.name)
+        if choices:
+            found[f.name] = tuple(choices)
+    return found
+
+
+def _block_consts(kernel: Kernel, binding: Binding) -> dict[str, list[int]]:
+    """Alternatives for the program's block-size constants: integer Consts that are multiples of 64
+    (bools such as is_causal are not sizes), halved and doubled within 64..256."""
+    choices = {}
+    for name, spec in kernel.specs.items():
+        value = binding.values.get(name)
+        if spec.kind == "const" and isinstance(value, int) and not isinstance(value, bool) and value % 64 == 0:
+            choices[name] = sorted({v for v in (value // 2, value, value * 2) if 64 <= v <= 256 and v % 64 == 0})
+    return choices
+
+
+def _split_alternatives(binding: Binding, default: Schedule) -> list[tuple[tuple[str, int], ...]]:
+    """The default's column split with one dim's width halved or doubled (multiples of 64 that
+    divide the dim)."""
+    out = []
+    for i, (dim, width) in enumerate(default.split):
+        extent = binding.static.get(dim, 0)
+        for w in (width // 2, width * 2):
+            if w >= 64 and w % 64 == 0 and extent % w == 0 and w <= extent:
+                out.append(default.split[:i] + ((dim, w),) + default.split[i + 1:])
+    return out
+
+
+def legal(schedule: Schedule, binding: Binding) -> bool:
+    """Consumers over columns each take whole column blocks: their count must divide the split's
+    blocks (a scan with no split has one block, so one consumer). Consumers over heads each take a
+    head of one group: their count must divide H and H/G, with no split."""
+    if schedule.consumer_axis == "heads":
+        try:
+            heads_per_cta(schedule, binding.sizes)
+        except ValueError:
+            return False
+        return not schedule.split and "H" in binding.sizes
+    if schedule.consumer_axis != "columns":
+        return True
     blocks = 1
-    for dim, width in split:
-        blocks *= dims[dim] // width
-    return blocks
+    for dim, width in schedule.split:
+        extent = binding.static.get(dim)
+        if extent is None or extent % width:
+            return False
+        blocks *= extent // width
+    return blocks % schedule.consumers == 0
+
+
+def config_space(kernel: Kernel, binding: Binding, default: Schedule,
+                 fits: Callable[[Config], bool] | None = None) -> list[Config]:
+    """The default first, then every ring depth x consumer warpgroups at the default block sizes,
+    then each other Schedule knob's choices alone, the split's widths (halved, doubled; with each
+    consumer count that fits), then each block size's alternatives at the default schedule: one
+    axis at a time around the default, so a tune stays within a minute (the full product is too
+    many kernels). Schedules the launch cannot map (``legal``) are left out. ``fits(config)`` (the
+    lowering's shared-memory check) lets a larger block size take a shallower ring, then one
+    consumer, where the default schedule has no room for it."""
+    knobs = knob_choices()
+    plane = [k for k in PLANE if k in knobs]
+    space = [Config(default)]
+    for values in itertools.product(*(knobs[k] for k in plane)):
+        space.append(Config(replace(default, **dict(zip(plane, values)))))
+    for name, values in knobs.items():
+        if name not in plane:
+            space += [Config(replace(default, **{name: v})) for v in values]
+    for split in _split_alternatives(binding, default):
+        space += [Config(replace(default, split=split, consumers=c)) for c in knobs.get("consumers", (1,))]
+    shallower = [replace(default, consumers=c, stages=st) for c in sorted({default.consumers, 1}, reverse=True)
+                 for st in range(default.stages, 0, -1)]
+    for name, values in sorted(_block_consts(kernel, binding).items()):
+        for v in values:
+            if v != binding.values[name]:
+                options = [Config(sched, ((name, v),)) for sched in shallower]
+                space.append(next((c for c in options if fits(c)), options[0]) if fits else options[0])
+    space = [c for c in space if c == space[0] or legal(c.schedule, binding)]
+    return list(dict.fromkeys(space))  # the default appears once, first

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .schedule import Schedule
+from .knobs import Schedule
 
 __all__ = ["KernelSource", "ParamKind"]
 

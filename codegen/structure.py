@@ -13,7 +13,7 @@ from types import MappingProxyType
 from tilemix.tiles.errors import TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
 
-from .schedule import Schedule, column_blocks
+from .knobs import Schedule, column_blocks
 
 __all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
 

@@ -1,9 +1,9 @@
 """Autotuning: search a program's schedules and block sizes on the GPU it runs on.
 
-A ``Config`` is a ``Schedule`` plus overrides of the program's block-size ``Const``s. The space is
-derived from what the code generator exposes (ring depth, consumer warpgroups, block sizes);
-candidates that do not fit shared memory, or that spill, are dropped before any timing. Each
-survivor is compiled (in parallel), checked and timed by the runner and timer the caller passes
+A ``Config`` is a ``Schedule`` plus overrides of the program's block-size ``Const``s; the space
+(``schedule.config_space``) is derived from what the code generator exposes (ring depth, consumer
+warpgroups, block sizes); candidates that do not fit shared memory, or that spill, are dropped
+before any timing. Each survivor is compiled (in parallel), checked and timed by the runner and timer the caller passes
 (``tilemix.ops.runtime.tune`` passes the GPU ones: a check against the interpreter on the first
 tokens of the real inputs — a fast wrong kernel never wins — and CUDA events). The winner is
 cached per (program, GPU, capability, target arch, dtype, shape bucket) as a small JSON file
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import itertools
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +29,12 @@ from tilemix.tiles import Kernel
 from tilemix.tiles.errors import TileError
 from tilemix.tiles.params import Binding
 
-from .schedule import Schedule
+from .env import cache_root, read
+from .schedule import Config, Schedule, config_space, legal
 
-__all__ = ["Config", "TuneResult", "config_space", "tune", "cached_config", "cache_key", "config_for",
+__all__ = ["TuneResult", "tune", "cached_config", "cache_key", "config_for",
            "SegmentsResult", "tuned_segments", "store_segments", "forget_choices"]
 
-MAX_STAGES = 4
-
-
-@dataclass(frozen=True)
-class Config:
-    schedule: Schedule
-    consts: tuple[tuple[str, Any], ...] = ()
-
-    def describe(self) -> str:
-        parts = [f"{f.name}={_show(getattr(self.schedule, f.name))}" for f in fields(Schedule)
-                 if f.name in ("stages", "consumers") or getattr(self.schedule, f.name) != f.default]
-        return " ".join(parts + [f"{k}={v}" for k, v in self.consts])
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple):  # split: (("V", 64),) -> V/64
-        return ",".join(f"{d}/{w}" for d, w in value) or "-"
-    return str(value)
 
 
 @dataclass
@@ -61,100 +43,6 @@ class TuneResult:
     default: Config
     times: dict[Config, float] = field(default_factory=dict)  # ms of every candidate timed
     rejected: dict[Config, str] = field(default_factory=dict)  # why the others were dropped
-
-
-# -- the space -------------------------------------------------------------------------
-def _block_consts(kernel: Kernel, binding: Binding) -> dict[str, list[int]]:
-    """Alternatives for the program's block-size constants: integer Consts that are multiples of 64
-    (bools such as is_causal are not sizes), halved and doubled within 64..256."""
-    choices = {}
-    for name, spec in kernel.specs.items():
-        value = binding.values.get(name)
-        if spec.kind == "const" and isinstance(value, int) and not isinstance(value, bool) and value % 64 == 0:
-            choices[name] = sorted({v for v in (value // 2, value, value * 2) if 64 <= v <= 256 and v % 64 == 0})
-    return choices
-
-
-# Alternatives for the Schedule fields the tuner varies. A field of Schedule may declare its own
-# with ``field(default=..., metadata={"choices": (...)})``; those take precedence, so a knob the code
-# generator adds is searched without touching this module.
-KNOB_CHOICES: dict[str, tuple] = {"stages": tuple(range(1, MAX_STAGES + 1)), "consumers": (1, 2)}
-PLANE = ("stages", "consumers")  # searched as a product; every other knob one at a time
-
-
-def knob_choices() -> dict[str, tuple]:
-    """Schedule field -> the values the tuner tries (field metadata first, then KNOB_CHOICES)."""
-    found = {}
-    for f in fields(Schedule):
-        choices = f.metadata.get("choices", KNOB_CHOICES.get(f.name)) if f.metadata else KNOB_CHOICES.get(f.name)
-        if choices:
-            found[f.name] = tuple(choices)
-    return found
-
-
-def _split_alternatives(binding: Binding, default: Schedule) -> list[tuple[tuple[str, int], ...]]:
-    """The default's column split with one dim's width halved or doubled (multiples of 64 that
-    divide the dim)."""
-    out = []
-    for i, (dim, width) in enumerate(default.split):
-        extent = binding.static.get(dim, 0)
-        for w in (width // 2, width * 2):
-            if w >= 64 and w % 64 == 0 and extent % w == 0 and w <= extent:
-                out.append(default.split[:i] + ((dim, w),) + default.split[i + 1:])
-    return out
-
-
-def legal(schedule: Schedule, binding: Binding) -> bool:
-    """Consumers over columns each take whole column blocks: their count must divide the split's
-    blocks (a scan with no split has one block, so one consumer). Consumers over heads each take a
-    head of one group: their count must divide H and H/G, with no split."""
-    if schedule.consumer_axis == "heads":
-        from .launch import heads_per_cta
-
-        try:
-            heads_per_cta(schedule, binding.sizes)
-        except ValueError:
-            return False
-        return not schedule.split and "H" in binding.sizes
-    if schedule.consumer_axis != "columns":
-        return True
-    blocks = 1
-    for dim, width in schedule.split:
-        extent = binding.static.get(dim)
-        if extent is None or extent % width:
-            return False
-        blocks *= extent // width
-    return blocks % schedule.consumers == 0
-
-
-def config_space(kernel: Kernel, binding: Binding, default: Schedule,
-                 fits: Callable[[Config], bool] | None = None) -> list[Config]:
-    """The default first, then every ring depth x consumer warpgroups at the default block sizes,
-    then each other Schedule knob's choices alone, the split's widths (halved, doubled; with each
-    consumer count that fits), then each block size's alternatives at the default schedule: one
-    axis at a time around the default, so a tune stays within a minute (the full product for gemm
-    was 65 kernels and 120 s on the H100). Schedules the launch cannot map (``legal``) are left out.
-    ``fits(config)`` (the lowering's shared-memory check) lets a larger block size take a shallower
-    ring, then one consumer, where the default schedule has no room for it."""
-    knobs = knob_choices()
-    plane = [k for k in PLANE if k in knobs]
-    space = [Config(default)]
-    for values in itertools.product(*(knobs[k] for k in plane)):
-        space.append(Config(replace(default, **dict(zip(plane, values)))))
-    for name, values in knobs.items():
-        if name not in plane:
-            space += [Config(replace(default, **{name: v})) for v in values]
-    for split in _split_alternatives(binding, default):
-        space += [Config(replace(default, split=split, consumers=c)) for c in knobs.get("consumers", (1,))]
-    shallower = [replace(default, consumers=c, stages=st) for c in sorted({default.consumers, 1}, reverse=True)
-                 for st in range(default.stages, 0, -1)]
-    for name, values in sorted(_block_consts(kernel, binding).items()):
-        for v in values:
-            if v != binding.values[name]:
-                options = [Config(sched, ((name, v),)) for sched in shallower]
-                space.append(next((c for c in options if fits(c)), options[0]) if fits else options[0])
-    space = [c for c in space if c == space[0] or legal(c.schedule, binding)]
-    return list(dict.fromkeys(space))  # the default appears once, first
 
 
 # -- the cache ---------------------------------------------------------------------------
@@ -175,8 +63,7 @@ def cache_key(kernel: Kernel, binding: Binding, gpu: str, capability: tuple[int,
 
 
 def _cache_path(key: str) -> Path:
-    root = Path(os.environ.get("TILEMIX_CACHE", Path.home() / ".cache" / "tilemix"))
-    return root / "tuned" / f"{key}.json"
+    return cache_root() / "tuned" / f"{key}.json"
 
 
 def _to_json(config: Config) -> str:
@@ -244,7 +131,7 @@ def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device, a
         config = cached_config(key)
         if config is not None and not usable(kernel, args, config, arch):
             config = None  # tuned by an older code generator; the default (or a new tune) instead
-        if config is None and autotune is not None and os.environ.get("TILEMIX_AUTOTUNE") == "1":
+        if config is None and autotune is not None and read("TILEMIX_AUTOTUNE") == "1":
             config = autotune()
         _LOOKUPS[memo] = config
     return _LOOKUPS[memo]
@@ -253,7 +140,7 @@ def config_for(kernel: Kernel, binding: Binding, args: dict[str, Any], device, a
 def usable(kernel: Kernel, args: dict[str, Any], config: Config, arch: str = "sm_90a") -> bool:
     """Whether the code generator still lowers ``config`` for these arguments on ``arch`` (a cached
     config may come from an older version of it, or name a block size the program no longer has)."""
-    from .launch import kernel_source
+    from .specialise import kernel_source
 
     try:
         binding = kernel.bind({**args, **dict(config.consts)})

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from tilemix.codegen.schedule import call_consts
 from tilemix.tiles import Kernel
 
 from .runtime import check_call, fake_run, run_kernel
@@ -23,17 +24,20 @@ def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: 
             run: Callable[..., dict] | None = None):
     """Register ``tilemix::name`` (or ``name`` when it names its namespace, ``"lib::op"``) with
     ``schema`` running ``kernel`` (through ``run(args, labels, final_states)`` when given: a
-    ``SegmentedScan`` of it, say)."""
+    ``SegmentedScan`` of it, say), with the Const values its module declares for the arguments'
+    shapes (``schedule.declare``)."""
+
+    def program_call(*args):
+        program_args, labels, final = to_args(*args)
+        return {**program_args, **call_consts(kernel, program_args)}, labels, final
 
     def real(*args):
-        program_args, labels, final = to_args(*args)
         if run is not None:
-            return to_result(run(program_args, labels, final))
-        return to_result(run_kernel(kernel, program_args, labels, final))
+            return to_result(run(*program_call(*args)))
+        return to_result(run_kernel(kernel, *program_call(*args)))
 
     def fake(*args):
-        program_args, labels, final = to_args(*args)
-        return to_result(fake_run(kernel, program_args, labels, final))
+        return to_result(fake_run(kernel, *program_call(*args)))
 
     qualified = _qualified(name)
     namespace, _, short = qualified.partition("::")

@@ -15,56 +15,26 @@ sequence can be cut into S segments that run in parallel, in two passes of tile 
 Segments are views: ``[B, T, ...]`` is reshaped to ``[B·S, T/S, ...]``, so T must be a
 multiple of ``64·S``; otherwise the scan runs sequentially. Pass 1 reads k and v (x, dt, B)
 once more, and the states make three extra trips through HBM, so segments pay only where the
-sequential scan would leave SMs idle.
+sequential scan would leave SMs idle: how many a call runs is ``codegen/schedule.py``'s choice.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tilemix.codegen import launch
+from tilemix.codegen.env import read
+from tilemix.codegen.schedule import MIN_LENGTH, SCAN_CHUNK, scan_segments
 from tilemix.codegen.tune import tuned_segments
 from tilemix.tiles import Kernel
 
 from .runtime import call_signature, check_hopper_dims, device_arch, recall, remember, run_kernel
 
-__all__ = ["SegmentedScan", "segment_count"]
-
-CHUNK = 64  # the scans' chunk: a segment holds whole chunks
-MIN_SEGMENT = 1024  # shorter segments spend more on states than they gain in parallelism
-MIN_TUNED_SEGMENT = 256  # the shortest segments the tuner tries
-MAX_SEGMENTS = 64
-MIN_LENGTH = 16384  # below this the sequential scan won at every measured B·H (bench/NOTES.md)
-TARGET_CTAS_PER_SM = 1.5
-
-
-def segment_count(T: int, programs: int, sms: int, min_length: int = MIN_LENGTH) -> int:
-    """How many segments a sequence of length ``T`` is cut into when the sequential scan runs
-    ``programs`` CTAs on ``sms`` SMs; 1 means the sequential scan. Segments pay when fewer than
-    half the SMs would have a CTA and the sequence is at least ``min_length`` long; then the
-    fewest (a power of two) that give 1.5 CTAs per SM, no shorter than MIN_SEGMENT and dividing T
-    into whole chunks: segments pay on an idle GPU and lose on a full one, where their second pass
-    over the inputs costs more than the idle SMs (bench/NOTES.md, "Sequence segments").
-    ``$TILEMIX_SEGMENTS`` forces a count (where T allows it)."""
-    forced = os.environ.get("TILEMIX_SEGMENTS")
-    if forced:
-        if not forced.isdigit() or int(forced) < 1:
-            raise ValueError(f"TILEMIX_SEGMENTS must be a positive integer, got {forced!r}")
-        return int(forced) if T % (CHUNK * int(forced)) == 0 else 1
-    segments = 1
-    if T < min_length or 2 * programs >= sms:
-        return segments
-    while (programs * segments < TARGET_CTAS_PER_SM * sms and T // (2 * segments) >= MIN_SEGMENT
-           and T % (CHUNK * 2 * segments) == 0):
-        segments *= 2
-    return segments
-
+__all__ = ["SegmentedScan"]
 
 @dataclass(frozen=True)
 class SegmentedScan:
@@ -75,7 +45,7 @@ class SegmentedScan:
     ``[B, S, H]`` log (None: the state is a plain sum, as in linear attention). ``reverse``: the
     scan walks its chunks last to first (a state's gradient, as in the SSD backward), so the state
     enters each segment from the next one and the final state is the first segment's.
-    ``min_length``: the shortest sequence ``segment_count`` cuts (a scan with much work per chunk
+    ``min_length``: the shortest sequence ``schedule.segment_count`` cuts (a scan with much work per chunk
     gains from segments on shorter sequences than one with little)."""
 
     kernel: Kernel
@@ -87,16 +57,15 @@ class SegmentedScan:
 
     def __call__(self, args: dict[str, Any], labels: dict[str, str] | None = None,
                  final_states: tuple[str, ...] | None = None, segments: int | None = None) -> dict[str, torch.Tensor]:
-        """``run_kernel(self.kernel, ...)``, in ``segments`` segments (default: ``segment_count`` on
-        a GPU, 1 on the CPU)."""
+        """``run_kernel(self.kernel, ...)``, in ``segments`` segments (default: ``default_segments``)."""
         if segments is None:
             segments = self.default_segments(args, labels)
         if segments == 1:
             return run_kernel(self.kernel, args, labels, final_states)
         binding = self.kernel.bind(args, labels)
         B, T = binding.sizes["B"], binding.sizes["T"]
-        if T % (CHUNK * segments):
-            raise ValueError(f"{segments} segments need T to be a multiple of {CHUNK * segments}, got T={T}")
+        if T % (SCAN_CHUNK * segments):
+            raise ValueError(f"{segments} segments need T to be a multiple of {SCAN_CHUNK * segments}, got T={T}")
         split = {p.name: _split(args[p.name], segments) for p in binding.params
                  if p.present and p.spec.kind in ("seq", "group_seq") and not p.spec.output}
         inputs = {name: split.get(name, value) for name, value in args.items()
@@ -116,18 +85,12 @@ class SegmentedScan:
             result[self.state] = final
         return result
 
-    def segment_choices(self, T: int) -> list[int]:
-        """The segment counts the tuner tries: powers of two up to MAX_SEGMENTS that cut T into
-        whole chunks, segments no shorter than MIN_TUNED_SEGMENT (1 included)."""
-        return [s for s in (2 ** i for i in range(MAX_SEGMENTS.bit_length()))
-                if T % (CHUNK * s) == 0 and (s == 1 or T // s >= MIN_TUNED_SEGMENT)]
-
     def default_segments(self, args: dict[str, Any], labels: dict[str, str] | None = None,
                          tuned: bool = True) -> int:
         """The segment count a call runs: 1 on the CPU, else a tuned count for the shape (``tilemix
-        tune``) when ``tuned`` and one is cached, else ``segment_count``; remembered per call
+        tune``) when ``tuned`` and one is cached, else ``schedule.scan_segments``; remembered per call
         signature."""
-        signature = call_signature(self.kernel, args, "segments", tuned, os.environ.get("TILEMIX_SEGMENTS"))
+        signature = call_signature(self.kernel, args, "segments", tuned, read("TILEMIX_SEGMENTS"))
         if signature is None:  # CPU tensors
             return 1
         count = recall(signature)
@@ -143,13 +106,11 @@ class SegmentedScan:
         check_hopper_dims(binding, labels or {})  # a clear error before the schedule lowers anything
         device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device.index
         arch = device_arch(device)
-        if tuned and not os.environ.get("TILEMIX_SEGMENTS"):
+        if tuned and not read("TILEMIX_SEGMENTS"):
             count = tuned_segments(self, binding, device, arch)
-            if count is not None and binding.sizes["T"] % (CHUNK * count) == 0:
+            if count is not None and binding.sizes["T"] % (SCAN_CHUNK * count) == 0:
                 return count
-        programs = binding.sizes["B"] * binding.sizes["H"] * launch.column_blocks(
-            launch.launch_schedule(self.kernel, binding, device, arch).split, binding.static)
-        return segment_count(binding.sizes["T"], programs, launch.sm_count(device), self.min_length)
+        return scan_segments(self.kernel, binding, device, arch, self.min_length)
 
 
 def _split(t: torch.Tensor, segments: int) -> torch.Tensor:

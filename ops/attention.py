@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tilemix.codegen.schedule import declare
 from tilemix.tiles import (
     Const,
     Out,
@@ -123,28 +124,29 @@ def attention_bwd_dkdv(q: Seq["D"], k: Seq["D"], v: Seq["V"], do: Seq["V"], lse:
         dv[j] = dvj
 
 
-def key_chunk(q, v) -> dict:
+def key_chunk(args: dict) -> dict:
     """The forward programs' key chunk for these q and v (tensors or TensorSpecs): their default (128
     keys; 64 on the generic target forced on a Hopper) up to head dim 128; 64 beyond, where two ring
     stages of 128-key k and v chunks and two query blocks do not fit shared memory: at D = 256 128-key
     chunks run one consumer warpgroup on a one-stage ring, 64-key chunks two on two stages, about twice
-    as fast (bench/NOTES.md). ``ops.examples`` passes it too,
-    so ``tilemix tune`` tunes (and caches under) the arguments the op runs with."""
-    return {} if max(q.shape[-1], v.shape[-1]) <= 128 else dict(chunk=64)
+    as fast (bench/NOTES.md). Declared below; the ops and ``ops.examples`` (what ``tilemix tune``
+    tunes, and caches under) apply it through ``schedule.call_consts``."""
+    return {} if max(args["q"].shape[-1], args["v"].shape[-1]) <= 128 else dict(chunk=64)
 
+
+declare(attention_fwd, attention_fwd_lse, consts=key_chunk)
 
 attention_op = tile_op("attention", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor",
                        attention_fwd,
-                       lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal,
-                                                            **key_chunk(q, v)), {}, None),
+                       lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal), {}, None),
                        lambda out: out["o"])
 
 # the training forward: also returns the rows' log-sum-exp [B, T, H] (float32), saved for the backward
 attention_lse_op = tile_op("attention_lse",
                            "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
                            attention_fwd_lse,
-                           lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal,
-                                                                **key_chunk(q, v)), {}, None),
+                           lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal),
+                                                           {}, None),
                            lambda out: (out["o"], out["lse"]))
 
 

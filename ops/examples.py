@@ -3,10 +3,10 @@ CI compiles), without any data."""
 
 from __future__ import annotations
 
+from tilemix.codegen.schedule import call_consts
 from tilemix.tiles import TensorSpec
 
 from . import PROGRAMS
-from .attention import key_chunk
 
 __all__ = ["example_specs", "example_inputs", "kernel_specs", "kernel_inputs"]
 
@@ -23,8 +23,14 @@ def example_specs(op: str, dtype: str = "bfloat16", B: int = 2, T: int = 4096, H
     if op in ("attention", "linear_attention"):
         args["scale"] = args["q"].shape[-1] ** -0.5
     if op == "attention":
-        args.update(is_causal=True, **key_chunk(args["q"], args["v"]))
-    return args
+        args["is_causal"] = True
+    return _declared(op, args)
+
+
+def _declared(op: str, args: dict) -> dict:
+    """``args`` with the Const values ``op``'s program declares for their shapes (attention's key
+    chunk), as the op adds them: ``tilemix tune`` then tunes, and caches under, what the op runs."""
+    return {**args, **call_consts(PROGRAMS[op], args)}
 
 
 def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: int = 8, T: int = 4096,
@@ -43,7 +49,7 @@ def example_inputs(op: str, device: str = "cuda", dtype: str = "bfloat16", B: in
         return dict(a=randn(4096, 4096), b=randn(4096, 4096))
     if op == "attention":
         q, k, v = randn(B, T, H, D), randn(B, T, H, D), randn(B, T, H, D)
-        return dict(q=q, k=k, v=v, scale=D ** -0.5, is_causal=True, **key_chunk(q, v))
+        return _declared(op, dict(q=q, k=k, v=v, scale=D ** -0.5, is_causal=True))
     if op == "linear_attention":
         return dict(q=randn(B, T, H, D), k=randn(B, T, H, D), v=randn(B, T, H, D), scale=D ** -0.5)
     if op == "ssd":

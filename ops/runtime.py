@@ -9,7 +9,6 @@ import contextlib
 import contextvars
 import functools
 import numbers
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,9 @@ import torch
 
 from tilemix.codegen import launch
 from tilemix.codegen import tune as search
+from tilemix.codegen.env import read
+from tilemix.codegen.schedule import sm_count
+from tilemix.codegen.structure import PANEL
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
 
@@ -87,10 +89,8 @@ def check_call(op: str, differentiable: bool = False, *, target: str | None = No
         if target.lower() != "auto" and first is not None and first.device.type == "cpu":
             raise ValueError(f"target: {target!r} picks the GPU kernels, but the tensors are on the CPU, which "
                              "always runs the interpreter; leave target unset (or 'auto') or move the tensors to a GPU")
-    if not differentiable and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors.values()):
-        raise NotImplementedError(f"tilemix.{op}: gradients are not implemented yet; "
-                                  "call it under torch.no_grad() or on tensors that do not require grad")
+    if not differentiable:
+        _refuse_gradients(op, tensors.values())
 
 
 def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
@@ -201,12 +201,12 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     signature = call_signature(kernel, args, final_states, schedule)
     prepared = recall(signature)
     if prepared is not None:
-        _refuse_gradients(kernel, args.values())
+        _refuse_gradients(kernel.name, args.values())
         return prepared(args)
     labels = labels or {}
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     device = check_devices(tensors, labels)
-    _refuse_gradients(kernel, tensors.values())
+    _refuse_gradients(kernel.name, tensors.values())
     binding = kernel.bind(args, labels)
     if 0 in (binding.sizes.get("B", 1), binding.sizes.get("H", 1)):
         # no program instance at all (B = 0 or H = 0): every output and state is empty
@@ -250,8 +250,6 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     return out
 
 
-HOPPER_PANEL = 64  # both GPU targets move feature dims in 64-column (128-byte) swizzled panels
-
 
 def check_hopper_dims(binding, labels: dict[str, str]) -> None:
     """Dtypes and feature dims the GPU kernels (sm_90a and generic: the same panels and 16-byte rows)
@@ -271,9 +269,9 @@ def check_hopper_dims(binding, labels: dict[str, str]) -> None:
             continue
         for dim in p.spec.static_dims:
             size = binding.sizes[dim]
-            if size % HOPPER_PANEL:
+            if size % PANEL:  # both GPU targets move feature dims in 64-column (128-byte) swizzled panels
                 raise ValueError(f"{labels.get(p.name, p.name)}: its {dim} dim is {size}; the GPU kernels take "
-                                 f"multiples of {HOPPER_PANEL} (CPU tensors run any size through the interpreter)")
+                                 f"multiples of {PANEL} (CPU tensors run any size through the interpreter)")
 
 
 @functools.cache
@@ -326,7 +324,7 @@ def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
     8.x → the exact "sm_8x" (generic mma.sync target). ``target`` (or $TILEMIX_TARGET when it is None)
     forces a backend: "generic" on 9.0 gives "sm_90" (mma.sync code on a Hopper), "hopper" needs 9.0.
     Anything else is a ValueError saying what the device is and what is supported."""
-    target = (target or os.environ.get("TILEMIX_TARGET") or "auto").lower()
+    target = (target or read("TILEMIX_TARGET") or "auto").lower()
     if target not in TARGET_CHOICES:
         raise ValueError(f"target {target!r} is not one of {TARGET_CHOICES} (argument target= or $TILEMIX_TARGET)")
     major, minor = capability
@@ -352,7 +350,7 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
     value is passed at launch), the target, the environment knobs, the SM count, and ``extra``.
     None when a tensor is not on a CUDA device (nothing is remembered for the interpreter) or an
     argument is of a kind no call accepts."""
-    parts = [kernel, _TARGET.get(), *map(os.environ.get, _ENV_KNOBS), *extra]
+    parts = [kernel, _TARGET.get(), *map(read, _ENV_KNOBS), *extra]
     device = None
     for name, value in args.items():
         if isinstance(value, torch.Tensor):
@@ -368,7 +366,7 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
             return None
     if device is None:
         return None
-    parts.append(launch.sm_count(device.index))  # the launch schedule depends on it
+    parts.append(sm_count(device.index))  # the launch schedule depends on it
     return tuple(parts)
 
 
@@ -391,9 +389,11 @@ def forget_calls() -> None:
     _BY_SIGNATURE.clear()
 
 
-def _refuse_gradients(kernel: Kernel, values) -> None:
+def _refuse_gradients(op: str, values) -> None:
+    """A NotImplementedError where a gradient is asked of ``op`` (an op or program name), which has
+    no backward."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in values):
-        raise NotImplementedError(f"tilemix.{kernel.name}: gradients are not implemented yet; "
+        raise NotImplementedError(f"tilemix.{op}: gradients are not implemented yet; "
                                   "call it under torch.no_grad() or on tensors that do not require grad")
 
 
@@ -432,7 +432,7 @@ def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str
     launch into freshly allocated outputs."""
     prepared = launch.prepare_launch(kernel, binding, {**args, **extra}, schedule, arch, device.index)
     return _Prepared(extra, _output_specs(binding, args, final_states), prepared, device,
-                     bool(os.environ.get("TILEMIX_POISON")))
+                     bool(read("TILEMIX_POISON")))
 
 
 def _output_dtype(param, like: torch.dtype) -> torch.dtype:

@@ -35,7 +35,7 @@ of each group (one read of H/G times the group tensors: cheap next to the progra
 Column blocks: the code generator's column split cannot cut these programs (du contracts N, dB
 contracts P and the decay terms reduce both), but every output is either per column of P (dx, the
 states) or a sum over P (dB, dC, x·du, the decay terms, alpha, beta), so both programs run on
-64-wide blocks of P (``_split_width``) and torch adds the partial sums: each block is a head of its
+64-wide blocks of P (the ``HeadSplit`` declared below) and torch adds the partial sums: each block is a head of its
 own (``[B, T, H, P]`` viewed as ``[B, T, H·P/64, 64]``; head h's block j in h's group), one launch per
 program, and each program instance holds an N x 64 state, like the forward's column split.
 
@@ -45,10 +45,9 @@ combined over the later segments (``SegmentedScan(reverse=True)``)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from tilemix.codegen.schedule import HeadSplit, declare, head_split_width
 from tilemix.tiles import (
     GroupSeq,
     Head,
@@ -129,6 +128,10 @@ def ssd_bwd_dx(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSe
         g = g * exp(colsum(log_decay)) + cc.T @ (dyc * from_start)
 
 
+# on column blocks of P (their partial sums over P added in torch; on a GPU the state then fits the
+# registers, as the forward's column split); $TILEMIX_SSD_BWD_SPLIT sets the width, 0 for none
+declare(ssd_bwd_dc, ssd_bwd_dx, head_split=HeadSplit("P", env="TILEMIX_SSD_BWD_SPLIT"))
+
 # each in sequence segments where the heads leave the GPU idle (long sequences, few heads), as the forward,
 # but from T = 8192: these programs do about four times the forward's work per chunk, so segments pay
 # at lengths where the forward's scans gain nothing (bench/NOTES.md, "Sequence segments")
@@ -172,19 +175,6 @@ def _repeat_each(t: torch.Tensor, times: int, dim: int) -> torch.Tensor:
     return t.unsqueeze(dim + 1).expand(*t.shape[:dim + 1], times, *t.shape[dim + 1:]).flatten(dim, dim + 1)
 
 
-SPLIT_WIDTH = 64
-
-
-def _split_width(x: torch.Tensor) -> int:
-    """The programs run on column blocks of P this wide (their partial sums over P added in torch):
-    on a GPU 64 where P is a larger multiple of 64 (the state then fits the registers, as the forward's
-    column split), else all of P. ``$TILEMIX_SSD_BWD_SPLIT`` sets the width (0: no split)."""
-    P = x.shape[3]
-    forced = os.environ.get("TILEMIX_SSD_BWD_SPLIT")
-    width = int(forced) if forced else (SPLIT_WIDTH if x.device.type == "cuda" else 0)
-    return width if 0 < width < P and P % width == 0 else P
-
-
 def _setup(ctx, inputs, output):
     x, dt, A, B, C, D, initial_state, _ = inputs
     ctx.target = current_target()  # the backward programs run on the forward's target
@@ -208,7 +198,7 @@ def _backward(ctx, dy, dstate):
             dinit = final_grad.clone() if final_grad is not None and T == 0 else torch.zeros_like(initial_state)
         return (*zeros, dinit, None)
     P, N = x.shape[3], B.shape[3]
-    width = _split_width(x)
+    width = head_split_width(ssd_bwd_dx, {"P": P}, x.device.type == "cuda")
     blocks = P // width  # P's column blocks run as heads of their own: head h's block j is head h·blocks + j
     heads = H * blocks
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from tilemix.codegen.compile import CompileError, compile_cuda, resources
-from tilemix.codegen.launch import kernel_source, launch_schedule
-from tilemix.codegen.schedule import Schedule
-from tilemix.codegen.tune import Config, SegmentsResult, cache_key, store_segments
+from tilemix.codegen.schedule import Config, Schedule, launch_schedule, segment_choices
+from tilemix.codegen.specialise import kernel_source
+from tilemix.codegen.tune import SegmentsResult, cache_key, store_segments
 from tilemix.reference.tolerance import bound, rel_err
 from tilemix.tiles import Kernel
 from tilemix.tiles.errors import TileError
@@ -116,7 +116,7 @@ def search_segments(scan, args: dict[str, Any], arch: str, timer: Callable[[Call
     result = SegmentsResult(best=default, default=default)
     sequential = scan(args, final_states=None, segments=1)
     limit = bound(_TORCH_NAMES.get(binding.compute_dtype, "float32"))  # float64 (CPU tests): float32's
-    for count in scan.segment_choices(binding.sizes["T"]):
+    for count in segment_choices(binding.sizes["T"]):
         errors = {} if count == 1 else {  # the sequential scan is the reference itself
             name: rel_err(out.double().cpu(), sequential[name].double().cpu())
             for name, out in scan(args, final_states=None, segments=count).items()}

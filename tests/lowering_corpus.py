@@ -56,7 +56,8 @@ def fingerprint(source) -> str:
 
 
 def lowered(kernel: Kernel, size: int, arch: str, variant: dict) -> str:
-    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
     from tilemix.ops.examples import kernel_specs
 
     args = kernel_specs(kernel, size=size)

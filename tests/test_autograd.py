@@ -31,10 +31,10 @@ def test_gemm_grad_of_one_input_only():
 def test_backward_programs_lower_to_wgmma(program):
     pytest.importorskip("cuda.bindings")
     from tilemix.codegen.compile import compile_cuda, sass
-    from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import default_source
 
     specs = example_specs("gemm")
-    source = hopper_source(program, program.bind(specs))
+    source = default_source(program, program.bind(specs))
     assert "HGMMA" in sass(compile_cuda(source.source, "sm_90a", source.name))
 
 
@@ -142,7 +142,8 @@ def test_linear_attention_backward_programs_lower(head_dims):
     import importlib
 
     from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass
-    from tilemix.codegen.launch import default_schedule, hopper_source
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import hopper_source
     from tilemix.tiles import TensorSpec
 
     la = importlib.import_module("tilemix.ops.linear_attention")
@@ -172,10 +173,10 @@ def test_gpu_linear_attention_gradients(T, H, D, paired, monkeypatch):
     """Gradients against float64 autograd. ``paired``: at D = 64 the forward and backward programs are
     one-consumer scans; with the SM count lowered they all run two heads per CTA, as they do where
     the heads fill the GPU. D = 256: the states split into column blocks."""
-    from tilemix.codegen import launch
+    from tilemix.codegen import schedule
 
     if paired:
-        monkeypatch.setattr(launch, "sm_count", lambda device: 2)
+        monkeypatch.setattr(schedule, "sm_count", lambda device: 2)
     monkeypatch.setenv("TILEMIX_POISON", "1")
     g = torch.Generator().manual_seed(T + paired)
     q, k, v, do = (torch.randn(2, T, H, D, generator=g).bfloat16() for _ in range(4))
@@ -284,13 +285,13 @@ def test_attention_interpreter_bf16_gradients():
 
 
 def _attention_backward_sources(causal):
-    from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import default_source
     from tilemix.ops.attention import attention_bwd_dkdv, attention_bwd_dq, attention_fwd_lse
     from tilemix.tiles import TensorSpec
 
     seq, vec = TensorSpec((2, 4096, 16, 128), "bfloat16"), TensorSpec((2, 4096, 16), "float32")
     args = dict(q=seq, k=seq, v=seq, do=seq, lse=vec, scale=0.1, is_causal=causal)
-    return [hopper_source(kernel, kernel.bind(a)) for kernel, a in (
+    return [default_source(kernel, kernel.bind(a)) for kernel, a in (
         (attention_fwd_lse, dict(q=seq, k=seq, v=seq, scale=0.1, is_causal=causal)),
         (attention_bwd_dq, dict(args, o=seq)),
         (attention_bwd_dkdv, dict(args, delta=vec)))]

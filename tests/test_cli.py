@@ -269,13 +269,13 @@ def test_bench_checks_names_before_the_gpu(capsys):
 def test_show_ir_reports_what_the_lowering_rejects(capsys, monkeypatch):
     """For a GPU arch, ``show --ir`` prints the verified IR and then lowers it as a launch does, so a program
     that verifies but does not lower gets the error, naming its line, that ``show`` and a run give."""
-    from tilemix.codegen import launch
+    from tilemix.codegen import specialise
     from tilemix.tiles import TileError
 
     def reject(kernel, binding, schedule, arch):
         raise TileError(f"{arch} code generator: this is not lowered", kernel.loc)
 
-    monkeypatch.setattr(launch, "kernel_source", reject)
+    monkeypatch.setattr(specialise, "kernel_source", reject)
     for flags in ([], ["--ir"], ["--ir", "--arch", "sm_80"]):
         assert main(["show", "linear_attention", *flags]) == 2
         err = capsys.readouterr().err

@@ -215,10 +215,10 @@ def test_sm90a_wgmma_serialisation_is_known(name):
     register split (no C7508, "setmaxnreg ignored": the consumers would be held to the entry count)."""
     pytest.importorskip("cuda.bindings")
     from tilemix.codegen.compile import ptxas_report
-    from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import default_source
 
     program, specs = PROGRAMS[name]
-    source = hopper_source(program, program.bind({**program.consts_for("sm_90a", specs), **specs}))
+    source = default_source(program, program.bind({**program.consts_for("sm_90a", specs), **specs}))
     report = ptxas_report(source.source, "sm_90a", source.name)
     assert "Used" in report and "C7515" not in report and "C7508" not in report, report
     if name in SERIALISED_SM90A:
@@ -237,20 +237,20 @@ def generic_builds():
     from concurrent.futures import ThreadPoolExecutor
 
     from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.launch import generic_source, hopper_source
+    from tilemix.codegen.schedule import default_source
     from tilemix.tiles import TileError
 
     sources = {}
     for name, (program, specs) in PROGRAMS.items():
         try:
-            hopper_source(program, program.bind({**program.consts_for("sm_90a", specs), **specs}))
+            default_source(program, program.bind({**program.consts_for("sm_90a", specs), **specs}))
         except TileError:  # not lowered for sm_90a either: nothing to match
             sources.update({(name, arch): None for arch in GENERIC_CI_ARCHS})
             continue
         for arch in GENERIC_CI_ARCHS:  # at the block shapes the program runs with there
             binding = program.bind({**program.consts_for(arch, specs), **specs})
             try:
-                sources[(name, arch)] = generic_source(program, binding, arch=arch)
+                sources[(name, arch)] = default_source(program, binding, arch)
             except TileError as e:  # reported by the test of that case
                 sources[(name, arch)] = e
 
@@ -303,8 +303,8 @@ def test_program_has_no_local_memory(name, arch, generic_builds):
 def test_ring_is_refilled_after_the_math_when_three_stages_deep():
     """With three stages or more, chunk c + stages - 1 is loaded at the end of iteration c (the
     copies issue while the tensor pipe drains); with two, at its start, the only lead it can get."""
-    from tilemix.codegen.launch import generic_source
     from tilemix.codegen.schedule import Schedule
+    from tilemix.codegen.specialise import generic_source
     from tilemix.ops import gemm_fwd
     from tilemix.tiles import TensorSpec
 
@@ -324,8 +324,9 @@ def test_staging_buffers_are_reused_only_where_a_program_does_not_fit():
     from dataclasses import replace
 
     from tilemix.codegen.generic import lower_generic
-    from tilemix.codegen.launch import default_schedule, generic_source
-    from tilemix.codegen.schedule import SMEM_LIMITS
+    from tilemix.codegen.knobs import SMEM_LIMITS
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import generic_source
     from tilemix.ops.ssd_backward import ssd_bwd_dx
     from tilemix.tiles import TensorSpec
     from tilemix.tiles.errors import ResourceError
@@ -364,7 +365,8 @@ def test_shared_staging_keeps_a_tile_staged_before_the_loop():
     would read the other tile)."""
     from dataclasses import replace
 
-    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
     from tilemix.tiles import Out, Seq, TensorSpec, blocks, chunks, kernel
 
     @kernel
@@ -404,7 +406,8 @@ def test_absorbed_matmul_reads_its_operands_at_its_add():
     after ``u * 3``; that product must not overwrite u's registers as u's last reader."""
     import re
 
-    from tilemix.codegen.launch import default_schedule, kernel_source
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
     from tilemix.tiles import TensorSpec
 
     absorbed = _absorbed_kernel()
@@ -441,17 +444,17 @@ def test_schedules_fit_each_arch():
     """The default schedule is fitted to the arch's shared memory: two groups and a ring on sm_80,
     one stage where 99 KiB is all there is (sm_86/89)."""
     from tilemix import ops
-    from tilemix.codegen.launch import generic_source
-    from tilemix.codegen.schedule import SMEM_LIMITS
+    from tilemix.codegen.knobs import SMEM_LIMITS
+    from tilemix.codegen.schedule import default_schedule, default_source
     from tilemix.ops.examples import example_specs
 
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention"))
     for arch, limit in SMEM_LIMITS.items():
-        source = generic_source(program, binding, arch=arch)
+        source = default_source(program, binding, arch)
         assert source.smem_bytes <= limit, arch
-    assert generic_source(program, binding, arch="sm_80").schedule.consumers == 2
-    assert generic_source(program, binding, arch="sm_86").schedule.stages == 1
+    assert default_schedule(program, binding, "sm_80").consumers == 2
+    assert default_schedule(program, binding, "sm_86").stages == 1
 
 
 def test_arch_block_shapes_yield_where_they_do_not_fit():
@@ -475,7 +478,8 @@ def test_ring_waits_and_barriers():
     from dataclasses import replace
 
     from tilemix import ops
-    from tilemix.codegen.launch import default_schedule, generic_source
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import generic_source
     from tilemix.ops.examples import example_specs
 
     program = ops.PROGRAMS["gemm"]
@@ -615,11 +619,11 @@ def test_shared_operand_probes_lower_to_both_layouts():
     """The two probes above reach matmul_sync_ss with (TA, TB) = (false, false) and (true, true)."""
     import torch
 
-    from tilemix.codegen.launch import generic_source
+    from tilemix.codegen.schedule import default_source
 
     q = torch.zeros(1, 100, 2, 64, dtype=torch.bfloat16)
     for probe, flags in ((shared_nn, "<true, false, false, false,"), (shared_tt, "<true, true, true, false,")):
-        source = generic_source(probe, probe.bind(dict(q=q, k=q, v=q)), arch="sm_80").source
+        source = default_source(probe, probe.bind(dict(q=q, k=q, v=q)), "sm_80").source
         assert f"tm::matmul_sync_ss{flags}" in source, probe.name
 
 

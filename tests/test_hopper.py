@@ -23,7 +23,8 @@ from tilemix.reference.tolerance import MAX_CONDITION, bound, rel_err
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
 from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass  # noqa: E402
-from tilemix.codegen.launch import hopper_source  # noqa: E402
+from tilemix.codegen.schedule import default_source  # noqa: E402
+from tilemix.codegen.specialise import hopper_source  # noqa: E402
 
 LOWERED = ["gemm", "attention", "linear_attention", "ssd"]
 SPILLING: dict[str, str] = {}  # known register spills (op -> why), tracked until the lowering fixes them
@@ -31,7 +32,7 @@ SPILLING: dict[str, str] = {}  # known register spills (op -> why), tracked unti
 
 def _compile(op: str):
     program = ops.PROGRAMS[op]
-    source = hopper_source(program, program.bind(example_specs(op)))
+    source = default_source(program, program.bind(example_specs(op)))
     return compile_cuda(source.source, "sm_90a", source.name)
 
 
@@ -45,7 +46,7 @@ def test_wgmma_not_serialised(op):
     """ptxas serialises every wgmma of a kernel (remark C7515) when other instructions write an
     accumulator while its wgmma may be in flight: the asynchronous lowering must never cause that."""
     program = ops.PROGRAMS[op]
-    source = hopper_source(program, program.bind(example_specs(op)))
+    source = default_source(program, program.bind(example_specs(op)))
     report = ptxas_report(source.source, "sm_90a", source.name)
     assert "Used" in report and "C7515" not in report, report
 
@@ -189,7 +190,8 @@ def test_gpu_gemm(M, N, K, dtype, monkeypatch):
 ])
 def test_default_schedule_of_scans_has_the_deepest_ring_that_fits(op, D, arch, stages):
     """Scans get as many ring stages as shared memory holds, up to MAX_STAGES, on sm_90a."""
-    from tilemix.codegen.launch import MAX_STAGES, default_schedule, kernel_source
+    from tilemix.codegen.schedule import MAX_STAGES, default_schedule
+    from tilemix.codegen.specialise import kernel_source
 
     program = ops.PROGRAMS[op]
     binding = program.bind(example_specs(op, D=D))
@@ -202,24 +204,24 @@ def test_default_schedule_of_scans_has_the_deepest_ring_that_fits(op, D, arch, s
 def test_launch_schedule_fills_the_gpu(B, H, consumers, monkeypatch):
     """Scans whose two-consumer CTAs would fill less than half of a 132-SM GPU get one consumer per
     CTA (twice the CTAs)."""
-    from tilemix.codegen import launch
+    from tilemix.codegen.schedule import launch_schedule
 
-    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: 132)
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", B=B, H=H))
-    assert launch.launch_schedule(program, binding, 0).consumers == consumers
+    assert launch_schedule(program, binding, 0).consumers == consumers
 
 
 @pytest.mark.parametrize("B, sms, paired", [(32, 132, True), (8, 132, False)])
 def test_launch_schedule_pairs_heads_of_one_consumer_scans(B, sms, paired, monkeypatch):
     """A one-consumer scan (linear attention at D = 64: no column split) runs two heads per CTA where
     its B·H heads are at least as many as the SMs (the pairs keep over half of them busy)."""
-    from tilemix.codegen import launch
+    from tilemix.codegen.schedule import launch_schedule
 
-    monkeypatch.setattr(launch, "sm_count", lambda device: sms)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: sms)
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", B=B, H=16, D=64))
-    schedule = launch.launch_schedule(program, binding, 0)
+    schedule = launch_schedule(program, binding, 0)
     assert (schedule.consumer_axis == "heads" and schedule.consumers == 2) == paired, schedule
 
 
@@ -228,25 +230,25 @@ def test_launch_schedule_deepens_the_ring_where_sms_idle(B, D, stages, monkeypat
     """A scan whose CTAs leave over half of a 132-SM GPU idle gets the deepest ring shared memory
     holds, up to IDLE_STAGES (64 CTAs of linear attention at D = 64: 6; D = 128, 16 one-consumer CTAs:
     the 5 that fit); with a CTA per SM it keeps MAX_STAGES."""
-    from tilemix.codegen import launch
+    from tilemix.codegen.schedule import launch_schedule
 
-    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: 132)
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", B=B, H=16 if D == 64 else 8, D=D))
-    schedule = launch.launch_schedule(program, binding, 0)
+    schedule = launch_schedule(program, binding, 0)
     assert schedule.stages == stages, schedule
-    launch.kernel_source(program, binding, schedule, "sm_90a")  # it fits
+    hopper_source(program, binding, schedule)  # it fits
 
 
 def test_paired_heads_scan_has_no_local_memory(monkeypatch):
     """Two heads per CTA take the three-warpgroup register split (168 registers a thread at launch):
     linear attention at D = 64, paired as on a full H100/H200, compiles without spills."""
-    from tilemix.codegen import launch
+    from tilemix.codegen.schedule import launch_schedule
 
-    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: 132)
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", B=32, T=1024, H=16, D=64))
-    schedule = launch.launch_schedule(program, binding, 0)
+    schedule = launch_schedule(program, binding, 0)
     assert schedule.consumer_axis == "heads"
     source = hopper_source(program, binding, schedule)
     usage = resources(compile_cuda(source.source, "sm_90a", source.name))
@@ -261,9 +263,7 @@ def test_gpu_scans_with_two_heads_per_cta(op, T, segments, initial_state, monkey
     """One-consumer scans (D = 64) with two heads per CTA, as they run where the heads fill the GPU
     (the SM count lowered here so that a small problem pairs), plain and in segments, against the
     float64 reference."""
-    from tilemix.codegen import launch
-
-    monkeypatch.setattr(launch, "sm_count", lambda device: 2)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: 2)
     monkeypatch.setenv("TILEMIX_POISON", "1")
     monkeypatch.setenv("TILEMIX_SEGMENTS", str(segments))
     args = _inputs(op, 2, T, 4, 64, torch.bfloat16, seed=T + segments, initial_state=initial_state)
@@ -291,11 +291,11 @@ def test_column_blocks_of_a_head_are_neighbouring_ctas():
     z they ran a wave apart and read q and k from HBM four times (H200, B=8 T=4096 H=16: 0.630 ->
     0.456 ms)."""
     program = ops.PROGRAMS["linear_attention"]
-    source = hopper_source(program, program.bind(example_specs("linear_attention", D=256)))
+    source = default_source(program, program.bind(example_specs("linear_attention", D=256)))
     assert source.column_ctas == 4 and "blockIdx.z" not in source.source
     decode = source.source.index("colcta = rest % 4; rest /= 4;")
     assert decode < source.source.index("const int b = rest / H")
-    narrow = hopper_source(program, program.bind(example_specs("linear_attention", D=128)))
+    narrow = default_source(program, program.bind(example_specs("linear_attention", D=128)))
     assert narrow.column_ctas == 1  # two consumers take both blocks of a head
 
 
@@ -336,13 +336,13 @@ def test_one_stage_ring_releases_each_chunk_at_once():
     release to the next iteration (as deeper rings do for gemm) deadlocks producer and consumer."""
     from dataclasses import replace
 
-    from tilemix.codegen.launch import default_schedule
+    from tilemix.codegen.schedule import default_schedule
 
     program = ops.PROGRAMS["gemm"]
     binding = program.bind(example_specs("gemm"))
     source = hopper_source(program, binding, replace(default_schedule(program, binding), stages=1)).source
     assert "mbar_arrive(&empty[(c - 1)" not in source and "mbar_arrive(&empty[stage])" in source
-    deep = hopper_source(program, binding).source
+    deep = default_source(program, binding).source
     assert "mbar_arrive(&empty[(c - 1)" in deep
 
 
@@ -351,20 +351,18 @@ def test_per_token_vectors_ride_in_the_ring():
     lane arriving on the stage's barrier (initialised to expect them), and read from shared memory;
     a program without them keeps its one-thread producer. The generic target copies them with the
     chunk's tiles."""
-    from tilemix.codegen.launch import generic_source
-
     program = ops.PROGRAMS["ssd"]
     binding = program.bind(example_specs("ssd"))
-    src = hopper_source(program, binding).source
+    src = default_source(program, binding).source
     producer = src[src.index("setmaxnreg_dec"):src.index("setmaxnreg_inc")]
     assert "if (threadIdx.x < 32) {" in producer and "tm::load_col_async<64, 32>(" in producer
     assert "tm::cp_async_arrive(&full[stage]);" in producer and "tm::mbar_init(&full[s], 33);" in src
     consumer = src[src.index("setmaxnreg_inc"):]
     assert "tm::load_col_shared(" in consumer and "tm::load_col(" not in consumer
     la = ops.PROGRAMS["linear_attention"]
-    plain = hopper_source(la, la.bind(example_specs("linear_attention"))).source
+    plain = default_source(la, la.bind(example_specs("linear_attention"))).source
     assert "load_col" not in plain and "tm::mbar_init(&full[s], 1);" in plain and "if (threadIdx.x == 0) {" in plain
-    generic = generic_source(program, binding, arch="sm_90").source
+    generic = default_source(program, binding, "sm_90").source
     start = generic.index("auto load_chunk")
     assert "tm::load_col_async<64, " in generic[start:generic.index("};", start)]
     assert "tm::load_col_shared(" in generic and "tm::load_col(" not in generic
@@ -378,7 +376,7 @@ def test_transposes_and_reductions_exchange_through_separate_buffers():
     from test_generic import PROGRAMS
 
     program, specs = PROGRAMS["gla_fwd"]
-    src = hopper_source(program, program.bind(specs)).source
+    src = default_source(program, program.bind(specs)).source
     assert re.search(r"tm::transpose\(\w+, \w+, transposed, bar_id\);", src)
     assert re.search(r"tm::reduce_cols\([^;]*, scratch, bar_id\);", src)
     assert re.search(r"tm::cumsum_rows\([^;]*, scratch, bar_id\);", src)
@@ -390,7 +388,7 @@ def test_per_token_vectors_need_no_exchange():
     registers, no transpose through a buffer: two barriers fewer), and its total log decay from the
     prefix scan its cumsums read (no column reduction): no exchange buffer but the scan's."""
     program = ops.PROGRAMS["ssd"]
-    src = hopper_source(program, program.bind(example_specs("ssd"))).source
+    src = default_source(program, program.bind(example_specs("ssd"))).source
     view = re.search(r"const tm::shared_row<64> (\w+)\{\(const float\*\)\(smem \+ \d+ \+ stage \* \d+", src)
     assert view and re.search(rf"tm::map2\(.*, {view.group(1)}\);", src)  # read where it multiplies
     assert "tm::transpose(" not in src and "tm::reduce_cols(" not in src
@@ -402,11 +400,9 @@ def test_per_token_vectors_need_no_exchange():
 def test_elementwise_maps_read_loaded_tiles_in_place():
     """SSD's ``x[c] * (dt·decay)`` reads x's elements from the ring stage where it multiplies (a
     view of the swizzled tile, no 32-register copy live until x's last reader), on both targets."""
-    from tilemix.codegen.launch import generic_source
-
     program = ops.PROGRAMS["ssd"]
     binding = program.bind(example_specs("ssd"))
-    for src in (hopper_source(program, binding).source, generic_source(program, binding, arch="sm_80").source):
+    for src in (default_source(program, binding).source, default_source(program, binding, "sm_80").source):
         assert re.search(r"tm::map2\(\w+, .*, tm::shared_tile<true, 64, \d+>\{\(smem \+ stage \* stage_bytes", src)
         assert "tm::load_shared<" not in src
 
@@ -416,7 +412,7 @@ def test_elementwise_maps_read_loaded_tiles_in_place():
 def test_gpu_gemm_every_ring_depth(stages):
     from dataclasses import replace
 
-    from tilemix.codegen.launch import default_schedule
+    from tilemix.codegen.schedule import default_schedule
     from tilemix.ops.runtime import run_kernel
 
     g = torch.Generator().manual_seed(stages)

@@ -54,8 +54,6 @@ def test_capture_calls_records_what_a_backward_launches():
 def test_gpu_remembered_calls_prepare_once_per_signature(prepared, monkeypatch):
     """A repeated call prepares nothing; new scalars and new tensors of the same shape do not either,
     while a new shape, stride, dtype, schedule override or SM count prepares again."""
-    from tilemix.codegen import launch
-
     q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ops.linear_attention(q, k, v)
     assert prepared == ["linear_attention_fwd"]
@@ -70,7 +68,7 @@ def test_gpu_remembered_calls_prepare_once_per_signature(prepared, monkeypatch):
     monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:stages=1")
     ops.linear_attention(q, k, v)
     monkeypatch.delenv("TILEMIX_SCHEDULE")
-    monkeypatch.setattr(launch, "sm_count", lambda device: 2)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: 2)
     ops.linear_attention(q, k, v)
     assert prepared == ["linear_attention_fwd"] * 6
 

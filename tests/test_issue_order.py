@@ -13,9 +13,10 @@ from test_generic import PROGRAMS
 
 from tilemix.codegen.hopper import HopperLowering
 from tilemix.codegen.issue_order import OVERLAP_RESERVE, peak_registers, plan_issue, tile_registers, unit_reads
-from tilemix.codegen.launch import default_schedule, hopper_source
 from tilemix.codegen.liveness import Liveness
 from tilemix.codegen.lowering import plans
+from tilemix.codegen.schedule import default_schedule, default_source
+from tilemix.codegen.specialise import hopper_source
 from tilemix.codegen.structure import KernelPlan
 from tilemix.tiles import TensorSpec
 
@@ -88,7 +89,7 @@ def test_linear_attention_issues_its_matmuls_before_waiting():
     the chunk waits twice. In program order it waited three times, the state update issued last and
     waited for alone."""
     kernel, specs = PROGRAMS["linear_attention_fwd"]
-    loop = _chunk_loop(hopper_source(kernel, kernel.bind(specs)).source)
+    loop = _chunk_loop(default_source(kernel, kernel.bind(specs)).source)
     first_wait = loop.index("wgmma_wait")
     assert len(re.findall(r"tm::matmul_(?:rs|ss)<", loop[:first_wait])) == 3, loop
     assert loop[first_wait:].startswith("wgmma_wait<2>"), loop
@@ -100,7 +101,8 @@ def test_one_consumer_runs_the_state_update_through_the_store():
     output's wait leaves it running (``wgmma_wait<1>``) through the store, and the chunk's end waits for
     it: q·kᵀ and q·S, a wait for q·kᵀ, the masked product and the update, a wait for the output."""
     kernel, specs = PROGRAMS["linear_attention_fwd"]
-    loop = _chunk_loop(hopper_source(kernel, kernel.bind({n: _resized(s, {"D": 64}) for n, s in specs.items()})).source)
+    narrow = kernel.bind({n: _resized(s, {"D": 64}) for n, s in specs.items()})
+    loop = _chunk_loop(default_source(kernel, narrow).source)
     waits = re.findall(r"wgmma_wait<(\d)>", loop)
     assert waits == ["1", "1", "0"], loop
     issued = [loop.index(m) for m in re.findall(r"tm::matmul_(?:rs|ss)<[^;]*;", loop)]

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tilemix.ops._segments import MIN_LENGTH, segment_count
+from tilemix.codegen.schedule import MIN_LENGTH, segment_count
 from tilemix.ops.linear_attention import linear_attention_fwd, linear_attention_scan
 from tilemix.ops.runtime import run_kernel
 from tilemix.ops.ssd import ssd_fwd, ssd_scan
@@ -131,13 +131,13 @@ def test_segment_count_forced(monkeypatch):
 def test_states_programs_lower_to_wgmma_without_spills(op, D):
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
     from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass
-    from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import default_source
     from tilemix.ops.examples import example_specs
 
     scan = {"linear_attention": linear_attention_scan, "ssd": ssd_scan, "ssd_bwd_dx": ssd_bwd_dx_scan}[op]
     specs = example_specs("linear_attention" if op == "linear_attention" else "ssd", D=D)
     specs = {name: spec for name, spec in dict(specs, dy=specs.get("x")).items() if name in scan.states.specs}
-    source = hopper_source(scan.states, scan.states.bind(specs))
+    source = default_source(scan.states, scan.states.bind(specs))
     binary = compile_cuda(source.source, "sm_90a", source.name)
     text, usage = sass(binary), resources(binary)
     assert "HGMMA" in text and "LDL" not in text and "STL" not in text

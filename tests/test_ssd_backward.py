@@ -217,13 +217,13 @@ def test_mamba2_layer_trains():
 
 
 def _backward_sources(N, P):
-    from tilemix.codegen.launch import hopper_source
+    from tilemix.codegen.schedule import default_source
     from tilemix.ops.ssd_backward import ssd_bwd_dc, ssd_bwd_dx
     from tilemix.tiles import TensorSpec
 
     x, vec = TensorSpec((2, 4096, 16, P), "bfloat16"), TensorSpec((2, 4096, 16), "float32")
     head, bc = TensorSpec((16,), "float32"), TensorSpec((2, 4096, 2, N), "bfloat16")
-    return [hopper_source(kernel, kernel.bind(a)) for kernel, a in (
+    return [default_source(kernel, kernel.bind(a)) for kernel, a in (
         (ssd_bwd_dc, dict(x=x, dt=vec, A=head, B=bc, C=bc, dy=x)),
         (ssd_bwd_dx, dict(x=x, dt=vec, A=head, B=bc, C=bc, dy=x, D=head)))]
 
@@ -265,8 +265,8 @@ def test_ssd_backward_two_heads_per_cta_lowers(stages, share):
     buffers shared (218 KiB), and compile with wgmma and no wgmma serialisation (ptxas C7515)."""
     pytest.importorskip("cuda.bindings")
     from tilemix.codegen.compile import compile_cuda, ptxas_report, sass
-    from tilemix.codegen.launch import hopper_source
-    from tilemix.codegen.schedule import SMEM_LIMIT, Schedule
+    from tilemix.codegen.knobs import SMEM_LIMIT, Schedule
+    from tilemix.codegen.specialise import hopper_source
 
     for kernel, binding in _backward_bindings():
         source = hopper_source(kernel, binding, Schedule(**{**HEADS, "stages": stages, "share_staging": share}))
@@ -285,11 +285,11 @@ def test_ssd_backward_two_heads_per_cta_lowers(stages, share):
 def test_launch_schedule_pairs_heads_of_a_group(H, G, sms, arch, paired, monkeypatch):
     """One-consumer scans over grouped heads (SSD's backward programs) run two heads of a group per
     CTA by default where that is legal, fits, and keeps at least half the GPU busy."""
-    from tilemix.codegen import launch
+    from tilemix.codegen.schedule import launch_schedule
 
-    monkeypatch.setattr(launch, "sm_count", lambda device: sms)
+    monkeypatch.setattr("tilemix.codegen.schedule.sm_count", lambda device: sms)
     for kernel, binding in _backward_bindings(H=H, G=G):
-        schedule = launch.launch_schedule(kernel, binding, 0, arch)
+        schedule = launch_schedule(kernel, binding, 0, arch)
         assert (schedule.consumer_axis == "heads") == paired, (kernel.name, schedule)
         if paired:
             assert schedule.consumers == 2 and schedule.stages == 2 and schedule.share_staging
@@ -299,8 +299,8 @@ def test_ssd_backward_two_heads_share_group_tiles():
     """The producer loads B and C once per stage at the CTA's group, x and dy once per consumer at
     its own head; the grid runs B·H/2 CTAs (``hcta``) and each consumer's per-head values (dt, A,
     D, the states, the per-token outputs, the TMA stores) use its own ``h``."""
-    from tilemix.codegen.launch import hopper_source
     from tilemix.codegen.schedule import Schedule
+    from tilemix.codegen.specialise import hopper_source
 
     for kernel, binding in _backward_bindings():
         src = hopper_source(kernel, binding, Schedule(**HEADS)).source
@@ -329,8 +329,9 @@ def test_heads_schedule_refuses_what_it_cannot_map():
 
     from tilemix import ops as tm_ops
     from tilemix.codegen import tune
-    from tilemix.codegen.launch import generic_source, heads_per_cta, hopper_source, run_tiles
-    from tilemix.codegen.schedule import Schedule
+    from tilemix.codegen.launch import run_tiles
+    from tilemix.codegen.schedule import Schedule, heads_per_cta
+    from tilemix.codegen.specialise import generic_source, hopper_source
     from tilemix.ops.examples import example_specs
     from tilemix.tiles import TensorSpec, TileError
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tilemix import ops
-from tilemix.codegen import tune
+from tilemix.codegen import schedule, tune
 from tilemix.codegen.schedule import Schedule
 from tilemix.ops import runtime
 from tilemix.ops.examples import example_specs
@@ -169,7 +169,8 @@ def test_space_follows_the_schedule_fields(monkeypatch):
     class Wider(Schedule):
         wgmma_n: int = field(default=128, metadata={"choices": (64, 128, 256)})
 
-    monkeypatch.setattr(tune, "Schedule", Wider)
+    monkeypatch.setattr(schedule, "Schedule", Wider)  # the space and the describing
+    monkeypatch.setattr(tune, "Schedule", Wider)  # the cache
     default = Wider(stages=3, consumers=2, consumer_axis="blocks")
     space = tune.config_space(ops.gemm_fwd, _gemm_binding(), default)
     assert {c.schedule.wgmma_n for c in space} == {64, 128, 256}
@@ -276,7 +277,7 @@ def test_segment_counts_are_checked_timed_and_cached(monkeypatch):
     q, k, v = (torch.randn(1, 1024, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
     args = dict(q=q, k=k, v=v, scale=0.25, s=None)
     scan = ops.SEGMENTED["linear_attention"]
-    assert scan.segment_choices(1024) == [1, 2, 4]  # segments of at least 256 tokens
+    assert schedule.segment_choices(1024) == [1, 2, 4]  # segments of at least 256 tokens
     fake_ms = iter([3.0, 1.0, 2.0])
     result = runtime.tune_segments(scan, args, arch="sm_90a", timer=lambda fn: (fn(), next(fake_ms))[1])
     assert result.default == 1 and result.times == {1: 3.0, 2: 1.0, 4: 2.0} and result.best == 2
@@ -323,27 +324,25 @@ def test_schedule_override_from_the_environment(monkeypatch):
     PROGRAM:FIELD=VALUE is an error naming what was expected."""
     from dataclasses import replace
 
-    from tilemix.codegen import launch
-
-    monkeypatch.setattr(launch, "sm_count", lambda device: 132)
+    monkeypatch.setattr(schedule, "sm_count", lambda device: 132)
     binding = ops.linear_attention_fwd.bind(example_specs("linear_attention"))
     gemm = ops.gemm_fwd.bind(example_specs("gemm"))
-    default = launch.launch_schedule(ops.linear_attention_fwd, binding, 0)
-    gemm_default = launch.launch_schedule(ops.gemm_fwd, gemm, 0)
+    default = schedule.launch_schedule(ops.linear_attention_fwd, binding, 0)
+    gemm_default = schedule.launch_schedule(ops.gemm_fwd, gemm, 0)
     monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:stages=3,consumers=1,share_staging=true")
-    assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0) == replace(
+    assert schedule.launch_schedule(ops.linear_attention_fwd, binding, 0) == replace(
         default, stages=3, consumers=1, share_staging=True)
-    assert launch.launch_schedule(ops.gemm_fwd, gemm, 0) == gemm_default
+    assert schedule.launch_schedule(ops.gemm_fwd, gemm, 0) == gemm_default
     monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_attention_fwd:split=V/64+K/64")
-    assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0).split == (("V", 64), ("K", 64))
+    assert schedule.launch_schedule(ops.linear_attention_fwd, binding, 0).split == (("V", 64), ("K", 64))
     monkeypatch.setenv("TILEMIX_SCHEDULE", "linear_atention_fwd:stages=3")  # a typo: said, not ignored
     with pytest.warns(UserWarning, match="no @kernel program defined so far: \\['linear_atention_fwd'\\]"):
-        assert launch.launch_schedule(ops.linear_attention_fwd, binding, 0) == default
+        assert schedule.launch_schedule(ops.linear_attention_fwd, binding, 0) == default
     for text, words in (("linear_attention_fwd:stages=three", "stages is a whole number"),
                         ("linear_attention_fwd:ring=2", "FIELD one of"), ("linear_attention_fwd", "PROGRAM:FIELD")):
         monkeypatch.setenv("TILEMIX_SCHEDULE", text)
         with pytest.raises(ValueError, match=words):
-            launch.launch_schedule(ops.linear_attention_fwd, binding, 0)
+            schedule.launch_schedule(ops.linear_attention_fwd, binding, 0)
 
 
 @pytest.mark.parametrize("D", [128, 256])

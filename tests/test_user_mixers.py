@@ -20,7 +20,7 @@ from tilemix.tiles import Out, Seq, State, TensorSpec, causal, chunks, colsum, c
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
 from tilemix.codegen.compile import compile_cuda, sass  # noqa: E402
-from tilemix.codegen.launch import hopper_source  # noqa: E402
+from tilemix.codegen.schedule import default_source  # noqa: E402
 
 
 @kernel
@@ -62,7 +62,7 @@ def _specs(name: str, B=2, T=4096, H=16, D=128) -> dict:
 @pytest.mark.parametrize("name", MIXERS)
 def test_user_mixer_lowers_to_wgmma(name):
     program = MIXERS[name]
-    source = hopper_source(program, program.bind(_specs(name)))
+    source = default_source(program, program.bind(_specs(name)))
     assert "HGMMA" in sass(compile_cuda(source.source, "sm_90a", source.name))
 
 

@@ -1,0 +1,61 @@
+"""The ``TILEMIX_*`` environment variables: every one the package reads is in ``VARIABLES`` (name,
+meaning, default, example) and read through ``read``, which refuses any other name.
+``python -m tilemix.codegen.env`` prints the table as markdown."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Variable", "VARIABLES", "read", "cache_root", "markdown"]
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    meaning: str
+    default: str
+    example: str
+
+
+VARIABLES = (
+    Variable("TILEMIX_TARGET", "the GPU kernels' target where `target=` and `use_target` say nothing: "
+             "auto, hopper or generic", "auto (by the GPU)", "generic"),
+    Variable("TILEMIX_SCHEDULE", "Schedule fields replacing a program's default schedule, per program "
+             "(`schedule_overrides`; a tuned config still wins)", "none", "ssd_bwd_dc:stages=1;gemm_fwd:stages=3"),
+    Variable("TILEMIX_POISON", "outputs start as NaN, so tests catch elements a kernel leaves unwritten", "off", "1"),
+    Variable("TILEMIX_CACHE", "where compiled kernels and tuned configs are kept", "~/.cache/tilemix",
+             "/tmp/tilemix-cache"),
+    Variable("TILEMIX_AUTOTUNE", "1: a call with no tuned config tunes one first", "off", "1"),
+    Variable("TILEMIX_SEGMENTS", "the sequence segments every segmented scan runs in, where T allows "
+             "(`segment_count`)", "chosen per call", "4"),
+    Variable("TILEMIX_SSD_BWD_SPLIT", "the width of the column blocks of P the SSD backward programs run on; "
+             "0: none (`head_split_width`)", "64 on a GPU", "0"),
+)
+_NAMES = frozenset(v.name for v in VARIABLES)
+
+
+def read(name: str) -> str | None:
+    """The value of ``name``, one of ``VARIABLES`` (None when unset); any other name is a KeyError,
+    so no variable goes undocumented."""
+    if name not in _NAMES:
+        raise KeyError(f"{name} is not one of the documented variables {sorted(_NAMES)}")
+    return os.environ.get(name)
+
+
+def cache_root() -> Path:
+    """``$TILEMIX_CACHE``, else ``~/.cache/tilemix``: where compiled kernels and tuned configs are kept."""
+    root = read("TILEMIX_CACHE")
+    return Path(root) if root is not None else Path.home() / ".cache" / "tilemix"
+
+
+def markdown() -> str:
+    """``VARIABLES`` as a markdown table (for the README)."""
+    rows = ["| variable | meaning | default | example |", "|---|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.meaning} | {v.default} | `{v.example}` |" for v in VARIABLES]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown())

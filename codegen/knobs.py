@@ -1,0 +1,74 @@
+"""The knobs of a generated kernel, apart from the program's math: ``Schedule`` and the limits it
+is chosen within.
+
+A ``Schedule`` says how a program is laid onto the GPU (ring depth, consumer warpgroups, column
+split, issue order). The lowering reads it; ``codegen/schedule.py`` chooses one per call and holds
+the tuner's search space. This module sits below the lowering so both can import it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Schedule", "column_blocks", "smem_limit", "ISSUE_ORDERS", "OVERLAPS", "SMEM_LIMIT", "SMEM_LIMITS"]
+
+ISSUE_ORDERS = ("fit", "early", "program")  # Schedule.issue
+OVERLAPS = ("fit", "on", "off")  # Schedule.overlap
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
+# the generic target's archs (CUDA programming guide, compute capabilities table)
+SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Knobs of the generated kernel (the autotuner searches these).
+
+    ``stages``: depth of the shared-memory ring the producer fills ahead.
+    ``split``: static dim → width; the dim is cut into column blocks
+    (legal when nothing contracts or reduces over it, e.g. the value dim of
+    linear attention).
+    ``consumers``: consumer warpgroups per CTA. With ``consumer_axis ==
+    "columns"`` each takes one column block of the split dim; with ``"blocks"``
+    each takes one block of the innermost grid loop (attention's query blocks,
+    gemm's N blocks); with ``"heads"`` (sm_90a only; ``launch_schedule`` picks it for one-consumer
+    scans whose heads fill the GPU: SSD's backward, linear attention at D = 64) each takes one of
+    ``consumers`` consecutive heads of one batch, ``h = hcta * consumers + wg`` (the launch needs
+    H and H/G multiples of ``consumers``). Tiles the consumers have in common (q and k of a scan,
+    k and v of attention, A of gemm, the GroupSeq tiles of a group's heads such as SSD's B and C)
+    are loaded once for all of them.
+    ``share_staging``: register tiles staged in shared memory as matmul operands share buffers
+    once a tile's readers are emitted (less shared memory; the defaults take it only where no
+    schedule fits without it, and for two heads per CTA at two stages).
+    ``issue`` (sm_90a; the generic kernels keep program order): the order the chunk loop's ops are
+    lowered in (``issue_order``). ``"early"`` issues each matmul as soon as its operands are ready;
+    ``"fit"`` does so where that keeps no more register tiles live than program order, else keeps
+    program order (``"program"``); which of the three is fastest differs by program and head dim.
+    ``overlap`` (sm_90a): whether a chunk's last wgmma groups, those accumulating into the loop's
+    carried tiles, keep running while the next chunk starts (``"on"``, where nothing else touches
+    those tiles and the ring has two stages or more) or are waited for at the chunk's end
+    (``"off"``). Their register operands then stay live into the next chunk; where that leaves
+    ptxas too few registers it runs every wgmma of the kernel one at a time (remark C7512), so
+    ``"fit"`` overlaps only where the estimate (``overlap_registers``) leaves room (attention's dk/dv
+    program at D=128 is serialised when overlapped).
+    """
+
+    stages: int = 2
+    split: tuple[tuple[str, int], ...] = ()
+    consumers: int = 1
+    consumer_axis: str = "columns"
+    share_staging: bool = False
+    issue: str = field(default="fit", metadata={"choices": ISSUE_ORDERS})
+    overlap: str = field(default="fit", metadata={"choices": OVERLAPS})
+
+
+def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> int:
+    """How many column blocks a schedule's ``split`` cuts the state and output columns into (``dims``:
+    the static dims' full sizes)."""
+    blocks = 1
+    for dim, width in split:
+        blocks *= dims[dim] // width
+    return blocks
+
+
+def smem_limit(arch: str) -> int:
+    """The dynamic shared memory one CTA may use on ``arch``."""
+    return SMEM_LIMIT if arch == "sm_90a" else SMEM_LIMITS[arch]
