@@ -3,13 +3,13 @@
 A ``Config`` is a ``Schedule`` plus overrides of the program's block-size ``Const``s; the space
 (``schedule.config_space``) is derived from what the code generator exposes (ring depth, consumer
 warpgroups, block sizes); candidates that do not fit shared memory, or that spill, are dropped
-before any timing. Each survivor is compiled (in parallel), checked and timed by the runner and timer the caller passes
-(``tilemix.ops.runtime.tune`` passes the GPU ones: a check against the interpreter on the first
-tokens of the real inputs — a fast wrong kernel never wins — and CUDA events). The winner is
-cached per (program, GPU, capability, target arch, dtype, shape bucket) as a small JSON file
-written atomically; a damaged file is ignored and rewritten. Both targets tune: sm_90a's kernels,
-and the generic ones (sm_8x, or sm_90 where an H100 is told to run them), each with its own cache
-entries.
+before any timing. Each survivor is compiled (in parallel), checked and timed by the runner and
+timer the caller passes (``tilemix.ops.runtime.tune`` passes the GPU ones: a check against the
+interpreter on the first tokens of the real inputs — a fast wrong kernel never wins — and CUDA
+events). The winner is cached per (program, GPU, capability, target arch, dtype, shape bucket) as
+a small JSON file written atomically; a damaged file is ignored and rewritten. Both targets tune:
+sm_90a's kernels, and the generic ones (sm_8x, or sm_90 where an H100 is told to run them), each
+with its own cache entries.
 """
 
 from __future__ import annotations

@@ -250,7 +250,6 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     return out
 
 
-
 def check_hopper_dims(binding, labels: dict[str, str]) -> None:
     """Dtypes and feature dims the GPU kernels (sm_90a and generic: the same panels and 16-byte rows)
     cannot take are an error naming the argument, before any compile or launch (the interpreter

@@ -35,9 +35,10 @@ of each group (one read of H/G times the group tensors: cheap next to the progra
 Column blocks: the code generator's column split cannot cut these programs (du contracts N, dB
 contracts P and the decay terms reduce both), but every output is either per column of P (dx, the
 states) or a sum over P (dB, dC, x·du, the decay terms, alpha, beta), so both programs run on
-64-wide blocks of P (the ``HeadSplit`` declared below) and torch adds the partial sums: each block is a head of its
-own (``[B, T, H, P]`` viewed as ``[B, T, H·P/64, 64]``; head h's block j in h's group), one launch per
-program, and each program instance holds an N x 64 state, like the forward's column split.
+64-wide blocks of P (the ``HeadSplit`` declared below) and torch adds the partial sums: each block
+is a head of its own (``[B, T, H, P]`` viewed as ``[B, T, H·P/64, 64]``; head h's block j in h's
+group), one launch per program, and each program instance holds an N x 64 state, like the
+forward's column split.
 
 Long sequences with few heads: both programs run in sequence segments (``ops/_segments.py``), the
 forward-in-time one from the forward's segment states, the last-to-first one from state gradients
