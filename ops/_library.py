@@ -72,7 +72,8 @@ def custom_op(kernel: Kernel, name: str | None = None, final_states: tuple[str, 
     returns the outputs and then the final states named in ``final_states`` (None: every state),
     a tensor where there is one, else a tuple. CPU tensors run the interpreter, CUDA tensors the
     generated kernel (which writes only the states asked for). A fake kernel shapes the results, so
-    ``torch.compile(fullgraph=True)`` traces it. The result is torch's ``CustomOpDef``:
+    ``torch.compile(fullgraph=True)`` traces it. The result is torch's ``CustomOpDef``, with no
+    backward (``mixer`` registers the one derived from the program):
     ``op.register_autograd(backward, setup_context=...)`` makes it differentiable, with a backward
     that may call other tile programs' ops. A name registered before is a ValueError.
 
@@ -187,17 +188,17 @@ def _derived_backward_op(kernel: Kernel, name: str, inputs: list[str], tensors: 
 
     def split(values):
         *program_args, grads, wanted = values
-        return dict(zip(inputs, program_args)), grads, wanted
+        args = dict(zip(inputs, program_args))
+        return args, grads, wanted, next(t for t in args.values() if isinstance(t, torch.Tensor))
 
     def real(*values):
-        args, grads, wanted = split(values)
+        args, grads, wanted, like = split(values)
         output_grads = {n: g for n, g in zip(graded, grads) if g is not None and g.numel()}
         got = derived_gradients(kernel, args, output_grads, [n for n, w in zip(tensors, wanted) if w])
-        return [got[n] if w else no_state(got[next(iter(got))]) for n, w in zip(tensors, wanted)]
+        return [got[n] if w else no_state(like) for n, w in zip(tensors, wanted)]
 
     def fake(*values):
-        args, _, wanted = split(values)
-        like = next(t for t in args.values() if isinstance(t, torch.Tensor))
+        args, _, wanted, like = split(values)
         return [torch.empty_like(args[n]) if w else no_state(like) for n, w in zip(tensors, wanted)]
 
     namespace, _, short = name.partition("::")

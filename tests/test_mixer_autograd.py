@@ -57,6 +57,13 @@ def test_mixer_gradcheck(name):
     assert torch.autograd.gradcheck(lambda *xs: m(**dict(zip(args, xs))), tuple(args.values()), fast_mode=True)
 
 
+def test_mixer_gradcheck_without_final_states():
+    """Only the output returned: the initial state's gradient still flows back from it."""
+    m = ops.mixer(anticausal_la_fwd, "tilemix_test::anticausal_la_output_only")
+    args = {n: t.requires_grad_() for n, t in _inputs("anticausal_la", seed=4).items()}
+    assert torch.autograd.gradcheck(lambda *xs: m(**dict(zip(args, xs))), tuple(args.values()), fast_mode=True)
+
+
 def test_mixer_gradcheck_head_groupseq_and_scalar():
     """The shipped SSD program as a user's mixer: ``Head`` gradients (A, D) summed over the batch,
     ``GroupSeq`` ones (B, C, G < H) over each group's heads; and linear attention's ``Scalar``
@@ -202,6 +209,18 @@ def test_ssd_derived_backward_matches_hand_written(T):
     derived = _shipped_grads(ops.ssd, tensors, cotangents, output_final_state=True, backward="derived")
     for name, h, d in zip(["y", "h", *tensors], hand, derived):
         assert torch.allclose(d, h, rtol=1e-9, atol=1e-10), name
+
+
+def test_derived_ops_opcheck():
+    """The shipped forwards with the derived backward are clean custom ops: autograd registration and
+    the backward traced with fake tensors (what a compiled training step needs)."""
+    Bn, T, H, D = 1, 70, 2, 16
+    seq = lambda: _double(Bn, T, H, D, seed=T).float().requires_grad_()  # noqa: E731
+    state = _double(Bn, H, D, D, seed=1).float().requires_grad_()
+    torch.library.opcheck(torch.ops.tilemix.linear_attention_derived.default, (seq(), seq(), seq(), 0.2, state, True))
+    dt, A = torch.rand(Bn, T, H).requires_grad_(), -torch.rand(H).requires_grad_()
+    torch.library.opcheck(torch.ops.tilemix.ssd_derived.default,
+                          (seq(), dt, A, seq()[:, :, :1], seq()[:, :, :1], torch.ones(H), state, False))
 
 
 @pytest.mark.parametrize("op", [ops.linear_attention, ops.ssd])
