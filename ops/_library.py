@@ -13,7 +13,7 @@ from tilemix.codegen.schedule import call_consts
 from tilemix.tiles import Kernel
 
 from .derived import derived_gradients
-from .runtime import check_call, fake_run, run_kernel
+from .runtime import check_call, current_target, fake_run, run_kernel, use_target
 
 __all__ = ["tile_op", "no_state", "custom_op", "register_derived_autograd", "check_backward", "BACKWARDS", "mixer",
            "Mixer"]
@@ -155,6 +155,7 @@ def register_derived_autograd(op, kernel: Kernel, arguments: tuple[str | None, .
     def setup(ctx, inputs, output):
         ctx.save_for_backward(*(v if isinstance(v, torch.Tensor) else None for v in inputs))
         ctx.numbers = [None if isinstance(v, torch.Tensor) else v for v in inputs]
+        ctx.target = current_target()  # the backward runs on the forward's target
 
     def backward(ctx, *grads):
         values = [n if t is None else t for t, n in zip(ctx.saved_tensors, ctx.numbers)]
@@ -163,8 +164,9 @@ def register_derived_autograd(op, kernel: Kernel, arguments: tuple[str | None, .
         if not wanted:
             return (None,) * len(arguments)
         given = dict(zip(results, grads))
-        out = backward_op(*(args[n] if n in args else kernel.defaults[n] for n in inputs),
-                          [given.get(n) for n in graded], [n in wanted for n in tensors])
+        with use_target(ctx.target):
+            out = backward_op(*(args[n] if n in args else kernel.defaults[n] for n in inputs),
+                              [given.get(n) for n in graded], [n in wanted for n in tensors])
         grad = dict(zip(tensors, out))
         return tuple(grad[p] if p in wanted else None for p in arguments)
 
