@@ -4,8 +4,9 @@ Each op is a ``@kernel`` program (``*_fwd``) plus a public function with the
 flash-linear-attention calling convention. CPU tensors run the NumPy
 interpreter; the GPU backends are built in ``tilemix.codegen``. Programs of
 your own run the same way: ``run(kernel, **args)`` returns their outputs and
-final states, ``mixer(kernel)`` makes them a torch function (a custom op that
-``torch.compile`` traces), see ``tilemix.ops.runtime``.
+final states, ``mixer(kernel)`` makes them a differentiable torch function (a custom
+op that ``torch.compile`` traces; its backward derived from the program, ``ops/derived.py``),
+see ``tilemix.ops.runtime``.
 """
 
 from tilemix.tiles import __version__

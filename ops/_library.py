@@ -12,9 +12,11 @@ import torch
 from tilemix.codegen.schedule import call_consts
 from tilemix.tiles import Kernel
 
-from .runtime import check_call, fake_run, run_kernel
+from .derived import derived_gradients
+from .runtime import check_call, current_target, fake_run, run_kernel, use_target
 
-__all__ = ["tile_op", "no_state", "custom_op", "mixer", "Mixer"]
+__all__ = ["tile_op", "no_state", "custom_op", "register_derived_autograd", "check_backward", "BACKWARDS", "mixer",
+           "Mixer"]
 
 # to_args(*op_args) -> (program arguments, labels, final states wanted); to_result(outputs) -> op result
 ToArgs = Callable[..., tuple[dict[str, Any], dict[str, str], tuple[str, ...] | None]]
@@ -70,7 +72,8 @@ def custom_op(kernel: Kernel, name: str | None = None, final_states: tuple[str, 
     returns the outputs and then the final states named in ``final_states`` (None: every state),
     a tensor where there is one, else a tuple. CPU tensors run the interpreter, CUDA tensors the
     generated kernel (which writes only the states asked for). A fake kernel shapes the results, so
-    ``torch.compile(fullgraph=True)`` traces it. The result is torch's ``CustomOpDef``:
+    ``torch.compile(fullgraph=True)`` traces it. The result is torch's ``CustomOpDef``, with no
+    backward (``mixer`` registers the one derived from the program):
     ``op.register_autograd(backward, setup_context=...)`` makes it differentiable, with a backward
     that may call other tile programs' ops. A name registered before is a ValueError.
 
@@ -134,6 +137,82 @@ def _schema_default(value) -> str:
     return "None" if value is None else repr(value)
 
 
+def register_derived_autograd(op, kernel: Kernel, arguments: tuple[str | None, ...],
+                              results: tuple[str, ...]) -> None:
+    """Make ``op`` (running ``kernel``) differentiable with ``kernel``'s derived backward
+    (``ops/derived.py``), itself a custom op ``<op name>_backward`` so that AOT autograd traces it.
+
+    ``arguments``: the program parameter each of the op's arguments binds (None: none, a flag say);
+    ``results``: the output or state each of the op's results is (an empty result: no gradient).
+    Every tensor input that requires grad gets one; ``Scalar`` and ``Const`` arguments get None
+    (the op's schema takes them as numbers, which carry no gradient: a learnt scalar is a
+    ``Head[1]`` tensor)."""
+    inputs = [n for n, spec in kernel.specs.items() if not spec.output]
+    tensors = [n for n in inputs if kernel.specs[n].kind not in ("scalar", "const")]
+    graded = [n for n, spec in kernel.specs.items() if spec.output or spec.kind == "state"]
+    backward_op = _derived_backward_op(kernel, f"{op._qualname}_backward", inputs, tensors, graded)
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*(v if isinstance(v, torch.Tensor) else None for v in inputs))
+        ctx.numbers = [None if isinstance(v, torch.Tensor) else v for v in inputs]
+        ctx.target = current_target()  # the backward runs on the forward's target
+
+    def backward(ctx, *grads):
+        values = [n if t is None else t for t, n in zip(ctx.saved_tensors, ctx.numbers)]
+        args = {p: v for p, v in zip(arguments, values) if p is not None}
+        wanted = {p for p, need in zip(arguments, ctx.needs_input_grad) if need and p in tensors}
+        if not wanted:
+            return (None,) * len(arguments)
+        given = dict(zip(results, grads))
+        with use_target(ctx.target):
+            out = backward_op(*(args[n] if n in args else kernel.defaults[n] for n in inputs),
+                              [given.get(n) for n in graded], [n in wanted for n in tensors])
+        grad = dict(zip(tensors, out))
+        return tuple(grad[p] if p in wanted else None for p in arguments)
+
+    op.register_autograd(backward, setup_context=setup)
+
+
+BACKWARDS = ("hand-written", "derived")  # what a shipped op's backward= picks
+
+
+def check_backward(backward: str) -> str:
+    """``backward`` if it is one of ``BACKWARDS``, else a ValueError naming the argument."""
+    if not isinstance(backward, str) or backward not in BACKWARDS:
+        raise ValueError(f"backward: {backward!r} is not one of {BACKWARDS}")
+    return backward
+
+
+def _derived_backward_op(kernel: Kernel, name: str, inputs: list[str], tensors: list[str], graded: list[str]):
+    """The custom op ``name(<kernel's inputs>, Tensor?[] grads, bool[] wanted) -> Tensor[]``: the
+    gradients of ``kernel``'s tensor inputs (one per ``tensors``; empty where not ``wanted``),
+    given ``grads`` (one per ``graded`` output or state; None or empty: zero)."""
+
+    def split(values):
+        *program_args, grads, wanted = values
+        args = dict(zip(inputs, program_args))
+        return args, grads, wanted, next(t for t in args.values() if isinstance(t, torch.Tensor))
+
+    def real(*values):
+        args, grads, wanted, like = split(values)
+        output_grads = {n: g for n, g in zip(graded, grads) if g is not None and g.numel()}
+        got = derived_gradients(kernel, args, output_grads, [n for n, w in zip(tensors, wanted) if w])
+        return [got[n] if w else no_state(like) for n, w in zip(tensors, wanted)]
+
+    def fake(*values):
+        args, _, wanted, like = split(values)
+        return [torch.empty_like(args[n]) if w else no_state(like) for n, w in zip(tensors, wanted)]
+
+    namespace, _, short = name.partition("::")
+    if hasattr(getattr(torch.ops, namespace), short):
+        raise ValueError(f"name: a torch op {name!r} is already registered (the derived backward's op); "
+                         "pick another name")
+    arguments = [_schema_argument(kernel, n) for n in inputs] + ["Tensor?[] grads", "bool[] wanted"]
+    op = torch.library.custom_op(name, real, mutates_args=(), schema=f"({', '.join(arguments)}) -> Tensor[]")
+    op.register_fake(fake)
+    return op
+
+
 class Mixer:
     """A tile program as a torch function backed by a custom op (see ``mixer``): called with the
     program's inputs by name, it returns its outputs in declaration order, then the final states
@@ -146,7 +225,8 @@ class Mixer:
         self.op = custom_op(kernel, self.name, self.final_states)  # torch's CustomOpDef
         self._inputs = [n for n, spec in kernel.specs.items() if not spec.output]
         self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
-        self.op.register_autograd(self._no_backward)
+        results = tuple(n for n, spec in kernel.specs.items() if spec.output) + self.final_states
+        register_derived_autograd(self.op, kernel, tuple(self._inputs), results)
 
     def __call__(self, **inputs):
         unknown = sorted(set(inputs) - set(self._inputs))
@@ -161,32 +241,33 @@ class Mixer:
         return self.op(*(inputs[n] if n in inputs else self.kernel.defaults[n] for n in self._inputs))
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
-        """Make the op differentiable: ``backward(ctx, *grads)`` returns a gradient (or None) per
+        """Replace the derived backward: ``backward(ctx, *grads)`` returns a gradient (or None) per
         input in the program's order, as ``torch.library.register_autograd`` describes; it may call
-        other tile programs (``run``, other mixers). Replaces any backward registered before."""
+        other tile programs (``run``, other mixers)."""
         self.op.register_autograd(backward, setup_context=setup_context)
-
-    def _no_backward(self, ctx, *grads):
-        raise RuntimeError(
-            f"{self.name}: the tile program {self.kernel.name!r} has no backward yet, so no gradient flows "
-            f"through it; attach one with mixer.register_autograd(backward, setup_context=...) (see "
-            f"torch.library.register_autograd), or call it under torch.no_grad()")
 
     def __repr__(self) -> str:
         return f"mixer({self.kernel.name}, name={self.name!r}, final_states={self.final_states})"
 
 
 def mixer(kernel: Kernel, name: str | None = None, *, final_states: tuple[str, ...] = ()) -> Mixer:
-    """A forward tile program as a torch function: ``mixer(kernel)(q=q, k=k, v=v)`` returns the
-    program's outputs in declaration order, then the final states named in ``final_states``.
+    """A forward tile program as a differentiable torch function: ``mixer(kernel)(q=q, k=k, v=v)``
+    returns the program's outputs in declaration order, then the final states named in
+    ``final_states``.
 
     Backed by the custom op ``name`` (default ``"tilemix_user::<kernel name>"``): CPU tensors run
     the interpreter, CUDA tensors the generated kernel for the device's target; a fake kernel
     shapes the results from the program's shapes, so ``torch.compile(fullgraph=True)`` traces it,
     with dynamic shapes, and ``torch.library.opcheck(m.op, ...)`` passes. Arguments get the checks
-    the shipped ops make (a ValueError or TypeError naming the argument). A gradient needs a
-    backward: ``m.register_autograd(...)``; until then backward through the op is an error that
-    says so, never a wrong gradient.
+    the shipped ops make (a ValueError or TypeError naming the argument).
+
+    Gradients come from the backward derived from the program (``tilemix.tiles.autodiff``; a
+    program it cannot differentiate is a ``TileError`` naming the op and line at the first
+    backward): for every tensor input that requires grad (``Head`` summed over the batch,
+    ``GroupSeq`` over each group's heads, a ``State`` the initial state's), given the gradients
+    of the outputs and of the final states returned; ``Scalar``/``Const`` arguments get None.
+    CPU tensors run the derived programs on the interpreter; on CUDA tensors they do not run yet
+    (an error that says so). ``m.register_autograd(...)`` replaces the derived backward.
 
     >>> from tilemix.tiles import Out, Seq, State, chunks, colsum, kernel
     >>> @kernel
@@ -195,8 +276,12 @@ def mixer(kernel: Kernel, name: str | None = None, *, final_states: tuple[str, .
     ...         y[c] = x[c] * 2.0
     ...         s = s + colsum(x[c]).T
     >>> m = mixer(running_sum, "demo::running_sum", final_states=("s",))
-    >>> y, s = m(x=torch.ones(1, 100, 2, 16))
+    >>> x = torch.ones(1, 100, 2, 16, requires_grad=True)
+    >>> y, s = m(x=x)
     >>> y.shape, s.shape, s[0, 0, 0, 0].item()
     (torch.Size([1, 100, 2, 16]), torch.Size([1, 2, 16, 1]), 100.0)
+    >>> (y.sum() + s.sum()).backward()  # dy/dx = 2, ds/dx = 1
+    >>> x.grad.unique().tolist()
+    [3.0]
     """
     return Mixer(kernel, name, tuple(final_states))

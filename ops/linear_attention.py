@@ -15,7 +15,7 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
-from ._library import no_state, tile_op
+from ._library import check_backward, no_state, register_derived_autograd, tile_op
 from ._segments import SegmentedScan
 from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 
@@ -108,14 +108,24 @@ linear_attention_bwd_dq_scan = SegmentedScan(linear_attention_bwd_dq, linear_att
 linear_attention_bwd_dv_scan = SegmentedScan(linear_attention_bwd_dv, linear_attention_bwd_total, "e")
 linear_attention_bwd_dk_scan = SegmentedScan(linear_attention_bwd_dk, linear_attention_bwd_dk_states, "g")
 
-linear_attention_op = tile_op(
-    "linear_attention",
-    "(Tensor q, Tensor k, Tensor v, float scale, Tensor? initial_state, bool output_final_state) -> (Tensor, Tensor)",
-    linear_attention_fwd,
-    lambda q, k, v, scale, initial_state, final: (dict(q=q, k=k, v=v, scale=scale, s=initial_state),
-                                                  {"s": "initial_state"}, ("s",) if final else ()),
-    lambda out: (out["o"], out.get("s", no_state(out["o"]))),
-    run=linear_attention_scan)
+
+def _forward_op(name: str):
+    """The forward as the custom op ``tilemix::name`` (one per backward: their autograd differs)."""
+    return tile_op(
+        name,
+        "(Tensor q, Tensor k, Tensor v, float scale, Tensor? initial_state, bool output_final_state)"
+        " -> (Tensor, Tensor)",
+        linear_attention_fwd,
+        lambda q, k, v, scale, initial_state, final: (dict(q=q, k=k, v=v, scale=scale, s=initial_state),
+                                                      {"s": "initial_state"}, ("s",) if final else ()),
+        lambda out: (out["o"], out.get("s", no_state(out["o"]))),
+        run=linear_attention_scan)
+
+
+linear_attention_op = _forward_op("linear_attention")
+linear_attention_derived_op = _forward_op("linear_attention_derived")
+register_derived_autograd(linear_attention_derived_op, linear_attention_fwd, ("q", "k", "v", "scale", "s", None),
+                          ("o", "s"))
 
 
 def _transposed(state: torch.Tensor | None) -> torch.Tensor | None:
@@ -189,7 +199,7 @@ linear_attention_op.register_autograd(_backward, setup_context=_setup)
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
-                     target: str | None = None):
+                     target: str | None = None, backward: str = "hand-written"):
     """Causal linear attention without normalisation (flash-linear-attention's
     ``chunk_linear_attn`` convention).
 
@@ -198,9 +208,11 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``.
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100); the backward runs on the forward's.
+    ``backward``: "hand-written" (default: the programs above) or "derived" (the backward derived
+    from ``linear_attention_fwd``, ``tilemix.tiles.autodiff``; CPU tensors only for now).
     """
     check_call("linear_attention", differentiable=True, target=target,
                flags=dict(output_final_state=output_final_state), q=q, k=k, v=v, initial_state=initial_state)
-    o, state = call_with_target(target, linear_attention_op, q, k, v, default_scale(q, scale), initial_state,
-                                bool(output_final_state))
+    op = linear_attention_derived_op if check_backward(backward) == "derived" else linear_attention_op
+    o, state = call_with_target(target, op, q, k, v, default_scale(q, scale), initial_state, bool(output_final_state))
     return o, (state if output_final_state else None)

@@ -6,7 +6,7 @@ import torch
 
 from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsum, exp, kernel, segsum
 
-from ._library import no_state, tile_op
+from ._library import check_backward, no_state, register_derived_autograd, tile_op
 from ._segments import SegmentedScan
 from .runtime import call_with_target, check_call
 from .ssd_backward import register_ssd_autograd
@@ -33,21 +33,29 @@ def ssd_fwd(x: Seq["P"], dt: Seq[1], A: Head[1], B: GroupSeq["N"], C: GroupSeq["
 
 ssd_scan = SegmentedScan(ssd_fwd, ssd_states, "h", segment_log_decay)
 
-ssd_op = tile_op(
-    "ssd",
-    "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state, bool output_final_state)"
-    " -> (Tensor, Tensor)",
-    ssd_fwd,
-    lambda x, dt, A, B, C, D, initial_state, final: (dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
-                                                     {"h": "initial_state"}, ("h",) if final else ()),
-    lambda out: (out["y"], out.get("h", no_state(out["y"]))),
-    run=ssd_scan)
+
+def _forward_op(name: str):
+    """The forward as the custom op ``tilemix::name`` (one per backward: their autograd differs)."""
+    return tile_op(
+        name,
+        "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state, bool output_final_state)"
+        " -> (Tensor, Tensor)",
+        ssd_fwd,
+        lambda x, dt, A, B, C, D, initial_state, final: (dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
+                                                         {"h": "initial_state"}, ("h",) if final else ()),
+        lambda out: (out["y"], out.get("h", no_state(out["y"]))),
+        run=ssd_scan)
+
+
+ssd_op = _forward_op("ssd")
 register_ssd_autograd(ssd_op)  # backward programs: ops/ssd_backward.py
+ssd_derived_op = _forward_op("ssd_derived")
+register_derived_autograd(ssd_derived_op, ssd_fwd, ("x", "dt", "A", "B", "C", "D", "h", None), ("y", "h"))
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-        output_final_state: bool = False, *, target: str | None = None):
+        output_final_state: bool = False, *, target: str | None = None, backward: str = "hand-written"):
     """The Mamba-2 state-space dual (SSD) scan.
 
     x: ``[B, T, H, P]``; dt: ``[B, T, H]`` (positive step sizes); A: ``[H]``
@@ -58,8 +66,11 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     are in ``ops/ssd_backward.py`` and run on the forward's target.
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100).
+    ``backward``: "hand-written" (default: ``ops/ssd_backward.py``) or "derived" (the backward
+    derived from ``ssd_fwd``, ``tilemix.tiles.autodiff``; CPU tensors only for now).
     """
     check_call("ssd", differentiable=True, target=target, flags=dict(output_final_state=output_final_state),
                x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
-    y, state = call_with_target(target, ssd_op, x, dt, A, B, C, D, initial_state, bool(output_final_state))
+    op = ssd_derived_op if check_backward(backward) == "derived" else ssd_op
+    y, state = call_with_target(target, op, x, dt, A, B, C, D, initial_state, bool(output_final_state))
     return y, (state if output_final_state else None)

@@ -13,9 +13,10 @@ from tilemix.tiles import Out, Seq, TensorSpec, chunks, kernel
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tiles", "codegen", "ops", "reference", "bench")  # source folders, as tilemix.<folder>
 
-# the runtime layer of tilemix.ops: running any program (run, mixer, targets, the call cache, tuning)
+# the runtime layer of tilemix.ops: running any program (run, mixer and its derived backward, targets,
+# the call cache, tuning)
 RUNTIME = frozenset({"tilemix.ops.runtime", "tilemix.ops.tuning", "tilemix.ops.timing",
-                     "tilemix.ops._library", "tilemix.ops._segments"})
+                     "tilemix.ops._library", "tilemix.ops._segments", "tilemix.ops.derived"})
 
 # layer -> the layers its modules may import (itself included)
 ALLOWED = {

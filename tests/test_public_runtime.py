@@ -1,6 +1,6 @@
 """The public runtime on the CPU: ``run`` runs any @kernel program on torch tensors, ``mixer`` makes a
 forward program a torch function (a custom op: opcheck clean, torch.compile without graph breaks,
-dynamic shapes) whose backward is an error until one is registered."""
+dynamic shapes) whose derived backward a registered one replaces."""
 
 from __future__ import annotations
 
@@ -98,19 +98,17 @@ def test_mixer_compiles_whole_with_dynamic_shapes():
     assert len(counts) == 1  # one graph for every length: T is symbolic
 
 
-def test_mixer_backward_is_an_error_until_one_is_registered():
+def test_a_registered_backward_replaces_the_derived_one():
     m = ops.mixer(decayed_sum, "tilemix_test::decayed_sum_grad")
     x = _randn(1, 64, 1, 16, dtype=torch.float64).requires_grad_()
-    y = m(x=x, decay=0.7)
-    with pytest.raises(RuntimeError, match="has no backward yet.*register_autograd"):
-        y.sum().backward()
-    assert x.grad is None
+    assert torch.autograd.gradcheck(lambda x: m(x=x, decay=0.7), (x,))  # the derived backward
 
     def setup(ctx, inputs, output):
         ctx.decay = inputs[2]
 
-    m.register_autograd(lambda ctx, dy: (m(x=dy, decay=ctx.decay), None, None, None), setup_context=setup)
-    assert torch.autograd.gradcheck(lambda x: m(x=x, decay=0.7), (x,))
+    m.register_autograd(lambda ctx, dy: (m(x=dy, decay=3 * ctx.decay), None, None, None), setup_context=setup)
+    m(x=x, decay=0.7).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 2.1))  # the registered one, wrong on purpose
 
 
 @pytest.mark.parametrize("function", [ops.run, ops.mixer])
