@@ -4,15 +4,25 @@ The backward is FlashAttention-2's, as two more tile programs that recompute the
 each tile from q, k and the row log-sum-exp the training forward saves (``attention_fwd_lse``):
 ``attention_bwd_dq`` (per query block, over the key chunks: dq, and the rows' ``delta = Σ do·o``)
 and ``attention_bwd_dkdv`` (per key block, over the query chunks, on transposed scores ``k qᵀ``:
-dk, dv). Two programs because the language has no atomics: each gradient has one writer."""
+dk, dv). Two programs because the language has no atomics: each gradient has one writer.
+
+Grouped-query attention (GQA/MQA: k and v with ``G`` heads, ``H % G == 0``, query head h reading kv
+head ``h // (H // G)``) runs the same four programs with k and v declared ``GroupSeq`` (``*_gqa``,
+made by ``_grouped_kv``). Its dk/dv program writes each query head's share of the gradients, per
+query head ``[B, T, H, D]``, and torch sums the heads of each group, as SSD's backward does for its
+group tensors: the language has no loop over the heads of a program instance."""
 
 from __future__ import annotations
+
+import types
 
 import torch
 
 from tilemix.codegen.schedule import declare
 from tilemix.tiles import (
     Const,
+    GroupSeq,
+    Kernel,
     Out,
     Scalar,
     Seq,
@@ -34,7 +44,8 @@ from tilemix.tiles import (
 from ._library import tile_op
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
 
-__all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv"]
+__all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv",
+           "attention_fwd_gqa", "attention_fwd_lse_gqa", "attention_bwd_dq_gqa", "attention_bwd_dkdv_gqa"]
 
 NEG_INF = float("-inf")
 LOG2E = 1.4426950408889634
@@ -134,89 +145,131 @@ def key_chunk(args: dict) -> dict:
     return {} if max(args["q"].shape[-1], args["v"].shape[-1]) <= 128 else dict(chunk=64)
 
 
-declare(attention_fwd, attention_fwd_lse, consts=key_chunk)
-
-attention_op = tile_op("attention", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor",
-                       attention_fwd,
-                       lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal), {}, None),
-                       lambda out: out["o"])
-
-# the training forward: also returns the rows' log-sum-exp [B, T, H] (float32), saved for the backward
-attention_lse_op = tile_op("attention_lse",
-                           "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
-                           attention_fwd_lse,
-                           lambda q, k, v, causal, scale: (dict(q=q, k=k, v=v, scale=scale, is_causal=causal),
-                                                           {}, None),
-                           lambda out: (out["o"], out["lse"]))
+def _grouped_kv(program: Kernel) -> Kernel:
+    """``program`` with k and v declared ``GroupSeq`` (``G`` heads; query head h reads kv head
+    ``h // (H // G)``), named ``<name>_gqa``: the same function, traced with group indices. A program
+    of its own, not a flag, because the group index changes the generated code that reads k and v."""
+    fn = program.fn
+    name = f"{fn.__name__}_gqa"
+    grouped = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    grouped.__qualname__, grouped.__kwdefaults__, grouped.__doc__ = name, fn.__kwdefaults__, fn.__doc__
+    grouped.__annotations__ = {**fn.__annotations__, "k": GroupSeq["D"], "v": GroupSeq["V"]}
+    return Kernel(grouped, program.target_consts)
 
 
-# the backward programs as custom ops too, so a compiled training step (AOT autograd traces the
-# backward with fake tensors) sees them as ops, not as Python
+attention_fwd_gqa = _grouped_kv(attention_fwd)
+attention_fwd_lse_gqa = _grouped_kv(attention_fwd_lse)
+attention_bwd_dq_gqa = _grouped_kv(attention_bwd_dq)
+attention_bwd_dkdv_gqa = _grouped_kv(attention_bwd_dkdv)
+
+declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_gqa, consts=key_chunk)
+
+
+def _forward_args(q, k, v, causal, scale):
+    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal), {}, None
+
+
 _BWD_ARGS = "Tensor q, Tensor k, Tensor v, Tensor do, Tensor lse, bool causal, float scale"
-attention_bwd_dq_op = tile_op(
-    "attention_bwd_dq", f"({_BWD_ARGS}, Tensor o) -> (Tensor, Tensor)", attention_bwd_dq,
-    lambda q, k, v, do, lse, causal, scale, o: (dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale,
-                                                     is_causal=causal), {}, None),
-    lambda out: (out["dq"], out["delta"]))
-attention_bwd_dkdv_op = tile_op(
-    "attention_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta) -> (Tensor, Tensor)", attention_bwd_dkdv,
-    lambda q, k, v, do, lse, causal, scale, delta: (dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, scale=scale,
+
+
+def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_dkdv: Kernel):
+    """The custom ops ``tilemix::<name>`` (forward) and ``<name>_lse`` (the training forward: also the
+    rows' log-sum-exp ``[B, T, H]``, float32, saved for the backward), both differentiable, on the
+    four programs given; the backward programs are ops too (``<name>_bwd_dq``, ``<name>_bwd_dkdv``),
+    so a compiled training step (AOT autograd traces the backward with fake tensors) sees them as ops,
+    not as Python. Returns the forward ops ``(plain, lse)``."""
+    plain = tile_op(name, "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor", fwd,
+                    _forward_args, lambda out: out["o"])
+    lse_op = tile_op(f"{name}_lse", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
+                     fwd_lse, _forward_args, lambda out: (out["o"], out["lse"]))
+    dq_op = tile_op(
+        f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o) -> (Tensor, Tensor)", bwd_dq,
+        lambda q, k, v, do, lse, causal, scale, o: (dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale,
                                                          is_causal=causal), {}, None),
-    lambda out: (out["dk"], out["dv"]))
+        lambda out: (out["dq"], out["delta"]))
+    dkdv_op = tile_op(
+        f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta) -> (Tensor, Tensor)", bwd_dkdv,
+        lambda q, k, v, do, lse, causal, scale, delta: (dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta,
+                                                             scale=scale, is_causal=causal), {}, None),
+        lambda out: (out["dk"], out["dv"]))
+
+    def gradients(ctx, q, k, v, o, lse, do):
+        """dq (and delta) from one program, dk and dv from the other (skipped if neither is wanted);
+        grouped k and v: the query heads' shares summed over each group."""
+        args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
+        dk = dv = None
+        with use_target(ctx.target):  # the backward programs run on the forward's target
+            dq, delta = dq_op(*args, o)
+            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta))
+        return dq, dk, dv, None, None
+
+    def setup_lse(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(q, k, v, *output)
+
+    def backward_lse(ctx, do, _dlse):
+        return gradients(ctx, *ctx.saved_tensors, do)
+
+    def setup(ctx, inputs, output):
+        q, k, v, causal, scale = inputs
+        ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
+        ctx.save_for_backward(q, k, v, output)
+
+    def backward(ctx, do):
+        """The plain op called directly saved no log-sum-exp: recompute it (one more forward pass;
+        ``attention()`` runs the ``_lse`` op instead when gradients are wanted)."""
+        q, k, v, o = ctx.saved_tensors
+        with use_target(ctx.target):
+            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale)
+        return gradients(ctx, q, k, v, o, lse, do)
+
+    lse_op.register_autograd(backward_lse, setup_context=setup_lse)
+    plain.register_autograd(backward, setup_context=setup)
+    return plain, lse_op
 
 
-def _gradients(ctx, q, k, v, o, lse, do):
-    """dq (and delta) from one program, dk and dv from the other (skipped if neither is wanted)."""
-    args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
-    dk = dv = None
-    with use_target(ctx.target):  # the backward programs run on the forward's target
-        dq, delta = attention_bwd_dq_op(*args, o)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dk, dv = attention_bwd_dkdv_op(*args, delta)
-    return dq, dk, dv, None, None
+def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, T, H, D]`` per-query-head gradients summed over each group's heads: ``[B, T, G, D]`` in
+    ``per_head``'s dtype (torch accumulates 16-bit sums in float32 and rounds once)."""
+    b, t, h, d = per_head.shape
+    return per_head if h == groups else per_head.view(b, t, groups, h // groups, d).sum(3)
 
 
-def _setup_lse(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _backward_lse(ctx, do, _dlse):
-    return _gradients(ctx, *ctx.saved_tensors, do)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
-    ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
-    ctx.save_for_backward(q, k, v, output)
-
-
-def _backward(ctx, do):
-    """``torch.ops.tilemix.attention`` called directly saved no log-sum-exp: recompute it (one more
-    forward pass; ``attention()`` runs ``attention_lse`` instead when gradients are wanted)."""
-    q, k, v, o = ctx.saved_tensors
-    with use_target(ctx.target):
-        _, lse = attention_lse_op(q, k, v, ctx.causal, ctx.scale)
-    return _gradients(ctx, q, k, v, o, lse, do)
-
-
-attention_lse_op.register_autograd(_backward_lse, setup_context=_setup_lse)
-attention_op.register_autograd(_backward, setup_context=_setup)
+attention_op, attention_lse_op = _attention_ops(
+    "attention", attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv)
+attention_gqa_op, attention_gqa_lse_op = _attention_ops(
+    "attention_gqa", attention_fwd_gqa, attention_fwd_lse_gqa, attention_bwd_dq_gqa, attention_bwd_dkdv_gqa)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, *, target: str | None = None) -> torch.Tensor:
-    """Multi-head softmax attention. q, k: ``[B, T, H, D]``; v: ``[B, T, H, V]``;
+    """Multi-head softmax attention. q: ``[B, T, H, D]``; k: ``[B, T, H_kv, D]``; v: ``[B, T, H_kv, V]``
+    with ``H % H_kv == 0``: grouped-query attention where ``H_kv < H`` (query head h reads kv head
+    ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query);
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query.
     Returns ``[B, T, H, V]``. Differentiable: when a gradient is wanted the forward also saves the
     rows' log-sum-exp (``attention_fwd_lse``) and the backward runs ``attention_bwd_dq`` and
-    ``attention_bwd_dkdv``; otherwise it runs ``attention_fwd`` alone.
-    ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
-    kernels, also on an H100)."""
+    ``attention_bwd_dkdv`` (``*_gqa`` programs for grouped k and v); otherwise it runs ``attention_fwd``
+    alone. ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the
+    mma.sync kernels, also on an H100)."""
     check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
     scale = default_scale(q, scale)
+    plain, with_lse = (attention_gqa_op, attention_gqa_lse_op) if _grouped(q, k) else (attention_op, attention_lse_op)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        return call_with_target(target, attention_lse_op, q, k, v, bool(causal), scale)[0]
-    return call_with_target(target, attention_op, q, k, v, bool(causal), scale)
+        return call_with_target(target, with_lse, q, k, v, bool(causal), scale)[0]
+    return call_with_target(target, plain, q, k, v, bool(causal), scale)
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether k has fewer heads than q (the ``*_gqa`` programs); k's head count not dividing q's is
+    a ValueError naming k."""
+    if q.dim() != 4 or k.dim() != 4:
+        return False  # the programs' binding names the argument of the wrong rank
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads != heads and (kv_heads == 0 or heads % kv_heads):
+        raise ValueError(f"k: its {kv_heads} heads must divide q's {heads} heads (grouped-query attention: "
+                         f"k and v of shape [B, T, H_kv, D] with H % H_kv == 0)")
+    return kv_heads != heads

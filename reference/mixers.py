@@ -45,10 +45,20 @@ def gemm(a, b) -> np.ndarray:
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None) -> np.ndarray:
     """``O = softmax(scale · Q Kᵀ + M) V`` per batch and head, with
-    ``M[i, j] = -inf`` for ``j > i`` when causal. q, k ``[B, T, H, D]``,
-    v ``[B, T, H, Dv]`` → ``[B, T, H, Dv]``; scale defaults to ``D**-0.5``."""
-    q, k, v = _qkv(q, k, v, "D", "Dv")
+    ``M[i, j] = -inf`` for ``j > i`` when causal. q ``[B, T, H, D]``, k
+    ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` → ``[B, T, H, Dv]``; grouped
+    queries where ``H_kv < H`` (``H % H_kv == 0``): head h reads kv head
+    ``h // (H // H_kv)``, as if k and v were repeated. scale defaults to ``D**-0.5``."""
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape [B, T, H, D], got {list(q.shape)}")
     B, T, H, D = q.shape
+    kv_heads = k.shape[2] if k.ndim == 4 else -1
+    if kv_heads <= 0 or H % kv_heads:
+        raise ValueError(f"k: expected shape [B, T, H_kv, D] with H_kv dividing H = {H}, got {list(k.shape)}")
+    _expect("k", k, (B, T, kv_heads, D), "B, T, H_kv, D")
+    _expect("v", v, (B, T, kv_heads) + v.shape[-1:], "B, T, H_kv, Dv")
+    k, v = np.repeat(k, H // kv_heads, axis=2), np.repeat(v, H // kv_heads, axis=2)
     scale = D ** -0.5 if scale is None else scale
     scores = scale * np.einsum("bihd,bjhd->bhij", q, k)
     if causal:

@@ -186,6 +186,10 @@ SPILLING = {
     ("attention_bwd_dkdv", "sm_90"): "two groups per CTA (the schedule shared memory allows)",
     ("attention_bwd_dkdv", "sm_86"): "one group at one stage (99 KiB): two values reloaded per chunk",
     ("attention_bwd_dkdv", "sm_89"): "one group at one stage (99 KiB): two values reloaded per chunk",
+    # grouped k and v: the kv head index (h / (H / G)) takes registers the 128-query blocks lack
+    **{("attention_bwd_dkdv_gqa", arch): "two groups per CTA, as attention_bwd_dkdv" for arch in ("sm_80", "sm_90")},
+    **{(name, "sm_90"): "128-query blocks at the register ceiling, plus the kv head index"
+       for name in ("attention_fwd_gqa", "attention_fwd_lse_gqa")},
     # no column split possible (du contracts N, dB contracts P, the decay gradient reduces both)
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (spills on sm_90a too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (spills on sm_90a too)",
