@@ -16,6 +16,7 @@ from .attention import attention, attention_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .models import HybridLM
 from .runtime import run, use_target
 from .ssd import ssd, ssd_fwd, ssd_scan
 
@@ -33,5 +34,5 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
 
 __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
-           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "use_target", "custom_op",
+           "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "HybridLM", "use_target", "custom_op",
            "run", "mixer", "Mixer"]

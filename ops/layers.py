@@ -1,11 +1,15 @@
 """Mixer layers: ``nn.Module``s with the usual projections around the tile ops.
 
 All three train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``).
+Each also continues a sequence from a cache, ``extend(x, cache) -> (y, cache)``: a prefill (many
+tokens) or a decode step (one), what ``ops.models`` generates with. The scans' steps run the chunked
+programs at T = 1 and attention's cached steps run in torch: dedicated decode kernels are separate work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,7 @@ from .attention import attention
 from .linear_attention import linear_attention
 from .ssd import ssd
 
-__all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer"]
+__all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -24,27 +28,68 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))
 
 
-class MultiHeadAttention(nn.Module):
-    """Softmax attention with fused q/k/v and output projections.
+class KVCache(NamedTuple):
+    """An attention layer's keys and values so far, ``[B, T, H_kv, D]`` each."""
 
-    >>> layer = MultiHeadAttention(dim=256, heads=4, causal=True)
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+class MultiHeadAttention(nn.Module):
+    """Softmax attention with fused q/k/v and output projections; ``kv_heads`` < ``heads`` makes it
+    grouped-query attention (``kv_heads`` must divide ``heads``; 1: multi-query).
+
+    >>> layer = MultiHeadAttention(dim=256, heads=4, causal=True, kv_heads=2)
     >>> with torch.no_grad():
     ...     y = layer(torch.randn(2, 100, 256))
     >>> y.shape
     torch.Size([2, 100, 256])
     """
 
-    def __init__(self, dim: int, heads: int, causal: bool = True, bias: bool = False):
+    def __init__(self, dim: int, heads: int, causal: bool = True, bias: bool = False, kv_heads: int | None = None):
         super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
         if dim % heads:
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads, self.causal = heads, causal
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
+        self.heads, self.kv_heads, self.causal = heads, kv_heads, causal
+        self.kv_dim = dim // heads * kv_heads
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
+    def _qkv(self, x: torch.Tensor):
+        q, k, v = self.qkv(x).split([x.shape[-1], self.kv_dim, self.kv_dim], dim=-1)
+        return _heads(q, self.heads), _heads(k, self.kv_heads), _heads(v, self.kv_heads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        return self.out(attention(q, k, v, causal=self.causal).flatten(-2))
+        return self.out(attention(*self._qkv(x), causal=self.causal).flatten(-2))
+
+    def extend(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """``x`` continuing the sequence whose keys and values ``cache`` holds (None: a new one): the
+        output for x's tokens and the cache with theirs appended (a copy: O(T) a step). Without a
+        cache the attention op runs; with one, x's queries attend to the cache in torch."""
+        if not self.causal:
+            raise ValueError("extend: a non-causal layer's earlier outputs depend on later tokens; "
+                             "only causal attention continues a sequence")
+        q, k, v = self._qkv(x)
+        if cache is None:
+            return self.out(attention(q, k, v, causal=True).flatten(-2)), KVCache(k, v)
+        k, v = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
+        return self.out(_attend_to_cache(q, k, v).flatten(-2)), KVCache(k, v)
+
+
+def _attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last ``Tq`` positions' queries ``[B, Tq, H, D]`` to all ``Tk`` keys
+    (``[B, Tk, H_kv, D]``, the queries' own last): each query sees the keys up to its own position.
+    In torch (float32 arithmetic for 16-bit inputs), until a KV-cache decode kernel exists."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Tq, Tk, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    q = q.unflatten(2, (k.shape[2], group)).to(work)  # [B, Tq, H_kv, group, D]
+    scores = torch.einsum("bqhgd,bkhd->bhgqk", q, k.to(work)) * q.shape[-1] ** -0.5
+    later = torch.arange(Tk, device=q.device) > torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+    p = scores.masked_fill(later, float("-inf")).softmax(-1)
+    return torch.einsum("bhgqk,bkhv->bqhgv", p, v.to(work)).flatten(2, 3).to(v.dtype)
 
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -85,6 +130,19 @@ class LinearAttention(nn.Module):
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 
+    def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
+        return self(x, initial_state=cache, output_final_state=True)
+
+
+class Mamba2Cache(NamedTuple):
+    """A Mamba-2 layer's state between calls: the depthwise convolution's last ``conv_kernel - 1``
+    inputs ``[B, conv_kernel - 1, channels]`` and the SSD state ``[B, H, N, P]`` (float32; float64 in a
+    float64 model)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
 
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block's mixer: in-projection to (z, x, B, C, dt), a short causal depthwise
@@ -112,17 +170,37 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(heads))
         self.out_proj = nn.Linear(inner, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
-                output_final_state: bool = False):
-        batch, T, _ = x.shape
+    def _split(self, x: torch.Tensor):
         inner, bc = self.heads * self.head_dim, 2 * self.groups * self.state_dim
-        z, xbc, dt = self.in_proj(x).split([inner, inner + bc, self.heads], dim=-1)
-        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., :T].transpose(1, 2))  # causal: drop the look-ahead
-        xs, B, C = xbc.split([inner, bc // 2, bc // 2], dim=-1)
-        exact = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # for dt, A, D
+        return self.in_proj(x).split([inner, inner + bc, self.heads], dim=-1)  # z, xbc, dt
+
+    def _scan(self, xbc, z, dt, initial_state, output_final_state: bool):
+        """From the convolution's output on: SiLU, the SSD scan, gating and out-projection."""
+        inner, n = self.heads * self.head_dim, self.groups * self.state_dim
+        xs, B, C = F.silu(xbc).split([inner, n, n], dim=-1)
+        exact = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype  # for dt, A, D
         dt = F.softplus(dt.to(exact) + self.dt_bias.to(exact))
         y, state = ssd(_heads(xs, self.heads), dt, -torch.exp(self.A_log.to(exact)),
                        _heads(B, self.groups), _heads(C, self.groups),
                        D=self.D.to(exact), initial_state=initial_state, output_final_state=output_final_state)
-        out = self.out_proj(y.flatten(-2) * F.silu(z))
+        return self.out_proj(y.flatten(-2) * F.silu(z)), state
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
+                output_final_state: bool = False):
+        T = x.shape[1]
+        z, xbc, dt = self._split(x)
+        xbc = self.conv(xbc.transpose(1, 2))[..., :T].transpose(1, 2)  # causal: drop the look-ahead
+        out, state = self._scan(xbc, z, dt, initial_state, output_final_state)
         return (out, state) if output_final_state else out
+
+    def extend(self, x: torch.Tensor, cache: Mamba2Cache | None = None) -> tuple[torch.Tensor, Mamba2Cache]:
+        """``x`` continuing the sequence ``cache`` ends (None: a new one): its output and the cache
+        after it. The convolution reads the cached inputs in place of its zero padding."""
+        z, xbc, dt = self._split(x)
+        tail = self.conv.kernel_size[0] - 1
+        before = xbc.new_zeros(x.shape[0], tail, xbc.shape[-1]) if cache is None else cache.conv
+        window = torch.cat([before, xbc], 1)
+        xbc = F.conv1d(window.transpose(1, 2), self.conv.weight, self.conv.bias,
+                       groups=self.conv.groups).transpose(1, 2)
+        out, state = self._scan(xbc, z, dt, None if cache is None else cache.ssm, True)
+        return out, Mamba2Cache(window[:, window.shape[1] - tail:], state)
