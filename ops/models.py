@@ -96,6 +96,7 @@ class HybridLM(nn.Module):
         if mlp_hidden is None:
             mlp_hidden = -(-(8 * dim // 3 if mlp == "swiglu" else 4 * dim) // 16) * 16
         self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's: small logits from the tied head at the start
         self.blocks = nn.ModuleList(
             HybridBlock(self._mixer(kind, dim, heads, kv_heads, head_dim, state_dim, expand, conv_kernel,
                                     feature_map), dim, MLP(dim, mlp_hidden, mlp), eps)
