@@ -177,7 +177,7 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
     rows' log-sum-exp ``[B, T, H]``, float32, saved for the backward), both differentiable, on the
     four programs given; the backward programs are ops too (``<name>_bwd_dq``, ``<name>_bwd_dkdv``),
     so a compiled training step (AOT autograd traces the backward with fake tensors) sees them as ops,
-    not as Python. Returns the forward ops ``(plain, lse)``."""
+    not as Python. Returns the four ops ``(plain, lse, bwd_dq, bwd_dkdv)``."""
     plain = tile_op(name, "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor", fwd,
                     _forward_args, lambda out: out["o"])
     lse_op = tile_op(f"{name}_lse", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
@@ -228,7 +228,7 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
 
     lse_op.register_autograd(backward_lse, setup_context=setup_lse)
     plain.register_autograd(backward, setup_context=setup)
-    return plain, lse_op
+    return plain, lse_op, dq_op, dkdv_op
 
 
 def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
@@ -238,9 +238,9 @@ def _group_sum(per_head: torch.Tensor, groups: int) -> torch.Tensor:
     return per_head if h == groups else per_head.view(b, t, groups, h // groups, d).sum(3)
 
 
-attention_op, attention_lse_op = _attention_ops(
+attention_op, attention_lse_op, attention_bwd_dq_op, attention_bwd_dkdv_op = _attention_ops(
     "attention", attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv)
-attention_gqa_op, attention_gqa_lse_op = _attention_ops(
+attention_gqa_op, attention_gqa_lse_op, attention_gqa_bwd_dq_op, attention_gqa_bwd_dkdv_op = _attention_ops(
     "attention_gqa", attention_fwd_gqa, attention_fwd_lse_gqa, attention_bwd_dq_gqa, attention_bwd_dkdv_gqa)
 
 
