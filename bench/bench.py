@@ -98,10 +98,12 @@ def _ssd_case(B, T, H, D, dtype):
 SDPA_PEERS = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}  # peer names per SDPA backend
 
 
-def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION"):
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype) for _ in range(3))
+def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION", kv_group=1):
+    """``kv_group`` > 1: grouped-query attention, k and v with ``H // kv_group`` heads."""
+    q = torch.randn(B, T, H, D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(B, T, H // kv_group, D, device="cuda", dtype=dtype) for _ in range(2))
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    nbytes = 4 * q.numel() * q.element_size()
+    nbytes = 2 * (q.numel() + k.numel()) * q.element_size()  # read q, k, v; write o
     flops = 4 * B * H * T * T * D / (2 if causal else 1)
 
     def ours():
@@ -111,10 +113,17 @@ def _attention_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(getattr(SDPBackend, backend)):
-            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                                                    enable_gqa=kv_group > 1)
 
     name = SDPA_PEERS[backend]
-    return ours, peer, name, nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
+    return ours, peer, name, nbytes, flops, _attention_shape(B, T, H, D, causal, kv_group)
+
+
+def _attention_shape(B, T, H, D, causal, kv_group) -> dict:
+    """A row's shape; grouped-query rows also carry ``H_kv`` and ``gqa: True``."""
+    grouped = dict(H_kv=H // kv_group, gqa=True) if kv_group > 1 else {}
+    return dict(B=B, T=T, H=H, **grouped, D=D, causal=causal)
 
 
 def _gemm_case(B, T, H, D, dtype, n=4096):
@@ -180,10 +189,11 @@ def _ssd_bwd_case(B, T, H, D, dtype, device="cuda"):
         dict(B=B, T=T, H=H, N=D, P=D, G=1)
 
 
-def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION", device="cuda"):
-    q, k, v = _leaves(*(torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3)))
-    do = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    nbytes = 8 * q.numel() * q.element_size()  # read q, k, v, o, do; write dq, dk, dv
+def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION", device="cuda", kv_group=1):
+    q, do = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(B, T, H // kv_group, D, device=device, dtype=dtype) for _ in range(2))
+    q, k, v = _leaves(q, k, v)
+    nbytes = 4 * (q.numel() + k.numel()) * q.element_size()  # read q, k, v, o, do; write dq, dk, dv
     flops = 2.5 * 4 * B * H * T * T * D / (2 if causal else 1)  # 5 matmuls (scores recomputed) vs the forward's 2
     ours = _backward_of(lambda: ops.attention(q, k, v, causal=causal), (q, k, v), do)
 
@@ -192,11 +202,12 @@ def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION
 
         with sdpa_kernel(getattr(SDPBackend, backend)):  # the forward picks the backend, and so its backward
             out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                                                                   is_causal=causal)
+                                                                   is_causal=causal, enable_gqa=kv_group > 1)
         return out.transpose(1, 2)
 
     name = SDPA_PEERS[backend]
-    return ours, _backward_of(forward, (q, k, v), do), name, nbytes, flops, dict(B=B, T=T, H=H, D=D, causal=causal)
+    return ours, _backward_of(forward, (q, k, v), do), name, nbytes, flops, _attention_shape(B, T, H, D, causal,
+                                                                                            kv_group)
 
 
 def _gemm_bwd_case(B, T, H, D, dtype, n=4096, device="cuda"):
@@ -234,6 +245,9 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "linear_attention-bwd": _linear_attention_bwd_case, "ssd-bwd": _ssd_bwd_case,
          "attention-bwd": _attention_bwd_case,
          "attention-bwd-flash2": functools.partial(_attention_bwd_case, backend="FLASH_ATTENTION"),
+         # grouped-query rows (issue 24's bar: H = 32, H_kv = 8)
+         "attention-gqa": functools.partial(_attention_case, kv_group=4),
+         "attention-gqa-bwd": functools.partial(_attention_bwd_case, kv_group=4),
          "gemm-bwd": _gemm_bwd_case}
 
 
@@ -263,8 +277,16 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tupl
     return rows
 
 
+GQA_SHAPE = (4, 4096, 32, 128)
+
+
 def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
-    return [(name, *(ATTENTION_SHAPE if name.startswith("attention") else SHAPE)) for name in names or list(CASES)]
+    def shape(name):
+        if "gqa" in name.split("-"):
+            return GQA_SHAPE
+        return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
+
+    return [(name, *shape(name)) for name in names or list(CASES)]
 
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,

@@ -142,3 +142,18 @@ def test_gpu_gqa_matches_interpreter(T, H, H_kv, causal, target, monkeypatch):
     for ours, interp in zip(*results):
         assert not ours.isnan().any()
         assert rel_err(ours, interp.double().numpy()) <= bound(torch.bfloat16)
+
+
+def test_bench_has_grouped_query_rows():
+    """``tilemix bench attention-gqa attention-gqa-bwd`` time H = 32 query heads on 8 kv heads beside
+    SDPA's ``enable_gqa``; the backward case (CPU stand-in: the interpreter at a small shape) returns
+    gradients of k and v per kv head."""
+    from tilemix.bench import bench
+
+    assert {row[0]: row[1:] for row in bench.default_rows(["attention-gqa", "attention-gqa-bwd"])} == {
+        "attention-gqa": bench.GQA_SHAPE, "attention-gqa-bwd": bench.GQA_SHAPE}
+    assert bench.direction("attention-gqa-bwd") == "bwd"
+    ours, _, peer, nbytes, flops, shape = bench.CASES["attention-gqa-bwd"](1, 70, 8, 16, torch.float32, device="cpu")
+    dq, dk, dv = ours()
+    assert dq.shape == (1, 70, 8, 16) and dk.shape == dv.shape == (1, 70, 2, 16)
+    assert shape == dict(B=1, T=70, H=8, H_kv=2, gqa=True, D=16, causal=True) and peer == "sdpa-cudnn"
