@@ -82,14 +82,13 @@ class MultiHeadAttention(nn.Module):
 def _attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last ``Tq`` positions' queries ``[B, Tq, H, D]`` to all ``Tk`` keys
     (``[B, Tk, H_kv, D]``, the queries' own last): each query sees the keys up to its own position.
-    In torch (float32 arithmetic for 16-bit inputs), until a KV-cache decode kernel exists."""
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    Tq, Tk, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
-    q = q.unflatten(2, (k.shape[2], group)).to(work)  # [B, Tq, H_kv, group, D]
-    scores = torch.einsum("bqhgd,bkhd->bhgqk", q, k.to(work)) * q.shape[-1] ** -0.5
-    later = torch.arange(Tk, device=q.device) > torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-    p = scores.masked_fill(later, float("-inf")).softmax(-1)
-    return torch.einsum("bhgqk,bkhv->bqhgv", p, v.to(work)).flatten(2, 3).to(v.dtype)
+    Torch's SDPA, until a KV-cache decode kernel exists."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    positions = torch.arange(Tk, device=q.device)
+    mask = None if Tq == 1 else positions <= positions[Tk - Tq:, None]  # key j visible to query i
+    o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                       enable_gqa=k.shape[2] != q.shape[2])
+    return o.transpose(1, 2)
 
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
