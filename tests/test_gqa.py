@@ -90,6 +90,21 @@ def test_kv_heads_must_divide_query_heads():
         reference.attention(q, _qkv(10, 4, 3)[1], v)
 
 
+@pytest.mark.parametrize("D, chunk", [(128, None), (256, 64)])
+def test_gqa_programs_take_the_forward_choices(D, chunk):
+    """The derived forward programs keep the declared key chunk (64 keys beyond head dim 128) and the
+    generic target's block shapes."""
+    import importlib
+
+    from tilemix.codegen import schedule
+
+    at = importlib.import_module("tilemix.ops.attention")
+    x = torch.zeros(1, 64, 1, D)
+    for plain, grouped in ((at.attention_fwd, at.attention_fwd_gqa), (at.attention_fwd_lse, at.attention_fwd_lse_gqa)):
+        assert schedule.call_consts(grouped, dict(q=x, v=x)).get("chunk") == chunk
+        assert grouped.target_consts == plain.target_consts != {}
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_gqa_programs_lower_for_sm90a(causal):
     """The grouped programs at the GQA bench shape (H = 32, H_kv = 8, D = 128) compile for sm_90a:
