@@ -1,0 +1,129 @@
+"""Context parallelism (ops/context_parallel.py): with the sequence sharded over 2, 3 and 4 gloo
+processes on the CPU (uneven slices, lengths that are not multiples of 64), every rank's outputs, the
+final state and every gradient equal the single-process op's (float64 interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tilemix.ops import attention, linear_attention, ssd
+from tilemix.ops.context_parallel import attention_cp, linear_attention_cp, ssd_cp, zigzag_shard, zigzag_unshard
+
+TOLERANCE = 1e-9
+SLICES = {2: [70, 45], 3: [37, 90, 50], 4: [37, 70, 50, 29]}  # tokens per rank, none a multiple of 64
+CHUNK = 13  # causal ring attention: 2W zig-zag chunks of this many tokens
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
+def _reference(fn, inputs: dict, upstream: tuple) -> tuple[tuple, dict]:
+    """``fn(**inputs)``'s outputs and the gradients of Σ output·upstream for every input that is a tensor."""
+    leaves = {n: t.clone().requires_grad_(True) for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+    outputs = fn(**{**inputs, **leaves})
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    sum(((o * u).sum() for o, u in zip(outputs, upstream) if u is not None), torch.zeros(())).backward()
+    return tuple(o.detach() for o in outputs), {n: t.grad for n, t in leaves.items()}
+
+
+def _cases(world: int) -> dict:
+    """Whole-sequence inputs, upstream gradients and the single-process results for each op."""
+    g = torch.Generator().manual_seed(world)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    T = sum(SLICES[world])
+    la = dict(q=rnd(1, T, 2, 8), k=rnd(1, T, 2, 8), v=rnd(1, T, 2, 12), scale=0.3, initial_state=rnd(1, 2, 8, 12),
+              output_final_state=True)
+    la_up = (rnd(1, T, 2, 12), rnd(1, 2, 8, 12))
+    ssd_in = dict(x=rnd(1, T, 4, 8), dt=torch.rand(1, T, 4, generator=g, dtype=torch.float64) * 0.5,
+                  A=-torch.rand(4, generator=g, dtype=torch.float64) * 2, B=rnd(1, T, 2, 8), C=rnd(1, T, 2, 8),
+                  D=rnd(4), initial_state=rnd(1, 4, 8, 8), output_final_state=True)
+    ssd_up = (rnd(1, T, 4, 8), rnd(1, 4, 8, 8))
+    Ta = 2 * world * CHUNK
+    attn = {causal: dict(q=rnd(1, Ta, 2, 8), k=rnd(1, Ta, 2, 8), v=rnd(1, Ta, 2, 6), causal=causal, scale=0.4)
+            for causal in (True, False)}
+    attn_up = {causal: (rnd(1, Ta, 2, 6),) for causal in (True, False)}
+    return dict(
+        linear_attention=(la, la_up, _reference(linear_attention, la, la_up)),
+        ssd=(ssd_in, ssd_up, _reference(ssd, ssd_in, ssd_up)),
+        attention={c: (attn[c], attn_up[c], _reference(attention, attn[c], attn_up[c])) for c in (True, False)})
+
+
+def _check_scan(rank: int, world: int, fn, case, sequence: tuple[str, ...], whole: tuple[str, ...]) -> None:
+    """``fn`` on this rank's slice of the ``sequence`` inputs matches the single-process results: the output
+    slice, the final state, the slices of the sequence inputs' gradients, ``initial_state``'s gradient
+    (on rank 0) and, summed over the ranks, the gradients of the ``whole`` inputs (A, D)."""
+    inputs, (d_out, d_final), ((out, final), grads) = case
+    start, length = sum(SLICES[world][:rank]), SLICES[world][rank]
+    local = {n: (t[:, start:start + length] if n in sequence else t) for n, t in inputs.items()}
+    if rank:
+        local["initial_state"] = None
+    leaves = {n: t.clone().requires_grad_(True) for n, t in local.items() if isinstance(t, torch.Tensor)}
+    got, got_final = fn(**{**local, **leaves})
+    upstream_final = d_final if rank == world - 1 else torch.zeros_like(d_final)  # its gradient on one rank
+    ((got * d_out[:, start:start + length]).sum() + (got_final * upstream_final).sum()).backward()
+    assert _rel(got, out[:, start:start + length]) <= TOLERANCE
+    assert _rel(got_final, final) <= TOLERANCE
+    for name in sequence:
+        assert _rel(leaves[name].grad, grads[name][:, start:start + length]) <= TOLERANCE, name
+    for name in whole:
+        summed = leaves[name].grad.clone()
+        dist.all_reduce(summed)
+        assert _rel(summed, grads[name]) <= TOLERANCE, name
+    if rank == 0:
+        assert _rel(leaves["initial_state"].grad, grads["initial_state"]) <= TOLERANCE
+
+
+def _check_attention(rank: int, world: int, case) -> None:
+    """Ring attention on this rank's tokens (zig-zag when causal, else contiguous) matches the
+    single-process output and q, k, v gradients on those tokens."""
+    inputs, (d_out,), ((out,), grads) = case
+    if inputs["causal"]:
+        shard = lambda t: zigzag_shard(t, rank, world)  # noqa: E731
+    else:
+        shard = lambda t: t.chunk(world, 1)[rank]  # noqa: E731
+    leaves = {n: shard(inputs[n]).clone().requires_grad_(True) for n in ("q", "k", "v")}
+    got = attention_cp(**leaves, causal=inputs["causal"], scale=inputs["scale"])
+    (got * shard(d_out)).sum().backward()
+    assert _rel(got, shard(out)) <= TOLERANCE
+    for name, leaf in leaves.items():
+        assert _rel(leaf.grad, shard(grads[name])) <= TOLERANCE, name
+
+
+def _worker(rank: int, world: int, init_file: str, cases: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _check_scan(rank, world, linear_attention_cp, cases["linear_attention"], ("q", "k", "v"), ())
+        _check_scan(rank, world, ssd_cp, cases["ssd"], ("x", "dt", "B", "C"), ("A", "D"))
+        for case in cases["attention"].values():
+            _check_attention(rank, world, case)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_context_parallel_matches_the_single_process_ops(world, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), _cases(world)), nprocs=world)
+
+
+def test_zigzag_unshard_inverts_zigzag_shard():
+    x = torch.arange(2 * 36 * 3).reshape(2, 36, 3)
+    shards = [zigzag_shard(x, rank, 3) for rank in range(3)]
+    assert shards[0][:, :6].equal(x[:, :6]) and shards[0][:, 6:].equal(x[:, 30:])  # chunks 0 and 5
+    assert zigzag_unshard(shards).equal(x)
+
+
+def test_bad_sharding_is_a_clear_error():
+    with pytest.raises(ValueError, match="x: zig-zag sharding over 3 ranks"):
+        zigzag_shard(torch.zeros(1, 20, 2), 0, 3)
+    q = torch.zeros(1, 7, 2, 8)
+    with pytest.raises(ValueError, match="q: causal ring attention needs an even number"):
+        attention_cp(q, q, q, causal=True)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        linear_attention_cp(q, q, q)
