@@ -70,11 +70,11 @@ class _RingAttention(torch.autograd.Function):
         rank, world = rank_and_size(ctx.group)
         length, do = q.shape[1], do.contiguous()
         work = lse.dtype
-        dq = torch.zeros(q.shape, dtype=work, device=q.device)
-        block = (k, v, torch.zeros(k.shape, dtype=work, device=k.device), torch.zeros(v.shape, dtype=work, device=v.device))
+        dq = torch.zeros_like(q, dtype=work)
+        kb, vb, dk, dv = k, v, torch.zeros_like(k, dtype=work), torch.zeros_like(v, dtype=work)
         with use_target(ctx.target):
             for step in range(world):
-                kb, vb, dk, dv = block
+                transfer = ring_pass([kb, vb], ctx.group) if step < world - 1 else None  # overlaps the compute
                 for qs, ks, block_causal in _blocks(rank, (rank - step) % world, ctx.causal, length):
                     args = (q[:, qs].contiguous(), kb[:, ks].contiguous(), vb[:, ks].contiguous(),
                             do[:, qs].contiguous(), lse[:, qs].contiguous(), block_causal, ctx.scale)
@@ -83,9 +83,10 @@ class _RingAttention(torch.autograd.Function):
                     dq[:, qs] += dq_part
                     dk[:, ks] += dk_part
                     dv[:, ks] += dv_part
-                # the gradients go on with their block; after the last step only they travel, home
-                block = tuple(ring_pass([kb, vb, dk, dv] if step < world - 1 else [dk, dv], ctx.group).wait())
-        dk, dv = block[-2:]
+                # the gradients go on with their block (after the last step, home)
+                dk, dv = ring_pass([dk, dv], ctx.group).wait()
+                if transfer is not None:
+                    kb, vb = transfer.wait()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 

@@ -1,6 +1,8 @@
-"""Context parallelism (ops/context_parallel.py): with the sequence sharded over 2, 3 and 4 gloo
-processes on the CPU (uneven slices, lengths that are not multiples of 64), every rank's outputs, the
-final state and every gradient equal the single-process op's (float64 interpreter)."""
+"""Context parallelism (ops/context_parallel.py): with the sequence sharded over process groups of 2,
+3 and 4 gloo processes on the CPU (uneven slices, lengths that are not multiples of 64), every rank's
+outputs, the final state and every gradient equal the single-process op's (float64 interpreter).
+One spawn of 4 processes serves all three groups (2 and 3 as subgroups, 4 as the default group):
+each process imports tilemix and traces its programs once."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from tilemix.ops import attention, linear_attention, ssd
 from tilemix.ops.context_parallel import attention_cp, linear_attention_cp, ssd_cp, zigzag_shard, zigzag_unshard
 
 TOLERANCE = 1e-9
-SLICES = {2: [70, 45], 3: [37, 90, 50], 4: [37, 70, 50, 29]}  # tokens per rank, none a multiple of 64
+PROCESSES = 4
+LENGTHS = [70, 45, 37, 29]  # scan tokens held by each process, none a multiple of 64
+GROUPS = ((0, 1), (1, 2, 3), None)  # the process groups the ops run over (None: the default group, all 4)
 CHUNK = 13  # causal ring attention: 2W zig-zag chunks of this many tokens
 
 
@@ -30,14 +34,20 @@ def _reference(fn, inputs: dict, upstream: tuple) -> tuple[tuple, dict]:
     return tuple(o.detach() for o in outputs), {n: t.grad for n, t in leaves.items()}
 
 
-def _cases(world: int) -> dict:
-    """Whole-sequence inputs, upstream gradients and the single-process results for each op."""
+def _members(group: tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(range(PROCESSES)) if group is None else group
+
+
+def _cases(group: tuple[int, ...] | None) -> dict:
+    """Whole-sequence inputs, upstream gradients and the single-process results for each op over ``group``."""
+    members = _members(group)
+    world = len(members)
     g = torch.Generator().manual_seed(world)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
-    T = sum(SLICES[world])
+    T = sum(LENGTHS[m] for m in members)
     la = dict(q=rnd(1, T, 2, 8), k=rnd(1, T, 2, 8), v=rnd(1, T, 2, 12), scale=0.3, initial_state=rnd(1, 2, 8, 12),
               output_final_state=True)
     la_up = (rnd(1, T, 2, 12), rnd(1, 2, 8, 12))
@@ -55,18 +65,19 @@ def _cases(world: int) -> dict:
         attention={c: (attn[c], attn_up[c], _reference(attention, attn[c], attn_up[c])) for c in (True, False)})
 
 
-def _check_scan(rank: int, world: int, fn, case, sequence: tuple[str, ...], whole: tuple[str, ...]) -> None:
+def _check_scan(rank: int, slices: list[int], group, fn, case, sequence: tuple[str, ...],
+                whole: tuple[str, ...]) -> None:
     """``fn`` on this rank's slice of the ``sequence`` inputs matches the single-process results: the output
     slice, the final state, the slices of the sequence inputs' gradients, ``initial_state``'s gradient
     (on rank 0) and, summed over the ranks, the gradients of the ``whole`` inputs (A, D)."""
     inputs, (d_out, d_final), ((out, final), grads) = case
-    start, length = sum(SLICES[world][:rank]), SLICES[world][rank]
+    start, length = sum(slices[:rank]), slices[rank]
     local = {n: (t[:, start:start + length] if n in sequence else t) for n, t in inputs.items()}
     if rank:
         local["initial_state"] = None
     leaves = {n: t.clone().requires_grad_(True) for n, t in local.items() if isinstance(t, torch.Tensor)}
-    got, got_final = fn(**{**local, **leaves})
-    upstream_final = d_final if rank == world - 1 else torch.zeros_like(d_final)  # its gradient on one rank
+    got, got_final = fn(**{**local, **leaves}, group=group)
+    upstream_final = d_final if rank == len(slices) - 1 else torch.zeros_like(d_final)  # its gradient on one rank
     ((got * d_out[:, start:start + length]).sum() + (got_final * upstream_final).sum()).backward()
     assert _rel(got, out[:, start:start + length]) <= TOLERANCE
     assert _rel(got_final, final) <= TOLERANCE
@@ -74,13 +85,13 @@ def _check_scan(rank: int, world: int, fn, case, sequence: tuple[str, ...], whol
         assert _rel(leaves[name].grad, grads[name][:, start:start + length]) <= TOLERANCE, name
     for name in whole:
         summed = leaves[name].grad.clone()
-        dist.all_reduce(summed)
+        dist.all_reduce(summed, group=group)
         assert _rel(summed, grads[name]) <= TOLERANCE, name
     if rank == 0:
         assert _rel(leaves["initial_state"].grad, grads["initial_state"]) <= TOLERANCE
 
 
-def _check_attention(rank: int, world: int, case) -> None:
+def _check_attention(rank: int, world: int, group, case) -> None:
     """Ring attention on this rank's tokens (zig-zag when causal, else contiguous) matches the
     single-process output and q, k, v gradients on those tokens."""
     inputs, (d_out,), ((out,), grads) = case
@@ -89,27 +100,31 @@ def _check_attention(rank: int, world: int, case) -> None:
     else:
         shard = lambda t: t.chunk(world, 1)[rank]  # noqa: E731
     leaves = {n: shard(inputs[n]).clone().requires_grad_(True) for n in ("q", "k", "v")}
-    got = attention_cp(**leaves, causal=inputs["causal"], scale=inputs["scale"])
+    got = attention_cp(**leaves, causal=inputs["causal"], scale=inputs["scale"], group=group)
     (got * shard(d_out)).sum().backward()
     assert _rel(got, shard(out)) <= TOLERANCE
     for name, leaf in leaves.items():
         assert _rel(leaf.grad, shard(grads[name])) <= TOLERANCE, name
 
 
-def _worker(rank: int, world: int, init_file: str, cases: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(process: int, init_file: str, cases: list[dict]) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=process, world_size=PROCESSES)
     try:
-        _check_scan(rank, world, linear_attention_cp, cases["linear_attention"], ("q", "k", "v"), ())
-        _check_scan(rank, world, ssd_cp, cases["ssd"], ("x", "dt", "B", "C"), ("A", "D"))
-        for case in cases["attention"].values():
-            _check_attention(rank, world, case)
+        for members, case in zip(GROUPS, cases):
+            group = None if members is None else dist.new_group(list(members))  # every process creates each
+            if process not in _members(members):
+                continue
+            rank, slices = _members(members).index(process), [LENGTHS[m] for m in _members(members)]
+            _check_scan(rank, slices, group, linear_attention_cp, case["linear_attention"], ("q", "k", "v"), ())
+            _check_scan(rank, slices, group, ssd_cp, case["ssd"], ("x", "dt", "B", "C"), ("A", "D"))
+            for attention_case in case["attention"].values():
+                _check_attention(rank, len(slices), group, attention_case)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_context_parallel_matches_the_single_process_ops(world, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous"), _cases(world)), nprocs=world)
+def test_context_parallel_matches_the_single_process_ops_over_2_3_and_4_ranks(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), [_cases(group) for group in GROUPS]), nprocs=PROCESSES)
 
 
 def test_zigzag_unshard_inverts_zigzag_shard():
