@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tilemix.ops import attention, linear_attention, ssd
-from tilemix.ops.context_parallel import attention_cp, linear_attention_cp, ssd_cp, zigzag_shard, zigzag_unshard
+from tilemix.ops import attention, attention_cp, linear_attention, linear_attention_cp, ssd, ssd_cp
+from tilemix.ops.context_parallel import zigzag_shard, zigzag_unshard
 
 TOLERANCE = 1e-9
 PROCESSES = 4
