@@ -142,3 +142,23 @@ def test_bad_sharding_is_a_clear_error():
         attention_cp(q, q, q, causal=True)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         linear_attention_cp(q, q, q)
+
+
+def test_cp_bench_times_every_row_over_gloo_processes(tmp_path):
+    from tilemix.bench.cp import run_cp_bench
+
+    rows = (("linear_attention", "weak", 1, 70, 2, 16), ("ssd", "weak", 1, 70, 2, 16),
+            ("attention", "strong", 1, 52, 2, 16))
+    records = run_cp_bench(world_sizes=(2,), rows=rows, device="cpu", reps=1, json_path=str(tmp_path / "cp.json"))
+    assert [(r["op"], r["world_size"], r["shape"]["T"]) for r in records] == [
+        ("linear_attention", 2, 140), ("ssd", 2, 140), ("attention", 2, 52)]
+    assert all(r["efficiency"] > 0 and r["ms"] > 0 for r in records)
+    assert "records" in (tmp_path / "cp.json").read_text()
+
+
+def test_cp_bench_explains_missing_gpus(monkeypatch, capsys):
+    from tilemix.bench.cp import run_cp_bench
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert run_cp_bench() is None
+    assert "needs at least 2 CUDA GPUs on one host (found 1)" in capsys.readouterr().out
