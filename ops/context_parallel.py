@@ -20,8 +20,9 @@ backward then takes like the single-GPU op's.
 ``output_final_state``: every rank returns the global final state (the last rank's, which every
 rank computes from the gathered states); its gradients from all ranks are summed, so give it its
 gradient on one rank. ``initial_state`` is read on rank 0 (the others may pass None) and its
-gradient arrives there. Every rank must call the op and backpropagate through its outputs (the
-exchange is a collective in both directions)."""
+gradient arrives there. Inputs every rank holds whole (SSD's A and D) get each rank's share of their
+gradient: sum it over the ranks (as DistributedDataParallel does). Every rank must call the op and
+backpropagate through its outputs (the exchange is a collective in both directions)."""
 
 from __future__ import annotations
 
