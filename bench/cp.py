@@ -72,7 +72,8 @@ def _seconds(step: Callable[[], None], device: str, reps: int, together: bool = 
     for _ in range(reps):
         step()
     sync()
-    elapsed = torch.tensor([(time.perf_counter() - start) / reps], dtype=torch.float64)
+    seconds = (time.perf_counter() - start) / reps
+    elapsed = torch.tensor([seconds], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
     if together:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return elapsed.item()
