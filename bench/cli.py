@@ -18,6 +18,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from tilemix.bench.bench import CASES, run_bench
 
+    if args.cp:
+        from tilemix.bench.cp import run_cp_bench
+
+        return 0 if run_cp_bench(json_path=None if args.json == "auto" else args.json) is not None else 1
     unknown = sorted(name for name in args.ops if name not in CASES and ":" not in name)  # module:kernel: a program
     if unknown:  # before anything asks for a GPU
         print(f"tilemix bench: unknown op(s) {unknown}; expected some of {sorted(CASES)}", file=sys.stderr)
@@ -307,6 +311,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the backend our ops run on (generic: the mma.sync kernels, also on an H100)")
     bench.add_argument("--no-peers", action="store_true",
                        help="time our ops only (no peer columns): skips fla's minutes of first-call autotuning")
+    bench.add_argument("--cp", action="store_true",
+                       help="context parallelism over this host's GPUs (NCCL): weak scaling of linear_attention and "
+                            "ssd, strong scaling of causal ring attention, forward + backward (--json PATH: records)")
     bench.set_defaults(run=_cmd_bench)
     plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
     plot.add_argument("json")

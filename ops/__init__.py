@@ -13,6 +13,7 @@ from tilemix.tiles import __version__
 
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
+from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
@@ -35,4 +36,4 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
 __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
            "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "HybridLM", "use_target", "custom_op",
-           "run", "mixer", "Mixer"]
+           "run", "mixer", "Mixer", "linear_attention_cp", "ssd_cp", "attention_cp"]
