@@ -33,7 +33,7 @@ from tilemix.tiles.ir import Loop, Op, Program
 from .emit import ctype
 from .knobs import SMEM_LIMITS, Schedule
 from .lowering import Lowering, lower
-from .op_emitters import OP_EMITTERS, emit_store_col
+from .op_emitters import OP_EMITTERS, emit_store_chunk_state, emit_store_col
 from .source import KernelSource, ParamKind
 from .structure import CONSUMER_THREADS, PANEL
 
@@ -49,6 +49,9 @@ def emit_store_copy(lw: GenericLowering, op: Op, decl: str, out: str, ind: int):
     name, t = op.attrs["param"], value.type
     if t.cols == 1 and lw.program.param(name).spec.kind == "seq":
         emit_store_col(lw, op, ind)
+        return
+    if lw.program.param(name).spec.kind == "chunk_state":
+        emit_store_chunk_state(lw, op, ind)
         return
     if t.cols % PANEL:
         lw.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)

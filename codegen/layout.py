@@ -78,7 +78,8 @@ def plan_shared_memory(plan: KernelPlan, live: Liveness, issue: IssuePlan | None
         col_offset[op] = col_stage_bytes
         col_stage_bytes += plan.load_bytes(op)
     col_ring = alloc(col_stage_bytes * stages, 16) if plan.col_loads else 0
-    stores = tuple(op for op in plan.program.walk() if op.name == "store" and op.operands[0].type.cols > 1)
+    stores = tuple(op for op in plan.program.walk() if op.name == "store" and op.operands[0].type.cols > 1
+                   and plan.program.param(op.attrs["param"]).spec.kind != "chunk_state")
     store_rows = max((op.operands[0].type.rows for op in stores), default=0)
     store_buffers = min(max_store_buffers, max((op.operands[0].type.cols // PANEL for op in stores), default=1))
     store_offset = alloc(store_rows * 128 * store_buffers * plan.schedule.consumers)

@@ -173,6 +173,10 @@ class Lowering(Emitter):
             elif kind == "scalar":
                 args.append(f"float arg_{p.name}")
                 order.append((ParamKind.SCALAR, p.name))
+            elif kind == "chunk_state":
+                args.append(f"float* __restrict__ out_{p.name}" if p.spec.output
+                            else f"const float* __restrict__ ptr_{p.name}")
+                order.append((ParamKind.CHUNK_STATE, p.name))
             else:
                 self.fail(f"parameter kind {kind} is not lowered yet")
         args += [f"int {d}" for d in self.plan.size_args]

@@ -23,6 +23,7 @@ class ParamKind(str, Enum):
     F32 = "f32"  # the address of an fp32 input (per-token or per-head values)
     STATE = "state"  # the addresses of a state's initial value (or null) and its final value
     SCALAR = "scalar"  # a float passed by value
+    CHUNK_STATE = "chunk_state"  # the address of an fp32 [B, H, NC, r, c] tile per chunk (input or output)
 
 
 @dataclass

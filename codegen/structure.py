@@ -147,7 +147,8 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
     loop = loops[0] if loops else None
     if loop is not None and any(isinstance(op, Loop) for op in loop.body):
         fail(target, "loops nested in a chunks() loop are not lowered yet", program, loop)
-    tile_loads = lambda ops: tuple(op for op in ops if op.name == "load" and op.result.type.cols > 1)  # noqa: E731
+    tile_loads = lambda ops: tuple(op for op in ops if op.name == "load" and op.result.type.cols > 1  # noqa: E731
+                                   and program.param(op.attrs["param"]).spec.kind != "chunk_state")
     in_loop = loop.body if loop is not None else []
     col_loads = tuple(op for op in in_loop if op.name == "load" and op.result.type.cols == 1
                       and op.operands[0] is loop.index and program.param(op.attrs["param"]).spec.kind == "seq")

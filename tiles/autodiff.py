@@ -27,10 +27,11 @@ Anything else (a ``blocks`` grid, nested or several loops, ``through=``/``start=
 after the loop, ``Matrix`` parameters, an op without an adjoint rule) raises ``TileError`` naming
 the op and the user's line: never a wrong gradient.
 
-For the GPU (not done here): the lowering needs ``ChunkState`` loads and stores (an ``r x c``
-fp32 tile at ``[b, h, c]``); the reverse program carries the state gradients and the preamble
-accumulators in registers as a forward carries its state. It cannot take the forward's column
-split as it is (input gradients contract the state's columns).
+On the GPU the code generator lowers ``ChunkState`` loads and stores as fp32 register tiles at
+``[b, h, c]``; ``Backward.kernels`` gives the two programs as ``DerivedKernel``s, which the
+schedule choice, the compile cache and the launch take as they take a ``Kernel``. The reverse
+program cannot take the forward's column split as it is (input gradients contract the state's
+columns): at wide head dims the caller runs it per column block of the inputs instead.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ from .interpret import interpret
 from .ir import Loop, Op, Program, Value
 from .params import Binding, BoundParam, ParamSpec
 from .passes import simplify
+from .targets import get_target
 from .types import DType, Space, TileType
 from .verify import verify
 
-__all__ = ["Backward", "derive_backward", "gradients"]
+__all__ = ["Backward", "DerivedKernel", "derive_backward", "gradients"]
 
 _PARAM_READS = ("load", "read_param", "scalar_param", "load_state")
 
@@ -348,6 +350,13 @@ class Backward:
                           binding.values)
         return states, reverse
 
+    def kernels(self, kernel, binding: Binding) -> tuple[DerivedKernel | None, DerivedKernel]:
+        """(states, reverse) as kernels the code generator launches with ``bindings(binding)``;
+        ``kernel``: the forward's, ``binding``: the forward call's (the one that derived this)."""
+        parts = ("states", "reverse") if self.states is not None else (None, "reverse")
+        return tuple(None if part is None else _derived_kernel(kernel, binding, part, self.wrt, self.grads_given)
+                     for part in parts)
+
     def run(self, binding: Binding, inputs: dict[str, Any], output_grads: dict[str, Any]) -> dict[str, np.ndarray]:
         """Gradients by input name on the CPU interpreter, in the inputs' layouts (``Head`` summed
         over the batch, ``GroupSeq`` over each group's heads, ``Scalar`` a 0-d array), as fp32
@@ -362,6 +371,45 @@ class Backward:
         args.update({f"d_{name}": output_grads[name] for name in self.grads_given})
         raw = interpret(self.reverse, reverse_binding, args)
         return {name: _reduce_grad(binding.param(name), raw[f"d_{name}"], binding.sizes) for name in self.wrt}
+
+
+class DerivedKernel:
+    """One derived program (``part``: "states" or "reverse") of ``kernel``'s backward at one forward
+    call, standing where a ``Kernel`` does for the code generator: ``trace`` takes the derived
+    program's binding (``Backward.bindings``) and derives again at its static sizes, so a schedule
+    that traces at other widths (``splittable``'s probe) gets the program derived at those."""
+
+    def __init__(self, kernel, forward_binding: Binding, part: str, wrt: tuple[str, ...],
+                 grads_given: tuple[str, ...]):
+        self.kernel, self.forward_binding, self.part = kernel, forward_binding, part
+        self.wrt, self.grads_given = wrt, grads_given
+        self.name = f"{kernel.name}_{'states' if part == 'states' else 'bwd'}"
+        self.specs: dict[str, ParamSpec] = {}  # declares no Const parameters of its own
+        self._programs: dict[tuple, Program] = {}
+
+    def trace(self, binding: Binding, target="cpu") -> Program:
+        """The derived program at ``binding``'s static sizes, verified for ``target``."""
+        target = get_target(target)
+        key = (binding.key(), target.name)
+        if key not in self._programs:
+            forward = replace(self.forward_binding, static=dict(binding.static))
+            backward = derive_backward(self.kernel, forward, self.grads_given, self.wrt)
+            program = backward.states if self.part == "states" else backward.reverse
+            self._programs[key] = verify(program, target)
+        return self._programs[key]
+
+
+_KERNELS: dict[tuple, DerivedKernel] = {}
+
+
+def _derived_kernel(kernel, binding: Binding, part: str, wrt: tuple[str, ...],
+                    grads_given: tuple[str, ...]) -> DerivedKernel:
+    """One ``DerivedKernel`` per forward specialisation and part: the launch caches compiled kernels
+    by the kernel's identity."""
+    key = (kernel, binding.key(), part, wrt, grads_given)
+    if key not in _KERNELS:
+        _KERNELS[key] = DerivedKernel(kernel, binding, part, wrt, grads_given)
+    return _KERNELS[key]
 
 
 def _reduce_grad(param: BoundParam, g: np.ndarray, sizes: dict[str, int]) -> np.ndarray:
