@@ -234,5 +234,9 @@ class Launch:
                            np.uint64(final.data_ptr() if final is not None else 0)]
             elif kind is ParamKind.SCALAR:
                 params.append(np.float32(value))
+            elif kind is ParamKind.CHUNK_STATE:  # fp32 [B, H, NC, r, c]: read as given, or written
+                t = outputs[name] if value is None else value.to(torch.float32).contiguous()
+                keep_alive.append(t)
+                params.append(np.uint64(t.data_ptr()))
         self.plan.function(self.grid, (source.threads, 1, 1), (*params, *self.size_args),
                            shared_mem=source.smem_bytes, stream=_stream(_current_stream(self.device)))

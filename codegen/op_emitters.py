@@ -44,17 +44,19 @@ def chunk_state_at(lw: Lowering, op: Op) -> str:
     """The address of the fp32 tile a ``ChunkState`` load or store ``op`` reads or writes: the chunk
     ``[b, h, c]`` of ``[B, H, NC, r, c]``."""
     name, index = op.attrs["param"], op.operands[-1]
-    rows, cols = lw.program.param(name).spec.dims
+    rows = (op.result if op.name == "load" else op.operands[0]).type.rows
     prefix = "out" if lw.program.param(name).spec.output else "ptr"
     chunks = f"((T + {lw.plan.loop.size - 1}) / {lw.plan.loop.size})"
-    return f"{prefix}_{name} + (((long)b * H + h) * {chunks} + {lw.plan.index_name[index.id]}) * {rows * cols}"
+    return (f"{prefix}_{name} + (((long)b * H + h) * {chunks} + {lw.plan.index_name[index.id]}) * "
+            f"{rows * _state_ld(lw, name)} + {_state_col0(lw, name)}")
 
 
 def emit_store_chunk_state(lw: Lowering, op: Op, ind: int):
     """A carried tile saved for its chunk (``ChunkState`` output): plain fp32 stores from registers."""
     value = op.operands[0]
     lw.wait_for([value], ind)
-    lw.emit(f"tm::store_f32({chunk_state_at(lw, op)}, {value.type.cols}, {lw.reg(value, ind)});", ind)
+    lw.emit(f"tm::store_f32({chunk_state_at(lw, op)}, {_state_ld(lw, op.attrs['param'])}, {lw.reg(value, ind)});",
+            ind)
 
 
 def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -63,7 +65,7 @@ def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     state (``ChunkState``, fp32) straight into registers."""
     param, t, layout = lw.program.param(op.attrs["param"]), op.result.type, lw.layout
     if param.spec.kind == "chunk_state":
-        lw.emit(f"{decl} tm::load_f32({out}, {chunk_state_at(lw, op)}, {t.cols});", ind)
+        lw.emit(f"{decl} tm::load_f32({out}, {chunk_state_at(lw, op)}, {_state_ld(lw, param.name)});", ind)
         return
     if t.cols > 1:
         mine = f" + wg * {t.rows * t.cols * 2}" if lw.plan.per_consumer(op) else ""

@@ -93,6 +93,8 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
     reduction runs along it."""
     probe = _probe_size(binding)
     traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
+    if any(p.spec.kind == "chunk_state" and probe in p.spec.dims for p in traced.params):
+        return False  # a saved chunk state's shape is fixed by the call that derived it: no column blocks
     for op in traced.walk():
         if op.name == "matmul":
             a = op.operands[0].type

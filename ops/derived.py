@@ -1,6 +1,6 @@
 """Gradients of a tile program from its derived backward (``tilemix.tiles.autodiff``) on torch
 tensors: what ``mixer``'s autograd and the shipped ops' ``backward="derived"`` run. CPU tensors
-run the derived programs on the interpreter; CUDA tensors need their GPU lowering (not yet)."""
+run the derived programs on the interpreter; CUDA tensors run them as GPU kernels (``derived_cuda``)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tilemix.tiles import Kernel
 from tilemix.tiles.autodiff import derive_backward
 from tilemix.tiles.types import DType
 
+from .derived_cuda import derived_gradients_cuda
 from .runtime import check_devices
 
 __all__ = ["derived_gradients"]
@@ -29,7 +30,7 @@ def derived_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[s
     tensors = {n: v for n, v in args.items() if isinstance(v, torch.Tensor)}
     device = check_devices({**tensors, **output_grads}, {})
     if device.type == "cuda":
-        return _on_gpu(kernel, args, output_grads, wrt)
+        return derived_gradients_cuda(kernel, args, output_grads, wrt)
     if device.type != "cpu":
         raise RuntimeError(f"{kernel.name}: no backend for {device} tensors")
     binding = kernel.bind(args)
@@ -44,11 +45,3 @@ def derived_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[s
     # copies (never a view of an incoming gradient), in each input's dtype
     return {n: torch.from_numpy(np.array(g)).to(tensors[n].dtype) for n, g in grads.items()}
 
-
-def _on_gpu(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
-            wrt: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The derived programs as GPU kernels: the code generator does not lower them yet."""
-    raise RuntimeError(
-        f"{kernel.name}: derived backward programs do not run on the GPU yet: the code generator does not lower "
-        "their chunk_state parameters (the per-chunk states the backward saves); differentiate CPU tensors, "
-        "or register a backward of your own with Mixer.register_autograd")

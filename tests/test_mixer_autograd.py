@@ -283,12 +283,21 @@ def test_a_layer_with_a_mixer_trains():
 
 
 @pytest.mark.gpu
-def test_gpu_derived_backward_is_a_clear_error_until_it_lowers():
-    """CUDA tensors: the derived programs do not run on the GPU yet; an error that says so, never a
-    gradient computed elsewhere."""
-    args = {n: t.cuda().to(torch.bfloat16) if n != "s" else t.cuda().float()
-            for n, t in _inputs("gla", K=64, V=64).items()}
-    args = {n: t.requires_grad_() for n, t in args.items()}
-    o, s = MIXERS["gla"](**args)
-    with pytest.raises(RuntimeError, match="derived backward programs do not run on the GPU yet"):
-        (o.float().sum() + s.sum()).backward()
+def test_gpu_derived_backward_within_bf16_bound():
+    """CUDA tensors: the derived programs run as GPU kernels (``ops.derived_cuda``); bf16 gradients
+    within the bf16 bound of the float64 ones."""
+    m = MIXERS["gla"]
+    exact = _inputs("gla", K=64, V=64, seed=3)
+    low = {n: t.cuda() for n, t in _inputs("gla", K=64, V=64, seed=3, dtype=torch.bfloat16).items()}
+    cotangents = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                  for i, t in enumerate(m(**exact))]
+
+    def grads(args):
+        xs = {n: t.clone().requires_grad_() for n, t in args.items()}
+        loss = sum((o.double() * c.to(o.device)).sum() for o, c in zip(m(**xs), cotangents))
+        return dict(zip(xs, torch.autograd.grad(loss, list(xs.values()))))
+
+    want, got = grads(exact), grads(low)
+    for n, g in got.items():
+        assert g.is_cuda and g.dtype == low[n].dtype, n
+        assert rel_err(g, want[n].numpy()) <= bound(torch.bfloat16), n

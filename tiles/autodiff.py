@@ -429,6 +429,15 @@ def _chunk_count(program: Program, binding: Binding) -> int:
     return math.ceil(binding.sizes[loop.dim] / loop.size)
 
 
+def _saved_dims(program: Program, loop: Loop, i: int) -> tuple:
+    """The dims of carried tile ``i``'s saved copies: the symbols of the ``State`` parameter it
+    starts from (so a column split of the state splits its copies alike), else its sizes."""
+    init = next((op for op in program.body if op.result is loop.init[i]), None)
+    if init is not None and init.name == "load_state":
+        return program.param(init.attrs["param"]).spec.dims
+    return loop.carried[i].type.shape
+
+
 def _backward_params(program: Program, binding: Binding, wrt: frozenset[str],
                      grads_given: frozenset[str]) -> dict[str, BoundParam]:
     """The parameters the backward programs add to the forward's inputs, by name."""
@@ -439,9 +448,8 @@ def _backward_params(program: Program, binding: Binding, wrt: frozenset[str],
     state_dtype = DType.f64 if binding.compute_dtype is DType.f64 else DType.f32
     out: dict[str, BoundParam] = {}
     for i, c in enumerate(loop.carried):
-        r, k = c.type.shape
-        out[_saved_name(i)] = BoundParam(_saved_name(i), ParamSpec("chunk_state", (r, k)), True,
-                                         state_dtype, (B, H, NC, r, k))
+        out[_saved_name(i)] = BoundParam(_saved_name(i), ParamSpec("chunk_state", _saved_dims(program, loop, i)),
+                                         True, state_dtype, (B, H, NC, *c.type.shape))
     for p in binding.params:
         kind, name = p.spec.kind, f"d_{p.name}"
         if p.spec.output and p.name in grads_given:

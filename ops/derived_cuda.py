@@ -1,0 +1,126 @@
+"""The derived backward (``tilemix.tiles.autodiff``) as GPU kernels on CUDA tensors.
+
+Per call: the states program saves each chunk's entering state ([B, H, NC, r, c] fp32), then one
+reverse program per input gradient runs over the chunks the other way, reading those checkpoints;
+one program per gradient keeps each one's live tiles within the registers (``backward_launches``).
+A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``splittable``)
+is cut into column blocks on the host, each differentiated alone: the inputs with that dim take
+their block's gradient, the others sum the blocks' shares (the reverse programs contract the
+state's columns, so they cannot take the forward's column split as a schedule)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from tilemix.codegen.launch import run_tiles
+from tilemix.codegen.schedule import SPLIT_WIDTH, splittable
+from tilemix.tiles import Kernel
+from tilemix.tiles.autodiff import DerivedKernel, derive_backward
+from tilemix.tiles.params import Binding, BoundParam
+from tilemix.tiles.types import DType
+
+from .runtime import device_arch
+
+__all__ = ["derived_gradients_cuda", "backward_launches", "column_split"]
+
+_TORCH = {DType.bf16: torch.bfloat16, DType.f16: torch.float16, DType.f32: torch.float32, DType.f64: torch.float64}
+
+
+def column_split(kernel: Kernel, binding: Binding) -> str | None:
+    """The state column dim the backward runs in ``SPLIT_WIDTH``-wide blocks, or None."""
+    for p in binding.params:
+        if p.spec.kind == "state" and isinstance(p.spec.dims[1], str):
+            dim = p.spec.dims[1]
+            width = binding.extent(dim)
+            if width > SPLIT_WIDTH and width % SPLIT_WIDTH == 0 and splittable(kernel, binding, dim):
+                return dim
+    return None
+
+
+def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str],
+                      wrt: Iterable[str]) -> list[tuple[str | None, DerivedKernel, Binding]]:
+    """The programs one column block's backward launches, in order: ``(None, states kernel, its
+    binding)`` (where the loop carries state), then ``(input, reverse kernel, its binding)`` per
+    input gradient. ``binding``: the forward call's at the block's width."""
+    launches = []
+    for name in sorted(wrt):
+        backward = derive_backward(kernel, binding, grads_given, [name])
+        (states, reverse), (states_binding, reverse_binding) = backward.kernels(kernel, binding), \
+            backward.bindings(binding)
+        if not launches and states is not None:
+            launches.append((None, states, states_binding))
+        launches.append((name, reverse, reverse_binding))
+    return launches
+
+
+def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
+    return torch.empty(p.shape, dtype=_TORCH[p.dtype], device=device)
+
+
+def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
+                     wrt: list[str], arch: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Gradients of one column block, fp32, in the inputs' layouts."""
+    binding = kernel.bind(args)
+    saved: dict[str, torch.Tensor] = {}
+    grads = {}
+    for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt):
+        if name is None:  # the states program: each chunk's entering state
+            saved = {p.name: _empty(p, device) for p in derived_binding.params if p.spec.kind == "chunk_state"}
+            run_tiles(derived, derived_binding, args, saved, arch=arch)
+            continue
+        seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
+        out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
+        run_tiles(derived, derived_binding, {**args, **saved, **seeds}, out, arch=arch)
+        grads[name] = _reduce(binding.param(name), out[f"d_{name}"].float(), binding.sizes)
+    return grads
+
+
+def _reduce(param: BoundParam, g: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
+    """A reverse program's gradient in its input's layout (``Backward.run``'s reduction): a
+    ``GroupSeq`` one summed over each group's heads, a ``Head`` one over the batch."""
+    kind = param.spec.kind
+    if kind == "group_seq":
+        B, T, H = g.shape[:3]
+        return g.reshape(B, T, sizes["G"], H // sizes["G"], *g.shape[3:]).sum(3)
+    if kind == "head":
+        return g.sum(0).reshape(param.shape)
+    if kind == "scalar":
+        return g.sum()
+    return g
+
+
+def _block(kernel: Kernel, name: str, t: Any, dim: str, cols: slice) -> Any:
+    """``t`` (parameter ``name``'s, or its gradient's) cut to ``cols`` along ``dim``, if it has it."""
+    layout = kernel.specs[name].layout
+    if not isinstance(t, torch.Tensor) or dim not in layout:
+        return t
+    return t[(slice(None),) * layout.index(dim) + (cols,)]
+
+
+def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
+                           wrt: Iterable[str], arch: str | None = None) -> dict[str, torch.Tensor]:
+    """``ops.derived.derived_gradients`` on CUDA tensors: the gradients of the inputs named in
+    ``wrt`` given ``output_grads`` (by output or state name; missing ones are zero), each in its
+    input's shape and dtype. ``arch``: the kernels' (default: the device's, ``device_arch``)."""
+    wrt = sorted(wrt)
+    device = next(v for v in args.values() if isinstance(v, torch.Tensor)).device
+    arch = arch or device_arch(device)
+    binding = kernel.bind(args)
+    dim = column_split(kernel, binding)
+    if dim is None:
+        grads = _block_gradients(kernel, args, output_grads, wrt, arch, device)
+    else:
+        width = binding.extent(dim)
+        shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
+                                   {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()},
+                                   wrt, arch, device)
+                  for cols in (slice(start, start + SPLIT_WIDTH) for start in range(0, width, SPLIT_WIDTH))]
+        grads = {}
+        for name in wrt:
+            layout = kernel.specs[name].layout
+            parts = [share[name] for share in shares]
+            grads[name] = torch.cat(parts, layout.index(dim)) if dim in layout else torch.stack(parts).sum(0)
+    return {name: g.to(args[name].dtype) for name, g in grads.items()}

@@ -1,0 +1,116 @@
+"""The derived backward as GPU kernels (``ops.derived_cuda``): every program the CUDA path launches
+for linear attention and SSD compiles with tensor-core MMA and no local memory on sm_90a (HGMMA)
+and the generic target (sm_80, HMMA), at head dims 64 and 128; on a GPU, bf16 gradients within
+the bf16 bound of the float64 ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tilemix import ops
+from tilemix.ops.examples import example_specs
+from tilemix.reference.tolerance import bound, rel_err
+
+pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
+
+from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
+from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
+from tilemix.codegen.specialise import kernel_source  # noqa: E402
+from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
+
+OPS = {"linear_attention": ("q", "k", "v"), "ssd": ("x", "dt", "A", "B", "C", "D")}  # the gradients launched
+MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
+# (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: SSD's
+# dt and A gradients (and B's at N = 128) keep more 64-wide fp32 tiles live than a thread's registers
+SPILLING: dict[tuple, int] = {
+    ("linear_attention", 128, "sm_80", "k"): 72,
+    ("ssd", 64, "sm_90a", "dt"): 104, ("ssd", 64, "sm_80", "dt"): 32,
+    ("ssd", 128, "sm_90a", "dt"): 128, ("ssd", 128, "sm_80", "dt"): 296,
+    ("ssd", 64, "sm_90a", "A"): 144, ("ssd", 64, "sm_80", "A"): 8,
+    ("ssd", 128, "sm_90a", "A"): 392, ("ssd", 128, "sm_80", "A"): 216,
+    ("ssd", 128, "sm_90a", "B"): 24, ("ssd", 128, "sm_80", "B"): 256,
+}
+
+
+def _launches(op: str, D: int):
+    """The launches of one column block at head dim ``D`` (the CUDA path's, ``derived_cuda``)."""
+    kernel = ops.PROGRAMS[op]
+    binding = kernel.bind(example_specs(op, D=D))
+    dim = column_split(kernel, binding)
+    if dim is not None:
+        binding = kernel.bind(example_specs(op, D=D, sizes={dim: SPLIT_WIDTH}))
+    outputs = [p.name for p in binding.params if p.spec.output or p.spec.kind == "state"]
+    return kernel, backward_launches(kernel, binding, outputs, OPS[op])
+
+
+@pytest.mark.parametrize("arch", list(MMA))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("op, program", [(op, p) for op, names in OPS.items() for p in ("states", *names)])
+def test_derived_backward_compiles_without_local_memory(op, program, D, arch):
+    kernel, launches = _launches(op, D)
+    (derived, binding), = [(k, b) for name, k, b in launches if (name or "states") == program]
+    source = kernel_source(derived, binding, default_schedule(derived, binding, arch), arch)
+    compiled = compile_cuda(source.source, arch, source.name)
+    text, usage = sass(compiled), resources(compiled)
+    if any(op.name == "matmul" and op.result.type.cols > 1 for op in derived.trace(binding, arch).walk()):
+        assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
+    spills = "LDL" in text or "STL" in text or usage["local_memory"]
+    key = (op, D, arch, program)
+    if key in SPILLING:
+        assert spills, f"{key} no longer spills: take it off SPILLING"
+        pytest.xfail(f"{source.name} (d_{program}) spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
+    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+
+
+def test_wide_states_run_in_column_blocks():
+    """At head dim 128 the state's columns split into SPLIT_WIDTH-wide blocks on the host (the
+    reverse programs contract them, so no schedule can split them); at 64 they do not."""
+    kernel = ops.PROGRAMS["linear_attention"]
+    assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=128))) == "V"
+    assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=64))) is None
+
+
+# -- on the GPU --------------------------------------------------------------------------------
+def _case(op: str, B=2, T=200, H=4, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    if op == "linear_attention":
+        return dict(q=rnd(B, T, H, D), k=rnd(B, T, H, D), v=rnd(B, T, H, D), s=rnd(B, H, D, D), scale=D ** -0.5)
+    G = H // 2
+    return dict(x=rnd(B, T, H, D), dt=0.1 + 0.4 * torch.rand(B, T, H, generator=g, dtype=torch.float64),
+                A=-(0.5 + torch.rand(H, generator=g, dtype=torch.float64)), B=rnd(B, T, G, D), C=rnd(B, T, G, D),
+                D=rnd(H), h=rnd(B, H, D, D))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("T", [200, 256])
+def test_bf16_derived_gradients_on_gpu_within_bf16_bound(op, D, T):
+    """bf16 inputs on the GPU (initial state, output and final-state gradients given; T = 200: a
+    partial last chunk) against the float64 interpreter's gradients."""
+    from tilemix.ops.derived import derived_gradients
+    from tilemix.ops.derived_cuda import derived_gradients_cuda
+
+    kernel = ops.PROGRAMS[op]
+    exact_args = _case(op, T=T, D=D)
+    outputs = kernel(**exact_args)
+    gen = torch.Generator().manual_seed(1)
+    cotangents = {n: torch.randn(o.shape, generator=gen, dtype=torch.float64) for n, o in outputs.items()}
+    wrt = [n for n, v in exact_args.items() if isinstance(v, torch.Tensor)]
+    exact = derived_gradients(kernel, exact_args, cotangents, wrt)
+    states = {n for n, spec in kernel.specs.items() if spec.kind == "state"}
+
+    def low(n, t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        wide = n in states or not kernel.specs[n].is_tile_operand
+        return t.to("cuda", torch.float32 if wide else torch.bfloat16)
+
+    got = derived_gradients_cuda(kernel, {n: low(n, t) for n, t in exact_args.items()},
+                                 {n: low(n, c) for n, c in cotangents.items()}, wrt)
+    for n in wrt:
+        assert got[n].shape == exact[n].shape, n
+        assert rel_err(got[n].double().cpu(), np.asarray(exact[n])) <= bound(torch.bfloat16), n
