@@ -72,6 +72,47 @@ def test_wide_states_run_in_column_blocks():
     assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=64))) is None
 
 
+def test_saved_states_take_the_forward_column_split():
+    """The states program at head dim 128 splits the state's columns as the forward does; each
+    consumer saves its 64 columns of the chunk's full-width [K, V] tile."""
+    kernel = ops.PROGRAMS["linear_attention"]
+    binding = kernel.bind(example_specs("linear_attention", D=128))
+    (_, states, states_binding), *_ = backward_launches(kernel, binding, ["o"], ["q"])
+    schedule = default_schedule(states, states_binding)
+    assert dict(schedule.split) == {"V": 64}
+    source = kernel_source(states, states_binding, schedule).source
+    assert f"* {128 * 128} + (colcta * {schedule.consumers} + wg) * 64, 128, " in source
+
+
+@pytest.mark.parametrize("op, D", [("linear_attention", 64), ("linear_attention", 128), ("ssd", 128)])
+def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
+    """``derived_gradients_cuda``'s host side (checkpoint buffers, one reverse program per
+    gradient, column blocks, Head/GroupSeq reductions) with each launch run by the interpreter
+    instead: the interpreter's own gradients (``derived_gradients`` on CPU tensors)."""
+    from tilemix.ops import derived_cuda
+    from tilemix.ops.derived import derived_gradients
+    from tilemix.tiles.interpret import interpret
+
+    def interpreted(kernel, binding, args, outputs, schedule=None, arch="sm_90a"):
+        program = kernel.trace(binding)  # fp32 inputs: the CPU target
+        got = interpret(program, binding, {n: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                                           for n, v in args.items() if v is not None})
+        for name, t in outputs.items():
+            t.copy_(torch.from_numpy(np.array(got[name])))
+
+    monkeypatch.setattr(derived_cuda, "run_tiles", interpreted)
+    kernel = ops.PROGRAMS[op]
+    args = {n: (v.float() if isinstance(v, torch.Tensor) else v) for n, v in _case(op, T=100, H=2, D=D).items()}
+    gen = torch.Generator().manual_seed(2)
+    cotangents = {n: torch.randn(o.shape, generator=gen) for n, o in kernel(**args).items()}
+    wrt = [n for n, v in args.items() if isinstance(v, torch.Tensor)]
+    want = derived_gradients(kernel, args, cotangents, wrt)
+    got = derived_cuda.derived_gradients_cuda(kernel, args, cotangents, wrt, arch="sm_90a")
+    for n in wrt:
+        assert got[n].shape == want[n].shape and got[n].dtype == want[n].dtype, n
+        assert torch.allclose(got[n], want[n], rtol=1e-4, atol=1e-4), n
+
+
 # -- on the GPU --------------------------------------------------------------------------------
 def _case(op: str, B=2, T=200, H=4, D=64, seed=0):
     g = torch.Generator().manual_seed(seed)
