@@ -16,7 +16,8 @@ PACKAGES = ("tiles", "codegen", "ops", "reference", "bench")  # source folders, 
 # the runtime layer of tilemix.ops: running any program (run, mixer and its derived backward, targets,
 # the call cache, tuning)
 RUNTIME = frozenset({"tilemix.ops.runtime", "tilemix.ops.tuning", "tilemix.ops.timing",
-                     "tilemix.ops._library", "tilemix.ops._segments", "tilemix.ops.derived"})
+                     "tilemix.ops._library", "tilemix.ops._segments", "tilemix.ops.derived",
+                     "tilemix.ops.derived_cuda"})
 
 # layer -> the layers its modules may import (itself included)
 ALLOWED = {
