@@ -3,9 +3,10 @@
     python -m tilemix.bench.sanitize            # on a GPU machine with CUDA's compute-sanitizer
 
 runs this module's ``--launch`` mode once per tool: it launches each op's kernels once, forward and
-backward, on shapes with masked tails (T not a multiple of the chunk, gemm dims off the tile grid), in
-both dtypes, on both targets (sm_90a and the generic mma.sync kernels), causal and not, with and
-without states, the scans at one and two consumers per CTA and in sequence segments. Prints the
+backward (hand-written and derived), on shapes with masked tails (T not a multiple of the chunk, gemm
+dims off the tile grid), in both dtypes, on both targets (sm_90a and the generic mma.sync kernels),
+causal and not, with and without states, the scans at one and two consumers per CTA and in sequence
+segments. Prints the
 kernels checked and the errors each tool reported; exits non-zero on any error. Host-side API errors
 are not counted (cuda-bindings probes the driver for optional entry points, which memcheck would
 report).
@@ -44,13 +45,16 @@ def _tail_calls(rnd, target):
     B, T, H, D = 2, 100, 3, 64
     q, k, v = leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, 128))
     state = leaf(torch.randn(B, H, D, 128, **cuda))
-    grads(*ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, target=target))
+    for backward in ("hand-written", "derived"):
+        grads(*ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, target=target,
+                                    backward=backward))
     grads(ops.linear_attention(q, k, v, target=target)[0])
     for causal in (True, False):
         grads(ops.attention(q, k, v, causal=causal, target=target))
     dt, A = leaf(torch.rand(B, T, H, **cuda) * 0.5), leaf(-torch.rand(H, **cuda) - 0.1)
-    grads(*ops.ssd(v, dt, A, leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), D=leaf(torch.randn(H, **cuda)),
-                   initial_state=state, output_final_state=True, target=target))
+    for backward in ("hand-written", "derived"):
+        grads(*ops.ssd(v, dt, A, leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), D=leaf(torch.randn(H, **cuda)),
+                       initial_state=state, output_final_state=True, target=target, backward=backward))
     grads(ops.gemm(leaf(rnd(200, 72)), leaf(rnd(72, 136)), target=target))
     # enough batch x heads that the scans keep their two-consumer CTAs (few run one per CTA)
     B, H = 4, 32
