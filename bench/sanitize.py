@@ -6,10 +6,9 @@ runs this module's ``--launch`` mode once per tool: it launches each op's kernel
 backward (hand-written and derived), on shapes with masked tails (T not a multiple of the chunk, gemm
 dims off the tile grid), in both dtypes, on both targets (sm_90a and the generic mma.sync kernels),
 causal and not, with and without states, the scans at one and two consumers per CTA and in sequence
-segments. Prints the
-kernels checked and the errors each tool reported; exits non-zero on any error. Host-side API errors
-are not counted (cuda-bindings probes the driver for optional entry points, which memcheck would
-report).
+segments. Prints the kernels checked and the errors each tool reported; exits non-zero on any error.
+Host-side API errors are not counted (cuda-bindings probes the driver for optional entry points, which
+memcheck would report).
 """
 
 from __future__ import annotations
