@@ -27,6 +27,8 @@ UNARY = {
     "exp2": "[](float a) { return tm::ex2(a); }",
     "log": "[](float a) { return tm::f_log(a); }",
     "sqrt": "[](float a) { return tm::f_sqrt(a); }",
+    "sin": "[](float a) { return tm::f_sin(a); }",
+    "cos": "[](float a) { return tm::f_cos(a); }",
     "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",
     "softplus": "[](float a) { return tm::f_softplus(a); }",
     "tanh": "[](float a) { return tm::f_tanh(a); }",
@@ -36,6 +38,7 @@ BINARY = {
     "maximum": "fmaxf(a, b)", "minimum": "fminf(a, b)",
     "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
     "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
+    "eq": "a == b ? 1.0f : 0.0f", "ne": "a != b ? 1.0f : 0.0f",
 }
 MAPS = frozenset({*UNARY, *BINARY})  # the elementwise maps: they read a ring stage's row view in place
 
@@ -112,6 +115,17 @@ def emit_full(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::fill({out}, {float_literal(op.attrs['value'])});", ind)
 
 
+def emit_generated(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    """``iota``, ``eye``, ``position``: each entry a function of its row and column."""
+    if op.name == "iota":
+        value = "row" if op.attrs["axis"] == 0 else "col"
+    elif op.name == "eye":
+        value = "row == col ? 1 : 0"
+    else:
+        value = f"{lw.plan.index_name[op.operands[0].id]} * {op.result.type.rows} + row"
+    lw.emit(f"{decl} tm::generate({out}, [&](int row, int col) {{ return (float)({value}); }});", ind)
+
+
 def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::map1({out}, {UNARY[op.name]}, {lw.reg(op.operands[0], ind)});", ind)
 
@@ -149,7 +163,7 @@ def emit_mask(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     else:
         row = f"({index_name[t.row_axis.index]} * {t.row_axis.size} + row)"
         query, key = (col, row) if op.attrs.get("transposed") else (row, col)
-        keep = f"{key} <= {query}"
+        keep = f"{key} {'<' if op.attrs.get('strict') else '<='} {query}"
         if op.name == "window":
             keep += f" && {key} > {query} - {op.attrs['size']}"
     src, fn = lw.reg(op.operands[0], ind), f"keep{op.result.id}"
@@ -268,6 +282,7 @@ def emit_store_col(lw: Lowering, op: Op, ind: int):
 OP_EMITTERS = {
     "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
+    **dict.fromkeys(("iota", "eye", "position"), emit_generated),
     **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
     "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
     **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),

@@ -21,8 +21,9 @@ from .types import TileType
 
 __all__ = ["Emitter", "ADJOINTS", "NO_GRADIENT"]
 
-# ops whose result carries no gradient to its operands (constants, comparisons: bool tiles)
-NO_GRADIENT = ("full", "lt", "le", "gt", "ge")
+# ops whose result carries no gradient to its operands: constants (``position`` reads only a loop
+# index) and comparisons (bool tiles)
+NO_GRADIENT = ("full", "iota", "eye", "position", "lt", "le", "gt", "ge", "eq", "ne")
 
 
 class Emitter:
@@ -244,6 +245,8 @@ ADJOINTS: dict[str, Rule] = {
     "exp2": _scaled_by(lambda em, op: em.mul(op.result, em.const(math.log(2.0)))),
     "log": lambda em, op, gy: {0: lambda: em.op("div", [gy, op.operands[0]])},
     "sqrt": lambda em, op, gy: {0: lambda: em.op("div", [em.mul(gy, em.const(0.5)), op.result])},
+    "sin": _scaled_by(lambda em, op: em.op("cos", [op.operands[0]])),
+    "cos": _scaled_by(lambda em, op: em.neg(em.op("sin", [op.operands[0]]))),
     "sigmoid": _scaled_by(_sigmoid_slope),
     "softplus": _scaled_by(_sigmoid_of_input),
     "tanh": _scaled_by(_one_minus_square),

@@ -89,6 +89,8 @@ _UNARY = {
     "exp2": np.exp2,
     "log": np.log,
     "sqrt": np.sqrt,
+    "sin": np.sin,
+    "cos": np.cos,
     "tanh": np.tanh,
     "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
     "softplus": lambda x: np.logaddexp(x.dtype.type(0), x),
@@ -97,6 +99,7 @@ _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
     "maximum": np.maximum, "minimum": np.minimum,
     "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+    "eq": np.equal, "ne": np.not_equal,
 }
 _REDUCE = {
     "rowsum": lambda x: x.sum(-1, keepdims=True, dtype=x.dtype),
@@ -169,6 +172,14 @@ class _Run:
             return np.where(args[0], args[1], args[2]).astype(self.float)
         if name == "full":
             return np.full((1, 1, a["rows"], a["cols"]), a["value"], self.float)
+        if name == "iota":
+            index = np.indices((a["rows"], a["cols"]))[a["axis"]]
+            return index.astype(self.float)[None, None]
+        if name == "eye":
+            return np.eye(a["n"], dtype=self.float)[None, None]
+        if name == "position":
+            rows = op.result.type.rows
+            return (args[0] * rows + np.arange(rows, dtype=self.float))[None, None, :, None]
         if name == "cast":
             return round_to(args[0], a["dtype"])
         if name == "transpose":
@@ -210,7 +221,7 @@ class _Run:
         else:
             rows = self._positions(t.row_axis, t.rows)[:, None]
             query, key = (cols, rows) if op.attrs.get("transposed") else (rows, cols)
-            keep = key <= query
+            keep = key < query if op.attrs.get("strict") else key <= query
             if op.name == "window":
                 keep &= key > query - op.attrs["size"]
         return np.where(keep, x, self.float(op.attrs["fill"]))

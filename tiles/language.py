@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from .builder import ChunkIndex, LoopIter, Tile, current_builder
 from .errors import TileError, user_loc
-from .types import DType, dtype_of
+from .types import DType, TileType, dtype_of
 
 __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
-    "colmax", "cumsum", "segsum", "cast",
+    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position",
 ]
 
 
@@ -65,6 +65,35 @@ def zeros(rows: int, cols: int) -> Tile:
     return full(rows, cols, 0.0)
 
 
+def _check_dims(what: str, *dims) -> None:
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+            raise TileError(f"{what}: dims must be positive ints, got {dims!r}", user_loc())
+
+
+def iota(rows: int, cols: int = 1, axis: int = 0) -> Tile:
+    """A ``rows x cols`` tile holding each entry's row index (``axis=0``) or column index
+    (``axis=1``) within the tile: ``iota(64)`` is the column vector 0, 1, ..., 63."""
+    _check_dims("iota", rows, cols)
+    if axis not in (0, 1):
+        raise TileError(f"iota(axis={axis!r}): axis must be 0 (rows) or 1 (columns)", user_loc())
+    return current_builder().emit("iota", [], {"rows": rows, "cols": cols, "axis": axis})
+
+
+def eye(n: int) -> Tile:
+    """The ``n x n`` identity tile."""
+    _check_dims("eye", n)
+    return current_builder().emit("eye", [], {"n": n})
+
+
+def position(c: ChunkIndex) -> Tile:
+    """The sequence position of each row of chunk ``c`` (``c`` from ``chunks``/``blocks``), as a
+    ``size x 1`` column vector: ``c * size + row`` (rotary angles, ALiBi biases, DFT phases)."""
+    if not isinstance(c, ChunkIndex):
+        raise TileError(f"position(c) takes a loop index, got {type(c).__name__}", user_loc())
+    return current_builder().emit("position", [c.value], {}, TileType(c.size, 1, DType.f32, row_axis=c.axis))
+
+
 # -- elementwise --------------------------------------------------------------
 def _unary(name: str, x, **attrs) -> Tile:
     b = current_builder()
@@ -89,6 +118,14 @@ def exp2(x) -> Tile:
 
 def log(x) -> Tile:
     return _unary("log", x)
+
+
+def sin(x) -> Tile:
+    return _unary("sin", x)
+
+
+def cos(x) -> Tile:
+    return _unary("cos", x)
 
 
 def sqrt(x) -> Tile:
@@ -130,11 +167,12 @@ def cast(x, dtype) -> Tile:
 
 
 # -- masks: use the sequence positions a tile's rows and columns cover --------
-def causal(x, fill: float = 0.0, transposed: bool = False) -> Tile:
+def causal(x, fill: float = 0.0, transposed: bool = False, strict: bool = False) -> Tile:
     """Keep entries whose column position <= row position; others become ``fill``.
     ``transposed``: ``x`` has the keys on its rows and the queries on its columns (``k @ q.T``,
-    a backward pass's transposed scores): keep row position <= column position."""
-    return _unary("causal", x, fill=float(fill), transposed=bool(transposed))
+    a backward pass's transposed scores): keep row position <= column position.
+    ``strict``: ``<`` instead of ``<=`` (the diagonal becomes ``fill`` too)."""
+    return _unary("causal", x, fill=float(fill), transposed=bool(transposed), strict=bool(strict))
 
 
 def window(x, size: int, fill: float = 0.0, transposed: bool = False) -> Tile:
@@ -221,6 +259,8 @@ Tile.__lt__ = lambda a, b: _nary("lt", a, b)
 Tile.__le__ = lambda a, b: _nary("le", a, b)
 Tile.__gt__ = lambda a, b: _nary("gt", a, b)
 Tile.__ge__ = lambda a, b: _nary("ge", a, b)
+Tile.__eq__ = lambda a, b: _nary("eq", a, b)
+Tile.__ne__ = lambda a, b: _nary("ne", a, b)
 Tile.__matmul__ = _matmul
 Tile.__rmatmul__ = lambda a, b: _matmul(b, a)
 Tile.T = property(lambda a: _unary("transpose", a))

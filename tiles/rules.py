@@ -15,9 +15,9 @@ from .types import DType, Space, TileType
 
 __all__ = ["ShapeError", "infer", "UNARY", "BINARY", "COMPARE", "REDUCE", "MASKS"]
 
-UNARY = ("neg", "abs", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "pow")
+UNARY = ("neg", "abs", "exp", "exp2", "log", "sqrt", "sin", "cos", "sigmoid", "softplus", "tanh", "pow")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
-COMPARE = ("lt", "le", "gt", "ge")
+COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 REDUCE = ("rowsum", "rowmax", "colsum", "colmax")
 MASKS = ("causal", "window", "in_seq")
 
@@ -137,6 +137,10 @@ def _full(ts, attrs):
     return TileType(attrs["rows"], attrs["cols"], DType.f32)
 
 
+def _eye(ts, attrs):
+    return TileType(attrs["n"], attrs["n"], DType.f32)
+
+
 _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = {
     **{n: _unary for n in UNARY},
     **{n: _binary for n in BINARY},
@@ -150,6 +154,8 @@ _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = 
     "segsum": _segsum,
     "cast": _cast,
     "full": _full,
+    "iota": _full,
+    "eye": _eye,
 }
 
 

@@ -47,6 +47,14 @@ __device__ __forceinline__ float f_sqrt(float x) { float y; asm("sqrt.rn.f32 %0,
 __device__ __forceinline__ float f_tanh(float x) { float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ float f_sigmoid(float x) { return 0.5f * (1.0f + f_tanh(0.5f * x)); }
 __device__ __forceinline__ float f_softplus(float x) { return fmaxf(x, 0.0f) + f_log(1.0f + f_exp(-fabsf(x))); }
+// sine / cosine: the argument reduced to [-pi, pi] (2 pi split in two floats), then the fast
+// hardware approximation, which is accurate only on that range
+__device__ __forceinline__ float reduce_2pi(float x) {
+  float k = rintf(x * 0.15915494309189535f);
+  return fmaf(k, 1.7484556e-07f, fmaf(-k, 6.2831854820251465f, x));
+}
+__device__ __forceinline__ float f_sin(float x) { return __sinf(reduce_2pi(x)); }
+__device__ __forceinline__ float f_cos(float x) { return __cosf(reduce_2pi(x)); }
 __device__ __forceinline__ float f_neg_inf() { return __int_as_float(0xff800000); }
 
 // rounding to the 16-bit operand types: bf16 (is_bf16) or fp16
@@ -95,6 +103,10 @@ __device__ __forceinline__ int col_of(int nb, int cp) { return nb * 8 + (lane_id
 
 template <class T> __device__ __forceinline__ void fill(T& t, float x) { TM_FOR_EACH(T) t.v[mb][nb][hr][cp] = x; }
 
+// out(row, col) = f(row, col) at every entry the thread holds (row / col 0 along a dim of size 1)
+template <class T, class F> __device__ __forceinline__ void generate(T& out, F f) {
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(T::R == 1 ? 0 : row_of(mb, hr), T::C == 1 ? 0 : col_of(nb, cp));
+}
 template <class T, class F, class A> __device__ __forceinline__ void map1(T& out, F f, const A& a) {
   TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(at(a, mb, nb, hr, cp));
 }

@@ -1,0 +1,121 @@
+"""The position, trigonometric, identity, strict-mask and equality ops: the interpreter against
+float64 NumPy, their gradients (gradcheck), and their lowering for sm_90a and sm_80 (tensor-core
+matmuls, no local memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_autodiff import _gradcheck
+
+from tilemix.tiles import (
+    Out,
+    Seq,
+    TensorSpec,
+    TileError,
+    causal,
+    chunks,
+    cos,
+    exp,
+    eye,
+    iota,
+    kernel,
+    position,
+    rowsum,
+    sin,
+    where,
+)
+
+
+@kernel
+def rotary_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], p: Out[Seq[1]]):
+    """Rotary-style angles from positions, strictly causal scores plus half the identity, and
+    per-row picks by equality with the row index."""
+    for c in chunks(64):
+        qc, kc, vc = q[c], k[c], v[c]
+        angle = position(c) * exp(iota(1, q.cols, axis=1) * -0.1)
+        qr = qc * cos(angle) - kc * sin(angle)
+        kr = kc * cos(angle) + qc * sin(angle)
+        scores = causal(qr @ kr.T, strict=True) + eye(64) * 0.5
+        o[c] = scores @ vc
+        p[c] = where(iota(64) == 3.0, rowsum(scores), where(iota(64) != 5.0, position(c), -1.0))
+
+
+def _rotary_reference(q, k, v):
+    """float64 NumPy: each 64-token chunk on its own (the program carries nothing)."""
+    B, T, H, K = q.shape
+    angle = np.arange(T)[:, None] * np.exp(-0.1 * np.arange(K))[None, :]
+    qr = q * np.cos(angle)[:, None] - k * np.sin(angle)[:, None]
+    kr = k * np.cos(angle)[:, None] + q * np.sin(angle)[:, None]
+    o, p = np.zeros(v.shape), np.zeros((B, T, H))
+    for t0 in range(0, T, 64):
+        rows = slice(t0, min(t0 + 64, T))
+        n = rows.stop - t0
+        scores = np.tril(np.einsum("bthd,bshd->bhts", qr[:, rows], kr[:, rows]), -1) + 0.5 * np.eye(n)
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, v[:, rows])
+        row = np.arange(n)
+        pick = np.where(row == 5, -1.0, t0 + row)[None, :, None]
+        p[:, rows] = np.where((row == 3)[None, :, None], scores.sum(-1).transpose(0, 2, 1), pick)
+    return o, p
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 300), H=st.integers(1, 2), K=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_new_ops_match_float64(B, T, H, K, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, H, K)) for _ in range(3))
+    out = rotary_fwd(q=q, k=k, v=v)
+    o, p = _rotary_reference(q, k, v)
+    np.testing.assert_allclose(out["o"], o, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["p"], p, rtol=1e-12, atol=1e-12)
+
+
+@kernel
+def trig_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        o[c] = (sin(xc) * cos(yc) + where(iota(64) == position(c), eye(64) @ xc, -xc)  # first chunk: xc
+                + causal(xc @ yc.T, strict=True, transposed=True) @ yc)
+
+
+def test_new_ops_gradcheck():
+    """sin and cos carry gradients; positions, iota, eye and the comparisons are constants; the
+    strict mask passes the gradient of the entries it keeps."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(2, 100, 2, 16, generator=gen, dtype=torch.float64) for n in ("x", "y")}
+    assert _gradcheck(trig_fwd, tensors)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: iota(64, 1, axis=2), "iota(axis=2): axis must be 0 (rows) or 1 (columns)"),
+    (lambda c: iota(0), "iota: dims must be positive ints"),
+    (lambda c: eye(16.0), "eye: dims must be positive ints"),
+    (lambda c: position(3), "position(c) takes a loop index, got int"),
+])
+def test_bad_arguments_are_named(call, message):
+    @kernel
+    def bad(x: Seq["D"], o: Out[Seq["D"]]):
+        for c in chunks(64):
+            o[c] = x[c] + call(c)
+
+    with pytest.raises(TileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bad.trace(target="cpu", x=TensorSpec((1, 64, 1, 16), "float32"))
+
+
+@pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
+@pytest.mark.parametrize("program", [rotary_fwd, trig_fwd], ids=lambda p: p.name)
+def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma):
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.schedule import default_source
+
+    seq = TensorSpec((2, 4096, 4, 64), "bfloat16")
+    specs = dict(q=seq, k=seq, v=seq) if program is rotary_fwd else dict(x=seq, y=seq)
+    source = default_source(program, program.bind({**program.consts_for(arch, specs), **specs}), arch)
+    binary = compile_cuda(source.source, arch, source.name)
+    code, usage = sass(binary), resources(binary)
+    assert mma in code
+    assert "LDL" not in code and "STL" not in code and not usage["stack"] and not usage["local"], usage
