@@ -126,6 +126,28 @@ def emit_generated(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::generate({out}, [&](int row, int col) {{ return (float)({value}); }});", ind)
 
 
+def _register_block(lw: Lowering, op: Op, row0: int, col0: int, what: str) -> str:
+    """``<row0, col0>``: a block's corner, where register tiles split (64-row blocks, 8-column ones)."""
+    if row0 % 64 or col0 % 8 or any(d % 64 for d in (op.result.type.rows, *(x.type.rows for x in op.operands))
+                                    if d != 1):
+        lw.fail(f"{what} of register tiles take rows in multiples of 64 (columns in multiples of 16)", op)
+    return f"<{row0}, {col0}>"
+
+
+def emit_slice(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    corner = _register_block(lw, op, op.attrs["row0"], op.attrs["col0"], "slices")
+    lw.emit(f"{decl} tm::slice{corner}({out}, {lw.reg(op.operands[0], ind)});", ind)
+
+
+def emit_concat(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(decl, ind)
+    offset = 0
+    for x in op.operands:
+        corner = (offset, 0) if op.attrs["axis"] == 0 else (0, offset)
+        lw.emit(f"tm::place{_register_block(lw, op, *corner, 'concat')}({out}, {lw.reg(x, ind)});", ind)
+        offset += x.type.rows if op.attrs["axis"] == 0 else x.type.cols
+
+
 def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::map1({out}, {UNARY[op.name]}, {lw.reg(op.operands[0], ind)});", ind)
 
@@ -282,7 +304,7 @@ def emit_store_col(lw: Lowering, op: Op, ind: int):
 OP_EMITTERS = {
     "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
-    **dict.fromkeys(("iota", "eye", "position"), emit_generated),
+    **dict.fromkeys(("iota", "eye", "position"), emit_generated), "slice": emit_slice, "concat": emit_concat,
     **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
     "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
     **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),

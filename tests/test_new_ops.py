@@ -18,6 +18,7 @@ from tilemix.tiles import (
     TileError,
     causal,
     chunks,
+    concat,
     cos,
     exp,
     eye,
@@ -105,17 +106,106 @@ def test_bad_arguments_are_named(call, message):
         bad.trace(target="cpu", x=TensorSpec((1, 64, 1, 16), "float32"))
 
 
+@kernel
+def blocks_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    """Halves of the feature dim swapped and mixed (``D`` a multiple of 32)."""
+    half = x.cols // 2
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        swapped = concat([xc[:, half:], xc[:, :half]], axis=1)
+        o[c] = causal(swapped @ yc.T) @ concat([yc[:, :half] * 2.0, sin(yc[:, half:])])
+
+
+def _blocks_reference(x, y):
+    h = x.shape[-1] // 2
+    swapped = np.concatenate([x[..., h:], x[..., :h]], -1)
+    z = np.concatenate([y[..., :h] * 2, np.sin(y[..., h:])], -1)
+    o = np.zeros(x.shape)
+    for t0 in range(0, x.shape[1], 64):
+        rows = slice(t0, t0 + 64)
+        scores = np.tril(np.einsum("bthd,bshd->bhts", swapped[:, rows], y[:, rows]))
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, z[:, rows])
+    return o
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 200), H=st.integers(1, 2), D=st.sampled_from([32, 64, 96]),
+       seed=st.integers(0, 2**16))
+def test_slices_and_concat_match_float64(B, T, H, D, seed):
+    rng = np.random.default_rng(seed)
+    x, y = (rng.standard_normal((B, T, H, D)) for _ in range(2))
+    np.testing.assert_allclose(blocks_fwd(x=x, y=y)["o"], _blocks_reference(x, y), rtol=1e-12, atol=1e-12)
+
+
+@kernel
+def row_blocks_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    """Row slices and a row concat (the chunk's halves swapped), a slice of a slice."""
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        top = xc[0:32] * yc[:, :][0:32]
+        o[c] = concat([xc[32:64] + yc[32:], top], axis=0)
+
+
+def test_row_slices_and_concat_match_float64():
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((2, 100, 2, 16)) for _ in range(2))
+    want = np.zeros(x.shape)
+    for t0 in range(0, 100, 64):
+        xc, yc = (np.pad(a[:, t0:t0 + 64], ((0, 0), (0, 64 - len(a[0, t0:t0 + 64])), (0, 0), (0, 0))) for a in (x, y))
+        chunk = np.concatenate([xc[:, 32:] + yc[:, 32:], xc[:, :32] * yc[:, :32]], 1)
+        want[:, t0:t0 + 64] = chunk[:, :len(want[0, t0:t0 + 64])]
+    np.testing.assert_allclose(row_blocks_fwd(x=x, y=y)["o"], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("program", [blocks_fwd, row_blocks_fwd], ids=lambda p: p.name)
+def test_slices_and_concat_gradcheck(program):
+    gen = torch.Generator().manual_seed(1)
+    tensors = {n: torch.randn(2, 100, 2, 32, generator=gen, dtype=torch.float64) for n in ("x", "y")}
+    assert _gradcheck(program, tensors)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: x[:, 8:24], "columns 8:24 do not start and end at multiples of 16"),
+    (lambda x: x[0:64:2], "no step"),
+    (lambda x: x[3], "cannot be indexed element by element"),
+    (lambda x: x[:, 32:32], "empty range of columns"),
+    (lambda x: concat([x, x[0:16]], axis=1), "the rows of 64x32, 16x32 differ"),
+    (lambda x: concat([x], axis=2), "axis must be 0 (rows) or 1 (columns)"),
+])
+def test_bad_slices_and_concats_are_named(call, message):
+    @kernel
+    def bad(x: Seq["D"], o: Out[Seq["D"]]):
+        for c in chunks(64):
+            o[c] = call(x[c])
+
+    with pytest.raises(TileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bad.trace(target="cpu", x=TensorSpec((1, 64, 1, 32), "float32"))
+
+
 @pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
-@pytest.mark.parametrize("program", [rotary_fwd, trig_fwd], ids=lambda p: p.name)
+@pytest.mark.parametrize("program", [rotary_fwd, trig_fwd, blocks_fwd], ids=lambda p: p.name)
 def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma):
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
     from tilemix.codegen.compile import compile_cuda, resources, sass
     from tilemix.codegen.schedule import default_source
 
     seq = TensorSpec((2, 4096, 4, 64), "bfloat16")
-    specs = dict(q=seq, k=seq, v=seq) if program is rotary_fwd else dict(x=seq, y=seq)
+    specs = dict(q=seq, k=seq, v=seq) if program is rotary_fwd else dict(x=seq, y=seq)  # D = 64
     source = default_source(program, program.bind({**program.consts_for(arch, specs), **specs}), arch)
     binary = compile_cuda(source.source, arch, source.name)
     code, usage = sass(binary), resources(binary)
     assert mma in code
     assert "LDL" not in code and "STL" not in code and not usage["stack"] and not usage["local"], usage
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_row_slices_below_a_register_block_are_refused_by_name(arch):
+    """Register tiles split rows in blocks of 64 across warps: a 32-row slice is refused, naming
+    the line, rather than miscompiled."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.schedule import default_source
+
+    specs = {n: TensorSpec((2, 4096, 4, 64), "bfloat16") for n in ("x", "y")}
+    binding = row_blocks_fwd.bind({**row_blocks_fwd.consts_for(arch, specs), **specs})
+    with pytest.raises(TileError, match="slices of register tiles take rows in multiples of 64") as info:
+        default_source(row_blocks_fwd, binding, arch)
+    assert "top = xc[0:32]" in str(info.value)

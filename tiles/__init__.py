@@ -28,6 +28,7 @@ from .language import (
                        chunks,
                        colmax,
                        colsum,
+                       concat,
                        cos,
                        cumsum,
                        exp,
@@ -65,5 +66,5 @@ __all__ = [
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
     "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum", "colmax",
-    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position",
+    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat",
 ]

@@ -178,6 +178,35 @@ def _segsum(em, op, gy):
     return {0: dx}
 
 
+def _zeros_beside(em: Emitter, g: Value, axis: int, before: int, after: int) -> Value:
+    """``g`` with ``before`` and ``after`` zero rows (``axis=0``) or columns (``axis=1``) around it."""
+    def zeros(width):
+        return em.const(0.0, *((g.type.rows, width) if axis == 1 else (width, g.type.cols)))
+    parts = ([zeros(before)] if before else []) + [g] + ([zeros(after)] if after else [])
+    return g if len(parts) == 1 else em.op("concat", parts, {"axis": axis})
+
+
+def _slice(em, op, gy):
+    """The gradient back in its block of the operand's shape, zeros around it."""
+    def dx():
+        a, (rows, cols) = op.attrs, op.operands[0].type.shape
+        g = _zeros_beside(em, em.expand(gy, op.result.type.shape), 1, a["col0"], cols - a["col0"] - a["cols"])
+        return _zeros_beside(em, g, 0, a["row0"], rows - a["row0"] - a["rows"])
+    return {0: dx}
+
+
+def _concat(em, op, gy):
+    """Each operand's block of the gradient."""
+    thunks, offset = {}, 0
+    for i, x in enumerate(op.operands):
+        rows, cols = x.type.shape
+        corner = (offset, 0) if op.attrs["axis"] == 0 else (0, offset)
+        attrs = {"row0": corner[0], "rows": rows, "col0": corner[1], "cols": cols}
+        thunks[i] = lambda attrs=attrs: em.op("slice", [em.expand(gy, op.result.type.shape)], attrs)
+        offset += rows if op.attrs["axis"] == 0 else cols
+    return thunks
+
+
 def _transpose(em, op, gy):
     return {0: lambda: em.op("transpose", [gy])}
 
@@ -264,4 +293,6 @@ ADJOINTS: dict[str, Rule] = {
     "segsum": _segsum,
     "transpose": _transpose,
     "matmul": _matmul,
+    "slice": _slice,
+    "concat": _concat,
 }

@@ -180,6 +180,11 @@ class _Run:
         if name == "position":
             rows = op.result.type.rows
             return (args[0] * rows + np.arange(rows, dtype=self.float))[None, None, :, None]
+        if name == "slice":
+            return args[0][..., a["row0"]:a["row0"] + a["rows"], a["col0"]:a["col0"] + a["cols"]]
+        if name == "concat":
+            lead = np.broadcast_shapes(*(x.shape[:2] for x in args))
+            return np.concatenate([np.broadcast_to(x, lead + x.shape[2:]) for x in args], axis=2 + a["axis"])
         if name == "cast":
             return round_to(args[0], a["dtype"])
         if name == "transpose":

@@ -15,7 +15,7 @@ from .types import DType, TileType, dtype_of
 __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
-    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position",
+    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat",
 ]
 
 
@@ -92,6 +92,17 @@ def position(c: ChunkIndex) -> Tile:
     if not isinstance(c, ChunkIndex):
         raise TileError(f"position(c) takes a loop index, got {type(c).__name__}", user_loc())
     return current_builder().emit("position", [c.value], {}, TileType(c.size, 1, DType.f32, row_axis=c.axis))
+
+
+def concat(tiles, axis: int = 1) -> Tile:
+    """The tiles side by side (``axis=1``: along the columns) or stacked (``axis=0``); the other
+    dim must agree. ``x[r0:r1, c0:c1]`` slices a tile back into blocks."""
+    if axis not in (0, 1):
+        raise TileError(f"concat(axis={axis!r}): axis must be 0 (rows) or 1 (columns)", user_loc())
+    if not isinstance(tiles, (list, tuple)) or not tiles:
+        raise TileError("concat(tiles): expected a non-empty list of tiles", user_loc())
+    b = current_builder()
+    return b.emit("concat", [b.as_tile(t) for t in tiles], {"axis": axis})
 
 
 # -- elementwise --------------------------------------------------------------

@@ -128,6 +128,37 @@ def _segsum(ts, attrs):
     return TileType(t.rows, t.rows, DType.f32, Space.register, t.row_axis, t.row_axis)
 
 
+def _slice(ts, attrs):
+    t = ts[0]
+    r0, rows, c0, cols = attrs["row0"], attrs["rows"], attrs["col0"], attrs["cols"]
+    for start, size, n, what in ((r0, rows, t.rows, "rows"), (c0, cols, t.cols, "columns")):
+        if size <= 0:
+            raise ShapeError(f"slice of {t}: empty range of {what}")
+        if (start, size) != (0, n) and (start % 16 or size % 16):
+            raise ShapeError(f"slice of {t}: {what} {start}:{start + size} do not start and end at "
+                             "multiples of 16")
+    row_axis = t.row_axis if r0 == 0 else None  # positions stay right where the rows start at 0
+    col_axis = t.col_axis if c0 == 0 else None
+    return TileType(rows, cols, DType.f32, Space.register, row_axis, col_axis)
+
+
+def _concat(ts, attrs):
+    for t in ts:
+        _float(t, "concat")
+    along, other = ("rows", "cols") if attrs["axis"] == 0 else ("cols", "rows")
+    if len({getattr(t, other) for t in ts}) > 1:
+        shapes = ", ".join(f"{t.rows}x{t.cols}" for t in ts)
+        raise ShapeError(f"concat(axis={attrs['axis']}): the {other} of {shapes} differ")
+    size = sum(getattr(t, along) for t in ts)
+    # positions stay along the dim the tiles share (where they all agree), not along the joined one
+    first = ts[0]
+    if attrs["axis"] == 0:
+        col_axis = first.col_axis if all(t.col_axis == first.col_axis for t in ts) else None
+        return TileType(size, first.cols, DType.f32, Space.register, None, col_axis)
+    row_axis = first.row_axis if all(t.row_axis == first.row_axis for t in ts) else None
+    return TileType(first.rows, size, DType.f32, Space.register, row_axis, None)
+
+
 def _cast(ts, attrs):
     _float(ts[0], "cast")
     return replace(ts[0], dtype=attrs["dtype"], space=Space.register)
@@ -153,6 +184,8 @@ _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = 
     "cumsum": _cumsum,
     "segsum": _segsum,
     "cast": _cast,
+    "slice": _slice,
+    "concat": _concat,
     "full": _full,
     "iota": _full,
     "eye": _eye,

@@ -126,6 +126,17 @@ template <class T, class Keep> __device__ __forceinline__ void mask(T& out, cons
   }
 }
 
+// blocks of a register tile at row R0 (a multiple of 64) and column C0 (a multiple of 8): the same
+// registers renamed, no data moves. slice reads out's block of `in`; place writes `in` into out's.
+template <int R0, int C0, class T, class S> __device__ __forceinline__ void slice(T& out, const S& in) {
+  static_assert(R0 % 64 == 0 && C0 % 8 == 0, "slices start on a register block");
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = in.v[mb + R0 / 64][nb + C0 / 8][hr][cp];
+}
+template <int R0, int C0, class T, class S> __device__ __forceinline__ void place(T& out, const S& in) {
+  static_assert(R0 % 64 == 0 && C0 % 8 == 0, "blocks are placed on a register block");
+  TM_FOR_EACH(S) out.v[mb + R0 / 64][nb + C0 / 8][hr][cp] = in.v[mb][nb][hr][cp];
+}
+
 // ------------------------------------------------------------- reductions ----
 struct op_sum { __device__ float operator()(float a, float b) const { return a + b; } };
 struct op_max { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
