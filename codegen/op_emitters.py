@@ -135,6 +135,12 @@ def _register_block(lw: Lowering, op: Op, row0: int, col0: int, what: str) -> st
 
 
 def emit_slice(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    a = op.attrs
+    if a["rows"] == 1 and op.operands[0].type.rows > 1:  # one row: from the warp that holds it
+        if (a["col0"], a["cols"]) != (0, op.operands[0].type.cols):
+            lw.fail("a one-row slice takes every column (x[r:r+1], then slice the columns)", op)
+        lw.emit(f"{decl} tm::take_row<{a['row0']}>({out}, {lw.reg(op.operands[0], ind)}, scratch, {lw.bar});", ind)
+        return
     corner = _register_block(lw, op, op.attrs["row0"], op.attrs["col0"], "slices")
     lw.emit(f"{decl} tm::slice{corner}({out}, {lw.reg(op.operands[0], ind)});", ind)
 
@@ -146,6 +152,14 @@ def emit_concat(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         corner = (offset, 0) if op.attrs["axis"] == 0 else (0, offset)
         lw.emit(f"tm::place{_register_block(lw, op, *corner, 'concat')}({out}, {lw.reg(x, ind)});", ind)
         offset += x.type.rows if op.attrs["axis"] == 0 else x.type.cols
+
+
+def emit_linrec(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    if op.result.type.rows % 64:
+        lw.fail("linrec runs down register tiles of rows in multiples of 64", op)
+    flags = f"{str(op.attrs['reverse']).lower()}, {str(op.attrs['exclusive']).lower()}"
+    args = ", ".join(lw.reg(x, ind) for x in op.operands)
+    lw.emit(f"{decl} tm::linrec_rows<{flags}>({out}, {args}, scratch, {lw.bar});", ind)
 
 
 def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -305,6 +319,7 @@ OP_EMITTERS = {
     "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
     **dict.fromkeys(("iota", "eye", "position"), emit_generated), "slice": emit_slice, "concat": emit_concat,
+    "linrec": emit_linrec,
     **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
     "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
     **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),

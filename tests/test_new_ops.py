@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_autodiff import _gradcheck
 
 from tilemix.tiles import (
     Out,
@@ -24,11 +23,32 @@ from tilemix.tiles import (
     eye,
     iota,
     kernel,
+    linrec,
     position,
     rowsum,
+    sigmoid,
     sin,
     where,
+    zeros,
 )
+from tilemix.tiles.autodiff import gradients
+
+
+def _gradients_match_differences(program, inputs: dict[str, np.ndarray], seed: int = 0) -> None:
+    """The derived gradients of a random projection of the outputs, along a random direction of the
+    inputs, against central differences of the float64 interpreter."""
+    rng = np.random.default_rng(seed)
+    outputs = program(**inputs)
+    weights = {n: rng.standard_normal(np.shape(v)) for n, v in outputs.items()}
+    grads = gradients(program, inputs, weights, wrt=tuple(inputs))
+    direction = {n: rng.standard_normal(v.shape) for n, v in inputs.items()}
+
+    def loss(step):
+        out = program(**{n: v + step * direction[n] for n, v in inputs.items()})
+        return sum((out[n] * w).sum() for n, w in weights.items())
+    want = (loss(1e-6) - loss(-1e-6)) / 2e-6
+    got = sum((np.asarray(grads[n]) * direction[n]).sum() for n in inputs)
+    assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (got, want)
 
 
 @kernel
@@ -85,9 +105,8 @@ def trig_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
 def test_new_ops_gradcheck():
     """sin and cos carry gradients; positions, iota, eye and the comparisons are constants; the
     strict mask passes the gradient of the entries it keeps."""
-    gen = torch.Generator().manual_seed(0)
-    tensors = {n: torch.randn(2, 100, 2, 16, generator=gen, dtype=torch.float64) for n in ("x", "y")}
-    assert _gradcheck(trig_fwd, tensors)
+    rng = np.random.default_rng(0)
+    _gradients_match_differences(trig_fwd, {n: rng.standard_normal((2, 100, 2, 16)) for n in ("x", "y")})
 
 
 @pytest.mark.parametrize("call, message", [
@@ -158,9 +177,8 @@ def test_row_slices_and_concat_match_float64():
 
 @pytest.mark.parametrize("program", [blocks_fwd, row_blocks_fwd], ids=lambda p: p.name)
 def test_slices_and_concat_gradcheck(program):
-    gen = torch.Generator().manual_seed(1)
-    tensors = {n: torch.randn(2, 100, 2, 32, generator=gen, dtype=torch.float64) for n in ("x", "y")}
-    assert _gradcheck(program, tensors)
+    rng = np.random.default_rng(1)
+    _gradients_match_differences(program, {n: rng.standard_normal((2, 100, 2, 32)) for n in ("x", "y")})
 
 
 @pytest.mark.parametrize("call, message", [
@@ -181,22 +199,6 @@ def test_bad_slices_and_concats_are_named(call, message):
         bad.trace(target="cpu", x=TensorSpec((1, 64, 1, 32), "float32"))
 
 
-@pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
-@pytest.mark.parametrize("program", [rotary_fwd, trig_fwd, blocks_fwd], ids=lambda p: p.name)
-def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma):
-    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
-    from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.schedule import default_source
-
-    seq = TensorSpec((2, 4096, 4, 64), "bfloat16")
-    specs = dict(q=seq, k=seq, v=seq) if program is rotary_fwd else dict(x=seq, y=seq)  # D = 64
-    source = default_source(program, program.bind({**program.consts_for(arch, specs), **specs}), arch)
-    binary = compile_cuda(source.source, arch, source.name)
-    code, usage = sass(binary), resources(binary)
-    assert mma in code
-    assert "LDL" not in code and "STL" not in code and not usage["stack"] and not usage["local"], usage
-
-
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_row_slices_below_a_register_block_are_refused_by_name(arch):
     """Register tiles split rows in blocks of 64 across warps: a 32-row slice is refused, naming
@@ -209,3 +211,112 @@ def test_row_slices_below_a_register_block_are_refused_by_name(arch):
     with pytest.raises(TileError, match="slices of register tiles take rows in multiples of 64") as info:
         default_source(row_blocks_fwd, binding, arch)
     assert "top = xc[0:32]" in str(info.value)
+
+
+@kernel
+def selective_scan_fwd(a: Seq["D"], b: Seq["D"], g: Seq[1], o: Out[Seq["D"]], r: Out[Seq["D"]]):
+    """A gated recurrence carried across chunks (``o``), and a reverse exclusive one within each
+    chunk with a per-token decay broadcast over the columns (``r``)."""
+    h = zeros(1, a.cols)
+    for c in chunks(64):
+        ac, bc = a[c], b[c]
+        hs = linrec(sigmoid(ac), bc, h)
+        o[c] = hs
+        r[c] = linrec(exp(g[c]), bc * ac, 0.5, reverse=True, exclusive=True)
+        h = hs[-1:]
+
+
+def _selective_scan_reference(a, b, g):
+    """float64 token loops."""
+    B, T, H, D = a.shape
+    o, r, h = np.zeros(a.shape), np.zeros(a.shape), np.zeros((B, H, D))
+    for t in range(T):
+        h = h / (1 + np.exp(-a[:, t])) + b[:, t]
+        o[:, t] = h
+    for t0 in range(0, T, 64):
+        state = np.full((B, H, D), 0.5)
+        for t in reversed(range(t0, t0 + 64)):
+            if t < T:
+                r[:, t] = state
+            a_t, x_t = (np.exp(g[:, t])[..., None], (b * a)[:, t]) if t < T else (1.0, 0.0)
+            state = a_t * state + x_t
+    return o, r
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 300), H=st.integers(1, 2), D=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_linrec_matches_float64(B, T, H, D, seed):
+    rng = np.random.default_rng(seed)
+    a, b = (rng.standard_normal((B, T, H, D)) for _ in range(2))
+    g = -rng.uniform(0, 1, (B, T, H))
+    out = selective_scan_fwd(a=a, b=b, g=g)
+    o, r = _selective_scan_reference(a, b, g)
+    np.testing.assert_allclose(out["o"], o, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["r"], r, rtol=1e-10, atol=1e-12)
+
+
+@kernel
+def linrec_variants_fwd(a: Seq["D"], b: Seq["D"], o: Out[Seq["D"]]):
+    """Every direction and exclusivity, each carried, so gradients cross chunks in each."""
+    h1, h2, h3 = zeros(1, a.cols), zeros(1, a.cols), zeros(1, a.cols)
+    for c in chunks(64):
+        ac, bc = sigmoid(a[c]), b[c]
+        x1 = linrec(ac, bc, h1, exclusive=True)
+        x2 = linrec(ac, bc * bc, h2, reverse=True)
+        x3 = linrec(rowsum(ac) * 0.05, bc, h3, reverse=True, exclusive=True)
+        o[c] = x1 * x2 + x3
+        h1, h2, h3 = x1[-1:] * ac[-1:] + bc[-1:], x2[0:1], x3[0:1]
+
+
+@pytest.mark.parametrize("program", [selective_scan_fwd, linrec_variants_fwd], ids=lambda p: p.name)
+def test_linrec_gradcheck(program):
+    rng = np.random.default_rng(2)
+    inputs = {n: rng.standard_normal((2, 100, 2, 16)) for n in ("a", "b")}
+    if program is selective_scan_fwd:
+        inputs["g"] = -rng.uniform(0, 1, (2, 100, 2))
+    _gradients_match_differences(program, inputs)
+
+
+@kernel
+def scan_mix_fwd(a: Seq["D"], b: Seq["D"], q: Seq["D"], o: Out[Seq["D"]]):
+    """A carried recurrence and a reverse exclusive one, beside a matmul."""
+    h = zeros(1, a.cols)
+    for c in chunks(64):
+        decay, bc = sigmoid(a[c]), b[c]
+        hs = linrec(decay, bc, h)
+        o[c] = causal(q[c] @ bc.T) @ hs + linrec(decay, bc, 0.0, reverse=True, exclusive=True)
+        h = hs[-1:]
+
+
+LOWERED = {rotary_fwd: "qkv", trig_fwd: "xy", blocks_fwd: "xy", scan_mix_fwd: "abq"}
+
+
+@pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
+@pytest.mark.parametrize("program", LOWERED, ids=lambda p: p.name)
+def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma):
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.schedule import default_source
+
+    specs = {n: TensorSpec((2, 4096, 4, 64), "bfloat16") for n in LOWERED[program]}
+    source = default_source(program, program.bind({**program.consts_for(arch, specs), **specs}), arch)
+    binary = compile_cuda(source.source, arch, source.name)
+    code, usage = sass(binary), resources(binary)
+    assert mma in code
+    assert "LDL" not in code and "STL" not in code and not usage["stack"] and not usage["local"], usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("program", LOWERED, ids=lambda p: p.name)
+@pytest.mark.parametrize("T", [1, 100, 300])
+def test_gpu_new_ops_match_interpreter(program, T, monkeypatch):
+    from tilemix.ops.runtime import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    gen = torch.Generator().manual_seed(T)
+    args = {n: (0.5 * torch.randn(2, T, 3, 64, generator=gen)).to(torch.bfloat16) for n in LOWERED[program]}
+    gpu = run_kernel(program, {n: t.cuda() for n, t in args.items()})
+    cpu = run_kernel(program, args)
+    for out in cpu:
+        assert rel_err(gpu[out].cpu(), cpu[out].double().numpy()) <= bound(torch.bfloat16), out

@@ -37,6 +37,7 @@ from .language import (
                        full,
                        in_seq,
                        iota,
+                       linrec,
                        log,
                        maximum,
                        minimum,
@@ -66,5 +67,5 @@ __all__ = [
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
     "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum", "colmax",
-    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat",
+    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
 ]

@@ -207,6 +207,38 @@ def _concat(em, op, gy):
     return thunks
 
 
+def _linrec(em, op, gy):
+    """``h = linrec(a, b, h0)``: the gradient ``g`` of each row's state runs the recurrence the other
+    way, ``g_t = gy_t + a_{t+1} g_{t+1}``; as an exclusive reverse scan (no row shifts):
+    ``g = gy + linrec(a, a * gy, 0, reverse, exclusive)`` (inclusive ``h``) or
+    ``g = linrec(a, gy, 0, reverse, exclusive)`` (exclusive ``h``: row t reads the state before it,
+    and ``h0`` gets the first row's ``gy`` directly). Then ``db = g``, ``da = g * h_{t-1}`` and
+    ``dh0`` is the first row (in scan order) of ``a * g`` (plus ``gy`` there when exclusive)."""
+    a, b, h0 = op.operands
+    rev, excl = op.attrs["reverse"], op.attrs["exclusive"]
+    shape = op.result.type.shape
+
+    def g():
+        full_gy, zero = em.expand(gy, shape), em.const(0.0, 1, shape[1])
+        back = {"reverse": not rev, "exclusive": True}
+        if excl:
+            return em.op("linrec", [a, full_gy, zero], back)
+        return em.add(full_gy, em.op("linrec", [a, em.mul(a, full_gy), zero], back))
+
+    def dh0():
+        into_h0 = em.mul(a, g())
+        if excl:
+            into_h0 = em.add(into_h0, gy)
+        first = em.op("eq", [em.op("iota", [], {"rows": shape[0], "cols": 1, "axis": 0}),
+                             em.const(shape[0] - 1 if rev else 0)])
+        return em.op("colsum", [em.select(first, into_h0, em.const(0.0))])
+
+    def da():
+        before = op.result if excl else em.op("linrec", [a, b, h0], {"reverse": rev, "exclusive": True})
+        return em.mul(g(), before)
+    return {0: da, 1: g, 2: dh0}
+
+
 def _transpose(em, op, gy):
     return {0: lambda: em.op("transpose", [gy])}
 
@@ -295,4 +327,5 @@ ADJOINTS: dict[str, Rule] = {
     "matmul": _matmul,
     "slice": _slice,
     "concat": _concat,
+    "linrec": _linrec,
 }

@@ -82,6 +82,18 @@ def _cumsum(x: np.ndarray, reverse: bool, exclusive: bool) -> np.ndarray:
     return out[..., ::-1, :] if reverse else out
 
 
+def _linrec(a: np.ndarray, b: np.ndarray, h0: np.ndarray, reverse: bool, exclusive: bool) -> np.ndarray:
+    a, b = np.broadcast_arrays(a, b)
+    h = np.broadcast_to(h0, a.shape[:-2] + (1, a.shape[-1]))[..., 0, :]
+    out = np.empty(np.broadcast_shapes(a.shape, h0.shape[:-2] + a.shape[-2:]), a.dtype)
+    rows = range(a.shape[-2])
+    for t in reversed(rows) if reverse else rows:
+        before = h
+        h = a[..., t, :] * h + b[..., t, :]
+        out[..., t, :] = before if exclusive else h
+    return out
+
+
 _UNARY = {
     "neg": np.negative,
     "abs": np.abs,
@@ -198,6 +210,8 @@ class _Run:
             return self.mask(op, args[0])
         if name == "cumsum":
             return _cumsum(args[0], a["reverse"], a["exclusive"])
+        if name == "linrec":
+            return _linrec(*args, a["reverse"], a["exclusive"])
         if name == "segsum":
             return _segsum(args[0])
         if name == "load":

@@ -15,7 +15,7 @@ from .types import DType, TileType, dtype_of
 __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
-    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat",
+    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
 ]
 
 
@@ -223,6 +223,17 @@ def cumsum(x, reverse: bool = False, exclusive: bool = False) -> Tile:
     """Cumulative sum down the rows of a chunk (over its tokens).
     ``reverse`` sums from the end; ``exclusive`` leaves out the row itself."""
     return _unary("cumsum", x, reverse=bool(reverse), exclusive=bool(exclusive))
+
+
+def linrec(a, b, h0, reverse: bool = False, exclusive: bool = False) -> Tile:
+    """The elementwise linear recurrence down the rows of a chunk, ``h_t = a_t * h_{t-1} + b_t``
+    from ``h_{-1} = h0`` (a row vector), every row returned: ``h[-1:]`` is the row to carry to the
+    next chunk (Mamba-1's selective scan, RG-LRU, minGRU). ``a``, ``b`` broadcast to the result.
+    ``reverse`` runs from the last row up (``h_t = a_t * h_{t+1} + b_t``, carry ``h[0:1]``);
+    ``exclusive`` returns the state before each row (``h_{t-1}``: ``h0`` first)."""
+    builder = current_builder()
+    return builder.emit("linrec", [builder.as_tile(x) for x in (a, b, h0)],
+                        {"reverse": bool(reverse), "exclusive": bool(exclusive)})
 
 
 def segsum(x) -> Tile:

@@ -134,9 +134,10 @@ def _slice(ts, attrs):
     for start, size, n, what in ((r0, rows, t.rows, "rows"), (c0, cols, t.cols, "columns")):
         if size <= 0:
             raise ShapeError(f"slice of {t}: empty range of {what}")
-        if (start, size) != (0, n) and (start % 16 or size % 16):
+        one_row = what == "rows" and size == 1
+        if (start, size) != (0, n) and (start % 16 or size % 16) and not one_row:
             raise ShapeError(f"slice of {t}: {what} {start}:{start + size} do not start and end at "
-                             "multiples of 16")
+                             "multiples of 16 (or take one row)")
     row_axis = t.row_axis if r0 == 0 else None  # positions stay right where the rows start at 0
     col_axis = t.col_axis if c0 == 0 else None
     return TileType(rows, cols, DType.f32, Space.register, row_axis, col_axis)
@@ -157,6 +158,15 @@ def _concat(ts, attrs):
         return TileType(size, first.cols, DType.f32, Space.register, None, col_axis)
     row_axis = first.row_axis if all(t.row_axis == first.row_axis for t in ts) else None
     return TileType(first.rows, size, DType.f32, Space.register, row_axis, None)
+
+
+def _linrec(ts, attrs):
+    a, b, h0 = ts
+    out = _binary((a, b), {"_name": "linrec"})
+    _float(h0, "linrec")
+    if h0.rows != 1 or h0.cols not in (1, out.cols):
+        raise ShapeError(f"linrec: h0 must be a row vector of the result's width (1x{out.cols}), got {h0}")
+    return out
 
 
 def _cast(ts, attrs):
@@ -186,6 +196,7 @@ _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = 
     "cast": _cast,
     "slice": _slice,
     "concat": _concat,
+    "linrec": _linrec,
     "full": _full,
     "iota": _full,
     "eye": _eye,

@@ -287,6 +287,106 @@ __device__ __forceinline__ void scan_rows(rt<R, C>& inc, rt<1, C>& total, const 
     for (int cp = 0; cp < T::CP; ++cp) total.v[0][nb][0][cp] = carry[nb][cp];
 }
 
+// The linear recurrence h_t = a_t h_{t-1} + b_t down the rows (REV: h_t = a_t h_{t+1} + b_t, from
+// the last row up) from the row h0; EXCL: each row gets the state before it. The scan of scan_rows
+// with affine maps (a, b) composed in place of sums: shuffles over each warp's 16 rows, then warp
+// maps through `scratch` (8 * C floats, two barriers per 64 rows). a, b, h0 may broadcast.
+template <bool REV, bool EXCL, int R, int C, class A, class B, class H>
+__device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& b, const H& h0, float* scratch,
+                                            int bar) {
+  using T = rt<R, C>;
+  const int warp = (threadIdx.x % 128) / 32, g = lane_id() / 4, q = lane_id() % 4;
+  const int gs = REV ? 7 - g : g;            // the row's place in scan order within its 8-row half
+  const int first = REV ? 1 : 0;             // the half scanned first
+  const int edge = REV ? q : 28 + q;         // the lane holding the first half's last row in scan order
+  auto up = [](float x, int d) { return REV ? __shfl_down_sync(0xffffffff, x, 4 * d) : __shfl_up_sync(0xffffffff, x, 4 * d); };
+  float h[T::NB][T::CP], m[T::NB][T::CP][2];
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) h[nb][cp] = at(h0, 0, nb, 0, cp);
+#pragma unroll
+  for (int i = 0; i < T::MB; ++i) {
+    const int mb = REV ? T::MB - 1 - i : i;
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) {
+        float ma[2], mc[2];  // the map of the rows from the warp's first (in scan order) to this one
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          ma[hr] = at(a, mb, nb, hr, cp);
+          mc[hr] = at(b, mb, nb, hr, cp);
+#pragma unroll
+          for (int d = 1; d < 8; d *= 2) {
+            float ya = up(ma[hr], d), yc = up(mc[hr], d);
+            if (gs >= d) { mc[hr] = fmaf(ma[hr], yc, mc[hr]); ma[hr] *= ya; }
+          }
+        }
+        float ea = __shfl_sync(0xffffffff, ma[first], edge), ec = __shfl_sync(0xffffffff, mc[first], edge);
+        mc[1 - first] = fmaf(ma[1 - first], ec, mc[1 - first]);
+        ma[1 - first] *= ea;
+        m[nb][cp][0] = ma[0];
+        m[nb][cp][1] = ma[1];
+        out.v[mb][nb][0][cp] = mc[0];
+        out.v[mb][nb][1][cp] = mc[1];
+        const int c = C == 1 ? 0 : col_of(nb, cp);
+        if (gs == 7 && (q == 0 || C > 1)) {
+          scratch[warp * C + c] = ma[1 - first];
+          scratch[(4 + warp) * C + c] = mc[1 - first];
+        }
+      }
+    sync_threads(bar, 128);
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) {
+        const int c = C == 1 ? 0 : col_of(nb, cp);
+        float before = h[nb][cp], all = h[nb][cp];  // the state before this warp's rows, after the block's
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const int ww = REV ? 3 - w : w;
+          const float wa = scratch[ww * C + c], wc = scratch[(4 + ww) * C + c];
+          if (REV ? ww > warp : ww < warp) before = fmaf(wa, before, wc);
+          all = fmaf(wa, all, wc);
+        }
+        h[nb][cp] = all;
+        float v[2];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) v[hr] = fmaf(m[nb][cp][hr], before, out.v[mb][nb][hr][cp]);
+        if (EXCL) {  // the previous row in scan order
+          float p0 = up(v[first], 1), p1 = up(v[1 - first], 1), e = __shfl_sync(0xffffffff, v[first], edge);
+          v[1 - first] = gs == 0 ? e : p1;
+          v[first] = gs == 0 ? before : p0;
+        }
+        out.v[mb][nb][0][cp] = v[0];
+        out.v[mb][nb][1][cp] = v[1];
+      }
+    sync_threads(bar, 128);  // scratch is free again
+  }
+}
+
+// one row of a tile as a row vector, through `scratch` (C floats)
+template <int ROW, int R, int C> __device__ __forceinline__ void take_row(rt<1, C>& out, const rt<R, C>& in, float* scratch,
+                                                                  int bar) {
+  using T = rt<R, C>;
+#pragma unroll
+  for (int mb = 0; mb < T::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < T::HR; ++hr)
+      if (row_of(mb, hr) == ROW && (lane_id() % 4 == 0 || C > 1))
+#pragma unroll
+        for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+          for (int cp = 0; cp < T::CP; ++cp) scratch[C == 1 ? 0 : col_of(nb, cp)] = in.v[mb][nb][hr][cp];
+  sync_threads(bar, 128);
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) out.v[0][nb][0][cp] = scratch[C == 1 ? 0 : col_of(nb, cp)];
+  sync_threads(bar, 128);
+}
+
 // inclusive/exclusive, forward/reverse cumulative sum down the rows of every column
 template <int R, int C>
 __device__ __forceinline__ void cumsum_rows(rt<R, C>& out, const rt<R, C>& x, bool reverse, bool exclusive,
