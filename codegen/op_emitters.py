@@ -162,6 +162,14 @@ def emit_linrec(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::linrec_rows<{flags}>({out}, {args}, scratch, {lw.bar});", ind)
 
 
+def emit_trisolve(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    a, b = op.operands
+    if a.type.rows % 64:
+        lw.fail("trisolve takes square tiles of rows in multiples of 64", op)
+    lw.emit(f"{decl} tm::trisolve<{str(op.attrs['transposed']).lower()}>({out}, {lw.reg(a, ind)}, "
+            f"{lw.reg(b, ind)}, scratch, {lw.bar});", ind)
+
+
 def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::map1({out}, {UNARY[op.name]}, {lw.reg(op.operands[0], ind)});", ind)
 
@@ -319,7 +327,7 @@ OP_EMITTERS = {
     "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
     **dict.fromkeys(("iota", "eye", "position"), emit_generated), "slice": emit_slice, "concat": emit_concat,
-    "linrec": emit_linrec,
+    "linrec": emit_linrec, "trisolve": emit_trisolve,
     **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
     "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
     **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),

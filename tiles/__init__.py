@@ -50,6 +50,7 @@ from .language import (
                        softplus,
                        sqrt,
                        tanh,
+                       trisolve,
                        where,
                        window,
                        zeros,
@@ -67,5 +68,5 @@ __all__ = [
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
     "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum", "colmax",
-    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
+    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec", "trisolve",
 ]

@@ -239,6 +239,27 @@ def _linrec(em, op, gy):
     return {0: da, 1: g, 2: dh0}
 
 
+def _trisolve(em, op, gy):
+    """``x = M⁻¹ b`` with ``M = I + tril(a, -1)`` (``transposed``: ``M⁻ᵀ b``): ``db = y = M⁻ᵀ gy``
+    (``M⁻¹ gy``) and ``da = -tril(y xᵀ, -1)`` (``-tril(x yᵀ, -1)``): the strictly lower triangle
+    is all of ``a`` that ``x`` reads."""
+    a, b = op.operands
+    x, flip = op.result, op.attrs["transposed"]
+
+    def y():
+        attrs = {"transposed": not flip, "operand_dtype": op.attrs["operand_dtype"]}
+        return em.op("trisolve", [a, em.expand(gy, x.type.shape)], attrs)
+
+    def da():
+        left, right = (x, y()) if flip else (y(), x)
+        outer = em.op("matmul", [left, right], {"operand_dtype": op.attrs["operand_dtype"], "ta": False, "tb": True})
+        rows = a.type.rows
+        below = em.op("gt", [em.op("iota", [], {"rows": rows, "cols": 1, "axis": 0}),
+                             em.op("iota", [], {"rows": 1, "cols": rows, "axis": 1})])
+        return em.select(below, em.neg(outer), em.const(0.0))
+    return {0: da, 1: y}
+
+
 def _transpose(em, op, gy):
     return {0: lambda: em.op("transpose", [gy])}
 
@@ -328,4 +349,5 @@ ADJOINTS: dict[str, Rule] = {
     "slice": _slice,
     "concat": _concat,
     "linrec": _linrec,
+    "trisolve": _trisolve,
 }

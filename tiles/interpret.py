@@ -94,6 +94,18 @@ def _linrec(a: np.ndarray, b: np.ndarray, h0: np.ndarray, reverse: bool, exclusi
     return out
 
 
+def _trisolve(a: np.ndarray, b: np.ndarray, transposed: bool) -> np.ndarray:
+    """Substitution row by row, in the working precision (as the GPU runs it)."""
+    m = np.tril(a, -1)
+    if transposed:
+        m = np.swapaxes(m, -1, -2)[..., ::-1, ::-1]  # back substitution is forward on reversed rows
+        b = b[..., ::-1, :]
+    x = np.array(np.broadcast_to(b, np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:]))
+    for i in range(1, x.shape[-2]):
+        x[..., i, :] -= np.matmul(m[..., i:i + 1, :i], x[..., :i, :])[..., 0, :]
+    return x[..., ::-1, :] if transposed else x
+
+
 _UNARY = {
     "neg": np.negative,
     "abs": np.abs,
@@ -212,6 +224,8 @@ class _Run:
             return _cumsum(args[0], a["reverse"], a["exclusive"])
         if name == "linrec":
             return _linrec(*args, a["reverse"], a["exclusive"])
+        if name == "trisolve":
+            return _trisolve(args[0], args[1], a["transposed"])
         if name == "segsum":
             return _segsum(args[0])
         if name == "load":

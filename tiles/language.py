@@ -15,7 +15,7 @@ from .types import DType, TileType, dtype_of
 __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
-    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
+    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec", "trisolve",
 ]
 
 
@@ -234,6 +234,16 @@ def linrec(a, b, h0, reverse: bool = False, exclusive: bool = False) -> Tile:
     builder = current_builder()
     return builder.emit("linrec", [builder.as_tile(x) for x in (a, b, h0)],
                         {"reverse": bool(reverse), "exclusive": bool(exclusive)})
+
+
+def trisolve(a, b, transposed: bool = False) -> Tile:
+    """``x`` solving ``(I + tril(a, -1)) x = b``: ``a``'s strictly lower triangle, a unit diagonal
+    (``transposed``: ``(I + tril(a, -1))ᵀ x = b``). Forward substitution, stable where an inverse
+    built from matmuls is not (DeltaNet's UT transform with correlated keys):
+    ``trisolve(causal(k @ k.T * beta, strict=True), v * beta)``."""
+    builder = current_builder()
+    return builder.emit("trisolve", [builder.as_tile(a), builder.as_tile(b)],
+                        {"transposed": bool(transposed), "operand_dtype": builder.binding.compute_dtype})
 
 
 def segsum(x) -> Tile:

@@ -169,6 +169,16 @@ def _linrec(ts, attrs):
     return out
 
 
+def _trisolve(ts, attrs):
+    a, b = ts
+    _float(a, "trisolve")
+    _float(b, "trisolve")
+    if a.rows != a.cols or b.rows != a.rows:
+        raise ShapeError(f"trisolve: expected a square tile and a right-hand side of as many rows, "
+                         f"got {a.rows}x{a.cols} and {b.rows}x{b.cols}")
+    return _f32(b)  # row i of x answers row i of b
+
+
 def _cast(ts, attrs):
     _float(ts[0], "cast")
     return replace(ts[0], dtype=attrs["dtype"], space=Space.register)
@@ -197,6 +207,7 @@ _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = 
     "slice": _slice,
     "concat": _concat,
     "linrec": _linrec,
+    "trisolve": _trisolve,
     "full": _full,
     "iota": _full,
     "eye": _eye,

@@ -366,6 +366,38 @@ __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& 
   }
 }
 
+// x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): l's strictly lower
+// triangle and b go to `scratch` (R * (R + C) floats), then each thread substitutes down whole columns
+// of x in place there, with no barrier between rows (columns are independent).
+template <bool TRANS, int R, int C>
+__device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const rt<R, C>& b, float* scratch, int bar) {
+  float* sl = scratch;
+  float* sx = scratch + R * R;
+  {
+    using L = rt<R, R>;
+    TM_FOR_EACH(L) sl[row_of(mb, hr) * R + col_of(nb, cp)] = l.v[mb][nb][hr][cp];
+  }
+  using T = rt<R, C>;
+  TM_FOR_EACH(T) sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))] = b.v[mb][nb][hr][cp];
+  sync_threads(bar, 128);
+  for (int c = threadIdx.x % 128; c < C; c += 128)
+    for (int step = 1; step < R; ++step) {
+      const int i = TRANS ? R - 1 - step : step;
+      float acc = sx[i * C + c];
+      if (TRANS) {
+#pragma unroll 4
+        for (int j = i + 1; j < R; ++j) acc = fmaf(-sl[j * R + i], sx[j * C + c], acc);
+      } else {
+#pragma unroll 4
+        for (int j = 0; j < i; ++j) acc = fmaf(-sl[i * R + j], sx[j * C + c], acc);
+      }
+      sx[i * C + c] = acc;
+    }
+  sync_threads(bar, 128);
+  TM_FOR_EACH(T) x.v[mb][nb][hr][cp] = sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))];
+  sync_threads(bar, 128);  // scratch is free again
+}
+
 // one row of a tile as a row vector, through `scratch` (C floats)
 template <int ROW, int R, int C> __device__ __forceinline__ void take_row(rt<1, C>& out, const rt<R, C>& in, float* scratch,
                                                                   int bar) {
