@@ -170,6 +170,13 @@ def emit_trisolve(lw: Lowering, op: Op, decl: str, out: str, ind: int):
             f"{lw.reg(b, ind)}, scratch, {lw.bar});", ind)
 
 
+def emit_outer(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    x, y = op.operands
+    if y.type.cols % 8 or (x.type.cols > 1 and x.type.cols % 8):
+        lw.fail("outer lowers for operands of 1 or a multiple of 8 columns", op)
+    lw.emit(f"{decl} tm::outer_rows({out}, {lw.reg(x, ind)}, {lw.reg(y, ind)});", ind)
+
+
 def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::map1({out}, {UNARY[op.name]}, {lw.reg(op.operands[0], ind)});", ind)
 
@@ -328,6 +335,7 @@ OP_EMITTERS = {
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
     **dict.fromkeys(("iota", "eye", "position"), emit_generated), "slice": emit_slice, "concat": emit_concat,
     "linrec": emit_linrec, "trisolve": emit_trisolve,
+    "outer": emit_outer,
     **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
     "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
     **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),

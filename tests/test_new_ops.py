@@ -25,6 +25,7 @@ from tilemix.tiles import (
     iota,
     kernel,
     linrec,
+    outer,
     position,
     rowsum,
     sigmoid,
@@ -360,8 +361,43 @@ def test_trisolve_gradients_match_differences():
     _gradients_match_differences(delta_net_fwd, inputs)
 
 
+
+@kernel
+def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], o: Out[Seq["V"]]):
+    """Based's second-order feature map within each chunk, on 16 features:
+    (q_t·k_s)² = outer(q, q)_t · outer(k, k)_s."""
+    for c in chunks(64):
+        qf, kf = q[c][:, 0:16], k[c][:, 0:16]
+        o[c] = causal(outer(qf, qf) @ outer(kf, kf).T) @ v[c] + outer(qf, v[c][:, 0:16])[:, 0:v.cols]
+
+
+def _based_reference(q, k, v):
+    o = np.zeros(v.shape)
+    for t0 in range(0, q.shape[1], 64):
+        rows = slice(t0, t0 + 64)
+        scores = np.tril(np.einsum("bthf,bshf->bhts", q[:, rows, :, :16], k[:, rows, :, :16]) ** 2)
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, v[:, rows])
+    pairs = q[..., :16, None] * v[..., None, :16]
+    return o + pairs.reshape(pairs.shape[:-2] + (256,))[..., :v.shape[-1]]
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 200), H=st.integers(1, 2), F=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_outer_matches_float64(B, T, H, F, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, H, d)) for d in (F, F, 32))
+    np.testing.assert_allclose(based_fwd(q=q, k=k, v=v)["o"], _based_reference(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_outer_gradients_match_differences():
+    rng = np.random.default_rng(4)
+    inputs = {n: rng.standard_normal((2, 100, 2, d)) for n, d in (("q", 16), ("k", 16), ("v", 32))}
+    _gradients_match_differences(based_fwd, inputs)
+
+
 # the programs compiled, with the names of their Seq["D"] inputs (and DeltaNet's Seq[1] beta)
-LOWERED = {rotary_fwd: "qkv", trig_fwd: "xy", blocks_fwd: "xy", scan_mix_fwd: "abq", delta_net_fwd: "qkv"}
+LOWERED = {rotary_fwd: "qkv", trig_fwd: "xy", blocks_fwd: "xy", scan_mix_fwd: "abq", delta_net_fwd: "qkv",
+           based_fwd: "qkv"}
 
 
 def _lowered_specs(program, B=2, T=4096, H=4, D=64) -> dict:

@@ -41,6 +41,7 @@ from .language import (
                        log,
                        maximum,
                        minimum,
+                       outer,
                        position,
                        rowmax,
                        rowsum,
@@ -68,5 +69,5 @@ __all__ = [
     "Seq", "GroupSeq", "Head", "State", "Matrix", "Scalar", "Const", "Out",
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
     "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum", "colmax",
-    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec", "trisolve",
+    "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec", "trisolve", "outer",
 ]

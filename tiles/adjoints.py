@@ -260,6 +260,32 @@ def _trisolve(em, op, gy):
     return {0: da, 1: y}
 
 
+def _outer(em, op, gy):
+    """``out[t, i * m + j] = x[t, i] y[t, j]``: ``dx = (gy * outer(1, y)) @ Gᵀ`` and
+    ``dy = (gy * outer(x, 1)) @ F`` with ``G = outer(I, 1)`` (``G[i, i' * m + j] = [i = i']``) and
+    ``F = concat([I] * n)`` (``F[i * m + j, j'] = [j = j']``): 0/1 matrices that sum the products
+    over ``j`` and over ``i``."""
+    x, y = op.operands
+    (rows, n), m = x.type.shape, y.type.cols
+    dtype = op.attrs["operand_dtype"]
+    g = em.expand(gy, op.result.type.shape)
+
+    def ones(r, c):
+        return em.const(1.0, r, c)
+
+    def dx():
+        spread = em.mul(g, em.op("outer", [ones(rows, n), y], {"operand_dtype": dtype}))
+        pick = em.op("outer", [em.op("eye", [], {"n": n}), ones(n, m)], {"operand_dtype": dtype})
+        return em.op("matmul", [spread, pick], {"operand_dtype": dtype, "ta": False, "tb": True})
+
+    def dy():
+        spread = em.mul(g, em.op("outer", [x, ones(rows, m)], {"operand_dtype": dtype}))
+        eye = em.op("eye", [], {"n": m})
+        pick = eye if n == 1 else em.op("concat", [eye] * n, {"axis": 0})
+        return em.op("matmul", [spread, pick], {"operand_dtype": dtype, "ta": False, "tb": False})
+    return {0: dx, 1: dy}
+
+
 def _transpose(em, op, gy):
     return {0: lambda: em.op("transpose", [gy])}
 
@@ -350,4 +376,5 @@ ADJOINTS: dict[str, Rule] = {
     "concat": _concat,
     "linrec": _linrec,
     "trisolve": _trisolve,
+    "outer": _outer,
 }

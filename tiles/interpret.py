@@ -226,6 +226,10 @@ class _Run:
             return _linrec(*args, a["reverse"], a["exclusive"])
         if name == "trisolve":
             return _trisolve(args[0], args[1], a["transposed"])
+        if name == "outer":
+            x, y = args
+            out = x[..., :, :, None] * y[..., :, None, :]
+            return out.reshape(out.shape[:-2] + (x.shape[-1] * y.shape[-1],))
         if name == "segsum":
             return _segsum(args[0])
         if name == "load":

@@ -15,7 +15,8 @@ from .types import DType, TileType, dtype_of
 __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
-    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec", "trisolve",
+    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
+    "trisolve", "outer",
 ]
 
 
@@ -103,6 +104,14 @@ def concat(tiles, axis: int = 1) -> Tile:
         raise TileError("concat(tiles): expected a non-empty list of tiles", user_loc())
     b = current_builder()
     return b.emit("concat", [b.as_tile(t) for t in tiles], {"axis": axis})
+
+
+def outer(x, y) -> Tile:
+    """Row by row outer product, flattened: ``out[t, i * y.cols + j] = x[t, i] * y[t, j]``
+    (Based's second-order features: ``outer(x, x)`` takes 16 features to 256)."""
+    builder = current_builder()
+    return builder.emit("outer", [builder.as_tile(x), builder.as_tile(y)],
+                        {"operand_dtype": builder.binding.compute_dtype})
 
 
 # -- elementwise --------------------------------------------------------------

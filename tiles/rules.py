@@ -179,6 +179,15 @@ def _trisolve(ts, attrs):
     return _f32(b)  # row i of x answers row i of b
 
 
+def _outer(ts, attrs):
+    x, y = ts
+    _float(x, "outer")
+    _float(y, "outer")
+    if x.rows != y.rows:
+        raise ShapeError(f"outer: x and y need as many rows, got {x.rows}x{x.cols} and {y.rows}x{y.cols}")
+    return TileType(x.rows, x.cols * y.cols, DType.f32, Space.register, x.row_axis or y.row_axis, None)
+
+
 def _cast(ts, attrs):
     _float(ts[0], "cast")
     return replace(ts[0], dtype=attrs["dtype"], space=Space.register)
@@ -208,6 +217,7 @@ _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = 
     "concat": _concat,
     "linrec": _linrec,
     "trisolve": _trisolve,
+    "outer": _outer,
     "full": _full,
     "iota": _full,
     "eye": _eye,

@@ -398,6 +398,21 @@ __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const r
   sync_threads(bar, 128);  // scratch is free again
 }
 
+// row by row outer product, out[r][i * CY + j] = x[r][i] * y[r][j] (CY a multiple of 8): y[r][j] is
+// the thread's own (column j % 8 of out's block is j's), x[r][i] comes from the lane of the quad that
+// holds column i (the quad's four lanes hold a row between them)
+template <int R, int CX, int CY>
+__device__ __forceinline__ void outer_rows(rt<R, CX * CY>& out, const rt<R, CX>& x, const rt<R, CY>& y) {
+  static_assert(CY % 8 == 0, "outer_rows: y's columns in multiples of 8");
+  using T = rt<R, CX * CY>;
+  TM_FOR_EACH(T) {
+    const int i = nb * 8 / CY, jb = (nb * 8 % CY) / 8;
+    const float xi = CX == 1 ? at(x, mb, 0, hr, 0)
+                             : __shfl_sync(0xffffffff, at(x, mb, i / 8, hr, i % 2), (lane_id() & ~3) | (i % 8) / 2);
+    out.v[mb][nb][hr][cp] = xi * y.v[mb][jb][hr][cp];
+  }
+}
+
 // one row of a tile as a row vector, through `scratch` (C floats)
 template <int ROW, int R, int C> __device__ __forceinline__ void take_row(rt<1, C>& out, const rt<R, C>& in, float* scratch,
                                                                   int bar) {
