@@ -408,8 +408,10 @@ def _lowered_specs(program, B=2, T=4096, H=4, D=64) -> dict:
 @pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
 @pytest.mark.parametrize("program", LOWERED, ids=lambda p: p.name)
 def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma):
+    """... and on sm_90a ptxas neither serialises the wgmmas (C7512, C7515) nor ignores the register
+    split (C7508)."""
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
-    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass
     from tilemix.codegen.schedule import default_source
 
     specs = _lowered_specs(program)
@@ -418,6 +420,9 @@ def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma)
     code, usage = sass(binary), resources(binary)
     assert mma in code
     assert "LDL" not in code and "STL" not in code and not usage["stack"] and not usage["local"], usage
+    if arch == "sm_90a":
+        report = ptxas_report(source.source, arch, source.name)
+        assert "Used" in report and not any(c in report for c in ("C7512", "C7515", "C7508")), report
 
 
 @pytest.mark.gpu
