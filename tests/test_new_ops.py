@@ -442,3 +442,18 @@ def test_gpu_new_ops_match_interpreter(program, T, monkeypatch):
     cpu = run_kernel(program, args)
     for out in cpu:
         assert rel_err(gpu[out].cpu(), cpu[out].double().numpy()) <= bound(torch.bfloat16), out
+
+
+def test_gradient_of_a_carried_row_is_a_select_the_generators_lower():
+    """``h[-1:]``'s adjoint puts the row back with a select on the row index: a concat of 63 zero
+    rows would not lower (register tiles join at 64-row blocks)."""
+    from tilemix.tiles.adjoints import ADJOINTS, Emitter
+    from tilemix.tiles.ir import Op, Value
+    from tilemix.tiles.types import TileType
+
+    h, row = Value(TileType(64, 32)), Value(TileType(1, 32))
+    op = Op("slice", (h,), {"row0": 63, "rows": 1, "col0": 0, "cols": 32}, row, None)
+    em = Emitter()
+    dx = ADJOINTS["slice"](em, op, Value(TileType(1, 32)))[0]()
+    assert dx.type.shape == (64, 32)
+    assert "concat" not in [o.name for o in em.ops] and "where" in [o.name for o in em.ops]

@@ -187,10 +187,15 @@ def _zeros_beside(em: Emitter, g: Value, axis: int, before: int, after: int) -> 
 
 
 def _slice(em, op, gy):
-    """The gradient back in its block of the operand's shape, zeros around it."""
+    """The gradient back in its block of the operand's shape, zeros around it; a one-row block (the
+    row a recurrence carries) as a select on the row index, which the code generators lower at
+    any row."""
     def dx():
         a, (rows, cols) = op.attrs, op.operands[0].type.shape
         g = _zeros_beside(em, em.expand(gy, op.result.type.shape), 1, a["col0"], cols - a["col0"] - a["cols"])
+        if a["rows"] == 1 and rows > 1:
+            index = em.op("iota", [], {"rows": rows, "cols": 1, "axis": 0})
+            return em.select(em.op("eq", [index, em.const(a["row0"])]), g, em.const(0.0))
         return _zeros_beside(em, g, 0, a["row0"], rows - a["row0"] - a["rows"])
     return {0: dx}
 
