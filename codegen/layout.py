@@ -153,6 +153,13 @@ def _buffers_of(op: Op, plan: KernelPlan, live: Liveness,
     mm = live.accumulate[op][0] if op in live.accumulate else op
     if mm.name == "matmul":
         return _matmul_buffers(mm, loaded)
+    if op.name == "linrec":
+        return [], [], [("scratch", 8 * op.result.type.cols)]
+    if op.name == "trisolve":  # the matrix and the solution
+        rows, cols = op.result.type.shape
+        return [], [], [("scratch", rows * (rows + cols))]
+    if op.name == "slice" and op.result.type.rows == 1:  # one row of a tile
+        return [], [], [("scratch", op.result.type.cols)]
     if op.name not in ("colsum", "colmax", "cumsum", "segsum", "transpose"):
         return [], [], []
     x = op.operands[0]

@@ -27,6 +27,8 @@ UNARY = {
     "exp2": "[](float a) { return tm::ex2(a); }",
     "log": "[](float a) { return tm::f_log(a); }",
     "sqrt": "[](float a) { return tm::f_sqrt(a); }",
+    "sin": "[](float a) { return tm::f_sin(a); }",
+    "cos": "[](float a) { return tm::f_cos(a); }",
     "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",
     "softplus": "[](float a) { return tm::f_softplus(a); }",
     "tanh": "[](float a) { return tm::f_tanh(a); }",
@@ -36,6 +38,7 @@ BINARY = {
     "maximum": "fmaxf(a, b)", "minimum": "fminf(a, b)",
     "lt": "a < b ? 1.0f : 0.0f", "le": "a <= b ? 1.0f : 0.0f",
     "gt": "a > b ? 1.0f : 0.0f", "ge": "a >= b ? 1.0f : 0.0f",
+    "eq": "a == b ? 1.0f : 0.0f", "ne": "a != b ? 1.0f : 0.0f",
 }
 MAPS = frozenset({*UNARY, *BINARY})  # the elementwise maps: they read a ring stage's row view in place
 
@@ -135,6 +138,68 @@ def emit_full(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::fill({out}, {float_literal(op.attrs['value'])});", ind)
 
 
+def emit_generated(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    """``iota``, ``eye``, ``position``: each entry a function of its row and column."""
+    if op.name == "iota":
+        value = "row" if op.attrs["axis"] == 0 else "col"
+    elif op.name == "eye":
+        value = "row == col ? 1 : 0"
+    else:
+        value = f"{lw.plan.index_name[op.operands[0].id]} * {op.result.type.rows} + row"
+    lw.emit(f"{decl} tm::generate({out}, [&](int row, int col) {{ return (float)({value}); }});", ind)
+
+
+def _register_block(lw: Lowering, op: Op, row0: int, col0: int, what: str) -> str:
+    """``<row0, col0>``: a block's corner, where register tiles split (64-row blocks, 8-column ones)."""
+    if row0 % 64 or col0 % 8 or any(d % 64 for d in (op.result.type.rows, *(x.type.rows for x in op.operands))
+                                    if d != 1):
+        lw.fail(f"{what} of register tiles take rows in multiples of 64 (columns in multiples of 16)", op)
+    return f"<{row0}, {col0}>"
+
+
+def emit_slice(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    a = op.attrs
+    if a["rows"] == 1 and op.operands[0].type.rows > 1:  # one row: from the warp that holds it
+        if (a["col0"], a["cols"]) != (0, op.operands[0].type.cols):
+            lw.fail("a one-row slice takes every column (x[r:r+1], then slice the columns)", op)
+        lw.emit(f"{decl} tm::take_row<{a['row0']}>({out}, {lw.reg(op.operands[0], ind)}, scratch, {lw.bar});", ind)
+        return
+    corner = _register_block(lw, op, op.attrs["row0"], op.attrs["col0"], "slices")
+    lw.emit(f"{decl} tm::slice{corner}({out}, {lw.reg(op.operands[0], ind)});", ind)
+
+
+def emit_concat(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    lw.emit(decl, ind)
+    offset = 0
+    for x in op.operands:
+        corner = (offset, 0) if op.attrs["axis"] == 0 else (0, offset)
+        lw.emit(f"tm::place{_register_block(lw, op, *corner, 'concat')}({out}, {lw.reg(x, ind)});", ind)
+        offset += x.type.rows if op.attrs["axis"] == 0 else x.type.cols
+
+
+def emit_linrec(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    if op.result.type.rows % 64:
+        lw.fail("linrec runs down register tiles of rows in multiples of 64", op)
+    flags = f"{str(op.attrs['reverse']).lower()}, {str(op.attrs['exclusive']).lower()}"
+    args = ", ".join(lw.reg(x, ind) for x in op.operands)
+    lw.emit(f"{decl} tm::linrec_rows<{flags}>({out}, {args}, scratch, {lw.bar});", ind)
+
+
+def emit_trisolve(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    a, b = op.operands
+    if a.type.rows % 64:
+        lw.fail("trisolve takes square tiles of rows in multiples of 64", op)
+    lw.emit(f"{decl} tm::trisolve<{str(op.attrs['transposed']).lower()}>({out}, {lw.reg(a, ind)}, "
+            f"{lw.reg(b, ind)}, scratch, {lw.bar});", ind)
+
+
+def emit_outer(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+    x, y = op.operands
+    if y.type.cols % 8 or (x.type.cols > 1 and x.type.cols % 8):
+        lw.fail("outer lowers for operands of 1 or a multiple of 8 columns", op)
+    lw.emit(f"{decl} tm::outer_rows({out}, {lw.reg(x, ind)}, {lw.reg(y, ind)});", ind)
+
+
 def emit_unary(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::map1({out}, {UNARY[op.name]}, {lw.reg(op.operands[0], ind)});", ind)
 
@@ -172,7 +237,7 @@ def emit_mask(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     else:
         row = f"({index_name[t.row_axis.index]} * {t.row_axis.size} + row)"
         query, key = (col, row) if op.attrs.get("transposed") else (row, col)
-        keep = f"{key} <= {query}"
+        keep = f"{key} {'<' if op.attrs.get('strict') else '<='} {query}"
         if op.name == "window":
             keep += f" && {key} > {query} - {op.attrs['size']}"
     src, fn = lw.reg(op.operands[0], ind), f"keep{op.result.id}"
@@ -291,6 +356,8 @@ def emit_store_col(lw: Lowering, op: Op, ind: int):
 OP_EMITTERS = {
     "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
+    **dict.fromkeys(("iota", "eye", "position"), emit_generated), "slice": emit_slice, "concat": emit_concat,
+    "linrec": emit_linrec, "trisolve": emit_trisolve, "outer": emit_outer,
     **dict.fromkeys(UNARY, emit_unary), "pow": emit_pow, **dict.fromkeys(BINARY, emit_binary),
     "where": emit_where, "cast": emit_cast, **dict.fromkeys(("causal", "window", "in_seq"), emit_mask),
     **dict.fromkeys(("rowsum", "rowmax"), emit_reduce_rows), **dict.fromkeys(("colsum", "colmax"), emit_reduce_cols),

@@ -21,8 +21,9 @@ from .types import TileType
 
 __all__ = ["Emitter", "ADJOINTS", "NO_GRADIENT"]
 
-# ops whose result carries no gradient to its operands (constants, comparisons: bool tiles)
-NO_GRADIENT = ("full", "lt", "le", "gt", "ge")
+# ops whose result carries no gradient to its operands: constants (``position`` reads only a loop
+# index) and comparisons (bool tiles)
+NO_GRADIENT = ("full", "iota", "eye", "position", "lt", "le", "gt", "ge", "eq", "ne")
 
 
 class Emitter:
@@ -177,6 +178,119 @@ def _segsum(em, op, gy):
     return {0: dx}
 
 
+def _zeros_beside(em: Emitter, g: Value, axis: int, before: int, after: int) -> Value:
+    """``g`` with ``before`` and ``after`` zero rows (``axis=0``) or columns (``axis=1``) around it."""
+    def zeros(width):
+        return em.const(0.0, *((g.type.rows, width) if axis == 1 else (width, g.type.cols)))
+    parts = ([zeros(before)] if before else []) + [g] + ([zeros(after)] if after else [])
+    return g if len(parts) == 1 else em.op("concat", parts, {"axis": axis})
+
+
+def _slice(em, op, gy):
+    """The gradient back in its block of the operand's shape, zeros around it; a one-row block (the
+    row a recurrence carries) as a select on the row index, which the code generators lower at
+    any row."""
+    def dx():
+        a, (rows, cols) = op.attrs, op.operands[0].type.shape
+        g = _zeros_beside(em, em.expand(gy, op.result.type.shape), 1, a["col0"], cols - a["col0"] - a["cols"])
+        if a["rows"] == 1 and rows > 1:
+            index = em.op("iota", [], {"rows": rows, "cols": 1, "axis": 0})
+            return em.select(em.op("eq", [index, em.const(a["row0"])]), g, em.const(0.0))
+        return _zeros_beside(em, g, 0, a["row0"], rows - a["row0"] - a["rows"])
+    return {0: dx}
+
+
+def _concat(em, op, gy):
+    """Each operand's block of the gradient."""
+    thunks, offset = {}, 0
+    for i, x in enumerate(op.operands):
+        rows, cols = x.type.shape
+        corner = (offset, 0) if op.attrs["axis"] == 0 else (0, offset)
+        attrs = {"row0": corner[0], "rows": rows, "col0": corner[1], "cols": cols}
+        thunks[i] = lambda attrs=attrs: em.op("slice", [em.expand(gy, op.result.type.shape)], attrs)
+        offset += rows if op.attrs["axis"] == 0 else cols
+    return thunks
+
+
+def _linrec(em, op, gy):
+    """``h = linrec(a, b, h0)``: the gradient ``g`` of each row's state runs the recurrence the other
+    way, ``g_t = gy_t + a_{t+1} g_{t+1}``; as an exclusive reverse scan (no row shifts):
+    ``g = gy + linrec(a, a * gy, 0, reverse, exclusive)`` (inclusive ``h``) or
+    ``g = linrec(a, gy, 0, reverse, exclusive)`` (exclusive ``h``: row t reads the state before it,
+    and ``h0`` gets the first row's ``gy`` directly). Then ``db = g``, ``da = g * h_{t-1}`` and
+    ``dh0`` is the first row (in scan order) of ``a * g`` (plus ``gy`` there when exclusive)."""
+    a, b, h0 = op.operands
+    rev, excl = op.attrs["reverse"], op.attrs["exclusive"]
+    shape = op.result.type.shape
+
+    def g():
+        full_gy, zero = em.expand(gy, shape), em.const(0.0, 1, shape[1])
+        back = {"reverse": not rev, "exclusive": True}
+        if excl:
+            return em.op("linrec", [a, full_gy, zero], back)
+        return em.add(full_gy, em.op("linrec", [a, em.mul(a, full_gy), zero], back))
+
+    def dh0():
+        into_h0 = em.mul(a, g())
+        if excl:
+            into_h0 = em.add(into_h0, gy)
+        first = em.op("eq", [em.op("iota", [], {"rows": shape[0], "cols": 1, "axis": 0}),
+                             em.const(shape[0] - 1 if rev else 0)])
+        return em.op("colsum", [em.select(first, into_h0, em.const(0.0))])
+
+    def da():
+        before = op.result if excl else em.op("linrec", [a, b, h0], {"reverse": rev, "exclusive": True})
+        return em.mul(g(), before)
+    return {0: da, 1: g, 2: dh0}
+
+
+def _trisolve(em, op, gy):
+    """``x = M⁻¹ b`` with ``M = I + tril(a, -1)`` (``transposed``: ``M⁻ᵀ b``): ``db = y = M⁻ᵀ gy``
+    (``M⁻¹ gy``) and ``da = -tril(y xᵀ, -1)`` (``-tril(x yᵀ, -1)``): the strictly lower triangle
+    is all of ``a`` that ``x`` reads."""
+    a, b = op.operands
+    x, flip = op.result, op.attrs["transposed"]
+
+    def y():
+        attrs = {"transposed": not flip, "operand_dtype": op.attrs["operand_dtype"]}
+        return em.op("trisolve", [a, em.expand(gy, x.type.shape)], attrs)
+
+    def da():
+        left, right = (x, y()) if flip else (y(), x)
+        outer = em.op("matmul", [left, right], {"operand_dtype": op.attrs["operand_dtype"], "ta": False, "tb": True})
+        rows = a.type.rows
+        below = em.op("gt", [em.op("iota", [], {"rows": rows, "cols": 1, "axis": 0}),
+                             em.op("iota", [], {"rows": 1, "cols": rows, "axis": 1})])
+        return em.select(below, em.neg(outer), em.const(0.0))
+    return {0: da, 1: y}
+
+
+def _outer(em, op, gy):
+    """``out[t, i * m + j] = x[t, i] y[t, j]``: ``dx = (gy * outer(1, y)) @ Gᵀ`` and
+    ``dy = (gy * outer(x, 1)) @ F`` with ``G = outer(I, 1)`` (``G[i, i' * m + j] = [i = i']``) and
+    ``F = concat([I] * n)`` (``F[i * m + j, j'] = [j = j']``): 0/1 matrices that sum the products
+    over ``j`` and over ``i``."""
+    x, y = op.operands
+    (rows, n), m = x.type.shape, y.type.cols
+    dtype = op.attrs["operand_dtype"]
+    g = em.expand(gy, op.result.type.shape)
+
+    def ones(r, c):
+        return em.const(1.0, r, c)
+
+    def dx():
+        spread = em.mul(g, em.op("outer", [ones(rows, n), y], {"operand_dtype": dtype}))
+        pick = em.op("outer", [em.op("eye", [], {"n": n}), ones(n, m)], {"operand_dtype": dtype})
+        return em.op("matmul", [spread, pick], {"operand_dtype": dtype, "ta": False, "tb": True})
+
+    def dy():
+        spread = em.mul(g, em.op("outer", [x, ones(rows, m)], {"operand_dtype": dtype}))
+        eye = em.op("eye", [], {"n": m})
+        pick = eye if n == 1 else em.op("concat", [eye] * n, {"axis": 0})
+        return em.op("matmul", [spread, pick], {"operand_dtype": dtype, "ta": False, "tb": False})
+    return {0: dx, 1: dy}
+
+
 def _transpose(em, op, gy):
     return {0: lambda: em.op("transpose", [gy])}
 
@@ -244,6 +358,8 @@ ADJOINTS: dict[str, Rule] = {
     "exp2": _scaled_by(lambda em, op: em.mul(op.result, em.const(math.log(2.0)))),
     "log": lambda em, op, gy: {0: lambda: em.op("div", [gy, op.operands[0]])},
     "sqrt": lambda em, op, gy: {0: lambda: em.op("div", [em.mul(gy, em.const(0.5)), op.result])},
+    "sin": _scaled_by(lambda em, op: em.op("cos", [op.operands[0]])),
+    "cos": _scaled_by(lambda em, op: em.neg(em.op("sin", [op.operands[0]]))),
     "sigmoid": _scaled_by(_sigmoid_slope),
     "softplus": _scaled_by(_sigmoid_of_input),
     "tanh": _scaled_by(_one_minus_square),
@@ -261,4 +377,9 @@ ADJOINTS: dict[str, Rule] = {
     "segsum": _segsum,
     "transpose": _transpose,
     "matmul": _matmul,
+    "slice": _slice,
+    "concat": _concat,
+    "linrec": _linrec,
+    "trisolve": _trisolve,
+    "outer": _outer,
 }

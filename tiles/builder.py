@@ -86,8 +86,19 @@ class Tile:
         raise TileError("tiles cannot be iterated; loop over chunks(...) instead", user_loc())
 
     def __getitem__(self, key):
-        raise TileError("tiles cannot be indexed or sliced; use reductions (rowsum, colsum, ...) "
-                        "or masks instead", user_loc())
+        """``x[r0:r1, c0:c1]`` (or ``x[r0:r1]``): a block of rows and columns, its bounds multiples
+        of 16 (or a whole dim), or one row (``x[-1:]``: the last)."""
+        key = key if isinstance(key, tuple) else (key, slice(None))
+        if len(key) != 2 or not all(isinstance(k, slice) for k in key):
+            raise TileError("tiles cannot be indexed element by element; slice rows and columns "
+                            "(x[0:32, 64:128]) or use reductions and masks", user_loc())
+        bounds = {}
+        for k, n, what in zip(key, self.shape, ("row", "col")):
+            if k.step not in (None, 1) or any(b is not None and not isinstance(b, int) for b in (k.start, k.stop)):
+                raise TileError(f"tile slices take int bounds and no step, got {k!r}", user_loc())
+            start, stop, _ = k.indices(n)
+            bounds[f"{what}0"], bounds[f"{what}s"] = start, stop - start
+        return current_builder().emit("slice", [self], bounds)
 
     __hash__ = object.__hash__
 

@@ -82,6 +82,30 @@ def _cumsum(x: np.ndarray, reverse: bool, exclusive: bool) -> np.ndarray:
     return out[..., ::-1, :] if reverse else out
 
 
+def _linrec(a: np.ndarray, b: np.ndarray, h0: np.ndarray, reverse: bool, exclusive: bool) -> np.ndarray:
+    a, b = np.broadcast_arrays(a, b)
+    h = np.broadcast_to(h0, a.shape[:-2] + (1, a.shape[-1]))[..., 0, :]
+    out = np.empty(np.broadcast_shapes(a.shape, h0.shape[:-2] + a.shape[-2:]), a.dtype)
+    rows = range(a.shape[-2])
+    for t in reversed(rows) if reverse else rows:
+        before = h
+        h = a[..., t, :] * h + b[..., t, :]
+        out[..., t, :] = before if exclusive else h
+    return out
+
+
+def _trisolve(a: np.ndarray, b: np.ndarray, transposed: bool) -> np.ndarray:
+    """Substitution row by row, in the working precision (as the GPU runs it)."""
+    m = np.tril(a, -1)
+    if transposed:
+        m = np.swapaxes(m, -1, -2)[..., ::-1, ::-1]  # back substitution is forward on reversed rows
+        b = b[..., ::-1, :]
+    x = np.array(np.broadcast_to(b, np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:]))
+    for i in range(1, x.shape[-2]):
+        x[..., i, :] -= np.matmul(m[..., i:i + 1, :i], x[..., :i, :])[..., 0, :]
+    return x[..., ::-1, :] if transposed else x
+
+
 _UNARY = {
     "neg": np.negative,
     "abs": np.abs,
@@ -89,6 +113,8 @@ _UNARY = {
     "exp2": np.exp2,
     "log": np.log,
     "sqrt": np.sqrt,
+    "sin": np.sin,
+    "cos": np.cos,
     "tanh": np.tanh,
     "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
     "softplus": lambda x: np.logaddexp(x.dtype.type(0), x),
@@ -97,6 +123,7 @@ _BINARY = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide,
     "maximum": np.maximum, "minimum": np.minimum,
     "lt": np.less, "le": np.less_equal, "gt": np.greater, "ge": np.greater_equal,
+    "eq": np.equal, "ne": np.not_equal,
 }
 _REDUCE = {
     "rowsum": lambda x: x.sum(-1, keepdims=True, dtype=x.dtype),
@@ -169,6 +196,19 @@ class _Run:
             return np.where(args[0], args[1], args[2]).astype(self.float)
         if name == "full":
             return np.full((1, 1, a["rows"], a["cols"]), a["value"], self.float)
+        if name == "iota":
+            index = np.indices((a["rows"], a["cols"]))[a["axis"]]
+            return index.astype(self.float)[None, None]
+        if name == "eye":
+            return np.eye(a["n"], dtype=self.float)[None, None]
+        if name == "position":
+            rows = op.result.type.rows
+            return (args[0] * rows + np.arange(rows, dtype=self.float))[None, None, :, None]
+        if name == "slice":
+            return args[0][..., a["row0"]:a["row0"] + a["rows"], a["col0"]:a["col0"] + a["cols"]]
+        if name == "concat":
+            lead = np.broadcast_shapes(*(x.shape[:2] for x in args))
+            return np.concatenate([np.broadcast_to(x, lead + x.shape[2:]) for x in args], axis=2 + a["axis"])
         if name == "cast":
             return round_to(args[0], a["dtype"])
         if name == "transpose":
@@ -182,6 +222,14 @@ class _Run:
             return self.mask(op, args[0])
         if name == "cumsum":
             return _cumsum(args[0], a["reverse"], a["exclusive"])
+        if name == "linrec":
+            return _linrec(*args, a["reverse"], a["exclusive"])
+        if name == "trisolve":
+            return _trisolve(args[0], args[1], a["transposed"])
+        if name == "outer":
+            x, y = args
+            out = x[..., :, :, None] * y[..., :, None, :]
+            return out.reshape(out.shape[:-2] + (x.shape[-1] * y.shape[-1],))
         if name == "segsum":
             return _segsum(args[0])
         if name == "load":
@@ -210,7 +258,7 @@ class _Run:
         else:
             rows = self._positions(t.row_axis, t.rows)[:, None]
             query, key = (cols, rows) if op.attrs.get("transposed") else (rows, cols)
-            keep = key <= query
+            keep = key < query if op.attrs.get("strict") else key <= query
             if op.name == "window":
                 keep &= key > query - op.attrs["size"]
         return np.where(keep, x, self.float(op.attrs["fill"]))

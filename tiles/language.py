@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from .builder import ChunkIndex, LoopIter, Tile, current_builder
 from .errors import TileError, user_loc
-from .types import DType, dtype_of
+from .types import DType, TileType, dtype_of
 
 __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
-    "colmax", "cumsum", "segsum", "cast",
+    "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
+    "trisolve", "outer",
 ]
 
 
@@ -65,6 +66,54 @@ def zeros(rows: int, cols: int) -> Tile:
     return full(rows, cols, 0.0)
 
 
+def _check_dims(what: str, *dims) -> None:
+    for d in dims:
+        if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+            raise TileError(f"{what}: dims must be positive ints, got {dims!r}", user_loc())
+
+
+def iota(rows: int, cols: int = 1, axis: int = 0) -> Tile:
+    """A ``rows x cols`` tile holding each entry's row index (``axis=0``) or column index
+    (``axis=1``) within the tile: ``iota(64)`` is the column vector 0, 1, ..., 63."""
+    _check_dims("iota", rows, cols)
+    if axis not in (0, 1):
+        raise TileError(f"iota(axis={axis!r}): axis must be 0 (rows) or 1 (columns)", user_loc())
+    return current_builder().emit("iota", [], {"rows": rows, "cols": cols, "axis": axis})
+
+
+def eye(n: int) -> Tile:
+    """The ``n x n`` identity tile."""
+    _check_dims("eye", n)
+    return current_builder().emit("eye", [], {"n": n})
+
+
+def position(c: ChunkIndex) -> Tile:
+    """The sequence position of each row of chunk ``c`` (``c`` from ``chunks``/``blocks``), as a
+    ``size x 1`` column vector: ``c * size + row`` (rotary angles, ALiBi biases, DFT phases)."""
+    if not isinstance(c, ChunkIndex):
+        raise TileError(f"position(c) takes a loop index, got {type(c).__name__}", user_loc())
+    return current_builder().emit("position", [c.value], {}, TileType(c.size, 1, DType.f32, row_axis=c.axis))
+
+
+def concat(tiles, axis: int = 1) -> Tile:
+    """The tiles side by side (``axis=1``: along the columns) or stacked (``axis=0``); the other
+    dim must agree. ``x[r0:r1, c0:c1]`` slices a tile back into blocks."""
+    if axis not in (0, 1):
+        raise TileError(f"concat(axis={axis!r}): axis must be 0 (rows) or 1 (columns)", user_loc())
+    if not isinstance(tiles, (list, tuple)) or not tiles:
+        raise TileError("concat(tiles): expected a non-empty list of tiles", user_loc())
+    b = current_builder()
+    return b.emit("concat", [b.as_tile(t) for t in tiles], {"axis": axis})
+
+
+def outer(x, y) -> Tile:
+    """Row by row outer product, flattened: ``out[t, i * y.cols + j] = x[t, i] * y[t, j]``
+    (Based's second-order features: ``outer(x, x)`` takes 16 features to 256)."""
+    builder = current_builder()
+    return builder.emit("outer", [builder.as_tile(x), builder.as_tile(y)],
+                        {"operand_dtype": builder.binding.compute_dtype})
+
+
 # -- elementwise --------------------------------------------------------------
 def _unary(name: str, x, **attrs) -> Tile:
     b = current_builder()
@@ -89,6 +138,14 @@ def exp2(x) -> Tile:
 
 def log(x) -> Tile:
     return _unary("log", x)
+
+
+def sin(x) -> Tile:
+    return _unary("sin", x)
+
+
+def cos(x) -> Tile:
+    return _unary("cos", x)
 
 
 def sqrt(x) -> Tile:
@@ -130,11 +187,12 @@ def cast(x, dtype) -> Tile:
 
 
 # -- masks: use the sequence positions a tile's rows and columns cover --------
-def causal(x, fill: float = 0.0, transposed: bool = False) -> Tile:
+def causal(x, fill: float = 0.0, transposed: bool = False, strict: bool = False) -> Tile:
     """Keep entries whose column position <= row position; others become ``fill``.
     ``transposed``: ``x`` has the keys on its rows and the queries on its columns (``k @ q.T``,
-    a backward pass's transposed scores): keep row position <= column position."""
-    return _unary("causal", x, fill=float(fill), transposed=bool(transposed))
+    a backward pass's transposed scores): keep row position <= column position.
+    ``strict``: ``<`` instead of ``<=`` (the diagonal becomes ``fill`` too)."""
+    return _unary("causal", x, fill=float(fill), transposed=bool(transposed), strict=bool(strict))
 
 
 def window(x, size: int, fill: float = 0.0, transposed: bool = False) -> Tile:
@@ -174,6 +232,27 @@ def cumsum(x, reverse: bool = False, exclusive: bool = False) -> Tile:
     """Cumulative sum down the rows of a chunk (over its tokens).
     ``reverse`` sums from the end; ``exclusive`` leaves out the row itself."""
     return _unary("cumsum", x, reverse=bool(reverse), exclusive=bool(exclusive))
+
+
+def linrec(a, b, h0, reverse: bool = False, exclusive: bool = False) -> Tile:
+    """The elementwise linear recurrence down the rows of a chunk, ``h_t = a_t * h_{t-1} + b_t``
+    from ``h_{-1} = h0`` (a row vector), every row returned: ``h[-1:]`` is the row to carry to the
+    next chunk (Mamba-1's selective scan, RG-LRU, minGRU). ``a``, ``b`` broadcast to the result.
+    ``reverse`` runs from the last row up (``h_t = a_t * h_{t+1} + b_t``, carry ``h[0:1]``);
+    ``exclusive`` returns the state before each row (``h_{t-1}``: ``h0`` first)."""
+    builder = current_builder()
+    return builder.emit("linrec", [builder.as_tile(x) for x in (a, b, h0)],
+                        {"reverse": bool(reverse), "exclusive": bool(exclusive)})
+
+
+def trisolve(a, b, transposed: bool = False) -> Tile:
+    """``x`` solving ``(I + tril(a, -1)) x = b``: ``a``'s strictly lower triangle, a unit diagonal
+    (``transposed``: ``(I + tril(a, -1))ᵀ x = b``). Forward substitution, stable where an inverse
+    built from matmuls is not (DeltaNet's UT transform with correlated keys):
+    ``trisolve(causal(k @ k.T * beta, strict=True), v * beta)``."""
+    builder = current_builder()
+    return builder.emit("trisolve", [builder.as_tile(a), builder.as_tile(b)],
+                        {"transposed": bool(transposed), "operand_dtype": builder.binding.compute_dtype})
 
 
 def segsum(x) -> Tile:
@@ -221,6 +300,8 @@ Tile.__lt__ = lambda a, b: _nary("lt", a, b)
 Tile.__le__ = lambda a, b: _nary("le", a, b)
 Tile.__gt__ = lambda a, b: _nary("gt", a, b)
 Tile.__ge__ = lambda a, b: _nary("ge", a, b)
+Tile.__eq__ = lambda a, b: _nary("eq", a, b)
+Tile.__ne__ = lambda a, b: _nary("ne", a, b)
 Tile.__matmul__ = _matmul
 Tile.__rmatmul__ = lambda a, b: _matmul(b, a)
 Tile.T = property(lambda a: _unary("transpose", a))

@@ -15,9 +15,9 @@ from .types import DType, Space, TileType
 
 __all__ = ["ShapeError", "infer", "UNARY", "BINARY", "COMPARE", "REDUCE", "MASKS"]
 
-UNARY = ("neg", "abs", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "pow")
+UNARY = ("neg", "abs", "exp", "exp2", "log", "sqrt", "sin", "cos", "sigmoid", "softplus", "tanh", "pow")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
-COMPARE = ("lt", "le", "gt", "ge")
+COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 REDUCE = ("rowsum", "rowmax", "colsum", "colmax")
 MASKS = ("causal", "window", "in_seq")
 
@@ -128,6 +128,66 @@ def _segsum(ts, attrs):
     return TileType(t.rows, t.rows, DType.f32, Space.register, t.row_axis, t.row_axis)
 
 
+def _slice(ts, attrs):
+    t = ts[0]
+    r0, rows, c0, cols = attrs["row0"], attrs["rows"], attrs["col0"], attrs["cols"]
+    for start, size, n, what in ((r0, rows, t.rows, "rows"), (c0, cols, t.cols, "columns")):
+        if size <= 0:
+            raise ShapeError(f"slice of {t}: empty range of {what}")
+        one_row = what == "rows" and size == 1
+        if (start, size) != (0, n) and (start % 16 or size % 16) and not one_row:
+            raise ShapeError(f"slice of {t}: {what} {start}:{start + size} do not start and end at "
+                             "multiples of 16 (or take one row)")
+    row_axis = t.row_axis if r0 == 0 else None  # positions stay right where the rows start at 0
+    col_axis = t.col_axis if c0 == 0 else None
+    return TileType(rows, cols, DType.f32, Space.register, row_axis, col_axis)
+
+
+def _concat(ts, attrs):
+    for t in ts:
+        _float(t, "concat")
+    along, other = ("rows", "cols") if attrs["axis"] == 0 else ("cols", "rows")
+    if len({getattr(t, other) for t in ts}) > 1:
+        shapes = ", ".join(f"{t.rows}x{t.cols}" for t in ts)
+        raise ShapeError(f"concat(axis={attrs['axis']}): the {other} of {shapes} differ")
+    size = sum(getattr(t, along) for t in ts)
+    # positions stay along the dim the tiles share (where they all agree), not along the joined one
+    first = ts[0]
+    if attrs["axis"] == 0:
+        col_axis = first.col_axis if all(t.col_axis == first.col_axis for t in ts) else None
+        return TileType(size, first.cols, DType.f32, Space.register, None, col_axis)
+    row_axis = first.row_axis if all(t.row_axis == first.row_axis for t in ts) else None
+    return TileType(first.rows, size, DType.f32, Space.register, row_axis, None)
+
+
+def _linrec(ts, attrs):
+    a, b, h0 = ts
+    out = _binary((a, b), {"_name": "linrec"})
+    _float(h0, "linrec")
+    if h0.rows != 1 or h0.cols not in (1, out.cols):
+        raise ShapeError(f"linrec: h0 must be a row vector of the result's width (1x{out.cols}), got {h0}")
+    return out
+
+
+def _trisolve(ts, attrs):
+    a, b = ts
+    _float(a, "trisolve")
+    _float(b, "trisolve")
+    if a.rows != a.cols or b.rows != a.rows:
+        raise ShapeError(f"trisolve: expected a square tile and a right-hand side of as many rows, "
+                         f"got {a.rows}x{a.cols} and {b.rows}x{b.cols}")
+    return _f32(b)  # row i of x answers row i of b
+
+
+def _outer(ts, attrs):
+    x, y = ts
+    _float(x, "outer")
+    _float(y, "outer")
+    if x.rows != y.rows:
+        raise ShapeError(f"outer: x and y need as many rows, got {x.rows}x{x.cols} and {y.rows}x{y.cols}")
+    return TileType(x.rows, x.cols * y.cols, DType.f32, Space.register, x.row_axis or y.row_axis, None)
+
+
 def _cast(ts, attrs):
     _float(ts[0], "cast")
     return replace(ts[0], dtype=attrs["dtype"], space=Space.register)
@@ -135,6 +195,10 @@ def _cast(ts, attrs):
 
 def _full(ts, attrs):
     return TileType(attrs["rows"], attrs["cols"], DType.f32)
+
+
+def _eye(ts, attrs):
+    return TileType(attrs["n"], attrs["n"], DType.f32)
 
 
 _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = {
@@ -149,7 +213,14 @@ _RULES: dict[str, Callable[[tuple[TileType, ...], dict[str, Any]], TileType]] = 
     "cumsum": _cumsum,
     "segsum": _segsum,
     "cast": _cast,
+    "slice": _slice,
+    "concat": _concat,
+    "linrec": _linrec,
+    "trisolve": _trisolve,
+    "outer": _outer,
     "full": _full,
+    "iota": _full,
+    "eye": _eye,
 }
 
 

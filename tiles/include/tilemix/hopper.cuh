@@ -47,6 +47,14 @@ __device__ __forceinline__ float f_sqrt(float x) { float y; asm("sqrt.rn.f32 %0,
 __device__ __forceinline__ float f_tanh(float x) { float y; asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x)); return y; }
 __device__ __forceinline__ float f_sigmoid(float x) { return 0.5f * (1.0f + f_tanh(0.5f * x)); }
 __device__ __forceinline__ float f_softplus(float x) { return fmaxf(x, 0.0f) + f_log(1.0f + f_exp(-fabsf(x))); }
+// sine / cosine: the argument reduced to [-pi, pi] (2 pi split in two floats), then the fast
+// hardware approximation, which is accurate only on that range
+__device__ __forceinline__ float reduce_2pi(float x) {
+  float k = rintf(x * 0.15915494309189535f);
+  return fmaf(k, 1.7484556e-07f, fmaf(-k, 6.2831854820251465f, x));
+}
+__device__ __forceinline__ float f_sin(float x) { return __sinf(reduce_2pi(x)); }
+__device__ __forceinline__ float f_cos(float x) { return __cosf(reduce_2pi(x)); }
 __device__ __forceinline__ float f_neg_inf() { return __int_as_float(0xff800000); }
 
 // rounding to the 16-bit operand types: bf16 (is_bf16) or fp16
@@ -95,6 +103,10 @@ __device__ __forceinline__ int col_of(int nb, int cp) { return nb * 8 + (lane_id
 
 template <class T> __device__ __forceinline__ void fill(T& t, float x) { TM_FOR_EACH(T) t.v[mb][nb][hr][cp] = x; }
 
+// out(row, col) = f(row, col) at every entry the thread holds (row / col 0 along a dim of size 1)
+template <class T, class F> __device__ __forceinline__ void generate(T& out, F f) {
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(T::R == 1 ? 0 : row_of(mb, hr), T::C == 1 ? 0 : col_of(nb, cp));
+}
 template <class T, class F, class A> __device__ __forceinline__ void map1(T& out, F f, const A& a) {
   TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = f(at(a, mb, nb, hr, cp));
 }
@@ -112,6 +124,17 @@ template <class T, class Keep> __device__ __forceinline__ void mask(T& out, cons
     bool k = keep(row_of(mb, hr), col_of(nb, cp));
     out.v[mb][nb][hr][cp] = k ? in.v[mb][nb][hr][cp] : fillv;
   }
+}
+
+// blocks of a register tile at row R0 (a multiple of 64) and column C0 (a multiple of 8): the same
+// registers renamed, no data moves. slice reads out's block of `in`; place writes `in` into out's.
+template <int R0, int C0, class T, class S> __device__ __forceinline__ void slice(T& out, const S& in) {
+  static_assert(R0 % 64 == 0 && C0 % 8 == 0, "slices start on a register block");
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = in.v[mb + R0 / 64][nb + C0 / 8][hr][cp];
+}
+template <int R0, int C0, class T, class S> __device__ __forceinline__ void place(T& out, const S& in) {
+  static_assert(R0 % 64 == 0 && C0 % 8 == 0, "blocks are placed on a register block");
+  TM_FOR_EACH(S) out.v[mb + R0 / 64][nb + C0 / 8][hr][cp] = in.v[mb][nb][hr][cp];
 }
 
 // ------------------------------------------------------------- reductions ----
@@ -262,6 +285,153 @@ __device__ __forceinline__ void scan_rows(rt<R, C>& inc, rt<1, C>& total, const 
   for (int nb = 0; nb < T::NB; ++nb)
 #pragma unroll
     for (int cp = 0; cp < T::CP; ++cp) total.v[0][nb][0][cp] = carry[nb][cp];
+}
+
+// The linear recurrence h_t = a_t h_{t-1} + b_t down the rows (REV: h_t = a_t h_{t+1} + b_t, from
+// the last row up) from the row h0; EXCL: each row gets the state before it. The scan of scan_rows
+// with affine maps (a, b) composed in place of sums: shuffles over each warp's 16 rows, then warp
+// maps through `scratch` (8 * C floats, two barriers per 64 rows). a, b, h0 may broadcast.
+template <bool REV, bool EXCL, int R, int C, class A, class B, class H>
+__device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& b, const H& h0, float* scratch,
+                                            int bar) {
+  using T = rt<R, C>;
+  const int warp = (threadIdx.x % 128) / 32, g = lane_id() / 4, q = lane_id() % 4;
+  const int gs = REV ? 7 - g : g;            // the row's place in scan order within its 8-row half
+  const int first = REV ? 1 : 0;             // the half scanned first
+  const int edge = REV ? q : 28 + q;         // the lane holding the first half's last row in scan order
+  auto up = [](float x, int d) { return REV ? __shfl_down_sync(0xffffffff, x, 4 * d) : __shfl_up_sync(0xffffffff, x, 4 * d); };
+  float h[T::NB][T::CP], m[T::NB][T::CP][2];
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) h[nb][cp] = at(h0, 0, nb, 0, cp);
+#pragma unroll
+  for (int i = 0; i < T::MB; ++i) {
+    const int mb = REV ? T::MB - 1 - i : i;
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) {
+        float ma[2], mc[2];  // the map of the rows from the warp's first (in scan order) to this one
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          ma[hr] = at(a, mb, nb, hr, cp);
+          mc[hr] = at(b, mb, nb, hr, cp);
+#pragma unroll
+          for (int d = 1; d < 8; d *= 2) {
+            float ya = up(ma[hr], d), yc = up(mc[hr], d);
+            if (gs >= d) { mc[hr] = fmaf(ma[hr], yc, mc[hr]); ma[hr] *= ya; }
+          }
+        }
+        float ea = __shfl_sync(0xffffffff, ma[first], edge), ec = __shfl_sync(0xffffffff, mc[first], edge);
+        mc[1 - first] = fmaf(ma[1 - first], ec, mc[1 - first]);
+        ma[1 - first] *= ea;
+        m[nb][cp][0] = ma[0];
+        m[nb][cp][1] = ma[1];
+        out.v[mb][nb][0][cp] = mc[0];
+        out.v[mb][nb][1][cp] = mc[1];
+        const int c = C == 1 ? 0 : col_of(nb, cp);
+        if (gs == 7 && (q == 0 || C > 1)) {
+          scratch[warp * C + c] = ma[1 - first];
+          scratch[(4 + warp) * C + c] = mc[1 - first];
+        }
+      }
+    sync_threads(bar, 128);
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) {
+        const int c = C == 1 ? 0 : col_of(nb, cp);
+        float before = h[nb][cp], all = h[nb][cp];  // the state before this warp's rows, after the block's
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const int ww = REV ? 3 - w : w;
+          const float wa = scratch[ww * C + c], wc = scratch[(4 + ww) * C + c];
+          if (REV ? ww > warp : ww < warp) before = fmaf(wa, before, wc);
+          all = fmaf(wa, all, wc);
+        }
+        h[nb][cp] = all;
+        float v[2];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) v[hr] = fmaf(m[nb][cp][hr], before, out.v[mb][nb][hr][cp]);
+        if (EXCL) {  // the previous row in scan order
+          float p0 = up(v[first], 1), p1 = up(v[1 - first], 1), e = __shfl_sync(0xffffffff, v[first], edge);
+          v[1 - first] = gs == 0 ? e : p1;
+          v[first] = gs == 0 ? before : p0;
+        }
+        out.v[mb][nb][0][cp] = v[0];
+        out.v[mb][nb][1][cp] = v[1];
+      }
+    sync_threads(bar, 128);  // scratch is free again
+  }
+}
+
+// x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): l's strictly lower
+// triangle and b go to `scratch` (R * (R + C) floats), then each thread substitutes down whole columns
+// of x in place there, with no barrier between rows (columns are independent).
+template <bool TRANS, int R, int C>
+__device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const rt<R, C>& b, float* scratch, int bar) {
+  float* sl = scratch;
+  float* sx = scratch + R * R;
+  {
+    using L = rt<R, R>;
+    TM_FOR_EACH(L) sl[row_of(mb, hr) * R + col_of(nb, cp)] = l.v[mb][nb][hr][cp];
+  }
+  using T = rt<R, C>;
+  TM_FOR_EACH(T) sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))] = b.v[mb][nb][hr][cp];
+  sync_threads(bar, 128);
+  for (int c = threadIdx.x % 128; c < C; c += 128)
+    for (int step = 1; step < R; ++step) {
+      const int i = TRANS ? R - 1 - step : step;
+      float acc = sx[i * C + c];
+      if (TRANS) {
+#pragma unroll 4
+        for (int j = i + 1; j < R; ++j) acc = fmaf(-sl[j * R + i], sx[j * C + c], acc);
+      } else {
+#pragma unroll 4
+        for (int j = 0; j < i; ++j) acc = fmaf(-sl[i * R + j], sx[j * C + c], acc);
+      }
+      sx[i * C + c] = acc;
+    }
+  sync_threads(bar, 128);
+  TM_FOR_EACH(T) x.v[mb][nb][hr][cp] = sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))];
+  sync_threads(bar, 128);  // scratch is free again
+}
+
+// row by row outer product, out[r][i * CY + j] = x[r][i] * y[r][j] (CY a multiple of 8): y[r][j] is
+// the thread's own (column j % 8 of out's block is j's), x[r][i] comes from the lane of the quad that
+// holds column i (the quad's four lanes hold a row between them)
+template <int R, int CX, int CY>
+__device__ __forceinline__ void outer_rows(rt<R, CX * CY>& out, const rt<R, CX>& x, const rt<R, CY>& y) {
+  static_assert(CY % 8 == 0, "outer_rows: y's columns in multiples of 8");
+  using T = rt<R, CX * CY>;
+  TM_FOR_EACH(T) {
+    const int i = nb * 8 / CY, jb = (nb * 8 % CY) / 8;
+    const float xi = CX == 1 ? at(x, mb, 0, hr, 0)
+                             : __shfl_sync(0xffffffff, at(x, mb, i / 8, hr, i % 2), (lane_id() & ~3) | (i % 8) / 2);
+    out.v[mb][nb][hr][cp] = xi * y.v[mb][jb][hr][cp];
+  }
+}
+
+// one row of a tile as a row vector, through `scratch` (C floats)
+template <int ROW, int R, int C> __device__ __forceinline__ void take_row(rt<1, C>& out, const rt<R, C>& in, float* scratch,
+                                                                  int bar) {
+  using T = rt<R, C>;
+#pragma unroll
+  for (int mb = 0; mb < T::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < T::HR; ++hr)
+      if (row_of(mb, hr) == ROW && (lane_id() % 4 == 0 || C > 1))
+#pragma unroll
+        for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+          for (int cp = 0; cp < T::CP; ++cp) scratch[C == 1 ? 0 : col_of(nb, cp)] = in.v[mb][nb][hr][cp];
+  sync_threads(bar, 128);
+#pragma unroll
+  for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+    for (int cp = 0; cp < T::CP; ++cp) out.v[0][nb][0][cp] = scratch[C == 1 ? 0 : col_of(nb, cp)];
+  sync_threads(bar, 128);
 }
 
 // inclusive/exclusive, forward/reverse cumulative sum down the rows of every column

@@ -1,0 +1,459 @@
+"""The position, trigonometric, identity, strict-mask and equality ops: the interpreter against
+float64 NumPy, their gradients (gradcheck), and their lowering for sm_90a and sm_80 (tensor-core
+matmuls, no local memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tilemix.tiles import (
+    Out,
+    Seq,
+    State,
+    TensorSpec,
+    TileError,
+    causal,
+    chunks,
+    concat,
+    cos,
+    exp,
+    eye,
+    iota,
+    kernel,
+    linrec,
+    outer,
+    position,
+    rowsum,
+    sigmoid,
+    sin,
+    trisolve,
+    where,
+    zeros,
+)
+from tilemix.tiles.autodiff import gradients
+
+
+def _gradients_match_differences(program, inputs: dict[str, np.ndarray], seed: int = 0) -> None:
+    """The derived gradients of a random projection of the outputs, along a random direction of the
+    inputs, against central differences of the float64 interpreter."""
+    rng = np.random.default_rng(seed)
+    outputs = program(**inputs)
+    weights = {n: rng.standard_normal(np.shape(v)) for n, v in outputs.items()}
+    grads = gradients(program, inputs, weights, wrt=tuple(inputs))
+    direction = {n: rng.standard_normal(v.shape) for n, v in inputs.items()}
+
+    def loss(step):
+        out = program(**{n: v + step * direction[n] for n, v in inputs.items()})
+        return sum((out[n] * w).sum() for n, w in weights.items())
+    want = (loss(1e-6) - loss(-1e-6)) / 2e-6
+    got = sum((np.asarray(grads[n]) * direction[n]).sum() for n in inputs)
+    assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (got, want)
+
+
+@kernel
+def rotary_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], p: Out[Seq[1]]):
+    """Rotary-style angles from positions, strictly causal scores plus half the identity, and
+    per-row picks by equality with the row index."""
+    for c in chunks(64):
+        qc, kc, vc = q[c], k[c], v[c]
+        angle = position(c) * exp(iota(1, q.cols, axis=1) * -0.1)
+        qr = qc * cos(angle) - kc * sin(angle)
+        kr = kc * cos(angle) + qc * sin(angle)
+        scores = causal(qr @ kr.T, strict=True) + eye(64) * 0.5
+        o[c] = scores @ vc
+        p[c] = where(iota(64) == 3.0, rowsum(scores), where(iota(64) != 5.0, position(c), -1.0))
+
+
+def _rotary_reference(q, k, v):
+    """float64 NumPy: each 64-token chunk on its own (the program carries nothing)."""
+    B, T, H, K = q.shape
+    angle = np.arange(T)[:, None] * np.exp(-0.1 * np.arange(K))[None, :]
+    qr = q * np.cos(angle)[:, None] - k * np.sin(angle)[:, None]
+    kr = k * np.cos(angle)[:, None] + q * np.sin(angle)[:, None]
+    o, p = np.zeros(v.shape), np.zeros((B, T, H))
+    for t0 in range(0, T, 64):
+        rows = slice(t0, min(t0 + 64, T))
+        n = rows.stop - t0
+        scores = np.tril(np.einsum("bthd,bshd->bhts", qr[:, rows], kr[:, rows]), -1) + 0.5 * np.eye(n)
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, v[:, rows])
+        row = np.arange(n)
+        pick = np.where(row == 5, -1.0, t0 + row)[None, :, None]
+        p[:, rows] = np.where((row == 3)[None, :, None], scores.sum(-1).transpose(0, 2, 1), pick)
+    return o, p
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 300), H=st.integers(1, 2), K=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_new_ops_match_float64(B, T, H, K, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, H, K)) for _ in range(3))
+    out = rotary_fwd(q=q, k=k, v=v)
+    o, p = _rotary_reference(q, k, v)
+    np.testing.assert_allclose(out["o"], o, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out["p"], p, rtol=1e-12, atol=1e-12)
+
+
+@kernel
+def trig_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        o[c] = (sin(xc) * cos(yc) + where(iota(64) == position(c), eye(64) @ xc, -xc)  # first chunk: xc
+                + causal(xc @ yc.T, strict=True, transposed=True) @ yc)
+
+
+def test_new_ops_gradcheck():
+    """sin and cos carry gradients; positions, iota, eye and the comparisons are constants; the
+    strict mask passes the gradient of the entries it keeps."""
+    rng = np.random.default_rng(0)
+    _gradients_match_differences(trig_fwd, {n: rng.standard_normal((2, 100, 2, 16)) for n in ("x", "y")})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: iota(64, 1, axis=2), "iota(axis=2): axis must be 0 (rows) or 1 (columns)"),
+    (lambda c: iota(0), "iota: dims must be positive ints"),
+    (lambda c: eye(16.0), "eye: dims must be positive ints"),
+    (lambda c: position(3), "position(c) takes a loop index, got int"),
+])
+def test_bad_arguments_are_named(call, message):
+    @kernel
+    def bad(x: Seq["D"], o: Out[Seq["D"]]):
+        for c in chunks(64):
+            o[c] = x[c] + call(c)
+
+    with pytest.raises(TileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bad.trace(target="cpu", x=TensorSpec((1, 64, 1, 16), "float32"))
+
+
+@kernel
+def blocks_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    """Halves of the feature dim swapped and mixed (``D`` a multiple of 32)."""
+    half = x.cols // 2
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        swapped = concat([xc[:, half:], xc[:, :half]], axis=1)
+        o[c] = causal(swapped @ yc.T) @ concat([yc[:, :half] * 2.0, sin(yc[:, half:])])
+
+
+def _blocks_reference(x, y):
+    h = x.shape[-1] // 2
+    swapped = np.concatenate([x[..., h:], x[..., :h]], -1)
+    z = np.concatenate([y[..., :h] * 2, np.sin(y[..., h:])], -1)
+    o = np.zeros(x.shape)
+    for t0 in range(0, x.shape[1], 64):
+        rows = slice(t0, t0 + 64)
+        scores = np.tril(np.einsum("bthd,bshd->bhts", swapped[:, rows], y[:, rows]))
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, z[:, rows])
+    return o
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 200), H=st.integers(1, 2), D=st.sampled_from([32, 64, 96]),
+       seed=st.integers(0, 2**16))
+def test_slices_and_concat_match_float64(B, T, H, D, seed):
+    rng = np.random.default_rng(seed)
+    x, y = (rng.standard_normal((B, T, H, D)) for _ in range(2))
+    np.testing.assert_allclose(blocks_fwd(x=x, y=y)["o"], _blocks_reference(x, y), rtol=1e-12, atol=1e-12)
+
+
+@kernel
+def row_blocks_fwd(x: Seq["D"], y: Seq["D"], o: Out[Seq["D"]]):
+    """Row slices and a row concat (the chunk's halves swapped), a slice of a slice."""
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        top = xc[0:32] * yc[:, :][0:32]
+        o[c] = concat([xc[32:64] + yc[32:], top], axis=0)
+
+
+def test_row_slices_and_concat_match_float64():
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((2, 100, 2, 16)) for _ in range(2))
+    want = np.zeros(x.shape)
+    for t0 in range(0, 100, 64):
+        xc, yc = (np.pad(a[:, t0:t0 + 64], ((0, 0), (0, 64 - len(a[0, t0:t0 + 64])), (0, 0), (0, 0))) for a in (x, y))
+        chunk = np.concatenate([xc[:, 32:] + yc[:, 32:], xc[:, :32] * yc[:, :32]], 1)
+        want[:, t0:t0 + 64] = chunk[:, :len(want[0, t0:t0 + 64])]
+    np.testing.assert_allclose(row_blocks_fwd(x=x, y=y)["o"], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("program", [blocks_fwd, row_blocks_fwd], ids=lambda p: p.name)
+def test_slices_and_concat_gradcheck(program):
+    rng = np.random.default_rng(1)
+    _gradients_match_differences(program, {n: rng.standard_normal((2, 100, 2, 32)) for n in ("x", "y")})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: x[:, 8:24], "columns 8:24 do not start and end at multiples of 16"),
+    (lambda x: x[0:64:2], "no step"),
+    (lambda x: x[3], "cannot be indexed element by element"),
+    (lambda x: x[:, 32:32], "empty range of columns"),
+    (lambda x: concat([x, x[0:16]], axis=1), "the rows of 64x32, 16x32 differ"),
+    (lambda x: concat([x], axis=2), "axis must be 0 (rows) or 1 (columns)"),
+])
+def test_bad_slices_and_concats_are_named(call, message):
+    @kernel
+    def bad(x: Seq["D"], o: Out[Seq["D"]]):
+        for c in chunks(64):
+            o[c] = call(x[c])
+
+    with pytest.raises(TileError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        bad.trace(target="cpu", x=TensorSpec((1, 64, 1, 32), "float32"))
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_row_slices_below_a_register_block_are_refused_by_name(arch):
+    """Register tiles split rows in blocks of 64 across warps: a 32-row slice is refused, naming
+    the line, rather than miscompiled."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.schedule import default_source
+
+    specs = {n: TensorSpec((2, 4096, 4, 64), "bfloat16") for n in ("x", "y")}
+    binding = row_blocks_fwd.bind({**row_blocks_fwd.consts_for(arch, specs), **specs})
+    with pytest.raises(TileError, match="slices of register tiles take rows in multiples of 64") as info:
+        default_source(row_blocks_fwd, binding, arch)
+    assert "top = xc[0:32]" in str(info.value)
+
+
+@kernel
+def selective_scan_fwd(a: Seq["D"], b: Seq["D"], g: Seq[1], o: Out[Seq["D"]], r: Out[Seq["D"]]):
+    """A gated recurrence carried across chunks (``o``), and a reverse exclusive one within each
+    chunk with a per-token decay broadcast over the columns (``r``)."""
+    h = zeros(1, a.cols)
+    for c in chunks(64):
+        ac, bc = a[c], b[c]
+        hs = linrec(sigmoid(ac), bc, h)
+        o[c] = hs
+        r[c] = linrec(exp(g[c]), bc * ac, 0.5, reverse=True, exclusive=True)
+        h = hs[-1:]
+
+
+def _selective_scan_reference(a, b, g):
+    """float64 token loops."""
+    B, T, H, D = a.shape
+    o, r, h = np.zeros(a.shape), np.zeros(a.shape), np.zeros((B, H, D))
+    for t in range(T):
+        h = h / (1 + np.exp(-a[:, t])) + b[:, t]
+        o[:, t] = h
+    for t0 in range(0, T, 64):
+        state = np.full((B, H, D), 0.5)
+        for t in reversed(range(t0, t0 + 64)):
+            if t < T:
+                r[:, t] = state
+            a_t, x_t = (np.exp(g[:, t])[..., None], (b * a)[:, t]) if t < T else (1.0, 0.0)
+            state = a_t * state + x_t
+    return o, r
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 300), H=st.integers(1, 2), D=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_linrec_matches_float64(B, T, H, D, seed):
+    rng = np.random.default_rng(seed)
+    a, b = (rng.standard_normal((B, T, H, D)) for _ in range(2))
+    g = -rng.uniform(0, 1, (B, T, H))
+    out = selective_scan_fwd(a=a, b=b, g=g)
+    o, r = _selective_scan_reference(a, b, g)
+    np.testing.assert_allclose(out["o"], o, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["r"], r, rtol=1e-10, atol=1e-12)
+
+
+@kernel
+def linrec_variants_fwd(a: Seq["D"], b: Seq["D"], o: Out[Seq["D"]]):
+    """Every direction and exclusivity, each carried, so gradients cross chunks in each."""
+    h1, h2, h3 = zeros(1, a.cols), zeros(1, a.cols), zeros(1, a.cols)
+    for c in chunks(64):
+        ac, bc = sigmoid(a[c]), b[c]
+        x1 = linrec(ac, bc, h1, exclusive=True)
+        x2 = linrec(ac, bc * bc, h2, reverse=True)
+        x3 = linrec(rowsum(ac) * 0.05, bc, h3, reverse=True, exclusive=True)
+        o[c] = x1 * x2 + x3
+        h1, h2, h3 = x1[-1:] * ac[-1:] + bc[-1:], x2[0:1], x3[0:1]
+
+
+@pytest.mark.parametrize("program", [selective_scan_fwd, linrec_variants_fwd], ids=lambda p: p.name)
+def test_linrec_gradcheck(program):
+    rng = np.random.default_rng(2)
+    inputs = {n: rng.standard_normal((2, 100, 2, 16)) for n in ("a", "b")}
+    if program is selective_scan_fwd:
+        inputs["g"] = -rng.uniform(0, 1, (2, 100, 2))
+    _gradients_match_differences(program, inputs)
+
+
+@kernel
+def scan_mix_fwd(a: Seq["D"], b: Seq["D"], q: Seq["D"], o: Out[Seq["D"]]):
+    """A carried recurrence and a reverse exclusive one, beside a matmul."""
+    h = zeros(1, a.cols)
+    for c in chunks(64):
+        decay, bc = sigmoid(a[c]), b[c]
+        hs = linrec(decay, bc, h)
+        o[c] = causal(q[c] @ bc.T) @ hs + linrec(decay, bc, 0.0, reverse=True, exclusive=True)
+        h = hs[-1:]
+
+
+
+@kernel
+def delta_net_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], beta: Seq[1], o: Out[Seq["V"]],
+                  s: State["K", "V"] = None):
+    """DeltaNet, S_t = (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t, chunked with the UT
+    transform: the chunk's new values u solve (I + tril(β K Kᵀ, -1)) u = β (V - K S)."""
+    for c in chunks(64):
+        qc, kc, vc, bc = q[c], k[c], v[c], beta[c]
+        t = causal(kc @ kc.T * bc, strict=True)
+        u = trisolve(t, vc * bc) - trisolve(t, kc * bc) @ s
+        o[c] = qc @ s + causal(qc @ kc.T) @ u
+        s = s + kc.T @ u
+
+
+def _delta_net_reference(q, k, v, beta):
+    """The float64 token loop."""
+    B, T, H, K = q.shape
+    s, o = np.zeros((B, H, K, v.shape[-1])), np.zeros(v.shape)
+    for t in range(T):
+        kt, bt = k[:, t], beta[:, t, :, None]
+        s = s - bt[..., None] * kt[..., None] * np.einsum("bhk,bhkv->bhv", kt, s)[:, :, None, :]
+        s = s + bt[..., None] * kt[..., None] * v[:, t, :, None, :]
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
+    return o, s
+
+
+def _correlated_keys(rng, B, T, H, K, cosine):
+    """L2-normalised keys whose pairwise cosine is about ``cosine`` (a shared direction plus noise)."""
+    shared = rng.standard_normal((B, 1, H, K))
+    noise = rng.standard_normal((B, T, H, K))
+    shared /= np.linalg.norm(shared, axis=-1, keepdims=True)
+    noise /= np.linalg.norm(noise, axis=-1, keepdims=True)
+    keys = np.sqrt(cosine) * shared + np.sqrt(1 - cosine) * noise
+    return keys / np.linalg.norm(keys, axis=-1, keepdims=True)
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 200), H=st.integers(1, 2), K=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_delta_net_matches_float64_token_loop(B, T, H, K, seed):
+    rng = np.random.default_rng(seed)
+    q, v = rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, K))
+    k, beta = _correlated_keys(rng, B, T, H, K, 0.5), rng.uniform(0, 1, (B, T, H))
+    out = delta_net_fwd(q=q, k=k, v=v, beta=beta)
+    o, s = _delta_net_reference(q, k, v, beta)
+    np.testing.assert_allclose(out["o"], o, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out["s"], s, rtol=1e-9, atol=1e-9)
+
+
+def test_delta_net_stays_within_fp32_bounds_with_keys_of_cosine_098():
+    """Issue 27's stress input: in fp32 the chunk's solve stays within fp32 error of the float64
+    token loop."""
+    rng = np.random.default_rng(0)
+    B, T, H, K = 2, 256, 2, 64
+    q, v = rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, K))
+    k, beta = _correlated_keys(rng, B, T, H, K, 0.98), rng.uniform(0, 1, (B, T, H))
+    f32 = {n: x.astype(np.float32) for n, x in dict(q=q, k=k, v=v, beta=beta).items()}
+    o, _ = _delta_net_reference(*(f32[n].astype(np.float64) for n in ("q", "k", "v", "beta")))
+    got = delta_net_fwd(**f32)["o"]
+    assert np.isfinite(got).all()
+    assert np.linalg.norm(got - o) / np.linalg.norm(o) <= 1e-4
+
+
+def test_trisolve_gradients_match_differences():
+    rng = np.random.default_rng(3)
+    inputs = dict(q=rng.standard_normal((1, 100, 2, 16)), k=_correlated_keys(rng, 1, 100, 2, 16, 0.9),
+                  v=rng.standard_normal((1, 100, 2, 16)), beta=rng.uniform(0, 1, (1, 100, 2)),
+                  s=rng.standard_normal((1, 2, 16, 16)))
+    _gradients_match_differences(delta_net_fwd, inputs)
+
+
+
+@kernel
+def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], o: Out[Seq["V"]]):
+    """Based's second-order feature map within each chunk, on 16 features:
+    (q_t·k_s)² = outer(q, q)_t · outer(k, k)_s."""
+    for c in chunks(64):
+        qf, kf = q[c][:, 0:16], k[c][:, 0:16]
+        o[c] = causal(outer(qf, qf) @ outer(kf, kf).T) @ v[c] + outer(qf, v[c][:, 0:16])[:, 0:v.cols]
+
+
+def _based_reference(q, k, v):
+    o = np.zeros(v.shape)
+    for t0 in range(0, q.shape[1], 64):
+        rows = slice(t0, t0 + 64)
+        scores = np.tril(np.einsum("bthf,bshf->bhts", q[:, rows, :, :16], k[:, rows, :, :16]) ** 2)
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, v[:, rows])
+    pairs = q[..., :16, None] * v[..., None, :16]
+    return o + pairs.reshape(pairs.shape[:-2] + (256,))[..., :v.shape[-1]]
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 200), H=st.integers(1, 2), F=st.sampled_from([16, 32]),
+       seed=st.integers(0, 2**16))
+def test_outer_matches_float64(B, T, H, F, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, H, d)) for d in (F, F, 32))
+    np.testing.assert_allclose(based_fwd(q=q, k=k, v=v)["o"], _based_reference(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+def test_outer_gradients_match_differences():
+    rng = np.random.default_rng(4)
+    inputs = {n: rng.standard_normal((2, 100, 2, d)) for n, d in (("q", 16), ("k", 16), ("v", 32))}
+    _gradients_match_differences(based_fwd, inputs)
+
+
+# the programs compiled, with the names of their Seq["D"] inputs (and DeltaNet's Seq[1] beta)
+LOWERED = {rotary_fwd: "qkv", trig_fwd: "xy", blocks_fwd: "xy", scan_mix_fwd: "abq", delta_net_fwd: "qkv",
+           based_fwd: "qkv"}
+
+
+def _lowered_specs(program, B=2, T=4096, H=4, D=64) -> dict:
+    specs = {n: TensorSpec((B, T, H, D), "bfloat16") for n in LOWERED[program]}
+    return {**specs, "beta": TensorSpec((B, T, H), "bfloat16")} if program is delta_net_fwd else specs
+
+
+@pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
+@pytest.mark.parametrize("program", LOWERED, ids=lambda p: p.name)
+def test_new_ops_lower_with_tensor_cores_and_no_local_memory(program, arch, mma):
+    """... and on sm_90a ptxas neither serialises the wgmmas (C7512, C7515) nor ignores the register
+    split (C7508)."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.compile import compile_cuda, ptxas_report, resources, sass
+    from tilemix.codegen.schedule import default_source
+
+    specs = _lowered_specs(program)
+    source = default_source(program, program.bind({**program.consts_for(arch, specs), **specs}), arch)
+    binary = compile_cuda(source.source, arch, source.name)
+    code, usage = sass(binary), resources(binary)
+    assert mma in code
+    assert "LDL" not in code and "STL" not in code and not usage["stack"] and not usage["local"], usage
+    if arch == "sm_90a":
+        report = ptxas_report(source.source, arch, source.name)
+        assert "Used" in report and not any(c in report for c in ("C7512", "C7515", "C7508")), report
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("program", LOWERED, ids=lambda p: p.name)
+@pytest.mark.parametrize("T", [1, 100, 300])
+def test_gpu_new_ops_match_interpreter(program, T, monkeypatch):
+    from tilemix.ops.runtime import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    gen = torch.Generator().manual_seed(T)
+    args = {n: (0.5 * torch.randn(2, T, 3, 64, generator=gen)).to(torch.bfloat16) for n in LOWERED[program]}
+    if program is delta_net_fwd:  # unit keys and beta in (0, 1): a contracting recurrence
+        args["k"] = torch.nn.functional.normalize(args["k"].float(), dim=-1).to(torch.bfloat16)
+        args["beta"] = torch.rand(2, T, 3, generator=gen).to(torch.bfloat16)
+    gpu = run_kernel(program, {n: t.cuda() for n, t in args.items()})
+    cpu = run_kernel(program, args)
+    for out in cpu:
+        assert rel_err(gpu[out].cpu(), cpu[out].double().numpy()) <= bound(torch.bfloat16), out
+
+
+def test_gradient_of_a_carried_row_is_a_select_the_generators_lower():
+    """``h[-1:]``'s adjoint puts the row back with a select on the row index: a concat of 63 zero
+    rows would not lower (register tiles join at 64-row blocks)."""
+    from tilemix.tiles.adjoints import ADJOINTS, Emitter
+    from tilemix.tiles.ir import Op, Value
+    from tilemix.tiles.types import TileType
+
+    h, row = Value(TileType(64, 32)), Value(TileType(1, 32))
+    op = Op("slice", (h,), {"row0": 63, "rows": 1, "col0": 0, "cols": 32}, row, None)
+    em = Emitter()
+    dx = ADJOINTS["slice"](em, op, Value(TileType(1, 32)))[0]()
+    assert dx.type.shape == (64, 32)
+    assert "concat" not in [o.name for o in em.ops] and "where" in [o.name for o in em.ops]
