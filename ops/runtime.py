@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from tilemix.codegen import launch
+from tilemix.codegen import schedule as schedules
 from tilemix.codegen import tune as search
 from tilemix.codegen.env import read
-from tilemix.codegen.schedule import sm_count
 from tilemix.codegen.structure import PANEL
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
@@ -365,7 +365,7 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
             return None
     if device is None:
         return None
-    parts.append(sm_count(device.index))  # the launch schedule depends on it
+    parts.append(schedules.sm_count(device.index))  # the launch schedule depends on it (the count it reads)
     return tuple(parts)
 
 
