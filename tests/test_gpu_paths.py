@@ -39,3 +39,111 @@ def test_call_signature_reads_the_sm_count_the_launch_schedule_reads(monkeypatch
     assert first is not None and first == runtime.call_signature(la, args)
     monkeypatch.setattr(schedule, "sm_count", lambda device: 2)
     assert runtime.call_signature(la, args) != first
+
+
+class _FakeCupy:
+    """cupy as ``launch`` uses it, recording: modules loaded, the shared-memory attribute set on a
+    function, and the launches (grid, block, arguments, shared memory, stream)."""
+
+    def __init__(self):
+        self.attributes, self.launches, self.loaded = [], [], []
+        fake = self
+
+        class Module:
+            def load(self, cubin):
+                fake.loaded.append(cubin)
+
+            def get_function(self, name):
+                def function(grid, block, params, shared_mem, stream):
+                    fake.launches.append(SimpleNamespace(name=name, grid=grid, block=block, params=params,
+                                                         shared_mem=shared_mem, stream=stream))
+                function.ptr = name
+                return function
+
+        driver = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="max_dynamic_smem",
+                                 funcSetAttribute=lambda ptr, attr, value: fake.attributes.append((ptr, attr, value)))
+        self.cuda = SimpleNamespace(driver=driver, function=SimpleNamespace(Module=Module),
+                                    ExternalStream=lambda handle: ("stream", handle))
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """``launch`` with cupy, the tensor-map encoder and torch's current stream stubbed; its caches
+    emptied before and after (they would otherwise hold the fakes)."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    fake = _FakeCupy()
+    maps = []
+
+    def encode(ptr, dims, strides, bf16, name, box_rows):
+        maps.append(SimpleNamespace(ptr=ptr, dims=dims, strides=strides, bf16=bf16, name=name, box_rows=box_rows))
+        return ("tmap", name)
+
+    for cache in (launch._module, launch._stream):
+        cache.cache_clear()
+    monkeypatch.setattr(launch, "_cupy", lambda: fake)
+    monkeypatch.setattr(launch, "_encode_map", encode)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 7)
+    monkeypatch.setattr(launch, "_PLANS", {})
+    fake.maps = maps
+    yield fake
+    for cache in (launch._module, launch._stream):
+        cache.cache_clear()
+
+
+def _la_args(T=200, H=2, D=64, state=True):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D, generator=g).bfloat16() for _ in range(3))
+    return dict(q=q, k=k, v=v, scale=0.25, s=torch.randn(1, H, D, D, generator=g) if state else None)
+
+
+def test_sm90a_launch_packs_every_parameter_kind(fake_device):
+    """Linear attention on sm_90a: its compiled kernel loaded once with its shared memory set, a grid
+    of one CTA per (batch, head) pair of consumers' column blocks, and one launch argument per
+    ``ParamKind`` entry as the kind says (tensor maps at the tensors' own addresses, the state's
+    initial and final addresses, the scale as a float32), on torch's current stream."""
+    args = _la_args()
+    binding = la.bind(args)
+    sched = schedule.default_schedule(la, binding)
+    prepared = launch.prepare_launch(la, binding, args, sched, "sm_90a", 0)
+    source = prepared.plan.source
+    assert fake_device.attributes == [(source.name, "max_dynamic_smem", source.smem_bytes)]
+    assert [kind for kind, _ in source.params] == [ParamKind.TMAP] * 3 + [ParamKind.SCALAR, ParamKind.TMAP_OUT,
+                                                                          ParamKind.STATE]
+    assert set(prepared.layouts) == {"q", "k", "v", "o"}  # maps whose layout every call shares
+    outputs = dict(o=torch.empty(1, 200, 2, 64, dtype=torch.bfloat16), s=torch.empty(1, 2, 64, 64))
+    prepared(args, outputs)
+    prepared(args, outputs)
+    assert len(fake_device.loaded) == 1 and len(fake_device.launches) == 2
+    call = fake_device.launches[0]
+    assert call.name == source.name and call.block == (source.threads, 1, 1)
+    assert call.grid == (source.column_ctas * 2, 1, 1) and call.shared_mem == source.smem_bytes
+    assert call.stream == ("stream", 7)
+    params = list(call.params)
+    assert params[:3] == [("tmap", "q"), ("tmap", "k"), ("tmap", "v")]
+    assert params[3] == np.float32(0.25) and params[4] == ("tmap", "o")
+    assert params[5] == np.uint64(args["s"].data_ptr())  # contiguous float32 already: read in place
+    assert params[6] == np.uint64(outputs["s"].data_ptr())
+    assert len(params) == 7 + len(source.size_args)
+    by_name = {m.name: m for m in fake_device.maps[:4]}
+    assert by_name["q"].ptr == args["q"].data_ptr() and by_name["q"].dims == (1, 200, 2, 64)
+    assert by_name["o"].ptr == outputs["o"].data_ptr() and by_name["o"].bf16
+    assert all(m.box_rows == source.tmap_rows[m.name] for m in fake_device.maps)
+
+
+def test_generic_launch_passes_addresses(fake_device):
+    """The generic target (sm_80): plain addresses where sm_90a passes tensor maps, no encoder call;
+    a view at an odd offset is copied to an aligned one first."""
+    args = _la_args(state=False)
+    args["q"] = torch.randn(1, 200, 2, 65).bfloat16()[..., 1:]  # 2-byte offset: not 16-byte aligned
+    binding = la.bind(args)
+    prepared = launch.prepare_launch(la, binding, args, schedule.default_schedule(la, binding, "sm_80"), "sm_80", 0)
+    source = prepared.plan.source
+    assert [kind for kind, _ in source.params] == [ParamKind.PTR] * 3 + [ParamKind.SCALAR, ParamKind.PTR_OUT,
+                                                                         ParamKind.STATE]
+    outputs = dict(o=torch.empty(1, 200, 2, 64, dtype=torch.bfloat16))
+    prepared(args, outputs)
+    params = fake_device.launches[0].params
+    assert not fake_device.maps
+    assert params[0] % 16 == 0 and params[0] != args["q"].data_ptr()
+    assert params[1] == args["k"].data_ptr()  # contiguous and aligned: read in place
+    assert params[4] == outputs["o"].data_ptr() and params[5:7] == (0, 0)  # no initial state, final not wanted
