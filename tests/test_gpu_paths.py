@@ -16,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tilemix import ops
 from tilemix.codegen import launch, schedule
+from tilemix.codegen import tune as search
 from tilemix.codegen.source import ParamKind
 from tilemix.ops import runtime
 
@@ -147,3 +148,54 @@ def test_generic_launch_passes_addresses(fake_device):
     assert params[0] % 16 == 0 and params[0] != args["q"].data_ptr()
     assert params[1] == args["k"].data_ptr()  # contiguous and aligned: read in place
     assert params[4] == outputs["o"].data_ptr() and params[5:7] == (0, 0)  # no initial state, final not wanted
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """An H100 as the runtime's CUDA branch asks about it (capability, name, SM count, current
+    device), an empty tuning cache, and ``prepare_launch`` recorded: each call's (kernel, binding,
+    args, schedule, arch, device), its launch recording the outputs it is handed."""
+    monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(schedule, "sm_count", lambda device: 132)
+    calls = []
+
+    def prepare(kernel, binding, args, sched, arch, device):
+        call = SimpleNamespace(kernel=kernel, binding=binding, args=args, schedule=sched, arch=arch, device=device)
+        calls.append(call)
+        return lambda args, outputs: setattr(call, "outputs", outputs)
+
+    monkeypatch.setattr(launch, "prepare_launch", prepare)
+    search.forget_choices()
+    runtime.forget_calls()
+    yield calls
+    search.forget_choices()
+    runtime.forget_calls()
+
+
+def test_cuda_call_prepares_with_the_arch_its_consts_and_a_tuned_config(fake_gpu):
+    """``run_kernel`` on CUDA tensors: the target's arch (generic forced on a 9.0 device: sm_90) and
+    its block shapes passed to the launch, outputs allocated on the device in the inputs' dtype; a
+    config ``tilemix tune`` cached for the shape is read back and launched with its block sizes."""
+    at = ops.attention_fwd
+    with FakeTensorMode():
+        q = torch.empty(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+        args = dict(q=q, k=q, v=q, scale=0.125, is_causal=True)
+        with runtime.use_target("generic"):
+            out = runtime.run_kernel(at, args)
+        call = fake_gpu[-1]
+        assert (call.kernel, call.arch, call.device, call.schedule) == (at, "sm_90", 0, None)
+        assert call.args["block"] == call.binding.values["block"] == at.target_consts["sm_90"]["block"]
+        assert call.outputs is not None and set(out) == {"o"}
+        assert (out["o"].shape, out["o"].dtype, out["o"].device.type) == ((1, 256, 2, 64), torch.bfloat16, "cuda")
+
+        binding = at.bind({**args, **at.consts_for("sm_90a", args)})
+        tuned = search.Config(schedule.Schedule(stages=1), (("chunk", 64),))
+        search.store_config(search.cache_key(at, binding, "NVIDIA H100 80GB HBM3", (9, 0), "sm_90a"), tuned)
+        runtime.run_kernel(at, args)
+    call = fake_gpu[-1]
+    assert (call.arch, call.schedule, call.args["chunk"], call.binding.values["chunk"]) == ("sm_90a", tuned.schedule,
+                                                                                            64, 64)
