@@ -19,6 +19,7 @@ from tilemix.codegen import launch, schedule
 from tilemix.codegen import tune as search
 from tilemix.codegen.source import ParamKind
 from tilemix.ops import runtime
+from tilemix.ops.tuning import GpuRunner
 
 la = ops.linear_attention_fwd
 
@@ -199,3 +200,35 @@ def test_cuda_call_prepares_with_the_arch_its_consts_and_a_tuned_config(fake_gpu
     call = fake_gpu[-1]
     assert (call.arch, call.schedule, call.args["chunk"], call.binding.values["chunk"]) == ("sm_90a", tuned.schedule,
                                                                                             64, 64)
+
+
+def test_tuner_checks_times_and_caches_through_the_runtime(monkeypatch, tmp_path):
+    """``runtime.tune`` with its real runner (``ops.tuning.GpuRunner``: lowering, NVRTC, resource
+    check, the check against the interpreter) on CPU tensors, which the runtime runs on the
+    interpreter, with the device queries stubbed, a fake clock and two ring depths: every candidate
+    is compiled, checked and timed, the fastest cached where ``config_for`` finds it."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    monkeypatch.setenv("TILEMIX_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(schedule, "sm_count", lambda device: 132)
+    monkeypatch.setattr(schedule, "knob_choices", lambda: {"stages": (1, 2)})
+    search.forget_choices()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 256, 2, 64, generator=g).bfloat16() for _ in range(3))
+    args = dict(q=q, k=k, v=v, scale=0.125, s=None)
+    clock = {1: 2.0, 2: 1.0}  # ms by ring depth (the default has 3)
+
+    def timer(fn):
+        fn()
+        return clock.get(timed[-1].schedule.stages, 3.0)
+
+    timed = []
+    real_launch = GpuRunner.launch
+    monkeypatch.setattr(GpuRunner, "launch", lambda self, config: timed.append(config) or real_launch(self, config))
+    result = runtime.tune(la, args, arch="sm_90a", timer=timer, workers=1)
+    assert not result.rejected, result.rejected
+    assert sorted(c.schedule.stages for c in result.times) == sorted({result.default.schedule.stages, 1, 2})
+    assert result.best.schedule.stages == 2
+    search.forget_choices()
+    assert search.config_for(la, la.bind(args), args, None, "sm_90a") == result.best
