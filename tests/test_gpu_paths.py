@@ -232,3 +232,19 @@ def test_tuner_checks_times_and_caches_through_the_runtime(monkeypatch, tmp_path
     assert result.best.schedule.stages == 2
     search.forget_choices()
     assert search.config_for(la, la.bind(args), args, None, "sm_90a") == result.best
+
+
+def test_segment_count_of_a_cuda_call(fake_gpu, monkeypatch):
+    """``SegmentedScan.default_segments`` on CUDA tensors (1 on CPU ones): the schedule's heuristic
+    for a long sequence with few heads, a count ``tilemix tune`` cached for the shape instead, and
+    ``$TILEMIX_SEGMENTS`` over both."""
+    scan = ops.SEGMENTED["linear_attention"]
+    q = _cuda_like(1, 32768, 2, 64)
+    args = dict(q=q, k=q, v=q, scale=0.125, s=None)
+    assert scan.default_segments(args) == 32  # 2 CTAs on 132 SMs: as many as MIN_SEGMENT (1024 tokens) allows
+    search.store_segments(scan, la.bind(args), 0, "sm_90a", 4)
+    runtime.forget_calls()
+    assert scan.default_segments(args) == 4
+    monkeypatch.setenv("TILEMIX_SEGMENTS", "2")
+    assert scan.default_segments(args) == 2
+    assert ops.SEGMENTED["linear_attention"].default_segments(_la_args()) == 1
