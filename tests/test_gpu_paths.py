@@ -151,6 +151,25 @@ def test_generic_launch_passes_addresses(fake_device):
     assert params[4] == outputs["o"].data_ptr() and params[5:7] == (0, 0)  # no initial state, final not wanted
 
 
+def test_matrix_launch_passes_sizes_and_two_dim_maps(fake_device):
+    """gemm (a Matrix program): a CTA per 256 columns and 128 rows (two consumers of 64-row blocks),
+    2-D tensor maps over the matrices as they lie, the output's over a contiguous [M, N], and the
+    runtime sizes (K, M, N) as int32 after the parameters."""
+    gemm = ops.PROGRAMS["gemm"]
+    args = dict(a=torch.randn(300, 200).bfloat16(), b=torch.randn(200, 264).bfloat16())
+    binding = gemm.bind(args)
+    prepared = launch.prepare_launch(gemm, binding, args, schedule.default_schedule(gemm, binding), "sm_90a", 0)
+    outputs = dict(c=torch.empty(300, 264, dtype=torch.bfloat16))
+    prepared(args, outputs)
+    call = fake_device.launches[0]
+    assert call.grid == (2 * 3, 1, 1)  # ceil(264 / 256) x ceil(300 / 128)
+    assert call.params[:3] == (("tmap", "a"), ("tmap", "b"), ("tmap", "c"))
+    assert call.params[3:] == (200, 300, 264) and all(type(p) is np.int32 for p in call.params[3:])
+    maps = {m.name: m for m in fake_device.maps}
+    assert maps["a"].dims == (300, 200) and maps["a"].strides == (200, 1)
+    assert maps["c"].dims == (300, 264) and maps["c"].strides == (264, 1) and maps["c"].ptr == outputs["c"].data_ptr()
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch, tmp_path):
     """An H100 as the runtime's CUDA branch asks about it (capability, name, SM count, current
