@@ -33,7 +33,7 @@ from tilemix.tiles.ir import Loop, Op, Program
 from .emit import ctype
 from .knobs import SMEM_LIMITS, Schedule
 from .lowering import Lowering, lower
-from .op_emitters import OP_EMITTERS, emit_store_chunk_state, emit_store_col
+from .op_emitters import OP_EMITTERS, store_entry
 from .source import KernelSource, ParamKind
 from .structure import CONSUMER_THREADS, PANEL
 
@@ -44,15 +44,9 @@ GENERIC_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")
 
 def emit_store_copy(lw: GenericLowering, op: Op, decl: str, out: str, ind: int):
     """A tile store: each 64-column panel into this group's shared panel, then out in 16-byte
-    writes, clipped at the tensor's edges. Per-token values are stored as on every target."""
+    writes, clipped at the tensor's edges."""
     value, *index = op.operands
     name, t = op.attrs["param"], value.type
-    if t.cols == 1 and lw.program.param(name).spec.kind == "seq":
-        emit_store_col(lw, op, ind)
-        return
-    if lw.program.param(name).spec.kind == "chunk_state":
-        emit_store_chunk_state(lw, op, ind)
-        return
     if t.cols % PANEL:
         lw.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
     src = lw.reg(value, ind)
@@ -76,7 +70,7 @@ class GenericLowering(Lowering):
     asynchronous = False  # nothing is ever in flight, and the chunk loop's ops keep program order
     consumer_heads = False  # loads are issued per consumer group, not per head
     store_buffers = 1
-    emitters = {**OP_EMITTERS, "store": emit_store_copy}
+    emitters = {**OP_EMITTERS, "store": store_entry(emit_store_copy)}
 
     def __init__(self, *plans, arch: str):
         super().__init__(*plans)

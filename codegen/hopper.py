@@ -38,7 +38,7 @@ from .emit import ctype
 from .knobs import SMEM_LIMIT, Schedule
 from .layout import align
 from .lowering import Lowering, lower
-from .op_emitters import OP_EMITTERS, emit_store_chunk_state, emit_store_col
+from .op_emitters import OP_EMITTERS, store_entry
 from .source import KernelSource
 from .structure import CONSUMER_THREADS, PANEL
 
@@ -55,12 +55,6 @@ def emit_store_tma(lw: HopperLowering, op: Op, decl: str, out: str, ind: int):
     tensor's edges), while the consumer goes on."""
     value, *index = op.operands
     name, t = op.attrs["param"], value.type
-    if t.cols == 1 and lw.program.param(name).spec.kind == "seq":  # one fp32 value per token
-        emit_store_col(lw, op, ind)
-        return
-    if lw.program.param(name).spec.kind == "chunk_state":
-        emit_store_chunk_state(lw, op, ind)
-        return
     if t.cols % PANEL:
         lw.fail(f"stored tiles are {t.cols} wide; sm_90a stores need multiples of {PANEL} columns", op)
     lw.tmap_rows[name] = t.rows
@@ -90,7 +84,7 @@ class HopperLowering(Lowering):
     asynchronous = True
     consumer_heads = True
     store_buffers = 2
-    emitters = {**OP_EMITTERS, "store": emit_store_tma}
+    emitters = {**OP_EMITTERS, "store": store_entry(emit_store_tma)}
 
     @classmethod
     def consumer_registers(cls, schedule: Schedule) -> int:

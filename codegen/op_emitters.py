@@ -353,6 +353,20 @@ def emit_store_col(lw: Lowering, op: Op, ind: int):
             ind)
 
 
+def store_entry(tile_store):
+    """The ``"store"`` entry of a target whose tiles leave through ``tile_store``: per-token values and
+    saved chunk states are stored the same way on every target."""
+    def emit_store(lw: Lowering, op: Op, decl: str, out: str, ind: int):
+        kind = lw.program.param(op.attrs["param"]).spec.kind
+        if op.operands[0].type.cols == 1 and kind == "seq":  # one fp32 value per token
+            emit_store_col(lw, op, ind)
+        elif kind == "chunk_state":
+            emit_store_chunk_state(lw, op, ind)
+        else:
+            tile_store(lw, op, decl, out, ind)
+    return emit_store
+
+
 OP_EMITTERS = {
     "load": emit_load, "read_param": emit_read_param, "scalar_param": emit_scalar_param,
     "load_state": emit_load_state, "store_state": emit_store_state, "full": emit_full,
