@@ -18,7 +18,7 @@ import torch
 from tilemix.codegen.launch import run_tiles
 from tilemix.codegen.schedule import SPLIT_WIDTH, splittable
 from tilemix.tiles import Kernel
-from tilemix.tiles.autodiff import DerivedKernel, derive_backward
+from tilemix.tiles.autodiff import DerivedKernel, derive_backward, reduce_gradient
 from tilemix.tiles.params import Binding, BoundParam
 from tilemix.tiles.types import DType
 
@@ -74,22 +74,8 @@ def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[st
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
         out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
         run_tiles(derived, derived_binding, {**args, **saved, **seeds}, out, arch=arch)
-        grads[name] = _reduce(binding.param(name), out[f"d_{name}"].float(), binding.sizes)
+        grads[name] = reduce_gradient(binding.param(name), out[f"d_{name}"].float(), binding.sizes)
     return grads
-
-
-def _reduce(param: BoundParam, g: torch.Tensor, sizes: dict[str, int]) -> torch.Tensor:
-    """A reverse program's gradient in its input's layout (``Backward.run``'s reduction): a
-    ``GroupSeq`` one summed over each group's heads, a ``Head`` one over the batch."""
-    kind = param.spec.kind
-    if kind == "group_seq":
-        B, T, H = g.shape[:3]
-        return g.reshape(B, T, sizes["G"], H // sizes["G"], *g.shape[3:]).sum(3)
-    if kind == "head":
-        return g.sum(0).reshape(param.shape)
-    if kind == "scalar":
-        return g.sum()
-    return g
 
 
 def _block(kernel: Kernel, name: str, t: Any, dim: str, cols: slice) -> Any:

@@ -370,7 +370,9 @@ class Backward:
             args.update(interpret(self.states, states_binding, inputs))
         args.update({f"d_{name}": output_grads[name] for name in self.grads_given})
         raw = interpret(self.reverse, reverse_binding, args)
-        return {name: _reduce_grad(binding.param(name), raw[f"d_{name}"], binding.sizes) for name in self.wrt}
+        # writable copies: a final state may come back as a read-only view
+        return {name: np.require(reduce_gradient(binding.param(name), raw[f"d_{name}"], binding.sizes),
+                                 requirements="W") for name in self.wrt}
 
 
 class DerivedKernel:
@@ -412,7 +414,9 @@ def _derived_kernel(kernel, binding: Binding, part: str, wrt: tuple[str, ...],
     return _KERNELS[key]
 
 
-def _reduce_grad(param: BoundParam, g: np.ndarray, sizes: dict[str, int]) -> np.ndarray:
+def reduce_gradient(param: BoundParam, g, sizes: dict[str, int]):
+    """A reverse program's gradient ``g`` (a NumPy array or a torch tensor) in its input's layout: a
+    ``GroupSeq`` one summed over each group's heads, a ``Head`` one over the batch."""
     kind = param.spec.kind
     if kind == "group_seq":
         B, T, H = g.shape[:3]
@@ -421,7 +425,7 @@ def _reduce_grad(param: BoundParam, g: np.ndarray, sizes: dict[str, int]) -> np.
         return g.sum(0).reshape(param.shape)
     if kind == "scalar":
         return g.sum()
-    return np.require(g, requirements="W")  # a final state may come back as a read-only view
+    return g
 
 
 def _chunk_count(program: Program, binding: Binding) -> int:
