@@ -94,9 +94,15 @@ def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
 
 
 def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
-    if op.result.type.cols != 1:
-        lw.fail("Head parameters wider than 1 are not lowered yet", op)
-    lw.emit(f"{decl} tm::fill({out}, ptr_{op.attrs['param']}[h]);", ind)
+    """A ``Head`` parameter: a scalar broadcast, or this head's row of an ``[H, D]`` fp32 tensor
+    (the consumer's column block of it under a split of ``D``)."""
+    name = op.attrs["param"]
+    if op.result.type.cols == 1:
+        lw.emit(f"{decl} tm::fill({out}, ptr_{name}[h]);", ind)
+        return
+    dim = lw.program.param(name).spec.dims[0]
+    width = lw.plan.full_dims[dim]
+    lw.emit(f"{decl} tm::load_f32({out}, ptr_{name} + (long)h * {width} + {_split_col0(lw, dim)}, {width});", ind)
 
 
 def emit_scalar_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -108,13 +114,17 @@ def _state_ld(lw: Lowering, param_name: str) -> int:
     return dim if isinstance(dim, int) else lw.plan.full_dims[dim]
 
 
+def _split_col0(lw: Lowering, dim: str) -> str:
+    """Column offset of this consumer's block of feature dim ``dim`` (0 where it is not split)."""
+    width = dict(lw.schedule.split).get(dim)
+    return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
+
+
 def _state_col0(lw: Lowering, param_name: str) -> str:
     spec = lw.program.param(param_name).spec
-    split = dict(lw.schedule.split)
-    if spec.dims[0] in split:
+    if spec.dims[0] in dict(lw.schedule.split):
         lw.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
-    width = split.get(spec.dims[1])
-    return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
+    return _split_col0(lw, spec.dims[1])
 
 
 def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):

@@ -5,7 +5,9 @@ op-specific code (CI compiles them) and, on an H100, match the interpreter.
   vector turned into a column vector, a state decayed row by row;
 - normalised linear attention with positive features: row and column reductions, a division;
 - anti-causal linear attention (each token attends to itself and the tokens after it, the second
-  half of a bidirectional mixer): chunks visited last to first.
+  half of a bidirectional mixer): chunks visited last to first;
+- linear attention with an RWKV-style per-head bonus ``u`` on the current token: a ``Head["K"]``
+  row vector.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import torch
 
 from tilemix.ops.runtime import run_kernel
 from tilemix.reference.tolerance import bound, rel_err
-from tilemix.tiles import Out, Seq, State, TensorSpec, causal, chunks, colsum, cumsum, exp, kernel, rowsum
+from tilemix.tiles import Head, Out, Seq, State, TensorSpec, causal, chunks, colsum, cumsum, exp, kernel, rowsum
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-from tilemix.codegen.compile import compile_cuda, sass  # noqa: E402
+from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
 from tilemix.codegen.schedule import default_source  # noqa: E402
 
 
@@ -51,12 +53,37 @@ def anticausal_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], s
         s = s + kc.T @ vc
 
 
-MIXERS = {"gla": gla_fwd, "normalized_la": normalized_la_fwd, "anticausal_la": anticausal_la_fwd}
+@kernel
+def bonus_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], u: Head["K"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, vc = q[c], k[c], v[c]
+        o[c] = causal(qc @ kc.T) @ vc + qc @ s + rowsum(qc * u * kc) * vc  # u: the current token's bonus
+        s = s + kc.T @ vc
+
+
+MIXERS = {"gla": gla_fwd, "normalized_la": normalized_la_fwd, "anticausal_la": anticausal_la_fwd,
+          "bonus_la": bonus_la_fwd}
 
 
 def _specs(name: str, B=2, T=4096, H=16, D=128) -> dict:
     seq = TensorSpec((B, T, H, D), "bfloat16")
-    return dict(q=seq, k=seq, v=seq, **({"g": seq} if name == "gla" else {}))
+    extra = {"gla": {"g": seq}, "bonus_la": {"u": TensorSpec((H, D), "float32")}}.get(name, {})
+    return dict(q=seq, k=seq, v=seq, **extra)
+
+
+def _compiled(program, specs: dict, arch: str):
+    source = default_source(program, program.bind(specs), arch)
+    return compile_cuda(source.source, arch, source.name)
+
+
+def assert_tensor_cores_without_local_memory(program, specs: dict):
+    """``program`` compiles for sm_90a with wgmma and for sm_80 with mma.sync, neither touching
+    local memory (no spills, no stack)."""
+    for arch, instruction in (("sm_90a", "HGMMA"), ("sm_80", "HMMA")):
+        compiled = _compiled(program, specs, arch)
+        code, usage = sass(compiled), resources(compiled)
+        assert instruction in code, arch
+        assert "LDL" not in code and "STL" not in code and usage["local_memory"] == 0, (arch, usage)
 
 
 @pytest.mark.parametrize("name", MIXERS)
@@ -77,6 +104,8 @@ def test_gpu_user_mixer_matches_interpreter(name, T, D, monkeypatch):
     args = {n: (0.5 * torch.randn(B, T, H, D, generator=gen)).to(torch.bfloat16) for n in ("q", "k", "v")}
     if name == "gla":
         args["g"] = (-0.05 * torch.rand(B, T, H, D, generator=gen)).to(torch.bfloat16)
+    if name == "bonus_la":
+        args["u"] = torch.randn(H, D, generator=gen)
     gpu = run_kernel(MIXERS[name], {n: t.cuda() for n, t in args.items()})
     cpu = run_kernel(MIXERS[name], args)
     for out in cpu:
@@ -90,4 +119,22 @@ def test_anticausal_la_interpreter_matches_float64():
     out = run_kernel(anticausal_la_fwd, dict(q=q, k=k, v=v))["o"]
     scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double()).triu()
     want = torch.einsum("bhts,bshd->bthd", scores, v.double())
+    assert rel_err(out, want.numpy()) <= bound(torch.float32)
+
+
+def test_head_row_vector_lowers_on_both_targets():
+    """A ``Head["K"]`` parameter (RWKV's bonus) is read as this head's row of an [H, K] tensor."""
+    assert_tensor_cores_without_local_memory(bonus_la_fwd, _specs("bonus_la", D=64))
+
+
+def test_bonus_la_interpreter_matches_float64():
+    """o_t = Σ_{s <= t} (q_t·k_s) v_s + (q_t·(u ⊙ k_t)) v_t, u one row per head."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (0.5 * torch.randn(2, 100, 3, 16, generator=gen) for _ in range(3))
+    u = torch.randn(3, 16, generator=gen)
+    out = run_kernel(bonus_la_fwd, dict(q=q, k=k, v=v, u=u))["o"]
+    q, k, v, u = q.double(), k.double(), v.double(), u.double()
+    scores = torch.einsum("bthd,bshd->bhts", q, k).tril()
+    bonus = torch.einsum("bthd,hd,bthd->bth", q, u, k)
+    want = torch.einsum("bhts,bshd->bthd", scores, v) + bonus[..., None] * v
     assert rel_err(out, want.numpy()) <= bound(torch.float32)
