@@ -242,6 +242,22 @@ def test_error_argument_shapes_name_the_argument():
 
 
 # -- tracing and the IR ----------------------------------------------------------
+def test_second_loop_rebinds_a_name_the_first_left_behind():
+    """A name bound inside one loop and not carried out of it is free to bind again in a later loop
+    (``qc = q[c]`` in each): the second loop carries nothing."""
+    @kernel
+    def twice(q: Seq["K"], o: Out[Seq["K"]], p: Out[Seq["K"]]):
+        for c in chunks(64):
+            qc = q[c] * 2.0
+            o[c] = qc
+        for c in chunks(64):
+            qc = q[c] * 3.0
+            p[c] = qc
+
+    program = twice.trace(q=spec(1, 100, 2, 32))
+    assert [len(op.carried) for op in program.body if op.name == "loop"] == [0, 0]
+
+
 def test_carried_state_and_transpose_folding():
     from tilemix.ops import linear_attention_fwd
 
