@@ -8,7 +8,9 @@ only what the code emitted so far holds: names, register copies, groups in fligh
 
 from __future__ import annotations
 
-from tilemix.tiles.ir import Op, Value
+from collections.abc import Mapping
+
+from tilemix.tiles.ir import Loop, Op, Value
 from tilemix.tiles.types import DType
 
 from .issue_order import IssuePlan
@@ -39,13 +41,13 @@ class Emitter:
 
     proxy_fence: str | None = None
 
-    def __init__(self, plan: KernelPlan, live: Liveness, issue: IssuePlan | None, layout: SharedLayout):
-        self.plan, self.live, self.issue, self.layout = plan, live, issue, layout
+    def __init__(self, plan: KernelPlan, live: Liveness, issues: Mapping[Loop, IssuePlan], layout: SharedLayout):
+        self.plan, self.live, self.issues, self.layout = plan, live, issues, layout
         self.program, self.schedule = plan.program, plan.schedule
         self.is_bf16 = "true" if self.program.compute_dtype is DType.bf16 else "false"
         self.lines: list[str] = []
-        self.names: dict[Value, str] = {plan.loop.index: plan.index_name[plan.loop.index.id]} if plan.loop else {}
-        self.names.update({loop.index: plan.index_name[loop.index.id] for loop in plan.grid_loops})
+        self.names: dict[Value, str] = {loop.index: plan.index_name[loop.index.id]
+                                        for loop in (*plan.loops, *plan.grid_loops)}
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.ring_vector: dict[Value, str] = {}  # per-token vector -> its address in the chunk's stage
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy

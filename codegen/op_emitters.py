@@ -49,7 +49,8 @@ def chunk_state_at(lw: Lowering, op: Op) -> str:
     name, index = op.attrs["param"], op.operands[-1]
     rows = (op.result if op.name == "load" else op.operands[0]).type.rows
     prefix = "out" if lw.program.param(name).spec.output else "ptr"
-    chunks = f"((T + {lw.plan.loop.size - 1}) / {lw.plan.loop.size})"
+    size = next(loop.size for loop in lw.plan.loops if loop.index is index)  # the chunk loop it indexes
+    chunks = f"((T + {size - 1}) / {size})"
     return (f"{prefix}_{name} + (((long)b * H + h) * {chunks} + {lw.plan.index_name[index.id]}) * "
             f"{rows * _state_ld(lw, name)} + {_state_col0(lw, name)}")
 

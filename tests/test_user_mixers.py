@@ -7,7 +7,10 @@ op-specific code (CI compiles them) and, on an H100, match the interpreter.
 - anti-causal linear attention (each token attends to itself and the tokens after it, the second
   half of a bidirectional mixer): chunks visited last to first;
 - linear attention with an RWKV-style per-head bonus ``u`` on the current token: a ``Head["K"]``
-  row vector.
+  row vector;
+- bidirectional linear attention (SANA-style): one loop sums the whole sequence's state and
+  normaliser, a second (reverse) loop reads them; and its two halves, causal and anti-causal, as a
+  forward loop then a reverse one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,21 @@ import torch
 
 from tilemix.ops.runtime import run_kernel
 from tilemix.reference.tolerance import bound, rel_err
-from tilemix.tiles import Head, Out, Seq, State, TensorSpec, causal, chunks, colsum, cumsum, exp, kernel, rowsum
+from tilemix.tiles import (
+    Head,
+    Out,
+    Seq,
+    State,
+    TensorSpec,
+    causal,
+    chunks,
+    colsum,
+    cumsum,
+    exp,
+    kernel,
+    maximum,
+    rowsum,
+)
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
@@ -61,8 +78,33 @@ def bonus_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], u: Head["K"], o: Out[Seq
         s = s + kc.T @ vc
 
 
+@kernel
+def bidirectional_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], s: State["K", "V"] = None,
+                         z: State["K", 1] = None):
+    for c in chunks(64):  # the whole sequence's state and normaliser (ReLU features)
+        kc = maximum(k[c], 0.0)
+        s = s + kc.T @ v[c]
+        z = z + colsum(kc).T
+    for c in chunks(64, reverse=True):  # every token reads them
+        qc = maximum(q[c], 0.0)
+        o[c] = (qc @ s) / (qc @ z + 1e-6)
+
+
+@kernel
+def two_halves_la_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], p: Out[Seq["V"]],
+                      s: State["K", "V"] = None, r: State["K", "V"] = None):
+    for c in chunks(64):  # the causal half: keys at or before the query
+        qc, kc, vc = q[c], k[c], v[c]
+        o[c] = causal(qc @ kc.T) @ vc + qc @ s
+        s = s + kc.T @ vc
+    for c in chunks(64, reverse=True):  # the anti-causal half: keys at or after it
+        qc, kc, vc = q[c], k[c], v[c]
+        p[c] = causal(qc @ kc.T, transposed=True) @ vc + qc @ r
+        r = r + kc.T @ vc
+
+
 MIXERS = {"gla": gla_fwd, "normalized_la": normalized_la_fwd, "anticausal_la": anticausal_la_fwd,
-          "bonus_la": bonus_la_fwd}
+          "bonus_la": bonus_la_fwd, "bidirectional_la": bidirectional_la_fwd, "two_halves_la": two_halves_la_fwd}
 
 
 def _specs(name: str, B=2, T=4096, H=16, D=128) -> dict:
@@ -138,3 +180,36 @@ def test_bonus_la_interpreter_matches_float64():
     bonus = torch.einsum("bthd,hd,bthd->bth", q, u, k)
     want = torch.einsum("bhts,bshd->bthd", scores, v) + bonus[..., None] * v
     assert rel_err(out, want.numpy()) <= bound(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["bidirectional_la", "two_halves_la"])
+def test_sequential_chunk_loops_lower_on_both_targets(name):
+    """Two chunks() loops one after another, the second in reverse, walk one ring on both targets."""
+    assert_tensor_cores_without_local_memory(MIXERS[name], _specs(name, D=64))
+
+
+def _relu_features_reference(q, k, v):
+    """Float64 bidirectional linear attention with ReLU features: o_t = φ(q_t) S / (φ(q_t)·z + 1e-6),
+    S = Σ_s φ(k_s)ᵀ v_s and z = Σ_s φ(k_s) over the whole sequence."""
+    q, k, v = (x.double().clamp(min=0) if x is not v else x.double() for x in (q, k, v))
+    state = torch.einsum("bshk,bshv->bhkv", k, v)
+    norm = torch.einsum("bthk,bhk->bth", q, k.sum(1))
+    return torch.einsum("bthk,bhkv->bthv", q, state) / (norm[..., None] + 1e-6)
+
+
+def test_bidirectional_la_interpreter_matches_float64():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (0.5 * torch.randn(2, 100, 3, 16, generator=gen) for _ in range(3))
+    out = run_kernel(bidirectional_la_fwd, dict(q=q, k=k, v=v))["o"]
+    assert rel_err(out, _relu_features_reference(q, k, v).numpy()) <= bound(torch.float32)
+
+
+def test_two_halves_la_interpreter_matches_float64():
+    """o: Σ_{s <= t} (q_t·k_s) v_s; p: Σ_{s >= t} (q_t·k_s) v_s."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (0.5 * torch.randn(2, 100, 3, 16, generator=gen) for _ in range(3))
+    out = run_kernel(two_halves_la_fwd, dict(q=q, k=k, v=v))
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k.double())
+    for name, kept in (("o", scores.tril()), ("p", scores.triu())):
+        want = torch.einsum("bhts,bshd->bthd", kept, v.double())
+        assert rel_err(out[name], want.numpy()) <= bound(torch.float32), name
