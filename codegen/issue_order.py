@@ -36,7 +36,7 @@ from tilemix.tiles.ir import Loop, Op, Value
 
 from .knobs import ISSUE_ORDERS, OVERLAPS
 from .liveness import Liveness, thread_registers
-from .structure import KernelPlan
+from .structure import KernelPlan, vector_product
 
 __all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",
            "OVERLAP_RESERVE"]
@@ -243,11 +243,9 @@ class _IssueWalk:
         return peak_registers(units, reads, self.tile_registers) + sum(map(self.tile_registers, held)) // 2
 
     def issues_group(self, op: Op) -> bool:
-        """Whether lowering ``op`` commits a wgmma group (a matvec is a row sum, done at once)."""
+        """Whether lowering ``op`` commits a wgmma group (a vector product is a reduction, done at once)."""
         mm = self.live.accumulate[op][0] if op in self.live.accumulate else op
-        if mm.name != "matmul":
-            return False
-        return mm.result.type.cols > 1 or mm.attrs["ta"]
+        return mm.name == "matmul" and not vector_product(mm)
 
     def waits_for(self, op: Op) -> list[Value]:
         """The values lowering ``op`` waits for if a wgmma group is still writing them: its operands,

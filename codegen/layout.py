@@ -184,13 +184,18 @@ def _buffers_of(op: Op, plan: KernelPlan, live: Liveness,
 
 
 def _matmul_buffers(mm: Op, loaded: set[Value]) -> tuple[list[Value], list[Value], list[tuple[str, int]]]:
-    """A matvec transposes a column operand; a matmul stages B, and A where it is read from shared
+    """A matvec transposes a column operand; a row-vector product transposes its vector or its
+    result, and sums down columns without ``tb``; a matmul stages B, and A where it is read from shared
     memory (transposed), unless they are loaded tiles or tiles no matmul takes (that is an error)."""
     a, b = mm.operands
     ta, tb = mm.attrs["ta"], mm.attrs["tb"]
     m, n, k = mm.result.type.rows, mm.result.type.cols, a.type.rows if ta else a.type.cols
     if n == 1 and not ta:
         return [], [], [] if tb else [("transposed", k)]
+    if m == 1:  # the vector turned (where ta == tb), and with tb the result turned to a row
+        if tb:
+            return [], [], [("transposed", max(k if ta else 0, n))]
+        return [], [], [("transposed", k)] * (not ta) + [("scratch", 4 * n)]
     if m % 64 or n % 64 or k % 16:
         return [], [], []
     staged = [v for v in (b, a if ta else None) if v is not None and v not in loaded]

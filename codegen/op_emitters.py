@@ -325,6 +325,36 @@ def emit_matvec(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate:
         lw.emit(f"tm::reduce_rows({out}, {tag}_p, tm::op_sum());", ind)
 
 
+def emit_vecmat(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate: bool):
+    """``x @ b`` with x a row (or ``a.T @ b``, a a column): without ``tb``, b's rows scaled by x as a
+    column and summed down the columns; with it, b's rows times x summed along them and the column
+    transposed. Operands are rounded to 16 bits as a matmul's are."""
+    a, b = op.operands
+    lw.wait_for([a, b], ind)
+    ta, tb = op.attrs["ta"], op.attrs["tb"]
+    k, n, tag = (a.type.rows if ta else a.type.cols), op.result.type.cols, f"mv{op.result.id}"
+    round16 = f"[](float v) {{ return tm::round16<{lw.is_bf16}>(v); }}"
+    x, shape = lw.reg(a, ind), f"1, {k}" if tb else f"{k}, 1"  # x as the products broadcast it
+    if ta == tb:  # a row to a column, or a column to a row
+        lw.emit(f"tm::rt<{shape}> {tag}_x; tm::transpose({tag}_x, {x}, transposed, {lw.bar});", ind)
+        x = f"{tag}_x"
+    lw.emit(f"tm::rt<{shape}> {tag}_a; tm::map1({tag}_a, {round16}, {x});", ind)
+    lw.emit(f"{ctype(b.type)} {tag}_p; tm::map1({tag}_p, {round16}, {lw.reg(b, ind)});", ind)
+    lw.emit(f"tm::map2({tag}_p, [](float x, float y) {{ return x * y; }}, {tag}_p, {tag}_a);", ind)
+    result = f"{tag}_s" if accumulate else out
+    if not accumulate:
+        lw.emit(decl, ind)
+    else:
+        lw.emit(f"{ctype(op.result.type)} {result};", ind)
+    if tb:
+        lw.emit(f"tm::rt<{n}, 1> {tag}_c; tm::reduce_rows({tag}_c, {tag}_p, tm::op_sum());", ind)
+        lw.emit(f"tm::transpose({result}, {tag}_c, transposed, {lw.bar});", ind)
+    else:
+        lw.emit(f"tm::reduce_cols({result}, {tag}_p, tm::op_sum(), scratch, {lw.bar});", ind)
+    if accumulate:
+        lw.emit(f"tm::map2({out}, [](float x, float y) {{ return x + y; }}, {out}, {result});", ind)
+
+
 def emit_matmul(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate: bool = False):
     """A matmul through the target's entry points: A from registers (``matmul_rs``) or shared
     memory (``matmul_ss``), B from shared memory; on an asynchronous target one group in flight."""
@@ -334,6 +364,9 @@ def emit_matmul(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate:
     k = a.type.rows if ta else a.type.cols
     if n == 1 and not ta:
         emit_matvec(lw, op, decl, out, ind, accumulate)
+        return
+    if m == 1:
+        emit_vecmat(lw, op, decl, out, ind, accumulate)
         return
     if m % 64 or n % 64 or k % 16:
         lw.fail(f"matmuls take M and N in multiples of 64 and K of 16; this one is {m}x{k} @ {k}x{n}", op)

@@ -16,12 +16,18 @@ from tilemix.tiles.ir import Loop, Op, Program, Value
 
 from .knobs import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
+__all__ = ["KernelPlan", "analyze_structure", "vector_product", "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
 
 _SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
+
+
+def vector_product(mm: Op) -> bool:
+    """Whether matmul ``mm`` has a vector side (a column result, ``a @ x``, or a row one, ``x @ b``):
+    then it is lowered as elementwise products and a reduction, not on the tensor cores."""
+    return (mm.result.type.cols == 1 and not mm.attrs["ta"]) or mm.result.type.rows == 1
 
 
 def fail(target: str, message: str, program: Program, op: Op | None = None):

@@ -10,7 +10,9 @@ op-specific code (CI compiles them) and, on an H100, match the interpreter.
   row vector;
 - bidirectional linear attention (SANA-style): one loop sums the whole sequence's state and
   normaliser, a second (reverse) loop reads them; and its two halves, causal and anti-causal, as a
-  forward loop then a reverse one.
+  forward loop then a reverse one;
+- a per-head readout whose matmuls read only Head and State tiles (no sequence feeds a matmul):
+  row-vector products, lowered as products and reductions.
 """
 
 from __future__ import annotations
@@ -213,3 +215,47 @@ def test_two_halves_la_interpreter_matches_float64():
     for name, kept in (("o", scores.tril()), ("p", scores.triu())):
         want = torch.einsum("bhts,bshd->bthd", kept, v.double())
         assert rel_err(out[name], want.numpy()) <= bound(torch.float32), name
+
+
+@kernel
+def head_readout_fwd(x: Seq[1], w: Head["D"], y: Out[Seq["D"]], s: State["D", "D"] = None,
+                     z: State["D", 1] = None):
+    for c in chunks(64):  # a per-head query w reads the state both ways; z a column state
+        y[c] = x[c] * (w @ s + w @ s.T + z.T @ s)
+
+
+def _readout_args(gen, B=2, T=100, H=3, D=64) -> dict:
+    return dict(x=torch.randn(B, T, H, generator=gen), w=torch.randn(H, D, generator=gen).to(torch.bfloat16),
+                s=torch.randn(B, H, D, D, generator=gen), z=torch.randn(B, H, D, 1, generator=gen))
+
+
+def test_matmuls_of_head_and_state_tiles_lower_on_both_targets():
+    """No sequence feeds a matmul: the bf16 Head sets the compute dtype, and the 1-row matmuls
+    lower (as products and reductions) for sm_90a and sm_80 without local memory."""
+    specs = {n: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+             for n, t in _readout_args(torch.Generator(), T=4096, H=16).items()}
+    for arch in ("sm_90a", "sm_80"):
+        compiled = _compiled(head_readout_fwd, specs, arch)
+        code, usage = sass(compiled), resources(compiled)
+        assert "LDL" not in code and "STL" not in code and usage["local_memory"] == 0, (arch, usage)
+
+
+def test_head_readout_interpreter_matches_float64():
+    """y_t = x_t (w S + w Sᵀ + zᵀ S), the matmul operands rounded to bf16."""
+    args = _readout_args(torch.Generator().manual_seed(0))
+    out = run_kernel(head_readout_fwd, args)["y"]
+    x, w, s, z = (t.double() for t in args.values())
+    s16 = s.to(torch.bfloat16).double()
+    read = torch.einsum("hd,bhde->bhe", w, s16) + torch.einsum("hd,bhed->bhe", w, s16)
+    read = read + torch.einsum("bhd,bhde->bhe", z[..., 0].to(torch.bfloat16).double(), s16)
+    assert rel_err(out, (x[..., None] * read[:, None]).numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_head_readout_matches_interpreter(monkeypatch):
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    args = _readout_args(torch.Generator().manual_seed(1))
+    gpu = run_kernel(head_readout_fwd, {n: t.cuda() for n, t in args.items()})
+    cpu = run_kernel(head_readout_fwd, args)
+    for out in cpu:
+        assert rel_err(gpu[out].cpu(), cpu[out].double().numpy()) <= bound(torch.bfloat16), out
