@@ -53,8 +53,6 @@ def emit_store_copy(lw: GenericLowering, op: Op, decl: str, out: str, ind: int):
     if lw.program.param(name).spec.kind == "chunk_state":
         emit_store_chunk_state(lw, op, ind)
         return
-    if t.cols % PANEL:
-        lw.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
     src = lw.reg(value, ind)
     idx = [lw.plan.index_name[v.id] for v in index]
     dst, ld, rows_left, cols_left = lw.tile_at(name, idx, t.rows, t.cols, out=True)

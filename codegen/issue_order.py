@@ -33,10 +33,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tilemix.tiles.ir import Loop, Op, Value
+from tilemix.tiles.lowerable import vector_product
 
 from .knobs import ISSUE_ORDERS, OVERLAPS
 from .liveness import Liveness, thread_registers
-from .structure import KernelPlan, vector_product
+from .structure import KernelPlan
 
 __all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",
            "OVERLAP_RESERVE"]

@@ -3,7 +3,8 @@
 Grid loops (blockIdx), the per-CTA body, its sequential chunk loops (one after another, each
 walking the ring of stages in turn), the tile loads outside them (loaded once) and inside them
 (into the ring), their per-token vectors, and how the consumer groups share a CTA's work; anything
-else is rejected with an error naming the line."""
+else is rejected with an error naming the line (``tiles.lowerable``'s checks, the ones the verifier
+of a GPU target runs, and the schedule's)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,13 @@ from types import MappingProxyType
 
 from tilemix.tiles.errors import TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
+from tilemix.tiles.lowerable import PANEL, check_lowerable, grid_loops
 
 from .knobs import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "analyze_structure", "vector_product", "CONSUMER_THREADS", "PANEL"]
+__all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
-PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
-
-_SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
-
-
-def vector_product(mm: Op) -> bool:
-    """Whether matmul ``mm`` has a vector side (a column result, ``a @ x``, or a row one, ``x @ b``):
-    then it is lowered as elementwise products and a reduction, not on the tensor cores."""
-    return (mm.result.type.cols == 1 and not mm.attrs["ta"]) or mm.result.type.rows == 1
 
 
 def fail(target: str, message: str, program: Program, op: Op | None = None):
@@ -129,18 +122,6 @@ class KernelPlan:
         return [f"const int c_first = {block} * {loop.start.size} / {loop.size};"]
 
 
-def _grid_loops(body: list[Op]) -> tuple[list[Loop], list[Op]]:
-    """The nested blocks() loops a body starts with (beside setup ops only), and the body inside them."""
-    grid_loops = []
-    while True:
-        loops = [op for op in body if isinstance(op, Loop)]
-        if len(loops) == 1 and loops[0].kind == "blocks" and all(op is loops[0] or op.name in _SETUP for op in body):
-            grid_loops.append(loops[0])
-            body = loops[0].body
-            continue
-        return grid_loops, body
-
-
 def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: bool, consumer_heads: bool):
     axis = schedule.consumer_axis
     if axis not in ("columns", "blocks", "heads"):
@@ -158,31 +139,23 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
                       consumer_heads: bool) -> KernelPlan:
     """Pass 1: the program's grid loops, per-CTA body, chunk loop and loads (``KernelPlan``);
     ``consumer_heads``: whether the target lowers ``consumer_axis="heads"``."""
-    grid_loops, body = _grid_loops(program.body)
+    check_lowerable(program, lambda message, op: fail(target, message, program, op))  # as the verifier does
+    grid, body = grid_loops(program.body)
     loops = tuple(op for op in body if isinstance(op, Loop))
-    if any(op.kind != "chunks" for op in loops):
-        fail(target, "this version lowers nested blocks() loops around chunks() loops, one after another", program)
-    for loop in loops:
-        if any(isinstance(op, Loop) for op in loop.body):
-            fail(target, "loops nested in a chunks() loop are not lowered yet", program, loop)
     tile_loads = lambda ops: tuple(op for op in ops if op.name == "load" and op.result.type.cols > 1  # noqa: E731
                                    and program.param(op.attrs["param"]).spec.kind != "chunk_state")
     loop_loads = {loop: tile_loads(loop.body) for loop in loops}
     loop_col_loads = {loop: tuple(op for op in loop.body if op.name == "load" and op.result.type.cols == 1
                                   and op.operands[0] is loop.index
                                   and program.param(op.attrs["param"]).spec.kind == "seq") for loop in loops}
-    for op in tile_loads(body) + tuple(op for ops in loop_loads.values() for op in ops):
-        if op.result.type.cols % PANEL:
-            fail(target, f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
-                 f"feature dims must be multiples of {PANEL} (128-byte shared-memory panels)", program, op)
     matrix = any(p.spec.kind == "matrix" for p in program.params)
-    index_name = {loop.index.id: f"blk{depth}" for depth, loop in enumerate(grid_loops)}
+    index_name = {loop.index.id: f"blk{depth}" for depth, loop in enumerate(grid)}
     _check_consumers(target, program, schedule, matrix, consumer_heads)
     split_loop = None
     if schedule.consumer_axis == "blocks" and schedule.consumers > 1:
-        if not grid_loops:
+        if not grid:
             fail(target, "consumer_axis='blocks' needs a blocks() loop", program)
-        split_loop = grid_loops[-1]
+        split_loop = grid[-1]
     for loop in loops:  # each loop's counters are its own (the kernel gives each loop after the first a scope)
         # the chunk index: the iteration counter c, offset by the first chunk when the loop has a start,
         # counted down from the last chunk when it runs in reverse
@@ -190,7 +163,7 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
         index_name[loop.index.id] = f"(n_iter - 1 - {index})" if loop.reverse else index
     return KernelPlan(
         program=program, schedule=schedule, full_dims=MappingProxyType(dict(full_dims)), target=target,
-        grid_loops=tuple(grid_loops), body=body, loops=loops, prologue_loads=tile_loads(body),
+        grid_loops=tuple(grid), body=body, loops=loops, prologue_loads=tile_loads(body),
         loop_loads=MappingProxyType(loop_loads), loop_col_loads=MappingProxyType(loop_col_loads),
         loaded_tiles=frozenset(op.result for ops in loop_loads.values() for op in ops),
         loaded=frozenset(op.attrs["param"] for op in program.walk() if op.name == "load"),

@@ -100,7 +100,7 @@ def test_error_unsupported_dtype_for_target():
     err = trace_error(scores, target="sm_90a", **args)
     assert "unsupported dtype: sm_90a matmuls take f16 or bf16 operands" in str(err)
     assert err.loc.line == line_of(scores, "o[c] = causal")
-    scores.trace(target="sm_90a", q=spec(1, 100, 2, 32, dtype="bfloat16"), k=spec(1, 100, 2, 32, dtype="bfloat16"))
+    scores.trace(target="sm_90a", q=spec(1, 100, 2, 64, dtype="bfloat16"), k=spec(1, 100, 2, 64, dtype="bfloat16"))
 
 
 def test_error_unsupported_dtype_in_cast():
@@ -281,11 +281,44 @@ def test_programs_are_cached_per_specialisation():
     assert c is not a
 
 
+def test_gpu_targets_verify_what_their_code_generator_lowers():
+    """``trace(target=...)`` for a GPU target rejects, at the user's line, what the lowering would:
+    the same message on sm_90a and sm_80; the interpreter takes it."""
+    @kernel
+    def narrow(q: Seq["K"], k: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = causal(q[c] @ k[c].T) @ k[c]
+
+    @kernel
+    def side_by_side(q: Seq["K"], o: Out[Seq["K"]], p: Out[Seq["K"]]):
+        for c in blocks(64):
+            o[c] = q[c] * 2.0
+        for c in chunks(64):
+            p[c] = q[c] * 3.0
+
+    @kernel
+    def turned(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = (q[c] * 2.0).T
+
+    narrow_args = dict(q=spec(1, 100, 2, 32, dtype="bfloat16"), k=spec(1, 100, 2, 32, dtype="bfloat16"))
+    wide = spec(1, 100, 2, 64, dtype="bfloat16")
+    for program, args, words, line in ((narrow, narrow_args, "multiples of 64", "o[c] = causal"),
+                                       (side_by_side, dict(q=wide), "around chunks() loops, one after another", None),
+                                       (turned, dict(q=wide), "standalone transposes", "o[c] = (q[c]")):
+        program.trace(target="cpu", **args)
+        for target in ("sm_90a", "sm_80"):
+            err = trace_error(program, target=target, **args)
+            assert f"{target} code generator: " in str(err) and words in str(err), err
+            if line is not None:
+                assert err.loc.line == line_of(program, line)
+
+
 def test_verify_reruns_on_the_finished_program():
     from tilemix.ops import ssd_fwd
 
-    args = dict(x=spec(1, 70, 2, 32, dtype="bfloat16"), dt=spec(1, 70, 2), A=spec(2), B=spec(1, 70, 1, 16,
-                dtype="bfloat16"), C=spec(1, 70, 1, 16, dtype="bfloat16"))
+    args = dict(x=spec(1, 70, 2, 64, dtype="bfloat16"), dt=spec(1, 70, 2), A=spec(2), B=spec(1, 70, 1, 64,
+                dtype="bfloat16"), C=spec(1, 70, 1, 64, dtype="bfloat16"))
     program = ssd_fwd.trace(target="sm_90a", **args)
     assert verify(program, "sm_80") is program
 
