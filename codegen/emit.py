@@ -16,7 +16,7 @@ from tilemix.tiles.types import DType
 from .issue_order import IssuePlan
 from .layout import SharedLayout
 from .liveness import Liveness
-from .structure import CONSUMER_THREADS, PANEL, KernelPlan
+from .structure import CONSUMER_THREADS, KernelPlan
 
 __all__ = ["Emitter", "ctype", "float_literal"]
 
@@ -92,10 +92,7 @@ class Emitter:
         """A shared tile for ``v``: loaded ones as they are, register tiles staged."""
         if v in self.smem_of:
             return self.smem_of[v]
-        t = v.type
-        if t.cols % PANEL or t.rows % 64:
-            self.fail(f"a {t.rows}x{t.cols} register tile used as a shared matmul operand needs rows and "
-                      f"columns that are multiples of 64")
+        t = v.type  # whole 64x64 panels (tiles.lowerable)
         if v in self.staged:
             return self.staged[v], t.rows
         ptr = self.staged[v] = f"(smem + {self.layout.staging[v]} + wg * {t.rows * t.cols * 2})"

@@ -301,11 +301,18 @@ def test_gpu_targets_verify_what_their_code_generator_lowers():
         for c in chunks(64):
             o[c] = (q[c] * 2.0).T
 
+    @kernel
+    def staged(q: Seq["K"], o: Out[Seq["K"]]):
+        for c in chunks(64):
+            o[c] = q[c] @ (zeros(32, 64).T @ zeros(32, 64))
+
     narrow_args = dict(q=spec(1, 100, 2, 32, dtype="bfloat16"), k=spec(1, 100, 2, 32, dtype="bfloat16"))
     wide = spec(1, 100, 2, 64, dtype="bfloat16")
     for program, args, words, line in ((narrow, narrow_args, "multiples of 64", "o[c] = causal"),
                                        (side_by_side, dict(q=wide), "around chunks() loops, one after another", None),
-                                       (turned, dict(q=wide), "standalone transposes", "o[c] = (q[c]")):
+                                       (turned, dict(q=wide), "standalone transposes", "o[c] = (q[c]"),
+                                       (staged, dict(q=wide), "register tile used as a shared matmul operand",
+                                        "o[c] = q[c] @ (zeros")):
         program.trace(target="cpu", **args)
         for target in ("sm_90a", "sm_80"):
             err = trace_error(program, target=target, **args)

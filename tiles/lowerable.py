@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .ir import Loop, Op, Program
+from .ir import Loop, Op, Program, Value
 
 __all__ = ["PANEL", "MMA_MN", "MMA_K", "check_lowerable", "check_op", "grid_loops", "vector_product"]
 
@@ -51,10 +51,11 @@ def check_structure(program: Program, fail: Fail) -> None:
             fail("loops nested in a chunks() loop are not lowered yet", loop)
 
 
-def check_op(op: Op, program: Program, fail: Fail) -> None:
+def check_op(op: Op, program: Program, loaded: set[Value], fail: Fail) -> None:
     """The op shapes the op emitters take: loaded and stored tiles in whole panels (saved chunk
-    states aside), per-token vectors of ``Seq[1]`` parameters, tensor-core matmul shapes,
-    transposes of vectors only."""
+    states aside), per-token vectors of ``Seq[1]`` parameters, tensor-core matmul shapes with the
+    operands read from shared memory (B, and A with ``ta``) there already (``loaded``) or staged in
+    whole 64x64 panels, transposes of vectors only."""
     if op.name in ("load", "store") and program.param(op.attrs["param"]).spec.kind == "chunk_state":
         return  # a saved chunk state: fp32 straight to and from registers, any shape
     if op.name == "load":
@@ -74,6 +75,10 @@ def check_op(op: Op, program: Program, fail: Fail) -> None:
         if m % MMA_MN or n % MMA_MN or k % MMA_K:
             fail(f"matmuls take M and N in multiples of {MMA_MN} and K of {MMA_K}; "
                  f"this one is {m}x{k} @ {k}x{n}", op)
+        for v in (op.operands[1], a if op.attrs["ta"] else None):
+            if v is not None and v not in loaded and (v.type.rows % PANEL or v.type.cols % PANEL):
+                fail(f"a {v.type.rows}x{v.type.cols} register tile used as a shared matmul operand needs rows "
+                     f"and columns that are multiples of {PANEL}", op)
     elif op.name == "transpose":
         t = op.operands[0].type
         if t.rows != 1 and t.cols != 1:
@@ -84,6 +89,8 @@ def check_op(op: Op, program: Program, fail: Fail) -> None:
 def check_lowerable(program: Program, fail: Fail) -> None:
     """Every check above, over the whole program."""
     check_structure(program, fail)
+    loaded = {op.result for op in program.walk()  # tiles in shared memory (a chunk state's are registers)
+              if op.name == "load" and program.param(op.attrs["param"]).spec.kind != "chunk_state"}
     for op in program.walk():
         if not isinstance(op, Loop):
-            check_op(op, program, fail)
+            check_op(op, program, loaded, fail)
