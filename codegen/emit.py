@@ -8,13 +8,15 @@ only what the code emitted so far holds: names, register copies, groups in fligh
 
 from __future__ import annotations
 
-from tilemix.tiles.ir import Op, Value
+from collections.abc import Mapping
+
+from tilemix.tiles.ir import Loop, Op, Value
 from tilemix.tiles.types import DType
 
 from .issue_order import IssuePlan
 from .layout import SharedLayout
 from .liveness import Liveness
-from .structure import CONSUMER_THREADS, PANEL, KernelPlan
+from .structure import CONSUMER_THREADS, KernelPlan
 
 __all__ = ["Emitter", "ctype", "float_literal"]
 
@@ -39,13 +41,13 @@ class Emitter:
 
     proxy_fence: str | None = None
 
-    def __init__(self, plan: KernelPlan, live: Liveness, issue: IssuePlan | None, layout: SharedLayout):
-        self.plan, self.live, self.issue, self.layout = plan, live, issue, layout
+    def __init__(self, plan: KernelPlan, live: Liveness, issues: Mapping[Loop, IssuePlan], layout: SharedLayout):
+        self.plan, self.live, self.issues, self.layout = plan, live, issues, layout
         self.program, self.schedule = plan.program, plan.schedule
         self.is_bf16 = "true" if self.program.compute_dtype is DType.bf16 else "false"
         self.lines: list[str] = []
-        self.names: dict[Value, str] = {plan.loop.index: plan.index_name[plan.loop.index.id]} if plan.loop else {}
-        self.names.update({loop.index: plan.index_name[loop.index.id] for loop in plan.grid_loops})
+        self.names: dict[Value, str] = {loop.index: plan.index_name[loop.index.id]
+                                        for loop in (*plan.loops, *plan.grid_loops)}
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.ring_vector: dict[Value, str] = {}  # per-token vector -> its address in the chunk's stage
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
@@ -90,10 +92,7 @@ class Emitter:
         """A shared tile for ``v``: loaded ones as they are, register tiles staged."""
         if v in self.smem_of:
             return self.smem_of[v]
-        t = v.type
-        if t.cols % PANEL or t.rows % 64:
-            self.fail(f"a {t.rows}x{t.cols} register tile used as a shared matmul operand needs rows and "
-                      f"columns that are multiples of 64")
+        t = v.type  # whole 64x64 panels (tiles.lowerable)
         if v in self.staged:
             return self.staged[v], t.rows
         ptr = self.staged[v] = f"(smem + {self.layout.staging[v]} + wg * {t.rows * t.cols * 2})"

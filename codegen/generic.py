@@ -47,8 +47,6 @@ def emit_store_copy(lw: GenericLowering, op: Op, decl: str, out: str, ind: int):
     writes, clipped at the tensor's edges."""
     value, *index = op.operands
     name, t = op.attrs["param"], value.type
-    if t.cols % PANEL:
-        lw.fail(f"stored tiles are {t.cols} wide; stores need multiples of {PANEL} columns", op)
     src = lw.reg(value, ind)
     idx = [lw.plan.index_name[v.id] for v in index]
     dst, ld, rows_left, cols_left = lw.tile_at(name, idx, t.rows, t.cols, out=True)
@@ -129,12 +127,12 @@ class GenericLowering(Lowering):
             self.emit("__syncthreads();", ind)
 
     def only_loop_reads(self, loads) -> bool:
-        """Whether every reader of these loads' tiles is inside the chunk loop's body, which waits
-        for all earlier commit groups before its first iteration (a loop that may run no
-        iteration, one with a start, waits for nothing: then no)."""
-        loop = self.plan.loop
-        if loop is None or loop.start is not None:
+        """Whether every reader of these loads' tiles is inside the program's one chunk loop's body,
+        which waits for all earlier commit groups before its first iteration (a loop that may run
+        no iteration, one with a start, waits for nothing, and with several loops: then no)."""
+        if len(self.plan.loops) != 1 or self.plan.loops[0].start is not None:
             return False
+        loop = self.plan.loops[0]
         tiles = {op.result for op in loads}
         inside = {id(op) for op in loop.walk()}
         return not any(v in tiles for op in self.program.walk() if id(op) not in inside
@@ -142,14 +140,21 @@ class GenericLowering(Lowering):
 
     # -- the chunk loop -----------------------------------------------------------------
     def lower_loop(self, loop: Loop, ind: int):
-        """The ring of ``stages`` buffers, filled ``stages - 1`` chunks ahead, one commit group a chunk."""
+        """The ring of ``stages`` buffers, filled ``stages - 1`` chunks ahead, one commit group a chunk.
+        A loop after the first is a scope of its own, entered once every thread is done with the
+        stages the loop before it read."""
         stages = self.schedule.stages
         for carried, init in zip(loop.carried, loop.init):
             self.emit(f"{ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        position = self.plan.loops.index(loop)
+        if position > 0:
+            self.emit(f"{{  // chunks() loop {position + 1} of {len(self.plan.loops)}", ind)
+            ind += 2
+            self.emit("__syncthreads();  // the previous loop's stages are read by all", ind)
         for line in self.plan.first_chunk(loop):
             self.emit(line, ind)
         self.emit(f"const int n_iter = {self.plan.trip_count(loop)};", ind)
-        self.emit_load_chunk(ind)
+        self.emit_load_chunk(loop, ind)
         if stages > 1:
             self.emit(f"for (int c = 0; c < {stages - 1}; ++c) {{  // the ring's first chunks", ind)
             self.emit("if (c < n_iter) load_chunk(c);", ind + 2)
@@ -176,7 +181,7 @@ class GenericLowering(Lowering):
             self.emit("tm::cp_async_wait<0>();", ind + 2)
             self.emit("__syncthreads();", ind + 2)
         self.emit(f"const int stage = c % {stages};", ind + 2)
-        self.lower_ops(list(self.issue.order), ind + 2)
+        self.lower_ops(list(self.issues[loop].order), ind + 2)
         for carried, update in zip(loop.carried, loop.update):
             if self.name(carried) != self.names.get(update):
                 self.emit(f"{self.name(carried)} = {self.reg(update, ind + 2)};", ind + 2)
@@ -184,18 +189,20 @@ class GenericLowering(Lowering):
             for line in refill:
                 self.emit(line, ind + 2)
         self.emit("}", ind)
+        if position > 0:
+            self.emit("}", ind - 2)
         self.end_loop(loop)
 
-    def emit_load_chunk(self, ind: int):
-        """``load_chunk(c)``: the loads of chunk c into stage c % stages, named after the loop's
-        index as in the body."""
+    def emit_load_chunk(self, loop: Loop, ind: int):
+        """``load_chunk(c)``: ``loop``'s loads of chunk c into stage c % stages, named after the
+        loop's index as in the body."""
         layout, stages = self.layout, self.schedule.stages
         self.emit("auto load_chunk = [&](const int c) {", ind)
         self.emit(f"char* ring = smem + (c % {stages}) * stage_bytes;", ind + 2)
-        for op in self.plan.loads:
+        for op in self.plan.loop_loads[loop]:
             for line in self.issue_load(op, f"ring + {layout.load_offset[op]}"):
                 self.emit(line, ind + 2)
-        for op in self.plan.col_loads:  # the chunk's per-token vectors, in the same commit group
+        for op in self.plan.loop_col_loads[loop]:  # the chunk's per-token vectors, in the same commit group
             dst = f"smem + {layout.col_ring} + (c % {stages}) * {layout.col_stage_bytes} + {layout.col_offset[op]}"
             for line in self.col_copies(op, dst, self.threads, "threadIdx.x"):
                 self.emit(line, ind + 2)

@@ -21,9 +21,11 @@ accumulator (gemm's, attention's output) is updated in place, and when an
 iteration ends with its matmul still in flight the chunk's shared-memory stage
 is released one iteration later, after the next iteration's wgmmas are issued.
 
-Program shapes lowered: nested ``blocks`` grid loops around at most one
-``chunks`` loop (scans, attention, gemm); anything else is rejected with an
-error naming the line.
+Program shapes lowered: nested ``blocks`` grid loops around ``chunks`` loops
+one after another (scans, attention, gemm; a bidirectional mixer's two
+passes); anything else is rejected with an error naming the line. The loops
+walk one ring: the producer and the consumers count chunks on from one loop
+to the next (``ring_done``), so each stage's barrier phases run on unbroken.
 
 The analysis passes and the consumer walk are shared with the generic target
 (``lowering.lower``); this module is what only sm_90a emits: the producer, the
@@ -55,8 +57,6 @@ def emit_store_tma(lw: HopperLowering, op: Op, decl: str, out: str, ind: int):
     tensor's edges), while the consumer goes on."""
     value, *index = op.operands
     name, t = op.attrs["param"], value.type
-    if t.cols % PANEL:
-        lw.fail(f"stored tiles are {t.cols} wide; sm_90a stores need multiples of {PANEL} columns", op)
     lw.tmap_rows[name] = t.rows
     layout = lw.layout
     src, panel_bytes, buffers = lw.reg(value, ind), layout.store_rows * 128, layout.store_buffers
@@ -128,7 +128,7 @@ class HopperLowering(Lowering):
         """One thread issues the TMA loads; with per-token vectors in the ring its warp copies those,
         each lane arriving on the stage's barrier once its copies land (the barrier expects them)."""
         plan, layout = self.plan, self.layout
-        lanes = bool(plan.col_loads)
+        lanes = bool(plan.col_loads)  # then every loop's chunks expect the lanes' arrivals
         leader = "threadIdx.x == 0"
         out = [f"    if ({'threadIdx.x < 32' if lanes else leader}) {{"]
         if plan.prologue_loads:
@@ -138,25 +138,28 @@ class HopperLowering(Lowering):
                 copies += self.tma_loads(op, f"smem + {layout.prologue_offset[op]}", "prologue")
             out += [f"      if ({leader}) {{", *["        " + line for line in copies], "      }"] if lanes else \
                 ["      " + line for line in copies]
-        if plan.loop is not None:
-            out += self.producer_loop(lanes, leader)
+        for position, loop in enumerate(plan.loops):
+            out += self.producer_loop(loop, position, lanes, leader)
         out.append("    }")
         return out
 
-    def producer_loop(self, lanes: bool, leader: str) -> list[str]:
-        """The producer's chunk loop: each chunk's loads into the next free stage of the ring."""
+    def producer_loop(self, loop: Loop, position: int, lanes: bool, leader: str) -> list[str]:
+        """The producer's ``position``-th chunk loop: each chunk's loads into the next free stage of
+        the ring, counting on from the loops before it (in a scope of its own after the first)."""
         plan, layout, stages = self.plan, self.layout, self.schedule.stages
         stage_bytes = layout.stage_bytes
-        out = ["      " + line for line in plan.first_chunk(plan.loop)]
-        out.append(f"      const int n_iter = {plan.trip_count(plan.loop)};")
+        ring = "c" if position == 0 else "(ring_done + c)"  # the chunk's number in the ring's sequence
+        out = ["      " + line for line in plan.first_chunk(loop)]
+        out.append(f"      const int n_iter = {plan.trip_count(loop)};")
         out.append("      for (int c = 0; c < n_iter; ++c) {")
-        out.append(f"        int stage = c % {stages};")
-        out.append(f"        if (c >= {stages}) tm::mbar_wait(&empty[stage], ((c / {stages}) - 1) & 1);")
-        tiles = [f"tm::mbar_expect_tx(&full[stage], {stage_bytes});"]
-        for op in plan.loads:
+        out.append(f"        int stage = {ring} % {stages};")
+        out.append(f"        if ({ring} >= {stages}) tm::mbar_wait(&empty[stage], (({ring} / {stages}) - 1) & 1);")
+        loads = plan.loop_loads[loop]
+        tiles = [f"tm::mbar_expect_tx(&full[stage], {sum(map(plan.load_bytes, loads))});"]
+        for op in loads:
             tiles += self.tma_loads(op, f"smem + stage * {stage_bytes} + {layout.load_offset[op]}", "&full[stage]")
         if lanes:
-            for op in plan.col_loads:
+            for op in plan.loop_col_loads[loop]:
                 dst = f"smem + {layout.col_ring} + stage * {layout.col_stage_bytes} + {layout.col_offset[op]}"
                 out += ["        " + line for line in self.col_copies(op, dst, 32, "threadIdx.x")]
             out.append("        tm::cp_async_arrive(&full[stage]);")
@@ -164,28 +167,45 @@ class HopperLowering(Lowering):
         else:
             out += ["        " + line for line in tiles]
         out.append("      }")
-        return out
+        return self.ring_scope(out, position, "      ")
+
+    def ring_scope(self, loop_lines: list[str], position: int, ind: str) -> list[str]:
+        """A chunk loop's lines, and where more loops follow, the count of the ring's chunks so far
+        (``ring_done``) updated after them: the first loop's counters stand in the enclosing
+        scope, a later loop's in a scope of its own."""
+        count = len(self.plan.loops)
+        if count == 1:
+            return loop_lines
+        done = [f"{ind}{'int ring_done = n_iter;' if position == 0 else 'ring_done += n_iter;'}"]
+        if position == 0:
+            return loop_lines + done
+        return [f"{ind}{{  // chunks() loop {position + 1} of {count}", *("  " + line for line in loop_lines),
+                *(["  " + line for line in done] if position < count - 1 else []), f"{ind}}}"]
 
     # -- the consumers' chunk loop ---------------------------------------------------------
     def lower_loop(self, loop: Loop, ind: int):
         """The chunk loop walked in ``IssuePlan.order``; where ``IssuePlan.overlapped`` allows, the
         chunk's last groups run on and its stage is released one iteration later, after the next
-        iteration's groups are issued."""
-        stages = self.schedule.stages
+        iteration's groups are issued. The chunks count on from the loops before it in the ring
+        (``ring_scope``), and where a loop follows, this one's last stage is released."""
+        stages, position = self.schedule.stages, self.plan.loops.index(loop)
+        issue, outer = self.issues[loop], ind
         self.wait_for(loop.init, ind)
         for carried, init in zip(loop.carried, loop.init):
             self.emit(f"{ctype(carried.type)} {self.name(carried)} = {self.reg(init, ind)};", ind)
+        start = len(self.lines)
+        ring = "c" if position == 0 else "(ring_done + c)"  # the chunk's number in the ring's sequence
         for line in self.plan.first_chunk(loop):
             self.emit(line, ind)
         self.emit(f"const int n_iter = {self.plan.trip_count(loop)};", ind)
         self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
-        self.emit(f"int stage = c % {stages};", ind + 2)
-        self.emit(f"tm::mbar_wait(&full[stage], (c / {stages}) & 1);", ind + 2)
-        overlapped = {self.name(v) for v in self.issue.overlapped}
+        self.emit(f"int stage = {ring} % {stages};", ind + 2)
+        self.emit(f"tm::mbar_wait(&full[stage], ({ring} / {stages}) & 1);", ind + 2)
+        overlapped = {self.name(v) for v in issue.overlapped}
         # so the previous iteration may have left groups writing those in flight
         self.carried_over = set(overlapped)
         self.in_flight = []
-        self.lower_ops(list(self.issue.order), ind + 2)
+        self.lower_ops(list(issue.order), ind + 2)
         for carried, update in zip(loop.carried, loop.update):
             if self.name(carried) != self.names.get(update):
                 self.wait_for([update], ind + 2)
@@ -196,14 +216,18 @@ class HopperLowering(Lowering):
             self.wait_all(ind + 2)
         if deferred:
             self.emit(f"tm::wgmma_wait<{groups}>();  // the previous chunk's groups are done", ind + 2)
-            self.emit(f"if (c > 0) tm::mbar_arrive(&empty[(c - 1) % {stages}]);", ind + 2)
+            self.emit(f"if (c > 0) tm::mbar_arrive(&empty[({ring} - 1) % {stages}]);", ind + 2)
         else:
             self.emit("tm::mbar_arrive(&empty[stage]);", ind + 2)
         self.emit("}", ind)
         if deferred:
             self.emit("tm::wgmma_wait<0>();", ind)
+            if position < len(self.plan.loops) - 1:  # the next loop's producer waits for this stage
+                last = "n_iter" if position == 0 else "(ring_done + n_iter)"
+                self.emit(f"if (n_iter > 0) tm::mbar_arrive(&empty[({last} - 1) % {stages}]);", ind)
         self.in_flight.clear()
         self.carried_over.clear()
+        self.lines[start:] = self.ring_scope(self.lines[start:], position, " " * outer)
         self.end_loop(loop)
 
     # -- the whole kernel ---------------------------------------------------------------

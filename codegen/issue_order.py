@@ -23,8 +23,8 @@ lowering counts registers per thread, as ``peak_registers`` walks the ops ``unit
 and asks the same of the chunk overlap (``Schedule.overlap``).
 ``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
 
-``plan_issue`` is the lowering's pass 4: it asks ``issue_order`` with answers from the earlier
-plans and decides ``Schedule.overlap``, both in an ``IssuePlan``.
+``plan_issue`` is the lowering's pass 3: for each chunk loop it asks ``issue_order`` with answers
+from the earlier plans and decides ``Schedule.overlap``, both in an ``IssuePlan``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from tilemix.tiles.ir import Op, Value
+from tilemix.tiles.ir import Loop, Op, Value
+from tilemix.tiles.lowerable import vector_product
 
 from .knobs import ISSUE_ORDERS, OVERLAPS
 from .liveness import Liveness, thread_registers
@@ -167,14 +168,11 @@ class IssuePlan:
     overlapped: frozenset[Value]
 
 
-def plan_issue(plan: KernelPlan, live: Liveness, *, asynchronous: bool, registers: int) -> IssuePlan | None:
-    """Pass 4: the chunk loop's issue order and overlap (None without a chunk loop). ``asynchronous``:
-    matmuls are groups waited for where their results are read (else program order, no overlap);
-    ``registers``: a consumer thread's registers (``setmaxnreg``)."""
-    loop = plan.loop
-    if loop is None:
-        return None
-    walk = _IssueWalk(plan, live, registers)
+def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bool, registers: int) -> IssuePlan:
+    """Pass 3: chunk loop ``loop``'s issue order and overlap. ``asynchronous``: matmuls are groups
+    waited for where their results are read (else program order, no overlap); ``registers``: a
+    consumer thread's registers (``setmaxnreg``)."""
+    walk = _IssueWalk(plan, live, loop, registers)
     order = walk.body_order() if asynchronous else loop.body
     # Leave a chunk's groups running (and release its stage next time) only when they write
     # carried accumulators that nothing but the matmul touches; if other instructions define those
@@ -195,8 +193,8 @@ def tile_registers(plan: KernelPlan, live: Liveness, v: Value) -> int:
 class _IssueWalk:
     """The questions ``issue_order`` asks of a chunk loop, answered from the plans."""
 
-    def __init__(self, plan: KernelPlan, live: Liveness, registers: int):
-        self.plan, self.live, self.loop, self.registers = plan, live, plan.loop, registers
+    def __init__(self, plan: KernelPlan, live: Liveness, loop: Loop, registers: int):
+        self.plan, self.live, self.loop, self.registers = plan, live, loop, registers
 
     def reuses(self, x: Value, op: Op) -> bool:
         """Whether ``op`` updates ``x`` in place (the emitter's ``reuses`` as it stands when the loop
@@ -246,11 +244,9 @@ class _IssueWalk:
         return peak_registers(units, reads, self.tile_registers) + sum(map(self.tile_registers, held)) // 2
 
     def issues_group(self, op: Op) -> bool:
-        """Whether lowering ``op`` commits a wgmma group (a matvec is a row sum, done at once)."""
+        """Whether lowering ``op`` commits a wgmma group (a vector product is a reduction, done at once)."""
         mm = self.live.accumulate[op][0] if op in self.live.accumulate else op
-        if mm.name != "matmul":
-            return False
-        return mm.result.type.cols > 1 or mm.attrs["ta"]
+        return mm.name == "matmul" and not vector_product(mm)
 
     def waits_for(self, op: Op) -> list[Value]:
         """The values lowering ``op`` waits for if a wgmma group is still writing them: its operands,

@@ -1,8 +1,9 @@
 """Pass 4, shared-memory layout: every buffer of the kernel's shared memory (``SharedLayout``).
 
-In allocation order: the ring of stages the chunk loop loads into, the tiles loaded once, the
-per-token vectors' ring, the store panels, then the consumers' own buffers as the consumer code
-meets them in emission order (the issue order inside the chunk loop): register tiles staged as
+In allocation order: the ring of stages the chunk loops load into (one loop after another, each
+loop's loads from the start of a stage), the tiles loaded once, the per-token vectors' ring, the
+store panels, then the consumers' own buffers as the consumer code meets them in emission order
+(each chunk loop's issue order inside it): register tiles staged as
 matmul operands (with ``Schedule.share_staging`` a buffer whose tile's readers are all emitted
 is reused), prefix scans of column vectors, and last the cross-warp exchange buffers, each sized
 for the program's widest exchange."""
@@ -28,7 +29,7 @@ def align(offset: int, alignment: int) -> int:
 
 @dataclass(frozen=True)
 class SharedLayout:
-    """The ring of ``stages`` stages of ``stage_bytes`` (each holding every tile the chunk loop
+    """The ring of ``stages`` stages of ``stage_bytes`` (each holding every tile a chunk loop
     loads, at ``load_offset``), the tiles loaded once (``prologue_offset``), the per-token vectors'
     ring (``col_ring``, ``col_stage_bytes`` a stage, at ``col_offset``), ``store_buffers`` panel
     buffers of ``store_rows`` rows per consumer for tile stores, then per consumer: each staged
@@ -62,28 +63,35 @@ class _Allocator:
         return offset
 
 
-def plan_shared_memory(plan: KernelPlan, live: Liveness, issue: IssuePlan | None,
+def _stage_offsets(plan: KernelPlan, loads_of: Mapping[Loop, tuple[Op, ...]]) -> tuple[dict[Op, int], int]:
+    """Each load's offset in a stage, every loop's from the stage's start, and the bytes of the
+    largest loop's loads (a stage's size)."""
+    offsets, size = {}, 0
+    for loop in plan.loops:
+        top = 0
+        for op in loads_of[loop]:
+            offsets[op] = top
+            top += plan.load_bytes(op)
+        size = max(size, top)
+    return offsets, size
+
+
+def plan_shared_memory(plan: KernelPlan, live: Liveness, issues: Mapping[Loop, IssuePlan],
                        max_store_buffers: int) -> SharedLayout:
-    """Pass 4: every buffer, in allocation order (``max_store_buffers``: panel buffers a consumer
-    alternates between for wide tile stores)."""
+    """Pass 4: every buffer, in allocation order (``issues``: each chunk loop's issue plan;
+    ``max_store_buffers``: panel buffers a consumer alternates between for wide tile stores)."""
     stages = plan.schedule.stages
-    load_offset, stage_bytes = {}, 0
-    for op in plan.loads:
-        load_offset[op] = stage_bytes
-        stage_bytes += plan.load_bytes(op)
+    load_offset, stage_bytes = _stage_offsets(plan, plan.loop_loads)
     alloc = _Allocator(stage_bytes * stages)
     prologue_offset = {op: alloc(plan.load_bytes(op)) for op in plan.prologue_loads}
-    col_offset, col_stage_bytes = {}, 0
-    for op in plan.col_loads:
-        col_offset[op] = col_stage_bytes
-        col_stage_bytes += plan.load_bytes(op)
+    col_offset, col_stage_bytes = _stage_offsets(plan, plan.loop_col_loads)
     col_ring = alloc(col_stage_bytes * stages, 16) if plan.col_loads else 0
     stores = tuple(op for op in plan.program.walk() if op.name == "store" and op.operands[0].type.cols > 1
                    and plan.program.param(op.attrs["param"]).spec.kind != "chunk_state")
     store_rows = max((op.operands[0].type.rows for op in stores), default=0)
     store_buffers = min(max_store_buffers, max((op.operands[0].type.cols // PANEL for op in stores), default=1))
     store_offset = alloc(store_rows * 128 * store_buffers * plan.schedule.consumers)
-    staging, scans, scratch = _consumer_buffers(plan, live, issue, alloc)
+    staging, scans, scratch = _consumer_buffers(plan, live, issues, alloc)
     scratch_offset = alloc((sum(scratch.values()) or 4) * 4 * plan.schedule.consumers, 16)
     return SharedLayout(stage_bytes=stage_bytes, load_offset=MappingProxyType(load_offset),
                         prologue_offset=MappingProxyType(prologue_offset), col_offset=MappingProxyType(col_offset),
@@ -93,21 +101,21 @@ def plan_shared_memory(plan: KernelPlan, live: Liveness, issue: IssuePlan | None
                         scratch_offset=scratch_offset, top=alloc.top)
 
 
-def _emission_order(plan: KernelPlan, issue: IssuePlan | None) -> Iterator[tuple[Op, bool]]:
-    """The consumer code's ops in the order they are emitted, each with whether it is in the chunk
-    loop: grid loops' bodies where they stand (their indices come from blockIdx), the chunk loop's
+def _emission_order(plan: KernelPlan, issues: Mapping[Loop, IssuePlan]) -> Iterator[tuple[Op, bool]]:
+    """The consumer code's ops in the order they are emitted, each with whether it is in a chunk
+    loop: grid loops' bodies where they stand (their indices come from blockIdx), each chunk loop's
     in its issue order, as ``Lowering.lower_ops`` walks them."""
     def walk(ops: list[Op], in_loop: bool):
         for op in ops:
             if isinstance(op, Loop):
-                yield from walk(op.body, in_loop) if op.kind == "blocks" else walk(list(issue.order), True)
+                yield from walk(op.body, in_loop) if op.kind == "blocks" else walk(list(issues[op].order), True)
             else:
                 yield op, in_loop
 
     return walk(plan.program.body, False)
 
 
-def _consumer_buffers(plan: KernelPlan, live: Liveness, issue: IssuePlan | None, alloc: _Allocator):
+def _consumer_buffers(plan: KernelPlan, live: Liveness, issues: Mapping[Loop, IssuePlan], alloc: _Allocator):
     """Staging buffers and scans, allocated in emission order, and the exchanges' sizes. A staged
     buffer is shared (``Schedule.share_staging``) with a tile of the same size and scope whose last
     reader is emitted, unless that tile was staged before the chunk loop and this one in it (a
@@ -127,7 +135,7 @@ def _consumer_buffers(plan: KernelPlan, live: Liveness, issue: IssuePlan | None,
         slots[v] = (offset, nbytes, in_loop)
         staging[v] = offset
 
-    for op, in_loop in _emission_order(plan, issue):
+    for op, in_loop in _emission_order(plan, issues):
         if op in live.absorbed:
             continue
         staged, scanned, exchanges = _buffers_of(op, plan, live, loaded)
@@ -176,13 +184,18 @@ def _buffers_of(op: Op, plan: KernelPlan, live: Liveness,
 
 
 def _matmul_buffers(mm: Op, loaded: set[Value]) -> tuple[list[Value], list[Value], list[tuple[str, int]]]:
-    """A matvec transposes a column operand; a matmul stages B, and A where it is read from shared
+    """A matvec transposes a column operand; a row-vector product transposes its vector or its
+    result, and sums down columns without ``tb``; a matmul stages B, and A where it is read from shared
     memory (transposed), unless they are loaded tiles or tiles no matmul takes (that is an error)."""
     a, b = mm.operands
     ta, tb = mm.attrs["ta"], mm.attrs["tb"]
     m, n, k = mm.result.type.rows, mm.result.type.cols, a.type.rows if ta else a.type.cols
     if n == 1 and not ta:
         return [], [], [] if tb else [("transposed", k)]
+    if m == 1:  # the vector turned (where ta == tb), and with tb the result turned to a row
+        if tb:
+            return [], [], [("transposed", max(k if ta else 0, n))]
+        return [], [], [("transposed", k)] * (not ta) + [("scratch", 4 * n)]
     if m % 64 or n % 64 or k % 16:
         return [], [], []
     staged = [v for v in (b, a if ta else None) if v is not None and v not in loaded]

@@ -107,7 +107,7 @@ def plan_liveness(plan: KernelPlan, maps: frozenset[str]) -> Liveness:
     # (``tm::shared_row``), each element read where it is used, no registers held
     ring = {op.result for op in plan.col_loads}
     shared_rows = frozenset(
-        op.result for op in (plan.loop.body if plan.loop is not None else [])
+        op.result for loop in plan.loops for op in loop.body
         if op.name == "transpose" and op.operands[0] in ring
         and all(not isinstance(r, Loop) and r.name in maps for r in readers[op.result]))
     return Liveness(uses=MappingProxyType(dict(uses)), scope=MappingProxyType(scope),

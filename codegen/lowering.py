@@ -4,7 +4,7 @@
 
 1. ``structure.analyze_structure``  -> ``KernelPlan``    grid loops, per-CTA body, chunk loop, loads
 2. ``liveness.plan_liveness``        -> ``Liveness``      readers, last readers, accumulating adds
-3. ``issue_order.plan_issue``        -> ``IssuePlan``     the chunk loop's issue order and overlap
+3. ``issue_order.plan_issue``        -> ``IssuePlan``     each chunk loop's issue order and overlap
 4. ``layout.plan_shared_memory``     -> ``SharedLayout``  ring, store panels, staging, scans, exchanges
 5. ``Lowering.kernel``               -> ``KernelSource``  producer and consumer code, the kernel frame
 
@@ -13,6 +13,9 @@ store buffers, ...), entries of the op -> emitter table (``emitters``) it lowers
 the parts of the kernel only it has (its loads, its chunk loop, the kernel's frame)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from tilemix.tiles.errors import ResourceError
 from tilemix.tiles.ir import Loop, Op, Program
@@ -32,14 +35,16 @@ _IN_PLACE = (*MAPS, "where", "cast", "pow", "causal", "window", "in_seq")  # may
 
 
 def plans(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],
-          target: str) -> tuple[KernelPlan, Liveness, IssuePlan | None, SharedLayout]:
-    """Passes 1-4 for the target ``lowering`` (``target``: its name in errors)."""
+          target: str) -> tuple[KernelPlan, Liveness, Mapping[Loop, IssuePlan], SharedLayout]:
+    """Passes 1-4 for the target ``lowering`` (``target``: its name in errors); pass 3 once per
+    chunk loop."""
     plan = analyze_structure(program, schedule, full_dims, target, lowering.consumer_heads)
     live = plan_liveness(plan, MAPS)
-    issue = plan_issue(plan, live, asynchronous=lowering.asynchronous,
-                       registers=lowering.consumer_registers(schedule))
-    layout = plan_shared_memory(plan, live, issue, lowering.store_buffers)
-    return plan, live, issue, layout
+    issues = MappingProxyType({loop: plan_issue(plan, live, loop, asynchronous=lowering.asynchronous,
+                                                registers=lowering.consumer_registers(schedule))
+                               for loop in plan.loops})
+    layout = plan_shared_memory(plan, live, issues, lowering.store_buffers)
+    return plan, live, issues, layout
 
 
 def lower(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],

@@ -49,7 +49,8 @@ def chunk_state_at(lw: Lowering, op: Op) -> str:
     name, index = op.attrs["param"], op.operands[-1]
     rows = (op.result if op.name == "load" else op.operands[0]).type.rows
     prefix = "out" if lw.program.param(name).spec.output else "ptr"
-    chunks = f"((T + {lw.plan.loop.size - 1}) / {lw.plan.loop.size})"
+    size = next(loop.size for loop in lw.plan.loops if loop.index is index)  # the chunk loop it indexes
+    chunks = f"((T + {size - 1}) / {size})"
     return (f"{prefix}_{name} + (((long)b * H + h) * {chunks} + {lw.plan.index_name[index.id]}) * "
             f"{rows * _state_ld(lw, name)} + {_state_col0(lw, name)}")
 
@@ -81,8 +82,6 @@ def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
             base = f"smem + stage * stage_bytes + {layout.load_offset[op]}"
         lw.smem_of[op.result] = (f"({base}{mine})", t.rows)
         return
-    if param.spec.kind != "seq":
-        lw.fail("vector loads are implemented for Seq[1] parameters", op)
     if op in layout.col_offset:  # copied into the ring with the chunk's tiles
         mine = f" + wg * {t.rows * 4}" if lw.plan.per_consumer(op) else ""
         at = f"smem + {layout.col_ring} + stage * {layout.col_stage_bytes} + {layout.col_offset[op]}{mine}"
@@ -94,9 +93,15 @@ def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
 
 
 def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
-    if op.result.type.cols != 1:
-        lw.fail("Head parameters wider than 1 are not lowered yet", op)
-    lw.emit(f"{decl} tm::fill({out}, ptr_{op.attrs['param']}[h]);", ind)
+    """A ``Head`` parameter: a scalar broadcast, or this head's row of an ``[H, D]`` fp32 tensor
+    (the consumer's column block of it under a split of ``D``)."""
+    name = op.attrs["param"]
+    if op.result.type.cols == 1:
+        lw.emit(f"{decl} tm::fill({out}, ptr_{name}[h]);", ind)
+        return
+    dim = lw.program.param(name).spec.dims[0]
+    width = lw.plan.full_dims[dim]
+    lw.emit(f"{decl} tm::load_f32({out}, ptr_{name} + (long)h * {width} + {_split_col0(lw, dim)}, {width});", ind)
 
 
 def emit_scalar_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -108,13 +113,17 @@ def _state_ld(lw: Lowering, param_name: str) -> int:
     return dim if isinstance(dim, int) else lw.plan.full_dims[dim]
 
 
+def _split_col0(lw: Lowering, dim: str) -> str:
+    """Column offset of this consumer's block of feature dim ``dim`` (0 where it is not split)."""
+    width = dict(lw.schedule.split).get(dim)
+    return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
+
+
 def _state_col0(lw: Lowering, param_name: str) -> str:
     spec = lw.program.param(param_name).spec
-    split = dict(lw.schedule.split)
-    if spec.dims[0] in split:
+    if spec.dims[0] in dict(lw.schedule.split):
         lw.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
-    width = split.get(spec.dims[1])
-    return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
+    return _split_col0(lw, spec.dims[1])
 
 
 def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -267,10 +276,7 @@ def emit_reduce_cols(lw: Lowering, op: Op, decl: str, out: str, ind: int):
 
 def emit_transpose(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     x = op.operands[0]
-    t = x.type
-    if t.rows != 1 and t.cols != 1:
-        lw.fail(f"a {t.rows}x{t.cols} tile is transposed only as a matmul operand (a.T @ b); "
-                "standalone transposes are lowered for row and column vectors", op)
+    t = x.type  # a vector (tiles.lowerable)
     if t.rows == 1 and t.cols == 1:
         lw.emit(f"{decl} {out} = {lw.reg(x, ind)};", ind)
     elif op.result in lw.live.shared_rows:
@@ -314,6 +320,36 @@ def emit_matvec(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate:
         lw.emit(f"tm::reduce_rows({out}, {tag}_p, tm::op_sum());", ind)
 
 
+def emit_vecmat(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate: bool):
+    """``x @ b`` with x a row (or ``a.T @ b``, a a column): without ``tb``, b's rows scaled by x as a
+    column and summed down the columns; with it, b's rows times x summed along them and the column
+    transposed. Operands are rounded to 16 bits as a matmul's are."""
+    a, b = op.operands
+    lw.wait_for([a, b], ind)
+    ta, tb = op.attrs["ta"], op.attrs["tb"]
+    k, n, tag = (a.type.rows if ta else a.type.cols), op.result.type.cols, f"mv{op.result.id}"
+    round16 = f"[](float v) {{ return tm::round16<{lw.is_bf16}>(v); }}"
+    x, shape = lw.reg(a, ind), f"1, {k}" if tb else f"{k}, 1"  # x as the products broadcast it
+    if ta == tb:  # a row to a column, or a column to a row
+        lw.emit(f"tm::rt<{shape}> {tag}_x; tm::transpose({tag}_x, {x}, transposed, {lw.bar});", ind)
+        x = f"{tag}_x"
+    lw.emit(f"tm::rt<{shape}> {tag}_a; tm::map1({tag}_a, {round16}, {x});", ind)
+    lw.emit(f"{ctype(b.type)} {tag}_p; tm::map1({tag}_p, {round16}, {lw.reg(b, ind)});", ind)
+    lw.emit(f"tm::map2({tag}_p, [](float x, float y) {{ return x * y; }}, {tag}_p, {tag}_a);", ind)
+    result = f"{tag}_s" if accumulate else out
+    if not accumulate:
+        lw.emit(decl, ind)
+    else:
+        lw.emit(f"{ctype(op.result.type)} {result};", ind)
+    if tb:
+        lw.emit(f"tm::rt<{n}, 1> {tag}_c; tm::reduce_rows({tag}_c, {tag}_p, tm::op_sum());", ind)
+        lw.emit(f"tm::transpose({result}, {tag}_c, transposed, {lw.bar});", ind)
+    else:
+        lw.emit(f"tm::reduce_cols({result}, {tag}_p, tm::op_sum(), scratch, {lw.bar});", ind)
+    if accumulate:
+        lw.emit(f"tm::map2({out}, [](float x, float y) {{ return x + y; }}, {out}, {result});", ind)
+
+
 def emit_matmul(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate: bool = False):
     """A matmul through the target's entry points: A from registers (``matmul_rs``) or shared
     memory (``matmul_ss``), B from shared memory; on an asynchronous target one group in flight."""
@@ -324,8 +360,9 @@ def emit_matmul(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate:
     if n == 1 and not ta:
         emit_matvec(lw, op, decl, out, ind, accumulate)
         return
-    if m % 64 or n % 64 or k % 16:
-        lw.fail(f"matmuls take M and N in multiples of 64 and K of 16; this one is {m}x{k} @ {k}x{n}", op)
+    if m == 1:
+        emit_vecmat(lw, op, decl, out, ind, accumulate)
+        return
     b_ptr, b_rows = lw.shared(b, ind)
     acc = str(accumulate).lower()
     if not ta and a not in lw.smem_of:

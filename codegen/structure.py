@@ -1,8 +1,10 @@
 """Pass 1, structure analysis: a program as the kernel lays it out (``KernelPlan``).
 
-Grid loops (blockIdx), the per-CTA body, its one sequential chunk loop, the tile loads before the
-loop (loaded once) and inside it (into the ring), its per-token vectors, and how the consumer groups
-share a CTA's work; anything else is rejected with an error naming the line."""
+Grid loops (blockIdx), the per-CTA body, its sequential chunk loops (one after another, each
+walking the ring of stages in turn), the tile loads outside them (loaded once) and inside them
+(into the ring), their per-token vectors, and how the consumer groups share a CTA's work; anything
+else is rejected with an error naming the line (``tiles.lowerable``'s checks, the ones the verifier
+of a GPU target runs, and the schedule's)."""
 
 from __future__ import annotations
 
@@ -12,15 +14,13 @@ from types import MappingProxyType
 
 from tilemix.tiles.errors import TileError
 from tilemix.tiles.ir import Loop, Op, Program, Value
+from tilemix.tiles.lowerable import PANEL, check_lowerable, grid_loops
 
 from .knobs import Schedule, column_blocks
 
 __all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
-PANEL = 64  # columns of a 128-byte swizzled shared-memory panel
-
-_SETUP = ("full", "scalar_param", "read_param", "load_state")  # ops allowed beside a grid loop
 
 
 def fail(target: str, message: str, program: Program, op: Op | None = None):
@@ -30,9 +30,10 @@ def fail(target: str, message: str, program: Program, op: Op | None = None):
 @dataclass(frozen=True)
 class KernelPlan:
     """A program's structure as the kernel lays it out: the grid loops (blockIdx), the per-CTA
-    ``body``, its chunk ``loop`` (or None), the tile loads before it (``prologue_loads``, loaded
-    once) and inside it (``loads``, into the ring), its per-token vectors (``col_loads``, copied
-    into the ring with the chunk's tiles), and how the consumers share the CTA's work."""
+    ``body``, its chunk ``loops`` in program order, the tile loads outside them (``prologue_loads``,
+    loaded once) and inside each (``loop_loads``, into the ring), each loop's per-token vectors
+    (``loop_col_loads``, copied into the ring with the chunk's tiles), and how the consumers share
+    the CTA's work."""
 
     program: Program
     schedule: Schedule
@@ -40,10 +41,10 @@ class KernelPlan:
     target: str  # the name errors give
     grid_loops: tuple[Loop, ...]
     body: list[Op]
-    loop: Loop | None
+    loops: tuple[Loop, ...]
     prologue_loads: tuple[Op, ...]
-    loads: tuple[Op, ...]
-    col_loads: tuple[Op, ...]
+    loop_loads: Mapping[Loop, tuple[Op, ...]]
+    loop_col_loads: Mapping[Loop, tuple[Op, ...]]
     loaded_tiles: frozenset[Value]
     loaded: frozenset[str]  # parameters the program loads
     scanned: frozenset[Value]  # column vectors prefix-scanned in shared memory (cumsum, segsum)
@@ -55,6 +56,16 @@ class KernelPlan:
 
     def fail(self, message: str, op: Op | None = None):
         fail(self.target, message, self.program, op)
+
+    @property
+    def loads(self) -> tuple[Op, ...]:
+        """Every chunk loop's tile loads into the ring, loop by loop."""
+        return tuple(op for loop in self.loops for op in self.loop_loads[loop])
+
+    @property
+    def col_loads(self) -> tuple[Op, ...]:
+        """Every chunk loop's per-token vectors copied into the ring, loop by loop."""
+        return tuple(op for loop in self.loops for op in self.loop_col_loads[loop])
 
     def block_expr(self, consumer) -> str:
         """Index of consumer ``consumer``'s block of the split grid loop."""
@@ -111,18 +122,6 @@ class KernelPlan:
         return [f"const int c_first = {block} * {loop.start.size} / {loop.size};"]
 
 
-def _grid_loops(body: list[Op]) -> tuple[list[Loop], list[Op]]:
-    """The nested blocks() loops a body starts with (beside setup ops only), and the body inside them."""
-    grid_loops = []
-    while True:
-        loops = [op for op in body if isinstance(op, Loop)]
-        if len(loops) == 1 and loops[0].kind == "blocks" and all(op is loops[0] or op.name in _SETUP for op in body):
-            grid_loops.append(loops[0])
-            body = loops[0].body
-            continue
-        return grid_loops, body
-
-
 def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: bool, consumer_heads: bool):
     axis = schedule.consumer_axis
     if axis not in ("columns", "blocks", "heads"):
@@ -140,39 +139,33 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
                       consumer_heads: bool) -> KernelPlan:
     """Pass 1: the program's grid loops, per-CTA body, chunk loop and loads (``KernelPlan``);
     ``consumer_heads``: whether the target lowers ``consumer_axis="heads"``."""
-    grid_loops, body = _grid_loops(program.body)
-    loops = [op for op in body if isinstance(op, Loop)]
-    if len(loops) > 1 or any(op.kind != "chunks" for op in loops):
-        fail(target, "this version lowers nested blocks() loops around at most one chunks() loop", program)
-    loop = loops[0] if loops else None
-    if loop is not None and any(isinstance(op, Loop) for op in loop.body):
-        fail(target, "loops nested in a chunks() loop are not lowered yet", program, loop)
+    check_lowerable(program, lambda message, op: fail(target, message, program, op))  # as the verifier does
+    grid, body = grid_loops(program.body)
+    loops = tuple(op for op in body if isinstance(op, Loop))
     tile_loads = lambda ops: tuple(op for op in ops if op.name == "load" and op.result.type.cols > 1  # noqa: E731
                                    and program.param(op.attrs["param"]).spec.kind != "chunk_state")
-    in_loop = loop.body if loop is not None else []
-    col_loads = tuple(op for op in in_loop if op.name == "load" and op.result.type.cols == 1
-                      and op.operands[0] is loop.index and program.param(op.attrs["param"]).spec.kind == "seq")
-    for op in tile_loads(body) + tile_loads(in_loop):
-        if op.result.type.cols % PANEL:
-            fail(target, f"tiles loaded from {op.attrs['param']} are {op.result.type.cols} wide; "
-                 f"feature dims must be multiples of {PANEL} (128-byte shared-memory panels)", program, op)
+    loop_loads = {loop: tile_loads(loop.body) for loop in loops}
+    loop_col_loads = {loop: tuple(op for op in loop.body if op.name == "load" and op.result.type.cols == 1
+                                  and op.operands[0] is loop.index
+                                  and program.param(op.attrs["param"]).spec.kind == "seq") for loop in loops}
     matrix = any(p.spec.kind == "matrix" for p in program.params)
-    index_name = {loop.index.id: f"blk{depth}" for depth, loop in enumerate(grid_loops)}
+    index_name = {loop.index.id: f"blk{depth}" for depth, loop in enumerate(grid)}
     _check_consumers(target, program, schedule, matrix, consumer_heads)
     split_loop = None
     if schedule.consumer_axis == "blocks" and schedule.consumers > 1:
-        if not grid_loops:
+        if not grid:
             fail(target, "consumer_axis='blocks' needs a blocks() loop", program)
-        split_loop = grid_loops[-1]
-    if loop is not None:
+        split_loop = grid[-1]
+    for loop in loops:  # each loop's counters are its own (the kernel gives each loop after the first a scope)
         # the chunk index: the iteration counter c, offset by the first chunk when the loop has a start,
         # counted down from the last chunk when it runs in reverse
         index = "c" if loop.start is None else "(c_first + c)"
         index_name[loop.index.id] = f"(n_iter - 1 - {index})" if loop.reverse else index
     return KernelPlan(
         program=program, schedule=schedule, full_dims=MappingProxyType(dict(full_dims)), target=target,
-        grid_loops=tuple(grid_loops), body=body, loop=loop, prologue_loads=tile_loads(body),
-        loads=tile_loads(in_loop), col_loads=col_loads, loaded_tiles=frozenset(op.result for op in tile_loads(in_loop)),
+        grid_loops=tuple(grid), body=body, loops=loops, prologue_loads=tile_loads(body),
+        loop_loads=MappingProxyType(loop_loads), loop_col_loads=MappingProxyType(loop_col_loads),
+        loaded_tiles=frozenset(op.result for ops in loop_loads.values() for op in ops),
         loaded=frozenset(op.attrs["param"] for op in program.walk() if op.name == "load"),
         scanned=frozenset(op.operands[0] for op in program.walk()
                           if op.name in ("cumsum", "segsum") and op.operands[0].type.cols == 1),

@@ -39,16 +39,20 @@ def _plans(name: str, **dims) -> tuple[KernelPlan, Liveness]:
 def _order(plan: KernelPlan, live: Liveness, registers: int | None = None) -> list:
     """The chunk loop's ops in the order the sm_90a kernel walks them (``registers``: a consumer's)."""
     registers = HopperLowering.consumer_registers(plan.schedule) if registers is None else registers
-    return list(plan_issue(plan, live, asynchronous=True, registers=registers).order)
+    return list(plan_issue(plan, live, plan.loops[0], asynchronous=True, registers=registers).order)
 
 
 def _resized(spec, dims):
-    if not isinstance(spec, TensorSpec) or "D" not in dims or len(spec.shape) < 4:
+    """A sequence's (or a head row vector's, [H, D]) feature dims set to ``dims["D"]``."""
+    if not isinstance(spec, TensorSpec) or "D" not in dims or len(spec.shape) not in (2, 4, 5):
         return spec
-    return TensorSpec(spec.shape[:3] + tuple(dims["D"] for _ in spec.shape[3:]), spec.dtype)
+    lead = 1 if len(spec.shape) == 2 else 3
+    if lead == 1 and spec.dtype != "float32":  # a Matrix
+        return spec
+    return TensorSpec(spec.shape[:lead] + tuple(dims["D"] for _ in spec.shape[lead:]), spec.dtype)
 
 
-LOOPED = [name for name in PROGRAMS if _plans(name)[0].loop is not None]
+LOOPED = [name for name in PROGRAMS if _plans(name)[0].loops]
 
 
 @pytest.mark.parametrize("name", LOOPED)
@@ -57,7 +61,7 @@ def test_order_keeps_dependences_and_hand_overs(name):
     absorbed matmul before the add it is emitted with), stores keep their order, and each value's last reader in
     program order is still its last: the lowering's in-place decisions do not change."""
     plan, live = _plans(name)
-    body = plan.loop.body
+    body = plan.loops[0].body
     order = _order(plan, live)
     assert sorted(map(id, order)) == sorted(map(id, body))
     at = {op: i for i, op in enumerate(order)}
@@ -116,7 +120,7 @@ def test_program_order_where_matmuls_first_would_hold_more_registers():
     matmuls are issued early: their loops keep program order."""
     for name in ("ssd_bwd_dc", "ssd_bwd_dx"):
         plan, live = _plans(name, D=64)
-        assert _order(plan, live) == plan.loop.body, name
+        assert _order(plan, live) == plan.loops[0].body, name
 
 
 def test_a_body_whose_tiles_fill_the_registers_keeps_program_order():
@@ -124,12 +128,12 @@ def test_a_body_whose_tiles_fill_the_registers_keeps_program_order():
     consumer has (its 128x128 state spills either way, more in an early order): it keeps program
     order, and would not with the registers to spare (the limit is the one the chunk overlap uses)."""
     plan, live = _plans("gla_fwd")
-    units = [op for op in plan.loop.body if op not in live.absorbed]
+    units = [op for op in plan.loops[0].body if op not in live.absorbed]
     held = peak_registers(units, unit_reads(units, dict(live.absorbed_by)),
                           lambda v: tile_registers(plan, live, v))
     assert held + OVERLAP_RESERVE > HopperLowering.consumer_registers(plan.schedule)
-    assert _order(plan, live) == plan.loop.body
-    assert _order(plan, live, registers=held + OVERLAP_RESERVE) != plan.loop.body
+    assert _order(plan, live) == plan.loops[0].body
+    assert _order(plan, live, registers=held + OVERLAP_RESERVE) != plan.loops[0].body
 
 
 def test_generic_target_keeps_program_order():
@@ -137,8 +141,8 @@ def test_generic_target_keeps_program_order():
     from tilemix.codegen.generic import GenericLowering
 
     plan, live = _plans("linear_attention_fwd")
-    issue = plan_issue(plan, live, asynchronous=GenericLowering.asynchronous, registers=0)
-    assert list(issue.order) == plan.loop.body and not issue.overlapped
+    issue = plan_issue(plan, live, plan.loops[0], asynchronous=GenericLowering.asynchronous, registers=0)
+    assert list(issue.order) == plan.loops[0].body and not issue.overlapped
 
 
 def test_schedule_chooses_the_order():
@@ -149,7 +153,7 @@ def test_schedule_chooses_the_order():
 
     def walk(name, issue):
         plan, live = _plans(name, D=64, issue=issue)
-        return _order(plan, live), plan.loop.body
+        return _order(plan, live), plan.loops[0].body
 
     program, body = walk("linear_attention_fwd", "program")
     assert program == body

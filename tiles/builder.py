@@ -259,9 +259,11 @@ class Builder:
         loop = record.op
         self.regions.pop()
         self.open = record.parent
+        # a name rebound in the body carries its tile, unless that tile died with an earlier loop
+        # (``qc = q[c]`` in a second loop is a new name for the chunk, not a carry of the first's)
         rebound = [(name, record.before[name], now) for name, now in frame_locals.items()
                    if isinstance(now, Tile) and isinstance(record.before.get(name), Tile)
-                   and now is not record.before[name]]
+                   and now is not record.before[name] and _follow(record.before[name])._dead_after is None]
         if loop.kind == "blocks" and rebound:
             raise TileError(f"blocks() iterations are independent program instances: "
                             f"{rebound[0][0]!r} cannot be carried from one to the next", loop.loc)

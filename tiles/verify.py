@@ -57,8 +57,13 @@ def _check_loop(loop: Loop, target: Target) -> None:
 
 
 def verify(program: Program, target: str | Target = "cpu") -> Program:
-    """Raise ``TileError`` if ``program`` cannot run on ``target``; return it otherwise."""
+    """Raise ``TileError`` if ``program`` cannot run on ``target``; return it otherwise. A GPU
+    target also checks what its code generator lowers (``Target.lowering_checks``)."""
     target = get_target(target)
+
+    def fail(message: str, op: Op | None):
+        raise TileError(f"{target.name} code generator: {message}", op.loc if op is not None else program.loc)
+
     written = set()
     for op in program.walk():
         if isinstance(op, Loop):
@@ -76,4 +81,6 @@ def verify(program: Program, target: str | Target = "cpu") -> Program:
     for param in program.params:
         if param.spec.output and param.name not in written:
             raise TileError(f"output {param.name!r} is never written", program.loc)
+    for check in target.lowering_checks:
+        check(program, fail)
     return program
