@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .gated import gla, retention
 from .linear_attention import linear_attention
 from .ssd import ssd
 
@@ -132,6 +133,58 @@ class LinearAttention(nn.Module):
     def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
         return self(x, initial_state=cache, output_final_state=True)
+
+
+class Retention(nn.Module):
+    """Multi-scale retention (RetNet) between projections; head h decays by ``1 - 2^(-5-h)``.
+
+    >>> layer = Retention(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y, state = layer(torch.randn(2, 100, 128), output_final_state=True)
+    >>> y.shape, state.shape
+    (torch.Size([2, 100, 128]), torch.Size([2, 2, 64, 64]))
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        o, state = retention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
+        y = self.out(o.flatten(-2))
+        return (y, state) if output_final_state else y
+
+
+class GatedLinearAttention(nn.Module):
+    """GLA between projections: the log forget gates come from x, ``logsigmoid(x W_g) / 16`` (the
+    GLA paper's gate temperature), so the state forgets slowly at initialisation.
+
+    >>> layer = GatedLinearAttention(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 128))
+    >>> y.shape
+    torch.Size([2, 100, 128])
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkvg = nn.Linear(dim, 4 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        q, k, v, g = (_heads(t, self.heads) for t in self.qkvg(x).chunk(4, dim=-1))
+        o, state = gla(q, k, v, F.logsigmoid(g) / 16, initial_state=initial_state,
+                       output_final_state=output_final_state)
+        y = self.out(o.flatten(-2))
+        return (y, state) if output_final_state else y
 
 
 class Mamba2Cache(NamedTuple):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gemm", "attention", "linear_attention", "ssd"]
+__all__ = ["gemm", "attention", "linear_attention", "ssd", "retention", "gla"]
 
 
 def _f64(x) -> np.ndarray:
@@ -87,6 +87,39 @@ def linear_attention(q, k, v, scale: float | None = None, initial_state=None, ou
         state += np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
         o[:, t] = scale * np.einsum("bhkv,bhk->bhv", state, q[:, t])
     return o, (state if output_final_state else None)
+
+
+def _decayed_scan(q, k, v, log_decay, scale, initial_state, output_final_state):
+    """``S_t = diag(exp log_decay_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``, token by token;
+    ``log_decay [B, T, H, K]`` (a decay per key dim)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    state = np.zeros((B, H, K, V)) if initial_state is None else _f64(initial_state).copy()
+    _expect("initial_state", state, (B, H, K, V), "B, H, K, V")
+    o = np.empty((B, T, H, V))
+    for t in range(T):
+        state = np.exp(log_decay[:, t])[..., None] * state + np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = scale * np.einsum("bhkv,bhk->bhv", state, q[:, t])
+    return o, (state if output_final_state else None)
+
+
+def retention(q, k, v, scale: float | None = None, initial_state=None, output_final_state: bool = False):
+    """Multi-scale retention: ``S_t = γ_h S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t`` with
+    ``γ_h = 1 - 2^(-5-h)`` for head h; shapes as ``linear_attention``."""
+    q, k, v = _qkv(q, k, v, "K", "V")
+    log_gamma = np.log1p(-(2.0 ** (-5.0 - np.arange(q.shape[2]))))
+    log_decay = np.broadcast_to(log_gamma[None, None, :, None], q.shape)
+    return _decayed_scan(q, k, v, log_decay, scale, initial_state, output_final_state)
+
+
+def gla(q, k, v, g, scale: float | None = None, initial_state=None, output_final_state: bool = False):
+    """Gated linear attention: ``S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``;
+    g ``[B, T, H, K]`` log forget gates, other shapes as ``linear_attention``."""
+    q, k, v = _qkv(q, k, v, "K", "V")
+    g = _f64(g)
+    _expect("g", g, q.shape, "B, T, H, K")
+    return _decayed_scan(q, k, v, g, scale, initial_state, output_final_state)
 
 
 def ssd(x, dt, A, B, C, D=None, initial_state=None, output_final_state: bool = False):

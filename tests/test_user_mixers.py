@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tilemix.ops.gated import gla_fwd  # the shipped GLA program, one of the user mixers here too
 from tilemix.ops.runtime import run_kernel
 from tilemix.reference.tolerance import bound, rel_err
 from tilemix.tiles import (
@@ -31,7 +32,6 @@ from tilemix.tiles import (
     causal,
     chunks,
     colsum,
-    cumsum,
     exp,
     kernel,
     maximum,
@@ -42,15 +42,6 @@ pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (
 
 from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
 from tilemix.codegen.schedule import default_source  # noqa: E402
-
-
-@kernel
-def gla_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None):
-    for c in chunks(64):
-        qc, kc, vc, gc = q[c], k[c], v[c], g[c]
-        b = cumsum(gc)  # per key dim: log decay from the chunk start
-        o[c] = causal((qc * exp(b)) @ (kc * exp(-b)).T) @ vc + (qc * exp(b)) @ s
-        s = s * exp(colsum(gc)).T + (kc * exp(colsum(gc) - b)).T @ vc
 
 
 @kernel

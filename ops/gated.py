@@ -1,0 +1,100 @@
+"""Gated linear attention with a decaying state: retention (one decay per head) and GLA (a decay
+per token and key dim), ``S_t = diag(γ_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
+
+Both are ``mixer``s: their backward is derived from the forward program (``tilemix.tiles.autodiff``).
+GLA factorises the decay inside a chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay
+from the chunk start), exact while ``|b|`` stays inside fp32's exponent range: log decays summing below
+about -80 within a 64-token chunk overflow ``exp(-b)`` (tests/test_gated_ops.py measures it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tilemix.tiles import (
+    Head,
+    Out,
+    Scalar,
+    Seq,
+    State,
+    causal,
+    chunks,
+    colsum,
+    cumsum,
+    exp,
+    in_seq,
+    kernel,
+    position,
+    segsum,
+)
+
+from ._library import mixer
+from .runtime import check_call, default_scale
+
+__all__ = ["retention", "retention_fwd", "retention_log_decay", "gla", "gla_fwd"]
+
+
+@kernel
+def retention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], log_gamma: Head[1], scale: Scalar,
+                  o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, vc = q[c], k[c], v[c]
+        log_decay = in_seq(position(c).T * 0.0 + 1.0).T * log_gamma  # per token; 0 past the sequence's end
+        scores = causal(qc @ kc.T) * exp(segsum(log_decay))
+        o[c] = (scores @ vc + (qc @ s) * exp(cumsum(log_decay))) * scale
+        s = s * exp(colsum(log_decay)) + kc.T @ (vc * exp(cumsum(log_decay, reverse=True, exclusive=True)))
+
+
+@kernel
+def gla_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, vc, gc = q[c], k[c], v[c], g[c]
+        b = cumsum(gc)  # per key dim: log decay from the chunk start
+        o[c] = causal((qc * exp(b)) @ (kc * exp(-b)).T) @ vc + (qc * exp(b)) @ s
+        s = s * exp(colsum(gc)).T + (kc * exp(colsum(gc) - b)).T @ vc
+
+
+retention_mixer = mixer(retention_fwd, "tilemix::retention", final_states=("s",))
+gla_mixer = mixer(gla_fwd, "tilemix::gla", final_states=("s",))
+
+
+def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``log γ_h`` for ``γ_h = 1 - 2^(-5-h)``, h = 0 .. heads - 1 (RetNet's multi-scale decays)."""
+    return torch.tensor([math.log1p(-2.0 ** (-5 - h)) for h in range(heads)], device=device, dtype=dtype)
+
+
+def _check(op: str, output_final_state, **tensors) -> None:
+    check_call(op, differentiable=True, flags=dict(output_final_state=output_final_state), **tensors)
+    q = tensors["q"]
+    if q.dim() != 4:
+        raise ValueError(f"q: expected [B, T, H, K], got shape {tuple(q.shape)}")
+
+
+def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+    """Multi-scale retention (RetNet; flash-linear-attention's ``chunk_retention`` convention):
+    head h decays its state by ``γ_h = 1 - 2^(-5-h)`` per token.
+
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; scale defaults to ``K ** -0.5``; initial_state:
+    float32 ``[B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state or None)``.
+    Differentiable (the derived backward)."""
+    _check("retention", output_final_state, q=q, k=k, v=v, initial_state=initial_state)
+    log_gamma = retention_log_decay(q.shape[2], q.device)
+    o, state = retention_mixer(q=q, k=k, v=v, log_gamma=log_gamma, scale=default_scale(q, scale), s=initial_state)
+    return o, (state if output_final_state else None)
+
+
+def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
+        initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+    """Gated linear attention (flash-linear-attention's ``chunk_gla`` convention):
+    ``S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
+
+    q, k, g: ``[B, T, H, K]`` (g: log forget gates, ≤ 0); v: ``[B, T, H, V]``; scale defaults to
+    ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
+    ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward)."""
+    _check("gla", output_final_state, q=q, k=k, v=v, g=g, initial_state=initial_state)
+    if g.shape != k.shape:
+        raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
+    o, state = gla_mixer(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state)
+    return o, (state if output_final_state else None)
