@@ -66,9 +66,13 @@ def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.T
 
 def _check(op: str, output_final_state, **tensors) -> None:
     check_call(op, differentiable=True, flags=dict(output_final_state=output_final_state), **tensors)
-    q = tensors["q"]
-    if q.dim() != 4:
-        raise ValueError(f"q: expected [B, T, H, K], got shape {tuple(q.shape)}")
+    q, v, state = tensors["q"], tensors["v"], tensors["initial_state"]
+    if q.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{'q' if q.dim() != 4 else 'v'}: expected [B, T, H, D], got shape "
+                         f"{tuple((q if q.dim() != 4 else v).shape)}")
+    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    if state is not None and tuple(state.shape) != expected:
+        raise ValueError(f"initial_state: expected [B, H, K, V] = {list(expected)}, got {list(state.shape)}")
 
 
 def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
