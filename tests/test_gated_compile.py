@@ -1,0 +1,68 @@
+"""retention and gla on the GPU targets: the forward programs and the backward programs derived from
+them (one column block's launches, ``ops/derived_cuda.py``) compile for sm_90a with wgmma and for
+sm_80 with mma.sync, without local memory except where measured below."""
+
+from __future__ import annotations
+
+import pytest
+
+from tilemix.ops.examples import kernel_specs
+from tilemix.ops.gated import gla_fwd, retention_fwd
+
+pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
+
+from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
+from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
+from tilemix.codegen.specialise import kernel_source  # noqa: E402
+from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
+
+PROGRAMS = {"retention": (retention_fwd, ("q", "k", "v", "log_gamma")), "gla": (gla_fwd, ("q", "k", "v", "g"))}
+MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
+# (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: the
+# decay gradients (d_log_gamma, d_g) and, at D = 128, GLA's forward (a 64x128 cumsum and its exp
+# factors beside a 128-wide state, as tests/test_generic.py notes) and most of its derived programs
+SPILLING: dict[tuple, int] = {
+    ("retention", 64, "sm_90a", "d_log_gamma"): 136, ("retention", 64, "sm_80", "d_log_gamma"): 32,
+    ("retention", 128, "sm_90a", "d_q"): 16, ("retention", 128, "sm_90a", "d_k"): 168,
+    ("retention", 128, "sm_90a", "d_log_gamma"): 536, ("retention", 128, "sm_80", "d_k"): 176,
+    ("retention", 128, "sm_80", "d_log_gamma"): 168, ("gla", 64, "sm_90a", "d_g"): 408,
+    ("gla", 64, "sm_80", "d_g"): 688, ("gla", 128, "sm_90a", "forward"): 768,
+    ("gla", 128, "sm_90a", "states"): 8, ("gla", 128, "sm_90a", "d_q"): 112, ("gla", 128, "sm_90a", "d_k"): 864,
+    ("gla", 128, "sm_90a", "d_v"): 368, ("gla", 128, "sm_90a", "d_g"): 2560,
+    ("gla", 128, "sm_80", "forward"): 512, ("gla", 128, "sm_80", "d_q"): 120, ("gla", 128, "sm_80", "d_k"): 904,
+    ("gla", 128, "sm_80", "d_v"): 504, ("gla", 128, "sm_80", "d_g"): 2488,
+}
+
+
+def _programs(op: str, D: int) -> dict:
+    """The forward and one column block's backward launches at head dim ``D``: name -> (kernel, binding)."""
+    kernel, wrt = PROGRAMS[op]
+    binding = kernel.bind(kernel_specs(kernel, size=D, T=4096))
+    found = {"forward": (kernel, binding)}
+    dim = column_split(kernel, binding)
+    if dim is not None:
+        binding = kernel.bind(kernel_specs(kernel, sizes={dim: SPLIT_WIDTH}, size=D, T=4096))
+    outputs = [p.name for p in binding.params if p.spec.output or p.spec.kind == "state"]
+    for name, derived, derived_binding in backward_launches(kernel, binding, outputs, wrt):
+        found[f"d_{name}" if name else "states"] = (derived, derived_binding)
+    return found
+
+
+CASES = [(op, D, arch, name) for op in PROGRAMS for D in (64, 128) for arch in MMA
+         for name in ("forward", "states", *(f"d_{n}" for n in PROGRAMS[op][1]))]
+
+
+@pytest.mark.parametrize("op, D, arch, program", CASES)
+def test_compiles_with_tensor_cores_without_local_memory(op, D, arch, program):
+    kernel, binding = _programs(op, D)[program]
+    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
+    compiled = compile_cuda(source.source, arch, source.name)
+    text, usage = sass(compiled), resources(compiled)
+    if any(o.name == "matmul" and o.result.type.cols > 1 for o in kernel.trace(binding, arch).walk()):
+        assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
+    spills = "LDL" in text or "STL" in text or usage["local_memory"]
+    key = (op, D, arch, program)
+    if key in SPILLING:
+        assert spills, f"{key} no longer spills: take it off SPILLING"
+        pytest.xfail(f"{source.name} ({program}) spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
+    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
