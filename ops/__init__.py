@@ -14,9 +14,9 @@ from tilemix.tiles import __version__
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
-from .gated import gla, gla_fwd, retention, retention_fwd
+from .gated import gla, gla_fwd, retention, retention_fwd, rwkv6, rwkv6_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
-from .layers import GatedLinearAttention, LinearAttention, Mamba2Mixer, MultiHeadAttention, Retention
+from .layers import GatedLinearAttention, LinearAttention, Mamba2Mixer, MultiHeadAttention, Retention, RWKV6TimeMix
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
 from .models import HybridLM
 from .runtime import run, use_target
@@ -38,4 +38,5 @@ __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGR
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
            "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "HybridLM", "use_target", "custom_op",
            "run", "mixer", "Mixer", "linear_attention_cp", "ssd_cp", "attention_cp"]
-__all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "Retention", "GatedLinearAttention"]
+__all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd", "Retention", "GatedLinearAttention",
+            "RWKV6TimeMix"]

@@ -1,8 +1,9 @@
 """Gated linear attention with a decaying state: retention (one decay per head) and GLA (a decay
-per token and key dim), ``S_t = diag(γ_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
+per token and key dim), ``S_t = diag(γ_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``; and RWKV-6,
+GLA's recurrence read before the token's own decay, plus a per-head bonus on the current token.
 
 Both are ``mixer``s: their backward is derived from the forward program (``tilemix.tiles.autodiff``).
-GLA factorises the decay inside a chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay
+GLA and RWKV-6 factorise the decay inside a chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay
 from the chunk start), exact while ``|b|`` stays inside fp32's exponent range: log decays summing below
 about -80 within a 64-token chunk overflow ``exp(-b)`` (tests/test_gated_ops.py measures it)."""
 
@@ -26,13 +27,14 @@ from tilemix.tiles import (
     in_seq,
     kernel,
     position,
+    rowsum,
     segsum,
 )
 
 from ._library import mixer
 from .runtime import check_call, default_scale
 
-__all__ = ["retention", "retention_fwd", "retention_log_decay", "gla", "gla_fwd"]
+__all__ = ["retention", "retention_fwd", "retention_log_decay", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd"]
 
 
 @kernel
@@ -55,8 +57,21 @@ def gla_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]]
         s = s * exp(colsum(gc)).T + (kc * exp(colsum(gc) - b)).T @ vc
 
 
+@kernel
+def rwkv6_fwd(r: Seq["K"], k: Seq["K"], v: Seq["V"], w: Seq["K"], u: Head["K"], scale: Scalar,
+              o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        rc, kc, vc, wc = r[c], k[c], v[c], w[c]
+        b = cumsum(wc)  # per key dim: log decay from the chunk start through token t
+        rb = rc * exp(b - wc)  # the query reads the state before its own token's decay
+        past = causal(rb @ (kc * exp(-b)).T, strict=True) @ vc + rb @ s
+        o[c] = (past + rowsum(rc * u * kc) * vc) * scale  # u: the current token's bonus
+        s = s * exp(colsum(wc)).T + (kc * exp(colsum(wc) - b)).T @ vc
+
+
 retention_mixer = mixer(retention_fwd, "tilemix::retention", final_states=("s",))
 gla_mixer = mixer(gla_fwd, "tilemix::gla", final_states=("s",))
+rwkv6_mixer = mixer(rwkv6_fwd, "tilemix::rwkv6", final_states=("s",))
 
 
 def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -66,9 +81,10 @@ def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.T
 
 def _check(op: str, output_final_state, **tensors) -> None:
     check_call(op, differentiable=True, flags=dict(output_final_state=output_final_state), **tensors)
-    q, v, state = tensors["q"], tensors["v"], tensors["initial_state"]
+    query = "r" if "r" in tensors else "q"
+    q, v, state = tensors[query], tensors["v"], tensors["initial_state"]
     if q.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{'q' if q.dim() != 4 else 'v'}: expected [B, T, H, D], got shape "
+        raise ValueError(f"{query if q.dim() != 4 else 'v'}: expected [B, T, H, D], got shape "
                          f"{tuple((q if q.dim() != 4 else v).shape)}")
     expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
     if state is not None and tuple(state.shape) != expected:
@@ -101,4 +117,21 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     if g.shape != k.shape:
         raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
     o, state = gla_mixer(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state)
+    return o, (state if output_final_state else None)
+
+
+def rwkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+          scale: float | None = None, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+    """RWKV-6's time mixing (flash-linear-attention's ``chunk_rwkv6`` convention):
+    ``o_t = scale · (S_{t-1} + diag(u) k_t v_tᵀ)ᵀ r_t``, ``S_t = diag(exp w_t) S_{t-1} + k_t v_tᵀ``.
+
+    r, k, w: ``[B, T, H, K]`` (w: log decays, ≤ 0); v: ``[B, T, H, V]``; u: ``[H, K]`` bonus; scale
+    defaults to ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
+    ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward)."""
+    _check("rwkv6", output_final_state, r=r, k=k, v=v, w=w, u=u, initial_state=initial_state)
+    if w.shape != k.shape:
+        raise ValueError(f"w: expected the shape of k {tuple(k.shape)}, got {tuple(w.shape)}")
+    if u.shape != (k.shape[2], k.shape[3]):
+        raise ValueError(f"u: expected [H, K] = {[k.shape[2], k.shape[3]]}, got {list(u.shape)}")
+    o, state = rwkv6_mixer(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state)
     return o, (state if output_final_state else None)

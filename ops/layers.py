@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .gated import gla, retention
+from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
 from .ssd import ssd
 
@@ -183,6 +183,34 @@ class GatedLinearAttention(nn.Module):
         q, k, v, g = (_heads(t, self.heads) for t in self.qkvg(x).chunk(4, dim=-1))
         o, state = gla(q, k, v, F.logsigmoid(g) / 16, initial_state=initial_state,
                        output_final_state=output_final_state)
+        y = self.out(o.flatten(-2))
+        return (y, state) if output_final_state else y
+
+
+class RWKV6TimeMix(nn.Module):
+    """RWKV-6's time mixing between projections (without its token shift): data-dependent log
+    decays ``w = -exp(x W_w)`` and a learned per-head bonus ``u``.
+
+    >>> layer = RWKV6TimeMix(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 128))
+    >>> y.shape
+    torch.Size([2, 100, 128])
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.rkvw = nn.Linear(dim, 4 * dim, bias=bias)
+        self.bonus = nn.Parameter(torch.zeros(heads, dim // heads))
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        r, k, v, w = (_heads(t, self.heads) for t in self.rkvw(x).chunk(4, dim=-1))
+        o, state = rwkv6(r, k, v, -w.exp(), self.bonus, initial_state=initial_state,
+                         output_final_state=output_final_state)
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gemm", "attention", "linear_attention", "ssd", "retention", "gla"]
+__all__ = ["gemm", "attention", "linear_attention", "ssd", "retention", "gla", "rwkv6"]
 
 
 def _f64(x) -> np.ndarray:
@@ -120,6 +120,26 @@ def gla(q, k, v, g, scale: float | None = None, initial_state=None, output_final
     g = _f64(g)
     _expect("g", g, q.shape, "B, T, H, K")
     return _decayed_scan(q, k, v, g, scale, initial_state, output_final_state)
+
+
+def rwkv6(r, k, v, w, u, scale: float | None = None, initial_state=None, output_final_state: bool = False):
+    """RWKV-6: ``o_t = scale · (S_{t-1} + diag(u) k_t v_tᵀ)ᵀ r_t``, ``S_t = diag(exp w_t) S_{t-1} + k_t v_tᵀ``;
+    w ``[B, T, H, K]`` log decays, u ``[H, K]``, other shapes as ``linear_attention`` (q is r)."""
+    r, k, v = _qkv(r, k, v, "K", "V")
+    w, u = _f64(w), _f64(u)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    _expect("w", w, r.shape, "B, T, H, K")
+    _expect("u", u, (H, K), "H, K")
+    scale = K ** -0.5 if scale is None else scale
+    state = np.zeros((B, H, K, V)) if initial_state is None else _f64(initial_state).copy()
+    _expect("initial_state", state, (B, H, K, V), "B, H, K, V")
+    o = np.empty((B, T, H, V))
+    for t in range(T):
+        kv = np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
+        o[:, t] = scale * np.einsum("bhkv,bhk->bhv", state + u[None, :, :, None] * kv, r[:, t])
+        state = np.exp(w[:, t])[..., None] * state + kv
+    return o, (state if output_final_state else None)
 
 
 def ssd(x, dt, A, B, C, D=None, initial_state=None, output_final_state: bool = False):

@@ -1,4 +1,4 @@
-"""retention and gla on the GPU targets: the forward programs and the backward programs derived from
+"""retention, gla and rwkv6 on the GPU targets: the forward programs and the backward programs derived from
 them (one column block's launches, ``ops/derived_cuda.py``) compile for sm_90a with wgmma and for
 sm_80 with mma.sync, without local memory except where measured below."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tilemix.ops.examples import kernel_specs
-from tilemix.ops.gated import gla_fwd, retention_fwd
+from tilemix.ops.gated import gla_fwd, retention_fwd, rwkv6_fwd
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
@@ -16,11 +16,13 @@ from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
 from tilemix.codegen.specialise import kernel_source  # noqa: E402
 from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
 
-PROGRAMS = {"retention": (retention_fwd, ("q", "k", "v", "log_gamma")), "gla": (gla_fwd, ("q", "k", "v", "g"))}
+PROGRAMS = {"retention": (retention_fwd, ("q", "k", "v", "log_gamma")), "gla": (gla_fwd, ("q", "k", "v", "g")),
+            "rwkv6": (rwkv6_fwd, ("r", "k", "v", "w", "u"))}
 MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
 # (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: the
-# decay gradients (d_log_gamma, d_g) and, at D = 128, GLA's forward (a 64x128 cumsum and its exp
-# factors beside a 128-wide state, as tests/test_generic.py notes) and most of its derived programs
+# decay gradients (d_log_gamma, d_g, d_w) and, at D = 128, GLA's forward (a 64x128 cumsum and its exp
+# factors beside a 128-wide state, as tests/test_generic.py notes) and most of its derived programs;
+# rwkv6's forward (GLA's tiles and the bonus term's) already at D = 64
 SPILLING: dict[tuple, int] = {
     ("retention", 64, "sm_90a", "d_log_gamma"): 136, ("retention", 64, "sm_80", "d_log_gamma"): 32,
     ("retention", 128, "sm_90a", "d_q"): 16, ("retention", 128, "sm_90a", "d_k"): 168,
@@ -31,6 +33,16 @@ SPILLING: dict[tuple, int] = {
     ("gla", 128, "sm_90a", "d_v"): 368, ("gla", 128, "sm_90a", "d_g"): 2560,
     ("gla", 128, "sm_80", "forward"): 512, ("gla", 128, "sm_80", "d_q"): 120, ("gla", 128, "sm_80", "d_k"): 904,
     ("gla", 128, "sm_80", "d_v"): 504, ("gla", 128, "sm_80", "d_g"): 2488,
+    ("rwkv6", 64, "sm_90a", "forward"): 200, ("rwkv6", 64, "sm_90a", "d_r"): 64,
+    ("rwkv6", 64, "sm_90a", "d_k"): 88, ("rwkv6", 64, "sm_90a", "d_w"): 608,
+    ("rwkv6", 64, "sm_80", "forward"): 16, ("rwkv6", 64, "sm_80", "d_r"): 104, ("rwkv6", 64, "sm_80", "d_k"): 16,
+    ("rwkv6", 64, "sm_80", "d_v"): 40, ("rwkv6", 64, "sm_80", "d_w"): 752,
+    ("rwkv6", 128, "sm_90a", "forward"): 1272, ("rwkv6", 128, "sm_90a", "states"): 8,
+    ("rwkv6", 128, "sm_90a", "d_r"): 808, ("rwkv6", 128, "sm_90a", "d_k"): 1448,
+    ("rwkv6", 128, "sm_90a", "d_v"): 1032, ("rwkv6", 128, "sm_90a", "d_w"): 2688,
+    ("rwkv6", 128, "sm_80", "forward"): 616, ("rwkv6", 128, "sm_80", "d_r"): 1008,
+    ("rwkv6", 128, "sm_80", "d_k"): 1376, ("rwkv6", 128, "sm_80", "d_v"): 808,
+    ("rwkv6", 128, "sm_80", "d_w"): 2488,
 }
 
 

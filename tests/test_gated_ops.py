@@ -1,4 +1,4 @@
-"""retention and gla (ops/gated.py): against the float64 token loops (reference/mixers.py), state
+"""retention, gla and rwkv6 (ops/gated.py): against the float64 token loops (reference/mixers.py), state
 round trips, float64 gradients through the derived backward, argument errors, and the programs the
 GPU runs compiled for sm_90a and sm_80."""
 
@@ -13,16 +13,20 @@ from tilemix import ops
 from tilemix import reference as ref
 from tilemix.reference.tolerance import bound, rel_err
 
-OPS = {"retention": ops.retention, "gla": ops.gla}
+OPS = {"retention": ops.retention, "gla": ops.gla, "rwkv6": ops.rwkv6}
+DECAYED = ("gla", "rwkv6")  # a log decay per token and key dim
 
 
 def _inputs(op: str, B=1, T=70, H=2, K=16, V=16, seed=0, max_decay=1.0, dtype=torch.float32) -> dict:
-    """q, k, v (and g: log gates uniform in [-max_decay, 0] per step) with unit-norm rows over K."""
+    """q, k, v with rows of about unit norm over K (rwkv6: r for q, and a bonus u), and for the decayed
+    ops their log gates (g, w) uniform in [-max_decay, 0] per step."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
     args = dict(q=rnd(B, T, H, K) * K ** -0.5, k=rnd(B, T, H, K) * K ** -0.5, v=rnd(B, T, H, V))
-    if op == "gla":
-        args["g"] = -max_decay * torch.rand(B, T, H, K, generator=gen, dtype=dtype)
+    if op in DECAYED:
+        args["g" if op == "gla" else "w"] = -max_decay * torch.rand(B, T, H, K, generator=gen, dtype=dtype)
+    if op == "rwkv6":
+        args = dict(r=args.pop("q"), **args, u=rnd(H, K))
     return args
 
 
@@ -38,38 +42,41 @@ def _check_against_reference(op: str, args: dict, state: torch.Tensor | None):
        V=st.sampled_from([16, 64, 128]), with_state=st.booleans(), seed=st.integers(0, 2 ** 16),
        max_decay=st.sampled_from([1e-3, 0.1, 1.0]))
 def test_matches_float64_token_loop(op, T, K, V, with_state, seed, max_decay):
-    """GLA's gates per step down to -1: a 64-token chunk's cumulative log decay stays above -64."""
+    """Gates (gla, rwkv6) per step down to -1: a 64-token chunk's cumulative log decay stays above -64."""
     args = _inputs(op, T=T, K=K, V=V, seed=seed, max_decay=max_decay)
     state = torch.randn(1, 2, K, V, generator=torch.Generator().manual_seed(seed)) if with_state else None
     _check_against_reference(op, args, state)
 
 
+@pytest.mark.parametrize("op", DECAYED)
 @pytest.mark.parametrize("max_decay", [2.0, 1.3])
-def test_gla_within_fp32_exponent_range(max_decay):
+def test_within_fp32_exponent_range(op, max_decay):
     """Gates uniform in [-2, 0] per step: a chunk's cumulative log decay reaches about -64, exp(-b)
     about 6e27, still exact."""
-    _check_against_reference("gla", _inputs("gla", T=200, K=64, V=64, max_decay=max_decay), None)
+    _check_against_reference(op, _inputs(op, T=200, K=64, V=64, max_decay=max_decay), None)
 
 
-@pytest.mark.xfail(strict=True, reason="gla_fwd factorises the in-chunk decay as exp(b_i)·exp(-b_j): a "
+@pytest.mark.xfail(strict=True, reason="gla_fwd and rwkv6_fwd factorise the in-chunk decay as exp(b_i)·exp(-b_j): a "
                    "cumulative log decay below about -88 within a 64-token chunk overflows fp32's exp(-b) "
                    "(measured: gates uniform in [-5, 0] or [-20, 0] per step give inf/NaN outputs at T = 128)")
+@pytest.mark.parametrize("op", DECAYED)
 @pytest.mark.parametrize("max_decay", [5.0, 20.0])
-def test_gla_strong_decay(max_decay):
-    _check_against_reference("gla", _inputs("gla", T=128, K=64, V=64, max_decay=max_decay), None)
+def test_strong_decay(op, max_decay):
+    _check_against_reference(op, _inputs(op, T=128, K=64, V=64, max_decay=max_decay), None)
 
 
-def test_gla_strong_decay_within_a_short_sequence():
+@pytest.mark.parametrize("op", DECAYED)
+def test_strong_decay_within_a_short_sequence(op):
     """-20 per step holds while a chunk's cumulative decay stays in range (T = 4: above -80)."""
-    _check_against_reference("gla", _inputs("gla", T=4, K=64, V=64, max_decay=20.0), None)
+    _check_against_reference(op, _inputs(op, T=4, K=64, V=64, max_decay=20.0), None)
 
 
 @pytest.mark.parametrize("op", list(OPS))
 def test_two_halves_with_the_state_passed_make_the_whole(op):
     args = _inputs(op, T=150, K=32, V=32, seed=3)
     whole, whole_state = OPS[op](**args, output_final_state=True)
-    first = {n: t[:, :70] for n, t in args.items()}
-    second = {n: t[:, 70:] for n, t in args.items()}
+    first = {n: t if n == "u" else t[:, :70] for n, t in args.items()}
+    second = {n: t if n == "u" else t[:, 70:] for n, t in args.items()}
     o1, s1 = OPS[op](**first, output_final_state=True)
     o2, s2 = OPS[op](**second, initial_state=s1, output_final_state=True)
     assert rel_err(torch.cat([o1, o2], 1), whole.double().numpy()) <= bound(torch.float32)
@@ -108,19 +115,21 @@ def test_argument_errors_name_the_argument(op):
         OPS[op](**args, output_final_state="yes")
     with pytest.raises(TypeError, match="scale"):
         OPS[op](**args, scale="0.5")
-    with pytest.raises(ValueError, match="q:"):
-        OPS[op](**{**args, "q": args["q"][0]})
+    query = "r" if op == "rwkv6" else "q"
+    with pytest.raises(ValueError, match=f"{query}:"):
+        OPS[op](**{**args, query: args[query][0]})
     with pytest.raises((ValueError, TypeError), match="initial_state"):
         OPS[op](**args, initial_state=torch.zeros(1, 2, 8, 16))
 
 
-def test_gla_gate_shape_error_names_g():
-    args = _inputs("gla", T=10)
-    with pytest.raises(ValueError, match="^g:"):
-        ops.gla(**{**args, "g": args["g"][..., :8]})
+@pytest.mark.parametrize("op, name", [("gla", "g"), ("rwkv6", "w"), ("rwkv6", "u")])
+def test_gate_shape_error_names_the_argument(op, name):
+    args = _inputs(op, T=10)
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        OPS[op](**{**args, name: args[name][..., :8]})
 
 
-@pytest.mark.parametrize("layer", [ops.Retention, ops.GatedLinearAttention])
+@pytest.mark.parametrize("layer", [ops.Retention, ops.GatedLinearAttention, ops.RWKV6TimeMix])
 def test_layer_trains_and_continues_from_its_state(layer):
     torch.manual_seed(0)
     m = layer(dim=64, heads=2)
@@ -140,7 +149,7 @@ def test_layer_trains_and_continues_from_its_state(layer):
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_bf16_forward_and_backward_against_float64(op, T, D):
     exact = _inputs(op, B=2, T=T, H=3, K=D, V=D, seed=T + D, dtype=torch.float64)
-    low = {n: t.to("cuda", torch.bfloat16).requires_grad_() for n, t in exact.items()}
+    low = {n: t.to("cuda", torch.float32 if n == "u" else torch.bfloat16).requires_grad_() for n, t in exact.items()}
     exact = {n: t.requires_grad_() for n, t in exact.items()}
     o, s = OPS[op](**low, output_final_state=True)
     o_ref, s_ref = OPS[op](**exact, output_final_state=True)
