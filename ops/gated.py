@@ -5,7 +5,7 @@ GLA's recurrence read before the token's own decay, plus a per-head bonus on the
 Both are ``mixer``s: their backward is derived from the forward program (``tilemix.tiles.autodiff``).
 GLA and RWKV-6 factorise the decay inside a chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay
 from the chunk start), exact while ``|b|`` stays inside fp32's exponent range: log decays summing below
-about -80 within a 64-token chunk overflow ``exp(-b)`` (tests/test_gated_ops.py measures it)."""
+about -88 within a 64-token chunk overflow ``exp(-b)`` (tests/test_gated_ops.py measures it)."""
 
 from __future__ import annotations
 
