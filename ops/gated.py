@@ -2,7 +2,7 @@
 per token and key dim), ``S_t = diag(γ_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``; and RWKV-6,
 GLA's recurrence read before the token's own decay, plus a per-head bonus on the current token.
 
-Both are ``mixer``s: their backward is derived from the forward program (``tilemix.tiles.autodiff``).
+All three are ``mixer``s: their backward is derived from the forward program (``tilemix.tiles.autodiff``).
 GLA and RWKV-6 factorise the decay inside a chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay
 from the chunk start), exact while ``|b|`` stays inside fp32's exponent range: log decays summing below
 about -88 within a 64-token chunk overflow ``exp(-b)`` (tests/test_gated_ops.py measures it)."""
