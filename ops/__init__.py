@@ -14,8 +14,9 @@ from tilemix.tiles import __version__
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
+from .delta_rule import delta_rule, delta_rule_fwd, gated_delta_rule, gated_delta_rule_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
-from .layers import LinearAttention, Mamba2Mixer, MultiHeadAttention
+from .layers import DeltaNet, LinearAttention, Mamba2Mixer, MultiHeadAttention
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
 from .models import HybridLM
 from .runtime import run, use_target
@@ -36,4 +37,5 @@ SEGMENTED = {  # ops whose scan can run in sequence segments (ops/_segments.py; 
 __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGRAMS", "SEGMENTED",
            "attention_fwd", "gemm_fwd", "gemm_nt", "gemm_tn", "linear_attention_fwd", "ssd_fwd",
            "MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "HybridLM", "use_target", "custom_op",
-           "run", "mixer", "Mixer", "linear_attention_cp", "ssd_cp", "attention_cp"]
+           "run", "mixer", "Mixer", "linear_attention_cp", "ssd_cp", "attention_cp",
+           "delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]

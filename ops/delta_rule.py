@@ -70,7 +70,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` (in (0, 1) usually);
     scale defaults to ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``. Differentiable in every tensor
-    through the derived backward (CPU tensors only for now)."""
+    through the backward derived from ``delta_rule_fwd``."""
     check_call("delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
                q=q, k=k, v=v, beta=beta, initial_state=initial_state)
     o, state = delta_rule_op(q, k, v, beta, default_scale(q, scale), initial_state,
