@@ -94,6 +94,16 @@ def test_derived_backward_gradcheck(op):
         lambda *x: fn(*x[:-1], scale=0.5, initial_state=x[-1], output_final_state=True), inputs)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("final", [False, True])
+def test_opcheck_with_gradients(op, final):
+    """torch.library's checks (schema, fake tensors, AOT dispatch) with inputs that require grad:
+    the derived backward traces as an op, so a compiled training step sees no Python."""
+    args, state = _inputs(op, 1, 70, 2, 16, 16, seed=3, dtype=torch.float32)
+    inputs = [a.requires_grad_() for a in args]
+    torch.library.opcheck(getattr(torch.ops.tilemix, op).default, (*inputs, 0.25, state.requires_grad_(), final))
+
+
 def test_layer_trains_and_extends():
     """DeltaNet layers (gated and not): gradients reach every parameter, and a sequence run in two
     ``extend`` calls gives the output of one call."""
