@@ -221,13 +221,13 @@ def test_programs_compile_with_tensor_cores_without_local_memory(program, launch
 @pytest.mark.parametrize("T", [1, 200, 256])
 @pytest.mark.parametrize("K", [64, 128])
 def test_gpu_bf16_forward_and_backward_within_bf16_bound(op, T, K):
-    """bf16 inputs on the GPU (keys of cosine 0.98): the output, final state and every gradient
-    within the bf16 bound of the float64 ones."""
+    """bf16 q, k, v on the GPU (keys of cosine 0.98; fp32 gates and state): the output, final state
+    and every gradient within the bf16 bound of float64 on the same rounded values."""
     fn, _ = OPS[op]
     args, state = _inputs(op, 2, T, 4, K, K, seed=T, cosine=0.98)
-    exact_inputs = [a.clone().requires_grad_() for a in (*args, state)]
-    low = [a.detach().cuda().to(torch.bfloat16 if a.dim() == 4 and i < 3 else torch.float32).requires_grad_()
-           for i, a in enumerate(exact_inputs)]
+    dtypes = [torch.bfloat16] * 3 + [torch.float32] * (len(args) - 2)  # q, k, v; gates; state
+    low = [a.to(d).cuda().requires_grad_() for a, d in zip((*args, state), dtypes)]
+    exact_inputs = [a.detach().cpu().double().requires_grad_() for a in low]
     results = []
     for inputs in (exact_inputs, low):
         o, final = fn(*inputs[:-1], initial_state=inputs[-1], output_final_state=True)
