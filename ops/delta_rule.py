@@ -73,8 +73,7 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     through the backward derived from ``delta_rule_fwd``."""
     check_call("delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
                q=q, k=k, v=v, beta=beta, initial_state=initial_state)
-    o, state = delta_rule_op(q, k, v, beta, default_scale(q, scale), initial_state,
-                                bool(output_final_state))
+    o, state = delta_rule_op(q, k, v, beta, default_scale(q, scale), initial_state, bool(output_final_state))
     return o, (state if output_final_state else None)
 
 
@@ -85,6 +84,6 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     by ``exp(g_t)`` before each token's update; g: ``[B, T, H]`` log decays (<= 0)."""
     check_call("gated_delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
                q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    o, state = gated_delta_rule_op(q, k, v, g, beta, default_scale(q, scale),
-                                initial_state, bool(output_final_state))
+    o, state = gated_delta_rule_op(q, k, v, g, beta, default_scale(q, scale), initial_state,
+                                   bool(output_final_state))
     return o, (state if output_final_state else None)

@@ -1,6 +1,6 @@
 """Mixer layers: ``nn.Module``s with the usual projections around the tile ops.
 
-All three train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``).
+All train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``; DeltaNet's derived).
 Each also continues a sequence from a cache, ``extend(x, cache) -> (y, cache)``: a prefill (many
 tokens) or a decode step (one), what ``ops.models`` generates with. The scans' steps run the chunked
 programs at T = 1 and attention's cached steps run in torch: dedicated decode kernels are separate work.
