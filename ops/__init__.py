@@ -14,9 +14,18 @@ from tilemix.tiles import __version__
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
+from .delta_rule import delta_rule, delta_rule_fwd, gated_delta_rule, gated_delta_rule_fwd
 from .gated import gla, gla_fwd, retention, retention_fwd, rwkv6, rwkv6_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
-from .layers import GatedLinearAttention, LinearAttention, Mamba2Mixer, MultiHeadAttention, Retention, RWKV6TimeMix
+from .layers import (
+    DeltaNet,
+    GatedLinearAttention,
+    LinearAttention,
+    Mamba2Mixer,
+    MultiHeadAttention,
+    Retention,
+    RWKV6TimeMix,
+)
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
 from .models import HybridLM
 from .runtime import run, use_target
@@ -40,3 +49,4 @@ __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGR
            "run", "mixer", "Mixer", "linear_attention_cp", "ssd_cp", "attention_cp"]
 __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd", "Retention", "GatedLinearAttention",
             "RWKV6TimeMix"]
+__all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]

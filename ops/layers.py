@@ -1,6 +1,6 @@
 """Mixer layers: ``nn.Module``s with the usual projections around the tile ops.
 
-All three train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``).
+All train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``; DeltaNet's derived).
 Each also continues a sequence from a cache, ``extend(x, cache) -> (y, cache)``: a prefill (many
 tokens) or a decode step (one), what ``ops.models`` generates with. The scans' steps run the chunked
 programs at T = 1 and attention's cached steps run in torch: dedicated decode kernels are separate work.
@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
 from .ssd import ssd
 
-__all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache"]
+__all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -284,3 +285,43 @@ class Mamba2Mixer(nn.Module):
                        groups=self.conv.groups).transpose(1, 2)
         out, state = self._scan(xbc, z, dt, None if cache is None else cache.ssm, True)
         return out, Mamba2Cache(window[:, window.shape[1] - tail:], state)
+
+
+class DeltaNet(nn.Module):
+    """DeltaNet (``gated=False``) or gated DeltaNet: q, k, v projections with L2-normalised q and k
+    (a contracting recurrence), ``beta = sigmoid(x W_β)`` per head and, when gated, the log decay
+    ``g = logsigmoid(x W_g)`` per head; the state can be carried across calls.
+
+    >>> layer = DeltaNet(dim=128, heads=2, gated=True)
+    >>> with torch.no_grad():
+    ...     y, state = layer(torch.randn(2, 100, 128), output_final_state=True)
+    >>> y.shape, state.shape
+    (torch.Size([2, 100, 128]), torch.Size([2, 2, 64, 64]))
+    """
+
+    def __init__(self, dim: int, heads: int, gated: bool = False, bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads, self.gated = heads, gated
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.gates = nn.Linear(dim, (2 if gated else 1) * heads, bias=True)  # beta, then g
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
+                output_final_state: bool = False):
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        gates = self.gates(x)
+        beta = torch.sigmoid(gates[..., :self.heads])
+        if self.gated:
+            o, state = gated_delta_rule(q, k, v, F.logsigmoid(gates[..., self.heads:]), beta,
+                                        initial_state=initial_state, output_final_state=output_final_state)
+        else:
+            o, state = delta_rule(q, k, v, beta, initial_state=initial_state, output_final_state=output_final_state)
+        y = self.out(o.flatten(-2))
+        return (y, state) if output_final_state else y
+
+    def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
+        return self(x, initial_state=cache, output_final_state=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gemm", "attention", "linear_attention", "ssd", "retention", "gla", "rwkv6"]
+__all__ = ["gemm", "attention", "linear_attention", "ssd", "retention", "gla", "rwkv6", "delta_rule",
+           "gated_delta_rule"]
 
 
 def _f64(x) -> np.ndarray:
@@ -175,3 +176,33 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, output_final_state: bool = F
         _expect("D", D, (H,), "H")
         y += D[None, None, :, None] * x
     return y, (state if output_final_state else None)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale: float | None = None, initial_state=None,
+                     output_final_state: bool = False):
+    """Gated DeltaNet, token by token: ``S'_t = exp(g_t) S_{t-1}``, ``u_t = β_t (v_t − S'_tᵀ k_t)``,
+    ``S_t = S'_t + k_t u_tᵀ``, ``o_t = scale · S_tᵀ q_t``. q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
+    g and beta ``[B, T, H]``, state ``[B, H, K, V]``; scale defaults to ``K**-0.5``.
+    Returns ``(o [B, T, H, V], S_T or None)``."""
+    q, k, v = _qkv(q, k, v, "K", "V")
+    B, T, H, K = q.shape
+    g, beta = _f64(g), _f64(beta)
+    _expect("g", g, (B, T, H), "B, T, H")
+    _expect("beta", beta, (B, T, H), "B, T, H")
+    scale = K ** -0.5 if scale is None else scale
+    state = np.zeros((B, H, K, v.shape[-1])) if initial_state is None else _f64(initial_state).copy()
+    _expect("initial_state", state, (B, H, K, v.shape[-1]), "B, H, K, V")
+    o = np.empty(v.shape)
+    for t in range(T):
+        state = np.exp(g[:, t])[:, :, None, None] * state
+        u = beta[:, t, :, None] * (v[:, t] - np.einsum("bhkv,bhk->bhv", state, k[:, t]))
+        state = state + np.einsum("bhk,bhv->bhkv", k[:, t], u)
+        o[:, t] = scale * np.einsum("bhkv,bhk->bhv", state, q[:, t])
+    return o, (state if output_final_state else None)
+
+
+def delta_rule(q, k, v, beta, scale: float | None = None, initial_state=None, output_final_state: bool = False):
+    """DeltaNet: ``gated_delta_rule`` with ``g = 0`` (``u_t = β_t (v_t − S_{t-1}ᵀ k_t)``,
+    ``S_t = S_{t-1} + k_t u_tᵀ``, ``o_t = scale · S_tᵀ q_t``)."""
+    beta = _f64(beta)
+    return gated_delta_rule(q, k, v, np.zeros(beta.shape), beta, scale, initial_state, output_final_state)

@@ -194,11 +194,15 @@ SPILLING = {
     # no column split possible (du contracts N, dB contracts P, the decay gradient reduces both)
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (spills on sm_90a too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (spills on sm_90a too)",
+    ("delta_rule_fwd", "sm_80"): "a 128x128 state beside the chunk's two 64x128 solves",
+    "gated_delta_rule_fwd": "a 128x128 state beside the chunk's two 64x128 solves and its 64x64 decays",
 }
 # Programs whose staged tiles need more shared memory than a CTA gets on sm_86/sm_89 (99 KiB) even
-# with staging buffers reused: the SSD backward at P = 128 (the GPU runs it on 64-wide blocks of P,
-# which fit: test_staging_buffers_are_reused_only_where_a_program_does_not_fit).
-NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_dc", 125), ("ssd_bwd_dx", 133))
+# with staging buffers reused: the delta rules at K = V = 128, the SSD backward at P = 128 (the GPU
+# runs it on 64-wide blocks of P, which fit: test_staging_buffers_are_reused_only_where_a_program_does_not_fit).
+NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_dc", 125), ("ssd_bwd_dx", 133),
+                                                                      ("delta_rule_fwd", 121),
+                                                                      ("gated_delta_rule_fwd", 122))
            for arch in ("sm_86", "sm_89")}
 
 

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from tilemix.tiles import (
     Out,
     Seq,
-    State,
     TensorSpec,
     TileError,
     causal,
@@ -30,7 +29,6 @@ from tilemix.tiles import (
     rowsum,
     sigmoid,
     sin,
-    trisolve,
     where,
     zeros,
 )
@@ -293,76 +291,6 @@ def scan_mix_fwd(a: Seq["D"], b: Seq["D"], q: Seq["D"], o: Out[Seq["D"]]):
 
 
 @kernel
-def delta_net_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], beta: Seq[1], o: Out[Seq["V"]],
-                  s: State["K", "V"] = None):
-    """DeltaNet, S_t = (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = S_tᵀ q_t, chunked with the UT
-    transform: the chunk's new values u solve (I + tril(β K Kᵀ, -1)) u = β (V - K S)."""
-    for c in chunks(64):
-        qc, kc, vc, bc = q[c], k[c], v[c], beta[c]
-        t = causal(kc @ kc.T * bc, strict=True)
-        u = trisolve(t, vc * bc) - trisolve(t, kc * bc) @ s
-        o[c] = qc @ s + causal(qc @ kc.T) @ u
-        s = s + kc.T @ u
-
-
-def _delta_net_reference(q, k, v, beta):
-    """The float64 token loop."""
-    B, T, H, K = q.shape
-    s, o = np.zeros((B, H, K, v.shape[-1])), np.zeros(v.shape)
-    for t in range(T):
-        kt, bt = k[:, t], beta[:, t, :, None]
-        s = s - bt[..., None] * kt[..., None] * np.einsum("bhk,bhkv->bhv", kt, s)[:, :, None, :]
-        s = s + bt[..., None] * kt[..., None] * v[:, t, :, None, :]
-        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t], s)
-    return o, s
-
-
-def _correlated_keys(rng, B, T, H, K, cosine):
-    """L2-normalised keys whose pairwise cosine is about ``cosine`` (a shared direction plus noise)."""
-    shared = rng.standard_normal((B, 1, H, K))
-    noise = rng.standard_normal((B, T, H, K))
-    shared /= np.linalg.norm(shared, axis=-1, keepdims=True)
-    noise /= np.linalg.norm(noise, axis=-1, keepdims=True)
-    keys = np.sqrt(cosine) * shared + np.sqrt(1 - cosine) * noise
-    return keys / np.linalg.norm(keys, axis=-1, keepdims=True)
-
-
-@given(B=st.integers(1, 2), T=st.integers(1, 200), H=st.integers(1, 2), K=st.sampled_from([16, 32]),
-       seed=st.integers(0, 2**16))
-def test_delta_net_matches_float64_token_loop(B, T, H, K, seed):
-    rng = np.random.default_rng(seed)
-    q, v = rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, K))
-    k, beta = _correlated_keys(rng, B, T, H, K, 0.5), rng.uniform(0, 1, (B, T, H))
-    out = delta_net_fwd(q=q, k=k, v=v, beta=beta)
-    o, s = _delta_net_reference(q, k, v, beta)
-    np.testing.assert_allclose(out["o"], o, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(out["s"], s, rtol=1e-9, atol=1e-9)
-
-
-def test_delta_net_stays_within_fp32_bounds_with_keys_of_cosine_098():
-    """Issue 27's stress input: in fp32 the chunk's solve stays within fp32 error of the float64
-    token loop."""
-    rng = np.random.default_rng(0)
-    B, T, H, K = 2, 256, 2, 64
-    q, v = rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, K))
-    k, beta = _correlated_keys(rng, B, T, H, K, 0.98), rng.uniform(0, 1, (B, T, H))
-    f32 = {n: x.astype(np.float32) for n, x in dict(q=q, k=k, v=v, beta=beta).items()}
-    o, _ = _delta_net_reference(*(f32[n].astype(np.float64) for n in ("q", "k", "v", "beta")))
-    got = delta_net_fwd(**f32)["o"]
-    assert np.isfinite(got).all()
-    assert np.linalg.norm(got - o) / np.linalg.norm(o) <= 1e-4
-
-
-def test_trisolve_gradients_match_differences():
-    rng = np.random.default_rng(3)
-    inputs = dict(q=rng.standard_normal((1, 100, 2, 16)), k=_correlated_keys(rng, 1, 100, 2, 16, 0.9),
-                  v=rng.standard_normal((1, 100, 2, 16)), beta=rng.uniform(0, 1, (1, 100, 2)),
-                  s=rng.standard_normal((1, 2, 16, 16)))
-    _gradients_match_differences(delta_net_fwd, inputs)
-
-
-
-@kernel
 def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], o: Out[Seq["V"]]):
     """Based's second-order feature map within each chunk, on 16 features:
     (q_t·k_s)² = outer(q, q)_t · outer(k, k)_s."""
@@ -395,14 +323,12 @@ def test_outer_gradients_match_differences():
     _gradients_match_differences(based_fwd, inputs)
 
 
-# the programs compiled, with the names of their Seq["D"] inputs (and DeltaNet's Seq[1] beta)
-LOWERED = {rotary_fwd: "qkv", trig_fwd: "xy", blocks_fwd: "xy", scan_mix_fwd: "abq", delta_net_fwd: "qkv",
-           based_fwd: "qkv"}
+# the programs compiled, with the names of their Seq["D"] inputs
+LOWERED = {rotary_fwd: "qkv", trig_fwd: "xy", blocks_fwd: "xy", scan_mix_fwd: "abq", based_fwd: "qkv"}
 
 
 def _lowered_specs(program, B=2, T=4096, H=4, D=64) -> dict:
-    specs = {n: TensorSpec((B, T, H, D), "bfloat16") for n in LOWERED[program]}
-    return {**specs, "beta": TensorSpec((B, T, H), "bfloat16")} if program is delta_net_fwd else specs
+    return {n: TensorSpec((B, T, H, D), "bfloat16") for n in LOWERED[program]}
 
 
 @pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
@@ -435,9 +361,6 @@ def test_gpu_new_ops_match_interpreter(program, T, monkeypatch):
     monkeypatch.setenv("TILEMIX_POISON", "1")
     gen = torch.Generator().manual_seed(T)
     args = {n: (0.5 * torch.randn(2, T, 3, 64, generator=gen)).to(torch.bfloat16) for n in LOWERED[program]}
-    if program is delta_net_fwd:  # unit keys and beta in (0, 1): a contracting recurrence
-        args["k"] = torch.nn.functional.normalize(args["k"].float(), dim=-1).to(torch.bfloat16)
-        args["beta"] = torch.rand(2, T, 3, generator=gen).to(torch.bfloat16)
     gpu = run_kernel(program, {n: t.cuda() for n, t in args.items()})
     cpu = run_kernel(program, args)
     for out in cpu:

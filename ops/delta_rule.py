@@ -1,0 +1,89 @@
+"""DeltaNet and gated DeltaNet: ``u_t = β_t (v_t − S'_tᵀ k_t)``, ``S_t = S'_t + k_t u_tᵀ``,
+``o_t = scale · S_tᵀ q_t``, with ``S'_t = S_{t-1}`` (delta rule) or ``exp(g_t) S_{t-1}`` (gated).
+
+Chunked with the UT transform: within a 64-token chunk the new values ``u`` solve the unit lower
+triangular system ``(I + A) u = β (V − D K S)``, ``A = tril(β (K Kᵀ ⊙ Γ), -1)``, where ``Γ[i, j] =
+exp(G_i − G_j)`` is the decay from token j to token i and ``D = diag(exp G)`` the decay from the
+chunk's start (both all ones for the delta rule). The backward is derived from the forward programs
+(``tilemix.tiles.autodiff``, ``trisolve``'s adjoint): no hand-written backward."""
+
+from __future__ import annotations
+
+import torch
+
+from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, colsum, cumsum, exp, kernel, segsum, trisolve
+
+from ._library import no_state, register_derived_autograd, tile_op
+from .runtime import check_call, default_scale
+
+__all__ = ["delta_rule", "delta_rule_fwd", "gated_delta_rule", "gated_delta_rule_fwd"]
+
+
+@kernel
+def delta_rule_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], beta: Seq[1], scale: Scalar,
+                   o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, vc, bc = q[c], k[c], v[c], beta[c]
+        a = causal(kc @ kc.T * bc, strict=True)
+        u = trisolve(a, vc * bc) - trisolve(a, kc * bc) @ s
+        o[c] = (qc @ s + causal(qc @ kc.T) @ u) * scale
+        s = s + kc.T @ u
+
+
+@kernel
+def gated_delta_rule_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq[1], beta: Seq[1], scale: Scalar,
+                         o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, vc, gc, bc = q[c], k[c], v[c], g[c], beta[c]
+        decay = exp(segsum(gc))  # token j -> token i, zero above the diagonal
+        from_start = exp(cumsum(gc))  # chunk start -> token t
+        a = causal(kc @ kc.T * decay * bc, strict=True)
+        u = trisolve(a, vc * bc) - trisolve(a, kc * (bc * from_start)) @ s
+        o[c] = ((qc @ s) * from_start + (qc @ kc.T * decay) @ u) * scale
+        s = s * exp(colsum(gc)) + kc.T @ (u * exp(cumsum(gc, reverse=True, exclusive=True)))
+
+
+def _op(name: str, program, gates: tuple[str, ...]):
+    """``program`` as the differentiable custom op ``tilemix::name``, its inputs q, k, v, then
+    ``gates`` ([B, T, H] each), scale, initial_state and the final-state flag."""
+    inputs = ("q", "k", "v", *gates)
+    schema = ", ".join(f"Tensor {n}" for n in inputs)
+    op = tile_op(
+        name, f"({schema}, float scale, Tensor? initial_state, bool output_final_state) -> (Tensor, Tensor)",
+        program,
+        lambda *args: ({**dict(zip(inputs, args)), "scale": args[-3], "s": args[-2]},
+                       {"s": "initial_state"}, ("s",) if args[-1] else ()),
+        lambda out: (out["o"], out.get("s", no_state(out["o"]))))
+    register_derived_autograd(op, program, (*inputs, "scale", "s", None), ("o", "s"))
+    return op
+
+
+delta_rule_op = _op("delta_rule", delta_rule_fwd, ("beta",))
+gated_delta_rule_op = _op("gated_delta_rule", gated_delta_rule_fwd, ("g", "beta"))
+
+
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float | None = None,
+               initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+    """DeltaNet (flash-linear-attention's ``chunk_delta_rule`` convention, keys as given: normalise
+    them yourself for a contracting recurrence).
+
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` (in (0, 1) usually);
+    scale defaults to ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros).
+    Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``. Differentiable in every tensor
+    through the backward derived from ``delta_rule_fwd``."""
+    check_call("delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
+               q=q, k=k, v=v, beta=beta, initial_state=initial_state)
+    o, state = delta_rule_op(q, k, v, beta, default_scale(q, scale), initial_state, bool(output_final_state))
+    return o, (state if output_final_state else None)
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     scale: float | None = None, initial_state: torch.Tensor | None = None,
+                     output_final_state: bool = False):
+    """Gated DeltaNet (``chunk_gated_delta_rule``'s convention): ``delta_rule`` with the state decayed
+    by ``exp(g_t)`` before each token's update; g: ``[B, T, H]`` log decays (<= 0)."""
+    check_call("gated_delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
+               q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
+    o, state = gated_delta_rule_op(q, k, v, g, beta, default_scale(q, scale), initial_state,
+                                   bool(output_final_state))
+    return o, (state if output_final_state else None)
