@@ -21,7 +21,8 @@ from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
 from .ssd import ssd
 
-__all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet"]
+__all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
+           "GatedLinearAttention", "RWKV6TimeMix"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
