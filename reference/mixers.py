@@ -78,16 +78,7 @@ def linear_attention(q, k, v, scale: float | None = None, initial_state=None, ou
     state ``[B, H, K, V]``; scale defaults to ``K**-0.5``.
     Returns ``(o [B, T, H, V], S_T or None)``."""
     q, k, v = _qkv(q, k, v, "K", "V")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = K ** -0.5 if scale is None else scale
-    state = np.zeros((B, H, K, V)) if initial_state is None else _f64(initial_state).copy()
-    _expect("initial_state", state, (B, H, K, V), "B, H, K, V")
-    o = np.empty((B, T, H, V))
-    for t in range(T):
-        state += np.einsum("bhk,bhv->bhkv", k[:, t], v[:, t])
-        o[:, t] = scale * np.einsum("bhkv,bhk->bhv", state, q[:, t])
-    return o, (state if output_final_state else None)
+    return _decayed_scan(q, k, v, np.zeros(q.shape), scale, initial_state, output_final_state)  # no decay
 
 
 def _decayed_scan(q, k, v, log_decay, scale, initial_state, output_final_state):
