@@ -14,7 +14,6 @@ import functools
 import json
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +24,8 @@ from tilemix import ops
 from tilemix.ops.examples import kernel_inputs
 from tilemix.ops.timing import host_us, time_ms
 
+from .calls import backward_of, leaves
+from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 
@@ -77,7 +78,8 @@ def _as_simple_gla(x, dt, A, Bm, Cm):
             (x * dt[..., None]).to(x.dtype), (dt * A).contiguous())
 
 
-def _ssd_case(B, T, H, D, dtype):
+def _ssd_case(B, T, H, D, dtype, peer="fla"):
+    """``peer``: "fla" (``chunk_simple_gla`` on the same recurrence) or "mamba" (Mamba-2's own kernel)."""
     x, dt, A, Bm, Cm = _ssd_inputs(B, T, H, D, dtype)
     nbytes = 2 * x.numel() * x.element_size() + 2 * Bm.numel() * Bm.element_size() + dt.numel() * 4
 
@@ -86,13 +88,19 @@ def _ssd_case(B, T, H, D, dtype):
 
     q, k, v, g = _as_simple_gla(x, dt, A, Bm, Cm)
 
-    def peer():
+    def fla():
         from fla.ops.simple_gla import chunk_simple_gla
 
         return chunk_simple_gla(q, k, v, g=g, scale=1.0)
 
+    def mamba():
+        return mamba_chunk_scan_combined()(x, dt, A, Bm, Cm, chunk_size=64)
+
     flops = 4 * B * T * H * D * (64 + D)
-    return ours, peer, "fla-chunk_simple_gla", nbytes, flops, dict(B=B, T=T, H=H, N=D, P=D, G=1)
+    return ours, fla if peer == "fla" else mamba, SSD_PEERS[peer], nbytes, flops, dict(B=B, T=T, H=H, N=D, P=D, G=1)
+
+
+SSD_PEERS = {"fla": "fla-chunk_simple_gla", "mamba": "mamba_ssm-mamba_chunk_scan_combined"}
 
 
 SDPA_PEERS = {"CUDNN_ATTENTION": "sdpa-cudnn", "FLASH_ATTENTION": "sdpa-flash2"}  # peer names per SDPA backend
@@ -133,31 +141,11 @@ def _gemm_case(B, T, H, D, dtype, n=4096):
 
 
 # -- backward rows: after one forward (graph retained), the time of torch.autograd.grad(out, inputs, dout) --
-def _backward_of(forward: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...],
-                 dout: torch.Tensor) -> Callable[[], object]:
-    """A call that runs ``forward()`` the first time only (in the warm-up: an op that cannot do it
-    fails inside the bench's try) and then ``torch.autograd.grad(out, inputs, dout)`` each time,
-    the graph retained."""
-    out = None
-
-    def backward():
-        nonlocal out
-        if out is None:
-            out = forward()
-        return torch.autograd.grad(out, inputs, dout, retain_graph=True)
-
-    return backward
-
-
-def _leaves(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(t.detach().contiguous().requires_grad_() for t in tensors)
-
-
-def _linear_attention_bwd_case(B, T, H, D, dtype, device="cuda"):
-    q, k, v = _leaves(*(torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3)))
+def _linear_attention_bwd_case(B, T, H, D, dtype, device="cuda", backward="hand-written"):
+    q, k, v = leaves(*(torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3)))
     do = torch.randn(B, T, H, D, device=device, dtype=dtype)
     nbytes = 7 * q.numel() * q.element_size()  # read q, k, v, do; write dq, dk, dv
-    ours = _backward_of(lambda: ops.linear_attention(q, k, v)[0], (q, k, v), do)
+    ours = backward_of(lambda: ops.linear_attention(q, k, v, backward=backward)[0], (q, k, v), do)
 
     def forward():
         from fla.ops.linear_attn import chunk_linear_attn
@@ -166,36 +154,38 @@ def _linear_attention_bwd_case(B, T, H, D, dtype, device="cuda"):
 
     # per 64-token chunk: dq 2 C²D + 2 CD² (as the forward), dk/dv 8 C²D + 6 CD² (C = 64, recompute included)
     flops = 2 * B * T * H * D * (6 * 64 + 5 * D)
-    return ours, _backward_of(forward, (q, k, v), do), "fla-chunk_linear_attn", nbytes, flops, \
+    return ours, backward_of(forward, (q, k, v), do), "fla-chunk_linear_attn", nbytes, flops, \
         dict(B=B, T=T, H=H, K=D, V=D)
 
 
-def _ssd_bwd_case(B, T, H, D, dtype, device="cuda"):
+def _ssd_bwd_case(B, T, H, D, dtype, device="cuda", backward="hand-written", peer="fla"):
     x, dt, A, Bm, Cm = _ssd_inputs(B, T, H, D, dtype, device)
     dy = torch.randn(B, T, H, D, device=device, dtype=dtype)
     # read x, dy, B, C, dt; write dx, dB, dC, ddt
     nbytes = 3 * x.numel() * x.element_size() + 4 * Bm.numel() * Bm.element_size() + 2 * dt.numel() * 4
-    inputs = _leaves(x, dt, A, Bm, Cm)
-    ours = _backward_of(lambda: ops.ssd(*inputs)[0], inputs, dy)
-    leaves = _leaves(*_as_simple_gla(x, dt, A, Bm, Cm))  # fla's simple GLA on the same recurrence
+    inputs = leaves(x, dt, A, Bm, Cm)
+    ours = backward_of(lambda: ops.ssd(*inputs, backward=backward)[0], inputs, dy)
+    if peer == "mamba":  # Mamba-2's own kernel on the same inputs (dt positive, no dt_bias / softplus)
+        theirs = backward_of(lambda: mamba_chunk_scan_combined()(*inputs, chunk_size=64), inputs, dy)
+    else:
+        gla_inputs = leaves(*_as_simple_gla(x, dt, A, Bm, Cm))  # fla's simple GLA on the same recurrence
 
-    def forward():
-        from fla.ops.simple_gla import chunk_simple_gla
+        def forward():
+            from fla.ops.simple_gla import chunk_simple_gla
 
-        return chunk_simple_gla(*leaves[:3], g=leaves[3], scale=1.0)[0]
-
+            return chunk_simple_gla(*gla_inputs[:3], g=gla_inputs[3], scale=1.0)[0]
+        theirs = backward_of(forward, gla_inputs, dy)
     flops = 2 * B * T * H * D * (6 * 64 + 5 * D)  # as linear attention's, plus the decay terms
-    return ours, _backward_of(forward, leaves, dy), "fla-chunk_simple_gla", nbytes, flops, \
-        dict(B=B, T=T, H=H, N=D, P=D, G=1)
+    return ours, theirs, SSD_PEERS[peer], nbytes, flops, dict(B=B, T=T, H=H, N=D, P=D, G=1)
 
 
 def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION", device="cuda", kv_group=1):
     q, do = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(2))
     k, v = (torch.randn(B, T, H // kv_group, D, device=device, dtype=dtype) for _ in range(2))
-    q, k, v = _leaves(q, k, v)
+    q, k, v = leaves(q, k, v)
     nbytes = 4 * (q.numel() + k.numel()) * q.element_size()  # read q, k, v, o, do; write dq, dk, dv
     flops = 2.5 * 4 * B * H * T * T * D / (2 if causal else 1)  # 5 matmuls (scores recomputed) vs the forward's 2
-    ours = _backward_of(lambda: ops.attention(q, k, v, causal=causal), (q, k, v), do)
+    ours = backward_of(lambda: ops.attention(q, k, v, causal=causal), (q, k, v), do)
 
     def forward():
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -206,14 +196,14 @@ def _attention_bwd_case(B, T, H, D, dtype, causal=True, backend="CUDNN_ATTENTION
         return out.transpose(1, 2)
 
     name = SDPA_PEERS[backend]
-    return ours, _backward_of(forward, (q, k, v), do), name, nbytes, flops, _attention_shape(B, T, H, D, causal,
+    return ours, backward_of(forward, (q, k, v), do), name, nbytes, flops, _attention_shape(B, T, H, D, causal,
                                                                                             kv_group)
 
 
 def _gemm_bwd_case(B, T, H, D, dtype, n=4096, device="cuda"):
-    a, b = _leaves(*(torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)))
+    a, b = leaves(*(torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)))
     dc = torch.randn(n, n, device=device, dtype=dtype)
-    return (_backward_of(lambda: ops.gemm(a, b), (a, b), dc), _backward_of(lambda: torch.matmul(a, b), (a, b), dc),
+    return (backward_of(lambda: ops.gemm(a, b), (a, b), dc), backward_of(lambda: torch.matmul(a, b), (a, b), dc),
             "cublas", 5 * a.numel() * a.element_size(), 4 * n ** 3, dict(M=n, N=n, K=n))
 
 
@@ -248,7 +238,13 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          # grouped-query rows (issue 24's bar: H = 32, H_kv = 8)
          "attention-gqa": functools.partial(_attention_case, kv_group=4),
          "attention-gqa-bwd": functools.partial(_attention_bwd_case, kv_group=4),
-         "gemm-bwd": _gemm_bwd_case}
+         "gemm-bwd": _gemm_bwd_case,
+         # Mamba-2's own kernel as the SSD peer, and the backward derived from the forward program
+         "ssd-mamba": functools.partial(_ssd_case, peer="mamba"),
+         "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
+         "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
+         "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
+         **MIXER_CASES}
 
 
 def direction(name: str) -> str:
@@ -341,7 +337,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
-                            gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host))
+                            gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host,
+                            **_backward_field(name)))
         cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
                  number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")
@@ -364,6 +361,13 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
             console.print(f"no plots: {e}; later: tilemix plot <json> {plot_dir}")
             return 1
     return 0
+
+
+def _backward_field(name: str) -> dict:
+    """A backward row's ``backward``: "derived" (from the forward program) or "hand-written"."""
+    if direction(name) != "bwd":
+        return {}
+    return dict(backward="derived" if name in DERIVED_BACKWARD else "hand-written")
 
 
 def default_json_path(result: dict) -> Path:

@@ -199,3 +199,33 @@ def test_a_users_program_is_a_case_without_peer():
     assert set(out) == {"o", "s"} and out["o"].shape == (1, 70, 2, 16) and out["o"].isfinite().all()
     assert peer is None and flops == 0 and shape == dict(B=1, T=70, H=2, D=16)
     assert nbytes == 4 * (5 * 70 * 2 * 16 + 2 * 16 * 16)  # q, k, v, g and o; the state
+
+
+# -- rows of the derived backwards and the gated / delta-rule mixers (issues 23 and 28) ----------------------
+MIXER_ROWS = ("linear_attention-bwd-derived", "ssd-bwd-derived", "retention", "gla-bwd", "rwkv6-bwd",
+              "delta_rule", "gated_delta_rule-bwd")
+
+
+@pytest.mark.parametrize("name", MIXER_ROWS)
+def test_mixer_rows_run_and_say_which_backward(name):
+    """Each row's timed call runs on the interpreter at a small shape; backward rows return a
+    gradient of every floating input and their records say the backward is the derived one."""
+    import torch
+
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 70, 2, 16, torch.float32, device="cpu")
+    out = ours()
+    if bench.direction(name) == "bwd":
+        assert len(out) >= 3 and all(g.isfinite().all() for g in out)
+        assert bench._backward_field(name) == {"backward": "derived"}
+    else:
+        assert out.shape == (1, 70, 2, 16) and out.isfinite().all() and bench._backward_field(name) == {}
+    assert peer_name.startswith(("fla-", "mamba_ssm-")) and callable(peer) and nbytes > 0 and flops > 0
+
+
+def test_hand_written_backward_rows_say_so():
+    from tilemix.bench import bench
+
+    assert bench._backward_field("ssd-bwd-mamba") == {"backward": "hand-written"}
+    assert bench._backward_field("ssd-mamba") == {}
