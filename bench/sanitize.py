@@ -3,12 +3,12 @@
     python -m tilemix.bench.sanitize            # on a GPU machine with CUDA's compute-sanitizer
 
 runs this module's ``--launch`` mode once per tool: it launches each op's kernels once, forward and
-backward (hand-written and derived), on shapes with masked tails (T not a multiple of the chunk, gemm
-dims off the tile grid), in both dtypes, on both targets (sm_90a and the generic mma.sync kernels),
-causal and not, with and without states, the scans at one and two consumers per CTA and in sequence
-segments. Prints the kernels checked and the errors each tool reported; exits non-zero on any error.
-Host-side API errors are not counted (cuda-bindings probes the driver for optional entry points, which
-memcheck would report).
+backward (hand-written and derived; the gated and delta-rule mixers too), on shapes with masked tails (T
+not a multiple of the chunk, gemm dims off the tile grid), in both dtypes, on both targets (sm_90a and
+the generic mma.sync kernels), causal and not, with and without states, the scans at one and two
+consumers per CTA and in sequence segments. Prints the kernels checked and the errors each tool
+reported; exits non-zero on any error. Host-side API errors are not counted (cuda-bindings probes the
+driver for optional entry points, which memcheck would report).
 """
 
 from __future__ import annotations
@@ -65,6 +65,42 @@ def _tail_calls(rnd, target):
                    leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), output_final_state=True, target=target))
 
 
+def _mixer_calls(rnd, target):
+    """The gated and delta-rule mixers (derived backwards), forward and backward, on a tail shape
+    with initial and final states."""
+    import torch
+    import torch.nn.functional as F
+
+    from tilemix import ops
+    from tilemix.ops.runtime import use_target
+
+    B, T, H, D = 2, 100, 3, 64
+
+    def seq():
+        return rnd(B, T, H, D).requires_grad_(True)
+
+    def state():
+        return torch.randn(B, H, D, D, device="cuda").requires_grad_(True)
+
+    def gates(*shape):
+        return (F.logsigmoid(torch.randn(*shape, device="cuda")) / 16).requires_grad_(True)
+
+    def keys():
+        return F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).to(rnd(1).dtype).requires_grad_(True)
+
+    beta = torch.rand(B, T, H, device="cuda").requires_grad_(True)
+    with use_target(target):
+        calls = [ops.retention(seq(), seq(), seq(), initial_state=state(), output_final_state=True),
+                 ops.gla(seq(), seq(), seq(), gates(B, T, H, D), initial_state=state(), output_final_state=True),
+                 ops.rwkv6(seq(), seq(), seq(), gates(B, T, H, D), torch.randn(H, D, device="cuda").requires_grad_(),
+                           initial_state=state(), output_final_state=True),
+                 ops.delta_rule(seq(), keys(), seq(), beta, initial_state=state(), output_final_state=True),
+                 ops.gated_delta_rule(seq(), keys(), seq(), gates(B, T, H), beta, initial_state=state(),
+                                      output_final_state=True)]
+        for outputs in calls:
+            torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
 def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
     """Launch every kernel the ops run once: forwards and backwards, on tail shapes, both dtypes, both
     targets (the generic kernels forced on this GPU), and the scans cut into sequence segments; the
@@ -80,6 +116,7 @@ def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
                 return torch.randn(*shape, device="cuda", generator=g).to(dtype)
 
             _tail_calls(rnd, target)
+            _mixer_calls(rnd, target)
             os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
             try:
                 _segmented_calls(rnd, target)
