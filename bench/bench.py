@@ -274,12 +274,15 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tupl
 
 
 GQA_SHAPE = (4, 4096, 32, 128)
+RWKV_SHAPE = (8, 4096, 32, 64)  # issue 28's RWKV bars: 32 heads of 64
 
 
 def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
     def shape(name):
         if "gqa" in name.split("-"):
             return GQA_SHAPE
+        if name.startswith("rwkv"):
+            return RWKV_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]
