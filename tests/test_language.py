@@ -493,3 +493,18 @@ def test_absent_state_needs_its_dims_sized():
     with pytest.raises(TypeError, match=r"^s: its dims \['N'\] are sized by no other input"):
         read_state.bind(dict(x=x))
     assert read_state.bind(dict(x=x, s=spec(1, 2, 32, 48))).sizes["N"] == 48
+
+
+def test_kernel_defined_in_exec_code_whose_file_is_prose(tmp_path):
+    """A ``@kernel`` exec'd under the name of a file that is not its source (a README section run
+    as code) is defined, its errors at the ``def`` line: the prose does not tokenize as Python."""
+    prose = tmp_path / "README.md"
+    prose.write_text("A quote: it's here\n\nand a fence\n\"\"\"never closed\n")
+    source = ("from tilemix.tiles import kernel, Seq, Out, chunks\n"
+              "@kernel\n"
+              "def copy(x: Seq['D'], y: Out[Seq['D']]):\n"
+              "    for c in chunks(64):\n"
+              "        y[c] = x[c]\n")
+    scope: dict = {}
+    exec(compile(source, str(prose), "exec"), scope)
+    assert scope["copy"].loc.line == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -202,10 +203,12 @@ class Kernel:
 
 
 def _def_line(fn: Callable) -> int:
-    """The line of ``def`` itself (``co_firstlineno`` is the first decorator's)."""
+    """The line of ``def`` itself (``co_firstlineno`` is the first decorator's). Source that cannot be
+    read back (exec'd code whose file name is not the source's, e.g. a README section) gives
+    ``co_firstlineno``."""
     try:
         lines, start = inspect.getsourcelines(fn)
-    except OSError:
+    except (OSError, SyntaxError, tokenize.TokenError):
         return fn.__code__.co_firstlineno
     return start + next((i for i, line in enumerate(lines) if line.lstrip().startswith("def ")), 0)
 
