@@ -54,7 +54,9 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
     for p in binding.params:
         if p.spec.kind == "state":
             dim = p.spec.dims[1]
-            if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim):
+            # states that share a column dim split it once
+            if (binding.extent(dim) > SPLIT_WIDTH and (dim, SPLIT_WIDTH) not in split
+                    and splittable(kernel, binding, dim)):
                 split.append((dim, SPLIT_WIDTH))
     if split:
         split = tuple(split)
@@ -260,6 +262,8 @@ def _override(item: str, part: str) -> tuple[str, Any]:
         pairs = [] if value == "-" else [p.split("/") for p in value.split("+")]
         if not all(len(p) == 2 and p[1].isdigit() for p in pairs):
             raise ValueError(f"TILEMIX_SCHEDULE: split is DIM/WIDTH (several joined by +) or -, got {value!r}")
+        if len({d for d, _ in pairs}) < len(pairs):
+            raise ValueError(f"TILEMIX_SCHEDULE: split names a dim twice, got {value!r}")
         return field_name, tuple((d, int(w)) for d, w in pairs)
     return field_name, value
 

@@ -114,3 +114,20 @@ def test_each_constant_is_defined_once(pattern):
 def test_the_tuner_searches_one_stage_past_the_default_bound():
     assert schedule.knob_choices()["stages"] == tuple(range(1, schedule.TUNED_MAX_STAGES + 1))
     assert schedule.TUNED_MAX_STAGES > schedule.MAX_STAGES
+
+
+def test_states_sharing_a_column_dim_split_it_once():
+    """Two states with the same column dim (two chunks() loops, one state each) cut it into one set of
+    blocks: a split listed per state multiplied the grid into column blocks past the tensor's end."""
+    from test_user_mixers import MIXERS, _specs
+
+    from tilemix.codegen.knobs import column_blocks
+    from tilemix.codegen.schedule import default_schedule, schedule_overrides
+
+    program = MIXERS["two_halves_la"]
+    binding = program.bind(_specs("two_halves_la", B=2, T=300, H=3, D=128))
+    for arch in ("sm_90a", "sm_80"):
+        schedule = default_schedule(program, binding, arch)
+        assert schedule.split == (("V", 64),) and column_blocks(schedule.split, binding.static) == 2
+    with pytest.raises(ValueError, match="names a dim twice"):
+        schedule_overrides("two_halves_la_fwd:split=V/64+V/64")
