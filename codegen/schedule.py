@@ -118,7 +118,14 @@ def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: st
     if not source.stage_bytes:
         return schedule
     room = (smem_limit(arch) - source.smem_bytes) // source.stage_bytes
-    return replace(schedule, stages=max(schedule.stages, min(limit, schedule.stages + room)))
+    # each stage also takes barriers and alignment padding: the deepest count that lowers
+    for stages in range(min(limit, schedule.stages + room), schedule.stages, -1):
+        try:
+            kernel_source(kernel, binding, replace(schedule, stages=stages), arch)
+            return replace(schedule, stages=stages)
+        except ResourceError:
+            continue
+    return schedule
 
 
 def _first_fitting(kernel: Kernel, binding: Binding, candidates: list[Schedule], arch: str = "sm_90a") -> Schedule:

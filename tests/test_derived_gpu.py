@@ -155,3 +155,21 @@ def test_bf16_derived_gradients_on_gpu_within_bf16_bound(op, D, T):
     for n in wrt:
         assert got[n].shape == exact[n].shape, n
         assert rel_err(got[n].double().cpu(), np.asarray(exact[n])) <= bound(torch.bfloat16), n
+
+
+def test_launch_schedules_of_few_heads_lower(monkeypatch):
+    """With few heads a scan's ring deepens to fill shared memory (``_idle_ring``); each stage also
+    takes barriers and padding, so a depth estimated from the stage bytes alone overshot the limit
+    by 120 bytes for SSD's d_C program on the GPU. Every launch's schedule lowers."""
+    from tilemix.codegen import schedule
+
+    monkeypatch.setattr(schedule, "sm_count", lambda device: 132)
+    kernel = ops.PROGRAMS["ssd"]
+    args = {n: t[..., :SPLIT_WIDTH] if n in ("x", "h") else t for n, t in _case("ssd", T=200, D=128).items()}
+    args = {n: t.to(torch.float32 if n == "h" or not kernel.specs[n].is_tile_operand else torch.bfloat16)
+            for n, t in args.items()}
+    binding = kernel.bind(args)
+    outputs = [p.name for p in binding.params if p.spec.output or p.spec.kind == "state"]
+    for _, derived, derived_binding in backward_launches(kernel, binding, outputs, OPS["ssd"]):
+        chosen = schedule.launch_schedule(derived, derived_binding, 0, "sm_90a")
+        kernel_source(derived, derived_binding, chosen, "sm_90a")
