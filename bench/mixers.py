@@ -47,9 +47,10 @@ def _inputs(op: str, B, T, H, D, dtype, device) -> dict[str, torch.Tensor]:
     if op == "retention":
         return dict(q=seq(), k=seq(), v=seq())
     if op == "gla":
-        return dict(q=seq(), k=seq(), v=seq(), g=_gates(B, T, H, D, device))
+        return dict(q=seq(), k=seq(), v=seq(), g=_gates(B, T, H, D, device).to(dtype))  # gates feed matmuls
     if op == "rwkv6":
-        return dict(r=seq(), k=seq(), v=seq(), w=_gates(B, T, H, D, device), u=torch.randn(H, D, device=device))
+        return dict(r=seq(), k=seq(), v=seq(), w=_gates(B, T, H, D, device).to(dtype),
+                    u=torch.randn(H, D, device=device))
     beta = torch.rand(B, T, H, device=device).sigmoid()
     if op == "delta_rule":
         return dict(q=seq(), k=_unit_keys(B, T, H, D, dtype, device), v=seq(), beta=beta)

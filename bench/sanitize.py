@@ -82,17 +82,18 @@ def _mixer_calls(rnd, target):
     def state():
         return torch.randn(B, H, D, D, device="cuda").requires_grad_(True)
 
-    def gates(*shape):
-        return (F.logsigmoid(torch.randn(*shape, device="cuda")) / 16).requires_grad_(True)
+    def gates(*shape, dtype=torch.float32):
+        return (F.logsigmoid(torch.randn(*shape, device="cuda")) / 16).to(dtype).requires_grad_(True)
 
     def keys():
         return F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).to(rnd(1).dtype).requires_grad_(True)
 
     beta = torch.rand(B, T, H, device="cuda").requires_grad_(True)
+    decays = gates(B, T, H, D, dtype=rnd(1).dtype)  # per-key gates feed matmuls: q's dtype
     with use_target(target):
         calls = [ops.retention(seq(), seq(), seq(), initial_state=state(), output_final_state=True),
-                 ops.gla(seq(), seq(), seq(), gates(B, T, H, D), initial_state=state(), output_final_state=True),
-                 ops.rwkv6(seq(), seq(), seq(), gates(B, T, H, D), torch.randn(H, D, device="cuda").requires_grad_(),
+                 ops.gla(seq(), seq(), seq(), decays, initial_state=state(), output_final_state=True),
+                 ops.rwkv6(seq(), seq(), seq(), decays, torch.randn(H, D, device="cuda").requires_grad_(),
                            initial_state=state(), output_final_state=True),
                  ops.delta_rule(seq(), keys(), seq(), beta, initial_state=state(), output_final_state=True),
                  ops.gated_delta_rule(seq(), keys(), seq(), gates(B, T, H), beta, initial_state=state(),
