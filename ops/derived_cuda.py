@@ -98,15 +98,23 @@ def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: d
     dim = column_split(kernel, binding)
     if dim is None:
         grads = _block_gradients(kernel, args, output_grads, wrt, arch, device)
-    else:
-        width = binding.extent(dim)
-        shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
-                                   {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()},
-                                   wrt, arch, device)
-                  for cols in (slice(start, start + SPLIT_WIDTH) for start in range(0, width, SPLIT_WIDTH))]
-        grads = {}
-        for name in wrt:
-            layout = kernel.specs[name].layout
-            parts = [share[name] for share in shares]
-            grads[name] = torch.cat(parts, layout.index(dim)) if dim in layout else torch.stack(parts).sum(0)
-    return {name: g.to(args[name].dtype) for name, g in grads.items()}
+        return {name: g.to(args[name].dtype) for name, g in grads.items()}
+    width = binding.extent(dim)
+    shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
+                               {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()},
+                               wrt, arch, device)
+              for cols in (slice(start, start + SPLIT_WIDTH) for start in range(0, width, SPLIT_WIDTH))]
+    return {name: _combine(kernel, name, [share[name] for share in shares], dim, args[name]) for name in wrt}
+
+
+def _combine(kernel: Kernel, name: str, parts: list[torch.Tensor], dim: str, like: torch.Tensor) -> torch.Tensor:
+    """The column blocks' fp32 gradients of input ``name`` as one gradient in ``like``'s dtype, each
+    part read once: an input with the split dim takes its block's columns, the others the blocks' sum."""
+    out = torch.empty(like.shape, dtype=like.dtype, device=parts[0].device)
+    if dim in kernel.specs[name].layout:
+        for cols, part in zip((slice(i * SPLIT_WIDTH, (i + 1) * SPLIT_WIDTH) for i in range(len(parts))), parts):
+            _block(kernel, name, out, dim, cols).copy_(part)
+        return out
+    if len(parts) == 2:  # head dim 128, the usual split: one pass
+        return torch.add(*parts, out=out)
+    return out.copy_(sum(parts[1:], parts[0]))

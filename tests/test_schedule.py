@@ -127,7 +127,7 @@ def test_states_sharing_a_column_dim_split_it_once():
     program = MIXERS["two_halves_la"]
     binding = program.bind(_specs("two_halves_la", B=2, T=300, H=3, D=128))
     for arch in ("sm_90a", "sm_80"):
-        schedule = default_schedule(program, binding, arch)
-        assert schedule.split == (("V", 64),) and column_blocks(schedule.split, binding.static) == 2
+        chosen = default_schedule(program, binding, arch)
+        assert chosen.split == (("V", 64),) and column_blocks(chosen.split, binding.static) == 2
     with pytest.raises(ValueError, match="names a dim twice"):
         schedule_overrides("two_halves_la_fwd:split=V/64+V/64")
