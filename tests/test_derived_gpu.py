@@ -93,14 +93,14 @@ def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
     from tilemix.ops.derived import derived_gradients
     from tilemix.tiles.interpret import interpret
 
-    def interpreted(kernel, binding, args, outputs, schedule=None, arch="sm_90a"):
+    def interpreted(kernel, binding, args, outputs, arch):
         program = kernel.trace(binding)  # fp32 inputs: the CPU target
         got = interpret(program, binding, {n: (v.numpy() if isinstance(v, torch.Tensor) else v)
                                            for n, v in args.items() if v is not None})
         for name, t in outputs.items():
             t.copy_(torch.from_numpy(np.array(got[name])))
 
-    monkeypatch.setattr(derived_cuda, "run_tiles", interpreted)
+    monkeypatch.setattr(derived_cuda, "_run", interpreted)
     kernel = ops.PROGRAMS[op]
     args = {n: (v.float() if isinstance(v, torch.Tensor) else v) for n, v in _case(op, T=100, H=2, D=D).items()}
     gen = torch.Generator().manual_seed(2)
@@ -173,3 +173,23 @@ def test_launch_schedules_of_few_heads_lower(monkeypatch):
     for _, derived, derived_binding in backward_launches(kernel, binding, outputs, OPS["ssd"]):
         chosen = schedule.launch_schedule(derived, derived_binding, 0, "sm_90a")
         kernel_source(derived, derived_binding, chosen, "sm_90a")
+
+
+def test_backward_launches_are_prepared_once_per_signature(monkeypatch):
+    """A second backward with the same shapes only launches: no launch is prepared again."""
+    from tilemix.ops import derived_cuda
+
+    prepared, launched = [], []
+
+    def prepare(kernel, binding, args, schedule, arch, device):
+        prepared.append(kernel)
+        return lambda args, outputs: launched.append(kernel)
+
+    monkeypatch.setattr(derived_cuda, "prepare_launch", prepare)
+    monkeypatch.setattr(derived_cuda, "_LAUNCHES", {})
+    kernel = ops.PROGRAMS["linear_attention"]
+    args = {n: (v.float() if isinstance(v, torch.Tensor) else v) for n, v in _case("linear_attention", T=100).items()}
+    cotangents = {n: torch.zeros(o.shape) for n, o in kernel(**args).items()}
+    for _ in range(2):
+        derived_cuda.derived_gradients_cuda(kernel, args, cotangents, ["q", "k", "v"], arch="sm_90a")
+    assert len(launched) == 2 * len(prepared) == 2 * 4  # states + one reverse program per gradient
