@@ -335,7 +335,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                 peer_ms = time_ms(peer)
         except ImportError:  # fla not installed
             pass
-        except RuntimeError as e:  # a peer backend that does not take this shape (or its backward)
+        except Exception as e:  # a peer that refuses this shape, its backward or this Triton (fla #640)
             console.print(f"{name} peer {peer_name}: {type(e).__name__}: {str(e).splitlines()[0]}")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
