@@ -131,17 +131,12 @@ def _case(op: str, B=2, T=200, H=4, D=64, seed=0):
 @pytest.mark.parametrize("T", [200, 256])
 def test_bf16_derived_gradients_on_gpu_within_bf16_bound(op, D, T):
     """bf16 inputs on the GPU (initial state, output and final-state gradients given; T = 200: a
-    partial last chunk) against the float64 interpreter's gradients."""
+    partial last chunk) against the float64 interpreter's gradients on the same rounded values (the
+    gradients of dt and A cancel: input rounding alone moves them by about the bf16 bound)."""
     from tilemix.ops.derived import derived_gradients
     from tilemix.ops.derived_cuda import derived_gradients_cuda
 
     kernel = ops.PROGRAMS[op]
-    exact_args = _case(op, T=T, D=D)
-    outputs = kernel(**exact_args)
-    gen = torch.Generator().manual_seed(1)
-    cotangents = {n: torch.randn(o.shape, generator=gen, dtype=torch.float64) for n, o in outputs.items()}
-    wrt = [n for n, v in exact_args.items() if isinstance(v, torch.Tensor)]
-    exact = derived_gradients(kernel, exact_args, cotangents, wrt)
     states = {n for n, spec in kernel.specs.items() if spec.kind == "state"}
 
     def low(n, t):
@@ -150,12 +145,20 @@ def test_bf16_derived_gradients_on_gpu_within_bf16_bound(op, D, T):
         wide = n in states or not kernel.specs[n].is_tile_operand
         return t.to("cuda", torch.float32 if wide else torch.bfloat16)
 
-    got = derived_gradients_cuda(kernel, {n: low(n, t) for n, t in exact_args.items()},
-                                 {n: low(n, c) for n, c in cotangents.items()}, wrt)
-    for n in wrt:
-        assert got[n].shape == exact[n].shape, n
-        assert rel_err(got[n].double().cpu(), np.asarray(exact[n])) <= bound(torch.bfloat16), n
+    def exact(t):
+        return t.cpu().double() if isinstance(t, torch.Tensor) else t
 
+    args = {n: low(n, t) for n, t in _case(op, T=T, D=D).items()}
+    gen = torch.Generator().manual_seed(1)
+    cotangents = {n: low(n, torch.randn(o.shape, generator=gen, dtype=torch.float64))
+                  for n, o in kernel(**{n: exact(t) for n, t in args.items()}).items()}
+    wrt = [n for n, v in args.items() if isinstance(v, torch.Tensor)]
+    want = derived_gradients(kernel, {n: exact(t) for n, t in args.items()},
+                             {n: exact(c) for n, c in cotangents.items()}, wrt)
+    got = derived_gradients_cuda(kernel, args, cotangents, wrt)
+    for n in wrt:
+        assert got[n].shape == want[n].shape, n
+        assert rel_err(got[n].double().cpu(), np.asarray(want[n])) <= bound(torch.bfloat16), n
 
 def test_launch_schedules_of_few_heads_lower(monkeypatch):
     """With few heads a scan's ring deepens to fill shared memory (``_idle_ring``); each stage also
