@@ -273,6 +273,26 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tupl
     return rows
 
 
+GRID_OPS = ("linear_attention", "ssd", "ssd-mamba")  # issue 25's grid: the scans beside fla and mamba_ssm
+GRID_BH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRID_T = (1024, 4096, 16384, 32768, 65536, 131072)
+GRID_D = (64, 128)
+GRID_MAX_ELEMENTS = 1 << 30  # per [B, T, H, D] tensor (2 GiB in bf16): larger grid points are skipped
+
+
+def grid_rows(names=GRID_OPS, head_dims=GRID_D) -> list[tuple[str, int, int, int, int]]:
+    """(case, B, T, H, D) over batch x heads in GRID_BH (H = min(16, B·H)) and lengths in GRID_T, for
+    each head dim, as memory allows: the shapes a fixed-tokens sweep never visits (few heads, long
+    sequences), where a schedule's cliffs hide."""
+    rows = []
+    for D in head_dims:
+        for name in names:
+            for BH in GRID_BH:
+                H = min(16, BH)
+                rows += [(name, BH // H, T, H, D) for T in GRID_T if BH * T * D <= GRID_MAX_ELEMENTS]
+    return rows
+
+
 GQA_SHAPE = (4, 4096, 32, 128)
 RWKV_SHAPE = (8, 4096, 32, 64)  # issue 28's RWKV bars: 32 heads of 64
 
@@ -290,11 +310,13 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
               plot_dir: str | None = None, head_dims: tuple[int, ...] = (), md_path: str | None = None,
-              target: str | None = None, peers: bool = True, programs: dict | None = None) -> int:
+              target: str | None = None, peers: bool = True, programs: dict | None = None,
+              grid: bool = False) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
     ``peers=False`` times our ops only (peer_ms NaN). ``programs``: name -> ``@kernel`` of programs
-    to time beside the ops (``module:kernel``, a user's own; no peer)."""
+    to time beside the ops (``module:kernel``, a user's own; no peer). ``grid``: ``grid_rows`` (records
+    carry ``grid: True``)."""
     from tilemix.ops.runtime import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
@@ -315,7 +337,12 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
                   target=label, records=records)
     json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
-    rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS) if sweep else default_rows(names)
+    if grid:
+        rows = grid_rows(names=names or GRID_OPS, head_dims=head_dims or GRID_D)
+    elif sweep:
+        rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS)
+    else:
+        rows = default_rows(names)
     for name, B, T, H, D in rows:
         program = (programs or {}).get(name)
         case = CASES[name] if program is None else program_case(program)
@@ -341,7 +368,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host,
-                            **_backward_field(name)))
+                            **_backward_field(name), **({"grid": True} if grid else {})))
         cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
                  number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")
