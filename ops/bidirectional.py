@@ -1,0 +1,242 @@
+"""Bidirectional linear attention (SANA / linear DiT): ``o_t = scale · Sᵀ q_t`` with ``S = Σ_s k_s v_sᵀ`` over
+the whole sequence, optionally normalised by ``scale · q_t·Σ_s k_s``; and JRT-RNN's prefix linear attention:
+bidirectional over the first ``prefix_len`` tokens, causal after them.
+
+Programs:
+
+- ``bidirectional_linear_attention_fwd`` (``_normalized_fwd``): two chunk loops, the first summing the state
+  (and the key sum), the second reading it; the state comes back as the final state the backward reads.
+- ``prefix_linear_attention_fwd``: one causal loop whose keys before ``prefix_len`` (a ``Scalar``, compared with
+  the token positions) are masked out, started from the prefix's state ``S_P = Σ_{s<P} k_s v_sᵀ``, which
+  ``linear_attention_states`` sums over the prefix's views ``k[:, :P]``, ``v[:, :P]`` (read in place): the keys
+  and values after the prefix are read once.
+- ``linear_attention_read``: ``o_t = scale · Sᵀ x_t`` for a fixed state, the backward's gradients.
+
+The derived backward (``tilemix.tiles.autodiff``) takes one chunk loop: the bidirectional programs' second
+loop reads the first loop's final value, whose gradient would need a reverse program per loop chained through
+it. The backward is written here instead, from the same programs (``_bidirectional_backward``,
+``_prefix_backward``); it needs no per-chunk states.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, colsum, kernel, position, rowsum, where
+
+from ._library import tile_op
+from .linear_attention import linear_attention_bwd_dkdv_op, linear_attention_bwd_dq_op, linear_attention_states
+from .runtime import call_with_target, check_call, current_target, default_scale, use_target
+
+__all__ = ["bidirectional_linear_attention_fwd", "bidirectional_linear_attention_normalized_fwd",
+           "prefix_linear_attention_fwd", "linear_attention_read", "bidirectional_linear_attention",
+           "prefix_linear_attention"]
+
+EPSILON = 1e-10  # added to the normaliser, as fla's normalize_output does
+
+
+@kernel
+def bidirectional_linear_attention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], scale: Scalar,
+                                       o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        s = s + k[c].T @ v[c]
+    for c in chunks(64):
+        o[c] = (q[c] @ s) * scale
+
+
+@kernel
+def bidirectional_linear_attention_normalized_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], scale: Scalar,
+                                                  o: Out[Seq["V"]], s: State["K", "V"] = None,
+                                                  z: State[1, "K"] = None):
+    """``o_t = scale·Sᵀq_t / (scale·q_t·z + EPSILON)``, ``z = Σ_s k_s`` over the same keys as S."""
+    for c in chunks(64):
+        kc = k[c]
+        s = s + kc.T @ v[c]
+        z = z + colsum(kc)
+    for c in chunks(64):
+        qc = q[c]
+        o[c] = (qc @ s) * scale / (rowsum(qc * z) * scale + EPSILON)
+
+
+@kernel
+def prefix_linear_attention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], prefix_len: Scalar, scale: Scalar,
+                                o: Out[Seq["V"]], s: State["K", "V"] = None):
+    """Causal linear attention over the keys at or after ``prefix_len``, from the prefix's state ``s``: a token
+    in the prefix reads ``s`` alone, a later one ``s`` and the keys from ``prefix_len`` through itself."""
+    for c in chunks(64):
+        qc, vc = q[c], v[c]
+        kc = where(position(c) >= prefix_len, k[c], 0.0)
+        o[c] = (causal(qc @ kc.T) @ vc + qc @ s) * scale
+        s = s + kc.T @ vc
+
+
+@kernel
+def linear_attention_read(x: Seq["K"], scale: Scalar, o: Out[Seq["V"]], s: State["K", "V"] = None):
+    """``o_t = scale · sᵀ x_t`` for a fixed state ``s``."""
+    for c in chunks(64):
+        o[c] = (x[c] @ s) * scale
+
+
+def _transposed(state: torch.Tensor) -> torch.Tensor:
+    return state.transpose(-1, -2).contiguous()
+
+
+# -- the state sum and the state read as custom ops, differentiable --------------------------------------
+linear_attention_sum_op = tile_op(
+    "linear_attention_sum", "(Tensor a, Tensor b) -> Tensor", linear_attention_states,
+    lambda a, b: (dict(k=a, v=b), {"k": "a", "v": "b"}, ("s",)), lambda out: out["s"])
+linear_attention_read_op = tile_op(
+    "linear_attention_read", "(Tensor x, float scale, Tensor s) -> Tensor", linear_attention_read,
+    lambda x, scale, s: (dict(x=x, scale=scale, s=s), {}, ()), lambda out: out["o"])
+
+
+def _sum_setup(ctx, inputs, output):
+    ctx.target = current_target()  # the backward programs run on the forward's target
+    ctx.save_for_backward(*inputs)
+
+
+def _sum_backward(ctx, ds):
+    """``Σ_t a_tᵀ b_t``: ``da_t = ds b_t``, ``db_t = dsᵀ a_t``."""
+    a, b = ctx.saved_tensors
+    with use_target(ctx.target):
+        return linear_attention_read_op(b, 1.0, _transposed(ds)), linear_attention_read_op(a, 1.0, ds.contiguous())
+
+
+def _read_setup(ctx, inputs, output):
+    x, ctx.scale, s = inputs
+    ctx.target = current_target()
+    ctx.save_for_backward(x, s)
+
+
+def _read_backward(ctx, do):
+    """``o_t = scale · sᵀ x_t``: ``dx_t = scale · s do_t``, ``ds = scale · Σ_t x_t do_tᵀ``."""
+    x, s = ctx.saved_tensors
+    do = do.contiguous()
+    with use_target(ctx.target):
+        dx = linear_attention_read_op(do, ctx.scale, _transposed(s)) if ctx.needs_input_grad[0] else None
+        ds = linear_attention_sum_op(x, do) * ctx.scale if ctx.needs_input_grad[2] else None
+    return dx, None, ds
+
+
+linear_attention_sum_op.register_autograd(_sum_backward, setup_context=_sum_setup)
+linear_attention_read_op.register_autograd(_read_backward, setup_context=_read_setup)
+
+
+# -- bidirectional ------------------------------------------------------------------------------------------
+bidirectional_linear_attention_op = tile_op(
+    "bidirectional_linear_attention", "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+    bidirectional_linear_attention_fwd, lambda q, k, v, scale: (dict(q=q, k=k, v=v, scale=scale), {}, ("s",)),
+    lambda out: (out["o"], out["s"]))
+bidirectional_linear_attention_normalized_op = tile_op(
+    "bidirectional_linear_attention_normalized",
+    "(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor)",
+    bidirectional_linear_attention_normalized_fwd,
+    lambda q, k, v, scale: (dict(q=q, k=k, v=v, scale=scale), {}, ("s", "z")),
+    lambda out: (out["o"], out["s"], out["z"]))
+
+
+def _bidirectional_setup(ctx, inputs, output):
+    q, k, v, ctx.scale = inputs
+    ctx.target = current_target()
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _bidirectional_backward(ctx, do, *_):
+    """``o_t = scale · Sᵀ q_t``, ``S = Σ_s k_s v_sᵀ``: ``dq_t = scale · S do_t``, and with
+    ``E = Σ_t q_t do_tᵀ``: ``dk_s = scale · E v_s``, ``dv_s = scale · Eᵀ k_s`` (the final state is internal:
+    no gradient comes in for it)."""
+    q, k, v, _, s = ctx.saved_tensors
+    do = do.contiguous()
+    with use_target(ctx.target):
+        e = linear_attention_sum_op(q, do)
+        return (linear_attention_read_op(do, ctx.scale, _transposed(s)),
+                linear_attention_read_op(v, ctx.scale, _transposed(e)), linear_attention_read_op(k, ctx.scale, e), None)
+
+
+def _normalized_backward(ctx, do, *_):
+    """``o_t = n_t / d_t`` with ``n_t = scale · Sᵀ q_t`` and ``d_t = scale · q_t·z + EPSILON``: ``g_t = do_t / d_t``
+    is n's gradient and ``-do_t·o_t / d_t`` d's, which reaches q through z and z (``Σ_s k_s``) through every k."""
+    q, k, v, o, s, z = ctx.saved_tensors
+    work = torch.promote_types(q.dtype, torch.float32)
+    scale, zw = ctx.scale, z.to(work)[:, :, 0]  # [B, H, K]
+    d = torch.einsum("bthk,bhk->bth", q.to(work), zw) * scale + EPSILON
+    g = (do.to(work) / d.unsqueeze(-1)).to(q.dtype)
+    dd = -(do.to(work) * o.to(work)).sum(-1) / d  # [B, T, H]
+    with use_target(ctx.target):
+        e = linear_attention_sum_op(q, g)
+        dq = linear_attention_read_op(g, scale, _transposed(s)).to(work) + scale * dd.unsqueeze(-1) * zw.unsqueeze(1)
+        dk = linear_attention_read_op(v, scale, _transposed(e)).to(work)
+        dv = linear_attention_read_op(k, scale, e)
+    dk = dk + scale * torch.einsum("bth,bthk->bhk", dd, q.to(work)).unsqueeze(1)  # through z
+    return dq.to(q.dtype), dk.to(k.dtype), dv, None
+
+
+bidirectional_linear_attention_op.register_autograd(_bidirectional_backward, setup_context=_bidirectional_setup)
+bidirectional_linear_attention_normalized_op.register_autograd(_normalized_backward,
+                                                               setup_context=_bidirectional_setup)
+
+
+def bidirectional_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                   normalize: bool) -> torch.Tensor:
+    """``linear_attention(..., causal=False)``'s output (arguments checked by it)."""
+    if normalize:
+        return bidirectional_linear_attention_normalized_op(q, k, v, scale)[0]
+    return bidirectional_linear_attention_op(q, k, v, scale)[0]
+
+
+# -- prefix -------------------------------------------------------------------------------------------------
+prefix_linear_attention_op = tile_op(
+    "prefix_linear_attention",
+    "(Tensor q, Tensor k, Tensor v, float prefix_len, float scale, Tensor? prefix_state) -> Tensor",
+    prefix_linear_attention_fwd,
+    lambda q, k, v, prefix_len, scale, prefix_state: (
+        dict(q=q, k=k, v=v, prefix_len=prefix_len, scale=scale, s=prefix_state), {"s": "prefix_state"}, ()),
+    lambda out: out["o"])
+
+
+def _prefix_setup(ctx, inputs, output):
+    q, k, v, ctx.prefix_len, ctx.scale, prefix_state = inputs
+    ctx.target = current_target()
+    ctx.save_for_backward(q, k, v, prefix_state)
+
+
+def _prefix_backward(ctx, do):
+    """Causal linear attention's backward on the keys with the prefix's masked out, from the prefix's state:
+    its gradient is that of the initial state."""
+    q, k, v, prefix_state = ctx.saved_tensors
+    do = do.contiguous()
+    late = (torch.arange(k.shape[1], device=k.device) >= ctx.prefix_len).to(k.dtype)[:, None, None]
+    masked = k * late
+    want_state = prefix_state is not None and ctx.needs_input_grad[5]
+    with use_target(ctx.target):
+        dq = linear_attention_bwd_dq_op(do, masked, v, ctx.scale, prefix_state)
+        dk, dv, dstate = linear_attention_bwd_dkdv_op(q, masked, v, do, ctx.scale, None, want_state)
+    return dq, dk * late, dv, None, None, (dstate if want_state else None)
+
+
+prefix_linear_attention_op.register_autograd(_prefix_backward, setup_context=_prefix_setup)
+
+
+def prefix_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                            scale: float | None = None, *, target: str | None = None) -> torch.Tensor:
+    """JRT-RNN's prefix linear attention: a token ``t < prefix_len`` reads every key ``s < prefix_len``
+    (bidirectional over the prefix), a later token every key ``s ≤ t`` (causal):
+    ``o_t = scale · (Σ_{s ∈ seen(t)} k_s v_sᵀ)ᵀ q_t``, without normalisation.
+
+    q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; ``prefix_len``: an int, ``0 ≤ prefix_len ≤ T`` (0: causal
+    linear attention, T: bidirectional); scale defaults to ``K ** -0.5``. Returns ``o [B, T, H, V]``.
+    The prefix's keys and values are read twice (its state first, then the causal pass), the rest once.
+    ``target`` as in ``linear_attention``. Differentiable."""
+    check_call("prefix_linear_attention", differentiable=True, target=target, q=q, k=k, v=v)
+    if k.dim() != 4:
+        raise ValueError(f"k: expected [B, T, H, K], got shape {tuple(k.shape)}")
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.SymInt)):
+        raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
+    if not 0 <= prefix_len <= k.shape[1]:
+        raise ValueError(f"prefix_len: expected 0 <= prefix_len <= T = {k.shape[1]}, got {prefix_len}")
+    scale = default_scale(q, scale)
+
+    def call(q, k, v):
+        state = linear_attention_sum_op(k[:, :prefix_len], v[:, :prefix_len]) if prefix_len else None
+        return prefix_linear_attention_op(q, k, v, float(prefix_len), scale, state)
+    return call_with_target(target, call, q, k, v)
