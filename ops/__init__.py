@@ -13,6 +13,12 @@ from tilemix.tiles import __version__
 
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
+from .bidirectional import (
+    bidirectional_linear_attention_fwd,
+    bidirectional_linear_attention_normalized_fwd,
+    prefix_linear_attention,
+    prefix_linear_attention_fwd,
+)
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
 from .delta_rule import delta_rule, delta_rule_fwd, gated_delta_rule, gated_delta_rule_fwd
 from .gated import gla, gla_fwd, retention, retention_fwd, rwkv6, rwkv6_fwd
@@ -50,3 +56,5 @@ __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGR
 __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd", "Retention", "GatedLinearAttention",
             "RWKV6TimeMix"]
 __all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]
+__all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirectional_linear_attention_fwd",
+            "bidirectional_linear_attention_normalized_fwd"]

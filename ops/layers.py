@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .bidirectional import prefix_linear_attention
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
@@ -103,7 +104,9 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class LinearAttention(nn.Module):
     """Causal linear attention (no normalisation) with an optional feature map on q and k; the
-    recurrent state can be carried across calls.
+    recurrent state can be carried across calls. ``causal=False``: bidirectional (SANA, linear DiT),
+    normalised by the key sum when ``normalize`` (a positive feature map keeps that sum from 0);
+    ``forward(x, prefix_len=P)``: JRT-RNN's prefix form, bidirectional over the first P tokens.
 
     >>> layer = LinearAttention(dim=256, heads=4, feature_map="elu+1")
     >>> with torch.no_grad():
@@ -112,23 +115,32 @@ class LinearAttention(nn.Module):
     (torch.Size([2, 100, 256]), torch.Size([2, 4, 64, 64]))
     """
 
-    def __init__(self, dim: int, heads: int, feature_map: str | Callable = "identity", bias: bool = False):
+    def __init__(self, dim: int, heads: int, feature_map: str | Callable = "identity", bias: bool = False,
+                 causal: bool = True, normalize: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
         if isinstance(feature_map, str) and feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)} "
                              "or a callable")
-        self.heads = heads
+        if normalize and causal:
+            raise ValueError("normalize: True is supported with causal=False only")
+        self.heads, self.causal, self.normalize = heads, causal, normalize
         self.feature_map = FEATURE_MAPS[feature_map] if isinstance(feature_map, str) else feature_map
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
-                output_final_state: bool = False):
+                output_final_state: bool = False, prefix_len: int | None = None):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = self.feature_map(q), self.feature_map(k)
-        o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
+        if prefix_len is not None:
+            if not self.causal or initial_state is not None or output_final_state:
+                raise ValueError("prefix_len: the prefix form runs on a causal layer, without states")
+            o, state = prefix_linear_attention(q, k, v, prefix_len), None
+        else:
+            o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state,
+                                        causal=self.causal, normalize=self.normalize)
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 
