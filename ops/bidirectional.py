@@ -29,8 +29,7 @@ from .linear_attention import linear_attention_bwd_dkdv_op, linear_attention_bwd
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
 
 __all__ = ["bidirectional_linear_attention_fwd", "bidirectional_linear_attention_normalized_fwd",
-           "prefix_linear_attention_fwd", "linear_attention_read", "bidirectional_linear_attention",
-           "prefix_linear_attention"]
+           "prefix_linear_attention_fwd", "linear_attention_read", "prefix_linear_attention"]
 
 EPSILON = 1e-10  # added to the normaliser, as fla's normalize_output does
 
@@ -176,14 +175,6 @@ bidirectional_linear_attention_normalized_op.register_autograd(_normalized_backw
                                                                setup_context=_bidirectional_setup)
 
 
-def bidirectional_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                                   normalize: bool) -> torch.Tensor:
-    """``linear_attention(..., causal=False)``'s output (arguments checked by it)."""
-    if normalize:
-        return bidirectional_linear_attention_normalized_op(q, k, v, scale)[0]
-    return bidirectional_linear_attention_op(q, k, v, scale)[0]
-
-
 # -- prefix -------------------------------------------------------------------------------------------------
 prefix_linear_attention_op = tile_op(
     "prefix_linear_attention",
@@ -228,13 +219,13 @@ def prefix_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     The prefix's keys and values are read twice (its state first, then the causal pass), the rest once.
     ``target`` as in ``linear_attention``. Differentiable."""
     check_call("prefix_linear_attention", differentiable=True, target=target, q=q, k=k, v=v)
-    if k.dim() != 4:
-        raise ValueError(f"k: expected [B, T, H, K], got shape {tuple(k.shape)}")
+    scale = default_scale(q, scale)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.SymInt)):
         raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
+    # shapes and dtypes checked against q, as the causal pass names them, before the prefix's sum runs
+    prefix_linear_attention_fwd.bind(dict(q=q, k=k, v=v, prefix_len=0.0, scale=scale))
     if not 0 <= prefix_len <= k.shape[1]:
         raise ValueError(f"prefix_len: expected 0 <= prefix_len <= T = {k.shape[1]}, got {prefix_len}")
-    scale = default_scale(q, scale)
 
     def call(q, k, v):
         state = linear_attention_sum_op(k[:, :prefix_len], v[:, :prefix_len]) if prefix_len else None

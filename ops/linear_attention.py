@@ -230,12 +230,12 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 def _bidirectional(q, k, v, scale, initial_state, output_final_state, target, backward, normalize):
     """``linear_attention(..., causal=False)``, its arguments checked."""
-    from .bidirectional import bidirectional_linear_attention  # that module reuses this one's programs
-
     for name, given in (("initial_state", initial_state is not None), ("output_final_state", output_final_state)):
         if given:
             raise ValueError(f"{name}: the bidirectional form (causal=False) has no recurrent state")
     if check_backward(backward) != "hand-written":
         raise ValueError("backward: 'derived' is the causal program's; causal=False runs its own backward")
-    o = call_with_target(target, bidirectional_linear_attention, q, k, v, default_scale(q, scale), normalize)
-    return o, None
+    # the ops ops/bidirectional.py registers (importing it here would close a cycle: it reuses this module)
+    op = torch.ops.tilemix.bidirectional_linear_attention_normalized if normalize else \
+        torch.ops.tilemix.bidirectional_linear_attention
+    return call_with_target(target, op, q, k, v, default_scale(q, scale))[0], None

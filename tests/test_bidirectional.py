@@ -1,0 +1,179 @@
+"""Bidirectional linear attention (``linear_attention(..., causal=False)``, normalised or not) and prefix linear
+attention (ops/bidirectional.py): against the float64 masked products (reference/bidirectional.py) on the
+interpreter, float64 gradients, argument errors, the layer, bf16 on a GPU, and the programs compiled for
+sm_90a and sm_80."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilemix import ops
+from tilemix import reference as ref
+from tilemix.ops import bidirectional
+from tilemix.reference.tolerance import bound, rel_err
+
+PROGRAMS = (bidirectional.bidirectional_linear_attention_fwd,
+            bidirectional.bidirectional_linear_attention_normalized_fwd,
+            bidirectional.prefix_linear_attention_fwd, bidirectional.linear_attention_read)
+
+
+def _qkv(B=1, T=70, H=2, K=16, V=16, seed=0, dtype=torch.float64, positive=False):
+    """q and k with rows of about unit norm (``positive``: in [0.1, 1.1), as a positive feature map gives,
+    which keeps a normaliser away from 0), v standard normal."""
+    gen = torch.Generator().manual_seed(seed)
+    if positive:
+        q, k = (torch.rand(B, T, H, K, generator=gen, dtype=dtype) + 0.1 for _ in range(2))
+    else:
+        q, k = (torch.randn(B, T, H, K, generator=gen, dtype=dtype) * K ** -0.5 for _ in range(2))
+    return q, k, torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+
+
+def _bidirectional(normalize):
+    return lambda q, k, v: ops.linear_attention(q, k, v, causal=False, normalize=normalize)[0]
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 300), K=st.sampled_from([16, 32]), V=st.sampled_from([16, 48]), normalize=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_bidirectional_matches_float64(T, K, V, normalize, seed):
+    q, k, v = _qkv(B=2, T=T, K=K, V=V, seed=seed, positive=normalize)
+    o, state = ops.linear_attention(q, k, v, scale=0.3, causal=False, normalize=normalize)
+    assert state is None
+    assert rel_err(o, ref.bidirectional_linear_attention(q, k, v, 0.3, normalize)) <= 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 300), where=st.floats(0, 1), K=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
+def test_prefix_matches_float64(T, where, K, seed):
+    prefix_len = round(where * T)
+    q, k, v = _qkv(B=2, T=T, K=K, seed=seed)
+    assert rel_err(ops.prefix_linear_attention(q, k, v, prefix_len),
+                   ref.prefix_linear_attention(q, k, v, prefix_len)) <= 1e-12
+
+
+def test_prefix_ends_are_causal_and_bidirectional():
+    q, k, v = _qkv(T=100)
+    assert rel_err(ops.prefix_linear_attention(q, k, v, 0), ops.linear_attention(q, k, v)[0].numpy()) <= 1e-12
+    full = ops.linear_attention(q, k, v, causal=False)[0].numpy()
+    assert rel_err(ops.prefix_linear_attention(q, k, v, 100), full) <= 1e-12
+
+
+def test_default_scale_is_k_to_the_minus_half():
+    q, k, v = _qkv(K=32)
+    assert rel_err(ops.linear_attention(q, k, v, causal=False)[0],
+                   ref.bidirectional_linear_attention(q, k, v, 32 ** -0.5)) <= 1e-12
+    assert rel_err(ops.prefix_linear_attention(q, k, v, 10),
+                   ref.prefix_linear_attention(q, k, v, 10, 32 ** -0.5)) <= 1e-12
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bidirectional_gradients(normalize):
+    inputs = tuple(t.requires_grad_() for t in _qkv(T=70, positive=normalize))
+    assert torch.autograd.gradcheck(_bidirectional(normalize), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("prefix_len", [0, 5, 64, 70])
+def test_prefix_gradients(prefix_len):
+    inputs = tuple(t.requires_grad_() for t in _qkv(T=70))
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.prefix_linear_attention(q, k, v, prefix_len), inputs,
+                                    fast_mode=True)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda q, k, v: ops.prefix_linear_attention(q, k, v, -1), ValueError, r"prefix_len: expected 0 <= prefix_len"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k, v, 71), ValueError, r"<= T = 70, got 71"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k, v, 3.0), TypeError, "prefix_len: expected an int"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k, v, True), TypeError, "prefix_len: expected an int"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k[0], v, 3), ValueError, r"k: expected 4 dims \[B, T, H, K\]"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k, v[:, :5], 30), ValueError, r"v: expected shape .* got \[1, 5"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k.double(), v, 3), TypeError, "k: dtype f64 differs from q's"),
+    (lambda q, k, v: ops.linear_attention(q, k, v, normalize=True), ValueError, "normalize: True is supported"),
+    (lambda q, k, v: ops.linear_attention(q, k, v, causal="no"), TypeError, "causal: expected True or False"),
+    (lambda q, k, v: ops.linear_attention(q, k, v, causal=False, initial_state=torch.zeros(1, 2, 16, 16)),
+     ValueError, "initial_state: the bidirectional form"),
+    (lambda q, k, v: ops.linear_attention(q, k, v, causal=False, output_final_state=True), ValueError,
+     "output_final_state: the bidirectional form"),
+    (lambda q, k, v: ops.linear_attention(q, k, v, causal=False, backward="derived"), ValueError, "backward:"),
+    (lambda q, k, v: ops.linear_attention(q, k, v[:, :5], causal=False), ValueError, r"v: expected shape .* \[1, 5"),
+])
+def test_argument_errors_name_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(*_qkv(T=70, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("layer_args, call_args, expected", [
+    (dict(causal=False), {}, lambda q, k, v: ref.bidirectional_linear_attention(q, k, v)),
+    (dict(causal=False, normalize=True), {}, lambda q, k, v: ref.bidirectional_linear_attention(q, k, v, None, True)),
+    ({}, dict(prefix_len=30), lambda q, k, v: ref.prefix_linear_attention(q, k, v, 30)),
+])
+def test_layer_forms(layer_args, call_args, expected):
+    torch.manual_seed(0)
+    layer = ops.LinearAttention(dim=64, heads=2, feature_map="elu+1", **layer_args).double()
+    x = torch.randn(2, 50, 64, dtype=torch.float64)
+    y = layer(x, **call_args)
+    q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.qkv(x).chunk(3, dim=-1))
+    q, k = layer.feature_map(q), layer.feature_map(k)
+    want = layer.out(torch.from_numpy(expected(q, k, v)).flatten(-2))
+    assert rel_err(y, want.detach().numpy()) <= 1e-12
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_layer_refuses_what_the_forms_lack():
+    with pytest.raises(ValueError, match="normalize: True is supported with causal=False only"):
+        ops.LinearAttention(dim=64, heads=2, normalize=True)
+    with pytest.raises(ValueError, match="prefix_len: the prefix form runs on a causal layer"):
+        ops.LinearAttention(dim=64, heads=2, causal=False)(torch.randn(1, 10, 64), prefix_len=3)
+
+
+@pytest.mark.parametrize("op, args", [
+    ("bidirectional_linear_attention", lambda q, k, v: (q, k, v, 0.25)),
+    ("bidirectional_linear_attention_normalized", lambda q, k, v: (q.abs(), k.abs(), v, 0.25)),
+    ("prefix_linear_attention", lambda q, k, v: (q, k, v, 30.0, 0.25, torch.randn(1, 2, 16, 16, dtype=q.dtype))),
+    ("linear_attention_sum", lambda q, k, v: (k, v)),
+    ("linear_attention_read", lambda q, k, v: (q, 0.5, torch.randn(1, 2, 16, 16, dtype=q.dtype))),
+])
+def test_ops_pass_opcheck(op, args):
+    """Schema, fake (meta) kernel and autograd registration agree with the real kernel."""
+    values = args(*_qkv(T=70))
+    values = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in values)
+    torch.library.opcheck(getattr(torch.ops.tilemix, op), values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["bidirectional", "normalized", "prefix"])
+@pytest.mark.parametrize("T", [1, 100, 300, 4096])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_forward_and_backward_against_float64(form, T, D):
+    exact = tuple(t.requires_grad_() for t in _qkv(B=2, T=T, H=3, K=D, V=D, seed=T + D,
+                                                       positive=form == "normalized"))
+    low = tuple(t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in exact)
+    call = {"bidirectional": _bidirectional(False), "normalized": _bidirectional(True),
+            "prefix": lambda q, k, v: ops.prefix_linear_attention(q, k, v, (3 * T) // 5)}[form]
+    o, o_ref = call(*low), call(*exact)
+    assert rel_err(o.float().cpu(), o_ref.detach().numpy()) <= bound(torch.bfloat16)
+    do = torch.randn_like(o_ref)
+    (o.float() * do.to("cuda")).sum().backward()
+    (o_ref * do).sum().backward()
+    for name, a, b in zip("qkv", low, exact):
+        assert rel_err(a.grad.float().cpu(), b.grad.numpy()) <= bound(torch.bfloat16), name
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.name)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("arch, mma", [("sm_90a", "HGMMA"), ("sm_80", "HMMA")])
+def test_compiles_with_tensor_cores_without_local_memory(program, D, arch, mma):
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.schedule import default_source
+    from tilemix.ops.examples import kernel_specs
+
+    binding = program.bind(kernel_specs(program, size=D, T=4096))
+    source = default_source(program, binding, arch)
+    compiled = compile_cuda(source.source, arch, source.name)
+    text, usage = sass(compiled), resources(compiled)
+    assert mma in text, f"{source.name}: no {mma} in the SASS"
+    assert not ("LDL" in text or "STL" in text or usage["local_memory"]), f"{source.name}: local memory {usage}"
