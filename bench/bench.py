@@ -24,6 +24,7 @@ from tilemix import ops
 from tilemix.ops.examples import kernel_inputs
 from tilemix.ops.timing import host_us, time_ms
 
+from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .plots import plot_results
@@ -244,7 +245,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES}
+         **MIXER_CASES, **BIDIRECTIONAL_CASES}
 
 
 def direction(name: str) -> str:

@@ -177,3 +177,21 @@ def test_compiles_with_tensor_cores_without_local_memory(program, D, arch, mma):
     text, usage = sass(compiled), resources(compiled)
     assert mma in text, f"{source.name}: no {mma} in the SASS"
     assert not ("LDL" in text or "STL" in text or usage["local_memory"]), f"{source.name}: local memory {usage}"
+
+
+@pytest.mark.parametrize("name", ["linear_attention-bidir", "linear_attention-bidir-bwd", "prefix_linear_attention",
+                                  "prefix_linear_attention-bwd"])
+def test_bench_rows_run_without_peer(name):
+    """Each row's timed call runs on the interpreter at a small shape (backward: a gradient of q, k and v); its
+    bytes are q, k, v and o (backward: q, k, v, do and their gradients), and the record's op is the function."""
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 70, 2, 16, torch.float32, device="cpu")
+    out = ours()
+    if bench.direction(name) == "bwd":
+        assert len(out) == 3 and all(g.shape == (1, 70, 2, 16) and g.isfinite().all() for g in out)
+    else:
+        assert out.shape == (1, 70, 2, 16) and out.isfinite().all()
+    assert nbytes == (7 if bench.direction(name) == "bwd" else 4) * 70 * 2 * 16 * 4
+    assert peer is None and peer_name == "-" and flops > 0 and shape["T"] == 70
+    assert name.split("-")[0] in ("linear_attention", "prefix_linear_attention")
