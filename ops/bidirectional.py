@@ -208,6 +208,18 @@ def _prefix_backward(ctx, do):
 prefix_linear_attention_op.register_autograd(_prefix_backward, setup_context=_prefix_setup)
 
 
+def _check_against_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k and v shaped and typed as q asks, checked before the prefix's sum runs on their slices (whose
+    errors would name the sum's arguments)."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected 4 dims [B, T, H, K], got shape {list(q.shape)}")
+    for name, t, expected in (("k", k, list(q.shape)), ("v", v, list(q.shape[:3]) + ["V"])):
+        if t.dim() != 4 or list(t.shape[:3]) != list(q.shape[:3]) or (name == "k" and t.shape != q.shape):
+            raise ValueError(f"{name}: expected shape {expected} (from q), got {list(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
+
+
 def prefix_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
                             scale: float | None = None, *, target: str | None = None) -> torch.Tensor:
     """JRT-RNN's prefix linear attention: a token ``t < prefix_len`` reads every key ``s < prefix_len``
@@ -222,8 +234,7 @@ def prefix_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     scale = default_scale(q, scale)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, (int, torch.SymInt)):
         raise TypeError(f"prefix_len: expected an int, got {type(prefix_len).__name__}")
-    # shapes and dtypes checked against q, as the causal pass names them, before the prefix's sum runs
-    prefix_linear_attention_fwd.bind(dict(q=q, k=k, v=v, prefix_len=0.0, scale=scale))
+    _check_against_q(q, k, v)
     if not 0 <= prefix_len <= k.shape[1]:
         raise ValueError(f"prefix_len: expected 0 <= prefix_len <= T = {k.shape[1]}, got {prefix_len}")
 

@@ -87,9 +87,12 @@ def test_prefix_gradients(prefix_len):
     (lambda q, k, v: ops.prefix_linear_attention(q, k, v, 71), ValueError, r"<= T = 70, got 71"),
     (lambda q, k, v: ops.prefix_linear_attention(q, k, v, 3.0), TypeError, "prefix_len: expected an int"),
     (lambda q, k, v: ops.prefix_linear_attention(q, k, v, True), TypeError, "prefix_len: expected an int"),
-    (lambda q, k, v: ops.prefix_linear_attention(q, k[0], v, 3), ValueError, r"k: expected 4 dims \[B, T, H, K\]"),
-    (lambda q, k, v: ops.prefix_linear_attention(q, k, v[:, :5], 30), ValueError, r"v: expected shape .* got \[1, 5"),
-    (lambda q, k, v: ops.prefix_linear_attention(q, k.double(), v, 3), TypeError, "k: dtype f64 differs from q's"),
+    (lambda q, k, v: ops.prefix_linear_attention(q[0], k, v, 3), ValueError, r"q: expected 4 dims \[B, T, H, K\]"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k[0], v, 3), ValueError, r"k: expected shape \[1, 70, 2, 16\]"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k, v[:, :5], 30), ValueError,
+     r"v: expected shape \[1, 70, 2, 'V'\] \(from q\), got \[1, 5"),
+    (lambda q, k, v: ops.prefix_linear_attention(q, k.double(), v, 3), TypeError,
+     "k: dtype torch.float64 differs from q's"),
     (lambda q, k, v: ops.linear_attention(q, k, v, normalize=True), ValueError, "normalize: True is supported"),
     (lambda q, k, v: ops.linear_attention(q, k, v, causal="no"), TypeError, "causal: expected True or False"),
     (lambda q, k, v: ops.linear_attention(q, k, v, causal=False, initial_state=torch.zeros(1, 2, 16, 16)),
@@ -141,6 +144,22 @@ def test_ops_pass_opcheck(op, args):
     values = args(*_qkv(T=70))
     values = tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in values)
     torch.library.opcheck(getattr(torch.ops.tilemix, op), values)
+
+
+def test_compile_fullgraph_trains_as_eager():
+    """torch.compile traces both forms whole, their backward ops included, and computes what eager does."""
+    def forward(q, k, v):
+        return ops.prefix_linear_attention(q, k, v, 30) + ops.linear_attention(q, k, v, causal=False,
+                                                                               normalize=True)[0]
+
+    def step(fn):
+        q, k, v = (t.float().requires_grad_() for t in _qkv(T=70, positive=True))
+        o = fn(q, k, v)
+        o.square().sum().backward()
+        return o, q.grad, k.grad, v.grad
+
+    for e, c in zip(step(forward), step(torch.compile(forward, fullgraph=True, backend="aot_eager"))):
+        assert torch.equal(e, c)
 
 
 @pytest.mark.gpu
