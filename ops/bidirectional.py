@@ -24,9 +24,9 @@ import torch
 
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, colsum, kernel, position, rowsum, where
 
-from ._library import tile_op
-from .linear_attention import linear_attention_bwd_dkdv_op, linear_attention_bwd_dq_op, linear_attention_states
-from .runtime import call_with_target, check_call, current_target, default_scale, use_target
+from ._library import no_state, tile_op
+from .linear_attention import linear_attention_bwd_dkdv_op, linear_attention_states
+from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 
 __all__ = ["bidirectional_linear_attention_fwd", "bidirectional_linear_attention_normalized_fwd",
            "prefix_linear_attention_fwd", "linear_attention_read", "prefix_linear_attention"]
@@ -80,45 +80,13 @@ def _transposed(state: torch.Tensor) -> torch.Tensor:
     return state.transpose(-1, -2).contiguous()
 
 
-# -- the state sum and the state read as custom ops, differentiable --------------------------------------
+# -- the state sum and the state read as custom ops: the backward programs ----------------------------------
 linear_attention_sum_op = tile_op(
     "linear_attention_sum", "(Tensor a, Tensor b) -> Tensor", linear_attention_states,
     lambda a, b: (dict(k=a, v=b), {"k": "a", "v": "b"}, ("s",)), lambda out: out["s"])
 linear_attention_read_op = tile_op(
     "linear_attention_read", "(Tensor x, float scale, Tensor s) -> Tensor", linear_attention_read,
     lambda x, scale, s: (dict(x=x, scale=scale, s=s), {}, ()), lambda out: out["o"])
-
-
-def _sum_setup(ctx, inputs, output):
-    ctx.target = current_target()  # the backward programs run on the forward's target
-    ctx.save_for_backward(*inputs)
-
-
-def _sum_backward(ctx, ds):
-    """``Σ_t a_tᵀ b_t``: ``da_t = ds b_t``, ``db_t = dsᵀ a_t``."""
-    a, b = ctx.saved_tensors
-    with use_target(ctx.target):
-        return linear_attention_read_op(b, 1.0, _transposed(ds)), linear_attention_read_op(a, 1.0, ds.contiguous())
-
-
-def _read_setup(ctx, inputs, output):
-    x, ctx.scale, s = inputs
-    ctx.target = current_target()
-    ctx.save_for_backward(x, s)
-
-
-def _read_backward(ctx, do):
-    """``o_t = scale · sᵀ x_t``: ``dx_t = scale · s do_t``, ``ds = scale · Σ_t x_t do_tᵀ``."""
-    x, s = ctx.saved_tensors
-    do = do.contiguous()
-    with use_target(ctx.target):
-        dx = linear_attention_read_op(do, ctx.scale, _transposed(s)) if ctx.needs_input_grad[0] else None
-        ds = linear_attention_sum_op(x, do) * ctx.scale if ctx.needs_input_grad[2] else None
-    return dx, None, ds
-
-
-linear_attention_sum_op.register_autograd(_sum_backward, setup_context=_sum_setup)
-linear_attention_read_op.register_autograd(_read_backward, setup_context=_read_setup)
 
 
 # -- bidirectional ------------------------------------------------------------------------------------------
@@ -176,8 +144,8 @@ bidirectional_linear_attention_normalized_op.register_autograd(_normalized_backw
 
 
 # -- prefix -------------------------------------------------------------------------------------------------
-prefix_linear_attention_op = tile_op(
-    "prefix_linear_attention",
+prefix_linear_attention_pass_op = tile_op(
+    "prefix_linear_attention_pass",
     "(Tensor q, Tensor k, Tensor v, float prefix_len, float scale, Tensor? prefix_state) -> Tensor",
     prefix_linear_attention_fwd,
     lambda q, k, v, prefix_len, scale, prefix_state: (
@@ -185,24 +153,49 @@ prefix_linear_attention_op = tile_op(
     lambda out: out["o"])
 
 
+def _prefix(q, k, v, prefix_len, scale, run):
+    """o and the prefix's state (empty when ``prefix_len`` is 0): the state summed over views of the prefix,
+    then the causal pass from it. ``run(kernel, args, labels, final_states)``."""
+    state = run(linear_attention_states, dict(k=k[:, :prefix_len], v=v[:, :prefix_len]), {}, ("s",))["s"] \
+        if prefix_len else None
+    args = dict(q=q, k=k, v=v, prefix_len=float(prefix_len), scale=scale, s=state)
+    o = run(prefix_linear_attention_fwd, args, {}, ())["o"]
+    return o, (no_state(o) if state is None else state)
+
+
+@torch.library.custom_op("tilemix::prefix_linear_attention", mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, int prefix_len, float scale) -> (Tensor, Tensor)"))
+def prefix_linear_attention_op(q, k, v, prefix_len, scale):
+    """o and the prefix's state, which the backward reads."""
+    return _prefix(q, k, v, prefix_len, scale, run_kernel)
+
+
+@prefix_linear_attention_op.register_fake
+def _(q, k, v, prefix_len, scale):
+    return _prefix(q, k, v, prefix_len, scale, fake_run)
+
+
 def _prefix_setup(ctx, inputs, output):
-    q, k, v, ctx.prefix_len, ctx.scale, prefix_state = inputs
+    q, k, v, ctx.prefix_len, ctx.scale = inputs
     ctx.target = current_target()
-    ctx.save_for_backward(q, k, v, prefix_state)
+    ctx.save_for_backward(q, k, v, output[1])
 
 
-def _prefix_backward(ctx, do):
-    """Causal linear attention's backward on the keys with the prefix's masked out, from the prefix's state:
-    its gradient is that of the initial state."""
-    q, k, v, prefix_state = ctx.saved_tensors
+def _prefix_backward(ctx, do, _):
+    """dq is the forward pass with do for q and v, k swapped, from the prefix's transposed state. A key at or
+    after prefix_len is seen causally: its dk and dv are causal linear attention's. One before it is seen by
+    every token, through the prefix's state, whose gradient ``scale · Σ_t q_t do_tᵀ`` the causal backward
+    gives as its initial state's: those rows are overwritten with it applied to v and k."""
+    q, k, v, state = ctx.saved_tensors
+    P, scale = ctx.prefix_len, ctx.scale
     do = do.contiguous()
-    late = (torch.arange(k.shape[1], device=k.device) >= ctx.prefix_len).to(k.dtype)[:, None, None]
-    masked = k * late
-    want_state = prefix_state is not None and ctx.needs_input_grad[5]
     with use_target(ctx.target):
-        dq = linear_attention_bwd_dq_op(do, masked, v, ctx.scale, prefix_state)
-        dk, dv, dstate = linear_attention_bwd_dkdv_op(q, masked, v, do, ctx.scale, None, want_state)
-    return dq, dk * late, dv, None, None, (dstate if want_state else None)
+        dq = prefix_linear_attention_pass_op(do, v, k, float(P), scale, _transposed(state) if P else None)
+        dk, dv, dstate = linear_attention_bwd_dkdv_op(q, k, v, do, scale, None, P > 0)
+        if P:
+            dk[:, :P] = linear_attention_read_op(v[:, :P], 1.0, _transposed(dstate))
+            dv[:, :P] = linear_attention_read_op(k[:, :P], 1.0, dstate)
+    return dq, dk, dv, None, None
 
 
 prefix_linear_attention_op.register_autograd(_prefix_backward, setup_context=_prefix_setup)
@@ -237,8 +230,4 @@ def prefix_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     _check_against_q(q, k, v)
     if not 0 <= prefix_len <= k.shape[1]:
         raise ValueError(f"prefix_len: expected 0 <= prefix_len <= T = {k.shape[1]}, got {prefix_len}")
-
-    def call(q, k, v):
-        state = linear_attention_sum_op(k[:, :prefix_len], v[:, :prefix_len]) if prefix_len else None
-        return prefix_linear_attention_op(q, k, v, float(prefix_len), scale, state)
-    return call_with_target(target, call, q, k, v)
+    return call_with_target(target, prefix_linear_attention_op, q, k, v, prefix_len, scale)[0]
