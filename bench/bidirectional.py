@@ -1,7 +1,10 @@
 """Bench cases of bidirectional and prefix linear attention (issue 29): no peer. Bytes are what the op must
 move at least, read q, k, v and write o (backward: read q, k, v, do and write dq, dk, dv), so the roofline
-column is the fraction of the HBM floor reached. What the ops move on top of that: the prefix's k and v read
-a second time (its state first), the bidirectional backward's sum over q and do.
+column is the fraction of the HBM floor reached. In [B, T, H, D] tensors moved, against that floor of 4 (7):
+the bidirectional forward moves 4, its backward 8 (the sum of q doᵀ reads q and do, then three reads of
+the states each read one tensor and write one); the prefix forward 4 + 2P/T (the prefix's k and v twice),
+its backward 14 + 8P/T (dq as a forward pass, causal linear attention's dk and dv, then their prefix rows
+read from the prefix state's gradient and copied in).
 
 A case returns what ``bench.CASES`` entries return: ``(ours, peer, peer name, bytes, flops, shape)``."""
 

@@ -121,8 +121,9 @@ def _bidirectional_backward(ctx, do, *_):
 
 
 def _normalized_backward(ctx, do, *_):
-    """``o_t = n_t / d_t`` with ``n_t = scale · Sᵀ q_t`` and ``d_t = scale · q_t·z + EPSILON``: ``g_t = do_t / d_t``
-    is n's gradient and ``-do_t·o_t / d_t`` d's, which reaches q through z and z (``Σ_s k_s``) through every k."""
+    """``o_t = n_t / d_t`` with ``n_t = scale · Sᵀ q_t`` and ``d_t = scale · q_t·z + EPSILON``: n's gradient
+    ``g_t = do_t / d_t`` goes through the programs as do does above; d's, ``-do_t·o_t / d_t``, reaches q_t
+    directly and every k through ``z = Σ_s k_s`` (in torch: vectors per token, no matmul)."""
     q, k, v, o, s, z = ctx.saved_tensors
     work = torch.promote_types(q.dtype, torch.float32)
     scale, zw = ctx.scale, z.to(work)[:, :, 0]  # [B, H, K]

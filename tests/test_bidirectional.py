@@ -61,6 +61,17 @@ def test_prefix_ends_are_causal_and_bidirectional():
     assert rel_err(ops.prefix_linear_attention(q, k, v, 100), full) <= 1e-12
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 3, 16), (0, 5, 3, 16)])
+def test_empty_inputs(shape):
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    outputs = [ops.linear_attention(q, k, v, causal=False)[0],
+               ops.linear_attention(q, k, v, causal=False, normalize=True)[0],
+               ops.prefix_linear_attention(q, k, v, min(3, shape[1]))]
+    assert all(o.shape == shape for o in outputs)
+    sum(o.sum() for o in outputs).backward()
+    assert q.grad.shape == k.grad.shape == v.grad.shape == shape
+
+
 def test_default_scale_is_k_to_the_minus_half():
     q, k, v = _qkv(K=32)
     assert rel_err(ops.linear_attention(q, k, v, causal=False)[0],
