@@ -70,7 +70,7 @@ def prefix_linear_attention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], prefix_le
 
 
 @kernel
-def linear_attention_read(x: Seq["K"], scale: Scalar, o: Out[Seq["V"]], s: State["K", "V"] = None):
+def linear_attention_read(x: Seq["K"], scale: Scalar, o: Out[Seq["V"]], s: State["K", "V"]):
     """``o_t = scale · sᵀ x_t`` for a fixed state ``s``."""
     for c in chunks(64):
         o[c] = (x[c] @ s) * scale
