@@ -108,19 +108,24 @@ def _bidirectional_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, *output)
 
 
-def _bidirectional_backward(ctx, do, *_):
+def _with_state_grad(state_grad: torch.Tensor, direct: torch.Tensor | None) -> torch.Tensor:
+    """A state's gradient through the outputs, plus the one coming in for the state as an op result."""
+    return state_grad if direct is None else state_grad + direct
+
+
+def _bidirectional_backward(ctx, do, ds):
     """``o_t = scale · Sᵀ q_t``, ``S = Σ_s k_s v_sᵀ``: ``dq_t = scale · S do_t``, and with
-    ``E = Σ_t q_t do_tᵀ``: ``dk_s = scale · E v_s``, ``dv_s = scale · Eᵀ k_s`` (the final state is internal:
-    no gradient comes in for it)."""
+    ``dS = scale · Σ_t q_t do_tᵀ`` (plus the gradient of S as the op's result): ``dk_s = dS v_s``,
+    ``dv_s = dSᵀ k_s``."""
     q, k, v, _, s = ctx.saved_tensors
     do = do.contiguous()
     with use_target(ctx.target):
-        e = linear_attention_sum_op(q, do)
+        dstate = _with_state_grad(linear_attention_sum_op(q, do) * ctx.scale, ds)
         return (linear_attention_read_op(do, ctx.scale, _transposed(s)),
-                linear_attention_read_op(v, ctx.scale, _transposed(e)), linear_attention_read_op(k, ctx.scale, e), None)
+                linear_attention_read_op(v, 1.0, _transposed(dstate)), linear_attention_read_op(k, 1.0, dstate), None)
 
 
-def _normalized_backward(ctx, do, *_):
+def _normalized_backward(ctx, do, ds, dz):
     """``o_t = n_t / d_t`` with ``n_t = scale · Sᵀ q_t`` and ``d_t = scale · q_t·z + EPSILON``: n's gradient
     ``g_t = do_t / d_t`` goes through the programs as do does above; d's, ``-do_t·o_t / d_t``, reaches q_t
     directly and every k through ``z = Σ_s k_s`` (in torch: vectors per token, no matmul)."""
@@ -131,11 +136,12 @@ def _normalized_backward(ctx, do, *_):
     g = (do.to(work) / d.unsqueeze(-1)).to(q.dtype)
     dd = -(do.to(work) * o.to(work)).sum(-1) / d  # [B, T, H]
     with use_target(ctx.target):
-        e = linear_attention_sum_op(q, g)
+        dstate = _with_state_grad(linear_attention_sum_op(q, g) * scale, ds)
         dq = linear_attention_read_op(g, scale, _transposed(s)).to(work) + scale * dd.unsqueeze(-1) * zw.unsqueeze(1)
-        dk = linear_attention_read_op(v, scale, _transposed(e)).to(work)
-        dv = linear_attention_read_op(k, scale, e)
-    dk = dk + scale * torch.einsum("bth,bthk->bhk", dd, q.to(work)).unsqueeze(1)  # through z
+        dk = linear_attention_read_op(v, 1.0, _transposed(dstate)).to(work)
+        dv = linear_attention_read_op(k, 1.0, dstate)
+    dsum = scale * torch.einsum("bth,bthk->bhk", dd, q.to(work))  # z's gradient
+    dk = dk + _with_state_grad(dsum, None if dz is None else dz[:, :, 0].to(work)).unsqueeze(1)
     return dq.to(q.dtype), dk.to(k.dtype), dv, None
 
 
@@ -182,11 +188,12 @@ def _prefix_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, output[1])
 
 
-def _prefix_backward(ctx, do, _):
+def _prefix_backward(ctx, do, dprefix_state):
     """dq is the forward pass with do for q and v, k swapped, from the prefix's transposed state. A key at or
     after prefix_len is seen causally: its dk and dv are causal linear attention's. One before it is seen by
     every token, through the prefix's state, whose gradient ``scale · Σ_t q_t do_tᵀ`` the causal backward
-    gives as its initial state's: those rows are overwritten with it applied to v and k."""
+    gives as its initial state's (plus the state's own as the op's result): those rows are overwritten with
+    it applied to v and k."""
     q, k, v, state = ctx.saved_tensors
     P, scale = ctx.prefix_len, ctx.scale
     do = do.contiguous()
@@ -194,6 +201,7 @@ def _prefix_backward(ctx, do, _):
         dq = prefix_linear_attention_pass_op(do, v, k, float(P), scale, _transposed(state) if P else None)
         dk, dv, dstate = linear_attention_bwd_dkdv_op(q, k, v, do, scale, None, P > 0)
         if P:
+            dstate = _with_state_grad(dstate, dprefix_state)
             dk[:, :P] = linear_attention_read_op(v[:, :P], 1.0, _transposed(dstate))
             dv[:, :P] = linear_attention_read_op(k[:, :P], 1.0, dstate)
     return dq, dk, dv, None, None

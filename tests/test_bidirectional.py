@@ -93,6 +93,19 @@ def test_prefix_gradients(prefix_len):
                                     fast_mode=True)
 
 
+@pytest.mark.parametrize("op, args, positive", [
+    ("bidirectional_linear_attention", (0.3,), False),
+    ("bidirectional_linear_attention_normalized", (0.3,), True),
+    *(("prefix_linear_attention", (P, 0.3), False) for P in (0, 5, 70)),
+])
+def test_state_results_carry_gradients(op, args, positive):
+    """The ops return the states their backward reads (S, z, the prefix's S); a gradient for them as
+    results reaches k and v too."""
+    inputs = tuple(t.requires_grad_() for t in _qkv(T=70, positive=positive))
+    assert torch.autograd.gradcheck(lambda q, k, v: getattr(torch.ops.tilemix, op)(q, k, v, *args), inputs,
+                                    fast_mode=True)
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda q, k, v: ops.prefix_linear_attention(q, k, v, -1), ValueError, r"prefix_len: expected 0 <= prefix_len"),
     (lambda q, k, v: ops.prefix_linear_attention(q, k, v, 71), ValueError, r"<= T = 70, got 71"),
