@@ -6,16 +6,16 @@ Programs:
 
 - ``bidirectional_linear_attention_fwd`` (``_normalized_fwd``): two chunk loops, the first summing the state
   (and the key sum), the second reading it; the state comes back as the final state the backward reads.
-- ``prefix_linear_attention_fwd``: one causal loop whose keys before ``prefix_len`` (a ``Scalar``, compared with
-  the token positions) are masked out, started from the prefix's state ``S_P = Σ_{s<P} k_s v_sᵀ``, which
-  ``linear_attention_states`` sums over the prefix's views ``k[:, :P]``, ``v[:, :P]`` (read in place): the keys
-  and values after the prefix are read once.
+- ``prefix_linear_attention_fwd``: one causal loop whose keys before ``prefix_len`` (a ``Scalar`` compared with
+  the token positions, so one kernel serves every prefix length) are masked out, started from the prefix's
+  state ``S_P = Σ_{s<P} k_s v_sᵀ``, which ``linear_attention_states`` sums over the prefix's views
+  ``k[:, :P]``, ``v[:, :P]`` (read in place): the keys and values after the prefix are read once.
 - ``linear_attention_read``: ``o_t = scale · Sᵀ x_t`` for a fixed state, the backward's gradients.
 
 The derived backward (``tilemix.tiles.autodiff``) takes one chunk loop: the bidirectional programs' second
 loop reads the first loop's final value, whose gradient would need a reverse program per loop chained through
-it. The backward is written here instead, from the same programs (``_bidirectional_backward``,
-``_prefix_backward``); it needs no per-chunk states.
+it. The backward is written here instead, from the same programs and causal linear attention's backward
+(``_bidirectional_backward``, ``_prefix_backward``); it needs no per-chunk states.
 """
 
 from __future__ import annotations
