@@ -27,6 +27,7 @@ from .layers import (
     DeltaNet,
     GatedLinearAttention,
     LinearAttention,
+    Mamba1Mixer,
     Mamba2Mixer,
     MultiHeadAttention,
     Retention,
@@ -35,6 +36,7 @@ from .layers import (
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
 from .models import HybridLM
 from .runtime import run, use_target
+from .selective_scan import selective_scan, selective_scan_fwd
 from .ssd import ssd, ssd_fwd, ssd_scan
 
 PROGRAMS = {
@@ -58,3 +60,4 @@ __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd"
 __all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]
 __all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirectional_linear_attention_fwd",
             "bidirectional_linear_attention_normalized_fwd"]
+__all__ += ["selective_scan", "selective_scan_fwd", "Mamba1Mixer"]

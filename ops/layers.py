@@ -20,10 +20,11 @@ from .bidirectional import prefix_linear_attention
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
+from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
-           "GatedLinearAttention", "RWKV6TimeMix"]
+           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -298,6 +299,44 @@ class Mamba2Mixer(nn.Module):
                        groups=self.conv.groups).transpose(1, 2)
         out, state = self._scan(xbc, z, dt, None if cache is None else cache.ssm, True)
         return out, Mamba2Cache(window[:, window.shape[1] - tail:], state)
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba-1's mixer without its convolution: in-projection to (x, z), ``silu(x)``, x-projection to
+    (low-rank Δ, B, C), Δ's up-projection, the selective scan with ``Δ = softplus(Δ + dt_bias)``,
+    ``A = -exp(A_log)`` (S4D-real: ``A[d, n] = -(n + 1)``) and a skip ``D·x``, gated by ``silu(z)``,
+    out-projection.
+
+    >>> layer = Mamba1Mixer(dim=64, inner=128, state_dim=16)
+    >>> with torch.no_grad():
+    ...     y, state = layer(torch.randn(2, 100, 64), output_final_state=True)
+    >>> y.shape, state.shape
+    (torch.Size([2, 100, 64]), torch.Size([2, 128, 16]))
+    """
+
+    def __init__(self, dim: int, inner: int | None = None, state_dim: int = 16, dt_rank: int | None = None,
+                 bias: bool = False):
+        super().__init__()
+        inner = inner or 2 * dim
+        self.dt_rank, self.state_dim = dt_rank or -(-dim // 16), state_dim
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=bias)  # x, z
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * state_dim, bias=False)  # Δ (low rank), B, C
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=False)
+        self.dt_bias = nn.Parameter(torch.zeros(inner))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, state_dim + 1, dtype=torch.float32)).repeat(inner, 1))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs = F.silu(xs)
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.state_dim, self.state_dim], dim=-1)
+        exact = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # for A, D, dt_bias
+        y, state = selective_scan(xs, self.dt_proj(dt), -torch.exp(self.A_log.to(exact)), B, C, D=self.D.to(exact),
+                                  z=z, delta_bias=self.dt_bias.to(exact), delta_softplus=True,
+                                  initial_state=initial_state, output_final_state=output_final_state)
+        out = self.out_proj(y)
+        return (out, state) if output_final_state else out
 
 
 class DeltaNet(nn.Module):
