@@ -75,7 +75,8 @@ selective_scan_mixer = mixer(selective_scan_fwd, "tilemix::selective_scan", fina
 
 
 def _head_width(channels: int, groups: int) -> int:
-    """Channels per head: 64 where it divides each group's channels, else a group's channels."""
+    """Channels per head: 64 where it divides each group's channels, else a group's channels (a
+    multiple of 16: the program slices the state row in blocks of the head width)."""
     per_group = channels // groups
     return HEAD_WIDTH if per_group % HEAD_WIDTH == 0 else per_group
 
@@ -102,6 +103,10 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, o
                              f"dividing Dm = {channels}, got shape {tuple(t.shape)}")
     if B.dim() != C.dim() or (B.dim() == 4 and B.shape[2] != C.shape[2]):
         raise ValueError(f"C: expected the groups of B {tuple(B.shape)}, got shape {tuple(C.shape)}")
+    groups = B.shape[2] if B.dim() == 4 else 1
+    if (channels // groups) % 16:
+        raise ValueError(f"u: its Dm = {channels} channels make groups of {channels // groups} (G = {groups}); "
+                         "selective_scan takes groups of a multiple of 16 channels")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (channels,):
             raise ValueError(f"{name}: expected [Dm] = [{channels}], got shape {tuple(t.shape)}")
