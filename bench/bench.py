@@ -29,6 +29,8 @@ from .calls import backward_of, leaves
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
+from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
+from .selective_scan import SELECTIVE_SCAN_CASES
 
 __all__ = ["run_bench", "default_json_path"]
 
@@ -245,7 +247,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES, **BIDIRECTIONAL_CASES}
+         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES}
 
 
 def direction(name: str) -> str:
@@ -398,7 +400,7 @@ def _backward_field(name: str) -> dict:
     """A backward row's ``backward``: "derived" (from the forward program) or "hand-written"."""
     if direction(name) != "bwd":
         return {}
-    return dict(backward="derived" if name in DERIVED_BACKWARD else "hand-written")
+    return dict(backward="derived" if name in DERIVED_BACKWARD | SCAN_DERIVED_BACKWARD else "hand-written")
 
 
 def default_json_path(result: dict) -> Path:

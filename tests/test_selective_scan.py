@@ -136,6 +136,26 @@ def test_layer_trains_and_continues_from_its_state():
     assert rel_err(torch.cat([y1, y2], 1), y.detach().double().numpy()) <= bound(torch.float32)
 
 
+@pytest.mark.parametrize("name", ["selective_scan", "selective_scan-bwd"])
+def test_bench_rows_run(name):
+    """The rows' timed calls on the interpreter at a small shape (Dm = H·D = 32); no peer; the
+    backward row returns a gradient of every input and says it is the derived backward."""
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 70, 2, 16, torch.float32, device="cpu")
+    out = ours()
+    if bench.direction(name) == "bwd":
+        assert len(out) == 8 and all(g.isfinite().all() for g in out)
+        assert bench._backward_field(name) == {"backward": "derived"}
+    else:
+        assert out.shape == (1, 70, 32) and out.isfinite().all()
+    assert (peer, peer_name, shape) == (None, "-", dict(B=1, T=70, Dm=32, N=16))
+    channels, entries = 70 * 32 * 4, 70 * 16 * 4  # fp32 bytes of one [B, T, Dm] and one [B, T, N] tensor
+    # forward: read u, delta, z, B, C, write y; backward: read those and dy, write du, ddelta, dz, dB, dC
+    expected = {"selective_scan": 4 * channels + 2 * entries, "selective_scan-bwd": 7 * channels + 4 * entries}
+    assert nbytes == expected[name]
+
+
 def _specs(N: int, Dm: int = 2048, B: int = 8, T: int = 4096, P: int = 64) -> dict:
     """The program's arguments at the bench shape, every option on (B and C padded to 64 columns, as
     the op pads them on a GPU)."""
