@@ -168,9 +168,9 @@ def _specs(N: int, Dm: int = 2048, B: int = 8, T: int = 4096, P: int = 64) -> di
 
 GRADED = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # (arch, program) -> local memory bytes measured at N = 2 state entries, every option on: the head's
-# state is a row of N·64 fp32 columns, which register tiles hold whole in every thread (N·16
-# registers), beside the 64 x 64 fp32 tiles of each entry's scan; at N = 16 the forward spills 2536
-# bytes on sm_90a, 2312 on sm_80
+# decay rates A and its state are rows of N·64 fp32 columns, which register tiles hold whole in every
+# thread (N·16 registers each), beside the 64 x 64 fp32 tiles of each entry's scan; at N = 16 the
+# forward spills 2536 bytes on sm_90a, 2312 on sm_80
 SPILLING: dict[tuple[str, str], int] = {
     ("sm_90a", "forward"): 304, ("sm_90a", "d_A"): 944, ("sm_90a", "d_B"): 296, ("sm_90a", "d_C"): 64,
     ("sm_90a", "d_delta"): 920, ("sm_90a", "d_delta_bias"): 912, ("sm_90a", "d_u"): 320, ("sm_90a", "d_z"): 192,
