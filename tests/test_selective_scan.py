@@ -21,8 +21,8 @@ OPTIONAL = ("D", "z", "delta_bias", "initial_state")
 
 
 def _inputs(B=1, T=70, Dm=32, N=4, G=0, max_decay=1.0, seed=0, dtype=torch.float64, optional=OPTIONAL) -> dict:
-    """u, delta in [0, 1] (softplus'd when delta_softplus), A uniform in [-max_decay, 0] (so a step
-    decays by up to exp(-max_decay)), B and C ``[B, T, N]`` (G = 0) or ``[B, T, G, N]``, and the
+    """u; delta in [0, 1] and delta_bias in [0, 0.5] (positive steps, softplus'd or not: up to about
+    1.7); A uniform in [-max_decay, 0]; B and C ``[B, T, N]`` (G = 0) or ``[B, T, G, N]``; and the
     ``optional`` arguments."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -31,7 +31,8 @@ def _inputs(B=1, T=70, Dm=32, N=4, G=0, max_decay=1.0, seed=0, dtype=torch.float
     bc = (B, T, N) if G == 0 else (B, T, G, N)
     args = dict(u=rnd(B, T, Dm), delta=torch.rand(B, T, Dm, generator=gen, dtype=dtype),
                 A=-max_decay * torch.rand(Dm, N, generator=gen, dtype=dtype), B=rnd(*bc), C=rnd(*bc),
-                D=rnd(Dm), z=rnd(B, T, Dm), delta_bias=rnd(Dm) * 0.5, initial_state=rnd(B, Dm, N))
+                D=rnd(Dm), z=rnd(B, T, Dm), delta_bias=torch.rand(Dm, generator=gen, dtype=dtype) * 0.5,
+                initial_state=rnd(B, Dm, N))
     return {n: t for n, t in args.items() if n not in OPTIONAL or n in optional}
 
 
