@@ -108,7 +108,7 @@ class KernelPlan:
             if self.split_loop is not None and loop.stop.index is self.split_loop.index:
                 # every consumer runs the CTA's longest range; positions mask what is not theirs
                 block = self.block_expr(self.schedule.consumers - 1)
-            end = f"min({end}, ({block} + 1) * {loop.stop.size})"
+            end = f"min({end}, ({block} + 1) * {loop.stop.size}{_plus(loop.stop.offset)})"
         chunks = f"(({end}) + {loop.size - 1}) / {loop.size}"
         return chunks if loop.start is None else f"max(0, {chunks} - c_first)"
 
@@ -119,7 +119,15 @@ class KernelPlan:
         block = self.index_name[loop.start.index.id]
         if self.split_loop is not None and loop.start.index is self.split_loop.index:
             block = self.block_expr(0)  # every consumer starts where the CTA's first block does
-        return [f"const int c_first = {block} * {loop.start.size} / {loop.size};"]
+        first_row = f"{block} * {loop.start.size}"
+        if loop.start.offset:  # a window's first row, clamped at the dim's start
+            first_row = f"max(0, {first_row}{_plus(loop.start.offset)})"
+        return [f"const int c_first = {first_row} / {loop.size};"]
+
+
+def _plus(offset: int) -> str:
+    """A bound's row offset as a term of its C++ expression ("" for none)."""
+    return f" {'+' if offset > 0 else '-'} {abs(offset)}" if offset else ""
 
 
 def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: bool, consumer_heads: bool):

@@ -240,13 +240,17 @@ class Builder:
 
     # -- loops ----------------------------------------------------------
     def open_loop(self, kind: str, size: int, dim: str, through: ChunkIndex | None, frame_locals: dict,
-                  start: ChunkIndex | None = None, reverse: bool = False) -> ChunkIndex:
+                  start: ChunkIndex | None = None, reverse: bool = False, window: int | None = None) -> ChunkIndex:
         loc = user_loc()
         if kind == "blocks" and self.open is not None and self.open.op.kind == "chunks":
             raise TileError("blocks() is the parallel grid: it cannot be nested inside a sequential chunks() loop", loc)
         index = Value(INDEX)
         stop = Bound(through.value, through.size) if through is not None else None
         first = Bound(start.value, start.size) if start is not None else None
+        if window is not None and through is not None:  # the window's first key row
+            first = Bound(through.value, through.size, 1 - window)
+        elif window is not None:  # the window's last query row
+            stop = Bound(start.value, start.size, window - 1)
         loop = Loop("loop", (), {}, None, loc, kind=kind, dim=dim, size=size, stop=stop, start=first, index=index,
                     reverse=reverse)
         self.regions[-1].append(loop)
@@ -314,9 +318,9 @@ class LoopIter:
     traced once, then closes the loop."""
 
     def __init__(self, kind: str, size: int, dim: str, through: ChunkIndex | None, start: ChunkIndex | None = None,
-                 reverse: bool = False):
+                 reverse: bool = False, window: int | None = None):
         self.kind, self.size, self.dim, self.through, self.start = kind, size, dim, through, start
-        self.reverse = reverse
+        self.reverse, self.window = reverse, window
         self.state = 0
 
     def __iter__(self):
@@ -328,7 +332,7 @@ class LoopIter:
         self.state += 1
         if self.state == 1:
             return builder.open_loop(self.kind, self.size, self.dim, self.through, frame_locals, self.start,
-                                     self.reverse)
+                                     self.reverse, self.window)
         if self.state == 2:
             builder.close_loop(frame_locals)
         raise StopIteration

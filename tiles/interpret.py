@@ -168,8 +168,10 @@ class _Run:
     def run_loop(self, loop: Loop) -> None:
         end = self.sizes[loop.dim]
         if loop.stop is not None:
-            end = min(end, (self.env[loop.stop.index] + 1) * loop.stop.size)
-        first = 0 if loop.start is None else self.env[loop.start.index] * loop.start.size // loop.size
+            end = min(end, (self.env[loop.stop.index] + 1) * loop.stop.size + loop.stop.offset)
+        first = 0
+        if loop.start is not None:
+            first = max(0, self.env[loop.start.index] * loop.start.size + loop.start.offset) // loop.size
         for carried, init in zip(loop.carried, loop.init):
             self.env[carried] = np.asarray(self.env[init], self.float)
         order = range(first, math.ceil(end / loop.size))

@@ -50,10 +50,16 @@ class Bound:
     As a loop's ``stop``: run only over the chunks that start before that chunk
     ends (the key loop of causal attention stops at its query block); as its
     ``start``: begin at the chunk holding that chunk's first row (the query
-    loop of causal attention's key-gradient program)."""
+    loop of causal attention's key-gradient program). ``offset`` moves the bound by that many
+    rows (clamped to the dim): ``chunks(through=i, window=W)`` starts at row ``i·size - W + 1``,
+    ``chunks(start=j, window=W)`` stops after row ``(j+1)·size + W - 2``."""
 
     index: Value
     size: int
+    offset: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.index}{self.offset:+d}" if self.offset else str(self.index)
 
 
 @dataclass(eq=False)
@@ -117,8 +123,8 @@ def _format_ops(ops: list[Op], indent: str) -> Iterator[str]:
     for op in ops:
         where = f"  # line {op.loc.line}" if op.loc else ""
         if isinstance(op, Loop):
-            stop = f", through={op.stop.index}" if op.stop else ""
-            stop += f", start={op.start.index}" if op.start else ""
+            stop = f", through={op.stop}" if op.stop else ""
+            stop += f", start={op.start}" if op.start else ""
             stop += ", reverse" if op.reverse else ""
             carried = ", ".join(f"{c} = {i}" for c, i in zip(op.carried, op.init))
             results = ", ".join(map(repr, op.results))

@@ -22,7 +22,7 @@ __all__ = [
 
 # -- loops --------------------------------------------------------------------
 def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None,
-           start: ChunkIndex | None = None, reverse: bool = False) -> LoopIter:
+           start: ChunkIndex | None = None, reverse: bool = False, window: int | None = None) -> LoopIter:
     """Sequential loop over ``dim`` in chunks of ``size`` rows; variables
     rebound in the body are carried to the next chunk. ``through=i`` stops
     after the chunks that overlap block ``i`` (the causal key range);
@@ -30,6 +30,13 @@ def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None,
     queries that see key block ``i`` under a causal mask). ``reverse=True``
     visits the chunks last to first (a backward pass carrying a gradient back
     in time); the rows within a chunk keep their order.
+    ``window=W`` (a positive int) bounds the other end by a causal sliding
+    window of ``W`` rows, so the loop visits only the chunks inside it:
+    with ``through=i`` it begins at the chunk holding row ``i·bs - W + 1``
+    (``bs`` block ``i``'s size; row 0 at the least), the keys block ``i``'s
+    queries see under ``window(s, W)``; with ``start=i`` it stops after the
+    chunk holding row ``(i+1)·bs + W - 2`` (the end at the most), the queries
+    that see key block ``i`` (``window(s, W, transposed=True)``).
     A partial last chunk reads zeros past the end and writes nothing there."""
     _check_size(size, "chunks")
     for what, index in (("through", through), ("start", start)):
@@ -38,7 +45,14 @@ def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None,
     if reverse and (through is not None or start is not None):
         raise TileError("chunks(reverse=True) runs over the whole dim: through= and start= are not supported with it",
                         user_loc())
-    return LoopIter("chunks", size, dim, through, start, bool(reverse))
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+            raise TileError(f"chunks(window={window!r}): the window must be a positive int (rows)", user_loc())
+        if (through is None) == (start is None):
+            raise TileError("chunks(window=...) bounds a loop from one end: give it through=i (the keys a query "
+                            "block sees) or start=i (the queries that see a key block), not "
+                            + ("both" if through is not None else "neither"), user_loc())
+    return LoopIter("chunks", size, dim, through, start, bool(reverse), window)
 
 
 def blocks(size: int = 64, dim: str = "T") -> LoopIter:
