@@ -40,6 +40,7 @@ from tilemix.tiles import (
     rowsum,
     zeros,
 )
+from tilemix.tiles import window as sliding_window
 
 from ._library import tile_op
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
@@ -49,17 +50,32 @@ __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq"
 
 NEG_INF = float("-inf")
 LOG2E = 1.4426950408889634
+# A sliding window's first key chunk may hold no key some rows of the query block see: a running max
+# that starts finite keeps those rows' exp2(s - m) at 0 where -inf - -inf would make it NaN.
+NO_SCORE_YET = -1e30
 
 
-def _online_softmax(qi, k, v, i, scale, is_causal, block, chunk):
+def _visible(s, is_causal, window, transposed=False):
+    """Scores ``s`` with the keys a query does not see at -inf: those outside its sliding window of
+    ``window`` keys (itself and the ones before), after it (``is_causal``), or past the end.
+    ``transposed``: keys on the rows, queries on the columns."""
+    if window:
+        return sliding_window(s, window, fill=NEG_INF, transposed=transposed)
+    if is_causal:
+        return causal(s, fill=NEG_INF, transposed=transposed)
+    return in_seq(s, fill=NEG_INF)
+
+
+def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk):
     """One query block's unnormalised output, running row max (of the scores in base-2 units:
     ``scale · log2(e) · q·k``, so each probability is one ``exp2`` of a difference) and denominator
-    over its key chunks (the flash-attention recurrence), shared by the two forward programs."""
-    m, denom, acc = full(block, 1, NEG_INF), zeros(block, 1), zeros(block, v.cols)
+    over its key chunks (the flash-attention recurrence; with a ``window`` only the chunks inside
+    it), shared by the two forward programs."""
+    m, denom, acc = full(block, 1, NO_SCORE_YET if window else NEG_INF), zeros(block, 1), zeros(block, v.cols)
     scale2 = scale * LOG2E
-    for j in chunks(chunk, through=i if is_causal else None):
+    for j in chunks(chunk, through=i if is_causal else None, window=window):
         s = (qi @ k[j].T) * scale2  # scaled in fp32: q * scale in bf16 would round q again
-        s = causal(s, fill=NEG_INF) if is_causal else in_seq(s, fill=NEG_INF)
+        s = _visible(s, is_causal, window)
         m_new = maximum(m, rowmax(s))
         p, alpha = exp2(s - m_new), exp2(m - m_new)
         denom = denom * alpha + rowsum(p)
@@ -76,19 +92,21 @@ GENERIC_BLOCKS = {"sm_90": dict(block=128, chunk=64)}
 
 @kernel(target_consts=GENERIC_BLOCKS)
 def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]],
-                  is_causal: Const = False, block: Const = 64, chunk: Const = 128):
+                  is_causal: Const = False, window: Const = None, block: Const = 64, chunk: Const = 128):
+    """Softmax attention per query block; ``window=W`` (with ``is_causal``): each query sees its last
+    ``W`` keys (itself included), and only the key chunks holding them are visited."""
     for i in blocks(block):  # one program instance per query block
-        acc, _, denom = _online_softmax(q[i], k, v, i, scale, is_causal, block, chunk)
+        acc, _, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk)
         o[i] = acc / denom
 
 
 @kernel(target_consts=GENERIC_BLOCKS)
 def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]], lse: Out[Seq[1]],
-                      is_causal: Const = False, block: Const = 64, chunk: Const = 128):
+                      is_causal: Const = False, window: Const = None, block: Const = 64, chunk: Const = 128):
     """``attention_fwd`` that also writes each query's log-sum-exp of its scaled scores (float32): what
     the backward programs need to recompute the probabilities. Run only when gradients are wanted."""
     for i in blocks(block):
-        acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, block, chunk)
+        acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk)
         o[i] = acc / denom
         lse[i] = m * (1 / LOG2E) + log(denom)  # natural-log units, what the backward programs read
 
@@ -96,7 +114,7 @@ def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: O
 @kernel
 def attention_bwd_dq(q: Seq["D"], k: Seq["D"], v: Seq["V"], o: Seq["V"], do: Seq["V"], lse: Seq[1], scale: Scalar,
                      dq: Out[Seq["D"]], delta: Out[Seq[1]],
-                     is_causal: Const = False, block: Const = 64, chunk: Const = 64):
+                     is_causal: Const = False, window: Const = None, block: Const = 64, chunk: Const = 64):
     """Per query block: ``dq = scale · Σ_j ds_j k_j`` with ``ds = p · (do vᵀ - delta)``, p recomputed
     from the saved log-sum-exp; also writes ``delta = rowsum(do · o)`` for the dk/dv program."""
     for i in blocks(block):
@@ -104,10 +122,10 @@ def attention_bwd_dq(q: Seq["D"], k: Seq["D"], v: Seq["V"], o: Seq["V"], do: Seq
         di = rowsum(doi * o[i])
         delta[i] = di
         acc = zeros(block, q.cols)
-        for j in chunks(chunk, through=i if is_causal else None):
+        for j in chunks(chunk, through=i if is_causal else None, window=window):
             kj = k[j]
             s, dp = qi @ kj.T, doi @ v[j].T  # both products in flight before either is read
-            s = causal(s * scale, fill=NEG_INF) if is_causal else in_seq(s * scale, fill=NEG_INF)
+            s = _visible(s * scale, is_causal, window)
             p = exp(s - li)
             acc = acc + (p * (dp - di)) @ kj
         dq[i] = acc * scale
@@ -116,18 +134,19 @@ def attention_bwd_dq(q: Seq["D"], k: Seq["D"], v: Seq["V"], o: Seq["V"], do: Seq
 @kernel
 def attention_bwd_dkdv(q: Seq["D"], k: Seq["D"], v: Seq["V"], do: Seq["V"], lse: Seq[1], delta: Seq[1],
                        scale: Scalar, dk: Out[Seq["D"]], dv: Out[Seq["V"]],
-                       is_causal: Const = False, block: Const = 64, chunk: Const = 64):
-    """Per key block, over the query chunks that see it (causal: from the block's own chunk on), on
-    transposed tiles (keys on rows): ``dv = Σ_i pᵀ_i do_i``, ``dk = scale · Σ_i dsᵀ_i q_i``."""
+                       is_causal: Const = False, window: Const = None, block: Const = 64, chunk: Const = 64):
+    """Per key block, over the query chunks that see it (causal: from the block's own chunk on; with
+    a window, up to the chunk of its last key's last query), on transposed tiles (keys on rows):
+    ``dv = Σ_i pᵀ_i do_i``, ``dk = scale · Σ_i dsᵀ_i q_i``."""
     for j in blocks(block):
         kj, vj = k[j], v[j]
         dkj, dvj = zeros(block, k.cols), zeros(block, v.cols)
-        for i in chunks(chunk, start=j if is_causal else None):
+        for i in chunks(chunk, start=j if is_causal else None, window=window):
             qi, doi = q[i], do[i]
             st, dpt = kj @ qi.T, vj @ doi.T  # scoresᵀ (a key per row, a query per column) and dpᵀ
             li, di = lse[i].T, delta[i].T
             st = st * scale
-            st = causal(st, fill=NEG_INF, transposed=True) if is_causal else in_seq(st, fill=NEG_INF)
+            st = _visible(st, is_causal, window, transposed=True)
             pt = exp(st - li)
             dvj = dvj + pt @ doi
             dkj = dkj + (pt * (dpt - di)) @ qi
@@ -165,11 +184,12 @@ attention_bwd_dkdv_gqa = _grouped_kv(attention_bwd_dkdv)
 declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_gqa, consts=key_chunk)
 
 
-def _forward_args(q, k, v, causal, scale):
-    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal), {}, None
+def _forward_args(q, k, v, causal, scale, window=0):
+    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal, window=window or None), {}, None
 
 
 _BWD_ARGS = "Tensor q, Tensor k, Tensor v, Tensor do, Tensor lse, bool causal, float scale"
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window=0)"
 
 
 def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_dkdv: Kernel):
@@ -177,20 +197,21 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
     rows' log-sum-exp ``[B, T, H]``, float32, saved for the backward), both differentiable, on the
     four programs given; the backward programs are ops too (``<name>_bwd_dq``, ``<name>_bwd_dkdv``),
     so a compiled training step (AOT autograd traces the backward with fake tensors) sees them as ops,
-    not as Python. Returns the four ops ``(plain, lse, bwd_dq, bwd_dkdv)``."""
-    plain = tile_op(name, "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> Tensor", fwd,
-                    _forward_args, lambda out: out["o"])
-    lse_op = tile_op(f"{name}_lse", "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)",
+    not as Python. ``window``: the sliding window of causal attention (0: none). Returns the four ops
+    ``(plain, lse, bwd_dq, bwd_dkdv)``."""
+    plain = tile_op(name, f"{_FWD_SCHEMA} -> Tensor", fwd, _forward_args, lambda out: out["o"])
+    lse_op = tile_op(f"{name}_lse", f"{_FWD_SCHEMA} -> (Tensor, Tensor)",
                      fwd_lse, _forward_args, lambda out: (out["o"], out["lse"]))
     dq_op = tile_op(
-        f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o) -> (Tensor, Tensor)", bwd_dq,
-        lambda q, k, v, do, lse, causal, scale, o: (dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale,
-                                                         is_causal=causal), {}, None),
+        f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o, int window=0) -> (Tensor, Tensor)", bwd_dq,
+        lambda q, k, v, do, lse, causal, scale, o, window=0: (
+            dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale, is_causal=causal, window=window or None), {}, None),
         lambda out: (out["dq"], out["delta"]))
     dkdv_op = tile_op(
-        f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta) -> (Tensor, Tensor)", bwd_dkdv,
-        lambda q, k, v, do, lse, causal, scale, delta: (dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta,
-                                                             scale=scale, is_causal=causal), {}, None),
+        f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta, int window=0) -> (Tensor, Tensor)", bwd_dkdv,
+        lambda q, k, v, do, lse, causal, scale, delta, window=0: (
+            dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, scale=scale, is_causal=causal, window=window or None),
+            {}, None),
         lambda out: (out["dk"], out["dv"]))
 
     def gradients(ctx, q, k, v, o, lse, do):
@@ -199,14 +220,14 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
         args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
         dk = dv = None
         with use_target(ctx.target):  # the backward programs run on the forward's target
-            dq, delta = dq_op(*args, o)
+            dq, delta = dq_op(*args, o, ctx.window)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta))
-        return dq, dk, dv, None, None
+                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta, ctx.window))
+        return dq, dk, dv, None, None, None
 
     def setup_lse(ctx, inputs, output):
-        q, k, v, causal, scale = inputs
-        ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
+        q, k, v, causal, scale, window = inputs
+        ctx.causal, ctx.scale, ctx.window, ctx.target = causal, scale, window, current_target()
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(q, k, v, *output)
 
@@ -214,8 +235,8 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
         return gradients(ctx, *ctx.saved_tensors, do)
 
     def setup(ctx, inputs, output):
-        q, k, v, causal, scale = inputs
-        ctx.causal, ctx.scale, ctx.target = causal, scale, current_target()
+        q, k, v, causal, scale, window = inputs
+        ctx.causal, ctx.scale, ctx.window, ctx.target = causal, scale, window, current_target()
         ctx.save_for_backward(q, k, v, output)
 
     def backward(ctx, do):
@@ -223,7 +244,7 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
         ``attention()`` runs the ``_lse`` op instead when gradients are wanted)."""
         q, k, v, o = ctx.saved_tensors
         with use_target(ctx.target):
-            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale)
+            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale, ctx.window)
         return gradients(ctx, q, k, v, o, lse, do)
 
     lse_op.register_autograd(backward_lse, setup_context=setup_lse)
@@ -245,22 +266,39 @@ attention_gqa_op, attention_gqa_lse_op, attention_gqa_bwd_dq_op, attention_gqa_b
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: float | None = None, *, target: str | None = None) -> torch.Tensor:
+              scale: float | None = None, *, window: int | None = None, target: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention. q: ``[B, T, H, D]``; k: ``[B, T, H_kv, D]``; v: ``[B, T, H_kv, V]``
     with ``H % H_kv == 0``: grouped-query attention where ``H_kv < H`` (query head h reads kv head
     ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query);
-    scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query.
+    scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query; ``window=W`` (a positive
+    int, with ``causal=True``): sliding-window attention, each query sees keys ``t - W + 1 … t``, and
+    the programs visit only the key (query) chunks inside the window, O(T·W) work.
     Returns ``[B, T, H, V]``. Differentiable: when a gradient is wanted the forward also saves the
     rows' log-sum-exp (``attention_fwd_lse``) and the backward runs ``attention_bwd_dq`` and
     ``attention_bwd_dkdv`` (``*_gqa`` programs for grouped k and v); otherwise it runs ``attention_fwd``
     alone. ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the
     mma.sync kernels, also on an H100)."""
     check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
+    _check_window(window, causal)
     scale = default_scale(q, scale)
     plain, with_lse = (attention_gqa_op, attention_gqa_lse_op) if _grouped(q, k) else (attention_op, attention_lse_op)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        return call_with_target(target, with_lse, q, k, v, bool(causal), scale)[0]
-    return call_with_target(target, plain, q, k, v, bool(causal), scale)
+        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window or 0)[0]
+    return call_with_target(target, plain, q, k, v, bool(causal), scale, window or 0)
+
+
+def _check_window(window, causal) -> None:
+    """``window`` is None or a positive int, and only with ``causal=True``: a ValueError (TypeError
+    for a non-int) naming it."""
+    if window is None:
+        return
+    if not isinstance(window, int) or isinstance(window, bool):
+        raise TypeError(f"window: expected a positive int (keys each query sees) or None, got {window!r}")
+    if window <= 0:
+        raise ValueError(f"window: expected a positive int (keys each query sees), got {window}")
+    if not causal:
+        raise ValueError("window: a sliding window is causal (each query sees the W keys up to itself); "
+                         "pass causal=True with it")
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -44,15 +44,18 @@ def gemm(a, b) -> np.ndarray:
     return a @ b
 
 
-def attention(q, k, v, causal: bool = False, scale: float | None = None) -> np.ndarray:
+def attention(q, k, v, causal: bool = False, scale: float | None = None, window: int | None = None) -> np.ndarray:
     """``O = softmax(scale · Q Kᵀ + M) V`` per batch and head, with
-    ``M[i, j] = -inf`` for ``j > i`` when causal. q ``[B, T, H, D]``, k
+    ``M[i, j] = -inf`` for ``j > i`` when causal, and also for ``j <= i - window``
+    with a sliding ``window`` (causal only). q ``[B, T, H, D]``, k
     ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` → ``[B, T, H, Dv]``; grouped
     queries where ``H_kv < H`` (``H % H_kv == 0``): head h reads kv head
     ``h // (H // H_kv)``, as if k and v were repeated. scale defaults to ``D**-0.5``."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     if q.ndim != 4:
         raise ValueError(f"q: expected shape [B, T, H, D], got {list(q.shape)}")
+    if window is not None and (not causal or not isinstance(window, int) or window <= 0):
+        raise ValueError(f"window: expected a positive int with causal=True, got {window!r} (causal={causal})")
     B, T, H, D = q.shape
     kv_heads = k.shape[2] if k.ndim == 4 else -1
     if kv_heads <= 0 or H % kv_heads:
@@ -63,7 +66,10 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None) -> np.n
     scale = D ** -0.5 if scale is None else scale
     scores = scale * np.einsum("bihd,bjhd->bhij", q, k)
     if causal:
-        scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, -np.inf)
+        visible = np.tril(np.ones((T, T), dtype=bool))
+        if window is not None:
+            visible &= np.triu(visible, 1 - window)
+        scores = np.where(visible, scores, -np.inf)
     if T:
         scores = scores - scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
