@@ -31,6 +31,7 @@ from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
 from .selective_scan import SELECTIVE_SCAN_CASES
+from .windows import WINDOW_CASES, WINDOW_SHAPE
 
 __all__ = ["run_bench", "default_json_path"]
 
@@ -247,7 +248,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES}
+         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES}
 
 
 def direction(name: str) -> str:
@@ -306,6 +307,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return GQA_SHAPE
         if name.startswith("rwkv"):
             return RWKV_SHAPE
+        if name in WINDOW_CASES:
+            return WINDOW_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]

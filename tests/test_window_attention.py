@@ -148,3 +148,37 @@ def test_gpu_window_attention_matches_float64(T, window, target):
     assert rel_err(o, expected.detach().numpy()) <= bound(torch.bfloat16)
     for name, ours, e in zip("qkv", xs, ref):
         assert rel_err(ours.grad, e.grad.numpy()) <= bound(torch.bfloat16), name
+
+
+@pytest.mark.parametrize("name", ["attention-window512", "attention-window2048-bwd"])
+def test_window_bench_rows_run_and_carry_the_window(name):
+    """The bench rows build and run on the interpreter at a small shape, at the bar's shape by
+    default, and their records' shape says the window."""
+    from tilemix.bench import bench
+    from tilemix.bench.windows import WINDOW_SHAPE
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 70, 2, 16, torch.float32, device="cpu")
+    out = ours()
+    if bench.direction(name) == "bwd":
+        assert len(out) == 3 and all(g.isfinite().all() for g in out)
+    else:
+        assert out.shape == (1, 70, 2, 16) and out.isfinite().all()
+    assert peer_name == "flex_attention" and callable(peer) and nbytes > 0 and flops > 0
+    assert shape == dict(B=1, T=70, H=2, D=16, causal=True, window=int(name.split("-")[1][6:]))
+    assert dict((row[0], row[1:]) for row in bench.default_rows([name]))[name] == WINDOW_SHAPE
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_flex_peer_masks_the_same_window(monkeypatch):
+    """The peer's block mask is the same sliding window (flex_attention run eagerly here; the bench
+    compiles it on the GPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from tilemix.bench import windows
+
+    monkeypatch.setattr(windows, "_compiled_flex", lambda: flex_attention)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 200, 2, 16, generator=g) for _ in range(3))
+    out = windows._flex_forward(q, k, v, 37)()
+    expected = reference_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, window=37)
+    assert rel_err(out, expected) <= bound(torch.float32)
