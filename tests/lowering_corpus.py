@@ -24,6 +24,10 @@ VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(
             "overlap-on": dict(overlap="on"), "overlap-off": dict(overlap="off"), "six-stages": dict(stages=6),
             "shared-staging": dict(share_staging=True),
             "heads-pair": dict(split=(), consumers=2, consumer_axis="heads", stages=2, share_staging=True)}
+# Const specialisations lowered besides a program's defaults: program -> label -> Const values
+SPECIALISED = {f"attention.{name}{grouped}": {"window100": dict(is_causal=True, window=100)}
+               for name in ("attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv")
+               for grouped in ("", "_gqa")}
 
 
 def programs() -> dict[str, Kernel]:
@@ -56,12 +60,12 @@ def fingerprint(source) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def lowered(kernel: Kernel, size: int, arch: str, variant: dict) -> str:
+def lowered(kernel: Kernel, size: int, arch: str, variant: dict, consts: dict | None = None) -> str:
     from tilemix.codegen.schedule import default_schedule
     from tilemix.codegen.specialise import kernel_source
     from tilemix.ops.examples import kernel_specs
 
-    args = kernel_specs(kernel, size=size)
+    args = {**kernel_specs(kernel, size=size), **(consts or {})}
     try:
         binding = kernel.bind(args)
         schedule = replace(default_schedule(kernel, binding, arch), **variant)
@@ -73,12 +77,14 @@ def lowered(kernel: Kernel, size: int, arch: str, variant: dict) -> str:
 def corpus() -> dict[str, str]:
     out = {}
     for name, kernel in programs().items():
-        for size in (64, 128, 256):
-            for arch in ARCHS:
-                for vname, variant in VARIANTS.items():
-                    if vname != "default" and (size == 256 or arch not in ("sm_90a", "sm_80")):
-                        continue
-                    out[f"{name} {size} {arch} {vname}"] = lowered(kernel, size, arch, variant)
+        for label, consts in {"": {}, **SPECIALISED.get(name, {})}.items():
+            key = f"{name}[{label}]" if label else name
+            for size in (64, 128, 256):
+                for arch in ARCHS:
+                    for vname, variant in VARIANTS.items():
+                        if vname != "default" and (size == 256 or arch not in ("sm_90a", "sm_80")):
+                            continue
+                        out[f"{key} {size} {arch} {vname}"] = lowered(kernel, size, arch, variant, consts)
     return out
 
 
