@@ -4,6 +4,8 @@ bounds both targets generate; bad windows are refused by name."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,12 @@ def test_a_window_loop_visits_exactly_the_chunks_inside_it(T, w, block, chunk):
 
 def _specs(T=4096, K=64) -> dict:
     return dict(q=TensorSpec((2, T, 4, K), "bfloat16"), k=TensorSpec((2, T, 4, K), "bfloat16"))
+
+
+def test_the_program_text_shows_the_window_bound():
+    x = TensorSpec((1, 300, 2, 16), "float32")
+    assert re.search(r", through=(%\d+), start=\1-99 ", str(keys_in_window.trace(q=x, k=x, w=100)))
+    assert re.search(r", through=(%\d+)\+99, start=\1 ", str(queries_in_window.trace(q=x, k=x, w=100)))
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])

@@ -71,6 +71,18 @@ def test_window_attention_gradcheck(T, window):
         assert torch.autograd.gradcheck(lambda q, k, v: ops.attention(q, k, v, causal=True, window=window), xs)
 
 
+def test_window_attention_grouped_kv_gradients():
+    """Grouped k and v: the dk/dv program's per-query-head shares, summed over each group."""
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 90, 4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 90, 2, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, 90, 4, 16, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(ops.attention(q, k, v, causal=True, window=21), (q, k, v), do)
+    expected = torch.autograd.grad(_windowed(q, k, v, 21), (q, k, v), do)
+    for name, a, e in zip("qkv", ours, expected):
+        assert rel_err(a, e.numpy()) <= 1e-12, name
+
+
 def test_the_plain_op_recomputes_the_windowed_log_sum_exp():
     """``torch.ops.tilemix.attention`` called directly saves no log-sum-exp; its backward recomputes
     it with the same window."""
