@@ -272,26 +272,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query);
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query; ``window=W`` (a positive
     int, with ``causal=True``): sliding-window attention, each query sees keys ``t - W + 1 … t``, and
-    the programs visit only the key (query) chunks inside the window, O(T·W) work.
+    the programs visit only the key (query) chunks inside the window, O(T·W) work (``W >= T``: plain
+    causal attention).
     Returns ``[B, T, H, V]``. Differentiable: when a gradient is wanted the forward also saves the
     rows' log-sum-exp (``attention_fwd_lse``) and the backward runs ``attention_bwd_dq`` and
     ``attention_bwd_dkdv`` (``*_gqa`` programs for grouped k and v); otherwise it runs ``attention_fwd``
     alone. ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the
     mma.sync kernels, also on an H100)."""
     check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
-    _check_window(window, causal)
+    window = _op_window(window, causal, q)
     scale = default_scale(q, scale)
     plain, with_lse = (attention_gqa_op, attention_gqa_lse_op) if _grouped(q, k) else (attention_op, attention_lse_op)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window or 0)[0]
-    return call_with_target(target, plain, q, k, v, bool(causal), scale, window or 0)
+        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window)[0]
+    return call_with_target(target, plain, q, k, v, bool(causal), scale, window)
 
 
-def _check_window(window, causal) -> None:
-    """``window`` is None or a positive int, and only with ``causal=True``: a ValueError (TypeError
-    for a non-int) naming it."""
+def _op_window(window, causal, q) -> int:
+    """The ops' ``window`` argument: 0 for none, or for one that holds the whole sequence (causal
+    attention, one specialisation for any such W); else ``window``. It must be None or a positive
+    int, and only with ``causal=True``: a ValueError (TypeError for a non-int) naming it."""
     if window is None:
-        return
+        return 0
     if not isinstance(window, int) or isinstance(window, bool):
         raise TypeError(f"window: expected a positive int (keys each query sees) or None, got {window!r}")
     if window <= 0:
@@ -299,6 +301,7 @@ def _check_window(window, causal) -> None:
     if not causal:
         raise ValueError("window: a sliding window is causal (each query sees the W keys up to itself); "
                          "pass causal=True with it")
+    return 0 if q.dim() == 4 and window >= q.shape[1] else window
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:

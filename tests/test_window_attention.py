@@ -5,6 +5,8 @@ a GPU bf16 forward and backward against float64."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +46,17 @@ def test_window_attention_grouped_kv_matches_float64():
     out = ops.attention(q, k, v, causal=True, window=40)
     expected = reference_attention(q.numpy(), k.numpy(), v.numpy(), causal=True, window=40)
     assert rel_err(out, expected) <= bound(torch.float32)
+
+
+def test_a_window_holding_the_sequence_runs_causal_attention(monkeypatch):
+    """``W >= T`` runs the causal programs (no window specialisation per such W)."""
+    module = importlib.import_module("tilemix.ops.attention")  # the package's name is the function
+    calls = []
+    monkeypatch.setattr(module, "call_with_target", lambda target, op, *args: calls.append(args[-1]) or args[0])
+    x = torch.randn(1, 50, 1, 16)
+    for window in (49, 50, 10 ** 12):
+        module.attention(x, x, x, causal=True, window=window)
+    assert calls == [49, 0, 0]
 
 
 def test_the_reference_window_is_the_last_w_keys():
