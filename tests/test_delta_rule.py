@@ -169,9 +169,8 @@ SPILLING: dict[tuple, int] = {
     ("gated_delta_rule_fwd", 128, "sm_90a", "g"): 1992, ("gated_delta_rule_fwd", 128, "sm_80", "g"): 1912,
     ("gated_delta_rule_fwd", 128, "sm_90a", "k"): 1808, ("gated_delta_rule_fwd", 128, "sm_80", "k"): 1480,
     ("gated_delta_rule_fwd", 128, "sm_90a", "v"): 544, ("gated_delta_rule_fwd", 128, "sm_80", "v"): 424,
+    ("gated_delta_rule_fwd", 64, "sm_90a", "k"): 728,
 }
-# launches no schedule fits in shared memory (the sm_90a code generator's ResourceError)
-TOO_LARGE = {("gated_delta_rule_fwd", 64, "sm_90a", "k")}
 
 
 def _launches(program, D: int):
@@ -199,14 +198,9 @@ def test_programs_compile_with_tensor_cores_without_local_memory(program, launch
     from tilemix.codegen.compile import compile_cuda, resources, sass
     from tilemix.codegen.schedule import default_schedule
     from tilemix.codegen.specialise import kernel_source
-    from tilemix.tiles import TileError
 
     kernel, binding = _launches(program, D)[launch]
     key = (program.name, D, arch, launch)
-    if key in TOO_LARGE:
-        with pytest.raises(TileError, match="shared memory"):
-            kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
-        pytest.xfail(f"{key}: no schedule fits the sm_90a CTA's shared memory")
     source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
     compiled = compile_cuda(source.source, arch, source.name)
     text, usage = sass(compiled), resources(compiled)
