@@ -22,11 +22,13 @@ from .layers import (
     GatedLinearAttention,
     LinearAttention,
     Mamba2Mixer,
+    MLSTMLayer,
     MultiHeadAttention,
     Retention,
     RWKV6TimeMix,
 )
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .mlstm import mlstm, mlstm_fwd
 from .models import HybridLM
 from .runtime import run, use_target
 from .ssd import ssd, ssd_fwd, ssd_scan
@@ -50,3 +52,4 @@ __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGR
 __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd", "Retention", "GatedLinearAttention",
             "RWKV6TimeMix"]
 __all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]
+__all__ += ["mlstm", "mlstm_fwd", "MLSTMLayer"]
