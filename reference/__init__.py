@@ -5,4 +5,5 @@ from .mixers import attention, gemm, gla, linear_attention, retention, rwkv6, ss
 from .mlstm import mlstm
 from .tolerance import BOUNDS, bound, rel_err
 
-__all__ = ["BOUNDS", "attention", "bound", "gemm", "gla", "linear_attention", "mlstm", "rel_err", "retention", "rwkv6", "ssd"]
+__all__ = ["BOUNDS", "attention", "bound", "gemm", "gla", "linear_attention", "rel_err", "retention", "rwkv6", "ssd"]
+__all__ += ["mlstm"]

@@ -191,3 +191,25 @@ def test_gpu_float32_matches_the_token_loop_with_large_gates():
     assert rel_err(h.cpu(), want_h) <= bound(torch.float32)
     for name, a, b in zip("Cnm", state, want_state):
         assert np.isfinite(a.cpu().numpy()).all() and rel_err(a.cpu(), b) <= bound(torch.float32), name
+
+
+def test_column_blocks_of_the_derived_backward_count_each_state_gradient_once(monkeypatch):
+    """On CUDA the derived backward runs in 64-wide blocks of V, summing the blocks' gradients; n and
+    m have no V, so every block recomputes them and only one may take their final gradients. Here
+    each block's kernels are the interpreter's, to check the split on the CPU."""
+    from tilemix.ops import derived_cuda
+    from tilemix.ops.derived import derived_gradients
+    from tilemix.ops.mlstm import mlstm_fwd
+
+    monkeypatch.setattr(derived_cuda, "_block_gradients",
+                        lambda kernel, args, grads, wrt, arch, device: derived_gradients(kernel, args, grads, wrt))
+    q, k, v, i, f = _inputs(T=70, V=128, seed=8, gate_scale=3.0)
+    C, n, m = _state(V=128, seed=8)
+    args = dict(q=q, k=k, v=v, i=i, f=f, scale=0.25, C=C, n=n[..., None, :], m=m[..., None, None])
+    grads = {"h": torch.randn_like(v), "C": torch.randn_like(C), "n": torch.randn_like(n)[..., None, :],
+             "m": torch.randn_like(m)[..., None, None]}
+    wrt = ["q", "k", "v", "i", "f", "C", "n", "m"]
+    split = derived_cuda.derived_gradients_cuda(mlstm_fwd, args, grads, wrt, arch="sm_90a")
+    whole = derived_gradients(mlstm_fwd, args, grads, wrt)
+    for name in wrt:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-10, atol=1e-10)
