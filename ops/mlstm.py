@@ -44,7 +44,7 @@ _NO_TOKEN = -1e30
 
 @kernel
 def mlstm_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], i: Seq[1], f: Seq[1], scale: Scalar, h: Out[Seq["V"]],
-              C: State["K", "V"] = None, n: State[1, "K"] = None, m: State[1, 1] = None):
+              C: State["K", "V"] = None, n: State["K", 1] = None, m: State[1, 1] = None):
     for c in chunks(64):
         qc, kc, vc = q[c], k[c], v[c]
         log_f = in_seq(-softplus(-f[c].T)).T  # log σ(f); 0 past the sequence's end: the state stops there
@@ -55,13 +55,13 @@ def mlstm_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], i: Seq[1], f: Seq[1], scale
         w = exp(log_w - m_t)
         carried = exp(b + m - m_t)  # the state entering the chunk, as row t weighs it
         scores = (qc @ kc.T) * w * scale
-        qn = rowsum(scores) + rowsum(qc * n) * (carried * scale)
+        qn = rowsum(scores) + rowsum(qc * (n * scale).T) * carried
         h[c] = (scores @ vc + (qc @ C) * (carried * scale)) / maximum(abs(qn), exp(-m_t))
         to_end = cumsum(log_f, reverse=True, exclusive=True) + gate  # token j's log weight at the chunk's end
         m_end = maximum(m + colsum(log_f), colmax(to_end))
         decay, inject = exp(m + colsum(log_f) - m_end), exp(to_end - m_end)
         C = C * decay + kc.T @ (vc * inject)
-        n = n * decay + colsum(kc * inject)
+        n = n * decay + colsum(kc * inject).T
         m = m_end
 
 
@@ -87,7 +87,7 @@ register_derived_autograd(mlstm_op, mlstm_fwd, _ARGUMENTS, ("h", *_STATES))
 
 
 def _check(q, k, v, i, f, initial_state, output_final_state) -> tuple:
-    """The initial state as the program's (C, n [.., 1, K], m [.., 1, 1]), or Nones; errors name the argument."""
+    """The initial state as the program's (C, n [.., K, 1], m [.., 1, 1]), or Nones; errors name the argument."""
     check_call("mlstm", differentiable=True, flags=dict(output_final_state=output_final_state),
                q=q, k=k, v=v, i=i, f=f)
     for name, x in (("q", q), ("v", v)):
@@ -108,7 +108,7 @@ def _check(q, k, v, i, f, initial_state, output_final_state) -> tuple:
         if tuple(x.shape) != shape:
             raise ValueError(f"initial_state[{j}]: expected {name} of shape {list(shape)}, got {list(x.shape)}")
     C, n, m = initial_state
-    return C, n.unsqueeze(-2), m[..., None, None]
+    return C, n.unsqueeze(-1), m[..., None, None]
 
 
 def mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
@@ -128,4 +128,4 @@ def mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f:
     Differentiable in every tensor (the backward derived from ``mlstm_fwd``)."""
     C, n, m = _check(q, k, v, i, f, initial_state, output_final_state)
     h, C, n, m = mlstm_op(q, k, v, i, f, default_scale(q, scale), C, n, m, bool(output_final_state))
-    return h, ((C, n.squeeze(-2), m[..., 0, 0]) if output_final_state else None)
+    return h, ((C, n.squeeze(-1), m[..., 0, 0]) if output_final_state else None)
