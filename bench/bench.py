@@ -26,6 +26,7 @@ from tilemix.ops.timing import host_us, time_ms
 
 from .calls import backward_of, leaves
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
+from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
 from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 
@@ -244,7 +245,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES}
+         **MIXER_CASES, **MLSTM_CASES}
 
 
 def direction(name: str) -> str:
@@ -370,7 +371,7 @@ def _backward_field(name: str) -> dict:
     """A backward row's ``backward``: "derived" (from the forward program) or "hand-written"."""
     if direction(name) != "bwd":
         return {}
-    return dict(backward="derived" if name in DERIVED_BACKWARD else "hand-written")
+    return dict(backward="derived" if name in DERIVED_BACKWARD | MLSTM_DERIVED_BACKWARD else "hand-written")
 
 
 def default_json_path(result: dict) -> Path:

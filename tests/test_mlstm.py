@@ -214,3 +214,23 @@ def test_column_blocks_of_the_derived_backward_count_each_state_gradient_once(mo
     whole = derived_gradients(mlstm_fwd, args, grads, wrt)
     for name in wrt:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["mlstm", "mlstm-bwd", "mlstm-h8-d256", "mlstm-bwd-h8-d256"])
+def test_bench_rows_run_and_count_their_bytes(name):
+    """Each row's timed call runs on the interpreter at a small T; its bytes are the op's inputs and
+    outputs at the row's shape (bf16 sequences, float32 gates), backward rows say the derived backward."""
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 70, 2, 16, torch.bfloat16, device="cpu")
+    out = ours()
+    B, T, H, D = 1, 70, shape["H"], shape["K"]
+    assert (H, D) == ((8, 256) if name.endswith("d256") else (2, 16))
+    if bench.direction(name) == "bwd":
+        assert len(out) == 5 and all(g.float().isfinite().all() for g in out)
+        assert bench._backward_field(name) == {"backward": "derived"}
+        assert nbytes == B * T * H * (7 * D * 2 + 4 * 4)
+    else:
+        assert out.shape == (B, T, H, D) and out.float().isfinite().all()
+        assert nbytes == B * T * H * (4 * D * 2 + 2 * 4)
+    assert peer is None and peer_name == "-" and flops > 0
