@@ -5,9 +5,9 @@ Chunked as in ``mlstm_kernels``: within a 64-token chunk the log weight of token
 memory is ``b_t - b_j + i_j`` (``b`` the cumulative log forget gate from the chunk's start), a
 matrix whose row max, with the carried ``m`` decayed to row t, is the recurrence's own ``m_t``; the
 state (C, n) crosses chunks scaled by ``exp(-m)``. So the chunked program computes the same ``m``
-as the token loop, and its h and final state match it term for term. h does not depend on m (it
-scales the numerator and both sides of the denominator's max alike), so the backward derived from
-the program (the max's subgradient included) is the gradient of h."""
+as the token loop, and its h and final state match it term for term. h does not depend on the
+stabiliser (it scales the numerator and both sides of the denominator's max alike), so the backward
+derived from the program (the max's subgradient included) is the gradient of h."""
 
 from __future__ import annotations
 
@@ -124,8 +124,10 @@ def mlstm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f:
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; i, f: ``[B, T, H]`` input and forget gate
     pre-activations; scale defaults to ``K ** -0.5``; initial_state: float32 ``(C [B, H, K, V],
     n [B, H, K], m [B, H])`` or None (all zeros). Returns ``(h [B, T, H, V], (C, n, m) or None)``.
-    In fp32 the input gates must stay above about -88 (``exp(-m_t)`` overflows past it).
-    Differentiable in every tensor (the backward derived from ``mlstm_fwd``)."""
+    The state ``(C, n, m)`` stands for the unstabilised ``exp(m) (C, n)``: the stabiliser changes no
+    h, only keeps every exponent ≤ 0. In fp32 keep the input gates above about -88 (m_t ≥ i_t, and
+    an m_t below that overflows ``exp(-m_t)``). Differentiable in every tensor (the backward derived
+    from ``mlstm_fwd``)."""
     C, n, m = _check(q, k, v, i, f, initial_state, output_final_state)
     h, C, n, m = mlstm_op(q, k, v, i, f, default_scale(q, scale), C, n, m, bool(output_final_state))
     return h, ((C, n.squeeze(-1), m[..., 0, 0]) if output_final_state else None)
