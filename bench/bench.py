@@ -276,6 +276,7 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tupl
 
 GQA_SHAPE = (4, 4096, 32, 128)
 RWKV_SHAPE = (8, 4096, 32, 64)  # issue 28's RWKV bars: 32 heads of 64
+MLSTM_WIDE_SHAPE = (8, 4096, 8, 256)  # issue 28's second mLSTM bar: 8 heads of 256
 
 
 def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
@@ -284,6 +285,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return GQA_SHAPE
         if name.startswith("rwkv"):
             return RWKV_SHAPE
+        if name.startswith("mlstm") and "d256" in name.split("-"):
+            return MLSTM_WIDE_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]

@@ -1,6 +1,6 @@
 """Bench rows of ``mlstm`` (issue 28), forward and derived backward, alone: no other library ships
-an mLSTM kernel beside which to time it, and its bar is a fraction of the HBM roofline. Rows at
-the bench's shape (H=16, D=128) and at H=8, D=256, the bar's two shapes.
+an mLSTM kernel beside which to time it, and its bar is a fraction of the HBM roofline. The
+``-d256`` rows run at the bar's second shape (``bench.default_rows``: 8 heads of 256).
 
 A case returns what ``bench.CASES`` entries return: ``(ours, peer, peer name, bytes, flops, shape)``."""
 
@@ -18,11 +18,10 @@ from .mixers import _bwd_flops, _fwd_flops
 __all__ = ["MLSTM_CASES", "MLSTM_DERIVED_BACKWARD"]
 
 
-def _mlstm_case(B, T, H, D, dtype, device="cuda", backward=False, heads=None, head_dim=None):
-    """``heads``, ``head_dim``: fixed in place of the bench's H and D. Gates in float32, forget gate
-    pre-activations around 3 (xLSTM's forget bias). Bytes: the op's inputs and outputs once (the
-    backward: q, k, v, i, f and dh read, their five gradients written)."""
-    H, D = heads or H, head_dim or D
+def _mlstm_case(B, T, H, D, dtype, device="cuda", backward=False):
+    """Gates in float32 (they feed no matmul), forget gate pre-activations around 3 (xLSTM's forget
+    bias). Bytes: the op's inputs and outputs once (the backward: q, k, v, i, f and dh read, their
+    five gradients written)."""
     gen = functools.partial(torch.randn, B, T, H, device=device)
     q, k, v = (gen(D, dtype=dtype) for _ in range(3))
     i, f = gen(), gen() + 3.0
@@ -41,6 +40,5 @@ def _mlstm_case(B, T, H, D, dtype, device="cuda", backward=False, heads=None, he
 
 
 MLSTM_CASES = {"mlstm": _mlstm_case, "mlstm-bwd": functools.partial(_mlstm_case, backward=True),
-               "mlstm-h8-d256": functools.partial(_mlstm_case, heads=8, head_dim=256),
-               "mlstm-bwd-h8-d256": functools.partial(_mlstm_case, backward=True, heads=8, head_dim=256)}
-MLSTM_DERIVED_BACKWARD = {"mlstm-bwd", "mlstm-bwd-h8-d256"}
+               "mlstm-d256": _mlstm_case, "mlstm-bwd-d256": functools.partial(_mlstm_case, backward=True)}
+MLSTM_DERIVED_BACKWARD = {"mlstm-bwd", "mlstm-bwd-d256"}
