@@ -55,13 +55,15 @@ def mlstm_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], i: Seq[1], f: Seq[1], scale
         w = exp(log_w - m_t)
         carried = exp(b + m - m_t)  # the state entering the chunk, as row t weighs it
         scores = (qc @ kc.T) * w * scale
+        numerator = scores @ vc + (qc @ C) * (carried * scale)
         qn = rowsum(scores) + rowsum(qc * (n * scale).T) * carried
-        h[c] = (scores @ vc + (qc @ C) * (carried * scale)) / maximum(abs(qn), exp(-m_t))
+        h[c] = numerator / maximum(abs(qn), exp(-m_t))
         to_end = cumsum(log_f, reverse=True, exclusive=True) + gate  # token j's log weight at the chunk's end
         m_end = maximum(m + colsum(log_f), colmax(to_end))
         decay, inject = exp(m + colsum(log_f) - m_end), exp(to_end - m_end)
-        C = C * decay + kc.T @ (vc * inject)
+        # in this order (numerator, then n's update before C's) the fewest registers spill at K = 256
         n = n * decay + colsum(kc * inject).T
+        C = C * decay + kc.T @ (vc * inject)
         m = m_end
 
 
