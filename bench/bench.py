@@ -24,11 +24,14 @@ from tilemix import ops
 from tilemix.ops.examples import kernel_inputs
 from tilemix.ops.timing import host_us, time_ms
 
+from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
 from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
+from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
+from .selective_scan import SELECTIVE_SCAN_CASES
 
 __all__ = ["run_bench", "default_json_path"]
 
@@ -245,7 +248,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES, **MLSTM_CASES}
+         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **MLSTM_CASES}
 
 
 def direction(name: str) -> str:
@@ -274,6 +277,26 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tupl
     return rows
 
 
+GRID_OPS = ("linear_attention", "ssd", "ssd-mamba")  # issue 25's grid: the scans beside fla and mamba_ssm
+GRID_BH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GRID_T = (1024, 4096, 16384, 32768, 65536, 131072)
+GRID_D = (64, 128)
+GRID_MAX_ELEMENTS = 1 << 30  # per [B, T, H, D] tensor (2 GiB in bf16): larger grid points are skipped
+
+
+def grid_rows(names=GRID_OPS, head_dims=GRID_D) -> list[tuple[str, int, int, int, int]]:
+    """(case, B, T, H, D) over batch x heads in GRID_BH (H = min(16, B·H)) and lengths in GRID_T, for
+    each head dim, as memory allows: the shapes a fixed-tokens sweep never visits (few heads, long
+    sequences), where a schedule's cliffs hide."""
+    rows = []
+    for D in head_dims:
+        for name in names:
+            for BH in GRID_BH:
+                H = min(16, BH)
+                rows += [(name, BH // H, T, H, D) for T in GRID_T if BH * T * D <= GRID_MAX_ELEMENTS]
+    return rows
+
+
 GQA_SHAPE = (4, 4096, 32, 128)
 RWKV_SHAPE = (8, 4096, 32, 64)  # issue 28's RWKV bars: 32 heads of 64
 MLSTM_WIDE_SHAPE = (8, 4096, 8, 256)  # issue 28's second mLSTM bar: 8 heads of 256
@@ -294,11 +317,13 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
               plot_dir: str | None = None, head_dims: tuple[int, ...] = (), md_path: str | None = None,
-              target: str | None = None, peers: bool = True, programs: dict | None = None) -> int:
+              target: str | None = None, peers: bool = True, programs: dict | None = None,
+              grid: bool = False) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
     ``peers=False`` times our ops only (peer_ms NaN). ``programs``: name -> ``@kernel`` of programs
-    to time beside the ops (``module:kernel``, a user's own; no peer)."""
+    to time beside the ops (``module:kernel``, a user's own; no peer). ``grid``: ``grid_rows`` (records
+    carry ``grid: True``)."""
     from tilemix.ops.runtime import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
@@ -319,7 +344,12 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                   mma_tflops=mma_rate / 1e12, versions=_versions(), command=" ".join(["tilemix", *sys.argv[1:]]),
                   target=label, records=records)
     json_file = (default_json_path(result) if json_path == "auto" else Path(json_path)) if json_path else None
-    rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS) if sweep else default_rows(names)
+    if grid:
+        rows = grid_rows(names=names or GRID_OPS, head_dims=head_dims or GRID_D)
+    elif sweep:
+        rows = sweep_rows(head_dims=head_dims or SWEEP_D, names=names or SWEEP_OPS)
+    else:
+        rows = default_rows(names)
     for name, B, T, H, D in rows:
         program = (programs or {}).get(name)
         case = CASES[name] if program is None else program_case(program)
@@ -339,13 +369,13 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                 peer_ms = time_ms(peer)
         except ImportError:  # fla not installed
             pass
-        except RuntimeError as e:  # a peer backend that does not take this shape (or its backward)
+        except Exception as e:  # a peer that refuses this shape, its backward or this Triton (fla #640)
             console.print(f"{name} peer {peer_name}: {type(e).__name__}: {str(e).splitlines()[0]}")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host,
-                            **_backward_field(name)))
+                            **_backward_field(name), **({"grid": True} if grid else {})))
         cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
                  number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")
@@ -374,7 +404,8 @@ def _backward_field(name: str) -> dict:
     """A backward row's ``backward``: "derived" (from the forward program) or "hand-written"."""
     if direction(name) != "bwd":
         return {}
-    return dict(backward="derived" if name in DERIVED_BACKWARD | MLSTM_DERIVED_BACKWARD else "hand-written")
+    derived = DERIVED_BACKWARD | SCAN_DERIVED_BACKWARD | MLSTM_DERIVED_BACKWARD
+    return dict(backward="derived" if name in derived else "hand-written")
 
 
 def default_json_path(result: dict) -> Path:

@@ -33,7 +33,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
                      head_dims=tuple(args.head_dim or ()), md_path=args.md, target=args.target,
-                     peers=not args.no_peers, programs=programs)
+                     peers=not args.no_peers, programs=programs, grid=args.grid)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -301,10 +301,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", nargs="?", const="auto", metavar="PATH",
                        help="write the records to this JSON file (no PATH: bench/results/<gpu>-<date>.json)")
     bench.add_argument("--md", metavar="PATH", help="write the run as a RESULTS.md section (markdown table)")
-    bench.add_argument("--sweep", action="store_true",
+    shapes = bench.add_mutually_exclusive_group()
+    shapes.add_argument("--sweep", action="store_true",
                        help="sequence lengths 1k-64k (batch x heads x length constant), head dims 64, 128 and 256, "
                             "for the ops given (default: linear_attention, ssd, attention; backward rows such "
                             "as ssd-bwd too)")
+    shapes.add_argument("--grid", action="store_true",
+                       help="batch x heads 1-256 by sequence lengths 1k-128k (as memory allows) at head dims 64 and "
+                            "128, for the ops given (default: linear_attention, ssd, ssd-mamba); --plot draws each "
+                            "op's speedup over its peer as a heat map")
     bench.add_argument("--head-dim", type=int, action="append", help="sweep head dims (default: 64, 128, 256)")
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
     bench.add_argument("--target", choices=["auto", "hopper", "generic"],

@@ -1,6 +1,7 @@
 """PNG plots of a ``tilemix bench`` result (matplotlib, an optional dependency: ``pip install
 tilemix[plot]``): time against sequence length per op and head dim, beside the peer, and each row's
-fraction of its roofline."""
+fraction of its roofline; for a ``--grid`` run, each op's speedup over its peer as a heat map over
+batch x heads and sequence length."""
 
 from __future__ import annotations
 
@@ -24,6 +25,41 @@ def _series(records: list[dict]) -> dict[tuple[str, int], list[dict]]:
     return {k: sorted(v, key=lambda r: r["shape"].get("T", 0)) for k, v in groups.items()}
 
 
+def _grids(records: list[dict]) -> dict[tuple[str, str, int], dict[tuple[int, int], float]]:
+    """Grid records' speedups by (op and direction, peer, head dim), keyed (B·H, T)."""
+    grids = defaultdict(dict)
+    for r in records:
+        if r.get("grid"):
+            shape, direction = r["shape"], r.get("direction", "fwd")
+            op = r["op"] if direction == "fwd" else f"{r['op']}-{direction}"
+            dim = shape.get("D", shape.get("K", shape.get("N")))
+            grids[(op, r["peer"], dim)][(shape["B"] * shape["H"], shape["T"])] = r["speedup"]
+    return dict(grids)
+
+
+def _heat_map(plt, cells: dict[tuple[int, int], float], title: str, path: Path) -> Path:
+    """Speedup over the peer on a log colour scale centred on 1 (red: slower, blue: faster); grid
+    points not measured stay blank."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    heads, lengths = sorted({bh for bh, _ in cells}), sorted({t for _, t in cells})
+    values = np.full((len(heads), len(lengths)), np.nan)
+    for (bh, t), x in cells.items():
+        values[heads.index(bh), lengths.index(t)] = x
+    fig, ax = plt.subplots(figsize=(7, 5))
+    image = ax.imshow(values, cmap="RdBu", norm=LogNorm(vmin=0.25, vmax=4), origin="lower", aspect="auto")
+    for i, j in zip(*np.nonzero(np.isfinite(values))):
+        ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set(xticks=range(len(lengths)), xticklabels=[f"{t // 1024}k" for t in lengths], yticks=range(len(heads)),
+           yticklabels=heads, xlabel="sequence length T", ylabel="batch x heads")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="speedup over the peer")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
     try:
         import matplotlib
@@ -35,8 +71,10 @@ def plot_results(result: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     caption = f"{result['gpu']}, {result['date']}, torch {result['versions'].get('torch', '?')}"
-    written = []
-    series = {k: v for k, v in _series(result["records"]).items() if len(v) > 1 and "T" in v[0]["shape"]}
+    written = [_heat_map(plt, cells, f"{op} vs {peer}, head dim {dim}\n{caption}", out / f"{op}-{peer}-d{dim}-grid.png")
+               for (op, peer, dim), cells in sorted(_grids(result["records"]).items())]
+    records = [r for r in result["records"] if not r.get("grid")]
+    series = {k: v for k, v in _series(records).items() if len(v) > 1 and "T" in v[0]["shape"]}
     for (op, dim), rows in sorted(series.items()):
         T = [r["shape"]["T"] for r in rows]
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -108,6 +108,20 @@ def _mixer_calls(rnd, target):
             torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
 
 
+def _bidirectional_calls(rnd, target):
+    """Bidirectional linear attention (normalised and not) and prefix linear attention, forward and
+    backward, on a tail shape with the prefix ending inside a chunk."""
+    import torch
+
+    from tilemix import ops
+
+    q, k, v = (rnd(2, 100, 3, 64).abs().requires_grad_(True) for _ in range(3))  # positive: a normaliser away from 0
+    outputs = [ops.linear_attention(q, k, v, causal=False, target=target)[0],
+               ops.linear_attention(q, k, v, causal=False, normalize=True, target=target)[0],
+               ops.prefix_linear_attention(q, k, v, 70, target=target)]
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
 def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
     """Launch every kernel the ops run once: forwards and backwards, on tail shapes, both dtypes, both
     targets (the generic kernels forced on this GPU), and the scans cut into sequence segments; the
@@ -124,6 +138,7 @@ def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
 
             _tail_calls(rnd, target)
             _mixer_calls(rnd, target)
+            _bidirectional_calls(rnd, target)
             os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
             try:
                 _segmented_calls(rnd, target)

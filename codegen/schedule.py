@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tilemix.tiles import Kernel
-from tilemix.tiles.errors import ResourceError
+from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.kernel import kernel_names
 from tilemix.tiles.params import Binding
 
@@ -92,9 +92,13 @@ def _probe_size(binding: Binding) -> int:
 def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
     """Whether ``dim`` can be cut into independent column blocks: trace with a
     width no other dim has and check that no matmul contracts over it and no
-    reduction runs along it."""
+    reduction runs along it. A program that does not trace at another width (its state's width
+    tied to other dims, as selective_scan's ``N·P``) is not splittable."""
     probe = _probe_size(binding)
-    traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
+    try:
+        traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
+    except TileError:
+        return False
     if any(p.spec.kind == "chunk_state" and probe in p.spec.dims for p in traced.params):
         return False  # a saved chunk state's shape is fixed by the call that derived it: no column blocks
     for op in traced.walk():

@@ -13,6 +13,12 @@ from tilemix.tiles import __version__
 
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
+from .bidirectional import (
+    bidirectional_linear_attention_fwd,
+    bidirectional_linear_attention_normalized_fwd,
+    prefix_linear_attention,
+    prefix_linear_attention_fwd,
+)
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
 from .delta_rule import delta_rule, delta_rule_fwd, gated_delta_rule, gated_delta_rule_fwd
 from .gated import gla, gla_fwd, retention, retention_fwd, rwkv6, rwkv6_fwd
@@ -21,6 +27,7 @@ from .layers import (
     DeltaNet,
     GatedLinearAttention,
     LinearAttention,
+    Mamba1Mixer,
     Mamba2Mixer,
     MLSTMLayer,
     MultiHeadAttention,
@@ -31,6 +38,7 @@ from .linear_attention import linear_attention, linear_attention_fwd, linear_att
 from .mlstm import mlstm, mlstm_fwd
 from .models import HybridLM
 from .runtime import run, use_target
+from .selective_scan import selective_scan, selective_scan_fwd
 from .ssd import ssd, ssd_fwd, ssd_scan
 
 PROGRAMS = {
@@ -53,3 +61,6 @@ __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd"
             "RWKV6TimeMix"]
 __all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]
 __all__ += ["mlstm", "mlstm_fwd", "MLSTMLayer"]
+__all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirectional_linear_attention_fwd",
+            "bidirectional_linear_attention_normalized_fwd"]
+__all__ += ["selective_scan", "selective_scan_fwd", "Mamba1Mixer"]

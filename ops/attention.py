@@ -69,7 +69,7 @@ def _online_softmax(qi, k, v, i, scale, is_causal, block, chunk):
 
 
 # mma.sync (the generic target): a warp holds 16 rows of each 64-row block of a tile, so 128-query
-# blocks load each key/value fragment once for two row blocks (bench/NOTES.md, "Generic target").
+# blocks load each key/value fragment once for two row blocks (bench/history/NOTES-2026-11.md, "Generic target").
 # Measured on sm_90 only: sm_80's 163 KiB holds one such block per CTA, not two.
 GENERIC_BLOCKS = {"sm_90": dict(block=128, chunk=64)}
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tilemix.codegen.launch import run_tiles
+from tilemix.codegen.launch import Launch, prepare_launch
 from tilemix.codegen.schedule import SPLIT_WIDTH, splittable
 from tilemix.tiles import Kernel
 from tilemix.tiles.autodiff import DerivedKernel, derive_backward, reduce_gradient
@@ -56,6 +56,22 @@ def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[st
     return launches
 
 
+_LAUNCHES: dict[tuple, Launch] = {}  # per program, binding, arch, device and argument layouts
+
+
+def _run(derived: DerivedKernel, binding: Binding, args: dict[str, Any], outputs: dict[str, torch.Tensor],
+         arch: str) -> None:
+    """``run_tiles``, with each launch prepared once per signature (as the ops' own calls are): a
+    backward runs several programs per column block, and preparing each again costs host time."""
+    device = next(iter(outputs.values())).device.index
+    layouts = tuple((n, tuple(t.shape), t.stride(), t.dtype) for n, t in args.items() if isinstance(t, torch.Tensor))
+    key = (id(derived), binding.key(), arch, device, layouts)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _LAUNCHES[key] = prepare_launch(derived, binding, args, None, arch, device)
+    launch(args, outputs)
+
+
 def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
     return torch.empty(p.shape, dtype=_TORCH[p.dtype], device=device)
 
@@ -69,11 +85,11 @@ def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[st
     for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt):
         if name is None:  # the states program: each chunk's entering state
             saved = {p.name: _empty(p, device) for p in derived_binding.params if p.spec.kind == "chunk_state"}
-            run_tiles(derived, derived_binding, args, saved, arch=arch)
+            _run(derived, derived_binding, args, saved, arch)
             continue
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
         out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
-        run_tiles(derived, derived_binding, {**args, **saved, **seeds}, out, arch=arch)
+        _run(derived, derived_binding, {**args, **saved, **seeds}, out, arch)
         grads[name] = reduce_gradient(binding.param(name), out[f"d_{name}"].float(), binding.sizes)
     return grads
 

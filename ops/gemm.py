@@ -14,7 +14,7 @@ __all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
 
 
 # mma.sync (generic target): a warp holds 16 rows of each 64-row block across all of a tile's
-# columns, so square 128x128 blocks reuse fragments better than 64x256 (bench/NOTES.md, "Generic
+# columns, so square 128x128 blocks reuse fragments better than 64x256 (bench/history/NOTES-2026-11.md, "Generic
 # target"); measured on sm_90 only.
 @kernel(target_consts={"sm_90": dict(block_m=128, block_n=128)})
 def gemm_fwd(a: Matrix["M", "K"], b: Matrix["K", "N"], c: Out[Matrix["M", "N"]],

@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .bidirectional import prefix_linear_attention
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
 from .mlstm import mlstm
+from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
-           "GatedLinearAttention", "RWKV6TimeMix", "MLSTMLayer"]
+           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -104,7 +106,9 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 class LinearAttention(nn.Module):
     """Causal linear attention (no normalisation) with an optional feature map on q and k; the
-    recurrent state can be carried across calls.
+    recurrent state can be carried across calls. ``causal=False``: bidirectional (SANA, linear DiT),
+    normalised by the key sum when ``normalize`` (a positive feature map keeps that sum from 0);
+    ``forward(x, prefix_len=P)``: JRT-RNN's prefix form, bidirectional over the first P tokens.
 
     >>> layer = LinearAttention(dim=256, heads=4, feature_map="elu+1")
     >>> with torch.no_grad():
@@ -113,23 +117,32 @@ class LinearAttention(nn.Module):
     (torch.Size([2, 100, 256]), torch.Size([2, 4, 64, 64]))
     """
 
-    def __init__(self, dim: int, heads: int, feature_map: str | Callable = "identity", bias: bool = False):
+    def __init__(self, dim: int, heads: int, feature_map: str | Callable = "identity", bias: bool = False,
+                 causal: bool = True, normalize: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
         if isinstance(feature_map, str) and feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)} "
                              "or a callable")
-        self.heads = heads
+        if normalize and causal:
+            raise ValueError("normalize: True is supported with causal=False only")
+        self.heads, self.causal, self.normalize = heads, causal, normalize
         self.feature_map = FEATURE_MAPS[feature_map] if isinstance(feature_map, str) else feature_map
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
-                output_final_state: bool = False):
+                output_final_state: bool = False, prefix_len: int | None = None):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = self.feature_map(q), self.feature_map(k)
-        o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
+        if prefix_len is not None:
+            if not self.causal or initial_state is not None or output_final_state:
+                raise ValueError("prefix_len: the prefix form runs on a causal layer, without states")
+            o, state = prefix_linear_attention(q, k, v, prefix_len), None
+        else:
+            o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state,
+                                        causal=self.causal, normalize=self.normalize)
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 
@@ -287,6 +300,44 @@ class Mamba2Mixer(nn.Module):
                        groups=self.conv.groups).transpose(1, 2)
         out, state = self._scan(xbc, z, dt, None if cache is None else cache.ssm, True)
         return out, Mamba2Cache(window[:, window.shape[1] - tail:], state)
+
+
+class Mamba1Mixer(nn.Module):
+    """Mamba-1's mixer without its convolution: in-projection to (x, z), ``silu(x)``, x-projection to
+    (low-rank Δ, B, C), Δ's up-projection, the selective scan with ``Δ = softplus(Δ + dt_bias)``,
+    ``A = -exp(A_log)`` (S4D-real: ``A[d, n] = -(n + 1)``) and a skip ``D·x``, gated by ``silu(z)``,
+    out-projection.
+
+    >>> layer = Mamba1Mixer(dim=64, inner=128, state_dim=16)
+    >>> with torch.no_grad():
+    ...     y, state = layer(torch.randn(2, 100, 64), output_final_state=True)
+    >>> y.shape, state.shape
+    (torch.Size([2, 100, 64]), torch.Size([2, 128, 16]))
+    """
+
+    def __init__(self, dim: int, inner: int | None = None, state_dim: int = 16, dt_rank: int | None = None,
+                 bias: bool = False):
+        super().__init__()
+        inner = inner or 2 * dim
+        self.dt_rank, self.state_dim = dt_rank or -(-dim // 16), state_dim
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=bias)  # x, z
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * state_dim, bias=False)  # Δ (low rank), B, C
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=False)
+        self.dt_bias = nn.Parameter(torch.zeros(inner))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, state_dim + 1, dtype=torch.float32)).repeat(inner, 1))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs = F.silu(xs)
+        dt, B, C = self.x_proj(xs).split([self.dt_rank, self.state_dim, self.state_dim], dim=-1)
+        exact = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # for A, D, dt_bias
+        y, state = selective_scan(xs, self.dt_proj(dt), -torch.exp(self.A_log.to(exact)), B, C, D=self.D.to(exact),
+                                  z=z, delta_bias=self.dt_bias.to(exact), delta_softplus=True,
+                                  initial_state=initial_state, output_final_state=output_final_state)
+        out = self.out_proj(y)
+        return (out, state) if output_final_state else out
 
 
 class DeltaNet(nn.Module):

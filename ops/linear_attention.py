@@ -199,7 +199,8 @@ linear_attention_op.register_autograd(_backward, setup_context=_setup)
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
-                     target: str | None = None, backward: str = "hand-written"):
+                     target: str | None = None, backward: str = "hand-written", causal: bool = True,
+                     normalize: bool = False):
     """Causal linear attention without normalisation (flash-linear-attention's
     ``chunk_linear_attn`` convention).
 
@@ -210,9 +211,31 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     kernels, also on an H100); the backward runs on the forward's.
     ``backward``: "hand-written" (default: the programs above) or "derived" (the backward derived
     from ``linear_attention_fwd``, ``tilemix.tiles.autodiff``; CPU tensors only for now).
+    ``causal=False``: bidirectional (SANA, linear DiT), ``o_t = scale · Sᵀ q_t`` with ``S = Σ_s k_s v_sᵀ`` over
+    every token (``ops/bidirectional.py``); ``normalize=True`` (bidirectional only) divides ``o_t`` by
+    ``scale · q_t·Σ_s k_s + 1e-10`` over the same keys (fla's ``normalize_output`` convention: a sum near 0 is
+    not guarded further). It takes no initial state, returns no final state and has its own backward.
     """
     check_call("linear_attention", differentiable=True, target=target,
-               flags=dict(output_final_state=output_final_state), q=q, k=k, v=v, initial_state=initial_state)
+               flags=dict(output_final_state=output_final_state, causal=causal, normalize=normalize),
+               q=q, k=k, v=v, initial_state=initial_state)
+    if not causal:
+        return _bidirectional(q, k, v, scale, initial_state, output_final_state, target, backward, normalize)
+    if normalize:
+        raise ValueError("normalize: True is supported with causal=False only")
     op = linear_attention_derived_op if check_backward(backward) == "derived" else linear_attention_op
     o, state = call_with_target(target, op, q, k, v, default_scale(q, scale), initial_state, bool(output_final_state))
     return o, (state if output_final_state else None)
+
+
+def _bidirectional(q, k, v, scale, initial_state, output_final_state, target, backward, normalize):
+    """``linear_attention(..., causal=False)``, its arguments checked."""
+    for name, given in (("initial_state", initial_state is not None), ("output_final_state", output_final_state)):
+        if given:
+            raise ValueError(f"{name}: the bidirectional form (causal=False) has no recurrent state")
+    if check_backward(backward) != "hand-written":
+        raise ValueError("backward: 'derived' is the causal program's; causal=False runs its own backward")
+    # the ops ops/bidirectional.py registers (importing it here would close a cycle: it reuses this module)
+    op = torch.ops.tilemix.bidirectional_linear_attention_normalized if normalize else \
+        torch.ops.tilemix.bidirectional_linear_attention
+    return call_with_target(target, op, q, k, v, default_scale(q, scale))[0], None

@@ -17,7 +17,8 @@ from tilemix.tiles import Kernel, TileError
 RECORD = Path(__file__).parent / "data" / "lowering_hashes.json"
 ARCHS = ("sm_90a", "sm_80", "sm_86", "sm_89", "sm_90")
 MODULES = ("tilemix.ops.gemm", "tilemix.ops.attention", "tilemix.ops.linear_attention", "tilemix.ops.ssd",
-           "tilemix.ops.ssd_states", "tilemix.ops.ssd_backward", "tilemix.ops.gated", "test_user_mixers",
+           "tilemix.ops.ssd_states", "tilemix.ops.ssd_backward", "tilemix.ops.gated", "tilemix.ops.bidirectional",
+           "test_user_mixers", "tilemix.ops.selective_scan",
            "tilemix.ops.mlstm")
 VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(stages=1),
             "early": dict(issue="early"), "program-order": dict(issue="program"),

@@ -229,3 +229,41 @@ def test_hand_written_backward_rows_say_so():
 
     assert bench._backward_field("ssd-bwd-mamba") == {"backward": "hand-written"}
     assert bench._backward_field("ssd-mamba") == {}
+
+
+# -- the grid of issue 25 --------------------------------------------------------------------------------------
+def test_grid_rows_cover_heads_by_lengths_as_memory_allows():
+    from tilemix.bench.bench import GRID_BH, GRID_MAX_ELEMENTS, GRID_T, grid_rows
+
+    rows = grid_rows(names=("ssd",), head_dims=(64,))
+    points = {(B * H, T) for _, B, T, H, _ in rows}
+    assert points == {(bh, t) for bh in GRID_BH for t in GRID_T if bh * t * 64 <= GRID_MAX_ELEMENTS}
+    assert (1, 131072) in points and (256, 131072) not in points  # 256 x 128k x 64 is 2^31 elements
+    assert all(H == min(16, B * H) for _, B, T, H, _ in rows)
+
+
+def test_grid_run_records_and_heat_maps(tmp_path, monkeypatch):
+    """run_bench(grid=True) with fakes for the GPU, the timer and the cases: every record says grid,
+    and the plots include one speedup heat map per op, peer and head dim."""
+    import json
+
+    import torch
+
+    from tilemix.bench import bench
+    from tilemix.bench.plots import plot_results
+
+    pytest.importorskip("matplotlib")
+
+    def build(B, T, H, D, dtype):
+        return (lambda: None), (lambda: None), "fla-x", 1e6, 1e9, dict(B=B, T=T, H=H, D=D)
+
+    _fake_gpu(monkeypatch, bench, torch)
+    monkeypatch.setattr(bench, "CASES", {"linear_attention": build})
+    monkeypatch.setattr(bench, "GRID_BH", (1, 16, 32))
+    monkeypatch.setattr(bench, "GRID_T", (1024, 4096))
+    path = tmp_path / "grid.json"
+    assert bench.run_bench(["linear_attention"], json_path=str(path), grid=True, head_dims=(64,)) == 0
+    result = json.loads(path.read_text())
+    assert len(result["records"]) == 6 and all(r["grid"] for r in result["records"])
+    written = plot_results(result, tmp_path / "plots")
+    assert [p.name for p in written] == ["linear_attention-fla-x-d64-grid.png"]

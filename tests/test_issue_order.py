@@ -43,13 +43,13 @@ def _order(plan: KernelPlan, live: Liveness, registers: int | None = None) -> li
 
 
 def _resized(spec, dims):
-    """A sequence's (or a head row vector's, [H, D]) feature dims set to ``dims["D"]``."""
+    """A sequence's (or a head row vector's, [H, D], or a state's, [B, H, ...]) feature dims set to ``dims["D"]``."""
     if not isinstance(spec, TensorSpec) or "D" not in dims or len(spec.shape) not in (2, 4, 5):
         return spec
-    lead = 1 if len(spec.shape) == 2 else 3
+    lead = 1 if len(spec.shape) == 2 else 2 if len(spec.shape) == 4 and spec.dtype == "float32" else 3
     if lead == 1 and spec.dtype != "float32":  # a Matrix
         return spec
-    return TensorSpec(spec.shape[:lead] + tuple(dims["D"] for _ in spec.shape[lead:]), spec.dtype)
+    return TensorSpec(spec.shape[:lead] + tuple(1 if n == 1 else dims["D"] for n in spec.shape[lead:]), spec.dtype)
 
 
 LOOPED = [name for name in PROGRAMS if _plans(name)[0].loops]

@@ -1,0 +1,152 @@
+"""Mamba-1's selective scan: ``h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t`` per channel and state
+entry, ``y_t = h_t C_t + D u_t``, gated by ``silu(z_t)`` (mamba_ssm's ``selective_scan_fn``).
+
+The decay ``exp(Δ A)`` is per (token, channel, state entry), so no chunk matmul factorises it: the
+program runs ``linrec`` (an elementwise scan, no ``exp(cumsum)`` to overflow) once per state entry
+over a ``64 x P`` tile of channels. Channels are split into heads of ``P`` (64 where it divides the
+channels: the GPU kernels' panel width); the state of a head is one row ``[1, N·P]``, entry ``n`` in
+columns ``n·P ... n·P + P``. Its backward is derived from the program (``tiles.autodiff``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tilemix.tiles import (
+    Const,
+    GroupSeq,
+    Head,
+    Out,
+    Seq,
+    State,
+    chunks,
+    concat,
+    exp,
+    in_seq,
+    iota,
+    kernel,
+    linrec,
+    position,
+    rowsum,
+    sigmoid,
+    softplus,
+    where,
+)
+
+from ._library import mixer
+from .runtime import check_call
+
+__all__ = ["selective_scan", "selective_scan_fwd"]
+
+HEAD_WIDTH = 64  # channels per program instance where they divide the channels (the GPU's panel width)
+
+
+@kernel
+def selective_scan_fwd(u: Seq["P"], delta: Seq["P"], A: Head["S"], B: GroupSeq["N"], C: GroupSeq["N"],
+                       y: Out[Seq["P"]], D: Head["P"] = None, z: Seq["P"] = None, delta_bias: Head["P"] = None,
+                       delta_softplus: Const = False, h: State[1, "S"] = None):
+    """A: the head's ``[N·P]`` decay rates, entry n's in columns ``n·P ...``; B, C: ``N`` or more
+    columns (the GPU pads them to its panel), of which the first ``S / P`` are read."""
+    width, entries = u.cols, A.shape[1] // u.cols
+    column = iota(1, B.cols, axis=1)
+    for c in chunks(64):
+        uc, dc, Bc, Cc = u[c], delta[c], B[c], C[c]
+        if delta_bias is not None:
+            dc = dc + delta_bias
+        if delta_softplus:
+            dc = softplus(dc)
+        if delta_bias is not None or delta_softplus:  # no step past the sequence's end: the state holds
+            dc = dc * in_seq(position(c).T * 0.0 + 1.0).T
+        du = dc * uc
+        yc = None if D is None else uc * D
+        last = []
+        for n in range(entries):
+            pick = where(column == float(n), 1.0, 0.0)
+            cols = slice(n * width, (n + 1) * width)
+            hs = linrec(exp(dc * A[:, cols]), du * rowsum(Bc * pick), h[:, cols])
+            term = hs * rowsum(Cc * pick)
+            yc = term if yc is None else yc + term
+            last.append(hs[-1:])
+        h = concat(last) if entries > 1 else last[0]
+        y[c] = yc if z is None else yc * (z[c] * sigmoid(z[c]))
+
+
+selective_scan_mixer = mixer(selective_scan_fwd, "tilemix::selective_scan", final_states=("h",))
+
+
+def _head_width(channels: int, groups: int) -> int:
+    """Channels per head: 64 where it divides each group's channels, else a group's channels (a
+    multiple of 16: the program slices the state row in blocks of the head width)."""
+    per_group = channels // groups
+    return HEAD_WIDTH if per_group % HEAD_WIDTH == 0 else per_group
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, output_final_state) -> None:
+    check_call("selective_scan", differentiable=True,
+               flags=dict(delta_softplus=delta_softplus, output_final_state=output_final_state),
+               u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    if u.dim() != 3:
+        raise ValueError(f"u: expected [B, T, Dm], got shape {tuple(u.shape)}")
+    batch, length, channels = u.shape
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and t.shape != u.shape:
+            raise ValueError(f"{name}: expected the shape of u {tuple(u.shape)}, got {tuple(t.shape)}")
+    if A.dim() != 2 or A.shape[0] != channels or A.shape[1] == 0:
+        raise ValueError(f"A: expected [Dm, N] with Dm = {channels}, got shape {tuple(A.shape)}")
+    state = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            t = t.unsqueeze(2)
+        if t.dim() != 4 or t.shape[:2] != (batch, length) or t.shape[3] != state or t.shape[2] == 0 \
+                or channels % t.shape[2]:
+            raise ValueError(f"{name}: expected [B, T, N] = {[batch, length, state]} or [B, T, G, N] with G "
+                             f"dividing Dm = {channels}, got shape {tuple(t.shape)}")
+    if B.dim() != C.dim() or (B.dim() == 4 and B.shape[2] != C.shape[2]):
+        raise ValueError(f"C: expected the groups of B {tuple(B.shape)}, got shape {tuple(C.shape)}")
+    groups = B.shape[2] if B.dim() == 4 else 1
+    if (channels // groups) % 16:
+        raise ValueError(f"u: its Dm = {channels} channels make groups of {channels // groups} (G = {groups}); "
+                         "selective_scan takes groups of a multiple of 16 channels")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"{name}: expected [Dm] = [{channels}], got shape {tuple(t.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (batch, channels, state):
+        raise ValueError(f"initial_state: expected [B, Dm, N] = {[batch, channels, state]}, "
+                         f"got {list(initial_state.shape)}")
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                   delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                   initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+    """Mamba-1's selective scan (mamba_ssm's ``selective_scan_fn``, sequence-major):
+    ``Δ = softplus(delta + delta_bias)`` (each part optional), ``h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t``,
+    ``y_t = h_t C_t + D ⊙ u_t``, times ``silu(z_t)`` when z is given.
+
+    u, delta, z: ``[B, T, Dm]``; A: ``[Dm, N]`` (negative); B, C: ``[B, T, N]`` or ``[B, T, G, N]``
+    (channel d reads group ``d // (Dm // G)``); D, delta_bias: ``[Dm]``; initial_state: float32
+    ``[B, Dm, N]`` or None (zeros). Returns ``(y [B, T, Dm], final_state or None)``. Differentiable
+    in every tensor argument (the derived backward). The GPU kernels take Dm / G a multiple of 64."""
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, output_final_state)
+    batch, length, channels = u.shape
+    state = A.shape[1]
+    B, C = (t.unsqueeze(2) if t.dim() == 3 else t for t in (B, C))
+    width = _head_width(channels, B.shape[2])
+    heads = channels // width
+    if u.is_cuda and state % HEAD_WIDTH:  # the GPU loads B and C in 64-column panels: zeros past N
+        B, C = (F.pad(t, (0, HEAD_WIDTH - state % HEAD_WIDTH)) for t in (B, C))
+
+    def per_head(t):
+        return None if t is None else t.unflatten(-1, (heads, width))
+
+    rates = A.unflatten(0, (heads, width)).transpose(1, 2).flatten(1)  # [H, N·P]: entry n in columns n·P ...
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.unflatten(1, (heads, width)).transpose(2, 3).flatten(2).unsqueeze(2)
+    y, h = selective_scan_mixer(u=per_head(u), delta=per_head(delta), A=rates, B=B, C=C, D=per_head(D),
+                                z=per_head(z), delta_bias=per_head(delta_bias), delta_softplus=bool(delta_softplus),
+                                h=h0)
+    y = y.flatten(2)
+    if not output_final_state:
+        return y, None
+    return y, h.squeeze(2).unflatten(2, (state, width)).transpose(2, 3).flatten(1, 2)
