@@ -27,6 +27,7 @@ from tilemix.ops.timing import host_us, time_ms
 from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
+from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
 from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
@@ -248,7 +249,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES}
+         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES}
 
 
 def direction(name: str) -> str:
@@ -299,6 +300,7 @@ def grid_rows(names=GRID_OPS, head_dims=GRID_D) -> list[tuple[str, int, int, int
 
 GQA_SHAPE = (4, 4096, 32, 128)
 RWKV_SHAPE = (8, 4096, 32, 64)  # issue 28's RWKV bars: 32 heads of 64
+MLSTM_WIDE_SHAPE = (8, 4096, 8, 256)  # issue 28's second mLSTM bar: 8 heads of 256
 
 
 def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
@@ -309,6 +311,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return RWKV_SHAPE
         if name in WINDOW_CASES:
             return WINDOW_SHAPE
+        if name.startswith("mlstm") and "d256" in name.split("-"):
+            return MLSTM_WIDE_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]
@@ -403,7 +407,8 @@ def _backward_field(name: str) -> dict:
     """A backward row's ``backward``: "derived" (from the forward program) or "hand-written"."""
     if direction(name) != "bwd":
         return {}
-    return dict(backward="derived" if name in DERIVED_BACKWARD | SCAN_DERIVED_BACKWARD else "hand-written")
+    derived = DERIVED_BACKWARD | SCAN_DERIVED_BACKWARD | MLSTM_DERIVED_BACKWARD
+    return dict(backward="derived" if name in derived else "hand-written")
 
 
 def default_json_path(result: dict) -> Path:

@@ -66,8 +66,8 @@ def _tail_calls(rnd, target):
 
 
 def _mixer_calls(rnd, target):
-    """The gated and delta-rule mixers (derived backwards), forward and backward, on a tail shape
-    with initial and final states."""
+    """The gated and delta-rule mixers and mlstm (derived backwards), forward and backward, on a tail
+    shape with initial and final states."""
     import torch
     import torch.nn.functional as F
 
@@ -98,6 +98,12 @@ def _mixer_calls(rnd, target):
                  ops.delta_rule(seq(), keys(), seq(), beta, initial_state=state(), output_final_state=True),
                  ops.gated_delta_rule(seq(), keys(), seq(), gates(B, T, H), beta, initial_state=state(),
                                       output_final_state=True)]
+        # mlstm at V = 128: its backward's column blocks
+        mlstm_state = [torch.randn(*shape, device="cuda").requires_grad_(True)
+                       for shape in ((B, H, D, 2 * D), (B, H, D), (B, H))]
+        h, final = ops.mlstm(seq(), seq(), rnd(B, T, H, 2 * D).requires_grad_(True), gates(B, T, H), gates(B, T, H),
+                             initial_state=mlstm_state, output_final_state=True)
+        calls.append((h, *final))
         for outputs in calls:
             torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
 

@@ -29,11 +29,13 @@ from .layers import (
     LinearAttention,
     Mamba1Mixer,
     Mamba2Mixer,
+    MLSTMLayer,
     MultiHeadAttention,
     Retention,
     RWKV6TimeMix,
 )
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .mlstm import mlstm, mlstm_fwd
 from .models import HybridLM
 from .runtime import run, use_target
 from .selective_scan import selective_scan, selective_scan_fwd
@@ -58,6 +60,7 @@ __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGR
 __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd", "Retention", "GatedLinearAttention",
             "RWKV6TimeMix"]
 __all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]
+__all__ += ["mlstm", "mlstm_fwd", "MLSTMLayer"]
 __all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirectional_linear_attention_fwd",
             "bidirectional_linear_attention_normalized_fwd"]
 __all__ += ["selective_scan", "selective_scan_fwd", "Mamba1Mixer"]

@@ -116,10 +116,13 @@ def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: d
         grads = _block_gradients(kernel, args, output_grads, wrt, arch, device)
         return {name: g.to(args[name].dtype) for name, g in grads.items()}
     width = binding.extent(dim)
+    # a gradient of a result without the dim (a second state, say) seeds one block: every block
+    # recomputes that result, and the shares are summed
     shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
-                               {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()},
+                               {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()
+                                if start == 0 or dim in kernel.specs[n].layout},
                                wrt, arch, device)
-              for cols in (slice(start, start + SPLIT_WIDTH) for start in range(0, width, SPLIT_WIDTH))]
+              for start, cols in ((s, slice(s, s + SPLIT_WIDTH)) for s in range(0, width, SPLIT_WIDTH))]
     return {name: _combine(kernel, name, [share[name] for share in shares], dim, args[name]) for name in wrt}
 
 

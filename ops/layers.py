@@ -20,11 +20,12 @@ from .bidirectional import prefix_linear_attention
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
+from .mlstm import mlstm
 from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
-           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer"]
+           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -377,3 +378,34 @@ class DeltaNet(nn.Module):
     def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
         return self(x, initial_state=cache, output_final_state=True)
+
+
+class MLSTMLayer(nn.Module):
+    """xLSTM's mLSTM between projections, minimal: q, k, v and per-head input and forget gate
+    pre-activations from x, the forget gates' bias spread over 3 .. 6 per head as in xLSTM (a state
+    that forgets slowly at initialisation); no output gate, norm or convolution around it.
+
+    >>> layer = MLSTMLayer(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 128))
+    >>> y.shape
+    torch.Size([2, 100, 128])
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.gates = nn.Linear(dim, 2 * heads)
+        with torch.no_grad():
+            self.gates.bias[heads:] = torch.linspace(3.0, 6.0, heads)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: tuple | None = None, output_final_state: bool = False):
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        i, f = self.gates(x).float().chunk(2, dim=-1)
+        h, state = mlstm(q, k, v, i, f, initial_state=initial_state, output_final_state=output_final_state)
+        y = self.out(h.flatten(-2))
+        return (y, state) if output_final_state else y

@@ -3,8 +3,10 @@ the tile programs against it (``tolerance``)."""
 
 from .bidirectional import bidirectional_linear_attention, prefix_linear_attention
 from .mixers import attention, gemm, gla, linear_attention, retention, rwkv6, ssd
+from .mlstm import mlstm
 from .selective_scan import selective_scan
 from .tolerance import BOUNDS, bound, rel_err
 
 __all__ = ["BOUNDS", "attention", "bidirectional_linear_attention", "bound", "gemm", "gla", "linear_attention",
            "prefix_linear_attention", "rel_err", "retention", "rwkv6", "selective_scan", "ssd"]
+__all__ += ["mlstm"]
