@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from test_delta_rule import _inputs
 
 from tilemix.ops import (
+    delta_rule,
     delta_rule_fwd,
     delta_rule_prepare,
     delta_rule_scan,
+    gated_delta_rule,
     gated_delta_rule_fwd,
     gated_delta_rule_prepare,
     gated_delta_rule_scan,
 )
 from tilemix.ops.examples import kernel_specs
+from tilemix.reference.tolerance import bound, rel_err
 
 # op -> (prepare, its inputs; scan, its inputs; the one-program forward)
 SPLITS = {"delta_rule": (delta_rule_prepare, ("k", "v", "beta"), delta_rule_scan, ("q", "k", "w", "u0"),
@@ -55,6 +59,27 @@ def test_prepare_runs_one_block_per_chunk(op, arch):
     source = kernel_source(prepare, binding, schedule, arch)
     per_cta = schedule.consumers if schedule.consumer_axis == "blocks" else 1
     assert list(source.grid_loops) == [("T", 64 * per_cta)]
+
+
+@pytest.mark.parametrize("op", SPLITS)
+def test_bf16_on_the_interpreter_within_the_bf16_bound(op):
+    """The GPU test's check on the interpreter, which rounds as the GPU does: w and u0 (and their
+    gradients) pass between the programs in bf16, and the output, final state and every gradient
+    stay within the bf16 bound of float64 on the same rounded values (keys of cosine 0.98)."""
+    fn = {"delta_rule": delta_rule, "gated_delta_rule": gated_delta_rule}[op]
+    args, state = _inputs(op, 2, 256, 2, 64, 64, seed=256, cosine=0.98)
+    dtypes = [torch.bfloat16] * 3 + [torch.float32] * (len(args) - 2)  # q, k, v; gates; state
+    low = [a.to(d).requires_grad_() for a, d in zip((*args, state), dtypes)]
+    exact_inputs = [a.detach().double().requires_grad_() for a in low]
+    results = []
+    for inputs in (exact_inputs, low):
+        o, final = fn(*inputs[:-1], initial_state=inputs[-1], output_final_state=True)
+        gen = torch.Generator().manual_seed(1)
+        weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (o, final)]
+        (o.double() * weights[0]).sum().add((final.double() * weights[1]).sum()).backward()
+        results.append([o, final, *(x.grad for x in inputs)])
+    for exact, got in zip(*results):
+        assert rel_err(got.double(), exact.detach().numpy()) <= bound(torch.bfloat16)
 
 
 # -- compiled for the GPU ----------------------------------------------------------------------
