@@ -20,7 +20,16 @@ from .bidirectional import (
     prefix_linear_attention_fwd,
 )
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
-from .delta_rule import delta_rule, delta_rule_fwd, gated_delta_rule, gated_delta_rule_fwd
+from .delta_rule import (
+    delta_rule,
+    delta_rule_fwd,
+    delta_rule_prepare,
+    delta_rule_scan,
+    gated_delta_rule,
+    gated_delta_rule_fwd,
+    gated_delta_rule_prepare,
+    gated_delta_rule_scan,
+)
 from .gated import gla, gla_fwd, retention, retention_fwd, rwkv6, rwkv6_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import (
@@ -59,7 +68,8 @@ __all__ = ["__version__", "attention", "gemm", "linear_attention", "ssd", "PROGR
            "run", "mixer", "Mixer", "linear_attention_cp", "ssd_cp", "attention_cp"]
 __all__ += ["retention", "retention_fwd", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd", "Retention", "GatedLinearAttention",
             "RWKV6TimeMix"]
-__all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "DeltaNet"]
+__all__ += ["delta_rule", "gated_delta_rule", "delta_rule_fwd", "gated_delta_rule_fwd", "delta_rule_prepare",
+            "delta_rule_scan", "gated_delta_rule_prepare", "gated_delta_rule_scan", "DeltaNet"]
 __all__ += ["mlstm", "mlstm_fwd", "MLSTMLayer"]
 __all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirectional_linear_attention_fwd",
             "bidirectional_linear_attention_normalized_fwd"]

@@ -4,19 +4,26 @@
 Chunked with the UT transform: within a 64-token chunk the new values ``u`` solve the unit lower
 triangular system ``(I + A) u = β (V − D K S)``, ``A = tril(β (K Kᵀ ⊙ Γ), -1)``, where ``Γ[i, j] =
 exp(G_i − G_j)`` is the decay from token j to token i and ``D = diag(exp G)`` the decay from the
-chunk's start (both all ones for the delta rule). The backward is derived from the forward programs
-(``tilemix.tiles.autodiff``, ``trisolve``'s adjoint): no hand-written backward."""
+chunk's start (both all ones for the delta rule). So ``u = u0 − w S`` with ``u0 = (I + A)⁻¹ β V`` and
+``w = (I + A)⁻¹ β D K``, which need no state: the ops compute them for every chunk at once in a grid
+program (``*_prepare``, ``blocks``), then run the state recurrence alone in a scan (``*_scan``), so
+the solves leave the sequential path. ``*_fwd`` states the same forward as one scan program.
+
+The backward is derived from the programs (``tilemix.tiles.autodiff``, ``trisolve``'s adjoint):
+no hand-written backward. w and u0 pass between the programs in the compute dtype, as every matmul
+operand is rounded to it anyway."""
 
 from __future__ import annotations
 
 import torch
 
-from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, colsum, cumsum, exp, kernel, segsum, trisolve
+from tilemix.tiles import Out, Scalar, Seq, State, blocks, causal, chunks, colsum, cumsum, exp, kernel, segsum, trisolve
 
-from ._library import no_state, register_derived_autograd, tile_op
+from ._library import mixer, no_state, register_derived_autograd, tile_op
 from .runtime import check_call, default_scale
 
-__all__ = ["delta_rule", "delta_rule_fwd", "gated_delta_rule", "gated_delta_rule_fwd"]
+__all__ = ["delta_rule", "delta_rule_fwd", "delta_rule_prepare", "delta_rule_scan", "gated_delta_rule",
+           "gated_delta_rule_fwd", "gated_delta_rule_prepare", "gated_delta_rule_scan"]
 
 
 @kernel
@@ -26,6 +33,25 @@ def delta_rule_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], beta: Seq[1], scale: S
         qc, kc, vc, bc = q[c], k[c], v[c], beta[c]
         a = causal(kc @ kc.T * bc, strict=True)
         u = trisolve(a, vc * bc) - trisolve(a, kc * bc) @ s
+        o[c] = (qc @ s + causal(qc @ kc.T) @ u) * scale
+        s = s + kc.T @ u
+
+
+@kernel
+def delta_rule_prepare(k: Seq["K"], v: Seq["V"], beta: Seq[1], w: Out[Seq["K"]], u0: Out[Seq["V"]]):
+    for c in blocks(64):  # each chunk alone: no state
+        kc, bc = k[c], beta[c]
+        a = causal(kc @ kc.T * bc, strict=True)
+        w[c] = trisolve(a, kc * bc)
+        u0[c] = trisolve(a, v[c] * bc)
+
+
+@kernel
+def delta_rule_scan(q: Seq["K"], k: Seq["K"], w: Seq["K"], u0: Seq["V"], scale: Scalar,
+                    o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc = q[c], k[c]
+        u = u0[c] - w[c] @ s
         o[c] = (qc @ s + causal(qc @ kc.T) @ u) * scale
         s = s + kc.T @ u
 
@@ -43,14 +69,35 @@ def gated_delta_rule_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq[1], beta:
         s = s * exp(colsum(gc)) + kc.T @ (u * exp(cumsum(gc, reverse=True, exclusive=True)))
 
 
-def _op(name: str, program, gates: tuple[str, ...]):
-    """``program`` as the differentiable custom op ``tilemix::name``, its inputs q, k, v, then
-    ``gates`` ([B, T, H] each), scale, initial_state and the final-state flag."""
-    inputs = ("q", "k", "v", *gates)
+@kernel
+def gated_delta_rule_prepare(k: Seq["K"], v: Seq["V"], g: Seq[1], beta: Seq[1],
+                             w: Out[Seq["K"]], u0: Out[Seq["V"]]):
+    for c in blocks(64):  # each chunk alone: no state
+        kc, gc, bc = k[c], g[c], beta[c]
+        a = causal(kc @ kc.T * exp(segsum(gc)) * bc, strict=True)
+        w[c] = trisolve(a, kc * (bc * exp(cumsum(gc))))
+        u0[c] = trisolve(a, v[c] * bc)
+
+
+@kernel
+def gated_delta_rule_scan(q: Seq["K"], k: Seq["K"], g: Seq[1], w: Seq["K"], u0: Seq["V"], scale: Scalar,
+                          o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, gc = q[c], k[c], g[c]
+        u = u0[c] - w[c] @ s
+        o[c] = ((qc @ s) * exp(cumsum(gc)) + (qc @ kc.T * exp(segsum(gc))) @ u) * scale
+        s = s * exp(colsum(gc)) + kc.T @ (u * exp(cumsum(gc, reverse=True, exclusive=True)))
+
+
+_SIGNATURE = "float scale, Tensor? initial_state, bool output_final_state) -> (Tensor, Tensor)"
+
+
+def _scan_op(name: str, program, inputs: tuple[str, ...]):
+    """``program`` (a scan) as the differentiable custom op ``tilemix::name``: its tensor ``inputs``,
+    then scale, initial_state and the final-state flag."""
     schema = ", ".join(f"Tensor {n}" for n in inputs)
     op = tile_op(
-        name, f"({schema}, float scale, Tensor? initial_state, bool output_final_state) -> (Tensor, Tensor)",
-        program,
+        name, f"({schema}, {_SIGNATURE}", program,
         lambda *args: ({**dict(zip(inputs, args)), "scale": args[-3], "s": args[-2]},
                        {"s": "initial_state"}, ("s",) if args[-1] else ()),
         lambda out: (out["o"], out.get("s", no_state(out["o"]))))
@@ -58,8 +105,24 @@ def _op(name: str, program, gates: tuple[str, ...]):
     return op
 
 
-delta_rule_op = _op("delta_rule", delta_rule_fwd, ("beta",))
-gated_delta_rule_op = _op("gated_delta_rule", gated_delta_rule_fwd, ("g", "beta"))
+def _composite(name: str, prepare, scan, gates: tuple[str, ...]) -> None:
+    """``tilemix::name(q, k, v, *gates, scale, initial_state, output_final_state)``: the prepare
+    mixer, then the scan op; an implicit-autograd composite, so each program's derived backward runs."""
+    prepare_op = mixer(prepare, f"tilemix::{name}_prepare").op
+    scan_op = _scan_op(f"{name}_scan", scan, ("q", "k", *(("g",) if "g" in gates else ()), "w", "u0"))
+    schema = ", ".join(f"Tensor {n}" for n in ("q", "k", "v", *gates))
+    torch.library.define(f"tilemix::{name}", f"({schema}, {_SIGNATURE}")
+
+    @torch.library.impl(f"tilemix::{name}", "CompositeImplicitAutograd")
+    def run(q, k, v, *rest):
+        *gate_values, scale, initial_state, output_final_state = rest
+        w, u0 = prepare_op(k, v, *gate_values)
+        g = gate_values[:1] if "g" in gates else ()
+        return scan_op(q, k, *g, w, u0, scale, initial_state, output_final_state)
+
+
+_composite("delta_rule", delta_rule_prepare, delta_rule_scan, ("beta",))
+_composite("gated_delta_rule", gated_delta_rule_prepare, gated_delta_rule_scan, ("g", "beta"))
 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float | None = None,
@@ -70,10 +133,11 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` (in (0, 1) usually);
     scale defaults to ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``. Differentiable in every tensor
-    through the backward derived from ``delta_rule_fwd``."""
+    through the backward derived from ``delta_rule_prepare`` and ``delta_rule_scan``."""
     check_call("delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
                q=q, k=k, v=v, beta=beta, initial_state=initial_state)
-    o, state = delta_rule_op(q, k, v, beta, default_scale(q, scale), initial_state, bool(output_final_state))
+    o, state = torch.ops.tilemix.delta_rule(q, k, v, beta, default_scale(q, scale), initial_state,
+                                            bool(output_final_state))
     return o, (state if output_final_state else None)
 
 
@@ -84,6 +148,6 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     by ``exp(g_t)`` before each token's update; g: ``[B, T, H]`` log decays (<= 0)."""
     check_call("gated_delta_rule", differentiable=True, flags=dict(output_final_state=output_final_state),
                q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
-    o, state = gated_delta_rule_op(q, k, v, g, beta, default_scale(q, scale), initial_state,
-                                   bool(output_final_state))
+    o, state = torch.ops.tilemix.gated_delta_rule(q, k, v, g, beta, default_scale(q, scale), initial_state,
+                                                  bool(output_final_state))
     return o, (state if output_final_state else None)

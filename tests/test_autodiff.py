@@ -24,6 +24,7 @@ from tilemix.tiles import (
     Seq,
     State,
     TileError,
+    blocks,
     cast,
     causal,
     chunks,
@@ -45,6 +46,7 @@ from tilemix.tiles import (
     softplus,
     sqrt,
     tanh,
+    trisolve,
     where,
     window,
 )
@@ -374,6 +376,45 @@ def test_derived_programs_are_chunk_loops_of_the_language():
         "chunks", False, "chunks", True)
     saved = backward.bindings(binding)[0].param("saved_0")  # the program's own: the first call's shapes
     assert (saved.spec.kind, saved.spec.output, saved.shape) == ("chunk_state", True, (1, 1, 2, 16, 16))
+
+
+@kernel
+def grid_solve_fwd(k: Seq["K"], v: Seq["V"], beta: Seq[1], w: Out[Seq["K"]], u: Out[Seq["V"]]):
+    for c in blocks(64):  # independent blocks, as the delta rule's UT transform
+        kc, bc = k[c], beta[c]
+        a = causal(kc @ kc.T * bc, strict=True)
+        w[c] = trisolve(a, kc * bc)
+        u[c] = trisolve(a, v[c] * bc) * exp(cumsum(bc))
+
+
+@pytest.mark.parametrize("T", [1, 64, 130])
+def test_grid_program_gradcheck(T):
+    """A ``blocks`` grid program (nothing carried) differentiates per block: no states program, a
+    reverse grid of the same blocks, and gradients that pass float64 gradcheck."""
+    rng = np.random.default_rng(T)
+    tensors = dict(k=torch.tensor(rng.standard_normal((2, T, 2, 16)) * 0.3),
+                   v=torch.tensor(rng.standard_normal((2, T, 2, 8))),
+                   beta=torch.tensor(rng.uniform(0, 1, (2, T, 2))))
+    assert _gradcheck(grid_solve_fwd, tensors)
+    backward = derive_backward(grid_solve_fwd, grid_solve_fwd.bind({n: t.numpy() for n, t in tensors.items()}),
+                               ["w", "u"])
+    (loop,) = [op for op in backward.reverse.body if op.name == "loop"]
+    assert backward.states is None and (loop.kind, loop.carried) == ("blocks", [])
+
+
+@kernel
+def grid_head_fwd(x: Seq["D"], gain: Head["D"], y: Out[Seq["D"]]):
+    for c in blocks(64):
+        y[c] = x[c] * gain
+
+
+def test_grid_program_gradient_of_a_head_input_is_a_clear_error():
+    args = dict(x=np.ones((1, 70, 2, 16)), gain=np.ones((2, 16)))
+    binding = grid_head_fwd.bind(args)
+    with pytest.raises(TileError, match="sequence inputs only, not of a head input"):
+        derive_backward(grid_head_fwd, binding, ["y"], wrt=["gain"])
+    assert np.array_equal(gradients(grid_head_fwd, args, dict(y=np.ones((1, 70, 2, 16))), wrt=["x"])["x"],
+                          np.ones((1, 70, 2, 16)))
 
 
 @kernel

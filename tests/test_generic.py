@@ -197,6 +197,8 @@ SPILLING = {
     ("delta_rule_fwd", "sm_80"): "a 128x128 state beside the chunk's two 64x128 solves",
     "gated_delta_rule_fwd": "a 128x128 state beside the chunk's two 64x128 solves and its 64x64 decays",
     ("mlstm_fwd", "sm_90"): "at the 255-register ceiling: 8 bytes (sm_80/86/89 and sm_90a's own kernel fit)",
+    **{("gated_delta_rule_scan", arch): "a 128x128 state beside the chunk's 64x64 decays, at the register "
+       "ceiling (8 bytes)" for arch in ("sm_86", "sm_89")},
 }
 # Programs whose staged tiles need more shared memory than a CTA gets on sm_86/sm_89 (99 KiB) even
 # with staging buffers reused: the delta rules at K = V = 128, the SSD backward at P = 128 (the GPU

@@ -12,7 +12,7 @@ from test_user_mixers import anticausal_la_fwd, gla_fwd, normalized_la_fwd
 
 from tilemix import ops
 from tilemix.reference.tolerance import bound, rel_err
-from tilemix.tiles import Out, Seq, TileError, blocks, kernel
+from tilemix.tiles import Out, Seq, TileError, blocks, chunks, colsum, kernel
 
 
 def _gated_retention():
@@ -233,17 +233,28 @@ def test_backward_argument_is_checked(op, backward):
 
 
 def test_program_it_cannot_differentiate_is_a_clear_error_at_backward():
-    """The forward runs; the backward names the loop it cannot differentiate, never a wrong gradient."""
+    """The forward runs; the backward names the loop it cannot differentiate, never a wrong gradient:
+    a grid of independent blocks differentiates, a grid with a loop inside does not."""
     @kernel
     def doubled(x: Seq["D"], y: Out[Seq["D"]]):
         for i in blocks(64):
             y[i] = x[i] * 2.0
 
-    m = ops.mixer(doubled, "tilemix_test::doubled_blocks")
-    x = torch.ones(1, 64, 1, 16, requires_grad=True)
-    y = m(x=x)
-    assert torch.equal(y, 2 * x.detach())
-    with pytest.raises(TileError, match="cannot differentiate doubled: a blocks"):
+    @kernel
+    def prefix(x: Seq["D"], y: Out[Seq["D"]]):
+        for i in blocks(64):
+            total = colsum(x[i]) * 0.0
+            for j in chunks(64, through=i):  # the blocks up to this one
+                total = total + colsum(x[j])
+            y[i] = x[i] * 0.0 + total
+
+    x = torch.ones(1, 130, 1, 16, requires_grad=True)
+    ops.mixer(doubled, "tilemix_test::doubled_blocks")(x=x).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+    x.grad = None
+    y = ops.mixer(prefix, "tilemix_test::prefix_blocks")(x=x)
+    assert torch.equal(y[0, 64:128], torch.full((64, 1, 16), 128.0))
+    with pytest.raises(TileError, match="cannot differentiate prefix: a blocks"):
         y.sum().backward()
     assert x.grad is None
 

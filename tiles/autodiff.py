@@ -23,7 +23,11 @@ but the final states. Its backward is two programs:
   final states ``d_<name>`` (``[B, H, 1, cols]``). ``Backward.run`` sums those over the batch and
   the per-head ``GroupSeq`` gradients over each group's heads.
 
-Anything else (a ``blocks`` grid, nested or several loops, ``through=``/``start=`` bounds, ops
+A ``blocks`` grid program (one grid loop, no loop inside it) is differentiated per block: no states
+program (nothing is carried), and a reverse grid of the same blocks writing the gradients of the
+sequence inputs (a ``Head``/``Scalar``/``State`` input's gradient would sum over the blocks: refused).
+
+Anything else (a ``blocks`` grid with a loop inside, several loops, ``through=``/``start=`` bounds, ops
 after the loop, ``Matrix`` parameters, an op without an adjoint rule) raises ``TileError`` naming
 the op and the user's line: never a wrong gradient.
 
@@ -73,10 +77,10 @@ def _split(program: Program) -> _Shape:
     if not loops:
         raise TileError(f"cannot differentiate {program.name}: it has no chunks() loop", program.loc)
     loop = program.body[loops[0]]
-    if loop.kind != "chunks":
-        raise TileError(f"cannot differentiate {program.name}: a blocks() grid loop (only a chunks() scan is "
-                        "differentiated; a grid program such as an online softmax keeps a hand-written backward)",
-                        loop.loc)
+    if loop.kind == "blocks" and any(isinstance(op, Loop) for op in loop.body):
+        raise TileError(f"cannot differentiate {program.name}: a blocks() grid loop with a loop inside (only a "
+                        "chunks() scan or a grid of independent blocks is differentiated; a grid program such as "
+                        "an online softmax keeps a hand-written backward)", loop.loc)
     if len(loops) > 1:
         raise TileError(f"cannot differentiate {program.name}: only one chunks() loop is supported",
                         program.body[loops[1]].loc)
@@ -276,9 +280,10 @@ class _Reverse:
                 self.outer.add(loop.init[i], r)
         for v, r in zip(self.summed, results[len(states):]):
             self.outer.add(v, r)
-        return Loop("loop", (), {}, None, loop.loc, kind="chunks", dim=loop.dim, size=loop.size,
-                    reverse=not loop.reverse, index=loop.index, init=inits, carried=state_grads + sums,
-                    update=updates, results=results, body=body)
+        grid = loop.kind == "blocks"  # independent blocks: each block's reverse alone, in the same grid
+        return Loop("loop", (), {}, None, loop.loc, kind=loop.kind, dim=loop.dim, size=loop.size,
+                    reverse=loop.reverse if grid else not loop.reverse, index=loop.index, init=inits,
+                    carried=state_grads + sums, update=updates, results=results, body=body)
 
     def recompute(self, loop: Loop) -> None:
         """Prepare the body's forward values, from the saved states entering the chunk (each op
@@ -481,6 +486,17 @@ def _default_wrt(binding: Binding) -> frozenset[str]:
                      and p.spec.kind in ("seq", "group_seq", "head", "state"))
 
 
+def _check_grid_wrt(program: Program, binding: Binding, wrt: frozenset[str]) -> None:
+    """A ``blocks`` grid program differentiates in its sequence inputs only: a ``Head``, ``Scalar`` or
+    ``State`` input's gradient would be a sum over the grid's blocks, which no block owns."""
+    for name in sorted(wrt):
+        kind = binding.param(name).spec.kind
+        if kind not in ("seq", "group_seq"):
+            raise TileError(f"cannot differentiate {program.name} in {name!r}: a blocks() grid program gets "
+                            f"gradients of its sequence inputs only, not of a {kind} input (its gradient sums "
+                            "over the grid's blocks)", program.loc)
+
+
 _CACHE: dict[tuple, Backward] = {}
 
 
@@ -508,6 +524,8 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
     if key not in _CACHE:
         forward = kernel.trace(binding)
         shape = _split(forward)
+        if shape.loop.kind == "blocks":
+            _check_grid_wrt(forward, binding, wrt)
         active = _active(shape, wrt)
         params = _backward_params(forward, binding, wrt, grads_given)
         saved = [params[_saved_name(i)] for i in range(len(shape.loop.carried))]
