@@ -1,0 +1,67 @@
+"""Based: linear attention through the 2nd-order Taylor feature map,
+``φ(q)·φ(k) = 1 + x + x²/2`` with ``x = scale · q·k`` (the Taylor expansion of ``exp``), causal and
+normalised as flash-linear-attention's ``parallel_based``.
+
+Linear in T: within a 64-token chunk the weights are computed directly; the chunks before it come
+in through the state of the 1 + F + F² features, kept as its three parts: the running sum of the
+values (the constant feature), ``Σ k vᵀ`` (F x V) and ``Σ (k⊗k) vᵀ`` (F² x V, ``outer``), with the
+normaliser's column sums beside them. The backward is derived from the program."""
+
+from __future__ import annotations
+
+import torch
+
+from tilemix.tiles import Const, Out, Scalar, Seq, causal, chunks, colsum, kernel, outer, rowsum, zeros
+
+from ._library import mixer
+from .runtime import check_call, default_scale
+
+__all__ = ["based", "based_fwd", "FEATURES"]
+
+FEATURES = 16  # the feature dim Based projects q and k to (fla's parallel_based, ThunderKittens)
+
+
+@kernel
+def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]], normalize: Const = True):
+    f, width = q.cols, v.cols
+    s0, s1, s2 = zeros(1, width), zeros(f, width), zeros(f * f, width)  # Σ v, Σ k vᵀ, Σ (k⊗k) vᵀ
+    z0, z1, z2 = zeros(1, 1), zeros(f, 1), zeros(f * f, 1)  # the same sums of 1 in place of v
+    for c in chunks(64):
+        qc, kc, vc = q[c] * scale, k[c], v[c]
+        qq, kk = outer(qc, qc) * 0.5, outer(kc, kc)
+        x = qc @ kc.T
+        weights = causal(1.0 + x + x * x * 0.5)
+        numerator = weights @ vc + s0 + qc @ s1 + qq @ s2
+        s0, s1, s2 = s0 + colsum(vc), s1 + kc.T @ vc, s2 + kk.T @ vc
+        if normalize:
+            o[c] = numerator / (rowsum(weights) + z0 + qc @ z1 + qq @ z2 + 1e-6)
+            z0, z1, z2 = z0 + 64.0, z1 + colsum(kc).T, z2 + colsum(kk).T  # 64: only a last chunk is partial
+        else:
+            o[c] = numerator
+
+
+based_mixer = mixer(based_fwd, "tilemix::based")
+
+
+def _check(q, k, v, normalize) -> None:
+    check_call("based", differentiable=True, flags=dict(normalize=normalize), q=q, k=k, v=v)
+    if q.dim() != 4 or q.shape[-1] != FEATURES:
+        raise ValueError(f"q: expected [B, T, H, {FEATURES}] (Based's feature dim is {FEATURES}: the state holds "
+                         f"1 + F + F² features), got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected [B, T, H, V] with B, T, H = {list(q.shape[:3])}, got shape {tuple(v.shape)}")
+
+
+def based(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+          normalize: bool = True) -> torch.Tensor:
+    """Based's Taylor-feature linear attention (flash-linear-attention's ``parallel_based``
+    convention, its ``use_norm`` named ``normalize``): ``o_t = Σ_{s≤t} w_ts v_s`` with
+    ``w_ts = 1 + x + x²/2``, ``x = scale · q_t·k_s``, divided by ``Σ_{s≤t} w_ts + 1e-6`` when
+    ``normalize``.
+
+    q, k: ``[B, T, H, 16]``; v: ``[B, T, H, V]``; scale defaults to ``16 ** -0.5``. Returns
+    ``o [B, T, H, V]``. Differentiable (the derived backward)."""
+    _check(q, k, v, normalize)
+    return based_mixer(q=q, k=k, v=v, scale=default_scale(q, scale), normalize=bool(normalize))
