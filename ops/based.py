@@ -23,12 +23,14 @@ FEATURES = 16  # the feature dim Based projects q and k to (fla's parallel_based
 
 @kernel
 def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], scale: Scalar, o: Out[Seq["V"]], normalize: Const = True):
+    """q and k hold Based's 16 features, then (on a GPU) zero columns up to the 64 its loads take."""
     f, width = q.cols, v.cols
-    s0, s1, s2 = zeros(1, width), zeros(f, width), zeros(f * f, width)  # Σ v, Σ k vᵀ, Σ (k⊗k) vᵀ
-    z0, z1, z2 = zeros(1, 1), zeros(f, 1), zeros(f * f, 1)  # the same sums of 1 in place of v
+    s0, s1, s2 = zeros(1, width), zeros(f, width), zeros(FEATURES ** 2, width)  # Σ v, Σ k vᵀ, Σ (k⊗k) vᵀ
+    z0, z1, z2 = zeros(1, 1), zeros(f, 1), zeros(FEATURES ** 2, 1)  # the same sums of 1 in place of v
     for c in chunks(64):
         qc, kc, vc = q[c] * scale, k[c], v[c]
-        qq, kk = outer(qc, qc) * 0.5, outer(kc, kc)
+        qq = outer(qc[:, 0:FEATURES], qc[:, 0:FEATURES]) * 0.5
+        kk = outer(kc[:, 0:FEATURES], kc[:, 0:FEATURES])
         x = qc @ kc.T
         weights = causal(1.0 + x + x * x * 0.5)
         numerator = weights @ vc + s0 + qc @ s1 + qq @ s2
@@ -38,7 +40,6 @@ def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], scale: Scalar, o: Out[Seq["
             z0, z1, z2 = z0 + 64.0, z1 + colsum(kc).T, z2 + colsum(kk).T  # 64: only a last chunk is partial
         else:
             o[c] = numerator
-
 
 based_mixer = mixer(based_fwd, "tilemix::based")
 
