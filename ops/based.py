@@ -5,20 +5,26 @@ normalised as flash-linear-attention's ``parallel_based``.
 Linear in T: within a 64-token chunk the weights are computed directly; the chunks before it come
 in through the state of the 1 + F + F² features, kept as its three parts: the running sum of the
 values (the constant feature), ``Σ k vᵀ`` (F x V) and ``Σ (k⊗k) vᵀ`` (F² x V, ``outer``), with the
-normaliser's column sums beside them. The backward is derived from the program."""
+normaliser's column sums beside them. The backward is derived from the program.
+
+On a GPU, q and k are padded with zero columns to 64 features (loads take 64-column panels, matmuls
+N in 64-multiples): the program lowers for sm_90a, spilling (tests/test_based_compile.py); its
+81 KiB state exceeds the sm_80 budget (66 KiB), so the generic target refuses it."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tilemix.tiles import Const, Out, Scalar, Seq, causal, chunks, colsum, kernel, outer, rowsum, zeros
 
 from ._library import mixer
 from .runtime import check_call, default_scale
 
-__all__ = ["based", "based_fwd", "FEATURES"]
+__all__ = ["based", "based_fwd", "FEATURES", "GPU_FEATURES"]
 
 FEATURES = 16  # the feature dim Based projects q and k to (fla's parallel_based, ThunderKittens)
+GPU_FEATURES = 64  # the width GPU loads take (128-byte panels): q and k padded with zero columns to it
 
 
 @kernel
@@ -62,7 +68,11 @@ def based(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     ``w_ts = 1 + x + x²/2``, ``x = scale · q_t·k_s``, divided by ``Σ_{s≤t} w_ts + 1e-6`` when
     ``normalize``.
 
+    On a GPU, q and k travel padded with zero columns to 64 features (the width the kernels load).
     q, k: ``[B, T, H, 16]``; v: ``[B, T, H, V]``; scale defaults to ``16 ** -0.5``. Returns
     ``o [B, T, H, V]``. Differentiable (the derived backward)."""
     _check(q, k, v, normalize)
-    return based_mixer(q=q, k=k, v=v, scale=default_scale(q, scale), normalize=bool(normalize))
+    scale = default_scale(q, scale)
+    if q.is_cuda:
+        q, k = (F.pad(t, (0, GPU_FEATURES - FEATURES)) for t in (q, k))
+    return based_mixer(q=q, k=k, v=v, scale=scale, normalize=bool(normalize))

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilemix import ops
 from tilemix import reference as ref
+from tilemix.ops.based import GPU_FEATURES, based_mixer
 from tilemix.reference.tolerance import bound, rel_err
 
 
@@ -27,6 +29,26 @@ def test_matches_float64_quadratic_form(T, H, V, normalize, scale, seed):
     o = ops.based(**args, scale=scale, normalize=normalize)
     assert o.shape == args["v"].shape and o.dtype == torch.float32
     assert rel_err(o, ref.based(**args, scale=scale, normalize=normalize)) <= bound(torch.float32)
+
+
+def _padded(args: dict) -> dict:
+    """The GPU's layout: q and k with zero columns up to GPU_FEATURES."""
+    return {n: t if n == "v" else F.pad(t, (0, GPU_FEATURES - t.shape[-1])) for n, t in args.items()}
+
+
+@settings(max_examples=5, deadline=None)
+@given(T=st.integers(1, 300), normalize=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_padded_features_match_float64(T, normalize, seed):
+    """The program the GPU runs, on the interpreter: the zero columns add nothing."""
+    args = _inputs(T=T, V=64, seed=seed)
+    o = based_mixer(**_padded(args), scale=0.3, normalize=normalize)
+    assert rel_err(o, ref.based(**args, scale=0.3, normalize=normalize)) <= bound(torch.float32)
+
+
+def test_padded_features_float64_gradients():
+    leaves = [t.requires_grad_() for t in _inputs(T=70, dtype=torch.float64, seed=6).values()]
+    fn = lambda q, k, v: based_mixer(**_padded(dict(q=q, k=k, v=v)), scale=0.25)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
 def test_default_scale_is_features_to_the_minus_half():
