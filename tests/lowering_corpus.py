@@ -19,7 +19,7 @@ ARCHS = ("sm_90a", "sm_80", "sm_86", "sm_89", "sm_90")
 MODULES = ("tilemix.ops.gemm", "tilemix.ops.attention", "tilemix.ops.linear_attention", "tilemix.ops.ssd",
            "tilemix.ops.ssd_states", "tilemix.ops.ssd_backward", "tilemix.ops.gated", "tilemix.ops.bidirectional",
            "test_user_mixers", "tilemix.ops.selective_scan",
-           "tilemix.ops.mlstm")
+           "tilemix.ops.mlstm", "tilemix.ops.based")
 VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(stages=1),
             "early": dict(issue="early"), "program-order": dict(issue="program"),
             "overlap-on": dict(overlap="on"), "overlap-off": dict(overlap="off"), "six-stages": dict(stages=6),
