@@ -36,16 +36,14 @@ def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], scale: Scalar, o: Out[Seq["
     for c in chunks(64):
         qc, kc, vc = q[c] * scale, k[c], v[c]
         qq = outer(qc[:, 0:FEATURES], qc[:, 0:FEATURES]) * 0.5
-        kk = outer(kc[:, 0:FEATURES], kc[:, 0:FEATURES])
         x = qc @ kc.T
         weights = causal(1.0 + x + x * x * 0.5)
         numerator = weights @ vc + s0 + qc @ s1 + qq @ s2
+        o[c] = numerator / (rowsum(weights) + z0 + qc @ z1 + qq @ z2 + 1e-6) if normalize else numerator
+        kk = outer(kc[:, 0:FEATURES], kc[:, 0:FEATURES])  # after the output: fewer 64x256 tiles live at once
         s0, s1, s2 = s0 + colsum(vc), s1 + kc.T @ vc, s2 + kk.T @ vc
         if normalize:
-            o[c] = numerator / (rowsum(weights) + z0 + qc @ z1 + qq @ z2 + 1e-6)
             z0, z1, z2 = z0 + 64.0, z1 + colsum(kc).T, z2 + colsum(kk).T  # 64: only a last chunk is partial
-        else:
-            o[c] = numerator
 
 based_mixer = mixer(based_fwd, "tilemix::based")
 
