@@ -224,6 +224,14 @@ def test_mixer_rows_run_and_say_which_backward(name):
     assert peer_name.startswith(("fla-", "mamba_ssm-")) and callable(peer) and nbytes > 0 and flops > 0
 
 
+def test_based_rows_run_at_the_bar_shape():
+    """Values 64, as issue 29's bar (the bench's D is the value dim: q and k keep 16 features)."""
+    from tilemix.bench import bench
+
+    rows = bench.default_rows(["based", "based-bwd"])
+    assert rows == [("based", 8, 4096, 16, 64), ("based-bwd", 8, 4096, 16, 64)]
+
+
 def test_hand_written_backward_rows_say_so():
     from tilemix.bench import bench
 
