@@ -21,10 +21,11 @@ from tilemix.tiles import Const, Out, Scalar, Seq, causal, chunks, colsum, kerne
 from ._library import mixer
 from .runtime import check_call, default_scale
 
-__all__ = ["based", "based_fwd", "FEATURES", "GPU_FEATURES"]
+__all__ = ["based", "based_fwd", "FEATURES", "GPU_FEATURES", "GPU_VALUES"]
 
 FEATURES = 16  # the feature dim Based projects q and k to (fla's parallel_based, ThunderKittens)
 GPU_FEATURES = 64  # the width GPU loads take (128-byte panels): q and k padded with zero columns to it
+GPU_VALUES = 64  # the value dim the GPU kernels take: loads are 64 wide, and at 128 the F² x V state is over budget
 
 
 @kernel
@@ -57,6 +58,8 @@ def _check(q, k, v, normalize) -> None:
         raise ValueError(f"k: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v: expected [B, T, H, V] with B, T, H = {list(q.shape[:3])}, got shape {tuple(v.shape)}")
+    if q.device.type != "cpu" and v.shape[-1] != GPU_VALUES:
+        raise ValueError(f"v: the GPU kernels take V = {GPU_VALUES} (CPU tensors any V), got {v.shape[-1]}")
 
 
 def based(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -67,10 +70,10 @@ def based(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
     ``normalize``.
 
     On a GPU, q and k travel padded with zero columns to 64 features (the width the kernels load).
-    q, k: ``[B, T, H, 16]``; v: ``[B, T, H, V]``; scale defaults to ``16 ** -0.5``. Returns
+    q, k: ``[B, T, H, 16]``; v: ``[B, T, H, V]`` (on a GPU V = 64); scale defaults to ``16 ** -0.5``. Returns
     ``o [B, T, H, V]``. Differentiable (the derived backward)."""
     _check(q, k, v, normalize)
     scale = default_scale(q, scale)
-    if q.is_cuda:
+    if q.device.type != "cpu":
         q, k = (F.pad(t, (0, GPU_FEATURES - FEATURES)) for t in (q, k))
     return based_mixer(q=q, k=k, v=v, scale=scale, normalize=bool(normalize))

@@ -89,6 +89,13 @@ def test_feature_dim_error_says_what_is_supported():
         ops.based(**{**args, "q": args["q"].repeat(1, 1, 1, 2), "k": args["k"].repeat(1, 1, 1, 2)})
 
 
+def test_gpu_value_dim_error_names_v():
+    """Checked before anything runs: meta tensors stand in for CUDA ones (any device but the CPU)."""
+    args = {n: t.to("meta") for n, t in _inputs(T=10, V=128).items()}
+    with pytest.raises(ValueError, match="^v: the GPU kernels take V = 64"):
+        ops.based(**args)
+
+
 @pytest.mark.parametrize("flag, value", [("normalize", "yes"), ("scale", "0.5")])
 def test_flag_errors_name_the_flag(flag, value):
     with pytest.raises(TypeError, match=flag):
