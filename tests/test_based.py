@@ -70,6 +70,14 @@ def test_float64_gradients(normalize):
     assert torch.autograd.gradcheck(lambda q, k, v: ops.based(q, k, v, normalize=normalize), leaves, fast_mode=True)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_opcheck_with_gradients(normalize):
+    """torch.library's checks (schema, fake tensors, AOT dispatch) with inputs that require grad:
+    the derived backward traces as an op, so a compiled training step sees no Python."""
+    inputs = [t.requires_grad_() for t in _inputs(T=70, seed=3).values()]
+    torch.library.opcheck(torch.ops.tilemix.based.default, (*inputs, 0.25, normalize))
+
+
 @pytest.mark.parametrize("change, error, name", [
     (dict(k=lambda a: a["k"].numpy()), TypeError, "k"),
     (dict(q=lambda a: a["q"][..., :8], k=lambda a: a["k"][..., :8]), ValueError, "q"),
