@@ -301,6 +301,7 @@ def grid_rows(names=GRID_OPS, head_dims=GRID_D) -> list[tuple[str, int, int, int
 GQA_SHAPE = (4, 4096, 32, 128)
 RWKV_SHAPE = (8, 4096, 32, 64)  # issue 28's RWKV bars: 32 heads of 64
 MLSTM_WIDE_SHAPE = (8, 4096, 8, 256)  # issue 28's second mLSTM bar: 8 heads of 256
+BASED_SHAPE = (8, 4096, 16, 64)  # issue 29's bar: values 64 (q and k: Based's 16 features)
 
 
 def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
@@ -313,6 +314,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return WINDOW_SHAPE
         if name.startswith("mlstm") and "d256" in name.split("-"):
             return MLSTM_WIDE_SHAPE
+        if name.startswith("based"):
+            return BASED_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]

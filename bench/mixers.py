@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tilemix import ops
 
+from .based import BASED_CASES
 from .calls import backward_of
 
 __all__ = ["MIXER_CASES", "DERIVED_BACKWARD", "mamba_chunk_scan_combined"]
@@ -96,8 +97,8 @@ def _gated_case(op: str, B, T, H, D, dtype, device="cuda", backward=False):
 
 
 MIXER_CASES = {**{op: functools.partial(_gated_case, op) for op in FLA_PEERS},
-               **{f"{op}-bwd": functools.partial(_gated_case, op, backward=True) for op in FLA_PEERS}}
-DERIVED_BACKWARD = {*(f"{op}-bwd" for op in FLA_PEERS), "linear_attention-bwd-derived", "ssd-bwd-derived"}
+               **{f"{op}-bwd": functools.partial(_gated_case, op, backward=True) for op in FLA_PEERS}, **BASED_CASES}
+DERIVED_BACKWARD = {*(f"{op}-bwd" for op in FLA_PEERS), "linear_attention-bwd-derived", "ssd-bwd-derived", "based-bwd"}
 
 
 def mamba_chunk_scan_combined() -> Callable:

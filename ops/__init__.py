@@ -13,6 +13,7 @@ from tilemix.tiles import __version__
 
 from ._library import Mixer, custom_op, mixer
 from .attention import attention, attention_fwd
+from .based import based, based_fwd
 from .bidirectional import (
     bidirectional_linear_attention_fwd,
     bidirectional_linear_attention_normalized_fwd,
@@ -33,6 +34,7 @@ from .delta_rule import (
 from .gated import gla, gla_fwd, retention, retention_fwd, rwkv6, rwkv6_fwd
 from .gemm import gemm, gemm_fwd, gemm_nt, gemm_tn
 from .layers import (
+    Based,
     DeltaNet,
     GatedLinearAttention,
     LinearAttention,
@@ -74,3 +76,4 @@ __all__ += ["mlstm", "mlstm_fwd", "MLSTMLayer"]
 __all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirectional_linear_attention_fwd",
             "bidirectional_linear_attention_normalized_fwd"]
 __all__ += ["selective_scan", "selective_scan_fwd", "Mamba1Mixer"]
+__all__ += ["based", "based_fwd", "Based"]

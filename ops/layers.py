@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .based import FEATURES, based
 from .bidirectional import prefix_linear_attention
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
@@ -25,7 +26,7 @@ from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
-           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer"]
+           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer", "Based"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,6 +175,32 @@ class Retention(nn.Module):
         o, state = retention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
+
+
+class Based(nn.Module):
+    """Based's linear attention between projections (``BasedLinearAttention`` in flash-linear-attention):
+    q and k projected to 16 features a head, the Taylor feature map, normalised. The full Based block's
+    sliding-window softmax attention is a separate layer.
+
+    >>> layer = Based(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 128))
+    >>> y.shape
+    torch.Size([2, 100, 128])
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 2 * heads * FEATURES + dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([self.heads * FEATURES] * 2 + [x.shape[-1]], dim=-1)
+        o = based(*(_heads(t, self.heads) for t in (q, k, v)))
+        return self.out(o.flatten(-2))
 
 
 class GatedLinearAttention(nn.Module):

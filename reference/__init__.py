@@ -1,6 +1,7 @@
 """Float64 NumPy ground truth for every op, and the tolerances that judge
 the tile programs against it (``tolerance``)."""
 
+from .based import based
 from .bidirectional import bidirectional_linear_attention, prefix_linear_attention
 from .mixers import attention, gemm, gla, linear_attention, retention, rwkv6, ssd
 from .mlstm import mlstm
@@ -10,3 +11,4 @@ from .tolerance import BOUNDS, bound, rel_err
 __all__ = ["BOUNDS", "attention", "bidirectional_linear_attention", "bound", "gemm", "gla", "linear_attention",
            "prefix_linear_attention", "rel_err", "retention", "rwkv6", "selective_scan", "ssd"]
 __all__ += ["mlstm"]
+__all__ += ["based"]

@@ -203,7 +203,7 @@ def test_a_users_program_is_a_case_without_peer():
 
 # -- rows of the derived backwards and the gated / delta-rule mixers (issues 23 and 28) ----------------------
 MIXER_ROWS = ("linear_attention-bwd-derived", "ssd-bwd-derived", "retention", "gla-bwd", "rwkv6-bwd",
-              "delta_rule", "gated_delta_rule-bwd")
+              "delta_rule", "gated_delta_rule-bwd", "based", "based-bwd")
 
 
 @pytest.mark.parametrize("name", MIXER_ROWS)
@@ -222,6 +222,14 @@ def test_mixer_rows_run_and_say_which_backward(name):
     else:
         assert out.shape == (1, 70, 2, 16) and out.isfinite().all() and bench._backward_field(name) == {}
     assert peer_name.startswith(("fla-", "mamba_ssm-")) and callable(peer) and nbytes > 0 and flops > 0
+
+
+def test_based_rows_run_at_the_bar_shape():
+    """Values 64, as issue 29's bar (the bench's D is the value dim: q and k keep 16 features)."""
+    from tilemix.bench import bench
+
+    rows = bench.default_rows(["based", "based-bwd"])
+    assert rows == [("based", 8, 4096, 16, 64), ("based-bwd", 8, 4096, 16, 64)]
 
 
 def test_hand_written_backward_rows_say_so():

@@ -380,3 +380,18 @@ def test_gradient_of_a_carried_row_is_a_select_the_generators_lower():
     dx = ADJOINTS["slice"](em, op, Value(TileType(1, 32)))[0]()
     assert dx.type.shape == (64, 32)
     assert "concat" not in [o.name for o in em.ops] and "where" in [o.name for o in em.ops]
+
+
+def test_outer_adjoint_matmuls_take_n_in_multiples_of_64():
+    """The 0/1 picks that sum outer's products back to 16-wide operands are padded to 64 rows, the
+    result sliced back: the code generators take no matmul of N = 16."""
+    from tilemix.tiles.adjoints import ADJOINTS, Emitter
+    from tilemix.tiles.ir import Op, Value
+    from tilemix.tiles.types import DType, TileType
+
+    x, y = Value(TileType(64, 16)), Value(TileType(64, 16))
+    op = Op("outer", (x, y), {"operand_dtype": DType.bf16}, Value(TileType(64, 256)), None)
+    em = Emitter()
+    grads = [thunk() for thunk in ADJOINTS["outer"](em, op, Value(TileType(64, 256))).values()]
+    assert [g.type.shape for g in grads] == [(64, 16), (64, 16)]
+    assert all(o.result.type.cols % 64 == 0 for o in em.ops if o.name == "matmul")

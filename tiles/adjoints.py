@@ -267,9 +267,10 @@ def _trisolve(em, op, gy):
 
 def _outer(em, op, gy):
     """``out[t, i * m + j] = x[t, i] y[t, j]``: ``dx = (gy * outer(1, y)) @ Gᵀ`` and
-    ``dy = (gy * outer(x, 1)) @ F`` with ``G = outer(I, 1)`` (``G[i, i' * m + j] = [i = i']``) and
-    ``F = concat([I] * n)`` (``F[i * m + j, j'] = [j = j']``): 0/1 matrices that sum the products
-    over ``j`` and over ``i``."""
+    ``dy = (gy * outer(x, 1)) @ Fᵀ`` with ``G = outer(I, 1)`` (``G[i, i' * m + j] = [i = i']``) and
+    ``F = outer(1, I)`` (``F[j, i * m + j'] = [j = j']``): 0/1 matrices that sum the products over
+    ``j`` and over ``i``. Their rows are padded to a multiple of 64 (zero rows, the result sliced
+    back): the code generators take matmuls of N in 64-multiples, and Based's features are 16 wide."""
     x, y = op.operands
     (rows, n), m = x.type.shape, y.type.cols
     dtype = op.attrs["operand_dtype"]
@@ -278,16 +279,25 @@ def _outer(em, op, gy):
     def ones(r, c):
         return em.const(1.0, r, c)
 
+    def sum_by(spread: Value, width: int, pick_outer) -> Value:
+        """``spread @ pickᵀ`` for ``pick = pick_outer(eye)``, ``eye`` the identity's first ``width``
+        columns at a padded size."""
+        padded = -(-width // 64) * 64
+        eye = em.op("eye", [], {"n": padded})
+        if padded != width:
+            eye = em.op("slice", [eye], {"row0": 0, "rows": padded, "col0": 0, "cols": width})
+        summed = em.op("matmul", [spread, pick_outer(eye, padded)], {"operand_dtype": dtype, "ta": False, "tb": True})
+        if padded == width:
+            return summed
+        return em.op("slice", [summed], {"row0": 0, "rows": rows, "col0": 0, "cols": width})
+
     def dx():
         spread = em.mul(g, em.op("outer", [ones(rows, n), y], {"operand_dtype": dtype}))
-        pick = em.op("outer", [em.op("eye", [], {"n": n}), ones(n, m)], {"operand_dtype": dtype})
-        return em.op("matmul", [spread, pick], {"operand_dtype": dtype, "ta": False, "tb": True})
+        return sum_by(spread, n, lambda eye, p: em.op("outer", [eye, ones(p, m)], {"operand_dtype": dtype}))
 
     def dy():
         spread = em.mul(g, em.op("outer", [x, ones(rows, m)], {"operand_dtype": dtype}))
-        eye = em.op("eye", [], {"n": m})
-        pick = eye if n == 1 else em.op("concat", [eye] * n, {"axis": 0})
-        return em.op("matmul", [spread, pick], {"operand_dtype": dtype, "ta": False, "tb": False})
+        return sum_by(spread, m, lambda eye, p: em.op("outer", [ones(p, n), eye], {"operand_dtype": dtype}))
     return {0: dx, 1: dy}
 
 
