@@ -35,6 +35,24 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))
 
 
+class _MultiHead(nn.Module):
+    """A layer of ``heads`` heads on a ``dim``-wide stream, each head ``dim // heads`` wide."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        self.heads = heads
+
+
+class _Recurrent(_MultiHead):
+    """A layer whose state continues a sequence: ``forward(x, initial_state=, output_final_state=)``."""
+
+    def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
+        return self(x, initial_state=cache, output_final_state=True)
+
+
 class KVCache(NamedTuple):
     """An attention layer's keys and values so far, ``[B, T, H_kv, D]`` each."""
 
@@ -42,7 +60,7 @@ class KVCache(NamedTuple):
     v: torch.Tensor
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_MultiHead):
     """Softmax attention with fused q/k/v and output projections; ``kv_heads`` < ``heads`` makes it
     grouped-query attention (``kv_heads`` must divide ``heads``; 1: multi-query).
 
@@ -54,13 +72,11 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, causal: bool = True, bias: bool = False, kv_heads: int | None = None):
-        super().__init__()
+        super().__init__(dim, heads)
         kv_heads = heads if kv_heads is None else kv_heads
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
-        self.heads, self.kv_heads, self.causal = heads, kv_heads, causal
+        self.kv_heads, self.causal = kv_heads, causal
         self.kv_dim = dim // heads * kv_heads
         self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
@@ -105,7 +121,7 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(_Recurrent):
     """Causal linear attention (no normalisation) with an optional feature map on q and k; the
     recurrent state can be carried across calls. ``causal=False``: bidirectional (SANA, linear DiT),
     normalised by the key sum when ``normalize`` (a positive feature map keeps that sum from 0);
@@ -120,15 +136,13 @@ class LinearAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, feature_map: str | Callable = "identity", bias: bool = False,
                  causal: bool = True, normalize: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
+        super().__init__(dim, heads)
         if isinstance(feature_map, str) and feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)} "
                              "or a callable")
         if normalize and causal:
             raise ValueError("normalize: True is supported with causal=False only")
-        self.heads, self.causal, self.normalize = heads, causal, normalize
+        self.causal, self.normalize = causal, normalize
         self.feature_map = FEATURE_MAPS[feature_map] if isinstance(feature_map, str) else feature_map
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
@@ -147,12 +161,8 @@ class LinearAttention(nn.Module):
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 
-    def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
-        return self(x, initial_state=cache, output_final_state=True)
 
-
-class Retention(nn.Module):
+class Retention(_MultiHead):
     """Multi-scale retention (RetNet) between projections; head h decays by ``1 - 2^(-5-h)``.
 
     >>> layer = Retention(dim=128, heads=2)
@@ -163,10 +173,7 @@ class Retention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
@@ -177,7 +184,7 @@ class Retention(nn.Module):
         return (y, state) if output_final_state else y
 
 
-class Based(nn.Module):
+class Based(_MultiHead):
     """Based's linear attention between projections (``BasedLinearAttention`` in flash-linear-attention):
     q and k projected to 16 features a head, the Taylor feature map, normalised. The full Based block's
     sliding-window softmax attention is a separate layer.
@@ -190,10 +197,7 @@ class Based(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.qkv = nn.Linear(dim, 2 * heads * FEATURES + dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
@@ -203,7 +207,7 @@ class Based(nn.Module):
         return self.out(o.flatten(-2))
 
 
-class GatedLinearAttention(nn.Module):
+class GatedLinearAttention(_MultiHead):
     """GLA between projections: the log forget gates come from x, ``logsigmoid(x W_g) / 16`` (the
     GLA paper's gate temperature), so the state forgets slowly at initialisation.
 
@@ -215,10 +219,7 @@ class GatedLinearAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.qkvg = nn.Linear(dim, 4 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
@@ -230,7 +231,7 @@ class GatedLinearAttention(nn.Module):
         return (y, state) if output_final_state else y
 
 
-class RWKV6TimeMix(nn.Module):
+class RWKV6TimeMix(_MultiHead):
     """RWKV-6's time mixing between projections (without its token shift): data-dependent log
     decays ``w = -exp(x W_w)`` and a learned per-head bonus ``u``.
 
@@ -242,10 +243,7 @@ class RWKV6TimeMix(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.rkvw = nn.Linear(dim, 4 * dim, bias=bias)
         self.bonus = nn.Parameter(torch.zeros(heads, dim // heads))
         self.out = nn.Linear(dim, dim, bias=bias)
@@ -367,7 +365,7 @@ class Mamba1Mixer(nn.Module):
         return (out, state) if output_final_state else out
 
 
-class DeltaNet(nn.Module):
+class DeltaNet(_Recurrent):
     """DeltaNet (``gated=False``) or gated DeltaNet: q, k, v projections with L2-normalised q and k
     (a contracting recurrence), ``beta = sigmoid(x W_β)`` per head and, when gated, the log decay
     ``g = logsigmoid(x W_g)`` per head; the state can be carried across calls.
@@ -380,10 +378,8 @@ class DeltaNet(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, gated: bool = False, bias: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads, self.gated = heads, gated
+        super().__init__(dim, heads)
+        self.gated = gated
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.gates = nn.Linear(dim, (2 if gated else 1) * heads, bias=True)  # beta, then g
         self.out = nn.Linear(dim, dim, bias=bias)
@@ -402,12 +398,8 @@ class DeltaNet(nn.Module):
         y = self.out(o.flatten(-2))
         return (y, state) if output_final_state else y
 
-    def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` continuing the sequence whose state is ``cache`` (None: a new one): its output and state."""
-        return self(x, initial_state=cache, output_final_state=True)
 
-
-class MLSTMLayer(nn.Module):
+class MLSTMLayer(_MultiHead):
     """xLSTM's mLSTM between projections, minimal: q, k, v and per-head input and forget gate
     pre-activations from x, the forget gates' bias spread over 3 .. 6 per head as in xLSTM (a state
     that forgets slowly at initialisation); no output gate, norm or convolution around it.
@@ -420,10 +412,7 @@ class MLSTMLayer(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads = heads
+        super().__init__(dim, heads)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.gates = nn.Linear(dim, 2 * heads)
         with torch.no_grad():
