@@ -466,3 +466,19 @@ def test_wrong_names_are_errors():
         derive_backward(program, binding, ["q"])
     with pytest.raises(ValueError, match="'o' is not a tensor or Scalar input"):
         derive_backward(program, binding, ["o"], wrt=["o"])
+
+
+@kernel
+def _transposed_state(x: Seq["D"], y: Out[Seq[1]], n: State["D", 1] = None):
+    for c in chunks(64):
+        y[c] = rowsum(x[c] * n.T)
+        n = n + colsum(x[c]).T
+
+
+def test_a_state_read_transposed_differentiates_in_float64():
+    """The reverse program loads each chunk's saved state typed as the forward's carried value: typed
+    as the float64 checkpoint, a transpose of it no longer matched its recomputed type."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = dict(x=torch.randn(1, 70, 2, 16, generator=gen, dtype=torch.float64),
+                   n=torch.randn(1, 2, 16, 1, generator=gen, dtype=torch.float64))
+    assert _gradcheck(_transposed_state, tensors)

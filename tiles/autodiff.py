@@ -291,8 +291,9 @@ class _Reverse:
         rename: dict[Value, Value] = {}
         for i, c in enumerate(loop.carried):
             p = self.params[_saved_name(i)]
-            load = Op("load", (loop.index,), {"param": p.name}, Value(TileType(*c.type.shape, p.dtype, Space.shared)),
-                      loop.loc)
+            # typed as the forward's carried value (a float64 program's checkpoints are f64, its states f32)
+            saved = Value(TileType(*c.type.shape, c.type.dtype, Space.shared))
+            load = Op("load", (loop.index,), {"param": p.name}, saved, loop.loc)
             rename[c] = load.result
             self.pending[load.result] = load
         for op in loop.body:
