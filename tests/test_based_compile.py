@@ -6,15 +6,13 @@ both targets refuse Based's 16 features unpadded (loads take 64-column panels)."
 from __future__ import annotations
 
 import pytest
+from compile_checks import check_compiled
 
 from tilemix.ops.based import FEATURES, GPU_FEATURES, based_fwd
 from tilemix.tiles import TensorSpec, TileError
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
-from tilemix.codegen.schedule import default_schedule  # noqa: E402
-from tilemix.codegen.specialise import kernel_source  # noqa: E402
 from tilemix.ops.derived_cuda import backward_launches  # noqa: E402
 
 # (program, normalize) -> local memory bytes measured on sm_90a: the 256x64 fp32 state of the k⊗k
@@ -40,15 +38,7 @@ def _programs(normalize: bool) -> dict:
 @pytest.mark.parametrize("program, normalize", list(SPILLING))
 def test_compiles_for_sm90a_with_wgmma(program, normalize):
     kernel, binding = _programs(normalize)[program]
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, "sm_90a"), "sm_90a")
-    compiled = compile_cuda(source.source, "sm_90a", source.name)
-    text, usage = sass(compiled), resources(compiled)
-    assert "HGMMA" in text, f"{source.name}: no HGMMA in the SASS"
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    key = (program, normalize)
-    if key in SPILLING:
-        assert spills, f"{key} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} ({program}) spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
+    check_compiled(kernel, binding, "sm_90a", (program, normalize), SPILLING)
 
 
 @pytest.mark.parametrize("features, size", [(GPU_FEATURES, 81), (FEATURES, 69)])

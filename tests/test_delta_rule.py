@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from compile_checks import MMA, check_compiled
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -149,7 +150,6 @@ def test_bad_arguments_are_named(change, error, message):
 
 # -- compiled for the GPU ----------------------------------------------------------------------
 PROGRAMS = {delta_rule_fwd: ("q", "k", "v", "beta"), gated_delta_rule_fwd: ("q", "k", "v", "g", "beta")}
-MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
 # (program, head dim, arch, launch) -> local memory bytes measured, where a program spills: the derived
 # reverse programs for beta, g and k keep more 64-wide fp32 tiles live (the chunk's solve and its
 # adjoint) than a thread's registers hold; the forwards at 128 on sm_80, the gated one on sm_90a too
@@ -195,21 +195,8 @@ def _launches(program, D: int):
                                              for n in ("forward", "states", *names)])
 def test_programs_compile_with_tensor_cores_without_local_memory(program, launch, D, arch):
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
-    from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.schedule import default_schedule
-    from tilemix.codegen.specialise import kernel_source
-
     kernel, binding = _launches(program, D)[launch]
-    key = (program.name, D, arch, launch)
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
-    compiled = compile_cuda(source.source, arch, source.name)
-    text, usage = sass(compiled), resources(compiled)
-    assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    if key in SPILLING:
-        assert spills, f"{key} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
-    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    check_compiled(kernel, binding, arch, (program.name, D, arch, launch), SPILLING)
 
 
 # -- on the GPU --------------------------------------------------------------------------------

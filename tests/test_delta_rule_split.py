@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from compile_checks import MMA, check_compiled
 from test_delta_rule import _inputs
 
 from tilemix.ops import (
@@ -83,7 +84,6 @@ def test_bf16_on_the_interpreter_within_the_bf16_bound(op):
 
 
 # -- compiled for the GPU ----------------------------------------------------------------------
-MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
 # (program, head dim, arch, launch) -> local memory bytes measured, where a program spills: the derived
 # reverse programs for the gates and keys, which keep the chunk's solve (prepare) or the 128x128 state
 # gradient (scan) beside their adjoints; no forward spills
@@ -128,18 +128,5 @@ def _cases():
 def test_programs_compile_with_tensor_cores_without_local_memory(program, inputs, launch, arch):
     """At head dim 128 (the bench's), the forwards and every derived launch."""
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
-    from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.schedule import default_schedule
-    from tilemix.codegen.specialise import kernel_source
-
     kernel, binding = _launches(program, inputs)[launch]
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
-    compiled = compile_cuda(source.source, arch, source.name)
-    text, usage = sass(compiled), resources(compiled)
-    assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    key = (program.name, 128, arch, launch)
-    if key in SPILLING:
-        assert spills, f"{key} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
-    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    check_compiled(kernel, binding, arch, (program.name, 128, arch, launch), SPILLING)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from compile_checks import MMA, check_compiled, has_wide_matmul
 
 from tilemix import ops
 from tilemix.ops.examples import example_specs
@@ -15,13 +16,11 @@ from tilemix.reference.tolerance import bound, rel_err
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
 from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
 from tilemix.codegen.specialise import kernel_source  # noqa: E402
 from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
 
 OPS = {"linear_attention": ("q", "k", "v"), "ssd": ("x", "dt", "A", "B", "C", "D")}  # the gradients launched
-MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
 # (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: SSD's
 # dt and A gradients (and B's at N = 128) keep more 64-wide fp32 tiles live than a thread's registers
 SPILLING: dict[tuple, int] = {
@@ -51,17 +50,8 @@ def _launches(op: str, D: int):
 def test_derived_backward_compiles_without_local_memory(op, program, D, arch):
     kernel, launches = _launches(op, D)
     (derived, binding), = [(k, b) for name, k, b in launches if (name or "states") == program]
-    source = kernel_source(derived, binding, default_schedule(derived, binding, arch), arch)
-    compiled = compile_cuda(source.source, arch, source.name)
-    text, usage = sass(compiled), resources(compiled)
-    if any(op.name == "matmul" and op.result.type.cols > 1 for op in derived.trace(binding, arch).walk()):
-        assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    key = (op, D, arch, program)
-    if key in SPILLING:
-        assert spills, f"{key} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} (d_{program}) spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
-    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    check_compiled(derived, binding, arch, (op, D, arch, program), SPILLING,
+                   mma=has_wide_matmul(derived, binding, arch))
 
 
 def test_wide_states_run_in_column_blocks():

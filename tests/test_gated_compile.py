@@ -5,20 +5,18 @@ sm_80 with mma.sync, without local memory except where measured below."""
 from __future__ import annotations
 
 import pytest
+from compile_checks import MMA, check_compiled, has_wide_matmul
 
 from tilemix.ops.examples import kernel_specs
 from tilemix.ops.gated import gla_fwd, retention_fwd, rwkv6_fwd
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
-from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
-from tilemix.codegen.specialise import kernel_source  # noqa: E402
+from tilemix.codegen.schedule import SPLIT_WIDTH  # noqa: E402
 from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
 
 PROGRAMS = {"retention": (retention_fwd, ("q", "k", "v", "log_gamma")), "gla": (gla_fwd, ("q", "k", "v", "g")),
             "rwkv6": (rwkv6_fwd, ("r", "k", "v", "w", "u"))}
-MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
 # (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: the
 # decay gradients (d_log_gamma, d_g, d_w) and, at D = 128, GLA's forward (a 64x128 cumsum and its exp
 # factors beside a 128-wide state, as tests/test_generic.py notes) and most of its derived programs;
@@ -67,14 +65,4 @@ CASES = [(op, D, arch, name) for op in PROGRAMS for D in (64, 128) for arch in M
 @pytest.mark.parametrize("op, D, arch, program", CASES)
 def test_compiles_with_tensor_cores_without_local_memory(op, D, arch, program):
     kernel, binding = _programs(op, D)[program]
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
-    compiled = compile_cuda(source.source, arch, source.name)
-    text, usage = sass(compiled), resources(compiled)
-    if any(o.name == "matmul" and o.result.type.cols > 1 for o in kernel.trace(binding, arch).walk()):
-        assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    key = (op, D, arch, program)
-    if key in SPILLING:
-        assert spills, f"{key} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} ({program}) spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
-    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    check_compiled(kernel, binding, arch, (op, D, arch, program), SPILLING, mma=has_wide_matmul(kernel, binding, arch))

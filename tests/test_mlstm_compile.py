@@ -5,18 +5,16 @@ mma.sync, without local memory except where measured below."""
 from __future__ import annotations
 
 import pytest
+from compile_checks import MMA, check_compiled
 
 from tilemix.ops.examples import kernel_specs
 from tilemix.ops.mlstm import mlstm_fwd
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-from tilemix.codegen.compile import compile_cuda, resources, sass  # noqa: E402
-from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
-from tilemix.codegen.specialise import kernel_source  # noqa: E402
+from tilemix.codegen.schedule import SPLIT_WIDTH  # noqa: E402
 from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
 
-MMA = {"sm_90a": "HGMMA", "sm_80": "HMMA"}
 INPUTS = ("q", "k", "v", "i", "f")
 # (head dim, arch, program) -> local memory bytes measured, where the program still spills: the gate and key
 # gradients (as gla's and rwkv6's decay gradients do), and at D = 256 the forward: q_t · n and Σ_j w_j k_j
@@ -50,13 +48,4 @@ CASES += [(256, arch, "forward") for arch in MMA]
 @pytest.mark.parametrize("D, arch, program", CASES)
 def test_compiles_with_tensor_cores_without_local_memory(D, arch, program):
     kernel, binding = _programs(D)[program]
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
-    compiled = compile_cuda(source.source, arch, source.name)
-    text, usage = sass(compiled), resources(compiled)
-    assert MMA[arch] in text, f"{source.name}: no {MMA[arch]} in the SASS"
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    key = (D, arch, program)
-    if key in SPILLING:
-        assert spills, f"{key} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} ({program}) spills {usage['local_memory']} bytes (measured {SPILLING[key]})")
-    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    check_compiled(kernel, binding, arch, (D, arch, program), SPILLING)

@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import torch
+from compile_checks import check_compiled
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -218,19 +219,8 @@ def _programs(N: int = 2) -> dict:
 def test_compiles_without_local_memory(arch, program):
     """No matmul in these programs (each state entry's scan is elementwise), so no tensor-core check."""
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
-    from tilemix.codegen.compile import compile_cuda, resources, sass
-    from tilemix.codegen.schedule import default_schedule
-    from tilemix.codegen.specialise import kernel_source
-
     kernel, binding = _programs()[program]
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch)
-    compiled = compile_cuda(source.source, arch, source.name)
-    text, usage = sass(compiled), resources(compiled)
-    spills = "LDL" in text or "STL" in text or usage["local_memory"]
-    if (arch, program) in SPILLING:
-        assert spills, f"{arch} {program} no longer spills: take it off SPILLING"
-        pytest.xfail(f"{source.name} spills {usage['local_memory']} bytes (measured {SPILLING[arch, program]})")
-    assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    check_compiled(kernel, binding, arch, (arch, program), SPILLING, mma=False)
 
 
 @pytest.mark.gpu
