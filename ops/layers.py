@@ -44,6 +44,11 @@ class _MultiHead(nn.Module):
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
         self.heads = heads
 
+    def _projected(self, o: torch.Tensor, state, output_final_state: bool):
+        """The heads' output ``o`` through ``self.out``, with ``state`` when it was asked for."""
+        y = self.out(o.flatten(-2))
+        return (y, state) if output_final_state else y
+
 
 class _Recurrent(_MultiHead):
     """A layer whose state continues a sequence: ``forward(x, initial_state=, output_final_state=)``."""
@@ -158,8 +163,7 @@ class LinearAttention(_Recurrent):
         else:
             o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                                         causal=self.causal, normalize=self.normalize)
-        y = self.out(o.flatten(-2))
-        return (y, state) if output_final_state else y
+        return self._projected(o, state, output_final_state)
 
 
 class Retention(_MultiHead):
@@ -180,8 +184,7 @@ class Retention(_MultiHead):
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         o, state = retention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
-        y = self.out(o.flatten(-2))
-        return (y, state) if output_final_state else y
+        return self._projected(o, state, output_final_state)
 
 
 class Based(_MultiHead):
@@ -227,8 +230,7 @@ class GatedLinearAttention(_MultiHead):
         q, k, v, g = (_heads(t, self.heads) for t in self.qkvg(x).chunk(4, dim=-1))
         o, state = gla(q, k, v, F.logsigmoid(g) / 16, initial_state=initial_state,
                        output_final_state=output_final_state)
-        y = self.out(o.flatten(-2))
-        return (y, state) if output_final_state else y
+        return self._projected(o, state, output_final_state)
 
 
 class RWKV6TimeMix(_MultiHead):
@@ -252,8 +254,7 @@ class RWKV6TimeMix(_MultiHead):
         r, k, v, w = (_heads(t, self.heads) for t in self.rkvw(x).chunk(4, dim=-1))
         o, state = rwkv6(r, k, v, -w.exp(), self.bonus, initial_state=initial_state,
                          output_final_state=output_final_state)
-        y = self.out(o.flatten(-2))
-        return (y, state) if output_final_state else y
+        return self._projected(o, state, output_final_state)
 
 
 class Mamba2Cache(NamedTuple):
@@ -395,8 +396,7 @@ class DeltaNet(_Recurrent):
                                         initial_state=initial_state, output_final_state=output_final_state)
         else:
             o, state = delta_rule(q, k, v, beta, initial_state=initial_state, output_final_state=output_final_state)
-        y = self.out(o.flatten(-2))
-        return (y, state) if output_final_state else y
+        return self._projected(o, state, output_final_state)
 
 
 class MLSTMLayer(_MultiHead):
@@ -423,5 +423,4 @@ class MLSTMLayer(_MultiHead):
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         i, f = self.gates(x).float().chunk(2, dim=-1)
         h, state = mlstm(q, k, v, i, f, initial_state=initial_state, output_final_state=output_final_state)
-        y = self.out(h.flatten(-2))
-        return (y, state) if output_final_state else y
+        return self._projected(h, state, output_final_state)
