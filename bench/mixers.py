@@ -101,6 +101,7 @@ MIXER_CASES = {**{op: functools.partial(_gated_case, op) for op in FLA_PEERS},
 DERIVED_BACKWARD = {*(f"{op}-bwd" for op in FLA_PEERS), "linear_attention-bwd-derived", "ssd-bwd-derived", "based-bwd"}
 
 
+@functools.cache
 def mamba_chunk_scan_combined() -> Callable:
     """Mamba-2's own SSD kernel, ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``.
     Its package ``__init__`` imports compiled CUDA extensions that a Triton-only install lacks, so
