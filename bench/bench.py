@@ -14,6 +14,7 @@ import functools
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -363,12 +364,13 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         if target is not None:
             ours = functools.partial(call_with_target, target, ours)
         op = name.split("-")[0] if program is None else program.name
+        started = time.perf_counter()
         try:
             ms, host = time_ms(ours), host_us(ours)
         except Exception as e:  # an op the code generator does not lower yet
             console.print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
-        peer_ms = float("nan")
+        peer_ms, ours_s = float("nan"), time.perf_counter() - started
         try:
             if peers and peer is not None:
                 peer(), torch.cuda.synchronize()  # autotunes on the first call
@@ -387,6 +389,9 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
                  f"{roofline_ms / ms:.0%}")
         table.add_row(*cells)
         console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
+        # first calls compile (ours) and autotune (peers): where a device call's minutes go
+        console.print(f"  {name}: ours {ours_s:.0f} s, peer {time.perf_counter() - started - ours_s:.0f} s",
+                      highlight=False)
         if json_file:  # rewritten after every row: a run cut short leaves its records
             json_file.parent.mkdir(parents=True, exist_ok=True)
             json_file.write_text(json.dumps(result, indent=2))
