@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
-@pytest.mark.parametrize("path, limit_kb", [("README.md", 12), ("bench/NOTES.md", 25), ("bench/RESULTS.md", 25)])
+# the README grows by an op-table line per mixer (issues 28-29 list a dozen): 14 KB, still one sitting
+@pytest.mark.parametrize("path, limit_kb", [("README.md", 14), ("bench/NOTES.md", 25), ("bench/RESULTS.md", 25)])
 def test_doc_fits_its_size(path, limit_kb):
     size = (ROOT / path).stat().st_size
     assert size <= limit_kb * 1000, f"{path} is {size} bytes, over {limit_kb} KB"
