@@ -3,12 +3,12 @@
     python -m tilemix.bench.sanitize            # on a GPU machine with CUDA's compute-sanitizer
 
 runs this module's ``--launch`` mode once per tool: it launches each op's kernels once, forward and
-backward (hand-written and derived; the gated and delta-rule mixers too), on shapes with masked tails (T
-not a multiple of the chunk, gemm dims off the tile grid), in both dtypes, on both targets (sm_90a and
-the generic mma.sync kernels), causal and not, with and without states, the scans at one and two
-consumers per CTA and in sequence segments. Prints the kernels checked and the errors each tool
-reported; exits non-zero on any error. Host-side API errors are not counted (cuda-bindings probes the
-driver for optional entry points, which memcheck would report).
+backward (hand-written and derived, the mixer library's too; ``--calls`` picks groups of ops), on shapes
+with masked tails (T not a multiple of the chunk, gemm dims off the tile grid), in both dtypes, on both
+targets (sm_90a and the generic mma.sync kernels), causal and not, with and without states, the scans at
+one and two consumers per CTA and in sequence segments. Prints the kernels checked and the errors each
+tool reported; exits non-zero on any error. Host-side API errors are not counted (cuda-bindings probes
+the driver for optional entry points, which memcheck would report).
 """
 
 from __future__ import annotations
@@ -122,7 +122,40 @@ def _bidirectional_calls(rnd, target):
     torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
 
 
-def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
+def _library_calls(rnd, target):
+    """Based (sm_90a only: sm_80 refuses its feature tiles), sliding-window and grouped-query
+    attention, and Mamba-1's selective scan, forward and backward, on tail shapes."""
+    import torch
+
+    from tilemix import ops
+    from tilemix.ops.runtime import use_target
+
+    def leaf(t):
+        return t.requires_grad_(True)
+
+    B, T, H = 2, 100, 3
+    outputs = []
+    if target == "auto" and torch.cuda.get_device_capability() >= (9, 0):
+        outputs.append(ops.based(leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 64))))
+    q, k, v = (leaf(rnd(B, 300, H, 64)) for _ in range(3))
+    outputs.append(ops.attention(q, k, v, causal=True, window=70, target=target))
+    kv = [leaf(rnd(B, T, 1, 64)) for _ in range(2)]
+    outputs.append(ops.attention(leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
+    u, delta, z = (leaf(rnd(B, T, 128)) for _ in range(3))
+    A = leaf(-torch.rand(128, 16, device="cuda") - 0.5)
+    Bm, Cm = (leaf(rnd(B, T, 16)) for _ in range(2))
+    with use_target(target):
+        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device="cuda")), z=z,
+                                      delta_softplus=True, output_final_state=True)
+    outputs += [y, final]
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
+CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
+         "library": _library_calls}
+
+
+def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*CALLS, "segmented")) -> list[str]:
     """Launch every kernel the ops run once: forwards and backwards, on tail shapes, both dtypes, both
     targets (the generic kernels forced on this GPU), and the scans cut into sequence segments; the
     names of the kernels launched."""
@@ -136,14 +169,15 @@ def launch_all(targets: tuple[str, ...] = TARGETS) -> list[str]:
             def rnd(*shape, dtype=dtype):
                 return torch.randn(*shape, device="cuda", generator=g).to(dtype)
 
-            _tail_calls(rnd, target)
-            _mixer_calls(rnd, target)
-            _bidirectional_calls(rnd, target)
-            os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
-            try:
-                _segmented_calls(rnd, target)
-            finally:
-                del os.environ["TILEMIX_SEGMENTS"]
+            for group in groups:
+                if group in CALLS:
+                    CALLS[group](rnd, target)
+            if "segmented" in groups:
+                os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
+                try:
+                    _segmented_calls(rnd, target)
+                finally:
+                    del os.environ["TILEMIX_SEGMENTS"]
     torch.cuda.synchronize()
     # one kernel per specialisation (dtype, consts, optional arguments, schedule): tell them apart by source
     return sorted({f"{plan.source.name} {hashlib.sha256(plan.source.source.encode()).hexdigest()[:8]}"
@@ -171,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch", action="store_true", help="only launch the kernels (what each tool runs)")
     parser.add_argument("--tool", choices=TOOLS, action="append", help="run only this tool (repeatable)")
     parser.add_argument("--target", choices=TARGETS, action="append", help="launch only this target's kernels")
+    parser.add_argument("--calls", choices=(*CALLS, "segmented"), action="append",
+                        help="launch only this group of ops' kernels (repeatable; default: all)")
     args = parser.parse_args(argv)
     if args.launch:
-        for name in launch_all(tuple(args.target or TARGETS)):
+        for name in launch_all(tuple(args.target or TARGETS), tuple(args.calls or (*CALLS, "segmented"))):
             print("kernel:", name)
         return 0
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
@@ -190,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for tool in args.tool or TOOLS:
         command = [sanitizer, "--tool", tool, "--report-api-errors", "no", sys.executable, "-m",
-                   "tilemix.bench.sanitize", "--launch", *(f"--target={t}" for t in args.target or ())]
+                   "tilemix.bench.sanitize", "--launch", *(f"--target={t}" for t in args.target or ()),
+                   *(f"--calls={c}" for c in args.calls or ())]
         run = subprocess.run(command, capture_output=True, text=True)
         kernels = [line for line in run.stdout.splitlines() if line.startswith("kernel:")]
         found = [int(a or b) for a, b in SUMMARY.findall(run.stdout + run.stderr)]
