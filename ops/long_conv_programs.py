@@ -12,11 +12,12 @@ the 64-sample block, ``n2`` the row within it), frequency ``k = k1 + 2M·k2``.
    64 x 64 tile matmul), the product with a spectrum, the inverse 64-point DFT and twiddle. The
    sequence is ``64·m + n2`` of ``[B, L, C/64, 64]``: step 1's memory, no transpose between them.
    ``long_conv_spectrum_rows`` stops after the forward DFT: the spectrum of a kernel (or of ``u``).
+   Called once for the even and once for the odd ``k1`` (``parity``): half the live tiles.
 3. ``long_conv_cols_inverse``: the inverse of 1, back to the samples ``n1 < M`` (the causal half
    of the circular convolution); real, as the convolution of real signals is.
 
-Each DFT is unitary (scaled by the root of its length), so a forward and an inverse pass compose to
-``y = IDFT(DFT(u) · Ĥ)`` with ``Ĥ`` the unscaled spectrum of the kernel. Complex values travel as
+Each DFT is unitary (scaled by the root of its length); with the kernel's unitary spectrum ``Ĥ``
+(``long_conv_spectrum_rows``), ``y = √N · IDFT_u(DFT_u(u) · Ĥ)``, the ``√N`` applied by step 2. Complex values travel as
 real and imaginary tiles; the DFT tiles are built in the programs from positions (``cos``/``sin``
 of their phases, which ``sin``/``cos`` reduce modulo 2π)."""
 
@@ -88,30 +89,26 @@ def _row_frequencies(c, parity):
 
 
 @kernel
-def long_conv_rows(er: Seq["C"], ei: Seq["C"], odd_r: Seq["C"], odd_i: Seq["C"], her: Seq["C"], hei: Seq["C"],
-                   hodd_r: Seq["C"], hodd_i: Seq["C"], turn: Scalar, ser: Out[Seq["C"]], sei: Out[Seq["C"]],
-                   sodd_r: Out[Seq["C"]], sodd_i: Out[Seq["C"]], conjugate: Const = False):
-    """Step 2 (``turn = 2π / N``): the forward 64-point DFT of step 1's output, its product with the
-    spectrum ``h`` (conjugated if ``conjugate``: a correlation, the convolution's backward), the
-    inverse DFT; even and odd ``k1`` alike."""
+def long_conv_rows(re: Seq["C"], im: Seq["C"], hr: Seq["C"], hi: Seq["C"], turn: Scalar, parity: Scalar,
+                   scale: Scalar, out_r: Out[Seq["C"]], out_i: Out[Seq["C"]], conjugate: Const = False):
+    """Step 2 for the even (``parity`` 0) or odd (1) ``k1`` of step 1's output (``turn = 2π / N``):
+    the forward 64-point DFT, the product with the spectrum ``h`` (conjugated if ``conjugate``: a
+    correlation, the convolution's backward), the inverse DFT, times ``scale`` (in fp32 after the
+    matmuls: ``√N`` for a unitary ``h`` keeps every stored value and matmul operand at the scale of
+    the inputs)."""
     for c in chunks(ROWS):
-        parts = ((er, ei, her, hei, ser, sei, 0.0), (odd_r, odd_i, hodd_r, hodd_i, sodd_r, sodd_i, 1.0))
-        for re, im, hr, hi, out_r, out_i, parity in parts:
-            phase = iota(ROWS) * _row_frequencies(c, parity) * turn
-            yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0)
-            hrc, hic = hr[c], (-hi[c] if conjugate else hi[c])
-            zr, zi = _dft_rows(yr * hrc - yi * hic, yr * hic + yi * hrc, 1.0)
-            out_r[c], out_i[c] = _twiddle(zr, zi, phase)
+        phase = iota(ROWS) * _row_frequencies(c, parity) * turn
+        yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0)
+        hrc, hic = hr[c], (-hi[c] if conjugate else hi[c])
+        zr, zi = _dft_rows(yr * hrc - yi * hic, yr * hic + yi * hrc, 1.0)
+        out_r[c], out_i[c] = _twiddle(zr * scale, zi * scale, phase)
 
 
 @kernel
-def long_conv_spectrum_rows(er: Seq["C"], ei: Seq["C"], odd_r: Seq["C"], odd_i: Seq["C"], turn: Scalar,
-                            scale: Scalar, ser: Out[Seq["C"]], sei: Out[Seq["C"]], sodd_r: Out[Seq["C"]],
-                            sodd_i: Out[Seq["C"]]):
-    """Step 2's forward half: the spectrum, times ``scale``."""
+def long_conv_spectrum_rows(re: Seq["C"], im: Seq["C"], turn: Scalar, parity: Scalar, out_r: Out[Seq["C"]],
+                            out_i: Out[Seq["C"]]):
+    """Step 2's forward half: the (unitary) spectrum of the even or odd ``k1``."""
     for c in chunks(ROWS):
-        parts = ((er, ei, ser, sei, 0.0), (odd_r, odd_i, sodd_r, sodd_i, 1.0))
-        for re, im, out_r, out_i, parity in parts:
-            phase = iota(ROWS) * _row_frequencies(c, parity) * turn
-            yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0)
-            out_r[c], out_i[c] = yr * scale, yi * scale
+        phase = iota(ROWS) * _row_frequencies(c, parity) * turn
+        yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0)
+        out_r[c], out_i[c] = yr, yi
