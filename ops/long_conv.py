@@ -43,11 +43,17 @@ def _rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.view(b, length, channels // ROWS, ROWS)
 
 
+def _exact(x: torch.Tensor) -> bool:
+    """Whether the block DFTs reduce their phases exactly: in fp32 and fp64 programs, whose bounds
+    the plain phases' rounding would exceed at long L (16-bit programs: plain, fewer registers)."""
+    return x.dtype in (torch.float32, torch.float64)
+
+
 def _transform(x: torch.Tensor, gate: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Step 1 of ``x`` (times ``gate``): its four parts, each ``[B, L, C]``."""
     m = x.shape[1] // ROWS
-    out = run_kernel(long_conv_cols, dict(x=_blocks_view(x), turn=math.pi / m, scale=(2 * m) ** -0.5,
-                                          gate=None if gate is None else _blocks_view(gate)))
+    out = run_kernel(long_conv_cols, dict(x=_blocks_view(x), period=2.0 * m, turn=math.pi / m, scale=(2 * m) ** -0.5,
+                                          gate=None if gate is None else _blocks_view(gate), exact=_exact(x)))
     return [out[name].view(x.shape) for name in PARTS]
 
 
@@ -57,7 +63,7 @@ def _spectrum(x: torch.Tensor, gate: torch.Tensor | None = None) -> list[torch.T
     spectrum = []
     for parity in (0, 1):
         re, im = (_rows_view(t) for t in parts[2 * parity:2 * parity + 2])
-        out = run_kernel(long_conv_spectrum_rows, dict(re=re, im=im, turn=turn, parity=float(parity)))
+        out = run_kernel(long_conv_spectrum_rows, dict(re=re, im=im, turn=turn, parity=float(parity), exact=_exact(x)))
         spectrum += [out["out_r"].view(x.shape), out["out_i"].view(x.shape)]
     return spectrum
 
@@ -73,10 +79,11 @@ def _apply(parts: list[torch.Tensor], spectrum: list[torch.Tensor], conjugate: b
         re, im = (_rows_view(t) for t in parts[2 * parity:2 * parity + 2])
         hr, hi = (_rows_view(t.expand(shape)) for t in spectrum[2 * parity:2 * parity + 2])
         out = run_kernel(long_conv_rows, dict(re=re, im=im, hr=hr, hi=hi, turn=2 * math.pi / n, parity=float(parity),
-                                              scale=math.sqrt(n), conjugate=conjugate))
+                                              scale=math.sqrt(n), conjugate=conjugate, exact=_exact(re)))
         rows += [_blocks_view(out["out_r"].view(shape)), _blocks_view(out["out_i"].view(shape))]
     m = length // ROWS
-    y = run_kernel(long_conv_cols_inverse, dict(zip(PARTS, rows), turn=math.pi / m, scale=(2 * m) ** -0.5,
+    y = run_kernel(long_conv_cols_inverse, dict(zip(PARTS, rows), period=2.0 * m, turn=math.pi / m,
+                                                scale=(2 * m) ** -0.5, exact=_exact(re),
                                                 gate=None if gate is None else _blocks_view(gate)))["y"]
     return y.view(shape)
 

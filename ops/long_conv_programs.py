@@ -25,7 +25,22 @@ from __future__ import annotations
 
 import math
 
-from tilemix.tiles import Const, Out, Scalar, Seq, blocks, chunks, cos, iota, kernel, position, sin, zeros
+from tilemix.tiles import (
+    Const,
+    Out,
+    Scalar,
+    Seq,
+    blocks,
+    chunks,
+    colsum,
+    cos,
+    iota,
+    kernel,
+    position,
+    sin,
+    where,
+    zeros,
+)
 
 __all__ = ["long_conv_cols", "long_conv_rows", "long_conv_cols_inverse", "long_conv_spectrum_rows", "ROWS"]
 
@@ -33,39 +48,106 @@ ROWS = 64  # the samples a 64-point DFT tile transforms (step 2), and the chunk 
 ROW_TURN = 2 * math.pi / ROWS  # the phase step of the 64-point DFT
 
 
-def _outer_phase(rows, cols, turn):
-    """``rows · colsᵀ · turn``: the phases of a DFT tile between the positions ``rows`` and ``cols``
-    (column vectors)."""
-    return rows * cols.T * turn
+MOD_STEPS = 13  # halvings that reduce a product of positions below period · 2^13 (M <= 2048) modulo the period
+
+
+def _mod(x, period, steps=MOD_STEPS):
+    """``x mod period`` for integer-valued ``x`` in ``[0, period · 2^steps)``, exactly: subtract
+    ``period · 2^j`` where it fits, ``j`` from high to low (fp32 holds these integers exactly)."""
+    for j in reversed(range(steps)):
+        step = period * float(2 ** j)
+        x = where(x >= step, x - step, x)
+    return x
+
+
+def _wrap(x, period):
+    """``x mod period`` for ``x`` in ``[0, 2 · period)``."""
+    return where(x >= period, x - period, x)
+
+
+def _block_start(i):
+    """The first position of block ``i``, a ``1 x 1`` tile (exact: a sum of equal integers)."""
+    return colsum(position(i) - iota(ROWS)) * (1.0 / ROWS)
 
 
 @kernel
-def long_conv_cols(x: Seq["C"], turn: Scalar, scale: Scalar, er: Out[Seq["C"]], ei: Out[Seq["C"]],
-                   odd_r: Out[Seq["C"]], odd_i: Out[Seq["C"]], gate: Seq["C"] = None):
-    """Step 1 over ``M`` blocks (``turn = π / M``): ``e[m] = Σ_n1 x[n1] W^{2m·n1}`` and ``odd[m] =
-    Σ_n1 x[n1] W^{(2m+1)·n1}`` with ``W = exp(-i·turn)``, times ``scale``; ``x ⊙ gate`` when given
-    (H3's ``k ⊙ v``)."""
+def long_conv_cols(x: Seq["C"], period: Scalar, turn: Scalar, scale: Scalar, er: Out[Seq["C"]], ei: Out[Seq["C"]],
+                   odd_r: Out[Seq["C"]], odd_i: Out[Seq["C"]], gate: Seq["C"] = None, exact: Const = False):
+    """Step 1 over ``M`` blocks (``period = 2M``): ``e[m] = Σ_n1 x[n1] W^{2m·n1}`` and ``odd[m] =
+    Σ_n1 x[n1] W^{(2m+1)·n1}`` with ``W = exp(-i·turn)``, ``turn = 2π / period``, times ``scale``; ``x ⊙ gate`` when
+    given (H3's ``k ⊙ v``).
+
+    The phase ``k·n mod period`` of frequency ``k = k0 + kr`` (``k0`` the block's first, ``kr`` the
+    row's offset) and sample ``n = n0 + nc`` is kept in four exact parts, ``k0·n0`` and ``kr·n0``
+    carried from chunk to chunk (each step adds ``64·k0`` or ``64·kr``, reduced), ``k0·nc`` per block,
+    and the tile ``kr·nc`` (below 8192): phases stay small, so fp32 ``sin``/``cos`` stay accurate at
+    any length, when ``exact``. Else the phase is the plain product ``k·n``: off by up to 1e-4 at
+    L = 16384, below a 16-bit operand's rounding and free of the carried parts' registers."""
+    if not exact:
+        _cols_plain(x, turn, scale, er, ei, odd_r, odd_i, gate)
+        return
+    for i in blocks(ROWS):
+        cols = iota(1, ROWS, axis=1)
+        k0, even_kr, odd_kr = _block_start(i) * 2.0, iota(ROWS) * 2.0, iota(ROWS) * 2.0 + 1.0
+        k0_nc = _mod(k0 * cols, period)
+        k0_step, even_step, odd_step = (_mod(k * float(ROWS), period) for k in (k0, even_kr, odd_kr))
+        k0_n0, even_n0, odd_n0 = zeros(1, 1), zeros(ROWS, 1), zeros(ROWS, 1)
+        acc_er, acc_ei, acc_or, acc_oi = (zeros(ROWS, x.cols) for _ in range(4))
+        for c in chunks(ROWS):
+            xc = x[c] if gate is None else x[c] * gate[c]
+            even = (k0_n0 + k0_nc + even_n0 + even_kr * cols) * turn
+            odd = (k0_n0 + k0_nc + odd_n0 + odd_kr * cols) * turn
+            acc_er, acc_ei = acc_er + cos(even) @ xc, acc_ei - sin(even) @ xc
+            acc_or, acc_oi = acc_or + cos(odd) @ xc, acc_oi - sin(odd) @ xc
+            k0_n0 = _wrap(k0_n0 + k0_step, period)
+            even_n0, odd_n0 = _wrap(even_n0 + even_step, period), _wrap(odd_n0 + odd_step, period)
+        er[i], ei[i], odd_r[i], odd_i[i] = acc_er * scale, acc_ei * scale, acc_or * scale, acc_oi * scale
+
+
+@kernel
+def long_conv_cols_inverse(er: Seq["C"], ei: Seq["C"], odd_r: Seq["C"], odd_i: Seq["C"], period: Scalar,
+                           turn: Scalar, scale: Scalar, y: Out[Seq["C"]], gate: Seq["C"] = None, exact: Const = False):
+    """Step 3, the inverse of ``long_conv_cols``: ``y[n1] = Re Σ_m e[m] W^{-2m·n1} + odd[m]
+    W^{-(2m+1)·n1}`` times ``scale`` (and ``gate``, H3's ``q``, when given); phases in exact parts
+    as there when ``exact``, the frequencies ``k = k0 + kc`` now the chunk's (``k0`` advancing by 128)."""
+    if not exact:
+        _cols_inverse_plain(er, ei, odd_r, odd_i, turn, scale, y, gate)
+        return
+    for i in blocks(ROWS):
+        rows = iota(ROWS)
+        n0, even_kc, odd_kc = _block_start(i), iota(1, ROWS, axis=1) * 2.0, iota(1, ROWS, axis=1) * 2.0 + 1.0
+        even_n0, odd_n0 = _mod(n0 * even_kc, period), _mod(n0 * odd_kc, period)
+        n0_step, rows_step = _mod(n0 * float(2 * ROWS), period), _mod(rows * float(2 * ROWS), period)
+        n0_k0, rows_k0 = zeros(1, 1), zeros(ROWS, 1)
+        acc = zeros(ROWS, er.cols)
+        for c in chunks(ROWS):
+            even = (n0_k0 + even_n0 + rows_k0 + rows * even_kc) * turn
+            odd = (n0_k0 + odd_n0 + rows_k0 + rows * odd_kc) * turn
+            acc = acc + cos(even) @ er[c] - sin(even) @ ei[c] + cos(odd) @ odd_r[c] - sin(odd) @ odd_i[c]
+            n0_k0, rows_k0 = _wrap(n0_k0 + n0_step, period), _wrap(rows_k0 + rows_step, period)
+        y[i] = acc * scale if gate is None else acc * scale * gate[i]
+
+
+def _cols_plain(x, turn, scale, er, ei, odd_r, odd_i, gate):
+    """``long_conv_cols`` with the plain phases ``k·n · turn``."""
     for i in blocks(ROWS):
         even_k, odd_k = position(i) * 2.0, position(i) * 2.0 + 1.0
         acc_er, acc_ei, acc_or, acc_oi = (zeros(ROWS, x.cols) for _ in range(4))
         for c in chunks(ROWS):
             xc = x[c] if gate is None else x[c] * gate[c]
-            even, odd = _outer_phase(even_k, position(c), turn), _outer_phase(odd_k, position(c), turn)
+            even, odd = even_k * position(c).T * turn, odd_k * position(c).T * turn
             acc_er, acc_ei = acc_er + cos(even) @ xc, acc_ei - sin(even) @ xc
             acc_or, acc_oi = acc_or + cos(odd) @ xc, acc_oi - sin(odd) @ xc
         er[i], ei[i], odd_r[i], odd_i[i] = acc_er * scale, acc_ei * scale, acc_or * scale, acc_oi * scale
 
 
-@kernel
-def long_conv_cols_inverse(er: Seq["C"], ei: Seq["C"], odd_r: Seq["C"], odd_i: Seq["C"], turn: Scalar,
-                           scale: Scalar, y: Out[Seq["C"]], gate: Seq["C"] = None):
-    """Step 3, the inverse of ``long_conv_cols``: ``y[n1] = Re Σ_m e[m] W^{-2m·n1} + odd[m]
-    W^{-(2m+1)·n1}`` times ``scale`` (and ``gate``, H3's ``q``, when given)."""
+def _cols_inverse_plain(er, ei, odd_r, odd_i, turn, scale, y, gate):
+    """``long_conv_cols_inverse`` with the plain phases ``n·k · turn``."""
     for i in blocks(ROWS):
         acc = zeros(ROWS, er.cols)
         for c in chunks(ROWS):
-            even = _outer_phase(position(i), position(c) * 2.0, turn)
-            odd = _outer_phase(position(i), position(c) * 2.0 + 1.0, turn)
+            even = position(i) * (position(c) * 2.0).T * turn
+            odd = position(i) * (position(c) * 2.0 + 1.0).T * turn
             acc = acc + cos(even) @ er[c] - sin(even) @ ei[c] + cos(odd) @ odd_r[c] - sin(odd) @ odd_i[c]
         y[i] = acc * scale if gate is None else acc * scale * gate[i]
 
@@ -76,9 +158,11 @@ def _twiddle(re, im, phase):
     return re * c - im * s, im * c + re * s
 
 
-def _dft_rows(re, im, sign):
-    """The 64-point DFT over the rows of ``re + i·im`` (``sign`` -1: forward, +1: inverse), unitary."""
-    phase = _outer_phase(iota(ROWS), iota(ROWS), ROW_TURN)
+def _dft_rows(re, im, sign, exact):
+    """The 64-point DFT over the rows of ``re + i·im`` (``sign`` -1: forward, +1: inverse), unitary;
+    its phases reduced exactly when ``exact`` (as ``long_conv_cols``)."""
+    turns = iota(ROWS) * iota(ROWS).T
+    phase = (_mod(turns, float(ROWS), steps=6) if exact else turns) * ROW_TURN  # products < 64 · 2^6
     c, s = cos(phase) * (1.0 / 8.0), sin(phase) * (sign / 8.0)
     return c @ re - s @ im, c @ im + s @ re
 
@@ -90,7 +174,8 @@ def _row_frequencies(c, parity):
 
 @kernel
 def long_conv_rows(re: Seq["C"], im: Seq["C"], hr: Seq["C"], hi: Seq["C"], turn: Scalar, parity: Scalar,
-                   scale: Scalar, out_r: Out[Seq["C"]], out_i: Out[Seq["C"]], conjugate: Const = False):
+                   scale: Scalar, out_r: Out[Seq["C"]], out_i: Out[Seq["C"]], conjugate: Const = False,
+                   exact: Const = False):
     """Step 2 for the even (``parity`` 0) or odd (1) ``k1`` of step 1's output (``turn = 2π / N``):
     the forward 64-point DFT, the product with the spectrum ``h`` (conjugated if ``conjugate``: a
     correlation, the convolution's backward), the inverse DFT, times ``scale`` (in fp32 after the
@@ -98,17 +183,17 @@ def long_conv_rows(re: Seq["C"], im: Seq["C"], hr: Seq["C"], hi: Seq["C"], turn:
     the inputs)."""
     for c in chunks(ROWS):
         phase = iota(ROWS) * _row_frequencies(c, parity) * turn
-        yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0)
+        yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0, exact)
         hrc, hic = hr[c], (-hi[c] if conjugate else hi[c])
-        zr, zi = _dft_rows(yr * hrc - yi * hic, yr * hic + yi * hrc, 1.0)
+        zr, zi = _dft_rows(yr * hrc - yi * hic, yr * hic + yi * hrc, 1.0, exact)
         out_r[c], out_i[c] = _twiddle(zr * scale, zi * scale, phase)
 
 
 @kernel
 def long_conv_spectrum_rows(re: Seq["C"], im: Seq["C"], turn: Scalar, parity: Scalar, out_r: Out[Seq["C"]],
-                            out_i: Out[Seq["C"]]):
+                            out_i: Out[Seq["C"]], exact: Const = False):
     """Step 2's forward half: the (unitary) spectrum of the even or odd ``k1``."""
     for c in chunks(ROWS):
         phase = iota(ROWS) * _row_frequencies(c, parity) * turn
-        yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0)
+        yr, yi = _dft_rows(*_twiddle(re[c], im[c], -phase), -1.0, exact)
         out_r[c], out_i[c] = yr, yi

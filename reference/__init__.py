@@ -3,6 +3,7 @@ the tile programs against it (``tolerance``)."""
 
 from .based import based
 from .bidirectional import bidirectional_linear_attention, prefix_linear_attention
+from .long_conv import gated_long_conv, long_conv
 from .mixers import attention, gemm, gla, linear_attention, retention, rwkv6, ssd
 from .mlstm import mlstm
 from .selective_scan import selective_scan
@@ -12,3 +13,4 @@ __all__ = ["BOUNDS", "attention", "bidirectional_linear_attention", "bound", "ge
            "prefix_linear_attention", "rel_err", "retention", "rwkv6", "selective_scan", "ssd"]
 __all__ += ["mlstm"]
 __all__ += ["based"]
+__all__ += ["long_conv", "gated_long_conv"]
