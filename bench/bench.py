@@ -27,6 +27,7 @@ from tilemix.ops.timing import host_us, time_ms
 
 from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
+from .long_conv import LONG_CONV_CASES, LONG_CONV_SHAPES
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
 from .plots import plot_results
@@ -250,7 +251,8 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-mamba": functools.partial(_ssd_bwd_case, peer="mamba"),
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
-         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES}
+         **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES,
+         **LONG_CONV_CASES}
 
 
 def direction(name: str) -> str:
@@ -317,6 +319,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return MLSTM_WIDE_SHAPE
         if name.startswith("based"):
             return BASED_SHAPE
+        if name in LONG_CONV_SHAPES:
+            return LONG_CONV_SHAPES[name]
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]

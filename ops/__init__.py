@@ -37,6 +37,7 @@ from .layers import (
     Based,
     DeltaNet,
     GatedLinearAttention,
+    H3Conv,
     LinearAttention,
     Mamba1Mixer,
     Mamba2Mixer,
@@ -46,6 +47,7 @@ from .layers import (
     RWKV6TimeMix,
 )
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .long_conv import gated_long_conv, long_conv
 from .mlstm import mlstm, mlstm_fwd
 from .models import HybridLM
 from .runtime import run, use_target
@@ -77,3 +79,4 @@ __all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirecti
             "bidirectional_linear_attention_normalized_fwd"]
 __all__ += ["selective_scan", "selective_scan_fwd", "Mamba1Mixer"]
 __all__ += ["based", "based_fwd", "Based"]
+__all__ += ["long_conv", "gated_long_conv", "H3Conv"]

@@ -21,12 +21,13 @@ from .bidirectional import prefix_linear_attention
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
+from .long_conv import gated_long_conv
 from .mlstm import mlstm
 from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
-           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer", "Based"]
+           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer", "Based", "H3Conv"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -208,6 +209,34 @@ class Based(_MultiHead):
         q, k, v = self.qkv(x).split([self.heads * FEATURES] * 2 + [x.shape[-1]], dim=-1)
         o = based(*(_heads(t, self.heads) for t in (q, k, v)))
         return self.out(o.flatten(-2))
+
+
+class H3Conv(nn.Module):
+    """H3's gated long convolution between projections (the shift-free core of H3 and of an order-2
+    Hyena operator): ``q, k, v = x W``, ``y = (q ⊙ long_conv(k ⊙ v, h)) W_o`` with one explicit
+    filter ``h`` per channel of ``max_len`` taps, initialised to decaying noise (each channel at its
+    own rate, as Hyena's exponential modulation), cut to the sequence's length.
+
+    >>> layer = H3Conv(dim=64, max_len=256)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 64))
+    >>> y.shape
+    torch.Size([2, 100, 64])
+    """
+
+    def __init__(self, dim: int, max_len: int, bias: bool = False):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+        rates = torch.logspace(-2, 0, dim)[:, None]  # taps per e-fold: 1 to 100
+        self.kernel = nn.Parameter(torch.randn(dim, max_len) * torch.exp(-rates * torch.arange(max_len)) * rates.sqrt())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if length > self.kernel.shape[1]:
+            raise ValueError(f"x: {length} tokens, more than the filters' max_len = {self.kernel.shape[1]}")
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(gated_long_conv(q, k, v, self.kernel[:, :length].to(x.dtype)))
 
 
 class GatedLinearAttention(_MultiHead):

@@ -111,7 +111,7 @@ def _forward(u, kernel, q, v) -> torch.Tensor:
     pad = lambda t: None if t is None else _padded(t, _tiles(length), _tiles(channels))  # noqa: E731
     u, q, v = pad(u), pad(q), pad(v)
     y = _apply(_transform(u, v), _spectrum(_kernel_in_time(kernel, u)), False, q)
-    return y[:, :length, :channels]
+    return y[:, :length, :channels].contiguous()
 
 
 def _backward(dy, u, kernel, q, v, needs) -> list[torch.Tensor | None]:
@@ -124,7 +124,7 @@ def _backward(dy, u, kernel, q, v, needs) -> list[torch.Tensor | None]:
         return [torch.zeros_like(t) if t is not None and need else None for t, need in zip((u, kernel, q, v), needs)]
     pad = lambda t: None if t is None else _padded(t, _tiles(length), _tiles(channels))  # noqa: E731
     dy_p, u_p, q_p, v_p = pad(dy), pad(u), pad(q), pad(v)
-    crop = lambda t: t[:, :length, :channels]  # noqa: E731
+    crop = lambda t: t[:, :length, :channels].contiguous()  # noqa: E731
     h = _spectrum(_kernel_in_time(kernel, u_p)) if needs[0] or needs[2] or needs[3] else None
     dy_parts = _transform(dy_p, q_p)
     if needs[0] or needs[3]:
