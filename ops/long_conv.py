@@ -194,6 +194,9 @@ def _check(u: torch.Tensor, kernel: torch.Tensor, name: str = "u") -> None:
         raise ValueError(f"{name}: expected [B, L, C], got shape {tuple(u.shape)}")
     if not u.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {u.dtype}")
+    if u.device.type == "cuda" and u.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: the GPU kernels take bfloat16 or float16, got {u.dtype} (float32 and float64 "
+                        "run through the interpreter on CPU tensors)")
     b, length, channels = u.shape
     if kernel.dim() != 2 or tuple(kernel.shape) != (channels, length):
         raise ValueError(f"kernel: expected [C, L] = [{channels}, {length}] (one filter per channel, as long as "

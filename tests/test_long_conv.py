@@ -83,6 +83,26 @@ def test_empty_sequence():
     assert long_conv(u, kernel).shape == (2, 0, 16)
 
 
+def test_compiled_training_step_has_no_graph_break():
+    """torch.compile(fullgraph=True) through the checks, the op and its backward op: eager's loss
+    and gradients exactly."""
+    u, kernel = _inputs(2, 70, 16)
+    q, v = torch.randn(2, 70, 16), torch.randn(2, 70, 16)
+
+    def step(q, u, v, kernel):
+        return long_conv(u, kernel).square().sum() + gated_long_conv(q, u, v, kernel).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager, traced = ([t.clone().requires_grad_() for t in (q, u, v, kernel)] for _ in range(2))
+    step(*eager).backward()
+    loss = compiled(*traced)
+    loss.backward()
+    assert torch.equal(loss, step(q, u, v, kernel))
+    for a, b in zip(traced, eager):
+        assert torch.equal(a.grad, b.grad)
+
+
 def test_opcheck():
     """torch.library's checks of the op (schema, fake kernel, autograd registration)."""
     u, kernel = _inputs(1, 70, 16)
@@ -188,7 +208,22 @@ def test_gpu_matches_float64(L, dtype):
 
 @pytest.mark.gpu
 def test_gpu_gated_matches_float64():
+    """Forward against float64, the four gradients against the float64 interpreter's."""
     u, kernel = _inputs(2, 1000, 128, dtype=torch.float64)
     q, v = torch.randn(2, 1000, 128, dtype=torch.float64), torch.randn(2, 1000, 128, dtype=torch.float64)
-    y = gated_long_conv(*(t.to("cuda", torch.bfloat16) for t in (q, u, v, kernel)))
+    dy = torch.randn(2, 1000, 128, dtype=torch.float64)
+    gpu = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (q, u, v, kernel)]
+    y = gated_long_conv(*gpu)
+    y.backward(dy.to("cuda", torch.bfloat16))
+    exact = [t.clone().requires_grad_() for t in (q, u, v, kernel)]
+    gated_long_conv(*exact).backward(dy)
     assert rel_err(y.float().cpu(), reference.gated_long_conv(q, u, v, kernel)) <= bound(torch.bfloat16)
+    for g, e in zip(gpu, exact):
+        assert rel_err(g.grad.float().cpu(), e.grad.numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_float32_is_refused_by_name():
+    u, kernel = (t.cuda() for t in _inputs(1, 100, 64))
+    with pytest.raises(TypeError, match="^u: the GPU kernels take bfloat16 or float16"):
+        long_conv(u, kernel)
