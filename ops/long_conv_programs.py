@@ -7,7 +7,8 @@ the 64-sample block, ``n2`` the row within it), frequency ``k = k1 + 2M·k2``.
 1. ``long_conv_cols``: per row ``n2`` and channel, the length-``2M`` DFT over the blocks ``n1 < M``
    (the padding is zero). It splits the frequencies ``k1`` into even ``2m`` and odd ``2m + 1``, each
    ``M`` long, so the program reads and writes sequences of ``M`` samples. The sequence is ``n1``;
-   a head is one ``(n2, 64 channels)`` pair: ``[B, L, C]`` seen as ``[B, M, 64·C/64, 64]``.
+   a head is one ``(n2, 64 channels)`` pair: ``[B, L, C]`` seen as ``[B, M, C, 64]`` (``C`` heads:
+   64 rows times ``C/64`` channel groups).
 2. ``long_conv_rows``: per ``k1``, the twiddle ``W_N^{n2·k1}``, the 64-point DFT over ``n2`` (a
    64 x 64 tile matmul), the product with a spectrum, the inverse 64-point DFT and twiddle. The
    sequence is ``64·m + n2`` of ``[B, L, C/64, 64]``: step 1's memory, no transpose between them.
@@ -17,9 +18,9 @@ the 64-sample block, ``n2`` the row within it), frequency ``k = k1 + 2M·k2``.
    of the circular convolution); real, as the convolution of real signals is.
 
 Each DFT is unitary (scaled by the root of its length); with the kernel's unitary spectrum ``Ĥ``
-(``long_conv_spectrum_rows``), ``y = √N · IDFT_u(DFT_u(u) · Ĥ)``, the ``√N`` applied by step 2. Complex values travel as
-real and imaginary tiles; the DFT tiles are built in the programs from positions (``cos``/``sin``
-of their phases, which ``sin``/``cos`` reduce modulo 2π)."""
+(``long_conv_spectrum_rows``), ``y = √N · IDFT_u(DFT_u(u) · Ĥ)``, the ``√N`` applied by step 2.
+Complex values travel as real and imaginary tiles; the DFT tiles are built in the programs from
+positions (``cos``/``sin`` of their phases)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ __all__ = ["long_conv_cols", "long_conv_rows", "long_conv_cols_inverse", "long_c
 
 ROWS = 64  # the samples a 64-point DFT tile transforms (step 2), and the chunk of steps 1 and 3
 ROW_TURN = 2 * math.pi / ROWS  # the phase step of the 64-point DFT
-
-
-MOD_STEPS = 13  # halvings that reduce a product of positions below period · 2^13 (M <= 2048) modulo the period
+# halvings in _mod: the products it reduces are below period · 64 or below 8192, so below period · 2^13
+# at any length
+MOD_STEPS = 13
 
 
 def _mod(x, period, steps=MOD_STEPS):
@@ -70,12 +71,22 @@ def _block_start(i):
     return colsum(position(i) - iota(ROWS)) * (1.0 / ROWS)
 
 
+def _block_dft(acc_er, acc_ei, acc_or, acc_oi, even, odd, xc):
+    """The accumulators of ``long_conv_cols`` plus one chunk's terms, the DFT tiles' phases given."""
+    return (acc_er + cos(even) @ xc, acc_ei - sin(even) @ xc, acc_or + cos(odd) @ xc, acc_oi - sin(odd) @ xc)
+
+
+def _inverse_block_dft(even, odd, er, ei, odd_r, odd_i):
+    """One chunk's terms of ``long_conv_cols_inverse`` (the real part), the DFT tiles' phases given."""
+    return cos(even) @ er - sin(even) @ ei + cos(odd) @ odd_r - sin(odd) @ odd_i
+
+
 @kernel
 def long_conv_cols(x: Seq["C"], period: Scalar, turn: Scalar, scale: Scalar, er: Out[Seq["C"]], ei: Out[Seq["C"]],
                    odd_r: Out[Seq["C"]], odd_i: Out[Seq["C"]], gate: Seq["C"] = None, exact: Const = False):
     """Step 1 over ``M`` blocks (``period = 2M``): ``e[m] = Σ_n1 x[n1] W^{2m·n1}`` and ``odd[m] =
-    Σ_n1 x[n1] W^{(2m+1)·n1}`` with ``W = exp(-i·turn)``, ``turn = 2π / period``, times ``scale``; ``x ⊙ gate`` when
-    given (H3's ``k ⊙ v``).
+    Σ_n1 x[n1] W^{(2m+1)·n1}`` with ``W = exp(-i·turn)``, ``turn = 2π / period``, times ``scale``;
+    ``x ⊙ gate`` when given (H3's ``k ⊙ v``).
 
     The phase ``k·n mod period`` of frequency ``k = k0 + kr`` (``k0`` the block's first, ``kr`` the
     row's offset) and sample ``n = n0 + nc`` is kept in four exact parts, ``k0·n0`` and ``kr·n0``
@@ -97,8 +108,7 @@ def long_conv_cols(x: Seq["C"], period: Scalar, turn: Scalar, scale: Scalar, er:
             xc = x[c] if gate is None else x[c] * gate[c]
             even = (k0_n0 + k0_nc + even_n0 + even_kr * cols) * turn
             odd = (k0_n0 + k0_nc + odd_n0 + odd_kr * cols) * turn
-            acc_er, acc_ei = acc_er + cos(even) @ xc, acc_ei - sin(even) @ xc
-            acc_or, acc_oi = acc_or + cos(odd) @ xc, acc_oi - sin(odd) @ xc
+            acc_er, acc_ei, acc_or, acc_oi = _block_dft(acc_er, acc_ei, acc_or, acc_oi, even, odd, xc)
             k0_n0 = _wrap(k0_n0 + k0_step, period)
             even_n0, odd_n0 = _wrap(even_n0 + even_step, period), _wrap(odd_n0 + odd_step, period)
         er[i], ei[i], odd_r[i], odd_i[i] = acc_er * scale, acc_ei * scale, acc_or * scale, acc_oi * scale
@@ -123,7 +133,7 @@ def long_conv_cols_inverse(er: Seq["C"], ei: Seq["C"], odd_r: Seq["C"], odd_i: S
         for c in chunks(ROWS):
             even = (n0_k0 + even_n0 + rows_k0 + rows * even_kc) * turn
             odd = (n0_k0 + odd_n0 + rows_k0 + rows * odd_kc) * turn
-            acc = acc + cos(even) @ er[c] - sin(even) @ ei[c] + cos(odd) @ odd_r[c] - sin(odd) @ odd_i[c]
+            acc = acc + _inverse_block_dft(even, odd, er[c], ei[c], odd_r[c], odd_i[c])
             n0_k0, rows_k0 = _wrap(n0_k0 + n0_step, period), _wrap(rows_k0 + rows_step, period)
         y[i] = acc * scale if gate is None else acc * scale * gate[i]
 
@@ -136,8 +146,7 @@ def _cols_plain(x, turn, scale, er, ei, odd_r, odd_i, gate):
         for c in chunks(ROWS):
             xc = x[c] if gate is None else x[c] * gate[c]
             even, odd = even_k * position(c).T * turn, odd_k * position(c).T * turn
-            acc_er, acc_ei = acc_er + cos(even) @ xc, acc_ei - sin(even) @ xc
-            acc_or, acc_oi = acc_or + cos(odd) @ xc, acc_oi - sin(odd) @ xc
+            acc_er, acc_ei, acc_or, acc_oi = _block_dft(acc_er, acc_ei, acc_or, acc_oi, even, odd, xc)
         er[i], ei[i], odd_r[i], odd_i[i] = acc_er * scale, acc_ei * scale, acc_or * scale, acc_oi * scale
 
 
@@ -148,7 +157,7 @@ def _cols_inverse_plain(er, ei, odd_r, odd_i, turn, scale, y, gate):
         for c in chunks(ROWS):
             even = position(i) * (position(c) * 2.0).T * turn
             odd = position(i) * (position(c) * 2.0 + 1.0).T * turn
-            acc = acc + cos(even) @ er[c] - sin(even) @ ei[c] + cos(odd) @ odd_r[c] - sin(odd) @ odd_i[c]
+            acc = acc + _inverse_block_dft(even, odd, er[c], ei[c], odd_r[c], odd_i[c])
         y[i] = acc * scale if gate is None else acc * scale * gate[i]
 
 
