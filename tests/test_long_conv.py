@@ -5,6 +5,8 @@ the bench rows, and the four FFT programs compiled for sm_90a and sm_80."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from compile_checks import check_compiled
@@ -70,12 +72,21 @@ def test_float64_gradients():
     assert torch.autograd.gradcheck(gated_long_conv, (q, u, v, kernel), fast_mode=True)
 
 
-def test_gradient_of_one_input_only():
-    """A backward asked for u alone computes no kernel gradient (and the reverse)."""
+@pytest.mark.parametrize("wanted", ["u", "kernel"])
+def test_backward_computes_only_the_gradients_wanted(wanted, monkeypatch):
+    """du needs the kernel's spectrum, dkernel u's: a backward for one transforms only its own."""
+    module = importlib.import_module("tilemix.ops.long_conv")  # the module, not the function ops exports
     u, kernel = _inputs(1, 100, 16)
-    u.requires_grad_()
-    long_conv(u, kernel).sum().backward()
-    assert u.grad.shape == u.shape and kernel.grad is None
+    spectra = []
+    real = module._spectrum
+    monkeypatch.setattr(module, "_spectrum", lambda x, gate=None: spectra.append(x.shape[0]) or real(x, gate))
+    inputs = dict(u=u, kernel=kernel)
+    inputs[wanted].requires_grad_()
+    y = long_conv(**inputs)
+    spectra.clear()
+    y.sum().backward()
+    assert spectra == ([1] if wanted == "u" else [u.shape[0]])  # the kernel's is a batch of one
+    assert inputs[wanted].grad is not None
 
 
 def test_empty_sequence():
