@@ -115,9 +115,12 @@ def test_compiled_training_step_has_no_graph_break():
 
 
 def test_opcheck():
-    """torch.library's checks of the op (schema, fake kernel, autograd registration)."""
+    """torch.library's checks of the ops (schema, fake kernel, autograd registration)."""
     u, kernel = _inputs(1, 70, 16)
+    q, v, dy = (torch.randn(1, 70, 16) for _ in range(3))
     torch.library.opcheck(torch.ops.tilemix.long_conv.default, (u.requires_grad_(), kernel.requires_grad_()))
+    needs = [True, False, True, True]
+    torch.library.opcheck(torch.ops.tilemix.long_conv_backward.default, (dy, u.detach(), kernel.detach(), q, v, needs))
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -135,6 +138,15 @@ def test_argument_errors_name_the_argument(call, error, message):
     u, kernel = _inputs(1, 100, 16)
     with pytest.raises(error, match=message):
         call(u, kernel)
+
+
+@torch.no_grad()
+def test_layer_matches_its_projections_and_the_reference():
+    layer = H3Conv(dim=32, max_len=128).double()
+    x = torch.randn(2, 100, 32, dtype=torch.float64)
+    q, k, v = layer.qkv(x).chunk(3, dim=-1)
+    expected = layer.out(torch.from_numpy(reference.gated_long_conv(q, k, v, layer.kernel[:, :100])))
+    assert rel_err(layer(x), expected.numpy()) <= 1e-12
 
 
 def test_layer_trains():
