@@ -1,7 +1,8 @@
 """The derived backward (``tilemix.tiles.autodiff``) as GPU kernels on CUDA tensors.
 
-Per call: the states program saves each chunk's entering state ([B, H, NC, r, c] fp32), then one
-reverse program per input gradient runs over the chunks the other way, reading those checkpoints;
+Per call: the states program saves each chunk's entering state ([B, H, NC, r, c] fp32) where a
+reverse program reads them, then one program per input gradient runs over the chunks (the other
+way, reading those checkpoints, or forward-fused, recomputing the states: ``tiles.autodiff``);
 one program per gradient keeps each one's live tiles within the registers (``backward_launches``).
 A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``splittable``)
 is cut into column blocks on the host, each differentiated alone: the inputs with that dim take
@@ -43,17 +44,25 @@ def column_split(kernel: Kernel, binding: Binding) -> str | None:
 def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str],
                       wrt: Iterable[str]) -> list[tuple[str | None, DerivedKernel, Binding]]:
     """The programs one column block's backward launches, in order: ``(None, states kernel, its
-    binding)`` (where the loop carries state), then ``(input, reverse kernel, its binding)`` per
-    input gradient. ``binding``: the forward call's at the block's width."""
-    launches = []
-    for name in sorted(wrt):
-        backward = derive_backward(kernel, binding, grads_given, [name])
+    binding)`` (where a gradient program reads checkpoints), then ``(input, its gradient's kernel,
+    its binding)`` per input gradient. ``binding``: the forward call's at the block's width.
+
+    Gradients that carry no state gradient run forward-fused (``tiles.autodiff``) where that leaves
+    no program reading checkpoints, so the states program and its checkpoints go; where one still
+    needs them, every gradient reads them: a fused program holds the recurrence's state beside its
+    own tiles, a cost worth paying only when it removes the checkpoints' writes and reads."""
+    names = sorted(wrt)
+    backwards = [derive_backward(kernel, binding, grads_given, [name]) for name in names]
+    if any(b.states is not None for b in backwards):
+        backwards = [derive_backward(kernel, binding, grads_given, [name], fuse=False) for name in names]
+    first, launches = [], []
+    for name, backward in zip(names, backwards):
         (states, reverse), (states_binding, reverse_binding) = backward.kernels(kernel, binding), \
             backward.bindings(binding)
-        if not launches and states is not None:
-            launches.append((None, states, states_binding))
+        if not first and states is not None:  # one states program: the checkpoints serve every reader
+            first.append((None, states, states_binding))
         launches.append((name, reverse, reverse_binding))
-    return launches
+    return first + launches
 
 
 _LAUNCHES: dict[tuple, Launch] = {}  # per program, binding, arch, device and argument layouts

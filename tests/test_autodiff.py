@@ -364,6 +364,37 @@ def test_wrt_picks_the_gradients_computed():
     assert "d_q" not in {p.name for p in backward.reverse.params}
 
 
+@pytest.mark.parametrize("name", MIXERS)
+def test_one_gradient_at_a_time_equals_all_at_once(name):
+    """The GPU runs one program per input gradient: each, forward-fused or reverse, gives the joint
+    backward's gradient (float64, initial states and a ragged last chunk)."""
+    program, tensors, fixed = _case(name, B=1, T=150, H=2, K=16, V=16, seed=3)
+    args = {**fixed, **{n: t.numpy() for n, t in tensors.items()}}
+    out = program(**args)
+    rng = np.random.default_rng(0)
+    seeds = {n: rng.standard_normal(np.shape(a)) for n, a in out.items()}
+    everything = gradients(program, args, seeds)
+    for name_ in tensors:
+        alone = gradients(program, args, seeds, wrt=[name_])[name_]
+        assert np.allclose(alone, everything[name_], rtol=1e-10, atol=1e-12), name_
+
+
+def test_a_gradient_the_states_do_not_depend_on_reads_no_checkpoint():
+    """Linear attention's dq needs each chunk's entering state only: it runs forward, recomputing
+    the states, and no program reads (so none writes) checkpoints; dk and dv carry dS back alone.
+    A decay's gradient needs both the states and their gradients: it reads them."""
+    program, tensors, fixed = _case("linear_attention", B=1, T=150, H=1, K=16, V=16)
+    binding = program.bind({**fixed, **{n: t.numpy() for n, t in tensors.items()}})
+    for name, direction in (("q", False), ("k", True), ("v", True)):
+        backward = derive_backward(program, binding, ["o", "s"], wrt=[name])
+        (loop,) = [op for op in backward.reverse.body if op.name == "loop"]
+        assert (backward.states, loop.reverse) == (None, direction), name
+        assert not any(p.spec.kind == "chunk_state" for p in backward.reverse.params), name
+    program, tensors, fixed = _case("gated_retention", B=1, T=150, H=1, K=16, V=16)
+    binding = program.bind({**fixed, **{n: t.numpy() for n, t in tensors.items()}})
+    assert derive_backward(program, binding, ["o", "s"], wrt=["g"]).states is not None
+
+
 def test_derived_programs_are_chunk_loops_of_the_language():
     """A states program forward in time and a reverse one: the shape the code generator lowers."""
     program, tensors, fixed = _case("gated_retention", B=1, T=70, H=1, K=16, V=16)

@@ -23,6 +23,11 @@ but the final states. Its backward is two programs:
   final states ``d_<name>`` (``[B, H, 1, cols]``). ``Backward.run`` sums those over the batch and
   the per-head ``GroupSeq`` gradients over each group's heads.
 
+A reverse loop that carries no state gradient (the gradient of an input the states do not depend on,
+such as linear attention's q) needs only each chunk's entering state: it runs in the forward's
+direction instead, beside the forward's recurrence that recomputes those states (fla's dq kernel),
+and reads no checkpoint. The states program runs only for reverse programs that still read them.
+
 A ``blocks`` grid program (one grid loop, no loop inside it) is differentiated per block: no states
 program (nothing is carried), and a reverse grid of the same blocks writing the gradients of the
 sequence inputs (a ``Head``/``Scalar``/``State`` input's gradient would sum over the blocks: refused).
@@ -205,8 +210,8 @@ class _Reverse:
     the reverse loop, then the preamble's adjoints and the once-per-(batch, head) gradients."""
 
     def __init__(self, program: Program, shape: _Shape, active: set[Value], params: dict[str, BoundParam],
-                 wrt: frozenset[str], grads_given: frozenset[str]):
-        self.program, self.shape, self.active, self.params = program, shape, active, params
+                 wrt: frozenset[str], grads_given: frozenset[str], fuse: bool = True):
+        self.program, self.shape, self.active, self.params, self.fuse = program, shape, active, params, fuse
         self.wrt, self.grads_given = wrt, grads_given
         self.em = Emitter()
         self.top = self.em.ops = [copy.copy(op) for op in shape.preamble]
@@ -217,12 +222,42 @@ class _Reverse:
 
     def build(self) -> Program:
         self.seed_final_states()
-        self.top.append(self.reverse_loop())
+        loop = self.reverse_loop()
+        self.fused = self.fuse and not self.carries_state_gradients and self.shape.loop.kind == "chunks" \
+            and bool(self.shape.loop.carried)
+        if self.fused:
+            loop = self.forward_fused(loop)
+        self.top.append(loop)
         self.preamble_gradients()
         simplify(self.top)
-        params = [p for p in self.program.params if not p.spec.output] + list(self.params.values())
+        read = {op.attrs["param"] for top in self.top for op in top.walk() if op.name == "load"}
+        params = [p for p in self.program.params if not p.spec.output] + \
+            [p for p in self.params.values() if p.spec.kind != "chunk_state" or p.name in read]
         return verify(Program(f"{self.program.name}_bwd", params, self.top, self.program.dims,
                               self.program.compute_dtype, self.program.loc))
+
+    def forward_fused(self, reverse: Loop) -> Loop:
+        """``reverse`` run in the forward's direction, recomputing the states it read from the saved
+        checkpoints: a reverse loop that carries no state gradient (only order-free sums) needs each
+        chunk's entering state and nothing from later chunks, so the forward's own recurrence can
+        supply it (no states program, no checkpoints written or read)."""
+        forward = self.shape.loop
+        rename = {}
+        body = []
+        for op in reverse.body:
+            name = op.attrs.get("param")
+            if op.name == "load" and name in self.params and self.params[name].spec.kind == "chunk_state":
+                rename[op.result] = forward.carried[int(name.removeprefix("saved_"))]
+                continue
+            body.append(_copy(op, rename))
+        defined = {op.result for op in body if op.result is not None}
+        # the recurrence's ops the gradient did not recompute (its outputs' stores dropped)
+        body += [copy.copy(op) for op in forward.body if op.name != "store" and op.result not in defined]
+        return Loop("loop", (), {}, None, forward.loc, kind=forward.kind, dim=forward.dim, size=forward.size,
+                    reverse=forward.reverse, index=forward.index, init=list(forward.init) + list(reverse.init),
+                    carried=list(forward.carried) + list(reverse.carried),
+                    update=list(forward.update) + [rename.get(u, u) for u in reverse.update],
+                    results=[Value(r.type) for r in forward.results] + list(reverse.results), body=body)
 
     def seed_final_states(self) -> None:
         em = self.em
@@ -236,6 +271,7 @@ class _Reverse:
     def reverse_loop(self) -> Loop:
         em, loop, active = self.em, self.shape.loop, self.active
         states = [i for i, c in enumerate(loop.carried) if c in active]
+        self.carries_state_gradients = bool(states)
         inits = [self.outer.whole(loop.results[i]) for i in states]  # the final states' gradients
         state_grads = [Value(_carried_type(loop.carried[i])) for i in states]
         body = em.ops = []
@@ -333,7 +369,7 @@ def _cols(p: BoundParam) -> int:
 class Backward:
     """The derived backward of one forward specialisation.
 
-    ``states``/``reverse``: the two programs (``states`` is None when the loop carries nothing;
+    ``states``/``reverse``: the two programs (``states`` is None when the reverse reads no checkpoint;
     their parameters carry the shapes of the call that derived them, as a traced program's do);
     ``bindings(binding)``: theirs for one forward call; ``run``: both on the CPU interpreter."""
 
@@ -342,6 +378,7 @@ class Backward:
     reverse: Program
     wrt: tuple[str, ...]
     grads_given: tuple[str, ...]
+    fused: bool = False  # the reverse runs forward-fused (``derive_backward``'s ``fuse``)
 
     def bindings(self, binding: Binding) -> tuple[Binding | None, Binding]:
         """Bindings of (states, reverse) for a forward call bound as ``binding``."""
@@ -352,15 +389,17 @@ class Backward:
         if self.states is not None:
             saved = [_as_output(p) for p in params.values() if p.spec.kind == "chunk_state"]
             states = Binding(inputs + saved, sizes, binding.static, binding.compute_dtype, binding.values)
-        reverse = Binding(inputs + list(params.values()), sizes, binding.static, binding.compute_dtype,
-                          binding.values)
+        declared = {p.name for p in self.reverse.params}  # a forward-fused reverse reads no checkpoints
+        reverse = Binding(inputs + [p for p in params.values() if p.name in declared], sizes, binding.static,
+                          binding.compute_dtype, binding.values)
         return states, reverse
 
     def kernels(self, kernel, binding: Binding) -> tuple[DerivedKernel | None, DerivedKernel]:
         """(states, reverse) as kernels the code generator launches with ``bindings(binding)``;
         ``kernel``: the forward's, ``binding``: the forward call's (the one that derived this)."""
         parts = ("states", "reverse") if self.states is not None else (None, "reverse")
-        return tuple(None if part is None else _derived_kernel(kernel, binding, part, self.wrt, self.grads_given)
+        return tuple(None if part is None else _derived_kernel(kernel, binding, part, self.wrt, self.grads_given,
+                                                               self.fused)
                      for part in parts)
 
     def run(self, binding: Binding, inputs: dict[str, Any], output_grads: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -388,9 +427,9 @@ class DerivedKernel:
     that traces at other widths (``splittable``'s probe) gets the program derived at those."""
 
     def __init__(self, kernel, forward_binding: Binding, part: str, wrt: tuple[str, ...],
-                 grads_given: tuple[str, ...]):
+                 grads_given: tuple[str, ...], fuse: bool = True):
         self.kernel, self.forward_binding, self.part = kernel, forward_binding, part
-        self.wrt, self.grads_given = wrt, grads_given
+        self.wrt, self.grads_given, self.fuse = wrt, grads_given, fuse
         self.name = f"{kernel.name}_{'states' if part == 'states' else 'bwd'}"
         self.specs: dict[str, ParamSpec] = {}  # declares no Const parameters of its own
         self._programs: dict[tuple, Program] = {}
@@ -401,7 +440,7 @@ class DerivedKernel:
         key = (binding.key(), target.name)
         if key not in self._programs:
             forward = replace(self.forward_binding, static=dict(binding.static))
-            backward = derive_backward(self.kernel, forward, self.grads_given, self.wrt)
+            backward = derive_backward(self.kernel, forward, self.grads_given, self.wrt, self.fuse)
             program = backward.states if self.part == "states" else backward.reverse
             self._programs[key] = verify(program, target)
         return self._programs[key]
@@ -411,12 +450,12 @@ _KERNELS: dict[tuple, DerivedKernel] = {}
 
 
 def _derived_kernel(kernel, binding: Binding, part: str, wrt: tuple[str, ...],
-                    grads_given: tuple[str, ...]) -> DerivedKernel:
+                    grads_given: tuple[str, ...], fuse: bool) -> DerivedKernel:
     """One ``DerivedKernel`` per forward specialisation and part: the launch caches compiled kernels
     by the kernel's identity."""
-    key = (kernel, binding.key(), part, wrt, grads_given)
+    key = (kernel, binding.key(), part, wrt, grads_given, fuse)
     if key not in _KERNELS:
-        _KERNELS[key] = DerivedKernel(kernel, binding, part, wrt, grads_given)
+        _KERNELS[key] = DerivedKernel(kernel, binding, part, wrt, grads_given, fuse)
     return _KERNELS[key]
 
 
@@ -502,12 +541,14 @@ _CACHE: dict[tuple, Backward] = {}
 
 
 def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
-                    wrt: Iterable[str] | None = None) -> Backward:
+                    wrt: Iterable[str] | None = None, fuse: bool = True) -> Backward:
     """The backward of ``kernel`` specialised as ``binding`` (``Kernel.bind``), cached.
 
     ``grads_given``: the outputs and states whose gradients the caller passes (the others are
     zero); ``wrt``: the inputs to differentiate (default: every tensor input given; ``Scalar``
-    parameters only when named). Raises ``TileError`` for a program it cannot differentiate."""
+    parameters only when named); ``fuse``: run a reverse that carries no state gradient forward,
+    beside the recurrence, instead of from checkpoints (module docstring). Raises ``TileError`` for
+    a program it cannot differentiate."""
     wrt = _default_wrt(binding) if wrt is None else frozenset(wrt)
     grads_given = frozenset(grads_given)
     for name in wrt | grads_given:
@@ -521,7 +562,7 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         p = binding.param(name)
         if not (p.spec.output or p.spec.kind == "state"):
             raise ValueError(f"grads_given: {name!r} is neither an output nor a state of {kernel.name}")
-    key = (kernel, binding.key(), wrt, grads_given)
+    key = (kernel, binding.key(), wrt, grads_given, fuse)
     if key not in _CACHE:
         forward = kernel.trace(binding)
         shape = _split(forward)
@@ -531,8 +572,12 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         params = _backward_params(forward, binding, wrt, grads_given)
         saved = [params[_saved_name(i)] for i in range(len(shape.loop.carried))]
         states = _states_program(forward, shape, saved) if saved else None
-        reverse = _Reverse(forward, shape, active, params, wrt, grads_given).build()
-        _CACHE[key] = Backward(forward, states, reverse, tuple(sorted(wrt)), tuple(sorted(grads_given)))
+        builder = _Reverse(forward, shape, active, params, wrt, grads_given, fuse)
+        reverse = builder.build()
+        if not any(p.spec.kind == "chunk_state" for p in reverse.params):
+            states = None  # nothing reads the checkpoints
+        _CACHE[key] = Backward(forward, states, reverse, tuple(sorted(wrt)), tuple(sorted(grads_given)),
+                               builder.fused)
     return _CACHE[key]
 
 
