@@ -1,6 +1,6 @@
 """One-token steps of a chunked scan program: the recurrent form a decode step runs.
 
-``step(kernel)`` is ``kernel`` traced with one token per chunk (``chunks(64)`` over T becomes
+``step_kernel(kernel)`` is ``kernel`` traced with one token per chunk (``chunks(64)`` over T becomes
 ``chunks(1)``), then specialised to that chunk shape: on a 1 x 1 score tile ``causal`` and
 ``window`` keep the diagonal (``strict`` gives the fill), ``segsum`` is 0, a one-row ``cumsum`` is
 the row (0 if ``exclusive``), ``colsum``/``colmax`` the row, ``in_seq`` the tile (a one-token chunk
@@ -23,11 +23,11 @@ import math
 from .errors import TileError
 from .ir import Loop, Op, Program, Value
 from .kernel import Kernel
-from .passes import simplify
 from .params import Binding
+from .passes import simplify
 from .rules import ShapeError, infer
 
-__all__ = ["step", "StepKernel"]
+__all__ = ["step_kernel", "StepKernel"]
 
 
 class StepKernel(Kernel):
@@ -51,7 +51,7 @@ class StepKernel(Kernel):
 _STEPS: dict[Kernel, StepKernel] = {}
 
 
-def step(kernel: Kernel) -> StepKernel:
+def step_kernel(kernel: Kernel) -> StepKernel:
     """``kernel``'s one-token step (one per kernel, so its traces and compiled launches are cached):
     the program run token by token, each chunk a single token. ``kernel``: a ``@kernel`` scan, one
     forward ``chunks()`` loop over T carrying its ``State`` parameters; anything else is a
@@ -154,8 +154,8 @@ def _rule(op: Op, defs: dict[Value, Op]) -> tuple[list[Op], Value | None]:
 
 def _fold(op: Op, defs: dict[Value, Op]) -> tuple[list[Op], Value | None]:
     """Constant folding: ``exp`` of a constant; ``x * 0`` and ``x - x`` (0 even where ``x`` is not
-    finite: a strictly masked score's product, a decay from a token to itself); ``x * 1``, ``x + 0``, ``x - 0``, ``x / 1`` where ``x`` has
-    the result's shape."""
+    finite: a strictly masked score's product, a decay from a token to itself); ``x * 1``,
+    ``x + 0``, ``x - 0``, ``x / 1`` where ``x`` has the result's shape."""
     name, t = op.name, op.result.type if op.result is not None else None
     consts = [_constant(v, defs) for v in op.operands]
     if name == "exp" and consts[0] is not None:

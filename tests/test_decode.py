@@ -1,0 +1,199 @@
+"""Decode steps (``ops/decode.py``, ``tiles/step.py``): one token at a time, the states updated in
+place, they give the chunked ops' outputs and final states (float64 on the interpreter, from an
+initial state); the step programs keep none of the chunk's quadratic part; bad arguments are
+errors naming them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilemix.ops import (
+    delta_rule,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_step,
+    gla,
+    gla_step,
+    linear_attention,
+    linear_attention_step,
+    retention,
+    retention_step,
+    rwkv6,
+    rwkv6_step,
+    ssd,
+    ssd_step,
+    step,
+)
+from tilemix.ops.decode import _delta_rule, _gated_delta_rule, _gla, _linear_attention, _retention, _rwkv6, _ssd
+from tilemix.tiles import Head, Out, Seq, State, TileError, blocks, chunks, colsum, cumsum, exp, kernel, segsum
+
+F64 = torch.float64
+B, H, K, V = 2, 2, 16, 32
+
+
+def _inputs(op: str, T: int, seed: int = 0) -> tuple[dict, tuple[str, ...]]:
+    """The chunked op's arguments (float64, values in their ranges) and which of them run per token."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+    q, k, v = randn(B, T, H, K), torch.nn.functional.normalize(randn(B, T, H, K), dim=-1), randn(B, T, H, V)
+    gates = -torch.rand(B, T, H, K, generator=g, dtype=F64) * 0.5
+    beta = torch.rand(B, T, H, generator=g, dtype=F64)
+    if op == "ssd":
+        args = dict(x=randn(B, T, H, V), dt=torch.rand(B, T, H, generator=g, dtype=F64) * 0.5 + 0.01,
+                    A=-(torch.rand(H, generator=g, dtype=F64) + 0.1), B=randn(B, T, 1, K), C=randn(B, T, 1, K),
+                    D=randn(H))
+        return args, ("x", "dt", "B", "C")
+    per_token = {"linear_attention": dict(q=q, k=k, v=v), "retention": dict(q=q, k=k, v=v),
+                 "gla": dict(q=q, k=k, v=v, g=gates), "rwkv6": dict(r=q, k=k, v=v, w=gates),
+                 "delta_rule": dict(q=q, k=k, v=v, beta=beta),
+                 "gated_delta_rule": dict(q=q, k=k, v=v, g=gates[..., 0], beta=beta)}[op]
+    extra = dict(u=randn(H, K)) if op == "rwkv6" else {}
+    return {**per_token, **extra, "scale": 0.7}, tuple(per_token)
+
+
+CHUNKED = {"linear_attention": linear_attention, "ssd": ssd, "retention": retention, "gla": gla, "rwkv6": rwkv6,
+           "delta_rule": delta_rule, "gated_delta_rule": gated_delta_rule}
+STEPS = {"linear_attention": linear_attention_step, "ssd": ssd_step, "retention": retention_step,
+         "gla": gla_step, "rwkv6": rwkv6_step, "delta_rule": delta_rule_step,
+         "gated_delta_rule": gated_delta_rule_step}
+STEP_OBJECTS = {"linear_attention": _linear_attention, "ssd": _ssd, "retention": _retention, "gla": _gla,
+                "rwkv6": _rwkv6, "delta_rule": _delta_rule, "gated_delta_rule": _gated_delta_rule}
+
+
+def _state(op: str, seed: int = 1) -> torch.Tensor:
+    return torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+@pytest.mark.parametrize("op", list(CHUNKED))
+def test_steps_equal_the_chunked_op(op):
+    """Token by token from an initial state, the steps give the chunked op's outputs and final state."""
+    T = 200 if op == "linear_attention" else 70
+    args, per_token = _inputs(op, T)
+    initial = _state(op)
+    expected, final = CHUNKED[op](**args, initial_state=initial, output_final_state=True)
+    state = initial.clone()
+    outputs = [STEPS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in args.items()}, state=state)
+               for t in range(T)]
+    torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", list(CHUNKED))
+def test_a_call_of_several_tokens_runs_them_in_order(op):
+    """T > 1 in one call: the recurrent form over the tokens, as the chunked op computes them."""
+    args, _ = _inputs(op, 67, seed=3)
+    initial = _state(op, seed=4)
+    expected, final = CHUNKED[op](**args, initial_state=initial, output_final_state=True)
+    state = initial.clone()
+    torch.testing.assert_close(STEPS[op](**args, state=state), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
+
+
+def test_the_state_is_updated_in_place():
+    args, per_token = _inputs("linear_attention", 1)
+    state = _state("linear_attention")
+    before, address = state.clone(), state.data_ptr()
+    o = linear_attention_step(**args, state=state)
+    expected, final = linear_attention(**args, initial_state=before, output_final_state=True)
+    assert state.data_ptr() == address and not torch.equal(state, before)
+    torch.testing.assert_close(state, final)
+    torch.testing.assert_close(o, expected)
+    assert o.data_ptr() != state.data_ptr()
+
+
+@pytest.mark.parametrize("op", list(CHUNKED))
+def test_step_programs_drop_the_chunk_quadratic_part(op):
+    """No in-chunk op survives the specialisation: masks, segment sums, scans along the chunk and
+    solves are gone, and every matmul is a vector product against the state (one row)."""
+    kernel = STEP_OBJECTS[op].kernel
+    args, _ = _inputs(op, 1)
+    state_name = STEP_OBJECTS[op].states[0]
+    if op == "retention":
+        args["log_gamma"] = torch.zeros(H, dtype=F64)
+    if op == "gla":
+        args.pop("scale")
+    program = kernel.trace(kernel.bind({**args, state_name: _state(op)}))
+    names = {o.name for o in program.walk()}
+    assert not names & {"causal", "window", "in_seq", "segsum", "cumsum", "trisolve", "colsum"}
+    assert all(o.result.type.rows == 1 for o in program.walk() if o.name == "matmul")
+
+
+def test_bad_arguments_are_errors_naming_them():
+    args, _ = _inputs("linear_attention", 1)
+    state = _state("linear_attention")
+    with pytest.raises(TypeError, match="state"):
+        linear_attention_step(**args, state=None)
+    with pytest.raises(TypeError, match="state"):
+        linear_attention_step(**args, state=state.numpy())
+    with pytest.raises(ValueError, match="state.*contiguous"):
+        linear_attention_step(**args, state=state.transpose(-1, -2))
+    with pytest.raises(ValueError, match="state"):
+        linear_attention_step(**args, state=state[:, :, :8].contiguous())
+    with pytest.raises(ValueError, match="state.*float32"):
+        linear_attention_step(**{**args, "q": args["q"].half()}, state=state.half())
+    with pytest.raises(ValueError, match="^v: .*B = 2 from q"):
+        linear_attention_step(**{**args, "v": args["v"][:1]}, state=state)
+    with pytest.raises(TypeError, match="scale"):
+        linear_attention_step(**args, state=state, scale="1")
+    with pytest.raises(NotImplementedError, match="gradients"):
+        linear_attention_step(**{**args, "q": args["q"].requires_grad_()}, state=state)
+
+
+@kernel
+def gated_retention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq[1],
+                        o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        qc, kc, vc, gc = q[c], k[c], v[c], g[c]
+        o[c] = (qc @ kc.T * exp(segsum(gc))) @ vc + (qc @ s) * exp(cumsum(gc))
+        s = s * exp(colsum(gc)) + (kc * exp(cumsum(gc, reverse=True, exclusive=True))).T @ vc
+
+
+def test_a_users_kernel_gets_a_step():
+    """``step(kernel)`` on a program of one's own (the README's gated retention)."""
+    from tilemix.ops import run
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 90, 2, 16, generator=g, dtype=F64) for _ in range(3))
+    gates = -torch.rand(1, 90, 2, generator=g, dtype=F64)
+    initial = torch.randn(1, 2, 16, 16, generator=g, dtype=F64)
+    expected = run(gated_retention_fwd, q=q, k=k, v=v, g=gates, s=initial)
+    gated_step, state = step(gated_retention_fwd, "test_decode::gated_retention_step"), initial.clone()
+    outputs = [gated_step(q=q[:, t:t + 1], k=k[:, t:t + 1], v=v[:, t:t + 1], g=gates[:, t:t + 1], s=state)
+               for t in range(90)]
+    torch.testing.assert_close(torch.cat(outputs, 1), expected["o"], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, expected["s"], rtol=1e-10, atol=1e-10)
+
+
+@kernel
+def reversed_scan(x: Seq["D"], y: Out[Seq["D"]], s: State[1, "D"] = None):
+    for c in chunks(64, reverse=True):
+        s = s + colsum(x[c])
+        y[c] = x[c] + s
+
+
+@kernel
+def grid_program(x: Seq["D"], w: Head["D"], y: Out[Seq["D"]], s: State[1, "D"] = None):
+    for c in blocks(64):
+        y[c] = x[c] * w
+
+
+@kernel
+def no_state(x: Seq["D"], y: Out[Seq["D"]]):
+    for c in chunks(64):
+        y[c] = x[c]
+
+
+def test_programs_without_a_step_are_errors_naming_why():
+    x, s = torch.ones(1, 1, 1, 16), torch.zeros(1, 1, 1, 16)
+    with pytest.raises(TileError, match="reversed"):
+        step(reversed_scan, "test_decode::reversed_scan_step")(x=x, s=s)
+    with pytest.raises(TileError, match="blocks"):
+        step(grid_program, "test_decode::grid_program_step")(x=x, w=torch.ones(1, 16), s=s)
+    with pytest.raises(TileError, match="no State"):
+        step(no_state)
+    with pytest.raises(TypeError, match="kernel"):
+        step(linear_attention)
