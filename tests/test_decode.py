@@ -32,8 +32,11 @@ F64 = torch.float64
 B, H, K, V = 2, 2, 16, 32
 
 
-def _inputs(op: str, T: int, seed: int = 0) -> tuple[dict, tuple[str, ...]]:
-    """The chunked op's arguments (float64, values in their ranges) and which of them run per token."""
+def _inputs(op: str, T: int, seed: int = 0, sizes: tuple[int, int, int, int] = (B, H, K, V)
+            ) -> tuple[dict, tuple[str, ...]]:
+    """The chunked op's arguments (float64, values in their ranges; ``sizes``: B, H, K, V) and which
+    of them run per token."""
+    B, H, K, V = sizes
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -64,8 +67,8 @@ STEP_OBJECTS = {"linear_attention": _linear_attention, "ssd": _ssd, "retention":
                 "rwkv6": _rwkv6, "delta_rule": _delta_rule, "gated_delta_rule": _gated_delta_rule}
 
 
-def _state(op: str, seed: int = 1) -> torch.Tensor:
-    return torch.randn(B, H, K, V, generator=torch.Generator().manual_seed(seed), dtype=F64)
+def _state(op: str, seed: int = 1, sizes: tuple[int, int, int, int] = (B, H, K, V)) -> torch.Tensor:
+    return torch.randn(*sizes, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 @pytest.mark.parametrize("op", list(CHUNKED))
@@ -197,3 +200,70 @@ def test_programs_without_a_step_are_errors_naming_why():
         step(no_state)
     with pytest.raises(TypeError, match="kernel"):
         step(linear_attention)
+
+
+def _on_gpu(args: dict, dtype=torch.bfloat16) -> dict:
+    """``args`` on the GPU: the feature tensors in ``dtype``, per-token and per-head ones in float32."""
+
+    def move(name, a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return a.to("cuda", dtype if a.dim() == 4 else torch.float32)
+    return {n: move(n, a) for n, a in args.items()}
+
+
+def _gpu_case(op: str, T: int, D: int, seed: int = 0):
+    """GPU arguments at head dim ``D`` (B = H = 4) and the float64 chunked op on the same values."""
+    args, per_token = _inputs(op, T, seed, (4, 4, D, D))
+    initial = _state(op, seed + 1, (4, 4, D, D))
+    gpu = _on_gpu(args)
+    exact = {n: (a.double().cpu() if isinstance(a, torch.Tensor) else a) for n, a in gpu.items()}
+    expected, final = CHUNKED[op](**exact, initial_state=initial, output_final_state=True)
+    return gpu, per_token, initial.float().cuda(), expected, final
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["auto", "generic"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("op", list(CHUNKED))
+def test_gpu_steps_match_float64(op, D, target):
+    """bf16 tokens one at a time on the GPU (sm_90a and the generic kernels), the fp32 state updated
+    in place: outputs and final state within the bf16 bound of the float64 chunked op."""
+    from tilemix.ops import use_target
+    from tilemix.reference.tolerance import bound, rel_err
+
+    gpu, per_token, state, expected, final = _gpu_case(op, 20, D)
+    address = state.data_ptr()
+    with use_target(target):
+        outputs = [STEPS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in gpu.items()}, state=state)
+                   for t in range(20)]
+    assert state.data_ptr() == address
+    assert rel_err(torch.cat(outputs, 1), expected.numpy()) <= bound(torch.bfloat16)
+    assert rel_err(state, final.numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["linear_attention", "ssd", "gated_delta_rule"])
+def test_gpu_step_replays_from_a_cuda_graph(op):
+    """A decode step captured in a CUDA graph (after a warm-up call, as torch asks) and replayed on
+    new tokens copied into the captured ones: each replay updates the captured state in place as an
+    eager step does (bit for bit), with nothing allocated for the state."""
+    gpu, per_token, state, _, _ = _gpu_case(op, 6, 128)
+    token = lambda t: {n: (a[:, t:t + 1].clone() if n in per_token else a) for n, a in gpu.items()}  # noqa: E731
+    eager_state, inputs = state.clone(), token(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        STEPS[op](**inputs, state=state.clone())  # warm-up: compiles and prepares the launch
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = STEPS[op](**inputs, state=state)
+    for t in range(6):
+        fresh = token(t)
+        for n in per_token:
+            inputs[n].copy_(fresh[n])
+        graph.replay()
+        expected = STEPS[op](**fresh, state=eager_state)
+        assert torch.equal(captured, expected)
+        assert torch.equal(state, eager_state)
