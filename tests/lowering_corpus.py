@@ -42,6 +42,10 @@ def programs() -> dict[str, Kernel]:
             key = f"{name.rsplit('.', 1)[-1]}.{attr}"
             if isinstance(value, Kernel) and value.fn.__module__ == module.__name__ and key not in LEFT_OUT:
                 found[key] = value
+    decode = importlib.import_module("tilemix.ops.decode")  # the shipped decode steps' programs
+    for value in vars(decode).values():
+        if isinstance(value, decode.Step):
+            found[f"decode.{value.kernel.name}"] = value.kernel
     return found
 
 
