@@ -267,3 +267,21 @@ def test_gpu_step_replays_from_a_cuda_graph(op):
         expected = STEPS[op](**fresh, state=eager_state)
         assert torch.equal(captured, expected)
         assert torch.equal(state, eager_state)
+
+
+@pytest.mark.parametrize("name", ["linear_attention-step", "ssd-step", "retention-step", "gla-step", "rwkv6-step",
+                                  "delta_rule-step", "gated_delta_rule-step", "linear_attention-step-h32",
+                                  "ssd-step-h32"])
+def test_decode_rows_run_on_the_interpreter(name):
+    """Each ``<op>-step`` row's timed call runs at a small shape, moving its state on in place; the
+    row is a "decode" one at the bar's shape, its roofline the state's bytes."""
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 3, 2, 16, torch.float32, device="cpu")
+    first, second = ours(), ours()
+    assert first.shape == (1, 3, 2, 16) and first.isfinite().all() and not torch.equal(first, second)
+    assert peer_name.startswith(("fla-fused_recurrent", "mamba_ssm-selective_state_update")) and callable(peer)
+    assert nbytes == 2 * 2 * 16 * 16 * 4 and flops > 0
+    assert bench.direction(name) == "decode"
+    wide = name.endswith("-h32")
+    assert bench.default_rows([name]) == [(name, 256 if wide else 128, 1, 32 if wide else 16, 64 if wide else 128)]
