@@ -285,3 +285,23 @@ def test_decode_rows_run_on_the_interpreter(name):
     assert bench.direction(name) == "decode"
     wide = name.endswith("-h32")
     assert bench.default_rows([name]) == [(name, 256 if wide else 128, 1, 32 if wide else 16, 64 if wide else 128)]
+
+
+@torch.no_grad()
+def test_layers_decode_one_token_with_the_step_in_place():
+    """``extend`` of one token on a cache (no gradients): linear attention and Mamba-2 update the
+    cache's state in place, with the chunked op's result; a prefill leaves a new state."""
+    from tilemix.ops import LinearAttention, Mamba2Mixer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32, dtype=F64)
+    for layer in (LinearAttention(32, heads=2, feature_map="elu+1").double(),
+                  Mamba2Mixer(32, heads=2, head_dim=16, state_dim=16).double()):
+        whole = layer(x)
+        y, cache = layer.extend(x[:, :8])
+        state = cache if isinstance(cache, torch.Tensor) else cache.ssm
+        before = state.clone()
+        last, after = layer.extend(x[:, 8:], cache)
+        assert (after if isinstance(after, torch.Tensor) else after.ssm) is state
+        assert not torch.equal(state, before)
+        torch.testing.assert_close(torch.cat([y, last], 1), whole, rtol=1e-10, atol=1e-12)
