@@ -305,3 +305,29 @@ def test_layers_decode_one_token_with_the_step_in_place():
         assert (after if isinstance(after, torch.Tensor) else after.ssm) is state
         assert not torch.equal(state, before)
         torch.testing.assert_close(torch.cat([y, last], 1), whole, rtol=1e-10, atol=1e-12)
+
+
+def test_steps_are_custom_ops_that_compile_and_pass_opcheck():
+    """Each step is a custom op mutating its state: ``opcheck`` passes (schema, fake kernel, no alias
+    of the output to the state) and ``torch.compile(fullgraph=True)`` traces it, updating the state
+    as the eager call does."""
+    args, _ = _inputs("linear_attention", 1)
+    state = _state("linear_attention")
+    torch.library.opcheck(_linear_attention.op, (args["q"], args["k"], args["v"], 0.5, state.clone()))
+
+    def decode(q, k, v, state):
+        return linear_attention_step(q, k, v, state) * 2
+
+    compiled = torch.compile(decode, fullgraph=True, backend="aot_eager")
+    eager_state = state.clone()
+    for _ in range(2):
+        torch.testing.assert_close(compiled(args["q"], args["k"], args["v"], state),
+                                   decode(args["q"], args["k"], args["v"], eager_state))
+        torch.testing.assert_close(state, eager_state)
+
+
+def test_constant_folding_saturates_exp_to_inf():
+    """A folded ``exp`` of a large constant is inf, as fp32 gives it, not a Python OverflowError."""
+    from tilemix.tiles.step import _exp
+
+    assert _exp(1000.0) == float("inf") and _exp(0.0) == 1.0 and _exp(float("-inf")) == 0.0

@@ -31,14 +31,14 @@ __all__ = ["step_kernel", "StepKernel"]
 
 
 class StepKernel(Kernel):
-    """The one-token form of a chunked scan ``Kernel`` (``step``): the same parameters, traced one
-    token per chunk and specialised (module docstring)."""
+    """The one-token form of a chunked scan ``Kernel`` (``step_kernel``): the same parameters, traced
+    one token per chunk and specialised (module docstring)."""
 
     def __init__(self, chunked: Kernel):
         super().__init__(chunked.fn, chunked.target_consts, name=f"{chunked.name}_step")
         self.chunked = chunked
 
-    def _trace(self, binding: Binding, token_rows: bool = True) -> Program:
+    def _trace(self, binding: Binding) -> Program:
         program = super()._trace(binding, token_rows=True)
         loop = _scan_loop(program)
         renamed: dict[Value, Value] = {}
@@ -86,14 +86,13 @@ def _scan_loop(program: Program) -> Loop:
 
 
 # -- the specialisation --------------------------------------------------------------------------
-_CONSTANT = "full"
 _MASKS = ("causal", "window")
 
 
 def _constant(value: Value, defs: dict[Value, Op]) -> float | None:
     """The fill value of ``value`` if a ``full`` op made it."""
     op = defs.get(value)
-    return op.attrs["value"] if op is not None and op.name == _CONSTANT else None
+    return op.attrs["value"] if op is not None and op.name == "full" else None
 
 
 def _new(name: str, operands: list[Value], attrs: dict, like: Op) -> Op:
@@ -103,7 +102,7 @@ def _new(name: str, operands: list[Value], attrs: dict, like: Op) -> Op:
 
 
 def _full(rows: int, cols: int, value: float, like: Op) -> Op:
-    return _new(_CONSTANT, [], {"rows": rows, "cols": cols, "value": float(value)}, like)
+    return _new("full", [], {"rows": rows, "cols": cols, "value": float(value)}, like)
 
 
 def _as_result(value: Value, op: Op) -> tuple[list[Op], Value | None]:
@@ -159,7 +158,7 @@ def _fold(op: Op, defs: dict[Value, Op]) -> tuple[list[Op], Value | None]:
     name, t = op.name, op.result.type if op.result is not None else None
     consts = [_constant(v, defs) for v in op.operands]
     if name == "exp" and consts[0] is not None:
-        return [_full(t.rows, t.cols, math.exp(consts[0]), op)], None
+        return [_full(t.rows, t.cols, _exp(consts[0]), op)], None
     if name not in ("mul", "add", "sub", "div"):
         return [], None
     (a, b), (ca, cb) = op.operands, consts
@@ -175,6 +174,14 @@ def _fold(op: Op, defs: dict[Value, Op]) -> tuple[list[Op], Value | None]:
             if value is not None:
                 return ops, value
     return [], None
+
+
+def _exp(x: float) -> float:
+    """``exp(x)``, inf where it overflows (as fp32 and the interpreter give it)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _final(value: Value, renamed: dict[Value, Value]) -> Value:
