@@ -25,7 +25,7 @@ from .linear_attention import linear_attention_fwd
 from .runtime import check_call, default_scale, fake_run, run_kernel
 from .ssd import ssd_fwd
 
-__all__ = ["Step", "step", "linear_attention_step", "ssd_step", "retention_step", "gla_step", "rwkv6_step",
+__all__ = ["Step", "step", "STEPS", "linear_attention_step", "ssd_step", "retention_step", "gla_step", "rwkv6_step",
            "delta_rule_step", "gated_delta_rule_step"]
 
 
@@ -120,13 +120,15 @@ def step(kernel: Kernel, name: str | None = None) -> Step:
 
 
 _STATE = {"s": "state", "h": "state"}
-_linear_attention = Step(linear_attention_fwd, "tilemix::linear_attention_step", _STATE)
-_ssd = Step(ssd_fwd, "tilemix::ssd_step", _STATE)
-_retention = Step(retention_fwd, "tilemix::retention_step", _STATE)
-_gla = Step(gla_fwd, "tilemix::gla_step", _STATE)
-_rwkv6 = Step(rwkv6_fwd, "tilemix::rwkv6_step", _STATE)
-_delta_rule = Step(delta_rule_fwd, "tilemix::delta_rule_step", _STATE)
-_gated_delta_rule = Step(gated_delta_rule_fwd, "tilemix::gated_delta_rule_step", _STATE)
+STEPS = {  # the shipped scan ops' steps, by op: their programs are ``STEPS[op].kernel``
+    "linear_attention": Step(linear_attention_fwd, "tilemix::linear_attention_step", _STATE),
+    "ssd": Step(ssd_fwd, "tilemix::ssd_step", _STATE),
+    "retention": Step(retention_fwd, "tilemix::retention_step", _STATE),
+    "gla": Step(gla_fwd, "tilemix::gla_step", _STATE),
+    "rwkv6": Step(rwkv6_fwd, "tilemix::rwkv6_step", _STATE),
+    "delta_rule": Step(delta_rule_fwd, "tilemix::delta_rule_step", _STATE),
+    "gated_delta_rule": Step(gated_delta_rule_fwd, "tilemix::gated_delta_rule_step", _STATE),
+}
 
 
 def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor,
@@ -136,7 +138,7 @@ def linear_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
     q, k: ``[B, T, H, K]``, v: ``[B, T, H, V]`` (T = 1 for one token; more run one after
     another); state: float32 ``[B, H, K, V]``, contiguous, updated in place; scale defaults to
     ``K ** -0.5``. Returns o ``[B, T, H, V]``."""
-    return _linear_attention(q=q, k=k, v=v, scale=default_scale(q, scale), s=state)
+    return STEPS["linear_attention"](q=q, k=k, v=v, scale=default_scale(q, scale), s=state)
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -146,7 +148,7 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 
     x: ``[B, T, H, P]``; dt: ``[B, T, H]``; A, D: ``[H]``; B, C: ``[B, T, G, N]``; state: float32
     ``[B, H, N, P]``, contiguous, updated in place. Returns y ``[B, T, H, P]``."""
-    return _ssd(x=x, dt=dt, A=A, B=B, C=C, D=D, h=state)
+    return STEPS["ssd"](x=x, dt=dt, A=A, B=B, C=C, D=D, h=state)
 
 
 @functools.cache
@@ -160,7 +162,7 @@ def retention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: tor
     """One decode step of ``retention``: ``S ← γ_h S + k vᵀ``, ``o = scale · Sᵀ q``; shapes as
     ``linear_attention_step``."""
     check_call("retention_step", q=q)
-    return _retention(q=q, k=k, v=v, log_gamma=_log_gamma(q.shape[2], q.device), scale=default_scale(q, scale),
+    return STEPS["retention"](q=q, k=k, v=v, log_gamma=_log_gamma(q.shape[2], q.device), scale=default_scale(q, scale),
                       s=state)
 
 
@@ -169,7 +171,7 @@ def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     """One decode step of ``gla``: ``S ← diag(exp g) S + k vᵀ``, ``o = scale · Sᵀ q``; g as k
     (log forget gates); the rest as ``linear_attention_step``."""
     check_call("gla_step", q=q, g=g)
-    return _gla(q=q * default_scale(q, scale), k=k, v=v, g=g, s=state)
+    return STEPS["gla"](q=q * default_scale(q, scale), k=k, v=v, g=g, s=state)
 
 
 def rwkv6_step(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
@@ -177,18 +179,18 @@ def rwkv6_step(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tenso
     """One decode step of ``rwkv6``: ``o = scale · (S + diag(u) k vᵀ)ᵀ r``, then
     ``S ← diag(exp w) S + k vᵀ``; w as k (log decays), u ``[H, K]``; the rest as
     ``linear_attention_step``."""
-    return _rwkv6(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=state)
+    return STEPS["rwkv6"](r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=state)
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
                     scale: float | None = None) -> torch.Tensor:
     """One decode step of ``delta_rule``: ``u = β (v − Sᵀ k)``, ``S ← S + k uᵀ``, ``o = scale · Sᵀ q``;
     beta ``[B, T, H]``; the rest as ``linear_attention_step``."""
-    return _delta_rule(q=q, k=k, v=v, beta=beta, scale=default_scale(q, scale), s=state)
+    return STEPS["delta_rule"](q=q, k=k, v=v, beta=beta, scale=default_scale(q, scale), s=state)
 
 
 def gated_delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           beta: torch.Tensor, state: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """One decode step of ``gated_delta_rule``: ``delta_rule_step`` with the state decayed by
     ``exp(g)`` first; g ``[B, T, H]`` log decays."""
-    return _gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, scale=default_scale(q, scale), s=state)
+    return STEPS["gated_delta_rule"](q=q, k=k, v=v, g=g, beta=beta, scale=default_scale(q, scale), s=state)

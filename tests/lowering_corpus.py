@@ -42,10 +42,8 @@ def programs() -> dict[str, Kernel]:
             key = f"{name.rsplit('.', 1)[-1]}.{attr}"
             if isinstance(value, Kernel) and value.fn.__module__ == module.__name__ and key not in LEFT_OUT:
                 found[key] = value
-    decode = importlib.import_module("tilemix.ops.decode")  # the shipped decode steps' programs
-    for value in vars(decode).values():
-        if isinstance(value, decode.Step):
-            found[f"decode.{value.kernel.name}"] = value.kernel
+    for step in importlib.import_module("tilemix.ops.decode").STEPS.values():  # the decode steps' programs
+        found[f"decode.{step.kernel.name}"] = step.kernel
     return found
 
 

@@ -25,7 +25,7 @@ from tilemix.ops import (
     ssd_step,
     step,
 )
-from tilemix.ops.decode import _delta_rule, _gated_delta_rule, _gla, _linear_attention, _retention, _rwkv6, _ssd
+from tilemix.ops.decode import STEPS as STEP_OBJECTS
 from tilemix.tiles import Head, Out, Seq, State, TileError, blocks, chunks, colsum, cumsum, exp, kernel, segsum
 
 F64 = torch.float64
@@ -60,11 +60,9 @@ def _inputs(op: str, T: int, seed: int = 0, sizes: tuple[int, int, int, int] = (
 
 CHUNKED = {"linear_attention": linear_attention, "ssd": ssd, "retention": retention, "gla": gla, "rwkv6": rwkv6,
            "delta_rule": delta_rule, "gated_delta_rule": gated_delta_rule}
-STEPS = {"linear_attention": linear_attention_step, "ssd": ssd_step, "retention": retention_step,
+STEP_CALLS = {"linear_attention": linear_attention_step, "ssd": ssd_step, "retention": retention_step,
          "gla": gla_step, "rwkv6": rwkv6_step, "delta_rule": delta_rule_step,
          "gated_delta_rule": gated_delta_rule_step}
-STEP_OBJECTS = {"linear_attention": _linear_attention, "ssd": _ssd, "retention": _retention, "gla": _gla,
-                "rwkv6": _rwkv6, "delta_rule": _delta_rule, "gated_delta_rule": _gated_delta_rule}
 
 
 def _state(op: str, seed: int = 1, sizes: tuple[int, int, int, int] = (B, H, K, V)) -> torch.Tensor:
@@ -79,7 +77,7 @@ def test_steps_equal_the_chunked_op(op):
     initial = _state(op)
     expected, final = CHUNKED[op](**args, initial_state=initial, output_final_state=True)
     state = initial.clone()
-    outputs = [STEPS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in args.items()}, state=state)
+    outputs = [STEP_CALLS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in args.items()}, state=state)
                for t in range(T)]
     torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
@@ -92,7 +90,7 @@ def test_a_call_of_several_tokens_runs_them_in_order(op):
     initial = _state(op, seed=4)
     expected, final = CHUNKED[op](**args, initial_state=initial, output_final_state=True)
     state = initial.clone()
-    torch.testing.assert_close(STEPS[op](**args, state=state), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(STEP_CALLS[op](**args, state=state), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
 
 
@@ -235,7 +233,7 @@ def test_gpu_steps_match_float64(op, D, target):
     gpu, per_token, state, expected, final = _gpu_case(op, 20, D)
     address = state.data_ptr()
     with use_target(target):
-        outputs = [STEPS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in gpu.items()}, state=state)
+        outputs = [STEP_CALLS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in gpu.items()}, state=state)
                    for t in range(20)]
     assert state.data_ptr() == address
     assert rel_err(torch.cat(outputs, 1), expected.numpy()) <= bound(torch.bfloat16)
@@ -254,17 +252,17 @@ def test_gpu_step_replays_from_a_cuda_graph(op):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        STEPS[op](**inputs, state=state.clone())  # warm-up: compiles and prepares the launch
+        STEP_CALLS[op](**inputs, state=state.clone())  # warm-up: compiles and prepares the launch
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = STEPS[op](**inputs, state=state)
+        captured = STEP_CALLS[op](**inputs, state=state)
     for t in range(6):
         fresh = token(t)
         for n in per_token:
             inputs[n].copy_(fresh[n])
         graph.replay()
-        expected = STEPS[op](**fresh, state=eager_state)
+        expected = STEP_CALLS[op](**fresh, state=eager_state)
         assert torch.equal(captured, expected)
         assert torch.equal(state, eager_state)
 
@@ -313,7 +311,7 @@ def test_steps_are_custom_ops_that_compile_and_pass_opcheck():
     as the eager call does."""
     args, _ = _inputs("linear_attention", 1)
     state = _state("linear_attention")
-    torch.library.opcheck(_linear_attention.op, (args["q"], args["k"], args["v"], 0.5, state.clone()))
+    torch.library.opcheck(STEP_OBJECTS["linear_attention"].op, (args["q"], args["k"], args["v"], 0.5, state.clone()))
 
     def decode(q, k, v, state):
         return linear_attention_step(q, k, v, state) * 2

@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 from compile_checks import check_compiled
 
-from tilemix.ops.decode import _delta_rule, _gated_delta_rule, _gla, _linear_attention, _retention, _rwkv6, _ssd
+from tilemix.ops.decode import STEPS
 from tilemix.ops.examples import kernel_specs
 from tilemix.tiles import TensorSpec
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
-STEPS = {"linear_attention": _linear_attention, "ssd": _ssd, "retention": _retention, "gla": _gla,
-         "rwkv6": _rwkv6, "delta_rule": _delta_rule, "gated_delta_rule": _gated_delta_rule}
 CASES = [(op, 128) for op in STEPS] + [("linear_attention", 64), ("ssd", 64)]  # the bars' head dims
 
 
