@@ -87,8 +87,9 @@ class Step:
         for name in self.states:
             state = inputs[name]
             if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
-                raise ValueError(f"{label(name)}: the state a step updates in place is a contiguous float32 "
-                                 f"tensor, got {state.dtype}{'' if state.is_contiguous() else ', not contiguous'}")
+                raise ValueError(f"{label(name)}: the state a step updates in place is a contiguous float32 tensor "
+                                 f"(float64 with float64 inputs), got {state.dtype}"
+                                 f"{'' if state.is_contiguous() else ', not contiguous'}")
         return self.op(*(inputs[n] if n in inputs else self.kernel.defaults[n] for n in self._inputs))
 
     def __repr__(self) -> str:

@@ -329,3 +329,35 @@ def test_constant_folding_saturates_exp_to_inf():
     from tilemix.tiles.step import _exp
 
     assert _exp(1000.0) == float("inf") and _exp(0.0) == 1.0 and _exp(float("-inf")) == 0.0
+
+
+def test_step_docstring_example():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(step, globs={"torch": torch, "step": step}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted and not runner.summarize(verbose=False).failed
+
+
+@pytest.mark.parametrize("box_rows, swizzled", [(1, False), (64, True), (16, True)])
+def test_one_token_tensor_maps_are_not_swizzled(monkeypatch, box_rows, swizzled):
+    """TMA takes the 128-byte swizzle from the shared address, the kernels from the row: a one-row
+    box (a decode step's token, its panels 128 bytes apart) is moved unswizzled, whole 8-row blocks
+    swizzled."""
+    pytest.importorskip("cuda.bindings", reason="encoding tensor maps needs the codegen extra")
+    from cuda.bindings import driver as cu
+
+    from tilemix.codegen import launch
+
+    calls = []
+
+    def encode(*args):
+        calls.append(args)
+        return cu.CUresult.CUDA_SUCCESS, cu.CUtensorMap()
+
+    monkeypatch.setattr(cu, "cuTensorMapEncodeTiled", encode)
+    launch._encode_map.__wrapped__(1 << 20, (8, 1, 4, 128), (512, 512, 128, 1), True, "q", box_rows)
+    expected = cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B if swizzled else \
+        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
+    assert calls[0][8] == expected
