@@ -361,3 +361,20 @@ def test_one_token_tensor_maps_are_not_swizzled(monkeypatch, box_rows, swizzled)
     expected = cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B if swizzled else \
         cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
     assert calls[0][8] == expected
+
+
+@pytest.mark.parametrize("name", ["selective_scan_fwd", "mlstm_fwd"])
+def test_other_scans_one_token_at_a_time_equal_them(name):
+    """The pass is general: Mamba-1's selective scan (``linrec`` within the chunk) and mLSTM (three
+    states, a running max) run token by token as their chunked programs do."""
+    from tilemix import ops
+    from tilemix.ops.examples import kernel_specs
+    from tilemix.tiles.step import step_kernel
+
+    kernel = getattr(ops, name)
+    g = torch.Generator().manual_seed(0)
+    args = {n: (0.3 * torch.randn(s.shape, generator=g, dtype=F64) if hasattr(s, "shape") else s)
+            for n, s in kernel_specs(kernel, size=16, B=1, T=67, H=2).items()}
+    expected, got = ops.run(kernel, **args), ops.run(step_kernel(kernel), **args)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-12)
