@@ -27,6 +27,7 @@ from tilemix.ops.timing import host_us, time_ms
 
 from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
+from .decode import DECODE_CASES, DECODE_SHAPES
 from .long_conv import LONG_CONV_CASES, LONG_CONV_SHAPES
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
@@ -252,12 +253,14 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
          **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES,
-         **LONG_CONV_CASES}
+         **LONG_CONV_CASES, **DECODE_CASES}
 
 
 def direction(name: str) -> str:
-    """"bwd" for a backward row (a case named <op>-bwd[-...]), else "fwd"."""
-    return "bwd" if "bwd" in name.split("-") else "fwd"
+    """"bwd" for a backward row (a case named <op>-bwd[-...]), "decode" for a decode step's
+    (<op>-step[-...]), else "fwd"."""
+    parts = name.split("-")
+    return "bwd" if "bwd" in parts else "decode" if "step" in parts else "fwd"
 
 
 SHAPE = (8, 4096, 16, 128)  # B, T, H, D of the Hopper issue's bars
@@ -309,6 +312,8 @@ BASED_SHAPE = (8, 4096, 16, 64)  # issue 29's bar: values 64 (q and k: Based's 1
 
 def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]]:
     def shape(name):
+        if name in DECODE_SHAPES:
+            return DECODE_SHAPES[name]
         if "gqa" in name.split("-"):
             return GQA_SHAPE
         if name.startswith("rwkv"):

@@ -20,7 +20,7 @@ from tilemix import ops
 from .based import BASED_CASES
 from .calls import backward_of
 
-__all__ = ["MIXER_CASES", "DERIVED_BACKWARD", "mamba_chunk_scan_combined"]
+__all__ = ["MIXER_CASES", "DERIVED_BACKWARD", "mamba_chunk_scan_combined", "enter_mamba_ssm"]
 
 
 def _fwd_flops(B, T, H, D):
@@ -103,9 +103,17 @@ DERIVED_BACKWARD = {*(f"{op}-bwd" for op in FLA_PEERS), "linear_attention-bwd-de
 
 @functools.cache
 def mamba_chunk_scan_combined() -> Callable:
-    """Mamba-2's own SSD kernel, ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``.
-    Its package ``__init__`` imports compiled CUDA extensions that a Triton-only install lacks, so
-    the package is entered as a bare namespace (its Triton modules need none of them)."""
+    """Mamba-2's own SSD kernel, ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``."""
+    enter_mamba_ssm()
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as scan
+
+    return scan
+
+
+def enter_mamba_ssm() -> None:
+    """Make ``mamba_ssm``'s Triton modules importable: its package ``__init__`` imports compiled CUDA
+    extensions that a Triton-only install lacks, so the package is entered as a bare namespace (its
+    Triton modules need none of them)."""
     if "mamba_ssm" not in sys.modules:
         spec = importlib.util.find_spec("mamba_ssm")
         if spec is None or not spec.submodule_search_locations:
@@ -113,6 +121,3 @@ def mamba_chunk_scan_combined() -> Callable:
         package = types.ModuleType("mamba_ssm")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = package
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as scan
-
-    return scan

@@ -45,9 +45,9 @@ def _module(cubin: bytes):
 
 def _tensor_map(t: torch.Tensor, name: str, box_rows: int):
     """A TMA map over a 16-bit tensor: ``[B, T, H, D]`` (4-D, a box of ``box_rows`` tokens of one
-    head) or a ``[rows, cols]`` matrix (2-D); 64-column boxes, 128-byte swizzle, zeros past the
-    edges. Any strides TMA takes (``tma_readable``): a column slice or a head-split view is read in
-    place."""
+    head) or a ``[rows, cols]`` matrix (2-D); 64-column boxes, 128-byte swizzle (none for a box of
+    one row), zeros past the edges. Any strides TMA takes (``tma_readable``): a column slice or a
+    head-split view is read in place."""
     return _encode_map(t.data_ptr(), tuple(t.shape), _strides(t), t.dtype == torch.bfloat16, name, box_rows)
 
 
@@ -92,10 +92,16 @@ def _encode_map(ptr: int, dims: tuple[int, ...], element_strides: tuple[int, ...
     dtype = (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if bf16
              else cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
     rank = len(shape)
+    # TMA takes the 128-byte swizzle's pattern from the shared address (it starts at 1024-byte
+    # boundaries), the kernels from the row (tm::swz_offset): boxes of whole 8-row pattern blocks
+    # agree; a box of fewer rows (a decode step's one token, its panels 128 bytes apart) is moved
+    # unswizzled, which is where tm::swz_offset puts row 0
+    swizzle = cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B if box_rows % 8 == 0 else \
+        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE
     err, tmap = cu.cuTensorMapEncodeTiled(
         dtype, cu.cuuint32_t(rank), ptr, [cu.cuuint64_t(x) for x in shape],
         [cu.cuuint64_t(x) for x in strides], [cu.cuuint32_t(x) for x in box], [cu.cuuint32_t(1)] * rank,
-        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != cu.CUresult.CUDA_SUCCESS:

@@ -21,6 +21,17 @@ from .bidirectional import (
     prefix_linear_attention_fwd,
 )
 from .context_parallel import attention_cp, linear_attention_cp, ssd_cp
+from .decode import (
+    Step,
+    delta_rule_step,
+    gated_delta_rule_step,
+    gla_step,
+    linear_attention_step,
+    retention_step,
+    rwkv6_step,
+    ssd_step,
+    step,
+)
 from .delta_rule import (
     delta_rule,
     delta_rule_fwd,
@@ -80,3 +91,5 @@ __all__ += ["prefix_linear_attention", "prefix_linear_attention_fwd", "bidirecti
 __all__ += ["selective_scan", "selective_scan_fwd", "Mamba1Mixer"]
 __all__ += ["based", "based_fwd", "Based"]
 __all__ += ["long_conv", "gated_long_conv", "H3Conv"]
+__all__ += ["step", "Step", "linear_attention_step", "ssd_step", "retention_step", "gla_step", "rwkv6_step",
+            "delta_rule_step", "gated_delta_rule_step"]

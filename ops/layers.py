@@ -2,8 +2,10 @@
 
 All train: the ops' backward kernels are tile programs (SSD's in ``ops/ssd_backward.py``; DeltaNet's derived).
 Each also continues a sequence from a cache, ``extend(x, cache) -> (y, cache)``: a prefill (many
-tokens) or a decode step (one), what ``ops.models`` generates with. The scans' steps run the chunked
-programs at T = 1 and attention's cached steps run in torch: dedicated decode kernels are separate work.
+tokens) or a decode step (one), what ``ops.models`` generates with. Linear attention's and Mamba-2's
+one-token steps without gradients run the decode steps (``ops/decode.py``), which update the cache's
+state in place (copy a cache to branch from it); the other scans run their chunked programs at T = 1,
+attention's cached steps run in torch.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from .attention import attention
 from .based import FEATURES, based
 from .bidirectional import prefix_linear_attention
+from .decode import linear_attention_step, ssd_step
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
@@ -153,10 +156,13 @@ class LinearAttention(_Recurrent):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.feature_map(q), self.feature_map(k), v
+
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
                 output_final_state: bool = False, prefix_len: int | None = None):
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        q, k = self.feature_map(q), self.feature_map(k)
+        q, k, v = self._qkv(x)
         if prefix_len is not None:
             if not self.causal or initial_state is not None or output_final_state:
                 raise ValueError("prefix_len: the prefix form runs on a causal layer, without states")
@@ -165,6 +171,18 @@ class LinearAttention(_Recurrent):
             o, state = linear_attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state,
                                         causal=self.causal, normalize=self.normalize)
         return self._projected(o, state, output_final_state)
+
+    def extend(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``_Recurrent.extend``; one token without gradients runs the decode step, updating the
+        cache's state in place."""
+        if not _decode_step(x, cache):
+            return super().extend(x, cache)
+        return self.out(linear_attention_step(*self._qkv(x), cache).flatten(-2)), cache
+
+
+def _decode_step(x: torch.Tensor, cache) -> bool:
+    """Whether ``extend(x, cache)`` is a decode step: one token continuing a cache, no gradient."""
+    return cache is not None and x.shape[1] == 1 and not torch.is_grad_enabled()
 
 
 class Retention(_MultiHead):
@@ -325,15 +343,20 @@ class Mamba2Mixer(nn.Module):
         inner, bc = self.heads * self.head_dim, 2 * self.groups * self.state_dim
         return self.in_proj(x).split([inner, inner + bc, self.heads], dim=-1)  # z, xbc, dt
 
-    def _scan(self, xbc, z, dt, initial_state, output_final_state: bool):
-        """From the convolution's output on: SiLU, the SSD scan, gating and out-projection."""
+    def _scan(self, xbc, z, dt, initial_state, output_final_state: bool, in_place: bool = False):
+        """From the convolution's output on: SiLU, the SSD scan, gating and out-projection.
+        ``in_place``: the decode step, ``initial_state`` updated in place (and returned)."""
         inner, n = self.heads * self.head_dim, self.groups * self.state_dim
         xs, B, C = F.silu(xbc).split([inner, n, n], dim=-1)
         exact = torch.float32 if z.dtype in (torch.float16, torch.bfloat16) else z.dtype  # for dt, A, D
         dt = F.softplus(dt.to(exact) + self.dt_bias.to(exact))
-        y, state = ssd(_heads(xs, self.heads), dt, -torch.exp(self.A_log.to(exact)),
-                       _heads(B, self.groups), _heads(C, self.groups),
-                       D=self.D.to(exact), initial_state=initial_state, output_final_state=output_final_state)
+        args = (_heads(xs, self.heads), dt, -torch.exp(self.A_log.to(exact)), _heads(B, self.groups),
+                _heads(C, self.groups))
+        if in_place:
+            y, state = ssd_step(*args, initial_state, D=self.D.to(exact)), initial_state
+        else:
+            y, state = ssd(*args, D=self.D.to(exact), initial_state=initial_state,
+                           output_final_state=output_final_state)
         return self.out_proj(y.flatten(-2) * F.silu(z)), state
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
@@ -346,14 +369,15 @@ class Mamba2Mixer(nn.Module):
 
     def extend(self, x: torch.Tensor, cache: Mamba2Cache | None = None) -> tuple[torch.Tensor, Mamba2Cache]:
         """``x`` continuing the sequence ``cache`` ends (None: a new one): its output and the cache
-        after it. The convolution reads the cached inputs in place of its zero padding."""
+        after it. The convolution reads the cached inputs in place of its zero padding; one token
+        without gradients runs the decode step, updating the cache's SSD state in place."""
         z, xbc, dt = self._split(x)
         tail = self.conv.kernel_size[0] - 1
         before = xbc.new_zeros(x.shape[0], tail, xbc.shape[-1]) if cache is None else cache.conv
         window = torch.cat([before, xbc], 1)
         xbc = F.conv1d(window.transpose(1, 2), self.conv.weight, self.conv.bias,
                        groups=self.conv.groups).transpose(1, 2)
-        out, state = self._scan(xbc, z, dt, None if cache is None else cache.ssm, True)
+        out, state = self._scan(xbc, z, dt, None if cache is None else cache.ssm, True, _decode_step(x, cache))
         return out, Mamba2Cache(window[:, window.shape[1] - tail:], state)
 
 

@@ -3,8 +3,8 @@ as an option) and linear attention, for training (``forward``) and greedy genera
 
 Decoding carries each layer's cache (``ops.layers``): the Mamba-2 layers' SSD state and convolution
 tail, the linear-attention layers' state, the attention layers' keys and values. A decode step runs
-the chunked programs at T = 1 and attention's cached queries in torch: dedicated decode kernels (one
-token, the state read and written once) are separate work. No positional encoding: the Mamba-2
+the scans' decode steps (``ops/decode.py``: one token, the state read and written once, in place) and
+attention's cached queries in torch. No positional encoding: the Mamba-2
 layers' convolution and scan carry position, as in Jamba-style hybrids.
 """
 

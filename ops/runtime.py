@@ -187,22 +187,43 @@ def tune_segments(scan, args: dict[str, Any], *, arch: str | None = None,
 
 
 def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
-               final_states: tuple[str, ...] | None = None, schedule=None) -> dict[str, torch.Tensor]:
+               final_states: tuple[str, ...] | None = None, schedule=None,
+               into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Run ``kernel`` on ``args`` (torch tensors, numbers, None for absent
     optionals). Returns its outputs and final states as torch tensors on the
     inputs' device: outputs in the inputs' dtype, states in float32.
     ``final_states`` names the states to return (None: all); a GPU kernel
     neither allocates nor writes the others. ``schedule``: the GPU kernel's
     (default: a tuned one if cached, see ``tilemix.codegen.tune``, else the
-    code generator's default). A CUDA call whose signature (``call_signature``) ran before skips
-    the checks and choices and only allocates, packs and launches."""
+    code generator's default). ``into``: final states written into these tensors (contiguous, of
+    the state's shape and dtype) rather than new ones; a state's own initial tensor is updated in
+    place (each program instance reads its block of the state before it writes it). A CUDA call
+    whose signature (``call_signature``) ran before skips the checks and choices and only
+    allocates, packs and launches."""
     if _CAPTURED is not None:
         _CAPTURED.append((kernel, dict(args)))
-    signature = call_signature(kernel, args, final_states, schedule)
+    into = into or {}
+    signature = call_signature(kernel, args, final_states, schedule, tuple(into))
     prepared = recall(signature)
     if prepared is not None:
         _refuse_gradients(kernel.name, args.values())
-        return prepared(args)
+        return prepared(args, into)
+    return _written_into(_run_checked(kernel, args, labels, final_states, schedule, signature, into), into)
+
+
+def _written_into(out: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``out`` with the results named in ``into`` copied there (where a backend made them apart)."""
+    for name, tensor in into.items():
+        if out[name] is not tensor:
+            tensor.copy_(out[name])
+            out[name] = tensor
+    return out
+
+
+def _run_checked(kernel: Kernel, args: dict[str, Any], labels, final_states, schedule, signature,
+                 into: dict[str, torch.Tensor]):
+    """``run_kernel`` for a call not prepared before: checks, then the CUDA kernel prepared for the
+    signature (writing ``into``), or the interpreter (new tensors: ``_written_into`` copies)."""
     labels = labels or {}
     tensors = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     device = check_devices(tensors, labels)
@@ -233,7 +254,7 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
         prepared = _prepare_cuda(kernel, binding, args, extra, device, final_states, schedule, arch)
         if signature is not None:
             remember(signature, prepared)
-        return prepared(args)
+        return prepared(args, into)
     if device.type != "cpu":
         raise NotImplementedError(f"tilemix.{kernel.name}: no backend for {device} tensors")
     work = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32  # the interpreter's precision
@@ -408,14 +429,17 @@ class _Prepared:
     device: torch.device
     poison: bool
 
-    def __call__(self, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, args: dict[str, Any], into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The outputs, new tensors but those ``into`` gives (a state updated in place)."""
         if self.extra:
             args = {**args, **self.extra}
         if self.poison:  # TILEMIX_POISON=1: outputs start as NaN, so tests catch anything a kernel leaves unwritten
             outputs = {name: torch.full(shape, float("nan"), dtype=dtype, device=self.device)
-                       for name, shape, dtype in self.outputs}
+                       for name, shape, dtype in self.outputs if name not in into}
         else:
-            outputs = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, shape, dtype in self.outputs}
+            outputs = {name: torch.empty(shape, dtype=dtype, device=self.device)
+                       for name, shape, dtype in self.outputs if name not in into}
+        outputs.update(into)
         if self.device.index == torch.cuda.current_device():
             self.launch(args, outputs)
         else:

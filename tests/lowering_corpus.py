@@ -42,6 +42,8 @@ def programs() -> dict[str, Kernel]:
             key = f"{name.rsplit('.', 1)[-1]}.{attr}"
             if isinstance(value, Kernel) and value.fn.__module__ == module.__name__ and key not in LEFT_OUT:
                 found[key] = value
+    for step in importlib.import_module("tilemix.ops.decode").STEPS.values():  # the decode steps' programs
+        found[f"decode.{step.kernel.name}"] = step.kernel
     return found
 
 

@@ -190,9 +190,10 @@ class _OpenLoop:
 
 
 class Builder:
-    def __init__(self, binding, static: dict[str, int]):
+    def __init__(self, binding, static: dict[str, int], token_rows: bool = False):
         self.binding = binding
         self.static = static
+        self.token_rows = token_rows  # chunks() over T take one token each (``tiles.step``)
         self.regions: list[list[Op]] = [[]]
         self.open: _OpenLoop | None = None
 
@@ -244,6 +245,8 @@ class Builder:
         loc = user_loc()
         if kind == "blocks" and self.open is not None and self.open.op.kind == "chunks":
             raise TileError("blocks() is the parallel grid: it cannot be nested inside a sequential chunks() loop", loc)
+        if self.token_rows and kind == "chunks" and dim == "T":
+            size = 1
         index = Value(INDEX)
         stop = Bound(through.value, through.size) if through is not None else None
         first = Bound(start.value, start.size) if start is not None else None

@@ -35,9 +35,10 @@ class TensorSpec:
 
 
 class Kernel:
-    def __init__(self, fn: Callable, target_consts: dict[str, dict[str, Any]] | None = None):
+    def __init__(self, fn: Callable, target_consts: dict[str, dict[str, Any]] | None = None,
+                 name: str | None = None):
         self.fn = fn
-        self.name = fn.__name__
+        self.name = name or fn.__name__
         _NAMES.add(self.name)
         self.__doc__ = fn.__doc__
         self.loc = Loc(fn.__code__.co_filename, _def_line(fn))
@@ -139,8 +140,10 @@ class Kernel:
         return self.run(self.bind(args), args)
 
     # -- tracing ------------------------------------------------------------
-    def _trace(self, binding: Binding) -> Program:
-        builder = Builder(binding, binding.static)
+    def _trace(self, binding: Binding, token_rows: bool = False) -> Program:
+        """The program traced at ``binding``; ``token_rows``: each ``chunks()`` loop over T one token
+        at a time (what ``tiles.step`` specialises)."""
+        builder = Builder(binding, binding.static, token_rows)
         kwargs: dict[str, Any] = {}
         states = []
         with building(builder):

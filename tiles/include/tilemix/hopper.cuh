@@ -94,6 +94,8 @@ __device__ __forceinline__ float at(float x, int, int, int, int) { return x; }
 // row / column of coordinate (mb, nb, hr, cp) within the tile
 __device__ __forceinline__ int row_of(int mb, int hr) { return mb * 64 + (threadIdx.x % 128) / 32 * 16 + lane_id() / 4 + 8 * hr; }
 __device__ __forceinline__ int col_of(int nb, int cp) { return nb * 8 + (lane_id() % 4) * 2 + cp; }
+// the row of coordinate (mb, hr) in a tile of R rows: 0 in a row vector (a one-token chunk's tile)
+template <int R> __device__ __forceinline__ int row_in(int mb, int hr) { return R == 1 ? 0 : row_of(mb, hr); }
 
 #define TM_FOR_EACH(T) \
   _Pragma("unroll") for (int mb = 0; mb < T::MB; ++mb) \
@@ -502,8 +504,8 @@ template <bool is_bf16, int R, int C> __device__ __forceinline__ void load_share
 #pragma unroll
     for (int nb = 0; nb < rt<R, C>::NB; ++nb)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        u32 w = *(const u32*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, 0)));
+      for (int hr = 0; hr < rt<R, C>::HR; ++hr) {
+        u32 w = *(const u32*)(tile + swz_offset<R>(row_in<R>(mb, hr), col_of(nb, 0)));
         out.v[mb][nb][hr][0] = unpack<is_bf16>((u16)(w & 0xffff));
         out.v[mb][nb][hr][1] = unpack<is_bf16>((u16)(w >> 16));
       }
@@ -516,8 +518,8 @@ template <bool is_bf16, int R, int C> __device__ __forceinline__ void store_shar
 #pragma unroll
     for (int nb = 0; nb < rt<R, C>::NB; ++nb)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-        *(u32*)(tile + swz_offset<R>(row_of(mb, hr), col_of(nb, 0))) = pack2<is_bf16>(in.v[mb][nb][hr][0], in.v[mb][nb][hr][1]);
+      for (int hr = 0; hr < rt<R, C>::HR; ++hr)
+        *(u32*)(tile + swz_offset<R>(row_in<R>(mb, hr), col_of(nb, 0))) = pack2<is_bf16>(in.v[mb][nb][hr][0], in.v[mb][nb][hr][1]);
 }
 
 // columns [64P, 64P + 64) of a register tile -> one swizzled 64-column shared panel of R rows (the
@@ -529,8 +531,8 @@ template <bool is_bf16, int P, int R, int C> __device__ __forceinline__ void sto
 #pragma unroll
     for (int nb = P * 8; nb < P * 8 + 8; ++nb)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr)
-        *(u32*)(panel + swz_offset<R>(row_of(mb, hr), col_of(nb, 0) - P * 64)) =
+      for (int hr = 0; hr < rt<R, C>::HR; ++hr)
+        *(u32*)(panel + swz_offset<R>(row_in<R>(mb, hr), col_of(nb, 0) - P * 64)) =
             pack2<is_bf16>(in.v[mb][nb][hr][0], in.v[mb][nb][hr][1]);
 }
 
@@ -719,8 +721,8 @@ template <int R> __device__ __forceinline__ void load_col(rt<R, 1>& out, const f
 #pragma unroll
   for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      int t = t0 + row_of(mb, hr);
+    for (int hr = 0; hr < rt<R, 1>::HR; ++hr) {
+      int t = t0 + row_in<R>(mb, hr);
       out.v[mb][0][hr][0] = t < T ? base[(long)t * stride] : 0.0f;
     }
 }
@@ -749,7 +751,7 @@ template <int R> __device__ __forceinline__ void load_col_shared(rt<R, 1>& out, 
 #pragma unroll
   for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) out.v[mb][0][hr][0] = src[row_of(mb, hr)];
+    for (int hr = 0; hr < rt<R, 1>::HR; ++hr) out.v[mb][0][hr][0] = src[row_in<R>(mb, hr)];
 }
 
 // a per-token vector in shared memory seen as a row (its transpose: one value per column), for
@@ -771,7 +773,7 @@ template <bool is_bf16, int R_, int C_> struct shared_tile {
 };
 template <bool is_bf16, int R, int C>
 __device__ __forceinline__ float at(const shared_tile<is_bf16, R, C>& t, int mb, int nb, int hr, int cp) {
-  const u32 w = *(const u32*)(t.p + swz_offset<R>(row_of(mb, hr), col_of(nb, 0)));
+  const u32 w = *(const u32*)(t.p + swz_offset<R>(row_in<R>(mb, hr), col_of(nb, 0)));
   return unpack<is_bf16>((u16)(cp ? w >> 16 : w & 0xffff));
 }
 
@@ -783,8 +785,8 @@ template <int R> __device__ __forceinline__ void store_col(float* base, long str
 #pragma unroll
     for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        int t = t0 + row_of(mb, hr);
+      for (int hr = 0; hr < rt<R, 1>::HR; ++hr) {
+        int t = t0 + row_in<R>(mb, hr);
         if (t < T) base[(long)t * stride] = x.v[mb][0][hr][0];
       }
 }
