@@ -49,7 +49,9 @@ from .layers import (
     DeltaNet,
     GatedLinearAttention,
     H3Conv,
+    HedgehogFeatureMap,
     LinearAttention,
+    LoLCATsAttention,
     Mamba1Mixer,
     Mamba2Mixer,
     MLSTMLayer,
@@ -58,6 +60,7 @@ from .layers import (
     RWKV6TimeMix,
 )
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
+from .lolcats import lolcats_attention, lolcats_fwd
 from .long_conv import gated_long_conv, long_conv
 from .mlstm import mlstm, mlstm_fwd
 from .models import HybridLM
@@ -93,3 +96,4 @@ __all__ += ["based", "based_fwd", "Based"]
 __all__ += ["long_conv", "gated_long_conv", "H3Conv"]
 __all__ += ["step", "Step", "linear_attention_step", "ssd_step", "retention_step", "gla_step", "rwkv6_step",
             "delta_rule_step", "gated_delta_rule_step"]
+__all__ += ["lolcats_attention", "lolcats_fwd", "LoLCATsAttention", "HedgehogFeatureMap"]

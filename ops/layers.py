@@ -24,13 +24,15 @@ from .decode import linear_attention_step, ssd_step
 from .delta_rule import delta_rule, gated_delta_rule
 from .gated import gla, retention, rwkv6
 from .linear_attention import linear_attention
+from .lolcats import lolcats_attention
 from .long_conv import gated_long_conv
 from .mlstm import mlstm
 from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
-           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer", "Based", "H3Conv"]
+           "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer", "Based", "H3Conv",
+           "HedgehogFeatureMap", "LoLCATsAttention"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -477,3 +479,52 @@ class MLSTMLayer(_MultiHead):
         i, f = self.gates(x).float().chunk(2, dim=-1)
         h, state = mlstm(q, k, v, i, f, initial_state=initial_state, output_final_state=output_final_state)
         return self._projected(h, state, output_final_state)
+
+
+class HedgehogFeatureMap(nn.Module):
+    """Hedgehog's learned feature map, per head: ``φ(x) = [softmax(x W_h), softmax(-x W_h)]`` over the
+    ``features`` columns of ``x W_h`` (``2 · features`` outputs), ``W_h`` the identity at initialisation
+    (LoLCATs' init). ``[B, T, H, head_dim]`` → ``[B, T, H, 2 · features]`` in ``x``'s dtype.
+
+    >>> HedgehogFeatureMap(heads=2, head_dim=64)(torch.randn(1, 5, 2, 64)).shape
+    torch.Size([1, 5, 2, 128])
+    """
+
+    def __init__(self, heads: int, head_dim: int, features: int | None = None):
+        super().__init__()
+        features = head_dim if features is None else features
+        self.weight = nn.Parameter(torch.eye(head_dim, features).repeat(heads, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.einsum("bthd,hdf->bthf", x, self.weight.to(x.dtype))
+        return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1)
+
+
+class LoLCATsAttention(_MultiHead):
+    """LoLCATs' linearised attention: q/k/v projections, a Hedgehog feature map for q and one for k,
+    and ``lolcats_attention`` (softmax over the last ``window`` tokens, linear attention over the older
+    ones, one normaliser), the window weighted against the linear part by a learned per-head factor
+    ``sigmoid(window_factors)`` (LoLCATs' init: 0, a half). ``features`` per softmax half default to
+    the head dim; on a GPU ``2 · features`` is a multiple of 64.
+
+    >>> layer = LoLCATsAttention(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 128))
+    >>> y.shape
+    torch.Size([2, 100, 128])
+    """
+
+    def __init__(self, dim: int, heads: int, window: int = 64, features: int | None = None, bias: bool = False):
+        super().__init__(dim, heads)
+        self.window = window
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.q_map, self.k_map = (HedgehogFeatureMap(heads, dim // heads, features) for _ in range(2))
+        self.window_factors = nn.Parameter(torch.zeros(heads))
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        # w·window + linear under one normaliser is window + linear / w: the factor moves to q's features
+        q_features = (self.q_map(q) / torch.sigmoid(self.window_factors)[:, None]).to(q.dtype)
+        o = lolcats_attention(q, k, v, q_features, self.k_map(k), window=self.window)
+        return self.out(o.flatten(-2))

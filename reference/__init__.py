@@ -3,6 +3,7 @@ the tile programs against it (``tolerance``)."""
 
 from .based import based
 from .bidirectional import bidirectional_linear_attention, prefix_linear_attention
+from .lolcats import lolcats_attention
 from .long_conv import gated_long_conv, long_conv
 from .mixers import attention, gemm, gla, linear_attention, retention, rwkv6, ssd
 from .mlstm import mlstm
@@ -14,3 +15,4 @@ __all__ = ["BOUNDS", "attention", "bidirectional_linear_attention", "bound", "ge
 __all__ += ["mlstm"]
 __all__ += ["based"]
 __all__ += ["long_conv", "gated_long_conv"]
+__all__ += ["lolcats_attention"]
