@@ -1,0 +1,155 @@
+"""lolcats_attention (ops/lolcats.py): against the float64 quadratic form (reference/lolcats.py), float64
+gradients through the derived backward, argument errors, the layer, and on a GPU bf16 against float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tilemix import ops
+from tilemix import reference as ref
+from tilemix.reference.tolerance import bound, rel_err
+
+
+def _inputs(B=1, T=70, H=2, D=16, V=16, F=32, seed=0, dtype=torch.float32) -> dict:
+    """q, k, v standard normal; the features softmaxes of normal projections, as Hedgehog's are."""
+    gen = torch.Generator().manual_seed(seed)
+    args = {n: torch.randn(B, T, H, d, generator=gen, dtype=dtype) for n, d in (("q", D), ("k", D), ("v", V))}
+    for n in ("q_features", "k_features"):
+        args[n] = torch.randn(B, T, H, F, generator=gen, dtype=dtype).softmax(-1)
+    return args
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 300), H=st.integers(1, 2), window=st.sampled_from([1, 17, 63, 64]),
+       F=st.sampled_from([16, 64]), scale=st.sampled_from([None, 0.1, 0.5]), seed=st.integers(0, 2 ** 16))
+def test_matches_float64_quadratic_form(T, H, window, F, scale, seed):
+    """T from 1 to 300: partial last chunks, one chunk, several; windows narrower than a chunk and whole."""
+    args = _inputs(T=T, H=H, F=F, seed=seed)
+    o = ops.lolcats_attention(**args, window=window, scale=scale)
+    assert o.shape == args["v"].shape and o.dtype == torch.float32
+    assert rel_err(o, ref.lolcats_attention(**args, window=window, scale=scale)) <= bound(torch.float32)
+
+
+def test_the_reference_window_is_the_last_w_keys():
+    """q = 0 gives every windowed key the weight 1 and constant features every older key the weight
+    c: token t averages v over its last W keys (weight 1) and the keys before them (weight c)."""
+    W, T, c = 5, 12, 0.3
+    args = _inputs(T=T, H=1, D=4, V=3, F=2, dtype=torch.float64)
+    args["q"] = torch.zeros_like(args["q"])
+    args["q_features"] = args["k_features"] = torch.full_like(args["q_features"], (c / 2) ** 0.5)
+    v = args["v"][0, :, 0].double().numpy()
+    expected = [(v[max(t - W + 1, 0):t + 1].sum(0) + c * v[:max(t - W + 1, 0)].sum(0))
+                / (min(W, t + 1) + c * max(t - W + 1, 0)) for t in range(T)]
+    np.testing.assert_allclose(ref.lolcats_attention(**args, window=W)[0, :, 0], expected, rtol=1e-12)
+
+
+def test_without_key_features_it_is_sliding_window_attention():
+    """k_features = 0 leaves the window's softmax alone: ``attention(causal=True, window=W)``."""
+    args = _inputs(T=150, H=2)
+    args["k_features"] = torch.zeros_like(args["k_features"])
+    window = ops.attention(args["q"], args["k"], args["v"], causal=True, window=40)
+    assert rel_err(ops.lolcats_attention(**args, window=40), window.double().numpy()) <= bound(torch.float32)
+
+
+def test_default_scale_is_head_dim_to_the_minus_half():
+    args = _inputs(T=10)
+    assert torch.equal(ops.lolcats_attention(**args), ops.lolcats_attention(**args, scale=0.25))
+
+
+@pytest.mark.parametrize("window", [64, 20])
+def test_float64_gradients(window):
+    """The derived backward by gradcheck (fast mode: random projections) over three chunks (T = 140):
+    the carried previous chunk and the state both take part."""
+    leaves = [t.requires_grad_() for t in _inputs(T=140, dtype=torch.float64, seed=5).values()]
+    fn = lambda q, k, v, fq, fk: ops.lolcats_attention(q, k, v, fq, fk, window=window)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+
+
+def test_opcheck_with_gradients():
+    """torch.library's checks (schema, fake tensors, AOT dispatch) with inputs that require grad."""
+    inputs = [t.requires_grad_() for t in _inputs(T=70, seed=3).values()]
+    torch.library.opcheck(torch.ops.tilemix.lolcats_attention.default, (*inputs, 0.25, 32))
+
+
+@pytest.mark.parametrize("change, error, name", [
+    (dict(k=lambda a: a["k"].numpy()), TypeError, "k"),
+    (dict(q=lambda a: a["q"][0]), ValueError, "q"),
+    (dict(k=lambda a: a["k"][:, :5]), ValueError, "k"),
+    (dict(v=lambda a: a["v"][:, :5]), ValueError, "v"),
+    (dict(q_features=lambda a: a["q_features"][:, :, :1]), ValueError, "q_features"),
+    (dict(k_features=lambda a: a["k_features"][..., :8]), ValueError, "k_features"),
+    (dict(window=lambda a: 0), ValueError, "window"),
+    (dict(window=lambda a: 65), ValueError, "window"),
+    (dict(window=lambda a: True), ValueError, "window"),
+    (dict(window=lambda a: 32.0), ValueError, "window"),
+    (dict(scale=lambda a: "0.5"), TypeError, "scale"),
+])
+def test_argument_errors_name_the_argument(change, error, name):
+    args = {**_inputs(T=10), "window": 64}
+    with pytest.raises(error, match=f"^{name}:"):
+        ops.lolcats_attention(**{**args, **{n: f(args) for n, f in change.items()}})
+
+
+def test_the_program_refuses_a_window_past_the_previous_chunk():
+    """Called directly, the program names its window limit rather than read keys it does not carry."""
+    from tilemix.ops.lolcats import lolcats_fwd
+    from tilemix.tiles import TileError
+
+    with pytest.raises(TileError, match=r"window=65\): the window takes 1 to 64 keys"):
+        ops.run(lolcats_fwd, **_inputs(T=10), scale=0.5, window=65)
+
+
+def test_layer_trains_every_parameter():
+    torch.manual_seed(0)
+    layer, x = ops.LoLCATsAttention(dim=64, heads=2, window=16), torch.randn(1, 100, 64)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_layer_is_causal():
+    torch.manual_seed(0)
+    layer, x = ops.LoLCATsAttention(dim=64, heads=2), torch.randn(1, 150, 64)
+    with torch.no_grad():
+        whole, prefix = layer(x), layer(x[:, :90])
+    assert rel_err(whole[:, :90], prefix.double().numpy()) <= bound(torch.float32)
+
+
+def test_feature_map_is_two_softmaxes_of_the_projection():
+    fmap = ops.HedgehogFeatureMap(heads=2, head_dim=8, features=4)
+    x = torch.randn(1, 3, 2, 8)
+    y = torch.einsum("bthd,hdf->bthf", x, fmap.weight)
+    assert torch.allclose(fmap(x), torch.cat([y.softmax(-1), (-y).softmax(-1)], -1))
+    assert torch.allclose(fmap(x)[..., :4].sum(-1), torch.ones(1, 3, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 100, 300, 4096])
+@pytest.mark.parametrize("window", [64, 32])
+def test_gpu_bf16_forward_and_backward_against_float64(T, window):
+    """D = V = 64 and 128 features (LoLCATs' Llama shape per head), on the device's target."""
+    exact = {n: t.requires_grad_() for n, t in _inputs(B=2, T=T, H=3, D=64, V=64, F=128, seed=T,
+                                                       dtype=torch.float64).items()}
+    low = {n: t.detach().to("cuda", torch.bfloat16).requires_grad_() for n, t in exact.items()}
+    o = ops.lolcats_attention(**low, window=window)
+    o_ref = ops.lolcats_attention(**exact, window=window)
+    assert rel_err(o.float().cpu(), o_ref.detach().numpy()) <= bound(torch.bfloat16)
+    do = torch.randn_like(o_ref)
+    (o.float() * do.to("cuda")).sum().backward()
+    (o_ref * do).sum().backward()
+    for n in exact:
+        assert rel_err(low[n].grad.float().cpu(), exact[n].grad.numpy()) <= bound(torch.bfloat16), n
+
+
+@pytest.mark.gpu
+def test_gpu_layer_trains_in_bf16():
+    torch.manual_seed(0)
+    layer = ops.LoLCATsAttention(dim=256, heads=4).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+    layer(x).float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0 for p in layer.parameters())
