@@ -28,6 +28,7 @@ from tilemix.ops.timing import host_us, time_ms
 from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
 from .decode import DECODE_CASES, DECODE_SHAPES
+from .lolcats import LOLCATS_CASES, LOLCATS_DERIVED_BACKWARD, LOLCATS_SHAPE
 from .long_conv import LONG_CONV_CASES, LONG_CONV_SHAPES
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
@@ -253,7 +254,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
          **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES,
-         **LONG_CONV_CASES, **DECODE_CASES}
+         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES}
 
 
 def direction(name: str) -> str:
@@ -326,6 +327,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return BASED_SHAPE
         if name in LONG_CONV_SHAPES:
             return LONG_CONV_SHAPES[name]
+        if name in LOLCATS_CASES:
+            return LOLCATS_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]
@@ -424,7 +427,7 @@ def _backward_field(name: str) -> dict:
     """A backward row's ``backward``: "derived" (from the forward program) or "hand-written"."""
     if direction(name) != "bwd":
         return {}
-    derived = DERIVED_BACKWARD | SCAN_DERIVED_BACKWARD | MLSTM_DERIVED_BACKWARD
+    derived = DERIVED_BACKWARD | SCAN_DERIVED_BACKWARD | MLSTM_DERIVED_BACKWARD | LOLCATS_DERIVED_BACKWARD
     return dict(backward="derived" if name in derived else "hand-written")
 
 

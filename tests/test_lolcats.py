@@ -153,3 +153,38 @@ def test_gpu_layer_trains_in_bf16():
     x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
     layer(x).float().square().mean().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+# -- bench rows (bench/lolcats.py) ----------------------------------------------------------------------------
+@pytest.mark.parametrize("T, window", [(1, 64), (150, 64), (200, 20), (129, 1)])
+def test_bench_peer_is_the_same_math(T, window):
+    """The plain-torch peer (chunked, with cumulative states) against the float64 quadratic form."""
+    from tilemix.bench.lolcats import lolcats_torch
+
+    args = _inputs(B=2, T=T, seed=T, dtype=torch.float64)
+    expected = ref.lolcats_attention(**args, window=window)
+    assert rel_err(lolcats_torch(**args, window=window), expected) <= bound(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["lolcats_attention", "lolcats_attention-bwd"])
+def test_bench_rows_run_and_agree_with_their_peer(name):
+    """Each row's timed calls run on the CPU at a small shape (ours on the interpreter) and agree;
+    the backward row returns a gradient of each of the five inputs and says it is derived."""
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](1, 70, 2, 16, torch.float32, device="cpu")
+    mine, theirs = ours(), peer()
+    if bench.direction(name) == "bwd":
+        assert len(mine) == 5 and bench._backward_field(name) == {"backward": "derived"}
+    else:
+        mine, theirs = [mine], [theirs]
+    for a, b in zip(mine, theirs):
+        assert rel_err(a, b.double().numpy()) <= bound(torch.float32)
+    assert peer_name == "torch-compiled" and nbytes > 0 and flops > 0 and shape["window"] == 64
+
+
+def test_bench_rows_run_at_the_issue_shape():
+    from tilemix.bench import bench
+
+    rows = bench.default_rows(["lolcats_attention", "lolcats_attention-bwd"])
+    assert rows == [("lolcats_attention", 8, 4096, 16, 64), ("lolcats_attention-bwd", 8, 4096, 16, 64)]
