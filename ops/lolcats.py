@@ -11,7 +11,9 @@ state ``Σ φk vᵀ`` and its normaliser ``Σ φk``. The feature map runs in tor
 through torch's autograd; the backward of this program is derived from it.
 
 Carried per program instance: the previous chunk's k, v and φk and the F x V state, in fp32:
-96 KiB at D = V = 64 and 128 features (sm_90a's budget is 128 KiB; sm_80's 66 KiB holds 64 features)."""
+96 KiB at D = V = 64 and 128 features (sm_90a's budget is 128 KiB; sm_80's 66 KiB holds 64 features).
+The op runs the program once per ``VALUE_PIECE`` columns of v (each piece recomputes the weights), so
+LoLCATs' Llama heads (D = V = 128, 128 features: 160 KiB whole) fit at 112 KiB."""
 
 from __future__ import annotations
 
@@ -41,9 +43,10 @@ from tilemix.tiles.errors import user_loc
 from ._library import mixer
 from .runtime import check_call, default_scale
 
-__all__ = ["lolcats_attention", "lolcats_fwd", "CHUNK"]
+__all__ = ["lolcats_attention", "lolcats_fwd", "CHUNK", "VALUE_PIECE"]
 
 CHUNK = 64  # the program's chunk: the window's keys lie in a query's chunk and the one before it
+VALUE_PIECE = 64  # value columns per program run: the carried v and state grow with them
 NO_SCORE = -1e30  # a masked score: finite, so a row's max stays finite (its own key is always in the window)
 
 
@@ -111,4 +114,6 @@ def lolcats_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_featu
     differentiable in all five tensors (the derived backward)."""
     _check(q, k, v, q_features, k_features, window)
     scale = default_scale(q, scale)
-    return lolcats_mixer(q=q, k=k, v=v, q_features=q_features, k_features=k_features, scale=scale, window=window)
+    pieces = [lolcats_mixer(q=q, k=k, v=piece, q_features=q_features, k_features=k_features, scale=scale,
+                            window=window) for piece in v.split(VALUE_PIECE, dim=-1)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)

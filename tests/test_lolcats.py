@@ -25,10 +25,12 @@ def _inputs(B=1, T=70, H=2, D=16, V=16, F=32, seed=0, dtype=torch.float32) -> di
 
 @settings(max_examples=12, deadline=None)
 @given(T=st.integers(1, 300), H=st.integers(1, 2), window=st.sampled_from([1, 17, 63, 64]),
-       F=st.sampled_from([16, 64]), scale=st.sampled_from([None, 0.1, 0.5]), seed=st.integers(0, 2 ** 16))
-def test_matches_float64_quadratic_form(T, H, window, F, scale, seed):
-    """T from 1 to 300: partial last chunks, one chunk, several; windows narrower than a chunk and whole."""
-    args = _inputs(T=T, H=H, F=F, seed=seed)
+       V=st.sampled_from([16, 64, 100, 128]), F=st.sampled_from([16, 64]), scale=st.sampled_from([None, 0.1, 0.5]),
+       seed=st.integers(0, 2 ** 16))
+def test_matches_float64_quadratic_form(T, H, window, V, F, scale, seed):
+    """T from 1 to 300: partial last chunks, one chunk, several; windows narrower than a chunk and whole;
+    values in one piece and in several (V > 64)."""
+    args = _inputs(T=T, H=H, V=V, F=F, seed=seed)
     o = ops.lolcats_attention(**args, window=window, scale=scale)
     assert o.shape == args["v"].shape and o.dtype == torch.float32
     assert rel_err(o, ref.lolcats_attention(**args, window=window, scale=scale)) <= bound(torch.float32)
@@ -53,6 +55,22 @@ def test_without_key_features_it_is_sliding_window_attention():
     args["k_features"] = torch.zeros_like(args["k_features"])
     window = ops.attention(args["q"], args["k"], args["v"], causal=True, window=40)
     assert rel_err(ops.lolcats_attention(**args, window=40), window.double().numpy()) <= bound(torch.float32)
+
+
+def test_values_run_in_pieces_of_64_columns(monkeypatch):
+    """Each piece's program carries 64 value columns (the GPU budget at D = V = 128); the pieces join."""
+    from tilemix.ops import lolcats
+
+    widths, program = [], lolcats.lolcats_mixer
+
+    def recording(**args):
+        widths.append(args["v"].shape[-1])
+        return program(**args)
+
+    monkeypatch.setattr(lolcats, "lolcats_mixer", recording)
+    args = _inputs(T=70, V=150)
+    assert rel_err(ops.lolcats_attention(**args), ref.lolcats_attention(**args)) <= bound(torch.float32)
+    assert widths == [64, 64, 22]
 
 
 def test_default_scale_is_head_dim_to_the_minus_half():
@@ -131,9 +149,10 @@ def test_feature_map_is_two_softmaxes_of_the_projection():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 100, 300, 4096])
 @pytest.mark.parametrize("window", [64, 32])
-def test_gpu_bf16_forward_and_backward_against_float64(T, window):
-    """D = V = 64 and 128 features (LoLCATs' Llama shape per head), on the device's target."""
-    exact = {n: t.requires_grad_() for n, t in _inputs(B=2, T=T, H=3, D=64, V=64, F=128, seed=T,
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_forward_and_backward_against_float64(T, window, D):
+    """D = V and 128 features (D = 128: LoLCATs' Llama heads, in two value pieces), on the device's target."""
+    exact = {n: t.requires_grad_() for n, t in _inputs(B=2, T=T, H=3, D=D, V=D, F=128, seed=T,
                                                        dtype=torch.float64).items()}
     low = {n: t.detach().to("cuda", torch.bfloat16).requires_grad_() for n, t in exact.items()}
     o = ops.lolcats_attention(**low, window=window)

@@ -1,7 +1,7 @@
 """lolcats_attention on the GPU targets: the forward program and the backward programs derived from it
-compile for sm_90a with wgmma at D = V = 64 and 128 features (LoLCATs' per-head shape) and for sm_80
-with mma.sync at 64 features, spilling where measured below; past each target's carried-state budget
-the program is refused by name."""
+compile for sm_90a with wgmma at D = 64 and 128 (a 64-column value piece, 128 features: LoLCATs' Llama
+heads) and for sm_80 with mma.sync at D = 64 and 64 features, spilling where measured below; past each
+target's carried-state budget the program is refused by name."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (
 
 from tilemix.ops.derived_cuda import backward_launches  # noqa: E402
 
-FEATURES = {"sm_90a": 128, "sm_80": 64}  # the widest features each target's budget carries at D = V = 64
-# (arch, program) -> local memory bytes measured: the carried previous chunk (k, v, φk) and the state
-# beside a chunk's score tiles do not fit the registers
-SPILLING = {("sm_90a", "forward"): 608, ("sm_90a", "states"): 8, ("sm_90a", "d_q"): 848, ("sm_90a", "d_k"): 1112,
-            ("sm_90a", "d_v"): 864, ("sm_90a", "d_q_features"): 104, ("sm_90a", "d_k_features"): 1360,
-            ("sm_80", "forward"): 144, ("sm_80", "d_q"): 280, ("sm_80", "d_k"): 528, ("sm_80", "d_v"): 232,
-            ("sm_80", "d_q_features"): 32, ("sm_80", "d_k_features"): 504}
+# (arch, D) -> features: the widest each target's budget carries beside a 64-column value piece
+SHAPES = {("sm_90a", 64): 128, ("sm_90a", 128): 128, ("sm_80", 64): 64}
+# (arch, D, program) -> local memory bytes measured: the carried previous chunk (k, v, φk) and the
+# state beside a chunk's score tiles do not fit the registers
+SPILLING = {("sm_90a", 64, "forward"): 608, ("sm_90a", 64, "states"): 8, ("sm_90a", 64, "d_q"): 848,
+            ("sm_90a", 64, "d_k"): 1112, ("sm_90a", 64, "d_v"): 864, ("sm_90a", 64, "d_q_features"): 104,
+            ("sm_90a", 64, "d_k_features"): 1360,
+            ("sm_90a", 128, "forward"): 688, ("sm_90a", 128, "states"): 128, ("sm_90a", 128, "d_q"): 928,
+            ("sm_90a", 128, "d_k"): 1488, ("sm_90a", 128, "d_v"): 848, ("sm_90a", 128, "d_q_features"): 128,
+            ("sm_90a", 128, "d_k_features"): 1224,
+            ("sm_80", 64, "forward"): 144, ("sm_80", 64, "d_q"): 280, ("sm_80", 64, "d_k"): 528,
+            ("sm_80", 64, "d_v"): 232, ("sm_80", 64, "d_q_features"): 32, ("sm_80", 64, "d_k_features"): 504}
 PROGRAMS = ("forward", "states", "d_q", "d_k", "d_v", "d_q_features", "d_k_features")
 
 
@@ -30,8 +35,8 @@ def _specs(D=64, V=64, F=128, B=8, T=4096, H=16) -> dict:
     return dict(q=seq(D), k=seq(D), v=seq(V), q_features=seq(F), k_features=seq(F), scale=D ** -0.5, window=64)
 
 
-def _program(arch: str, name: str):
-    binding = lolcats_fwd.bind(_specs(F=FEATURES[arch]))
+def _program(arch: str, D: int, name: str):
+    binding = lolcats_fwd.bind(_specs(D=D, F=SHAPES[arch, D]))
     if name == "forward":
         return lolcats_fwd, binding
     wrt = ["q", "k", "v", "q_features", "k_features"]
@@ -40,14 +45,15 @@ def _program(arch: str, name: str):
     return derived[name]
 
 
-@pytest.mark.parametrize("arch", list(FEATURES))
+@pytest.mark.parametrize("arch, D", list(SHAPES))
 @pytest.mark.parametrize("name", PROGRAMS)
-def test_compiles_with_tensor_cores(arch, name):
-    kernel, binding = _program(arch, name)
-    check_compiled(kernel, binding, arch, (arch, name), SPILLING)
+def test_compiles_with_tensor_cores(arch, D, name):
+    kernel, binding = _program(arch, D, name)
+    check_compiled(kernel, binding, arch, (arch, D, name), SPILLING)
 
 
 @pytest.mark.parametrize("arch, dims, size", [("sm_80", dict(F=128), 96), ("sm_90a", dict(D=128, V=128), 160)])
 def test_over_budget_shapes_are_refused_by_name(arch, dims, size):
+    """sm_90a at D = V = 128 whole: why the op runs 64-column value pieces."""
     with pytest.raises(TileError, match=rf"loop-carried state of {size} KiB .* exceeds the {arch} budget"):
         lolcats_fwd.trace(target=arch, **_specs(**dims))
