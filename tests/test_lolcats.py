@@ -146,23 +146,35 @@ def test_feature_map_is_two_softmaxes_of_the_projection():
     assert torch.allclose(fmap(x)[..., :4].sum(-1), torch.ones(1, 3, 2))
 
 
+def _bf16_against_float64(T, window, D, device) -> dict[str, float]:
+    """The relative errors of o and of the five gradients, bf16 on ``device`` against float64 on the same
+    rounded values (input rounding alone moves dq and dk past the bf16 bound at T = 4096: with thousands
+    of older tokens the softmax's share of the normaliser is small), D = V, 128 features."""
+    args = _inputs(B=2, T=T, H=3, D=D, V=D, F=128, seed=T, dtype=torch.float64)
+    exact = {n: t.to(torch.bfloat16).double().requires_grad_() for n, t in args.items()}
+    low = {n: t.detach().to(device, torch.bfloat16).requires_grad_() for n, t in exact.items()}
+    o, o_ref = ops.lolcats_attention(**low, window=window), ops.lolcats_attention(**exact, window=window)
+    do = torch.randn_like(o_ref).to(torch.bfloat16).double()
+    (o.float() * do.to(device)).sum().backward()
+    (o_ref * do).sum().backward()
+    errors = {n: rel_err(low[n].grad.float().cpu(), exact[n].grad.numpy()) for n in exact}
+    return {"o": rel_err(o.float().cpu(), o_ref.detach().numpy()), **errors}
+
+
+def test_bf16_on_the_interpreter_within_the_bound():
+    """The GPU's numerics, predicted on the CPU (matmul operands rounded to bf16), two value pieces."""
+    errors = _bf16_against_float64(T=150, window=64, D=128, device="cpu")
+    assert max(errors.values()) <= bound(torch.bfloat16), errors
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 100, 300, 4096])
 @pytest.mark.parametrize("window", [64, 32])
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_bf16_forward_and_backward_against_float64(T, window, D):
-    """D = V and 128 features (D = 128: LoLCATs' Llama heads, in two value pieces), on the device's target."""
-    exact = {n: t.requires_grad_() for n, t in _inputs(B=2, T=T, H=3, D=D, V=D, F=128, seed=T,
-                                                       dtype=torch.float64).items()}
-    low = {n: t.detach().to("cuda", torch.bfloat16).requires_grad_() for n, t in exact.items()}
-    o = ops.lolcats_attention(**low, window=window)
-    o_ref = ops.lolcats_attention(**exact, window=window)
-    assert rel_err(o.float().cpu(), o_ref.detach().numpy()) <= bound(torch.bfloat16)
-    do = torch.randn_like(o_ref)
-    (o.float() * do.to("cuda")).sum().backward()
-    (o_ref * do).sum().backward()
-    for n in exact:
-        assert rel_err(low[n].grad.float().cpu(), exact[n].grad.numpy()) <= bound(torch.bfloat16), n
+    """D = 128: LoLCATs' Llama heads, in two value pieces; on the device's target."""
+    errors = _bf16_against_float64(T, window, D, device="cuda")
+    assert max(errors.values()) <= bound(torch.bfloat16), errors
 
 
 @pytest.mark.gpu
