@@ -130,6 +130,25 @@ def test_layer_trains_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
+def test_layer_weights_the_window_as_lolcats_does():
+    """The layer folds LoLCATs' window factor w = sigmoid(window_factors) into q's features; the output
+    is LoLCATs' ``(w · Σ_window exp(s - m) v + Σ_older φq·φk v) / (w · Σ exp(s - m) + Σ φq·φk)``."""
+    torch.manual_seed(0)
+    layer, x = ops.LoLCATsAttention(dim=32, heads=2, window=8).double(), torch.randn(1, 80, 32, dtype=torch.float64)
+    with torch.no_grad():
+        layer.window_factors.copy_(torch.tensor([-1.0, 2.0]))
+        q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.qkv(x).chunk(3, dim=-1))
+        t = torch.arange(80)
+        gap = t[:, None] - t[None, :]
+        scores = torch.einsum("bthd,bshd->bhts", q, k) / 4
+        scores = scores.masked_fill(~((gap >= 0) & (gap < 8)), float("-inf"))
+        w = torch.sigmoid(layer.window_factors)[:, None, None]
+        weights = w * torch.exp(scores - scores.amax(-1, keepdim=True))
+        weights = weights + torch.einsum("bthf,bshf->bhts", layer.q_map(q), layer.k_map(k)) * (gap >= 8)
+        o = torch.einsum("bhts,bshv->bthv", weights / weights.sum(-1, keepdim=True), v)
+        assert rel_err(layer(x), layer.out(o.flatten(-2)).numpy()) <= 1e-10
+
+
 def test_layer_is_causal():
     torch.manual_seed(0)
     layer, x = ops.LoLCATsAttention(dim=64, heads=2), torch.randn(1, 150, 64)
