@@ -62,20 +62,22 @@ def lolcats_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], q_features: Seq["F"], k_f
     s, z = zeros(q_features.cols, v.cols), zeros(q_features.cols, 1)
     for c in chunks(CHUNK):
         qc, kc, vc, fqc, fkc = q[c], k[c], v[c], q_features[c], k_features[c]
+        older_numerator, older_denominator = fqc @ s, fqc @ z  # read before s takes in the previous chunk
         queries = position(c)
         keys_before = queries.T - float(CHUNK)  # the previous chunk's positions, a row
         gap = queries - keys_before  # query minus key position, keys in the previous chunk
+        linear_before = where(gap >= window, fqc @ fkp.T, 0.0)
+        s, z = s + fkp.T @ vp, z + colsum(fkp).T  # early: fewer tiles live at once (fewer spills)
         here = sliding_window(qc @ kc.T * scale, window, fill=NO_SCORE)
         before = where(keys_before >= 0.0, where(gap < window, qc @ kp.T * scale, NO_SCORE), NO_SCORE)
         m = maximum(rowmax(here), rowmax(before))
         weights_here = exp(here - m)
-        weights_before = exp(before - m) + where(gap >= window, fqc @ fkp.T, 0.0)
+        weights_before = exp(before - m) + linear_before
         if window < CHUNK:  # the chunk's own keys older than the window
             linear = fqc @ fkc.T
             weights_here = weights_here + causal(linear) - sliding_window(linear, window)
-        numerator = weights_here @ vc + weights_before @ vp + fqc @ s
-        o[c] = numerator / (rowsum(weights_here) + rowsum(weights_before) + fqc @ z)
-        s, z = s + fkp.T @ vp, z + colsum(fkp).T
+        numerator = weights_here @ vc + weights_before @ vp + older_numerator
+        o[c] = numerator / (rowsum(weights_here) + rowsum(weights_before) + older_denominator)
         kp, vp, fkp = kc, vc, fkc
 
 

@@ -19,14 +19,14 @@ from tilemix.ops.derived_cuda import backward_launches  # noqa: E402
 SHAPES = {("sm_90a", 64): 128, ("sm_90a", 128): 128, ("sm_80", 64): 64}
 # (arch, D, program) -> local memory bytes measured: the carried previous chunk (k, v, φk) and the
 # state beside a chunk's score tiles do not fit the registers
-SPILLING = {("sm_90a", 64, "forward"): 608, ("sm_90a", 64, "states"): 8, ("sm_90a", 64, "d_q"): 848,
-            ("sm_90a", 64, "d_k"): 1112, ("sm_90a", 64, "d_v"): 864, ("sm_90a", 64, "d_q_features"): 104,
-            ("sm_90a", 64, "d_k_features"): 1360,
-            ("sm_90a", 128, "forward"): 688, ("sm_90a", 128, "states"): 128, ("sm_90a", 128, "d_q"): 928,
-            ("sm_90a", 128, "d_k"): 1488, ("sm_90a", 128, "d_v"): 848, ("sm_90a", 128, "d_q_features"): 128,
-            ("sm_90a", 128, "d_k_features"): 1224,
-            ("sm_80", 64, "forward"): 144, ("sm_80", 64, "d_q"): 280, ("sm_80", 64, "d_k"): 528,
-            ("sm_80", 64, "d_v"): 232, ("sm_80", 64, "d_q_features"): 32, ("sm_80", 64, "d_k_features"): 504}
+SPILLING = {("sm_90a", 64, "forward"): 512, ("sm_90a", 64, "states"): 8, ("sm_90a", 64, "d_q"): 848,
+            ("sm_90a", 64, "d_k"): 1112, ("sm_90a", 64, "d_v"): 760, ("sm_90a", 64, "d_q_features"): 112,
+            ("sm_90a", 64, "d_k_features"): 1184,
+            ("sm_90a", 128, "forward"): 808, ("sm_90a", 128, "states"): 128, ("sm_90a", 128, "d_q"): 928,
+            ("sm_90a", 128, "d_k"): 1488, ("sm_90a", 128, "d_v"): 840, ("sm_90a", 128, "d_q_features"): 120,
+            ("sm_90a", 128, "d_k_features"): 1184,
+            ("sm_80", 64, "forward"): 24, ("sm_80", 64, "d_q"): 280, ("sm_80", 64, "d_k"): 528,
+            ("sm_80", 64, "d_v"): 200, ("sm_80", 64, "d_q_features"): 8, ("sm_80", 64, "d_k_features"): 392}
 PROGRAMS = ("forward", "states", "d_q", "d_k", "d_v", "d_q_features", "d_k_features")
 
 
