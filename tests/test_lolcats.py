@@ -93,6 +93,16 @@ def test_opcheck_with_gradients():
     torch.library.opcheck(torch.ops.tilemix.lolcats_attention.default, (*inputs, 0.25, 32))
 
 
+def test_compiled_training_step_matches_eager():
+    """torch.compile(fullgraph=True) traces the value pieces and the op, forward and derived backward."""
+    args = [t.requires_grad_() for t in _inputs(T=70, V=80).values()]
+    fn = lambda *a: ops.lolcats_attention(*a, window=32).square().sum()  # noqa: E731
+    eager = torch.autograd.grad(fn(*args), args)
+    compiled = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args), args)
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c)
+
+
 @pytest.mark.parametrize("change, error, name", [
     (dict(k=lambda a: a["k"].numpy()), TypeError, "k"),
     (dict(q=lambda a: a["q"][0]), ValueError, "q"),
