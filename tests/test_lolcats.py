@@ -73,6 +73,11 @@ def test_values_run_in_pieces_of_64_columns(monkeypatch):
     assert widths == [64, 64, 22]
 
 
+def test_empty_sequence_gives_an_empty_output():
+    args = _inputs(T=0, V=100)
+    assert ops.lolcats_attention(**args).shape == (1, 0, 2, 100)
+
+
 def test_default_scale_is_head_dim_to_the_minus_half():
     args = _inputs(T=10)
     assert torch.equal(ops.lolcats_attention(**args), ops.lolcats_attention(**args, scale=0.25))
