@@ -1,5 +1,6 @@
 """lolcats_attention (ops/lolcats.py): against the float64 quadratic form (reference/lolcats.py), float64
-gradients through the derived backward, argument errors, the layer, and on a GPU bf16 against float64."""
+gradients through the derived backward, bf16 on the interpreter, argument errors, the layer, the bench
+rows (bench/lolcats.py), and on a GPU bf16 against float64."""
 
 from __future__ import annotations
 
