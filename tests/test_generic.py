@@ -211,7 +211,9 @@ NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_d
 
 # Programs whose carried state at feature dims 128 is over sm_90a's budget, with the dims their ops run
 # at: the verifier refuses them by name (test_sm90a_wgmma_serialisation_is_known checks it)
-OVER_BUDGET = {"based_fwd": "the 256 x V state of k⊗k features: the op runs V = 64 (tests/test_based_compile.py)"}
+OVER_BUDGET = {"based_fwd": "the 256 x V state of k⊗k features: the op runs V = 64 (tests/test_based_compile.py)",
+               "lolcats_fwd": "the previous chunk's k, v, φk beside the F x V state: the op runs 64-column value "
+                              "pieces (tests/test_lolcats_compile.py)"}
 
 
 # Programs whose wgmmas ptxas runs one at a time on sm_90a (remark C7512, "insufficient register
