@@ -1,7 +1,9 @@
 """Bench rows of ``lolcats_attention`` (issue 29), forward and derived backward, at ``LOLCATS_SHAPE``
 (head dim 64, Hedgehog's 2 x 64 features, window 64), beside the same math in plain torch, compiled:
-``lolcats_torch``, blocked by 64-token chunks (the quadratic form LoLCATs trains with does not fit
-the GPU at this shape)."""
+``lolcats_torch``, blocked by 64-token chunks: the quadratic form LoLCATs trains with would hold
+several B·H·T² fp32 score matrices (8.6 GB each) at this shape. flex_attention and fla's linear
+attention do not compose into it: the window's weights are taken relative to its largest score,
+which flex_attention does not return (only the log-sum-exp)."""
 
 from __future__ import annotations
 
