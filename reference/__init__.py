@@ -7,6 +7,7 @@ from .lolcats import lolcats_attention
 from .long_conv import gated_long_conv, long_conv
 from .mixers import attention, gemm, gla, linear_attention, retention, rwkv6, ssd
 from .mlstm import mlstm
+from .rwkv7 import rwkv7
 from .selective_scan import selective_scan
 from .tolerance import BOUNDS, bound, rel_err
 
@@ -16,3 +17,4 @@ __all__ += ["mlstm"]
 __all__ += ["based"]
 __all__ += ["long_conv", "gated_long_conv"]
 __all__ += ["lolcats_attention"]
+__all__ += ["rwkv7"]
