@@ -58,6 +58,7 @@ from .layers import (
     MultiHeadAttention,
     Retention,
     RWKV6TimeMix,
+    RWKV7TimeMix,
 )
 from .linear_attention import linear_attention, linear_attention_fwd, linear_attention_scan
 from .lolcats import lolcats_attention, lolcats_fwd
@@ -65,6 +66,7 @@ from .long_conv import gated_long_conv, long_conv
 from .mlstm import mlstm, mlstm_fwd
 from .models import HybridLM
 from .runtime import run, use_target
+from .rwkv7 import rwkv7, rwkv7_prepare, rwkv7_prepare_output, rwkv7_scan
 from .selective_scan import selective_scan, selective_scan_fwd
 from .ssd import ssd, ssd_fwd, ssd_scan
 
@@ -97,3 +99,4 @@ __all__ += ["long_conv", "gated_long_conv", "H3Conv"]
 __all__ += ["step", "Step", "linear_attention_step", "ssd_step", "retention_step", "gla_step", "rwkv6_step",
             "delta_rule_step", "gated_delta_rule_step"]
 __all__ += ["lolcats_attention", "lolcats_fwd", "LoLCATsAttention", "HedgehogFeatureMap"]
+__all__ += ["rwkv7", "rwkv7_prepare", "rwkv7_prepare_output", "rwkv7_scan", "RWKV7TimeMix"]

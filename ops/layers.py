@@ -10,6 +10,7 @@ attention's cached steps run in torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -27,12 +28,13 @@ from .linear_attention import linear_attention
 from .lolcats import lolcats_attention
 from .long_conv import gated_long_conv
 from .mlstm import mlstm
+from .rwkv7 import rwkv7
 from .selective_scan import selective_scan
 from .ssd import ssd
 
 __all__ = ["MultiHeadAttention", "LinearAttention", "Mamba2Mixer", "KVCache", "Mamba2Cache", "DeltaNet", "Retention",
            "GatedLinearAttention", "RWKV6TimeMix", "Mamba1Mixer", "MLSTMLayer", "Based", "H3Conv",
-           "HedgehogFeatureMap", "LoLCATsAttention"]
+           "HedgehogFeatureMap", "LoLCATsAttention", "RWKV7TimeMix"]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -303,6 +305,31 @@ class RWKV6TimeMix(_MultiHead):
         r, k, v, w = (_heads(t, self.heads) for t in self.rkvw(x).chunk(4, dim=-1))
         o, state = rwkv6(r, k, v, -w.exp(), self.bonus, initial_state=initial_state,
                          output_final_state=output_final_state)
+        return self._projected(o, state, output_final_state)
+
+
+class RWKV7TimeMix(_Recurrent):
+    """RWKV-7's time mixing between projections (without its token shift, LoRAs and output group
+    norm): log decays ``w = -exp(-0.5) · sigmoid(x W_w)``, the removal key ``κ̂ = normalize(k)`` with its
+    in-context rate ``η = sigmoid(x W_η)``, so the state moves by ``diag(exp w) - κ̂ (κ̂ ⊙ η)ᵀ``.
+
+    >>> layer = RWKV7TimeMix(dim=128, heads=2)
+    >>> with torch.no_grad():
+    ...     y = layer(torch.randn(2, 100, 128))
+    >>> y.shape
+    torch.Size([2, 100, 128])
+    """
+
+    def __init__(self, dim: int, heads: int, bias: bool = False):
+        super().__init__(dim, heads)
+        self.rwkv_rate = nn.Linear(dim, 5 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        r, w, k, v, rate = (_heads(t, self.heads) for t in self.rwkv_rate(x).chunk(5, dim=-1))
+        removal = F.normalize(k, dim=-1)
+        o, state = rwkv7(r, -math.exp(-0.5) * w.sigmoid(), k, v, -removal, removal * rate.sigmoid(),
+                         initial_state=initial_state, output_final_state=output_final_state)
         return self._projected(o, state, output_final_state)
 
 
