@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import sys
 import types
 from collections.abc import Callable
@@ -52,6 +53,10 @@ def _inputs(op: str, B, T, H, D, dtype, device) -> dict[str, torch.Tensor]:
     if op == "rwkv6":
         return dict(r=seq(), k=seq(), v=seq(), w=_gates(B, T, H, D, device).to(dtype),
                     u=torch.randn(H, D, device=device))
+    if op == "rwkv7":  # as an RWKV-7 layer makes them: a = -κ̂, b = κ̂ ⊙ η (unit κ̂, rates η in (0, 1))
+        removal = _unit_keys(B, T, H, D, torch.float32, device)
+        return dict(r=seq(), w=(-math.exp(-0.5) * torch.randn(B, T, H, D, device=device).sigmoid()).to(dtype),
+                    k=seq(), v=seq(), a=(-removal).to(dtype), b=(removal * torch.rand_like(removal)).to(dtype))
     beta = torch.rand(B, T, H, device=device).sigmoid()
     if op == "delta_rule":
         return dict(q=seq(), k=_unit_keys(B, T, H, D, dtype, device), v=seq(), beta=beta)
@@ -61,7 +66,8 @@ def _inputs(op: str, B, T, H, D, dtype, device) -> dict[str, torch.Tensor]:
 
 FLA_PEERS = {"retention": ("fla.ops.retention", "chunk_retention"), "gla": ("fla.ops.gla", "chunk_gla"),
              "rwkv6": ("fla.ops.rwkv6", "chunk_rwkv6"), "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule"),
-             "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")}
+             "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+             "rwkv7": ("fla.ops.rwkv7", "chunk_rwkv7")}
 
 
 def _fla(op: str) -> Callable:
@@ -87,7 +93,7 @@ def _gated_case(op: str, B, T, H, D, dtype, device="cuda", backward=False):
         return ours_fn(**inputs)[0]
 
     def peer():
-        return _fla(op)(**inputs)[0]
+        return _fla(op)(**inputs, output_final_state=False)[0]  # chunk_rwkv7's default is True
 
     sequences = sum(t.numel() for t in inputs.values() if t.dim() == 4) + B * T * H * D
     nbytes = sequences * torch.finfo(dtype).bits // 8 * (7 / 4 if backward else 1)

@@ -203,7 +203,7 @@ def test_a_users_program_is_a_case_without_peer():
 
 # -- rows of the derived backwards and the gated / delta-rule mixers (issues 23 and 28) ----------------------
 MIXER_ROWS = ("linear_attention-bwd-derived", "ssd-bwd-derived", "retention", "gla-bwd", "rwkv6-bwd",
-              "delta_rule", "gated_delta_rule-bwd", "based", "based-bwd")
+              "delta_rule", "gated_delta_rule-bwd", "based", "based-bwd", "rwkv7", "rwkv7-bwd")
 
 
 @pytest.mark.parametrize("name", MIXER_ROWS)
@@ -230,6 +230,13 @@ def test_based_rows_run_at_the_bar_shape():
 
     rows = bench.default_rows(["based", "based-bwd"])
     assert rows == [("based", 8, 4096, 16, 64), ("based-bwd", 8, 4096, 16, 64)]
+
+
+def test_rwkv7_rows_run_at_the_bar_shape():
+    """Issue 28's RWKV bar: 32 heads of 64, B = 8, T = 4096."""
+    from tilemix.bench import bench
+
+    assert bench.default_rows(["rwkv7", "rwkv7-bwd"]) == [("rwkv7", 8, 4096, 32, 64), ("rwkv7-bwd", 8, 4096, 32, 64)]
 
 
 def test_hand_written_backward_rows_say_so():
