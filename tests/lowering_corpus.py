@@ -20,7 +20,7 @@ MODULES = ("tilemix.ops.gemm", "tilemix.ops.attention", "tilemix.ops.linear_atte
            "tilemix.ops.ssd_states", "tilemix.ops.ssd_backward", "tilemix.ops.gated", "tilemix.ops.bidirectional",
            "test_user_mixers", "tilemix.ops.selective_scan",
            "tilemix.ops.mlstm", "tilemix.ops.delta_rule", "tilemix.ops.based", "tilemix.ops.long_conv_programs",
-           "tilemix.ops.lolcats")
+           "tilemix.ops.lolcats", "tilemix.ops.rwkv7")
 # programs of a module left out of the record (the one-program delta rules, which the ops no longer run)
 LEFT_OUT = frozenset({"delta_rule.delta_rule_fwd", "delta_rule.gated_delta_rule_fwd"})
 VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(stages=1),
