@@ -92,7 +92,9 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     r, w, k, a, b: ``[B, T, H, K]`` (w: log decays, ≤ 0); v: ``[B, T, H, V]``; scale defaults to 1, as
     ``chunk_rwkv7``'s does; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
     ``(o [B, T, H, V], final_state [B, H, K, V] or None)``. Differentiable in every tensor through
-    the backward derived from the programs (``rwkv7_prepare``, ``rwkv7_prepare_output``, ``rwkv7_scan``)."""
+    the backward derived from the programs (``rwkv7_prepare``, ``rwkv7_prepare_output``, ``rwkv7_scan``).
+    On a GPU: forward and backward at RWKV-7's head size, 64; at 128 the forward only (sm_80, sm_90a),
+    the derived backward's prepares needing more shared memory than a CTA has."""
     check_call("rwkv7", differentiable=True, flags=dict(output_final_state=output_final_state),
                r=r, w=w, k=k, v=v, a=a, b=b, initial_state=initial_state)
     if r.dim() != 4:
