@@ -66,8 +66,8 @@ def _tail_calls(rnd, target):
 
 
 def _mixer_calls(rnd, target):
-    """The gated and delta-rule mixers and mlstm (derived backwards), forward and backward, on a tail
-    shape with initial and final states."""
+    """The gated and delta-rule mixers (rwkv7 too) and mlstm (derived backwards), forward and backward,
+    on a tail shape with initial and final states."""
     import torch
     import torch.nn.functional as F
 
@@ -98,6 +98,9 @@ def _mixer_calls(rnd, target):
                  ops.delta_rule(seq(), keys(), seq(), beta, initial_state=state(), output_final_state=True),
                  ops.gated_delta_rule(seq(), keys(), seq(), gates(B, T, H), beta, initial_state=state(),
                                       output_final_state=True)]
+        removal = keys()  # rwkv7: a = -κ̂, b = κ̂ ⊙ η, as an RWKV-7 layer passes them
+        calls.append(ops.rwkv7(seq(), decays, seq(), seq(), -removal, removal * 0.5, initial_state=state(),
+                               output_final_state=True))
         # mlstm at V = 128: its backward's column blocks
         mlstm_state = [torch.randn(*shape, device="cuda").requires_grad_(True)
                        for shape in ((B, H, D, 2 * D), (B, H, D), (B, H))]

@@ -16,9 +16,10 @@ needs more shared memory than sm_80 has at K = V = 128); ``rwkv7_scan`` runs wha
 matmuls a chunk on the state's path. Everything passes between the programs in the compute dtype.
 
 The decay is factorised as GLA's is (ops/gated.py), ``exp(G_i) · exp(-G_j)``: exact while a chunk's
-cumulative log decay stays above about -88 (fp32's exponent range; tests/test_rwkv7.py measures it).
-RWKV-7's own decays, ``w >= -exp(-0.5)`` per step, stay far inside it. The backward is derived from
-the three programs (``tilemix.tiles.autodiff``, ``trisolve``'s adjoint)."""
+cumulative log decay stays above about -88 (fp32's and bf16's exponent range: exp(-G) is a matmul
+operand, rounded to the compute dtype), -11 in fp16 (tests/test_rwkv7.py measures both). RWKV-7's own
+decays, ``w >= -exp(-0.5)`` per step, stay far inside the first, not the second: run it in bf16.
+The backward is derived from the three programs (``tilemix.tiles.autodiff``, ``trisolve``'s adjoint)."""
 
 from __future__ import annotations
 

@@ -199,13 +199,17 @@ SPILLING = {
     ("mlstm_fwd", "sm_90"): "at the 255-register ceiling: 8 bytes (sm_80/86/89 and sm_90a's own kernel fit)",
     **{("gated_delta_rule_scan", arch): "a 128x128 state beside the chunk's 64x64 decays, at the register "
        "ceiling (8 bytes)" for arch in ("sm_86", "sm_89")},
+    "rwkv7_prepare": "a 64x128 decay factor per key dim beside the chunk's two solves (sm_90a too, test_rwkv7.py)",
+    "rwkv7_prepare_output": "the chunk's decayed r, b and k at 128 beside two 64x64 scores (sm_90a too)",
 }
 # Programs whose staged tiles need more shared memory than a CTA gets on sm_86/sm_89 (99 KiB) even
 # with staging buffers reused: the delta rules at K = V = 128, the SSD backward at P = 128 (the GPU
 # runs it on 64-wide blocks of P, which fit: test_staging_buffers_are_reused_only_where_a_program_does_not_fit).
 NO_ROOM = {(name, arch): f"{kib} KiB at one stage" for name, kib in (("ssd_bwd_dc", 125), ("ssd_bwd_dx", 133),
                                                                       ("delta_rule_fwd", 121),
-                                                                      ("gated_delta_rule_fwd", 122))
+                                                                      ("gated_delta_rule_fwd", 122),
+                                                                      ("rwkv7_prepare", 152), ("rwkv7_scan", 138),
+                                                                      ("rwkv7_prepare_output", 138))
            for arch in ("sm_86", "sm_89")}
 
 
