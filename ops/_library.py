@@ -14,6 +14,8 @@ from tilemix.tiles import Kernel
 
 from .derived import derived_gradients
 from .runtime import check_call, current_target, fake_run, run_kernel, use_target
+from .varlen import ARGUMENT as VARLEN
+from .varlen import fake_varlen, run_varlen, varlen_gradients
 
 __all__ = ["tile_op", "no_state", "custom_op", "register_derived_autograd", "check_backward", "BACKWARDS", "mixer",
            "Mixer"]
@@ -27,19 +29,27 @@ def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: 
     """Register ``tilemix::name`` (or ``name`` when it names its namespace, ``"lib::op"``) with
     ``schema`` running ``kernel`` (through ``run(args, labels, final_states)`` when given: a
     ``SegmentedScan`` of it, say), with the Const values its module declares for the arguments'
-    shapes (``schedule.declare``)."""
+    shapes (``schedule.declare``). Program arguments from ``to_args`` under the key ``"cu_seqlens"``
+    (None or a checked offsets tensor) run a packed variable-length batch (``ops/varlen.py``)."""
 
     def program_call(*args):
         program_args, labels, final = to_args(*args)
-        return {**program_args, **call_consts(kernel, program_args)}, labels, final
+        cu_seqlens = program_args.pop(VARLEN, None)
+        return {**program_args, **call_consts(kernel, program_args)}, labels, final, cu_seqlens
 
     def real(*args):
+        program_args, labels, final, cu_seqlens = program_call(*args)
+        if cu_seqlens is not None:
+            return to_result(run_varlen(kernel, program_args, labels, final, cu_seqlens))
         if run is not None:
-            return to_result(run(*program_call(*args)))
-        return to_result(run_kernel(kernel, *program_call(*args)))
+            return to_result(run(program_args, labels, final))
+        return to_result(run_kernel(kernel, program_args, labels, final))
 
     def fake(*args):
-        return to_result(fake_run(kernel, *program_call(*args)))
+        program_args, labels, final, cu_seqlens = program_call(*args)
+        if cu_seqlens is not None:
+            return to_result(fake_varlen(kernel, program_args, labels, final, cu_seqlens))
+        return to_result(fake_run(kernel, program_args, labels, final))
 
     qualified = _qualified(name)
     namespace, _, short = qualified.partition("::")
@@ -142,7 +152,8 @@ def register_derived_autograd(op, kernel: Kernel, arguments: tuple[str | None, .
     """Make ``op`` (running ``kernel``) differentiable with ``kernel``'s derived backward
     (``ops/derived.py``), itself a custom op ``<op name>_backward`` so that AOT autograd traces it.
 
-    ``arguments``: the program parameter each of the op's arguments binds (None: none, a flag say);
+    ``arguments``: the program parameter each of the op's arguments binds (None: none, a flag say;
+    ``"cu_seqlens"``: the packed batch's offsets, ``ops/varlen.py``);
     ``results``: the output or state each of the op's results is (an empty result: no gradient).
     Every tensor input that requires grad gets one; ``Scalar`` and ``Const`` arguments get None
     (the op's schema takes them as numbers, which carry no gradient: a learnt scalar is a
@@ -166,7 +177,7 @@ def register_derived_autograd(op, kernel: Kernel, arguments: tuple[str | None, .
         given = dict(zip(results, grads))
         with use_target(ctx.target):
             out = backward_op(*(args[n] if n in args else kernel.defaults[n] for n in inputs),
-                              [given.get(n) for n in graded], [n in wanted for n in tensors])
+                              [given.get(n) for n in graded], [n in wanted for n in tensors], args.get(VARLEN))
         grad = dict(zip(tensors, out))
         return tuple(grad[p] if p in wanted else None for p in arguments)
 
@@ -184,30 +195,36 @@ def check_backward(backward: str) -> str:
 
 
 def _derived_backward_op(kernel: Kernel, name: str, inputs: list[str], tensors: list[str], graded: list[str]):
-    """The custom op ``name(<kernel's inputs>, Tensor?[] grads, bool[] wanted) -> Tensor[]``: the
-    gradients of ``kernel``'s tensor inputs (one per ``tensors``; empty where not ``wanted``),
-    given ``grads`` (one per ``graded`` output or state; None or empty: zero)."""
+    """The custom op ``name(<kernel's inputs>, Tensor?[] grads, bool[] wanted, Tensor? cu_seqlens)
+    -> Tensor[]``: the gradients of ``kernel``'s tensor inputs (one per ``tensors``; empty where not
+    ``wanted``), given ``grads`` (one per ``graded`` output or state; None or empty: zero), of a
+    packed batch where ``cu_seqlens`` is given."""
 
     def split(values):
-        *program_args, grads, wanted = values
+        *program_args, grads, wanted, cu_seqlens = values
         args = dict(zip(inputs, program_args))
-        return args, grads, wanted, next(t for t in args.values() if isinstance(t, torch.Tensor))
+        return args, grads, wanted, cu_seqlens, next(t for t in args.values() if isinstance(t, torch.Tensor))
 
     def real(*values):
-        args, grads, wanted, like = split(values)
+        args, grads, wanted, cu_seqlens, like = split(values)
         output_grads = {n: g for n, g in zip(graded, grads) if g is not None and g.numel()}
-        got = derived_gradients(kernel, args, output_grads, [n for n, w in zip(tensors, wanted) if w])
+        wrt = [n for n, w in zip(tensors, wanted) if w]
+        if cu_seqlens is None:
+            got = derived_gradients(kernel, args, output_grads, wrt)
+        else:
+            got = varlen_gradients(kernel, args, output_grads, wrt, cu_seqlens)
         return [got[n] if w else no_state(like) for n, w in zip(tensors, wanted)]
 
     def fake(*values):
-        args, _, wanted, like = split(values)
+        args, _, wanted, _, like = split(values)
         return [torch.empty_like(args[n]) if w else no_state(like) for n, w in zip(tensors, wanted)]
 
     namespace, _, short = name.partition("::")
     if hasattr(getattr(torch.ops, namespace), short):
         raise ValueError(f"name: a torch op {name!r} is already registered (the derived backward's op); "
                          "pick another name")
-    arguments = [_schema_argument(kernel, n) for n in inputs] + ["Tensor?[] grads", "bool[] wanted"]
+    arguments = [_schema_argument(kernel, n) for n in inputs] + ["Tensor?[] grads", "bool[] wanted",
+                                                                 "Tensor? cu_seqlens=None"]
     op = torch.library.custom_op(name, real, mutates_args=(), schema=f"({', '.join(arguments)}) -> Tensor[]")
     op.register_fake(fake)
     return op

@@ -33,6 +33,7 @@ from tilemix.codegen.tune import tuned_segments
 from tilemix.tiles import Kernel
 
 from .runtime import call_signature, check_hopper_dims, device_arch, recall, remember, run_kernel
+from .varlen import run_varlen
 
 __all__ = ["SegmentedScan"]
 
@@ -56,8 +57,13 @@ class SegmentedScan:
     min_length: int = MIN_LENGTH
 
     def __call__(self, args: dict[str, Any], labels: dict[str, str] | None = None,
-                 final_states: tuple[str, ...] | None = None, segments: int | None = None) -> dict[str, torch.Tensor]:
-        """``run_kernel(self.kernel, ...)``, in ``segments`` segments (default: ``default_segments``)."""
+                 final_states: tuple[str, ...] | None = None, segments: int | None = None,
+                 cu_seqlens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``run_kernel(self.kernel, ...)``, in ``segments`` segments (default: ``default_segments``);
+        with ``cu_seqlens``, on the packed sequences it delimits (``run_varlen``: each sequence is
+        a program instance, no segments)."""
+        if cu_seqlens is not None:
+            return run_varlen(self.kernel, args, labels, final_states, cu_seqlens)
         if segments is None:
             segments = self.default_segments(args, labels)
         if segments == 1:

@@ -18,6 +18,7 @@ from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 from ._library import check_backward, no_state, register_derived_autograd, tile_op
 from ._segments import SegmentedScan
 from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
+from .varlen import check_cu_seqlens, fake_varlen, run_varlen
 
 __all__ = ["linear_attention", "linear_attention_fwd", "linear_attention_states", "linear_attention_bwd_dq",
            "linear_attention_bwd_dq_states", "linear_attention_bwd_total", "linear_attention_bwd_dv",
@@ -113,19 +114,20 @@ def _forward_op(name: str):
     """The forward as the custom op ``tilemix::name`` (one per backward: their autograd differs)."""
     return tile_op(
         name,
-        "(Tensor q, Tensor k, Tensor v, float scale, Tensor? initial_state, bool output_final_state)"
-        " -> (Tensor, Tensor)",
+        "(Tensor q, Tensor k, Tensor v, float scale, Tensor? initial_state, bool output_final_state,"
+        " Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
         linear_attention_fwd,
-        lambda q, k, v, scale, initial_state, final: (dict(q=q, k=k, v=v, scale=scale, s=initial_state),
-                                                      {"s": "initial_state"}, ("s",) if final else ()),
+        lambda q, k, v, scale, initial_state, final, cu_seqlens=None: (
+            dict(q=q, k=k, v=v, scale=scale, s=initial_state, cu_seqlens=cu_seqlens),
+            {"s": "initial_state"}, ("s",) if final else ()),
         lambda out: (out["o"], out.get("s", no_state(out["o"]))),
         run=linear_attention_scan)
 
 
 linear_attention_op = _forward_op("linear_attention")
 linear_attention_derived_op = _forward_op("linear_attention_derived")
-register_derived_autograd(linear_attention_derived_op, linear_attention_fwd, ("q", "k", "v", "scale", "s", None),
-                          ("o", "s"))
+register_derived_autograd(linear_attention_derived_op, linear_attention_fwd,
+                          ("q", "k", "v", "scale", "s", None, "cu_seqlens"), ("o", "s"))
 
 
 def _transposed(state: torch.Tensor | None) -> torch.Tensor | None:
@@ -135,10 +137,12 @@ def _transposed(state: torch.Tensor | None) -> torch.Tensor | None:
 # the backward programs as custom ops too, so a compiled training step (AOT autograd traces the
 # backward with fake tensors) sees them as ops, not as Python that runs a kernel
 linear_attention_bwd_dq_op = tile_op(
-    "linear_attention_bwd_dq", "(Tensor do, Tensor k, Tensor v, float scale, Tensor? initial_state) -> Tensor",
+    "linear_attention_bwd_dq",
+    "(Tensor do, Tensor k, Tensor v, float scale, Tensor? initial_state, Tensor? cu_seqlens=None) -> Tensor",
     linear_attention_bwd_dq,
-    lambda do, k, v, scale, initial_state: (dict(do=do, k=k, v=v, scale=scale, s=_transposed(initial_state)),
-                                            {"s": "initial_state"}, ()),
+    lambda do, k, v, scale, initial_state, cu_seqlens=None: (
+        dict(do=do, k=k, v=v, scale=scale, s=_transposed(initial_state), cu_seqlens=cu_seqlens),
+        {"s": "initial_state"}, ()),
     lambda out: out["dq"],
     run=linear_attention_bwd_dq_scan)
 
@@ -146,7 +150,8 @@ linear_attention_bwd_dq_op = tile_op(
 def _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad, run):
     """dk, dv and the initial state's gradient D_0 = dS_T + scale · Σ q doᵀ (empty unless
     ``initial_state_grad``), forward in time: pass 1 sums Σ q doᵀ, then the dv and dk programs start
-    from ``-D_0 / scale`` (dk's transposed). ``run(kernel or scan, args, labels, final_states)``."""
+    from ``-D_0 / scale`` (dk's transposed). ``run(kernel or scan, args, labels, final_states)``
+    (each state per sequence of a packed batch: ``run`` passes its ``cu_seqlens``)."""
     if scale == 0 and final_state_grad is not None:  # D_t = dS_T throughout: what q = 0, scale = 1 give
         q, scale = torch.zeros_like(q), 1.0
     total = run(linear_attention_bwd_total, dict(q=q, do=do), {}, ("e",))["e"]
@@ -160,38 +165,47 @@ def _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad, run):
 
 
 @torch.library.custom_op("tilemix::linear_attention_bwd_dkdv", mutates_args=(), schema=(
-    "(Tensor q, Tensor k, Tensor v, Tensor do, float scale, Tensor? final_state_grad, bool initial_state_grad)"
-    " -> (Tensor, Tensor, Tensor)"))
-def linear_attention_bwd_dkdv_op(q, k, v, do, scale, final_state_grad, initial_state_grad):
+    "(Tensor q, Tensor k, Tensor v, Tensor do, float scale, Tensor? final_state_grad, bool initial_state_grad,"
+    " Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)"))
+def linear_attention_bwd_dkdv_op(q, k, v, do, scale, final_state_grad, initial_state_grad, cu_seqlens=None):
     """dk, dv and the initial state's gradient (empty unless asked for)."""
-    return _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad,
-                 lambda program, args, labels, final: program(args, labels, final) if isinstance(program, SegmentedScan)
-                 else run_kernel(program, args, labels, final))
+    def run(program, args, labels, final):
+        if isinstance(program, SegmentedScan):
+            return program(args, labels, final, cu_seqlens=cu_seqlens)
+        if cu_seqlens is not None:
+            return run_varlen(program, args, labels, final, cu_seqlens)
+        return run_kernel(program, args, labels, final)
+
+    return _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad, run)
 
 
 @linear_attention_bwd_dkdv_op.register_fake
-def _(q, k, v, do, scale, final_state_grad, initial_state_grad):
-    return _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad,
-                 lambda program, args, labels, final: fake_run(getattr(program, "kernel", program), args, labels,
-                                                               final))
+def _(q, k, v, do, scale, final_state_grad, initial_state_grad, cu_seqlens=None):
+    def run(program, args, labels, final):
+        program = getattr(program, "kernel", program)
+        if cu_seqlens is not None:
+            return fake_varlen(program, args, labels, final, cu_seqlens)
+        return fake_run(program, args, labels, final)
+
+    return _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad, run)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, scale, initial_state, _ = inputs
+    q, k, v, scale, initial_state, _, cu_seqlens = inputs
     ctx.scale = scale
     ctx.target = current_target()  # the backward programs run on the forward's target
-    ctx.save_for_backward(q, k, v, initial_state)
+    ctx.save_for_backward(q, k, v, initial_state, cu_seqlens)
 
 
 def _backward(ctx, do, dstate):
-    q, k, v, initial_state = ctx.saved_tensors
+    q, k, v, initial_state, cu_seqlens = ctx.saved_tensors
     do = do.contiguous()
     final_grad = dstate if dstate is not None and dstate.numel() else None
     want_dinit = initial_state is not None and ctx.needs_input_grad[4]
     with use_target(ctx.target):
-        dq = linear_attention_bwd_dq_op(do, k, v, ctx.scale, initial_state)
-        dk, dv, dinit = linear_attention_bwd_dkdv_op(q, k, v, do, ctx.scale, final_grad, want_dinit)
-    return dq, dk, dv, None, (dinit if want_dinit else None), None
+        dq = linear_attention_bwd_dq_op(do, k, v, ctx.scale, initial_state, cu_seqlens)
+        dk, dv, dinit = linear_attention_bwd_dkdv_op(q, k, v, do, ctx.scale, final_grad, want_dinit, cu_seqlens)
+    return dq, dk, dv, None, (dinit if want_dinit else None), None, None
 
 
 linear_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -199,14 +213,16 @@ linear_attention_op.register_autograd(_backward, setup_context=_setup)
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
-                     target: str | None = None, backward: str = "hand-written", causal: bool = True,
-                     normalize: bool = False):
+                     cu_seqlens: torch.Tensor | None = None, target: str | None = None,
+                     backward: str = "hand-written", causal: bool = True, normalize: bool = False):
     """Causal linear attention without normalisation (flash-linear-attention's
     ``chunk_linear_attn`` convention).
 
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; scale defaults to ``K ** -0.5``;
     initial_state: float32 ``[B, H, K, V]`` or None (zeros).
     Returns ``(o [B, T, H, V], final_state [B, H, K, V] or None)``.
+    ``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (B = 1; ``ops/varlen.py``):
+    each starts from its own initial state (``[N, H, K, V]``) and ends in its own final state.
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100); the backward runs on the forward's.
     ``backward``: "hand-written" (default: the programs above) or "derived" (the backward derived
@@ -219,12 +235,17 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     check_call("linear_attention", differentiable=True, target=target,
                flags=dict(output_final_state=output_final_state, causal=causal, normalize=normalize),
                q=q, k=k, v=v, initial_state=initial_state)
+    if cu_seqlens is not None:
+        if not causal:
+            raise ValueError("cu_seqlens: packed sequences run the causal scan only (causal=True)")
+        check_cu_seqlens(cu_seqlens, q, "q")
     if not causal:
         return _bidirectional(q, k, v, scale, initial_state, output_final_state, target, backward, normalize)
     if normalize:
         raise ValueError("normalize: True is supported with causal=False only")
     op = linear_attention_derived_op if check_backward(backward) == "derived" else linear_attention_op
-    o, state = call_with_target(target, op, q, k, v, default_scale(q, scale), initial_state, bool(output_final_state))
+    o, state = call_with_target(target, op, q, k, v, default_scale(q, scale), initial_state, bool(output_final_state),
+                                cu_seqlens)
     return o, (state if output_final_state else None)
 
 

@@ -103,10 +103,10 @@ def fake_run(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     if device.type == "cuda":
         check_hopper_dims(binding, labels)
     return {name: torch.empty(shape, dtype=dtype, device=device)
-            for name, shape, dtype in _output_specs(binding, args, final_states)}
+            for name, shape, dtype in output_specs(binding, args, final_states)}
 
 
-def _output_specs(binding, args: dict[str, Any], final_states: tuple[str, ...] | None) -> tuple[tuple, ...]:
+def output_specs(binding, args: dict[str, Any], final_states: tuple[str, ...] | None) -> tuple[tuple, ...]:
     """(name, shape, torch dtype) of each output and of each final state wanted (None: all)."""
     like = args[_first_tile_operand(binding)].dtype
     state = torch.float64 if binding.compute_dtype is DType.f64 else torch.float32
@@ -454,7 +454,7 @@ def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str
     generic mma.sync one) on ``binding`` (``args`` with the constants ``extra``), prepared to
     launch into freshly allocated outputs."""
     prepared = launch.prepare_launch(kernel, binding, {**args, **extra}, schedule, arch, device.index)
-    return _Prepared(extra, _output_specs(binding, args, final_states), prepared, device,
+    return _Prepared(extra, output_specs(binding, args, final_states), prepared, device,
                      bool(read("TILEMIX_POISON")))
 
 

@@ -1,0 +1,201 @@
+"""Packed variable-length batches: flash-linear-attention's ``cu_seqlens`` for every scan program.
+
+N sequences of different lengths are packed into one row, ``[1, T, H, ...]`` with ``T`` the sum of
+their lengths, and ``cu_seqlens`` (int32 ``[N + 1]``: 0, the running sums of the lengths, T) says
+where each starts. Every sequence is a program instance of its own: its states start from its
+initial state (``[N, H, ...]``) and end as its final state, nothing carries across a boundary.
+
+CPU tensors run the interpreter on each sequence's slice (the reference semantics). CUDA tensors
+launch one kernel over N x H program instances: the generated code reads the sequence's first
+token and length from ``cu_seqlens`` (``codegen``'s ``varlen`` lowering), so a sequence costs its
+own chunks, the last one partial, and no token of another sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from tilemix.codegen import launch as launches
+from tilemix.codegen.schedule import launch_schedule
+from tilemix.tiles import Kernel
+
+from .derived import derived_gradients
+from .runtime import (
+    call_signature,
+    check_devices,
+    check_hopper_dims,
+    device_arch,
+    output_specs,
+    recall,
+    remember,
+    run_kernel,
+)
+
+__all__ = ["check_cu_seqlens", "sequence_count", "run_varlen", "fake_varlen", "per_sequence", "join_sequences",
+           "sequence_index", "varlen_gradients"]
+
+ARGUMENT = "cu_seqlens"
+
+
+def sequence_count(cu_seqlens: torch.Tensor) -> int:
+    """N, the sequences ``cu_seqlens`` packs (from its shape: no read of its values)."""
+    return cu_seqlens.shape[0] - 1
+
+
+def check_cu_seqlens(cu_seqlens: Any, packed: torch.Tensor, packed_name: str) -> int:
+    """N, after checking ``cu_seqlens`` against ``packed`` (a ``[1, T, ...]`` input named
+    ``packed_name``): an int32 ``[N + 1]`` tensor (N >= 1) on ``packed``'s device, starting at 0,
+    non-decreasing (a sequence may be empty) and ending at T; a batch of one row. The values are
+    read (a host sync on a GPU) unless a CUDA graph is being captured or torch.compile traces."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{ARGUMENT}: expected an int32 tensor of [N + 1] offsets, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{ARGUMENT}: expected dtype torch.int32 (flash-linear-attention's convention), "
+                        f"got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{ARGUMENT}: expected a 1-D tensor of N + 1 offsets (N >= 1 sequences), "
+                         f"got shape {list(cu_seqlens.shape)}")
+    if packed.dim() < 2 or packed.shape[0] != 1:
+        raise ValueError(f"{packed_name}: with {ARGUMENT} the sequences are packed into one row, "
+                         f"[1, T, ...]; got shape {list(packed.shape)}")
+    if cu_seqlens.device != packed.device:
+        raise ValueError(f"{ARGUMENT} is on {cu_seqlens.device} but {packed_name} is on {packed.device}; "
+                         "all tensors must be on one device")
+    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return sequence_count(cu_seqlens)
+    offsets = cu_seqlens.tolist()
+    T = packed.shape[1]
+    if offsets[0] != 0:
+        raise ValueError(f"{ARGUMENT}: must start at 0, got {offsets[0]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{ARGUMENT}: offsets must be non-decreasing (each sequence's length is the "
+                         f"difference of two), got {offsets}")
+    if offsets[-1] != T:
+        raise ValueError(f"{ARGUMENT}: must end at T = {T}, the tokens of {packed_name}; got {offsets[-1]}")
+    return sequence_count(cu_seqlens)
+
+
+# -- the interpreter: every sequence's slice on its own -------------------------------------------------
+def per_sequence(kernel: Kernel, args: dict[str, Any], cu_seqlens: torch.Tensor, n: int) -> dict[str, Any]:
+    """Sequence ``n``'s arguments of ``kernel``: per-token tensors sliced to its tokens, states to
+    its row, the rest as given."""
+    bos, eos = (int(x) for x in cu_seqlens[n:n + 2].tolist())
+    sliced = {}
+    for name, value in args.items():
+        kind = kernel.specs[name].kind if name in kernel.specs else None
+        if isinstance(value, torch.Tensor) and kind in ("seq", "group_seq"):
+            value = value[:, bos:eos]
+        elif isinstance(value, torch.Tensor) and kind == "state":
+            value = value[n:n + 1]
+        sliced[name] = value
+    return sliced
+
+
+def join_sequences(kernel: Kernel, results: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The per-sequence results of ``kernel`` packed as one call's: states stacked on the batch dim
+    (``[N, H, ...]``), per-token outputs concatenated along the tokens."""
+    return {name: torch.cat([r[name] for r in results], dim=0 if kernel.specs[name].kind == "state" else 1)
+            for name in results[0]}
+
+
+# -- one kernel over every sequence ---------------------------------------------------------------------
+def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int):
+    """The call's binding with B = N sequences: bound on the packed row, states as one row of theirs
+    (a state with other than N rows is a ValueError naming it)."""
+    one_row = dict(args)
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor) and name in kernel.specs and kernel.specs[name].kind == "state":
+            if value.dim() < 1 or value.shape[0] != sequences:
+                raise ValueError(f"{(labels or {}).get(name, name)}: a packed batch of {sequences} sequences takes "
+                                 f"one state per sequence, [{sequences}, H, ...]; got shape {list(value.shape)}")
+            one_row[name] = value[:1]
+    binding = kernel.bind(one_row, labels)
+    return dataclasses.replace(binding, sizes={**binding.sizes, "B": sequences})
+
+
+def fake_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None,
+                final_states: tuple[str, ...] | None, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What ``run_varlen`` returns, as empty tensors (torch.compile's fake tensors)."""
+    device = check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels or {})
+    binding = _binding(kernel, args, labels, sequence_count(cu_seqlens))
+    return {name: torch.empty(shape, dtype=dtype, device=device)
+            for name, shape, dtype in output_specs(binding, args, final_states)}
+
+
+def run_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None,
+               final_states: tuple[str, ...] | None, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``kernel`` on the packed sequences ``cu_seqlens`` delimits (checked by the caller): outputs as
+    ``args``' packed row, states ``[N, H, ...]``. CPU tensors: the interpreter on each sequence;
+    CUDA tensors: the varlen kernel, one launch."""
+    if cu_seqlens.device.type != "cuda":
+        _binding(kernel, args, labels, sequence_count(cu_seqlens))  # the states' rows checked
+        results = [run_kernel(kernel, per_sequence(kernel, args, cu_seqlens, n), labels, final_states)
+                   for n in range(sequence_count(cu_seqlens))]
+        return join_sequences(kernel, results)
+    sequences = sequence_count(cu_seqlens)
+    signature = call_signature(kernel, {**args, ARGUMENT: cu_seqlens}, final_states, "varlen")
+    prepared = recall(signature)
+    if prepared is None:
+        prepared = _prepare(kernel, args, labels, final_states, sequences)
+        if signature is not None:
+            remember(signature, prepared)
+    return prepared({**args, ARGUMENT: cu_seqlens})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """One varlen call signature's launch: the outputs to allocate and the prepared kernel."""
+
+    outputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    launch: launches.Launch
+    device: torch.device
+
+    def __call__(self, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+        outputs = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, shape, dtype in self.outputs}
+        with torch.cuda.device(self.device):
+            self.launch(args, outputs)
+        return outputs
+
+
+def _prepare(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None,
+             final_states: tuple[str, ...] | None, sequences: int) -> _Prepared:
+    device = check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels or {})
+    binding = _binding(kernel, args, labels, sequences)
+    check_hopper_dims(binding, labels or {})
+    arch = device_arch(device)
+    extra = kernel.consts_for(arch, args)
+    if extra:
+        args = {**args, **extra}
+        binding = _binding(kernel, args, labels, sequences)
+    schedule = launch_schedule(kernel, binding, device.index, arch)
+    launch = launches.prepare_launch(kernel, binding, args, schedule, arch, device.index, varlen=True)
+    return _Prepared(output_specs(binding, args, final_states), launch, device)
+
+
+def sequence_index(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each token's sequence, int64 ``[tokens]`` (no host sync: the count is given)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths,
+                                   output_size=tokens)
+
+
+def varlen_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
+                     wrt: list[str], cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``derived_gradients`` of a packed batch: each sequence's on its own slice, packed back (a
+    per-head input's summed over the sequences, as over a batch). CPU tensors only."""
+    if cu_seqlens.device.type != "cpu":
+        raise NotImplementedError(f"{ARGUMENT}: {kernel.name}'s derived backward runs packed batches on CPU "
+                                  "tensors only for now")
+    results = []
+    for n in range(sequence_count(cu_seqlens)):
+        grads = per_sequence(kernel, output_grads, cu_seqlens, n)
+        results.append(derived_gradients(kernel, per_sequence(kernel, args, cu_seqlens, n), grads, wrt))
+    packed = join_sequences(kernel, [{n: r[n] for n in wrt if kernel.specs[n].kind != "head"} for r in results])
+    for name in wrt:
+        if kernel.specs[name].kind == "head":
+            total = torch.stack([r[name] for r in results]).sum(0, dtype=torch.float64)
+            packed[name] = total.to(results[0][name].dtype)
+    return packed
