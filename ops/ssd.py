@@ -11,6 +11,7 @@ from ._segments import SegmentedScan
 from .runtime import call_with_target, check_call
 from .ssd_backward import register_ssd_autograd
 from .ssd_states import segment_log_decay, ssd_states
+from .varlen import check_cu_seqlens
 
 __all__ = ["ssd", "ssd_fwd", "ssd_states"]
 
@@ -38,11 +39,12 @@ def _forward_op(name: str):
     """The forward as the custom op ``tilemix::name`` (one per backward: their autograd differs)."""
     return tile_op(
         name,
-        "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state, bool output_final_state)"
-        " -> (Tensor, Tensor)",
+        "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? initial_state, bool output_final_state,"
+        " Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
         ssd_fwd,
-        lambda x, dt, A, B, C, D, initial_state, final: (dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state),
-                                                         {"h": "initial_state"}, ("h",) if final else ()),
+        lambda x, dt, A, B, C, D, initial_state, final, cu_seqlens=None: (
+            dict(x=x, dt=dt, A=A, B=B, C=C, D=D, h=initial_state, cu_seqlens=cu_seqlens),
+            {"h": "initial_state"}, ("h",) if final else ()),
         lambda out: (out["y"], out.get("h", no_state(out["y"]))),
         run=ssd_scan)
 
@@ -50,18 +52,22 @@ def _forward_op(name: str):
 ssd_op = _forward_op("ssd")
 register_ssd_autograd(ssd_op)  # backward programs: ops/ssd_backward.py
 ssd_derived_op = _forward_op("ssd_derived")
-register_derived_autograd(ssd_derived_op, ssd_fwd, ("x", "dt", "A", "B", "C", "D", "h", None), ("y", "h"))
+register_derived_autograd(ssd_derived_op, ssd_fwd, ("x", "dt", "A", "B", "C", "D", "h", None, "cu_seqlens"),
+                          ("y", "h"))
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
-        output_final_state: bool = False, *, target: str | None = None, backward: str = "hand-written"):
+        output_final_state: bool = False, *, cu_seqlens: torch.Tensor | None = None, target: str | None = None,
+        backward: str = "hand-written"):
     """The Mamba-2 state-space dual (SSD) scan.
 
     x: ``[B, T, H, P]``; dt: ``[B, T, H]`` (positive step sizes); A: ``[H]``
     (negative); B, C: ``[B, T, G, N]`` with ``H % G == 0`` (head h reads group
     ``h // (H // G)``); D: ``[H]`` or None; initial_state: float32
     ``[B, H, N, P]`` or None. Returns ``(y [B, T, H, P], final_state or None)``.
+    ``cu_seqlens``: int32 ``[N + 1]``, sequences packed into one row (B = 1; ``ops/varlen.py``),
+    each with its own initial and final state (``[N, H, N, P]``, N the sequences).
     Differentiable in every tensor argument (and through the final state): the backward programs
     are in ``ops/ssd_backward.py`` and run on the forward's target.
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
@@ -71,6 +77,8 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     """
     check_call("ssd", differentiable=True, target=target, flags=dict(output_final_state=output_final_state),
                x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x, "x")
     op = ssd_derived_op if check_backward(backward) == "derived" else ssd_op
-    y, state = call_with_target(target, op, x, dt, A, B, C, D, initial_state, bool(output_final_state))
+    y, state = call_with_target(target, op, x, dt, A, B, C, D, initial_state, bool(output_final_state), cu_seqlens)
     return y, (state if output_final_state else None)

@@ -70,6 +70,7 @@ from ._library import tile_op
 from ._segments import SegmentedScan
 from .runtime import current_target, use_target
 from .ssd_states import segment_log_decay, ssd_bwd_dx_states, ssd_states
+from .varlen import sequence_index
 
 __all__ = ["ssd_bwd_dc", "ssd_bwd_dx", "ssd_bwd_dc_scan", "ssd_bwd_dx_scan", "register_ssd_autograd"]
 
@@ -143,20 +144,22 @@ ssd_bwd_dx_scan = SegmentedScan(ssd_bwd_dx, ssd_bwd_dx_states, "g", segment_log_
 
 # the backward programs as custom ops, so a compiled training step sees ops, not Python
 ssd_bwd_dc_op = tile_op(
-    "ssd_bwd_dc", "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? initial_state)"
-    " -> (Tensor, Tensor, Tensor, Tensor)",
+    "ssd_bwd_dc", "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? initial_state,"
+    " Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor)",
     ssd_bwd_dc,
-    lambda x, dt, A, B, C, dy, initial_state: (dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, h=initial_state),
-                                               {"h": "initial_state"}, ("h",)),
+    lambda x, dt, A, B, C, dy, initial_state, cu_seqlens=None: (
+        dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, h=initial_state, cu_seqlens=cu_seqlens), {"h": "initial_state"},
+        ("h",)),
     lambda out: (out["dC"], out["da"], out["alpha"], out["h"]),
     run=ssd_bwd_dc_scan)
 ssd_bwd_dx_op = tile_op(
     "ssd_bwd_dx",
-    "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor dy, Tensor? D, Tensor? final_grad,"
+    " Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     ssd_bwd_dx,
-    lambda x, dt, A, B, C, dy, D, final_grad: (
-        dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, D=D, g=final_grad), {"g": "final_grad"}, ("g",)),
+    lambda x, dt, A, B, C, dy, D, final_grad, cu_seqlens=None: (
+        dict(x=x, dt=dt, A=A, B=B, C=C, dy=dy, D=D, g=final_grad, cu_seqlens=cu_seqlens), {"g": "final_grad"},
+        ("g",)),
     lambda out: (out["dx"], out["dB"], out["ddt"], out["da"], out["beta"], out["xdy"], out["g"]),
     run=ssd_bwd_dx_scan)
 
@@ -177,16 +180,16 @@ def _repeat_each(t: torch.Tensor, times: int, dim: int) -> torch.Tensor:
 
 
 def _setup(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, _ = inputs
+    x, dt, A, B, C, D, initial_state, _, cu_seqlens = inputs
     ctx.target = current_target()  # the backward programs run on the forward's target
-    ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, cu_seqlens)
 
 
 CHUNK = 64  # the programs' chunk: the per-chunk terms alpha and beta are read once per chunk
 
 
 def _backward(ctx, dy, dstate):
-    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
+    x, dt, A, B, C, D, initial_state, cu_seqlens = ctx.saved_tensors
     need = ctx.needs_input_grad
     dy = dy.contiguous()
     final_grad = dstate if dstate is not None and dstate.numel() else None
@@ -197,7 +200,7 @@ def _backward(ctx, dy, dstate):
         dinit = None
         if initial_state is not None:
             dinit = final_grad.clone() if final_grad is not None and T == 0 else torch.zeros_like(initial_state)
-        return (*zeros, dinit, None)
+        return (*zeros, dinit, None, None)
     P, N = x.shape[3], B.shape[3]
     width = head_split_width(ssd_bwd_dx, {"P": P}, x.device.type == "cuda")
     blocks = P // width  # P's column blocks run as heads of their own: head h's block j is head h·blocks + j
@@ -209,10 +212,10 @@ def _backward(ctx, dy, dstate):
     def per_block(t):  # a per-head [.., H] tensor repeated for each block
         return t if t is None or blocks == 1 else _repeat_each(t, blocks, -1)
 
-    def state_as_heads(t):  # [B, H, N, P] -> [B, H·blocks, N, width]
+    def state_as_heads(t):  # [B, H, N, P] -> [B, H·blocks, N, width] (B: the sequences of a packed batch)
         if t is None or blocks == 1:
             return t
-        return t.unflatten(-1, (blocks, width)).movedim(-2, 2).reshape(Bsz, heads, N, width)
+        return t.unflatten(-1, (blocks, width)).movedim(-2, 2).reshape(t.shape[0], heads, N, width)
 
     def sum_blocks(t):  # [.., H·blocks] -> [.., H], in float64
         return t.unflatten(-1, (H, blocks)).sum(-1, dtype=torch.float64)
@@ -220,26 +223,53 @@ def _backward(ctx, dy, dstate):
     xs, dys, final_heads = as_heads(x), as_heads(dy), state_as_heads(final_grad)
     dts, As, Ds = per_block(dt), per_block(A), per_block(D)
     with use_target(ctx.target):  # group heads: G divides H·blocks, and head h·blocks + j is in h's group
-        dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dts, As, B, C, dys, state_as_heads(initial_state))
-        dx, dB_h, ddt_direct, da_out, beta, xdy, dinit = ssd_bwd_dx_op(xs, dts, As, B, C, dys, Ds, final_heads)
+        dC_h, da_in, alpha, h_last = ssd_bwd_dc_op(xs, dts, As, B, C, dys, state_as_heads(initial_state), cu_seqlens)
+        dx, dB_h, ddt_direct, da_out, beta, xdy, dinit = ssd_bwd_dx_op(xs, dts, As, B, C, dys, Ds, final_heads,
+                                                                       cu_seqlens)
     dx = dx.reshape(x.shape)
     dB, dC = (_group_sum(t, groups).to(B.dtype) for t in (dB_h, dC_h))
     # term iv per chunk c: e^{A_c} <G_c, h_c> = <dh_T, h_T> + Σ_{c' > c} alpha_c' - Σ_{c' >= c} beta_c'
-    alpha, beta = sum_blocks(alpha[:, ::CHUNK]), sum_blocks(beta[:, ::CHUNK])  # [B, chunks, H]
-    prefix = (alpha - beta).cumsum(1)
-    tail = prefix[:, -1:] - prefix - beta
-    if final_grad is not None:
-        tail = tail + sum_blocks((final_heads.double() * h_last.double()).sum((-2, -1)))[:, None]
-    da = sum_blocks(da_in) + sum_blocks(da_out) + _repeat_each(tail, CHUNK, 1)[:, :T]
+    last = None if final_grad is None else sum_blocks((final_heads.double() * h_last.double()).sum((-2, -1)))
+    if cu_seqlens is None:
+        alpha, beta = sum_blocks(alpha[:, ::CHUNK]), sum_blocks(beta[:, ::CHUNK])  # [B, chunks, H]
+        prefix = (alpha - beta).cumsum(1)
+        tail = prefix[:, -1:] - prefix - beta
+        if last is not None:
+            tail = tail + last[:, None]
+        tail = _repeat_each(tail, CHUNK, 1)[:, :T]
+    else:
+        tail = _packed_tail(sum_blocks(alpha), sum_blocks(beta), last, cu_seqlens)
+    da = sum_blocks(da_in) + sum_blocks(da_out) + tail
     ddt = torch.addcmul(sum_blocks(ddt_direct), da, A.double()).to(dt.dtype)
     dA = (dt * da).sum((0, 1)).to(A.dtype)  # da is float64: so is the product
     dD = None
     if D is not None and need[5]:
         dD = xdy.sum((0, 1), dtype=torch.float64).view(H, blocks).sum(-1).to(D.dtype)
     if dinit is not None and blocks > 1:  # [B, H·blocks, N, width] -> [B, H, N, P]
-        dinit = dinit.reshape(Bsz, H, blocks, N, width).movedim(2, -2).reshape(Bsz, H, N, P)
+        rows = dinit.shape[0]  # the batch, or the sequences of a packed one
+        dinit = dinit.reshape(rows, H, blocks, N, width).movedim(2, -2).reshape(rows, H, N, P)
     dinit = dinit.to(initial_state.dtype) if initial_state is not None and need[6] else None
-    return (dx, ddt, dA, dB, dC, dD, dinit, None)
+    return (dx, ddt, dA, dB, dC, dD, dinit, None, None)
+
+
+def _packed_tail(alpha: torch.Tensor, beta: torch.Tensor, last: torch.Tensor | None,
+                 cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Term iv on every token of a packed batch (``[1, T, H]``; ``alpha``, ``beta``: ``[1, T, H]``,
+    each chunk's value on its tokens; ``last``: ``<dh_T, h_T>`` per sequence, ``[N, H]``, or None):
+    the sums over a sequence's later chunks, its chunks counted from its first token."""
+    T = alpha.shape[1]
+    sequence = sequence_index(cu_seqlens, T)
+    first, end = cu_seqlens[sequence].long(), cu_seqlens[sequence + 1].long()
+    token = torch.arange(T, device=alpha.device)
+    start = first + (token - first) // CHUNK * CHUNK  # each token's chunk's first token
+    at_start = ((token - first) % CHUNK == 0)[None, :, None]
+
+    def later(per_chunk):  # Σ over the chunks from the token's own to its sequence's last
+        suffix = torch.nn.functional.pad(per_chunk.where(at_start, 0).flip(1).cumsum(1).flip(1), (0, 0, 0, 1))
+        return suffix[:, start] - suffix[:, end]
+
+    tail = later(alpha) - alpha - later(beta)
+    return tail if last is None else tail + last[sequence][None]
 
 
 def register_ssd_autograd(op) -> None:
