@@ -70,8 +70,8 @@ class GenericLowering(Lowering):
     store_buffers = 1
     emitters = {**OP_EMITTERS, "store": store_entry(emit_store_copy)}
 
-    def __init__(self, *plans, arch: str):
-        super().__init__(*plans)
+    def __init__(self, *plans, arch: str, varlen: bool = False):
+        super().__init__(*plans, varlen=varlen)
         self.arch = arch
         self.threads = CONSUMER_THREADS * self.schedule.consumers
 
@@ -85,25 +85,6 @@ class GenericLowering(Lowering):
             elif kind is ParamKind.TMAP_OUT:
                 args[i], order[i] = f"tm::u16* __restrict__ out_{name}", (ParamKind.PTR_OUT, name)
         return args, order
-
-    def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",
-                out: bool = False) -> tuple[str, str, str, str]:
-        """Global address of the tile of parameter ``name`` at block indices ``idx`` (16-bit
-        elements), its row stride, and the rows and columns left in the tensor from there."""
-        base = f"{'out' if out else 'ptr'}_{name}"
-        spec = self.program.param(name).spec
-        if spec.kind == "matrix":
-            rdim, cdim = spec.dims
-            row0, col0 = f"{idx[0]} * {rows}", f"{idx[1]} * {cols}"
-            return (f"{base} + (long)({row0}) * {cdim} + {col0}", f"(long){cdim}", f"{rdim} - {row0}",
-                    f"{cdim} - ({col0})")
-        heads, head = ("G", "h / (H / G)") if spec.kind == "group_seq" else ("H", "h")
-        dim = [d for d in spec.dims if isinstance(d, str)][-1]
-        width = self.plan.full_dims[dim]
-        row0 = f"{idx[0]} * {rows}"
-        col0 = self.plan.col0(name, consumer)
-        return (f"{base} + (((long)b * T + {row0}) * {heads} + {head}) * {width} + {col0}",
-                f"(long){heads} * {width}", f"T - {row0}", str(cols))
 
     def issue_load(self, op: Op, dst: str) -> list[str]:
         """The cp.async copies of one tile load (for a split parameter or a split grid loop, one
@@ -240,11 +221,11 @@ class GenericLowering(Lowering):
 
 
 def lower_generic(program: Program, arch: str = "sm_80", schedule: Schedule | None = None,
-                  full_dims: dict[str, int] | None = None) -> KernelSource:
+                  full_dims: dict[str, int] | None = None, varlen: bool = False) -> KernelSource:
     """CUDA C++ for ``program`` on the generic tensor-core target ``arch`` (one of
     ``GENERIC_ARCHS``). With a column split the program is traced at the split widths and
-    ``full_dims`` gives the tensors' real sizes."""
+    ``full_dims`` gives the tensors' real sizes. ``varlen``: for a packed batch (``Lowering``)."""
     if arch not in SMEM_LIMITS:
         raise ValueError(f"generic code generator: arch {arch!r} is not one of {GENERIC_ARCHS}")
     return lower(GenericLowering, program, schedule or Schedule(), full_dims or dict(program.dims),
-                 f"generic ({arch})", arch=arch)
+                 f"generic ({arch})", arch=arch, varlen=varlen)

@@ -41,7 +41,7 @@ from .knobs import SMEM_LIMIT, Schedule
 from .layout import align
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, store_entry
-from .source import KernelSource
+from .source import KernelSource, ParamKind
 from .structure import CONSUMER_THREADS, PANEL
 
 __all__ = ["KernelSource", "lower_hopper", "HopperLowering"]
@@ -54,7 +54,8 @@ PRODUCER_REGISTERS, CONSUMER_REGISTERS = (24, 40), (240, 232)
 def emit_store_tma(lw: HopperLowering, op: Op, decl: str, out: str, ind: int):
     """A tile store: each 64-column panel goes through one of this consumer's shared panel
     buffers (two, alternating, for wide tiles) and leaves by TMA (asynchronous, clipped at the
-    tensor's edges), while the consumer goes on."""
+    tensor's edges), while the consumer goes on. In a packed batch a sequence's partial last
+    chunk leaves by plain stores clipped at the sequence's end (TMA's would write into the next)."""
     value, *index = op.operands
     name, t = op.attrs["param"], value.type
     lw.tmap_rows[name] = t.rows
@@ -71,7 +72,14 @@ def emit_store_tma(lw: HopperLowering, op: Op, decl: str, out: str, ind: int):
         lw.emit("tm::fence_proxy_async();", ind)
         lw.emit(f"tm::sync_threads({lw.bar}, {CONSUMER_THREADS});", ind)
         rank, coords = lw.tma_coords(name, idx, t, panel)
-        lw.emit(f"if ({leader}) {{ tm::tma_store_{rank}(&tmap_{name}, {buf}, {coords}); tm::bulk_commit(); }}", ind)
+        tma = f"if ({leader}) {{ tm::tma_store_{rank}(&tmap_{name}, {buf}, {coords}); tm::bulk_commit(); }}"
+        if not lw.varlen:
+            lw.emit(tma, ind)
+            continue
+        dst, ld, rows_left, _ = lw.tile_at(name, idx, t.rows, t.cols, out=True)
+        lw.emit(f"if ({rows_left} >= {t.rows}) {{ {tma} }}", ind)
+        lw.emit(f"else tm::copy_panel_out<{t.rows}>({dst} + {panel * PANEL}, {ld}, {rows_left}, {PANEL}, {buf});",
+                ind)
 
 
 class HopperLowering(Lowering):
@@ -122,7 +130,8 @@ class HopperLowering(Lowering):
             head = "h / (H / G)" if kind == "group_seq" else "h"
         elif kind == "group_seq":
             head = f"{head} / (H / G)"
-        return "4d", f"{self.plan.col0(name, consumer)} + {panel * PANEL}, {head}, {idx[0]} * {t.rows}, b"
+        row, batch = (f"bos + {idx[0]} * {t.rows}", "0") if self.varlen else (f"{idx[0]} * {t.rows}", "b")
+        return "4d", f"{self.plan.col0(name, consumer)} + {panel * PANEL}, {head}, {row}, {batch}"
 
     def producer(self) -> list[str]:
         """One thread issues the TMA loads; with per-token vectors in the ring its warp copies those,
@@ -201,6 +210,8 @@ class HopperLowering(Lowering):
         self.emit("for (int c = 0; c < n_iter; ++c) {", ind)
         self.emit(f"int stage = {ring} % {stages};", ind + 2)
         self.emit(f"tm::mbar_wait(&full[stage], ({ring} / {stages}) & 1);", ind + 2)
+        if self.varlen:
+            self.zero_past_sequence(loop, ind + 2)
         overlapped = {self.name(v) for v in issue.overlapped}
         # so the previous iteration may have left groups writing those in flight
         self.carried_over = set(overlapped)
@@ -229,6 +240,35 @@ class HopperLowering(Lowering):
         self.carried_over.clear()
         self.lines[start:] = self.ring_scope(self.lines[start:], position, " " * outer)
         self.end_loop(loop)
+
+    def zero_past_sequence(self, loop: Loop, ind: int):
+        """In a packed batch, the rows of a sequence's partial last chunk past its end set to zero in
+        the stage (TMA clips at the packed row's end only: it loaded the next sequence's tokens), as
+        a load past the end reads zeros. Every consumer zeroes all of them before it reads any (the
+        other consumers write the same zeros), then hands them to the wgmma proxy."""
+        chunk = self.plan.index_name[loop.index.id]
+        lines = []
+        for op in self.plan.loop_loads[loop]:
+            rows = op.result.type.rows
+            panels = self.plan.load_bytes(op) // (rows * 128)
+            at = f"smem + stage * stage_bytes + {self.layout.load_offset[op]}"
+            lines.append(f"tm::zero_rows<{rows}>({at}, {panels}, T - {chunk} * {rows});")
+        if not lines:
+            return
+        self.emit(f"if (({chunk} + 1) * {loop.size} > T) {{  // the sequence ends inside this chunk", ind)
+        for line in [*lines, "tm::fence_proxy_async();", f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});"]:
+            self.emit(line, ind + 2)
+        self.emit("}", ind)
+
+    def param_args(self):
+        """The base arguments and, in a packed batch, each tile output's address beside its tensor
+        map (a sequence's partial last chunk is stored without TMA)."""
+        args, order = super().param_args()
+        if self.varlen:
+            outputs = [name for kind, name in order if kind is ParamKind.TMAP_OUT]
+            args[len(order):len(order)] = [f"tm::u16* __restrict__ out_{name}" for name in outputs]
+            order += [(ParamKind.PTR_OUT, name) for name in outputs]
+        return args, order
 
     # -- the whole kernel ---------------------------------------------------------------
     def kernel(self) -> KernelSource:
@@ -288,7 +328,9 @@ class HopperLowering(Lowering):
 
 
 def lower_hopper(program: Program, schedule: Schedule | None = None,
-                 full_dims: dict[str, int] | None = None) -> KernelSource:
+                 full_dims: dict[str, int] | None = None, varlen: bool = False) -> KernelSource:
     """CUDA C++ for ``program``. With a column split the program is traced at
-    the split widths and ``full_dims`` gives the tensors' real sizes."""
-    return lower(HopperLowering, program, schedule or Schedule(), full_dims or dict(program.dims), "sm_90a")
+    the split widths and ``full_dims`` gives the tensors' real sizes. ``varlen``: for a packed
+    batch (``Lowering``)."""
+    return lower(HopperLowering, program, schedule or Schedule(), full_dims or dict(program.dims), "sm_90a",
+                 varlen=varlen)

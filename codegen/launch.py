@@ -121,12 +121,12 @@ class _Plan:
 _PLANS: dict[tuple, _Plan] = {}
 
 
-def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_90a") -> _Plan:
-    key = (id(kernel), binding.key(), schedule, arch)
+def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_90a", varlen: bool = False) -> _Plan:
+    key = (id(kernel), binding.key(), schedule, arch, varlen)
     plan = _PLANS.get(key)
     if plan is None:
         driver = _cupy().cuda.driver
-        source = kernel_source(kernel, binding, schedule, arch)
+        source = kernel_source(kernel, binding, schedule, arch, varlen)
         compiled = compile_cuda(source.source, arch, source.name)
         function = _module(compiled.cubin).get_function(source.name)
         driver.funcSetAttribute(function.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -163,15 +163,16 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
 
 
 def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], schedule: Schedule | None, arch: str,
-                   device: int) -> Launch:
+                   device: int, varlen: bool = False) -> Launch:
     """Everything about launching ``kernel`` on arguments shaped and strided as ``args`` but their
     addresses and scalar values: the schedule (``launch_schedule`` if None), the compiled kernel,
     the grid and the tensor maps' layouts. ``ops`` keeps one per call signature, so a repeated call
-    only packs addresses and launches."""
+    only packs addresses and launches. ``varlen``: the kernel for a packed batch, whose B (the grid's)
+    is its sequence count and whose arguments hold its offsets as ``cu_seqlens``."""
     schedule = schedule or launch_schedule(kernel, binding, device, arch)
     sizes = binding.sizes
     per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
-    plan = _plan(kernel, binding, schedule, arch)
+    plan = _plan(kernel, binding, schedule, arch, varlen)
     blocks = 1
     for dim, size in plan.source.grid_loops:
         blocks *= -(-sizes[dim] // size)
@@ -240,6 +241,8 @@ class Launch:
                            np.uint64(final.data_ptr() if final is not None else 0)]
             elif kind is ParamKind.SCALAR:
                 params.append(np.float32(value))
+            elif kind is ParamKind.OFFSETS:  # int32 [N + 1], checked by ops/varlen.py
+                params.append(np.uint64(value.data_ptr()))
             elif kind is ParamKind.CHUNK_STATE:  # fp32 [B, H, NC, r, c]: read as given, or written
                 t = outputs[name] if value is None else value.to(torch.float32).contiguous()
                 keep_alive.append(t)

@@ -50,7 +50,7 @@ def plans(lowering: type[Lowering], program: Program, schedule: Schedule, full_d
 def lower(lowering: type[Lowering], program: Program, schedule: Schedule, full_dims: dict[str, int],
           target: str, **options) -> KernelSource:
     """``program`` lowered by the target ``lowering``: the plans, then its code (``options``: what
-    its constructor takes beside them)."""
+    its constructor takes beside them, ``varlen`` say)."""
     return lowering(*plans(lowering, program, schedule, full_dims, target), **options).kernel()
 
 
@@ -64,6 +64,47 @@ class Lowering(Emitter):
     consumer_heads: bool  # lowers consumer_axis="heads"
     store_buffers: int  # shared panel buffers a consumer alternates between for wide tile stores
     emitters = OP_EMITTERS
+
+    def __init__(self, *plans, varlen: bool = False):
+        """``varlen``: the kernel runs a packed batch, each (sequence, head) a program instance whose
+        first token and length it reads from the ``cu_seqlens`` offsets (``ops/varlen.py``)."""
+        super().__init__(*plans)
+        self.varlen = varlen
+        if varlen:
+            self.check_varlen()
+
+    def check_varlen(self):
+        """Packed sequences lower scans: chunk loops over T, every sequence tile loaded in them."""
+        plan = self.plan
+        outside = [op for op in plan.prologue_loads if self.program.param(op.attrs["param"]).spec.kind != "head"]
+        if plan.matrix or plan.grid_loops or outside or any(loop.dim != "T" for loop in plan.loops) \
+                or any(p.spec.kind == "chunk_state" for p in self.program.params):
+            self.fail("packed sequences (cu_seqlens) lower scan programs only: chunks() loops over the sequence, "
+                      "no blocks() grid, no ChunkState, no tile loaded outside a chunk loop")
+
+    def token_base(self) -> str:
+        """The row of ``[B·T]`` tokens where this instance's sequence starts: its batch row's, or in a
+        packed batch its offset."""
+        return "(long)bos" if self.varlen else "(long)b * T"
+
+    def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",
+                out: bool = False) -> tuple[str, str, str, str]:
+        """Global address of the tile of parameter ``name`` at block indices ``idx`` (16-bit
+        elements), its row stride, and the rows and columns left in the tensor from there."""
+        base = f"{'out' if out else 'ptr'}_{name}"
+        spec = self.program.param(name).spec
+        if spec.kind == "matrix":
+            rdim, cdim = spec.dims
+            row0, col0 = f"{idx[0]} * {rows}", f"{idx[1]} * {cols}"
+            return (f"{base} + (long)({row0}) * {cdim} + {col0}", f"(long){cdim}", f"{rdim} - {row0}",
+                    f"{cdim} - ({col0})")
+        heads, head = ("G", "h / (H / G)") if spec.kind == "group_seq" else ("H", "h")
+        dim = [d for d in spec.dims if isinstance(d, str)][-1]
+        width = self.plan.full_dims[dim]
+        row0 = f"{idx[0]} * {rows}"
+        col0 = self.plan.col0(name, consumer)
+        return (f"{base} + (({self.token_base()} + {row0}) * {heads} + {head}) * {width} + {col0}",
+                f"(long){heads} * {width}", f"T - {row0}", str(cols))
 
     @classmethod
     def consumer_registers(cls, schedule: Schedule) -> int:
@@ -145,7 +186,7 @@ class Lowering(Emitter):
         rows = op.result.type.rows
         index = self.plan.index_name[op.operands[0].id]
         return [f"tm::load_col_async<{rows}, {threads}>((float*)({dst} + {consumer * rows * 4}), "
-                f"ptr_{op.attrs['param']} + (long)b * T * H + {self.producer_head(op, consumer)}, H, "
+                f"ptr_{op.attrs['param']} + {self.token_base()} * H + {self.producer_head(op, consumer)}, H, "
                 f"{index} * {rows}, T, {tid});"
                 for consumer in range(self.schedule.consumers if self.plan.per_consumer(op) else 1)]
 
@@ -184,7 +225,11 @@ class Lowering(Emitter):
                 order.append((ParamKind.CHUNK_STATE, p.name))
             else:
                 self.fail(f"parameter kind {kind} is not lowered yet")
-        args += [f"int {d}" for d in self.plan.size_args]
+        if self.varlen:
+            args.append("const int* __restrict__ cu_seqlens")
+            order.append((ParamKind.OFFSETS, "cu_seqlens"))
+        # in a packed batch T is each sequence's length (grid_decode), the packed row's is T_packed
+        args += [f"int {'T_packed' if self.varlen and d == 'T' else d}" for d in self.plan.size_args]
         return args, order
 
     def grid_decode(self) -> list[str]:
@@ -210,6 +255,8 @@ class Lowering(Emitter):
             grid.append(f"  const int b = rest / (H / {C}), hcta = rest % (H / {C});")
         else:
             grid.append("  const int b = rest / H, h = rest % H;")
+        if self.varlen:
+            grid.append("  const int bos = cu_seqlens[b], T = cu_seqlens[b + 1] - bos;  // packed sequence b")
         return grid
 
     def consumer_block(self) -> list[str]:

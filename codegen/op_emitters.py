@@ -89,7 +89,7 @@ def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         lw.ring_vector[op.result] = at
         return
     row0 = f"{lw.plan.index_name[op.operands[0].id]} * {t.rows}"
-    lw.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + (long)b * T * H + h, H, {row0}, T);", ind)
+    lw.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + {lw.token_base()} * H + h, H, {row0}, T);", ind)
 
 
 def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -386,8 +386,8 @@ def emit_store_col(lw: Lowering, op: Op, ind: int):
     value, index = op.operands[0], op.operands[1]
     row0 = f"{lw.plan.index_name[index.id]} * {value.type.rows}"
     lw.wait_for([value], ind)
-    lw.emit(f"tm::store_col(out_{op.attrs['param']} + (long)b * T * H + h, H, {row0}, T, {lw.reg(value, ind)});",
-            ind)
+    lw.emit(f"tm::store_col(out_{op.attrs['param']} + {lw.token_base()} * H + h, H, {row0}, T, "
+            f"{lw.reg(value, ind)});", ind)
 
 
 def store_entry(tile_store):

@@ -24,6 +24,7 @@ class ParamKind(str, Enum):
     STATE = "state"  # the addresses of a state's initial value (or null) and its final value
     SCALAR = "scalar"  # a float passed by value
     CHUNK_STATE = "chunk_state"  # the address of an fp32 [B, H, NC, r, c] tile per chunk (input or output)
+    OFFSETS = "offsets"  # the address of a packed batch's int32 [N + 1] sequence offsets (cu_seqlens)
 
 
 @dataclass

@@ -90,8 +90,6 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4],
 
 namespace tm {
 
-struct alignas(16) u128 { u32 x, y, z, w; };
-
 // ------------------------------------------------------------ cp.async loads ----
 // Global R x C 16-bit tile (row stride `ld` elements, 16-byte aligned rows) -> swizzled shared
 // tile, by the NT threads of the CTA (thread `tid`), as 16-byte cp.async copies. Rows at or past
@@ -148,21 +146,6 @@ __device__ __forceinline__ void load_tile_async(char* tile, const u16* src, long
 }
 __device__ __forceinline__ void cp_async_commit() { tilemix::generic::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { tilemix::generic::cp_async_wait<N>(); }
-
-// ------------------------------------------------------------------ stores ----
-// One 64-column swizzled shared panel of R rows (tm::store_panel's output) -> global, by the 128
-// threads of a group, 16 bytes per thread and row chunk; rows at or past `rows_left` and columns
-// at or past `cols_left` (a multiple of 8) are not written.
-template <int R>
-__device__ __forceinline__ void copy_panel_out(u16* dst, long ld, int rows_left, int cols_left, const char* panel) {
-  const int tid = threadIdx.x % 128;
-#pragma unroll
-  for (int i0 = 0; i0 < R * 8; i0 += 128) {
-    const int i = i0 + tid, r = i / 8, j = i % 8;
-    if ((R * 8 % 128 == 0 || i < R * 8) && r < rows_left && j * 8 < cols_left)
-      *(u128*)(dst + (long)r * ld + j * 8) = *(const u128*)(panel + r * 128 + ((j ^ (r % 8)) * 16));
-  }
-}
 
 // --------------------------------------------------------------- mma.sync ----
 // Fragment addresses. Lane l of an ldmatrix.x4 gives a row address of matrix l / 8 of a 16 x 16

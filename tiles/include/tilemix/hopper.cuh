@@ -804,4 +804,34 @@ template <int R, int C> __device__ __forceinline__ void store_f32(float* base, i
     TM_FOR_EACH(T) base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))] = x.v[mb][nb][hr][cp];
 }
 
+// ---------------------------------------------- plain stores, packed sequences' edges ----
+struct alignas(16) u128 { u32 x, y, z, w; };
+
+// One 64-column swizzled shared panel of R rows (tm::store_panel's output) -> global, by the 128
+// threads of a group, 16 bytes per thread and row chunk; rows at or past `rows_left` and columns
+// at or past `cols_left` (a multiple of 8) are not written. The generic target's tile stores, and a
+// packed sequence's partial last chunk on sm_90a (a TMA store clips at the tensor's edge only).
+template <int R>
+__device__ __forceinline__ void copy_panel_out(u16* dst, long ld, int rows_left, int cols_left, const char* panel) {
+  const int tid = threadIdx.x % 128;
+#pragma unroll
+  for (int i0 = 0; i0 < R * 8; i0 += 128) {
+    const int i = i0 + tid, r = i / 8, j = i % 8;
+    if ((R * 8 % 128 == 0 || i < R * 8) && r < rows_left && j * 8 < cols_left)
+      *(u128*)(dst + (long)r * ld + j * 8) = *(const u128*)(panel + r * 128 + ((j ^ (r % 8)) * 16));
+  }
+}
+
+// Rows `keep` and after of each of the `panels` R-row, 64-column swizzled panels from `tile` set to
+// zero, by the 128 threads of a group: a packed sequence's partial last chunk, which TMA filled
+// with the next sequence's tokens (a swizzled row stays within its own 128 bytes).
+template <int R>
+__device__ __forceinline__ void zero_rows(char* tile, int panels, int keep) {
+  const int tid = threadIdx.x % 128;
+  for (int i = tid; i < panels * R * 8; i += 128) {
+    const int panel = i / (R * 8), r = i / 8 % R, j = i % 8;
+    if (r >= keep) *(u128*)(tile + panel * R * 128 + r * 128 + j * 16) = u128{0, 0, 0, 0};
+  }
+}
+
 }  // namespace tm
