@@ -1,0 +1,210 @@
+"""Packed variable-length batches (``cu_seqlens``, ``ops/varlen.py``): a packed call equals running
+each sequence on its own, outputs, final states and gradients (float64, the interpreter); bad
+offsets are errors naming the argument; the varlen kernels lower and compile for sm_90a and sm_80;
+on a GPU (``gpu``) the generated kernels match the per-sequence calls."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from compile_checks import check_compiled
+
+from tilemix.ops import linear_attention, ssd
+from tilemix.ops.examples import kernel_specs
+from tilemix.tiles import TileError
+
+linear_attention_programs = importlib.import_module("tilemix.ops.linear_attention")
+ssd_programs = importlib.import_module("tilemix.ops.ssd")
+ssd_backward_programs = importlib.import_module("tilemix.ops.ssd_backward")
+
+# lengths that are and are not multiples of 64, a one-token sequence, an empty one, one sequence (N = 1)
+LENGTHS = [[64, 128], [100, 1, 37, 0, 64], [130]]
+
+
+def offsets(lengths, device="cpu"):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def linear_attention_inputs(lengths, dtype=torch.float64, device="cpu", D=16, H=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, N = sum(lengths), len(lengths)
+    q, k, v = (torch.randn(1, T, H, D, generator=g).to(device, dtype) for _ in range(3))
+    state = torch.randn(N, H, D, D, generator=g).to(device, torch.float32 if dtype != torch.float64 else dtype)
+    return dict(q=q, k=k, v=v, initial_state=state)
+
+
+def ssd_inputs(lengths, dtype=torch.float64, device="cpu", P=16, N=16, H=4, G=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T, count = sum(lengths), len(lengths)
+    state_dtype = torch.float32 if dtype != torch.float64 else dtype
+    return dict(x=torch.randn(1, T, H, P, generator=g).to(device, dtype),
+                dt=(torch.rand(1, T, H, generator=g) * 0.5 + 0.05).to(device, state_dtype),
+                A=(-torch.rand(H, generator=g) - 0.1).to(device, state_dtype),
+                B=torch.randn(1, T, G, N, generator=g).to(device, dtype),
+                C=torch.randn(1, T, G, N, generator=g).to(device, dtype),
+                D=torch.randn(H, generator=g).to(device, state_dtype),
+                initial_state=torch.randn(count, H, N, P, generator=g).to(device, state_dtype))
+
+
+def one_by_one(op, inputs, lengths, **options):
+    """``op`` on each sequence's slice, packed as a varlen call returns: outputs along T, states stacked."""
+    cu = offsets(lengths).tolist()
+    outs, states = [], []
+    for n in range(len(lengths)):
+        sliced = {name: (t[:, cu[n]:cu[n + 1]] if t.dim() >= 3 and t.shape[0] == 1 and name != "initial_state"
+                         else t[n:n + 1] if name == "initial_state" else t) for name, t in inputs.items()}
+        out, state = op(**sliced, output_final_state=True, **options)
+        outs.append(out)
+        states.append(state)
+    return torch.cat(outs, 1), torch.cat(states)
+
+
+def gradients(outputs, inputs):
+    out, state = outputs
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
+    loss = (out * weights).sum() + (state.to(out.dtype) ** 2).sum()
+    return torch.autograd.grad(loss, list(inputs.values()))
+
+
+OPS = {"linear_attention": (linear_attention, linear_attention_inputs),
+       "ssd": (ssd, ssd_inputs)}
+
+
+@pytest.mark.parametrize("backward", ["hand-written", "derived"])
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_packed_equals_each_sequence_alone(name, lengths, backward):
+    op, make = OPS[name]
+    inputs = {n: t.requires_grad_() for n, t in make(lengths).items()}
+    packed = op(**inputs, output_final_state=True, cu_seqlens=offsets(lengths), backward=backward)
+    alone = one_by_one(op, inputs, lengths)
+    assert packed[0].shape == alone[0].shape and packed[1].shape == (len(lengths), *alone[1].shape[1:])
+    torch.testing.assert_close(packed[0], alone[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed[1], alone[1], rtol=1e-12, atol=1e-12)
+    for got, want in zip(gradients(packed, inputs), gradients(alone, inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_ssd_packed_gradient_of_the_decays_counts_chunks_per_sequence():
+    """The hand-written SSD backward's per-chunk term, gradcheck'd: sequences whose chunks do not
+    line up with the packed row's 64-token grid, no initial state."""
+    lengths = [70, 90]
+    inputs = {n: t for n, t in ssd_inputs(lengths, P=16, N=16, H=2, G=1).items() if n != "initial_state"}
+    cu = offsets(lengths)
+    dt, A = inputs.pop("dt").requires_grad_(), inputs.pop("A").requires_grad_()
+    torch.autograd.gradcheck(lambda dt, A: ssd(dt=dt, A=A, **inputs, output_final_state=True, cu_seqlens=cu),
+                             (dt, A), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (torch.tensor([0, 64, 128]), TypeError, "int32"),
+    ([0, 64, 128], TypeError, "int32 tensor"),
+    (torch.tensor([[0, 64, 128]], dtype=torch.int32), ValueError, "1-D"),
+    (torch.tensor([0, 100, 64, 128], dtype=torch.int32), ValueError, "non-decreasing"),
+    (torch.tensor([0, 64, 100], dtype=torch.int32), ValueError, "end at T = 128"),
+    (torch.tensor([1, 64, 128], dtype=torch.int32), ValueError, "start at 0"),
+])
+@pytest.mark.parametrize("name", OPS)
+def test_bad_offsets_name_the_argument(name, bad, error, words):
+    op, make = OPS[name]
+    inputs = {n: t for n, t in make([64, 64]).items() if n != "initial_state"}
+    with pytest.raises(error, match="cu_seqlens") as caught:
+        op(**inputs, cu_seqlens=bad)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("name, packed", [("linear_attention", "q"), ("ssd", "x")])
+def test_a_packed_batch_is_one_row(name, packed):
+    op, make = OPS[name]
+    inputs = {n: (t.expand(2, *t.shape[1:]) if n == packed else t) for n, t in make([64, 64]).items()
+              if n != "initial_state"}
+    with pytest.raises(ValueError, match=f"^{packed}: .*one row"):
+        op(**inputs, cu_seqlens=offsets([64, 64]))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_one_initial_state_per_sequence(name):
+    op, make = OPS[name]
+    inputs = make([64, 64])
+    inputs["initial_state"] = inputs["initial_state"][:1]
+    with pytest.raises(ValueError, match="^initial_state: .*2 sequences"):
+        op(**inputs, cu_seqlens=offsets([64, 64]))
+
+
+def test_bidirectional_takes_no_offsets():
+    inputs = {n: t for n, t in linear_attention_inputs([64]).items() if n != "initial_state"}
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        linear_attention(**inputs, causal=False, cu_seqlens=offsets([64]))
+
+
+def test_varlen_lowering_refuses_a_grid_program():
+    """Attention (query blocks on the grid) has no packed-batch kernel yet: a clear error, not wrong code."""
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
+    from tilemix.ops import attention_fwd
+
+    binding = attention_fwd.bind(kernel_specs(attention_fwd, size=64))
+    with pytest.raises(TileError, match="packed sequences"):
+        kernel_source(attention_fwd, binding, default_schedule(attention_fwd, binding, "sm_90a"), "sm_90a", True)
+
+
+VARLEN_PROGRAMS = {
+    "linear_attention_fwd": (linear_attention_programs.linear_attention_fwd, 128),
+    "linear_attention_bwd_dq": (linear_attention_programs.linear_attention_bwd_dq, 128),
+    "linear_attention_bwd_dv": (linear_attention_programs.linear_attention_bwd_dv, 128),
+    "linear_attention_bwd_dk": (linear_attention_programs.linear_attention_bwd_dk, 128),
+    "linear_attention_bwd_total": (linear_attention_programs.linear_attention_bwd_total, 128),
+    "ssd_fwd": (ssd_programs.ssd_fwd, 128),
+    "ssd_bwd_dc": (ssd_backward_programs.ssd_bwd_dc, 64),  # the op runs them on 64-wide blocks of P
+    "ssd_bwd_dx": (ssd_backward_programs.ssd_bwd_dx, 64),
+}
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+@pytest.mark.parametrize("program", VARLEN_PROGRAMS)
+def test_varlen_kernels_compile_without_local_memory(program, arch):
+    pytest.importorskip("cuda.bindings")
+    kernel, size = VARLEN_PROGRAMS[program]
+    binding = kernel.bind(kernel_specs(kernel, size=size))
+    check_compiled(kernel, binding, arch, (program, arch), {}, varlen=True)
+
+
+def test_varlen_kernel_reads_offsets_and_guards_the_partial_chunk():
+    """The sm_90a varlen kernel: T is the sequence's (from cu_seqlens), the partial chunk's rows past it
+    zeroed in the stage and its store clipped; the kernel without varlen has none of it."""
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.source import ParamKind
+    from tilemix.codegen.specialise import kernel_source
+
+    kernel = linear_attention_programs.linear_attention_fwd
+    binding = kernel.bind(kernel_specs(kernel, size=128))
+    schedule = default_schedule(kernel, binding, "sm_90a")
+    packed, plain = (kernel_source(kernel, binding, schedule, "sm_90a", varlen) for varlen in (True, False))
+    assert "T = cu_seqlens[b + 1] - bos" in packed.source and "int T_packed" in packed.source
+    assert "tm::zero_rows<64>" in packed.source and "tm::copy_panel_out<64>(out_o" in packed.source
+    assert (ParamKind.OFFSETS, "cu_seqlens") in packed.params and (ParamKind.PTR_OUT, "o") in packed.params
+    assert "cu_seqlens" not in plain.source and "zero_rows" not in plain.source
+
+
+# -- on a GPU ------------------------------------------------------------------------------------------
+GPU_LENGTHS = [[1000, 64, 1, 4095, 300, 2048], [4096], [17, 64, 129]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["hopper", "generic"])
+@pytest.mark.parametrize("lengths", GPU_LENGTHS, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_gpu_packed_equals_each_sequence_alone(name, lengths, target):
+    if target == "hopper" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90a GPU")
+    op, make = OPS[name]
+    sizes = dict(D=128, H=4) if name == "linear_attention" else dict(P=64, N=128, H=4, G=1)
+    inputs = {n: t.requires_grad_() for n, t in make(lengths, torch.bfloat16, "cuda", **sizes).items()}
+    packed = op(**inputs, output_final_state=True, cu_seqlens=offsets(lengths, "cuda"), target=target)
+    alone = one_by_one(op, inputs, lengths, target=target)
+    for got, want in zip(packed, alone):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(gradients(packed, inputs), gradients(alone, inputs)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
