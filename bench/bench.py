@@ -36,6 +36,7 @@ from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
 from .selective_scan import SELECTIVE_SCAN_CASES
+from .varlen import VARLEN_CASES
 from .windows import WINDOW_CASES, WINDOW_SHAPE
 
 __all__ = ["run_bench", "default_json_path"]
@@ -254,7 +255,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
          **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES,
-         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES}
+         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES, **VARLEN_CASES}
 
 
 def direction(name: str) -> str:
@@ -395,7 +396,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host,
-                            **_backward_field(name), **({"grid": True} if grid else {})))
+                            **_backward_field(name), **({"grid": True} if grid else {}),
+                            **({"varlen": True} if "varlen" in name.split("-") else {})))
         cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
                  number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")

@@ -208,3 +208,28 @@ def test_gpu_packed_equals_each_sequence_alone(name, lengths, target):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     for got, want in zip(gradients(packed, inputs), gradients(alone, inputs)):
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("name", ["linear_attention-varlen", "ssd-varlen", "linear_attention-bwd-varlen",
+                                  "ssd-bwd-varlen"])
+def test_varlen_bench_rows_run_on_the_interpreter(name):
+    """Each row's timed call at a small shape: B = 3 sequences of random lengths packed into 3 x 70
+    tokens; its peer is fla's kernel given the offsets."""
+    from tilemix.bench import bench
+
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](3, 70, 2, 16, torch.float32, device="cpu")
+    out = ours()
+    if bench.direction(name) == "bwd":
+        assert len(out) >= 3 and all(g.isfinite().all() for g in out)
+    else:
+        assert out.shape == (1, 210, 2, 16) and out.isfinite().all()
+    assert peer_name.startswith("fla-") and callable(peer) and nbytes > 0 and flops > 0
+    assert shape["T"] == 210 and shape["sequences"] == 3
+
+
+def test_packed_lengths_are_random_and_sum_to_the_tokens():
+    from tilemix.bench.varlen import packed_lengths
+
+    lengths = packed_lengths(8, 32768)
+    assert len(lengths) == 8 and sum(lengths) == 32768 and min(lengths) >= 1 and len(set(lengths)) == 8
+    assert packed_lengths(8, 32768) == lengths  # the same seed in every run
