@@ -15,7 +15,7 @@ from tilemix.tiles import Kernel
 from .derived import derived_gradients
 from .runtime import check_call, current_target, fake_run, run_kernel, use_target
 from .varlen import ARGUMENT as VARLEN
-from .varlen import fake_varlen, run_varlen, varlen_gradients
+from .varlen import check_cu_seqlens, fake_varlen, run_varlen, varlen_gradients
 
 __all__ = ["tile_op", "no_state", "custom_op", "register_derived_autograd", "check_backward", "BACKWARDS", "mixer",
            "Mixer"]
@@ -85,7 +85,8 @@ def custom_op(kernel: Kernel, name: str | None = None, final_states: tuple[str, 
     ``torch.compile(fullgraph=True)`` traces it. The result is torch's ``CustomOpDef``, with no
     backward (``mixer`` registers the one derived from the program):
     ``op.register_autograd(backward, setup_context=...)`` makes it differentiable, with a backward
-    that may call other tile programs' ops. A name registered before is a ValueError.
+    that may call other tile programs' ops. A name registered before is a ValueError. A last,
+    optional argument ``cu_seqlens`` runs a packed variable-length batch (``ops/varlen.py``).
 
     >>> from tilemix.tiles import Out, Scalar, Seq, chunks, kernel
     >>> @kernel
@@ -105,6 +106,9 @@ def custom_op(kernel: Kernel, name: str | None = None, final_states: tuple[str, 
     if unknown:
         raise ValueError(f"final_states: {unknown} are not states of {kernel.name}; its states are {states}")
     results = outputs + list(final_states)
+    if VARLEN in kernel.specs:
+        raise ValueError(f"{kernel.name}: a parameter named {VARLEN!r} would clash with the op's packed-batch "
+                         "offsets; rename it")
     if not results:
         raise ValueError(f"final_states: {kernel.name} has no outputs, so the op must return at least one of its "
                          f"states {states}")
@@ -113,11 +117,13 @@ def custom_op(kernel: Kernel, name: str | None = None, final_states: tuple[str, 
         if inputs[i] not in kernel.defaults:
             break
         arguments[i] += "=" + _schema_default(kernel.defaults[inputs[i]])
+    arguments.append(f"Tensor? {VARLEN}=None")
     returns = "Tensor" if len(results) == 1 else f"({', '.join(['Tensor'] * len(results))})"
     schema = f"({', '.join(arguments)}) -> {returns}"
 
     def to_args(*values):
-        return dict(zip(inputs, values)), {}, tuple(final_states)
+        cu_seqlens = values[len(inputs)] if len(values) > len(inputs) else None
+        return {**dict(zip(inputs, values)), VARLEN: cu_seqlens}, {}, tuple(final_states)
 
     def to_result(out):
         return out[results[0]] if len(results) == 1 else tuple(out[n] for n in results)
@@ -200,8 +206,9 @@ def _derived_backward_op(kernel: Kernel, name: str, inputs: list[str], tensors: 
     ``wanted``), given ``grads`` (one per ``graded`` output or state; None or empty: zero), of a
     packed batch where ``cu_seqlens`` is given."""
 
-    def split(values):
-        *program_args, grads, wanted, cu_seqlens = values
+    def split(values):  # torch leaves out a trailing argument at its default (cu_seqlens None)
+        program_args, (grads, wanted, *rest) = values[:len(inputs)], values[len(inputs):]
+        cu_seqlens = rest[0] if rest else None
         args = dict(zip(inputs, program_args))
         return args, grads, wanted, cu_seqlens, next(t for t in args.values() if isinstance(t, torch.Tensor))
 
@@ -243,9 +250,11 @@ class Mixer:
         self._inputs = [n for n, spec in kernel.specs.items() if not spec.output]
         self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
         results = tuple(n for n, spec in kernel.specs.items() if spec.output) + self.final_states
-        register_derived_autograd(self.op, kernel, tuple(self._inputs), results)
+        register_derived_autograd(self.op, kernel, (*self._inputs, VARLEN), results)
 
-    def __call__(self, **inputs):
+    def __call__(self, *, cu_seqlens: torch.Tensor | None = None, **inputs):
+        """``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (``ops/varlen.py``);
+        states then ``[N, H, ...]``."""
         unknown = sorted(set(inputs) - set(self._inputs))
         if unknown:
             outputs = [n for n in unknown if n in self.kernel.specs]
@@ -255,7 +264,10 @@ class Mixer:
         if missing:
             raise TypeError(f"{self.name}: missing argument(s) {missing}")
         check_call(self.name, differentiable=True, **{n: inputs.get(n) for n in self._tensors})
-        return self.op(*(inputs[n] if n in inputs else self.kernel.defaults[n] for n in self._inputs))
+        if cu_seqlens is not None:
+            packed = next(n for n in self._tensors if self.kernel.specs[n].kind in ("seq", "group_seq"))
+            check_cu_seqlens(cu_seqlens, inputs[packed], packed)
+        return self.op(*(inputs[n] if n in inputs else self.kernel.defaults[n] for n in self._inputs), cu_seqlens)
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable | None = None) -> None:
         """Replace the derived backward: ``backward(ctx, *grads)`` returns a gradient (or None) per

@@ -79,59 +79,69 @@ def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.T
     return torch.tensor([math.log1p(-2.0 ** (-5 - h)) for h in range(heads)], device=device, dtype=dtype)
 
 
-def _check(op: str, output_final_state, **tensors) -> None:
+def _check(op: str, output_final_state, cu_seqlens, **tensors) -> None:
+    """The op's arguments; a packed batch (``cu_seqlens``, checked by ``Mixer``) has a state per sequence."""
     check_call(op, differentiable=True, flags=dict(output_final_state=output_final_state), **tensors)
     query = "r" if "r" in tensors else "q"
     q, v, state = tensors[query], tensors["v"], tensors["initial_state"]
     if q.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{query if q.dim() != 4 else 'v'}: expected [B, T, H, D], got shape "
                          f"{tuple((q if q.dim() != 4 else v).shape)}")
-    expected = (q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    rows = q.shape[0] if not isinstance(cu_seqlens, torch.Tensor) else cu_seqlens.shape[0] - 1
+    expected = (rows, q.shape[2], q.shape[3], v.shape[3])
     if state is not None and tuple(state.shape) != expected:
-        raise ValueError(f"initial_state: expected [B, H, K, V] = {list(expected)}, got {list(state.shape)}")
+        layout = "[B, H, K, V]" if cu_seqlens is None else "[N, H, K, V] (N sequences)"
+        raise ValueError(f"initial_state: expected {layout} = {list(expected)}, got {list(state.shape)}")
 
 
 def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-              initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+              initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
+              cu_seqlens: torch.Tensor | None = None):
     """Multi-scale retention (RetNet; flash-linear-attention's ``chunk_retention`` convention):
     head h decays its state by ``γ_h = 1 - 2^(-5-h)`` per token.
 
     q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; scale defaults to ``K ** -0.5``; initial_state:
     float32 ``[B, H, K, V]`` or None (zeros). Returns ``(o [B, T, H, V], final_state or None)``.
-    Differentiable (the derived backward)."""
-    _check("retention", output_final_state, q=q, k=k, v=v, initial_state=initial_state)
+    Differentiable (the derived backward). ``cu_seqlens``: a packed batch, as ``Mixer`` takes it."""
+    _check("retention", output_final_state, cu_seqlens, q=q, k=k, v=v, initial_state=initial_state)
     log_gamma = retention_log_decay(q.shape[2], q.device)
-    o, state = retention_mixer(q=q, k=k, v=v, log_gamma=log_gamma, scale=default_scale(q, scale), s=initial_state)
+    o, state = retention_mixer(q=q, k=k, v=v, log_gamma=log_gamma, scale=default_scale(q, scale), s=initial_state,
+                               cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
-        initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+        initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
+        cu_seqlens: torch.Tensor | None = None):
     """Gated linear attention (flash-linear-attention's ``chunk_gla`` convention):
     ``S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
 
     q, k, g: ``[B, T, H, K]`` (g: log forget gates, ≤ 0); v: ``[B, T, H, V]``; scale defaults to
     ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
-    ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward)."""
-    _check("gla", output_final_state, q=q, k=k, v=v, g=g, initial_state=initial_state)
+    ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward). ``cu_seqlens``:
+    a packed batch, as ``Mixer`` takes it."""
+    _check("gla", output_final_state, cu_seqlens, q=q, k=k, v=v, g=g, initial_state=initial_state)
     if g.shape != k.shape:
         raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
-    o, state = gla_mixer(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state)
+    o, state = gla_mixer(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state, cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 
 def rwkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-          scale: float | None = None, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
+          scale: float | None = None, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+          *, cu_seqlens: torch.Tensor | None = None):
     """RWKV-6's time mixing (flash-linear-attention's ``chunk_rwkv6`` convention):
     ``o_t = scale · (S_{t-1} + diag(u) k_t v_tᵀ)ᵀ r_t``, ``S_t = diag(exp w_t) S_{t-1} + k_t v_tᵀ``.
 
     r, k, w: ``[B, T, H, K]`` (w: log decays, ≤ 0); v: ``[B, T, H, V]``; u: ``[H, K]`` bonus; scale
     defaults to ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
-    ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward)."""
-    _check("rwkv6", output_final_state, r=r, k=k, v=v, w=w, u=u, initial_state=initial_state)
+    ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward). ``cu_seqlens``:
+    a packed batch, as ``Mixer`` takes it."""
+    _check("rwkv6", output_final_state, cu_seqlens, r=r, k=k, v=v, w=w, u=u, initial_state=initial_state)
     if w.shape != k.shape:
         raise ValueError(f"w: expected the shape of k {tuple(k.shape)}, got {tuple(w.shape)}")
     if u.shape != (k.shape[2], k.shape[3]):
         raise ValueError(f"u: expected [H, K] = {[k.shape[2], k.shape[3]]}, got {list(u.shape)}")
-    o, state = rwkv6_mixer(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state)
+    o, state = rwkv6_mixer(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state,
+                           cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from compile_checks import check_compiled
 
-from tilemix.ops import linear_attention, ssd
+from tilemix.ops import gla, linear_attention, retention, rwkv6, ssd
 from tilemix.ops.examples import kernel_specs
 from tilemix.tiles import TileError
 
@@ -72,6 +72,26 @@ OPS = {"linear_attention": (linear_attention, linear_attention_inputs),
        "ssd": (ssd, ssd_inputs)}
 
 
+def mixer_inputs(name, lengths, D=16, H=2, seed=0):
+    """Inputs of the ``mixer`` ops (backward derived from the program), float64."""
+    g = torch.Generator().manual_seed(seed)
+    T, N = sum(lengths), len(lengths)
+
+    def seq():
+        return torch.randn(1, T, H, D, generator=g, dtype=torch.float64)
+    gates = torch.nn.functional.logsigmoid(seq()) / 4
+    state = torch.randn(N, H, D, D, generator=g, dtype=torch.float64)
+    if name == "retention":
+        return dict(q=seq(), k=seq(), v=seq(), initial_state=state)
+    if name == "gla":
+        return dict(q=seq(), k=seq(), v=seq(), g=gates, initial_state=state)
+    return dict(r=seq(), k=seq(), v=seq(), w=gates, u=torch.randn(H, D, generator=g, dtype=torch.float64),
+                initial_state=state)
+
+
+MIXERS = {"retention": retention, "gla": gla, "rwkv6": rwkv6}
+
+
 @pytest.mark.parametrize("backward", ["hand-written", "derived"])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
 @pytest.mark.parametrize("name", OPS)
@@ -85,6 +105,29 @@ def test_packed_equals_each_sequence_alone(name, lengths, backward):
     torch.testing.assert_close(packed[1], alone[1], rtol=1e-12, atol=1e-12)
     for got, want in zip(gradients(packed, inputs), gradients(alone, inputs)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[100, 1, 64], [70]], ids=str)
+@pytest.mark.parametrize("name", MIXERS)
+def test_mixers_packed_equal_each_sequence_alone(name, lengths):
+    """Every ``mixer`` op takes cu_seqlens: the forward as the shipped scans, the derived backward
+    sequence by sequence (a per-head input's gradient summed over them)."""
+    op = MIXERS[name]
+    inputs = {n: t.requires_grad_() for n, t in mixer_inputs(name, lengths).items()}
+    packed = op(**inputs, output_final_state=True, cu_seqlens=offsets(lengths))
+    alone = one_by_one(op, inputs, lengths)
+    for got, want in zip(packed, alone):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(gradients(packed, inputs), gradients(alone, inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_op_passes_opcheck():
+    """The custom op's fake kernel shapes a packed call's results as the real one (torch.compile)."""
+    inputs = linear_attention_inputs([70, 1, 64])
+    torch.library.opcheck(torch.ops.tilemix.linear_attention.default,
+                          (*(inputs[n] for n in ("q", "k", "v")), 0.25, inputs["initial_state"], True,
+                           offsets([70, 1, 64])))
 
 
 def test_ssd_packed_gradient_of_the_decays_counts_chunks_per_sequence():
