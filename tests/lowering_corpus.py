@@ -29,6 +29,8 @@ VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(
             "shared-staging": dict(share_staging=True),
             "heads-pair": dict(split=(), consumers=2, consumer_axis="heads", stages=2, share_staging=True)}
 # Const specialisations lowered besides a program's defaults: program -> label -> Const values
+# the scans whose packed-batch kernels (varlen, ops/varlen.py) are recorded too, default schedule, sm_90a and sm_80
+VARLEN_MODULES = ("linear_attention", "ssd", "ssd_states", "ssd_backward", "gated")
 SPECIALISED = {f"attention.{name}{grouped}": {"window100": dict(is_causal=True, window=100)}
                for name in ("attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv")
                for grouped in ("", "_gqa")}
@@ -67,7 +69,8 @@ def fingerprint(source) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def lowered(kernel: Kernel, size: int, arch: str, variant: dict, consts: dict | None = None) -> str:
+def lowered(kernel: Kernel, size: int, arch: str, variant: dict, consts: dict | None = None,
+            varlen: bool = False) -> str:
     from tilemix.codegen.schedule import default_schedule
     from tilemix.codegen.specialise import kernel_source
     from tilemix.ops.examples import kernel_specs
@@ -76,7 +79,7 @@ def lowered(kernel: Kernel, size: int, arch: str, variant: dict, consts: dict | 
     try:
         binding = kernel.bind(args)
         schedule = replace(default_schedule(kernel, binding, arch), **variant)
-        return fingerprint(kernel_source(kernel, binding, schedule, arch))
+        return fingerprint(kernel_source(kernel, binding, schedule, arch, varlen))
     except (TileError, ValueError, TypeError) as e:
         return f"error {type(e).__name__}"
 
@@ -92,6 +95,10 @@ def corpus() -> dict[str, str]:
                         if vname != "default" and (size == 256 or arch not in ("sm_90a", "sm_80")):
                             continue
                         out[f"{key} {size} {arch} {vname}"] = lowered(kernel, size, arch, variant, consts)
+        if name.split(".")[0] in VARLEN_MODULES:
+            for size in (64, 128):
+                for arch in ("sm_90a", "sm_80"):
+                    out[f"{name} {size} {arch} varlen"] = lowered(kernel, size, arch, {}, varlen=True)
     return out
 
 
