@@ -102,9 +102,9 @@ def join_sequences(kernel: Kernel, results: list[dict[str, torch.Tensor]]) -> di
 
 
 # -- one kernel over every sequence ---------------------------------------------------------------------
-def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int):
-    """The call's binding with B = N sequences: bound on the packed row, states as one row of theirs
-    (a state with other than N rows is a ValueError naming it)."""
+def _one_row(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int) -> dict[str, Any]:
+    """``args`` with each state cut to one row, as a one-row batch's (what binding checks); a state
+    with other than N rows is a ValueError naming it."""
     one_row = dict(args)
     for name, value in args.items():
         if isinstance(value, torch.Tensor) and name in kernel.specs and kernel.specs[name].kind == "state":
@@ -112,7 +112,12 @@ def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
                 raise ValueError(f"{(labels or {}).get(name, name)}: a packed batch of {sequences} sequences takes "
                                  f"one state per sequence, [{sequences}, H, ...]; got shape {list(value.shape)}")
             one_row[name] = value[:1]
-    binding = kernel.bind(one_row, labels)
+    return one_row
+
+
+def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int):
+    """The call's binding with B = N sequences: bound on the packed row, states as one row of theirs."""
+    binding = kernel.bind(_one_row(kernel, args, labels, sequences), labels)
     return dataclasses.replace(binding, sizes={**binding.sizes, "B": sequences})
 
 
@@ -166,7 +171,7 @@ def _prepare(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     binding = _binding(kernel, args, labels, sequences)
     check_hopper_dims(binding, labels or {})
     arch = device_arch(device)
-    extra = kernel.consts_for(arch, args)
+    extra = kernel.consts_for(arch, _one_row(kernel, args, labels, sequences))
     if extra:
         args = {**args, **extra}
         binding = _binding(kernel, args, labels, sequences)

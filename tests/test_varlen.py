@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 from compile_checks import check_compiled
+from test_gpu_paths import fake_device  # noqa: F401 (a fixture: launches recorded, the device stubbed)
 
 from tilemix.ops import gla, linear_attention, retention, rwkv6, ssd
 from tilemix.ops.examples import kernel_specs
@@ -276,3 +277,38 @@ def test_packed_lengths_are_random_and_sum_to_the_tokens():
     lengths = packed_lengths(8, 32768)
     assert len(lengths) == 8 and sum(lengths) == 32768 and min(lengths) >= 1 and len(set(lengths)) == 8
     assert packed_lengths(8, 32768) == lengths  # the same seed in every run
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_varlen_launch_packs_offsets_and_runs_an_instance_per_sequence(request, arch):
+    """The launch of a packed batch (device stubbed, kernel compiled): one CTA per (sequence, head)
+    and column block, the offsets' address, the output's address beside its tensor map on sm_90a
+    (for a partial last chunk's plain stores), the packed row's length as T."""
+    from tilemix.codegen import launch, schedule
+    from tilemix.codegen.source import ParamKind
+    from tilemix.ops.varlen import _binding
+
+    device = request.getfixturevalue("fake_device")
+    kernel = linear_attention_programs.linear_attention_fwd
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 200, 2, 64, generator=g).bfloat16() for _ in range(3))
+    args = dict(q=q, k=k, v=v, scale=0.25, s=torch.randn(3, 2, 64, 64, generator=g))
+    binding = _binding(kernel, args, None, 3)
+    prepared = launch.prepare_launch(kernel, binding, args, schedule.default_schedule(kernel, binding, arch), arch, 0,
+                                     varlen=True)
+    source = prepared.plan.source
+    kinds = [kind for kind, _ in source.params]
+    tiles = [ParamKind.TMAP] * 3 if arch == "sm_90a" else [ParamKind.PTR] * 3
+    out = [ParamKind.TMAP_OUT] if arch == "sm_90a" else [ParamKind.PTR_OUT]
+    plain_out = [ParamKind.PTR_OUT] if arch == "sm_90a" else []
+    assert kinds == [*tiles, ParamKind.SCALAR, *out, ParamKind.STATE, ParamKind.OFFSETS, *plain_out]
+    cu = offsets([100, 1, 99])
+    outputs = dict(o=torch.empty(1, 200, 2, 64, dtype=torch.bfloat16), s=torch.empty(3, 2, 64, 64))
+    prepared({**args, "cu_seqlens": cu}, outputs)
+    call = device.launches[0]
+    assert call.grid == (source.column_ctas * 3 * 2, 1, 1)
+    params = list(call.params)
+    offsets_at = kinds.index(ParamKind.OFFSETS) + 1  # the state's kind passes two addresses
+    assert params[offsets_at] == cu.data_ptr() and params[len(kinds) + 1] == 200  # T: the packed row's
+    if arch == "sm_90a":
+        assert params[offsets_at + 1] == outputs["o"].data_ptr()
