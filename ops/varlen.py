@@ -135,7 +135,9 @@ def run_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     """``kernel`` on the packed sequences ``cu_seqlens`` delimits (checked by the caller): outputs as
     ``args``' packed row, states ``[N, H, ...]``. CPU tensors: the interpreter on each sequence;
     CUDA tensors: the varlen kernel, one launch."""
-    if cu_seqlens.device.type != "cuda":
+    tokens = next(v.shape[1] for n, v in args.items() if isinstance(v, torch.Tensor) and n in kernel.specs
+                  and kernel.specs[n].kind in ("seq", "group_seq"))
+    if cu_seqlens.device.type != "cuda" or tokens == 0:  # no token at all: nothing for a kernel to tile
         _binding(kernel, args, labels, sequence_count(cu_seqlens))  # the states' rows checked
         results = [run_kernel(kernel, per_sequence(kernel, args, cu_seqlens, n), labels, final_states)
                    for n in range(sequence_count(cu_seqlens))]

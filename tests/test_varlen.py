@@ -233,7 +233,7 @@ def test_varlen_kernel_reads_offsets_and_guards_the_partial_chunk():
 
 
 # -- on a GPU ------------------------------------------------------------------------------------------
-GPU_LENGTHS = [[1000, 64, 1, 4095, 300, 2048], [4096], [17, 64, 129]]
+GPU_LENGTHS = [[1000, 64, 1, 4095, 300, 2048], [4096], [17, 0, 64, 129]]
 
 
 @pytest.mark.gpu
@@ -312,3 +312,22 @@ def test_varlen_launch_packs_offsets_and_runs_an_instance_per_sequence(request, 
     assert params[offsets_at] == cu.data_ptr() and params[len(kinds) + 1] == 200  # T: the packed row's
     if arch == "sm_90a":
         assert params[offsets_at + 1] == outputs["o"].data_ptr()
+
+
+@pytest.mark.gpu
+def test_gpu_packed_call_is_captured_by_a_cuda_graph():
+    """No host sync in a packed call once its signature ran: a CUDA graph captures it, and a replay
+    on new offsets of the same count gives what the op gives on them."""
+    lengths, other = [300, 64, 1000], [1, 700, 663]
+    inputs = linear_attention_inputs(lengths, torch.bfloat16, "cuda", D=128, H=4)
+    cu = offsets(lengths, "cuda")
+    linear_attention(**inputs, output_final_state=True, cu_seqlens=cu)  # compiled, its launch remembered
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = linear_attention(**inputs, output_final_state=True, cu_seqlens=cu)
+    cu.copy_(offsets(other, "cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = linear_attention(**inputs, output_final_state=True, cu_seqlens=offsets(other, "cuda"))
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
