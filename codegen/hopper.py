@@ -101,6 +101,25 @@ class HopperLowering(Lowering):
 
     def wait_prologue(self, ind: int):
         self.emit("tm::mbar_wait(prologue, 0);", ind)
+        if self.varlen:
+            self.zero_prologue_past_sequence(ind)
+
+    def zero_prologue_past_sequence(self, ind: int):
+        """``zero_past_sequence`` for the sequence tiles loaded before the chunk loops (a query block,
+        say): this consumer's copy, or all copies of a tile the consumers share."""
+        for op in self.plan.prologue_loads:
+            t, spec = op.result.type, self.program.param(op.attrs["param"]).spec
+            if spec.kind not in ("seq", "group_seq"):
+                continue
+            row0 = f"{self.plan.index_name[op.operands[0].id]} * {t.rows}"
+            mine = self.plan.per_consumer(op)
+            at = f"smem + {self.layout.prologue_offset[op]}" + (f" + wg * {t.rows * t.cols * 2}" if mine else "")
+            panels = t.cols // PANEL if mine else self.plan.load_bytes(op) // (t.rows * 128)
+            self.emit(f"if ({row0} + {t.rows} > T) {{  // the sequence ends inside this block", ind)
+            for line in (f"tm::zero_rows<{t.rows}>({at}, {panels}, T - {row0});", "tm::fence_proxy_async();",
+                         f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});"):
+                self.emit(line, ind + 2)
+            self.emit("}", ind)
 
     # -- the producer -------------------------------------------------------------
     def tma_loads(self, op: Op, dst: str, bar: str) -> list[str]:

@@ -174,8 +174,8 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
     plan = _plan(kernel, binding, schedule, arch, varlen)
     blocks = 1
-    for dim, size in plan.source.grid_loops:
-        blocks *= -(-sizes[dim] // size)
+    for dim, size in plan.source.grid_loops:  # a packed batch's: over its longest sequence's blocks
+        blocks *= -(-sizes["T_max" if varlen else dim] // size)
     grid = (plan.source.column_ctas * blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, 1)
     size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
     layouts = {}  # tensor maps whose strides TMA reads in place: only the address changes from call to call

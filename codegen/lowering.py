@@ -74,13 +74,13 @@ class Lowering(Emitter):
             self.check_varlen()
 
     def check_varlen(self):
-        """Packed sequences lower scans: chunk loops over T, every sequence tile loaded in them."""
+        """Packed sequences lower programs whose loops walk the sequence: chunks() and blocks() over
+        T (a grid over the longest sequence's blocks, ``T_max``), no ChunkState."""
         plan = self.plan
-        outside = [op for op in plan.prologue_loads if self.program.param(op.attrs["param"]).spec.kind != "head"]
-        if plan.matrix or plan.grid_loops or outside or any(loop.dim != "T" for loop in plan.loops) \
+        if plan.matrix or any(loop.dim != "T" for loop in (*plan.loops, *plan.grid_loops)) \
                 or any(p.spec.kind == "chunk_state" for p in self.program.params):
-            self.fail("packed sequences (cu_seqlens) lower scan programs only: chunks() loops over the sequence, "
-                      "no blocks() grid, no ChunkState, no tile loaded outside a chunk loop")
+            self.fail("packed sequences (cu_seqlens) lower programs whose chunks() and blocks() loops walk the "
+                      "sequence (T), without ChunkState")
 
     def token_base(self) -> str:
         """The row of ``[B·T]`` tokens where this instance's sequence starts: its batch row's, or in a
@@ -229,8 +229,13 @@ class Lowering(Emitter):
             args.append("const int* __restrict__ cu_seqlens")
             order.append((ParamKind.OFFSETS, "cu_seqlens"))
         # in a packed batch T is each sequence's length (grid_decode), the packed row's is T_packed
-        args += [f"int {'T_packed' if self.varlen and d == 'T' else d}" for d in self.plan.size_args]
+        args += [f"int {'T_packed' if self.varlen and d == 'T' else d}" for d in self.size_args()]
         return args, order
+
+    def size_args(self) -> tuple[str, ...]:
+        """The runtime sizes passed as int arguments; a packed batch's grid also takes ``T_max``, the
+        longest sequence (rounded up: ``ops/varlen.py``), which sizes its blocks() loops."""
+        return (*self.plan.size_args, "T_max") if self.varlen and self.plan.grid_loops else self.plan.size_args
 
     def grid_decode(self) -> list[str]:
         """blockIdx.x: a head's column block fastest (the CTAs of one head run side by side and
@@ -242,12 +247,14 @@ class Lowering(Emitter):
             grid.append(f"  const int colcta = rest % {plan.column_ctas}; rest /= {plan.column_ctas};")
         elif self.schedule.split:
             grid.append("  const int colcta = 0;  // the CTA's consumers take every column block")
+        first_rows = []  # a packed batch: the first row of each grid loop's block in this CTA
         for depth in reversed(range(len(plan.grid_loops))):
             loop = plan.grid_loops[depth]
             size = loop.size * (self.schedule.consumers if loop is plan.split_loop else 1)
-            count = f"((({loop.dim}) + {size - 1}) / {size})"
+            count = f"((({'T_max' if self.varlen else loop.dim}) + {size - 1}) / {size})"
             var = "cta" if loop is plan.split_loop else "blk"
             grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
+            first_rows.append(f"{var}{depth} * {size}")
         if plan.matrix:
             return grid
         if plan.heads:  # consumer wg runs head hcta * consumers + wg
@@ -257,6 +264,8 @@ class Lowering(Emitter):
             grid.append("  const int b = rest / H, h = rest % H;")
         if self.varlen:
             grid.append("  const int bos = cu_seqlens[b], T = cu_seqlens[b + 1] - bos;  // packed sequence b")
+            grid += [f"  if ({row} >= T) return;  // past the sequence's end (the grid spans the longest)"
+                     for row in first_rows]
         return grid
 
     def consumer_block(self) -> list[str]:
@@ -277,5 +286,5 @@ class Lowering(Emitter):
         return KernelSource(f"tilemix_{self.program.name}", "\n".join(source) + "\n", smem_bytes,
                             self.layout.stage_bytes, threads, self.schedule, order,
                             [(loop.dim, loop.size * (consumers if loop is plan.split_loop else 1))
-                             for loop in plan.grid_loops], list(plan.size_args), tmap_rows, plan.matrix,
+                             for loop in plan.grid_loops], list(self.size_args()), tmap_rows, plan.matrix,
                             plan.column_ctas)

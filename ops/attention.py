@@ -44,6 +44,7 @@ from tilemix.tiles import window as sliding_window
 
 from ._library import tile_op
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
+from .varlen import check_cu_seqlens
 
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv",
            "attention_fwd_gqa", "attention_fwd_lse_gqa", "attention_bwd_dq_gqa", "attention_bwd_dkdv_gqa"]
@@ -184,12 +185,12 @@ attention_bwd_dkdv_gqa = _grouped_kv(attention_bwd_dkdv)
 declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_gqa, consts=key_chunk)
 
 
-def _forward_args(q, k, v, causal, scale, window=0):
-    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal, window=window or None), {}, None
+def _forward_args(q, k, v, causal, scale, window=0, cu_seqlens=None):
+    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal, window=window or None, cu_seqlens=cu_seqlens), {}, None
 
 
 _BWD_ARGS = "Tensor q, Tensor k, Tensor v, Tensor do, Tensor lse, bool causal, float scale"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window=0)"
+_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window=0, Tensor? cu_seqlens=None)"
 
 
 def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_dkdv: Kernel):
@@ -197,55 +198,59 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
     rows' log-sum-exp ``[B, T, H]``, float32, saved for the backward), both differentiable, on the
     four programs given; the backward programs are ops too (``<name>_bwd_dq``, ``<name>_bwd_dkdv``),
     so a compiled training step (AOT autograd traces the backward with fake tensors) sees them as ops,
-    not as Python. ``window``: the sliding window of causal attention (0: none). Returns the four ops
-    ``(plain, lse, bwd_dq, bwd_dkdv)``."""
+    not as Python. ``window``: the sliding window of causal attention (0: none); ``cu_seqlens``: a
+    packed batch (``ops/varlen.py``). Returns the four ops ``(plain, lse, bwd_dq, bwd_dkdv)``."""
     plain = tile_op(name, f"{_FWD_SCHEMA} -> Tensor", fwd, _forward_args, lambda out: out["o"])
     lse_op = tile_op(f"{name}_lse", f"{_FWD_SCHEMA} -> (Tensor, Tensor)",
                      fwd_lse, _forward_args, lambda out: (out["o"], out["lse"]))
     dq_op = tile_op(
-        f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o, int window=0) -> (Tensor, Tensor)", bwd_dq,
-        lambda q, k, v, do, lse, causal, scale, o, window=0: (
-            dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale, is_causal=causal, window=window or None), {}, None),
+        f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o, int window=0, Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
+        bwd_dq,
+        lambda q, k, v, do, lse, causal, scale, o, window=0, cu_seqlens=None: (
+            dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale, is_causal=causal, window=window or None,
+                 cu_seqlens=cu_seqlens), {}, None),
         lambda out: (out["dq"], out["delta"]))
     dkdv_op = tile_op(
-        f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta, int window=0) -> (Tensor, Tensor)", bwd_dkdv,
-        lambda q, k, v, do, lse, causal, scale, delta, window=0: (
-            dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, scale=scale, is_causal=causal, window=window or None),
-            {}, None),
+        f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta, int window=0, Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
+        bwd_dkdv,
+        lambda q, k, v, do, lse, causal, scale, delta, window=0, cu_seqlens=None: (
+            dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, scale=scale, is_causal=causal, window=window or None,
+                 cu_seqlens=cu_seqlens), {}, None),
         lambda out: (out["dk"], out["dv"]))
 
-    def gradients(ctx, q, k, v, o, lse, do):
+    def gradients(ctx, q, k, v, o, lse, do, cu_seqlens):
         """dq (and delta) from one program, dk and dv from the other (skipped if neither is wanted);
         grouped k and v: the query heads' shares summed over each group."""
         args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
         dk = dv = None
         with use_target(ctx.target):  # the backward programs run on the forward's target
-            dq, delta = dq_op(*args, o, ctx.window)
+            dq, delta = dq_op(*args, o, ctx.window, cu_seqlens)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta, ctx.window))
-        return dq, dk, dv, None, None, None
+                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta, ctx.window, cu_seqlens))
+        return dq, dk, dv, None, None, None, None
 
     def setup_lse(ctx, inputs, output):
-        q, k, v, causal, scale, window = inputs
+        q, k, v, causal, scale, window, cu_seqlens = inputs
         ctx.causal, ctx.scale, ctx.window, ctx.target = causal, scale, window, current_target()
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(q, k, v, *output)
+        ctx.save_for_backward(q, k, v, *output, cu_seqlens)
 
     def backward_lse(ctx, do, _dlse):
-        return gradients(ctx, *ctx.saved_tensors, do)
+        *saved, cu_seqlens = ctx.saved_tensors
+        return gradients(ctx, *saved, do, cu_seqlens)
 
     def setup(ctx, inputs, output):
-        q, k, v, causal, scale, window = inputs
+        q, k, v, causal, scale, window, cu_seqlens = inputs
         ctx.causal, ctx.scale, ctx.window, ctx.target = causal, scale, window, current_target()
-        ctx.save_for_backward(q, k, v, output)
+        ctx.save_for_backward(q, k, v, output, cu_seqlens)
 
     def backward(ctx, do):
         """The plain op called directly saved no log-sum-exp: recompute it (one more forward pass;
         ``attention()`` runs the ``_lse`` op instead when gradients are wanted)."""
-        q, k, v, o = ctx.saved_tensors
+        q, k, v, o, cu_seqlens = ctx.saved_tensors
         with use_target(ctx.target):
-            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale, ctx.window)
-        return gradients(ctx, q, k, v, o, lse, do)
+            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale, ctx.window, cu_seqlens)
+        return gradients(ctx, q, k, v, o, lse, do, cu_seqlens)
 
     lse_op.register_autograd(backward_lse, setup_context=setup_lse)
     plain.register_autograd(backward, setup_context=setup)
@@ -266,7 +271,8 @@ attention_gqa_op, attention_gqa_lse_op, attention_gqa_bwd_dq_op, attention_gqa_b
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: float | None = None, *, window: int | None = None, target: str | None = None) -> torch.Tensor:
+              scale: float | None = None, *, window: int | None = None, cu_seqlens: torch.Tensor | None = None,
+              target: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention. q: ``[B, T, H, D]``; k: ``[B, T, H_kv, D]``; v: ``[B, T, H_kv, V]``
     with ``H % H_kv == 0``: grouped-query attention where ``H_kv < H`` (query head h reads kv head
     ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query);
@@ -278,14 +284,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     rows' log-sum-exp (``attention_fwd_lse``) and the backward runs ``attention_bwd_dq`` and
     ``attention_bwd_dkdv`` (``*_gqa`` programs for grouped k and v); otherwise it runs ``attention_fwd``
     alone. ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the
-    mma.sync kernels, also on an H100)."""
+    mma.sync kernels, also on an H100).
+    ``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (B = 1; FlashAttention's varlen
+    with ``cu_seqlens_q = cu_seqlens_k``): each attends within itself (``ops/varlen.py``; on a GPU a
+    host read of the longest length sizes the grid)."""
     check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q, "q")
     window = _op_window(window, causal, q)
     scale = default_scale(q, scale)
     plain, with_lse = (attention_gqa_op, attention_gqa_lse_op) if _grouped(q, k) else (attention_op, attention_lse_op)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window)[0]
-    return call_with_target(target, plain, q, k, v, bool(causal), scale, window)
+        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window, cu_seqlens)[0]
+    return call_with_target(target, plain, q, k, v, bool(causal), scale, window, cu_seqlens)
 
 
 def _op_window(window, causal, q) -> int:

@@ -8,7 +8,9 @@ initial state (``[N, H, ...]``) and end as its final state, nothing carries acro
 CPU tensors run the interpreter on each sequence's slice (the reference semantics). CUDA tensors
 launch one kernel over N x H program instances: the generated code reads the sequence's first
 token and length from ``cu_seqlens`` (``codegen``'s ``varlen`` lowering), so a sequence costs its
-own chunks, the last one partial, and no token of another sequence.
+own chunks, the last one partial, and no token of another sequence. A program with a grid of
+blocks over the sequence (attention's query blocks) spans the longest sequence's blocks, read from
+the offsets (a host sync), and the CTAs past a shorter sequence's end return at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from tilemix.codegen import launch as launches
 from tilemix.codegen.schedule import launch_schedule
 from tilemix.tiles import Kernel
+from tilemix.tiles.ir import Loop
 
 from .derived import derived_gradients
 from .runtime import (
@@ -35,7 +38,7 @@ from .runtime import (
 )
 
 __all__ = ["check_cu_seqlens", "sequence_count", "run_varlen", "fake_varlen", "per_sequence", "join_sequences",
-           "sequence_index", "varlen_gradients"]
+           "sequence_index", "varlen_gradients", "grid_length"]
 
 ARGUMENT = "cu_seqlens"
 
@@ -115,10 +118,32 @@ def _one_row(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     return one_row
 
 
-def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int):
-    """The call's binding with B = N sequences: bound on the packed row, states as one row of theirs."""
+def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int,
+             longest: int | None = None):
+    """The call's binding with B = N sequences: bound on the packed row, states as one row of theirs;
+    ``longest``: the grid's ``T_max`` (programs with blocks() loops)."""
     binding = kernel.bind(_one_row(kernel, args, labels, sequences), labels)
-    return dataclasses.replace(binding, sizes={**binding.sizes, "B": sequences})
+    extra = {} if longest is None else {"T_max": longest}
+    return dataclasses.replace(binding, sizes={**binding.sizes, "B": sequences, **extra})
+
+
+_GRIDS: dict[Kernel, bool] = {}
+
+
+def _has_grid(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int) -> bool:
+    """Whether the program has blocks() loops (a grid sized by the longest sequence); traced once."""
+    if kernel not in _GRIDS:
+        program = kernel.trace(_binding(kernel, args, labels, sequences))
+        _GRIDS[kernel] = any(isinstance(op, Loop) and op.kind == "blocks" for op in program.walk())
+    return _GRIDS[kernel]
+
+
+def grid_length(cu_seqlens: torch.Tensor) -> int:
+    """The longest sequence's length rounded up to a power of two (at least 64): what a grid program's
+    launch spans (its CTAs past a shorter sequence's end return at once), one compiled launch for
+    batches of similar lengths. Reads the offsets: a host sync."""
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return max(64, 1 << max(0, longest - 1).bit_length())
 
 
 def fake_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None,
@@ -143,10 +168,11 @@ def run_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
                    for n in range(sequence_count(cu_seqlens))]
         return join_sequences(kernel, results)
     sequences = sequence_count(cu_seqlens)
-    signature = call_signature(kernel, {**args, ARGUMENT: cu_seqlens}, final_states, "varlen")
+    longest = grid_length(cu_seqlens) if _has_grid(kernel, args, labels, sequences) else None
+    signature = call_signature(kernel, {**args, ARGUMENT: cu_seqlens}, final_states, "varlen", longest)
     prepared = recall(signature)
     if prepared is None:
-        prepared = _prepare(kernel, args, labels, final_states, sequences)
+        prepared = _prepare(kernel, args, labels, final_states, sequences, longest)
         if signature is not None:
             remember(signature, prepared)
     return prepared({**args, ARGUMENT: cu_seqlens})
@@ -168,15 +194,15 @@ class _Prepared:
 
 
 def _prepare(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None,
-             final_states: tuple[str, ...] | None, sequences: int) -> _Prepared:
+             final_states: tuple[str, ...] | None, sequences: int, longest: int | None) -> _Prepared:
     device = check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels or {})
-    binding = _binding(kernel, args, labels, sequences)
+    binding = _binding(kernel, args, labels, sequences, longest)
     check_hopper_dims(binding, labels or {})
     arch = device_arch(device)
     extra = kernel.consts_for(arch, _one_row(kernel, args, labels, sequences))
     if extra:
         args = {**args, **extra}
-        binding = _binding(kernel, args, labels, sequences)
+        binding = _binding(kernel, args, labels, sequences, longest)
     schedule = launch_schedule(kernel, binding, device.index, arch)
     launch = launches.prepare_launch(kernel, binding, args, schedule, arch, device.index, varlen=True)
     return _Prepared(output_specs(binding, args, final_states), launch, device)

@@ -12,13 +12,14 @@ import torch
 from compile_checks import check_compiled
 from test_gpu_paths import fake_device  # noqa: F401 (a fixture: launches recorded, the device stubbed)
 
-from tilemix.ops import gla, linear_attention, retention, rwkv6, ssd
+from tilemix.ops import attention, gla, linear_attention, retention, rwkv6, ssd
 from tilemix.ops.examples import kernel_specs
 from tilemix.tiles import TileError
 
 linear_attention_programs = importlib.import_module("tilemix.ops.linear_attention")
 ssd_programs = importlib.import_module("tilemix.ops.ssd")
 ssd_backward_programs = importlib.import_module("tilemix.ops.ssd_backward")
+attention_programs = importlib.import_module("tilemix.ops.attention")
 
 # lengths that are and are not multiples of 64, a one-token sequence, an empty one, one sequence (N = 1)
 LENGTHS = [[64, 128], [100, 1, 37, 0, 64], [130]]
@@ -123,6 +124,36 @@ def test_mixers_packed_equal_each_sequence_alone(name, lengths):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def attention_inputs(lengths, kv_heads=2, dtype=torch.float64, device="cpu", D=16, heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    return dict(q=torch.randn(1, T, heads, D, generator=g).to(device, dtype),
+                k=torch.randn(1, T, kv_heads, D, generator=g).to(device, dtype),
+                v=torch.randn(1, T, kv_heads, D, generator=g).to(device, dtype))
+
+
+def attention_one_by_one(inputs, lengths, **options):
+    cu = offsets(lengths).tolist()
+    return torch.cat([attention(**{n: t[:, cu[i]:cu[i + 1]] for n, t in inputs.items()}, **options)
+                      for i in range(len(lengths))], 1)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False), dict(causal=True, window=20)], ids=str)
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_attention_packed_attends_within_each_sequence(options, kv_heads):
+    """FlashAttention's varlen with one cu_seqlens for queries and keys: each sequence attends within
+    itself (causal, not, a sliding window; grouped k and v); gradients too."""
+    lengths = [100, 1, 64, 0, 37]
+    inputs = {n: t.requires_grad_() for n, t in attention_inputs(lengths, kv_heads).items()}
+    packed = attention(**inputs, cu_seqlens=offsets(lengths), **options)
+    alone = attention_one_by_one(inputs, lengths, **options)
+    torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(packed)
+    for got, want in zip(torch.autograd.grad((packed * weights).sum(), list(inputs.values())),
+                         torch.autograd.grad((alone * weights).sum(), list(inputs.values()))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_packed_op_passes_opcheck():
     """The custom op's fake kernel shapes a packed call's results as the real one (torch.compile)."""
     inputs = linear_attention_inputs([70, 1, 64])
@@ -183,15 +214,15 @@ def test_bidirectional_takes_no_offsets():
         linear_attention(**inputs, causal=False, cu_seqlens=offsets([64]))
 
 
-def test_varlen_lowering_refuses_a_grid_program():
-    """Attention (query blocks on the grid) has no packed-batch kernel yet: a clear error, not wrong code."""
+def test_varlen_lowering_refuses_a_matrix_program():
+    """gemm (no sequence) has no packed-batch kernel: a clear error, not wrong code."""
     from tilemix.codegen.schedule import default_schedule
     from tilemix.codegen.specialise import kernel_source
-    from tilemix.ops import attention_fwd
+    from tilemix.ops import gemm_fwd
 
-    binding = attention_fwd.bind(kernel_specs(attention_fwd, size=64))
+    binding = gemm_fwd.bind(kernel_specs(gemm_fwd, size=64))
     with pytest.raises(TileError, match="packed sequences"):
-        kernel_source(attention_fwd, binding, default_schedule(attention_fwd, binding, "sm_90a"), "sm_90a", True)
+        kernel_source(gemm_fwd, binding, default_schedule(gemm_fwd, binding, "sm_90a"), "sm_90a", True)
 
 
 VARLEN_PROGRAMS = {
@@ -203,7 +234,12 @@ VARLEN_PROGRAMS = {
     "ssd_fwd": (ssd_programs.ssd_fwd, 128),
     "ssd_bwd_dc": (ssd_backward_programs.ssd_bwd_dc, 64),  # the op runs them on 64-wide blocks of P
     "ssd_bwd_dx": (ssd_backward_programs.ssd_bwd_dx, 64),
+    **{name: (getattr(attention_programs, name), 128) for name in (
+        "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv", "attention_fwd_gqa",
+        "attention_fwd_lse_gqa", "attention_bwd_dq_gqa", "attention_bwd_dkdv_gqa")},
 }
+# local memory measured in the kernels without varlen too (tests/test_generic.py's SPILLING): bytes
+VARLEN_SPILLING = {("attention_bwd_dkdv", "sm_80"): 8, ("attention_bwd_dkdv_gqa", "sm_80"): 8}
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
@@ -211,8 +247,31 @@ VARLEN_PROGRAMS = {
 def test_varlen_kernels_compile_without_local_memory(program, arch):
     pytest.importorskip("cuda.bindings")
     kernel, size = VARLEN_PROGRAMS[program]
-    binding = kernel.bind(kernel_specs(kernel, size=size))
-    check_compiled(kernel, binding, arch, (program, arch), {}, varlen=True)
+    binding = kernel.bind({**kernel_specs(kernel, size=size),
+                           **({"is_causal": True} if "is_causal" in kernel.specs else {})})
+    check_compiled(kernel, binding, arch, (program, arch), VARLEN_SPILLING, varlen=True)
+
+
+def test_varlen_grid_spans_the_longest_sequence():
+    """Attention's query blocks: the grid is sized by T_max, a CTA past its sequence's end returns
+    before anything else, and a query block the sequence ends inside is zeroed past it."""
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
+
+    kernel = attention_programs.attention_fwd
+    binding = kernel.bind({**kernel_specs(kernel, size=128), "is_causal": True})
+    source = kernel_source(kernel, binding, default_schedule(kernel, binding, "sm_90a"), "sm_90a", True)
+    assert source.size_args[-1] == "T_max" and "(((T_max) + 127) / 128)" in source.source
+    returns, barriers = source.source.index(">= T) return;"), source.source.index("tm::mbar_init")
+    assert returns < barriers
+    assert "tm::mbar_wait(prologue, 0);\n      if (blk0 * 64 + 64 > T)" in source.source
+
+
+def test_grid_length_rounds_the_longest_sequence_up():
+    from tilemix.ops.varlen import grid_length
+
+    assert grid_length(offsets([100, 1, 1000])) == 1024 and grid_length(offsets([1, 3])) == 64
+    assert grid_length(offsets([4096, 17])) == 4096
 
 
 def test_varlen_kernel_reads_offsets_and_guards_the_partial_chunk():
@@ -328,6 +387,25 @@ def test_gpu_mixers_packed_equal_each_sequence_alone(name):
     for got, want in zip(packed, alone):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     for got, want in zip(gradients(packed, inputs), gradients(alone, inputs)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("target", ["hopper", "generic"])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(causal=False), dict(causal=True, window=300)], ids=str)
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_gpu_attention_packed_attends_within_each_sequence(kv_heads, options, target):
+    if target == "hopper" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90a GPU")
+    lengths = GPU_LENGTHS[0] + [0, 17]
+    inputs = {n: t.requires_grad_() for n, t in attention_inputs(lengths, kv_heads, torch.bfloat16, "cuda", D=128,
+                                                                  heads=4).items()}
+    packed = attention(**inputs, cu_seqlens=offsets(lengths, "cuda"), target=target, **options)
+    alone = attention_one_by_one(inputs, lengths, target=target, **options)
+    torch.testing.assert_close(packed.float(), alone.float(), rtol=2e-2, atol=2e-2)
+    weights = torch.randn_like(packed)
+    for got, want in zip(torch.autograd.grad((packed * weights).sum(), list(inputs.values())),
+                         torch.autograd.grad((alone * weights).sum(), list(inputs.values()))):
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
 
 
