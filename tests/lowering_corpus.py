@@ -29,8 +29,8 @@ VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(
             "shared-staging": dict(share_staging=True),
             "heads-pair": dict(split=(), consumers=2, consumer_axis="heads", stages=2, share_staging=True)}
 # Const specialisations lowered besides a program's defaults: program -> label -> Const values
-# the scans whose packed-batch kernels (varlen, ops/varlen.py) are recorded too, default schedule, sm_90a and sm_80
-VARLEN_MODULES = ("linear_attention", "ssd", "ssd_states", "ssd_backward", "gated")
+# the programs whose packed-batch kernels (varlen, ops/varlen.py) are recorded too, default schedule, sm_90a, sm_80
+VARLEN_MODULES = ("linear_attention", "ssd", "ssd_states", "ssd_backward", "gated", "attention")
 SPECIALISED = {f"attention.{name}{grouped}": {"window100": dict(is_causal=True, window=100)}
                for name in ("attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv")
                for grouped in ("", "_gqa")}
