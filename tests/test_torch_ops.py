@@ -181,8 +181,8 @@ def test_custom_op_of_a_user_program():
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
     op = ops.custom_op(anticausal_la_fwd, "tilemix_test::anticausal_la")
-    assert str(op._opoverload._schema) == ("tilemix_test::anticausal_la(Tensor q, Tensor k, Tensor v, Tensor? s=None) "
-                                           "-> (Tensor, Tensor)")
+    assert str(op._opoverload._schema) == ("tilemix_test::anticausal_la(Tensor q, Tensor k, Tensor v, Tensor? s=None, "
+                                           "Tensor? cu_seqlens=None) -> (Tensor, Tensor)")
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 100, 2, 16, generator=g) for _ in range(3))
     s0 = torch.randn(1, 2, 16, 16, generator=g)
@@ -232,8 +232,8 @@ def test_custom_op_takes_consts_and_optionals_at_their_defaults():
             s = s + colsum(x[c]).T
 
     op = ops.custom_op(scaled_sum, "tilemix_test::scaled_sum")
-    assert str(op._opoverload._schema).endswith("(Tensor x, Tensor? s=None, float factor=2., bool negate=False) "
-                                                "-> (Tensor, Tensor)")
+    assert str(op._opoverload._schema).endswith("(Tensor x, Tensor? s=None, float factor=2., bool negate=False, "
+                                                "Tensor? cu_seqlens=None) -> (Tensor, Tensor)")
     x = torch.ones(1, 70, 2, 16)
     y, s = op(x)
     assert torch.equal(y, 2 * x) and torch.equal(s, torch.full((1, 2, 16, 1), 70.0))
