@@ -36,7 +36,7 @@ from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
 from .selective_scan import SELECTIVE_SCAN_CASES
-from .varlen import VARLEN_CASES
+from .varlen import VARLEN_CASES, VARLEN_SHAPE
 from .windows import WINDOW_CASES, WINDOW_SHAPE
 
 __all__ = ["run_bench", "default_json_path"]
@@ -330,6 +330,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return LONG_CONV_SHAPES[name]
         if name in LOLCATS_CASES:
             return LOLCATS_SHAPE
+        if "varlen" in name.split("-"):
+            return VARLEN_SHAPE
         return ATTENTION_SHAPE if name.startswith("attention") else SHAPE
 
     return [(name, *shape(name)) for name in names or list(CASES)]

@@ -314,28 +314,33 @@ def test_gpu_packed_equals_each_sequence_alone(name, lengths, target):
 
 
 @pytest.mark.parametrize("name", ["linear_attention-varlen", "ssd-varlen", "linear_attention-bwd-varlen",
-                                  "ssd-bwd-varlen"])
+                                  "ssd-bwd-varlen", "attention-varlen", "attention-bwd-varlen"])
 def test_varlen_bench_rows_run_on_the_interpreter(name):
-    """Each row's timed call at a small shape: B = 3 sequences of random lengths packed into 3 x 70
-    tokens; its peer is fla's kernel given the offsets."""
+    """Each row's timed call at a small shape: 3 sequences of random lengths about 70 tokens packed into
+    one row; its peer is fla's kernel given the offsets, or cuDNN attention on the padded batch."""
     from tilemix.bench import bench
+    from tilemix.bench.varlen import packed_lengths
 
     ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](3, 70, 2, 16, torch.float32, device="cpu")
     out = ours()
+    tokens = sum(packed_lengths(3, 70))
     if bench.direction(name) == "bwd":
         assert len(out) >= 3 and all(g.isfinite().all() for g in out)
     else:
-        assert out.shape == (1, 210, 2, 16) and out.isfinite().all()
-    assert peer_name.startswith("fla-") and callable(peer) and nbytes > 0 and flops > 0
-    assert shape["T"] == 210 and shape["sequences"] == 3
+        assert out.shape == (1, tokens, 2, 16) and out.isfinite().all()
+    assert peer_name.startswith(("fla-", "sdpa-cudnn")) and callable(peer) and nbytes > 0 and flops > 0
+    assert shape["T"] == tokens and shape["sequences"] == 3
 
 
-def test_packed_lengths_are_random_and_sum_to_the_tokens():
+def test_varlen_rows_default_to_the_bar():
+    """Issue 24's bar: 64 sequences of 64 to 8192 tokens (the same seed every run), H = 16, D = 128."""
+    from tilemix.bench import bench
     from tilemix.bench.varlen import packed_lengths
 
-    lengths = packed_lengths(8, 32768)
-    assert len(lengths) == 8 and sum(lengths) == 32768 and min(lengths) >= 1 and len(set(lengths)) == 8
-    assert packed_lengths(8, 32768) == lengths  # the same seed in every run
+    assert bench.default_rows(["ssd-varlen"]) == [("ssd-varlen", 64, 4096, 16, 128)]
+    lengths = packed_lengths(64, 4096)
+    assert len(lengths) == 64 and 64 <= min(lengths) and max(lengths) <= 8128 and len(set(lengths)) > 32
+    assert packed_lengths(64, 4096) == lengths
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
