@@ -28,6 +28,8 @@ from tilemix.ops.timing import host_us, time_ms
 from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
 from .decode import DECODE_CASES, DECODE_SHAPES
+from .inputs import as_simple_gla as _as_simple_gla
+from .inputs import ssd_inputs as _ssd_inputs
 from .lolcats import LOLCATS_CASES, LOLCATS_DERIVED_BACKWARD, LOLCATS_SHAPE
 from .long_conv import LONG_CONV_CASES, LONG_CONV_SHAPES
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
@@ -70,22 +72,6 @@ def _linear_attention_case(B, T, H, D, dtype):
 
     flops = 4 * B * T * H * D * (64 + D)  # intra-chunk scores and mix, inter-chunk output and state
     return ours, peer, "fla-chunk_linear_attn", nbytes, flops, dict(B=B, T=T, H=H, K=D, V=D)
-
-
-def _ssd_inputs(B, T, H, D, dtype, device="cuda"):
-    """x, dt, A, B, C of the SSD rows: one group, dt in [0.01, 0.51], A in [-4.1, -0.1]."""
-    x = torch.randn(B, T, H, D, device=device, dtype=dtype)
-    dt = torch.rand(B, T, H, device=device) * 0.5 + 0.01
-    A = -(torch.rand(H, device=device) * 4 + 0.1)
-    Bm, Cm = (torch.randn(B, T, 1, D, device=device, dtype=dtype) for _ in range(2))
-    return x, dt, A, Bm, Cm
-
-
-def _as_simple_gla(x, dt, A, Bm, Cm):
-    """The same recurrence as fla's simple GLA: q = C, k = B (per head), v = x * dt, g = dt * A."""
-    B, T, H, D = x.shape
-    return (Cm.expand(B, T, H, D).contiguous(), Bm.expand(B, T, H, D).contiguous(),
-            (x * dt[..., None]).to(x.dtype), (dt * A).contiguous())
 
 
 def _ssd_case(B, T, H, D, dtype, peer="fla"):

@@ -13,6 +13,7 @@ import torch
 from tilemix import ops
 
 from .calls import backward_of, leaves
+from .inputs import as_simple_gla, ssd_inputs
 
 __all__ = ["VARLEN_CASES", "VARLEN_SHAPE", "packed_lengths"]
 
@@ -58,14 +59,12 @@ def _linear_attention_case(B, T, H, D, dtype, device="cuda", backward=False):
 
 
 def _ssd_case(B, T, H, D, dtype, device="cuda", backward=False):
-    from .bench import _as_simple_gla, _ssd_inputs  # the SSD rows' inputs (bench imports this module)
-
     cu = _offsets(B, T, device)
     cu_long = cu.long()
     tokens = int(cu[-1])
-    x, dt, A, Bm, Cm = _ssd_inputs(1, tokens, H, D, dtype, device)
+    x, dt, A, Bm, Cm = ssd_inputs(1, tokens, H, D, dtype, device)
     inputs = leaves(x, dt, A, Bm, Cm)
-    gla_inputs = leaves(*_as_simple_gla(x, dt, A, Bm, Cm))  # fla's simple GLA on the same recurrence
+    gla_inputs = leaves(*as_simple_gla(x, dt, A, Bm, Cm))  # fla's simple GLA on the same recurrence
 
     def ours():
         return ops.ssd(*inputs, cu_seqlens=cu)[0]

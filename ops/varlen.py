@@ -38,7 +38,7 @@ from .runtime import (
 )
 
 __all__ = ["check_cu_seqlens", "sequence_count", "run_varlen", "fake_varlen", "per_sequence", "join_sequences",
-           "sequence_index", "varlen_gradients", "grid_length"]
+           "sequence_index", "varlen_gradients", "grid_length", "packed_binding"]
 
 ARGUMENT = "cu_seqlens"
 
@@ -118,8 +118,8 @@ def _one_row(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
     return one_row
 
 
-def _binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int,
-             longest: int | None = None):
+def packed_binding(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int,
+                   longest: int | None = None):
     """The call's binding with B = N sequences: bound on the packed row, states as one row of theirs;
     ``longest``: the grid's ``T_max`` (programs with blocks() loops)."""
     binding = kernel.bind(_one_row(kernel, args, labels, sequences), labels)
@@ -133,7 +133,7 @@ _GRIDS: dict[Kernel, bool] = {}
 def _has_grid(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None, sequences: int) -> bool:
     """Whether the program has blocks() loops (a grid sized by the longest sequence); traced once."""
     if kernel not in _GRIDS:
-        program = kernel.trace(_binding(kernel, args, labels, sequences))
+        program = kernel.trace(packed_binding(kernel, args, labels, sequences))
         _GRIDS[kernel] = any(isinstance(op, Loop) and op.kind == "blocks" for op in program.walk())
     return _GRIDS[kernel]
 
@@ -150,7 +150,7 @@ def fake_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | N
                 final_states: tuple[str, ...] | None, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor]:
     """What ``run_varlen`` returns, as empty tensors (torch.compile's fake tensors)."""
     device = check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels or {})
-    binding = _binding(kernel, args, labels, sequence_count(cu_seqlens))
+    binding = packed_binding(kernel, args, labels, sequence_count(cu_seqlens))
     return {name: torch.empty(shape, dtype=dtype, device=device)
             for name, shape, dtype in output_specs(binding, args, final_states)}
 
@@ -163,7 +163,7 @@ def run_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     tokens = next(v.shape[1] for n, v in args.items() if isinstance(v, torch.Tensor) and n in kernel.specs
                   and kernel.specs[n].kind in ("seq", "group_seq"))
     if cu_seqlens.device.type != "cuda" or tokens == 0:  # no token at all: nothing for a kernel to tile
-        _binding(kernel, args, labels, sequence_count(cu_seqlens))  # the states' rows checked
+        packed_binding(kernel, args, labels, sequence_count(cu_seqlens))  # the states' rows checked
         results = [run_kernel(kernel, per_sequence(kernel, args, cu_seqlens, n), labels, final_states)
                    for n in range(sequence_count(cu_seqlens))]
         return join_sequences(kernel, results)
@@ -196,13 +196,13 @@ class _Prepared:
 def _prepare(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None,
              final_states: tuple[str, ...] | None, sequences: int, longest: int | None) -> _Prepared:
     device = check_devices({k: v for k, v in args.items() if isinstance(v, torch.Tensor)}, labels or {})
-    binding = _binding(kernel, args, labels, sequences, longest)
+    binding = packed_binding(kernel, args, labels, sequences, longest)
     check_hopper_dims(binding, labels or {})
     arch = device_arch(device)
     extra = kernel.consts_for(arch, _one_row(kernel, args, labels, sequences))
     if extra:
         args = {**args, **extra}
-        binding = _binding(kernel, args, labels, sequences, longest)
+        binding = packed_binding(kernel, args, labels, sequences, longest)
     schedule = launch_schedule(kernel, binding, device.index, arch)
     launch = launches.prepare_launch(kernel, binding, args, schedule, arch, device.index, varlen=True)
     return _Prepared(output_specs(binding, args, final_states), launch, device)

@@ -350,14 +350,14 @@ def test_varlen_launch_packs_offsets_and_runs_an_instance_per_sequence(request, 
     (for a partial last chunk's plain stores), the packed row's length as T."""
     from tilemix.codegen import launch, schedule
     from tilemix.codegen.source import ParamKind
-    from tilemix.ops.varlen import _binding
+    from tilemix.ops.varlen import packed_binding
 
     device = request.getfixturevalue("fake_device")
     kernel = linear_attention_programs.linear_attention_fwd
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 200, 2, 64, generator=g).bfloat16() for _ in range(3))
     args = dict(q=q, k=k, v=v, scale=0.25, s=torch.randn(3, 2, 64, 64, generator=g))
-    binding = _binding(kernel, args, None, 3)
+    binding = packed_binding(kernel, args, None, 3)
     prepared = launch.prepare_launch(kernel, binding, args, schedule.default_schedule(kernel, binding, arch), arch, 0,
                                      varlen=True)
     source = prepared.plan.source
