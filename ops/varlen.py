@@ -1,9 +1,10 @@
-"""Packed variable-length batches: flash-linear-attention's ``cu_seqlens`` for every scan program.
+"""Packed variable-length batches: flash-linear-attention's ``cu_seqlens`` for every sequence program.
 
 N sequences of different lengths are packed into one row, ``[1, T, H, ...]`` with ``T`` the sum of
 their lengths, and ``cu_seqlens`` (int32 ``[N + 1]``: 0, the running sums of the lengths, T) says
 where each starts. Every sequence is a program instance of its own: its states start from its
-initial state (``[N, H, ...]``) and end as its final state, nothing carries across a boundary.
+initial state (``[N, H, ...]``) and end as its final state, nothing carries (or attends) across a
+boundary.
 
 CPU tensors run the interpreter on each sequence's slice (the reference semantics). CUDA tensors
 launch one kernel over N x H program instances: the generated code reads the sequence's first
