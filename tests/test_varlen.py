@@ -1,7 +1,8 @@
-"""Packed variable-length batches (``cu_seqlens``, ``ops/varlen.py``): a packed call equals running
-each sequence on its own, outputs, final states and gradients (float64, the interpreter); bad
-offsets are errors naming the argument; the varlen kernels lower and compile for sm_90a and sm_80;
-on a GPU (``gpu``) the generated kernels match the per-sequence calls."""
+"""Packed variable-length batches (``cu_seqlens``, ``ops/varlen.py``): a packed call of linear
+attention, SSD, the mixer ops and attention equals running each sequence on its own, outputs, final
+states and gradients (float64, the interpreter); bad offsets are errors naming the argument; the
+varlen kernels lower and compile for sm_90a and sm_80 and launch one instance per sequence; on a
+GPU (``gpu``) the generated kernels match the per-sequence calls, and a CUDA graph captures one."""
 
 from __future__ import annotations
 
