@@ -114,11 +114,14 @@ def _fast_form_holds(log_decay: torch.Tensor, compute_dtype: torch.dtype) -> boo
     the test reads the values on the host."""
     if torch.compiler.is_compiling() or (log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
         return False
-    B, T, H, K = log_decay.shape
-    if T == 0:
+    if log_decay.numel() == 0:
         return True
-    chunked = torch.nn.functional.pad(log_decay.float(), (0, 0, 0, 0, 0, -T % 64 + 64))
-    totals = chunked.view(B, -1, 64, H, K).sum(2)
+    log_decay, (B, T, H, K) = log_decay.detach(), log_decay.shape
+    whole = T - T % 64
+    totals = [log_decay[:, :whole].reshape(B, whole // 64, 64, H, K).sum(2, dtype=torch.float32),
+              log_decay[:, whole:].sum(1, keepdim=True, dtype=torch.float32),  # the partial chunk, or zeros
+              log_decay.new_zeros(B, 1, H, K, dtype=torch.float32)]
+    totals = torch.cat(totals, 1)
     worst = -(totals[:, :-1] + totals[:, 1:]).amin().item()
     return worst <= math.log(torch.finfo(compute_dtype).max) / 2
 
