@@ -65,6 +65,7 @@ EXACT_SPILLING: dict[tuple, int] = {
     ("gla_exact", 64, "sm_90a", "forward"): 1072, ("rwkv6_exact", 64, "sm_90a", "forward"): 984,
     ("gla_exact", 64, "sm_80", "forward"): 272, ("rwkv6_exact", 64, "sm_80", "forward"): 656,
     ("gla_exact", 128, "sm_90a", "forward"): 6856, ("rwkv6_exact", 128, "sm_90a", "forward"): 6592,
+    ("gla_exact", 128, "sm_80", "forward"): 1920, ("rwkv6_exact", 128, "sm_80", "forward"): 1984,
 }
 
 CASES = [(op, D, arch, name) for op in PROGRAMS for D in (64, 128) for arch in MMA
