@@ -37,21 +37,30 @@ def _gates(B, T, H, K, device):
     return F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16
 
 
+def _strong_gates(op: str, B, T, H, K, device):
+    """Issue 27's stress decays, past the fast form's range (so the ops take the exact one): RWKV-6's
+    log decays -exp(U(-1, 2)), GLA's gates uniform in [-20, 0]."""
+    if op == "rwkv6":
+        return -torch.exp(torch.empty(B, T, H, K, device=device).uniform_(-1.0, 2.0))
+    return -20.0 * torch.rand(B, T, H, K, device=device)
+
+
 def _unit_keys(B, T, H, D, dtype, device):
     """L2-normalised keys: the delta rule's recurrence contracts only for unit keys."""
     return F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(dtype)
 
 
-def _inputs(op: str, B, T, H, D, dtype, device) -> dict[str, torch.Tensor]:
-    """Keyword inputs of ``op``, named as both tilemix and fla name them."""
+def _inputs(op: str, B, T, H, D, dtype, device, strong=False) -> dict[str, torch.Tensor]:
+    """Keyword inputs of ``op``, named as both tilemix and fla name them (``strong``: the stress decays)."""
     def seq():
         return torch.randn(B, T, H, D, device=device, dtype=dtype)
+    gates = functools.partial(_strong_gates, op) if strong else _gates
     if op == "retention":
         return dict(q=seq(), k=seq(), v=seq())
     if op == "gla":
-        return dict(q=seq(), k=seq(), v=seq(), g=_gates(B, T, H, D, device).to(dtype))  # gates feed matmuls
+        return dict(q=seq(), k=seq(), v=seq(), g=gates(B, T, H, D, device).to(dtype))  # gates feed matmuls
     if op == "rwkv6":
-        return dict(r=seq(), k=seq(), v=seq(), w=_gates(B, T, H, D, device).to(dtype),
+        return dict(r=seq(), k=seq(), v=seq(), w=gates(B, T, H, D, device).to(dtype),
                     u=torch.randn(H, D, device=device))
     if op == "rwkv7":  # as an RWKV-7 layer makes them: a = -κ̂, b = κ̂ ⊙ η (unit κ̂, rates η in (0, 1))
         removal = _unit_keys(B, T, H, D, torch.float32, device)
@@ -85,9 +94,19 @@ def _timed_pair(forward_ours, forward_peer, inputs, backward, B, T, H, D, dtype,
     return backward_of(forward_ours, leaves, do), backward_of(forward_peer, leaves, do)
 
 
-def _gated_case(op: str, B, T, H, D, dtype, device="cuda", backward=False):
-    inputs = _inputs(op, B, T, H, D, dtype, device)
-    ours_fn = getattr(ops, op)
+def _exact_form(op: str) -> Callable:
+    """``op`` (gla or rwkv6) always in its exact form, whatever the decays: the fast form's cost beside it."""
+    def call(**inputs):
+        scale = inputs["k"].shape[-1] ** -0.5
+        if op == "gla":
+            return ops.gated.gla_exact_mixer(**{**inputs, "q": inputs["q"] * scale})
+        return ops.gated.rwkv6_exact_mixer(**inputs, scale=scale)
+    return call
+
+
+def _gated_case(op: str, B, T, H, D, dtype, device="cuda", backward=False, strong=False, exact=False):
+    inputs = _inputs(op, B, T, H, D, dtype, device, strong)
+    ours_fn = _exact_form(op) if exact else getattr(ops, op)
 
     def ours():
         return ours_fn(**inputs)[0]
@@ -102,9 +121,14 @@ def _gated_case(op: str, B, T, H, D, dtype, device="cuda", backward=False):
     return ours, peer, f"fla-{FLA_PEERS[op][1]}", nbytes, flops, dict(B=B, T=T, H=H, K=D, V=D)
 
 
+# gla and rwkv6 under the stress decays (their exact form), and in the exact form on fla's gates
+DECAY_CASES = {f"{op}-{variant}{bwd}": functools.partial(_gated_case, op, backward=bool(bwd), **{variant: True})
+               for op in ("gla", "rwkv6") for variant in ("strong", "exact") for bwd in ("", "-bwd")}
 MIXER_CASES = {**{op: functools.partial(_gated_case, op) for op in FLA_PEERS},
-               **{f"{op}-bwd": functools.partial(_gated_case, op, backward=True) for op in FLA_PEERS}, **BASED_CASES}
-DERIVED_BACKWARD = {*(f"{op}-bwd" for op in FLA_PEERS), "linear_attention-bwd-derived", "ssd-bwd-derived", "based-bwd"}
+               **{f"{op}-bwd": functools.partial(_gated_case, op, backward=True) for op in FLA_PEERS}, **BASED_CASES,
+               **DECAY_CASES}
+DERIVED_BACKWARD = {*(f"{op}-bwd" for op in FLA_PEERS), *(name for name in DECAY_CASES if name.endswith("-bwd")),
+                    "linear_attention-bwd-derived", "ssd-bwd-derived", "based-bwd"}
 
 
 @functools.cache

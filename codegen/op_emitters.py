@@ -27,6 +27,7 @@ UNARY = {
     "exp2": "[](float a) { return tm::ex2(a); }",
     "log": "[](float a) { return tm::f_log(a); }",
     "sqrt": "[](float a) { return tm::f_sqrt(a); }",
+    "floor": "[](float a) { return floorf(a); }",
     "sin": "[](float a) { return tm::f_sin(a); }",
     "cos": "[](float a) { return tm::f_cos(a); }",
     "sigmoid": "[](float a) { return tm::f_sigmoid(a); }",

@@ -3,9 +3,12 @@ per token and key dim), ``S_t = diag(γ_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale
 GLA's recurrence read before the token's own decay, plus a per-head bonus on the current token.
 
 All three are ``mixer``s: their backward is derived from the forward program (``tilemix.tiles.autodiff``).
-GLA and RWKV-6 factorise the decay inside a chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay
-from the chunk start), exact while ``|b|`` stays inside fp32's exponent range: log decays summing below
-about -88 within a 64-token chunk overflow ``exp(-b)`` (tests/test_gated_ops.py measures it)."""
+GLA and RWKV-6 have two forms. The fast one (``gla_fwd``, ``rwkv6_fwd``) factorises the decay inside a
+chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay from the chunk start): one matmul, exact
+while ``exp(-b)`` stays inside the compute dtype's range (log decays summing below about -88 within a
+64-token chunk overflow fp32 and bf16, below about -11 fp16). The exact one (``gla_exact_fwd``,
+``rwkv6_exact_fwd``) forms the in-chunk scores with ``decayed_scores``: factors never above 1, six
+matmuls, finite for log decays of any size. ``gla`` and ``rwkv6`` pick per call (``_fast_form_holds``)."""
 
 from __future__ import annotations
 
@@ -26,15 +29,19 @@ from tilemix.tiles import (
     exp,
     in_seq,
     kernel,
+    linrec,
     position,
     rowsum,
     segsum,
+    zeros,
 )
 
 from ._library import mixer
+from .decayed_scores import decayed_scores
 from .runtime import check_call, default_scale
 
-__all__ = ["retention", "retention_fwd", "retention_log_decay", "gla", "gla_fwd", "rwkv6", "rwkv6_fwd"]
+__all__ = ["retention", "retention_fwd", "retention_log_decay", "gla", "gla_fwd", "gla_exact_fwd", "rwkv6",
+           "rwkv6_fwd", "rwkv6_exact_fwd"]
 
 
 @kernel
@@ -69,9 +76,54 @@ def rwkv6_fwd(r: Seq["K"], k: Seq["K"], v: Seq["V"], w: Seq["K"], u: Head["K"], 
         s = s * exp(colsum(wc)).T + (kc * exp(colsum(wc) - b)).T @ vc
 
 
+@kernel
+def gla_exact_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+    """``gla_fwd`` with every decay factor at most 1: finite for log decays of any size."""
+    for c in chunks(64):
+        qc, kc, vc, gc = q[c], k[c], v[c], g[c]
+        o[c] = decayed_scores(qc, kc, gc) @ vc + (qc * exp(cumsum(gc))) @ s
+        after = linrec(1.0, gc, zeros(1, gc.shape[1]), reverse=True, exclusive=True)  # exact sums, no cancellation
+        s = s * exp(colsum(gc)).T + (kc * exp(after)).T @ vc
+
+
+@kernel
+def rwkv6_exact_fwd(r: Seq["K"], k: Seq["K"], v: Seq["V"], w: Seq["K"], u: Head["K"], scale: Scalar,
+                    o: Out[Seq["V"]], s: State["K", "V"] = None):
+    """``rwkv6_fwd`` with every decay factor at most 1: finite for log decays of any size."""
+    for c in chunks(64):
+        rc, kc, vc, wc = r[c], k[c], v[c], w[c]
+        past = decayed_scores(rc, kc, wc, strict=True) @ vc + (rc * exp(cumsum(wc, exclusive=True))) @ s
+        o[c] = (past + rowsum(rc * u * kc) * vc) * scale
+        after = linrec(1.0, wc, zeros(1, wc.shape[1]), reverse=True, exclusive=True)
+        s = s * exp(colsum(wc)).T + (kc * exp(after)).T @ vc
+
+
 retention_mixer = mixer(retention_fwd, "tilemix::retention", final_states=("s",))
 gla_mixer = mixer(gla_fwd, "tilemix::gla", final_states=("s",))
 rwkv6_mixer = mixer(rwkv6_fwd, "tilemix::rwkv6", final_states=("s",))
+gla_exact_mixer = mixer(gla_exact_fwd, "tilemix::gla_exact", final_states=("s",))
+rwkv6_exact_mixer = mixer(rwkv6_exact_fwd, "tilemix::rwkv6_exact", final_states=("s",))
+
+
+def _fast_form_holds(log_decay: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether the fast form is exact for these log decays ``[B, T, H, K]``: every factor
+    ``exp(±b)`` within the square root of the compute dtype's largest value, so its products with
+    values up to that size (keys, gradients) stay finite. ``-b`` is at most a chunk's total log
+    decay; any 64 tokens lie in two adjacent aligned chunks, so their sums bound it wherever the
+    chunks start. Traced (``torch.compile``) or captured (CUDA graphs) calls take the exact form:
+    the test reads the values on the host."""
+    if torch.compiler.is_compiling() or (log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return False
+    if log_decay.numel() == 0:
+        return True
+    log_decay, (B, T, H, K) = log_decay.detach(), log_decay.shape
+    whole = T - T % 64
+    totals = [log_decay[:, :whole].reshape(B, whole // 64, 64, H, K).sum(2, dtype=torch.float32),
+              log_decay[:, whole:].sum(1, keepdim=True, dtype=torch.float32),  # the partial chunk, or zeros
+              log_decay.new_zeros(B, 1, H, K, dtype=torch.float32)]
+    totals = torch.cat(totals, 1)
+    worst = -(totals[:, :-1] + totals[:, 1:]).amin().item()
+    return worst <= math.log(torch.finfo(compute_dtype).max) / 2
 
 
 def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -123,7 +175,8 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     _check("gla", output_final_state, cu_seqlens, q=q, k=k, v=v, g=g, initial_state=initial_state)
     if g.shape != k.shape:
         raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
-    o, state = gla_mixer(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state, cu_seqlens=cu_seqlens)
+    run = gla_mixer if _fast_form_holds(g, q.dtype) else gla_exact_mixer
+    o, state = run(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state, cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 
@@ -142,6 +195,6 @@ def rwkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u:
         raise ValueError(f"w: expected the shape of k {tuple(k.shape)}, got {tuple(w.shape)}")
     if u.shape != (k.shape[2], k.shape[3]):
         raise ValueError(f"u: expected [H, K] = {[k.shape[2], k.shape[3]]}, got {list(u.shape)}")
-    o, state = rwkv6_mixer(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state,
-                           cu_seqlens=cu_seqlens)
+    run = rwkv6_mixer if _fast_form_holds(w, r.dtype) else rwkv6_exact_mixer
+    o, state = run(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state, cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)

@@ -203,7 +203,8 @@ def test_a_users_program_is_a_case_without_peer():
 
 # -- rows of the derived backwards and the gated / delta-rule mixers (issues 23 and 28) ----------------------
 MIXER_ROWS = ("linear_attention-bwd-derived", "ssd-bwd-derived", "retention", "gla-bwd", "rwkv6-bwd",
-              "delta_rule", "gated_delta_rule-bwd", "based", "based-bwd", "rwkv7", "rwkv7-bwd")
+              "delta_rule", "gated_delta_rule-bwd", "based", "based-bwd", "rwkv7", "rwkv7-bwd", "gla-strong",
+              "rwkv6-strong-bwd", "gla-exact-bwd", "rwkv6-exact")
 
 
 @pytest.mark.parametrize("name", MIXER_ROWS)

@@ -8,7 +8,7 @@ import pytest
 from compile_checks import MMA, check_compiled, has_wide_matmul
 
 from tilemix.ops.examples import kernel_specs
-from tilemix.ops.gated import gla_fwd, retention_fwd, rwkv6_fwd
+from tilemix.ops.gated import gla_exact_fwd, gla_fwd, retention_fwd, rwkv6_exact_fwd, rwkv6_fwd
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
@@ -46,7 +46,7 @@ SPILLING: dict[tuple, int] = {
 
 def _programs(op: str, D: int) -> dict:
     """The forward and one column block's backward launches at head dim ``D``: name -> (kernel, binding)."""
-    kernel, wrt = PROGRAMS[op]
+    kernel, wrt = {**PROGRAMS, **EXACT}[op]
     binding = kernel.bind(kernel_specs(kernel, size=D, T=4096))
     found = {"forward": (kernel, binding)}
     dim = column_split(kernel, binding)
@@ -58,6 +58,16 @@ def _programs(op: str, D: int) -> dict:
     return found
 
 
+# the exact forms (ops/decayed_scores.py) and their forward's local memory, measured: the six levels'
+# segment sums (linrec) beside the carried state and the scores, over 232 registers already at D = 64
+EXACT = {"gla_exact": (gla_exact_fwd, PROGRAMS["gla"][1]), "rwkv6_exact": (rwkv6_exact_fwd, PROGRAMS["rwkv6"][1])}
+EXACT_SPILLING: dict[tuple, int] = {
+    ("gla_exact", 64, "sm_90a", "forward"): 1072, ("rwkv6_exact", 64, "sm_90a", "forward"): 984,
+    ("gla_exact", 64, "sm_80", "forward"): 272, ("rwkv6_exact", 64, "sm_80", "forward"): 656,
+    ("gla_exact", 128, "sm_90a", "forward"): 6856, ("rwkv6_exact", 128, "sm_90a", "forward"): 6592,
+    ("gla_exact", 128, "sm_80", "forward"): 1920, ("rwkv6_exact", 128, "sm_80", "forward"): 1984,
+}
+
 CASES = [(op, D, arch, name) for op in PROGRAMS for D in (64, 128) for arch in MMA
          for name in ("forward", "states", *(f"d_{n}" for n in PROGRAMS[op][1]))]
 
@@ -66,3 +76,23 @@ CASES = [(op, D, arch, name) for op in PROGRAMS for D in (64, 128) for arch in M
 def test_compiles_with_tensor_cores_without_local_memory(op, D, arch, program):
     kernel, binding = _programs(op, D)[program]
     check_compiled(kernel, binding, arch, (op, D, arch, program), SPILLING, mma=has_wide_matmul(kernel, binding, arch))
+
+
+@pytest.mark.parametrize("op", EXACT)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("arch", MMA)
+def test_exact_forms_compile_with_tensor_cores(op, D, arch):
+    kernel, binding = _programs(op, D)["forward"]
+    check_compiled(kernel, binding, arch, (op, D, arch, "forward"), EXACT_SPILLING)
+
+
+@pytest.mark.parametrize("op", EXACT)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("arch", MMA)
+def test_exact_forms_backward_launches_lower(op, D, arch):
+    """Every backward launch derived from the exact forms lowers (its CUDA generated, not compiled)."""
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
+
+    for name, (kernel, binding) in _programs(op, D).items():
+        assert kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch).source, name

@@ -56,14 +56,54 @@ def test_within_fp32_exponent_range(op, max_decay):
     _check_against_reference(op, _inputs(op, T=200, K=64, V=64, max_decay=max_decay), None)
 
 
-@pytest.mark.xfail(strict=True, reason="gla_fwd and rwkv6_fwd factorise the in-chunk decay as exp(b_i)·exp(-b_j): a "
-                   "cumulative log decay below about -88 within a 64-token chunk overflows fp32's exp(-b) "
-                   "(measured, gla at T = 128, K = 64: gates uniform in [-2, 0] per step hold to 5e-7; [-2.5, 0] "
-                   "gives 896 of 16384 outputs non-finite, [-5, 0] 9280, [-20, 0] 15040)")
 @pytest.mark.parametrize("op", DECAYED)
 @pytest.mark.parametrize("max_decay", [5.0, 20.0])
 def test_strong_decay(op, max_decay):
+    """Gates uniform in [-20, 0] per step: a chunk's cumulative log decay reaches about -640, past
+    the fast form's range, so the op takes the exact form (measured before it: [-2.5, 0] gave 896
+    of 16384 outputs non-finite, [-20, 0] 15040)."""
     _check_against_reference(op, _inputs(op, T=128, K=64, V=64, max_decay=max_decay), None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rwkv6_stress_decays(seed):
+    """Issue 27's bar: RWKV-6 with log decays -exp(U(-1, 2)) per step and key dim, a state given."""
+    args = _inputs("rwkv6", T=300, K=64, V=64, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    args["w"] = -torch.exp(torch.empty_like(args["w"]).uniform_(-1.0, 2.0, generator=gen))
+    _check_against_reference("rwkv6", args, torch.randn(1, 2, 64, 64, generator=gen))
+
+
+@pytest.mark.parametrize("op", DECAYED)
+@pytest.mark.parametrize("max_decay", [1e-3, 1.0, 20.0])
+def test_exact_form_matches_float64_token_loop(op, max_decay):
+    """The exact programs alone, from weak to strong decays, over a partial last chunk."""
+    args = _inputs(op, T=150, K=32, V=16, seed=7, max_decay=max_decay)
+    state = torch.randn(1, 2, 32, 16, generator=torch.Generator().manual_seed(7))
+    exact = ops.gated.gla_exact_mixer if op == "gla" else ops.gated.rwkv6_exact_mixer
+    if op == "gla":
+        o, final = exact(q=args["q"] * 32 ** -0.5, k=args["k"], v=args["v"], g=args["g"], s=state)
+    else:
+        o, final = exact(**args, scale=32 ** -0.5, s=state)
+    o_ref, final_ref = getattr(ref, op)(**args, initial_state=state, output_final_state=True)
+    assert rel_err(o, o_ref) <= bound(torch.float32)
+    assert rel_err(final, final_ref) <= bound(torch.float32)
+
+
+@pytest.mark.parametrize("op, name", [("gla", "g"), ("rwkv6", "w")])
+def test_form_follows_the_chunk_decay(op, name, monkeypatch):
+    """The fast form while two adjacent chunks' log decay stays within half the compute dtype's
+    exponent range (fp32: about -44), the exact form past it, wherever in the sequence."""
+    taken = []
+    for form in ("", "_exact"):
+        mixer = getattr(ops.gated, f"{op}{form}_mixer")
+        monkeypatch.setattr(ops.gated, f"{op}{form}_mixer",
+                            lambda *a, _m=mixer, _f=form, **kw: taken.append(_f) or _m(*a, **kw))
+    args = _inputs(op, T=200, K=16, V=16, max_decay=0.3)  # about -10 per chunk
+    OPS[op](**args)
+    args[name][:, 150] = -30.0  # one token: two chunks' total passes -44
+    OPS[op](**args)
+    assert taken == ["", "_exact"]
 
 
 @pytest.mark.parametrize("op", DECAYED)
@@ -93,6 +133,20 @@ def test_float64_gradients(op):
     leaves = [args[n].requires_grad_() for n in names]
     fn = lambda *xs: OPS[op](**dict(zip(names, xs)), output_final_state=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("op", DECAYED)
+def test_exact_form_float64_gradients(op):
+    """The backward derived from the exact programs, by gradcheck, gates to -2 per step (every decay
+    factor within the chunk still weighs); fast mode: random projections of the Jacobian (the exact
+    programs are six times the fast ones' length). tests/test_decayed_scores.py checks -20."""
+    args = _inputs(op, T=70, K=16, V=16, seed=6, dtype=torch.float64, max_decay=2.0)
+    args["s"] = torch.randn(1, 2, 16, 16, dtype=torch.float64)
+    exact = ops.gated.gla_exact_mixer if op == "gla" else ops.gated.rwkv6_exact_mixer
+    names = list(args)
+    leaves = [args[n].requires_grad_() for n in names]
+    fn = lambda *xs: exact(**dict(zip(names, xs)), **({"scale": 0.25} if op == "rwkv6" else {}))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
 def test_retention_decays_each_head_by_its_gamma():
@@ -144,16 +198,11 @@ def test_layer_trains_and_continues_from_its_state(layer):
     assert rel_err(torch.cat([y1, y2], 1), y.detach().double().numpy()) <= bound(torch.float32)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("op", list(OPS))
-@pytest.mark.parametrize("T", [1, 100, 300])
-@pytest.mark.parametrize("D", [64, 128])
-def test_gpu_bf16_forward_and_backward_against_float64(op, T, D):
+def _gpu_bf16_against_float64(op: str, inputs: dict, B: int, H: int, D: int, T: int):
     """bf16 inputs on the GPU (fp32 bonus and state; initial state and final-state gradient given):
     the output, final state and every gradient within the bf16 bound of float64 on the same rounded
     values (the gate gradients cancel: input rounding alone moves them past the bound)."""
-    inputs = _inputs(op, B=2, T=T, H=3, K=D, V=D, seed=T + D, dtype=torch.float64)
-    inputs["initial_state"] = torch.randn(2, 3, D, D, generator=torch.Generator().manual_seed(T), dtype=torch.float64)
+    inputs["initial_state"] = torch.randn(B, H, D, D, generator=torch.Generator().manual_seed(T), dtype=torch.float64)
     low = {n: t.to("cuda", torch.float32 if n in ("u", "initial_state") else torch.bfloat16).requires_grad_()
            for n, t in inputs.items()}
     exact = {n: t.detach().cpu().double().requires_grad_() for n, t in low.items()}
@@ -165,4 +214,39 @@ def test_gpu_bf16_forward_and_backward_against_float64(op, T, D):
         (o.double() * weights[0]).sum().add((s.double() * weights[1]).sum()).backward()
         results.append({"o": o, "final_state": s, **{n: t.grad for n, t in args.items()}})
     for n, want in results[0].items():
-        assert rel_err(results[1][n].double().cpu(), want.detach().numpy()) <= bound(torch.bfloat16), n
+        got = results[1][n].double().cpu()
+        assert got.isfinite().all(), n
+        assert rel_err(got, want.detach().numpy()) <= bound(torch.bfloat16), n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("T", [1, 100, 300])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_forward_and_backward_against_float64(op, T, D):
+    """Gates uniform in [-1, 0] per step; at this T the sum of two chunks passes the fast form's
+    range from T = 100 on, so gla and rwkv6 run the fast form at T = 1 and the exact one after."""
+    _gpu_bf16_against_float64(op, _inputs(op, B=2, T=T, H=3, K=D, V=D, seed=T + D, dtype=torch.float64), 2, 3, D, T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", DECAYED)
+@pytest.mark.parametrize("T", [100, 300])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_fast_form_against_float64(op, T, D):
+    """Gates uniform in [-0.1, 0] per step: within the fast form's range, so the ops take it."""
+    args = _inputs(op, B=2, T=T, H=3, K=D, V=D, seed=T + D, dtype=torch.float64, max_decay=0.1)
+    _gpu_bf16_against_float64(op, args, 2, 3, D, T)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", DECAYED)
+@pytest.mark.parametrize("T", [100, 300])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_bf16_stress_decays_against_float64(op, T, D):
+    """Issue 27's stress decays on the GPU: RWKV-6 -exp(U(-1, 2)), GLA uniform in [-20, 0] per step."""
+    args = _inputs(op, B=2, T=T, H=3, K=D, V=D, seed=T + D, dtype=torch.float64, max_decay=20.0)
+    if op == "rwkv6":
+        gen = torch.Generator().manual_seed(T)
+        args["w"] = -torch.exp(torch.empty_like(args["w"]).uniform_(-1.0, 2.0, generator=gen))
+    _gpu_bf16_against_float64(op, args, 2, 3, D, T)

@@ -183,6 +183,8 @@ SPILLING = {
     "gla_fwd": "a 128x128 state decayed row by row beside the chunk's tiles (spills on sm_90a too)",
     "normalized_la_fwd": "a 128x128 state and the chunk's normaliser (spills on sm_90a too)",
     "rwkv6_fwd": "gla_fwd's tiles plus the current token's bonus (spills on sm_90a too, tests/test_gated_compile.py)",
+    **{name: "six levels of segment sums beside a 128x128 state (spills on sm_90a too, tests/test_gated_compile.py)"
+       for name in ("gla_exact_fwd", "rwkv6_exact_fwd")},
     ("attention_bwd_dkdv", "sm_80"): "two groups per CTA (the schedule shared memory allows)",
     ("attention_bwd_dkdv", "sm_90"): "two groups per CTA (the schedule shared memory allows)",
     ("attention_bwd_dkdv", "sm_86"): "one group at one stage (99 KiB): two values reloaded per chunk",

@@ -34,6 +34,7 @@ from .language import (
                        exp,
                        exp2,
                        eye,
+                       floor,
                        full,
                        in_seq,
                        iota,
@@ -70,4 +71,5 @@ __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh", "where",
     "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum", "colmax",
     "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec", "trisolve", "outer",
+    "floor",
 ]

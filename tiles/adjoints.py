@@ -22,8 +22,8 @@ from .types import TileType
 __all__ = ["Emitter", "ADJOINTS", "NO_GRADIENT"]
 
 # ops whose result carries no gradient to its operands: constants (``position`` reads only a loop
-# index) and comparisons (bool tiles)
-NO_GRADIENT = ("full", "iota", "eye", "position", "lt", "le", "gt", "ge", "eq", "ne")
+# index), comparisons (bool tiles) and ``floor`` (piecewise constant)
+NO_GRADIENT = ("full", "iota", "eye", "position", "floor", "lt", "le", "gt", "ge", "eq", "ne")
 
 
 class Emitter:

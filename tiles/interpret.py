@@ -113,6 +113,7 @@ _UNARY = {
     "exp2": np.exp2,
     "log": np.log,
     "sqrt": np.sqrt,
+    "floor": np.floor,
     "sin": np.sin,
     "cos": np.cos,
     "tanh": np.tanh,

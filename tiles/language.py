@@ -16,7 +16,7 @@ __all__ = [
     "chunks", "blocks", "zeros", "full", "exp", "exp2", "log", "sqrt", "sigmoid", "softplus", "tanh",
     "where", "maximum", "minimum", "causal", "window", "in_seq", "rowsum", "rowmax", "colsum",
     "colmax", "cumsum", "segsum", "cast", "sin", "cos", "iota", "eye", "position", "concat", "linrec",
-    "trisolve", "outer",
+    "trisolve", "outer", "floor",
 ]
 
 
@@ -152,6 +152,12 @@ def exp2(x) -> Tile:
 
 def log(x) -> Tile:
     return _unary("log", x)
+
+
+def floor(x) -> Tile:
+    """The largest integer at most ``x``, elementwise; no gradient (block ids from ``iota``:
+    ``floor(iota(64) / 16)`` numbers a chunk's 16-row blocks)."""
+    return _unary("floor", x)
 
 
 def sin(x) -> Tile:

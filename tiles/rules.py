@@ -15,7 +15,7 @@ from .types import DType, Space, TileType
 
 __all__ = ["ShapeError", "infer", "UNARY", "BINARY", "COMPARE", "REDUCE", "MASKS"]
 
-UNARY = ("neg", "abs", "exp", "exp2", "log", "sqrt", "sin", "cos", "sigmoid", "softplus", "tanh", "pow")
+UNARY = ("neg", "abs", "exp", "exp2", "log", "sqrt", "floor", "sin", "cos", "sigmoid", "softplus", "tanh", "pow")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 REDUCE = ("rowsum", "rowmax", "colsum", "colmax")
