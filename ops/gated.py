@@ -126,6 +126,15 @@ def _fast_form_holds(log_decay: torch.Tensor, compute_dtype: torch.dtype) -> boo
     return worst <= math.log(torch.finfo(compute_dtype).max) / 2
 
 
+def _exact_form(exact, log_decay: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    """The caller's ``exact`` (a bool), or, for None, whether the fast form fails these decays."""
+    if exact is None:
+        return not _fast_form_holds(log_decay, compute_dtype)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact: expected True, False or None, got {exact!r}")
+    return exact
+
+
 def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """``log γ_h`` for ``γ_h = 1 - 2^(-5-h)``, h = 0 .. heads - 1 (RetNet's multi-scale decays)."""
     return torch.tensor([math.log1p(-2.0 ** (-5 - h)) for h in range(heads)], device=device, dtype=dtype)
@@ -164,37 +173,38 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
         initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
-        cu_seqlens: torch.Tensor | None = None):
+        cu_seqlens: torch.Tensor | None = None, exact: bool | None = None):
     """Gated linear attention (flash-linear-attention's ``chunk_gla`` convention):
     ``S_t = diag(exp g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = scale · S_tᵀ q_t``.
 
     q, k, g: ``[B, T, H, K]`` (g: log forget gates, ≤ 0); v: ``[B, T, H, V]``; scale defaults to
     ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
     ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward). ``cu_seqlens``:
-    a packed batch, as ``Mixer`` takes it."""
+    a packed batch, as ``Mixer`` takes it. ``exact``: the form (module docstring); None picks it from
+    the gates, which reads them on the host (one synchronisation per call): pass True or False to skip it."""
     _check("gla", output_final_state, cu_seqlens, q=q, k=k, v=v, g=g, initial_state=initial_state)
     if g.shape != k.shape:
         raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
-    run = gla_mixer if _fast_form_holds(g, q.dtype) else gla_exact_mixer
+    run = gla_exact_mixer if _exact_form(exact, g, q.dtype) else gla_mixer
     o, state = run(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state, cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 
 def rwkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
           scale: float | None = None, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-          *, cu_seqlens: torch.Tensor | None = None):
+          *, cu_seqlens: torch.Tensor | None = None, exact: bool | None = None):
     """RWKV-6's time mixing (flash-linear-attention's ``chunk_rwkv6`` convention):
     ``o_t = scale · (S_{t-1} + diag(u) k_t v_tᵀ)ᵀ r_t``, ``S_t = diag(exp w_t) S_{t-1} + k_t v_tᵀ``.
 
     r, k, w: ``[B, T, H, K]`` (w: log decays, ≤ 0); v: ``[B, T, H, V]``; u: ``[H, K]`` bonus; scale
     defaults to ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
     ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward). ``cu_seqlens``:
-    a packed batch, as ``Mixer`` takes it."""
+    a packed batch, as ``Mixer`` takes it. ``exact``: as ``gla``'s, read from w."""
     _check("rwkv6", output_final_state, cu_seqlens, r=r, k=k, v=v, w=w, u=u, initial_state=initial_state)
     if w.shape != k.shape:
         raise ValueError(f"w: expected the shape of k {tuple(k.shape)}, got {tuple(w.shape)}")
     if u.shape != (k.shape[2], k.shape[3]):
         raise ValueError(f"u: expected [H, K] = {[k.shape[2], k.shape[3]]}, got {list(u.shape)}")
-    run = rwkv6_mixer if _fast_form_holds(w, r.dtype) else rwkv6_exact_mixer
+    run = rwkv6_exact_mixer if _exact_form(exact, w, r.dtype) else rwkv6_mixer
     o, state = run(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state, cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
