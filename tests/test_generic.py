@@ -124,17 +124,24 @@ def _kernel(cubin: bytes, name: str):
 GENERIC_CI_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # sm_90: the generic target forced on an H100
 
 
+# programs whose op runs them at other feature dims than 128: long_conv's take 64 channels per head
+# (ops/long_conv.py), at 128 they are over sm_80's budget and sm_86's shared memory
+FEATURE_DIMS = {name: 64 for name in ("long_conv_cols", "long_conv_cols_inverse", "long_conv_rows",
+                                      "long_conv_spectrum_rows")}
+
+
 def _specs_of(kernel) -> dict:
     """Argument specs for any program, from its signature, at the benchmark shape (B=2, T=4096,
-    H=16, feature dims 128, bf16 tiles, fp32 per-token and per-head values; optional states absent;
-    matrices 4096 x 4096)."""
+    H=16, feature dims 128 or FEATURE_DIMS', bf16 tiles, fp32 per-token and per-head values;
+    optional states absent; matrices 4096 x 4096)."""
     from tilemix.tiles import TensorSpec
 
     specs = {}
+    size = FEATURE_DIMS.get(kernel.name, 128)
     for name, spec in kernel.specs.items():
         if spec.output or name in kernel.defaults:
             continue  # outputs are allocated, optionals (states, D) absent, constants at their defaults
-        features = tuple(128 for d in spec.dims if d != 1)
+        features = tuple(size for d in spec.dims if d != 1)
         if spec.kind in ("seq", "group_seq"):
             heads = 16 if spec.kind == "seq" else 1
             specs[name] = TensorSpec((2, 4096, heads) + features, "bfloat16" if features else "float32")
@@ -197,6 +204,8 @@ SPILLING = {
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (spills on sm_90a too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (spills on sm_90a too)",
     ("delta_rule_fwd", "sm_80"): "a 128x128 state beside the chunk's two 64x128 solves",
+    **{(name, "sm_90"): "four 64x64 complex-part accumulators and the DFT tiles at the register ceiling "
+                        "(sm_90's 128-row groups)" for name in ("long_conv_cols", "long_conv_rows")},
     "gated_delta_rule_fwd": "a 128x128 state beside the chunk's two 64x128 solves and its 64x64 decays",
     ("mlstm_fwd", "sm_90"): "at the 255-register ceiling: 8 bytes (sm_80/86/89 and sm_90a's own kernel fit)",
     **{("gated_delta_rule_scan", arch): "a 128x128 state beside the chunk's 64x64 decays, at the register "
