@@ -8,7 +8,7 @@ dk, dv). Two programs because the language has no atomics: each gradient has one
 
 Grouped-query attention (GQA/MQA: k and v with ``G`` heads, ``H % G == 0``, query head h reading kv
 head ``h // (H // G)``) runs the same four programs with k and v declared ``GroupSeq`` (``*_gqa``,
-made by ``_grouped_kv``). Its dk/dv program writes each query head's share of the gradients, per
+made by ``_variant``). Its dk/dv program writes each query head's share of the gradients, per
 query head ``[B, T, H, D]``, and torch sums the heads of each group, as SSD's backward does for its
 group tensors: the language has no loop over the heads of a program instance."""
 
@@ -54,6 +54,7 @@ LOG2E = 1.4426950408889634
 # A sliding window's first key chunk may hold no key some rows of the query block see: a running max
 # that starts finite keeps those rows' exp2(s - m) at 0 where -inf - -inf would make it NaN.
 NO_SCORE_YET = -1e30
+EMPTY_ROW = 1e-30  # the denominator of a cross-attention row that sees no key (``_nonzero``)
 
 
 def _visible(s, is_causal, window, transposed=False):
@@ -67,14 +68,21 @@ def _visible(s, is_causal, window, transposed=False):
     return in_seq(s, fill=NEG_INF)
 
 
-def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk):
+def _cross(q, k) -> bool:
+    """Whether the keys run along a sequence of their own (``Seq.along("S")``: cross-attention,
+    Tq != Tk), where under a causal mask aligned to the ends a query may see no key at all."""
+    return k.seq_dim != q.seq_dim
+
+
+def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk, cross):
     """One query block's unnormalised output, running row max (of the scores in base-2 units:
     ``scale · log2(e) · q·k``, so each probability is one ``exp2`` of a difference) and denominator
     over its key chunks (the flash-attention recurrence; with a ``window`` only the chunks inside
-    it), shared by the two forward programs."""
-    m, denom, acc = full(block, 1, NO_SCORE_YET if window else NEG_INF), zeros(block, 1), zeros(block, v.cols)
+    it), shared by the two forward programs. ``cross``: keys along their own dim (``_cross``)."""
+    m = full(block, 1, NO_SCORE_YET if window or cross else NEG_INF)
+    denom, acc = zeros(block, 1), zeros(block, v.cols)
     scale2 = scale * LOG2E
-    for j in chunks(chunk, through=i if is_causal else None, window=window):
+    for j in chunks(chunk, dim=k.seq_dim, through=i if is_causal else None, window=window):
         s = (qi @ k[j].T) * scale2  # scaled in fp32: q * scale in bf16 would round q again
         s = _visible(s, is_causal, window)
         m_new = maximum(m, rowmax(s))
@@ -83,6 +91,15 @@ def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk):
         acc = acc * alpha + p @ v[j]
         m = m_new
     return acc, m, denom
+
+
+def _nonzero(denom, cross):
+    """The softmax denominator to divide by: as it is, or, for cross-attention, at least
+    ``EMPTY_ROW``, so a row that sees no key (0 of them summed) outputs 0, as FlashAttention 2.1+
+    does, and its log-sum-exp stays finite (about ``NO_SCORE_YET``), so the backward programs'
+    ``exp(-inf - lse)`` is 0 there, not NaN. A row that sees a key sums at least 1 (its top score's
+    ``exp2(0)``), so the floor changes no other row."""
+    return maximum(denom, EMPTY_ROW) if cross else denom
 
 
 # mma.sync (the generic target): a warp holds 16 rows of each 64-row block of a tile, so 128-query
@@ -97,8 +114,9 @@ def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[S
     """Softmax attention per query block; ``window=W`` (with ``is_causal``): each query sees its last
     ``W`` keys (itself included), and only the key chunks holding them are visited."""
     for i in blocks(block):  # one program instance per query block
-        acc, _, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk)
-        o[i] = acc / denom
+        cross = _cross(q, k)
+        acc, _, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk, cross)
+        o[i] = acc / _nonzero(denom, cross)
 
 
 @kernel(target_consts=GENERIC_BLOCKS)
@@ -107,7 +125,9 @@ def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: O
     """``attention_fwd`` that also writes each query's log-sum-exp of its scaled scores (float32): what
     the backward programs need to recompute the probabilities. Run only when gradients are wanted."""
     for i in blocks(block):
-        acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk)
+        cross = _cross(q, k)
+        acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk, cross)
+        denom = _nonzero(denom, cross)
         o[i] = acc / denom
         lse[i] = m * (1 / LOG2E) + log(denom)  # natural-log units, what the backward programs read
 
@@ -123,7 +143,7 @@ def attention_bwd_dq(q: Seq["D"], k: Seq["D"], v: Seq["V"], o: Seq["V"], do: Seq
         di = rowsum(doi * o[i])
         delta[i] = di
         acc = zeros(block, q.cols)
-        for j in chunks(chunk, through=i if is_causal else None, window=window):
+        for j in chunks(chunk, dim=k.seq_dim, through=i if is_causal else None, window=window):
             kj = k[j]
             s, dp = qi @ kj.T, doi @ v[j].T  # both products in flight before either is read
             s = _visible(s * scale, is_causal, window)
@@ -139,7 +159,7 @@ def attention_bwd_dkdv(q: Seq["D"], k: Seq["D"], v: Seq["V"], do: Seq["V"], lse:
     """Per key block, over the query chunks that see it (causal: from the block's own chunk on; with
     a window, up to the chunk of its last key's last query), on transposed tiles (keys on rows):
     ``dv = Σ_i pᵀ_i do_i``, ``dk = scale · Σ_i dsᵀ_i q_i``."""
-    for j in blocks(block):
+    for j in blocks(block, dim=k.seq_dim):
         kj, vj = k[j], v[j]
         dkj, dvj = zeros(block, k.cols), zeros(block, v.cols)
         for i in chunks(chunk, start=j if is_causal else None, window=window):
@@ -165,24 +185,37 @@ def key_chunk(args: dict) -> dict:
     return {} if max(args["q"].shape[-1], args["v"].shape[-1]) <= 128 else dict(chunk=64)
 
 
-def _grouped_kv(program: Kernel) -> Kernel:
-    """``program`` with k and v declared ``GroupSeq`` (``G`` heads; query head h reads kv head
-    ``h // (H // G)``), named ``<name>_gqa``: the same function, traced with group indices. A program
-    of its own, not a flag, because the group index changes the generated code that reads k and v."""
+def _variant(program: Kernel, suffix: str, specs: dict) -> Kernel:
+    """``program`` with the parameters ``specs`` names declared as given (those it has), named
+    ``<name>_<suffix>``: the same function, traced with other parameter kinds. A program of its own,
+    not a flag, because the kinds change the generated code that reads and writes those tensors."""
     fn = program.fn
-    name = f"{fn.__name__}_gqa"
-    grouped = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    grouped.__qualname__, grouped.__kwdefaults__, grouped.__doc__ = name, fn.__kwdefaults__, fn.__doc__
-    grouped.__annotations__ = {**fn.__annotations__, "k": GroupSeq["D"], "v": GroupSeq["V"]}
-    return Kernel(grouped, program.target_consts)
+    name = f"{fn.__name__}_{suffix}"
+    variant = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    variant.__qualname__, variant.__kwdefaults__, variant.__doc__ = name, fn.__kwdefaults__, fn.__doc__
+    variant.__annotations__ = {**fn.__annotations__,
+                               **{n: spec for n, spec in specs.items() if n in fn.__annotations__}}
+    return Kernel(variant, program.target_consts)
 
 
-attention_fwd_gqa = _grouped_kv(attention_fwd)
-attention_fwd_lse_gqa = _grouped_kv(attention_fwd_lse)
-attention_bwd_dq_gqa = _grouped_kv(attention_bwd_dq)
-attention_bwd_dkdv_gqa = _grouped_kv(attention_bwd_dkdv)
+KEYS = "S"  # the keys' sequence dim in the cross-attention programs (Tk; the queries' is T)
+# Grouped-query attention: k and v with G heads (query head h reads kv head h // (H // G)).
+_GROUPED = dict(k=GroupSeq["D"], v=GroupSeq["V"])
+# Cross-attention: k and v (and their gradients) along a sequence of their own, aligned to its end.
+_CROSS = dict(k=Seq.along(KEYS)["D"], v=Seq.along(KEYS)["V"], dk=Out[Seq.along(KEYS)["D"]],
+              dv=Out[Seq.along(KEYS)["V"]])
+_CROSS_GROUPED = {**_CROSS, "k": GroupSeq.along(KEYS)["D"], "v": GroupSeq.along(KEYS)["V"]}
 
-declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_gqa, consts=key_chunk)
+attention_fwd_gqa, attention_fwd_lse_gqa, attention_bwd_dq_gqa, attention_bwd_dkdv_gqa = (
+    _variant(p, "gqa", _GROUPED) for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
+attention_fwd_cross, attention_fwd_lse_cross, attention_bwd_dq_cross, attention_bwd_dkdv_cross = (
+    _variant(p, "cross", _CROSS) for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
+attention_fwd_cross_gqa, attention_fwd_lse_cross_gqa, attention_bwd_dq_cross_gqa, attention_bwd_dkdv_cross_gqa = (
+    _variant(p, "cross_gqa", _CROSS_GROUPED)
+    for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
+
+declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_gqa, attention_fwd_cross,
+        attention_fwd_lse_cross, attention_fwd_cross_gqa, attention_fwd_lse_cross_gqa, consts=key_chunk)
 
 
 def _forward_args(q, k, v, causal, scale, window=0, cu_seqlens=None):

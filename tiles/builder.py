@@ -141,10 +141,18 @@ class ParamRef:
                             user_loc())
         return 1 if spec.dims == (1,) else self._static[spec.dims[0]]
 
+    @property
+    def seq_dim(self) -> str:
+        """The sequence dim a ``Seq``/``GroupSeq`` parameter runs along (``T``, or the one it was
+        declared ``along``): what ``chunks(dim=...)``/``blocks(dim=...)`` over its tiles take."""
+        if self.param.spec.kind not in ("seq", "group_seq"):
+            raise TileError(f"{self.param.name}: only Seq and GroupSeq parameters run along a sequence", user_loc())
+        return self.param.spec.length
+
     def _indices(self, key) -> tuple[ChunkIndex, ...]:
         spec = self.param.spec
         key = key if isinstance(key, tuple) else (key,)
-        want = ("T",) if spec.kind in ("seq", "group_seq") else spec.dims
+        want = (spec.length,) if spec.kind in ("seq", "group_seq") else spec.dims
         if len(key) != len(want) or not all(isinstance(k, ChunkIndex) for k in key):
             what = "one chunk index (for c in chunks(...))" if len(want) == 1 else f"{len(want)} chunk indices"
             raise TileError(f"{self.param.name}[...] takes {what}, got {key!r}", user_loc())
@@ -248,12 +256,12 @@ class Builder:
         if self.token_rows and kind == "chunks" and dim == "T":
             size = 1
         index = Value(INDEX)
-        stop = Bound(through.value, through.size) if through is not None else None
-        first = Bound(start.value, start.size) if start is not None else None
+        stop = Bound(through.value, through.size, dim=through.dim) if through is not None else None
+        first = Bound(start.value, start.size, dim=start.dim) if start is not None else None
         if window is not None and through is not None:  # the window's first key row
-            first = Bound(through.value, through.size, 1 - window)
+            first = Bound(through.value, through.size, 1 - window, through.dim)
         elif window is not None:  # the window's last query row
-            stop = Bound(start.value, start.size, window - 1)
+            stop = Bound(start.value, start.size, window - 1, start.dim)
         loop = Loop("loop", (), {}, None, loc, kind=kind, dim=dim, size=size, stop=stop, start=first, index=index,
                     reverse=reverse)
         self.regions[-1].append(loop)

@@ -169,10 +169,14 @@ class _Run:
     def run_loop(self, loop: Loop) -> None:
         end = self.sizes[loop.dim]
         if loop.stop is not None:
-            end = min(end, (self.env[loop.stop.index] + 1) * loop.stop.size + loop.stop.offset)
+            stop = loop.stop
+            end = min(end, (self.env[stop.index] + 1) * stop.size + stop.offset
+                      + stop.aligned_shift(loop.dim, self.sizes))
         first = 0
         if loop.start is not None:
-            first = max(0, self.env[loop.start.index] * loop.start.size + loop.start.offset) // loop.size
+            start = loop.start
+            first = max(0, self.env[start.index] * start.size + start.offset
+                        + start.aligned_shift(loop.dim, self.sizes)) // loop.size
         for carried, init in zip(loop.carried, loop.init):
             self.env[carried] = np.asarray(self.env[init], self.float)
         order = range(first, math.ceil(end / loop.size))
@@ -259,12 +263,17 @@ class _Run:
         if op.name == "in_seq":
             keep = cols < self.sizes[t.col_axis.dim]
         else:
-            rows = self._positions(t.row_axis, t.rows)[:, None]
+            rows = self._positions(t.row_axis, t.rows)[:, None] + self._end_shift(t.row_axis, t.col_axis)
             query, key = (cols, rows) if op.attrs.get("transposed") else (rows, cols)
             keep = key < query if op.attrs.get("strict") else key <= query
             if op.name == "window":
                 keep &= key > query - op.attrs["size"]
         return np.where(keep, x, self.float(op.attrs["fill"]))
+
+    def _end_shift(self, rows, cols) -> int:
+        """What moves row positions onto the columns' dim, the two sequences aligned at their ends
+        (queries over T against keys over S: FlashAttention's causal cross-attention); 0 on one dim."""
+        return 0 if rows.dim == cols.dim else self.sizes[cols.dim] - self.sizes[rows.dim]
 
     def load(self, op: Op, indices: list[int]) -> np.ndarray:
         a = self.arrays[op.attrs["param"]]

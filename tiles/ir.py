@@ -52,11 +52,20 @@ class Bound:
     ``start``: begin at the chunk holding that chunk's first row (the query
     loop of causal attention's key-gradient program). ``offset`` moves the bound by that many
     rows (clamped to the dim): ``chunks(through=i, window=W)`` starts at row ``i·size - W + 1``,
-    ``chunks(start=j, window=W)`` stops after row ``(j+1)·size + W - 2``."""
+    ``chunks(start=j, window=W)`` stops after row ``(j+1)·size + W - 2``. ``dim``: the dim of
+    ``index``'s loop; a bound on a loop over another dim (queries over T, keys over S) is aligned to
+    the ends of the two, as FlashAttention aligns causal cross-attention: its row moves by
+    ``len(loop dim) - len(dim)`` (``aligned_shift``)."""
 
     index: Value
     size: int
     offset: int = 0
+    dim: str = "T"
+
+    def aligned_shift(self, loop_dim: str, sizes) -> int:
+        """The rows this bound moves by on a loop over ``loop_dim``: 0 on its own dim, else the
+        difference of the two lengths (``sizes`` maps dim names to lengths)."""
+        return 0 if loop_dim == self.dim else sizes[loop_dim] - sizes[self.dim]
 
     def __str__(self) -> str:
         return f"{self.index}{self.offset:+d}" if self.offset else str(self.index)

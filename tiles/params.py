@@ -9,6 +9,8 @@ annotation             tensor layout           inside the program
 ``Seq["K"]``           ``[B, T, H, K]``        ``q[c]`` loads chunk ``c``: a ``size x K`` tile
 ``Seq[1]``             ``[B, T, H]``           ``dt[c]`` loads a ``size x 1`` column vector
 ``GroupSeq["N"]``      ``[B, T, G, N]``        like ``Seq``; head ``h`` reads group ``h // (H // G)``
+``Seq.along("S")["K"]`` ``[B, S, H, K]``       like ``Seq``, over a second sequence of its own length
+                                               ``S`` (cross-attention's keys); ``GroupSeq.along`` too
 ``Head[1]``/``Head["D"]`` ``[H]`` / ``[H, D]``  a scalar / row vector for the current head
 ``State["K", "V"]``    ``[B, H, K, V]`` f32    the initial state (zeros when absent); the value
                                                bound to its name at the end is the final state
@@ -52,15 +54,16 @@ class ParamSpec:
     kind: str
     dims: tuple = ()
     output: bool = False
+    length: str = "T"  # the sequence dim of a Seq / GroupSeq: T, or another one (``Seq.along``)
 
     @property
     def layout(self) -> tuple:
         """The tensor's full shape in symbols (runtime and static)."""
         feature = tuple(d for d in self.dims if d != 1)
         if self.kind == "seq":
-            return ("B", "T", "H") + feature
+            return ("B", self.length, "H") + feature
         if self.kind == "group_seq":
-            return ("B", "T", "G") + feature
+            return ("B", self.length, "G") + feature
         if self.kind == "head":
             return ("H",) + feature
         if self.kind == "state":
@@ -86,18 +89,28 @@ class ParamSpec:
         base = {"seq": "Seq", "group_seq": "GroupSeq", "head": "Head", "state": "State",
                 "matrix": "Matrix", "scalar": "Scalar", "const": "Const", "chunk_state": "ChunkState"}[self.kind]
         base = f"{base}[{inner}]" if self.dims else base
+        base = base if self.length == "T" else base.replace("[", f".along({self.length!r})[", 1)
         return f"Out[{base}]" if self.output else base
 
 
 class _Factory:
-    def __init__(self, kind: str, ndims: int):
-        self.kind, self.ndims = kind, ndims
+    def __init__(self, kind: str, ndims: int, length: str = "T"):
+        self.kind, self.ndims, self.length = kind, ndims, length
 
     def __getitem__(self, dims) -> ParamSpec:
         dims = dims if isinstance(dims, tuple) else (dims,)
         if len(dims) != self.ndims or not all(isinstance(d, str) or d == 1 for d in dims):
             raise TypeError(f"{self.kind} parameters take {self.ndims} dim(s), each a name like 'K' or 1; got {dims}")
-        return ParamSpec(self.kind, dims)
+        return ParamSpec(self.kind, dims, length=self.length)
+
+    def along(self, length: str) -> _Factory:
+        """The same parameter over the sequence dim ``length`` (a name such as ``"S"``) instead of
+        ``T``: a second sequence with a length of its own (cross-attention's keys and values)."""
+        if self.kind not in ("seq", "group_seq"):
+            raise TypeError(f"{self.kind} parameters have no sequence dim to put along {length!r}")
+        if not isinstance(length, str) or not length or length in ("B", "H", "G"):
+            raise TypeError(f"along({length!r}): expected a dim name for the sequence, other than B, H and G")
+        return _Factory(self.kind, self.ndims, length)
 
 
 class _Out:
