@@ -75,17 +75,18 @@ class Lowering(Emitter):
 
     def check_varlen(self):
         """Packed sequences lower programs whose loops walk the sequence: chunks() and blocks() over
-        T (a grid over the longest sequence's blocks, ``T_max``), no ChunkState."""
+        T (a grid over the longest sequence's blocks, ``T_max``), no ChunkState, no sequence of
+        another length (``Seq.along``)."""
         plan = self.plan
         if plan.matrix or any(loop.dim != "T" for loop in (*plan.loops, *plan.grid_loops)) \
-                or any(p.spec.kind == "chunk_state" for p in self.program.params):
+                or any(p.spec.kind == "chunk_state" or p.spec.length != "T" for p in self.program.params):
             self.fail("packed sequences (cu_seqlens) lower programs whose chunks() and blocks() loops walk the "
-                      "sequence (T), without ChunkState")
+                      "sequence (T), without ChunkState or a second sequence (Seq.along)")
 
-    def token_base(self) -> str:
-        """The row of ``[B·T]`` tokens where this instance's sequence starts: its batch row's, or in a
-        packed batch its offset."""
-        return "(long)bos" if self.varlen else "(long)b * T"
+    def token_base(self, length: str = "T") -> str:
+        """The row of ``[B·length]`` tokens where this instance's sequence starts: its batch row's, or in
+        a packed batch its offset. ``length``: the sequence dim of the tensor addressed (``Seq.along``)."""
+        return "(long)bos" if self.varlen else f"(long)b * {length}"
 
     def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",
                 out: bool = False) -> tuple[str, str, str, str]:
@@ -103,8 +104,8 @@ class Lowering(Emitter):
         width = self.plan.full_dims[dim]
         row0 = f"{idx[0]} * {rows}"
         col0 = self.plan.col0(name, consumer)
-        return (f"{base} + (({self.token_base()} + {row0}) * {heads} + {head}) * {width} + {col0}",
-                f"(long){heads} * {width}", f"T - {row0}", str(cols))
+        return (f"{base} + (({self.token_base(spec.length)} + {row0}) * {heads} + {head}) * {width} + {col0}",
+                f"(long){heads} * {width}", f"{spec.length} - {row0}", str(cols))
 
     @classmethod
     def consumer_registers(cls, schedule: Schedule) -> int:
@@ -185,9 +186,10 @@ class Lowering(Emitter):
         each loads its own), by ``threads`` threads numbered ``tid``."""
         rows = op.result.type.rows
         index = self.plan.index_name[op.operands[0].id]
+        length = self.program.param(op.attrs["param"]).spec.length
         return [f"tm::load_col_async<{rows}, {threads}>((float*)({dst} + {consumer * rows * 4}), "
-                f"ptr_{op.attrs['param']} + {self.token_base()} * H + {self.producer_head(op, consumer)}, H, "
-                f"{index} * {rows}, T, {tid});"
+                f"ptr_{op.attrs['param']} + {self.token_base(length)} * H + {self.producer_head(op, consumer)}, H, "
+                f"{index} * {rows}, {length}, {tid});"
                 for consumer in range(self.schedule.consumers if self.plan.per_consumer(op) else 1)]
 
     # -- the kernel's frame ------------------------------------------------------------

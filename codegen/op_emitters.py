@@ -90,7 +90,9 @@ def emit_load(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         lw.ring_vector[op.result] = at
         return
     row0 = f"{lw.plan.index_name[op.operands[0].id]} * {t.rows}"
-    lw.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + {lw.token_base()} * H + h, H, {row0}, T);", ind)
+    length = param.spec.length
+    lw.emit(f"{decl} tm::load_col({out}, ptr_{param.name} + {lw.token_base(length)} * H + h, H, {row0}, {length});",
+            ind)
 
 
 def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -243,9 +245,12 @@ def emit_mask(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     t, index_name = op.result.type, lw.plan.index_name
     col = f"({index_name[t.col_axis.index]} * {t.col_axis.size} + col)"
     if op.name == "in_seq":
-        keep = f"{col} < T"
+        keep = f"{col} < {t.col_axis.dim}"
     else:
-        row = f"({index_name[t.row_axis.index]} * {t.row_axis.size} + row)"
+        # rows on another dim than the columns (queries on T, keys on S): moved onto the columns' dim,
+        # the two aligned at their ends
+        shift = "" if t.row_axis.dim == t.col_axis.dim else f" + ({t.col_axis.dim} - {t.row_axis.dim})"
+        row = f"({index_name[t.row_axis.index]} * {t.row_axis.size} + row{shift})"
         query, key = (col, row) if op.attrs.get("transposed") else (row, col)
         keep = f"{key} {'<' if op.attrs.get('strict') else '<='} {query}"
         if op.name == "window":
@@ -387,7 +392,8 @@ def emit_store_col(lw: Lowering, op: Op, ind: int):
     value, index = op.operands[0], op.operands[1]
     row0 = f"{lw.plan.index_name[index.id]} * {value.type.rows}"
     lw.wait_for([value], ind)
-    lw.emit(f"tm::store_col(out_{op.attrs['param']} + {lw.token_base()} * H + h, H, {row0}, T, "
+    length = lw.program.param(op.attrs["param"]).spec.length
+    lw.emit(f"tm::store_col(out_{op.attrs['param']} + {lw.token_base(length)} * H + h, H, {row0}, {length}, "
             f"{lw.reg(value, ind)});", ind)
 
 

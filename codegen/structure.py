@@ -18,7 +18,7 @@ from tilemix.tiles.lowerable import PANEL, check_lowerable, grid_loops
 
 from .knobs import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "analyze_structure", "CONSUMER_THREADS", "PANEL"]
+__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 
@@ -108,8 +108,10 @@ class KernelPlan:
             if self.split_loop is not None and loop.stop.index is self.split_loop.index:
                 # every consumer runs the CTA's longest range; positions mask what is not theirs
                 block = self.block_expr(self.schedule.consumers - 1)
-            end = f"min({end}, ({block} + 1) * {loop.stop.size}{_plus(loop.stop.offset)})"
+            end = f"min({end}, ({block} + 1) * {loop.stop.size}{_plus(loop.stop.offset)}{_shift(loop.stop, loop)})"
         chunks = f"(({end}) + {loop.size - 1}) / {loop.size}"
+        if loop.stop is not None and loop.stop.dim != loop.dim:
+            chunks = f"max(0, {chunks})"  # an end-aligned bound may fall before the dim's start
         return chunks if loop.start is None else f"max(0, {chunks} - c_first)"
 
     def first_chunk(self, loop: Loop) -> list[str]:
@@ -120,14 +122,26 @@ class KernelPlan:
         if self.split_loop is not None and loop.start.index is self.split_loop.index:
             block = self.block_expr(0)  # every consumer starts where the CTA's first block does
         first_row = f"{block} * {loop.start.size}"
-        if loop.start.offset:  # a window's first row, clamped at the dim's start
-            first_row = f"max(0, {first_row}{_plus(loop.start.offset)})"
+        if loop.start.offset or loop.start.dim != loop.dim:  # a window's (or end-aligned) first row, clamped
+            first_row = f"max(0, {first_row}{_plus(loop.start.offset)}{_shift(loop.start, loop)})"
         return [f"const int c_first = {first_row} / {loop.size};"]
 
 
 def _plus(offset: int) -> str:
     """A bound's row offset as a term of its C++ expression ("" for none)."""
     return f" {'+' if offset > 0 else '-'} {abs(offset)}" if offset else ""
+
+
+def _shift(bound, loop: Loop) -> str:
+    """The term moving a bound from its index's dim onto the loop's, the two aligned at their ends
+    (``ir.Bound.aligned_shift``), as C++ ("" on one dim)."""
+    return "" if bound.dim == loop.dim else f" + ({loop.dim} - {bound.dim})"
+
+
+def sequence_dims(program: Program) -> tuple[str, ...]:
+    """The sequence dims besides T that the program's Seq/GroupSeq parameters run along (``Seq.along``),
+    sorted: runtime sizes the kernel takes after T, H and G."""
+    return tuple(sorted({p.spec.length for p in program.params if p.spec.kind in ("seq", "group_seq")} - {"T"}))
 
 
 def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: bool, consumer_heads: bool):
@@ -179,5 +193,5 @@ def analyze_structure(program: Program, schedule: Schedule, full_dims: Mapping[s
                           if op.name in ("cumsum", "segsum") and op.operands[0].type.cols == 1),
         matrix=matrix,
         size_args=tuple(sorted({d for p in program.params if p.spec.kind == "matrix" for d in p.spec.dims})
-                        if matrix else ("T", "H", "G")),
+                        if matrix else ("T", "H", "G", *sequence_dims(program))),
         index_name=MappingProxyType(index_name), split_loop=split_loop, heads=schedule.consumer_axis == "heads")

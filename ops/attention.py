@@ -10,7 +10,11 @@ Grouped-query attention (GQA/MQA: k and v with ``G`` heads, ``H % G == 0``, quer
 head ``h // (H // G)``) runs the same four programs with k and v declared ``GroupSeq`` (``*_gqa``,
 made by ``_variant``). Its dk/dv program writes each query head's share of the gradients, per
 query head ``[B, T, H, D]``, and torch sums the heads of each group, as SSD's backward does for its
-group tensors: the language has no loop over the heads of a program instance."""
+group tensors: the language has no loop over the heads of a program instance.
+
+Cross-attention (Tq != Tk) runs them once more with k and v (and dk, dv) along a sequence of their
+own (``Seq.along("S")``, ``*_cross`` and ``*_cross_gqa``): loop bounds and masks between the two
+align their ends (FlashAttention's causal rule), and a query that sees no key outputs 0."""
 
 from __future__ import annotations
 
@@ -47,7 +51,10 @@ from .runtime import call_with_target, check_call, current_target, default_scale
 from .varlen import check_cu_seqlens
 
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv",
-           "attention_fwd_gqa", "attention_fwd_lse_gqa", "attention_bwd_dq_gqa", "attention_bwd_dkdv_gqa"]
+           "attention_fwd_gqa", "attention_fwd_lse_gqa", "attention_bwd_dq_gqa", "attention_bwd_dkdv_gqa",
+           "attention_fwd_cross", "attention_fwd_lse_cross", "attention_bwd_dq_cross", "attention_bwd_dkdv_cross",
+           "attention_fwd_cross_gqa", "attention_fwd_lse_cross_gqa", "attention_bwd_dq_cross_gqa",
+           "attention_bwd_dkdv_cross_gqa"]
 
 NEG_INF = float("-inf")
 LOG2E = 1.4426950408889634
@@ -301,14 +308,27 @@ attention_op, attention_lse_op, attention_bwd_dq_op, attention_bwd_dkdv_op = _at
     "attention", attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv)
 attention_gqa_op, attention_gqa_lse_op, attention_gqa_bwd_dq_op, attention_gqa_bwd_dkdv_op = _attention_ops(
     "attention_gqa", attention_fwd_gqa, attention_fwd_lse_gqa, attention_bwd_dq_gqa, attention_bwd_dkdv_gqa)
+attention_cross_op, attention_cross_lse_op, attention_cross_bwd_dq_op, attention_cross_bwd_dkdv_op = _attention_ops(
+    "attention_cross", attention_fwd_cross, attention_fwd_lse_cross, attention_bwd_dq_cross, attention_bwd_dkdv_cross)
+(attention_cross_gqa_op, attention_cross_gqa_lse_op, attention_cross_gqa_bwd_dq_op,
+ attention_cross_gqa_bwd_dkdv_op) = _attention_ops(
+    "attention_cross_gqa", attention_fwd_cross_gqa, attention_fwd_lse_cross_gqa, attention_bwd_dq_cross_gqa,
+    attention_bwd_dkdv_cross_gqa)
+# (plain, training forward) ops by (keys along their own sequence, grouped k and v)
+_OPS = {(False, False): (attention_op, attention_lse_op), (False, True): (attention_gqa_op, attention_gqa_lse_op),
+        (True, False): (attention_cross_op, attention_cross_lse_op),
+        (True, True): (attention_cross_gqa_op, attention_cross_gqa_lse_op)}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, *, window: int | None = None, cu_seqlens: torch.Tensor | None = None,
               target: str | None = None) -> torch.Tensor:
-    """Multi-head softmax attention. q: ``[B, T, H, D]``; k: ``[B, T, H_kv, D]``; v: ``[B, T, H_kv, V]``
+    """Multi-head softmax attention. q: ``[B, Tq, H, D]``; k: ``[B, Tk, H_kv, D]``; v: ``[B, Tk, H_kv, V]``
     with ``H % H_kv == 0``: grouped-query attention where ``H_kv < H`` (query head h reads kv head
-    ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query);
+    ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query); ``Tq != Tk``:
+    cross-attention (the ``*_cross`` programs, keys along ``Seq.along("S")``), causal aligned to the
+    end as FlashAttention does (query i sees keys ``j <= i + Tk - Tq``; a query that sees no key,
+    ``i < Tq - Tk``, outputs 0: a KV-cache decode step is ``causal=True`` with the cache as k, v);
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query; ``window=W`` (a positive
     int, with ``causal=True``): sliding-window attention, each query sees keys ``t - W + 1 … t``, and
     the programs visit only the key (query) chunks inside the window, O(T·W) work (``W >= T``: plain
@@ -319,14 +339,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     alone. ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the
     mma.sync kernels, also on an H100).
     ``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (B = 1; FlashAttention's varlen
-    with ``cu_seqlens_q = cu_seqlens_k``): each attends within itself (``ops/varlen.py``; on a GPU a
-    host read of the longest length sizes the grid)."""
+    with ``cu_seqlens_q = cu_seqlens_k``, so ``Tq = Tk``): each attends within itself (``ops/varlen.py``;
+    on a GPU a host read of the longest length sizes the grid)."""
     check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
+    cross = _cross_lengths(q, k, window, cu_seqlens)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, q, "q")
     window = _op_window(window, causal, q)
     scale = default_scale(q, scale)
-    plain, with_lse = (attention_gqa_op, attention_gqa_lse_op) if _grouped(q, k) else (attention_op, attention_lse_op)
+    plain, with_lse = _OPS[cross, _grouped(q, k)]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
         return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window, cu_seqlens)[0]
     return call_with_target(target, plain, q, k, v, bool(causal), scale, window, cu_seqlens)
@@ -346,6 +367,19 @@ def _op_window(window, causal, q) -> int:
         raise ValueError("window: a sliding window is causal (each query sees the W keys up to itself); "
                          "pass causal=True with it")
     return 0 if q.dim() == 4 and window >= q.shape[1] else window
+
+
+def _cross_lengths(q: torch.Tensor, k: torch.Tensor, window, cu_seqlens) -> bool:
+    """Whether k's length differs from q's (cross-attention); with a sliding window or packed
+    sequences (which take one length) that is a ValueError naming k."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[1] == k.shape[1]:
+        return False  # a wrong rank: the programs' binding names the argument
+    lengths = f"k has {k.shape[1]} tokens, q {q.shape[1]}"
+    if cu_seqlens is not None:
+        raise ValueError(f"k: with cu_seqlens q, k and v pack the same sequences (one set of offsets); {lengths}")
+    if window is not None:
+        raise ValueError(f"k: a sliding window takes keys and queries of one length; {lengths}")
+    return True
 
 
 def _grouped(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -46,11 +46,12 @@ def gemm(a, b) -> np.ndarray:
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None, window: int | None = None) -> np.ndarray:
     """``O = softmax(scale · Q Kᵀ + M) V`` per batch and head, with
-    ``M[i, j] = -inf`` for ``j > i`` when causal, and also for ``j <= i - window``
-    with a sliding ``window`` (causal only). q ``[B, T, H, D]``, k
-    ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` → ``[B, T, H, Dv]``; grouped
-    queries where ``H_kv < H`` (``H % H_kv == 0``): head h reads kv head
-    ``h // (H // H_kv)``, as if k and v were repeated. scale defaults to ``D**-0.5``."""
+    ``M[i, j] = -inf`` for ``j > i + Tk - Tq`` when causal (aligned to the end, as
+    FlashAttention does; ``Tq = Tk``: ``j > i``), and also for ``j <= i - window``
+    with a sliding ``window`` (causal, ``Tq = Tk`` only). q ``[B, Tq, H, D]``, k
+    ``[B, Tk, H_kv, D]``, v ``[B, Tk, H_kv, Dv]`` → ``[B, Tq, H, Dv]``; a query that
+    sees no key outputs 0; grouped queries where ``H_kv < H`` (``H % H_kv == 0``): head h
+    reads kv head ``h // (H // H_kv)``, as if k and v were repeated. scale defaults to ``D**-0.5``."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     if q.ndim != 4:
         raise ValueError(f"q: expected shape [B, T, H, D], got {list(q.shape)}")
@@ -60,20 +61,24 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None, window:
     kv_heads = k.shape[2] if k.ndim == 4 else -1
     if kv_heads <= 0 or H % kv_heads:
         raise ValueError(f"k: expected shape [B, T, H_kv, D] with H_kv dividing H = {H}, got {list(k.shape)}")
-    _expect("k", k, (B, T, kv_heads, D), "B, T, H_kv, D")
-    _expect("v", v, (B, T, kv_heads) + v.shape[-1:], "B, T, H_kv, Dv")
+    Tk = k.shape[1]
+    _expect("k", k, (B, Tk, kv_heads, D), "B, Tk, H_kv, D")
+    _expect("v", v, (B, Tk, kv_heads) + v.shape[-1:], "B, Tk, H_kv, Dv")
+    if window is not None and Tk != T:
+        raise ValueError(f"window: a sliding window takes keys and queries of one length; k has {Tk}, q {T}")
     k, v = np.repeat(k, H // kv_heads, axis=2), np.repeat(v, H // kv_heads, axis=2)
     scale = D ** -0.5 if scale is None else scale
     scores = scale * np.einsum("bihd,bjhd->bhij", q, k)
     if causal:
-        visible = np.tril(np.ones((T, T), dtype=bool))
+        visible = np.tril(np.ones((T, Tk), dtype=bool), Tk - T)
         if window is not None:
             visible &= np.triu(visible, 1 - window)
         scores = np.where(visible, scores, -np.inf)
-    if T:
-        scores = scores - scores.max(axis=-1, keepdims=True)
+    if T and Tk:
+        top = scores.max(axis=-1, keepdims=True)
+        scores = scores - np.where(np.isfinite(top), top, 0)  # a row that sees no key stays -inf
     p = np.exp(scores)
-    p = p / p.sum(axis=-1, keepdims=True)
+    p = p / np.maximum(p.sum(axis=-1, keepdims=True), np.finfo(np.float64).tiny)  # such a row: 0
     return np.einsum("bhij,bjhd->bihd", p, v)
 
 
