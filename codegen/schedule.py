@@ -68,8 +68,8 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
     program = kernel.trace(binding, target=arch)
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads
-        schedule = _first_fitting(kernel, binding, [Schedule(consumers=2, consumer_axis="blocks"), Schedule(),
-                                                    Schedule(stages=1)], arch)
+        shared = [] if _DECLARED.get(kernel, Declared()).own_blocks else [Schedule(consumers=2, consumer_axis="blocks")]
+        schedule = _first_fitting(kernel, binding, shared + [Schedule(), Schedule(stages=1)], arch)
         return _deepest_ring(kernel, binding, schedule, arch)
     schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
     return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
@@ -352,17 +352,20 @@ class Declared:
 
     consts: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     head_split: HeadSplit | None = None
+    own_blocks: bool = False
 
 
 _DECLARED: dict[Kernel, Declared] = {}
 
 
 def declare(*kernels: Kernel, consts: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-            head_split: HeadSplit | None = None) -> Declared:
+            head_split: HeadSplit | None = None, own_blocks: bool = False) -> Declared:
     """State ``kernels``' schedule choices beside them, in their ops module, as Triton's autotune
     configs and Pallas' ``TuningConfig`` sit beside a kernel: ``call_consts`` and
-    ``head_split_width`` read them, so no choice tests a program's name."""
-    declared = Declared(consts, head_split)
+    ``head_split_width`` read them, so no choice tests a program's name. ``own_blocks``: each grid
+    block walks chunks of its own (a decode split's keys), so the default schedule gives each CTA
+    one, not two consumers sharing out neighbouring blocks (which walk the union of their ranges)."""
+    declared = Declared(consts, head_split, own_blocks)
     for kernel in kernels:
         _DECLARED[kernel] = declared
     return declared

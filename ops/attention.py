@@ -81,15 +81,17 @@ def _cross(q, k) -> bool:
     return k.seq_dim != q.seq_dim
 
 
-def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk, cross):
+def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk, cross, keys=None):
     """One query block's unnormalised output, running row max (of the scores in base-2 units:
     ``scale · log2(e) · q·k``, so each probability is one ``exp2`` of a difference) and denominator
     over its key chunks (the flash-attention recurrence; with a ``window`` only the chunks inside
-    it), shared by the two forward programs. ``cross``: keys along their own dim (``_cross``)."""
+    it), shared by the forward programs. ``cross``: keys along their own dim (``_cross``);
+    ``keys``: the loop over the key chunks, if not those the query block sees (a decode split's)."""
     m = full(block, 1, NO_SCORE_YET if window or cross else NEG_INF)
     denom, acc = zeros(block, 1), zeros(block, v.cols)
     scale2 = scale * LOG2E
-    for j in chunks(chunk, dim=k.seq_dim, through=i if is_causal else None, window=window):
+    keys = keys or chunks(chunk, dim=k.seq_dim, through=i if is_causal else None, window=window)
+    for j in keys:
         s = (qi @ k[j].T) * scale2  # scaled in fp32: q * scale in bf16 would round q again
         s = _visible(s, is_causal, window)
         m_new = maximum(m, rowmax(s))
@@ -328,7 +330,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     ``h // (H // H_kv)``, torch SDPA's ``enable_gqa``; ``H_kv = 1``: multi-query); ``Tq != Tk``:
     cross-attention (the ``*_cross`` programs, keys along ``Seq.along("S")``), causal aligned to the
     end as FlashAttention does (query i sees keys ``j <= i + Tk - Tq``; a query that sees no key,
-    ``i < Tq - Tk``, outputs 0: a KV-cache decode step is ``causal=True`` with the cache as k, v);
+    ``i < Tq - Tk``, outputs 0: a KV-cache decode step is ``causal=True`` with the cache as k, v;
+    without gradients, a few queries against many keys run split over the keys, flash-decoding,
+    ``ops/attention_decode.py``);
     scale defaults to ``D ** -0.5``; ``causal`` masks keys after each query; ``window=W`` (a positive
     int, with ``causal=True``): sliding-window attention, each query sees keys ``t - W + 1 … t``, and
     the programs visit only the key (query) chunks inside the window, O(T·W) work (``W >= T``: plain
@@ -350,6 +354,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     plain, with_lse = _OPS[cross, _grouped(q, k)]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
         return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window, cu_seqlens)[0]
+    from .attention_decode import attention_decode, decode_split  # it builds on this module's programs
+
+    split = decode_split(q, k) if cu_seqlens is None and not window else None
+    if split is not None:
+        return call_with_target(target, attention_decode, q, k, v, bool(causal), scale, split)
     return call_with_target(target, plain, q, k, v, bool(causal), scale, window, cu_seqlens)
 
 

@@ -149,15 +149,18 @@ class ParamRef:
             raise TileError(f"{self.param.name}: only Seq and GroupSeq parameters run along a sequence", user_loc())
         return self.param.spec.length
 
-    def _indices(self, key) -> tuple[ChunkIndex, ...]:
+    def _indices(self, key, by_number: bool = False) -> tuple[ChunkIndex, ...]:
+        """``key`` checked: chunk indices over the parameter's dims (``by_number``: a Seq's may run
+        over another dim, a store by block number)."""
         spec = self.param.spec
         key = key if isinstance(key, tuple) else (key,)
-        want = (spec.length,) if spec.kind in ("seq", "group_seq") else spec.dims
+        sequence = spec.kind in ("seq", "group_seq")
+        want = (spec.length,) if sequence else spec.dims
         if len(key) != len(want) or not all(isinstance(k, ChunkIndex) for k in key):
             what = "one chunk index (for c in chunks(...))" if len(want) == 1 else f"{len(want)} chunk indices"
             raise TileError(f"{self.param.name}[...] takes {what}, got {key!r}", user_loc())
         for k, dim in zip(key, want):
-            if k.dim != dim:
+            if k.dim != dim and not (by_number and sequence):
                 raise TileError(f"{self.param.name}[...]: an index over {k.dim} cannot address the {dim} axis "
                                 f"of {self.param.name} {spec.layout}", user_loc())
         return key
@@ -180,9 +183,13 @@ class ParamRef:
         builder = current_builder()
         if not self.param.spec.output:
             raise TileError(f"{self.param.name} is an input; declare it Out[...] to write it", user_loc())
-        key = self._indices(key)
+        key = self._indices(key, by_number=True)
         slot = self._slot_type(key)
         tile = builder.as_tile(tile)
+        if key[0].dim != self.param.spec.length and self.param.spec.kind != "matrix":
+            # by block number: block c of another dim's loop writes rows c·r … c·r + r - 1 (r the
+            # tile's rows), one tile per block (flash-decoding's per-split results)
+            slot = replace(slot, rows=tile.shape[0])
         if tile.shape != slot.shape:
             raise TileError(f"{self.param.name}[...] = ...: expected a {slot.rows}x{slot.cols} tile, "
                             f"got {tile.type}", user_loc())

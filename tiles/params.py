@@ -27,7 +27,9 @@ annotation             tensor layout           inside the program
 
 ``B``, ``T``, ``H``, ``G`` and matrix dims are runtime sizes; the feature
 dims of ``Seq``/``GroupSeq``/``Head`` and the ``State`` dims are static:
-a program is traced once per set of static sizes and dtypes. Parameters
+a program is traced once per set of static sizes and dtypes. A sequence dim
+only outputs run along (``Out[Seq.along("P")[...]]``) is a runtime size the call
+gives, an int argument under its name (``P=...``). Parameters
 with a default of ``None`` are optional; the program sees ``None`` when
 they are absent and can branch on it in Python.
 """
@@ -197,14 +199,21 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
     the argument and what was expected.
     """
     label = lambda name: (labels or {}).get(name, name)  # noqa: E731
-    unknown = set(args) - set(specs)
+    output_dims = _output_only_dims(specs)
+    unknown = set(args) - set(specs) - output_dims
     if unknown:
-        raise TypeError(f"unexpected argument(s) {sorted(unknown)}; expected {list(specs)}")
+        raise TypeError(f"unexpected argument(s) {sorted(unknown)}; expected {list(specs)}"
+                        + (f" and the output dim(s) {sorted(output_dims)}" if output_dims else ""))
     inputs = {name: spec for name, spec in specs.items() if not spec.output}
     given = _given_values(inputs, defaults, args, label)
     tensors = {name: value for name, value in given.items() if inputs[name].kind not in _VALUE_KINDS}
     compute = _compute_dtype(inputs, tensors, label)
     sizes, sized_by = _size_symbols(inputs, tensors, label)
+    for dim in sorted(output_dims & set(args)):
+        size = args[dim]
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 0:
+            raise TypeError(f"{dim}: the length of the outputs along it, a non-negative int; got {size!r}")
+        sizes[dim] = int(size)
     params = []
     for name, spec in inputs.items():
         if name not in given:
@@ -226,6 +235,14 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
     values.update({name: float(value) if inputs[name].kind == "scalar" else value
                    for name, value in given.items() if name not in tensors})
     return Binding(params, sizes, static, compute[0], values)
+
+
+def _output_only_dims(specs: dict[str, ParamSpec]) -> set[str]:
+    """The sequence dims only outputs run along (flash-decoding's per-split partial results): no
+    input sizes them, so the call gives each as an int argument under its name."""
+    lengths = lambda outputs: {s.length for s in specs.values()  # noqa: E731
+                               if s.output == outputs and s.kind in ("seq", "group_seq")}
+    return lengths(True) - lengths(False)
 
 
 def _given_values(inputs: dict[str, ParamSpec], defaults: dict[str, Any], args: dict[str, Any],
