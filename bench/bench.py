@@ -25,6 +25,7 @@ from tilemix import ops
 from tilemix.ops.examples import kernel_inputs
 from tilemix.ops.timing import host_us, time_ms
 
+from .attention_decode import ATTENTION_DECODE_CASES, ATTENTION_DECODE_SHAPES
 from .bidirectional import BIDIRECTIONAL_CASES
 from .calls import backward_of, leaves
 from .decode import DECODE_CASES, DECODE_SHAPES
@@ -241,7 +242,7 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
          **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES,
-         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES, **VARLEN_CASES}
+         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES, **VARLEN_CASES, **ATTENTION_DECODE_CASES}
 
 
 def direction(name: str) -> str:
@@ -302,6 +303,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
     def shape(name):
         if name in DECODE_SHAPES:
             return DECODE_SHAPES[name]
+        if name in ATTENTION_DECODE_SHAPES:
+            return ATTENTION_DECODE_SHAPES[name]
         if "gqa" in name.split("-"):
             return GQA_SHAPE
         if name.startswith("rwkv"):

@@ -99,8 +99,8 @@ _split_ops = {grouped: tile_op(f"attention_decode_split{'_gqa' if grouped else '
                                _split_args, lambda out: (out["o_part"], out["lse_part"]))
               for grouped, program in ((False, attention_decode_split), (True, attention_decode_split_gqa))}
 _combine_op = tile_op("attention_decode_combine", "(Tensor o_part, Tensor lse_part, int T) -> Tensor",
-                      attention_decode_combine, lambda o_part, lse_part, T: (dict(o_part=o_part, lse_part=lse_part, T=T),
-                                                                             {}, None),
+                      attention_decode_combine,
+                      lambda o_part, lse_part, T: (dict(o_part=o_part, lse_part=lse_part, T=T), {}, None),
                       lambda out: out["o"])
 
 

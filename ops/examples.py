@@ -75,7 +75,9 @@ def kernel_specs(kernel, sizes: dict[str, int] | None = None, dtype: str = "bflo
     if unknown:
         raise ValueError(f"{kernel.name} has no dim {', '.join(unknown)}; its dims are {', '.join(sorted(named))}")
     sized = {d for spec in inputs.values() if spec.kind != "state" for d in spec.layout}
-    args = {}
+    # a sequence dim only outputs run along is sized by the call (tiles.params)
+    args = {spec.length: dims.get(spec.length, size) for spec in kernel.specs.values()
+            if spec.output and spec.kind in ("seq", "group_seq") and spec.length not in sized}
     for name, spec in inputs.items():
         if spec.kind == "const":
             if name not in kernel.defaults:

@@ -103,28 +103,16 @@ class MultiHeadAttention(_MultiHead):
 
     def extend(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
         """``x`` continuing the sequence whose keys and values ``cache`` holds (None: a new one): the
-        output for x's tokens and the cache with theirs appended (a copy: O(T) a step). Without a
-        cache the attention op runs; with one, x's queries attend to the cache in torch."""
+        output for x's tokens and the cache with theirs appended (a copy: O(T) a step). x's queries
+        attend to all the keys, causal aligned to the end (cross-attention; a few queries against a
+        long cache run split over the keys, ``ops/attention_decode.py``)."""
         if not self.causal:
             raise ValueError("extend: a non-causal layer's earlier outputs depend on later tokens; "
                              "only causal attention continues a sequence")
         q, k, v = self._qkv(x)
-        if cache is None:
-            return self.out(attention(q, k, v, causal=True).flatten(-2)), KVCache(k, v)
-        k, v = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
-        return self.out(_attend_to_cache(q, k, v).flatten(-2)), KVCache(k, v)
-
-
-def _attend_to_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the last ``Tq`` positions' queries ``[B, Tq, H, D]`` to all ``Tk`` keys
-    (``[B, Tk, H_kv, D]``, the queries' own last): each query sees the keys up to its own position.
-    Torch's SDPA, until a KV-cache decode kernel exists."""
-    Tq, Tk = q.shape[1], k.shape[1]
-    positions = torch.arange(Tk, device=q.device)
-    mask = None if Tq == 1 else positions <= positions[Tk - Tq:, None]  # key j visible to query i
-    o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
-                                       enable_gqa=k.shape[2] != q.shape[2])
-    return o.transpose(1, 2)
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], 1), torch.cat([cache.v, v], 1)
+        return self.out(attention(q, k, v, causal=True).flatten(-2)), KVCache(k, v)
 
 
 FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

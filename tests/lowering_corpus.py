@@ -20,7 +20,7 @@ MODULES = ("tilemix.ops.gemm", "tilemix.ops.attention", "tilemix.ops.linear_atte
            "tilemix.ops.ssd_states", "tilemix.ops.ssd_backward", "tilemix.ops.gated", "tilemix.ops.bidirectional",
            "test_user_mixers", "tilemix.ops.selective_scan",
            "tilemix.ops.mlstm", "tilemix.ops.delta_rule", "tilemix.ops.based", "tilemix.ops.long_conv_programs",
-           "tilemix.ops.lolcats", "tilemix.ops.rwkv7")
+           "tilemix.ops.lolcats", "tilemix.ops.rwkv7", "tilemix.ops.attention_decode")
 # programs of a module left out of the record (the one-program delta rules, which the ops no longer run)
 LEFT_OUT = frozenset({"delta_rule.delta_rule_fwd", "delta_rule.gated_delta_rule_fwd"})
 VARIANTS = {"default": {}, "one-consumer": dict(consumers=1), "one-stage": dict(stages=1),
@@ -34,6 +34,12 @@ VARLEN_MODULES = ("linear_attention", "ssd", "ssd_states", "ssd_backward", "gate
 SPECIALISED = {f"attention.{name}{grouped}": {"window100": dict(is_causal=True, window=100)}
                for name in ("attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv")
                for grouped in ("", "_gqa")}
+# the end-aligned causal masks and bounds of the programs with keys along their own dim
+SPECIALISED.update({f"attention.{name}_{variant}": {"causal": dict(is_causal=True)}
+                    for name in ("attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv")
+                    for variant in ("cross", "cross_gqa")})
+SPECIALISED.update({f"attention_decode.{name}": {"causal": dict(is_causal=True)}
+                    for name in ("attention_decode_split", "attention_decode_split_gqa")})
 
 
 def programs() -> dict[str, Kernel]:

@@ -146,7 +146,7 @@ def test_loop_bounds_between_two_dims_align_their_ends():
     def keys_seen(q: Seq[1], k: Seq.along("S")[1], n: Out[Seq[1]]):
         for c in chunks(64):
             count = zeros(64, 1)
-            for j in chunks(64, dim="S", through=c):
+            for _ in chunks(64, dim="S", through=c):
                 count = count + 64
             n[c] = count + q[c] * 0
 

@@ -153,6 +153,10 @@ def _specs_of(kernel) -> dict:
             specs[name] = TensorSpec((2, 16) + tuple(1 if d == 1 else 128 for d in spec.dims), "float32")
         elif spec.kind == "scalar":
             specs[name] = 0.1
+    sequences = [spec for spec in kernel.specs.values() if spec.kind in ("seq", "group_seq")]
+    for spec in sequences:  # a sequence only outputs run along is sized by the call
+        if spec.output and spec.length not in {s.length for s in sequences if not s.output}:
+            specs[spec.length] = 4096
     return specs
 
 

@@ -119,6 +119,7 @@ class Kernel:
                 parts.append((shape, dtype))
             else:
                 parts.append((type(value), value if spec.kind == "const" else None))
+        parts += [(name, value) for name, value in args.items() if name not in self.specs]  # output dims' sizes
         return tuple(parts)
 
     def trace(self, binding: Binding | None = None, target: str | Target = "cpu", **args) -> Program:

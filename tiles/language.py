@@ -37,7 +37,9 @@ def chunks(size: int = 64, dim: str = "T", through: ChunkIndex | None = None,
     queries see under ``window(s, W)``; with ``start=i`` it stops after the
     chunk holding row ``(i+1)·bs + W - 2`` (the end at the most), the queries
     that see key block ``i`` (``window(s, W, transposed=True)``).
-    A partial last chunk reads zeros past the end and writes nothing there."""
+    ``through``/``start`` from a loop over another dim (queries over T bounding keys over S) align
+    the two dims' ends: the bound's row moves by ``len(dim) - len(its dim)`` (FlashAttention's causal
+    cross-attention). A partial last chunk reads zeros past the end and writes nothing there."""
     _check_size(size, "chunks")
     for what, index in (("through", through), ("start", start)):
         if index is not None and not isinstance(index, ChunkIndex):
@@ -211,7 +213,8 @@ def causal(x, fill: float = 0.0, transposed: bool = False, strict: bool = False)
     """Keep entries whose column position <= row position; others become ``fill``.
     ``transposed``: ``x`` has the keys on its rows and the queries on its columns (``k @ q.T``,
     a backward pass's transposed scores): keep row position <= column position.
-    ``strict``: ``<`` instead of ``<=`` (the diagonal becomes ``fill`` too)."""
+    ``strict``: ``<`` instead of ``<=`` (the diagonal becomes ``fill`` too). Rows and columns on two
+    dims (queries over T, keys over S) compare positions counted from the ends of their sequences."""
     return _unary("causal", x, fill=float(fill), transposed=bool(transposed), strict=bool(strict))
 
 
