@@ -76,7 +76,10 @@ def decode_split(q: torch.Tensor, k: torch.Tensor) -> int | None:
     """The keys per split the decode path runs ``q`` against ``k`` with, or None where it does not
     pay: more than ``DECODE_QUERIES`` queries, or batch x heads enough for ``CTAS_PER_SM`` instances
     per SM without splitting, or fewer than two splits. Otherwise the splits that reach that many
-    instances, each a power of two of keys, at least ``MIN_SPLIT`` (a few compiled kernels)."""
+    instances, each a power of two of keys, at least ``MIN_SPLIT`` (a few compiled kernels). Sizes
+    torch.compile keeps symbolic take the cross-attention programs (None)."""
+    if not all(type(s) is int for s in (*q.shape, *k.shape)):
+        return None  # symbolic sizes (torch.compile, dynamic shapes): the cross-attention programs
     B, Tq, H, _ = q.shape
     Tk = k.shape[1]
     if Tq > DECODE_QUERIES or Tk == 0:

@@ -52,6 +52,15 @@ def test_attention_takes_the_decode_path_only_without_gradients(monkeypatch):
     assert rel_err(ops.attention(q, k, v, causal=True).detach(), expected) <= 1e-12 and calls == [512]
 
 
+def test_decode_opcheck():
+    """The split and combine ops as torch.compile sees them (fake kernels, schemas)."""
+    q, k, v = _qkv(1, 3, 700, 4, 2, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.tilemix.attention_decode_split_gqa.default, (q, k, v, True, 0.2, 512))
+    o_part, lse_part = torch.ops.tilemix.attention_decode_split_gqa(q, k, v, True, 0.2, 512)
+    assert o_part.shape == (1, 128, 4, 16) and lse_part.shape == (1, 128, 4)
+    torch.library.opcheck(torch.ops.tilemix.attention_decode_combine.default, (o_part, lse_part, 3))
+
+
 def test_decode_split_rule():
     """Splits only where batch x heads leave the GPU short of two instances per SM, at most 64
     queries, two splits or more, each a power of two of at least 512 keys (132 SMs for CPU tensors)."""

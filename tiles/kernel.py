@@ -119,8 +119,10 @@ class Kernel:
                 parts.append((shape, dtype))
             else:
                 parts.append((type(value), value if spec.kind == "const" else None))
-        parts += [(name, value) for name, value in args.items() if name not in self.specs]  # output dims' sizes
-        return tuple(parts)
+        sized = [(name, value) for name, value in args.items() if name not in self.specs]  # output dims' sizes
+        if not all(type(value) is int for _, value in sized):
+            return None
+        return tuple(parts + sized)
 
     def trace(self, binding: Binding | None = None, target: str | Target = "cpu", **args) -> Program:
         """The verified program for this specialisation (cached)."""

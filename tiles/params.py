@@ -211,6 +211,9 @@ def bind_arguments(specs: dict[str, ParamSpec], defaults: dict[str, Any], args: 
     sizes, sized_by = _size_symbols(inputs, tensors, label)
     for dim in sorted(output_dims & set(args)):
         size = args[dim]
+        if _symbolic(size):  # torch.compile with dynamic shapes: kept symbolic
+            sizes[dim] = size
+            continue
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 0:
             raise TypeError(f"{dim}: the length of the outputs along it, a non-negative int; got {size!r}")
         sizes[dim] = int(size)
