@@ -8,7 +8,7 @@ dk, dv). Two programs because the language has no atomics: each gradient has one
 
 Grouped-query attention (GQA/MQA: k and v with ``G`` heads, ``H % G == 0``, query head h reading kv
 head ``h // (H // G)``) runs the same four programs with k and v declared ``GroupSeq`` (``*_gqa``,
-made by ``_variant``). Its dk/dv program writes each query head's share of the gradients, per
+made by ``variant``). Its dk/dv program writes each query head's share of the gradients, per
 query head ``[B, T, H, D]``, and torch sums the heads of each group, as SSD's backward does for its
 group tensors: the language has no loop over the heads of a program instance.
 
@@ -18,35 +18,14 @@ align their ends (FlashAttention's causal rule), and a query that sees no key ou
 
 from __future__ import annotations
 
-import types
-
 import torch
 
 from tilemix.codegen.schedule import declare
-from tilemix.tiles import (
-    Const,
-    GroupSeq,
-    Kernel,
-    Out,
-    Scalar,
-    Seq,
-    blocks,
-    causal,
-    chunks,
-    exp,
-    exp2,
-    full,
-    in_seq,
-    kernel,
-    log,
-    maximum,
-    rowmax,
-    rowsum,
-    zeros,
-)
-from tilemix.tiles import window as sliding_window
+from tilemix.tiles import Const, GroupSeq, Kernel, Out, Scalar, Seq, blocks, chunks, exp, kernel, log, rowsum, zeros
 
 from ._library import tile_op
+from .attention_decode import attention_decode, decode_split
+from .attention_tiles import KEYS, LOG2E, cross_keys, key_chunk, nonzero_denominator, online_softmax, variant, visible
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
 from .varlen import check_cu_seqlens
 
@@ -55,61 +34,6 @@ __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq"
            "attention_fwd_cross", "attention_fwd_lse_cross", "attention_bwd_dq_cross", "attention_bwd_dkdv_cross",
            "attention_fwd_cross_gqa", "attention_fwd_lse_cross_gqa", "attention_bwd_dq_cross_gqa",
            "attention_bwd_dkdv_cross_gqa"]
-
-NEG_INF = float("-inf")
-LOG2E = 1.4426950408889634
-# A sliding window's first key chunk may hold no key some rows of the query block see: a running max
-# that starts finite keeps those rows' exp2(s - m) at 0 where -inf - -inf would make it NaN.
-NO_SCORE_YET = -1e30
-EMPTY_ROW = 1e-30  # the denominator of a cross-attention row that sees no key (``_nonzero``)
-
-
-def _visible(s, is_causal, window, transposed=False):
-    """Scores ``s`` with the keys a query does not see at -inf: those outside its sliding window of
-    ``window`` keys (itself and the ones before), after it (``is_causal``), or past the end.
-    ``transposed``: keys on the rows, queries on the columns."""
-    if window:
-        return sliding_window(s, window, fill=NEG_INF, transposed=transposed)
-    if is_causal:
-        return causal(s, fill=NEG_INF, transposed=transposed)
-    return in_seq(s, fill=NEG_INF)
-
-
-def _cross(q, k) -> bool:
-    """Whether the keys run along a sequence of their own (``Seq.along("S")``: cross-attention,
-    Tq != Tk), where under a causal mask aligned to the ends a query may see no key at all."""
-    return k.seq_dim != q.seq_dim
-
-
-def _online_softmax(qi, k, v, i, scale, is_causal, window, block, chunk, cross, keys=None):
-    """One query block's unnormalised output, running row max (of the scores in base-2 units:
-    ``scale · log2(e) · q·k``, so each probability is one ``exp2`` of a difference) and denominator
-    over its key chunks (the flash-attention recurrence; with a ``window`` only the chunks inside
-    it), shared by the forward programs. ``cross``: keys along their own dim (``_cross``);
-    ``keys``: the loop over the key chunks, if not those the query block sees (a decode split's)."""
-    m = full(block, 1, NO_SCORE_YET if window or cross else NEG_INF)
-    denom, acc = zeros(block, 1), zeros(block, v.cols)
-    scale2 = scale * LOG2E
-    keys = keys or chunks(chunk, dim=k.seq_dim, through=i if is_causal else None, window=window)
-    for j in keys:
-        s = (qi @ k[j].T) * scale2  # scaled in fp32: q * scale in bf16 would round q again
-        s = _visible(s, is_causal, window)
-        m_new = maximum(m, rowmax(s))
-        p, alpha = exp2(s - m_new), exp2(m - m_new)
-        denom = denom * alpha + rowsum(p)
-        acc = acc * alpha + p @ v[j]
-        m = m_new
-    return acc, m, denom
-
-
-def _nonzero(denom, cross):
-    """The softmax denominator to divide by: as it is, or, for cross-attention, at least
-    ``EMPTY_ROW``, so a row that sees no key (0 of them summed) outputs 0, as FlashAttention 2.1+
-    does, and its log-sum-exp stays finite (about ``NO_SCORE_YET``), so the backward programs'
-    ``exp(-inf - lse)`` is 0 there, not NaN. A row that sees a key sums at least 1 (its top score's
-    ``exp2(0)``), so the floor changes no other row."""
-    return maximum(denom, EMPTY_ROW) if cross else denom
-
 
 # mma.sync (the generic target): a warp holds 16 rows of each 64-row block of a tile, so 128-query
 # blocks load each key/value fragment once for two row blocks (bench/history/NOTES-2026-11.md, "Generic target").
@@ -123,9 +47,9 @@ def attention_fwd(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: Out[S
     """Softmax attention per query block; ``window=W`` (with ``is_causal``): each query sees its last
     ``W`` keys (itself included), and only the key chunks holding them are visited."""
     for i in blocks(block):  # one program instance per query block
-        cross = _cross(q, k)
-        acc, _, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk, cross)
-        o[i] = acc / _nonzero(denom, cross)
+        cross = cross_keys(q, k)
+        acc, _, denom = online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk, cross)
+        o[i] = acc / nonzero_denominator(denom, cross)
 
 
 @kernel(target_consts=GENERIC_BLOCKS)
@@ -134,9 +58,9 @@ def attention_fwd_lse(q: Seq["D"], k: Seq["D"], v: Seq["V"], scale: Scalar, o: O
     """``attention_fwd`` that also writes each query's log-sum-exp of its scaled scores (float32): what
     the backward programs need to recompute the probabilities. Run only when gradients are wanted."""
     for i in blocks(block):
-        cross = _cross(q, k)
-        acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk, cross)
-        denom = _nonzero(denom, cross)
+        cross = cross_keys(q, k)
+        acc, m, denom = online_softmax(q[i], k, v, i, scale, is_causal, window, block, chunk, cross)
+        denom = nonzero_denominator(denom, cross)
         o[i] = acc / denom
         lse[i] = m * (1 / LOG2E) + log(denom)  # natural-log units, what the backward programs read
 
@@ -155,7 +79,7 @@ def attention_bwd_dq(q: Seq["D"], k: Seq["D"], v: Seq["V"], o: Seq["V"], do: Seq
         for j in chunks(chunk, dim=k.seq_dim, through=i if is_causal else None, window=window):
             kj = k[j]
             s, dp = qi @ kj.T, doi @ v[j].T  # both products in flight before either is read
-            s = _visible(s * scale, is_causal, window)
+            s = visible(s * scale, is_causal, window)
             p = exp(s - li)
             acc = acc + (p * (dp - di)) @ kj
         dq[i] = acc * scale
@@ -176,7 +100,7 @@ def attention_bwd_dkdv(q: Seq["D"], k: Seq["D"], v: Seq["V"], do: Seq["V"], lse:
             st, dpt = kj @ qi.T, vj @ doi.T  # scoresᵀ (a key per row, a query per column) and dpᵀ
             li, di = lse[i].T, delta[i].T
             st = st * scale
-            st = _visible(st, is_causal, window, transposed=True)
+            st = visible(st, is_causal, window, transposed=True)
             pt = exp(st - li)
             dvj = dvj + pt @ doi
             dkj = dkj + (pt * (dpt - di)) @ qi
@@ -184,30 +108,6 @@ def attention_bwd_dkdv(q: Seq["D"], k: Seq["D"], v: Seq["V"], do: Seq["V"], lse:
         dv[j] = dvj
 
 
-def key_chunk(args: dict) -> dict:
-    """The forward programs' key chunk for these q and v (tensors or TensorSpecs): their default (128
-    keys; 64 on the generic target forced on a Hopper) up to head dim 128; 64 beyond, where two ring
-    stages of 128-key k and v chunks and two query blocks do not fit shared memory: at D = 256 128-key
-    chunks run one consumer warpgroup on a one-stage ring, 64-key chunks two on two stages, about twice
-    as fast (bench/NOTES.md). Declared below; the ops and ``ops.examples`` (what ``tilemix tune``
-    tunes, and caches under) apply it through ``schedule.call_consts``."""
-    return {} if max(args["q"].shape[-1], args["v"].shape[-1]) <= 128 else dict(chunk=64)
-
-
-def _variant(program: Kernel, suffix: str, specs: dict) -> Kernel:
-    """``program`` with the parameters ``specs`` names declared as given (those it has), named
-    ``<name>_<suffix>``: the same function, traced with other parameter kinds. A program of its own,
-    not a flag, because the kinds change the generated code that reads and writes those tensors."""
-    fn = program.fn
-    name = f"{fn.__name__}_{suffix}"
-    variant = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    variant.__qualname__, variant.__kwdefaults__, variant.__doc__ = name, fn.__kwdefaults__, fn.__doc__
-    variant.__annotations__ = {**fn.__annotations__,
-                               **{n: spec for n, spec in specs.items() if n in fn.__annotations__}}
-    return Kernel(variant, program.target_consts)
-
-
-KEYS = "S"  # the keys' sequence dim in the cross-attention programs (Tk; the queries' is T)
 # Grouped-query attention: k and v with G heads (query head h reads kv head h // (H // G)).
 _GROUPED = dict(k=GroupSeq["D"], v=GroupSeq["V"])
 # Cross-attention: k and v (and their gradients) along a sequence of their own, aligned to its end.
@@ -216,11 +116,11 @@ _CROSS = dict(k=Seq.along(KEYS)["D"], v=Seq.along(KEYS)["V"], dk=Out[Seq.along(K
 _CROSS_GROUPED = {**_CROSS, "k": GroupSeq.along(KEYS)["D"], "v": GroupSeq.along(KEYS)["V"]}
 
 attention_fwd_gqa, attention_fwd_lse_gqa, attention_bwd_dq_gqa, attention_bwd_dkdv_gqa = (
-    _variant(p, "gqa", _GROUPED) for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
+    variant(p, "gqa", _GROUPED) for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
 attention_fwd_cross, attention_fwd_lse_cross, attention_bwd_dq_cross, attention_bwd_dkdv_cross = (
-    _variant(p, "cross", _CROSS) for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
+    variant(p, "cross", _CROSS) for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
 attention_fwd_cross_gqa, attention_fwd_lse_cross_gqa, attention_bwd_dq_cross_gqa, attention_bwd_dkdv_cross_gqa = (
-    _variant(p, "cross_gqa", _CROSS_GROUPED)
+    variant(p, "cross_gqa", _CROSS_GROUPED)
     for p in (attention_fwd, attention_fwd_lse, attention_bwd_dq, attention_bwd_dkdv))
 
 declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_gqa, attention_fwd_cross,
@@ -354,8 +254,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     plain, with_lse = _OPS[cross, _grouped(q, k)]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
         return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window, cu_seqlens)[0]
-    from .attention_decode import attention_decode, decode_split  # it builds on this module's programs
-
     split = decode_split(q, k) if cu_seqlens is None and not window else None
     if split is not None:
         return call_with_target(target, attention_decode, q, k, v, bool(causal), scale, split)

@@ -21,7 +21,7 @@ from tilemix.codegen import schedule as schedules
 from tilemix.tiles import Const, GroupSeq, Out, Scalar, Seq, blocks, chunks, exp, full, kernel, log, maximum, zeros
 
 from ._library import tile_op
-from .attention import KEYS, LOG2E, NO_SCORE_YET, _nonzero, _online_softmax, _variant, key_chunk
+from .attention_tiles import KEYS, LOG2E, NO_SCORE_YET, key_chunk, nonzero_denominator, online_softmax, variant
 
 __all__ = ["attention_decode", "attention_decode_split", "attention_decode_split_gqa", "attention_decode_combine",
            "decode_split", "DECODE_QUERIES"]
@@ -42,13 +42,13 @@ def attention_decode_split(q: Seq["D"], k: Seq.along(KEYS)["D"], v: Seq.along(KE
     for i in blocks(block):
         for j in blocks(split, dim=k.seq_dim):  # the splits side by side
             own = chunks(chunk, dim=k.seq_dim, start=j, through=j)  # the split's own key chunks
-            acc, m, denom = _online_softmax(q[i], k, v, i, scale, is_causal, None, block, chunk, True, own)
-            denom = _nonzero(denom, True)
+            acc, m, denom = online_softmax(q[i], k, v, i, scale, is_causal, None, block, chunk, True, own)
+            denom = nonzero_denominator(denom, True)
             o_part[j] = acc / denom
             lse_part[j] = m * (1 / LOG2E) + log(denom)
 
 
-attention_decode_split_gqa = _variant(attention_decode_split, "gqa",
+attention_decode_split_gqa = variant(attention_decode_split, "gqa",
                                       dict(k=GroupSeq.along(KEYS)["D"], v=GroupSeq.along(KEYS)["V"]))
 schedules.declare(attention_decode_split, attention_decode_split_gqa, consts=key_chunk, own_blocks=True)
 

@@ -44,7 +44,8 @@ def test_decode_path_matches_float64(Tq, Tk, causal, H_kv, dtype):
 def test_attention_takes_the_decode_path_only_without_gradients(monkeypatch):
     calls = []
     run = decode.attention_decode
-    monkeypatch.setattr(decode, "attention_decode", lambda *a: calls.append(a[-1]) or run(*a))
+    attention_module = importlib.import_module("tilemix.ops.attention")  # the package's name is the function
+    monkeypatch.setattr(attention_module, "attention_decode", lambda *a: calls.append(a[-1]) or run(*a))
     q, k, v = _qkv(2, 1, 1500, 4, 2)
     expected = reference.attention(q, k, v, causal=True)
     assert rel_err(ops.attention(q, k, v, causal=True), expected) <= 1e-12 and calls == [512]
