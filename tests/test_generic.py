@@ -204,6 +204,10 @@ SPILLING = {
     **{("attention_bwd_dkdv_gqa", arch): "two groups per CTA, as attention_bwd_dkdv" for arch in ("sm_80", "sm_90")},
     **{(name, "sm_90"): "128-query blocks at the register ceiling, plus the kv head index"
        for name in ("attention_fwd_gqa", "attention_fwd_lse_gqa")},
+    # keys along their own dim (cross-attention): the key length and the end-aligned bounds, 8 bytes
+    **{("attention_bwd_dkdv_cross", arch): "as attention_bwd_dkdv, plus the key length" for arch in ("sm_80", "sm_86",
+                                                                                                  "sm_89")},
+    ("attention_bwd_dkdv_cross_gqa", "sm_80"): "as attention_bwd_dkdv_gqa, plus the key length",
     # no column split possible (du contracts N, dB contracts P, the decay gradient reduces both)
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (spills on sm_90a too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (spills on sm_90a too)",
