@@ -30,7 +30,7 @@ PARTS = "P"  # the partial results' dim: ``block`` rows per split
 DECODE_QUERIES = 64  # one query block: the most queries the decode path takes
 MIN_SPLIT = 512  # keys per split at the least: a split's partial costs a 64-row tile write and read
 CTAS_PER_SM = 2  # the splits aim at this many program instances per SM
-NOMINAL_SMS = 132  # an H100's SMs: the count the rule takes for CPU tensors (the interpreter)
+NOMINAL_SMS = 132  # an H100's SMs: the count the rule takes for CPU tensors and under torch.compile
 
 
 @kernel
@@ -70,8 +70,6 @@ def attention_decode_combine(o_part: Seq.along(PARTS)["V"], lse_part: Seq.along(
         o[i] = acc / total
 
 
-
-
 def decode_split(q: torch.Tensor, k: torch.Tensor) -> int | None:
     """The keys per split the decode path runs ``q`` against ``k`` with, or None where it does not
     pay: more than ``DECODE_QUERIES`` queries, or batch x heads enough for ``CTAS_PER_SM`` instances
@@ -84,7 +82,8 @@ def decode_split(q: torch.Tensor, k: torch.Tensor) -> int | None:
     Tk = k.shape[1]
     if Tq > DECODE_QUERIES or Tk == 0:
         return None
-    sms = schedules.sm_count(q.device.index) if q.is_cuda else NOMINAL_SMS
+    traced = torch.compiler.is_compiling()  # the device query stays out of a traced graph
+    sms = schedules.sm_count(q.device.index) if q.is_cuda and not traced else NOMINAL_SMS
     wanted = -(-CTAS_PER_SM * sms // max(1, B * H))
     if wanted < 2:
         return None
