@@ -154,8 +154,63 @@ def _library_calls(rnd, target):
     torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
 
 
+def _model_calls(rnd, target):
+    """What models run beside the chunked ops: every decode step (state updated in place), packed
+    batches (``cu_seqlens``, a sequence ending inside a chunk), the long convolutions, LoLCATs
+    attention, the exact-form gated mixers and the derived backwards of linear attention and SSD,
+    forward and backward, on tail shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from tilemix import ops
+    from tilemix.ops.runtime import use_target
+
+    def leaf(t):
+        return t.requires_grad_(True)
+
+    B, H, D = 2, 3, 64
+    cuda = dict(device="cuda")
+    with use_target(target):
+        token = [rnd(B, 1, H, D) for _ in range(3)]
+        state = torch.randn(B, H, D, D, **cuda)
+        gate = F.logsigmoid(torch.randn(B, 1, H, D, **cuda)).to(token[0].dtype)
+        beta, scalar_gate = torch.rand(B, 1, H, **cuda), F.logsigmoid(torch.randn(B, 1, H, **cuda))
+        for step in (ops.linear_attention_step(*token, state), ops.retention_step(*token, state),
+                     ops.gla_step(*token, gate, state), ops.rwkv6_step(*token, gate, torch.randn(H, D, **cuda), state),
+                     ops.delta_rule_step(token[0], F.normalize(token[1], dim=-1), token[2], beta, state),
+                     ops.gated_delta_rule_step(token[0], F.normalize(token[1], dim=-1), token[2], scalar_gate,
+                                               beta, state)):
+            assert step.isfinite().all()
+        ops.ssd_step(token[2], torch.rand(B, 1, H, **cuda), -torch.rand(H, **cuda) - 0.1, rnd(B, 1, 1, D),
+                     rnd(B, 1, 1, D), torch.randn(B, H, D, D, **cuda), D=torch.randn(H, **cuda))
+
+        T = 190
+        cu = torch.tensor([0, 70, 100, T], dtype=torch.int32, **cuda)
+        q, k, v = (leaf(rnd(1, T, H, D)) for _ in range(3))
+        decays = leaf((F.logsigmoid(torch.randn(1, T, H, D, **cuda)) / 16).to(q.dtype))
+        outputs = [ops.linear_attention(q, k, v, cu_seqlens=cu)[0], ops.gla(q, k, v, decays, cu_seqlens=cu)[0],
+                   ops.ssd(v, leaf(torch.rand(1, T, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
+                           leaf(rnd(1, T, 1, D)), leaf(rnd(1, T, 1, D)), cu_seqlens=cu)[0],
+                   ops.attention(q, k, v, causal=True, cu_seqlens=cu)]
+
+        q, k, v = (leaf(rnd(B, 100, H, D)) for _ in range(3))
+        decays = leaf((F.logsigmoid(torch.randn(B, 100, H, D, **cuda)) / 16).to(q.dtype))
+        outputs += [ops.linear_attention(q, k, v, backward="derived")[0],
+                    ops.ssd(v, leaf(torch.rand(B, 100, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
+                            leaf(rnd(B, 100, 1, D)), leaf(rnd(B, 100, 1, D)), backward="derived")[0],
+                    ops.gla(q, k, v, decays, exact=True)[0],
+                    ops.rwkv6(q, k, v, decays, leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
+        features = [leaf(rnd(B, 100, H, D).abs()) for _ in range(2)]
+        outputs.append(ops.lolcats_attention(q, k, v, *features))
+
+        u, kernel = leaf(rnd(B, 300, D)), leaf(torch.randn(D, 300, **cuda) / 300)
+        gates = [leaf(rnd(B, 300, D)) for _ in range(2)]
+        outputs += [ops.long_conv(u, kernel), ops.gated_long_conv(u, *gates, kernel)]
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
 CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
-         "library": _library_calls}
+         "library": _library_calls, "models": _model_calls}
 
 
 def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*CALLS, "segmented")) -> list[str]:
