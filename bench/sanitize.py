@@ -157,8 +157,7 @@ def _library_calls(rnd, target):
 def _model_calls(rnd, target):
     """What models run beside the chunked ops: every decode step (state updated in place), packed
     batches (``cu_seqlens``, a sequence ending inside a chunk), the long convolutions, LoLCATs
-    attention, the exact-form gated mixers and the derived backwards of linear attention and SSD,
-    forward and backward, on tail shapes."""
+    attention and the exact-form gated mixers, forward and backward, on tail shapes."""
     import torch
     import torch.nn.functional as F
 
@@ -195,10 +194,7 @@ def _model_calls(rnd, target):
 
         q, k, v = (leaf(rnd(B, 100, H, D)) for _ in range(3))
         decays = leaf((F.logsigmoid(torch.randn(B, 100, H, D, **cuda)) / 16).to(q.dtype))
-        outputs += [ops.linear_attention(q, k, v, backward="derived")[0],
-                    ops.ssd(v, leaf(torch.rand(B, 100, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
-                            leaf(rnd(B, 100, 1, D)), leaf(rnd(B, 100, 1, D)), backward="derived")[0],
-                    ops.gla(q, k, v, decays, exact=True)[0],
+        outputs += [ops.gla(q, k, v, decays, exact=True)[0],
                     ops.rwkv6(q, k, v, decays, leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
         features = [leaf(rnd(B, 100, H, D).abs()) for _ in range(2)]
         outputs.append(ops.lolcats_attention(q, k, v, *features))
