@@ -40,7 +40,7 @@ def _tail_calls(rnd, target):
     def leaf(t):
         return t.requires_grad_(True)
 
-    cuda = dict(device="cuda")
+    cuda = dict(device=rnd(1).device)
     B, T, H, D = 2, 100, 3, 64
     q, k, v = leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, 128))
     state = leaf(torch.randn(B, H, D, 128, **cuda))
@@ -75,25 +75,26 @@ def _mixer_calls(rnd, target):
     from tilemix.ops.runtime import use_target
 
     B, T, H, D = 2, 100, 3, 64
+    device = rnd(1).device
 
     def seq():
         return rnd(B, T, H, D).requires_grad_(True)
 
     def state():
-        return torch.randn(B, H, D, D, device="cuda").requires_grad_(True)
+        return torch.randn(B, H, D, D, device=device).requires_grad_(True)
 
     def gates(*shape, dtype=torch.float32):
-        return (F.logsigmoid(torch.randn(*shape, device="cuda")) / 16).to(dtype).requires_grad_(True)
+        return (F.logsigmoid(torch.randn(*shape, device=device)) / 16).to(dtype).requires_grad_(True)
 
     def keys():
-        return F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).to(rnd(1).dtype).requires_grad_(True)
+        return F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(rnd(1).dtype).requires_grad_(True)
 
-    beta = torch.rand(B, T, H, device="cuda").requires_grad_(True)
+    beta = torch.rand(B, T, H, device=device).requires_grad_(True)
     decays = gates(B, T, H, D, dtype=rnd(1).dtype)  # per-key gates feed matmuls: q's dtype
     with use_target(target):
         calls = [ops.retention(seq(), seq(), seq(), initial_state=state(), output_final_state=True),
                  ops.gla(seq(), seq(), seq(), decays, initial_state=state(), output_final_state=True),
-                 ops.rwkv6(seq(), seq(), seq(), decays, torch.randn(H, D, device="cuda").requires_grad_(),
+                 ops.rwkv6(seq(), seq(), seq(), decays, torch.randn(H, D, device=device).requires_grad_(),
                            initial_state=state(), output_final_state=True),
                  ops.delta_rule(seq(), keys(), seq(), beta, initial_state=state(), output_final_state=True),
                  ops.gated_delta_rule(seq(), keys(), seq(), gates(B, T, H), beta, initial_state=state(),
@@ -102,7 +103,7 @@ def _mixer_calls(rnd, target):
         calls.append(ops.rwkv7(seq(), decays, seq(), seq(), -removal, removal * 0.5, initial_state=state(),
                                output_final_state=True))
         # mlstm at V = 128: its backward's column blocks
-        mlstm_state = [torch.randn(*shape, device="cuda").requires_grad_(True)
+        mlstm_state = [torch.randn(*shape, device=device).requires_grad_(True)
                        for shape in ((B, H, D, 2 * D), (B, H, D), (B, H))]
         h, final = ops.mlstm(seq(), seq(), rnd(B, T, H, 2 * D).requires_grad_(True), gates(B, T, H), gates(B, T, H),
                              initial_state=mlstm_state, output_final_state=True)
@@ -137,18 +138,19 @@ def _library_calls(rnd, target):
         return t.requires_grad_(True)
 
     B, T, H = 2, 100, 3
+    device = rnd(1).device
     outputs = []
-    if target == "auto" and torch.cuda.get_device_capability() >= (9, 0):
+    if target == "auto" and (device.type == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
         outputs.append(ops.based(leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 64))))
     q, k, v = (leaf(rnd(B, 300, H, 64)) for _ in range(3))
     outputs.append(ops.attention(q, k, v, causal=True, window=70, target=target))
     kv = [leaf(rnd(B, T, 1, 64)) for _ in range(2)]
     outputs.append(ops.attention(leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
     u, delta, z = (leaf(rnd(B, T, 128)) for _ in range(3))
-    A = leaf(-torch.rand(128, 16, device="cuda") - 0.5)
+    A = leaf(-torch.rand(128, 16, device=device) - 0.5)
     Bm, Cm = (leaf(rnd(B, T, 16)) for _ in range(2))
     with use_target(target):
-        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device="cuda")), z=z,
+        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device=device)), z=z,
                                       delta_softplus=True, output_final_state=True)
     outputs += [y, final]
     torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
@@ -168,7 +170,7 @@ def _model_calls(rnd, target):
         return t.requires_grad_(True)
 
     B, H, D = 2, 3, 64
-    cuda = dict(device="cuda")
+    cuda = dict(device=rnd(1).device)
     with use_target(target):
         token = [rnd(B, 1, H, D) for _ in range(3)]
         state = torch.randn(B, H, D, D, **cuda)
@@ -245,12 +247,13 @@ def _segmented_calls(rnd, target):
     from tilemix import ops
 
     B, T, H, D = 1, 256, 2, 64
+    device = rnd(1).device
     q, k, v = (rnd(B, T, H, D).requires_grad_(True) for _ in range(3))
     o, _ = ops.linear_attention(q, k, v, target=target)
     o.backward(torch.randn_like(o))
-    dt = (torch.rand(B, T, H, device="cuda") * 0.5).requires_grad_(True)
+    dt = (torch.rand(B, T, H, device=device) * 0.5).requires_grad_(True)
     Bm, Cm = (rnd(B, T, 1, D).requires_grad_(True) for _ in range(2))
-    y, _ = ops.ssd(v, dt, -torch.rand(H, device="cuda") - 0.1, Bm, Cm, target=target)
+    y, _ = ops.ssd(v, dt, -torch.rand(H, device=device) - 0.1, Bm, Cm, target=target)
     y.backward(torch.randn_like(y))
 
 
