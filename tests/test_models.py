@@ -58,7 +58,8 @@ def _mamba(layer, x):
 
 def _attention(layer, x):
     dim, T = x.shape[-1], x.shape[1]
-    q, k, v = F.linear(x, layer.qkv.weight).split([dim, layer.kv_dim, layer.kv_dim], dim=-1)
+    kv_dim = dim // layer.heads * layer.kv_heads
+    q, k, v = F.linear(x, layer.in_proj.weight).split([dim, kv_dim, kv_dim], dim=-1)
     q, k, v = q.unflatten(-1, (layer.heads, -1)), k.unflatten(-1, (layer.kv_heads, -1)), v.unflatten(
         -1, (layer.kv_heads, -1))
     k, v = (t.repeat_interleave(layer.heads // layer.kv_heads, 2) for t in (k, v))
@@ -68,7 +69,7 @@ def _attention(layer, x):
 
 
 def _linear_attention(layer, x):
-    q, k, v = (t.unflatten(-1, (layer.heads, -1)) for t in F.linear(x, layer.qkv.weight).chunk(3, -1))
+    q, k, v = (t.unflatten(-1, (layer.heads, -1)) for t in F.linear(x, layer.in_proj.weight).chunk(3, -1))
     q, k = F.elu(q) + 1, F.elu(k) + 1
     T = x.shape[1]
     s = torch.einsum("bthd,bshd->bhts", q, k).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0)
