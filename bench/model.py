@@ -44,8 +44,16 @@ def build_model(heads: int, head_dim: int, dtype=torch.bfloat16, device="cuda", 
 
 
 def _sdpa(q, k, v, causal=False, scale=None):
-    """``ops.attention``'s call, through torch's SDPA (``[B, T, H, D]`` in and out)."""
-    o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal, scale=scale,
+    """``ops.attention``'s call, through torch's SDPA (``[B, T, H, D]`` in and out); causal aligned to
+    the end as ops.attention does when queries are fewer than keys (a decode step against a cache),
+    where SDPA's ``is_causal`` aligns to the start."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    mask = None
+    if causal and Tq != Tk:
+        positions = torch.arange(Tk, device=q.device)
+        mask = positions <= positions[Tk - Tq:, None]  # key j visible to query i
+    o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                       is_causal=causal and mask is None, scale=scale,
                                        enable_gqa=k.shape[2] != q.shape[2])
     return o.transpose(1, 2)
 
