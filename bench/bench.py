@@ -35,6 +35,7 @@ from .lolcats import LOLCATS_CASES, LOLCATS_DERIVED_BACKWARD, LOLCATS_SHAPE
 from .long_conv import LONG_CONV_CASES, LONG_CONV_SHAPES
 from .mixers import DERIVED_BACKWARD, MIXER_CASES, mamba_chunk_scan_combined
 from .mlstm import MLSTM_CASES, MLSTM_DERIVED_BACKWARD
+from .model import MODEL_CASES, MODEL_SHAPES, MODEL_TIMING
 from .plots import plot_results
 from .report import number_cell, results_markdown, shape_text
 from .selective_scan import DERIVED_BACKWARD as SCAN_DERIVED_BACKWARD
@@ -242,13 +243,17 @@ CASES = {"linear_attention": _linear_attention_case, "ssd": _ssd_case, "attentio
          "ssd-bwd-derived": functools.partial(_ssd_bwd_case, backward="derived", peer="mamba"),
          "linear_attention-bwd-derived": functools.partial(_linear_attention_bwd_case, backward="derived"),
          **MIXER_CASES, **BIDIRECTIONAL_CASES, **SELECTIVE_SCAN_CASES, **WINDOW_CASES, **MLSTM_CASES,
-         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES, **VARLEN_CASES, **ATTENTION_DECODE_CASES}
+         **LONG_CONV_CASES, **DECODE_CASES, **LOLCATS_CASES, **VARLEN_CASES, **MODEL_CASES,
+         **ATTENTION_DECODE_CASES}
 
 
 def direction(name: str) -> str:
     """"bwd" for a backward row (a case named <op>-bwd[-...]), "decode" for a decode step's
-    (<op>-step[-...]), else "fwd"."""
+    (<op>-step[-...]), a whole model's "generate" or "train", else "fwd"."""
     parts = name.split("-")
+    for word in ("generate", "train"):
+        if word in parts:
+            return word
     return "bwd" if "bwd" in parts else "decode" if "step" in parts else "fwd"
 
 
@@ -305,6 +310,8 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
             return DECODE_SHAPES[name]
         if name in ATTENTION_DECODE_SHAPES:
             return ATTENTION_DECODE_SHAPES[name]
+        if name in MODEL_SHAPES:
+            return MODEL_SHAPES[name]
         if "gqa" in name.split("-"):
             return GQA_SHAPE
         if name.startswith("rwkv"):
@@ -370,7 +377,8 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         op = name.split("-")[0] if program is None else program.name
         started = time.perf_counter()
         try:
-            ms, host = time_ms(ours), host_us(ours)
+            timing = MODEL_TIMING.get(name, {})
+            ms, host = time_ms(ours, **timing), host_us(ours, calls=timing.get("reps", 50))
         except Exception as e:  # an op the code generator does not lower yet
             console.print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
             continue
@@ -378,7 +386,7 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         try:
             if peers and peer is not None:
                 peer(), torch.cuda.synchronize()  # autotunes on the first call
-                peer_ms = time_ms(peer)
+                peer_ms = time_ms(peer, **timing)
         except ImportError:  # fla not installed
             pass
         except Exception as e:  # a peer that refuses this shape, its backward or this Triton (fla #640)

@@ -14,7 +14,7 @@ import torch
 from tilemix import ops
 
 from .mixers import _inputs as mixer_inputs
-from .mixers import enter_mamba_ssm
+from .mixers import selective_state_update
 
 __all__ = ["DECODE_CASES", "DECODE_SHAPES"]
 
@@ -31,15 +31,6 @@ def _fused_recurrent(op: str):
     """fla's ``fused_recurrent_*`` of ``op``, imported once, when first timed (CPU tests run without fla)."""
     module, name = FUSED_RECURRENT[op]
     return getattr(importlib.import_module(module), name)
-
-
-@functools.cache
-def _selective_state_update():
-    """Mamba-2's decode step (Triton), imported once, when first timed."""
-    enter_mamba_ssm()
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-
-    return selective_state_update
 
 
 def _state_bytes(B, H, D) -> int:
@@ -77,7 +68,7 @@ def _ssd_step(B, T, H, D, dtype, device="cuda"):
         return ops.ssd_step(x, dt, A, Bm, Cm, state, D=D_skip)
 
     def peer():
-        return _selective_state_update()(peer_state, x[:, 0], dt[:, 0, :, None].expand(B, H, D),
+        return selective_state_update()(peer_state, x[:, 0], dt[:, 0, :, None].expand(B, H, D),
                                       A[:, None, None].expand(H, D, D), Bm[:, 0], Cm[:, 0],
                                       D=D_skip[:, None].expand(H, D))
 

@@ -21,7 +21,7 @@ from tilemix import ops
 from .based import BASED_CASES
 from .calls import backward_of
 
-__all__ = ["MIXER_CASES", "DERIVED_BACKWARD", "mamba_chunk_scan_combined", "enter_mamba_ssm"]
+__all__ = ["MIXER_CASES", "DERIVED_BACKWARD", "mamba_chunk_scan_combined", "selective_state_update", "enter_mamba_ssm"]
 
 
 def _fwd_flops(B, T, H, D):
@@ -138,6 +138,15 @@ def mamba_chunk_scan_combined() -> Callable:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as scan
 
     return scan
+
+
+@functools.cache
+def selective_state_update() -> Callable:
+    """Mamba-2's decode step (Triton), ``mamba_ssm.ops.triton.selective_state_update``."""
+    enter_mamba_ssm()
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update as step
+
+    return step
 
 
 def enter_mamba_ssm() -> None:

@@ -40,7 +40,7 @@ def _tail_calls(rnd, target):
     def leaf(t):
         return t.requires_grad_(True)
 
-    cuda = dict(device="cuda")
+    cuda = dict(device=rnd(1).device)
     B, T, H, D = 2, 100, 3, 64
     q, k, v = leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, 128))
     state = leaf(torch.randn(B, H, D, 128, **cuda))
@@ -75,25 +75,26 @@ def _mixer_calls(rnd, target):
     from tilemix.ops.runtime import use_target
 
     B, T, H, D = 2, 100, 3, 64
+    device = rnd(1).device
 
     def seq():
         return rnd(B, T, H, D).requires_grad_(True)
 
     def state():
-        return torch.randn(B, H, D, D, device="cuda").requires_grad_(True)
+        return torch.randn(B, H, D, D, device=device).requires_grad_(True)
 
     def gates(*shape, dtype=torch.float32):
-        return (F.logsigmoid(torch.randn(*shape, device="cuda")) / 16).to(dtype).requires_grad_(True)
+        return (F.logsigmoid(torch.randn(*shape, device=device)) / 16).to(dtype).requires_grad_(True)
 
     def keys():
-        return F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).to(rnd(1).dtype).requires_grad_(True)
+        return F.normalize(torch.randn(B, T, H, D, device=device), dim=-1).to(rnd(1).dtype).requires_grad_(True)
 
-    beta = torch.rand(B, T, H, device="cuda").requires_grad_(True)
+    beta = torch.rand(B, T, H, device=device).requires_grad_(True)
     decays = gates(B, T, H, D, dtype=rnd(1).dtype)  # per-key gates feed matmuls: q's dtype
     with use_target(target):
         calls = [ops.retention(seq(), seq(), seq(), initial_state=state(), output_final_state=True),
                  ops.gla(seq(), seq(), seq(), decays, initial_state=state(), output_final_state=True),
-                 ops.rwkv6(seq(), seq(), seq(), decays, torch.randn(H, D, device="cuda").requires_grad_(),
+                 ops.rwkv6(seq(), seq(), seq(), decays, torch.randn(H, D, device=device).requires_grad_(),
                            initial_state=state(), output_final_state=True),
                  ops.delta_rule(seq(), keys(), seq(), beta, initial_state=state(), output_final_state=True),
                  ops.gated_delta_rule(seq(), keys(), seq(), gates(B, T, H), beta, initial_state=state(),
@@ -102,7 +103,7 @@ def _mixer_calls(rnd, target):
         calls.append(ops.rwkv7(seq(), decays, seq(), seq(), -removal, removal * 0.5, initial_state=state(),
                                output_final_state=True))
         # mlstm at V = 128: its backward's column blocks
-        mlstm_state = [torch.randn(*shape, device="cuda").requires_grad_(True)
+        mlstm_state = [torch.randn(*shape, device=device).requires_grad_(True)
                        for shape in ((B, H, D, 2 * D), (B, H, D), (B, H))]
         h, final = ops.mlstm(seq(), seq(), rnd(B, T, H, 2 * D).requires_grad_(True), gates(B, T, H), gates(B, T, H),
                              initial_state=mlstm_state, output_final_state=True)
@@ -137,25 +138,77 @@ def _library_calls(rnd, target):
         return t.requires_grad_(True)
 
     B, T, H = 2, 100, 3
+    device = rnd(1).device
     outputs = []
-    if target == "auto" and torch.cuda.get_device_capability() >= (9, 0):
+    if target == "auto" and (device.type == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
         outputs.append(ops.based(leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 64))))
     q, k, v = (leaf(rnd(B, 300, H, 64)) for _ in range(3))
     outputs.append(ops.attention(q, k, v, causal=True, window=70, target=target))
     kv = [leaf(rnd(B, T, 1, 64)) for _ in range(2)]
     outputs.append(ops.attention(leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
     u, delta, z = (leaf(rnd(B, T, 128)) for _ in range(3))
-    A = leaf(-torch.rand(128, 16, device="cuda") - 0.5)
+    A = leaf(-torch.rand(128, 16, device=device) - 0.5)
     Bm, Cm = (leaf(rnd(B, T, 16)) for _ in range(2))
     with use_target(target):
-        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device="cuda")), z=z,
+        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device=device)), z=z,
                                       delta_softplus=True, output_final_state=True)
     outputs += [y, final]
     torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
 
 
+def _model_calls(rnd, target):
+    """What models run beside the chunked ops: every decode step (state updated in place), packed
+    batches (``cu_seqlens``, a sequence ending inside a chunk), the long convolutions, LoLCATs
+    attention and the exact-form gated mixers, forward and backward, on tail shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from tilemix import ops
+    from tilemix.ops.runtime import use_target
+
+    def leaf(t):
+        return t.requires_grad_(True)
+
+    B, H, D = 2, 3, 64
+    cuda = dict(device=rnd(1).device)
+    with use_target(target):
+        token = [rnd(B, 1, H, D) for _ in range(3)]
+        state = torch.randn(B, H, D, D, **cuda)
+        gate = F.logsigmoid(torch.randn(B, 1, H, D, **cuda)).to(token[0].dtype)
+        beta, scalar_gate = torch.rand(B, 1, H, **cuda), F.logsigmoid(torch.randn(B, 1, H, **cuda))
+        for step in (ops.linear_attention_step(*token, state), ops.retention_step(*token, state),
+                     ops.gla_step(*token, gate, state), ops.rwkv6_step(*token, gate, torch.randn(H, D, **cuda), state),
+                     ops.delta_rule_step(token[0], F.normalize(token[1], dim=-1), token[2], beta, state),
+                     ops.gated_delta_rule_step(token[0], F.normalize(token[1], dim=-1), token[2], scalar_gate,
+                                               beta, state)):
+            assert step.isfinite().all()
+        ops.ssd_step(token[2], torch.rand(B, 1, H, **cuda), -torch.rand(H, **cuda) - 0.1, rnd(B, 1, 1, D),
+                     rnd(B, 1, 1, D), torch.randn(B, H, D, D, **cuda), D=torch.randn(H, **cuda))
+
+        T = 190
+        cu = torch.tensor([0, 70, 100, T], dtype=torch.int32, **cuda)
+        q, k, v = (leaf(rnd(1, T, H, D)) for _ in range(3))
+        decays = leaf((F.logsigmoid(torch.randn(1, T, H, D, **cuda)) / 16).to(q.dtype))
+        outputs = [ops.linear_attention(q, k, v, cu_seqlens=cu)[0], ops.gla(q, k, v, decays, cu_seqlens=cu)[0],
+                   ops.ssd(v, leaf(torch.rand(1, T, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
+                           leaf(rnd(1, T, 1, D)), leaf(rnd(1, T, 1, D)), cu_seqlens=cu)[0],
+                   ops.attention(q, k, v, causal=True, cu_seqlens=cu)]
+
+        q, k, v = (leaf(rnd(B, 100, H, D)) for _ in range(3))
+        decays = leaf((F.logsigmoid(torch.randn(B, 100, H, D, **cuda)) / 16).to(q.dtype))
+        outputs += [ops.gla(q, k, v, decays, exact=True)[0],
+                    ops.rwkv6(q, k, v, decays, leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
+        features = [leaf(rnd(B, 100, H, D).abs()) for _ in range(2)]
+        outputs.append(ops.lolcats_attention(q, k, v, *features))
+
+        u, kernel = leaf(rnd(B, 300, D)), leaf(torch.randn(D, 300, **cuda) / 300)
+        gates = [leaf(rnd(B, 300, D)) for _ in range(2)]
+        outputs += [ops.long_conv(u, kernel), ops.gated_long_conv(u, *gates, kernel)]
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
 CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
-         "library": _library_calls}
+         "library": _library_calls, "models": _model_calls}
 
 
 def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*CALLS, "segmented")) -> list[str]:
@@ -194,12 +247,13 @@ def _segmented_calls(rnd, target):
     from tilemix import ops
 
     B, T, H, D = 1, 256, 2, 64
+    device = rnd(1).device
     q, k, v = (rnd(B, T, H, D).requires_grad_(True) for _ in range(3))
     o, _ = ops.linear_attention(q, k, v, target=target)
     o.backward(torch.randn_like(o))
-    dt = (torch.rand(B, T, H, device="cuda") * 0.5).requires_grad_(True)
+    dt = (torch.rand(B, T, H, device=device) * 0.5).requires_grad_(True)
     Bm, Cm = (rnd(B, T, 1, D).requires_grad_(True) for _ in range(2))
-    y, _ = ops.ssd(v, dt, -torch.rand(H, device="cuda") - 0.1, Bm, Cm, target=target)
+    y, _ = ops.ssd(v, dt, -torch.rand(H, device=device) - 0.1, Bm, Cm, target=target)
     y.backward(torch.randn_like(y))
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
-from .knobs import SMEM_LIMITS, Schedule
+from .knobs import SMEM_LIMITS, Schedule, smem_limit
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, store_entry
 from .source import KernelSource, ParamKind
@@ -203,7 +203,7 @@ class GenericLowering(Lowering):
         src = [
             "#include <tilemix/generic.cuh>",
             "",
-            f'extern "C" __global__ void __launch_bounds__({self.threads}, 1)',
+            f'extern "C" __global__ void __launch_bounds__({self.threads}, {self.schedule.occupancy})',
             f"tilemix_{self.program.name}({', '.join(args)}) {{",
             "  extern __shared__ __align__(1024) char smem[];",
             f"  const int stage_bytes = {self.layout.stage_bytes};",
@@ -216,7 +216,8 @@ class GenericLowering(Lowering):
             *body,
             "}",
         ]
-        self.check_shared_memory(self.layout.top, SMEM_LIMITS[self.arch], f"a CTA on {self.arch}")
+        self.check_shared_memory(self.layout.top, smem_limit(self.arch, self.schedule.occupancy),
+                                 f"a CTA on {self.arch}")
         return self.kernel_source(src, self.layout.top, self.threads, order, {})
 
 

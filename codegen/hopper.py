@@ -37,7 +37,7 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
-from .knobs import SMEM_LIMIT, Schedule
+from .knobs import REGISTER_FILE, Schedule, smem_limit
 from .layout import align
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, store_entry
@@ -96,8 +96,16 @@ class HopperLowering(Lowering):
 
     @classmethod
     def consumer_registers(cls, schedule: Schedule) -> int:
-        """Registers a consumer thread has (``setmaxnreg``): the producer gives its share away, 64K per SM in all."""
-        return CONSUMER_REGISTERS[schedule.consumers == 1]
+        """Registers a consumer thread has (``setmaxnreg``): the producer gives its share away, 64K per SM in all.
+        At ``occupancy`` > 1 a CTA starts with its share of the register file, ptxas's launch-bounds
+        cap (a multiple of 8) per thread, and ``setmaxnreg`` moves registers only within the CTA."""
+        one = schedule.consumers == 1
+        if schedule.occupancy == 1:
+            return CONSUMER_REGISTERS[one]
+        threads = PRODUCER_THREADS + CONSUMER_THREADS * schedule.consumers
+        launch = min(255, REGISTER_FILE // (threads * schedule.occupancy)) // 8 * 8
+        given = (launch - PRODUCER_REGISTERS[one]) * PRODUCER_THREADS
+        return min(CONSUMER_REGISTERS[one], (launch + given // (CONSUMER_THREADS * schedule.consumers)) // 8 * 8)
 
     def wait_prologue(self, ind: int):
         self.emit("tm::mbar_wait(prologue, 0);", ind)
@@ -302,7 +310,7 @@ class HopperLowering(Lowering):
         src = [
             "#include <tilemix/hopper.cuh>",
             "",
-            f'extern "C" __global__ void __launch_bounds__({threads}, 1)',
+            f'extern "C" __global__ void __launch_bounds__({threads}, {self.schedule.occupancy})',
             f"tilemix_{self.program.name}({', '.join(args)}) {{",
             "  extern __shared__ __align__(1024) char smem[];",
             f"  const int stage_bytes = {self.layout.stage_bytes};",
@@ -327,7 +335,7 @@ class HopperLowering(Lowering):
             "  }",
             "}",
         ]
-        self.check_shared_memory(smem_bytes, SMEM_LIMIT, "an sm_90a CTA")
+        self.check_shared_memory(smem_bytes, smem_limit("sm_90a", self.schedule.occupancy), "an sm_90a CTA")
         return self.kernel_source(src, smem_bytes, threads, order, dict(self.tmap_rows))
 
     def barrier_init(self) -> list[str]:

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Schedule", "column_blocks", "smem_limit", "ISSUE_ORDERS", "OVERLAPS", "SMEM_LIMIT", "SMEM_LIMITS"]
+__all__ = ["Schedule", "column_blocks", "smem_limit", "ISSUE_ORDERS", "OVERLAPS", "OCCUPANCIES", "SMEM_LIMIT",
+           "SMEM_LIMITS", "REGISTER_FILE"]
 
 ISSUE_ORDERS = ("fit", "early", "program")  # Schedule.issue
 OVERLAPS = ("fit", "on", "off")  # Schedule.overlap
+OCCUPANCIES = (1, 2)  # Schedule.occupancy
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
 # the generic target's archs (CUDA programming guide, compute capabilities table)
 SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
+# shared memory per SM, of which the driver reserves 1 KiB per resident CTA (same table)
+SM_SHARED = {"sm_90a": 228 * 1024, "sm_80": 164 * 1024, "sm_86": 100 * 1024, "sm_89": 100 * 1024, "sm_90": 228 * 1024}
+CTA_RESERVED = 1024
+REGISTER_FILE = 65536  # 32-bit registers per SM on every target
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,10 @@ class Schedule:
     ptxas too few registers it runs every wgmma of the kernel one at a time (remark C7512), so
     ``"fit"`` overlaps only where the estimate (``overlap_registers``) leaves room (attention's dk/dv
     program at D=128 is serialised when overlapped).
+    ``occupancy``: CTAs each SM holds at once (``__launch_bounds__``'s second argument): 2 splits the
+    registers and shared memory between two CTAs, so one CTA's loads and stores run while the other
+    computes — for memory-bound kernels with few registers (a decode step's state update), or
+    one-consumer kernels, whose producer and consumer take half the register file at 1.
     """
 
     stages: int = 2
@@ -58,6 +68,7 @@ class Schedule:
     share_staging: bool = False
     issue: str = field(default="fit", metadata={"choices": ISSUE_ORDERS})
     overlap: str = field(default="fit", metadata={"choices": OVERLAPS})
+    occupancy: int = field(default=1, metadata={"choices": OCCUPANCIES})
 
 
 def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> int:
@@ -69,6 +80,7 @@ def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> i
     return blocks
 
 
-def smem_limit(arch: str) -> int:
-    """The dynamic shared memory one CTA may use on ``arch``."""
-    return SMEM_LIMIT if arch == "sm_90a" else SMEM_LIMITS[arch]
+def smem_limit(arch: str, occupancy: int = 1) -> int:
+    """The dynamic shared memory one CTA may use on ``arch`` with ``occupancy`` CTAs per SM."""
+    limit = SMEM_LIMIT if arch == "sm_90a" else SMEM_LIMITS[arch]
+    return limit if occupancy == 1 else min(limit, SM_SHARED[arch] // occupancy - CTA_RESERVED)

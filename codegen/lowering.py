@@ -277,10 +277,11 @@ class Lowering(Emitter):
         return [f"const int blk{len(self.plan.grid_loops) - 1} = {self.plan.block_expr('wg')};  // and its grid block"]
 
     def check_shared_memory(self, smem_bytes: int, limit: int, where: str):
+        occupancy = f", occupancy={self.schedule.occupancy}" if self.schedule.occupancy > 1 else ""
         if smem_bytes > limit:
             raise ResourceError(f"{self.plan.target} code generator: this schedule needs {smem_bytes // 1024} KiB "
                                 f"of shared memory (stages={self.schedule.stages}, consumers="
-                                f"{self.schedule.consumers}); {where} has at most {limit // 1024} KiB",
+                                f"{self.schedule.consumers}{occupancy}); {where} has at most {limit // 1024} KiB",
                                 self.program.loc)
 
     def kernel_source(self, source: list[str], smem_bytes: int, threads: int, order, tmap_rows: dict) -> KernelSource:

@@ -121,7 +121,7 @@ def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: st
     source = kernel_source(kernel, binding, schedule, arch)
     if not source.stage_bytes:
         return schedule
-    room = (smem_limit(arch) - source.smem_bytes) // source.stage_bytes
+    room = (smem_limit(arch, schedule.occupancy) - source.smem_bytes) // source.stage_bytes
     # each stage also takes barriers and alignment padding: the deepest count that lowers
     for stages in range(min(limit, schedule.stages + room), schedule.stages, -1):
         try:
@@ -474,8 +474,9 @@ def legal(schedule: Schedule, binding: Binding) -> bool:
 def config_space(kernel: Kernel, binding: Binding, default: Schedule,
                  fits: Callable[[Config], bool] | None = None) -> list[Config]:
     """The default first, then every ring depth x consumer warpgroups at the default block sizes,
-    then each other Schedule knob's choices alone, the split's widths (halved, doubled; with each
-    consumer count that fits), then each block size's alternatives at the default schedule: one
+    then each other Schedule knob's choices alone (and higher occupancies with one consumer), the
+    split's widths (halved, doubled; with each consumer count that fits), then each block size's
+    alternatives at the default schedule: one
     axis at a time around the default, so a tune stays within a minute (the full product is too
     many kernels). Schedules the launch cannot map (``legal``) are left out. ``fits(config)`` (the
     lowering's shared-memory check) lets a larger block size take a shallower ring, then one
@@ -488,6 +489,8 @@ def config_space(kernel: Kernel, binding: Binding, default: Schedule,
     for name, values in knobs.items():
         if name not in plane:
             space += [Config(replace(default, **{name: v})) for v in values]
+    if default.consumers > 1:  # more CTAs per SM in place of consumers: the registers two consumers had
+        space += [Config(replace(default, consumers=1, occupancy=n)) for n in knobs.get("occupancy", ()) if n > 1]
     for split in _split_alternatives(binding, default):
         space += [Config(replace(default, split=split, consumers=c)) for c in knobs.get("consumers", (1,))]
     shallower = [replace(default, consumers=c, stages=st) for c in sorted({default.consumers, 1}, reverse=True)

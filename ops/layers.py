@@ -11,7 +11,7 @@ attention's cached steps run in torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -44,13 +44,23 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class _MultiHead(nn.Module):
-    """A layer of ``heads`` heads on a ``dim``-wide stream, each head ``dim // heads`` wide."""
+    """A layer of ``heads`` heads on a ``dim``-wide stream between a fused input projection
+    (``in_proj``: x to the op's inputs, of ``widths`` columns each) and an output projection
+    (``out``, from the ``dim`` columns of the heads' outputs)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, widths: Sequence[int], bias: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not a multiple of heads {heads}")
-        self.heads = heads
+        self.heads, self.widths = heads, tuple(widths)
+        self.in_proj = nn.Linear(dim, sum(self.widths), bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def _inputs(self, x: torch.Tensor, heads: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """``x`` projected and cut into the op's inputs, each ``[B, T, h, width / h]`` with ``h`` from
+        ``heads`` (one count per input; default ``self.heads`` each)."""
+        parts = self.in_proj(x).split(self.widths, dim=-1)
+        return [_heads(t, h) for t, h in zip(parts, heads or [self.heads] * len(parts))]
 
     def _projected(self, o: torch.Tensor, state, output_final_state: bool):
         """The heads' output ``o`` through ``self.out``, with ``state`` when it was asked for."""
@@ -85,18 +95,15 @@ class MultiHeadAttention(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, causal: bool = True, bias: bool = False, kv_heads: int | None = None):
-        super().__init__(dim, heads)
         kv_heads = heads if kv_heads is None else kv_heads
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"kv_heads {kv_heads} must divide heads {heads}")
+        kv_dim = dim // heads * kv_heads
+        super().__init__(dim, heads, (dim, kv_dim, kv_dim), bias)
         self.kv_heads, self.causal = kv_heads, causal
-        self.kv_dim = dim // heads * kv_heads
-        self.qkv = nn.Linear(dim, dim + 2 * self.kv_dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def _qkv(self, x: torch.Tensor):
-        q, k, v = self.qkv(x).split([x.shape[-1], self.kv_dim, self.kv_dim], dim=-1)
-        return _heads(q, self.heads), _heads(k, self.kv_heads), _heads(v, self.kv_heads)
+        return self._inputs(x, (self.heads, self.kv_heads, self.kv_heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(attention(*self._qkv(x), causal=self.causal).flatten(-2))
@@ -137,7 +144,7 @@ class LinearAttention(_Recurrent):
 
     def __init__(self, dim: int, heads: int, feature_map: str | Callable = "identity", bias: bool = False,
                  causal: bool = True, normalize: bool = False):
-        super().__init__(dim, heads)
+        super().__init__(dim, heads, (dim,) * 3, bias)
         if isinstance(feature_map, str) and feature_map not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(FEATURE_MAPS)} "
                              "or a callable")
@@ -145,11 +152,9 @@ class LinearAttention(_Recurrent):
             raise ValueError("normalize: True is supported with causal=False only")
         self.causal, self.normalize = causal, normalize
         self.feature_map = FEATURE_MAPS[feature_map] if isinstance(feature_map, str) else feature_map
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self._inputs(x)
         return self.feature_map(q), self.feature_map(k), v
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
@@ -188,13 +193,10 @@ class Retention(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__(dim, heads)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        super().__init__(dim, heads, (dim,) * 3, bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
-        o, state = retention(q, k, v, initial_state=initial_state, output_final_state=output_final_state)
+        o, state = retention(*self._inputs(x), initial_state=initial_state, output_final_state=output_final_state)
         return self._projected(o, state, output_final_state)
 
 
@@ -211,14 +213,10 @@ class Based(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__(dim, heads)
-        self.qkv = nn.Linear(dim, 2 * heads * FEATURES + dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        super().__init__(dim, heads, (heads * FEATURES, heads * FEATURES, dim), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).split([self.heads * FEATURES] * 2 + [x.shape[-1]], dim=-1)
-        o = based(*(_heads(t, self.heads) for t in (q, k, v)))
-        return self.out(o.flatten(-2))
+        return self.out(based(*self._inputs(x)).flatten(-2))
 
 
 class H3Conv(nn.Module):
@@ -261,12 +259,10 @@ class GatedLinearAttention(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__(dim, heads)
-        self.qkvg = nn.Linear(dim, 4 * dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        super().__init__(dim, heads, (dim,) * 4, bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
-        q, k, v, g = (_heads(t, self.heads) for t in self.qkvg(x).chunk(4, dim=-1))
+        q, k, v, g = self._inputs(x)
         o, state = gla(q, k, v, F.logsigmoid(g) / 16, initial_state=initial_state,
                        output_final_state=output_final_state)
         return self._projected(o, state, output_final_state)
@@ -284,13 +280,11 @@ class RWKV6TimeMix(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__(dim, heads)
-        self.rkvw = nn.Linear(dim, 4 * dim, bias=bias)
+        super().__init__(dim, heads, (dim,) * 4, bias)
         self.bonus = nn.Parameter(torch.zeros(heads, dim // heads))
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
-        r, k, v, w = (_heads(t, self.heads) for t in self.rkvw(x).chunk(4, dim=-1))
+        r, k, v, w = self._inputs(x)
         o, state = rwkv6(r, k, v, -w.exp(), self.bonus, initial_state=initial_state,
                          output_final_state=output_final_state)
         return self._projected(o, state, output_final_state)
@@ -309,12 +303,10 @@ class RWKV7TimeMix(_Recurrent):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__(dim, heads)
-        self.rwkv_rate = nn.Linear(dim, 5 * dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        super().__init__(dim, heads, (dim,) * 5, bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None, output_final_state: bool = False):
-        r, w, k, v, rate = (_heads(t, self.heads) for t in self.rwkv_rate(x).chunk(5, dim=-1))
+        r, w, k, v, rate = self._inputs(x)
         removal = F.normalize(k, dim=-1)
         o, state = rwkv7(r, -math.exp(-0.5) * w.sigmoid(), k, v, -removal, removal * rate.sigmoid(),
                          initial_state=initial_state, output_final_state=output_final_state)
@@ -449,15 +441,13 @@ class DeltaNet(_Recurrent):
     """
 
     def __init__(self, dim: int, heads: int, gated: bool = False, bias: bool = False):
-        super().__init__(dim, heads)
+        super().__init__(dim, heads, (dim,) * 3, bias)
         self.gated = gated
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.gates = nn.Linear(dim, (2 if gated else 1) * heads, bias=True)  # beta, then g
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, initial_state: torch.Tensor | None = None,
                 output_final_state: bool = False):
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self._inputs(x)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         gates = self.gates(x)
         beta = torch.sigmoid(gates[..., :self.heads])
@@ -482,15 +472,13 @@ class MLSTMLayer(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, bias: bool = False):
-        super().__init__(dim, heads)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        super().__init__(dim, heads, (dim,) * 3, bias)
         self.gates = nn.Linear(dim, 2 * heads)
         with torch.no_grad():
             self.gates.bias[heads:] = torch.linspace(3.0, 6.0, heads)
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor, initial_state: tuple | None = None, output_final_state: bool = False):
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self._inputs(x)
         i, f = self.gates(x).float().chunk(2, dim=-1)
         h, state = mlstm(q, k, v, i, f, initial_state=initial_state, output_final_state=output_final_state)
         return self._projected(h, state, output_final_state)
@@ -530,15 +518,13 @@ class LoLCATsAttention(_MultiHead):
     """
 
     def __init__(self, dim: int, heads: int, window: int = 64, features: int | None = None, bias: bool = False):
-        super().__init__(dim, heads)
+        super().__init__(dim, heads, (dim,) * 3, bias)
         self.window = window
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.q_map, self.k_map = (HedgehogFeatureMap(heads, dim // heads, features) for _ in range(2))
         self.window_factors = nn.Parameter(torch.zeros(heads))
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self._inputs(x)
         # w·window + linear under one normaliser is window + linear / w: the factor moves to q's features
         q_features = (self.q_map(q) / torch.sigmoid(self.window_factors)[:, None]).to(q.dtype)
         o = lolcats_attention(q, k, v, q_features, self.k_map(k), window=self.window)

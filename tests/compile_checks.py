@@ -14,16 +14,17 @@ def has_wide_matmul(kernel, binding, arch: str) -> bool:
     return any(op.name == "matmul" and op.result.type.cols > 1 for op in kernel.trace(binding, arch).walk())
 
 
-def check_compiled(kernel, binding, arch: str, key, spilling: dict, mma: bool = True, varlen: bool = False) -> None:
-    """``kernel`` at ``binding`` with its default schedule for ``arch`` (``varlen``: its packed-batch
-    kernel): ``MMA[arch]`` in its SASS (``mma``), and no local memory (LDL/STL or stack) unless
-    ``spilling`` holds ``key``, the bytes measured: then it must still spill and the test is marked
-    an expected failure."""
+def check_compiled(kernel, binding, arch: str, key, spilling: dict, mma: bool = True, varlen: bool = False,
+                   schedule=None):
+    """``kernel`` at ``binding`` with ``schedule`` (default: its default schedule for ``arch``;
+    ``varlen``: its packed-batch kernel): ``MMA[arch]`` in its SASS (``mma``), and no local memory
+    (LDL/STL or stack) unless ``spilling`` holds ``key``, the bytes measured: then it must still spill
+    and the test is marked an expected failure. Returns the kernel's source."""
     from tilemix.codegen.compile import compile_cuda, resources, sass
     from tilemix.codegen.schedule import default_schedule
     from tilemix.codegen.specialise import kernel_source
 
-    source = kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch, varlen)
+    source = kernel_source(kernel, binding, schedule or default_schedule(kernel, binding, arch), arch, varlen)
     compiled = compile_cuda(source.source, arch, source.name)
     text, usage = sass(compiled), resources(compiled)
     if mma:
@@ -33,3 +34,4 @@ def check_compiled(kernel, binding, arch: str, key, spilling: dict, mma: bool = 
         assert spills, f"{key} no longer spills: take it off SPILLING"
         pytest.xfail(f"{source.name} {key} spills {usage['local_memory']} bytes (measured {spilling[key]})")
     assert not spills, f"{source.name}: local memory in the SASS or stack use: {usage}"
+    return source

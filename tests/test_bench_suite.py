@@ -122,8 +122,8 @@ def _fake_gpu(monkeypatch, bench, torch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda: 3e12)
     monkeypatch.setattr(bench, "matmul_rate", lambda: 8e14)
-    monkeypatch.setattr(bench, "time_ms", lambda fn: fn() or 2.0)
-    monkeypatch.setattr(bench, "host_us", lambda fn: 50.0)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, **timing: fn() or 2.0)
+    monkeypatch.setattr(bench, "host_us", lambda fn, **timing: 50.0)
 
 
 def test_run_bench_without_peers_keeps_rows_of_a_run_cut_short(tmp_path, monkeypatch):
@@ -283,3 +283,67 @@ def test_grid_run_records_and_heat_maps(tmp_path, monkeypatch):
     assert len(result["records"]) == 6 and all(r["grid"] for r in result["records"])
     written = plot_results(result, tmp_path / "plots")
     assert [p.name for p in written] == ["linear_attention-fla-x-d64-grid.png"]
+
+
+# -- the hybrid model's rows (issue 24): the peer is the same model on the peers' kernels -------------------
+def _mamba_layout_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, return_final_states=False):
+    """``mamba_chunk_scan_combined``'s contract as a float64 token loop, the state ``[B, H, P, N]``."""
+    import torch
+
+    batch, T, H, P = x.shape
+    state = torch.zeros(batch, H, P, B.shape[-1], dtype=torch.float64) if initial_states is None \
+        else initial_states.clone()
+    ys = []
+    for t in range(T):
+        ys.append(_mamba_layout_step(state, x[:, t], dt[:, t, :, None].expand(batch, H, P),
+                                     A[:, None, None].expand(H, P, B.shape[-1]), B[:, t], C[:, t],
+                                     None if D is None else D[:, None].expand(H, P)))
+    y = torch.stack(ys, 1)
+    return (y, state) if return_final_states else y
+
+
+def _mamba_layout_step(state, x, dt, A, B, C, D=None):
+    """``selective_state_update``'s contract (heads share B and C per group), the state updated in place."""
+    import torch
+
+    heads, groups = x.shape[1], B.shape[1]
+    Bh, Ch = (t.repeat_interleave(heads // groups, 1) for t in (B, C))  # [batch, H, N]
+    state.mul_(torch.exp(dt[..., None] * A)).add_(dt[..., None] * x[..., None] * Bh[:, :, None, :])
+    y = (state * Ch[:, :, None, :]).sum(-1)
+    return y if D is None else y + D * x
+
+
+def test_model_peer_is_the_same_model_on_other_kernels():
+    """The peer model (SDPA, Mamba-2's scan and decode step in mamba_ssm's state layout) equals ours in
+    float64 on the CPU, logits and greedy generation: only the kernels differ between the two rows."""
+    import torch
+
+    from tilemix.bench.model import build_model, peer_mixers
+
+    model = build_model(heads=2, head_dim=16, dtype=torch.float64, device="cpu", vocab_size=50, dim=32,
+                        state_dim=16)
+    tokens = torch.randint(0, 50, (2, 70))
+    ours = model(tokens)
+    generated = model.generate(tokens[:, :40], 5)
+    with peer_mixers(_mamba_layout_scan, _mamba_layout_step):
+        peer = model(tokens)
+        peer_generated = model.generate(tokens[:, :40], 5)
+    assert torch.allclose(ours, peer, rtol=1e-9, atol=1e-9)
+    assert torch.equal(generated, peer_generated)
+
+
+@pytest.mark.parametrize("name, direction", [("model-generate", "generate"), ("model-train", "train")])
+def test_model_rows_run_on_a_tiny_model(name, direction, monkeypatch):
+    """Each model row's timed call runs (a tiny model on the CPU) and its record names its direction."""
+    import torch
+
+    from tilemix.bench import bench, model
+
+    monkeypatch.setitem(model.MODEL, "vocab_size", 50)
+    monkeypatch.setitem(model.MODEL, "dim", 32)
+    monkeypatch.setitem(model.MODEL, "state_dim", 16)
+    monkeypatch.setattr(model, "NEW_TOKENS", 3)
+    ours, peer, peer_name, nbytes, flops, shape = bench.CASES[name](2, 20, 2, 16, torch.float32, device="cpu")
+    out = ours()
+    assert out.shape == (2, 23) if direction == "generate" else (out.dim() == 0 and out.isfinite())
+    assert bench.direction(name) == direction and peer_name == "torch-sdpa+mamba_ssm" and nbytes > 0 and flops > 0

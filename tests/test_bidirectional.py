@@ -142,7 +142,7 @@ def test_layer_forms(layer_args, call_args, expected):
     layer = ops.LinearAttention(dim=64, heads=2, feature_map="elu+1", **layer_args).double()
     x = torch.randn(2, 50, 64, dtype=torch.float64)
     y = layer(x, **call_args)
-    q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.qkv(x).chunk(3, dim=-1))
+    q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.in_proj(x).chunk(3, dim=-1))
     q, k = layer.feature_map(q), layer.feature_map(k)
     want = layer.out(torch.from_numpy(expected(q, k, v)).flatten(-2))
     assert rel_err(y, want.detach().numpy()) <= 1e-12

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tilemix.ops import (
     delta_rule,
@@ -69,18 +71,21 @@ def _state(op: str, seed: int = 1, sizes: tuple[int, int, int, int] = (B, H, K, 
     return torch.randn(*sizes, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
-@pytest.mark.parametrize("op", list(CHUNKED))
-def test_steps_equal_the_chunked_op(op):
+def _assert_steps_equal_the_chunked_op(op: str, T: int, seed: int = 0, sizes=(B, H, K, V)) -> None:
     """Token by token from an initial state, the steps give the chunked op's outputs and final state."""
-    T = 200 if op == "linear_attention" else 70
-    args, per_token = _inputs(op, T)
-    initial = _state(op)
+    args, per_token = _inputs(op, T, seed, sizes)
+    initial = _state(op, seed + 1, sizes)
     expected, final = CHUNKED[op](**args, initial_state=initial, output_final_state=True)
     state = initial.clone()
     outputs = [STEP_CALLS[op](**{n: (a[:, t:t + 1] if n in per_token else a) for n, a in args.items()}, state=state)
                for t in range(T)]
     torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(state, final, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", list(CHUNKED))
+def test_steps_equal_the_chunked_op(op):
+    _assert_steps_equal_the_chunked_op(op, 200 if op == "linear_attention" else 70)
 
 
 @pytest.mark.parametrize("op", list(CHUNKED))
@@ -378,3 +383,11 @@ def test_other_scans_one_token_at_a_time_equal_them(name):
     expected, got = ops.run(kernel, **args), ops.run(step_kernel(kernel), **args)
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(op=st.sampled_from(list(CHUNKED)), T=st.integers(1, 40), B=st.integers(1, 2), H=st.integers(1, 3),
+       K=st.sampled_from([16, 32]), V=st.sampled_from([16, 32]), seed=st.integers(0, 2 ** 16))
+def test_steps_equal_the_chunked_op_at_any_shape(op, T, B, H, K, V, seed):
+    """Token by token at any batch, head count and head dims (SSD: N = K, P = V)."""
+    _assert_steps_equal_the_chunked_op(op, T, seed, (B, H, K, V))

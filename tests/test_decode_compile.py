@@ -24,3 +24,23 @@ def test_step_compiles_without_spills(op, D, arch):
     args = kernel_specs(kernel, size=D, B=128, T=1)
     args[state] = TensorSpec((128, 16, D, D), "float32")
     check_compiled(kernel, kernel.bind(args), arch, (op, D, arch), {}, mma=False)
+
+
+@pytest.mark.parametrize("arch, bounds, registers", [("sm_90a", "(256, 2)", "setmaxnreg_inc<216>"),
+                                                     ("sm_80", "(128, 2)", None)])
+def test_step_at_two_ctas_per_sm_fits_its_share_of_registers(arch, bounds, registers):
+    """The tuner's occupancy knob on a decode step: one consumer per 64-column block, two CTAs per SM
+    (one's state moves while the other's updates), compiled for half the register file without
+    local memory; on sm_90a the consumer takes what the producer leaves of the CTA's half."""
+    from dataclasses import replace
+
+    from tilemix.codegen.schedule import default_schedule
+
+    kernel, (state,) = STEPS["linear_attention"].kernel, STEPS["linear_attention"].states
+    args = kernel_specs(kernel, size=128, B=128, T=1)
+    args[state] = TensorSpec((128, 16, 128, 128), "float32")
+    binding = kernel.bind(args)
+    schedule = replace(default_schedule(kernel, binding, arch), split=(("V", 64),), consumers=1, occupancy=2)
+    source = check_compiled(kernel, binding, arch, None, {}, mma=False, schedule=schedule).source
+    assert f"__launch_bounds__{bounds}" in source
+    assert registers is None or registers in source

@@ -34,3 +34,66 @@ def test_relative_links_point_at_files_that_exist(path):
     doc = ROOT / path
     missing = [target for target in relative_links(doc.read_text()) if not (doc.parent / target).exists()]
     assert not missing, f"{path} links to paths that do not exist: {missing}"
+
+
+# -- the README's DSL line counts (issue 27: each mixer in at most ~20 lines of tile code) -------------------
+def _program_lines(fn) -> int:
+    """Lines of tile code in ``fn``'s body and in the functions of its module it calls (recursively):
+    no docstring, blank or comment lines; a statement over two lines counts two."""
+    import ast
+    import inspect
+    import sys
+    import textwrap
+
+    module = sys.modules[fn.__module__]
+    seen, lines, todo = set(), 0, [fn]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        source = textwrap.dedent(inspect.getsource(f))
+        body = ast.parse(source).body[0].body
+        if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):  # the docstring
+            body = body[1:]
+        rows = {n.lineno for stmt in body for n in ast.walk(stmt) if hasattr(n, "lineno")}
+        text = source.splitlines()
+        lines += sum(1 for r in rows if text[r - 1].strip() and not text[r - 1].strip().startswith("#"))
+        for stmt in body:
+            for n in ast.walk(stmt):
+                helper = getattr(module, n.func.id, None) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
+                    else None
+                if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+                    todo.append(helper)
+    return lines
+
+
+OP_PROGRAMS = {  # each op of the README's count -> its forward programs, ``module.kernel`` under tilemix.ops
+    "linear_attention": ["linear_attention.linear_attention_fwd"], "ssd": ["ssd.ssd_fwd"],
+    "attention": ["attention.attention_fwd"], "retention": ["gated.retention_fwd"], "gla": ["gated.gla_fwd"],
+    "rwkv6": ["gated.rwkv6_fwd"], "delta_rule": ["delta_rule.delta_rule_prepare", "delta_rule.delta_rule_scan"],
+    "gated_delta_rule": ["delta_rule.gated_delta_rule_prepare", "delta_rule.gated_delta_rule_scan"],
+    "rwkv7": ["rwkv7.rwkv7_prepare", "rwkv7.rwkv7_prepare_output", "rwkv7.rwkv7_scan"], "mlstm": ["mlstm.mlstm_fwd"],
+    "based": ["based.based_fwd"], "selective_scan": ["selective_scan.selective_scan_fwd"],
+    "bidirectional": ["bidirectional.bidirectional_linear_attention_fwd"],
+    "long_conv": ["long_conv_programs.long_conv_cols", "long_conv_programs.long_conv_rows",
+                  "long_conv_programs.long_conv_cols_inverse"],
+    "lolcats": ["lolcats.lolcats_fwd"]}
+
+
+def _op_lines(op: str) -> int:
+    import importlib
+
+    total = 0
+    for path in OP_PROGRAMS[op]:
+        module, name = path.rsplit(".", 1)
+        total += _program_lines(getattr(importlib.import_module(f"tilemix.ops.{module}"), name).fn)
+    return total
+
+
+def test_readme_counts_each_ops_lines_of_tile_code():
+    counted = {op: _op_lines(op) for op in OP_PROGRAMS}
+    sentence = re.search(r"Lines of tile code per forward[^:]*:\s*([^.]*)\.", (ROOT / "README.md").read_text())
+    assert sentence, "README: the sentence of DSL line counts is missing"
+    stated = {op: int(n) for op, n in re.findall(r"`?(\w+)`? (\d+)", sentence.group(1))}
+    assert stated == counted

@@ -26,7 +26,7 @@ def _x(dim=128, T=70, seed=0):
 def test_multi_head_attention_matches_sdpa():
     layer = ops.MultiHeadAttention(128, heads=2).double()
     x = _x()
-    q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in layer.qkv(x).chunk(3, -1))
+    q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in layer.in_proj(x).chunk(3, -1))
     expected = layer.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(-2))
     torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
 
@@ -37,7 +37,7 @@ def test_linear_attention_matches_reference(feature_map):
     layer = ops.LinearAttention(128, heads=2, feature_map=feature_map).double()
     x = _x()
     y, state = layer(x, output_final_state=True)
-    q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.qkv(x).chunk(3, -1))
+    q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.in_proj(x).chunk(3, -1))
     fm = layers.FEATURE_MAPS[feature_map]
     o, s = reference.linear_attention(fm(q), fm(k), v, output_final_state=True)
     torch.testing.assert_close(y, layer.out(torch.from_numpy(o).flatten(-2)), rtol=1e-9, atol=1e-9)

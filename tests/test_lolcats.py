@@ -153,7 +153,7 @@ def test_layer_weights_the_window_as_lolcats_does():
     layer, x = ops.LoLCATsAttention(dim=32, heads=2, window=8).double(), torch.randn(1, 80, 32, dtype=torch.float64)
     with torch.no_grad():
         layer.window_factors.copy_(torch.tensor([-1.0, 2.0]))
-        q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.qkv(x).chunk(3, dim=-1))
+        q, k, v = (t.unflatten(-1, (2, -1)) for t in layer.in_proj(x).chunk(3, dim=-1))
         t = torch.arange(80)
         gap = t[:, None] - t[None, :]
         scores = torch.einsum("bthd,bshd->bhts", q, k) / 4

@@ -43,7 +43,9 @@ def test_space_starts_with_the_default_and_varies_every_knob():
     consts = {k: {dict(c.consts)[k] for c in space if k in dict(c.consts)} for k in ("block_m", "block_n", "block_k")}
     assert consts == {"block_m": {128}, "block_n": {128}, "block_k": {128}}  # the alternatives to 64, 256, 64
     assert {c.schedule.issue for c in space} == {"fit", "early", "program"}
-    assert len(space) == 1 + 8 - 1 + 2 + 2 + 3  # the default is one of the 8; two other issue orders, two overlaps
+    assert {(c.schedule.consumers, c.schedule.occupancy) for c in space} >= {(2, 2), (1, 2)}
+    # the default is one of the 8; two other issue orders, two overlaps, occupancy 2 with two consumers and one
+    assert len(space) == 1 + 8 - 1 + 2 + 2 + 2 + 3
     attention = ops.attention_fwd.bind(example_specs("attention"))  # is_causal is a flag, not a size
     assert all("is_causal" not in dict(c.consts) for c in tune.config_space(ops.attention_fwd, attention, default))
 
@@ -358,3 +360,19 @@ def test_tune_examples_pass_the_block_shapes_the_op_runs(D):
     (kernel, launched), = calls
     binding = kernel.bind(launched)
     assert kernel.bind(args).values["chunk"] == binding.values["chunk"] == (128 if D == 128 else 64)
+
+
+def test_two_ctas_per_sm_halve_the_shared_memory_a_cta_may_use():
+    """A schedule whose ring fits one CTA per SM but not two is refused by name."""
+    from dataclasses import replace
+
+    from tilemix.codegen.knobs import smem_limit
+    from tilemix.codegen.specialise import kernel_source
+    from tilemix.tiles.errors import ResourceError
+
+    binding = ops.attention_fwd.bind(example_specs("attention"))
+    default = schedule.default_schedule(ops.attention_fwd, binding, "sm_90a")
+    source = kernel_source(ops.attention_fwd, binding, default, "sm_90a")
+    assert smem_limit("sm_90a", 2) < source.smem_bytes <= smem_limit("sm_90a")
+    with pytest.raises(ResourceError, match=r"occupancy=2\); an sm_90a CTA has at most 113 KiB"):
+        kernel_source(ops.attention_fwd, binding, replace(default, occupancy=2), "sm_90a")

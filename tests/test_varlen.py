@@ -11,6 +11,8 @@ import importlib
 import pytest
 import torch
 from compile_checks import check_compiled
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_gpu_paths import fake_device  # noqa: F401 (a fixture: launches recorded, the device stubbed)
 
 from tilemix.ops import attention, gla, linear_attention, retention, rwkv6, ssd
@@ -437,3 +439,25 @@ def test_gpu_packed_call_is_captured_by_a_cuda_graph():
     expected = linear_attention(**inputs, output_final_state=True, cu_seqlens=offsets(other, "cuda"))
     for got, want in zip(captured, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(0, 150), min_size=1, max_size=4), name=st.sampled_from(list(OPS)),
+       seed=st.integers(0, 2 ** 16))
+def test_any_packing_equals_each_sequence_alone(lengths, name, seed):
+    """Any lengths (empty sequences, one token, tails past a chunk): outputs and final states."""
+    op, make = OPS[name]
+    inputs = make(lengths, seed=seed)
+    packed = op(**inputs, output_final_state=True, cu_seqlens=offsets(lengths))
+    for got, want in zip(packed, one_by_one(op, inputs, lengths)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lengths=st.lists(st.integers(0, 150), min_size=1, max_size=4), kv_heads=st.sampled_from([1, 2]),
+       causal=st.booleans(), window=st.one_of(st.none(), st.integers(1, 100)), seed=st.integers(0, 2 ** 16))
+def test_attention_any_packing_attends_within_each_sequence(lengths, kv_heads, causal, window, seed):
+    options = dict(causal=True, window=window) if window is not None else dict(causal=causal)
+    inputs = attention_inputs(lengths, kv_heads, seed=seed)
+    torch.testing.assert_close(attention(**inputs, cu_seqlens=offsets(lengths), **options),
+                               attention_one_by_one(inputs, lengths, **options), rtol=1e-12, atol=1e-12)
