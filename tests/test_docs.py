@@ -38,20 +38,20 @@ def test_relative_links_point_at_files_that_exist(path):
 
 # -- the README's DSL line counts (issue 27: each mixer in at most ~20 lines of tile code) -------------------
 def _program_lines(fn) -> int:
-    """Lines of tile code in ``fn``'s body and in the functions of its module it calls (recursively):
-    no docstring, blank or comment lines; a statement over two lines counts two."""
+    """Lines of tile code in ``fn``'s body and in the functions of ``tilemix.ops`` it calls
+    (recursively): no docstring, blank or comment lines; a statement over two lines counts two."""
     import ast
     import inspect
     import sys
     import textwrap
 
-    module = sys.modules[fn.__module__]
     seen, lines, todo = set(), 0, [fn]
     while todo:
         f = todo.pop()
         if f in seen:
             continue
         seen.add(f)
+        module = sys.modules[f.__module__]
         source = textwrap.dedent(inspect.getsource(f))
         body = ast.parse(source).body[0].body
         if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):  # the docstring
@@ -63,7 +63,7 @@ def _program_lines(fn) -> int:
             for n in ast.walk(stmt):
                 helper = getattr(module, n.func.id, None) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
                     else None
-                if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+                if inspect.isfunction(helper) and helper.__module__.startswith("tilemix.ops."):
                     todo.append(helper)
     return lines
 
