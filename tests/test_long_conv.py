@@ -18,6 +18,7 @@ from tilemix.ops import H3Conv, gated_long_conv, long_conv
 from tilemix.ops.long_conv_programs import (
     long_conv_cols,
     long_conv_cols_inverse,
+    long_conv_cols_inverse_pair,
     long_conv_rows,
     long_conv_spectrum_rows,
 )
@@ -79,13 +80,14 @@ def test_backward_computes_only_the_gradients_wanted(wanted, monkeypatch):
     u, kernel = _inputs(1, 100, 16)
     spectra = []
     real = module._spectrum
-    monkeypatch.setattr(module, "_spectrum", lambda x, gate=None: spectra.append(x.shape[0]) or real(x, gate))
+    monkeypatch.setattr(module, "_spectrum", lambda x, gate=None, paired=True: spectra.append(paired)
+                        or real(x, gate, paired))
     inputs = dict(u=u, kernel=kernel)
     inputs[wanted].requires_grad_()
     y = long_conv(**inputs)
     spectra.clear()
     y.sum().backward()
-    assert spectra == ([1] if wanted == "u" else [u.shape[0]])  # the kernel's is a batch of one
+    assert spectra == ([False] if wanted == "u" else [True])  # the kernel's is one real signal, u's row pairs
     assert inputs[wanted].grad is not None
 
 
@@ -194,11 +196,17 @@ def _specs(B=8, L=4096, C=768) -> dict:
     return {
         "cols": (long_conv_cols, dict(x=blocks["er"], **steps)),
         "cols-gated": (long_conv_cols, dict(x=blocks["er"], gate=blocks["ei"], **steps)),
+        "cols-pair": (long_conv_cols, dict(x=blocks["er"], x_im=blocks["ei"], **steps)),
+        "cols-pair-gated": (long_conv_cols, dict(x=blocks["er"], x_im=blocks["ei"], gate=blocks["odd_r"],
+                                                 gate_im=blocks["odd_i"], **steps)),
         "rows": (long_conv_rows, dict(rows, turn=1e-3, parity=0.0, scale=1.0)),
         "rows-conjugate": (long_conv_rows, dict(rows, turn=1e-3, parity=1.0, scale=1.0, conjugate=True)),
         "spectrum": (long_conv_spectrum_rows, dict(re=rows["re"], im=rows["im"], turn=1e-3, parity=0.0)),
         "inverse": (long_conv_cols_inverse, dict(blocks, **steps)),
         "inverse-gated": (long_conv_cols_inverse, dict(blocks, gate=blocks["er"], **steps)),
+        "inverse-pair": (long_conv_cols_inverse_pair, dict(blocks, **steps)),
+        "inverse-pair-gated": (long_conv_cols_inverse_pair, dict(blocks, gate=blocks["er"], gate_im=blocks["ei"],
+                                                                 **steps)),
     }
 
 
