@@ -126,8 +126,8 @@ GENERIC_CI_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # sm_90: the generic ta
 
 # programs whose op runs them at other feature dims than 128: long_conv's take 64 channels per head
 # (ops/long_conv.py), at 128 they are over sm_80's budget and sm_86's shared memory
-FEATURE_DIMS = {name: 64 for name in ("long_conv_cols", "long_conv_cols_inverse", "long_conv_rows",
-                                      "long_conv_spectrum_rows")}
+FEATURE_DIMS = {name: 64 for name in ("long_conv_cols", "long_conv_cols_inverse", "long_conv_cols_inverse_pair",
+                                      "long_conv_rows", "long_conv_spectrum_rows")}
 
 
 def _specs_of(kernel) -> dict:
