@@ -184,8 +184,11 @@ def test_bench_rows_run(name):
 
 
 # (arch, program) -> local memory bytes measured: the gate's product, a register tile feeding four
-# matmuls as their B operand, costs sm_90a's block DFT one spilled register
-SPILLING = {("sm_90a", "cols-gated"): 8}
+# matmuls as their B operand, costs sm_90a's block DFT one spilled register, and a pair's two gated
+# tiles feeding eight matmuls twelve (gated_long_conv's step 1); sm_80 holds a pair's eight
+# accumulator and operand tiles in 255 registers less two (the ungated pair's DFT, long_conv's)
+SPILLING = {("sm_90a", "cols-gated"): 8, ("sm_90a", "cols-pair-gated"): 48, ("sm_80", "cols-pair"): 8,
+            ("sm_80", "cols-pair-gated"): 64}
 
 
 def _specs(B=8, L=4096, C=768) -> dict:
@@ -217,6 +220,18 @@ def test_compiles_with_tensor_cores_and_no_local_memory(arch, program):
     kernel, args = _specs()[program]
     binding = kernel.bind({**kernel.consts_for(arch, args), **args})
     check_compiled(kernel, binding, arch, (arch, program), SPILLING)
+
+
+@pytest.mark.parametrize("L, axis", [(4096, "heads"), (16384, "blocks")])
+def test_one_block_grid_runs_two_heads_per_cta(L, axis):
+    """Step 1 at L = 4096 is one 64-row grid block per head: its second consumer would take the
+    block past the end, so the launch runs two heads per CTA; at L = 16384 (four blocks) each
+    consumer keeps a block of its own."""
+    from tilemix.codegen.schedule import launch_schedule
+
+    kernel, args = _specs(L=L)["cols-pair"]
+    binding = kernel.bind({**kernel.consts_for("sm_90a", args), **args})
+    assert launch_schedule(kernel, binding, 0, "sm_90a").consumer_axis == axis
 
 
 @pytest.mark.gpu
