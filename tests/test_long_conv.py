@@ -73,6 +73,13 @@ def test_float64_gradients():
     assert torch.autograd.gradcheck(gated_long_conv, (q, u, v, kernel), fast_mode=True)
 
 
+def test_odd_batch_gradients():
+    """Rows travel in pairs (the batch's halves): an odd batch's last row pairs with a zero row."""
+    u, kernel = (t.double().requires_grad_() for t in _inputs(3, 40, 2, dtype=torch.float64))
+    q, v = (torch.randn(3, 40, 2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(gated_long_conv, (q, u, v, kernel), fast_mode=True)
+
+
 @pytest.mark.parametrize("wanted", ["u", "kernel"])
 def test_backward_computes_only_the_gradients_wanted(wanted, monkeypatch):
     """du needs the kernel's spectrum, dkernel u's: a backward for one transforms only its own."""
