@@ -276,6 +276,22 @@ def test_gpu_gated_matches_float64():
 
 
 @pytest.mark.gpu
+def test_gpu_odd_batch_matches_float64():
+    """Three rows: a pair and a row beside a zero row; forward and both gradients in bf16 against the
+    float64 interpreter's."""
+    u, kernel = _inputs(3, 300, 128, dtype=torch.float64)
+    dy = torch.randn(3, 300, 128, dtype=torch.float64)
+    gpu = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (u, kernel)]
+    y = long_conv(*gpu)
+    y.backward(dy.to("cuda", torch.bfloat16))
+    exact = [t.clone().requires_grad_() for t in (u, kernel)]
+    long_conv(*exact).backward(dy)
+    assert rel_err(y.float().cpu(), reference.long_conv(u, kernel)) <= bound(torch.bfloat16)
+    for g, e in zip(gpu, exact):
+        assert rel_err(g.grad.float().cpu(), e.grad.numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_gpu_float32_is_refused_by_name():
     u, kernel = (t.cuda() for t in _inputs(1, 100, 64))
     with pytest.raises(TypeError, match="^u: the GPU kernels take bfloat16 or float16"):
