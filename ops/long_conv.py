@@ -7,8 +7,10 @@ Both run as FFTs of length ``2L`` built from DFT tile matmuls (``ops/long_conv_p
 ``u``'s transform, the product with the kernel's spectrum and the inverse transform, the kernel's
 spectrum computed by the same programs on each call. The backward is the same machinery with the
 conjugated spectrum (a correlation): ``du = corr(dy, kernel)`` and ``dkernel = Σ_b corr(dy_b, u_b)``,
-``u``'s own spectrum in the kernel's place. Sequences are zero-padded to a multiple of 64 samples and
-channels to a multiple of 64 (the programs' tiles) where they are not."""
+``u``'s own spectrum in the kernel's place. The batch's rows travel in pairs, its two halves as one
+complex signal (``ops/long_conv_programs.py``): the kernel's spectrum is a real signal's, computed
+once per call. Sequences are zero-padded to a multiple of 64 samples, channels to a multiple of 64
+(the programs' tiles) and an odd batch by a zero row where they are not."""
 
 from __future__ import annotations
 
