@@ -169,7 +169,7 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     if forced is not base:
         return forced
     if base.consumer_axis == "blocks":
-        return _one_block_heads(kernel, binding, base, arch) or base
+        return _one_block_heads(kernel, binding, base, device_index, arch) or base
     if base.consumer_axis != "columns" or "B" not in binding.sizes:
         return base
     if base.consumers == 1:
@@ -208,14 +208,18 @@ def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_inde
     return _deepest_ring(kernel, binding, schedule, arch, IDLE_STAGES)
 
 
-def _one_block_heads(kernel: Kernel, binding: Binding, base: Schedule, arch: str) -> Schedule | None:
+def _one_block_heads(kernel: Kernel, binding: Binding, base: Schedule, device_index: int,
+                     arch: str) -> Schedule | None:
     """Two heads per CTA (``consumer_axis="heads"``) for a two-consumer grid program whose sequence
     is one grid block: on neighbouring blocks the second consumer's block lies past the end, so it
     computes what is never stored (a long convolution's column DFTs at L = 4096: 64 samples per
-    head). None where that does not apply (several blocks, a packed batch, odd H or H/G) or does
+    head). None where that does not apply (several blocks, a packed batch, odd H or H/G), where
+    half as many CTAs would leave SMs without one (B·H under twice the SM count), or where it does
     not fit."""
     sizes = binding.sizes
     if arch != "sm_90a" or base.consumers != 2 or "H" not in sizes or "T_max" in sizes:
+        return None
+    if sizes["B"] * sizes["H"] < 2 * sm_count(device_index):
         return None
     grid = [op for op in kernel.trace(binding, target=arch).body if op.name == "loop" and op.kind == "blocks"]
     if len(grid) != 1 or grid[0].dim != "T" or sizes["T"] > grid[0].size:

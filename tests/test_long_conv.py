@@ -229,16 +229,18 @@ def test_compiles_with_tensor_cores_and_no_local_memory(arch, program):
     check_compiled(kernel, binding, arch, (arch, program), SPILLING)
 
 
-@pytest.mark.parametrize("L, axis", [(4096, "heads"), (16384, "blocks")])
-def test_one_block_grid_runs_two_heads_per_cta(L, axis):
+@pytest.mark.parametrize("L, B, axis", [(4096, 8, "heads"), (16384, 8, "blocks"), (4096, 1, "blocks")])
+def test_one_block_grid_runs_two_heads_per_cta(L, B, axis, monkeypatch):
     """Step 1 at L = 4096 is one 64-row grid block per head: its second consumer would take the
     block past the end, so the launch runs two heads per CTA; at L = 16384 (four blocks) each
-    consumer keeps a block of its own."""
-    from tilemix.codegen.schedule import launch_schedule
+    consumer keeps a block of its own, and with fewer than two heads per SM (132 SMs: an H100) the
+    CTAs stay as many as the heads."""
+    from tilemix.codegen import schedule
 
-    kernel, args = _specs(L=L)["cols-pair"]
+    monkeypatch.setattr(schedule, "sm_count", lambda device_index: 132)
+    kernel, args = _specs(B=B, L=L, C=256 if B == 1 else 768)["cols-pair"]
     binding = kernel.bind({**kernel.consts_for("sm_90a", args), **args})
-    assert launch_schedule(kernel, binding, 0, "sm_90a").consumer_axis == axis
+    assert schedule.launch_schedule(kernel, binding, 0, "sm_90a").consumer_axis == axis
 
 
 @pytest.mark.gpu
