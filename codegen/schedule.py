@@ -159,7 +159,8 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     """The default schedule, adapted to the grid: a scan whose two-consumer CTAs would fill less
     than half the GPU (few batch x heads, long sequences) runs one consumer per CTA, twice the
     CTAs; a one-consumer scan may run two heads per CTA (``_heads_pair``); and one that still
-    leaves SMs idle a deeper ring (``_idle_ring``). ``$TILEMIX_SCHEDULE``'s fields win."""
+    leaves SMs idle a deeper ring (``_idle_ring``). A grid program of one block runs two heads per
+    CTA (``_one_block_heads``). ``$TILEMIX_SCHEDULE``'s fields win."""
     key = (id(kernel), binding.key(), arch)
     base = _DEFAULTS.get(key)
     if base is None:
@@ -167,6 +168,8 @@ def launch_schedule(kernel: Kernel, binding: Binding, device_index: int, arch: s
     forced = overridden(kernel, base)
     if forced is not base:
         return forced
+    if base.consumer_axis == "blocks":
+        return _one_block_heads(kernel, binding, base, device_index, arch) or base
     if base.consumer_axis != "columns" or "B" not in binding.sizes:
         return base
     if base.consumers == 1:
@@ -203,6 +206,37 @@ def _idle_ring(kernel: Kernel, binding: Binding, schedule: Schedule, device_inde
     if arch != "sm_90a" or 2 * _ctas(binding, schedule) >= sm_count(device_index):
         return schedule
     return _deepest_ring(kernel, binding, schedule, arch, IDLE_STAGES)
+
+
+def _one_block_heads(kernel: Kernel, binding: Binding, base: Schedule, device_index: int,
+                     arch: str) -> Schedule | None:
+    """Two heads per CTA (``consumer_axis="heads"``) for a two-consumer grid program whose sequence
+    is one grid block: on neighbouring blocks the second consumer's block lies past the end, so it
+    computes what is never stored (a long convolution's column DFTs at L = 4096: 64 samples per
+    head). None where that does not apply (several blocks, a packed batch, odd H or H/G), where
+    half as many CTAs would leave SMs without one (B·H under twice the SM count), or where it does
+    not fit."""
+    sizes = binding.sizes
+    if arch != "sm_90a" or base.consumers != 2 or "H" not in sizes or "T_max" in sizes:
+        return None
+    if sizes["B"] * sizes["H"] < 2 * sm_count(device_index):
+        return None
+    grid = [op for op in kernel.trace(binding, target=arch).body if op.name == "loop" and op.kind == "blocks"]
+    if len(grid) != 1 or grid[0].dim != "T" or sizes["T"] > grid[0].size:
+        return None
+    candidate = replace(base, consumer_axis="heads")
+    try:
+        heads_per_cta(candidate, sizes)
+    except ValueError:
+        return None
+    key = (id(kernel), binding.key(), arch, "one-block")
+    if key not in _HEADS:
+        try:
+            kernel_source(kernel, binding, candidate, arch)
+            _HEADS[key] = candidate
+        except (ResourceError, TileError):
+            _HEADS[key] = None
+    return _HEADS[key]
 
 
 def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: int, arch: str) -> Schedule | None:

@@ -7,8 +7,10 @@ Both run as FFTs of length ``2L`` built from DFT tile matmuls (``ops/long_conv_p
 ``u``'s transform, the product with the kernel's spectrum and the inverse transform, the kernel's
 spectrum computed by the same programs on each call. The backward is the same machinery with the
 conjugated spectrum (a correlation): ``du = corr(dy, kernel)`` and ``dkernel = Σ_b corr(dy_b, u_b)``,
-``u``'s own spectrum in the kernel's place. Sequences are zero-padded to a multiple of 64 samples and
-channels to a multiple of 64 (the programs' tiles) where they are not."""
+``u``'s own spectrum in the kernel's place. The batch's rows travel in pairs, its two halves as one
+complex signal (``ops/long_conv_programs.py``): the kernel's spectrum is a real signal's, computed
+once per call. Sequences are zero-padded to a multiple of 64 samples, channels to a multiple of 64
+(the programs' tiles) and an odd batch by a zero row where they are not."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .long_conv_programs import (
     ROWS,
     long_conv_cols,
     long_conv_cols_inverse,
+    long_conv_cols_inverse_pair,
     long_conv_rows,
     long_conv_spectrum_rows,
 )
@@ -49,31 +52,43 @@ def _exact(x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64)
 
 
-def _transform(x: torch.Tensor, gate: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Step 1 of ``x`` (times ``gate``): its four parts, each ``[B, L, C]``."""
+def _halves(x: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A batch of an even count of rows as its two halves, the real and imaginary parts of one
+    complex signal per row pair (views: nothing is copied); None as None."""
+    if x is None:
+        return None, None
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def _transform(x: torch.Tensor, gate: torch.Tensor | None = None, paired: bool = True) -> list[torch.Tensor]:
+    """Step 1 of ``x`` (times ``gate``): its four parts. ``paired``: ``x``'s batch halves as one
+    complex signal (an even batch), each part ``[B/2, L, C]``; else ``x`` real, each part ``[B, L, C]``."""
     m = x.shape[1] // ROWS
-    out = run_kernel(long_conv_cols, dict(x=_blocks_view(x), period=2.0 * m, turn=math.pi / m, scale=(2 * m) ** -0.5,
-                                          gate=None if gate is None else _blocks_view(gate), exact=_exact(x)))
-    return [out[name].view(x.shape) for name in PARTS]
+    (x_re, x_im), (g_re, g_im) = (_halves(x), _halves(gate)) if paired else ((x, None), (gate, None))
+    view = lambda t: None if t is None else _blocks_view(t)  # noqa: E731
+    out = run_kernel(long_conv_cols, dict(x=view(x_re), x_im=view(x_im), gate=view(g_re), gate_im=view(g_im),
+                                          period=2.0 * m, turn=math.pi / m, scale=(2 * m) ** -0.5, exact=_exact(x)))
+    return [out[name].view(x_re.shape) for name in PARTS]
 
 
-def _spectrum(x: torch.Tensor, gate: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The unitary spectrum of ``x`` (times ``gate``), in the four parts step 2 multiplies by."""
-    parts, turn = _transform(x, gate), math.pi / x.shape[1]
+def _spectrum(x: torch.Tensor, gate: torch.Tensor | None = None, paired: bool = True) -> list[torch.Tensor]:
+    """The unitary spectrum of ``x`` (times ``gate``), in the four parts step 2 multiplies by
+    (``paired`` as in ``_transform``)."""
+    parts, turn = _transform(x, gate, paired), math.pi / x.shape[1]
     spectrum = []
     for parity in (0, 1):
         re, im = (_rows_view(t) for t in parts[2 * parity:2 * parity + 2])
         out = run_kernel(long_conv_spectrum_rows, dict(re=re, im=im, turn=turn, parity=float(parity), exact=_exact(x)))
-        spectrum += [out["out_r"].view(x.shape), out["out_i"].view(x.shape)]
+        spectrum += [out["out_r"].view(parts[0].shape), out["out_i"].view(parts[0].shape)]
     return spectrum
 
 
-def _apply(parts: list[torch.Tensor], spectrum: list[torch.Tensor], conjugate: bool,
-           gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Steps 2 and 3: the transform ``parts`` times ``spectrum`` (a batch of 1 or of the parts'),
-    conjugated for a correlation, back in time (times ``gate``)."""
+def _rows(parts: list[torch.Tensor], spectrum: list[torch.Tensor], conjugate: bool) -> list[torch.Tensor]:
+    """Step 2: the transform ``parts`` times ``spectrum`` (a batch of 1 or of the parts'),
+    conjugated for a correlation; the parts step 3 takes back in time."""
     shape = parts[0].shape
-    length, n = shape[1], 2 * shape[1]
+    n = 2 * shape[1]
     rows = []
     for parity in (0, 1):
         re, im = (_rows_view(t) for t in parts[2 * parity:2 * parity + 2])
@@ -81,17 +96,46 @@ def _apply(parts: list[torch.Tensor], spectrum: list[torch.Tensor], conjugate: b
         out = run_kernel(long_conv_rows, dict(re=re, im=im, hr=hr, hi=hi, turn=2 * math.pi / n, parity=float(parity),
                                               scale=math.sqrt(n), conjugate=conjugate, exact=_exact(re)))
         rows += [_blocks_view(out["out_r"].view(shape)), _blocks_view(out["out_i"].view(shape))]
-    m = length // ROWS
-    y = run_kernel(long_conv_cols_inverse, dict(zip(PARTS, rows), period=2.0 * m, turn=math.pi / m,
-                                                scale=(2 * m) ** -0.5, exact=_exact(re),
-                                                gate=None if gate is None else _blocks_view(gate)))["y"]
-    return y.view(shape)
+    return rows
 
 
-def _padded(x: torch.Tensor, length: int, channels: int) -> torch.Tensor:
-    """``x [B, L, C]`` zero-padded to ``[B, length, channels]`` (itself where nothing is missing)."""
-    missing_l, missing_c = length - x.shape[1], channels - x.shape[2]
-    return F.pad(x, (0, missing_c, 0, missing_l)) if missing_l or missing_c else x.contiguous()
+def _inverse_args(rows: list[torch.Tensor]) -> dict:
+    """Step 3's arguments but its gates: the parts ``rows``, the phase step and the scale."""
+    m = rows[0].shape[1]
+    return dict(zip(PARTS, rows), period=2.0 * m, turn=math.pi / m, scale=(2 * m) ** -0.5, exact=_exact(rows[0]))
+
+
+def _apply(parts: list[torch.Tensor], spectrum: list[torch.Tensor], conjugate: bool,
+           gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 2 and 3 of a paired transform (``_transform``'s ``parts``): times ``spectrum``,
+    conjugated for a correlation, back in time (times ``gate``), the batch whole again ``[B, L, C]``
+    (each half written where it belongs: no concatenation)."""
+    shape = parts[0].shape
+    y = torch.empty((2 * shape[0], *shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
+    y_re, y_im = _halves(y)
+    g_re, g_im = _halves(gate)
+    view = lambda t: None if t is None else _blocks_view(t)  # noqa: E731
+    run_kernel(long_conv_cols_inverse_pair, dict(_inverse_args(_rows(parts, spectrum, conjugate)), gate=view(g_re),
+                                                 gate_im=view(g_im)),
+               into=dict(y=_blocks_view(y_re), y_im=_blocks_view(y_im)))
+    return y
+
+
+def _correlation_sum(parts: list[torch.Tensor], spectrum: list[torch.Tensor]) -> torch.Tensor:
+    """``Σ_b corr(a_b, x_b)`` ``[L, C]`` from paired transforms of ``a`` (``parts``) and ``x``
+    (``spectrum``): per row pair ``Re corr(a + i·a', x + i·x') = corr(a, x) + corr(a', x')``, the
+    real part all that step 3 computes."""
+    y = run_kernel(long_conv_cols_inverse, _inverse_args(_rows(parts, spectrum, True)))["y"]
+    return y.view(parts[0].shape).sum(0, dtype=torch.float32)
+
+
+def _padded(x: torch.Tensor, length: int, channels: int, batch: int | None = None) -> torch.Tensor:
+    """``x [B, L, C]`` zero-padded to ``[batch, length, channels]`` (``batch`` None: B), itself where
+    nothing is missing."""
+    missing_b, missing_l, missing_c = (batch or x.shape[0]) - x.shape[0], length - x.shape[1], channels - x.shape[2]
+    if missing_b or missing_l or missing_c:
+        return F.pad(x, (0, missing_c, 0, missing_l, 0, missing_b))
+    return x.contiguous()
 
 
 def _tiles(n: int) -> int:
@@ -100,7 +144,17 @@ def _tiles(n: int) -> int:
 
 def _kernel_in_time(kernel: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``kernel [C, L]`` as a batch of one ``[1, L', C']`` signal padded as ``like``, in its dtype."""
-    return _padded(kernel.t().unsqueeze(0).to(like.dtype), like.shape[1], like.shape[2])
+    return _padded(kernel.t().unsqueeze(0).to(like.dtype), like.shape[1], like.shape[2], 1)
+
+
+def _kernel_spectrum(kernel: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """The filters' spectrum, a batch of one (a real signal, not a pair), once per call."""
+    return _spectrum(_kernel_in_time(kernel, like), paired=False)
+
+
+def _padder(b: int, length: int, channels: int):
+    """Pads ``[B, L, C]`` tensors (None stays None) to whole tiles and an even batch (row pairs)."""
+    return lambda t: None if t is None else _padded(t, _tiles(length), _tiles(channels), b + b % 2)
 
 
 def _forward(u, kernel, q, v) -> torch.Tensor:
@@ -108,10 +162,10 @@ def _forward(u, kernel, q, v) -> torch.Tensor:
     b, length, channels = u.shape
     if 0 in u.shape:
         return torch.zeros_like(u)
-    pad = lambda t: None if t is None else _padded(t, _tiles(length), _tiles(channels))  # noqa: E731
+    pad = _padder(b, length, channels)
     u, q, v = pad(u), pad(q), pad(v)
-    y = _apply(_transform(u, v), _spectrum(_kernel_in_time(kernel, u)), False, q)
-    return y[:, :length, :channels].contiguous()
+    y = _apply(_transform(u, v), _kernel_spectrum(kernel, u), False, q)
+    return y[:b, :length, :channels].contiguous()
 
 
 def _backward(dy, u, kernel, q, v, needs) -> list[torch.Tensor | None]:
@@ -122,18 +176,17 @@ def _backward(dy, u, kernel, q, v, needs) -> list[torch.Tensor | None]:
     grads = [None] * 4
     if 0 in u.shape:
         return [torch.zeros_like(t) if t is not None and need else None for t, need in zip((u, kernel, q, v), needs)]
-    pad = lambda t: None if t is None else _padded(t, _tiles(length), _tiles(channels))  # noqa: E731
+    pad = _padder(b, length, channels)
     dy_p, u_p, q_p, v_p = pad(dy), pad(u), pad(q), pad(v)
-    crop = lambda t: t[:, :length, :channels].contiguous()  # noqa: E731
-    h = _spectrum(_kernel_in_time(kernel, u_p)) if needs[0] or needs[2] or needs[3] else None
+    crop = lambda t: t[:b, :length, :channels].contiguous()  # noqa: E731
+    h = _kernel_spectrum(kernel, u_p) if needs[0] or needs[2] or needs[3] else None
     dy_parts = _transform(dy_p, q_p)
     if needs[0] or needs[3]:
         dw = crop(_apply(dy_parts, h, True))
         grads[0] = dw if v is None else dw * v
         grads[3] = dw * u if needs[3] else None
     if needs[1]:
-        per_batch = crop(_apply(dy_parts, _spectrum(u_p, v_p), True))
-        grads[1] = per_batch.sum(0, dtype=torch.float32).t().to(kernel.dtype)
+        grads[1] = _correlation_sum(dy_parts, _spectrum(u_p, v_p))[:length, :channels].t().to(kernel.dtype)
     if needs[2]:
         grads[2] = crop(_apply(_transform(u_p, v_p), h, False, dy_p))
     return grads

@@ -195,9 +195,9 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     ``final_states`` names the states to return (None: all); a GPU kernel
     neither allocates nor writes the others. ``schedule``: the GPU kernel's
     (default: a tuned one if cached, see ``tilemix.codegen.tune``, else the
-    code generator's default). ``into``: final states written into these tensors (contiguous, of
-    the state's shape and dtype) rather than new ones; a state's own initial tensor is updated in
-    place (each program instance reads its block of the state before it writes it). A CUDA call
+    code generator's default). ``into``: outputs or final states written into these tensors
+    (contiguous, of their shape and dtype) rather than new ones; a state's own initial tensor is
+    updated in place (each program instance reads its block of the state before it writes it). A CUDA call
     whose signature (``call_signature``) ran before skips the checks and choices and only
     allocates, packs and launches."""
     if _CAPTURED is not None:

@@ -126,8 +126,8 @@ GENERIC_CI_ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # sm_90: the generic ta
 
 # programs whose op runs them at other feature dims than 128: long_conv's take 64 channels per head
 # (ops/long_conv.py), at 128 they are over sm_80's budget and sm_86's shared memory
-FEATURE_DIMS = {name: 64 for name in ("long_conv_cols", "long_conv_cols_inverse", "long_conv_rows",
-                                      "long_conv_spectrum_rows")}
+FEATURE_DIMS = {name: 64 for name in ("long_conv_cols", "long_conv_cols_inverse", "long_conv_cols_inverse_pair",
+                                      "long_conv_rows", "long_conv_spectrum_rows")}
 
 
 def _specs_of(kernel) -> dict:
@@ -212,8 +212,8 @@ SPILLING = {
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (spills on sm_90a too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (spills on sm_90a too)",
     ("delta_rule_fwd", "sm_80"): "a 128x128 state beside the chunk's two 64x128 solves",
-    **{(name, "sm_90"): "four 64x64 complex-part accumulators and the DFT tiles at the register ceiling "
-                        "(sm_90's 128-row groups)" for name in ("long_conv_cols", "long_conv_rows")},
+    **{(name, "sm_90"): "64x64 complex-part accumulators and the DFT tiles at the register ceiling "
+                        "(sm_90's 128-row groups)" for name in ("long_conv_cols", "long_conv_cols_inverse_pair")},
     "gated_delta_rule_fwd": "a 128x128 state beside the chunk's two 64x128 solves and its 64x64 decays",
     ("mlstm_fwd", "sm_90"): "at the 255-register ceiling: 8 bytes (sm_80/86/89 and sm_90a's own kernel fit)",
     **{("gated_delta_rule_scan", arch): "a 128x128 state beside the chunk's 64x64 decays, at the register "

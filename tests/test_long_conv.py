@@ -18,6 +18,7 @@ from tilemix.ops import H3Conv, gated_long_conv, long_conv
 from tilemix.ops.long_conv_programs import (
     long_conv_cols,
     long_conv_cols_inverse,
+    long_conv_cols_inverse_pair,
     long_conv_rows,
     long_conv_spectrum_rows,
 )
@@ -72,6 +73,13 @@ def test_float64_gradients():
     assert torch.autograd.gradcheck(gated_long_conv, (q, u, v, kernel), fast_mode=True)
 
 
+def test_odd_batch_gradients():
+    """Rows travel in pairs (the batch's halves): an odd batch's last row pairs with a zero row."""
+    u, kernel = (t.double().requires_grad_() for t in _inputs(3, 40, 2, dtype=torch.float64))
+    q, v = (torch.randn(3, 40, 2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(gated_long_conv, (q, u, v, kernel), fast_mode=True)
+
+
 @pytest.mark.parametrize("wanted", ["u", "kernel"])
 def test_backward_computes_only_the_gradients_wanted(wanted, monkeypatch):
     """du needs the kernel's spectrum, dkernel u's: a backward for one transforms only its own."""
@@ -79,13 +87,14 @@ def test_backward_computes_only_the_gradients_wanted(wanted, monkeypatch):
     u, kernel = _inputs(1, 100, 16)
     spectra = []
     real = module._spectrum
-    monkeypatch.setattr(module, "_spectrum", lambda x, gate=None: spectra.append(x.shape[0]) or real(x, gate))
+    monkeypatch.setattr(module, "_spectrum", lambda x, gate=None, paired=True: spectra.append(paired)
+                        or real(x, gate, paired))
     inputs = dict(u=u, kernel=kernel)
     inputs[wanted].requires_grad_()
     y = long_conv(**inputs)
     spectra.clear()
     y.sum().backward()
-    assert spectra == ([1] if wanted == "u" else [u.shape[0]])  # the kernel's is a batch of one
+    assert spectra == ([False] if wanted == "u" else [True])  # the kernel's is one real signal, u's row pairs
     assert inputs[wanted].grad is not None
 
 
@@ -182,8 +191,11 @@ def test_bench_rows_run(name):
 
 
 # (arch, program) -> local memory bytes measured: the gate's product, a register tile feeding four
-# matmuls as their B operand, costs sm_90a's block DFT one spilled register
-SPILLING = {("sm_90a", "cols-gated"): 8}
+# matmuls as their B operand, costs sm_90a's block DFT one spilled register, and a pair's two gated
+# tiles feeding eight matmuls twelve (gated_long_conv's step 1); sm_80 holds a pair's eight
+# accumulator and operand tiles in 255 registers less two (the ungated pair's DFT, long_conv's)
+SPILLING = {("sm_90a", "cols-gated"): 8, ("sm_90a", "cols-pair-gated"): 48, ("sm_80", "cols-pair"): 8,
+            ("sm_80", "cols-pair-gated"): 64}
 
 
 def _specs(B=8, L=4096, C=768) -> dict:
@@ -194,11 +206,17 @@ def _specs(B=8, L=4096, C=768) -> dict:
     return {
         "cols": (long_conv_cols, dict(x=blocks["er"], **steps)),
         "cols-gated": (long_conv_cols, dict(x=blocks["er"], gate=blocks["ei"], **steps)),
+        "cols-pair": (long_conv_cols, dict(x=blocks["er"], x_im=blocks["ei"], **steps)),
+        "cols-pair-gated": (long_conv_cols, dict(x=blocks["er"], x_im=blocks["ei"], gate=blocks["odd_r"],
+                                                 gate_im=blocks["odd_i"], **steps)),
         "rows": (long_conv_rows, dict(rows, turn=1e-3, parity=0.0, scale=1.0)),
         "rows-conjugate": (long_conv_rows, dict(rows, turn=1e-3, parity=1.0, scale=1.0, conjugate=True)),
         "spectrum": (long_conv_spectrum_rows, dict(re=rows["re"], im=rows["im"], turn=1e-3, parity=0.0)),
         "inverse": (long_conv_cols_inverse, dict(blocks, **steps)),
         "inverse-gated": (long_conv_cols_inverse, dict(blocks, gate=blocks["er"], **steps)),
+        "inverse-pair": (long_conv_cols_inverse_pair, dict(blocks, **steps)),
+        "inverse-pair-gated": (long_conv_cols_inverse_pair, dict(blocks, gate=blocks["er"], gate_im=blocks["ei"],
+                                                                 **steps)),
     }
 
 
@@ -209,6 +227,20 @@ def test_compiles_with_tensor_cores_and_no_local_memory(arch, program):
     kernel, args = _specs()[program]
     binding = kernel.bind({**kernel.consts_for(arch, args), **args})
     check_compiled(kernel, binding, arch, (arch, program), SPILLING)
+
+
+@pytest.mark.parametrize("L, B, axis", [(4096, 8, "heads"), (16384, 8, "blocks"), (4096, 1, "blocks")])
+def test_one_block_grid_runs_two_heads_per_cta(L, B, axis, monkeypatch):
+    """Step 1 at L = 4096 is one 64-row grid block per head: its second consumer would take the
+    block past the end, so the launch runs two heads per CTA; at L = 16384 (four blocks) each
+    consumer keeps a block of its own, and with fewer than two heads per SM (132 SMs: an H100) the
+    CTAs stay as many as the heads."""
+    from tilemix.codegen import schedule
+
+    monkeypatch.setattr(schedule, "sm_count", lambda device_index: 132)
+    kernel, args = _specs(B=B, L=L, C=256 if B == 1 else 768)["cols-pair"]
+    binding = kernel.bind({**kernel.consts_for("sm_90a", args), **args})
+    assert schedule.launch_schedule(kernel, binding, 0, "sm_90a").consumer_axis == axis
 
 
 @pytest.mark.gpu
@@ -241,6 +273,22 @@ def test_gpu_gated_matches_float64():
     exact = [t.clone().requires_grad_() for t in (q, u, v, kernel)]
     gated_long_conv(*exact).backward(dy)
     assert rel_err(y.float().cpu(), reference.gated_long_conv(q, u, v, kernel)) <= bound(torch.bfloat16)
+    for g, e in zip(gpu, exact):
+        assert rel_err(g.grad.float().cpu(), e.grad.numpy()) <= bound(torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_odd_batch_matches_float64():
+    """Three rows: a pair and a row beside a zero row; forward and both gradients in bf16 against the
+    float64 interpreter's."""
+    u, kernel = _inputs(3, 300, 128, dtype=torch.float64)
+    dy = torch.randn(3, 300, 128, dtype=torch.float64)
+    gpu = [t.to("cuda", torch.bfloat16).requires_grad_() for t in (u, kernel)]
+    y = long_conv(*gpu)
+    y.backward(dy.to("cuda", torch.bfloat16))
+    exact = [t.clone().requires_grad_() for t in (u, kernel)]
+    long_conv(*exact).backward(dy)
+    assert rel_err(y.float().cpu(), reference.long_conv(u, kernel)) <= bound(torch.bfloat16)
     for g, e in zip(gpu, exact):
         assert rel_err(g.grad.float().cpu(), e.grad.numpy()) <= bound(torch.bfloat16)
 
