@@ -5,9 +5,10 @@ reverse program reads them, then one program per input gradient runs over the ch
 way, reading those checkpoints, or forward-fused, recomputing the states: ``tiles.autodiff``);
 one program per gradient keeps each one's live tiles within the registers (``backward_launches``).
 A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``splittable``)
-is cut into column blocks on the host, each differentiated alone: the inputs with that dim take
-their block's gradient, the others sum the blocks' shares (the reverse programs contract the
-state's columns, so they cannot take the forward's column split as a schedule)."""
+is cut into column blocks: inside each CTA (the schedule's split) for a gradient whose own programs
+contract none of those columns (``whole_width``), else on the host, each block differentiated alone:
+the inputs with that dim take their block's gradient, the others sum the blocks' shares. The blocks'
+gradients stay in the dtype their programs wrote until that one combining pass."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from tilemix.tiles.types import DType
 
 from .runtime import device_arch
 
-__all__ = ["derived_gradients_cuda", "backward_launches", "column_split"]
+__all__ = ["derived_gradients_cuda", "backward_launches", "column_split", "whole_width"]
 
 _TORCH = {DType.bf16: torch.bfloat16, DType.f16: torch.float16, DType.f32: torch.float32, DType.f64: torch.float64}
 
@@ -87,7 +88,8 @@ def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
 
 def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
                      wrt: list[str], arch: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Gradients of one column block, fp32, in the inputs' layouts."""
+    """Gradients of one column block in the inputs' layouts, each in the dtype its program wrote
+    (no fp32 copy: a column block's gradient is read once more, by ``_combine``)."""
     binding = kernel.bind(args)
     saved: dict[str, torch.Tensor] = {}
     grads = {}
@@ -99,7 +101,7 @@ def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[st
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
         out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
         _run(derived, derived_binding, {**args, **saved, **seeds}, out, arch)
-        grads[name] = reduce_gradient(binding.param(name), out[f"d_{name}"].float(), binding.sizes)
+        grads[name] = reduce_gradient(binding.param(name), out[f"d_{name}"], binding.sizes)
     return grads
 
 
@@ -109,6 +111,17 @@ def _block(kernel: Kernel, name: str, t: Any, dim: str, cols: slice) -> Any:
     if not isinstance(t, torch.Tensor) or dim not in layout:
         return t
     return t[(slice(None),) * layout.index(dim) + (cols,)]
+
+
+def whole_width(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wrt: Iterable[str],
+                dim: str) -> list[str]:
+    """The gradients (of ``wrt``) whose own programs contract no ``dim``: at the forward call's full
+    width (``binding``) the schedule cuts ``dim`` into column blocks inside each CTA, so they run in
+    one pass with no host blocks, no partial gradients and no combine (linear attention's dv, where
+    dq and dk contract the state's columns)."""
+    return [name for name in sorted(wrt)
+            if all(splittable(derived, derived_binding, dim)
+                   for _, derived, derived_binding in backward_launches(kernel, binding, grads_given, [name]))]
 
 
 def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
@@ -121,23 +134,27 @@ def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: d
     arch = arch or device_arch(device)
     binding = kernel.bind(args)
     dim = column_split(kernel, binding)
-    if dim is None:
-        grads = _block_gradients(kernel, args, output_grads, wrt, arch, device)
-        return {name: g.to(args[name].dtype) for name, g in grads.items()}
-    width = binding.extent(dim)
-    # a gradient of a result without the dim (a second state, say) seeds one block: every block
-    # recomputes that result, and the shares are summed
-    shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
-                               {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()
-                                if start == 0 or dim in kernel.specs[n].layout},
-                               wrt, arch, device)
-              for start, cols in ((s, slice(s, s + SPLIT_WIDTH)) for s in range(0, width, SPLIT_WIDTH))]
-    return {name: _combine(kernel, name, [share[name] for share in shares], dim, args[name]) for name in wrt}
+    whole = wrt if dim is None else whole_width(kernel, binding, output_grads, wrt, dim)
+    grads = _block_gradients(kernel, args, output_grads, whole, arch, device) if whole else {}
+    blocked = [name for name in wrt if name not in whole]
+    if blocked:
+        width = binding.extent(dim)
+        # a gradient of a result without the dim (a second state, say) seeds one block: every block
+        # recomputes that result, and the shares are summed
+        shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
+                                   {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()
+                                    if start == 0 or dim in kernel.specs[n].layout},
+                                   blocked, arch, device)
+                  for start, cols in ((s, slice(s, s + SPLIT_WIDTH)) for s in range(0, width, SPLIT_WIDTH))]
+        grads.update({name: _combine(kernel, name, [share[name] for share in shares], dim, args[name])
+                      for name in blocked})
+    return {name: grads[name].to(args[name].dtype) for name in wrt}
 
 
 def _combine(kernel: Kernel, name: str, parts: list[torch.Tensor], dim: str, like: torch.Tensor) -> torch.Tensor:
-    """The column blocks' fp32 gradients of input ``name`` as one gradient in ``like``'s dtype, each
-    part read once: an input with the split dim takes its block's columns, the others the blocks' sum."""
+    """The column blocks' gradients of input ``name`` as one gradient in ``like``'s dtype, each part
+    read once: an input with the split dim takes its block's columns, the others the blocks' sum
+    (in fp32: two parts in one ``add``, which rounds once)."""
     out = torch.empty(like.shape, dtype=like.dtype, device=parts[0].device)
     if dim in kernel.specs[name].layout:
         for cols, part in zip((slice(i * SPLIT_WIDTH, (i + 1) * SPLIT_WIDTH) for i in range(len(parts))), parts):
@@ -145,4 +162,7 @@ def _combine(kernel: Kernel, name: str, parts: list[torch.Tensor], dim: str, lik
         return out
     if len(parts) == 2:  # head dim 128, the usual split: one pass
         return torch.add(*parts, out=out)
-    return out.copy_(sum(parts[1:], parts[0]))
+    total = parts[0].float()
+    for part in parts[1:]:
+        total += part
+    return out.copy_(total)

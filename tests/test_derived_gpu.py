@@ -18,7 +18,7 @@ pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (
 
 from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
 from tilemix.codegen.specialise import kernel_source  # noqa: E402
-from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
+from tilemix.ops.derived_cuda import backward_launches, column_split, whole_width  # noqa: E402
 from tilemix.tiles.autodiff import derive_backward  # noqa: E402
 
 OPS = {"linear_attention": ("q", "k", "v"), "ssd": ("x", "dt", "A", "B", "C", "D")}  # the gradients launched
@@ -37,14 +37,22 @@ SPILLING: dict[tuple, int] = {
 
 
 def _launches(op: str, D: int):
-    """The launches of one column block at head dim ``D`` (the CUDA path's, ``derived_cuda``)."""
+    """The launches at head dim ``D`` (the CUDA path's, ``derived_cuda``): the gradients
+    ``whole_width`` names at the full width, the others in one column block."""
     kernel = ops.PROGRAMS[op]
     binding = kernel.bind(example_specs(op, D=D))
-    dim = column_split(kernel, binding)
-    if dim is not None:
-        binding = kernel.bind(example_specs(op, D=D, sizes={dim: SPLIT_WIDTH}))
     outputs = [p.name for p in binding.params if p.spec.output or p.spec.kind == "state"]
-    return kernel, backward_launches(kernel, binding, outputs, OPS[op])
+    dim = column_split(kernel, binding)
+    if dim is None:
+        return kernel, backward_launches(kernel, binding, outputs, OPS[op])
+    whole = whole_width(kernel, binding, outputs, OPS[op], dim)
+    launches = backward_launches(kernel, binding, outputs, whole) if whole else []
+    blocked = [n for n in OPS[op] if n not in whole]
+    if blocked:
+        block = kernel.bind(example_specs(op, D=D, sizes={dim: SPLIT_WIDTH}))
+        launches += [launch for launch in backward_launches(kernel, block, outputs, blocked)
+                     if launch[0] is not None or not any(n is None for n, _, _ in launches)]
+    return kernel, launches
 
 
 @pytest.mark.parametrize("arch", list(MMA))
@@ -64,6 +72,17 @@ def test_wide_states_run_in_column_blocks():
     kernel = ops.PROGRAMS["linear_attention"]
     assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=128))) == "V"
     assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=64))) is None
+
+
+def test_gradients_that_contract_no_state_column_run_at_full_width():
+    """Linear attention's dv contracts none of the state's V columns: it runs once at D = 128 with
+    the column split inside each CTA (two consumers), no host blocks; dq and dk contract V."""
+    kernel = ops.PROGRAMS["linear_attention"]
+    binding = kernel.bind(example_specs("linear_attention", D=128))
+    assert whole_width(kernel, binding, ["o", "s"], ["q", "k", "v"], "V") == ["v"]
+    (_, derived, derived_binding), = backward_launches(kernel, binding, ["o", "s"], ["v"])
+    schedule = default_schedule(derived, derived_binding)
+    assert dict(schedule.split) == {"V": 64} and schedule.consumers == 2
 
 
 def test_saved_states_take_the_forward_column_split():
