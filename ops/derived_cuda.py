@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from tilemix.codegen.compile import MissingTool, compile_cuda, resources
 from tilemix.codegen.launch import Launch, prepare_launch
-from tilemix.codegen.schedule import SPLIT_WIDTH, splittable
-from tilemix.tiles import Kernel
+from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule, splittable
+from tilemix.codegen.specialise import kernel_source
+from tilemix.tiles import Kernel, TileError
 from tilemix.tiles.autodiff import DerivedKernel, derive_backward, reduce_gradient
 from tilemix.tiles.params import Binding, BoundParam
 from tilemix.tiles.types import DType
@@ -42,20 +44,21 @@ def column_split(kernel: Kernel, binding: Binding) -> str | None:
     return None
 
 
-def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str],
-                      wrt: Iterable[str]) -> list[tuple[str | None, DerivedKernel, Binding]]:
+def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wrt: Iterable[str],
+                      transpose: bool = False) -> list[tuple[str | None, DerivedKernel, Binding]]:
     """The programs one column block's backward launches, in order: ``(None, states kernel, its
     binding)`` (where a gradient program reads checkpoints), then ``(input, its gradient's kernel,
-    its binding)`` per input gradient. ``binding``: the forward call's at the block's width.
+    its binding)`` per input gradient. ``binding``: the forward call's at the block's width;
+    ``transpose``: the gradient programs carry their tiles transposed where they can (``whole_width``).
 
     Gradients that carry no state gradient run forward-fused (``tiles.autodiff``) where that leaves
     no program reading checkpoints, so the states program and its checkpoints go; where one still
     needs them, every gradient reads them: a fused program holds the recurrence's state beside its
     own tiles, a cost worth paying only when it removes the checkpoints' writes and reads."""
     names = sorted(wrt)
-    backwards = [derive_backward(kernel, binding, grads_given, [name]) for name in names]
+    backwards = [derive_backward(kernel, binding, grads_given, [name], transpose=transpose) for name in names]
     if any(b.states is not None for b in backwards):
-        backwards = [derive_backward(kernel, binding, grads_given, [name], fuse=False) for name in names]
+        backwards = [derive_backward(kernel, binding, grads_given, [name], False, transpose) for name in names]
     first, launches = [], []
     for name, backward in zip(names, backwards):
         (states, reverse), (states_binding, reverse_binding) = backward.kernels(kernel, binding), \
@@ -86,22 +89,32 @@ def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
     return torch.empty(p.shape, dtype=_TORCH[p.dtype], device=device)
 
 
+def _turned(t: Any) -> Any:
+    """A state passed to or read from a program that declares it transposed."""
+    return t.transpose(-1, -2).contiguous() if isinstance(t, torch.Tensor) else t
+
+
 def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
-                     wrt: list[str], arch: str, device: torch.device) -> dict[str, torch.Tensor]:
+                     wrt: list[str], arch: str, device: torch.device,
+                     transpose: bool = False) -> dict[str, torch.Tensor]:
     """Gradients of one column block in the inputs' layouts, each in the dtype its program wrote
-    (no fp32 copy: a column block's gradient is read once more, by ``_combine``)."""
+    (no fp32 copy: a column block's gradient is read once more, by ``_combine``); ``transpose``:
+    as ``backward_launches``."""
     binding = kernel.bind(args)
     saved: dict[str, torch.Tensor] = {}
     grads = {}
-    for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt):
+    for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt, transpose):
         if name is None:  # the states program: each chunk's entering state
             saved = {p.name: _empty(p, device) for p in derived_binding.params if p.spec.kind == "chunk_state"}
             _run(derived, derived_binding, args, saved, arch)
             continue
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
+        given = {n: _turned(t) if n in derived.transposed else t for n, t in {**args, **saved, **seeds}.items()}
         out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
-        _run(derived, derived_binding, {**args, **saved, **seeds}, out, arch)
-        grads[name] = reduce_gradient(binding.param(name), out[f"d_{name}"], binding.sizes)
+        _run(derived, derived_binding, given, out, arch)
+        grad = out[f"d_{name}"]
+        grad = _turned(grad) if f"d_{name}" in derived.transposed else grad
+        grads[name] = reduce_gradient(binding.param(name), grad, binding.sizes)
     return grads
 
 
@@ -113,15 +126,44 @@ def _block(kernel: Kernel, name: str, t: Any, dim: str, cols: slice) -> Any:
     return t[(slice(None),) * layout.index(dim) + (cols,)]
 
 
+def _splits_inside(derived: DerivedKernel, binding: Binding) -> bool:
+    """Whether the schedule cuts a state's columns into blocks inside each CTA (``default_schedule``'s
+    test): a column dim wider than ``SPLIT_WIDTH`` that none of the program's matmuls contracts."""
+    return any(p.spec.kind == "state" and isinstance(p.spec.dims[1], str)
+               and binding.extent(p.spec.dims[1]) > SPLIT_WIDTH and splittable(derived, binding, p.spec.dims[1])
+               for p in binding.params)
+
+
+def _fits(derived: DerivedKernel, binding: Binding, arch: str) -> bool:
+    """Whether the program lowers for ``arch`` with its default schedule and compiles without local
+    memory (a spill costs more than host blocks save)."""
+    try:
+        source = kernel_source(derived, binding, default_schedule(derived, binding, arch), arch)
+    except TileError:  # e.g. the generic target splits no state along its rows, read or not
+        return False
+    try:
+        return resources(compile_cuda(source.source, arch, source.name))["local_memory"] == 0
+    except MissingTool:  # nothing to compile with here: the split alone decides
+        return True
+
+
 def whole_width(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wrt: Iterable[str],
-                dim: str) -> list[str]:
-    """The gradients (of ``wrt``) whose own programs contract no ``dim``: at the forward call's full
-    width (``binding``) the schedule cuts ``dim`` into column blocks inside each CTA, so they run in
-    one pass with no host blocks, no partial gradients and no combine (linear attention's dv, where
-    dq and dk contract the state's columns)."""
-    return [name for name in sorted(wrt)
-            if all(splittable(derived, derived_binding, dim)
-                   for _, derived, derived_binding in backward_launches(kernel, binding, grads_given, [name]))]
+                arch: str = "sm_90a") -> dict[str, bool]:
+    """The gradients (of ``wrt``) that run once at the forward call's full width (``binding``), each
+    with whether its programs carry their tiles transposed: those whose programs, as derived or else
+    transposed (``tiles.transpose_carried``), let the schedule cut a state's columns into blocks
+    inside each CTA and compile for ``arch`` without local memory. No host blocks, no partial
+    gradients, no combine: at D = 128 on sm_90a linear attention's dv as derived, its dq and dk
+    transposed (they contract the state's V columns, and then its K rows)."""
+    whole = {}
+    for name in sorted(wrt):
+        for transpose in (False, True):
+            launches = backward_launches(kernel, binding, grads_given, [name], transpose)
+            if all(_splits_inside(derived, derived_binding) and _fits(derived, derived_binding, arch)
+                   for _, derived, derived_binding in launches):
+                whole[name] = transpose
+                break
+    return whole
 
 
 def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
@@ -134,8 +176,12 @@ def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: d
     arch = arch or device_arch(device)
     binding = kernel.bind(args)
     dim = column_split(kernel, binding)
-    whole = wrt if dim is None else whole_width(kernel, binding, output_grads, wrt, dim)
-    grads = _block_gradients(kernel, args, output_grads, whole, arch, device) if whole else {}
+    whole = dict.fromkeys(wrt, False) if dim is None else whole_width(kernel, binding, output_grads, wrt, arch)
+    grads = {}
+    for transpose in (False, True):
+        names = [name for name, turned in whole.items() if turned is transpose]
+        if names:
+            grads.update(_block_gradients(kernel, args, output_grads, names, arch, device, transpose))
     blocked = [name for name in wrt if name not in whole]
     if blocked:
         width = binding.extent(dim)
