@@ -155,6 +155,9 @@ def whole_width(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wr
     inside each CTA and compile for ``arch`` without local memory. No host blocks, no partial
     gradients, no combine: at D = 128 on sm_90a linear attention's dv as derived, its dq and dk
     transposed (they contract the state's V columns, and then its K rows)."""
+    key = (kernel, binding.key(), frozenset(grads_given), tuple(sorted(wrt)), arch)
+    if key in _WHOLE:
+        return _WHOLE[key]
     whole = {}
     for name in sorted(wrt):
         for transpose in (False, True):
@@ -163,7 +166,11 @@ def whole_width(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wr
                    for _, derived, derived_binding in launches):
                 whole[name] = transpose
                 break
+    _WHOLE[key] = whole
     return whole
+
+
+_WHOLE: dict[tuple, dict[str, bool]] = {}  # whole_width's answers (each lowers and compiles programs)
 
 
 def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],

@@ -121,6 +121,7 @@ def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
 
     monkeypatch.setattr(derived_cuda, "_run", interpreted)
     monkeypatch.setattr(derived_cuda, "_fits", lambda derived, binding, arch: True)  # fp32: no sm_90a kernel
+    monkeypatch.setattr(derived_cuda, "_WHOLE", {})  # whole_width's answers, asked again with that _fits
     kernel = ops.PROGRAMS[op]
     args = {n: (v.float() if isinstance(v, torch.Tensor) else v) for n, v in _case(op, T=100, H=2, D=D).items()}
     gen = torch.Generator().manual_seed(2)
