@@ -28,6 +28,13 @@ such as linear attention's q) needs only each chunk's entering state: it runs in
 direction instead, beside the forward's recurrence that recomputes those states (fla's dq kernel),
 and reads no checkpoint. The states program runs only for reverse programs that still read them.
 
+The reverse program's matmuls read scaled tiles unscaled and scale their products
+(``tiles.matmul_scalars``: no fp32 copy of ``do · scale``), and carried values that nothing reads
+but their own updates go (``passes.drop_dead_carries``: a gradient that reads no state does not
+run the recurrence). With ``transpose`` it carries its 2-D tiles transposed where every op allows
+(``tiles.transpose_carried``): a gradient whose matmuls contract the state's columns (linear
+attention's dq and dk contract V) then contracts its rows, and its columns split inside a CTA.
+
 A ``blocks`` grid program (one grid loop, no loop inside it) is differentiated per block: no states
 program (nothing is carried), and a reverse grid of the same blocks writing the gradients of the
 sequence inputs (a ``Head``/``Scalar``/``State`` input's gradient would sum over the blocks: refused).
@@ -38,9 +45,10 @@ the op and the user's line: never a wrong gradient.
 
 On the GPU the code generator lowers ``ChunkState`` loads and stores as fp32 register tiles at
 ``[b, h, c]``; ``Backward.kernels`` gives the two programs as ``DerivedKernel``s, which the
-schedule choice, the compile cache and the launch take as they take a ``Kernel``. The reverse
-program cannot take the forward's column split as it is (input gradients contract the state's
-columns): at wide head dims the caller runs it per column block of the inputs instead.
+schedule choice, the compile cache and the launch take as they take a ``Kernel``. A reverse
+program whose input gradients contract the state's columns cannot take the forward's column split:
+at wide head dims the caller runs it transposed or per column block of the inputs
+(``ops.derived_cuda.whole_width``).
 """
 
 from __future__ import annotations
