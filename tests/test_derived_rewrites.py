@@ -58,13 +58,13 @@ def test_a_row_sum_over_the_carried_tile_is_not_transposed():
     assert derive_backward(_row_normalised, binding, ["o"], ["q"], transpose=True).transposed == ()
 
 
-def test_scaled_gradients_reach_matmuls_unscaled():
-    """Linear attention's ``o = (...) * scale``: the adjoint scales ``do``; the derived programs'
+def test_scaled_gradients_reach_transposed_matmuls_unscaled():
+    """Linear attention's ``o = (...) * scale``: the adjoint scales ``do``; the transposed programs'
     matmuls read ``do`` as loaded and scale their products (no fp32 copy of the scaled ``do``)."""
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", D=64))
     for wrt in ("q", "k", "v"):
-        reverse = derive_backward(program, binding, ["o"], [wrt]).reverse
+        reverse = derive_backward(program, binding, ["o"], [wrt], transpose=True).reverse
         made = {op.result: op for op in reverse.walk() if op.result is not None}
         for op in reverse.walk():
             if op.name == "matmul":

@@ -28,12 +28,15 @@ such as linear attention's q) needs only each chunk's entering state: it runs in
 direction instead, beside the forward's recurrence that recomputes those states (fla's dq kernel),
 and reads no checkpoint. The states program runs only for reverse programs that still read them.
 
-The reverse program's matmuls read scaled tiles unscaled and scale their products
-(``tiles.matmul_scalars``: no fp32 copy of ``do · scale``), and carried values that nothing reads
-but their own updates go (``passes.drop_dead_carries``: a gradient that reads no state does not
-run the recurrence). With ``transpose`` it carries its 2-D tiles transposed where every op allows
-(``tiles.transpose_carried``): a gradient whose matmuls contract the state's columns (linear
-attention's dq and dk contract V) then contracts its rows, and its columns split inside a CTA.
+Carried values that nothing reads but their own updates go (``passes.drop_dead_carries``: a
+gradient that reads no state does not run the recurrence). With ``transpose`` the reverse carries
+its 2-D tiles transposed where every op allows (``tiles.transpose_carried``): a gradient whose
+matmuls contract the state's columns (linear attention's dq and dk contract V) then contracts its
+rows, and its columns split inside a CTA. Its matmuls then read scaled loads unscaled and scale
+their products (``tiles.matmul_scalars``): transposed, an incoming gradient such as ``do`` is no
+longer cut into column blocks, and its scaled fp32 copy would take a consumer's registers (linear
+attention's dk spilled 32 B); as derived, that copy is a column block, cheaper than a product kept
+apart from the state it would accumulate into (the delta rules' dk and dw spill with it).
 
 A ``blocks`` grid program (one grid loop, no loop inside it) is differentiated per block: no states
 program (nothing is carried), and a reverse grid of the same blocks writing the gradients of the
@@ -220,8 +223,9 @@ class _Reverse:
     the reverse loop, then the preamble's adjoints and the once-per-(batch, head) gradients."""
 
     def __init__(self, program: Program, shape: _Shape, active: set[Value], params: dict[str, BoundParam],
-                 wrt: frozenset[str], grads_given: frozenset[str], fuse: bool = True):
+                 wrt: frozenset[str], grads_given: frozenset[str], fuse: bool = True, scalars_after: bool = False):
         self.program, self.shape, self.active, self.params, self.fuse = program, shape, active, params, fuse
+        self.scalars_after = scalars_after  # ``tiles.matmul_scalars`` (``derive_backward``'s ``transpose``)
         self.wrt, self.grads_given = wrt, grads_given
         self.em = Emitter()
         self.top = self.em.ops = [copy.copy(op) for op in shape.preamble]
@@ -239,7 +243,8 @@ class _Reverse:
             loop = self.forward_fused(loop)
         self.top.append(loop)
         self.preamble_gradients()
-        scalars_after_matmuls(self.top)
+        if self.scalars_after:
+            scalars_after_matmuls(self.top)
         drop_dead_carries(self.top)
         simplify(self.top)
         read = {op.attrs["param"] for top in self.top for op in top.walk() if op.name == "load"}
@@ -598,7 +603,7 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         params = _backward_params(forward, binding, wrt, grads_given)
         saved = [params[_saved_name(i)] for i in range(len(shape.loop.carried))]
         states = _states_program(forward, shape, saved) if saved else None
-        builder = _Reverse(forward, shape, active, params, wrt, grads_given, fuse)
+        builder = _Reverse(forward, shape, active, params, wrt, grads_given, fuse, scalars_after=transpose)
         reverse = builder.build()
         if not any(p.spec.kind == "chunk_state" for p in reverse.params):
             states = None  # nothing reads the checkpoints
