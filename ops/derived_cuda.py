@@ -5,9 +5,10 @@ reverse program reads them, then one program per input gradient runs over the ch
 way, reading those checkpoints, or forward-fused, recomputing the states: ``tiles.autodiff``);
 one program per gradient keeps each one's live tiles within the registers (``backward_launches``).
 A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``splittable``)
-is cut into column blocks on the host, each differentiated alone: the inputs with that dim take
-their block's gradient, the others sum the blocks' shares (the reverse programs contract the
-state's columns, so they cannot take the forward's column split as a schedule)."""
+is cut into column blocks: inside each CTA (the schedule's split) for a gradient whose own programs
+contract none of those columns (``whole_width``), else on the host, each block differentiated alone:
+the inputs with that dim take their block's gradient, the others sum the blocks' shares. The blocks'
+gradients stay in the dtype their programs wrote until that one combining pass."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ from typing import Any
 
 import torch
 
+from tilemix.codegen.compile import MissingTool, compile_cuda, resources
 from tilemix.codegen.launch import Launch, prepare_launch
-from tilemix.codegen.schedule import SPLIT_WIDTH, splittable
-from tilemix.tiles import Kernel
+from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule, splittable
+from tilemix.codegen.specialise import kernel_source
+from tilemix.tiles import Kernel, TileError
 from tilemix.tiles.autodiff import DerivedKernel, derive_backward, reduce_gradient
 from tilemix.tiles.params import Binding, BoundParam
 from tilemix.tiles.types import DType
 
 from .runtime import device_arch
 
-__all__ = ["derived_gradients_cuda", "backward_launches", "column_split"]
+__all__ = ["derived_gradients_cuda", "backward_launches", "column_split", "whole_width"]
 
 _TORCH = {DType.bf16: torch.bfloat16, DType.f16: torch.float16, DType.f32: torch.float32, DType.f64: torch.float64}
 
@@ -41,20 +44,21 @@ def column_split(kernel: Kernel, binding: Binding) -> str | None:
     return None
 
 
-def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str],
-                      wrt: Iterable[str]) -> list[tuple[str | None, DerivedKernel, Binding]]:
+def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wrt: Iterable[str],
+                      transpose: bool = False) -> list[tuple[str | None, DerivedKernel, Binding]]:
     """The programs one column block's backward launches, in order: ``(None, states kernel, its
     binding)`` (where a gradient program reads checkpoints), then ``(input, its gradient's kernel,
-    its binding)`` per input gradient. ``binding``: the forward call's at the block's width.
+    its binding)`` per input gradient. ``binding``: the forward call's at the block's width;
+    ``transpose``: the gradient programs carry their tiles transposed where they can (``whole_width``).
 
     Gradients that carry no state gradient run forward-fused (``tiles.autodiff``) where that leaves
     no program reading checkpoints, so the states program and its checkpoints go; where one still
     needs them, every gradient reads them: a fused program holds the recurrence's state beside its
     own tiles, a cost worth paying only when it removes the checkpoints' writes and reads."""
     names = sorted(wrt)
-    backwards = [derive_backward(kernel, binding, grads_given, [name]) for name in names]
+    backwards = [derive_backward(kernel, binding, grads_given, [name], transpose=transpose) for name in names]
     if any(b.states is not None for b in backwards):
-        backwards = [derive_backward(kernel, binding, grads_given, [name], fuse=False) for name in names]
+        backwards = [derive_backward(kernel, binding, grads_given, [name], False, transpose) for name in names]
     first, launches = [], []
     for name, backward in zip(names, backwards):
         (states, reverse), (states_binding, reverse_binding) = backward.kernels(kernel, binding), \
@@ -85,21 +89,32 @@ def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
     return torch.empty(p.shape, dtype=_TORCH[p.dtype], device=device)
 
 
+def _turned(t: Any) -> Any:
+    """A state passed to or read from a program that declares it transposed."""
+    return t.transpose(-1, -2).contiguous() if isinstance(t, torch.Tensor) else t
+
+
 def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
-                     wrt: list[str], arch: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Gradients of one column block, fp32, in the inputs' layouts."""
+                     wrt: list[str], arch: str, device: torch.device,
+                     transpose: bool = False) -> dict[str, torch.Tensor]:
+    """Gradients of one column block in the inputs' layouts, each in the dtype its program wrote
+    (no fp32 copy: a column block's gradient is read once more, by ``_combine``); ``transpose``:
+    as ``backward_launches``."""
     binding = kernel.bind(args)
     saved: dict[str, torch.Tensor] = {}
     grads = {}
-    for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt):
+    for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt, transpose):
         if name is None:  # the states program: each chunk's entering state
             saved = {p.name: _empty(p, device) for p in derived_binding.params if p.spec.kind == "chunk_state"}
             _run(derived, derived_binding, args, saved, arch)
             continue
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
+        given = {n: _turned(t) if n in derived.transposed else t for n, t in {**args, **saved, **seeds}.items()}
         out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
-        _run(derived, derived_binding, {**args, **saved, **seeds}, out, arch)
-        grads[name] = reduce_gradient(binding.param(name), out[f"d_{name}"].float(), binding.sizes)
+        _run(derived, derived_binding, given, out, arch)
+        grad = out[f"d_{name}"]
+        grad = _turned(grad) if f"d_{name}" in derived.transposed else grad
+        grads[name] = reduce_gradient(binding.param(name), grad, binding.sizes)
     return grads
 
 
@@ -109,6 +124,53 @@ def _block(kernel: Kernel, name: str, t: Any, dim: str, cols: slice) -> Any:
     if not isinstance(t, torch.Tensor) or dim not in layout:
         return t
     return t[(slice(None),) * layout.index(dim) + (cols,)]
+
+
+def _splits_inside(derived: DerivedKernel, binding: Binding) -> bool:
+    """Whether the schedule cuts a state's columns into blocks inside each CTA (``default_schedule``'s
+    test): a column dim wider than ``SPLIT_WIDTH`` that none of the program's matmuls contracts."""
+    return any(p.spec.kind == "state" and isinstance(p.spec.dims[1], str)
+               and binding.extent(p.spec.dims[1]) > SPLIT_WIDTH and splittable(derived, binding, p.spec.dims[1])
+               for p in binding.params)
+
+
+def _fits(derived: DerivedKernel, binding: Binding, arch: str) -> bool:
+    """Whether the program lowers for ``arch`` with its default schedule and compiles without local
+    memory (a spill costs more than host blocks save)."""
+    try:
+        source = kernel_source(derived, binding, default_schedule(derived, binding, arch), arch)
+    except TileError:  # e.g. the generic target splits no state along its rows, read or not
+        return False
+    try:
+        return resources(compile_cuda(source.source, arch, source.name))["local_memory"] == 0
+    except MissingTool:  # nothing to compile with here: the split alone decides
+        return True
+
+
+def whole_width(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wrt: Iterable[str],
+                arch: str = "sm_90a") -> dict[str, bool]:
+    """The gradients (of ``wrt``) that run once at the forward call's full width (``binding``), each
+    with whether its programs carry their tiles transposed: those whose programs, as derived or else
+    transposed (``tiles.transpose_carried``), let the schedule cut a state's columns into blocks
+    inside each CTA and compile for ``arch`` without local memory. No host blocks, no partial
+    gradients, no combine: at D = 128 on sm_90a linear attention's dv as derived, its dq and dk
+    transposed (they contract the state's V columns, and then its K rows)."""
+    key = (kernel, binding.key(), frozenset(grads_given), tuple(sorted(wrt)), arch)
+    if key in _WHOLE:
+        return _WHOLE[key]
+    whole = {}
+    for name in sorted(wrt):
+        for transpose in (False, True):
+            launches = backward_launches(kernel, binding, grads_given, [name], transpose)
+            if all(_splits_inside(derived, derived_binding) and _fits(derived, derived_binding, arch)
+                   for _, derived, derived_binding in launches):
+                whole[name] = transpose
+                break
+    _WHOLE[key] = whole
+    return whole
+
+
+_WHOLE: dict[tuple, dict[str, bool]] = {}  # whole_width's answers (each lowers and compiles programs)
 
 
 def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
@@ -121,23 +183,31 @@ def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: d
     arch = arch or device_arch(device)
     binding = kernel.bind(args)
     dim = column_split(kernel, binding)
-    if dim is None:
-        grads = _block_gradients(kernel, args, output_grads, wrt, arch, device)
-        return {name: g.to(args[name].dtype) for name, g in grads.items()}
-    width = binding.extent(dim)
-    # a gradient of a result without the dim (a second state, say) seeds one block: every block
-    # recomputes that result, and the shares are summed
-    shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
-                               {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()
-                                if start == 0 or dim in kernel.specs[n].layout},
-                               wrt, arch, device)
-              for start, cols in ((s, slice(s, s + SPLIT_WIDTH)) for s in range(0, width, SPLIT_WIDTH))]
-    return {name: _combine(kernel, name, [share[name] for share in shares], dim, args[name]) for name in wrt}
+    whole = dict.fromkeys(wrt, False) if dim is None else whole_width(kernel, binding, output_grads, wrt, arch)
+    grads = {}
+    for transpose in (False, True):
+        names = [name for name, turned in whole.items() if turned is transpose]
+        if names:
+            grads.update(_block_gradients(kernel, args, output_grads, names, arch, device, transpose))
+    blocked = [name for name in wrt if name not in whole]
+    if blocked:
+        width = binding.extent(dim)
+        # a gradient of a result without the dim (a second state, say) seeds one block: every block
+        # recomputes that result, and the shares are summed
+        shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
+                                   {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()
+                                    if start == 0 or dim in kernel.specs[n].layout},
+                                   blocked, arch, device)
+                  for start, cols in ((s, slice(s, s + SPLIT_WIDTH)) for s in range(0, width, SPLIT_WIDTH))]
+        grads.update({name: _combine(kernel, name, [share[name] for share in shares], dim, args[name])
+                      for name in blocked})
+    return {name: grads[name].to(args[name].dtype) for name in wrt}
 
 
 def _combine(kernel: Kernel, name: str, parts: list[torch.Tensor], dim: str, like: torch.Tensor) -> torch.Tensor:
-    """The column blocks' fp32 gradients of input ``name`` as one gradient in ``like``'s dtype, each
-    part read once: an input with the split dim takes its block's columns, the others the blocks' sum."""
+    """The column blocks' gradients of input ``name`` as one gradient in ``like``'s dtype, each part
+    read once: an input with the split dim takes its block's columns, the others the blocks' sum
+    (in fp32: two parts in one ``add``, which rounds once)."""
     out = torch.empty(like.shape, dtype=like.dtype, device=parts[0].device)
     if dim in kernel.specs[name].layout:
         for cols, part in zip((slice(i * SPLIT_WIDTH, (i + 1) * SPLIT_WIDTH) for i in range(len(parts))), parts):
@@ -145,4 +215,7 @@ def _combine(kernel: Kernel, name: str, parts: list[torch.Tensor], dim: str, lik
         return out
     if len(parts) == 2:  # head dim 128, the usual split: one pass
         return torch.add(*parts, out=out)
-    return out.copy_(sum(parts[1:], parts[0]))
+    total = parts[0].float()
+    for part in parts[1:]:
+        total += part
+    return out.copy_(total)

@@ -18,7 +18,7 @@ pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (
 
 from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule  # noqa: E402
 from tilemix.codegen.specialise import kernel_source  # noqa: E402
-from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E402
+from tilemix.ops.derived_cuda import backward_launches, column_split, whole_width  # noqa: E402
 from tilemix.tiles.autodiff import derive_backward  # noqa: E402
 
 OPS = {"linear_attention": ("q", "k", "v"), "ssd": ("x", "dt", "A", "B", "C", "D")}  # the gradients launched
@@ -27,7 +27,6 @@ CHECKPOINTED = ("ssd",)
 # (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: SSD's
 # dt and A gradients (and B's at N = 128) keep more 64-wide fp32 tiles live than a thread's registers
 SPILLING: dict[tuple, int] = {
-    ("linear_attention", 128, "sm_80", "k"): 72,
     ("ssd", 64, "sm_90a", "dt"): 104, ("ssd", 64, "sm_80", "dt"): 32,
     ("ssd", 128, "sm_90a", "dt"): 128, ("ssd", 128, "sm_80", "dt"): 296,
     ("ssd", 64, "sm_90a", "A"): 144, ("ssd", 64, "sm_80", "A"): 8,
@@ -36,15 +35,26 @@ SPILLING: dict[tuple, int] = {
 }
 
 
-def _launches(op: str, D: int):
-    """The launches of one column block at head dim ``D`` (the CUDA path's, ``derived_cuda``)."""
+def _launches(op: str, D: int, arch: str):
+    """The launches at head dim ``D`` on ``arch`` (the CUDA path's, ``derived_cuda``): the gradients
+    ``whole_width`` names at the full width (transposed where it says), the others in one column block."""
     kernel = ops.PROGRAMS[op]
     binding = kernel.bind(example_specs(op, D=D))
-    dim = column_split(kernel, binding)
-    if dim is not None:
-        binding = kernel.bind(example_specs(op, D=D, sizes={dim: SPLIT_WIDTH}))
     outputs = [p.name for p in binding.params if p.spec.output or p.spec.kind == "state"]
-    return kernel, backward_launches(kernel, binding, outputs, OPS[op])
+    dim = column_split(kernel, binding)
+    if dim is None:
+        return kernel, backward_launches(kernel, binding, outputs, OPS[op])
+    whole = whole_width(kernel, binding, outputs, OPS[op], arch)
+    launches = []
+    for transpose in (False, True):
+        names = [n for n, turned in whole.items() if turned is transpose]
+        launches += backward_launches(kernel, binding, outputs, names, transpose) if names else []
+    blocked = [n for n in OPS[op] if n not in whole]
+    if blocked:
+        block = kernel.bind(example_specs(op, D=D, sizes={dim: SPLIT_WIDTH}))
+        launches += [launch for launch in backward_launches(kernel, block, outputs, blocked)
+                     if launch[0] is not None or not any(n is None for n, _, _ in launches)]
+    return kernel, launches
 
 
 @pytest.mark.parametrize("arch", list(MMA))
@@ -52,7 +62,7 @@ def _launches(op: str, D: int):
 @pytest.mark.parametrize("op, program", [(op, p) for op, names in OPS.items()
                                          for p in (("states",) if op in CHECKPOINTED else ()) + names])
 def test_derived_backward_compiles_without_local_memory(op, program, D, arch):
-    kernel, launches = _launches(op, D)
+    kernel, launches = _launches(op, D, arch)
     (derived, binding), = [(k, b) for name, k, b in launches if (name or "states") == program]
     check_compiled(derived, binding, arch, (op, D, arch, program), SPILLING,
                    mma=has_wide_matmul(derived, binding, arch))
@@ -64,6 +74,19 @@ def test_wide_states_run_in_column_blocks():
     kernel = ops.PROGRAMS["linear_attention"]
     assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=128))) == "V"
     assert column_split(kernel, kernel.bind(example_specs("linear_attention", D=64))) is None
+
+
+def test_linear_attention_gradients_run_at_full_width():
+    """At D = 128 every gradient of linear attention runs once, its state's columns split inside
+    each CTA (two consumers), no host blocks: dv as derived (it contracts none of the state's V
+    columns), dq and dk carrying their states transposed (they contract V, not K)."""
+    kernel = ops.PROGRAMS["linear_attention"]
+    binding = kernel.bind(example_specs("linear_attention", D=128))
+    assert whole_width(kernel, binding, ["o", "s"], ["q", "k", "v"]) == {"k": True, "q": True, "v": False}
+    for name, split in (("v", "V"), ("k", "K"), ("q", "K")):
+        (_, derived, derived_binding), = backward_launches(kernel, binding, ["o", "s"], [name], name != "v")
+        schedule = default_schedule(derived, derived_binding)
+        assert dict(schedule.split) == {split: 64} and schedule.consumers == 2, name
 
 
 def test_saved_states_take_the_forward_column_split():
@@ -82,8 +105,9 @@ def test_saved_states_take_the_forward_column_split():
 @pytest.mark.parametrize("op, D", [("linear_attention", 64), ("linear_attention", 128), ("ssd", 128)])
 def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
     """``derived_gradients_cuda``'s host side (checkpoint buffers, one reverse program per
-    gradient, column blocks, Head/GroupSeq reductions) with each launch run by the interpreter
-    instead: the interpreter's own gradients (``derived_gradients`` on CPU tensors)."""
+    gradient, column blocks, full-width gradients with their states passed and read transposed,
+    Head/GroupSeq reductions) with each launch run by the interpreter instead: the interpreter's own
+    gradients (``derived_gradients`` on CPU tensors)."""
     from tilemix.ops import derived_cuda
     from tilemix.ops.derived import derived_gradients
     from tilemix.tiles.interpret import interpret
@@ -96,6 +120,8 @@ def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
             t.copy_(torch.from_numpy(np.array(got[name])))
 
     monkeypatch.setattr(derived_cuda, "_run", interpreted)
+    monkeypatch.setattr(derived_cuda, "_fits", lambda derived, binding, arch: True)  # fp32: no sm_90a kernel
+    monkeypatch.setattr(derived_cuda, "_WHOLE", {})  # whole_width's answers, asked again with that _fits
     kernel = ops.PROGRAMS[op]
     args = {n: (v.float() if isinstance(v, torch.Tensor) else v) for n, v in _case(op, T=100, H=2, D=D).items()}
     gen = torch.Generator().manual_seed(2)

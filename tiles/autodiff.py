@@ -28,6 +28,16 @@ such as linear attention's q) needs only each chunk's entering state: it runs in
 direction instead, beside the forward's recurrence that recomputes those states (fla's dq kernel),
 and reads no checkpoint. The states program runs only for reverse programs that still read them.
 
+Carried values that nothing reads but their own updates go (``passes.drop_dead_carries``: a
+gradient that reads no state does not run the recurrence). With ``transpose`` the reverse carries
+its 2-D tiles transposed where every op allows (``tiles.transpose_carried``): a gradient whose
+matmuls contract the state's columns (linear attention's dq and dk contract V) then contracts its
+rows, and its columns split inside a CTA. Its matmuls then read scaled loads unscaled and scale
+their products (``tiles.matmul_scalars``): transposed, an incoming gradient such as ``do`` is no
+longer cut into column blocks, and its scaled fp32 copy would take a consumer's registers (linear
+attention's dk spilled 32 B); as derived, that copy is a column block, cheaper than a product kept
+apart from the state it would accumulate into (the delta rules' dk and dw spill with it).
+
 A ``blocks`` grid program (one grid loop, no loop inside it) is differentiated per block: no states
 program (nothing is carried), and a reverse grid of the same blocks writing the gradients of the
 sequence inputs (a ``Head``/``Scalar``/``State`` input's gradient would sum over the blocks: refused).
@@ -38,9 +48,10 @@ the op and the user's line: never a wrong gradient.
 
 On the GPU the code generator lowers ``ChunkState`` loads and stores as fp32 register tiles at
 ``[b, h, c]``; ``Backward.kernels`` gives the two programs as ``DerivedKernel``s, which the
-schedule choice, the compile cache and the launch take as they take a ``Kernel``. The reverse
-program cannot take the forward's column split as it is (input gradients contract the state's
-columns): at wide head dims the caller runs it per column block of the inputs instead.
+schedule choice, the compile cache and the launch take as they take a ``Kernel``. A reverse
+program whose input gradients contract the state's columns cannot take the forward's column split:
+at wide head dims the caller runs it transposed or per column block of the inputs
+(``ops.derived_cuda.whole_width``).
 """
 
 from __future__ import annotations
@@ -57,9 +68,11 @@ from .adjoints import ADJOINTS, NO_GRADIENT, Emitter
 from .errors import TileError
 from .interpret import interpret
 from .ir import Loop, Op, Program, Value
+from .matmul_scalars import scalars_after_matmuls
 from .params import Binding, BoundParam, ParamSpec
-from .passes import simplify
+from .passes import drop_dead_carries, simplify
 from .targets import get_target
+from .transpose_carried import swapped_state, transpose_carried
 from .types import DType, Space, TileType
 from .verify import verify
 
@@ -210,8 +223,9 @@ class _Reverse:
     the reverse loop, then the preamble's adjoints and the once-per-(batch, head) gradients."""
 
     def __init__(self, program: Program, shape: _Shape, active: set[Value], params: dict[str, BoundParam],
-                 wrt: frozenset[str], grads_given: frozenset[str], fuse: bool = True):
+                 wrt: frozenset[str], grads_given: frozenset[str], fuse: bool = True, scalars_after: bool = False):
         self.program, self.shape, self.active, self.params, self.fuse = program, shape, active, params, fuse
+        self.scalars_after = scalars_after  # ``tiles.matmul_scalars`` (``derive_backward``'s ``transpose``)
         self.wrt, self.grads_given = wrt, grads_given
         self.em = Emitter()
         self.top = self.em.ops = [copy.copy(op) for op in shape.preamble]
@@ -229,6 +243,9 @@ class _Reverse:
             loop = self.forward_fused(loop)
         self.top.append(loop)
         self.preamble_gradients()
+        if self.scalars_after:
+            scalars_after_matmuls(self.top)
+        drop_dead_carries(self.top)
         simplify(self.top)
         read = {op.attrs["param"] for top in self.top for op in top.walk() if op.name == "load"}
         params = [p for p in self.program.params if not p.spec.output] + \
@@ -379,6 +396,7 @@ class Backward:
     wrt: tuple[str, ...]
     grads_given: tuple[str, ...]
     fused: bool = False  # the reverse runs forward-fused (``derive_backward``'s ``fuse``)
+    transposed: tuple[str, ...] = ()  # State parameters the reverse declares transposed (``transpose``)
 
     def bindings(self, binding: Binding) -> tuple[Binding | None, Binding]:
         """Bindings of (states, reverse) for a forward call bound as ``binding``."""
@@ -390,16 +408,16 @@ class Backward:
             saved = [_as_output(p) for p in params.values() if p.spec.kind == "chunk_state"]
             states = Binding(inputs + saved, sizes, binding.static, binding.compute_dtype, binding.values)
         declared = {p.name for p in self.reverse.params}  # a forward-fused reverse reads no checkpoints
-        reverse = Binding(inputs + [p for p in params.values() if p.name in declared], sizes, binding.static,
-                          binding.compute_dtype, binding.values)
-        return states, reverse
+        reverse = [swapped_state(p) if p.name in self.transposed else p
+                   for p in inputs + [p for p in params.values() if p.name in declared]]
+        return states, Binding(reverse, sizes, binding.static, binding.compute_dtype, binding.values)
 
     def kernels(self, kernel, binding: Binding) -> tuple[DerivedKernel | None, DerivedKernel]:
         """(states, reverse) as kernels the code generator launches with ``bindings(binding)``;
         ``kernel``: the forward's, ``binding``: the forward call's (the one that derived this)."""
         parts = ("states", "reverse") if self.states is not None else (None, "reverse")
         return tuple(None if part is None else _derived_kernel(kernel, binding, part, self.wrt, self.grads_given,
-                                                               self.fused)
+                                                               self.fused, bool(self.transposed))
                      for part in parts)
 
     def run(self, binding: Binding, inputs: dict[str, Any], output_grads: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -414,7 +432,10 @@ class Backward:
         if self.states is not None:
             args.update(interpret(self.states, states_binding, inputs))
         args.update({f"d_{name}": output_grads[name] for name in self.grads_given})
-        raw = interpret(self.reverse, reverse_binding, args)
+        turn = lambda a: None if a is None else np.swapaxes(a, -1, -2)  # noqa: E731 (transposed States)
+        raw = interpret(self.reverse, reverse_binding, {n: turn(a) if n in self.transposed else a
+                                                        for n, a in args.items()})
+        raw = {n: turn(a) if n in self.transposed else a for n, a in raw.items()}
         # writable copies: a final state may come back as a read-only view
         return {name: np.require(reduce_gradient(binding.param(name), raw[f"d_{name}"], binding.sizes),
                                  requirements="W") for name in self.wrt}
@@ -427,12 +448,20 @@ class DerivedKernel:
     that traces at other widths (``splittable``'s probe) gets the program derived at those."""
 
     def __init__(self, kernel, forward_binding: Binding, part: str, wrt: tuple[str, ...],
-                 grads_given: tuple[str, ...], fuse: bool = True):
+                 grads_given: tuple[str, ...], fuse: bool = True, transpose: bool = False):
         self.kernel, self.forward_binding, self.part = kernel, forward_binding, part
-        self.wrt, self.grads_given, self.fuse = wrt, grads_given, fuse
+        self.wrt, self.grads_given, self.fuse, self.transpose = wrt, grads_given, fuse, transpose
         self.name = f"{kernel.name}_{'states' if part == 'states' else 'bwd'}"
         self.specs: dict[str, ParamSpec] = {}  # declares no Const parameters of its own
         self._programs: dict[tuple, Program] = {}
+
+    @property
+    def transposed(self) -> tuple[str, ...]:
+        """The State parameters this program declares transposed (``Backward.transposed``)."""
+        if self.part == "states":
+            return ()
+        return derive_backward(self.kernel, self.forward_binding, self.grads_given, self.wrt, self.fuse,
+                               self.transpose).transposed
 
     def trace(self, binding: Binding, target="cpu") -> Program:
         """The derived program at ``binding``'s static sizes, verified for ``target``."""
@@ -440,7 +469,7 @@ class DerivedKernel:
         key = (binding.key(), target.name)
         if key not in self._programs:
             forward = replace(self.forward_binding, static=dict(binding.static))
-            backward = derive_backward(self.kernel, forward, self.grads_given, self.wrt, self.fuse)
+            backward = derive_backward(self.kernel, forward, self.grads_given, self.wrt, self.fuse, self.transpose)
             program = backward.states if self.part == "states" else backward.reverse
             self._programs[key] = verify(program, target)
         return self._programs[key]
@@ -450,12 +479,12 @@ _KERNELS: dict[tuple, DerivedKernel] = {}
 
 
 def _derived_kernel(kernel, binding: Binding, part: str, wrt: tuple[str, ...],
-                    grads_given: tuple[str, ...], fuse: bool) -> DerivedKernel:
+                    grads_given: tuple[str, ...], fuse: bool, transpose: bool) -> DerivedKernel:
     """One ``DerivedKernel`` per forward specialisation and part: the launch caches compiled kernels
     by the kernel's identity."""
-    key = (kernel, binding.key(), part, wrt, grads_given, fuse)
+    key = (kernel, binding.key(), part, wrt, grads_given, fuse, transpose)
     if key not in _KERNELS:
-        _KERNELS[key] = DerivedKernel(kernel, binding, part, wrt, grads_given, fuse)
+        _KERNELS[key] = DerivedKernel(kernel, binding, part, wrt, grads_given, fuse, transpose)
     return _KERNELS[key]
 
 
@@ -541,14 +570,16 @@ _CACHE: dict[tuple, Backward] = {}
 
 
 def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
-                    wrt: Iterable[str] | None = None, fuse: bool = True) -> Backward:
+                    wrt: Iterable[str] | None = None, fuse: bool = True, transpose: bool = False) -> Backward:
     """The backward of ``kernel`` specialised as ``binding`` (``Kernel.bind``), cached.
 
     ``grads_given``: the outputs and states whose gradients the caller passes (the others are
     zero); ``wrt``: the inputs to differentiate (default: every tensor input given; ``Scalar``
     parameters only when named); ``fuse``: run a reverse that carries no state gradient forward,
-    beside the recurrence, instead of from checkpoints (module docstring). Raises ``TileError`` for
-    a program it cannot differentiate."""
+    beside the recurrence, instead of from checkpoints (module docstring); ``transpose``: the
+    reverse carries its 2-D tiles transposed where every op allows (``tiles.transpose_carried``;
+    ``Backward.transposed`` names the State parameters it then declares transposed). Raises
+    ``TileError`` for a program it cannot differentiate."""
     wrt = _default_wrt(binding) if wrt is None else frozenset(wrt)
     grads_given = frozenset(grads_given)
     for name in wrt | grads_given:
@@ -562,7 +593,7 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         p = binding.param(name)
         if not (p.spec.output or p.spec.kind == "state"):
             raise ValueError(f"grads_given: {name!r} is neither an output nor a state of {kernel.name}")
-    key = (kernel, binding.key(), wrt, grads_given, fuse)
+    key = (kernel, binding.key(), wrt, grads_given, fuse, transpose)
     if key not in _CACHE:
         forward = kernel.trace(binding)
         shape = _split(forward)
@@ -572,12 +603,14 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         params = _backward_params(forward, binding, wrt, grads_given)
         saved = [params[_saved_name(i)] for i in range(len(shape.loop.carried))]
         states = _states_program(forward, shape, saved) if saved else None
-        builder = _Reverse(forward, shape, active, params, wrt, grads_given, fuse)
+        builder = _Reverse(forward, shape, active, params, wrt, grads_given, fuse, scalars_after=transpose)
         reverse = builder.build()
         if not any(p.spec.kind == "chunk_state" for p in reverse.params):
             states = None  # nothing reads the checkpoints
+        turned = transpose_carried(reverse) if transpose else None
+        reverse, transposed = turned or (reverse, ())
         _CACHE[key] = Backward(forward, states, reverse, tuple(sorted(wrt)), tuple(sorted(grads_given)),
-                               builder.fused)
+                               builder.fused, transposed)
     return _CACHE[key]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .ir import Loop, Op, Value
 
-__all__ = ["simplify"]
+__all__ = ["simplify", "drop_dead_carries"]
 
 _SIDE_EFFECTS = ("store", "store_state")
 
@@ -61,3 +61,39 @@ def simplify(body: list[Op]) -> None:
     _cse(body, {}, {})
     while _remove_unused(body, _used(body)):
         pass
+
+
+def drop_dead_carries(body: list[Op]) -> None:
+    """Remove, in place, the carried values of ``body``'s loops that nothing reads but their own
+    updates: no op outside that chain and nothing after the loop (a derived gradient beside a
+    recurrence it does not read, such as SSD's dD beside the state). ``simplify`` then drops
+    their ops. Not run on traced programs: a user's dead state is theirs to keep."""
+    for loop in [op for op in body if isinstance(op, Loop)]:
+        drop_dead_carries(loop.body)
+        used = _used(body)  # a loop's results are read only after it
+        live = {i for i, r in enumerate(loop.results) if r in used}
+        while True:
+            needed = _needed(loop, live)
+            more = {i for i, c in enumerate(loop.carried) if c in needed} - live
+            if not more:
+                break
+            live |= more
+        keep = sorted(live)
+        loop.init, loop.carried, loop.update, loop.results = ([xs[i] for i in keep] for xs in
+                                                              (loop.init, loop.carried, loop.update, loop.results))
+
+
+def _needed(loop: Loop, live: set[int]) -> set[Value]:
+    """The values ``loop``'s body needs for its side effects and the updates of carried ``live``."""
+    made = {op.result: op for op in loop.walk() if op.result is not None}
+    needed: set[Value] = set()
+    todo = [loop.update[i] for i in live]
+    todo += [v for op in loop.walk() if op.name in _SIDE_EFFECTS for v in op.operands]
+    while todo:
+        v = todo.pop()
+        if v in needed:
+            continue
+        needed.add(v)
+        if v in made:
+            todo += list(made[v].operands)
+    return needed

@@ -1,0 +1,82 @@
+"""Rewrites of derived programs: tiles carried transposed (``tiles.transpose_carried``: the same
+gradients as the programs as derived, on the float64 interpreter, and a refusal where an op would
+need a whole tile transposed), scalars moved out of matmul operands (``tiles.matmul_scalars``) and
+carried values nothing reads dropped (``tiles.passes.drop_dead_carries``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_autodiff import MIXERS, _case
+
+from tilemix import ops
+from tilemix.ops.examples import example_specs, kernel_specs
+from tilemix.tiles import Out, Seq, State, chunks, kernel, rowsum
+from tilemix.tiles.autodiff import derive_backward
+from tilemix.tiles.ir import Loop
+from tilemix.tiles.transpose_carried import transpose_carried
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_transposed_programs_give_the_derived_gradients(name):
+    """Each input's gradient alone (as the CUDA path derives them), with the output and final-state
+    gradients given and a partial last chunk: transposed or not, the same values."""
+    program, tensors, fixed = _case(name, B=2, T=100, H=2, K=16, V=32, seed=3)
+    inputs = {**fixed, **{n: t.numpy() for n, t in tensors.items()}}
+    binding = program.bind(inputs)
+    rng = np.random.default_rng(0)
+    grads = {n: rng.standard_normal(np.shape(a)) for n, a in program(**inputs).items()}
+    for wrt in tensors:
+        want = derive_backward(program, binding, grads, [wrt]).run(binding, inputs, grads)[wrt]
+        turned = derive_backward(program, binding, grads, [wrt], transpose=True)
+        got = turned.run(binding, inputs, grads)[wrt]
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10, err_msg=f"{name} d{wrt} {turned.transposed}")
+
+
+def test_linear_attention_gradients_carry_their_states_transposed():
+    """dq carries the recomputed state transposed (declared ``s: State["V", "K"]``), dk and dv the
+    state's gradient (``d_s``): their matmuls then contract no K column."""
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(example_specs("linear_attention", D=64))
+    for wrt, swapped in (("q", ("s",)), ("k", ("d_s",)), ("v", ("d_s",))):
+        backward = derive_backward(program, binding, ["o", "s"], [wrt], transpose=True)
+        assert backward.transposed == swapped, wrt
+        assert backward.reverse.param(swapped[0]).spec.dims == ("V", "K"), wrt
+
+
+@kernel
+def _row_normalised(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+    for c in chunks(64):
+        o[c] = q[c] @ s
+        s = s + k[c].T @ v[c] - rowsum(s)  # a row sum over the carried tile: no transposed form
+
+
+def test_a_row_sum_over_the_carried_tile_is_not_transposed():
+    binding = _row_normalised.bind(kernel_specs(_row_normalised, {"K": 64, "V": 64}, "float32", B=1, T=128, H=1))
+    reverse = derive_backward(_row_normalised, binding, ["o"], ["q"]).reverse
+    assert transpose_carried(reverse) is None
+    assert derive_backward(_row_normalised, binding, ["o"], ["q"], transpose=True).transposed == ()
+
+
+def test_scaled_gradients_reach_transposed_matmuls_unscaled():
+    """Linear attention's ``o = (...) * scale``: the adjoint scales ``do``; the transposed programs'
+    matmuls read ``do`` as loaded and scale their products (no fp32 copy of the scaled ``do``)."""
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(example_specs("linear_attention", D=64))
+    for wrt in ("q", "k", "v"):
+        reverse = derive_backward(program, binding, ["o"], [wrt], transpose=True).reverse
+        made = {op.result: op for op in reverse.walk() if op.result is not None}
+        for op in reverse.walk():
+            if op.name == "matmul":
+                assert all(made[x].name != "mul" for x in op.operands if x in made), (wrt, op)
+
+
+def test_a_gradient_that_reads_no_state_carries_none():
+    """SSD's dD sums ``dy · x``: its program (forward-fused) no longer carries the recurrence's state
+    beside that sum, nor computes it."""
+    program = ops.PROGRAMS["ssd"]
+    binding = program.bind(example_specs("ssd", D=64))
+    reverse = derive_backward(program, binding, ["y", "h"], ["D"]).reverse
+    loop, = [op for op in reverse.body if isinstance(op, Loop)]
+    assert [c.type.shape for c in loop.carried] == [(1, 1)]
+    assert not any(op.name == "matmul" for op in reverse.walk())
