@@ -102,7 +102,11 @@ def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         return
     dim = lw.program.param(name).spec.dims[0]
     width = lw.plan.full_dims[dim]
-    lw.emit(f"{decl} tm::load_f32({out}, ptr_{name} + (long)h * {width} + {_split_col0(lw, dim)}, {width});", ind)
+    row = f"ptr_{name} + (long)h * {width} + {_split_col0(lw, dim)}"
+    if all(r.name == "slice" for r in lw.live.readers.get(op.result, ())):
+        lw.head_rows[op.result] = row  # each slice loads its columns where it is read (a row whole
+        return                         # in every thread takes a register per 4 columns)
+    lw.emit(f"{decl} tm::load_f32({out}, {row}, {width});", ind)
 
 
 def emit_scalar_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -169,10 +173,18 @@ def _register_block(lw: Lowering, op: Op, row0: int, col0: int, what: str) -> st
 
 def emit_slice(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     a = op.attrs
+    if op.operands[0] in lw.head_rows:
+        lw.emit(f"{decl} tm::load_row_here({out}, {lw.head_rows[op.operands[0]]} + {a['col0']});", ind)
+        return
     if a["rows"] == 1 and op.operands[0].type.rows > 1:  # one row: from the warp that holds it
         if (a["col0"], a["cols"]) != (0, op.operands[0].type.cols):
             lw.fail("a one-row slice takes every column (x[r:r+1], then slice the columns)", op)
         lw.emit(f"{decl} tm::take_row<{a['row0']}>({out}, {lw.reg(op.operands[0], ind)}, scratch, {lw.bar});", ind)
+        return
+    if a["cols"] == 1 and op.operands[0].type.cols > 1:  # one column: where it lies, in shared memory or a lane
+        if (a["row0"], a["rows"]) != (0, op.operands[0].type.rows):
+            lw.fail("a one-column slice takes every row (x[:, c:c+1], then slice the rows)", op)
+        lw.emit(f"{decl} tm::take_col<{a['col0']}>({out}, {lw.elementwise(op.operands[0], ind)});", ind)
         return
     corner = _register_block(lw, op, op.attrs["row0"], op.attrs["col0"], "slices")
     lw.emit(f"{decl} tm::slice{corner}({out}, {lw.reg(op.operands[0], ind)});", ind)

@@ -791,11 +791,44 @@ template <int R> __device__ __forceinline__ void store_col(float* base, long str
       }
 }
 
+// column COL of a tile as a column vector: from a shared tile, each row's element where it lies
+template <int COL, bool is_bf16, int R, int C>
+__device__ __forceinline__ void take_col(rt<R, 1>& out, const shared_tile<is_bf16, R, C>& in) {
+  static_assert(COL >= 0 && COL < C, "the column lies in the tile");
+#pragma unroll
+  for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < rt<R, 1>::HR; ++hr) {
+      const u32 w = *(const u32*)(in.p + swz_offset<R>(row_in<R>(mb, hr), COL & ~1));
+      out.v[mb][0][hr][0] = unpack<is_bf16>((u16)(COL % 2 ? w >> 16 : w & 0xffff));
+    }
+}
+// ... from a register tile, from the lane of each quad that holds the column (no barrier)
+template <int COL, int R, int C> __device__ __forceinline__ void take_col(rt<R, 1>& out, const rt<R, C>& in) {
+  static_assert(COL >= 0 && COL < C, "the column lies in the tile");
+  const int holder = (lane_id() & ~3) | (COL % 8) / 2;
+#pragma unroll
+  for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < rt<R, 1>::HR; ++hr)
+      out.v[mb][0][hr][0] = __shfl_sync(0xffffffff, in.v[mb][COL / 8][hr][COL % 2], holder);
+}
+
 // fp32 [R x C] matrix at base (row stride `ld`), e.g. a state
 // (a vector tile's missing coordinate is 0; of the threads holding copies of an element, one stores it)
 template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
   using T = rt<R, C>;
   TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))];
+}
+// a read-only fp32 row (a head's parameters) read where it is used: volatile, so the compiler does
+// not hoist a loop's reads of its slices out of the loop and hold every slice at once
+template <int C> __device__ __forceinline__ void load_row_here(rt<1, C>& out, const float* base) {
+  using T = rt<1, C>;
+  TM_FOR_EACH(T) {
+    float x;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(x) : "l"(base + (C == 1 ? 0 : col_of(nb, cp))));
+    out.v[mb][nb][hr][cp] = x;
+  }
 }
 template <int R, int C> __device__ __forceinline__ void store_f32(float* base, int ld, const rt<R, C>& x) {
   using T = rt<R, C>;
