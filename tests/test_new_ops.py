@@ -498,3 +498,60 @@ def test_a_column_pick_of_part_of_the_rows_is_refused_by_name():
     specs = {"x": TensorSpec((2, 4096, 4, 64), "bfloat16")}
     with pytest.raises(TileError, match="a one-column slice takes every row"):
         default_source(part, part.bind(specs), "sm_90a")
+
+
+@kernel
+def scan_rows_fwd(a: Seq["D"], b: Seq["D"], o: Out[Seq["D"]]):
+    """Rows a scan ends on (a forward scan's last, a reverse one's first) and rows it does not."""
+    for c in chunks(64):
+        ac, bc = sigmoid(a[c]), b[c]
+        forward, backward, before = linrec(ac, bc, 0.0), linrec(ac, bc, 0.0, reverse=True), \
+            linrec(ac, bc, 0.0, exclusive=True)
+        o[c] = bc * (forward[63:64] + backward[0:1] + forward[0:1] + before[63:64])
+
+
+def _scan_rows_reference(a, b):
+    o = np.zeros(a.shape)
+    for t0 in range(0, a.shape[1], 64):  # the last chunk padded with zeros, as loads past T read
+        ac, bc = (np.pad(x[:, t0:t0 + 64], ((0, 0), (0, 64 - len(x[0, t0:t0 + 64])), (0, 0), (0, 0))) for x in (a, b))
+        ac = 1 / (1 + np.exp(-ac))
+        forward, backward, h, g = np.zeros(ac.shape), np.zeros(ac.shape), 0.0, 0.0
+        for t in range(64):
+            forward[:, t] = h = ac[:, t] * h + bc[:, t]
+            backward[:, 63 - t] = g = ac[:, 63 - t] * g + bc[:, 63 - t]
+        rows = (forward[:, 63] + backward[:, 0] + forward[:, 0] + forward[:, 62])[:, None]
+        o[:, t0:t0 + 64] = (bc * rows)[:, :len(o[0, t0:t0 + 64])]
+    return o
+
+
+def test_scan_rows_match_float64():
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((2, 100, 2, 16)) for _ in range(2))
+    np.testing.assert_allclose(scan_rows_fwd(a=a, b=b)["o"], _scan_rows_reference(a, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_the_row_a_scan_ends_on_is_its_carry(arch):
+    """Every thread holds a scan's state after its last row when it ends: that row (a recurrence's
+    carried row) is taken from there, with no round through shared memory; other rows are taken
+    from the warp that holds them."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.schedule import default_source
+
+    specs = {n: TensorSpec((2, 4096, 4, 64), "bfloat16") for n in ("a", "b")}
+    text = default_source(scan_rows_fwd, scan_rows_fwd.bind(specs), arch).source
+    assert text.count("_carry);") == 2 and text.count("tm::take_row<") == 2
+    assert "tm::take_row<0>" in text and "tm::take_row<63>" in text
+
+
+@pytest.mark.gpu
+def test_gpu_scan_rows_match_interpreter(monkeypatch):
+    from tilemix.ops.runtime import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    gen = torch.Generator().manual_seed(0)
+    args = {n: (0.5 * torch.randn(2, 300, 3, 64, generator=gen)).to(torch.bfloat16) for n in ("a", "b")}
+    gpu = run_kernel(scan_rows_fwd, {n: t.cuda() for n, t in args.items()})
+    cpu = run_kernel(scan_rows_fwd, args)
+    assert rel_err(gpu["o"].cpu(), cpu["o"].double().numpy()) <= bound(torch.bfloat16)

@@ -292,10 +292,11 @@ __device__ __forceinline__ void scan_rows(rt<R, C>& inc, rt<1, C>& total, const 
 // The linear recurrence h_t = a_t h_{t-1} + b_t down the rows (REV: h_t = a_t h_{t+1} + b_t, from
 // the last row up) from the row h0; EXCL: each row gets the state before it. The scan of scan_rows
 // with affine maps (a, b) composed in place of sums: shuffles over each warp's 16 rows, then warp
-// maps through `scratch` (8 * C floats, two barriers per 64 rows). a, b, h0 may broadcast.
+// maps through `scratch` (8 * C floats, two barriers per 64 rows). a, b, h0 may broadcast. `carry`
+// (if given) receives the state after the last row in scan order, which every thread holds at the end.
 template <bool REV, bool EXCL, int R, int C, class A, class B, class H>
 __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& b, const H& h0, float* scratch,
-                                            int bar) {
+                                            int bar, rt<1, C>* carry = nullptr) {
   using T = rt<R, C>;
   const int warp = (threadIdx.x % 128) / 32, g = lane_id() / 4, q = lane_id() % 4;
   const int gs = REV ? 7 - g : g;            // the row's place in scan order within its 8-row half
@@ -366,6 +367,11 @@ __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& 
       }
     sync_threads(bar, 128);  // scratch is free again
   }
+  if (carry)
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) carry->v[0][nb][0][cp] = h[nb][cp];
 }
 
 // x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): l's strictly lower
