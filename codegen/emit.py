@@ -53,6 +53,8 @@ class Emitter:
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
         self.staged: dict[Value, str] = {}  # staged value -> its buffer
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
+        self.head_rows: dict[Value, str] = {}  # Head row read only in slices -> its row's global address
+        self.linrec_carry: dict[Value, tuple] = {}  # linrec result -> (the op, its carry: the last row in scan order)
         self.prologue_waited = False
         self.tmap_rows: dict[str, int] = {}
         self.bar = "bar_id"  # named barrier of this consumer group (0 is __syncthreads)

@@ -104,7 +104,11 @@ def emit_read_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         return
     dim = lw.program.param(name).spec.dims[0]
     width = lw.plan.full_dims[dim]
-    lw.emit(f"{decl} tm::load_f32({out}, ptr_{name} + (long)h * {width} + {_split_col0(lw, dim)}, {width});", ind)
+    row = f"ptr_{name} + (long)h * {width} + {_split_col0(lw, dim)}"
+    if all(r.name == "slice" for r in lw.live.readers.get(op.result, ())):
+        lw.head_rows[op.result] = row  # each slice loads its columns where it is read (a row whole
+        return                         # in every thread takes a register per 4 columns)
+    lw.emit(f"{decl} tm::load_f32({out}, {row}, {width});", ind)
 
 
 def emit_scalar_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
@@ -171,10 +175,22 @@ def _register_block(lw: Lowering, op: Op, row0: int, col0: int, what: str) -> st
 
 def emit_slice(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     a = op.attrs
+    if op.operands[0] in lw.head_rows:
+        lw.emit(f"{decl} tm::load_row_here({out}, {lw.head_rows[op.operands[0]]} + {a['col0']});", ind)
+        return
+    scan, carry = lw.linrec_carry.get(op.operands[0], (None, None))
+    if scan is not None and _takes_last_row(scan, op):  # a scan's last row: its carry (emit_linrec)
+        lw.emit(f"{decl} {out} = {carry};", ind)
+        return
     if a["rows"] == 1 and op.operands[0].type.rows > 1:  # one row: from the warp that holds it
         if (a["col0"], a["cols"]) != (0, op.operands[0].type.cols):
             lw.fail("a one-row slice takes every column (x[r:r+1], then slice the columns)", op)
         lw.emit(f"{decl} tm::take_row<{a['row0']}>({out}, {lw.reg(op.operands[0], ind)}, scratch, {lw.bar});", ind)
+        return
+    if a["cols"] == 1 and op.operands[0].type.cols > 1:  # one column: where it lies, in shared memory or a lane
+        if (a["row0"], a["rows"]) != (0, op.operands[0].type.rows):
+            lw.fail("a one-column slice takes every row (x[:, c:c+1], then slice the rows)", op)
+        lw.emit(f"{decl} tm::take_col<{a['col0']}>({out}, {lw.elementwise(op.operands[0], ind)});", ind)
         return
     corner = _register_block(lw, op, op.attrs["row0"], op.attrs["col0"], "slices")
     lw.emit(f"{decl} tm::slice{corner}({out}, {lw.reg(op.operands[0], ind)});", ind)
@@ -194,7 +210,20 @@ def emit_linrec(lw: Lowering, op: Op, decl: str, out: str, ind: int):
         lw.fail("linrec runs down register tiles of rows in multiples of 64", op)
     flags = f"{str(op.attrs['reverse']).lower()}, {str(op.attrs['exclusive']).lower()}"
     args = ", ".join(lw.reg(x, ind) for x in op.operands)
-    lw.emit(f"{decl} tm::linrec_rows<{flags}>({out}, {args}, scratch, {lw.bar});", ind)
+    carry = ""
+    if not op.attrs["exclusive"] and any(_takes_last_row(op, r) for r in lw.live.readers.get(op.result, ())):
+        lw.linrec_carry[op.result] = (op, f"{out}_carry")  # the scan's last row, every thread's at its end
+        lw.emit(f"tm::rt<1, {op.result.type.cols}> {out}_carry;", ind)
+        carry = f", &{out}_carry"
+    lw.emit(f"{decl} tm::linrec_rows<{flags}>({out}, {args}, scratch, {lw.bar}{carry});", ind)
+
+
+def _takes_last_row(scan: Op, reader: Op) -> bool:
+    """Whether ``reader`` slices the whole row of ``scan``'s result that its scan order ends on."""
+    rows, cols = scan.result.type.shape
+    a = reader.attrs
+    return reader.name == "slice" and (a["rows"], a["col0"], a["cols"]) == (1, 0, cols) \
+        and a["row0"] == (0 if scan.attrs["reverse"] else rows - 1)
 
 
 def emit_trisolve(lw: Lowering, op: Op, decl: str, out: str, ind: int):

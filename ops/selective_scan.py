@@ -3,9 +3,11 @@ entry, ``y_t = h_t C_t + D u_t``, gated by ``silu(z_t)`` (mamba_ssm's ``selectiv
 
 The decay ``exp(Δ A)`` is per (token, channel, state entry), so no chunk matmul factorises it: the
 program runs ``linrec`` (an elementwise scan, no ``exp(cumsum)`` to overflow) once per state entry
-over a ``64 x P`` tile of channels. Channels are split into heads of ``P`` (64 where it divides the
-channels: the GPU kernels' panel width); the state of a head is one row ``[1, N·P]``, entry ``n`` in
-columns ``n·P ... n·P + P``. Its backward is derived from the program (``tiles.autodiff``)."""
+over a ``64 x P`` tile of channels, with entry n's column of B and C picked (``Bc[:, n:n+1]``).
+Channels are split into heads of ``P`` (64 where it divides the channels: the GPU kernels' panel
+width); the state of a head is a ``[P, E]`` tile, entry ``n`` in column ``n`` (its layout in
+``[B, Dm, N]``), small enough for registers where a ``[1, N·P]`` row is held whole by every thread.
+Its backward is derived from the program (``tiles.autodiff``)."""
 
 from __future__ import annotations
 
@@ -20,14 +22,12 @@ from tilemix.tiles import (
     Seq,
     State,
     chunks,
-    concat,
     exp,
     in_seq,
     iota,
     kernel,
     linrec,
     position,
-    rowsum,
     sigmoid,
     softplus,
     where,
@@ -39,16 +39,18 @@ from .runtime import check_call
 __all__ = ["selective_scan", "selective_scan_fwd"]
 
 HEAD_WIDTH = 64  # channels per program instance where they divide the channels (the GPU's panel width)
+STATE_COLUMNS = 16  # the GPU's state tiles hold the entries in a multiple of 16 columns
 
 
 @kernel
 def selective_scan_fwd(u: Seq["P"], delta: Seq["P"], A: Head["S"], B: GroupSeq["N"], C: GroupSeq["N"],
                        y: Out[Seq["P"]], D: Head["P"] = None, z: Seq["P"] = None, delta_bias: Head["P"] = None,
-                       delta_softplus: Const = False, h: State[1, "S"] = None):
+                       delta_softplus: Const = False, h: State["P", "E"] = None):
     """A: the head's ``[N·P]`` decay rates, entry n's in columns ``n·P ...``; B, C: ``N`` or more
-    columns (the GPU pads them to its panel), of which the first ``S / P`` are read."""
+    columns (the GPU pads them to its panel), of which the first ``S / P`` are read; h: the head's
+    ``[P, E]`` state, entry n in column n (``E >= S / P``: the GPU pads it to 16 columns)."""
     width, entries = u.cols, A.shape[1] // u.cols
-    column = iota(1, B.cols, axis=1)
+    entry = iota(1, h.shape[1], axis=1)
     for c in chunks(64):
         uc, dc, Bc, Cc = u[c], delta[c], B[c], C[c]
         if delta_bias is not None:
@@ -57,17 +59,12 @@ def selective_scan_fwd(u: Seq["P"], delta: Seq["P"], A: Head["S"], B: GroupSeq["
             dc = softplus(dc)
         if delta_bias is not None or delta_softplus:  # no step past the sequence's end: the state holds
             dc = dc * in_seq(position(c).T * 0.0 + 1.0).T
-        du = dc * uc
         yc = None if D is None else uc * D
-        last = []
-        for n in range(entries):
-            pick = where(column == float(n), 1.0, 0.0)
-            cols = slice(n * width, (n + 1) * width)
-            hs = linrec(exp(dc * A[:, cols]), du * rowsum(Bc * pick), h[:, cols])
-            term = hs * rowsum(Cc * pick)
+        for n in range(entries):  # Δ B u formed per entry, read from the chunk's u: no Δ u tile held
+            hs = linrec(exp(dc * A[:, n * width:(n + 1) * width]), dc * Bc[:, n:n + 1] * uc, h[:, n:n + 1].T)
+            h = where(entry == float(n), hs[-1:].T, h)
+            term = hs * Cc[:, n:n + 1]
             yc = term if yc is None else yc + term
-            last.append(hs[-1:])
-        h = concat(last) if entries > 1 else last[0]
         y[c] = yc if z is None else yc * (z[c] * sigmoid(z[c]))
 
 
@@ -140,13 +137,14 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return None if t is None else t.unflatten(-1, (heads, width))
 
     rates = A.unflatten(0, (heads, width)).transpose(1, 2).flatten(1)  # [H, N·P]: entry n in columns n·P ...
-    h0 = None
-    if initial_state is not None:
-        h0 = initial_state.unflatten(1, (heads, width)).transpose(2, 3).flatten(2).unsqueeze(2)
+    h0 = initial_state if initial_state is not None else u.new_zeros(batch, channels, state, dtype=torch.float32)
+    h0 = h0.unflatten(1, (heads, width))  # [B, H, P, N]
+    if u.is_cuda and state % STATE_COLUMNS:  # register tiles: a multiple of 16 columns, entries past N stay 0
+        h0 = F.pad(h0, (0, STATE_COLUMNS - state % STATE_COLUMNS))
     y, h = selective_scan_mixer(u=per_head(u), delta=per_head(delta), A=rates, B=B, C=C, D=per_head(D),
                                 z=per_head(z), delta_bias=per_head(delta_bias), delta_softplus=bool(delta_softplus),
                                 h=h0)
     y = y.flatten(2)
     if not output_final_state:
         return y, None
-    return y, h.squeeze(2).unflatten(2, (state, width)).transpose(2, 3).flatten(1, 2)
+    return y, h[..., :state].flatten(1, 2)

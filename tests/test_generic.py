@@ -133,14 +133,17 @@ FEATURE_DIMS = {name: 64 for name in ("long_conv_cols", "long_conv_cols_inverse"
 def _specs_of(kernel) -> dict:
     """Argument specs for any program, from its signature, at the benchmark shape (B=2, T=4096,
     H=16, feature dims 128 or FEATURE_DIMS', bf16 tiles, fp32 per-token and per-head values;
-    optional states absent; matrices 4096 x 4096)."""
+    optional states absent unless no other input sizes one of their dims; matrices 4096 x 4096)."""
     from tilemix.tiles import TensorSpec
 
     specs = {}
     size = FEATURE_DIMS.get(kernel.name, 128)
+    sized = {d for spec in kernel.specs.values() if spec.kind != "state" for d in spec.layout}
     for name, spec in kernel.specs.items():
-        if spec.output or name in kernel.defaults:
-            continue  # outputs are allocated, optionals (states, D) absent, constants at their defaults
+        unsized_state = spec.kind == "state" and any(isinstance(d, str) and d not in sized for d in spec.dims)
+        if spec.output or (name in kernel.defaults and not unsized_state):
+            continue  # outputs are allocated, optionals (states sized by the others, D) absent, constants
+            # at their defaults
         features = tuple(size for d in spec.dims if d != 1)
         if spec.kind in ("seq", "group_seq"):
             heads = 16 if spec.kind == "seq" else 1
@@ -149,8 +152,9 @@ def _specs_of(kernel) -> dict:
             specs[name] = TensorSpec((16,) + features, "float32")
         elif spec.kind == "matrix":
             specs[name] = TensorSpec((4096, 4096), "bfloat16")
-        elif spec.kind == "state":
-            specs[name] = TensorSpec((2, 16) + tuple(1 if d == 1 else 128 for d in spec.dims), "float32")
+        elif spec.kind == "state":  # a dim no other input sizes (selective_scan's state entries): 16
+            specs[name] = TensorSpec((2, 16) + tuple(1 if d == 1 else 128 if d in sized else 16 for d in spec.dims),
+                                     "float32")
         elif spec.kind == "scalar":
             specs[name] = 0.1
     sequences = [spec for spec in kernel.specs.values() if spec.kind in ("seq", "group_seq")]

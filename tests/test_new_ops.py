@@ -11,12 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tilemix.tiles import (
+    Head,
     Out,
     Seq,
     TensorSpec,
     TileError,
     causal,
     chunks,
+    colsum,
     concat,
     cos,
     exp,
@@ -395,3 +397,161 @@ def test_outer_adjoint_matmuls_take_n_in_multiples_of_64():
     grads = [thunk() for thunk in ADJOINTS["outer"](em, op, Value(TileType(64, 256))).values()]
     assert [g.type.shape for g in grads] == [(64, 16), (64, 16)]
     assert all(o.result.type.cols % 64 == 0 for o in em.ops if o.name == "matmul")
+
+
+@kernel
+def column_picks_fwd(x: Seq["D"], y: Seq["D"], w: Head["D"], o: Out[Seq["D"]]):
+    """Single columns picked from a loaded tile (read where it lies in shared memory), from a
+    computed one (in registers) and from a head's row (loaded where read), each broadcast."""
+    for c in chunks(64):
+        xc, yc = x[c], y[c]
+        s = sin(yc)
+        o[c] = causal(xc @ yc.T) @ (yc * xc[:, 3:4]) + s[:, 17:18] * w[:, 5:6] + w[:, 16:32][:, 1:2]
+
+
+def _column_picks_reference(x, y, w):
+    o = np.zeros(x.shape)
+    for t0 in range(0, x.shape[1], 64):
+        rows = slice(t0, t0 + 64)
+        xc, yc = x[:, rows], y[:, rows]
+        scores = np.tril(np.einsum("bthd,bshd->bhts", xc, yc))
+        o[:, rows] = np.einsum("bhts,bshd->bthd", scores, yc * xc[..., 3:4])
+        o[:, rows] += np.sin(yc[..., 17:18]) * w[:, 5:6] + w[:, 17:18]
+    return o
+
+
+@given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), D=st.sampled_from([32, 64]),
+       seed=st.integers(0, 2**16))
+def test_column_picks_match_float64(B, T, H, D, seed):
+    rng = np.random.default_rng(seed)
+    x, y = (rng.standard_normal((B, T, H, D)) for _ in range(2))
+    w = rng.standard_normal((H, D))
+    np.testing.assert_allclose(column_picks_fwd(x=x, y=y, w=w)["o"], _column_picks_reference(x, y, w),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_column_picks_gradients_match_differences():
+    rng = np.random.default_rng(2)
+    inputs = {n: rng.standard_normal((2, 100, 2, 32)) for n in ("x", "y")}
+    _gradients_match_differences(column_picks_fwd, {**inputs, "w": rng.standard_normal((2, 32))})
+
+
+def test_gradient_of_a_picked_column_is_a_select_the_generators_lower():
+    """``x[:, 5:6]``'s adjoint puts the column back with a select on the column index: a concat of
+    5 and 58 zero columns would not lower (register tiles join at 8-column blocks)."""
+    from tilemix.tiles.adjoints import ADJOINTS, Emitter
+    from tilemix.tiles.ir import Op, Value
+    from tilemix.tiles.types import TileType
+
+    x, column = Value(TileType(64, 64)), Value(TileType(64, 1))
+    op = Op("slice", (x,), {"row0": 0, "rows": 64, "col0": 5, "cols": 1}, column, None)
+    em = Emitter()
+    dx = ADJOINTS["slice"](em, op, Value(TileType(64, 1)))[0]()
+    assert dx.type.shape == (64, 64)
+    assert "concat" not in [o.name for o in em.ops] and "where" in [o.name for o in em.ops]
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_column_picks_read_where_the_column_lies(arch):
+    """A loaded tile's column is read from shared memory, a register tile's from the quad lane that
+    holds it, and a head row read only in slices is loaded slice by slice where read, never whole."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.compile import compile_cuda, resources, sass
+    from tilemix.codegen.schedule import default_source
+
+    specs = {"x": TensorSpec((2, 4096, 4, 64), "bfloat16"), "y": TensorSpec((2, 4096, 4, 64), "bfloat16"),
+             "w": TensorSpec((4, 64), "float32")}
+    source = default_source(column_picks_fwd, column_picks_fwd.bind(specs), arch)
+    text = source.source
+    assert "tm::shared_tile" in text.split("tm::take_col<3>(")[1].split(";")[0]
+    assert "tm::shared_tile" not in text.split("tm::take_col<17>(")[1].split(";")[0]
+    assert text.count("tm::load_row_here(") == 2 and "tm::load_f32(" not in text
+    binary = compile_cuda(text, arch, source.name)
+    code, usage = sass(binary), resources(binary)
+    assert "LDL" not in code and "STL" not in code and not usage["local_memory"], usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 100, 300])
+def test_gpu_column_picks_match_interpreter(T, monkeypatch):
+    from tilemix.ops.runtime import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    gen = torch.Generator().manual_seed(T)
+    args = {n: (0.5 * torch.randn(2, T, 3, 64, generator=gen)).to(torch.bfloat16) for n in ("x", "y")}
+    args["w"] = torch.randn(3, 64, generator=gen)
+    gpu = run_kernel(column_picks_fwd, {n: t.cuda() for n, t in args.items()})
+    cpu = run_kernel(column_picks_fwd, args)
+    assert rel_err(gpu["o"].cpu(), cpu["o"].double().numpy()) <= bound(torch.bfloat16)
+
+
+def test_a_column_pick_of_part_of_the_rows_is_refused_by_name():
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.schedule import default_source
+
+    @kernel
+    def part(x: Seq["D"], o: Out[Seq["D"]]):
+        for c in chunks(64):
+            o[c] = x[c] * colsum(x[c][0:16, 3:4])
+
+    specs = {"x": TensorSpec((2, 4096, 4, 64), "bfloat16")}
+    with pytest.raises(TileError, match="a one-column slice takes every row"):
+        default_source(part, part.bind(specs), "sm_90a")
+
+
+@kernel
+def scan_rows_fwd(a: Seq["D"], b: Seq["D"], o: Out[Seq["D"]]):
+    """Rows a scan ends on (a forward scan's last, a reverse one's first) and rows it does not."""
+    for c in chunks(64):
+        ac, bc = sigmoid(a[c]), b[c]
+        forward, backward, before = linrec(ac, bc, 0.0), linrec(ac, bc, 0.0, reverse=True), \
+            linrec(ac, bc, 0.0, exclusive=True)
+        o[c] = bc * (forward[63:64] + backward[0:1] + forward[0:1] + before[63:64])
+
+
+def _scan_rows_reference(a, b):
+    o = np.zeros(a.shape)
+    for t0 in range(0, a.shape[1], 64):  # the last chunk padded with zeros, as loads past T read
+        ac, bc = (np.pad(x[:, t0:t0 + 64], ((0, 0), (0, 64 - len(x[0, t0:t0 + 64])), (0, 0), (0, 0))) for x in (a, b))
+        ac = 1 / (1 + np.exp(-ac))
+        forward, backward, h, g = np.zeros(ac.shape), np.zeros(ac.shape), 0.0, 0.0
+        for t in range(64):
+            forward[:, t] = h = ac[:, t] * h + bc[:, t]
+            backward[:, 63 - t] = g = ac[:, 63 - t] * g + bc[:, 63 - t]
+        rows = (forward[:, 63] + backward[:, 0] + forward[:, 0] + forward[:, 62])[:, None]
+        o[:, t0:t0 + 64] = (bc * rows)[:, :len(o[0, t0:t0 + 64])]
+    return o
+
+
+def test_scan_rows_match_float64():
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal((2, 100, 2, 16)) for _ in range(2))
+    np.testing.assert_allclose(scan_rows_fwd(a=a, b=b)["o"], _scan_rows_reference(a, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_the_row_a_scan_ends_on_is_its_carry(arch):
+    """Every thread holds a scan's state after its last row when it ends: that row (a recurrence's
+    carried row) is taken from there, with no round through shared memory; other rows are taken
+    from the warp that holds them."""
+    pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
+    from tilemix.codegen.schedule import default_source
+
+    specs = {n: TensorSpec((2, 4096, 4, 64), "bfloat16") for n in ("a", "b")}
+    text = default_source(scan_rows_fwd, scan_rows_fwd.bind(specs), arch).source
+    assert text.count("_carry);") == 2 and text.count("tm::take_row<") == 2
+    assert "tm::take_row<0>" in text and "tm::take_row<63>" in text
+
+
+@pytest.mark.gpu
+def test_gpu_scan_rows_match_interpreter(monkeypatch):
+    from tilemix.ops.runtime import run_kernel
+    from tilemix.reference.tolerance import bound, rel_err
+
+    monkeypatch.setenv("TILEMIX_POISON", "1")
+    gen = torch.Generator().manual_seed(0)
+    args = {n: (0.5 * torch.randn(2, 300, 3, 64, generator=gen)).to(torch.bfloat16) for n in ("a", "b")}
+    gpu = run_kernel(scan_rows_fwd, {n: t.cuda() for n, t in args.items()})
+    cpu = run_kernel(scan_rows_fwd, args)
+    assert rel_err(gpu["o"].cpu(), cpu["o"].double().numpy()) <= bound(torch.bfloat16)

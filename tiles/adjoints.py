@@ -188,11 +188,16 @@ def _zeros_beside(em: Emitter, g: Value, axis: int, before: int, after: int) -> 
 
 def _slice(em, op, gy):
     """The gradient back in its block of the operand's shape, zeros around it; a one-row block (the
-    row a recurrence carries) as a select on the row index, which the code generators lower at
-    any row."""
+    row a recurrence carries) or a one-column block (a picked column) as a select on the row or
+    column index, which the code generators lower at any row and column."""
     def dx():
         a, (rows, cols) = op.attrs, op.operands[0].type.shape
-        g = _zeros_beside(em, em.expand(gy, op.result.type.shape), 1, a["col0"], cols - a["col0"] - a["cols"])
+        g = em.expand(gy, op.result.type.shape)
+        if a["cols"] == 1 and cols > 1:
+            index = em.op("iota", [], {"rows": 1, "cols": cols, "axis": 1})
+            g = em.select(em.op("eq", [index, em.const(a["col0"])]), g, em.const(0.0))
+        else:
+            g = _zeros_beside(em, g, 1, a["col0"], cols - a["col0"] - a["cols"])
         if a["rows"] == 1 and rows > 1:
             index = em.op("iota", [], {"rows": rows, "cols": 1, "axis": 0})
             return em.select(em.op("eq", [index, em.const(a["row0"])]), g, em.const(0.0))

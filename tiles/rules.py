@@ -134,10 +134,9 @@ def _slice(ts, attrs):
     for start, size, n, what in ((r0, rows, t.rows, "rows"), (c0, cols, t.cols, "columns")):
         if size <= 0:
             raise ShapeError(f"slice of {t}: empty range of {what}")
-        one_row = what == "rows" and size == 1
-        if (start, size) != (0, n) and (start % 16 or size % 16) and not one_row:
+        if (start, size) != (0, n) and (start % 16 or size % 16) and size != 1:
             raise ShapeError(f"slice of {t}: {what} {start}:{start + size} do not start and end at "
-                             "multiples of 16 (or take one row)")
+                             "multiples of 16 (or take one row or column)")
     row_axis = t.row_axis if r0 == 0 else None  # positions stay right where the rows start at 0
     col_axis = t.col_axis if c0 == 0 else None
     return TileType(rows, cols, DType.f32, Space.register, row_axis, col_axis)

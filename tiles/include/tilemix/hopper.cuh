@@ -292,10 +292,11 @@ __device__ __forceinline__ void scan_rows(rt<R, C>& inc, rt<1, C>& total, const 
 // The linear recurrence h_t = a_t h_{t-1} + b_t down the rows (REV: h_t = a_t h_{t+1} + b_t, from
 // the last row up) from the row h0; EXCL: each row gets the state before it. The scan of scan_rows
 // with affine maps (a, b) composed in place of sums: shuffles over each warp's 16 rows, then warp
-// maps through `scratch` (8 * C floats, two barriers per 64 rows). a, b, h0 may broadcast.
+// maps through `scratch` (8 * C floats, two barriers per 64 rows). a, b, h0 may broadcast. `carry`
+// (if given) receives the state after the last row in scan order, which every thread holds at the end.
 template <bool REV, bool EXCL, int R, int C, class A, class B, class H>
 __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& b, const H& h0, float* scratch,
-                                            int bar) {
+                                            int bar, rt<1, C>* carry = nullptr) {
   using T = rt<R, C>;
   const int warp = (threadIdx.x % 128) / 32, g = lane_id() / 4, q = lane_id() % 4;
   const int gs = REV ? 7 - g : g;            // the row's place in scan order within its 8-row half
@@ -366,6 +367,11 @@ __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& 
       }
     sync_threads(bar, 128);  // scratch is free again
   }
+  if (carry)
+#pragma unroll
+    for (int nb = 0; nb < T::NB; ++nb)
+#pragma unroll
+      for (int cp = 0; cp < T::CP; ++cp) carry->v[0][nb][0][cp] = h[nb][cp];
 }
 
 // x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): l's strictly lower
@@ -791,11 +797,44 @@ template <int R> __device__ __forceinline__ void store_col(float* base, long str
       }
 }
 
+// column COL of a tile as a column vector: from a shared tile, each row's element where it lies
+template <int COL, bool is_bf16, int R, int C>
+__device__ __forceinline__ void take_col(rt<R, 1>& out, const shared_tile<is_bf16, R, C>& in) {
+  static_assert(COL >= 0 && COL < C, "the column lies in the tile");
+#pragma unroll
+  for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < rt<R, 1>::HR; ++hr) {
+      const u32 w = *(const u32*)(in.p + swz_offset<R>(row_in<R>(mb, hr), COL & ~1));
+      out.v[mb][0][hr][0] = unpack<is_bf16>((u16)(COL % 2 ? w >> 16 : w & 0xffff));
+    }
+}
+// ... from a register tile, from the lane of each quad that holds the column (no barrier)
+template <int COL, int R, int C> __device__ __forceinline__ void take_col(rt<R, 1>& out, const rt<R, C>& in) {
+  static_assert(COL >= 0 && COL < C, "the column lies in the tile");
+  const int holder = (lane_id() & ~3) | (COL % 8) / 2;
+#pragma unroll
+  for (int mb = 0; mb < rt<R, 1>::MB; ++mb)
+#pragma unroll
+    for (int hr = 0; hr < rt<R, 1>::HR; ++hr)
+      out.v[mb][0][hr][0] = __shfl_sync(0xffffffff, in.v[mb][COL / 8][hr][COL % 2], holder);
+}
+
 // fp32 [R x C] matrix at base (row stride `ld`), e.g. a state
 // (a vector tile's missing coordinate is 0; of the threads holding copies of an element, one stores it)
 template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
   using T = rt<R, C>;
   TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))];
+}
+// a read-only fp32 row (a head's parameters) read where it is used: volatile, so the compiler does
+// not hoist a loop's reads of its slices out of the loop and hold every slice at once
+template <int C> __device__ __forceinline__ void load_row_here(rt<1, C>& out, const float* base) {
+  using T = rt<1, C>;
+  TM_FOR_EACH(T) {
+    float x;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(x) : "l"(base + (C == 1 ? 0 : col_of(nb, cp))));
+    out.v[mb][nb][hr][cp] = x;
+  }
 }
 template <int R, int C> __device__ __forceinline__ void store_f32(float* base, int ld, const rt<R, C>& x) {
   using T = rt<R, C>;
