@@ -76,6 +76,8 @@ def decode_split(q: torch.Tensor, k: torch.Tensor) -> int | None:
     per SM without splitting, or fewer than two splits. Otherwise the splits that reach that many
     instances, each a power of two of keys, at least ``MIN_SPLIT`` (a few compiled kernels). Sizes
     torch.compile keeps symbolic take the cross-attention programs (None)."""
+    if q.dim() != 4 or k.dim() != 4:
+        return None  # a wrong rank: the programs' binding names the argument
     if not all(type(s) is int for s in (*q.shape, *k.shape)):
         return None  # symbolic sizes (torch.compile, dynamic shapes): the cross-attention programs
     B, Tq, H, _ = q.shape

@@ -74,6 +74,7 @@ def test_decode_split_rule():
     assert split(8, 1, 32768, 64) is None  # 512 instances fill the GPU already
     assert split(1, 65, 32768, 8) is None  # more than one query block
     assert split(1, 1, 512, 8) is None  # a single split
+    assert decode.decode_split(torch.empty(1, 1, 8), torch.empty(1, 4096, 1, 8)) is None  # the binding names q
 
 
 def test_stores_by_block_number():
