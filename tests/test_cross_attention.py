@@ -14,6 +14,7 @@ import torch
 from compile_checks import check_compiled
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_gqa import assert_gpu_attention_matches_interpreter
 
 from tilemix import ops, reference
 from tilemix.reference.tolerance import bound, rel_err
@@ -205,16 +206,5 @@ def test_gpu_cross_attention_matches_interpreter(Tq, Tk, H, H_kv, causal, target
     gradients against the interpreter running the same programs (bf16 numerics emulated) and the
     forward against the float64 reference."""
     monkeypatch.setenv("TILEMIX_POISON", "1")
-    q, k, v = _qkv(Tq, Tk, H, H_kv, D=128, Dv=128, seed=Tq, dtype=torch.bfloat16)
-    do = torch.randn(2, Tq, H, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
-    results = []
-    for device in ("cuda", "cpu"):
-        xs = [t.to(device).requires_grad_() for t in (q, k, v)]
-        with ops.use_target(target if device == "cuda" else None):
-            o = ops.attention(*xs, causal=causal)
-            o.backward(do.to(device))
-        results.append([o.detach().cpu()] + [t.grad.cpu() for t in xs])
-    assert rel_err(results[0][0], reference.attention(q, k, v, causal=causal)) <= bound(torch.bfloat16)
-    for ours, interp in zip(*results):
-        assert not ours.isnan().any()
-        assert rel_err(ours, interp.double().numpy()) <= bound(torch.bfloat16)
+    assert_gpu_attention_matches_interpreter(*_qkv(Tq, Tk, H, H_kv, D=128, Dv=128, seed=Tq, dtype=torch.bfloat16),
+                                             causal, target)

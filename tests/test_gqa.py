@@ -144,8 +144,14 @@ def test_gpu_gqa_matches_interpreter(T, H, H_kv, causal, target, monkeypatch):
     gradients against the interpreter running the same programs (bf16 numerics emulated) and the
     forward against the float64 reference."""
     monkeypatch.setenv("TILEMIX_POISON", "1")
-    q, k, v = _qkv(T, H, H_kv, D=128, Dv=128, seed=T, dtype=torch.bfloat16)
-    do = torch.randn(2, T, H, 128, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert_gpu_attention_matches_interpreter(*_qkv(T, H, H_kv, D=128, Dv=128, seed=T, dtype=torch.bfloat16),
+                                             causal, target)
+
+
+def assert_gpu_attention_matches_interpreter(q, k, v, causal: bool, target: str) -> None:
+    """bf16 ``q, k, v`` on the GPU (``target``) and on the interpreter: output and gradients within the
+    bf16 bound of each other, the output within it of the float64 reference; nothing left NaN."""
+    do = torch.randn(*q.shape[:3], v.shape[-1], generator=torch.Generator().manual_seed(1)).bfloat16()
     results = []
     for device in ("cuda", "cpu"):
         xs = [t.to(device).requires_grad_() for t in (q, k, v)]
