@@ -291,7 +291,6 @@ def scan_mix_fwd(a: Seq["D"], b: Seq["D"], q: Seq["D"], o: Out[Seq["D"]]):
         h = hs[-1:]
 
 
-
 @kernel
 def based_fwd(q: Seq["F"], k: Seq["F"], v: Seq["V"], o: Out[Seq["V"]]):
     """Based's second-order feature map within each chunk, on 16 features:
@@ -369,18 +368,21 @@ def test_gpu_new_ops_match_interpreter(program, T, monkeypatch):
         assert rel_err(gpu[out].cpu(), cpu[out].double().numpy()) <= bound(torch.bfloat16), out
 
 
-def test_gradient_of_a_carried_row_is_a_select_the_generators_lower():
-    """``h[-1:]``'s adjoint puts the row back with a select on the row index: a concat of 63 zero
-    rows would not lower (register tiles join at 64-row blocks)."""
+@pytest.mark.parametrize("shape, picked, out", [((64, 32), dict(row0=63, rows=1, col0=0, cols=32), (1, 32)),
+                                                ((64, 64), dict(row0=0, rows=64, col0=5, cols=1), (64, 1))],
+                         ids=["carried row", "column"])
+def test_gradient_of_a_row_or_column_pick_is_a_select_the_generators_lower(shape, picked, out):
+    """``h[-1:]``'s and ``x[:, 5:6]``'s adjoints put the row or column back with a select on its index:
+    a concat of zero rows or columns would not lower (register tiles join at 64-row and 8-column blocks)."""
     from tilemix.tiles.adjoints import ADJOINTS, Emitter
     from tilemix.tiles.ir import Op, Value
     from tilemix.tiles.types import TileType
 
-    h, row = Value(TileType(64, 32)), Value(TileType(1, 32))
-    op = Op("slice", (h,), {"row0": 63, "rows": 1, "col0": 0, "cols": 32}, row, None)
+    x = Value(TileType(*shape))
+    op = Op("slice", (x,), picked, Value(TileType(*out)), None)
     em = Emitter()
-    dx = ADJOINTS["slice"](em, op, Value(TileType(1, 32)))[0]()
-    assert dx.type.shape == (64, 32)
+    dx = ADJOINTS["slice"](em, op, Value(TileType(*out)))[0]()
+    assert dx.type.shape == shape
     assert "concat" not in [o.name for o in em.ops] and "where" in [o.name for o in em.ops]
 
 
@@ -434,21 +436,6 @@ def test_column_picks_gradients_match_differences():
     rng = np.random.default_rng(2)
     inputs = {n: rng.standard_normal((2, 100, 2, 32)) for n in ("x", "y")}
     _gradients_match_differences(column_picks_fwd, {**inputs, "w": rng.standard_normal((2, 32))})
-
-
-def test_gradient_of_a_picked_column_is_a_select_the_generators_lower():
-    """``x[:, 5:6]``'s adjoint puts the column back with a select on the column index: a concat of
-    5 and 58 zero columns would not lower (register tiles join at 8-column blocks)."""
-    from tilemix.tiles.adjoints import ADJOINTS, Emitter
-    from tilemix.tiles.ir import Op, Value
-    from tilemix.tiles.types import TileType
-
-    x, column = Value(TileType(64, 64)), Value(TileType(64, 1))
-    op = Op("slice", (x,), {"row0": 0, "rows": 64, "col0": 5, "cols": 1}, column, None)
-    em = Emitter()
-    dx = ADJOINTS["slice"](em, op, Value(TileType(64, 1)))[0]()
-    assert dx.type.shape == (64, 64)
-    assert "concat" not in [o.name for o in em.ops] and "where" in [o.name for o in em.ops]
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
