@@ -295,8 +295,8 @@ def mixer(kernel: Kernel, name: str | None = None, *, final_states: tuple[str, .
     backward): for every tensor input that requires grad (``Head`` summed over the batch,
     ``GroupSeq`` over each group's heads, a ``State`` the initial state's), given the gradients
     of the outputs and of the final states returned; ``Scalar``/``Const`` arguments get None.
-    CPU tensors run the derived programs on the interpreter; on CUDA tensors they do not run yet
-    (an error that says so). ``m.register_autograd(...)`` replaces the derived backward.
+    CPU tensors run the derived programs on the interpreter, CUDA tensors as generated kernels
+    (``ops/derived_cuda.py``). ``m.register_autograd(...)`` replaces the derived backward.
 
     >>> from tilemix.tiles import Out, Seq, State, chunks, colsum, kernel
     >>> @kernel

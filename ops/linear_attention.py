@@ -226,7 +226,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100); the backward runs on the forward's.
     ``backward``: "hand-written" (default: the programs above) or "derived" (the backward derived
-    from ``linear_attention_fwd``, ``tilemix.tiles.autodiff``; CPU tensors only for now).
+    from ``linear_attention_fwd``, ``tilemix.tiles.autodiff``, on the interpreter or the GPU).
     ``causal=False``: bidirectional (SANA, linear DiT), ``o_t = scale · Sᵀ q_t`` with ``S = Σ_s k_s v_sᵀ`` over
     every token (``ops/bidirectional.py``); ``normalize=True`` (bidirectional only) divides ``o_t`` by
     ``scale · q_t·Σ_s k_s + 1e-10`` over the same keys (fla's ``normalize_output`` convention: a sum near 0 is

@@ -73,7 +73,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the mma.sync
     kernels, also on an H100).
     ``backward``: "hand-written" (default: ``ops/ssd_backward.py``) or "derived" (the backward
-    derived from ``ssd_fwd``, ``tilemix.tiles.autodiff``; CPU tensors only for now).
+    derived from ``ssd_fwd``, ``tilemix.tiles.autodiff``, on the interpreter or the GPU).
     """
     check_call("ssd", differentiable=True, target=target, flags=dict(output_final_state=output_final_state),
                x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=initial_state)
