@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (10 min at most): install, then PHASE=tests (every GPU test, the newest files
-# first), PHASE=bench (the rows in ROWS beside their peers) or PHASE=all. Run from the repo root with
+# first), PHASE=bench (the rows in ROWS beside their peers), PHASE=all (both) or PHASE=sanitize (the
+# CALLS groups of bench/sanitize.py compiled once, then its four tools at once, a log each). Run from the repo root with
 # .whl carried (fla wheels, the unpacked mamba_ssm archive); logs under $OUT, a summary on stdout.
 set -o pipefail
 OUT=${OUT:-/tmp/tilemix-out}
@@ -12,6 +13,18 @@ export PYTHONPATH=/tmp/site${mamba:+:$mamba} PYTHONUNBUFFERED=1 TILEMIX_CACHE=${
   OMP_NUM_THREADS=2
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [ "${PHASE:-all}" = sanitize ]; then
+  calls=$(for c in ${CALLS:-tail}; do printf -- ' --calls=%s' "$c"; done)
+  # shellcheck disable=SC2086  # calls is a list of flags
+  timeout 200 python3 -m tilemix.bench.sanitize --launch $calls >"$OUT/launch.log" 2>&1; echo "launch rc=$?"
+  for tool in memcheck racecheck synccheck initcheck; do
+    # shellcheck disable=SC2086
+    timeout "${SANITIZE_TIMEOUT:-360}" python3 -m tilemix.bench.sanitize --tool $tool $calls >"$OUT/$tool.log" 2>&1 &
+  done
+  wait
+  for tool in memcheck racecheck synccheck initcheck; do tail -12 "$OUT/$tool.log"; done
+  exit 0
+fi
 if [ "${PHASE:-all}" != bench ]; then
   timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -m gpu -n "${WORKERS:-14}" -v -p no:cacheprovider -rfE \
     --durations=25 ${TESTS:-tests} >"$OUT/pytest.log" 2>&1
