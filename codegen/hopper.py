@@ -42,7 +42,7 @@ from .layout import align
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, store_entry
 from .source import KernelSource, ParamKind
-from .structure import CONSUMER_THREADS, PANEL
+from .structure import CONSUMER_THREADS, PANEL, packed_start
 
 __all__ = ["KernelSource", "lower_hopper", "HopperLowering"]
 
@@ -119,12 +119,12 @@ class HopperLowering(Lowering):
             t, spec = op.result.type, self.program.param(op.attrs["param"]).spec
             if spec.kind not in ("seq", "group_seq"):
                 continue
-            row0 = f"{self.plan.index_name[op.operands[0].id]} * {t.rows}"
+            row0, length = f"{self.plan.index_name[op.operands[0].id]} * {t.rows}", spec.length
             mine = self.plan.per_consumer(op)
             at = f"smem + {self.layout.prologue_offset[op]}" + (f" + wg * {t.rows * t.cols * 2}" if mine else "")
             panels = t.cols // PANEL if mine else self.plan.load_bytes(op) // (t.rows * 128)
-            self.emit(f"if ({row0} + {t.rows} > T) {{  // the sequence ends inside this block", ind)
-            for line in (f"tm::zero_rows<{t.rows}>({at}, {panels}, T - {row0});", "tm::fence_proxy_async();",
+            self.emit(f"if ({row0} + {t.rows} > {length}) {{  // the sequence ends inside this block", ind)
+            for line in (f"tm::zero_rows<{t.rows}>({at}, {panels}, {length} - {row0});", "tm::fence_proxy_async();",
                          f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});"):
                 self.emit(line, ind + 2)
             self.emit("}", ind)
@@ -157,7 +157,8 @@ class HopperLowering(Lowering):
             head = "h / (H / G)" if kind == "group_seq" else "h"
         elif kind == "group_seq":
             head = f"{head} / (H / G)"
-        row, batch = (f"bos + {idx[0]} * {t.rows}", "0") if self.varlen else (f"{idx[0]} * {t.rows}", "b")
+        start = packed_start(self.program.param(name).spec.length)
+        row, batch = (f"{start} + {idx[0]} * {t.rows}", "0") if self.varlen else (f"{idx[0]} * {t.rows}", "b")
         return "4d", f"{self.plan.col0(name, consumer)} + {panel * PANEL}, {head}, {row}, {batch}"
 
     def producer(self) -> list[str]:
@@ -279,10 +280,10 @@ class HopperLowering(Lowering):
             rows = op.result.type.rows
             panels = self.plan.load_bytes(op) // (rows * 128)
             at = f"smem + stage * stage_bytes + {self.layout.load_offset[op]}"
-            lines.append(f"tm::zero_rows<{rows}>({at}, {panels}, T - {chunk} * {rows});")
+            lines.append(f"tm::zero_rows<{rows}>({at}, {panels}, {loop.dim} - {chunk} * {rows});")
         if not lines:
             return
-        self.emit(f"if (({chunk} + 1) * {loop.size} > T) {{  // the sequence ends inside this chunk", ind)
+        self.emit(f"if (({chunk} + 1) * {loop.size} > {loop.dim}) {{  // the sequence ends inside this chunk", ind)
         for line in [*lines, "tm::fence_proxy_async();", f"tm::sync_threads({self.bar}, {CONSUMER_THREADS});"]:
             self.emit(line, ind + 2)
         self.emit("}", ind)

@@ -168,14 +168,15 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     addresses and scalar values: the schedule (``launch_schedule`` if None), the compiled kernel,
     the grid and the tensor maps' layouts. ``ops`` keeps one per call signature, so a repeated call
     only packs addresses and launches. ``varlen``: the kernel for a packed batch, whose B (the grid's)
-    is its sequence count and whose arguments hold its offsets as ``cu_seqlens``."""
+    is its sequence count and whose arguments hold its offsets as ``cu_seqlens`` (a second sequence's,
+    keys' say, as ``cu_seqlens_S``: ``structure.packed_offsets``)."""
     schedule = schedule or launch_schedule(kernel, binding, device, arch)
     sizes = binding.sizes
     per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
     plan = _plan(kernel, binding, schedule, arch, varlen)
     blocks = 1
     for dim, size in plan.source.grid_loops:  # a packed batch's: over its longest sequence's blocks
-        blocks *= -(-sizes["T_max" if varlen else dim] // size)
+        blocks *= -(-sizes[f"{dim}_max" if varlen else dim] // size)
     grid = (plan.source.column_ctas * blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, 1)
     size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
     layouts = {}  # tensor maps whose strides TMA reads in place: only the address changes from call to call

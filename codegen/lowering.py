@@ -27,7 +27,7 @@ from .layout import SharedLayout, plan_shared_memory
 from .liveness import Liveness, plan_liveness
 from .op_emitters import MAPS, OP_EMITTERS, emit_matmul
 from .source import KernelSource, ParamKind
-from .structure import KernelPlan, analyze_structure
+from .structure import KernelPlan, analyze_structure, packed_offsets, packed_start, sequence_dims
 
 __all__ = ["Lowering", "lower", "plans"]
 
@@ -74,19 +74,20 @@ class Lowering(Emitter):
             self.check_varlen()
 
     def check_varlen(self):
-        """Packed sequences lower programs whose loops walk the sequence: chunks() and blocks() over
-        T (a grid over the longest sequence's blocks, ``T_max``), no ChunkState, no sequence of
-        another length (``Seq.along``)."""
+        """Packed sequences lower programs whose loops walk the sequences: chunks() and blocks() over
+        T or a second sequence (``Seq.along``, packed by offsets of its own: keys, say), a grid over
+        the longest sequence's blocks (``T_max``, ``S_max``), no ChunkState."""
         plan = self.plan
-        if plan.matrix or any(loop.dim != "T" for loop in (*plan.loops, *plan.grid_loops)) \
-                or any(p.spec.kind == "chunk_state" or p.spec.length != "T" for p in self.program.params):
+        sequences = ("T", *sequence_dims(self.program))
+        if plan.matrix or any(loop.dim not in sequences for loop in (*plan.loops, *plan.grid_loops)) \
+                or any(p.spec.kind == "chunk_state" for p in self.program.params):
             self.fail("packed sequences (cu_seqlens) lower programs whose chunks() and blocks() loops walk the "
-                      "sequence (T), without ChunkState or a second sequence (Seq.along)")
+                      "sequences (T, Seq.along), without ChunkState")
 
     def token_base(self, length: str = "T") -> str:
         """The row of ``[B·length]`` tokens where this instance's sequence starts: its batch row's, or in
         a packed batch its offset. ``length``: the sequence dim of the tensor addressed (``Seq.along``)."""
-        return "(long)bos" if self.varlen else f"(long)b * {length}"
+        return f"(long){packed_start(length)}" if self.varlen else f"(long)b * {length}"
 
     def tile_at(self, name: str, idx: list[str], rows: int, cols: int, consumer: str = "wg",
                 out: bool = False) -> tuple[str, str, str, str]:
@@ -227,17 +228,27 @@ class Lowering(Emitter):
                 order.append((ParamKind.CHUNK_STATE, p.name))
             else:
                 self.fail(f"parameter kind {kind} is not lowered yet")
-        if self.varlen:
-            args.append("const int* __restrict__ cu_seqlens")
-            order.append((ParamKind.OFFSETS, "cu_seqlens"))
-        # in a packed batch T is each sequence's length (grid_decode), the packed row's is T_packed
-        args += [f"int {'T_packed' if self.varlen and d == 'T' else d}" for d in self.size_args()]
+        sequences = self.packed_dims()
+        for dim in sequences:
+            args.append(f"const int* __restrict__ {packed_offsets(dim)}")
+            order.append((ParamKind.OFFSETS, packed_offsets(dim)))
+        # in a packed batch T (S) is each sequence's length (grid_decode), the packed row's is T_packed
+        args += [f"int {d}_packed" if d in sequences else f"int {d}" for d in self.size_args()]
         return args, order
 
+    def packed_dims(self) -> tuple[str, ...]:
+        """The sequence dims a packed batch takes offsets for: T and each ``Seq.along`` one (none
+        without varlen)."""
+        return ("T", *sequence_dims(self.program)) if self.varlen else ()
+
     def size_args(self) -> tuple[str, ...]:
-        """The runtime sizes passed as int arguments; a packed batch's grid also takes ``T_max``, the
-        longest sequence (rounded up: ``ops/varlen.py``), which sizes its blocks() loops."""
-        return (*self.plan.size_args, "T_max") if self.varlen and self.plan.grid_loops else self.plan.size_args
+        """The runtime sizes passed as int arguments; a packed batch's grid also takes ``T_max`` (and
+        ``S_max`` for a grid over a second sequence), the longest sequence (rounded up:
+        ``ops/varlen.py``), which sizes its blocks() loops."""
+        if not self.varlen:
+            return self.plan.size_args
+        return (*self.plan.size_args, *(f"{d}_max" for d in self.packed_dims()
+                                        if any(loop.dim == d for loop in self.plan.grid_loops)))
 
     def grid_decode(self) -> list[str]:
         """blockIdx.x: a head's column block fastest (the CTAs of one head run side by side and
@@ -253,10 +264,10 @@ class Lowering(Emitter):
         for depth in reversed(range(len(plan.grid_loops))):
             loop = plan.grid_loops[depth]
             size = loop.size * (self.schedule.consumers if loop is plan.split_loop else 1)
-            count = f"((({'T_max' if self.varlen else loop.dim}) + {size - 1}) / {size})"
+            count = f"((({loop.dim + '_max' if self.varlen else loop.dim}) + {size - 1}) / {size})"
             var = "cta" if loop is plan.split_loop else "blk"
             grid.append(f"  const int {var}{depth} = rest % {count}; rest /= {count};")
-            first_rows.append(f"{var}{depth} * {size}")
+            first_rows.append((f"{var}{depth} * {size}", loop.dim))
         if plan.matrix:
             return grid
         if plan.heads:  # consumer wg runs head hcta * consumers + wg
@@ -264,10 +275,11 @@ class Lowering(Emitter):
             grid.append(f"  const int b = rest / (H / {C}), hcta = rest % (H / {C});")
         else:
             grid.append("  const int b = rest / H, h = rest % H;")
-        if self.varlen:
-            grid.append("  const int bos = cu_seqlens[b], T = cu_seqlens[b + 1] - bos;  // packed sequence b")
-            grid += [f"  if ({row} >= T) return;  // past the sequence's end (the grid spans the longest)"
-                     for row in first_rows]
+        for dim in self.packed_dims():
+            bos, offsets = packed_start(dim), packed_offsets(dim)
+            grid.append(f"  const int {bos} = {offsets}[b], {dim} = {offsets}[b + 1] - {bos};  // packed sequence b")
+        grid += [f"  if ({row} >= {dim}) return;  // past the sequence's end (the grid spans the longest)"
+                 for row, dim in first_rows if self.varlen]
         return grid
 
     def consumer_block(self) -> list[str]:

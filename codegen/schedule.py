@@ -34,9 +34,9 @@ from .knobs import Schedule, column_blocks, smem_limit
 from .specialise import kernel_source
 
 __all__ = ["Schedule", "default_schedule", "default_source", "launch_schedule", "heads_per_cta", "sm_count",
-           "schedule_overrides", "overridden", "splittable", "segment_count", "scan_segments", "segment_choices",
-           "declare", "Declared", "HeadSplit", "call_consts", "head_split_width", "Config", "config_space",
-           "knob_choices", "legal", "SPLIT_WIDTH", "MAX_STAGES", "IDLE_STAGES", "TUNED_MAX_STAGES"]
+           "schedule_overrides", "overridden", "splittable", "wide_columns", "segment_count", "scan_segments",
+           "segment_choices", "declare", "Declared", "HeadSplit", "call_consts", "head_split_width", "Config",
+           "config_space", "knob_choices", "legal", "SPLIT_WIDTH", "MAX_STAGES", "IDLE_STAGES", "TUNED_MAX_STAGES"]
 
 SPLIT_WIDTH = 64  # a column block's width: a 64-wide state's tiles fit a consumer's registers
 MAX_STAGES = 3  # the default ring's depth at most (deeper measured no faster)
@@ -50,16 +50,8 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
     fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA. Where
     shared memory is short: one consumer, then one stage. Then the ring as deep as shared memory
     allows (up to MAX_STAGES; scans on sm_90a only, the generic target's scans unmeasured)."""
-    split = []
-    for p in binding.params:
-        if p.spec.kind == "state":
-            dim = p.spec.dims[1]
-            # states that share a column dim split it once
-            if (binding.extent(dim) > SPLIT_WIDTH and (dim, SPLIT_WIDTH) not in split
-                    and splittable(kernel, binding, dim)):
-                split.append((dim, SPLIT_WIDTH))
+    split = tuple((dim, SPLIT_WIDTH) for dim in wide_columns(kernel, binding))
     if split:
-        split = tuple(split)
         pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
         schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
@@ -112,6 +104,15 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
         if op.name in ("colsum", "colmax", "cumsum", "segsum") and op.operands[0].type.rows == probe:
             return False
     return True
+
+
+def wide_columns(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
+    """The state column dims wider than ``SPLIT_WIDTH`` that ``splittable`` lets the schedule cut
+    into column blocks, each once (states that share a column dim split it once), in parameter
+    order: one test for the default schedule and the derived backward's column blocks."""
+    dims = dict.fromkeys(p.spec.dims[1] for p in binding.params
+                         if p.spec.kind == "state" and isinstance(p.spec.dims[1], str))
+    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim))
 
 
 def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str,

@@ -18,7 +18,7 @@ from tilemix.tiles.lowerable import PANEL, check_lowerable, grid_loops
 
 from .knobs import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "CONSUMER_THREADS", "PANEL"]
+__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "packed_offsets", "packed_start", "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 
@@ -142,6 +142,17 @@ def sequence_dims(program: Program) -> tuple[str, ...]:
     """The sequence dims besides T that the program's Seq/GroupSeq parameters run along (``Seq.along``),
     sorted: runtime sizes the kernel takes after T, H and G."""
     return tuple(sorted({p.spec.length for p in program.params if p.spec.kind in ("seq", "group_seq")} - {"T"}))
+
+
+def packed_offsets(dim: str) -> str:
+    """The kernel argument (and the launch's argument name) holding a packed batch's int32 offsets
+    along sequence dim ``dim``: ``cu_seqlens`` for T, ``cu_seqlens_S`` for a ``Seq.along("S")``."""
+    return "cu_seqlens" if dim == "T" else f"cu_seqlens_{dim}"
+
+
+def packed_start(dim: str) -> str:
+    """The C++ name of a packed instance's first token along ``dim`` (read from ``packed_offsets``)."""
+    return "bos" if dim == "T" else f"bos_{dim}"
 
 
 def _check_consumers(target: str, program: Program, schedule: Schedule, matrix: bool, consumer_heads: bool):

@@ -27,7 +27,8 @@ from ._library import tile_op
 from .attention_decode import attention_decode, decode_split
 from .attention_tiles import KEYS, LOG2E, cross_keys, key_chunk, nonzero_denominator, online_softmax, variant, visible
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
-from .varlen import check_cu_seqlens
+from .varlen import ARGUMENT as VARLEN
+from .varlen import Packed, check_cu_seqlens, check_longest
 
 __all__ = ["attention", "attention_fwd", "attention_fwd_lse", "attention_bwd_dq", "attention_bwd_dkdv",
            "attention_fwd_gqa", "attention_fwd_lse_gqa", "attention_bwd_dq_gqa", "attention_bwd_dkdv_gqa",
@@ -127,12 +128,37 @@ declare(attention_fwd, attention_fwd_lse, attention_fwd_gqa, attention_fwd_lse_g
         attention_fwd_lse_cross, attention_fwd_cross_gqa, attention_fwd_lse_cross_gqa, consts=key_chunk)
 
 
-def _forward_args(q, k, v, causal, scale, window=0, cu_seqlens=None):
-    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal, window=window or None, cu_seqlens=cu_seqlens), {}, None
+# a packed batch: the queries' offsets, the keys' where they differ, the longest lengths where given (-1: none)
+_PACKING = "Tensor? cu_seqlens=None, Tensor? cu_seqlens_k=None, int max_seqlen_q=-1, int max_seqlen_k=-1"
+
+
+def _packing(cu_seqlens=None, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1):
+    """The programs' ``cu_seqlens`` argument (``ops/varlen.py``) from the ops' packing arguments:
+    None, the offsets (queries and keys alike, no length given), or a ``Packed`` (keys along ``S``)."""
+    if cu_seqlens is None:
+        return None
+    longest = {d: n for d, n in (("T", max_seqlen_q), ("S", max_seqlen_k)) if n >= 0}
+    if cu_seqlens_k is None and not longest:
+        return cu_seqlens
+    return Packed({"T": cu_seqlens, **({} if cu_seqlens_k is None else {KEYS: cu_seqlens_k})}, longest)
+
+
+def _forward_args(q, k, v, causal, scale, window=0, *packing):
+    return dict(q=q, k=k, v=v, scale=scale, is_causal=causal, window=window or None,
+                **{VARLEN: _packing(*packing)}), {}, None
+
+
+def _backward_args(saved: str):
+    """The ``to_args`` of a backward op whose schema takes ``saved`` (the forward's ``o``, or the
+    dq program's ``delta``) after the shared arguments."""
+    def to_args(q, k, v, do, lse, causal, scale, value, window=0, *packing):
+        return dict(q=q, k=k, v=v, do=do, lse=lse, scale=scale, is_causal=causal, window=window or None,
+                    **{saved: value, VARLEN: _packing(*packing)}), {}, None
+    return to_args
 
 
 _BWD_ARGS = "Tensor q, Tensor k, Tensor v, Tensor do, Tensor lse, bool causal, float scale"
-_FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window=0, Tensor? cu_seqlens=None)"
+_FWD_SCHEMA = f"(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window=0, {_PACKING})"
 
 
 def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_dkdv: Kernel):
@@ -140,59 +166,52 @@ def _attention_ops(name: str, fwd: Kernel, fwd_lse: Kernel, bwd_dq: Kernel, bwd_
     rows' log-sum-exp ``[B, T, H]``, float32, saved for the backward), both differentiable, on the
     four programs given; the backward programs are ops too (``<name>_bwd_dq``, ``<name>_bwd_dkdv``),
     so a compiled training step (AOT autograd traces the backward with fake tensors) sees them as ops,
-    not as Python. ``window``: the sliding window of causal attention (0: none); ``cu_seqlens``: a
+    not as Python. ``window``: the sliding window of causal attention (0: none); ``_PACKING``: a
     packed batch (``ops/varlen.py``). Returns the four ops ``(plain, lse, bwd_dq, bwd_dkdv)``."""
     plain = tile_op(name, f"{_FWD_SCHEMA} -> Tensor", fwd, _forward_args, lambda out: out["o"])
     lse_op = tile_op(f"{name}_lse", f"{_FWD_SCHEMA} -> (Tensor, Tensor)",
                      fwd_lse, _forward_args, lambda out: (out["o"], out["lse"]))
-    dq_op = tile_op(
-        f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o, int window=0, Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
-        bwd_dq,
-        lambda q, k, v, do, lse, causal, scale, o, window=0, cu_seqlens=None: (
-            dict(q=q, k=k, v=v, o=o, do=do, lse=lse, scale=scale, is_causal=causal, window=window or None,
-                 cu_seqlens=cu_seqlens), {}, None),
-        lambda out: (out["dq"], out["delta"]))
-    dkdv_op = tile_op(
-        f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta, int window=0, Tensor? cu_seqlens=None) -> (Tensor, Tensor)",
-        bwd_dkdv,
-        lambda q, k, v, do, lse, causal, scale, delta, window=0, cu_seqlens=None: (
-            dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, scale=scale, is_causal=causal, window=window or None,
-                 cu_seqlens=cu_seqlens), {}, None),
-        lambda out: (out["dk"], out["dv"]))
+    dq_op = tile_op(f"{name}_bwd_dq", f"({_BWD_ARGS}, Tensor o, int window=0, {_PACKING}) -> (Tensor, Tensor)",
+                    bwd_dq, _backward_args("o"), lambda out: (out["dq"], out["delta"]))
+    dkdv_op = tile_op(f"{name}_bwd_dkdv", f"({_BWD_ARGS}, Tensor delta, int window=0, {_PACKING}) -> (Tensor, Tensor)",
+                      bwd_dkdv, _backward_args("delta"), lambda out: (out["dk"], out["dv"]))
 
-    def gradients(ctx, q, k, v, o, lse, do, cu_seqlens):
+    def gradients(ctx, q, k, v, o, lse, do, offsets):
         """dq (and delta) from one program, dk and dv from the other (skipped if neither is wanted);
         grouped k and v: the query heads' shares summed over each group."""
         args = (q, k, v, do.contiguous(), lse, ctx.causal, ctx.scale)
+        packing = (*offsets, *ctx.longest)
         dk = dv = None
         with use_target(ctx.target):  # the backward programs run on the forward's target
-            dq, delta = dq_op(*args, o, ctx.window, cu_seqlens)
+            dq, delta = dq_op(*args, o, ctx.window, *packing)
             if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta, ctx.window, cu_seqlens))
-        return dq, dk, dv, None, None, None, None
+                dk, dv = (_group_sum(t, k.shape[2]) for t in dkdv_op(*args, delta, ctx.window, *packing))
+        return dq, dk, dv, None, None, None, None, None, None, None
 
     def setup_lse(ctx, inputs, output):
-        q, k, v, causal, scale, window, cu_seqlens = inputs
+        q, k, v, causal, scale, window, *packing = inputs
         ctx.causal, ctx.scale, ctx.window, ctx.target = causal, scale, window, current_target()
+        ctx.longest = tuple(packing[2:])
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+        ctx.save_for_backward(q, k, v, *output, *packing[:2])
 
     def backward_lse(ctx, do, _dlse):
-        *saved, cu_seqlens = ctx.saved_tensors
-        return gradients(ctx, *saved, do, cu_seqlens)
+        *saved, cu_seqlens, cu_seqlens_k = ctx.saved_tensors
+        return gradients(ctx, *saved, do, (cu_seqlens, cu_seqlens_k))
 
     def setup(ctx, inputs, output):
-        q, k, v, causal, scale, window, cu_seqlens = inputs
+        q, k, v, causal, scale, window, *packing = inputs
         ctx.causal, ctx.scale, ctx.window, ctx.target = causal, scale, window, current_target()
-        ctx.save_for_backward(q, k, v, output, cu_seqlens)
+        ctx.longest = tuple(packing[2:])
+        ctx.save_for_backward(q, k, v, output, *packing[:2])
 
     def backward(ctx, do):
         """The plain op called directly saved no log-sum-exp: recompute it (one more forward pass;
         ``attention()`` runs the ``_lse`` op instead when gradients are wanted)."""
-        q, k, v, o, cu_seqlens = ctx.saved_tensors
+        q, k, v, o, *offsets = ctx.saved_tensors
         with use_target(ctx.target):
-            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale, ctx.window, cu_seqlens)
-        return gradients(ctx, q, k, v, o, lse, do, cu_seqlens)
+            _, lse = lse_op(q, k, v, ctx.causal, ctx.scale, ctx.window, *offsets, *ctx.longest)
+        return gradients(ctx, q, k, v, o, lse, do, offsets)
 
     lse_op.register_autograd(backward_lse, setup_context=setup_lse)
     plain.register_autograd(backward, setup_context=setup)
@@ -224,6 +243,8 @@ _OPS = {(False, False): (attention_op, attention_lse_op), (False, True): (attent
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, *, window: int | None = None, cu_seqlens: torch.Tensor | None = None,
+              cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+              max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
               target: str | None = None) -> torch.Tensor:
     """Multi-head softmax attention. q: ``[B, Tq, H, D]``; k: ``[B, Tk, H_kv, D]``; v: ``[B, Tk, H_kv, V]``
     with ``H % H_kv == 0``: grouped-query attention where ``H_kv < H`` (query head h reads kv head
@@ -242,22 +263,62 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     ``attention_bwd_dkdv`` (``*_gqa`` programs for grouped k and v); otherwise it runs ``attention_fwd``
     alone. ``target``: "auto" (default: $TILEMIX_TARGET, else by the GPU), "hopper" or "generic" (the
     mma.sync kernels, also on an H100).
-    ``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (B = 1; FlashAttention's varlen
-    with ``cu_seqlens_q = cu_seqlens_k``, so ``Tq = Tk``): each attends within itself (``ops/varlen.py``;
-    on a GPU a host read of the longest length sizes the grid)."""
+    ``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (B = 1) for queries and keys
+    alike: each attends within itself (``ops/varlen.py``). FlashAttention's varlen: ``cu_seqlens_q``
+    and ``cu_seqlens_k`` (both, the same N), query sequence i against key sequence i, causal aligned
+    to the end of each pair as in cross-attention (the ``*_cross`` programs, keys packed by offsets
+    of their own). On a GPU a host read of the longest length sizes the grid, unless ``max_seqlen_q``
+    (and for the backward ``max_seqlen_k``) give it: then the offsets are not read and, as in
+    FlashAttention, are trusted, a length below the longest drops rows (on the CPU both are checked)."""
     check_call("attention", differentiable=True, target=target, flags=dict(causal=causal), q=q, k=k, v=v)
-    cross = _cross_lengths(q, k, window, cu_seqlens)
+    cu_seqlens, cu_seqlens_k = _offsets(cu_seqlens, cu_seqlens_q, cu_seqlens_k)
+    cross = cu_seqlens_k is not None or _cross_lengths(q, k, window, cu_seqlens)
+    packing = ()
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, q, "q")
+        packing = _checked_packing(q, k, window, cu_seqlens, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window = _op_window(window, causal, q)
     scale = default_scale(q, scale)
     plain, with_lse = _OPS[cross, _grouped(q, k)]
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window, cu_seqlens)[0]
+        return call_with_target(target, with_lse, q, k, v, bool(causal), scale, window, *packing)[0]
     split = decode_split(q, k) if cu_seqlens is None and not window else None
     if split is not None:
         return call_with_target(target, attention_decode, q, k, v, bool(causal), scale, split)
-    return call_with_target(target, plain, q, k, v, bool(causal), scale, window, cu_seqlens)
+    return call_with_target(target, plain, q, k, v, bool(causal), scale, window, *packing)
+
+
+def _offsets(cu_seqlens, cu_seqlens_q, cu_seqlens_k):
+    """``(queries' offsets, keys' offsets or None where they are the queries')``: ``cu_seqlens``, or
+    ``cu_seqlens_q`` with ``cu_seqlens_k`` (both or neither; not with ``cu_seqlens``)."""
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return cu_seqlens, None
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens: pass it (queries and keys packed alike) or cu_seqlens_q and cu_seqlens_k, "
+                         "not both")
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        missing = "cu_seqlens_q" if cu_seqlens_q is None else "cu_seqlens_k"
+        raise ValueError(f"{missing}: cu_seqlens_q and cu_seqlens_k go together (or pass cu_seqlens alone)")
+    return cu_seqlens_q, None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
+
+
+def _checked_packing(q, k, window, cu_seqlens, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple:
+    """The ops' packing arguments (``_PACKING``) after checking each against q and k."""
+    separate = cu_seqlens_k is not None
+    q_name = "cu_seqlens_q" if separate else "cu_seqlens"
+    longest_q = check_longest(max_seqlen_q, cu_seqlens, "max_seqlen_q")
+    n = check_cu_seqlens(cu_seqlens, q, "q", q_name, trusted=longest_q is not None)
+    longest_k = None
+    if separate:
+        if window is not None:
+            raise ValueError("cu_seqlens_k: a sliding window takes keys and queries of one length; pass cu_seqlens")
+        longest_k = check_longest(max_seqlen_k, cu_seqlens_k, "max_seqlen_k")
+        n_k = check_cu_seqlens(cu_seqlens_k, k, "k", "cu_seqlens_k", trusted=longest_q is not None)
+        if n_k != n:
+            raise ValueError(f"cu_seqlens_k: packs {n_k} sequences, cu_seqlens_q {n}; each query sequence "
+                             "has its key sequence")
+    elif max_seqlen_k is not None:
+        longest_k = check_longest(max_seqlen_k, cu_seqlens, "max_seqlen_k")
+    return (cu_seqlens, cu_seqlens_k, -1 if longest_q is None else longest_q, -1 if longest_k is None else longest_k)
 
 
 def _op_window(window, causal, q) -> int:
@@ -278,12 +339,13 @@ def _op_window(window, causal, q) -> int:
 
 def _cross_lengths(q: torch.Tensor, k: torch.Tensor, window, cu_seqlens) -> bool:
     """Whether k's length differs from q's (cross-attention); with a sliding window or packed
-    sequences (which take one length) that is a ValueError naming k."""
+    sequences under one set of offsets (which take one length) that is a ValueError naming k."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[1] == k.shape[1]:
         return False  # a wrong rank: the programs' binding names the argument
     lengths = f"k has {k.shape[1]} tokens, q {q.shape[1]}"
     if cu_seqlens is not None:
-        raise ValueError(f"k: with cu_seqlens q, k and v pack the same sequences (one set of offsets); {lengths}")
+        raise ValueError(f"k: with cu_seqlens q, k and v pack the same sequences (one set of offsets: pass "
+                         f"cu_seqlens_q and cu_seqlens_k for others); {lengths}")
     if window is not None:
         raise ValueError(f"k: a sliding window takes keys and queries of one length; {lengths}")
     return True

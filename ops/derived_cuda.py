@@ -4,7 +4,7 @@ Per call: the states program saves each chunk's entering state ([B, H, NC, r, c]
 reverse program reads them, then one program per input gradient runs over the chunks (the other
 way, reading those checkpoints, or forward-fused, recomputing the states: ``tiles.autodiff``);
 one program per gradient keeps each one's live tiles within the registers (``backward_launches``).
-A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``splittable``)
+A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``wide_columns``)
 is cut into column blocks: inside each CTA (the schedule's split) for a gradient whose own programs
 contract none of those columns (``whole_width``), else on the host, each block differentiated alone:
 the inputs with that dim take their block's gradient, the others sum the blocks' shares. The blocks'
@@ -19,7 +19,7 @@ import torch
 
 from tilemix.codegen.compile import MissingTool, compile_cuda, resources
 from tilemix.codegen.launch import Launch, prepare_launch
-from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule, splittable
+from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule, wide_columns
 from tilemix.codegen.specialise import kernel_source
 from tilemix.tiles import Kernel, TileError
 from tilemix.tiles.autodiff import DerivedKernel, derive_backward, reduce_gradient
@@ -34,14 +34,9 @@ _TORCH = {DType.bf16: torch.bfloat16, DType.f16: torch.float16, DType.f32: torch
 
 
 def column_split(kernel: Kernel, binding: Binding) -> str | None:
-    """The state column dim the backward runs in ``SPLIT_WIDTH``-wide blocks, or None."""
-    for p in binding.params:
-        if p.spec.kind == "state" and isinstance(p.spec.dims[1], str):
-            dim = p.spec.dims[1]
-            width = binding.extent(dim)
-            if width > SPLIT_WIDTH and width % SPLIT_WIDTH == 0 and splittable(kernel, binding, dim):
-                return dim
-    return None
+    """The state column dim the backward runs in ``SPLIT_WIDTH``-wide blocks (the first of
+    ``wide_columns`` that they cut whole), or None."""
+    return next((dim for dim in wide_columns(kernel, binding) if binding.extent(dim) % SPLIT_WIDTH == 0), None)
 
 
 def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wrt: Iterable[str],
@@ -126,14 +121,6 @@ def _block(kernel: Kernel, name: str, t: Any, dim: str, cols: slice) -> Any:
     return t[(slice(None),) * layout.index(dim) + (cols,)]
 
 
-def _splits_inside(derived: DerivedKernel, binding: Binding) -> bool:
-    """Whether the schedule cuts a state's columns into blocks inside each CTA (``default_schedule``'s
-    test): a column dim wider than ``SPLIT_WIDTH`` that none of the program's matmuls contracts."""
-    return any(p.spec.kind == "state" and isinstance(p.spec.dims[1], str)
-               and binding.extent(p.spec.dims[1]) > SPLIT_WIDTH and splittable(derived, binding, p.spec.dims[1])
-               for p in binding.params)
-
-
 def _fits(derived: DerivedKernel, binding: Binding, arch: str) -> bool:
     """Whether the program lowers for ``arch`` with its default schedule and compiles without local
     memory (a spill costs more than host blocks save)."""
@@ -162,7 +149,7 @@ def whole_width(kernel: Kernel, binding: Binding, grads_given: Iterable[str], wr
     for name in sorted(wrt):
         for transpose in (False, True):
             launches = backward_launches(kernel, binding, grads_given, [name], transpose)
-            if all(_splits_inside(derived, derived_binding) and _fits(derived, derived_binding, arch)
+            if all(wide_columns(derived, derived_binding) and _fits(derived, derived_binding, arch)
                    for _, derived, derived_binding in launches):
                 whole[name] = transpose
                 break

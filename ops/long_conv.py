@@ -34,8 +34,11 @@ __all__ = ["long_conv", "gated_long_conv"]
 PARTS = ("er", "ei", "odd_r", "odd_i")  # step 1's outputs: even k1 (re, im), odd k1 (re, im)
 
 
-def _blocks_view(x: torch.Tensor) -> torch.Tensor:
-    """``[B, L, C]`` as steps 1 and 3 see it: ``M = L/64`` samples; a head per (row, 64 channels)."""
+def _blocks_view(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, L, C]`` as steps 1 and 3 see it: ``M = L/64`` samples; a head per (row, 64 channels).
+    None (an absent gate or imaginary part) as None."""
+    if x is None:
+        return None
     b, length, channels = x.shape
     return x.view(b, length // ROWS, channels, ROWS)
 
@@ -66,9 +69,9 @@ def _transform(x: torch.Tensor, gate: torch.Tensor | None = None, paired: bool =
     complex signal (an even batch), each part ``[B/2, L, C]``; else ``x`` real, each part ``[B, L, C]``."""
     m = x.shape[1] // ROWS
     (x_re, x_im), (g_re, g_im) = (_halves(x), _halves(gate)) if paired else ((x, None), (gate, None))
-    view = lambda t: None if t is None else _blocks_view(t)  # noqa: E731
-    out = run_kernel(long_conv_cols, dict(x=view(x_re), x_im=view(x_im), gate=view(g_re), gate_im=view(g_im),
-                                          period=2.0 * m, turn=math.pi / m, scale=(2 * m) ** -0.5, exact=_exact(x)))
+    out = run_kernel(long_conv_cols, dict(x=_blocks_view(x_re), x_im=_blocks_view(x_im), gate=_blocks_view(g_re),
+                                          gate_im=_blocks_view(g_im), period=2.0 * m, turn=math.pi / m,
+                                          scale=(2 * m) ** -0.5, exact=_exact(x)))
     return [out[name].view(x_re.shape) for name in PARTS]
 
 
@@ -114,10 +117,8 @@ def _apply(parts: list[torch.Tensor], spectrum: list[torch.Tensor], conjugate: b
     y = torch.empty((2 * shape[0], *shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
     y_re, y_im = _halves(y)
     g_re, g_im = _halves(gate)
-    view = lambda t: None if t is None else _blocks_view(t)  # noqa: E731
-    run_kernel(long_conv_cols_inverse_pair, dict(_inverse_args(_rows(parts, spectrum, conjugate)), gate=view(g_re),
-                                                 gate_im=view(g_im)),
-               into=dict(y=_blocks_view(y_re), y_im=_blocks_view(y_im)))
+    args = dict(_inverse_args(_rows(parts, spectrum, conjugate)), gate=_blocks_view(g_re), gate_im=_blocks_view(g_im))
+    run_kernel(long_conv_cols_inverse_pair, args, into=dict(y=_blocks_view(y_re), y_im=_blocks_view(y_im)))
     return y
 
 

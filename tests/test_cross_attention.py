@@ -156,17 +156,6 @@ def test_loop_bounds_between_two_dims_align_their_ends():
         assert n[0, ::64, 0].tolist() == [min(S, max(0, 64 * (i + 1) + S - T)) for i in range(T // 64)]
 
 
-def test_packed_batches_refuse_a_second_sequence():
-    from tilemix.codegen.schedule import default_schedule
-    from tilemix.codegen.specialise import kernel_source
-    from tilemix.ops.examples import kernel_specs
-
-    program = attention_programs.attention_fwd_cross
-    binding = program.bind(kernel_specs(program, size=64))
-    with pytest.raises(TileError, match=r"without ChunkState or a second sequence \(Seq.along\)"):
-        kernel_source(program, binding, default_schedule(program, binding, "sm_90a"), "sm_90a", True)
-
-
 # measured 2026-12-05: the non-causal dk/dv program at the bench shape, two groups per CTA on sm_80
 # (attention_bwd_dkdv spills there too, tests/test_generic.py)
 SPILLING = {("attention_bwd_dkdv_cross_gqa", "sm_80", False): 8}
