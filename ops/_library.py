@@ -13,6 +13,7 @@ from tilemix.codegen.schedule import call_consts
 from tilemix.tiles import Kernel
 
 from .derived import derived_gradients
+from .eager import torch_custom_op
 from .runtime import check_call, current_target, fake_run, run_kernel, use_target
 from .varlen import ARGUMENT as VARLEN
 from .varlen import check_cu_seqlens, fake_varlen, run_varlen, varlen_gradients
@@ -55,7 +56,7 @@ def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: 
     namespace, _, short = qualified.partition("::")
     if hasattr(getattr(torch.ops, namespace), short):  # torch takes a second one; the first then corrupts memory
         raise ValueError(f"name: a torch op {qualified!r} is already registered; pick another name")
-    op = torch.library.custom_op(qualified, real, mutates_args=(), schema=schema)
+    op = torch_custom_op(qualified, real, schema=schema)
     op.register_fake(fake)
     return op
 
@@ -232,7 +233,7 @@ def _derived_backward_op(kernel: Kernel, name: str, inputs: list[str], tensors: 
                          "pick another name")
     arguments = [_schema_argument(kernel, n) for n in inputs] + ["Tensor?[] grads", "bool[] wanted",
                                                                  "Tensor? cu_seqlens=None"]
-    op = torch.library.custom_op(name, real, mutates_args=(), schema=f"({', '.join(arguments)}) -> Tensor[]")
+    op = torch_custom_op(name, real, schema=f"({', '.join(arguments)}) -> Tensor[]")
     op.register_fake(fake)
     return op
 
