@@ -249,6 +249,7 @@ class Mixer:
         self.name = _qualified(name or f"tilemix_user::{kernel.name}")
         self.op = custom_op(kernel, self.name, self.final_states)  # torch's CustomOpDef
         self._inputs = [n for n, spec in kernel.specs.items() if not spec.output]
+        self._known, self._required = frozenset(self._inputs), [n for n in self._inputs if n not in kernel.defaults]
         self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
         results = tuple(n for n, spec in kernel.specs.items() if spec.output) + self.final_states
         register_derived_autograd(self.op, kernel, (*self._inputs, VARLEN), results)
@@ -256,12 +257,12 @@ class Mixer:
     def __call__(self, *, cu_seqlens: torch.Tensor | None = None, **inputs):
         """``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (``ops/varlen.py``);
         states then ``[N, H, ...]``."""
-        unknown = sorted(set(inputs) - set(self._inputs))
-        if unknown:
+        if not self._known.issuperset(inputs):
+            unknown = sorted(set(inputs) - self._known)
             outputs = [n for n in unknown if n in self.kernel.specs]
             why = f"{outputs} are outputs, which the op returns" if outputs else f"expected {self._inputs}"
             raise TypeError(f"{self.name}: unexpected argument(s) {unknown}; {why}")
-        missing = [n for n in self._inputs if n not in inputs and n not in self.kernel.defaults]
+        missing = [n for n in self._required if n not in inputs]
         if missing:
             raise TypeError(f"{self.name}: missing argument(s) {missing}")
         check_call(self.name, differentiable=True, **{n: inputs.get(n) for n in self._tensors})
