@@ -55,6 +55,10 @@ class _Signature:
         # filled[n]: the defaults of the arguments after the first n, None where one has no default
         self.filled = [tuple(d for _, d in self.defaults[n:]) if all(has for has, _ in self.defaults[n:]) else None
                        for n in range(len(arguments) + 1)]
+        self.tensors = tuple(i for i, kind in enumerate(self.kinds) if kind is _TENSOR)
+        self.optionals = tuple(i for i, kind in enumerate(self.kinds) if kind is _OPTIONAL)
+        self.floats = tuple(i for i, kind in enumerate(self.kinds) if kind is _FLOAT)
+        self.others = tuple((i, kind) for i, kind in enumerate(self.kinds) if kind not in (_TENSOR, _OPTIONAL, _FLOAT))
         self.mutated = tuple(i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
         self.usable = None not in self.kinds and not any(a.kwarg_only for a in arguments)
         self.optional_from = next((n for n, f in enumerate(self.filled) if f is not None), len(arguments))
@@ -73,22 +77,26 @@ class _Signature:
             values = [*args, *self.filled[len(args)]]
         else:
             return None
-        for i, kind in enumerate(kinds):
+        for i in self.tensors:
+            if type(values[i]) not in _PLAIN or values[i].is_meta:
+                return None
+        for i in self.optionals:
             value = values[i]
-            if kind is _TENSOR or (kind is _OPTIONAL and value is not None):
-                if type(value) not in _PLAIN or value.is_meta:
-                    return None
-            elif kind is _FLOAT:
-                if type(value) is int:
-                    values[i] = float(value)
-                elif type(value) is not float:
-                    return None
-            elif kind in _SCALARS:
+            if value is not None and (type(value) not in _PLAIN or value.is_meta):
+                return None
+        for i in self.floats:
+            if type(values[i]) is int:
+                values[i] = float(values[i])
+            elif type(values[i]) is not float:
+                return None
+        for i, kind in self.others:
+            value = values[i]
+            if kind in _SCALARS:
                 if type(value) is not _SCALARS[kind]:
                     return None
-            elif kind is not _OPTIONAL:  # the list kinds
-                if type(value) not in (list, tuple) or not all(_fits(kind, v) for v in value):
-                    return None
+            elif type(value) not in (list, tuple) or not all(_fits(kind, v) for v in value):
+                return None
+            else:
                 values[i] = list(value)
         return values
 
