@@ -22,6 +22,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from tilemix.bench.cp import run_cp_bench
 
         return 0 if run_cp_bench(json_path=None if args.json == "auto" else args.json) is not None else 1
+    if args.host:
+        from tilemix.bench.host import run_host_bench
+
+        return 0 if run_host_bench(json_path=None if args.json == "auto" else args.json) is not None else 1
     unknown = sorted(name for name in args.ops if name not in CASES and ":" not in name)  # module:kernel: a program
     if unknown:  # before anything asks for a GPU
         print(f"tilemix bench: unknown op(s) {unknown}; expected some of {sorted(CASES)}", file=sys.stderr)
@@ -319,6 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--cp", action="store_true",
                        help="context parallelism over this host's GPUs (NCCL): weak scaling of linear_attention and "
                             "ssd, strong scaling of causal ring attention, forward + backward (--json PATH: records)")
+    bench.add_argument("--host", action="store_true",
+                       help="host µs per call of a signature seen before (GPU kept busy ahead, no CUDA events): "
+                            "forward, forward + backward and decode steps at small shapes (--json PATH: records)")
     bench.set_defaults(run=_cmd_bench)
     plot = sub.add_parser("plot", help="PNG plots from a bench JSON file (needs matplotlib)")
     plot.add_argument("json")

@@ -190,6 +190,12 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     return Launch(plan, grid, size_args, device, layouts)
 
 
+# each launch compares every parameter's kind with these: module names, as an Enum member lookup costs ~0.2 µs
+_TMAP, _TMAP_OUT, _PTR, _PTR_OUT, _F32, _STATE, _SCALAR, _OFFSETS, _CHUNK_STATE = (
+    ParamKind.TMAP, ParamKind.TMAP_OUT, ParamKind.PTR, ParamKind.PTR_OUT, ParamKind.F32, ParamKind.STATE,
+    ParamKind.SCALAR, ParamKind.OFFSETS, ParamKind.CHUNK_STATE)
+
+
 @dataclass(frozen=True)
 class Launch:
     """A prepared launch (``prepare_launch``): called with the arguments and the outputs (allocated
@@ -210,41 +216,41 @@ class Launch:
         keep_alive = []  # converted copies must outlive the launch's argument packing
         for kind, name in source.params:
             value = args.get(name)
-            if kind is ParamKind.TMAP:
-                layout = self.layouts.get(name)
-                if layout is not None and value.data_ptr() % 16 == 0:
-                    params.append(_encode_map(value.data_ptr(), *layout, name, source.tmap_rows[name]))
+            if kind is _TMAP:
+                layout, address = self.layouts.get(name), value.data_ptr()
+                if layout is not None and address % 16 == 0:
+                    params.append(_encode_map(address, *layout, name, source.tmap_rows[name]))
                     continue
                 t = value if tma_readable(value) else value.contiguous()
                 if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
                     t = t.clone()
                 keep_alive.append(t)
                 params.append(_tensor_map(t, name, source.tmap_rows[name]))
-            elif kind is ParamKind.TMAP_OUT:
+            elif kind is _TMAP_OUT:
                 params.append(_encode_map(outputs[name].data_ptr(), *self.layouts[name], name, source.tmap_rows[name]))
-            elif kind is ParamKind.PTR:  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
+            elif kind is _PTR:  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
                 t = value.contiguous()
                 if t.data_ptr() % 16:
                     t = t.clone()
                 keep_alive.append(t)
                 params.append(np.uint64(t.data_ptr()))
-            elif kind is ParamKind.PTR_OUT:
+            elif kind is _PTR_OUT:
                 params.append(np.uint64(outputs[name].data_ptr()))
-            elif kind is ParamKind.F32:
+            elif kind is _F32:
                 t = value.to(torch.float32).contiguous()
                 keep_alive.append(t)
                 params.append(np.uint64(t.data_ptr()))
-            elif kind is ParamKind.STATE:
+            elif kind is _STATE:
                 init = value.contiguous() if value is not None else None
                 keep_alive.append(init)
                 final = outputs.get(name)
                 params += [np.uint64(init.data_ptr() if init is not None else 0),
                            np.uint64(final.data_ptr() if final is not None else 0)]
-            elif kind is ParamKind.SCALAR:
+            elif kind is _SCALAR:
                 params.append(np.float32(value))
-            elif kind is ParamKind.OFFSETS:  # int32 [N + 1], checked by ops/varlen.py
+            elif kind is _OFFSETS:  # int32 [N + 1], checked by ops/varlen.py
                 params.append(np.uint64(value.data_ptr()))
-            elif kind is ParamKind.CHUNK_STATE:  # fp32 [B, H, NC, r, c]: read as given, or written
+            elif kind is _CHUNK_STATE:  # fp32 [B, H, NC, r, c]: read as given, or written
                 t = outputs[name] if value is None else value.to(torch.float32).contiguous()
                 keep_alive.append(t)
                 params.append(np.uint64(t.data_ptr()))

@@ -60,7 +60,8 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
     program = kernel.trace(binding, target=arch)
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads
-        shared = [] if _DECLARED.get(kernel, Declared()).own_blocks else [Schedule(consumers=2, consumer_axis="blocks")]
+        own = _DECLARED.get(kernel, _UNDECLARED).own_blocks
+        shared = [] if own else [Schedule(consumers=2, consumer_axis="blocks")]
         schedule = _first_fitting(kernel, binding, shared + [Schedule(), Schedule(stages=1)], arch)
         return _deepest_ring(kernel, binding, schedule, arch)
     schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
@@ -152,6 +153,7 @@ _HEADS: dict[tuple, Schedule | None] = {}  # launch_schedule's two-heads choice 
 
 
 @functools.cache
+@functools.cache  # fixed for the process; every remembered call's signature reads it
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -391,6 +393,7 @@ class Declared:
 
 
 _DECLARED: dict[Kernel, Declared] = {}
+_UNDECLARED = Declared()  # a program whose module declares nothing
 
 
 def declare(*kernels: Kernel, consts: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
@@ -408,7 +411,7 @@ def declare(*kernels: Kernel, consts: Callable[[dict[str, Any]], dict[str, Any]]
 
 def call_consts(kernel: Kernel, args: dict[str, Any]) -> dict[str, Any]:
     """The Const values ``kernel``'s module declares for a call with ``args``, less those it passes."""
-    choose = _DECLARED.get(kernel, Declared()).consts
+    choose = _DECLARED.get(kernel, _UNDECLARED).consts
     return {} if choose is None else {k: v for k, v in choose(args).items() if k not in args}
 
 
@@ -416,7 +419,7 @@ def head_split_width(kernel: Kernel, sizes: dict[str, int], gpu: bool) -> int:
     """The width of the column blocks of ``kernel``'s ``HeadSplit`` dim (whose size ``sizes`` gives)
     its op runs it on: the declared width on a GPU, none on the CPU, the ``env`` variable's where set;
     all of the dim (no split) where the width does not cut it into two or more whole blocks."""
-    split = _DECLARED.get(kernel, Declared()).head_split
+    split = _DECLARED.get(kernel, _UNDECLARED).head_split
     if split is None:
         raise ValueError(f"{kernel.name}: its module declares no head_split")
     extent = sizes[split.dim]

@@ -13,6 +13,7 @@ from tilemix.codegen.schedule import call_consts
 from tilemix.tiles import Kernel
 
 from .derived import derived_gradients
+from .eager import torch_custom_op
 from .runtime import check_call, current_target, fake_run, run_kernel, use_target
 from .varlen import ARGUMENT as VARLEN
 from .varlen import check_cu_seqlens, fake_varlen, run_varlen, varlen_gradients
@@ -55,7 +56,7 @@ def tile_op(name: str, schema: str, kernel: Kernel, to_args: ToArgs, to_result: 
     namespace, _, short = qualified.partition("::")
     if hasattr(getattr(torch.ops, namespace), short):  # torch takes a second one; the first then corrupts memory
         raise ValueError(f"name: a torch op {qualified!r} is already registered; pick another name")
-    op = torch.library.custom_op(qualified, real, mutates_args=(), schema=schema)
+    op = torch_custom_op(qualified, real, schema=schema)
     op.register_fake(fake)
     return op
 
@@ -232,7 +233,7 @@ def _derived_backward_op(kernel: Kernel, name: str, inputs: list[str], tensors: 
                          "pick another name")
     arguments = [_schema_argument(kernel, n) for n in inputs] + ["Tensor?[] grads", "bool[] wanted",
                                                                  "Tensor? cu_seqlens=None"]
-    op = torch.library.custom_op(name, real, mutates_args=(), schema=f"({', '.join(arguments)}) -> Tensor[]")
+    op = torch_custom_op(name, real, schema=f"({', '.join(arguments)}) -> Tensor[]")
     op.register_fake(fake)
     return op
 
@@ -248,6 +249,7 @@ class Mixer:
         self.name = _qualified(name or f"tilemix_user::{kernel.name}")
         self.op = custom_op(kernel, self.name, self.final_states)  # torch's CustomOpDef
         self._inputs = [n for n, spec in kernel.specs.items() if not spec.output]
+        self._known, self._required = frozenset(self._inputs), [n for n in self._inputs if n not in kernel.defaults]
         self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
         results = tuple(n for n, spec in kernel.specs.items() if spec.output) + self.final_states
         register_derived_autograd(self.op, kernel, (*self._inputs, VARLEN), results)
@@ -255,12 +257,12 @@ class Mixer:
     def __call__(self, *, cu_seqlens: torch.Tensor | None = None, **inputs):
         """``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (``ops/varlen.py``);
         states then ``[N, H, ...]``."""
-        unknown = sorted(set(inputs) - set(self._inputs))
-        if unknown:
+        if not self._known.issuperset(inputs):
+            unknown = sorted(set(inputs) - self._known)
             outputs = [n for n in unknown if n in self.kernel.specs]
             why = f"{outputs} are outputs, which the op returns" if outputs else f"expected {self._inputs}"
             raise TypeError(f"{self.name}: unexpected argument(s) {unknown}; {why}")
-        missing = [n for n in self._inputs if n not in inputs and n not in self.kernel.defaults]
+        missing = [n for n in self._required if n not in inputs]
         if missing:
             raise TypeError(f"{self.name}: missing argument(s) {missing}")
         check_call(self.name, differentiable=True, **{n: inputs.get(n) for n in self._tensors})

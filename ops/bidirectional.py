@@ -25,6 +25,7 @@ import torch
 from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, colsum, kernel, position, rowsum, where
 
 from ._library import no_state, tile_op
+from .eager import torch_custom_op
 from .linear_attention import linear_attention_bwd_dkdv_op, linear_attention_states
 from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 
@@ -170,7 +171,7 @@ def _prefix(q, k, v, prefix_len, scale, run):
     return o, (no_state(o) if state is None else state)
 
 
-@torch.library.custom_op("tilemix::prefix_linear_attention", mutates_args=(), schema=(
+@torch_custom_op("tilemix::prefix_linear_attention", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, int prefix_len, float scale) -> (Tensor, Tensor)"))
 def prefix_linear_attention_op(q, k, v, prefix_len, scale):
     """o and the prefix's state, which the backward reads."""

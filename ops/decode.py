@@ -20,6 +20,7 @@ from tilemix.tiles.step import step_kernel
 
 from ._library import _qualified, _schema_argument
 from .delta_rule import delta_rule_fwd, gated_delta_rule_fwd
+from .eager import torch_custom_op
 from .gated import gla_fwd, retention_fwd, retention_log_decay, rwkv6_fwd
 from .linear_attention import linear_attention_fwd
 from .runtime import check_call, default_scale, fake_run, run_kernel
@@ -67,7 +68,7 @@ class Step:
         namespace, _, short = self.name.partition("::")
         if hasattr(getattr(torch.ops, namespace), short):
             raise ValueError(f"name: a torch op {self.name!r} is already registered; pick another name")
-        op = torch.library.custom_op(self.name, real, mutates_args=states,
+        op = torch_custom_op(self.name, real, mutates_args=states,
                                      schema=f"({', '.join(arguments)}) -> {returns}")
         op.register_fake(fake)
         return op

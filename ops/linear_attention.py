@@ -17,6 +17,7 @@ from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 
 from ._library import check_backward, no_state, register_derived_autograd, tile_op
 from ._segments import SegmentedScan
+from .eager import torch_custom_op
 from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 from .varlen import check_cu_seqlens, fake_varlen, run_varlen
 
@@ -164,7 +165,7 @@ def _dkdv(q, k, v, do, scale, final_state_grad, initial_state_grad, run):
     return dk, dv, total * scale if final_state_grad is None else total * scale + final_state_grad
 
 
-@torch.library.custom_op("tilemix::linear_attention_bwd_dkdv", mutates_args=(), schema=(
+@torch_custom_op("tilemix::linear_attention_bwd_dkdv", mutates_args=(), schema=(
     "(Tensor q, Tensor k, Tensor v, Tensor do, float scale, Tensor? final_state_grad, bool initial_state_grad,"
     " Tensor? cu_seqlens=None) -> (Tensor, Tensor, Tensor)"))
 def linear_attention_bwd_dkdv_op(q, k, v, do, scale, final_state_grad, initial_state_grad, cu_seqlens=None):

@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .eager import torch_custom_op
 from .long_conv_programs import (
     ROWS,
     long_conv_cols,
@@ -198,7 +199,7 @@ def _none_as_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=like.dtype, device=like.device) if t is None else t
 
 
-@torch.library.custom_op("tilemix::long_conv", mutates_args=())
+@torch_custom_op("tilemix::long_conv", mutates_args=())
 def long_conv_op(u: torch.Tensor, kernel: torch.Tensor, q: torch.Tensor | None = None,
                  v: torch.Tensor | None = None) -> torch.Tensor:
     """``q ⊙ conv(u ⊙ v, kernel)``; ``q`` and ``v`` both given or both None."""
@@ -210,7 +211,7 @@ def _(u, kernel, q=None, v=None):
     return torch.empty_like(u)
 
 
-@torch.library.custom_op("tilemix::long_conv_backward", mutates_args=())
+@torch_custom_op("tilemix::long_conv_backward", mutates_args=())
 def long_conv_backward_op(dy: torch.Tensor, u: torch.Tensor, kernel: torch.Tensor, q: torch.Tensor | None,
                           v: torch.Tensor | None, needs: list[bool]) -> list[torch.Tensor]:
     """The gradients of ``long_conv_op`` for (u, kernel, q, v), an empty tensor where ``needs`` says

@@ -370,13 +370,13 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
     value is passed at launch), the target, the environment knobs, the SM count, and ``extra``.
     None when a tensor is not on a CUDA device (nothing is remembered for the interpreter) or an
     argument is of a kind no call accepts."""
-    parts = [kernel, _TARGET.get(), *map(read, _ENV_KNOBS), *extra]
+    parts = []
     device = None
     for name, value in args.items():
         if isinstance(value, torch.Tensor):
-            device = value.device
-            if device.type != "cuda":
+            if not value.is_cuda:
                 return None
+            device = value.device
             parts.append((name, value.shape, value.stride(), value.dtype, device))
         elif (spec := kernel.specs.get(name)) is not None and spec.kind == "scalar":
             parts.append((name, type(value)))
@@ -386,8 +386,8 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
             return None
     if device is None:
         return None
-    parts.append(schedules.sm_count(device.index))  # the launch schedule depends on it (the count it reads)
-    return tuple(parts)
+    # the launch schedule depends on the SM count (the count it reads)
+    return (kernel, _TARGET.get(), *map(read, _ENV_KNOBS), *extra, *parts, schedules.sm_count(device.index))
 
 
 def remember(signature: tuple, value: Any) -> None:

@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("tiles", "codegen", "ops", "reference", "bench")  # source folders, as tilemix.<folder>
 
 # the runtime layer of tilemix.ops: running any program (run, mixer and its derived backward, targets,
-# the call cache, tuning, packed batches)
+# the call cache, tuning, packed batches, the custom ops' eager path)
 RUNTIME = frozenset({"tilemix.ops.runtime", "tilemix.ops.tuning", "tilemix.ops.timing",
                      "tilemix.ops._library", "tilemix.ops._segments", "tilemix.ops.derived",
-                     "tilemix.ops.derived_cuda", "tilemix.ops.varlen"})
+                     "tilemix.ops.derived_cuda", "tilemix.ops.varlen", "tilemix.ops.eager"})
 
 # layer -> the layers its modules may import (itself included)
 ALLOWED = {

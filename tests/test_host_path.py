@@ -142,3 +142,38 @@ def test_gpu_training_step_replays_from_a_cuda_graph(name):
     expected = step([t.requires_grad_() for t in fresh], weight)
     for got, want in zip(results, expected):
         assert torch.equal(got, want)
+
+
+def test_host_bench_times_every_row_on_the_cpu(tmp_path):
+    """``tilemix bench --host``'s loop on tiny CPU tensors (the interpreter: the numbers mean nothing):
+    a record per row and direction, written to the JSON file."""
+    import json
+
+    from tilemix.bench.host import HOST_ROWS, run_host_bench
+
+    records = run_host_bench("cpu", shape=(1, 16, 1, 8), calls=1, json_path=str(tmp_path / "host.json"))
+    steps = [r for r in HOST_ROWS if r.endswith("_step")]
+    assert [(r["op"], r["direction"]) for r in records] == [
+        (f"host-{row}", direction) for row in HOST_ROWS
+        for direction in (("decode",) if row in steps else ("fwd", "fwd+bwd"))]
+    assert all(r["host_us"] > 0 and r["gpu_busy"] is None and r["device"] == "cpu" for r in records)
+    assert json.loads((tmp_path / "host.json").read_text())["records"] == records
+    with pytest.raises(ValueError, match="rows: unknown"):
+        run_host_bench("cpu", rows=("gemm", "nope"))
+
+
+def test_host_bench_explains_a_missing_gpu(monkeypatch, capsys):
+    from tilemix.bench.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", "--host"]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_gpu_host_bench_keeps_the_gpu_busy():
+    """On the GPU every timed loop ends with the GPU still busy (the host never waited for it)."""
+    from tilemix.bench.host import run_host_bench
+
+    records = run_host_bench("cuda", calls=10, rows=("gemm", "linear_attention_step"))
+    assert records and all(r["gpu_busy"] for r in records)

@@ -3,6 +3,7 @@ choices declared beside a program, the environment variables' table, one definit
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -98,6 +99,16 @@ def test_env_refuses_an_undocumented_name_and_finds_the_cache(monkeypatch, tmp_p
     assert env.cache_root() == tmp_path
     monkeypatch.delenv("TILEMIX_CACHE")
     assert env.cache_root() == Path.home() / ".cache" / "tilemix"
+
+
+def test_env_reads_what_os_environ_holds(monkeypatch):
+    """``read`` looks in os.environ's own dict (no KeyError raised for an unset name): each write and
+    delete through os.environ shows, a non-ASCII value included."""
+    for value in ("generic", "é/ü", ""):
+        monkeypatch.setenv("TILEMIX_TARGET", value)
+        assert env.read("TILEMIX_TARGET") == os.environ.get("TILEMIX_TARGET") == value
+    monkeypatch.delenv("TILEMIX_TARGET")
+    assert env.read("TILEMIX_TARGET") is None
 
 
 @pytest.mark.parametrize("pattern", [
