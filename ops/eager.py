@@ -18,6 +18,8 @@ from torch._library.custom_ops import CustomOpDef
 __all__ = ["torch_custom_op", "EagerOp"]
 
 _C = torch._C
+# the CustomOpDef fields the fast path reads (private: checked on each op, see torch_custom_op)
+_FIELDS = ("_opoverload", "_init_fn", "_backend_fns", "_setup_context_fn", "_backward_fn", "_disabled_kernel")
 _profiler_enabled = torch.autograd._profiler_enabled
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter disables __torch_function__: a plain tensor to ops
 _TENSOR, _OPTIONAL, _FLOAT = "Tensor", "Optional[Tensor]", "float"  # schema types, as str(argument.type)
@@ -31,8 +33,10 @@ def torch_custom_op(name: str, fn: Callable | None = None, *, mutates_args: Sequ
                     schema: str | None = None):
     """``torch.library.custom_op(name, fn, ...)`` (a decorator when ``fn`` is None), as an ``EagerOp``."""
 
-    def make(fn: Callable) -> EagerOp:
+    def make(fn: Callable) -> CustomOpDef:
         op = torch.library.custom_op(name, fn, mutates_args=mutates_args, schema=schema)
+        if not all(hasattr(op, field) for field in _FIELDS):
+            return op  # a torch whose CustomOpDef keeps other fields: every call through the dispatcher
         op.__class__ = EagerOp  # a CustomOpDef still (opcheck, register_*), with its own __call__
         op._eager = _Signature(op._opoverload._schema)
         return op
@@ -131,11 +135,16 @@ class EagerOp(CustomOpDef):
     """A ``CustomOpDef`` whose plain eager calls skip the dispatcher (see the module's docstring)."""
 
     _eager: _Signature
+    _autocast = False  # register_autocast casts the inputs in the dispatcher: such an op keeps to it
+
+    def register_autocast(self, *args, **kwargs):
+        self._autocast = True
+        return super().register_autocast(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         signature = self._eager
         if not _eager() or kwargs or not signature.usable or len(self._backend_fns) != 1 or None not in \
-                self._backend_fns or self._disabled_kernel or self._autocast_dtype:
+                self._backend_fns or self._disabled_kernel or self._autocast:
             return self._opoverload(*args, **kwargs)
         values = signature.arguments(args)
         if values is None:

@@ -214,3 +214,26 @@ def test_eager_path_wrong_arguments_reach_the_dispatcher():
         gemm_op(a, "b")
     with pytest.raises((TypeError, RuntimeError)):
         gemm_op(a)
+
+
+def test_eager_path_leaves_autocast_ops_to_the_dispatcher():
+    """An op given an autocast rule casts its inputs in the dispatcher: its calls keep going there."""
+    op = eager.torch_custom_op("tilemix_test::scaled_for_autocast", lambda x: x * 2.0, schema="(Tensor x) -> Tensor")
+    x, = _inputs((4, 4), grad=False)
+    assert isinstance(op, eager.EagerOp) and not op._autocast
+    op.register_autocast("cpu", torch.float32)
+
+    def fast_path(args):
+        raise AssertionError("the fast path ran")
+
+    op._eager.arguments = fast_path  # what the fast path reads first
+    assert torch.equal(op(x), x * 2.0)
+
+
+def test_eager_path_needs_the_fields_it_reads(monkeypatch):
+    """Where torch's CustomOpDef lacks a field the fast path reads (another torch release), the op
+    is a plain custom op: every call through the dispatcher, never an AttributeError per call."""
+    monkeypatch.setattr(eager, "_FIELDS", (*eager._FIELDS, "_a_field_no_torch_has"))
+    op = eager.torch_custom_op("tilemix_test::doubled_plain", lambda x: x * 2.0, schema="(Tensor x) -> Tensor")
+    x, = _inputs((4, 4), grad=False)
+    assert type(op) is not eager.EagerOp and torch.equal(op(x), x * 2.0)
