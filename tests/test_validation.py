@@ -39,9 +39,9 @@ def _valid_call(op: str, T: int, H: int, D: int, device: str = "cpu") -> dict:
                 C=t(1, T, 1, D), D=f32(torch.randn(H)), initial_state=f32(torch.randn(1, H, D, D)))
 
 
-# dims another argument also sizes (the others, e.g. gemm's M, may take any size); q's heads are not
-# tied: one more query head than k's one is a valid grouped-query call
-TIED = {("gemm", "a"): [1], ("gemm", "b"): [0], ("attention", "q"): [0, 1, 3], ("attention", "v"): [0, 1, 2],
+# dims another argument also sizes (the others, e.g. gemm's M, may take any size); q's heads and length
+# are not tied: one more query head than k's is a valid grouped-query call, another length cross-attention
+TIED = {("gemm", "a"): [1], ("gemm", "b"): [0], ("attention", "q"): [0, 3], ("attention", "v"): [0, 1, 2],
         ("ssd", "B"): [0, 1, 3],
         ("ssd", "A"): [0], ("ssd", "D"): [0], ("ssd", "dt"): [0, 1, 2]}
 
