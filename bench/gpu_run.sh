@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (10 min at most): install, then PHASE=tests (every GPU test, the newest files
 # first), PHASE=bench (the rows in ROWS beside their peers), PHASE=all (both) or PHASE=sanitize (the
-# CALLS groups of bench/sanitize.py compiled once, then its four tools at once, a log each). Run from the repo root with
+# CALLS groups of bench/sanitize.py: compiled, then its four tools on each group at once). Run from the repo root with
 # .whl carried (fla wheels, the unpacked mamba_ssm archive); logs under $OUT, a summary on stdout.
 set -o pipefail
 OUT=${OUT:-/tmp/tilemix-out}
@@ -14,15 +14,22 @@ export PYTHONPATH=/tmp/site${mamba:+:$mamba} PYTHONUNBUFFERED=1 TILEMIX_CACHE=${
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ "${PHASE:-all}" = sanitize ]; then
-  calls=$(for c in ${CALLS:-tail}; do printf -- ' --calls=%s' "$c"; done)
-  # shellcheck disable=SC2086  # calls is a list of flags
-  timeout 200 python3 -m tilemix.bench.sanitize --launch $calls >"$OUT/launch.log" 2>&1; echo "launch rc=$?"
-  for tool in memcheck racecheck synccheck initcheck; do
-    # shellcheck disable=SC2086
-    timeout "${SANITIZE_TIMEOUT:-360}" python3 -m tilemix.bench.sanitize --tool $tool $calls >"$OUT/$tool.log" 2>&1 &
-  done
+  logs=/tmp/sanitize-logs && mkdir -p $logs  # one file comes back: at most 8 do (device README)
+  # compile first, one process per group and target (NVRTC is single-threaded), then each tool on
+  # each group at once: a log each, so a group that runs out of time leaves the others' results
+  for c in ${CALLS:-tail}; do for t in auto generic; do
+    timeout "${COMPILE_TIMEOUT:-200}" python3 -m tilemix.bench.sanitize --launch --calls="$c" --target="$t" \
+      >"$logs/launch-$c-$t.log" 2>&1 &
+  done; done
   wait
-  for tool in memcheck racecheck synccheck initcheck; do tail -12 "$OUT/$tool.log"; done
+  for c in ${CALLS:-tail}; do for tool in memcheck racecheck synccheck initcheck; do
+    timeout "${SANITIZE_TIMEOUT:-360}" python3 -m tilemix.bench.sanitize --tool "$tool" --calls="$c" \
+      >"$logs/$tool-$c.log" 2>&1 &
+  done; done
+  wait
+  for log in "$logs"/launch-*.log; do echo "$log: $(grep -c '^kernel:' "$log") kernels"; done
+  for log in "$logs"/*check-*.log; do echo "== $log"; tail -8 "$log"; done
+  tar czf "$OUT/sanitize-logs.tgz" -C $logs .
   exit 0
 fi
 if [ "${PHASE:-all}" != bench ]; then
