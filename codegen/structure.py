@@ -18,7 +18,8 @@ from tilemix.tiles.lowerable import PANEL, check_lowerable, grid_loops
 
 from .knobs import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "packed_offsets", "packed_start", "CONSUMER_THREADS", "PANEL"]
+__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "packed_offsets", "packed_start", "CONSUMER_THREADS",
+           "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 
