@@ -7,7 +7,8 @@ over a ``64 x P`` tile of channels, with entry n's column of B and C picked (``B
 Channels are split into heads of ``P`` (64 where it divides the channels: the GPU kernels' panel
 width); the state of a head is a ``[P, E]`` tile, entry ``n`` in column ``n`` (its layout in
 ``[B, Dm, N]``), small enough for registers where a ``[1, N·P]`` row is held whole by every thread.
-Its backward is derived from the program (``tiles.autodiff``)."""
+The op scans ``ENTRY_GROUP`` entries a call and sums the calls' outputs. Its backward is derived
+from the program (``tiles.autodiff``)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ __all__ = ["selective_scan", "selective_scan_fwd"]
 
 HEAD_WIDTH = 64  # channels per program instance where they divide the channels (the GPU's panel width)
 STATE_COLUMNS = 16  # the GPU's state tiles hold the entries in a multiple of 16 columns
+# state entries one program call scans: NVRTC's time grows steeply with the unrolled entries (sm_90a
+# forward, 2-core machine: 14 s at 4, 26 s at 8, 246 s at 16), so N = 16 runs as two calls of one kernel
+ENTRY_GROUP = 8
 
 
 @kernel
@@ -130,21 +134,35 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     B, C = (t.unsqueeze(2) if t.dim() == 3 else t for t in (B, C))
     width = _head_width(channels, B.shape[2])
     heads = channels // width
-    if u.is_cuda and state % HEAD_WIDTH:  # the GPU loads B and C in 64-column panels: zeros past N
-        B, C = (F.pad(t, (0, HEAD_WIDTH - state % HEAD_WIDTH)) for t in (B, C))
 
     def per_head(t):
         return None if t is None else t.unflatten(-1, (heads, width))
 
-    rates = A.unflatten(0, (heads, width)).transpose(1, 2).flatten(1)  # [H, N·P]: entry n in columns n·P ...
+    rates = A.unflatten(0, (heads, width)).transpose(1, 2)  # [H, N, P]
     h0 = initial_state if initial_state is not None else u.new_zeros(batch, channels, state, dtype=torch.float32)
     h0 = h0.unflatten(1, (heads, width))  # [B, H, P, N]
-    if u.is_cuda and state % STATE_COLUMNS:  # register tiles: a multiple of 16 columns, entries past N stay 0
-        h0 = F.pad(h0, (0, STATE_COLUMNS - state % STATE_COLUMNS))
-    y, h = selective_scan_mixer(u=per_head(u), delta=per_head(delta), A=rates, B=B, C=C, D=per_head(D),
-                                z=per_head(z), delta_bias=per_head(delta_bias), delta_softplus=bool(delta_softplus),
-                                h=h0)
+    ys, hs = [], []
+    for first in range(0, state, ENTRY_GROUP):  # y is linear in the entries' terms, D u and the gate included
+        entries = slice(first, first + ENTRY_GROUP)
+        y, h = selective_scan_mixer(u=per_head(u), delta=per_head(delta), A=rates[:, entries].flatten(1),
+                                    B=_panels(B[..., entries], u.is_cuda, HEAD_WIDTH),
+                                    C=_panels(C[..., entries], u.is_cuda, HEAD_WIDTH),
+                                    D=per_head(D) if first == 0 else None, z=per_head(z),
+                                    delta_bias=per_head(delta_bias), delta_softplus=bool(delta_softplus),
+                                    h=_panels(h0[..., entries], u.is_cuda, STATE_COLUMNS))
+        ys.append(y)
+        hs.append(h[..., :h0[..., entries].shape[-1]])
+    # the groups' partial outputs summed at float32 or better (a bf16 partial is rounded once)
+    y = ys[0] if len(ys) == 1 else sum(p.to(torch.promote_types(p.dtype, torch.float32)) for p in ys).to(u.dtype)
     y = y.flatten(2)
     if not output_final_state:
         return y, None
-    return y, h[..., :state].flatten(1, 2)
+    return y, torch.cat(hs, -1).flatten(1, 2)
+
+
+def _panels(t: torch.Tensor, cuda: bool, columns: int) -> torch.Tensor:
+    """``t``, on a GPU zero-padded to a multiple of ``columns`` columns (B and C load in 64-column panels,
+    the state's register tiles hold 16): entries past the group's are zero and stay zero."""
+    if not cuda or t.shape[-1] % columns == 0:
+        return t
+    return F.pad(t, (0, columns - t.shape[-1] % columns))

@@ -85,6 +85,23 @@ def test_float64_gradients(G, delta_softplus):
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 
+@pytest.mark.parametrize("N", [9, 17])
+def test_entries_past_one_call(N):
+    """More state entries than one call scans (``ENTRY_GROUP``): one call per group of entries, the
+    partial outputs summed with D and the gate applied once; values, final state and gradients
+    (gradcheck) as one scan over every entry."""
+    from tilemix.ops.selective_scan import ENTRY_GROUP
+
+    assert ENTRY_GROUP < N
+    _check(_inputs(T=70, Dm=32, N=N, G=2, seed=N), delta_softplus=True, tolerance=1e-12)
+    args = _inputs(T=20, Dm=32, N=N, G=2, seed=N)
+    names = list(args)
+
+    def fn(*xs):
+        return selective_scan(**dict(zip(names, xs)), delta_softplus=True, output_final_state=True)
+    assert torch.autograd.gradcheck(fn, [args[n].requires_grad_() for n in names], fast_mode=True)
+
+
 def test_compiled_training_step_has_no_graph_break():
     """torch.compile(fullgraph=True) through the argument checks, the head layout's reshapes and
     the op's derived backward: eager's loss and gradients exactly."""
@@ -185,8 +202,8 @@ GRADED = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # (arch, program) -> local memory bytes measured at N = 2 state entries, every option on. The state
 # is a [64, 16] tile and the decay rates are read slice by slice, so what spills is the chunk's 64 x 64
 # fp32 tiles beside each entry's scan: Δ, y and the scan's operands; the backward programs hold the
-# entry's recomputed scan and its gradient besides (at N = 16 the forward spills 152 bytes on sm_90a,
-# 40 on sm_80: loop invariants reloaded once per chunk)
+# entry's recomputed scan and its gradient besides (at N = 8, the most one call scans, the forward
+# spills 144 bytes on sm_90a: loop invariants reloaded once per chunk)
 SPILLING: dict[tuple[str, str], int] = {
     ("sm_90a", "forward"): 16, ("sm_90a", "d_A"): 48, ("sm_90a", "d_B"): 16, ("sm_90a", "d_C"): 24,
     ("sm_90a", "d_delta"): 1216, ("sm_90a", "d_delta_bias"): 1240, ("sm_90a", "d_u"): 112, ("sm_90a", "d_z"): 24,
