@@ -61,11 +61,31 @@ def test_matches_float64_token_loop(T, H, K, V, with_state, seed, gate_scale, fo
 @pytest.mark.parametrize("gate_scale", [1.0, 30.0])
 def test_float32_within_its_bound(T, gate_scale):
     """fp32 inputs (input gates to about ±90: exp(i) alone would overflow fp32) against the float64
-    loop on the same values."""
+    loop on the same values: within the fp32 bound, or within 4x of how far the float64 results move
+    when every input moves by one fp32 rounding, where that is more (no fp32 computation can promise
+    better: at T = 63 with large gates the loop's h moves 3e-5, and the fp32 error follows the CPU's
+    BLAS summation order)."""
     args = _inputs(2, T, 2, 64, 64, seed=T, gate_scale=gate_scale, dtype=torch.float32)
     state = tuple(s.float() for s in _state(2, 2, 64, 64, seed=T))
-    got = mlstm(*args, initial_state=state, output_final_state=True)
-    _close(got, reference(*args, initial_state=state, output_final_state=True), bound(torch.float32))
+    h, final = mlstm(*args, initial_state=state, output_final_state=True)
+    want, moved = (_flat(reference(*inputs, initial_state=start, output_final_state=True))
+                   for inputs, start in ((args, state), _one_rounding_apart(args, state)))
+    for name, got, exact, nudged in zip(("h", "C", "n", "m"), (h, *final), want, moved):
+        assert rel_err(got, exact) <= max(bound(torch.float32), 4 * rel_err(nudged, exact)), name
+
+
+def _one_rounding_apart(args, state):
+    """``args`` and ``state`` in float64, each element moved by about one fp32 rounding (2^-24)."""
+    g = torch.Generator().manual_seed(1)
+
+    def nudged(t):
+        return t.double() * (1 + 2.0 ** -24 * torch.randn(t.shape, generator=g, dtype=torch.float64))
+    return [nudged(t) for t in args], tuple(nudged(t) for t in state)
+
+
+def _flat(result):
+    h, state = result
+    return (h, *state)
 
 
 def test_no_initial_state_is_the_zero_state():
