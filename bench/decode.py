@@ -15,6 +15,7 @@ from tilemix import ops
 
 from .mixers import _inputs as mixer_inputs
 from .mixers import selective_state_update
+from .model import mamba_step
 
 __all__ = ["DECODE_CASES", "DECODE_SHAPES"]
 
@@ -68,9 +69,7 @@ def _ssd_step(B, T, H, D, dtype, device="cuda"):
         return ops.ssd_step(x, dt, A, Bm, Cm, state, D=D_skip)
 
     def peer():
-        return selective_state_update()(peer_state, x[:, 0], dt[:, 0, :, None].expand(B, H, D),
-                                      A[:, None, None].expand(H, D, D), Bm[:, 0], Cm[:, 0],
-                                      D=D_skip[:, None].expand(H, D))
+        return mamba_step(selective_state_update())(x, dt, A, Bm, Cm, peer_state, D=D_skip)
 
     return (ours, peer, "mamba_ssm-selective_state_update", _state_bytes(B, H, D), 4 * B * T * H * D * D,
             dict(B=B, T=T, H=H, N=D, P=D, G=1))

@@ -17,12 +17,12 @@ from collections.abc import Callable
 import torch
 
 from tilemix import ops
+from tilemix.ops.timing import spin_cycles_per_ms
 
 __all__ = ["run_host_bench", "HOST_ROWS"]
 
 HOST_ROWS = ("gemm", "attention", "linear_attention", "ssd", "gla", "mixer", "linear_attention_step", "ssd_step")
 _STEPS = ("linear_attention_step", "ssd_step")
-_CYCLES_PER_S = 2.0e9  # torch.cuda._sleep spins cycles; an H100's clock is below 2 GHz, so this oversleeps
 
 
 _MIXER = None
@@ -57,7 +57,7 @@ def _row(name: str, B: int, T: int, H: int, D: int, device: str, dtype: torch.dt
     if name == "ssd":
         return dict(x=x, dt=dt, A=A, **bc), lambda **a: ops.ssd(**a)[0]
     if name == "gla":
-        gate = -torch.rand(B, T, H, D, generator=g).to(device) * 0.1
+        gate = (-torch.rand(B, T, H, D, generator=g) * 0.1).to(device, dtype)  # matmul operands share a dtype
         return dict(q=q, k=k, v=v, g=gate), lambda **a: ops.gla(**a, exact=True)[0]  # exact: no host read of g
     if name == "mixer":
         return dict(q=q, k=k, v=v), lambda **a: _user_mixer()(**a, scale=D ** -0.5)[0]
@@ -87,7 +87,7 @@ def host_us(call: Callable[[], object], device: str, calls: int) -> tuple[float,
     _loop(call, calls)
     torch.cuda.synchronize()
     untimed = time.perf_counter() - start  # host and GPU together: more than the host alone needs
-    torch.cuda._sleep(int(2 * untimed * _CYCLES_PER_S) + 1_000_000)
+    torch.cuda._sleep(int((2 * untimed * 1e3 + 1) * spin_cycles_per_ms()))
     seconds = _loop(call, calls)
     busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
@@ -95,10 +95,12 @@ def host_us(call: Callable[[], object], device: str, calls: int) -> tuple[float,
 
 
 def run_host_bench(device: str = "cuda", shape: tuple[int, int, int, int] = (1, 128, 2, 64), calls: int = 50,
-                   rows: tuple[str, ...] = HOST_ROWS, json_path: str | None = None) -> list[dict] | None:
-    """Time ``rows`` at ``shape`` (B, T, H, D; bf16 on the GPU, float32 on the CPU), print and return
-    the records (and write them to ``json_path``): ``host-<row>``, direction ``fwd`` (under no_grad),
-    ``fwd+bwd`` (inputs requiring grad, a backward from a fixed gradient) or ``decode`` (a step).
+                   rows: tuple[str, ...] = HOST_ROWS, json_path: str | None = None,
+                   dtype: torch.dtype | None = None) -> list[dict] | None:
+    """Time ``rows`` at ``shape`` (B, T, H, D; in ``dtype``, by default bf16 on the GPU and float32 on
+    the CPU), print and return the records (and write them to ``json_path``): ``host-<row>``,
+    direction ``fwd`` (under no_grad), ``fwd+bwd`` (inputs requiring grad, a backward from a fixed
+    gradient) or ``decode`` (a step).
     None, with the reason printed, where ``device`` is "cuda" and there is no CUDA GPU."""
     unknown = [r for r in rows if r not in HOST_ROWS]
     if unknown:
@@ -106,7 +108,7 @@ def run_host_bench(device: str = "cuda", shape: tuple[int, int, int, int] = (1, 
     if device == "cuda" and not torch.cuda.is_available():
         print("tilemix bench --host needs a CUDA GPU (it times the host side of GPU calls)")
         return None
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     B, T, H, D = shape
     records = []
     for name in rows:
@@ -127,9 +129,8 @@ def run_host_bench(device: str = "cuda", shape: tuple[int, int, int, int] = (1, 
             records.append(dict(op=f"host-{name}", direction=direction, device=device,
                                 shape=dict(B=B, T=1 if name in _STEPS else T, H=H, D=D), calls=calls,
                                 host_us=us, gpu_busy=busy))
-    for r in records:
-        busy = "" if r["gpu_busy"] is not False else " (the GPU went idle: may include waiting)"
-        print(f"{r['op']:<28} {r['direction']:<8} {r['host_us']:8.1f} µs per call{busy}")
+            note = "" if busy is not False else " (the GPU went idle: may include waiting)"
+            print(f"host-{name:<23} {direction:<8} {us:8.1f} µs per call{note}", flush=True)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(command="tilemix bench --host", records=records), f, indent=2)

@@ -23,7 +23,7 @@ from tilemix.ops.models import HybridLM
 
 from .mixers import mamba_chunk_scan_combined, selective_state_update
 
-__all__ = ["MODEL_CASES", "MODEL_SHAPES", "MODEL_TIMING", "build_model", "peer_mixers"]
+__all__ = ["MODEL_CASES", "MODEL_SHAPES", "MODEL_TIMING", "build_model", "mamba_step", "peer_mixers"]
 
 MODEL = dict(vocab_size=32768, dim=1024, head_dim=64, state_dim=128)
 BLOCKS = ("mamba",) * 3 + ("attention",) + ("mamba",) * 3 + ("attention",)
@@ -68,15 +68,17 @@ def _mamba_scan(scan: Callable):
     return ssd
 
 
-def _mamba_step(state_update: Callable):
+def mamba_step(state_update: Callable):
     """``ops.ssd_step``'s call (one token, the state updated in place) through Mamba-2's decode step,
-    dt, A and D broadcast over the head's P x N as Mamba-2 passes them."""
+    dt, A, D and a zero dt_bias broadcast over the head's P x N as Mamba-2 passes them (its 2.3.2
+    reads ``dt_bias.stride()`` whenever dt and A are broadcast: None fails)."""
     def ssd_step(x, dt, A, B, C, state, D=None):
         batch, _, heads, p = x.shape
         n = B.shape[-1]
         y = state_update(state, x[:, 0], dt[:, 0, :, None].expand(batch, heads, p),
                          A[:, None, None].expand(heads, p, n), B[:, 0], C[:, 0],
-                         D=None if D is None else D[:, None].expand(heads, p))
+                         D=None if D is None else D[:, None].expand(heads, p),
+                         dt_bias=dt.new_zeros(()).expand(heads, p))
         return y[:, None]
 
     return ssd_step
@@ -88,7 +90,7 @@ def peer_mixers(scan: Callable, state_update: Callable) -> Iterator[None]:
     ``mamba_chunk_scan_combined`` signature) and ``state_update`` (``selective_state_update``'s) for
     Mamba-2's scan and decode step."""
     with mock.patch.object(layers, "attention", _sdpa), mock.patch.object(layers, "ssd", _mamba_scan(scan)), \
-            mock.patch.object(layers, "ssd_step", _mamba_step(state_update)):
+            mock.patch.object(layers, "ssd_step", mamba_step(state_update)):
         yield
 
 

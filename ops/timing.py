@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["HOST_WINDOW_MS", "time_ms", "host_us"]
+__all__ = ["HOST_WINDOW_MS", "time_ms", "host_us", "spin_cycles_per_ms"]
 
 L2_FLUSH_BYTES = 1 << 30  # 20x the H100's 50 MB L2
 HOST_WINDOW_MS = 2.0  # GPU spin before each timed call: host work shorter than this is not timed
@@ -21,7 +21,7 @@ def _l2_flush_buffer() -> torch.Tensor:
 
 
 @functools.cache
-def _spin_cycles_per_ms() -> float:
+def spin_cycles_per_ms() -> float:
     """GPU clock cycles per millisecond of ``torch.cuda._sleep`` (calibrated once per process)."""
     torch.cuda._sleep(1000)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,7 +42,7 @@ def time_ms(fn: Callable[[], object], warmup: int = 10, reps: int = 30) -> float
         fn()
     torch.cuda.synchronize()
     flush = _l2_flush_buffer()
-    spin = int(HOST_WINDOW_MS * _spin_cycles_per_ms())
+    spin = int(HOST_WINDOW_MS * spin_cycles_per_ms())
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -295,15 +295,22 @@ def _mamba_layout_scan(x, dt, A, B, C, chunk_size, D=None, initial_states=None, 
         else initial_states.clone()
     ys = []
     for t in range(T):
-        ys.append(_mamba_layout_step(state, x[:, t], dt[:, t, :, None].expand(batch, H, P),
-                                     A[:, None, None].expand(H, P, B.shape[-1]), B[:, t], C[:, t],
-                                     None if D is None else D[:, None].expand(H, P)))
+        ys.append(_token_update(state, x[:, t], dt[:, t, :, None].expand(batch, H, P),
+                                A[:, None, None].expand(H, P, B.shape[-1]), B[:, t], C[:, t],
+                                None if D is None else D[:, None].expand(H, P)))
     y = torch.stack(ys, 1)
     return (y, state) if return_final_states else y
 
 
-def _mamba_layout_step(state, x, dt, A, B, C, D=None):
+def _mamba_layout_step(state, x, dt, A, B, C, D=None, dt_bias=None):
     """``selective_state_update``'s contract (heads share B and C per group), the state updated in place."""
+    # mamba_ssm 2.3.2 reads dt_bias.stride() when dt and A are broadcast over P x N, as the swap passes them
+    assert dt_bias is not None and dt_bias.stride(-1) == 0, "selective_state_update needs a dt_bias here"
+    return _token_update(state, x, dt + dt_bias, A, B, C, D)
+
+
+def _token_update(state, x, dt, A, B, C, D):
+    """One token of the scan in mamba_ssm's state layout ``[B, H, P, N]``, the state updated in place."""
     import torch
 
     heads, groups = x.shape[1], B.shape[1]

@@ -162,6 +162,13 @@ def test_host_bench_times_every_row_on_the_cpu(tmp_path):
         run_host_bench("cpu", rows=("gemm", "nope"))
 
 
+def test_host_bench_rows_run_in_bf16():
+    """The GPU's dtype on the CPU: every row's inputs agree with what its op accepts in bf16."""
+    from tilemix.bench.host import HOST_ROWS, run_host_bench
+
+    assert len(run_host_bench("cpu", shape=(1, 16, 1, 8), calls=1, dtype=torch.bfloat16)) == 2 * len(HOST_ROWS) - 2
+
+
 def test_host_bench_explains_a_missing_gpu(monkeypatch, capsys):
     from tilemix.bench.cli import main
 
@@ -176,4 +183,4 @@ def test_gpu_host_bench_keeps_the_gpu_busy():
     from tilemix.bench.host import run_host_bench
 
     records = run_host_bench("cuda", calls=10, rows=("gemm", "linear_attention_step"))
-    assert records and all(r["gpu_busy"] for r in records)
+    assert records and all(r["gpu_busy"] for r in records), records  # idle: a call waited for the GPU
