@@ -37,7 +37,7 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
-from .knobs import REGISTER_FILE, Schedule, smem_limit
+from .knobs import Schedule, launch_registers, smem_limit
 from .layout import align
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, store_entry
@@ -103,7 +103,7 @@ class HopperLowering(Lowering):
         if schedule.occupancy == 1:
             return CONSUMER_REGISTERS[one]
         threads = PRODUCER_THREADS + CONSUMER_THREADS * schedule.consumers
-        launch = min(255, REGISTER_FILE // (threads * schedule.occupancy)) // 8 * 8
+        launch = launch_registers(threads, schedule.occupancy)
         given = (launch - PRODUCER_REGISTERS[one]) * PRODUCER_THREADS
         return min(CONSUMER_REGISTERS[one], (launch + given // (CONSUMER_THREADS * schedule.consumers)) // 8 * 8)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Schedule", "column_blocks", "smem_limit", "ISSUE_ORDERS", "OVERLAPS", "OCCUPANCIES", "SMEM_LIMIT",
-           "SMEM_LIMITS", "REGISTER_FILE"]
+__all__ = ["Schedule", "column_blocks", "launch_registers", "smem_limit", "ISSUE_ORDERS", "OVERLAPS", "OCCUPANCIES",
+           "SMEM_LIMIT", "SMEM_LIMITS", "REGISTER_FILE"]
 
 ISSUE_ORDERS = ("fit", "early", "program")  # Schedule.issue
 OVERLAPS = ("fit", "on", "off")  # Schedule.overlap
-OCCUPANCIES = (1, 2)  # Schedule.occupancy
+OCCUPANCIES = (1, 2, 3, 4)  # Schedule.occupancy
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one sm_90a CTA may opt into
 # the generic target's archs (CUDA programming guide, compute capabilities table)
 SMEM_LIMITS = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
@@ -78,6 +78,12 @@ def column_blocks(split: tuple[tuple[str, int], ...], dims: dict[str, int]) -> i
     for dim, width in split:
         blocks *= dims[dim] // width
     return blocks
+
+
+def launch_registers(threads: int, occupancy: int) -> int:
+    """Registers a thread of a ``threads``-thread CTA gets from ptxas when ``occupancy`` CTAs share an
+    SM (``__launch_bounds__(threads, occupancy)``; a multiple of 8, at most 255)."""
+    return min(255, REGISTER_FILE // (threads * occupancy)) // 8 * 8
 
 
 def smem_limit(arch: str, occupancy: int = 1) -> int:

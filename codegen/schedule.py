@@ -29,9 +29,11 @@ from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.kernel import kernel_names
 from tilemix.tiles.params import Binding
 
+from .compile import MissingTool, compile_cuda, resources
 from .env import read
-from .knobs import Schedule, column_blocks, smem_limit
+from .knobs import OCCUPANCIES, Schedule, column_blocks, launch_registers, smem_limit
 from .specialise import kernel_source
+from .structure import CONSUMER_THREADS
 
 __all__ = ["Schedule", "default_schedule", "default_source", "launch_schedule", "heads_per_cta", "sm_count",
            "schedule_overrides", "overridden", "splittable", "wide_columns", "segment_count", "scan_segments",
@@ -56,7 +58,8 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
         schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
                                                             Schedule(split=split, consumers=1, stages=1)], arch)
-        return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+        schedule = _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+        return _token_occupancy(kernel, binding, schedule, arch)
     program = kernel.trace(binding, target=arch)
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads
@@ -65,7 +68,44 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
         schedule = _first_fitting(kernel, binding, shared + [Schedule(), Schedule(stages=1)], arch)
         return _deepest_ring(kernel, binding, schedule, arch)
     schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
-    return _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+    schedule = _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+    return _token_occupancy(kernel, binding, schedule, arch)
+
+
+def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> Schedule:
+    """A program that runs token by token (every ``chunks()`` loop one row: a decode step) does no
+    tensor-core work; it moves its states through registers, bound by memory latency, so more CTAs
+    per SM keep more states in flight: one consumer each, the most CTAs per SM whose launch bounds
+    leave a thread twice its share of the state tiles and whose kernel compiles without spilling
+    (checked by compiling; without the codegen tools the schedule stays as it is)."""
+    widths = dict(schedule.split)
+    traced = kernel.trace(replace(binding, static={**binding.static, **widths}), target=arch)  # as the split runs
+    loops = [op for op in traced.walk() if op.name == "loop" and op.kind == "chunks"]
+    if not loops or any(op.size != 1 for op in loops):
+        return schedule
+    state_registers = sum(binding.extent(p.spec.dims[0]) * widths.get(p.spec.dims[1], binding.extent(p.spec.dims[1]))
+                          for p in binding.params if p.spec.kind == "state") // CONSUMER_THREADS
+    threads = CONSUMER_THREADS * (2 if arch == "sm_90a" else 1)  # one consumer, and sm_90a's producer
+    for n in sorted(OCCUPANCIES, reverse=True):
+        if n <= schedule.occupancy or launch_registers(threads, n) < 2 * state_registers:
+            continue
+        candidate = replace(schedule, consumers=1, occupancy=n)
+        try:
+            source = kernel_source(kernel, binding, candidate, arch)
+            if not _spills(source.source, arch, source.name):
+                return candidate
+        except ResourceError:
+            continue
+        except MissingTool:
+            break
+    return schedule
+
+
+@functools.cache
+def _spills(source: str, arch: str, name: str) -> bool:
+    """Whether ``source``'s kernel uses local memory (spills) on ``arch``: compiled as a launch would
+    compile it (the cubin cached), its resources read from the cubin."""
+    return resources(compile_cuda(source, arch, name))["local_memory"] > 0
 
 
 def default_source(kernel: Kernel, binding: Binding, arch: str = "sm_90a"):
@@ -152,7 +192,6 @@ _DEFAULTS: dict[tuple, Schedule] = {}
 _HEADS: dict[tuple, Schedule | None] = {}  # launch_schedule's two-heads choice per specialisation
 
 
-@functools.cache
 @functools.cache  # fixed for the process; every remembered call's signature reads it
 def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -249,7 +288,7 @@ def _heads_pair(kernel: Kernel, binding: Binding, base: Schedule, device_index: 
     the GPU idle (there pairs measured slower), or does not fit. Two stages sharing staging buffers
     first, else one stage."""
     sizes = binding.sizes
-    if arch != "sm_90a" or base.split or "H" not in sizes:
+    if arch != "sm_90a" or base.split or base.occupancy > 1 or "H" not in sizes:  # several CTAs share the SM
         return None
     try:
         heads_per_cta(replace(base, consumers=2, consumer_axis="heads"), sizes)
