@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tilemix.codegen.compile import MissingTool, compile_cuda, resources
+from tilemix.codegen.env import read
 from tilemix.codegen.launch import Launch, prepare_launch
 from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule, wide_columns
 from tilemix.codegen.specialise import kernel_source
@@ -81,6 +82,10 @@ def _run(derived: DerivedKernel, binding: Binding, args: dict[str, Any], outputs
 
 
 def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
+    """A derived program's output buffer: NaN under ``TILEMIX_POISON``, as ``run_kernel``'s outputs
+    (tests, and compute-sanitizer's initcheck, then see any element a kernel leaves unwritten)."""
+    if read("TILEMIX_POISON"):
+        return torch.full(p.shape, float("nan"), dtype=_TORCH[p.dtype], device=device)
     return torch.empty(p.shape, dtype=_TORCH[p.dtype], device=device)
 
 
