@@ -3,8 +3,8 @@
 # first), PHASE=bench (the rows in ROWS beside their peers), PHASE=all (both) or PHASE=sanitize (the
 # CALLS groups of bench/sanitize.py: compiled, then its four tools on each group at once). Run from the repo root with
 # .whl carried (fla wheels, the unpacked mamba_ssm archive); logs under $OUT, a summary on stdout.
-# Compiles dominate a call: a carried .tmcache (the tmcache.tgz an earlier call sent back, unpacked)
-# seeds the kernel cache, and the cubins this call compiled come back in $OUT/tmcache.tgz.a, .b (15 MB parts).
+# Compiles dominate a call: the cubins it compiled come back in $OUT/tmcache.tgz.a, .b (15 MB parts),
+# and archives of them carried in .tmcache/*.tgz (parts joined) seed the next call's kernel cache.
 set -o pipefail
 OUT=${OUT:-/tmp/tilemix-out}
 mkdir -p "$OUT"
@@ -14,7 +14,7 @@ mamba=$(ls -d "$PWD"/.whl/mamba_ssm-*/ 2>/dev/null | head -1)  # bench/mixers.py
 export PYTHONPATH=/tmp/site${mamba:+:$mamba} PYTHONUNBUFFERED=1 TILEMIX_CACHE=${TILEMIX_CACHE:-/tmp/tmcache} \
   OMP_NUM_THREADS=2
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-mkdir -p "$TILEMIX_CACHE" && { [ ! -d .tmcache ] || cp -n .tmcache/*.cubin "$TILEMIX_CACHE"/; }
+mkdir -p "$TILEMIX_CACHE" && for t in .tmcache/*.tgz; do [ ! -f "$t" ] || tar xzf "$t" -C "$TILEMIX_CACHE"; done
 touch /tmp/cache-start
 send_cache() { (cd "$TILEMIX_CACHE" && find . -name '*.cubin' -newer /tmp/cache-start | tar cz -T - | split -b 15m -a 1 - "$OUT/tmcache.tgz."); }
 trap send_cache EXIT
