@@ -133,11 +133,17 @@ def _state_col0(lw: Lowering, param_name: str) -> str:
     return _split_col0(lw, spec.dims[1])
 
 
+def _pairs(lw: Lowering) -> str:
+    """``<true>`` (the state moved in 8-byte pairs) in a token-by-token program (a decode step), which
+    moves little else; other kernels keep the scalar moves and their registers."""
+    return "<true>" if lw.plan.loops and all(loop.size == 1 for loop in lw.plan.loops) else ""
+
+
 def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     param, rows = op.attrs["param"], op.result.type.rows
     width = _state_ld(lw, param)
     if op.attrs["initial"]:
-        lw.emit(f"{decl} tm::load_f32({out}, init_{param} + ((long)b * H + h) * {rows * width} + "
+        lw.emit(f"{decl} tm::load_f32{_pairs(lw)}({out}, init_{param} + ((long)b * H + h) * {rows * width} + "
                 f"{_state_col0(lw, param)}, {width});", ind)
     else:
         lw.emit(f"{decl} tm::fill({out}, 0.0f);", ind)
@@ -146,7 +152,7 @@ def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
 def emit_store_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     param, value = op.attrs["param"], op.operands[0]
     width = _state_ld(lw, param)
-    lw.emit(f"if (final_{param}) tm::store_f32(final_{param} + ((long)b * H + h) * "
+    lw.emit(f"if (final_{param}) tm::store_f32{_pairs(lw)}(final_{param} + ((long)b * H + h) * "
             f"{value.type.rows * width} + {_state_col0(lw, param)}, {width}, {lw.reg(value, ind)});", ind)
 
 

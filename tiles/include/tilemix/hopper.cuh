@@ -822,15 +822,16 @@ template <int COL, int R, int C> __device__ __forceinline__ void take_col(rt<R, 
 
 // fp32 [R x C] matrix at base (row stride `ld`), e.g. a state
 // (a vector tile's missing coordinate is 0; of the threads holding copies of an element, one stores it).
-// A thread's two adjacent columns move as one 8-byte access where base and ld keep them aligned: a
-// warp's access then covers whole 32-byte sectors, not two halves of each (a decode step moves its
-// whole state this way).
+// Pairs: a thread's two adjacent columns move as one 8-byte access where base and ld keep them
+// aligned, so a warp's access covers whole 32-byte sectors, not two halves of each: for kernels
+// that move little but their state (decode steps); the scalar path keeps others' registers.
 __device__ __forceinline__ bool pairs_aligned(const float* base, int ld) {
   return reinterpret_cast<unsigned long long>(base) % 8 == 0 && ld % 2 == 0;
 }
-template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
+template <bool Pairs = false, int R, int C>
+__device__ __forceinline__ void load_f32(rt<R, C>& out, const float* base, int ld) {
   using T = rt<R, C>;
-  if (C > 1 && pairs_aligned(base, ld)) {
+  if (Pairs && C > 1 && pairs_aligned(base, ld)) {
     TM_FOR_EACH(T) if (cp == 0) {
       const float2 x = *reinterpret_cast<const float2*>(base + row_in<R>(mb, hr) * ld + col_of(nb, 0));
       out.v[mb][nb][hr][0] = x.x;
@@ -838,7 +839,7 @@ template <int R, int C> __device__ __forceinline__ void load_f32(rt<R, C>& out, 
     }
     return;
   }
-  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[row_in<R>(mb, hr) * ld + (C == 1 ? 0 : col_of(nb, cp))];
+  TM_FOR_EACH(T) out.v[mb][nb][hr][cp] = base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))];
 }
 // a read-only fp32 row (a head's parameters) read where it is used: volatile, so the compiler does
 // not hoist a loop's reads of its slices out of the loop and hold every slice at once
@@ -850,17 +851,19 @@ template <int C> __device__ __forceinline__ void load_row_here(rt<1, C>& out, co
     out.v[mb][nb][hr][cp] = x;
   }
 }
-template <int R, int C> __device__ __forceinline__ void store_f32(float* base, int ld, const rt<R, C>& x) {
+template <bool Pairs = false, int R, int C>
+__device__ __forceinline__ void store_f32(float* base, int ld, const rt<R, C>& x) {
   using T = rt<R, C>;
   const int t = threadIdx.x % 128;
-  if (!((R > 1 || t / 4 == 0) && (C > 1 || t % 4 == 0))) return;
-  if (C > 1 && pairs_aligned(base, ld)) {
-    TM_FOR_EACH(T) if (cp == 0)
-      *reinterpret_cast<float2*>(base + row_in<R>(mb, hr) * ld + col_of(nb, 0)) =
-          make_float2(x.v[mb][nb][hr][0], x.v[mb][nb][hr][C > 1 ? 1 : 0]);
+  if (Pairs && C > 1 && pairs_aligned(base, ld)) {
+    if (R > 1 || t / 4 == 0)
+      TM_FOR_EACH(T) if (cp == 0)
+        *reinterpret_cast<float2*>(base + row_in<R>(mb, hr) * ld + col_of(nb, 0)) =
+            make_float2(x.v[mb][nb][hr][0], x.v[mb][nb][hr][C > 1 ? 1 : 0]);
     return;
   }
-  TM_FOR_EACH(T) base[row_in<R>(mb, hr) * ld + (C == 1 ? 0 : col_of(nb, cp))] = x.v[mb][nb][hr][cp];
+  if ((R > 1 || t / 4 == 0) && (C > 1 || t % 4 == 0))
+    TM_FOR_EACH(T) base[(R == 1 ? 0 : row_of(mb, hr)) * ld + (C == 1 ? 0 : col_of(nb, cp))] = x.v[mb][nb][hr][cp];
 }
 
 // ---------------------------------------------- plain stores, packed sequences' edges ----
