@@ -29,7 +29,7 @@ from tilemix.tiles.errors import ResourceError, TileError
 from tilemix.tiles.kernel import kernel_names
 from tilemix.tiles.params import Binding
 
-from .compile import MissingTool, compile_cuda, resources
+from .compile import CompileError, MissingTool, compile_cuda, resources
 from .env import read
 from .knobs import OCCUPANCIES, Schedule, column_blocks, launch_registers, smem_limit
 from .specialise import kernel_source
@@ -94,7 +94,7 @@ def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch:
             source = kernel_source(kernel, binding, candidate, arch)
             if not _spills(source.source, arch, source.name):
                 return candidate
-        except ResourceError:
+        except (ResourceError, CompileError):  # a candidate that does not build is not taken
             continue
         except MissingTool:
             break
