@@ -14,6 +14,7 @@ from tilemix.tiles.ir import Op
 from tilemix.tiles.types import DType
 
 from .emit import ctype, float_literal
+from .structure import token_by_token
 
 if TYPE_CHECKING:
     from .lowering import Lowering
@@ -136,7 +137,7 @@ def _state_col0(lw: Lowering, param_name: str) -> str:
 def _pairs(lw: Lowering) -> str:
     """``<true>`` (the state moved in 8-byte pairs) in a token-by-token program (a decode step), which
     moves little else; other kernels keep the scalar moves and their registers."""
-    return "<true>" if lw.plan.loops and all(loop.size == 1 for loop in lw.plan.loops) else ""
+    return "<true>" if token_by_token(list(lw.plan.loops)) else ""
 
 
 def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):

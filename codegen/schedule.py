@@ -33,7 +33,7 @@ from .compile import CompileError, MissingTool, compile_cuda, resources
 from .env import read
 from .knobs import OCCUPANCIES, Schedule, column_blocks, launch_registers, smem_limit
 from .specialise import kernel_source
-from .structure import CONSUMER_THREADS
+from .structure import CONSUMER_THREADS, token_by_token
 
 __all__ = ["Schedule", "default_schedule", "default_source", "launch_schedule", "heads_per_cta", "sm_count",
            "schedule_overrides", "overridden", "splittable", "wide_columns", "segment_count", "scan_segments",
@@ -80,8 +80,7 @@ def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch:
     (checked by compiling; without the codegen tools the schedule stays as it is)."""
     widths = dict(schedule.split)
     traced = kernel.trace(replace(binding, static={**binding.static, **widths}), target=arch)  # as the split runs
-    loops = [op for op in traced.walk() if op.name == "loop" and op.kind == "chunks"]
-    if not loops or any(op.size != 1 for op in loops):
+    if not token_by_token([op for op in traced.walk() if op.name == "loop" and op.kind == "chunks"]):
         return schedule
     state_registers = sum(binding.extent(p.spec.dims[0]) * widths.get(p.spec.dims[1], binding.extent(p.spec.dims[1]))
                           for p in binding.params if p.spec.kind == "state") // CONSUMER_THREADS

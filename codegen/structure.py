@@ -18,8 +18,8 @@ from tilemix.tiles.lowerable import PANEL, check_lowerable, grid_loops
 
 from .knobs import Schedule, column_blocks
 
-__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "packed_offsets", "packed_start", "CONSUMER_THREADS",
-           "PANEL"]
+__all__ = ["KernelPlan", "analyze_structure", "sequence_dims", "token_by_token", "packed_offsets", "packed_start",
+           "CONSUMER_THREADS", "PANEL"]
 
 CONSUMER_THREADS = 128  # threads of one consumer group (a warpgroup): one program instance
 
@@ -137,6 +137,12 @@ def _shift(bound, loop: Loop) -> str:
     """The term moving a bound from its index's dim onto the loop's, the two aligned at their ends
     (``ir.Bound.aligned_shift``), as C++ ("" on one dim)."""
     return "" if bound.dim == loop.dim else f" + ({loop.dim} - {bound.dim})"
+
+
+def token_by_token(loops: list[Loop]) -> bool:
+    """Whether a program with these chunk loops runs one token per chunk (a decode step): it moves
+    its states and little else, which the schedule's occupancy and the state moves are chosen for."""
+    return bool(loops) and all(loop.size == 1 for loop in loops)
 
 
 def sequence_dims(program: Program) -> tuple[str, ...]:
