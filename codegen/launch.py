@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+import itertools
+import struct
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -106,8 +109,7 @@ def _encode_map(ptr: int, dims: tuple[int, ...], element_strides: tuple[int, ...
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != cu.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed for {name}, a {list(dims)} tensor: {err}")
-    raw = ctypes.string_at(tmap.getPtr(), 128)
-    return np.frombuffer(raw, dtype=np.dtype((np.void, 128)))[0]
+    return ctypes.string_at(tmap.getPtr(), 128)
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,6 @@ def _plan(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str = "sm_
                                 source.smem_bytes)
         plan = _PLANS[key] = _Plan(source, function)
     return plan
-
-
-@functools.cache
-def _stream(handle: int):
-    return _cupy().cuda.ExternalStream(handle)
 
 
 def _current_stream(device_index: int) -> int:
@@ -178,7 +175,7 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     for dim, size in plan.source.grid_loops:  # a packed batch's: over its longest sequence's blocks
         blocks *= -(-sizes[f"{dim}_max" if varlen else dim] // size)
     grid = (plan.source.column_ctas * blocks * (1 if plan.source.matrix else sizes["B"] * sizes["H"] // per_cta), 1, 1)
-    size_args = tuple(np.int32(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
+    size_args = tuple(int(sizes.get(d, sizes.get("H", 1))) for d in plan.source.size_args)  # G defaults to H
     layouts = {}  # tensor maps whose strides TMA reads in place: only the address changes from call to call
     for kind, name in plan.source.params:
         if kind is ParamKind.TMAP and tma_strided(args[name]):
@@ -194,65 +191,124 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
 _TMAP, _TMAP_OUT, _PTR, _PTR_OUT, _F32, _STATE, _SCALAR, _OFFSETS, _CHUNK_STATE = (
     ParamKind.TMAP, ParamKind.TMAP_OUT, ParamKind.PTR, ParamKind.PTR_OUT, ParamKind.F32, ParamKind.STATE,
     ParamKind.SCALAR, ParamKind.OFFSETS, ParamKind.CHUNK_STATE)
+# the slots of each kernel parameter in the launch's parameter buffer (``struct`` formats, 8-byte
+# multiples): a 128-byte tensor map, a float, a state's two addresses; an address by default
+_SLOTS = {_TMAP: ("128s",), _TMAP_OUT: ("128s",), _SCALAR: ("f4x",), _STATE: ("Q", "Q")}
+_ADDRESS, _SIZE = ("Q",), "i4x"
 
 
 @dataclass(frozen=True)
 class Launch:
     """A prepared launch (``prepare_launch``): called with the arguments and the outputs (allocated
-    contiguous by the caller; states absent from ``outputs`` are not written), it builds the tensor
-    maps and pointers and launches on torch's current stream."""
+    contiguous by the caller; states absent from ``outputs`` are not written), it writes the tensor
+    maps, addresses and scalars into a parameter buffer (one per thread, with the sizes already in
+    it) and launches on torch's current stream through the driver's ``cuLaunchKernel``: cupy's
+    launch converts every argument on each call, several times the host time of the rest."""
 
     plan: _Plan
     grid: tuple[int, int, int]
-    size_args: tuple[np.int32, ...]
+    size_args: tuple[int, ...]
     device: int
     layouts: dict[str, tuple]  # tensor-map parameter -> (dims, element strides, bf16) of every call
+    buffers: dict = field(default_factory=dict, compare=False, repr=False)  # thread -> (buffer, pointers)
+    maps: dict = field(default_factory=dict, compare=False, repr=False)  # parameter -> (address, its last map)
+
+    @functools.cached_property
+    def _slots(self) -> tuple[str, str, tuple[int, ...]]:
+        """The struct format of the values each call packs, that of the sizes after them (packed
+        once), and each kernel parameter's byte offset."""
+        slots = [slot for kind, _ in self.plan.source.params for slot in _SLOTS.get(kind, _ADDRESS)]
+        sizes = [_SIZE] * len(self.size_args)
+        offsets = itertools.accumulate((struct.calcsize("<" + slot) for slot in slots + sizes), initial=0)
+        return "<" + "".join(slots), "<" + "".join(sizes), tuple(offsets)[:-1]
+
+    def _buffer(self) -> tuple[Any, int]:
+        """This thread's parameter buffer and the address of its array of parameter pointers
+        (``cuLaunchKernel``'s ``kernelParams``), made on the thread's first call: the driver copies
+        the values at launch, but another thread may pack its own meanwhile."""
+        found = self.buffers.get(threading.get_ident())
+        if found is None:
+            calls, sizes, offsets = self._slots
+            buffer = ctypes.create_string_buffer(struct.calcsize(calls) + struct.calcsize(sizes))
+            struct.pack_into(sizes, buffer, struct.calcsize(calls), *self.size_args)
+            pointers = (ctypes.c_void_p * len(offsets))(*(ctypes.addressof(buffer) + at for at in offsets))
+            found = self.buffers[threading.get_ident()] = (buffer, pointers, ctypes.addressof(pointers))
+        return found[0], found[2]
 
     def __call__(self, args: dict[str, Any], outputs: dict[str, torch.Tensor]) -> None:
         if 0 in self.grid:
             return
-        source = self.plan.source
-        params = []
-        keep_alive = []  # converted copies must outlive the launch's argument packing
+        source, maps = self.plan.source, self.maps
+        values = []
+        keep_alive = []  # converted copies must outlive the launch's parameter copy
         for kind, name in source.params:
             value = args.get(name)
             if kind is _TMAP:
-                layout, address = self.layouts.get(name), value.data_ptr()
+                address = value.data_ptr()
+                last = maps.get(name)
+                if last is not None and last[0] == address:  # the map of the last call: one compare
+                    values.append(last[1])
+                    continue
+                layout = self.layouts.get(name)
                 if layout is not None and address % 16 == 0:
-                    params.append(_encode_map(address, *layout, name, source.tmap_rows[name]))
+                    encoded = _encode_map(address, *layout, name, source.tmap_rows[name])
+                    maps[name] = (address, encoded)
+                    values.append(encoded)
                     continue
                 t = value if tma_readable(value) else value.contiguous()
                 if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
                     t = t.clone()
                 keep_alive.append(t)
-                params.append(_tensor_map(t, name, source.tmap_rows[name]))
+                values.append(_tensor_map(t, name, source.tmap_rows[name]))
             elif kind is _TMAP_OUT:
-                params.append(_encode_map(outputs[name].data_ptr(), *self.layouts[name], name, source.tmap_rows[name]))
+                address = outputs[name].data_ptr()
+                last = maps.get(name)
+                if last is None or last[0] != address:
+                    encoded = _encode_map(address, *self.layouts[name], name, source.tmap_rows[name])
+                    last = maps[name] = (address, encoded)
+                values.append(last[1])
             elif kind is _PTR:  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
                 t = value.contiguous()
                 if t.data_ptr() % 16:
                     t = t.clone()
                 keep_alive.append(t)
-                params.append(np.uint64(t.data_ptr()))
+                values.append(t.data_ptr())
             elif kind is _PTR_OUT:
-                params.append(np.uint64(outputs[name].data_ptr()))
+                values.append(outputs[name].data_ptr())
             elif kind is _F32:
                 t = value.to(torch.float32).contiguous()
                 keep_alive.append(t)
-                params.append(np.uint64(t.data_ptr()))
+                values.append(t.data_ptr())
             elif kind is _STATE:
                 init = value.contiguous() if value is not None else None
                 keep_alive.append(init)
                 final = outputs.get(name)
-                params += [np.uint64(init.data_ptr() if init is not None else 0),
-                           np.uint64(final.data_ptr() if final is not None else 0)]
+                values += [init.data_ptr() if init is not None else 0, final.data_ptr() if final is not None else 0]
             elif kind is _SCALAR:
-                params.append(np.float32(value))
+                values.append(float(value))
             elif kind is _OFFSETS:  # int32 [N + 1], checked by ops/varlen.py
-                params.append(np.uint64(value.data_ptr()))
+                values.append(value.data_ptr())
             elif kind is _CHUNK_STATE:  # fp32 [B, H, NC, r, c]: read as given, or written
                 t = outputs[name] if value is None else value.to(torch.float32).contiguous()
                 keep_alive.append(t)
-                params.append(np.uint64(t.data_ptr()))
-        self.plan.function(self.grid, (source.threads, 1, 1), (*params, *self.size_args),
-                           shared_mem=source.smem_bytes, stream=_stream(_current_stream(self.device)))
+                values.append(t.data_ptr())
+        buffer, pointers = self._buffer()
+        struct.pack_into(self._slots[0], buffer, 0, *values)
+        _launch_kernel(self.plan.function.ptr, self.grid, source.threads, source.smem_bytes,
+                       _current_stream(self.device), pointers, source.name)
+
+
+def _launch_kernel(function: int, grid: tuple[int, int, int], threads: int, smem_bytes: int, stream: int,
+                   pointers: int, name: str) -> None:
+    """``cuLaunchKernel`` (cuda-bindings) with raw handles and a ``kernelParams`` array's address;
+    a failed launch is a RuntimeError naming the kernel."""
+    err, = _driver().cuLaunchKernel(function, *grid, threads, 1, 1, smem_bytes, stream, pointers, 0)
+    if err:
+        raise RuntimeError(f"launching {name} failed: {err!r}")
+
+
+@functools.cache
+def _driver():
+    from cuda.bindings import driver
+
+    return driver

@@ -64,10 +64,11 @@ class SegmentedScan:
         a program instance, no segments)."""
         if cu_seqlens is not None:
             return run_varlen(self.kernel, args, labels, final_states, cu_seqlens)
+        signature = call_signature(self.kernel, args, final_states, None, ())  # run_kernel's, computed once
         if segments is None:
-            segments = self.default_segments(args, labels)
+            segments = self.default_segments(args, labels, signature=signature)
         if segments == 1:
-            return run_kernel(self.kernel, args, labels, final_states)
+            return run_kernel(self.kernel, args, labels, final_states, signature=signature)
         binding = self.kernel.bind(args, labels)
         B, T = binding.sizes["B"], binding.sizes["T"]
         if T % (SCAN_CHUNK * segments):
@@ -92,17 +93,19 @@ class SegmentedScan:
         return result
 
     def default_segments(self, args: dict[str, Any], labels: dict[str, str] | None = None,
-                         tuned: bool = True) -> int:
+                         tuned: bool = True, signature: tuple | None = None) -> int:
         """The segment count a call runs: 1 on the CPU, else a tuned count for the shape (``tilemix
-        tune``) when ``tuned`` and one is cached, else ``schedule.scan_segments``; remembered per call
-        signature."""
-        signature = call_signature(self.kernel, args, "segments", tuned, read("TILEMIX_SEGMENTS"))
+        tune``) when ``tuned`` and one is cached, else ``schedule.scan_segments``; the tuned choice
+        remembered per call ``signature`` (``call_signature``: computed when None)."""
+        if not tuned:  # the tuner's baseline: not remembered
+            return self._choose_segments(args, labels, tuned) if call_signature(self.kernel, args) else 1
+        signature = signature or call_signature(self.kernel, args)
         if signature is None:  # CPU tensors
             return 1
-        count = recall(signature)
+        count = recall(signature, "segments")
         if count is None:
             count = self._choose_segments(args, labels, tuned)
-            remember(signature, count)
+            remember(signature, count, "segments")
         return count
 
     def _choose_segments(self, args: dict[str, Any], labels: dict[str, str] | None, tuned: bool) -> int:

@@ -19,7 +19,7 @@ import torch
 from tilemix.codegen import launch
 from tilemix.codegen import schedule as schedules
 from tilemix.codegen import tune as search
-from tilemix.codegen.env import read
+from tilemix.codegen.env import read, snapshot
 from tilemix.codegen.structure import PANEL
 from tilemix.tiles import Kernel
 from tilemix.tiles.types import DType
@@ -188,7 +188,7 @@ def tune_segments(scan, args: dict[str, Any], *, arch: str | None = None,
 
 def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None = None,
                final_states: tuple[str, ...] | None = None, schedule=None,
-               into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+               into: dict[str, torch.Tensor] | None = None, signature: tuple | None = None) -> dict[str, torch.Tensor]:
     """Run ``kernel`` on ``args`` (torch tensors, numbers, None for absent
     optionals). Returns its outputs and final states as torch tensors on the
     inputs' device: outputs in the inputs' dtype, states in float32.
@@ -199,11 +199,13 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     (contiguous, of their shape and dtype) rather than new ones; a state's own initial tensor is
     updated in place (each program instance reads its block of the state before it writes it). A CUDA call
     whose signature (``call_signature``) ran before skips the checks and choices and only
-    allocates, packs and launches."""
+    allocates, packs and launches. ``signature``: the call's, where the caller computed it (as
+    ``call_signature(kernel, args, final_states, schedule, tuple(into))``)."""
     if _CAPTURED is not None:
         _CAPTURED.append((kernel, dict(args)))
     into = into or {}
-    signature = call_signature(kernel, args, final_states, schedule, tuple(into))
+    if signature is None:
+        signature = call_signature(kernel, args, final_states, schedule, tuple(into))
     prepared = recall(signature)
     if prepared is not None:
         _refuse_gradients(kernel.name, args.values())
@@ -359,9 +361,10 @@ def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
                      f"the device has {cc}: move the tensors to the CPU to use the interpreter")
 
 
-MAX_REMEMBERED = 4096  # call signatures remembered (a few KiB each)
-_BY_SIGNATURE: dict[tuple, Any] = {}
-_ENV_KNOBS = ("TILEMIX_TARGET", "TILEMIX_SCHEDULE", "TILEMIX_POISON", "TILEMIX_CACHE", "TILEMIX_AUTOTUNE")
+MAX_REMEMBERED = 4096  # call signatures remembered per kind (a few KiB each)
+_BY_SIGNATURE: dict[str, dict[tuple, Any]] = {"launch": {}, "segments": {}}
+_ENV_KNOBS = ("TILEMIX_TARGET", "TILEMIX_SCHEDULE", "TILEMIX_POISON", "TILEMIX_CACHE", "TILEMIX_AUTOTUNE",
+              "TILEMIX_SEGMENTS")
 
 
 def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple | None:
@@ -387,26 +390,29 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
     if device is None:
         return None
     # the launch schedule depends on the SM count (the count it reads)
-    return (kernel, _TARGET.get(), *map(read, _ENV_KNOBS), *extra, *parts, schedules.sm_count(device.index))
+    return (kernel, _TARGET.get(), snapshot(_ENV_KNOBS), *extra, *parts, schedules.sm_count(device.index))
 
 
-def remember(signature: tuple, value: Any) -> None:
-    """Keep ``value`` for a call signature (``recall`` gives it back): the prepared launch of a
-    ``run_kernel`` call, the segment count of a segmented scan's."""
-    if len(_BY_SIGNATURE) >= MAX_REMEMBERED:  # many shapes (varying lengths, say): start over
-        _BY_SIGNATURE.clear()
-    _BY_SIGNATURE[signature] = value
+def remember(signature: tuple, value: Any, kind: str = "launch") -> None:
+    """Keep ``value`` for a call signature (``recall`` gives it back): of ``kind`` "launch", the
+    prepared launch of a ``run_kernel`` call; "segments", the segment count of a segmented scan's
+    (one signature, computed once, serves both)."""
+    remembered = _BY_SIGNATURE[kind]
+    if len(remembered) >= MAX_REMEMBERED:  # many shapes (varying lengths, say): start over
+        remembered.clear()
+    remembered[signature] = value
 
 
-def recall(signature: tuple | None) -> Any:
-    """What ``remember`` kept for ``signature``; None if nothing (or the signature is None)."""
-    return _BY_SIGNATURE.get(signature) if signature is not None else None
+def recall(signature: tuple | None, kind: str = "launch") -> Any:
+    """What ``remember`` kept for ``signature`` of ``kind``; None if nothing (or the signature is None)."""
+    return _BY_SIGNATURE[kind].get(signature) if signature is not None else None
 
 
 def forget_calls() -> None:
     """Forget every remembered call signature: the next call of each runs the checks and choices
     again (after changing what they depend on in a way ``call_signature`` does not see)."""
-    _BY_SIGNATURE.clear()
+    for remembered in _BY_SIGNATURE.values():
+        remembered.clear()
 
 
 def _refuse_gradients(op: str, values) -> None:

@@ -1,15 +1,17 @@
 """The CUDA-only host paths, run on the CPU with the device stubbed: ``run_kernel``'s CUDA branch
 up to the launch (fake CUDA tensors: shapes, strides and dtypes without memory), and
-``prepare_launch`` plus a ``Launch`` with cupy, the tensor-map encoder and the stream replaced by
-recorders (the lowering and NVRTC compile are real). What they catch is what ``pytest -m gpu``
+``prepare_launch`` plus a ``Launch`` with cupy, the tensor-map encoder, the stream and the driver's
+launch replaced by recorders (the lowering and NVRTC compile are real). What they catch is what ``pytest -m gpu``
 would meet first: a renamed name, a parameter kind the launch does not pack, arguments passed the
 old way."""
 
 from __future__ import annotations
 
+import ctypes
+import re
+import struct
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -44,11 +46,11 @@ def test_call_signature_reads_the_sm_count_the_launch_schedule_reads(monkeypatch
 
 
 class _FakeCupy:
-    """cupy as ``launch`` uses it, recording: modules loaded, the shared-memory attribute set on a
-    function, and the launches (grid, block, arguments, shared memory, stream)."""
+    """cupy as ``launch`` uses it, recording the modules loaded and the shared-memory attribute set
+    on a function (whose ``ptr`` is its name)."""
 
     def __init__(self):
-        self.attributes, self.launches, self.loaded = [], [], []
+        self.attributes, self.loaded = [], []
         fake = self
 
         class Module:
@@ -56,40 +58,56 @@ class _FakeCupy:
                 fake.loaded.append(cubin)
 
             def get_function(self, name):
-                def function(grid, block, params, shared_mem, stream):
-                    fake.launches.append(SimpleNamespace(name=name, grid=grid, block=block, params=params,
-                                                         shared_mem=shared_mem, stream=stream))
-                function.ptr = name
-                return function
+                return SimpleNamespace(ptr=name)
 
         driver = SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES="max_dynamic_smem",
                                  funcSetAttribute=lambda ptr, attr, value: fake.attributes.append((ptr, attr, value)))
-        self.cuda = SimpleNamespace(driver=driver, function=SimpleNamespace(Module=Module),
-                                    ExternalStream=lambda handle: ("stream", handle))
+        self.cuda = SimpleNamespace(driver=driver, function=SimpleNamespace(Module=Module))
+
+
+def _tmap(name: str) -> bytes:
+    """The fake encoder's 128-byte tensor map of ``name``."""
+    return name.encode().ljust(128, b"\0")
+
+
+def launched_params(prepared: launch.Launch, pointers: int) -> tuple:
+    """The kernel parameters a launch of ``prepared`` passed, read through its ``kernelParams`` array
+    (``pointers``) as the driver would: each at its own address, in the slot its kind takes."""
+    calls, sizes, offsets = prepared._slots
+    slots = re.findall(r"\d*[a-zA-Z]", (calls + sizes).replace("<", ""))
+    slots = [s for s in slots if not s.endswith("x")]  # padding follows its value
+    addresses = (ctypes.c_void_p * len(offsets)).from_address(pointers)
+    assert len(slots) == len(offsets)
+    return tuple(struct.unpack_from("<" + slot, ctypes.string_at(address, struct.calcsize("<" + slot)))[0]
+                 for slot, address in zip(slots, addresses))
 
 
 @pytest.fixture
 def fake_device(monkeypatch):
-    """``launch`` with cupy, the tensor-map encoder and torch's current stream stubbed; its caches
-    emptied before and after (they would otherwise hold the fakes)."""
+    """``launch`` with cupy, the tensor-map encoder, torch's current stream and the driver's launch
+    stubbed (each launch recorded with its parameters read back); its caches emptied before and
+    after (they would otherwise hold the fakes)."""
     pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra")
     fake = _FakeCupy()
-    maps = []
+    maps, launches = [], []
 
     def encode(ptr, dims, strides, bf16, name, box_rows):
         maps.append(SimpleNamespace(ptr=ptr, dims=dims, strides=strides, bf16=bf16, name=name, box_rows=box_rows))
-        return ("tmap", name)
+        return _tmap(name)
 
-    for cache in (launch._module, launch._stream):
-        cache.cache_clear()
+    def launch_kernel(function, grid, threads, smem_bytes, stream, pointers, name):
+        launches.append(SimpleNamespace(name=function, grid=grid, block=(threads, 1, 1), shared_mem=smem_bytes,
+                                        stream=stream, pointers=pointers))
+
+    launch._module.cache_clear()
     monkeypatch.setattr(launch, "_cupy", lambda: fake)
     monkeypatch.setattr(launch, "_encode_map", encode)
     monkeypatch.setattr(launch, "_current_stream", lambda device: 7)
+    monkeypatch.setattr(launch, "_launch_kernel", launch_kernel)
     monkeypatch.setattr(launch, "_PLANS", {})
-    fake.maps = maps
+    fake.maps, fake.launches = maps, launches
     yield fake
-    for cache in (launch._module, launch._stream):
-        cache.cache_clear()
+    launch._module.cache_clear()
 
 
 def _la_args(T=200, H=2, D=64, state=True):
@@ -119,17 +137,21 @@ def test_sm90a_launch_packs_every_parameter_kind(fake_device):
     call = fake_device.launches[0]
     assert call.name == source.name and call.block == (source.threads, 1, 1)
     assert call.grid == (source.column_ctas * 2, 1, 1) and call.shared_mem == source.smem_bytes
-    assert call.stream == ("stream", 7)
-    params = list(call.params)
-    assert params[:3] == [("tmap", "q"), ("tmap", "k"), ("tmap", "v")]
-    assert params[3] == np.float32(0.25) and params[4] == ("tmap", "o")
-    assert params[5] == np.uint64(args["s"].data_ptr())  # contiguous float32 already: read in place
-    assert params[6] == np.uint64(outputs["s"].data_ptr())
-    assert len(params) == 7 + len(source.size_args)
-    by_name = {m.name: m for m in fake_device.maps[:4]}
+    assert call.stream == 7
+    params = launched_params(prepared, call.pointers)
+    assert params[:3] == (_tmap("q"), _tmap("k"), _tmap("v"))
+    assert params[3] == 0.25 and params[4] == _tmap("o")
+    assert params[5] == args["s"].data_ptr()  # contiguous float32 already: read in place
+    assert params[6] == outputs["s"].data_ptr()
+    assert params[7:] == tuple(prepared.size_args) and len(params) == 7 + len(source.size_args)
+    by_name = {m.name: m for m in fake_device.maps}
+    assert len(fake_device.maps) == 4  # a second call at the same addresses reuses the maps
     assert by_name["q"].ptr == args["q"].data_ptr() and by_name["q"].dims == (1, 200, 2, 64)
     assert by_name["o"].ptr == outputs["o"].data_ptr() and by_name["o"].bf16
     assert all(m.box_rows == source.tmap_rows[m.name] for m in fake_device.maps)
+    moved = dict(outputs, o=torch.empty(1, 200, 2, 64, dtype=torch.bfloat16))
+    prepared(args, moved)  # a new output address: its map encoded again, the inputs' reused
+    assert [m.name for m in fake_device.maps[4:]] == ["o"] and fake_device.maps[4].ptr == moved["o"].data_ptr()
 
 
 def test_generic_launch_passes_addresses(fake_device):
@@ -144,7 +166,7 @@ def test_generic_launch_passes_addresses(fake_device):
                                                                          ParamKind.STATE]
     outputs = dict(o=torch.empty(1, 200, 2, 64, dtype=torch.bfloat16))
     prepared(args, outputs)
-    params = fake_device.launches[0].params
+    params = launched_params(prepared, fake_device.launches[0].pointers)
     assert not fake_device.maps
     assert params[0] % 16 == 0 and params[0] != args["q"].data_ptr()
     assert params[1] == args["k"].data_ptr()  # contiguous and aligned: read in place
@@ -163,8 +185,9 @@ def test_matrix_launch_passes_sizes_and_two_dim_maps(fake_device):
     prepared(args, outputs)
     call = fake_device.launches[0]
     assert call.grid == (2 * 3, 1, 1)  # ceil(264 / 256) x ceil(300 / 128)
-    assert call.params[:3] == (("tmap", "a"), ("tmap", "b"), ("tmap", "c"))
-    assert call.params[3:] == (200, 300, 264) and all(type(p) is np.int32 for p in call.params[3:])
+    params = launched_params(prepared, call.pointers)
+    assert params[:3] == (_tmap("a"), _tmap("b"), _tmap("c"))
+    assert params[3:] == (200, 300, 264)
     maps = {m.name: m for m in fake_device.maps}
     assert maps["a"].dims == (300, 200) and maps["a"].strides == (200, 1)
     assert maps["c"].dims == (300, 264) and maps["c"].strides == (264, 1) and maps["c"].ptr == outputs["c"].data_ptr()

@@ -13,7 +13,7 @@ import torch
 from compile_checks import check_compiled
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_gpu_paths import fake_device  # noqa: F401 (a fixture: launches recorded, the device stubbed)
+from test_gpu_paths import launched_params, fake_device  # noqa: F401 (a fixture: launches recorded, the device stubbed)
 
 from tilemix.ops import attention, gla, linear_attention, retention, rwkv6, ssd
 from tilemix.ops.examples import kernel_specs
@@ -384,7 +384,7 @@ def test_varlen_launch_packs_offsets_and_runs_an_instance_per_sequence(request, 
     prepared({**args, "cu_seqlens": cu}, outputs)
     call = device.launches[0]
     assert call.grid == (source.column_ctas * 3 * 2, 1, 1)
-    params = list(call.params)
+    params = launched_params(prepared, call.pointers)
     offsets_at = kinds.index(ParamKind.OFFSETS) + 1  # the state's kind passes two addresses
     assert params[offsets_at] == cu.data_ptr() and params[len(kinds) + 1] == 200  # T: the packed row's
     if arch == "sm_90a":
