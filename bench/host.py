@@ -3,14 +3,16 @@
 decides the speed.
 
 The GPU is kept busy ahead (``torch.cuda._sleep``, sized from an untimed pass of the same loop) so a
-call never waits for it, and ``calls`` calls are timed with ``time.perf_counter``, no CUDA events.
-A record's ``gpu_busy`` says the GPU still had work when the loop ended (false: the sleep was too
+call never waits for it, and five loops of ``calls`` calls are timed with ``time.perf_counter``, no
+CUDA events (the median is kept). A record's ``gpu_busy`` says the GPU still had work when every loop
+ended (false: the sleep was too
 short and the number may include waiting). On the CPU the same loop times the interpreter (the
 test of the harness; its numbers mean nothing)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 
@@ -75,26 +77,29 @@ def _loop(call: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def host_us(call: Callable[[], object], device: str, calls: int) -> tuple[float, bool | None]:
-    """µs of host time per ``call`` (after two warm-up calls: compiled, remembered), and whether the
-    GPU was still busy when the timed loop ended (None on the CPU)."""
+def host_us(call: Callable[[], object], device: str, calls: int, rounds: int = 5) -> tuple[float, bool | None]:
+    """µs of host time per ``call``, the median of ``rounds`` loops of ``calls`` calls (after two
+    warm-up calls: compiled, remembered; one loop swings by a third on a lent machine), and whether
+    the GPU was still busy when every timed loop ended (None on the CPU)."""
     call()
     call()
     if device != "cuda":
-        return _loop(call, calls) * 1e6, None
+        return statistics.median(_loop(call, calls) for _ in range(rounds)) * 1e6, None
     torch.cuda.synchronize()
     start = time.perf_counter()
     _loop(call, calls)
     torch.cuda.synchronize()
     untimed = time.perf_counter() - start  # host and GPU together: more than the host alone needs
-    torch.cuda._sleep(int((2 * untimed * 1e3 + 1) * spin_cycles_per_ms()))
-    seconds = _loop(call, calls)
-    busy = not torch.cuda.current_stream().query()
-    torch.cuda.synchronize()
-    return seconds * 1e6, busy
+    times, busy = [], True
+    for _ in range(rounds):
+        torch.cuda._sleep(int((2 * untimed * 1e3 + 1) * spin_cycles_per_ms()))
+        times.append(_loop(call, calls))
+        busy = busy and not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+    return statistics.median(times) * 1e6, busy
 
 
-def run_host_bench(device: str = "cuda", shape: tuple[int, int, int, int] = (1, 128, 2, 64), calls: int = 50,
+def run_host_bench(device: str = "cuda", shape: tuple[int, int, int, int] = (1, 128, 2, 64), calls: int = 100,
                    rows: tuple[str, ...] = HOST_ROWS, json_path: str | None = None,
                    dtype: torch.dtype | None = None) -> list[dict] | None:
     """Time ``rows`` at ``shape`` (B, T, H, D; in ``dtype``, by default bf16 on the GPU and float32 on

@@ -41,6 +41,9 @@ class Step:
         self._tensors = [n for n in self._inputs if kernel.specs[n].kind not in ("scalar", "const")]
         self.states = tuple(n for n in self._inputs if kernel.specs[n].kind == "state")
         self._outputs = [n for n, spec in kernel.specs.items() if spec.output]
+        self._known = frozenset(self._inputs)
+        self._required = [n for n in self._inputs if n in self.states or n not in self.kernel.defaults]
+        self._label = {n: self.labels.get(n, n) for n in self._inputs}
         if not self._outputs:
             raise ValueError(f"kernel: {kernel.name} has no output for a step to return")
         self.op = self._register()
@@ -75,23 +78,22 @@ class Step:
 
     def __call__(self, **inputs: Any):
         """The outputs (a tensor where there is one, else a tuple); the states are updated in place."""
-        label = lambda n: self.labels.get(n, n)  # noqa: E731
-        unknown = sorted(set(inputs) - set(self._inputs))
-        if unknown:
-            raise TypeError(f"{self.name}: unexpected argument(s) {unknown}; expected {self._inputs}")
-        missing = [n for n in self._inputs if inputs.get(n) is None and (n in self.states or n not in
-                                                                      self.kernel.defaults)]
+        if not self._known.issuperset(inputs):
+            raise TypeError(f"{self.name}: unexpected argument(s) {sorted(set(inputs) - self._known)}; "
+                            f"expected {self._inputs}")
+        missing = [self._label[n] for n in self._required if inputs.get(n) is None]
         if missing:
-            raise TypeError(f"{self.name}: missing argument(s) {[label(n) for n in missing]} (a step updates "
-                            "its states in place: pass them)")
-        check_call(self.name, **{label(n): inputs.get(n) for n in self._tensors})
+            raise TypeError(f"{self.name}: missing argument(s) {missing} (a step updates its states in place: "
+                            "pass them)")
+        check_call(self.name, **{self._label[n]: inputs.get(n) for n in self._tensors})
         for name in self.states:
             state = inputs[name]
             if state.dtype not in (torch.float32, torch.float64) or not state.is_contiguous():
-                raise ValueError(f"{label(name)}: the state a step updates in place is a contiguous float32 tensor "
-                                 f"(float64 with float64 inputs), got {state.dtype}"
+                raise ValueError(f"{self._label[name]}: the state a step updates in place is a contiguous float32 "
+                                 f"tensor (float64 with float64 inputs), got {state.dtype}"
                                  f"{'' if state.is_contiguous() else ', not contiguous'}")
-        return self.op(*(inputs[n] if n in inputs else self.kernel.defaults[n] for n in self._inputs))
+        defaults = self.kernel.defaults
+        return self.op(*[inputs[n] if n in inputs else defaults[n] for n in self._inputs])
 
     def __repr__(self) -> str:
         return f"step({self.kernel.chunked.name}, name={self.name!r})"
