@@ -29,7 +29,7 @@ __all__ = ["run_hopper", "run_tiles", "prepare_launch", "Launch"]
 
 
 def _cupy():
-    """cupy, which loads and launches the kernels; without it, an error naming the extra that
+    """cupy, which loads the kernels (the driver launches them); without it, an error naming the extra that
     installs it (cupy is not a dependency: CPU tensors run without it)."""
     try:
         import cupy
