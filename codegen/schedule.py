@@ -121,11 +121,30 @@ def _probe_size(binding: Binding) -> int:
     return size
 
 
+def _positional(op, probe: int) -> bool:
+    """Whether ``op`` addresses the ``probe``-wide dim by position (a slice of part of it, a concat
+    along it, an index along it): a column block traced at its own width would address its own
+    columns from 0, not the call's, and a program whose structure follows the width (selective_scan's
+    derived ``d_A``: one entry per ``P`` columns of a ``[1, N·P]`` state) would run another program."""
+    if op.name == "slice":
+        (a,), at = op.operands, op.attrs
+        return (a.type.rows == probe and (at["row0"], at["rows"]) != (0, probe)) or \
+            (a.type.cols == probe and (at["col0"], at["cols"]) != (0, probe))
+    if op.name == "concat":
+        extent = (lambda t: t.rows) if op.attrs["axis"] == 0 else (lambda t: t.cols)
+        return any(extent(t) == probe for t in (op.result.type, *(x.type for x in op.operands)))
+    if op.name == "iota":
+        return (op.result.type.rows, op.result.type.cols)[op.attrs["axis"]] == probe
+    if op.name == "eye":
+        return probe in (op.result.type.rows, op.result.type.cols)
+    return False
+
+
 def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
     """Whether ``dim`` can be cut into independent column blocks: trace with a
-    width no other dim has and check that no matmul contracts over it and no
-    reduction runs along it. A program that does not trace at another width (its state's width
-    tied to other dims, as selective_scan's ``N·P``) is not splittable."""
+    width no other dim has and check that no matmul contracts over it, no
+    reduction runs along it and no op addresses it by position (``_positional``). A program that
+    does not trace at another width is not splittable."""
     probe = _probe_size(binding)
     try:
         traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
@@ -142,6 +161,8 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
         if op.name in ("rowsum", "rowmax") and op.operands[0].type.cols == probe:
             return False
         if op.name in ("colsum", "colmax", "cumsum", "segsum") and op.operands[0].type.rows == probe:
+            return False
+        if _positional(op, probe):
             return False
     return True
 

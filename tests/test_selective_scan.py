@@ -203,12 +203,13 @@ GRADED = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # is a [64, 16] tile and the decay rates are read slice by slice, so what spills is the chunk's 64 x 64
 # fp32 tiles beside each entry's scan: Δ, y and the scan's operands; the backward programs hold the
 # entry's recomputed scan and its gradient besides (at N = 8, the most one call scans, the forward
-# spills 144 bytes on sm_90a: loop invariants reloaded once per chunk)
+# spills 144 bytes on sm_90a: loop invariants reloaded once per chunk). d_A runs every entry in one
+# program, as d_delta does (its [1, N·P] state addressed by entry: no column blocks)
 SPILLING: dict[tuple[str, str], int] = {
-    ("sm_90a", "forward"): 16, ("sm_90a", "d_A"): 48, ("sm_90a", "d_B"): 16, ("sm_90a", "d_C"): 24,
+    ("sm_90a", "forward"): 16, ("sm_90a", "d_A"): 952, ("sm_90a", "d_B"): 16, ("sm_90a", "d_C"): 24,
     ("sm_90a", "d_delta"): 1216, ("sm_90a", "d_delta_bias"): 1240, ("sm_90a", "d_u"): 112, ("sm_90a", "d_z"): 24,
-    ("sm_80", "forward"): 8, ("sm_80", "d_B"): 40, ("sm_80", "d_C"): 32, ("sm_80", "d_delta"): 1096,
-    ("sm_80", "d_delta_bias"): 960, ("sm_80", "d_u"): 64, ("sm_80", "d_z"): 32,
+    ("sm_80", "forward"): 8, ("sm_80", "d_A"): 632, ("sm_80", "d_B"): 40, ("sm_80", "d_C"): 32,
+    ("sm_80", "d_delta"): 1096, ("sm_80", "d_delta_bias"): 960, ("sm_80", "d_u"): 64, ("sm_80", "d_z"): 32,
 }
 
 
@@ -222,6 +223,25 @@ def _programs(N: int = 2) -> dict:
     for name, derived, derived_binding in backward_launches(selective_scan_fwd, binding, ["y", "h"], GRADED):
         found[f"d_{name}" if name else "states"] = (derived, derived_binding)
     return found
+
+
+@pytest.mark.parametrize("N", [2, 8])
+def test_no_program_cuts_its_entries_into_column_blocks(N):
+    """d_A's program carries the gradient of the head's ``[1, N·P]`` decay rates as a state whose
+    columns its entries address by position (``A[:, n·P:(n+1)·P]``, B's and the state's column n):
+    cut into 64-wide column blocks (the schedule's split), each block ran entry 0's program, and on
+    the GPU d_A was wrong for every entry past the first. Likewise a forward state of more than 64
+    columns (entry n in column n, picked by ``iota`` and a slice) stays whole."""
+    from tilemix.codegen.schedule import default_schedule, splittable, wide_columns
+    from tilemix.ops.examples import kernel_specs
+
+    for name, (kernel, binding) in _programs(N).items():
+        assert wide_columns(kernel, binding) == (), name
+    d_A, binding = _programs(N)["d_A"]
+    assert not splittable(d_A, binding, "S")
+    assert default_schedule(d_A, binding, "sm_90a").split == ()
+    wide = selective_scan_fwd.bind(kernel_specs(selective_scan_fwd, {"S": 256, "E": 128}, size=128))
+    assert not splittable(selective_scan_fwd, wide, "E")
 
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
