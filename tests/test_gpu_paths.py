@@ -290,3 +290,18 @@ def test_segment_count_of_a_cuda_call(fake_gpu, monkeypatch):
     monkeypatch.setenv("TILEMIX_SEGMENTS", "2")
     assert scan.default_segments(args) == 2
     assert ops.SEGMENTED["linear_attention"].default_segments(_la_args()) == 1
+
+
+def test_outputs_shaped_like_an_input_are_allocated_like_it(fake_gpu):
+    """A remembered call allocates an output with ``empty_like`` of an input of its shape, dtype and
+    contiguous strides (cheaper than ``torch.empty``), and only of such an input: views of other
+    strides (half of a 4-head tensor's heads) are never the template, nor is a state of no input's dtype."""
+    with FakeTensorMode():
+        q = torch.empty(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+        wide = torch.empty_strided((1, 256, 2, 64), (65536, 256, 64, 1), device="cuda", dtype=torch.bfloat16)
+        for args, template in ((dict(q=q, k=q, v=q, scale=0.125, s=None), "q"),
+                               (dict(q=wide, k=wide, v=wide, scale=0.125, s=None), None)):
+            out = runtime.run_kernel(la, args)
+            prepared = runtime.recall(runtime.call_signature(la, args, None, None, ()))
+            assert [(name, like) for name, _, _, like in prepared.outputs] == [("o", template), ("s", None)]
+            assert out["o"].shape == (1, 256, 2, 64) and out["o"].is_contiguous()

@@ -185,15 +185,3 @@ def test_gpu_host_bench_keeps_the_gpu_busy():
     records = run_host_bench("cuda", calls=10, rows=("gemm", "linear_attention_step"))
     assert records and all(r["gpu_busy"] for r in records), records  # idle: a call waited for the GPU
 
-
-def test_outputs_shaped_like_an_input_are_allocated_like_it():
-    """A remembered call allocates an output with ``empty_like`` of an input of its shape, dtype and
-    contiguous strides (cheaper than ``torch.empty``), and only of such an input: a view of other
-    strides, another dtype or shape is never the template."""
-    from tilemix.ops.runtime import _alike
-
-    q = torch.randn(1, 5, 2, 64).bfloat16()
-    assert _alike(dict(s=None, scale=0.5, q=q), (1, 5, 2, 64), torch.bfloat16) == "q"
-    assert _alike(dict(q=q), (1, 5, 2, 64), torch.float32) is None
-    assert _alike(dict(q=q[:, :, :1]), (1, 5, 1, 64), torch.bfloat16) is None  # strides of the whole q
-    assert _alike(dict(q=q.transpose(1, 2).contiguous().transpose(1, 2)), (1, 5, 2, 64), torch.bfloat16) is None
