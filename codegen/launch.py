@@ -235,25 +235,27 @@ class Launch:
             found = self.buffers[threading.get_ident()] = (buffer, pointers, ctypes.addressof(pointers))
         return found[0], found[2]
 
+    def _map(self, name: str, address: int, layout: tuple) -> bytes:
+        """``name``'s tensor map at ``address``: the last call's when the address is the same (one
+        compare), else encoded (``_encode_map`` keeps recent ones: a caller alternating between a few
+        buffers finds them there)."""
+        last = self.maps.get(name)
+        if last is None or last[0] != address:
+            last = self.maps[name] = (address, _encode_map(address, *layout, name, self.plan.source.tmap_rows[name]))
+        return last[1]
+
     def __call__(self, args: dict[str, Any], outputs: dict[str, torch.Tensor]) -> None:
         if 0 in self.grid:
             return
-        source, maps = self.plan.source, self.maps
+        source = self.plan.source
         values = []
         keep_alive = []  # converted copies must outlive the launch's parameter copy
         for kind, name in source.params:
             value = args.get(name)
             if kind is _TMAP:
-                address = value.data_ptr()
-                last = maps.get(name)
-                if last is not None and last[0] == address:  # the map of the last call: one compare
-                    values.append(last[1])
-                    continue
                 layout = self.layouts.get(name)
-                if layout is not None and address % 16 == 0:
-                    encoded = _encode_map(address, *layout, name, source.tmap_rows[name])
-                    maps[name] = (address, encoded)
-                    values.append(encoded)
+                if layout is not None and value.data_ptr() % 16 == 0:
+                    values.append(self._map(name, value.data_ptr(), layout))
                     continue
                 t = value if tma_readable(value) else value.contiguous()
                 if t.data_ptr() % 16:  # TMA reads from 16-byte aligned addresses: a view at an odd offset
@@ -261,12 +263,7 @@ class Launch:
                 keep_alive.append(t)
                 values.append(_tensor_map(t, name, source.tmap_rows[name]))
             elif kind is _TMAP_OUT:
-                address = outputs[name].data_ptr()
-                last = maps.get(name)
-                if last is None or last[0] != address:
-                    encoded = _encode_map(address, *self.layouts[name], name, source.tmap_rows[name])
-                    last = maps[name] = (address, encoded)
-                values.append(last[1])
+                values.append(self._map(name, outputs[name].data_ptr(), self.layouts[name]))
             elif kind is _PTR:  # generic kernels: 16-byte cp.async reads from 16-byte aligned rows
                 t = value.contiguous()
                 if t.data_ptr() % 16:

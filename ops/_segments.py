@@ -97,11 +97,11 @@ class SegmentedScan:
         """The segment count a call runs: 1 on the CPU, else a tuned count for the shape (``tilemix
         tune``) when ``tuned`` and one is cached, else ``schedule.scan_segments``; the tuned choice
         remembered per call ``signature`` (``call_signature``: computed when None)."""
-        if not tuned:  # the tuner's baseline: not remembered
-            return self._choose_segments(args, labels, tuned) if call_signature(self.kernel, args) else 1
         signature = signature or call_signature(self.kernel, args)
         if signature is None:  # CPU tensors
             return 1
+        if not tuned:  # the tuner's baseline: not remembered
+            return self._choose_segments(args, labels, tuned)
         count = recall(signature, "segments")
         if count is None:
             count = self._choose_segments(args, labels, tuned)
