@@ -29,7 +29,8 @@ from .tuning import GpuRunner, search_segments
 
 __all__ = ["run", "run_kernel", "tune", "tune_segments",
            "call_signature", "remember", "recall", "forget_calls", "fake_run", "default_scale",
-           "check_call", "check_devices", "use_target", "call_with_target", "device_arch", "capture_calls"]
+           "check_call", "check_devices", "use_target", "call_with_target", "device_arch", "capture_calls",
+           "new_outputs"]
 
 _CAPTURED: list[tuple[Kernel, dict[str, Any]]] | None = None  # run_kernel's calls, inside capture_calls
 
@@ -441,13 +442,7 @@ class _Prepared:
         """The outputs, new tensors but those ``into`` gives (a state updated in place)."""
         if self.extra:
             args = {**args, **self.extra}
-        if self.poison:  # TILEMIX_POISON=1: outputs start as NaN, so tests catch anything a kernel leaves unwritten
-            outputs = {name: torch.full(shape, float("nan"), dtype=dtype, device=self.device)
-                       for name, shape, dtype, _ in self.outputs if name not in into}
-        else:
-            outputs = {name: torch.empty_like(args[like]) if like else
-                       torch.empty(shape, dtype=dtype, device=self.device)
-                       for name, shape, dtype, like in self.outputs if name not in into}
+        outputs = new_outputs(self.outputs, args, self.device, self.poison, into)
         outputs.update(into)
         if self.device.index == torch.cuda.current_device():
             self.launch(args, outputs)
@@ -455,6 +450,19 @@ class _Prepared:
             with torch.cuda.device(self.device):  # costs host time: only when the tensors are not on the current GPU
                 self.launch(args, outputs)
         return outputs
+
+
+def new_outputs(specs: tuple[tuple[str, tuple[int, ...], torch.dtype, str | None], ...], args: dict[str, Any],
+                device: torch.device, poison: bool, skip: Any = ()) -> dict[str, torch.Tensor]:
+    """Fresh tensors for a prepared launch's outputs (name, shape, dtype, an input laid out as it or
+    None), but those named in ``skip``: NaN-filled under ``TILEMIX_POISON`` (tests catch elements a
+    kernel leaves unwritten, and compute-sanitizer's initcheck does not count a TMA store as
+    initialising), else uninitialised."""
+    if poison:
+        return {name: torch.full(shape, float("nan"), dtype=dtype, device=device)
+                for name, shape, dtype, _ in specs if name not in skip}
+    return {name: torch.empty_like(args[like]) if like else torch.empty(shape, dtype=dtype, device=device)
+            for name, shape, dtype, like in specs if name not in skip}
 
 
 def _prepare_cuda(kernel: Kernel, binding, args: dict[str, Any], extra: dict[str, Any], device: torch.device,

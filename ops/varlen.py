@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tilemix.codegen import launch as launches
+from tilemix.codegen.env import read
 from tilemix.codegen.schedule import launch_schedule
 from tilemix.codegen.structure import packed_offsets
 from tilemix.tiles import Kernel
@@ -35,6 +36,7 @@ from .runtime import (
     check_devices,
     check_hopper_dims,
     device_arch,
+    new_outputs,
     output_specs,
     recall,
     remember,
@@ -232,12 +234,13 @@ def run_varlen(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
 class _Prepared:
     """One varlen call signature's launch: the outputs to allocate and the prepared kernel."""
 
-    outputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    outputs: tuple[tuple[str, tuple[int, ...], torch.dtype, None], ...]
     launch: launches.Launch
     device: torch.device
+    poison: bool
 
     def __call__(self, args: dict[str, Any]) -> dict[str, torch.Tensor]:
-        outputs = {name: torch.empty(shape, dtype=dtype, device=self.device) for name, shape, dtype in self.outputs}
+        outputs = new_outputs(self.outputs, args, self.device, self.poison)
         with torch.cuda.device(self.device):
             self.launch(args, outputs)
         return outputs
@@ -255,7 +258,8 @@ def _prepare(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | None
         binding = packed_binding(kernel, args, labels, sequences, longest)
     schedule = launch_schedule(kernel, binding, device.index, arch)
     launch = launches.prepare_launch(kernel, binding, args, schedule, arch, device.index, varlen=True)
-    return _Prepared(output_specs(binding, args, final_states), launch, device)
+    outputs = tuple((*spec, None) for spec in output_specs(binding, args, final_states))
+    return _Prepared(outputs, launch, device, bool(read("TILEMIX_POISON")))
 
 
 def sequence_index(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:

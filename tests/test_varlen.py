@@ -6,6 +6,7 @@ GPU (``gpu``) the generated kernels match the per-sequence calls, and a CUDA gra
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from compile_checks import check_compiled
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_gpu_paths import launched_params, fake_device  # noqa: F401 (a fixture: launches recorded, the device stubbed)
+from test_gpu_paths import fake_device, launched_params  # noqa: F401 (a fixture: launches recorded, the device stubbed)
 
 from tilemix.ops import attention, gla, linear_attention, retention, rwkv6, ssd
 from tilemix.ops.examples import kernel_specs
@@ -461,3 +462,19 @@ def test_attention_any_packing_attends_within_each_sequence(lengths, kv_heads, c
     inputs = attention_inputs(lengths, kv_heads, seed=seed)
     torch.testing.assert_close(attention(**inputs, cu_seqlens=offsets(lengths), **options),
                                attention_one_by_one(inputs, lengths, **options), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("poison", [True, False])
+def test_packed_outputs_start_as_nan_under_poison(monkeypatch, poison):
+    """``TILEMIX_POISON`` reaches packed batches as it does ``run_kernel``: a row a varlen kernel
+    leaves unwritten reads NaN, and initcheck sees no TMA-stored buffer as uninitialised."""
+    from tilemix.ops import varlen
+
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    seen = []
+    prepared = varlen._Prepared((("o", (1, 5, 2), torch.bfloat16, None),), lambda args, out: seen.append(out),
+                                torch.device("cpu"), poison)
+    out = prepared({})
+    assert seen == [out] and out["o"].shape == (1, 5, 2) and out["o"].dtype == torch.bfloat16
+    if poison:
+        assert out["o"].isnan().all()
