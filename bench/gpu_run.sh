@@ -21,12 +21,12 @@ trap send_cache EXIT
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ "${PHASE:-all}" = sanitize ]; then
   logs=/tmp/sanitize-logs && mkdir -p $logs  # one file comes back: at most 8 do (device README)
-  # compile first, one process per group and target (NVRTC is single-threaded), then each tool on
+  # compile first, one process per group, target and dtype (NVRTC is single-threaded), then each tool on
   # each group at once: a log each, so a group that runs out of time leaves the others' results
-  for c in ${CALLS:-tail}; do for t in auto generic; do
+  for c in ${CALLS:-tail}; do for t in auto generic; do for d in bfloat16 float16; do
     timeout "${COMPILE_TIMEOUT:-200}" python3 -m tilemix.bench.sanitize --launch --calls="$c" --target="$t" \
-      >"$logs/launch-$c-$t.log" 2>&1 &
-  done; done
+      --dtype="$d" >"$logs/launch-$c-$t-$d.log" 2>&1 &
+  done; done; done
   wait
   for c in ${CALLS:-tail}; do for tool in memcheck racecheck synccheck initcheck; do
     timeout "${SANITIZE_TIMEOUT:-360}" python3 -m tilemix.bench.sanitize --tool "$tool" --calls="$c" \

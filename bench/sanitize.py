@@ -23,6 +23,7 @@ import sys
 
 TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 TARGETS = ("auto", "generic")  # the device's own kernels, then the mma.sync ones forced
+DTYPES = ("bfloat16", "float16")
 REPORT_LINES = 80  # of a failing tool's output
 SUMMARY = re.compile(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard)")
 
@@ -253,7 +254,8 @@ CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirect
          "attention": _attention_calls}
 
 
-def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*CALLS, "segmented")) -> list[str]:
+def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*CALLS, "segmented"),
+               dtypes: tuple[str, ...] = DTYPES) -> list[str]:
     """Launch every kernel the ops run once: forwards and backwards, on tail shapes, both dtypes, both
     targets (the generic kernels forced on this GPU), and the scans cut into sequence segments; the
     names of the kernels launched."""
@@ -263,7 +265,7 @@ def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*C
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for target in targets:
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in (getattr(torch, name) for name in dtypes):
             def rnd(*shape, dtype=dtype):
                 return torch.randn(*shape, device="cuda", generator=g).to(dtype)
 
@@ -306,9 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", choices=TARGETS, action="append", help="launch only this target's kernels")
     parser.add_argument("--calls", choices=(*CALLS, "segmented"), action="append",
                         help="launch only this group of ops' kernels (repeatable; default: all)")
+    parser.add_argument("--dtype", choices=DTYPES, action="append",
+                        help="launch only with inputs of this dtype (repeatable; default: both)")
     args = parser.parse_args(argv)
     if args.launch:
-        for name in launch_all(tuple(args.target or TARGETS), tuple(args.calls or (*CALLS, "segmented"))):
+        for name in launch_all(tuple(args.target or TARGETS), tuple(args.calls or (*CALLS, "segmented")),
+                               tuple(args.dtype or DTYPES)):
             print("kernel:", name)
         return 0
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in args.tool or TOOLS:
         command = [sanitizer, "--tool", tool, "--report-api-errors", "no", sys.executable, "-m",
                    "tilemix.bench.sanitize", "--launch", *(f"--target={t}" for t in args.target or ()),
-                   *(f"--calls={c}" for c in args.calls or ())]
+                   *(f"--calls={c}" for c in args.calls or ()), *(f"--dtype={d}" for d in args.dtype or ())]
         # initcheck does not count a TMA store as initialising memory, so torch reading an sm_90a
         # kernel's output reports it; NaN-filled outputs (whose isfinite checks would fail where a
         # kernel left an element unwritten) leave it the kernels' own reads
