@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (10 min at most): install, then PHASE=tests (every GPU test, the newest files
 # first), PHASE=bench (the rows in ROWS beside their peers), PHASE=all (both) or PHASE=sanitize (the
-# CALLS groups of bench/sanitize.py: compiled, then its four tools on each group at once). Run from the repo root with
+# CALLS groups of bench/sanitize.py, inputs of each DTYPES dtype: compiled, then its four tools on each group
+# at once). Run from the repo root with
 # .whl carried (fla wheels, the unpacked mamba_ssm archive); logs under $OUT, a summary on stdout.
 # Compiles dominate a call: the cubins it compiled come back in $OUT/tmcache.tgz.a, .b (15 MB parts),
 # and archives of them carried in .tmcache/*.tgz (parts joined) seed the next call's kernel cache.
@@ -23,13 +24,15 @@ if [ "${PHASE:-all}" = sanitize ]; then
   logs=/tmp/sanitize-logs && mkdir -p $logs  # one file comes back: at most 8 do (device README)
   # compile first, one process per group, target and dtype (NVRTC is single-threaded), then each tool on
   # each group at once: a log each, so a group that runs out of time leaves the others' results
-  for c in ${CALLS:-tail}; do for t in auto generic; do for d in bfloat16 float16; do
+  for c in ${CALLS:-tail}; do for t in auto generic; do for d in ${DTYPES:-bfloat16 float16}; do
     timeout "${COMPILE_TIMEOUT:-200}" python3 -m tilemix.bench.sanitize --launch --calls="$c" --target="$t" \
       --dtype="$d" >"$logs/launch-$c-$t-$d.log" 2>&1 &
   done; done; done
   wait
   for c in ${CALLS:-tail}; do for tool in memcheck racecheck synccheck initcheck; do
+    # shellcheck disable=SC2046  # one --dtype per word of DTYPES
     timeout "${SANITIZE_TIMEOUT:-360}" python3 -m tilemix.bench.sanitize --tool "$tool" --calls="$c" \
+      $(for d in ${DTYPES:-}; do echo "--dtype=$d"; done) \
       >"$logs/$tool-$c.log" 2>&1 &
   done; done
   wait
