@@ -31,7 +31,7 @@ if [ "${PHASE:-all}" = sanitize ]; then
   wait
   for c in ${CALLS:-tail}; do for tool in memcheck racecheck synccheck initcheck; do
     # shellcheck disable=SC2046  # one --dtype per word of DTYPES
-    timeout "${SANITIZE_TIMEOUT:-360}" python3 -m tilemix.bench.sanitize --tool "$tool" --calls="$c" \
+    python3 -m tilemix.bench.sanitize --tool "$tool" --calls="$c" --timeout="${SANITIZE_TIMEOUT:-360}" \
       $(for d in ${DTYPES:-}; do echo "--dtype=$d"; done) \
       >"$logs/$tool-$c.log" 2>&1 &
   done; done

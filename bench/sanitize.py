@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -25,6 +26,8 @@ TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 TARGETS = ("auto", "generic")  # the device's own kernels, then the mma.sync ones forced
 DTYPES = ("bfloat16", "float16")
 REPORT_LINES = 80  # of a failing tool's output
+DONE = "launched: "  # a line per group, target and dtype whose kernels ran to the end
+REPORT = re.compile(r"^========= (?!COMPUTE-SANITIZER|ERROR SUMMARY|RACECHECK SUMMARY)\S", re.MULTILINE)
 SUMMARY = re.compile(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard)")
 
 
@@ -183,9 +186,8 @@ def _step_calls(rnd, target):
 
 
 def _model_calls(rnd, target):
-    """What models run beside the chunked ops: every decode step (``_step_calls``), packed batches
-    (``cu_seqlens``, a sequence ending inside a chunk), the long convolutions, LoLCATs attention and
-    the exact-form gated mixers, forward and backward, on tail shapes."""
+    """What models run beside the chunked ops: every decode step (``_step_calls``) and packed batches
+    (``cu_seqlens``, a sequence ending inside a chunk), forward and backward."""
     import torch
     import torch.nn.functional as F
 
@@ -196,7 +198,7 @@ def _model_calls(rnd, target):
         return t.requires_grad_(True)
 
     _step_calls(rnd, target)
-    B, H, D = 2, 3, 64
+    H, D = 3, 64
     cuda = dict(device=rnd(1).device)
     with use_target(target):
         T = 190
@@ -207,11 +209,28 @@ def _model_calls(rnd, target):
                    ops.ssd(v, leaf(torch.rand(1, T, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
                            leaf(rnd(1, T, 1, D)), leaf(rnd(1, T, 1, D)), cu_seqlens=cu)[0],
                    ops.attention(q, k, v, causal=True, cu_seqlens=cu)]
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
 
+
+def _exact_calls(rnd, target):
+    """The exact-form gated mixers, LoLCATs attention and the long convolutions (plain and H3-gated),
+    forward and backward, on tail shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from tilemix import ops
+    from tilemix.ops.runtime import use_target
+
+    def leaf(t):
+        return t.requires_grad_(True)
+
+    B, H, D = 2, 3, 64
+    cuda = dict(device=rnd(1).device)
+    with use_target(target):
         q, k, v = (leaf(rnd(B, 100, H, D)) for _ in range(3))
         decays = leaf((F.logsigmoid(torch.randn(B, 100, H, D, **cuda)) / 16).to(q.dtype))
-        outputs += [ops.gla(q, k, v, decays, exact=True)[0],
-                    ops.rwkv6(q, k, v, decays, leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
+        outputs = [ops.gla(q, k, v, decays, exact=True)[0],
+                   ops.rwkv6(q, k, v, decays, leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
         features = [leaf(rnd(B, 100, H, D).abs()) for _ in range(2)]
         outputs.append(ops.lolcats_attention(q, k, v, *features))
 
@@ -251,7 +270,7 @@ def _attention_calls(rnd, target):
 
 CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
          "library": _library_calls, "models": _model_calls, "steps": _step_calls,
-         "attention": _attention_calls}
+         "exact": _exact_calls, "attention": _attention_calls}
 
 
 def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*CALLS, "segmented"),
@@ -272,13 +291,14 @@ def launch_all(targets: tuple[str, ...] = TARGETS, groups: tuple[str, ...] = (*C
             for group in groups:
                 if group in CALLS:
                     CALLS[group](rnd, target)
-            if "segmented" in groups:
-                os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
-                try:
-                    _segmented_calls(rnd, target)
-                finally:
-                    del os.environ["TILEMIX_SEGMENTS"]
-    torch.cuda.synchronize()
+                elif group == "segmented":
+                    os.environ["TILEMIX_SEGMENTS"] = "2"  # the segment programs, forward and backward
+                    try:
+                        _segmented_calls(rnd, target)
+                    finally:
+                        del os.environ["TILEMIX_SEGMENTS"]
+                torch.cuda.synchronize()  # a tool reports a kernel's errors by the time it finishes
+                print(f"{DONE}{group} {target} {str(dtype).removeprefix('torch.')}", flush=True)
     # one kernel per specialisation (dtype, consts, optional arguments, schedule): tell them apart by source
     return sorted({f"{plan.source.name} {hashlib.sha256(plan.source.source.encode()).hexdigest()[:8]}"
                    for plan in launch._PLANS.values()})
@@ -301,6 +321,20 @@ def _segmented_calls(rnd, target):
     y.backward(torch.randn_like(y))
 
 
+def _run(command: list[str], env: dict[str, str] | None, timeout: float | None) -> tuple[int | None, str, str]:
+    """``command``'s exit status (None if it ran past ``timeout`` seconds: then it and the program
+    it checks are killed) and its output."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        return None, stdout, stderr
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launch", action="store_true", help="only launch the kernels (what each tool runs)")
@@ -310,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="launch only this group of ops' kernels (repeatable; default: all)")
     parser.add_argument("--dtype", choices=DTYPES, action="append",
                         help="launch only with inputs of this dtype (repeatable; default: both)")
+    parser.add_argument("--timeout", type=float, help="seconds per tool; past them, report what ran to the end")
     args = parser.parse_args(argv)
     if args.launch:
         for name in launch_all(tuple(args.target or TARGETS), tuple(args.calls or (*CALLS, "segmented")),
@@ -336,15 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         # kernel's output reports it; NaN-filled outputs (whose isfinite checks would fail where a
         # kernel left an element unwritten) leave it the kernels' own reads
         env = dict(os.environ, TILEMIX_POISON="1") if tool == "initcheck" else None
-        run = subprocess.run(command, capture_output=True, text=True, env=env)
-        kernels = [line for line in run.stdout.splitlines() if line.startswith("kernel:")]
-        found = [int(a or b) for a, b in SUMMARY.findall(run.stdout + run.stderr)]
+        returncode, stdout, stderr = _run(command, env, args.timeout)
+        kernels = [line for line in stdout.splitlines() if line.startswith("kernel:")]
+        found = [int(a or b) for a, b in SUMMARY.findall(stdout + stderr)]
         errors = sum(found) if found else None
-        failed |= run.returncode != 0 or errors != 0
-        table.add_row(tool, str(len(kernels)), "no summary (see below)" if errors is None else str(errors))
-        if run.returncode != 0 or errors:  # the first reports name the kernel, the access and the thread
-            reports = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("=====")]
-            print("\n".join(reports[:REPORT_LINES]), run.stderr[-2000:], sep="\n")
+        failed |= returncode != 0 or errors != 0
+        if returncode is None:  # out of time: what ran to the end, and the reports so far
+            done = [line.removeprefix(DONE) for line in stdout.splitlines() if line.startswith(DONE)]
+            table.add_row(tool, f"timed out after {args.timeout:g} s; ran: {', '.join(done) or 'none'}",
+                          f"{len(REPORT.findall(stdout + stderr))} reports so far")
+        else:
+            table.add_row(tool, str(len(kernels)), "no summary (see below)" if errors is None else str(errors))
+        if returncode != 0 or errors:  # the first reports name the kernel, the access and the thread
+            reports = [line for line in (stdout + stderr).splitlines() if line.startswith("=====")]
+            print("\n".join(reports[:REPORT_LINES]), stderr[-2000:], sep="\n")
     Console().print(table)
     return 1 if failed else 0
 
