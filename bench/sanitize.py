@@ -241,9 +241,10 @@ def _exact_calls(rnd, target):
 
 
 def _attention_calls(rnd, target):
-    """Attention beyond the square causal case: cross-attention (Tq != Tk, both ways) with grouped
-    heads, packed batches whose query and key offsets differ, forward and backward; and the
-    flash-decoding path (a few queries against a cache of 1,500 keys, split over the keys)."""
+    """Attention beyond the square causal case: cross-attention (Tq != Tk, both ways), all heads and
+    grouped, and packed batches whose query and key offsets differ, forward and backward; without
+    gradients, the forwards that save no log-sum-exp, and the flash-decoding path (a few queries
+    against a cache of 1,500 keys, split over the keys)."""
     import torch
 
     from tilemix import ops
@@ -254,18 +255,23 @@ def _attention_calls(rnd, target):
     B, H, D = 2, 4, 64
     cuda = dict(device=rnd(1).device)
     outputs = []
-    for Tq, Tk in ((100, 170), (170, 100)):
-        q, k, v = leaf(rnd(B, Tq, H, D)), leaf(rnd(B, Tk, 2, D)), leaf(rnd(B, Tk, 2, D))
-        outputs += [ops.attention(q, k, v, causal=causal, target=target) for causal in (True, False)]
+    for kv_heads in (H, 2):
+        for Tq, Tk in ((100, 170), (170, 100)):
+            q, k, v = leaf(rnd(B, Tq, H, D)), leaf(rnd(B, Tk, kv_heads, D)), leaf(rnd(B, Tk, kv_heads, D))
+            outputs += [ops.attention(q, k, v, causal=causal, target=target) for causal in (True, False)]
     cu_q = torch.tensor([0, 30, 130], dtype=torch.int32, **cuda)
     cu_k = torch.tensor([0, 90, 150], dtype=torch.int32, **cuda)
     q, k, v = leaf(rnd(1, 130, H, D)), leaf(rnd(1, 150, 2, D)), leaf(rnd(1, 150, 2, D))
     outputs.append(ops.attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, target=target))
     torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
     with torch.no_grad():
-        for causal in (True, False):
-            ops.attention(rnd(1, 3, H, D), rnd(1, 1500, H, D), rnd(1, 1500, H, D), causal=causal, target=target)
-            ops.attention(rnd(1, 3, H, D), rnd(1, 1500, 1, D), rnd(1, 1500, 1, D), causal=causal, target=target)
+        for kv_heads in (H, 2):
+            for Tk in (100, 170):  # self- and cross-attention
+                ops.attention(rnd(B, 100, H, D), rnd(B, Tk, kv_heads, D), rnd(B, Tk, kv_heads, D), causal=True,
+                              target=target)
+            for causal in (True, False):
+                ops.attention(rnd(1, 3, H, D), rnd(1, 1500, kv_heads, D), rnd(1, 1500, kv_heads, D), causal=causal,
+                              target=target)
 
 
 CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
