@@ -132,7 +132,28 @@ def _bidirectional_calls(rnd, target):
 
 def _library_calls(rnd, target):
     """Based (sm_90a only: sm_80 refuses its feature tiles), sliding-window and grouped-query
-    attention, and Mamba-1's selective scan, forward and backward, on tail shapes."""
+    attention, forward and backward, on tail shapes."""
+    import torch
+
+    from tilemix import ops
+
+    def leaf(t):
+        return t.requires_grad_(True)
+
+    B, T, H = 2, 100, 3
+    outputs = []
+    if target == "auto" and (rnd(1).device.type == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
+        outputs.append(ops.based(leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 64))))
+    q, k, v = (leaf(rnd(B, 300, H, 64)) for _ in range(3))
+    outputs.append(ops.attention(q, k, v, causal=True, window=70, target=target))
+    kv = [leaf(rnd(B, T, 1, 64)) for _ in range(2)]
+    outputs.append(ops.attention(leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
+def _selective_scan_calls(rnd, target):
+    """Mamba-1's selective scan, forward and its derived backward (a group of its own: its backward
+    programs are the largest the project compiles, minutes under each tool)."""
     import torch
 
     from tilemix import ops
@@ -141,23 +162,15 @@ def _library_calls(rnd, target):
     def leaf(t):
         return t.requires_grad_(True)
 
-    B, T, H = 2, 100, 3
+    B, T = 2, 100
     device = rnd(1).device
-    outputs = []
-    if target == "auto" and (device.type == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
-        outputs.append(ops.based(leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 64))))
-    q, k, v = (leaf(rnd(B, 300, H, 64)) for _ in range(3))
-    outputs.append(ops.attention(q, k, v, causal=True, window=70, target=target))
-    kv = [leaf(rnd(B, T, 1, 64)) for _ in range(2)]
-    outputs.append(ops.attention(leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
     u, delta, z = (leaf(rnd(B, T, 128)) for _ in range(3))
     A = leaf(-torch.rand(128, 16, device=device) - 0.5)
     Bm, Cm = (leaf(rnd(B, T, 16)) for _ in range(2))
     with use_target(target):
         y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device=device)), z=z,
                                       delta_softplus=True, output_final_state=True)
-    outputs += [y, final]
-    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    torch.autograd.backward([y, final], [torch.randn_like(y), torch.randn_like(final)])
 
 
 def _step_calls(rnd, target):
@@ -275,7 +288,7 @@ def _attention_calls(rnd, target):
 
 
 CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
-         "library": _library_calls, "models": _model_calls, "steps": _step_calls,
+         "library": _library_calls, "selective_scan": _selective_scan_calls, "models": _model_calls, "steps": _step_calls,
          "exact": _exact_calls, "attention": _attention_calls}
 
 
