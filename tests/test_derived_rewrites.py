@@ -35,13 +35,29 @@ def test_transposed_programs_give_the_derived_gradients(name):
 
 def test_linear_attention_gradients_carry_their_states_transposed():
     """dq carries the recomputed state transposed (declared ``s: State["V", "K"]``), dk and dv the
-    state's gradient (``d_s``): their matmuls then contract no K column."""
+    state's gradient (``d_s``); a state a program never reads (dq's ``d_s``, dk's and dv's ``s``) is
+    declared so too: their matmuls then contract no K column."""
     program = ops.PROGRAMS["linear_attention"]
     binding = program.bind(example_specs("linear_attention", D=64))
-    for wrt, swapped in (("q", ("s",)), ("k", ("d_s",)), ("v", ("d_s",))):
+    for wrt in ("q", "k", "v"):
         backward = derive_backward(program, binding, ["o", "s"], [wrt], transpose=True)
-        assert backward.transposed == swapped, wrt
-        assert backward.reverse.param(swapped[0]).spec.dims == ("V", "K"), wrt
+        assert backward.transposed == ("d_s", "s"), wrt
+        assert all(backward.reverse.param(name).spec.dims == ("V", "K") for name in ("d_s", "s")), wrt
+
+
+def test_a_state_no_op_touches_leaves_the_carried_columns_to_split():
+    """Without a final-state gradient, linear attention's dk program reads no state parameter: its
+    unread initial state ``s``, left ``[K, V]``, named V (which dk contracts) as the state columns to
+    cut, and dk ran as two host column blocks and a combine; declared ``[V, K]`` like the carried
+    gradient, K splits inside each CTA as dq's does."""
+    from tilemix.codegen.schedule import wide_columns
+    from tilemix.ops.derived_cuda import backward_launches
+
+    program = ops.PROGRAMS["linear_attention"]
+    binding = program.bind(kernel_specs(program, {}, B=2, T=256, H=2, size=128))
+    (name, derived, derived_binding), = backward_launches(program, binding, ["o"], ["k"], transpose=True)
+    assert name == "k" and derived.transposed == ("s",)
+    assert wide_columns(derived, derived_binding) == ("K",)
 
 
 @kernel

@@ -81,7 +81,12 @@ class _Transposer:
                 self.native.add(op.result)
             elif op.name == "load_state" or op.operands[0] not in ends:
                 raise _Refused
-        return swapped
+        # States no op touches (linear attention's dk never reads the forward's initial state) are
+        # declared transposed too: left upright, their columns would still name the dim the carried
+        # tiles no longer have as columns, and the schedule would look for column blocks along it.
+        touched = {op.attrs["param"] for op in io}
+        return swapped | {p.name for p in self.program.params
+                          if p.spec.kind == "state" and p.name not in touched and len(p.spec.dims) == 2}
 
     # -- which orientations each value has ------------------------------------------------------
     def orientations(self, v: Value) -> set[bool]:
