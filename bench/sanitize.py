@@ -288,7 +288,8 @@ def _attention_calls(rnd, target):
 
 
 CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
-         "library": _library_calls, "selective_scan": _selective_scan_calls, "models": _model_calls, "steps": _step_calls,
+         "library": _library_calls, "selective_scan": _selective_scan_calls,
+         "models": _model_calls, "steps": _step_calls,
          "exact": _exact_calls, "attention": _attention_calls}
 
 
