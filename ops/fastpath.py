@@ -1,14 +1,14 @@
 """Remembered public calls (issue 24: <= 20 µs of host time for a call seen before).
 
 ``fast_path(fn)`` wraps an op's public function. A call's key is everything its checks and choices
-can read: each tensor's shape, strides, dtype and device, every other argument
-by type and value (-0.0 apart from 0.0), keyword names, the target, the ``TILEMIX_*`` variables,
-grad and inference mode and a CUDA device's SM count. The first call of a key runs in full and
-records the ``run_kernel`` calls it makes (``runtime.record_launches``); a later call of that key
-replays them: each remembered launch on this call's tensors, its results returned as the first
-call's were. The checks are skipped because the key fixes their outcome; data addresses are not in
-the key, the launch reads them (and copies a view TMA cannot read where it lies). A call with a
-tensor that requires grad under grad mode always runs in full (autograd records it).
+can read: each tensor's shape, strides, dtype, device and inference flag, every other argument by
+type and value (-0.0 apart from 0.0), keyword names, the target, the ``TILEMIX_*`` variables, grad
+and inference mode and a CUDA device's SM count. The first call of a key runs in full and records
+the ``run_kernel`` calls it makes (``runtime.record_launches``); a later call of that key replays
+them: each remembered launch on this call's tensors, its results returned as the first call's
+were. The checks are skipped because the key fixes their outcome; data addresses are not in the
+key, the launch reads them (and copies a view TMA cannot read where it lies). A call with a tensor
+that requires grad under grad mode always runs in full (autograd records it).
 
 A call is only replayed where the recording shows it is nothing but its launches: every tensor a
 launch reads is an argument (by identity) or an earlier launch's result, every tensor returned is
@@ -81,7 +81,7 @@ def _key(fn: Callable, values: tuple, names: tuple) -> tuple | None:
             if grad and value.requires_grad:
                 return None
             device = value.device
-            parts.append((value.shape, value.stride(), value.dtype, device))
+            parts.append((value.shape, value.stride(), value.dtype, device, value.is_inference()))
         elif kind is float:
             parts.append(value if value else repr(value))  # -0.0 apart from 0.0
         elif kind in _VALUES:

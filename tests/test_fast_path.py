@@ -283,3 +283,19 @@ def test_gpu_a_replayed_call_equals_the_full_call_bit_for_bit(name, replays):
     runtime.forget_calls()
     full = _flat(call(_gpu_inputs(1)))
     assert len(fast) == len(full) and all(torch.equal(a, b) for a, b in zip(fast, full))
+
+
+def test_inference_mode_calls_replay_and_an_inference_state_is_keyed_apart(replays):
+    """Under inference mode a step on an inference-tensor state replays (no version counter to
+    move) and equals the full call; a normal tensor in the same place is another key."""
+    t = _inputs(0)
+    with torch.inference_mode():
+        fast, full = _inputs(1)["state"].clone(), _inputs(1)["state"].clone()
+        for state in (t["state"].clone(), fast):
+            ops.linear_attention_step(t["q1"], t["k1"], t["v1"], state)
+        assert replays[0] == 1
+        runtime.forget_calls()
+        ops.linear_attention_step(t["q1"], t["k1"], t["v1"], full)
+        assert torch.equal(fast, full)
+        ops.linear_attention_step(t["q1"], t["k1"], t["v1"], t["state"])  # not an inference tensor
+    assert replays[0] == 1
