@@ -4,6 +4,8 @@ of anything the checks read misses; bad input never reaches a replay."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -41,14 +43,10 @@ def _inputs(seed: int) -> dict:
                 k1=_rand(1, 1, 2, 16, generator=g), v1=_rand(1, 1, 2, 16, generator=g))
 
 
-_MIXER = None
-
-
+@functools.cache
 def _mixer():
-    global _MIXER
-    if _MIXER is None:
-        _MIXER = ops.mixer(ops.linear_attention_fwd, "tilemix_test::fast_path_mixer", final_states=("s",))
-    return _MIXER
+    """A user's mixer (registered once per process: a second op of one name is an error)."""
+    return ops.mixer(ops.linear_attention_fwd, "tilemix_test::fast_path_mixer", final_states=("s",))
 
 
 CALLS = {  # each returns the tensors to compare; the step also its updated state
