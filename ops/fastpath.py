@@ -15,10 +15,10 @@ launch reads is an argument (by identity) or an earlier launch's result, every t
 one of those, no argument changed but those launches wrote, the host read no tensor values
 (``runtime.host_read``), no result requires grad, and no two arguments were the same tensor.
 Anything else (a torch op between launches, a packed batch's offsets read on the host, a segmented
-scan's combine) runs in full every time. Traced, captured, profiled or moded calls, and calls on
-tensor subclasses, always run in full (``torch.compile`` and ``opcheck`` see the custom ops); a call
-recorded under CUDA-graph capture is not remembered, and a replay under capture makes the launches
-an eager call makes."""
+scan's combine) runs in full every time. Traced, captured, profiled, moded or autocast calls (an op
+may register autocast, which casts in the dispatcher) and calls on tensor subclasses always run in
+full (``torch.compile`` and ``opcheck`` see the custom ops); a call recorded under CUDA-graph
+capture is not remembered, and a replay under capture makes the launches an eager call makes."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def fast_path(fn: Callable | None = None, *, method: bool = False) -> Callable:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not _eager() or runtime.watching():  # _eager first: torch.compile folds it away
+        if not _eager() or runtime.watching() or _C._is_any_autocast_enabled():  # _eager first: compile folds it
             return fn(*args, **kwargs)
         values = (*args, *kwargs.values()) if kwargs else args
         key = _key((fn, args[0]) if method else fn, values[method:], tuple(kwargs) if kwargs else ())

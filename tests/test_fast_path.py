@@ -297,3 +297,15 @@ def test_inference_mode_calls_replay_and_an_inference_state_is_keyed_apart(repla
         assert torch.equal(fast, full)
         ops.linear_attention_step(t["q1"], t["k1"], t["v1"], t["state"])  # not an inference tensor
     assert replays[0] == 1
+
+
+def test_autocast_calls_run_in_full(replays):
+    """Under autocast a call runs in full (an op that registers autocast is cast by the dispatcher,
+    which a replay would skip)."""
+    op = ops.mixer(ops.linear_attention_fwd, "tilemix_test::fast_path_autocast", final_states=("s",))
+    op.op.register_autocast("cpu", torch.bfloat16)
+    q, k, v = (t.float() for t in (_inputs(0)[n] for n in "qkv"))
+    op(q=q, k=k, v=v, scale=0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, _ = op(q=q, k=k, v=v, scale=0.25)
+    assert replays[0] == 0 and o.dtype == torch.bfloat16  # its inputs cast by the dispatcher
