@@ -14,6 +14,7 @@ from tilemix.tiles import Kernel
 
 from .derived import derived_gradients
 from .eager import torch_custom_op
+from .fastpath import fast_path
 from .runtime import check_call, current_target, fake_run, run_kernel, use_target
 from .varlen import ARGUMENT as VARLEN
 from .varlen import check_cu_seqlens, fake_varlen, run_varlen, varlen_gradients
@@ -254,6 +255,7 @@ class Mixer:
         results = tuple(n for n, spec in kernel.specs.items() if spec.output) + self.final_states
         register_derived_autograd(self.op, kernel, (*self._inputs, VARLEN), results)
 
+    @fast_path(method=True)
     def __call__(self, *, cu_seqlens: torch.Tensor | None = None, **inputs):
         """``cu_seqlens``: int32 ``[N + 1]``, N sequences packed into one row (``ops/varlen.py``);
         states then ``[N, H, ...]``."""

@@ -26,6 +26,7 @@ from tilemix.tiles import Const, GroupSeq, Kernel, Out, Scalar, Seq, blocks, chu
 from ._library import tile_op
 from .attention_decode import attention_decode, decode_split
 from .attention_tiles import KEYS, LOG2E, cross_keys, key_chunk, nonzero_denominator, online_softmax, variant, visible
+from .fastpath import fast_path
 from .runtime import call_with_target, check_call, current_target, default_scale, use_target
 from .varlen import ARGUMENT as VARLEN
 from .varlen import Packed, check_cu_seqlens, check_longest
@@ -241,6 +242,7 @@ _OPS = {(False, False): (attention_op, attention_lse_op), (False, True): (attent
         (True, True): (attention_cross_gqa_op, attention_cross_gqa_lse_op)}
 
 
+@fast_path
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
               scale: float | None = None, *, window: int | None = None, cu_seqlens: torch.Tensor | None = None,
               cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,

@@ -21,6 +21,7 @@ from tilemix.tiles.step import step_kernel
 from ._library import _qualified, _schema_argument
 from .delta_rule import delta_rule_fwd, gated_delta_rule_fwd
 from .eager import torch_custom_op
+from .fastpath import fast_path
 from .gated import gla_fwd, retention_fwd, retention_log_decay, rwkv6_fwd
 from .linear_attention import linear_attention_fwd
 from .runtime import check_call, default_scale, fake_run, run_kernel
@@ -76,6 +77,7 @@ class Step:
         op.register_fake(fake)
         return op
 
+    @fast_path(method=True)
     def __call__(self, **inputs: Any):
         """The outputs (a tensor where there is one, else a tuple); the states are updated in place."""
         if not self._known.issuperset(inputs):

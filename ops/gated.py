@@ -38,7 +38,7 @@ from tilemix.tiles import (
 
 from ._library import mixer
 from .decayed_scores import decayed_scores
-from .runtime import check_call, default_scale
+from .runtime import check_call, default_scale, host_read
 
 __all__ = ["retention", "retention_fwd", "retention_log_decay", "gla", "gla_fwd", "gla_exact_fwd", "rwkv6",
            "rwkv6_fwd", "rwkv6_exact_fwd"]
@@ -123,6 +123,7 @@ def _fast_form_holds(log_decay: torch.Tensor, compute_dtype: torch.dtype) -> boo
               log_decay.new_zeros(B, 1, H, K, dtype=torch.float32)]
     totals = torch.cat(totals, 1)
     worst = -(totals[:, :-1] + totals[:, 1:]).amin().item()
+    host_read()
     return worst <= math.log(torch.finfo(compute_dtype).max) / 2
 
 

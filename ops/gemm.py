@@ -8,6 +8,7 @@ import torch
 from tilemix.tiles import Const, Matrix, Out, blocks, chunks, kernel, zeros
 
 from ._library import tile_op
+from .fastpath import fast_path
 from .runtime import call_with_target, check_call, current_target, use_target
 
 __all__ = ["gemm", "gemm_fwd", "gemm_nt", "gemm_tn"]
@@ -79,6 +80,7 @@ def _gemm_backward(ctx, dc):
 gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
 
 
+@fast_path
 def gemm(a: torch.Tensor, b: torch.Tensor, *, target: str | None = None) -> torch.Tensor:
     """``a [M, K] @ b [K, N] → [M, N]`` with fp32 accumulation, in a's dtype
     (``torch.ops.tilemix.gemm``; differentiable: the backward runs ``gemm_nt`` and ``gemm_tn``).

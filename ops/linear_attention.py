@@ -18,6 +18,7 @@ from tilemix.tiles import Out, Scalar, Seq, State, causal, chunks, kernel
 from ._library import check_backward, no_state, register_derived_autograd, tile_op
 from ._segments import SegmentedScan
 from .eager import torch_custom_op
+from .fastpath import fast_path
 from .runtime import call_with_target, check_call, current_target, default_scale, fake_run, run_kernel, use_target
 from .varlen import check_cu_seqlens, fake_varlen, run_varlen
 
@@ -212,6 +213,7 @@ def _backward(ctx, do, dstate):
 linear_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
+@fast_path
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                      initial_state: torch.Tensor | None = None, output_final_state: bool = False, *,
                      cu_seqlens: torch.Tensor | None = None, target: str | None = None,

@@ -30,9 +30,11 @@ from .tuning import GpuRunner, search_segments
 __all__ = ["run", "run_kernel", "tune", "tune_segments",
            "call_signature", "remember", "recall", "forget_calls", "fake_run", "default_scale",
            "check_call", "check_devices", "use_target", "call_with_target", "device_arch", "capture_calls",
-           "new_outputs"]
+           "new_outputs", "record_launches", "watching", "host_read"]
 
 _CAPTURED: list[tuple[Kernel, dict[str, Any]]] | None = None  # run_kernel's calls, inside capture_calls
+# run_kernel's calls in full, inside record_launches (per thread: another thread's calls are not this one's)
+_RECORDED: contextvars.ContextVar[list | None] = contextvars.ContextVar("tilemix_recorded", default=None)
 
 
 @contextlib.contextmanager
@@ -46,6 +48,31 @@ def capture_calls():
         yield _CAPTURED
     finally:
         _CAPTURED = outer
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Record every ``run_kernel`` call made inside the block as ``(kernel, args, labels, final_states,
+    schedule, into, signature, outputs)``, and None where the host read a tensor's values
+    (``host_read``): what ``ops/fastpath.py`` needs to replay a public call, and to know it must not."""
+    token = _RECORDED.set([])
+    try:
+        yield _RECORDED.get()
+    finally:
+        _RECORDED.reset(token)
+
+
+def watching() -> bool:
+    """Whether ``run_kernel`` calls are being captured or recorded now (a call then runs in full)."""
+    return _CAPTURED is not None or _RECORDED.get() is not None
+
+
+def host_read() -> None:
+    """Say that the host read a tensor's values (a length, a decay's range) to pick what runs: a call
+    recorded around it depends on more than its arguments' shapes and is never replayed."""
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        recorded.append(None)
 
 
 def default_scale(q: Any, scale: float | None) -> float:
@@ -210,8 +237,13 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     prepared = recall(signature)
     if prepared is not None:
         _refuse_gradients(kernel.name, args.values())
-        return prepared(args, into)
-    return _written_into(_run_checked(kernel, args, labels, final_states, schedule, signature, into), into)
+        out = prepared(args, into)
+    else:
+        out = _written_into(_run_checked(kernel, args, labels, final_states, schedule, signature, into), into)
+    recorded = _RECORDED.get()
+    if recorded is not None:
+        recorded.append((kernel, args, labels, final_states, schedule, into, signature, out))
+    return out
 
 
 def _written_into(out: dict[str, torch.Tensor], into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -363,7 +395,7 @@ def select_arch(capability: tuple[int, int], target: str | None = None) -> str:
 
 
 MAX_REMEMBERED = 4096  # call signatures remembered per kind (a few KiB each)
-_BY_SIGNATURE: dict[str, dict[tuple, Any]] = {"launch": {}, "segments": {}}
+_BY_SIGNATURE: dict[str, dict[tuple, Any]] = {"launch": {}, "segments": {}, "calls": {}}
 _ENV_KNOBS = ("TILEMIX_TARGET", "TILEMIX_SCHEDULE", "TILEMIX_POISON", "TILEMIX_CACHE", "TILEMIX_AUTOTUNE",
               "TILEMIX_SEGMENTS")
 
@@ -397,7 +429,7 @@ def call_signature(kernel: Kernel, args: dict[str, Any], *extra: Any) -> tuple |
 def remember(signature: tuple, value: Any, kind: str = "launch") -> None:
     """Keep ``value`` for a call signature (``recall`` gives it back): of ``kind`` "launch", the
     prepared launch of a ``run_kernel`` call; "segments", the segment count of a segmented scan's
-    (one signature, computed once, serves both)."""
+    (one signature, computed once, serves both); "calls", a public call's replay (``ops/fastpath.py``)."""
     remembered = _BY_SIGNATURE[kind]
     if len(remembered) >= MAX_REMEMBERED:  # many shapes (varying lengths, say): start over
         remembered.clear()

@@ -8,6 +8,7 @@ from tilemix.tiles import GroupSeq, Head, Out, Seq, State, chunks, colsum, cumsu
 
 from ._library import check_backward, no_state, register_derived_autograd, tile_op
 from ._segments import SegmentedScan
+from .fastpath import fast_path
 from .runtime import call_with_target, check_call
 from .ssd_backward import register_ssd_autograd
 from .ssd_states import segment_log_decay, ssd_states
@@ -56,6 +57,7 @@ register_derived_autograd(ssd_derived_op, ssd_fwd, ("x", "dt", "A", "B", "C", "D
                           ("y", "h"))
 
 
+@fast_path
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
         D: torch.Tensor | None = None, initial_state: torch.Tensor | None = None,
         output_final_state: bool = False, *, cu_seqlens: torch.Tensor | None = None, target: str | None = None,

@@ -36,6 +36,7 @@ from .runtime import (
     check_devices,
     check_hopper_dims,
     device_arch,
+    host_read,
     new_outputs,
     output_specs,
     recall,
@@ -95,6 +96,7 @@ def check_cu_seqlens(cu_seqlens: Any, packed: torch.Tensor, packed_name: str, na
     if torch.compiler.is_compiling() or unread:
         return sequence_count(cu_seqlens)
     offsets = cu_seqlens.tolist()
+    host_read()
     T = packed.shape[1]
     if offsets[0] != 0:
         raise ValueError(f"{name}: must start at 0, got {offsets[0]}")
@@ -118,6 +120,7 @@ def check_longest(longest: Any, cu_seqlens: torch.Tensor, name: str) -> int | No
         raise ValueError(f"{name}: expected a non-negative int, got {longest}")
     if not cu_seqlens.is_cuda and not torch.compiler.is_compiling():
         real = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        host_read()
         if longest < real:
             raise ValueError(f"{name}: {longest} is below the longest sequence's {real} tokens "
                              "(its rows past it would be dropped)")
@@ -192,6 +195,7 @@ def grid_length(cu_seqlens: torch.Tensor, longest: int | None = None) -> int:
     past a shorter sequence's end return at once), one compiled launch for batches of similar lengths."""
     if longest is None:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        host_read()
     return max(64, 1 << max(0, longest - 1).bit_length())
 
 

@@ -17,7 +17,8 @@ PACKAGES = ("tiles", "codegen", "ops", "reference", "bench")  # source folders, 
 # the call cache, tuning, packed batches, the custom ops' eager path)
 RUNTIME = frozenset({"tilemix.ops.runtime", "tilemix.ops.tuning", "tilemix.ops.timing",
                      "tilemix.ops._library", "tilemix.ops._segments", "tilemix.ops.derived",
-                     "tilemix.ops.derived_cuda", "tilemix.ops.varlen", "tilemix.ops.eager"})
+                     "tilemix.ops.derived_cuda", "tilemix.ops.varlen", "tilemix.ops.eager",
+                     "tilemix.ops.fastpath"})
 
 # layer -> the layers its modules may import (itself included)
 ALLOWED = {
