@@ -1,13 +1,15 @@
 """The consumer code's emission state: lines, register names, shared tiles, staging, waits.
 
 ``Emitter`` is what every op emitter writes through: ``reg`` (a register tile for a value,
-copying a loaded tile once), ``shared`` (a shared tile for a matmul operand, staging a register
-tile in its ``SharedLayout`` buffer), ``wait_for`` (the asynchronous matmul groups a value waits
-on), ``scan`` (a column vector's prefix scan, once). It reads the frozen plans; what it tracks is
-only what the code emitted so far holds: names, register copies, groups in flight."""
+copying a loaded tile once, again where the plan drops the copy), ``shared`` (a shared tile for a
+matmul operand, staging a register tile in its ``SharedLayout`` buffer), ``wait_for`` (the
+asynchronous matmul groups a value waits on), ``scan`` (a column vector's prefix scan, once). It
+reads the frozen plans; what it tracks is only what the code emitted so far holds: names, register
+copies, groups in flight."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 
 from tilemix.tiles.ir import Loop, Op, Value
@@ -51,6 +53,8 @@ class Emitter:
         self.smem_of: dict[Value, tuple[str, int]] = {}  # value -> (pointer expr, rows) for shared tiles
         self.ring_vector: dict[Value, str] = {}  # per-token vector -> its address in the chunk's stage
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
+        self.copies: Counter[Value] = Counter()  # register copies made of each shared tile
+        self.reloads = {op: tiles for issue in issues.values() for op, tiles in issue.reloads.items()}
         self.staged: dict[Value, str] = {}  # staged value -> its buffer
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
         self.head_rows: dict[Value, str] = {}  # Head row read only in slices -> its row's global address
@@ -72,11 +76,12 @@ class Emitter:
 
     def reg(self, v: Value, ind: int) -> str:
         """A register-tile expression for ``v`` (copying a shared tile once: reading it afresh at
-        each use spilled more in SSD)."""
+        each use spilled more in SSD; again only where the plan drops the copy, ``IssuePlan.reloads``)."""
         if v in self.smem_of:
             if v not in self.reg_of:
                 ptr, rows = self.smem_of[v]
-                name = f"{self.name(v)}_r"
+                name = f"{self.name(v)}_r{self.copies[v] or ''}"
+                self.copies[v] += 1
                 self.emit(f"{ctype(v.type)} {name}; tm::load_shared<{self.is_bf16}>({name}, {ptr});", ind)
                 self.reg_of[v] = name
             return self.reg_of[v]

@@ -31,7 +31,7 @@ from __future__ import annotations
 from tilemix.tiles.ir import Loop, Op, Program
 
 from .emit import ctype
-from .knobs import SMEM_LIMITS, Schedule, smem_limit
+from .knobs import SMEM_LIMITS, Schedule, launch_registers, smem_limit
 from .lowering import Lowering, lower
 from .op_emitters import OP_EMITTERS, store_entry
 from .source import KernelSource, ParamKind
@@ -74,6 +74,11 @@ class GenericLowering(Lowering):
         super().__init__(*plans, varlen=varlen)
         self.arch = arch
         self.threads = CONSUMER_THREADS * self.schedule.consumers
+
+    @classmethod
+    def consumer_registers(cls, schedule: Schedule) -> int:
+        """Registers a thread has: ptxas's launch-bounds cap (the plans' reloads count against it)."""
+        return launch_registers(CONSUMER_THREADS * schedule.consumers, schedule.occupancy)
 
     # -- arguments and loads ------------------------------------------------------------
     def param_args(self) -> tuple[list[str], list[tuple[ParamKind, str]]]:

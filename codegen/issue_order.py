@@ -24,19 +24,23 @@ and asks the same of the chunk overlap (``Schedule.overlap``).
 ``"early"`` takes the first regardless; the tuner tries both, and ``"program"``.
 
 ``plan_issue`` is the lowering's pass 3: for each chunk loop it asks ``issue_order`` with answers
-from the earlier plans and decides ``Schedule.overlap``, both in an ``IssuePlan``.
+from the earlier plans, decides ``Schedule.overlap``, and where the order's peak of registers
+holds register copies of loaded tiles, which readers read them afresh (``reload.plan_reloads``),
+all in an ``IssuePlan``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from tilemix.tiles.ir import Loop, Op, Value
 from tilemix.tiles.lowerable import vector_product
 
 from .knobs import ISSUE_ORDERS, OVERLAPS
-from .liveness import Liveness, thread_registers
+from .liveness import Liveness, registers_at, thread_registers
+from .reload import plan_reloads
 from .structure import KernelPlan
 
 __all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",
@@ -142,37 +146,29 @@ def _feeders(units: list[Op], after: dict[Op, set[Op]], issues_group: Callable[[
 
 
 def peak_registers(order: list[Op], reads: dict[Op, set[Value]], in_registers: Callable[[Value], int]) -> int:
-    """The most registers the body's values hold at once in ``order`` (``reads``: what each op
-    reads): each value from its op (or, made before the loop, from the start) to its last reader
-    there (to the end if nothing there reads it: the loop's carried update). An op's operands that
-    it reads last free their registers for its result, as an in-place update does."""
-    last = {v: i for i, u in enumerate(order) for v in reads[u]}
-    made = {u.result for u in order if u.result is not None}
-    live = {v for v in last if v not in made}
-    peak = 0
-    for i, u in enumerate(order):
-        live = {v for v in live if last.get(v, len(order)) > i}
-        if u.result is not None:
-            live.add(u.result)
-        peak = max(peak, sum(in_registers(v) for v in live))
-    return peak
+    """The most registers the body's values hold at once in ``order`` (``liveness.registers_at``)."""
+    return max(registers_at(order, reads, in_registers), default=0)
 
 
 @dataclass(frozen=True)
 class IssuePlan:
-    """How the chunk loop's body is walked: ``order`` (the ops as emitted) and ``overlapped``, the
+    """How the chunk loop's body is walked: ``order`` (the ops as emitted), ``overlapped``, the
     carried tiles whose last groups run on into the next chunk (empty: the chunk waits for all of
-    its groups and releases its own stage)."""
+    its groups and releases its own stage), and ``reloads``: reader -> the loaded tiles it reads
+    afresh from the stage, their earlier register copy dropped (``reload.plan_reloads``)."""
 
     order: tuple[Op, ...]
     overlapped: frozenset[Value]
+    reloads: Mapping[Op, frozenset[Value]] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bool, registers: int) -> IssuePlan:
-    """Pass 3: chunk loop ``loop``'s issue order and overlap. ``asynchronous``: matmuls are groups
-    waited for where their results are read (else program order, no overlap); ``registers``: a
-    consumer thread's registers (``setmaxnreg``)."""
-    walk = _IssueWalk(plan, live, loop, registers)
+def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bool, registers: int,
+               views: frozenset[str] = frozenset()) -> IssuePlan:
+    """Pass 3: chunk loop ``loop``'s issue order, overlap and reloads of loaded tiles.
+    ``asynchronous``: matmuls are groups waited for where their results are read (else program
+    order, no overlap); ``registers``: a consumer thread's registers (``setmaxnreg``; 0: no
+    reloads); ``views``: the ops that read a loaded tile in place where it has no register copy."""
+    walk = _IssueWalk(plan, live, loop, registers, views)
     order = walk.body_order() if asynchronous else loop.body
     # Leave a chunk's groups running (and release its stage next time) only when they write
     # carried accumulators that nothing but the matmul touches; if other instructions define those
@@ -182,7 +178,8 @@ def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bo
     only_matmuls = frozenset(v for v in loop.carried if live.uses.get(v, 0) == 1
                              and any(x is v and walk.reuses(x, add) for add, (_, x) in live.accumulate.items()))
     overlap = asynchronous and plan.schedule.stages > 1 and walk.overlaps(order, only_matmuls)
-    return IssuePlan(tuple(order), only_matmuls if overlap else frozenset())
+    reloads = walk.reloads(order) if registers else MappingProxyType({})
+    return IssuePlan(tuple(order), only_matmuls if overlap else frozenset(), reloads)
 
 
 def tile_registers(plan: KernelPlan, live: Liveness, v: Value) -> int:
@@ -193,8 +190,8 @@ def tile_registers(plan: KernelPlan, live: Liveness, v: Value) -> int:
 class _IssueWalk:
     """The questions ``issue_order`` asks of a chunk loop, answered from the plans."""
 
-    def __init__(self, plan: KernelPlan, live: Liveness, loop: Loop, registers: int):
-        self.plan, self.live, self.loop, self.registers = plan, live, loop, registers
+    def __init__(self, plan: KernelPlan, live: Liveness, loop: Loop, registers: int, views: frozenset[str]):
+        self.plan, self.live, self.loop, self.registers, self.views = plan, live, loop, registers, views
 
     def reuses(self, x: Value, op: Op) -> bool:
         """Whether ``op`` updates ``x`` in place (the emitter's ``reuses`` as it stands when the loop
@@ -242,6 +239,27 @@ class _IssueWalk:
         held = [mm.operands[0] for add, (mm, x) in self.live.accumulate.items()
                 if add in reads and x in carried and not mm.attrs["ta"]]
         return peak_registers(units, reads, self.tile_registers) + sum(map(self.tile_registers, held)) // 2
+
+    def reloads(self, order: list[Op]) -> Mapping[Op, frozenset[Value]]:
+        """``plan_reloads`` for the body walked in ``order``, within the registers the issue order fits."""
+        units = [op for op in order if op not in self.live.absorbed]
+        loaded = frozenset(op.result for op in self.plan.loop_loads[self.loop])
+        return plan_reloads(units, unit_reads(units, dict(self.live.absorbed_by)), loaded, self.tile_registers,
+                            lambda v: thread_registers(v.type), self.reads_copy, self.registers)
+
+    def reads_copy(self, op: Op, v: Value) -> bool | None:
+        """How the emitters read loaded tile ``v`` at ``op``: True through its register copy
+        (``Emitter.reg``), False from shared memory (a tensor-core matmul's operand), None through
+        the copy if one is live, else in place (``Emitter.elementwise``: a binary map, a column)."""
+        if op in self.live.accumulate:
+            mm, x = self.live.accumulate[op]
+            if v is not x:
+                return vector_product(mm)
+        elif op.name == "matmul":
+            return vector_product(op)
+        if (op.name in self.views and len(op.operands) == 2) or (op.name == "slice" and op.attrs["cols"] == 1):
+            return None
+        return True
 
     def issues_group(self, op: Op) -> bool:
         """Whether lowering ``op`` commits a wgmma group (a vector product is a reduction, done at once)."""

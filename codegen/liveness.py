@@ -7,7 +7,7 @@ vectors stay views of the ring; the issue order counts registers with ``thread_r
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -15,7 +15,7 @@ from tilemix.tiles.ir import Loop, Op, Program, Value
 
 from .structure import KernelPlan
 
-__all__ = ["Liveness", "plan_liveness", "thread_registers"]
+__all__ = ["Liveness", "plan_liveness", "registers_at", "thread_registers"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,20 @@ def thread_registers(t) -> int:
     rows = 1 if t.rows == 1 else t.rows // 32
     cols = 1 if t.cols == 1 else t.cols // 4
     return rows * cols
+
+
+def registers_at(order: list[Op], reads: Mapping[Op, set[Value]], in_registers: Callable[[Value], int]) -> list[int]:
+    """The registers the values of a loop body walked in ``order`` hold at each op (``reads``: what
+    each op reads): each value from its op (or, made before the loop, from the start) to its last
+    reader there (to the end if nothing there reads it: the loop's carried update). An op's operands
+    that it reads last free their registers for its result, as an in-place update does."""
+    last = {v: i for i, u in enumerate(order) for v in reads[u]}
+    made = {u.result for u in order if u.result is not None}
+    live = {v for v in last if v not in made}
+    held = []
+    for i, u in enumerate(order):
+        live = {v for v in live if last.get(v, len(order)) > i}
+        if u.result is not None:
+            live.add(u.result)
+        held.append(sum(in_registers(v) for v in live))
+    return held

@@ -4,7 +4,7 @@
 
 1. ``structure.analyze_structure``  -> ``KernelPlan``    grid loops, per-CTA body, chunk loop, loads
 2. ``liveness.plan_liveness``        -> ``Liveness``      readers, last readers, accumulating adds
-3. ``issue_order.plan_issue``        -> ``IssuePlan``     each chunk loop's issue order and overlap
+3. ``issue_order.plan_issue``        -> ``IssuePlan``     each chunk loop's issue order, overlap, reloads
 4. ``layout.plan_shared_memory``     -> ``SharedLayout``  ring, store panels, staging, scans, exchanges
 5. ``Lowering.kernel``               -> ``KernelSource``  producer and consumer code, the kernel frame
 
@@ -25,7 +25,7 @@ from .issue_order import IssuePlan, plan_issue
 from .knobs import Schedule
 from .layout import SharedLayout, plan_shared_memory
 from .liveness import Liveness, plan_liveness
-from .op_emitters import MAPS, OP_EMITTERS, emit_matmul
+from .op_emitters import BINARY, MAPS, OP_EMITTERS, emit_matmul
 from .source import KernelSource, ParamKind
 from .structure import KernelPlan, analyze_structure, packed_offsets, packed_start, sequence_dims
 
@@ -41,7 +41,8 @@ def plans(lowering: type[Lowering], program: Program, schedule: Schedule, full_d
     plan = analyze_structure(program, schedule, full_dims, target, lowering.consumer_heads)
     live = plan_liveness(plan, MAPS)
     issues = MappingProxyType({loop: plan_issue(plan, live, loop, asynchronous=lowering.asynchronous,
-                                                registers=lowering.consumer_registers(schedule))
+                                                registers=lowering.consumer_registers(schedule),
+                                                views=frozenset(BINARY))
                                for loop in plan.loops})
     layout = plan_shared_memory(plan, live, issues, lowering.store_buffers)
     return plan, live, issues, layout
@@ -138,6 +139,8 @@ class Lowering(Emitter):
         it reads last, after waiting for the groups writing its operands."""
         if op in self.live.absorbed:
             return  # emitted by the add it accumulates into
+        for v in self.reloads.get(op, ()):
+            self.reg_of.pop(v, None)  # its copy dies before this reader: read the stage afresh
         if op in self.live.accumulate:
             self.lower_accumulate(op, ind)
             return

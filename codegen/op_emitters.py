@@ -19,7 +19,7 @@ from .structure import token_by_token
 if TYPE_CHECKING:
     from .lowering import Lowering
 
-__all__ = ["OP_EMITTERS", "MAPS", "emit_matmul"]
+__all__ = ["OP_EMITTERS", "MAPS", "BINARY", "emit_matmul"]
 
 UNARY = {
     "neg": "[](float a) { return -a; }",
