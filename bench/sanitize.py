@@ -31,42 +31,48 @@ REPORT = re.compile(r"^========= (?!COMPUTE-SANITIZER|ERROR SUMMARY|RACECHECK SU
 SUMMARY = re.compile(r"(?:ERROR SUMMARY: (\d+) error|RACECHECK SUMMARY: (\d+) hazard)")
 
 
+def _leaf(t):
+    """``t`` as an input whose gradient the backward computes."""
+    return t.requires_grad_(True)
+
+
+def _grads(*outputs):
+    """The backward kernels of ``outputs`` (None ones skipped), from random output gradients."""
+    import torch
+
+    outputs = [o for o in outputs if o is not None]
+    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+
+
 def _tail_calls(rnd, target):
     """Every op, forward and backward (gradients of every input), on shapes with masked tails."""
     import torch
 
     from tilemix import ops
 
-    def grads(*outputs):  # the backward kernels, from random output gradients
-        outputs = [o for o in outputs if o is not None]
-        torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
-
-    def leaf(t):
-        return t.requires_grad_(True)
-
     cuda = dict(device=rnd(1).device)
     B, T, H, D = 2, 100, 3, 64
-    q, k, v = leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, 128))
-    state = leaf(torch.randn(B, H, D, 128, **cuda))
+    q, k, v = _leaf(rnd(B, T, H, D)), _leaf(rnd(B, T, H, D)), _leaf(rnd(B, T, H, 128))
+    state = _leaf(torch.randn(B, H, D, 128, **cuda))
     for backward in ("hand-written", "derived"):
-        grads(*ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, target=target,
+        _grads(*ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, target=target,
                                     backward=backward))
-    grads(ops.linear_attention(q, k, v, target=target)[0])
+    _grads(ops.linear_attention(q, k, v, target=target)[0])
     for causal in (True, False):
-        grads(ops.attention(q, k, v, causal=causal, target=target))
-    dt, A = leaf(torch.rand(B, T, H, **cuda) * 0.5), leaf(-torch.rand(H, **cuda) - 0.1)
+        _grads(ops.attention(q, k, v, causal=causal, target=target))
+    dt, A = _leaf(torch.rand(B, T, H, **cuda) * 0.5), _leaf(-torch.rand(H, **cuda) - 0.1)
     for backward in ("hand-written", "derived"):
-        grads(*ops.ssd(v, dt, A, leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), D=leaf(torch.randn(H, **cuda)),
+        _grads(*ops.ssd(v, dt, A, _leaf(rnd(B, T, 1, D)), _leaf(rnd(B, T, 1, D)), D=_leaf(torch.randn(H, **cuda)),
                        initial_state=state, output_final_state=True, target=target, backward=backward))
-    grads(ops.gemm(leaf(rnd(200, 72)), leaf(rnd(72, 136)), target=target))
+    _grads(ops.gemm(_leaf(rnd(200, 72)), _leaf(rnd(72, 136)), target=target))
     # enough batch x heads that the scans keep their two-consumer CTAs (few run one per CTA)
     B, H = 4, 32
-    v = leaf(rnd(B, T, H, 128))
-    state = leaf(torch.randn(B, H, D, 128, **cuda))
-    grads(*ops.linear_attention(leaf(rnd(B, T, H, D)), leaf(rnd(B, T, H, D)), v, initial_state=state,
+    v = _leaf(rnd(B, T, H, 128))
+    state = _leaf(torch.randn(B, H, D, 128, **cuda))
+    _grads(*ops.linear_attention(_leaf(rnd(B, T, H, D)), _leaf(rnd(B, T, H, D)), v, initial_state=state,
                                 output_final_state=True, target=target))
-    grads(*ops.ssd(v, leaf(torch.rand(B, T, H, **cuda) * 0.5), leaf(-torch.rand(H, **cuda) - 0.1),
-                   leaf(rnd(B, T, 1, D)), leaf(rnd(B, T, 1, D)), output_final_state=True, target=target))
+    _grads(*ops.ssd(v, _leaf(torch.rand(B, T, H, **cuda) * 0.5), _leaf(-torch.rand(H, **cuda) - 0.1),
+                   _leaf(rnd(B, T, 1, D)), _leaf(rnd(B, T, 1, D)), output_final_state=True, target=target))
 
 
 def _mixer_calls(rnd, target):
@@ -113,13 +119,12 @@ def _mixer_calls(rnd, target):
                              initial_state=mlstm_state, output_final_state=True)
         calls.append((h, *final))
         for outputs in calls:
-            torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+            _grads(*outputs)
 
 
 def _bidirectional_calls(rnd, target):
     """Bidirectional linear attention (normalised and not) and prefix linear attention, forward and
     backward, on a tail shape with the prefix ending inside a chunk."""
-    import torch
 
     from tilemix import ops
 
@@ -127,7 +132,7 @@ def _bidirectional_calls(rnd, target):
     outputs = [ops.linear_attention(q, k, v, causal=False, target=target)[0],
                ops.linear_attention(q, k, v, causal=False, normalize=True, target=target)[0],
                ops.prefix_linear_attention(q, k, v, 70, target=target)]
-    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    _grads(*outputs)
 
 
 def _library_calls(rnd, target):
@@ -137,18 +142,15 @@ def _library_calls(rnd, target):
 
     from tilemix import ops
 
-    def leaf(t):
-        return t.requires_grad_(True)
-
     B, T, H = 2, 100, 3
     outputs = []
     if target == "auto" and (rnd(1).device.type == "cpu" or torch.cuda.get_device_capability() >= (9, 0)):
-        outputs.append(ops.based(leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 16)), leaf(rnd(B, T, H, 64))))
-    q, k, v = (leaf(rnd(B, 300, H, 64)) for _ in range(3))
+        outputs.append(ops.based(_leaf(rnd(B, T, H, 16)), _leaf(rnd(B, T, H, 16)), _leaf(rnd(B, T, H, 64))))
+    q, k, v = (_leaf(rnd(B, 300, H, 64)) for _ in range(3))
     outputs.append(ops.attention(q, k, v, causal=True, window=70, target=target))
-    kv = [leaf(rnd(B, T, 1, 64)) for _ in range(2)]
-    outputs.append(ops.attention(leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
-    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    kv = [_leaf(rnd(B, T, 1, 64)) for _ in range(2)]
+    outputs.append(ops.attention(_leaf(rnd(B, T, H, 64)), *kv, causal=True, target=target))
+    _grads(*outputs)
 
 
 def _selective_scan_calls(rnd, target):
@@ -159,18 +161,15 @@ def _selective_scan_calls(rnd, target):
     from tilemix import ops
     from tilemix.ops.runtime import use_target
 
-    def leaf(t):
-        return t.requires_grad_(True)
-
     B, T = 2, 100
     device = rnd(1).device
-    u, delta, z = (leaf(rnd(B, T, 128)) for _ in range(3))
-    A = leaf(-torch.rand(128, 16, device=device) - 0.5)
-    Bm, Cm = (leaf(rnd(B, T, 16)) for _ in range(2))
+    u, delta, z = (_leaf(rnd(B, T, 128)) for _ in range(3))
+    A = _leaf(-torch.rand(128, 16, device=device) - 0.5)
+    Bm, Cm = (_leaf(rnd(B, T, 16)) for _ in range(2))
     with use_target(target):
-        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=leaf(torch.randn(128, device=device)), z=z,
+        y, final = ops.selective_scan(u, delta, A, Bm, Cm, D=_leaf(torch.randn(128, device=device)), z=z,
                                       delta_softplus=True, output_final_state=True)
-    torch.autograd.backward([y, final], [torch.randn_like(y), torch.randn_like(final)])
+    _grads(y, final)
 
 
 def _step_calls(rnd, target):
@@ -207,22 +206,19 @@ def _model_calls(rnd, target):
     from tilemix import ops
     from tilemix.ops.runtime import use_target
 
-    def leaf(t):
-        return t.requires_grad_(True)
-
     _step_calls(rnd, target)
     H, D = 3, 64
     cuda = dict(device=rnd(1).device)
     with use_target(target):
         T = 190
         cu = torch.tensor([0, 70, 100, T], dtype=torch.int32, **cuda)
-        q, k, v = (leaf(rnd(1, T, H, D)) for _ in range(3))
-        decays = leaf((F.logsigmoid(torch.randn(1, T, H, D, **cuda)) / 16).to(q.dtype))
+        q, k, v = (_leaf(rnd(1, T, H, D)) for _ in range(3))
+        decays = _leaf((F.logsigmoid(torch.randn(1, T, H, D, **cuda)) / 16).to(q.dtype))
         outputs = [ops.linear_attention(q, k, v, cu_seqlens=cu)[0], ops.gla(q, k, v, decays, cu_seqlens=cu)[0],
-                   ops.ssd(v, leaf(torch.rand(1, T, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
-                           leaf(rnd(1, T, 1, D)), leaf(rnd(1, T, 1, D)), cu_seqlens=cu)[0],
+                   ops.ssd(v, _leaf(torch.rand(1, T, H, **cuda) * 0.5), -torch.rand(H, **cuda) - 0.1,
+                           _leaf(rnd(1, T, 1, D)), _leaf(rnd(1, T, 1, D)), cu_seqlens=cu)[0],
                    ops.attention(q, k, v, causal=True, cu_seqlens=cu)]
-    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    _grads(*outputs)
 
 
 def _exact_calls(rnd, target):
@@ -234,23 +230,20 @@ def _exact_calls(rnd, target):
     from tilemix import ops
     from tilemix.ops.runtime import use_target
 
-    def leaf(t):
-        return t.requires_grad_(True)
-
     B, H, D = 2, 3, 64
     cuda = dict(device=rnd(1).device)
     with use_target(target):
-        q, k, v = (leaf(rnd(B, 100, H, D)) for _ in range(3))
-        decays = leaf((F.logsigmoid(torch.randn(B, 100, H, D, **cuda)) / 16).to(q.dtype))
+        q, k, v = (_leaf(rnd(B, 100, H, D)) for _ in range(3))
+        decays = _leaf((F.logsigmoid(torch.randn(B, 100, H, D, **cuda)) / 16).to(q.dtype))
         outputs = [ops.gla(q, k, v, decays, exact=True)[0],
-                   ops.rwkv6(q, k, v, decays, leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
-        features = [leaf(rnd(B, 100, H, D).abs()) for _ in range(2)]
+                   ops.rwkv6(q, k, v, decays, _leaf(torch.randn(H, D, **cuda)), exact=True)[0]]
+        features = [_leaf(rnd(B, 100, H, D).abs()) for _ in range(2)]
         outputs.append(ops.lolcats_attention(q, k, v, *features))
 
-        u, kernel = leaf(rnd(B, 300, D)), leaf(torch.randn(D, 300, **cuda) / 300)
-        gates = [leaf(rnd(B, 300, D)) for _ in range(2)]
+        u, kernel = _leaf(rnd(B, 300, D)), _leaf(torch.randn(D, 300, **cuda) / 300)
+        gates = [_leaf(rnd(B, 300, D)) for _ in range(2)]
         outputs += [ops.long_conv(u, kernel), ops.gated_long_conv(u, *gates, kernel)]
-    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    _grads(*outputs)
 
 
 def _attention_calls(rnd, target):
@@ -262,21 +255,18 @@ def _attention_calls(rnd, target):
 
     from tilemix import ops
 
-    def leaf(t):
-        return t.requires_grad_(True)
-
     B, H, D = 2, 4, 64
     cuda = dict(device=rnd(1).device)
     outputs = []
     for kv_heads in (H, 2):
         for Tq, Tk in ((100, 170), (170, 100)):
-            q, k, v = leaf(rnd(B, Tq, H, D)), leaf(rnd(B, Tk, kv_heads, D)), leaf(rnd(B, Tk, kv_heads, D))
+            q, k, v = _leaf(rnd(B, Tq, H, D)), _leaf(rnd(B, Tk, kv_heads, D)), _leaf(rnd(B, Tk, kv_heads, D))
             outputs += [ops.attention(q, k, v, causal=causal, target=target) for causal in (True, False)]
     cu_q = torch.tensor([0, 30, 130], dtype=torch.int32, **cuda)
     cu_k = torch.tensor([0, 90, 150], dtype=torch.int32, **cuda)
-    q, k, v = leaf(rnd(1, 130, H, D)), leaf(rnd(1, 150, 2, D)), leaf(rnd(1, 150, 2, D))
+    q, k, v = _leaf(rnd(1, 130, H, D)), _leaf(rnd(1, 150, 2, D)), _leaf(rnd(1, 150, 2, D))
     outputs.append(ops.attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, target=target))
-    torch.autograd.backward(outputs, [torch.randn_like(o) for o in outputs])
+    _grads(*outputs)
     with torch.no_grad():
         for kv_heads in (H, 2):
             for Tk in (100, 170):  # self- and cross-attention
