@@ -3,7 +3,8 @@
 Per call: the states program saves each chunk's entering state ([B, H, NC, r, c] fp32) where a
 reverse program reads them, then one program per input gradient runs over the chunks (the other
 way, reading those checkpoints, or forward-fused, recomputing the states: ``tiles.autodiff``);
-one program per gradient keeps each one's live tiles within the registers (``backward_launches``).
+one program per gradient keeps each one's live tiles within the registers (``backward_launches``),
+but a per-token or per-head scalar's gradient rides in a program whose adjoints it needs anyway.
 A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``wide_columns``)
 is cut into column blocks: inside each CTA (the schedule's split) for a gradient whose own programs
 contract none of those columns (``whole_width``), else on the host, each block differentiated alone:
@@ -23,7 +24,7 @@ from tilemix.codegen.launch import Launch, prepare_launch
 from tilemix.codegen.schedule import SPLIT_WIDTH, default_schedule, wide_columns
 from tilemix.codegen.specialise import kernel_source
 from tilemix.tiles import Kernel, TileError
-from tilemix.tiles.autodiff import DerivedKernel, derive_backward, reduce_gradient
+from tilemix.tiles.autodiff import DerivedKernel, derive_backward, gradient_groups, reduce_gradient
 from tilemix.tiles.params import Binding, BoundParam
 from tilemix.tiles.types import DType
 
@@ -44,19 +45,20 @@ def backward_launches(kernel: Kernel, binding: Binding, grads_given: Iterable[st
                       transpose: bool = False) -> list[tuple[str | None, DerivedKernel, Binding]]:
     """The programs one column block's backward launches, in order: ``(None, states kernel, its
     binding)`` (where a gradient program reads checkpoints), then ``(input, its gradient's kernel,
-    its binding)`` per input gradient. ``binding``: the forward call's at the block's width;
+    its binding)`` per program, which also writes the gradients riding in it (its kernel's ``wrt``:
+    ``tiles.autodiff.gradient_groups``). ``binding``: the forward call's at the block's width;
     ``transpose``: the gradient programs carry their tiles transposed where they can (``whole_width``).
 
     Gradients that carry no state gradient run forward-fused (``tiles.autodiff``) where that leaves
     no program reading checkpoints, so the states program and its checkpoints go; where one still
     needs them, every gradient reads them: a fused program holds the recurrence's state beside its
     own tiles, a cost worth paying only when it removes the checkpoints' writes and reads."""
-    names = sorted(wrt)
-    backwards = [derive_backward(kernel, binding, grads_given, [name], transpose=transpose) for name in names]
+    groups = gradient_groups(kernel, binding, sorted(wrt))
+    backwards = [derive_backward(kernel, binding, grads_given, group, transpose=transpose) for group in groups]
     if any(b.states is not None for b in backwards):
-        backwards = [derive_backward(kernel, binding, grads_given, [name], False, transpose) for name in names]
+        backwards = [derive_backward(kernel, binding, grads_given, group, False, transpose) for group in groups]
     first, launches = [], []
-    for name, backward in zip(names, backwards):
+    for (name, *_), backward in zip(groups, backwards):
         (states, reverse), (states_binding, reverse_binding) = backward.kernels(kernel, binding), \
             backward.bindings(binding)
         if not first and states is not None:  # one states program: the checkpoints serve every reader
@@ -110,11 +112,11 @@ def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[st
             continue
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
         given = {n: _turned(t) if n in derived.transposed else t for n, t in {**args, **saved, **seeds}.items()}
-        out = {f"d_{name}": _empty(derived_binding.param(f"d_{name}"), device)}
+        out = {f"d_{n}": _empty(derived_binding.param(f"d_{n}"), device) for n in derived.wrt}
         _run(derived, derived_binding, given, out, arch)
-        grad = out[f"d_{name}"]
-        grad = _turned(grad) if f"d_{name}" in derived.transposed else grad
-        grads[name] = reduce_gradient(binding.param(name), grad, binding.sizes)
+        for n in derived.wrt:
+            grad = _turned(out[f"d_{n}"]) if f"d_{n}" in derived.transposed else out[f"d_{n}"]
+            grads[n] = reduce_gradient(binding.param(n), grad, binding.sizes)
     return grads
 
 

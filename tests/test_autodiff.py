@@ -14,6 +14,7 @@ from test_user_mixers import anticausal_la_fwd, gla_fwd, normalized_la_fwd
 
 from tilemix import ops
 from tilemix.ops.attention import attention_fwd
+from tilemix.ops.examples import example_specs
 from tilemix.ops.linear_attention import linear_attention_fwd
 from tilemix.ops.ssd import ssd_fwd
 from tilemix.reference.tolerance import bound, rel_err
@@ -50,7 +51,7 @@ from tilemix.tiles import (
     where,
     window,
 )
-from tilemix.tiles.autodiff import derive_backward, gradients
+from tilemix.tiles.autodiff import derive_backward, gradient_groups, gradients
 
 
 class _Interpreted(torch.autograd.Function):
@@ -377,6 +378,18 @@ def test_one_gradient_at_a_time_equals_all_at_once(name):
     for name_ in tensors:
         alone = gradients(program, args, seeds, wrt=[name_])[name_]
         assert np.allclose(alone, everything[name_], rtol=1e-10, atol=1e-12), name_
+
+
+def test_scalar_gradients_ride_in_a_program_reaching_their_values():
+    """A per-token or per-head scalar whose adjoints another gradient's program computes anyway is
+    written by that program (SSD's dA by dt's, dD by dx's); wide gradients keep a program each."""
+    ssd = ops.PROGRAMS["ssd"]
+    groups = gradient_groups(ssd, ssd.bind(example_specs("ssd", D=64)), ["x", "dt", "A", "B", "C", "D"])
+    assert sorted(groups) == [("B",), ("C",), ("dt", "A"), ("x", "D")]
+    assert gradient_groups(ssd, ssd.bind(example_specs("ssd", D=64)), ["A", "D"]) == [("A",), ("D",)]
+    la = ops.PROGRAMS["linear_attention"]
+    assert sorted(gradient_groups(la, la.bind(example_specs("linear_attention")), ["q", "k", "v"])) == [
+        ("k",), ("q",), ("v",)]
 
 
 def test_a_gradient_the_states_do_not_depend_on_reads_no_checkpoint():

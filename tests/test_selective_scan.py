@@ -207,9 +207,9 @@ GRADED = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # program, as d_delta does (its [1, N·P] state addressed by entry: no column blocks)
 SPILLING: dict[tuple[str, str], int] = {
     ("sm_90a", "forward"): 16, ("sm_90a", "d_A"): 952, ("sm_90a", "d_B"): 16, ("sm_90a", "d_C"): 24,
-    ("sm_90a", "d_delta"): 1216, ("sm_90a", "d_delta_bias"): 1240, ("sm_90a", "d_u"): 112, ("sm_90a", "d_z"): 24,
+    ("sm_90a", "d_delta"): 1248, ("sm_90a", "d_delta_bias"): 1232, ("sm_90a", "d_u"): 112, ("sm_90a", "d_z"): 24,
     ("sm_80", "forward"): 8, ("sm_80", "d_A"): 632, ("sm_80", "d_B"): 40, ("sm_80", "d_C"): 32,
-    ("sm_80", "d_delta"): 1096, ("sm_80", "d_delta_bias"): 960, ("sm_80", "d_u"): 64, ("sm_80", "d_z"): 32,
+    ("sm_80", "d_delta"): 1088, ("sm_80", "d_delta_bias"): 936, ("sm_80", "d_u"): 64, ("sm_80", "d_z"): 32,
 }
 
 

@@ -76,7 +76,7 @@ from .transpose_carried import swapped_state, transpose_carried
 from .types import DType, Space, TileType
 from .verify import verify
 
-__all__ = ["Backward", "DerivedKernel", "derive_backward", "gradients"]
+__all__ = ["Backward", "DerivedKernel", "derive_backward", "gradient_groups", "gradients"]
 
 _PARAM_READS = ("load", "read_param", "scalar_param", "load_state")
 
@@ -164,7 +164,10 @@ class _Grads:
     def add(self, value: Value, contribution: Value) -> None:
         contribution = self.em.reduce_to(contribution, value.type.shape)
         known = self.of.get(value)
-        self.of[value] = contribution if known is None else self.em.add(known, contribution)
+        # the newest term first: the lowering accumulates a product in an add's first operand into
+        # the other, emitting it at the add, so the earlier product keeps its place and its operands
+        # die there (SSD's dB at N = 128: the scaled x and the state's copy held to the add spilled)
+        self.of[value] = contribution if known is None else self.em.add(contribution, known)
 
     def whole(self, value: Value) -> Value:
         """The gradient of ``value`` at its full shape (zeros if nothing reached it)."""
@@ -612,6 +615,29 @@ def derive_backward(kernel, binding: Binding, grads_given: Iterable[str],
         _CACHE[key] = Backward(forward, states, reverse, tuple(sorted(wrt)), tuple(sorted(grads_given)),
                                builder.fused, transposed)
     return _CACHE[key]
+
+
+def gradient_groups(kernel, binding: Binding, wrt: Iterable[str]) -> list[tuple[str, ...]]:
+    """``wrt`` cut into the gradients each reverse program emits, every group led by its own.
+
+    A one-column gradient (a per-token or per-head scalar: SSD's dt and A) whose forward values all
+    lie among another gradient's (the other's adjoints reach every value its own do) rides in that
+    program: one more vector output, where a program of its own would re-read every input and redo
+    the same adjoints. Wider gradients keep a program each (their live tiles fill the registers)."""
+    shape = _split(kernel.trace(binding))
+    reads = [op for op in (*shape.preamble, *shape.loop.body) if op.result is not None]
+    active = {name: _active(shape, frozenset([name])) - {op.result for op in reads if _source_param(op, {name})}
+              for name in wrt}  # the values each gradient's adjoints reach, less its own reads
+    vectors = {name for name in active
+               if all(op.result.type.cols == 1 for op in reads if _source_param(op, {name}))}
+    groups: dict[str, list[str]] = {}
+    for name in sorted(active, key=lambda n: (-len(active[n]), n)):  # the widest reach leads
+        host = next((h for h in groups if active[name] <= active[h]), None) if name in vectors else None
+        if host is None:
+            groups[name] = [name]
+        else:
+            groups[host].append(name)
+    return [tuple(group) for group in groups.values()]
 
 
 def gradients(kernel, inputs: dict[str, Any], output_grads: dict[str, Any],
