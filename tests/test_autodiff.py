@@ -51,7 +51,10 @@ from tilemix.tiles import (
     where,
     window,
 )
+from tilemix.tiles.adjoints import ADJOINTS, VALUE_FREE, Emitter
 from tilemix.tiles.autodiff import derive_backward, gradient_groups, gradients
+from tilemix.tiles.ir import Op, Value
+from tilemix.tiles.types import TileType
 
 
 class _Interpreted(torch.autograd.Function):
@@ -390,6 +393,25 @@ def test_scalar_gradients_ride_in_a_program_reaching_their_values():
     la = ops.PROGRAMS["linear_attention"]
     assert sorted(gradient_groups(la, la.bind(example_specs("linear_attention")), ["q", "k", "v"])) == [
         ("k",), ("q",), ("v",)]
+
+
+def test_value_free_adjoints_read_no_forward_values():
+    """The reverse recomputes no forward value for an op whose rule is in VALUE_FREE: each such rule
+    emits no op that reads the forward op's operands or result."""
+    tile, col, row = TileType(64, 64), TileType(64, 1), TileType(1, 64)
+    cases = {"add": ([tile, tile], tile, {}), "sub": ([tile, tile], tile, {}), "neg": ([tile], tile, {}),
+             "rowsum": ([tile], col, {}), "colsum": ([tile], row, {}), "cast": ([tile], tile, {}),
+             "cumsum": ([col], col, {"reverse": False, "exclusive": True}), "segsum": ([col], tile, {}),
+             "transpose": ([col], row, {}), "slice": ([tile], col, {"row0": 0, "rows": 64, "col0": 3, "cols": 1}),
+             "concat": ([col, col], TileType(64, 2), {"axis": 1})}
+    assert set(cases) == VALUE_FREE
+    for name, (operand_types, result_type, attrs) in cases.items():
+        op = Op(name, tuple(Value(t) for t in operand_types), attrs, Value(result_type), None)
+        em = Emitter()
+        for thunk in ADJOINTS[name](em, op, Value(result_type)).values():
+            thunk()
+        forward = {*op.operands, op.result}
+        assert not [o for o in em.ops if forward & set(o.operands)], name
 
 
 def test_a_gradient_the_states_do_not_depend_on_reads_no_checkpoint():

@@ -362,6 +362,11 @@ def _sigmoid_slope(em, op):
     return em.mul(op.result, em.op("sub", [em.const(1.0), op.result]))
 
 
+# the rules that read neither the op's operands nor its result (their shapes at most): the reverse
+# recomputes nothing for them, so a forward value is recomputed where a rule first reads it
+VALUE_FREE = frozenset({"add", "sub", "neg", "rowsum", "colsum", "cast", "cumsum", "segsum", "transpose",
+                        "slice", "concat"})
+
 ADJOINTS: dict[str, Rule] = {
     "add": lambda em, op, gy: {0: lambda: gy, 1: lambda: gy},
     "sub": lambda em, op, gy: {0: lambda: gy, 1: lambda: em.neg(gy)},

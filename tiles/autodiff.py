@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from .adjoints import ADJOINTS, NO_GRADIENT, Emitter
+from .adjoints import ADJOINTS, NO_GRADIENT, VALUE_FREE, Emitter
 from .errors import TileError
 from .interpret import interpret
 from .ir import Loop, Op, Program, Value
@@ -314,7 +314,7 @@ class _Reverse:
             elif op.name == "load" and name in self.wrt:
                 em.op("store", [inner.whole(op.result), loop.index], {"param": f"d_{name}"}, None)
             else:
-                if op.result in inner.of and op.name in ADJOINTS:
+                if op.result in inner.of and op.name in ADJOINTS and op.name not in VALUE_FREE:
                     self.need([*op.operands, op.result])
                 _backprop(em, [op], inner, active, self.primal)
         em.loc = loop.loc
