@@ -624,20 +624,27 @@ def gradient_groups(kernel, binding: Binding, wrt: Iterable[str]) -> list[tuple[
     lie among another gradient's (the other's adjoints reach every value its own do) rides in that
     program: one more vector output, where a program of its own would re-read every input and redo
     the same adjoints. Wider gradients keep a program each (their live tiles fill the registers)."""
+    key = (kernel, binding.key(), frozenset(wrt))
+    if key in _GROUPS:
+        return _GROUPS[key]
     shape = _split(kernel.trace(binding))
-    reads = [op for op in (*shape.preamble, *shape.loop.body) if op.result is not None]
-    active = {name: _active(shape, frozenset([name])) - {op.result for op in reads if _source_param(op, {name})}
+    sources = {name: [op for op in (*shape.preamble, *shape.loop.body) if _source_param(op, frozenset([name]))]
+               for name in wrt}  # the ops reading each parameter
+    active = {name: _active(shape, frozenset([name])) - {op.result for op in sources[name]}
               for name in wrt}  # the values each gradient's adjoints reach, less its own reads
-    vectors = {name for name in active
-               if all(op.result.type.cols == 1 for op in reads if _source_param(op, {name}))}
     groups: dict[str, list[str]] = {}
     for name in sorted(active, key=lambda n: (-len(active[n]), n)):  # the widest reach leads
-        host = next((h for h in groups if active[name] <= active[h]), None) if name in vectors else None
+        vector = all(op.result.type.cols == 1 for op in sources[name])
+        host = next((h for h in groups if active[name] <= active[h]), None) if vector else None
         if host is None:
             groups[name] = [name]
         else:
             groups[host].append(name)
-    return [tuple(group) for group in groups.values()]
+    _GROUPS[key] = [tuple(group) for group in groups.values()]
+    return _GROUPS[key]
+
+
+_GROUPS: dict[tuple, list[tuple[str, ...]]] = {}  # gradient_groups' answers (each traces the forward)
 
 
 def gradients(kernel, inputs: dict[str, Any], output_grads: dict[str, Any],
