@@ -55,6 +55,7 @@ class Emitter:
         self.reg_of: dict[Value, str] = {}  # shared tile value -> its register copy
         self.copies: Counter[Value] = Counter()  # register copies made of each shared tile
         self.reloads = {op: tiles for issue in issues.values() for op, tiles in issue.reloads.items()}
+        self.early_staging = {op: tiles for issue in issues.values() for op, tiles in issue.early_staging.items()}
         self.staged: dict[Value, str] = {}  # staged value -> its buffer
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
         self.head_rows: dict[Value, str] = {}  # Head row read only in slices -> its row's global address
@@ -140,11 +141,13 @@ class Emitter:
             self.wait_older(ind)
 
     def reuses(self, x: Value, op: Op) -> bool:
-        """Whether ``op``'s result may take over ``x``'s registers: ``op`` is ``x``'s last reader,
-        in the scope that defines ``x`` (so not once per iteration of a value made before the loop),
-        and the register tiles have one shape (a view of shared memory has no registers to give)."""
+        """Whether ``op``'s result may take over ``x``'s registers: ``op`` is ``x``'s last reader (or
+        its last in registers, ``x`` staged before it: ``IssuePlan.early_staging``), in the scope that
+        defines ``x`` (so not once per iteration of a value made before the loop), and the register
+        tiles have one shape (a view of shared memory has no registers to give)."""
         scope = self.live.scope.get(x)
-        return (self.live.last_reader.get(x) is op and scope is not None and scope is self.live.scope.get(op.result)
+        last = self.live.last_reader.get(x) is op or x in self.early_staging.get(op, ())
+        return (last and scope is not None and scope is self.live.scope.get(op.result)
                 and x not in self.smem_of and x not in self.live.shared_rows and x in self.names
                 and (x.type.rows, x.type.cols) == (op.result.type.rows, op.result.type.cols))
 

@@ -26,7 +26,8 @@ and asks the same of the chunk overlap (``Schedule.overlap``).
 ``plan_issue`` is the lowering's pass 3: for each chunk loop it asks ``issue_order`` with answers
 from the earlier plans, decides ``Schedule.overlap``, and where the order's peak of registers
 holds register copies of loaded tiles, which readers read them afresh (``reload.plan_reloads``),
-all in an ``IssuePlan``.
+and which register tiles are staged for their matmuls at their last register reader
+(``staging.plan_early_staging``), all in an ``IssuePlan``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tilemix.tiles.lowerable import vector_product
 from .knobs import ISSUE_ORDERS, OVERLAPS
 from .liveness import Liveness, registers_at, thread_registers
 from .reload import plan_reloads
+from .staging import plan_early_staging
 from .structure import KernelPlan
 
 __all__ = ["IssuePlan", "plan_issue", "issue_order", "peak_registers", "tile_registers", "unit_reads",
@@ -154,20 +156,24 @@ def peak_registers(order: list[Op], reads: dict[Op, set[Value]], in_registers: C
 class IssuePlan:
     """How the chunk loop's body is walked: ``order`` (the ops as emitted), ``overlapped``, the
     carried tiles whose last groups run on into the next chunk (empty: the chunk waits for all of
-    its groups and releases its own stage), and ``reloads``: reader -> the loaded tiles it reads
-    afresh from the stage, their earlier register copy dropped (``reload.plan_reloads``)."""
+    its groups and releases its own stage), ``reloads``: reader -> the loaded tiles it reads
+    afresh from the stage, their earlier register copy dropped (``reload.plan_reloads``), and
+    ``early_staging``: reader -> the register tiles staged before it, its last register read of
+    them (``staging.plan_early_staging``)."""
 
     order: tuple[Op, ...]
     overlapped: frozenset[Value]
     reloads: Mapping[Op, frozenset[Value]] = field(default_factory=lambda: MappingProxyType({}))
+    early_staging: Mapping[Op, tuple[Value, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bool, registers: int,
-               views: frozenset[str] = frozenset()) -> IssuePlan:
-    """Pass 3: chunk loop ``loop``'s issue order, overlap and reloads of loaded tiles.
+               views: frozenset[str] = frozenset(), in_place: frozenset[str] = frozenset()) -> IssuePlan:
+    """Pass 3: chunk loop ``loop``'s issue order, overlap, reloads of loaded tiles and early staging.
     ``asynchronous``: matmuls are groups waited for where their results are read (else program
     order, no overlap); ``registers``: a consumer thread's registers (``setmaxnreg``; 0: no
-    reloads); ``views``: the ops that read a loaded tile in place where it has no register copy."""
+    reloads); ``views``: the ops that read a loaded tile in place where it has no register copy;
+    ``in_place``: the ops that may write their result over an operand they read last."""
     walk = _IssueWalk(plan, live, loop, registers, views)
     order = walk.body_order() if asynchronous else loop.body
     # Leave a chunk's groups running (and release its stage next time) only when they write
@@ -179,7 +185,13 @@ def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bo
                              and any(x is v and walk.reuses(x, add) for add, (_, x) in live.accumulate.items()))
     overlap = asynchronous and plan.schedule.stages > 1 and walk.overlaps(order, only_matmuls)
     reloads = walk.reloads(order) if registers else MappingProxyType({})
-    return IssuePlan(tuple(order), only_matmuls if overlap else frozenset(), reloads)
+    units = [op for op in order if op not in live.absorbed]
+    # a buffer staged early is held longer: where buffers are shared (shared memory is short) it
+    # would take one of its own
+    early = MappingProxyType({}) if plan.schedule.share_staging else plan_early_staging(
+        loop, units, unit_reads(units, dict(live.absorbed_by)), live,
+        frozenset(plan.loaded_tiles | {op.result for op in plan.prologue_loads}), in_place)
+    return IssuePlan(tuple(order), only_matmuls if overlap else frozenset(), reloads, early)
 
 
 def tile_registers(plan: KernelPlan, live: Liveness, v: Value) -> int:

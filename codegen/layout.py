@@ -18,6 +18,7 @@ from tilemix.tiles.ir import Loop, Op, Value
 
 from .issue_order import IssuePlan
 from .liveness import Liveness
+from .staging import staged_operands
 from .structure import PANEL, KernelPlan
 
 __all__ = ["SharedLayout", "plan_shared_memory", "align"]
@@ -135,11 +136,12 @@ def _consumer_buffers(plan: KernelPlan, live: Liveness, issues: Mapping[Loop, Is
         slots[v] = (offset, nbytes, in_loop)
         staging[v] = offset
 
+    early = {op: vs for issue in issues.values() for op, vs in issue.early_staging.items()}
     for op, in_loop in _emission_order(plan, issues):
         if op in live.absorbed:
             continue
         staged, scanned, exchanges = _buffers_of(op, plan, live, loaded)
-        for v in staged:
+        for v in (*early.get(op, ()), *staged):
             if v not in slots:
                 stage(v, in_loop)
         for v in scanned:
@@ -189,14 +191,11 @@ def _matmul_buffers(mm: Op, loaded: set[Value]) -> tuple[list[Value], list[Value
     memory (transposed), unless they are loaded tiles or tiles no matmul takes (that is an error)."""
     a, b = mm.operands
     ta, tb = mm.attrs["ta"], mm.attrs["tb"]
-    m, n, k = mm.result.type.rows, mm.result.type.cols, a.type.rows if ta else a.type.cols
+    n, k = mm.result.type.cols, a.type.rows if ta else a.type.cols
     if n == 1 and not ta:
         return [], [], [] if tb else [("transposed", k)]
-    if m == 1:  # the vector turned (where ta == tb), and with tb the result turned to a row
+    if mm.result.type.rows == 1:  # the vector turned (where ta == tb), and with tb the result turned to a row
         if tb:
             return [], [], [("transposed", max(k if ta else 0, n))]
         return [], [], [("transposed", k)] * (not ta) + [("scratch", 4 * n)]
-    if m % 64 or n % 64 or k % 16:
-        return [], [], []
-    staged = [v for v in (b, a if ta else None) if v is not None and v not in loaded]
-    return [v for v in staged if not (v.type.cols % PANEL or v.type.rows % 64)], [], []
+    return staged_operands(mm, loaded), [], []

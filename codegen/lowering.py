@@ -42,7 +42,7 @@ def plans(lowering: type[Lowering], program: Program, schedule: Schedule, full_d
     live = plan_liveness(plan, MAPS)
     issues = MappingProxyType({loop: plan_issue(plan, live, loop, asynchronous=lowering.asynchronous,
                                                 registers=lowering.consumer_registers(schedule),
-                                                views=frozenset(BINARY))
+                                                views=frozenset(BINARY), in_place=frozenset(_IN_PLACE))
                                for loop in plan.loops})
     layout = plan_shared_memory(plan, live, issues, lowering.store_buffers)
     return plan, live, issues, layout
@@ -141,6 +141,8 @@ class Lowering(Emitter):
             return  # emitted by the add it accumulates into
         for v in self.reloads.get(op, ()):
             self.reg_of.pop(v, None)  # its copy dies before this reader: read the stage afresh
+        for v in self.early_staging.get(op, ()):
+            self.shared(v, ind)  # its last register read: later matmuls read the staged tile
         if op in self.live.accumulate:
             self.lower_accumulate(op, ind)
             return

@@ -94,9 +94,9 @@ SPILLING: dict[tuple, int] = {
     ("gated_delta_rule_prepare", 128, "sm_90a", "k"): 208, ("gated_delta_rule_prepare", 128, "sm_80", "beta"): 104,
     ("gated_delta_rule_prepare", 128, "sm_80", "g"): 176, ("gated_delta_rule_prepare", 128, "sm_80", "k"): 96,
     ("delta_rule_scan", 128, "sm_90a", "k"): 144, ("delta_rule_scan", 128, "sm_80", "k"): 224,
-    ("gated_delta_rule_scan", 128, "sm_90a", "g"): 968, ("gated_delta_rule_scan", 128, "sm_90a", "k"): 520,
-    ("gated_delta_rule_scan", 128, "sm_90a", "w"): 80, ("gated_delta_rule_scan", 128, "sm_80", "g"): 744,
-    ("gated_delta_rule_scan", 128, "sm_80", "k"): 688,
+    ("gated_delta_rule_scan", 128, "sm_90a", "g"): 1008, ("gated_delta_rule_scan", 128, "sm_90a", "k"): 464,
+    ("gated_delta_rule_scan", 128, "sm_90a", "w"): 80, ("gated_delta_rule_scan", 128, "sm_80", "g"): 520,
+    ("gated_delta_rule_scan", 128, "sm_80", "k"): 528,
 }
 
 

@@ -1,0 +1,62 @@
+"""Which register tiles a matmul stages, and where: at the matmul, or earlier, at their last register reader.
+
+A tensor-core matmul reads its B operand (and A where transposed) from shared memory, so a
+register tile in that place is stored there ("staged") where the matmul is emitted. A tile that
+elementwise ops also read keeps its registers until then, though after its last such reader only
+matmuls read it, from shared memory. Staged just before that reader instead, its registers die
+there (the reader may write its result over them). The derived SSD backward's dt program loads
+each chunk's saved state (128x64 fp32: 64 registers a thread), multiplies it with the state's
+gradient and reads it again in ``C·h``: staged at the product, its sm_90a kernel spilled 72 bytes,
+not 368."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from tilemix.tiles.ir import Loop, Op, Value
+
+from .liveness import Liveness
+from .structure import PANEL
+
+__all__ = ["staged_operands", "plan_early_staging"]
+
+
+def staged_operands(mm: Op, loaded: set[Value] | frozenset[Value]) -> list[Value]:
+    """The tiles matmul ``mm`` stages: B, and A where it is read transposed, unless loaded (those
+    are read where they lie); none for vector products (``layout`` transposes their vectors) or
+    for matmuls not in whole 64-row panels."""
+    a, b = mm.operands
+    ta = mm.attrs["ta"]
+    m, n, k = mm.result.type.rows, mm.result.type.cols, a.type.rows if ta else a.type.cols
+    if (n == 1 and not ta) or m == 1 or m % 64 or n % 64 or k % 16:
+        return []
+    staged = [v for v in (b, a if ta else None) if v is not None and v not in loaded]
+    return [v for v in staged if not (v.type.cols % PANEL or v.type.rows % 64)]
+
+
+def plan_early_staging(loop: Loop, order: list[Op], reads: Mapping[Op, set[Value]], live: Liveness,
+                       loaded: frozenset[Value], in_place: frozenset[str]) -> Mapping[Op, tuple[Value, ...]]:
+    """reader -> the tiles staged just before it (``Emitter.shared``), which it then takes over:
+    tiles made in ``loop``'s body, not carried on, of the reader's result's shape, that it is the
+    last to read in registers, every later reader in ``order`` (the body less its absorbed matmuls;
+    ``reads``: what each reads) being a matmul that stages them. Only readers that may write over
+    an operand (``in_place``: elementwise ops): staging before a register matmul (its A operand)
+    only moved ptxas's choices (the delta rule scan's dw: 48 bytes of spills from none)."""
+    matmul = {add: mm for add, (mm, _) in live.accumulate.items()}
+    made = {u.result for u in order if u.result is not None} - set(loop.update)
+    staging = {u: set(staged_operands(matmul.get(u, u), loaded)) - {live.accumulate[u][1]}
+               if u in live.accumulate else set(staged_operands(u, loaded)) if u.name == "matmul" else set()
+               for u in order}
+    found: dict[Op, set[Value]] = {}
+    for v in made - loaded - live.shared_rows:
+        readers = [u for u in order if v in reads[u]]
+        in_registers = [i for i, u in enumerate(readers) if v not in staging[u]]
+        if not in_registers or in_registers[-1] == len(readers) - 1:
+            continue
+        last = readers[in_registers[-1]]
+        if (last.name in in_place and last not in live.accumulate and last.result is not None
+                and last.result.type.shape == v.type.shape
+                and all(v in staging[u] for u in readers[in_registers[-1] + 1:])):
+            found.setdefault(last, set()).add(v)
+    return MappingProxyType({op: tuple(sorted(vs, key=lambda v: v.id)) for op, vs in found.items()})
