@@ -184,13 +184,13 @@ def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bo
     only_matmuls = frozenset(v for v in loop.carried if live.uses.get(v, 0) == 1
                              and any(x is v and walk.reuses(x, add) for add, (_, x) in live.accumulate.items()))
     overlap = asynchronous and plan.schedule.stages > 1 and walk.overlaps(order, only_matmuls)
-    reloads = walk.reloads(order) if registers else MappingProxyType({})
     units = [op for op in order if op not in live.absorbed]
+    reads = unit_reads(units, dict(live.absorbed_by))
+    reloads = walk.reloads(units, reads) if registers else MappingProxyType({})
     # a buffer staged early is held longer: where buffers are shared (shared memory is short) it
     # would take one of its own
     early = MappingProxyType({}) if plan.schedule.share_staging else plan_early_staging(
-        loop, units, unit_reads(units, dict(live.absorbed_by)), live,
-        frozenset(plan.loaded_tiles | {op.result for op in plan.prologue_loads}), in_place)
+        loop, units, reads, live, plan.shared_tiles, in_place)
     return IssuePlan(tuple(order), only_matmuls if overlap else frozenset(), reloads, early)
 
 
@@ -252,11 +252,11 @@ class _IssueWalk:
                 if add in reads and x in carried and not mm.attrs["ta"]]
         return peak_registers(units, reads, self.tile_registers) + sum(map(self.tile_registers, held)) // 2
 
-    def reloads(self, order: list[Op]) -> Mapping[Op, frozenset[Value]]:
-        """``plan_reloads`` for the body walked in ``order``, within the registers the issue order fits."""
-        units = [op for op in order if op not in self.live.absorbed]
+    def reloads(self, units: list[Op], reads: Mapping[Op, set[Value]]) -> Mapping[Op, frozenset[Value]]:
+        """``plan_reloads`` for the body walked as ``units`` (its ops less the absorbed matmuls;
+        ``reads``: ``unit_reads``), within the registers the issue order fits."""
         loaded = frozenset(op.result for op in self.plan.loop_loads[self.loop])
-        return plan_reloads(units, unit_reads(units, dict(self.live.absorbed_by)), loaded, self.tile_registers,
+        return plan_reloads(units, reads, loaded, self.tile_registers,
                             lambda v: thread_registers(v.type), self.reads_copy, self.registers)
 
     def reads_copy(self, op: Op, v: Value) -> bool | None:

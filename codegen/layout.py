@@ -125,7 +125,7 @@ def _consumer_buffers(plan: KernelPlan, live: Liveness, issues: Mapping[Loop, Is
     staging, scans, scratch = {}, {}, {"scratch": 0, "transposed": 0}
     slots: dict[Value, tuple[int, int, bool]] = {}  # staged value -> (offset, bytes a consumer, in the loop)
     emitted: set[Op] = set()
-    loaded = plan.loaded_tiles | {op.result for op in plan.prologue_loads}
+    loaded = plan.shared_tiles
 
     def stage(v: Value, in_loop: bool):
         nbytes = v.type.rows * v.type.cols * 2
@@ -156,7 +156,7 @@ def _consumer_buffers(plan: KernelPlan, live: Liveness, issues: Mapping[Loop, Is
 
 
 def _buffers_of(op: Op, plan: KernelPlan, live: Liveness,
-                loaded: set[Value]) -> tuple[list[Value], list[Value], list[tuple[str, int]]]:
+                loaded: frozenset[Value]) -> tuple[list[Value], list[Value], list[tuple[str, int]]]:
     """What emitting ``op`` needs of the consumer's shared memory: register tiles staged as matmul
     operands, column vectors prefix-scanned, and cross-warp exchanges (buffer, floats); ``loaded``:
     the loaded tiles, read where they lie."""
@@ -185,7 +185,7 @@ def _buffers_of(op: Op, plan: KernelPlan, live: Liveness,
     return [], [], []
 
 
-def _matmul_buffers(mm: Op, loaded: set[Value]) -> tuple[list[Value], list[Value], list[tuple[str, int]]]:
+def _matmul_buffers(mm: Op, loaded: frozenset[Value]) -> tuple[list[Value], list[Value], list[tuple[str, int]]]:
     """A matvec transposes a column operand; a row-vector product transposes its vector or its
     result, and sums down columns without ``tb``; a matmul stages B, and A where it is read from shared
     memory (transposed), unless they are loaded tiles or tiles no matmul takes (that is an error)."""

@@ -22,7 +22,7 @@ from .structure import PANEL
 __all__ = ["staged_operands", "plan_early_staging"]
 
 
-def staged_operands(mm: Op, loaded: set[Value] | frozenset[Value]) -> list[Value]:
+def staged_operands(mm: Op, loaded: frozenset[Value]) -> list[Value]:
     """The tiles matmul ``mm`` stages: B, and A where it is read transposed, unless loaded (those
     are read where they lie); none for vector products (``layout`` transposes their vectors) or
     for matmuls not in whole 64-row panels."""

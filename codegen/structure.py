@@ -64,6 +64,11 @@ class KernelPlan:
         return tuple(op for loop in self.loops for op in self.loop_loads[loop])
 
     @property
+    def shared_tiles(self) -> frozenset[Value]:
+        """The tiles loaded into shared memory, the ring's and the prologue's: read where they lie."""
+        return self.loaded_tiles | {op.result for op in self.prologue_loads}
+
+    @property
     def col_loads(self) -> tuple[Op, ...]:
         """Every chunk loop's per-token vectors copied into the ring, loop by loop."""
         return tuple(op for loop in self.loops for op in self.loop_col_loads[loop])

@@ -41,12 +41,17 @@ def _consumer_loop(program, arch: str) -> list[str]:
     return [line.strip() for line in loop.splitlines()]
 
 
+def _exp_and_its_staging(lines: list[str]) -> tuple[str, int]:
+    """The register tile ``exp`` writes, and the line storing it to a staging buffer."""
+    t = re.search(r"map1\((v\d+), .*f_exp", "\n".join(lines)).group(1)
+    return t, next(i for i, line in enumerate(lines)
+                   if line.startswith("tm::store_shared<true>((smem") and line.endswith(f"{t});"))
+
+
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_a_tile_is_staged_at_its_last_register_reader(arch):
     lines = _consumer_loop(read_then_multiplied, arch)
-    t = re.search(r"map1\((v\d+), .*f_exp", "\n".join(lines)).group(1)
-    stage = next(i for i, line in enumerate(lines) if line.startswith(f"tm::store_shared<true>((smem") and
-                 line.endswith(f"{t});"))
+    t, stage = _exp_and_its_staging(lines)
     scale = next(i for i, line in enumerate(lines) if line.startswith(f"tm::map2({t}, "))
     matmul = next(i for i, line in enumerate(lines) if "matmul" in line)
     assert stage < scale < matmul  # staged, then the product written over t's registers
@@ -55,8 +60,7 @@ def test_a_tile_is_staged_at_its_last_register_reader(arch):
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 def test_a_tile_read_in_registers_after_its_matmul_is_staged_at_the_matmul(arch):
     lines = _consumer_loop(multiplied_then_read, arch)
-    t = re.search(r"map1\((v\d+), .*f_exp", "\n".join(lines)).group(1)
-    stage = next(i for i, line in enumerate(lines) if "store_shared<true>((smem" in line and line.endswith(f"{t});"))
+    _, stage = _exp_and_its_staging(lines)
     matmul = next(i for i, line in enumerate(lines) if "matmul" in line)
     assert stage == matmul - 3 - (arch == "sm_90a")  # barrier, store, (proxy fence,) barrier, matmul
 
