@@ -54,7 +54,7 @@ from tilemix.tiles import (
 from tilemix.tiles.adjoints import ADJOINTS, VALUE_FREE, Emitter
 from tilemix.tiles.autodiff import derive_backward, gradient_groups, gradients
 from tilemix.tiles.ir import Op, Value
-from tilemix.tiles.types import TileType
+from tilemix.tiles.types import Axis, TileType
 
 
 class _Interpreted(torch.autograd.Function):
@@ -399,9 +399,11 @@ def test_value_free_adjoints_read_no_forward_values():
     """The reverse recomputes no forward value for an op whose rule is in VALUE_FREE: each such rule
     emits no op that reads the forward op's operands or result."""
     tile, col, row = TileType(64, 64), TileType(64, 1), TileType(1, 64)
+    chunk = Axis(0, 64, "T")  # segsum's rule masks by sequence position
+    positions, scores = TileType(64, 1, row_axis=chunk), TileType(64, 64, row_axis=chunk, col_axis=chunk)
     cases = {"add": ([tile, tile], tile, {}), "sub": ([tile, tile], tile, {}), "neg": ([tile], tile, {}),
              "rowsum": ([tile], col, {}), "colsum": ([tile], row, {}), "cast": ([tile], tile, {}),
-             "cumsum": ([col], col, {"reverse": False, "exclusive": True}), "segsum": ([col], tile, {}),
+             "cumsum": ([col], col, {"reverse": False, "exclusive": True}), "segsum": ([positions], scores, {}),
              "transpose": ([col], row, {}), "slice": ([tile], col, {"row0": 0, "rows": 64, "col0": 3, "cols": 1}),
              "concat": ([col, col], TileType(64, 2), {"axis": 1})}
     assert set(cases) == VALUE_FREE

@@ -167,14 +167,13 @@ def _cumsum(em, op, gy):
 def _segsum(em, op, gy):
     """``y[i, j] = x[j+1] + ... + x[i]`` (j <= i): ``dx[k] = Σ_{j < k} Σ_{i >= k} gy[i, j]``, the
     reverse cumsum down the rows (``i >= k``) summed over the columns strictly left of the
-    diagonal (``j < k``: where ``segsum(1) > 0``). The -inf entries above the diagonal are constant:
+    diagonal (``j < k``: a strict causal mask). The -inf entries above the diagonal are constant:
     their gradient never enters the sums. No transposed tile: the code generator transposes tiles
     only as matmul operands."""
     def dx():
-        rows = op.result.type.rows
-        below = em.op("gt", [em.op("segsum", [em.const(1.0, rows, 1)]), em.const(0.5)])
         later = em.op("cumsum", [em.expand(gy, op.result.type.shape)], {"reverse": True, "exclusive": False})
-        return em.op("rowsum", [em.select(below, later, em.const(0.0))])
+        left = em.op("causal", [later], {"fill": 0.0, "transposed": False, "strict": True})
+        return em.op("rowsum", [left])
     return {0: dx}
 
 
