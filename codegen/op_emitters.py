@@ -49,12 +49,11 @@ def chunk_state_at(lw: Lowering, op: Op) -> str:
     """The address of the fp32 tile a ``ChunkState`` load or store ``op`` reads or writes: the chunk
     ``[b, h, c]`` of ``[B, H, NC, r, c]``."""
     name, index = op.attrs["param"], op.operands[-1]
-    rows = (op.result if op.name == "load" else op.operands[0]).type.rows
     prefix = "out" if lw.program.param(name).spec.output else "ptr"
     size = next(loop.size for loop in lw.plan.loops if loop.index is index)  # the chunk loop it indexes
     chunks = f"((T + {size - 1}) / {size})"
     return (f"{prefix}_{name} + (((long)b * H + h) * {chunks} + {lw.plan.index_name[index.id]}) * "
-            f"{rows * _state_ld(lw, name)} + {_state_col0(lw, name)}")
+            f"{_state_rows(lw, name) * _state_ld(lw, name)} + {_state_block0(lw, name)}")
 
 
 def emit_store_chunk_state(lw: Lowering, op: Op, ind: int):
@@ -127,11 +126,22 @@ def _split_col0(lw: Lowering, dim: str) -> str:
     return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
 
 
-def _state_col0(lw: Lowering, param_name: str) -> str:
-    spec = lw.program.param(param_name).spec
-    if spec.dims[0] in dict(lw.schedule.split):
-        lw.fail(f"state {param_name!r} cannot be split along its rows ({spec.dims[0]})")
-    return _split_col0(lw, spec.dims[1])
+def _state_rows(lw: Lowering, param_name: str) -> int:
+    """The rows of a whole ``[r, c]`` state tile (every consumer's block of them)."""
+    dim = lw.program.param(param_name).spec.dims[0]
+    return dim if isinstance(dim, int) else lw.plan.full_dims[dim]
+
+
+def _state_block0(lw: Lowering, param_name: str) -> str:
+    """Offset of this consumer's block in an ``[r, c]`` state tile: its rows under a split of the
+    rows' dim (a gradient program whose ops all keep the state's rows apart), else its columns."""
+    rows, cols = lw.program.param(param_name).spec.dims
+    split = dict(lw.schedule.split)
+    if rows in split and cols in split:
+        lw.fail(f"state {param_name!r} cannot be split along both its rows ({rows}) and columns ({cols})")
+    if rows in split:
+        return f"{_split_col0(lw, rows)} * {_state_ld(lw, param_name)}"
+    return _split_col0(lw, cols)
 
 
 def _pairs(lw: Lowering) -> str:
@@ -141,11 +151,11 @@ def _pairs(lw: Lowering) -> str:
 
 
 def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
-    param, rows = op.attrs["param"], op.result.type.rows
+    param = op.attrs["param"]
     width = _state_ld(lw, param)
     if op.attrs["initial"]:
-        lw.emit(f"{decl} tm::load_f32{_pairs(lw)}({out}, init_{param} + ((long)b * H + h) * {rows * width} + "
-                f"{_state_col0(lw, param)}, {width});", ind)
+        lw.emit(f"{decl} tm::load_f32{_pairs(lw)}({out}, init_{param} + ((long)b * H + h) * "
+                f"{_state_rows(lw, param) * width} + {_state_block0(lw, param)}, {width});", ind)
     else:
         lw.emit(f"{decl} tm::fill({out}, 0.0f);", ind)
 
@@ -154,7 +164,7 @@ def emit_store_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     param, value = op.attrs["param"], op.operands[0]
     width = _state_ld(lw, param)
     lw.emit(f"if (final_{param}) tm::store_f32{_pairs(lw)}(final_{param} + ((long)b * H + h) * "
-            f"{value.type.rows * width} + {_state_col0(lw, param)}, {width}, {lw.reg(value, ind)});", ind)
+            f"{_state_rows(lw, param) * width} + {_state_block0(lw, param)}, {width}, {lw.reg(value, ind)});", ind)
 
 
 def emit_full(lw: Lowering, op: Op, decl: str, out: str, ind: int):

@@ -49,10 +49,11 @@ TUNED_MAX_STAGES = 4  # the tuner tries one stage past the default's bound
 # -- defaults -----------------------------------------------------------------------------------
 def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> Schedule:
     """Scans: split the state's column dim into SPLIT_WIDTH-wide blocks (state and output tiles then
-    fit the registers), two per CTA. Grid programs: two neighbouring grid blocks per CTA. Where
-    shared memory is short: one consumer, then one stage. Then the ring as deep as shared memory
-    allows (up to MAX_STAGES; scans on sm_90a only, the generic target's scans unmeasured)."""
-    split = tuple((dim, SPLIT_WIDTH) for dim in wide_columns(kernel, binding))
+    fit the registers), two per CTA; where the columns do not split, the state's row dim. Grid
+    programs: two neighbouring grid blocks per CTA. Where shared memory is short: one consumer,
+    then one stage. Then the ring as deep as shared memory allows (up to MAX_STAGES; scans on
+    sm_90a only, the generic target's scans unmeasured)."""
+    split = tuple((dim, SPLIT_WIDTH) for dim in wide_columns(kernel, binding) or wide_rows(kernel, binding)[:1])
     if split:
         pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
@@ -150,8 +151,6 @@ def splittable(kernel: Kernel, binding: Binding, dim: str) -> bool:
         traced = kernel.trace(replace(binding, static=dict(binding.static, **{dim: probe})), target="cpu")
     except TileError:
         return False
-    if any(p.spec.kind == "chunk_state" and probe in p.spec.dims for p in traced.params):
-        return False  # a saved chunk state's shape is fixed by the call that derived it: no column blocks
     for op in traced.walk():
         if op.name == "matmul":
             a = op.operands[0].type
@@ -173,6 +172,15 @@ def wide_columns(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
     order: one test for the default schedule and the derived backward's column blocks."""
     dims = dict.fromkeys(p.spec.dims[1] for p in binding.params
                          if p.spec.kind == "state" and isinstance(p.spec.dims[1], str))
+    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim))
+
+
+def wide_rows(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
+    """The state row dims wider than ``SPLIT_WIDTH`` that ``splittable`` lets the schedule cut into
+    blocks, for programs whose state columns do not split: a decay's gradient (GLA's ``d_g``)
+    contracts the state's columns and keeps its rows, the key dims, apart."""
+    dims = dict.fromkeys(p.spec.dims[0] for p in binding.params
+                         if p.spec.kind == "state" and isinstance(p.spec.dims[0], str))
     return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim))
 
 

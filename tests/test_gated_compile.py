@@ -18,29 +18,22 @@ from tilemix.ops.derived_cuda import backward_launches, column_split  # noqa: E4
 PROGRAMS = {"retention": (retention_fwd, ("q", "k", "v", "log_gamma")), "gla": (gla_fwd, ("q", "k", "v", "g")),
             "rwkv6": (rwkv6_fwd, ("r", "k", "v", "w", "u"))}
 # (op, head dim, arch, program) -> local memory bytes measured, where the program still spills: the
-# decay gradients (d_log_gamma, d_g, d_w) and, at D = 128, GLA's forward (a 64x128 cumsum and its exp
-# factors beside a 128-wide state, as tests/test_generic.py notes) and most of its derived programs;
-# rwkv6's forward (GLA's tiles and the bonus term's) already at D = 64
+# decay gradients (d_log_gamma, d_g, d_w; at D = 128 in row blocks of K) and, at D = 128, GLA's forward
+# (a 64x128 cumsum and its exp factors beside a 128-wide state, as tests/test_generic.py notes) and
+# d_v (it contracts K: no row blocks); rwkv6's forward (GLA's tiles and the bonus term's) already at D = 64
 SPILLING: dict[tuple, int] = {
-    ("retention", 64, "sm_90a", "d_log_gamma"): 88,
-    ("retention", 128, "sm_90a", "d_k"): 88,
-    ("retention", 128, "sm_90a", "d_log_gamma"): 64, ("retention", 128, "sm_80", "d_k"): 56,
-    ("gla", 64, "sm_90a", "d_g"): 512,
-    ("gla", 64, "sm_80", "d_g"): 664, ("gla", 128, "sm_90a", "forward"): 520,
-    ("gla", 128, "sm_90a", "states"): 8, ("gla", 128, "sm_90a", "d_q"): 8, ("gla", 128, "sm_90a", "d_k"): 568,
-    ("gla", 128, "sm_90a", "d_v"): 504, ("gla", 128, "sm_90a", "d_g"): 2040,
-    ("gla", 128, "sm_80", "forward"): 176, ("gla", 128, "sm_80", "d_q"): 120, ("gla", 128, "sm_80", "d_k"): 328,
-    ("gla", 128, "sm_80", "d_v"): 560, ("gla", 128, "sm_80", "d_g"): 2136,
+    ("retention", 64, "sm_90a", "d_log_gamma"): 88, ("retention", 128, "sm_90a", "d_log_gamma"): 64,
+    ("gla", 64, "sm_90a", "d_g"): 512, ("gla", 64, "sm_80", "d_g"): 664,
+    ("gla", 128, "sm_90a", "forward"): 520, ("gla", 128, "sm_90a", "d_v"): 504, ("gla", 128, "sm_90a", "d_g"): 440,
+    ("gla", 128, "sm_80", "forward"): 176, ("gla", 128, "sm_80", "d_v"): 560, ("gla", 128, "sm_80", "d_g"): 272,
     ("rwkv6", 64, "sm_90a", "forward"): 200, ("rwkv6", 64, "sm_90a", "d_r"): 56,
     ("rwkv6", 64, "sm_90a", "d_k"): 8, ("rwkv6", 64, "sm_90a", "d_w"): 496,
     ("rwkv6", 64, "sm_80", "forward"): 16, ("rwkv6", 64, "sm_80", "d_r"): 32, ("rwkv6", 64, "sm_80", "d_k"): 32,
     ("rwkv6", 64, "sm_80", "d_w"): 776,
-    ("rwkv6", 128, "sm_90a", "forward"): 864, ("rwkv6", 128, "sm_90a", "states"): 8,
-    ("rwkv6", 128, "sm_90a", "d_r"): 600, ("rwkv6", 128, "sm_90a", "d_k"): 832,
-    ("rwkv6", 128, "sm_90a", "d_v"): 728, ("rwkv6", 128, "sm_90a", "d_w"): 2416,
-    ("rwkv6", 128, "sm_80", "forward"): 528, ("rwkv6", 128, "sm_80", "d_r"): 1072,
-    ("rwkv6", 128, "sm_80", "d_k"): 824, ("rwkv6", 128, "sm_80", "d_v"): 744,
-    ("rwkv6", 128, "sm_80", "d_w"): 2328,
+    ("rwkv6", 128, "sm_90a", "forward"): 864, ("rwkv6", 128, "sm_90a", "d_r"): 56, ("rwkv6", 128, "sm_90a", "d_k"): 8,
+    ("rwkv6", 128, "sm_90a", "d_v"): 728, ("rwkv6", 128, "sm_90a", "d_w"): 520,
+    ("rwkv6", 128, "sm_80", "forward"): 528, ("rwkv6", 128, "sm_80", "d_r"): 32, ("rwkv6", 128, "sm_80", "d_k"): 8,
+    ("rwkv6", 128, "sm_80", "d_v"): 744, ("rwkv6", 128, "sm_80", "d_w"): 792,
 }
 
 
@@ -96,3 +89,21 @@ def test_exact_forms_backward_launches_lower(op, D, arch):
 
     for name, (kernel, binding) in _programs(op, D).items():
         assert kernel_source(kernel, binding, default_schedule(kernel, binding, arch), arch).source, name
+
+
+@pytest.mark.parametrize("op, decay", [("gla", "d_g"), ("rwkv6", "d_w")])
+def test_decay_gradients_split_the_state_rows(op, decay):
+    """At D = 128 a decay's gradient contracts the state's V columns and keeps its K rows apart: the
+    schedule cuts K into blocks (the state's rows, the keys' columns) as it cuts V in the forward,
+    and each block reads its rows of the states and checkpoints. d_v contracts K: no split."""
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.codegen.specialise import kernel_source
+
+    programs = _programs(op, 128)
+    kernel, binding = programs[decay]
+    schedule = default_schedule(kernel, binding, "sm_90a")
+    assert dict(schedule.split) == {"K": SPLIT_WIDTH}
+    source = kernel_source(kernel, binding, schedule, "sm_90a").source
+    block = f"(colcta * {schedule.consumers} + wg) * {SPLIT_WIDTH} * {binding.extent('V')}"
+    assert "ptr_saved_0 + " in source and block in source  # a row block of each [K, V] tile
+    assert "K" not in dict(default_schedule(*programs["d_v"], "sm_90a").split)
