@@ -178,10 +178,23 @@ def wide_columns(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
 def wide_rows(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
     """The state row dims wider than ``SPLIT_WIDTH`` that ``splittable`` lets the schedule cut into
     blocks, for programs whose state columns do not split: a decay's gradient (GLA's ``d_g``)
-    contracts the state's columns and keeps its rows, the key dims, apart."""
+    contracts the state's columns and keeps its rows, the key dims, apart. A program whose ops
+    follow the dim's width (selective_scan's forward reads ``S / P`` entries of its decays) is
+    not cut: traced at the block's width it would be another program."""
     dims = dict.fromkeys(p.spec.dims[0] for p in binding.params
                          if p.spec.kind == "state" and isinstance(p.spec.dims[0], str))
-    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim))
+    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim)
+                 and _same_ops(kernel, binding, dim, SPLIT_WIDTH))
+
+
+def _same_ops(kernel: Kernel, binding: Binding, dim: str, width: int) -> bool:
+    """Whether ``kernel`` traced with ``dim`` at ``width`` runs the ops it runs at the call's width."""
+    def ops(b: Binding) -> list[str]:
+        return [op.name for op in kernel.trace(b, target="cpu").walk()]
+    try:
+        return ops(binding) == ops(replace(binding, static=dict(binding.static, **{dim: width})))
+    except TileError:
+        return False
 
 
 def _deepest_ring(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str,
