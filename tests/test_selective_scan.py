@@ -244,6 +244,17 @@ def test_no_program_cuts_its_entries_into_column_blocks(N):
     assert not splittable(selective_scan_fwd, wide, "E")
 
 
+def test_the_forward_state_rows_stay_whole():
+    """The forward reads ``S / P`` entries of its decays: traced at a 64-wide block of its 128 state
+    rows (P) it would read two entries where the call has one, so P is not cut into row blocks."""
+    from tilemix.codegen.schedule import default_schedule
+    from tilemix.ops.examples import kernel_specs
+
+    binding = selective_scan_fwd.bind(kernel_specs(selective_scan_fwd, size=128))
+    assert binding.extent("S") == binding.extent("P") == 128
+    assert default_schedule(selective_scan_fwd, binding, "sm_90a").split == ()
+
+
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
 @pytest.mark.parametrize("program", ["forward", "states", *(f"d_{n}" for n in GRADED)])
 def test_compiles_without_local_memory(arch, program):
