@@ -170,9 +170,7 @@ def wide_columns(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
     """The state column dims wider than ``SPLIT_WIDTH`` that ``splittable`` lets the schedule cut
     into column blocks, each once (states that share a column dim split it once), in parameter
     order: one test for the default schedule and the derived backward's column blocks."""
-    dims = dict.fromkeys(p.spec.dims[1] for p in binding.params
-                         if p.spec.kind == "state" and isinstance(p.spec.dims[1], str))
-    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim))
+    return _wide_state_dims(kernel, binding, 1)
 
 
 def wide_rows(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
@@ -181,10 +179,14 @@ def wide_rows(kernel: Kernel, binding: Binding) -> tuple[str, ...]:
     contracts the state's columns and keeps its rows, the key dims, apart. A program whose ops
     follow the dim's width (selective_scan's forward reads ``S / P`` entries of its decays) is
     not cut: traced at the block's width it would be another program."""
-    dims = dict.fromkeys(p.spec.dims[0] for p in binding.params
-                         if p.spec.kind == "state" and isinstance(p.spec.dims[0], str))
-    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim)
-                 and _same_ops(kernel, binding, dim, SPLIT_WIDTH))
+    return tuple(dim for dim in _wide_state_dims(kernel, binding, 0) if _same_ops(kernel, binding, dim, SPLIT_WIDTH))
+
+
+def _wide_state_dims(kernel: Kernel, binding: Binding, axis: int) -> tuple[str, ...]:
+    """The states' dims on ``axis`` (0: rows, 1: columns) wider than ``SPLIT_WIDTH`` and splittable."""
+    dims = dict.fromkeys(p.spec.dims[axis] for p in binding.params
+                         if p.spec.kind == "state" and isinstance(p.spec.dims[axis], str))
+    return tuple(dim for dim in dims if binding.extent(dim) > SPLIT_WIDTH and splittable(kernel, binding, dim))
 
 
 def _same_ops(kernel: Kernel, binding: Binding, dim: str, width: int) -> bool:
