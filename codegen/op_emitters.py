@@ -53,7 +53,7 @@ def chunk_state_at(lw: Lowering, op: Op) -> str:
     size = next(loop.size for loop in lw.plan.loops if loop.index is index)  # the chunk loop it indexes
     chunks = f"((T + {size - 1}) / {size})"
     return (f"{prefix}_{name} + (((long)b * H + h) * {chunks} + {lw.plan.index_name[index.id]}) * "
-            f"{_state_rows(lw, name) * _state_ld(lw, name)} + {_state_block0(lw, name)}")
+            f"{_state_size(lw, name)} + {_state_block0(lw, name)}")
 
 
 def emit_store_chunk_state(lw: Lowering, op: Op, ind: int):
@@ -115,21 +115,25 @@ def emit_scalar_param(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     lw.emit(f"{decl} tm::fill({out}, arg_{op.attrs['param']});", ind)
 
 
-def _state_ld(lw: Lowering, param_name: str) -> int:
-    dim = lw.program.param(param_name).spec.dims[1]
+def _state_extent(lw: Lowering, param_name: str, axis: int) -> int:
+    """A whole ``[r, c]`` state tile's rows (``axis`` 0) or columns (1): every consumer's blocks."""
+    dim = lw.program.param(param_name).spec.dims[axis]
     return dim if isinstance(dim, int) else lw.plan.full_dims[dim]
+
+
+def _state_ld(lw: Lowering, param_name: str) -> int:
+    return _state_extent(lw, param_name, 1)
+
+
+def _state_size(lw: Lowering, param_name: str) -> int:
+    """The floats of a whole ``[r, c]`` state tile: one ``[b, h]`` (or chunk) apart from the next."""
+    return _state_extent(lw, param_name, 0) * _state_ld(lw, param_name)
 
 
 def _split_col0(lw: Lowering, dim: str) -> str:
     """Column offset of this consumer's block of feature dim ``dim`` (0 where it is not split)."""
     width = dict(lw.schedule.split).get(dim)
     return f"(colcta * {lw.schedule.consumers} + wg) * {width}" if width else "0"
-
-
-def _state_rows(lw: Lowering, param_name: str) -> int:
-    """The rows of a whole ``[r, c]`` state tile (every consumer's block of them)."""
-    dim = lw.program.param(param_name).spec.dims[0]
-    return dim if isinstance(dim, int) else lw.plan.full_dims[dim]
 
 
 def _state_block0(lw: Lowering, param_name: str) -> str:
@@ -155,7 +159,7 @@ def emit_load_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     width = _state_ld(lw, param)
     if op.attrs["initial"]:
         lw.emit(f"{decl} tm::load_f32{_pairs(lw)}({out}, init_{param} + ((long)b * H + h) * "
-                f"{_state_rows(lw, param) * width} + {_state_block0(lw, param)}, {width});", ind)
+                f"{_state_size(lw, param)} + {_state_block0(lw, param)}, {width});", ind)
     else:
         lw.emit(f"{decl} tm::fill({out}, 0.0f);", ind)
 
@@ -164,7 +168,7 @@ def emit_store_state(lw: Lowering, op: Op, decl: str, out: str, ind: int):
     param, value = op.attrs["param"], op.operands[0]
     width = _state_ld(lw, param)
     lw.emit(f"if (final_{param}) tm::store_f32{_pairs(lw)}(final_{param} + ((long)b * H + h) * "
-            f"{_state_rows(lw, param) * width} + {_state_block0(lw, param)}, {width}, {lw.reg(value, ind)});", ind)
+            f"{_state_size(lw, param)} + {_state_block0(lw, param)}, {width}, {lw.reg(value, ind)});", ind)
 
 
 def emit_full(lw: Lowering, op: Op, decl: str, out: str, ind: int):
