@@ -122,6 +122,44 @@ def _mixer_calls(rnd, target):
             _grads(*outputs)
 
 
+def _wide_calls(rnd, target):
+    """Head dim 128, where the derived backwards cut their states into row and column blocks (inside
+    the CTA and on the host): retention, gla and rwkv6 (fast forms), mlstm, and SSD's derived backward
+    at N = P = 128, forward and backward, on a tail shape with initial and final states."""
+    import torch
+    import torch.nn.functional as F
+
+    from tilemix import ops
+    from tilemix.ops.runtime import use_target
+
+    B, T, H, D = 2, 100, 3, 128
+    device = rnd(1).device
+
+    def seq():
+        return _leaf(rnd(B, T, H, D))
+
+    def state(*shape):
+        return _leaf(torch.randn(*shape, device=device))
+
+    decays = _leaf((F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 16).to(rnd(1).dtype))
+    gates = [_leaf(F.logsigmoid(torch.randn(B, T, H, device=device)) / 16) for _ in range(2)]
+    with use_target(target):
+        calls = [ops.retention(seq(), seq(), seq(), initial_state=state(B, H, D, D), output_final_state=True),
+                 ops.gla(seq(), seq(), seq(), decays, initial_state=state(B, H, D, D), output_final_state=True,
+                         exact=False),
+                 ops.rwkv6(seq(), seq(), seq(), decays, state(H, D), initial_state=state(B, H, D, D),
+                           output_final_state=True, exact=False)]
+        mlstm_state = (state(B, H, D, D), state(B, H, D), state(B, H))
+        h, final = ops.mlstm(seq(), seq(), seq(), *gates, initial_state=mlstm_state, output_final_state=True)
+        calls.append((h, *final))
+        calls.append(ops.ssd(seq(), _leaf(torch.rand(B, T, H, device=device) * 0.5),
+                             _leaf(-torch.rand(H, device=device) - 0.1), _leaf(rnd(B, T, 1, D)), _leaf(rnd(B, T, 1, D)),
+                             D=_leaf(torch.randn(H, device=device)), initial_state=state(B, H, D, D),
+                             output_final_state=True, backward="derived"))
+        for outputs in calls:
+            _grads(*outputs)
+
+
 def _bidirectional_calls(rnd, target):
     """Bidirectional linear attention (normalised and not) and prefix linear attention, forward and
     backward, on a tail shape with the prefix ending inside a chunk."""
@@ -277,7 +315,7 @@ def _attention_calls(rnd, target):
                               target=target)
 
 
-CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "bidirectional": _bidirectional_calls,
+CALLS = {"tail": _tail_calls, "mixers": _mixer_calls, "wide": _wide_calls, "bidirectional": _bidirectional_calls,
          "library": _library_calls, "selective_scan": _selective_scan_calls,
          "models": _model_calls, "steps": _step_calls,
          "exact": _exact_calls, "attention": _attention_calls}
