@@ -160,13 +160,15 @@ def run_tiles(kernel: Kernel, binding: Binding, args: dict[str, Any], outputs: d
 
 
 def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], schedule: Schedule | None, arch: str,
-                   device: int, varlen: bool = False) -> Launch:
+                   device: int, varlen: bool = False, outputs: dict[str, torch.Tensor] | None = None) -> Launch:
     """Everything about launching ``kernel`` on arguments shaped and strided as ``args`` but their
     addresses and scalar values: the schedule (``launch_schedule`` if None), the compiled kernel,
     the grid and the tensor maps' layouts. ``ops`` keeps one per call signature, so a repeated call
     only packs addresses and launches. ``varlen``: the kernel for a packed batch, whose B (the grid's)
     is its sequence count and whose arguments hold its offsets as ``cu_seqlens`` (a second sequence's,
-    keys' say, as ``cu_seqlens_S``: ``structure.packed_offsets``)."""
+    keys' say, as ``cu_seqlens_S``: ``structure.packed_offsets``). ``outputs``: outputs strided as
+    every call's will be (a column block of a wider tensor, say), where TMA stores take their strides;
+    by default every output is contiguous."""
     schedule = schedule or launch_schedule(kernel, binding, device, arch)
     sizes = binding.sizes
     per_cta = heads_per_cta(schedule, sizes)  # before compiling: a head count the schedule cannot map is an error
@@ -180,9 +182,15 @@ def prepare_launch(kernel: Kernel, binding: Binding, args: dict[str, Any], sched
     for kind, name in plan.source.params:
         if kind is ParamKind.TMAP and tma_strided(args[name]):
             layouts[name] = (tuple(args[name].shape), _strides(args[name]), args[name].dtype == torch.bfloat16)
-        elif kind is ParamKind.TMAP_OUT:  # a contiguous output in the compute dtype
+        elif kind is ParamKind.TMAP_OUT:  # an output in the compute dtype, contiguous unless given strided
             shape = tuple(binding.param(name).shape)
+            given = (outputs or {}).get(name)
             strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+            if given is not None and not given.is_contiguous():
+                if not tma_strided(given):
+                    raise ValueError(f"{name}: an output's strides {given.stride()} do not suit TMA stores "
+                                     "(unit stride along the last dim, the others 16-byte multiples)")
+                strides = _strides(given)
             layouts[name] = (shape, strides, binding.compute_dtype is DType.bf16)
     return Launch(plan, grid, size_args, device, layouts)
 
@@ -199,8 +207,8 @@ _ADDRESS, _SIZE = ("Q",), "i4x"
 
 @dataclass(frozen=True)
 class Launch:
-    """A prepared launch (``prepare_launch``): called with the arguments and the outputs (allocated
-    contiguous by the caller; states absent from ``outputs`` are not written), it writes the tensor
+    """A prepared launch (``prepare_launch``): called with the arguments and the outputs (strided as
+    ``prepare_launch`` was told, else contiguous; states absent from ``outputs`` are not written), it writes the tensor
     maps, addresses and scalars into a parameter buffer (one per thread, with the sizes already in
     it) and launches on torch's current stream through the driver's ``cuLaunchKernel``: cupy's
     launch converts every argument on each call, several times the host time of the rest."""
@@ -250,6 +258,7 @@ class Launch:
         source = self.plan.source
         values = []
         keep_alive = []  # converted copies must outlive the launch's parameter copy
+        copies = []  # (strided output, the contiguous buffer the kernel writes instead)
         for kind, name in source.params:
             value = args.get(name)
             if kind is _TMAP:
@@ -270,8 +279,12 @@ class Launch:
                     t = t.clone()
                 keep_alive.append(t)
                 values.append(t.data_ptr())
-            elif kind is _PTR_OUT:
-                values.append(outputs[name].data_ptr())
+            elif kind is _PTR_OUT:  # generic kernels write rows whole: a strided output takes a copy after
+                out = outputs[name]
+                if not out.is_contiguous():
+                    copies.append((out, out.contiguous()))
+                    out = copies[-1][1]
+                values.append(out.data_ptr())
             elif kind is _F32:
                 t = value.to(torch.float32).contiguous()
                 keep_alive.append(t)
@@ -293,6 +306,8 @@ class Launch:
         struct.pack_into(self._slots[0], buffer, 0, *values)
         _launch_kernel(self.plan.function.ptr, self.grid, source.threads, source.smem_bytes,
                        _current_stream(self.device), pointers, source.name)
+        for out, written in copies:
+            out.copy_(written)
 
 
 def _launch_kernel(function: int, grid: tuple[int, int, int], threads: int, smem_bytes: int, stream: int,

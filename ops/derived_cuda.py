@@ -76,19 +76,23 @@ def _run(derived: DerivedKernel, binding: Binding, args: dict[str, Any], outputs
     backward runs several programs per column block, and preparing each again costs host time."""
     device = next(iter(outputs.values())).device.index
     layouts = tuple((n, tuple(t.shape), t.stride(), t.dtype) for n, t in args.items() if isinstance(t, torch.Tensor))
-    key = (id(derived), binding.key(), arch, device, layouts)
+    key = (id(derived), binding.key(), arch, device, layouts, tuple((n, t.stride()) for n, t in outputs.items()))
     launch = _LAUNCHES.get(key)
     if launch is None:
-        launch = _LAUNCHES[key] = prepare_launch(derived, binding, args, None, arch, device)
+        launch = _LAUNCHES[key] = prepare_launch(derived, binding, args, None, arch, device, outputs=outputs)
     launch(args, outputs)
 
 
-def _empty(p: BoundParam, device: torch.device) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A derived program's output buffer: NaN under ``TILEMIX_POISON``, as ``run_kernel``'s outputs
     (tests, and compute-sanitizer's initcheck, then see any element a kernel leaves unwritten)."""
     if read("TILEMIX_POISON"):
-        return torch.full(p.shape, float("nan"), dtype=_TORCH[p.dtype], device=device)
-    return torch.empty(p.shape, dtype=_TORCH[p.dtype], device=device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _output(p: BoundParam, device: torch.device) -> torch.Tensor:
+    return _empty(p.shape, _TORCH[p.dtype], device)
 
 
 def _turned(t: Any) -> Any:
@@ -97,24 +101,27 @@ def _turned(t: Any) -> Any:
 
 
 def _block_gradients(kernel: Kernel, args: dict[str, Any], output_grads: dict[str, torch.Tensor],
-                     wrt: list[str], arch: str, device: torch.device,
-                     transpose: bool = False) -> dict[str, torch.Tensor]:
+                     wrt: list[str], arch: str, device: torch.device, transpose: bool = False,
+                     into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Gradients of one column block in the inputs' layouts, each in the dtype its program wrote
-    (no fp32 copy: a column block's gradient is read once more, by ``_combine``); ``transpose``:
-    as ``backward_launches``."""
+    (no fp32 copy: a column block's gradient is read once more, by ``_combine``), but those in
+    ``into``, which their programs write there (a column block of the whole gradient, in place);
+    ``transpose``: as ``backward_launches``."""
+    into = into or {}
     binding = kernel.bind(args)
     saved: dict[str, torch.Tensor] = {}
     grads = {}
     for name, derived, derived_binding in backward_launches(kernel, binding, output_grads, wrt, transpose):
         if name is None:  # the states program: each chunk's entering state
-            saved = {p.name: _empty(p, device) for p in derived_binding.params if p.spec.kind == "chunk_state"}
+            saved = {p.name: _output(p, device) for p in derived_binding.params if p.spec.kind == "chunk_state"}
             _run(derived, derived_binding, args, saved, arch)
             continue
         seeds = {f"d_{n}": g.to(_TORCH[derived_binding.param(f"d_{n}").dtype]) for n, g in output_grads.items()}
         given = {n: _turned(t) if n in derived.transposed else t for n, t in {**args, **saved, **seeds}.items()}
-        out = {f"d_{n}": _empty(derived_binding.param(f"d_{n}"), device) for n in derived.wrt}
+        out = {f"d_{n}": into[n] if n in into else _output(derived_binding.param(f"d_{n}"), device)
+               for n in derived.wrt}
         _run(derived, derived_binding, given, out, arch)
-        for n in derived.wrt:
+        for n in (n for n in derived.wrt if n not in into):
             grad = _turned(out[f"d_{n}"]) if f"d_{n}" in derived.transposed else out[f"d_{n}"]
             grads[n] = reduce_gradient(binding.param(n), grad, binding.sizes)
     return grads
@@ -186,22 +193,28 @@ def derived_gradients_cuda(kernel: Kernel, args: dict[str, Any], output_grads: d
     blocked = [name for name in wrt if name not in whole]
     if blocked:
         width = binding.extent(dim)
+        # a Seq input with the dim: each block's program writes its columns of the gradient in place
+        placed = {n: _empty(args[n].shape, args[n].dtype, device) for n in blocked
+                  if kernel.specs[n].kind == "seq" and dim in kernel.specs[n].layout}
         # a gradient of a result without the dim (a second state, say) seeds one block: every block
         # recomputes that result, and the shares are summed
         shares = [_block_gradients(kernel, {n: _block(kernel, n, a, dim, cols) for n, a in args.items()},
                                    {n: _block(kernel, n, g, dim, cols) for n, g in output_grads.items()
                                     if start == 0 or dim in kernel.specs[n].layout},
-                                   blocked, arch, device)
+                                   blocked, arch, device, into={n: _block(kernel, n, t, dim, cols)
+                                                                for n, t in placed.items()})
                   for start, cols in ((s, slice(s, s + SPLIT_WIDTH)) for s in range(0, width, SPLIT_WIDTH))]
+        grads.update(placed)
         grads.update({name: _combine(kernel, name, [share[name] for share in shares], dim, args[name])
-                      for name in blocked})
+                      for name in blocked if name not in placed})
     return {name: grads[name].to(args[name].dtype) for name in wrt}
 
 
 def _combine(kernel: Kernel, name: str, parts: list[torch.Tensor], dim: str, like: torch.Tensor) -> torch.Tensor:
     """The column blocks' gradients of input ``name`` as one gradient in ``like``'s dtype, each part
-    read once: an input with the split dim takes its block's columns, the others the blocks' sum
-    (in fp32: two parts in one ``add``, which rounds once)."""
+    read once: an input with the split dim takes its block's columns (a ``GroupSeq``'s: a ``Seq``'s
+    programs wrote them in place), the others the blocks' sum (in fp32: two parts in one ``add``,
+    which rounds once)."""
     out = torch.empty(like.shape, dtype=like.dtype, device=parts[0].device)
     if dim in kernel.specs[name].layout:
         for cols, part in zip((slice(i * SPLIT_WIDTH, (i + 1) * SPLIT_WIDTH) for i in range(len(parts))), parts):

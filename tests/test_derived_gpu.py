@@ -111,12 +111,14 @@ def test_saved_states_take_the_forward_column_split():
     assert f"* {128 * 128} + (colcta * {schedule.consumers} + wg) * 64, 128, " in source
 
 
-@pytest.mark.parametrize("op, D", [("linear_attention", 64), ("linear_attention", 128), ("ssd", 128)])
-def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
+@pytest.mark.parametrize("op, D, blocks", [("linear_attention", 64, False), ("linear_attention", 128, False),
+                                           ("ssd", 128, False), ("linear_attention", 128, True), ("ssd", 128, True)])
+def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D, blocks):
     """``derived_gradients_cuda``'s host side (checkpoint buffers, one reverse program per
     gradient, column blocks, full-width gradients with their states passed and read transposed,
     Head/GroupSeq reductions) with each launch run by the interpreter instead: the interpreter's own
-    gradients (``derived_gradients`` on CPU tensors)."""
+    gradients (``derived_gradients`` on CPU tensors). ``blocks``: every gradient in column blocks,
+    a Seq input's written in place into its columns of the whole gradient, the others summed."""
     from tilemix.ops import derived_cuda
     from tilemix.ops.derived import derived_gradients
     from tilemix.tiles.interpret import interpret
@@ -131,6 +133,8 @@ def test_cuda_path_with_the_interpreter_for_launches(monkeypatch, op, D):
     monkeypatch.setattr(derived_cuda, "_run", interpreted)
     monkeypatch.setattr(derived_cuda, "_fits", lambda derived, binding, arch: True)  # fp32: no sm_90a kernel
     monkeypatch.setattr(derived_cuda, "_WHOLE", {})  # whole_width's answers, asked again with that _fits
+    if blocks:
+        monkeypatch.setattr(derived_cuda, "whole_width", lambda *args: {})
     kernel = ops.PROGRAMS[op]
     args = {n: (v.float() if isinstance(v, torch.Tensor) else v) for n, v in _case(op, T=100, H=2, D=D).items()}
     gen = torch.Generator().manual_seed(2)
