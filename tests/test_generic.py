@@ -215,7 +215,6 @@ SPILLING = {
     # no column split possible (du contracts N, dB contracts P, the decay gradient reduces both)
     "ssd_bwd_dc": "a 128x128 state beside 64x128 dC and two 64x64 pair tiles (spills on sm_90a too)",
     "ssd_bwd_dx": "a 128x128 state gradient beside dx, dB and the pair tiles (spills on sm_90a too)",
-    ("delta_rule_fwd", "sm_80"): "a 128x128 state beside the chunk's two 64x128 solves",
     **{(name, "sm_90"): "64x64 complex-part accumulators and the DFT tiles at the register ceiling "
                         "(sm_90's 128-row groups)" for name in ("long_conv_cols", "long_conv_cols_inverse_pair")},
     "gated_delta_rule_fwd": "a 128x128 state beside the chunk's two 64x128 solves and its 64x64 decays",
