@@ -8,8 +8,9 @@ but a per-token or per-head scalar's gradient rides in a program whose adjoints 
 A state whose columns are wider than ``SPLIT_WIDTH`` and independent in the forward (``wide_columns``)
 is cut into column blocks: inside each CTA (the schedule's split) for a gradient whose own programs
 contract none of those columns (``whole_width``), else on the host, each block differentiated alone:
-the inputs with that dim take their block's gradient, the others sum the blocks' shares. The blocks'
-gradients stay in the dtype their programs wrote until that one combining pass."""
+the inputs with that dim take their block's gradient (a ``Seq`` input's programs write their columns
+of it in place), the others sum the blocks' shares, which stay in the dtype their programs wrote
+until that one combining pass."""
 
 from __future__ import annotations
 
