@@ -218,7 +218,7 @@ def test_backward_launches_are_prepared_once_per_signature(monkeypatch):
 
     prepared, launched = [], []
 
-    def prepare(kernel, binding, args, schedule, arch, device):
+    def prepare(kernel, binding, args, schedule, arch, device, outputs=None):
         prepared.append(kernel)
         return lambda args, outputs: launched.append(kernel)
 
