@@ -11,7 +11,7 @@ import torch
 from compile_checks import MMA, check_compiled, has_wide_matmul
 
 from tilemix import ops
-from tilemix.ops.examples import example_specs
+from tilemix.ops.examples import example_specs, kernel_specs
 from tilemix.reference.tolerance import bound, rel_err
 
 pytest.importorskip("cuda.bindings", reason="compiling needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
@@ -85,6 +85,15 @@ def test_linear_attention_gradients_run_at_full_width():
         (_, derived, derived_binding), = backward_launches(kernel, binding, ["o", "s"], [name], name != "v")
         schedule = default_schedule(derived, derived_binding)
         assert dict(schedule.split) == {split: 64} and schedule.consumers == 2, name
+
+
+def test_retention_gradients_run_at_full_width():
+    """At D = 128 on sm_90a retention's gradients run once, no host blocks: dv as derived, dq and dk
+    transposed, their ``do·scale`` gone (``tiles.matmul_scalars``: dq's 64x128 fp32 copies of the
+    scaled and decayed ``do`` spilled 376 bytes, and ran in V blocks that torch then summed)."""
+    kernel = ops.retention_fwd
+    binding = kernel.bind(kernel_specs(kernel, size=128))
+    assert whole_width(kernel, binding, ["o", "s"], ["q", "k", "v"]) == {"q": True, "k": True, "v": False}
 
 
 def test_ssd_gradients_at_full_width():

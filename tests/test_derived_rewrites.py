@@ -87,6 +87,23 @@ def test_scaled_gradients_reach_transposed_matmuls_unscaled():
                 assert all(made[x].name != "mul" for x in op.operands if x in made), (wrt, op)
 
 
+def test_decayed_gradients_reach_transposed_matmuls_unscaled():
+    """Retention's adjoint scales ``do`` by ``scale``, then by each token's decay for the state's
+    matmul. Transposed, dq's matmuls read ``do`` as loaded (both factors scale their products: the
+    decay scales the product's rows); dk's state matmul contracts the tokens, so the decay stays on
+    its operand, and takes ``scale`` with it (no 64-wide fp32 ``do·scale`` tile in either)."""
+    program = ops.retention_fwd
+    binding = program.bind(kernel_specs(program, size=128))
+    for wrt in ("q", "k"):
+        reverse = derive_backward(program, binding, ["o"], [wrt], transpose=True).reverse
+        made = {op.result: op for op in reverse.walk() if op.result is not None}
+        do, = [op.result for op in reverse.walk() if op.name == "load" and op.attrs["param"] == "d_o"]
+        scaled = [made[x] for op in reverse.walk() if op.name == "matmul" for x in op.operands
+                  if x in made and made[x].name == "mul" and do in made[x].operands]
+        assert not any(o.type.rows == o.type.cols == 1 for op in scaled for o in op.operands), wrt
+        assert len(scaled) == (wrt == "k"), wrt
+
+
 def test_a_gradient_that_reads_no_state_carries_none():
     """SSD's dD sums ``dy · x``: its program (forward-fused) no longer carries the recurrence's state
     beside that sum, nor computes it."""
