@@ -190,7 +190,7 @@ def plan_issue(plan: KernelPlan, live: Liveness, loop: Loop, *, asynchronous: bo
     # a buffer staged early is held longer: where buffers are shared (shared memory is short) it
     # would take one of its own
     early = MappingProxyType({}) if plan.schedule.share_staging else plan_early_staging(
-        loop, units, reads, live, plan.shared_tiles, in_place)
+        loop, units, reads, live, plan.shared_tiles, in_place, register_a=plan.schedule.stage_a)
     return IssuePlan(tuple(order), only_matmuls if overlap else frozenset(), reloads, early)
 
 

@@ -143,6 +143,7 @@ class Lowering(Emitter):
             self.reg_of.pop(v, None)  # its copy dies before this reader: read the stage afresh
         for v in self.early_staging.get(op, ()):
             self.shared(v, ind)  # its last register read: later matmuls read the staged tile
+            self.staged_early.add(v)
         if op in self.live.accumulate:
             self.lower_accumulate(op, ind)
             return

@@ -421,7 +421,7 @@ def emit_matmul(lw: Lowering, op: Op, decl: str, out: str, ind: int, accumulate:
         return
     b_ptr, b_rows = lw.shared(b, ind)
     acc = str(accumulate).lower()
-    if not ta and a not in lw.smem_of:
+    if not ta and a not in lw.smem_of and a not in lw.staged_early:
         a_reg = lw.reg(a, ind)
         lw.wait_for([a], ind)
         if decl:

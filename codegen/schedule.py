@@ -52,7 +52,8 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
     fit the registers), two per CTA; where the columns do not split, the state's row dim. Grid
     programs: two neighbouring grid blocks per CTA. Where shared memory is short: one consumer,
     then one stage. Then the ring as deep as shared memory allows (up to MAX_STAGES; scans on
-    sm_90a only, the generic target's scans unmeasured)."""
+    sm_90a only, the generic target's scans unmeasured). Where the kernel spills, A operands
+    staged where they are made if it then spills less (``Schedule.stage_a``; compiled to tell)."""
     split = tuple((dim, SPLIT_WIDTH) for dim in wide_columns(kernel, binding) or wide_rows(kernel, binding)[:1])
     if split:
         pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
@@ -60,17 +61,17 @@ def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> 
         schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
                                                             Schedule(split=split, consumers=1, stages=1)], arch)
         schedule = _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-        return _token_occupancy(kernel, binding, schedule, arch)
+        return _fewer_spills(kernel, binding, _token_occupancy(kernel, binding, schedule, arch), arch)
     program = kernel.trace(binding, target=arch)
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads
         own = _DECLARED.get(kernel, _UNDECLARED).own_blocks
         shared = [] if own else [Schedule(consumers=2, consumer_axis="blocks")]
         schedule = _first_fitting(kernel, binding, shared + [Schedule(), Schedule(stages=1)], arch)
-        return _deepest_ring(kernel, binding, schedule, arch)
+        return _fewer_spills(kernel, binding, _deepest_ring(kernel, binding, schedule, arch), arch)
     schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
     schedule = _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-    return _token_occupancy(kernel, binding, schedule, arch)
+    return _fewer_spills(kernel, binding, _token_occupancy(kernel, binding, schedule, arch), arch)
 
 
 def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> Schedule:
@@ -92,7 +93,7 @@ def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch:
         candidate = replace(schedule, consumers=1, occupancy=n)
         try:
             source = kernel_source(kernel, binding, candidate, arch)
-            if not _spills(source.source, arch, source.name):
+            if not _local_bytes(source.source, arch, source.name):
                 return candidate
         except (ResourceError, CompileError):  # a candidate that does not build is not taken
             continue
@@ -101,11 +102,38 @@ def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch:
     return schedule
 
 
+def _fewer_spills(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> Schedule:
+    """``schedule`` with ``stage_a`` (and the ring as deep as then fits) where its kernel spills and
+    spills fewer bytes so (checked by compiling both; without the codegen tools, or where the staged
+    form does not build, as it is)."""
+    if schedule.stage_a:
+        return schedule
+    try:
+        source = kernel_source(kernel, binding, schedule, arch)
+        for stages in range(schedule.stages, 0, -1):  # the staging buffers may take a ring stage's room
+            candidate = replace(schedule, stage_a=True, stages=stages)
+            try:
+                staged = kernel_source(kernel, binding, candidate, arch)
+                break
+            except ResourceError:
+                continue
+        else:
+            return schedule
+        if staged.source == source.source:  # no A operand to stage: nothing to compile
+            return schedule
+        spilled = _local_bytes(source.source, arch, source.name)
+        if spilled and _local_bytes(staged.source, arch, staged.name) < spilled:
+            return candidate
+    except (ResourceError, CompileError, MissingTool):
+        pass
+    return schedule
+
+
 @functools.cache
-def _spills(source: str, arch: str, name: str) -> bool:
-    """Whether ``source``'s kernel uses local memory (spills) on ``arch``: compiled as a launch would
+def _local_bytes(source: str, arch: str, name: str) -> int:
+    """The local memory (spills) ``source``'s kernel uses on ``arch``: compiled as a launch would
     compile it (the cubin cached), its resources read from the cubin."""
-    return resources(compile_cuda(source, arch, name))["local_memory"] > 0
+    return resources(compile_cuda(source, arch, name))["local_memory"]
 
 
 def default_source(kernel: Kernel, binding: Binding, arch: str = "sm_90a"):

@@ -24,32 +24,35 @@ from .structure import PANEL
 __all__ = ["staged_operands", "plan_early_staging"]
 
 
-def staged_operands(mm: Op, loaded: frozenset[Value]) -> list[Value]:
-    """The tiles matmul ``mm`` stages: B, and A where it is read transposed, unless loaded (those
-    are read where they lie); none for vector products (``layout`` transposes their vectors) or
-    for matmuls not in whole 64-row panels."""
+def staged_operands(mm: Op, loaded: frozenset[Value], register_a: bool = False) -> list[Value]:
+    """The tiles matmul ``mm`` stages: B, and A where it is read transposed (or ``register_a``:
+    where it would be read from registers), unless loaded (those are read where they lie); none for
+    vector products (``layout`` transposes their vectors) or for matmuls not in whole 64-row panels."""
     a, b = mm.operands
     ta = mm.attrs["ta"]
     m, n, k = mm.result.type.rows, mm.result.type.cols, a.type.rows if ta else a.type.cols
     if (n == 1 and not ta) or m == 1 or m % 64 or n % 64 or k % 16:
         return []
-    staged = [v for v in (b, a if ta else None) if v is not None and v not in loaded]
+    staged = [v for v in (b, a if ta or register_a else None) if v is not None and v not in loaded]
     return [v for v in staged if not (v.type.cols % PANEL or v.type.rows % 64)]
 
 
 def plan_early_staging(loop: Loop, order: list[Op], reads: Mapping[Op, set[Value]], live: Liveness,
-                       loaded: frozenset[Value], in_place: frozenset[str]) -> Mapping[Op, tuple[Value, ...]]:
+                       loaded: frozenset[Value], in_place: frozenset[str],
+                       register_a: bool = False) -> Mapping[Op, tuple[Value, ...]]:
     """op -> the tiles staged just before it (``Emitter.shared``): tiles made in ``loop``'s body, not
     carried on, that it is the last to read in registers (it then takes them over, its result of
     their shape), or made by the op before it and read by none in registers, every later reader in
     ``order`` (the body less its absorbed matmuls; ``reads``: what each reads) being a matmul that
     stages them. Readers take them over only where they may write over an operand (``in_place``:
     elementwise ops): staging before a register matmul (its A operand) only moved ptxas's choices
-    (the delta rule scan's dw: 48 bytes of spills from none)."""
+    (the delta rule scan's dw: 48 bytes of spills from none). ``register_a``
+    (``Schedule.stage_a``): an A operand counts as staged too, so a tile only matmuls read is staged
+    at birth even where one reads it as A, from shared memory then, not registers."""
     matmul = {add: mm for add, (mm, _) in live.accumulate.items()}
     made = {u.result for u in order if u.result is not None} - set(loop.update)
-    staging = {u: set(staged_operands(matmul.get(u, u), loaded)) - {live.accumulate[u][1]}
-               if u in live.accumulate else set(staged_operands(u, loaded)) if u.name == "matmul" else set()
+    staging = {u: set(staged_operands(matmul.get(u, u), loaded, register_a)) - {live.accumulate[u][1]}
+               if u in live.accumulate else set(staged_operands(u, loaded, register_a)) if u.name == "matmul" else set()
                for u in order}
     found: dict[Op, set[Value]] = {}
     for v in made - loaded - live.shared_rows:

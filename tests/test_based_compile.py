@@ -18,7 +18,7 @@ from tilemix.ops.derived_cuda import backward_launches  # noqa: E402
 # (program, normalize) -> local memory bytes measured on sm_90a: the 256x64 fp32 state of the k⊗k
 # features beside the 64x256 feature tiles of a chunk do not fit a warpgroup's registers
 SPILLING = {("forward", True): 1744, ("states", True): 1032, ("d_q", True): 1192, ("d_k", True): 2392,
-            ("d_v", True): 1728, ("forward", False): 880}
+            ("d_v", True): 1728, ("forward", False): 608}
 
 
 def _specs(features: int, normalize: bool = True, B=8, T=4096, H=16, V=64) -> dict:

@@ -20,13 +20,13 @@ SHAPES = {("sm_90a", 64): 128, ("sm_90a", 128): 128, ("sm_80", 64): 64}
 # (arch, D, program) -> local memory bytes measured: the carried previous chunk (k, v, φk) and the
 # state beside a chunk's score tiles do not fit the registers
 SPILLING = {("sm_90a", 64, "forward"): 512, ("sm_90a", 64, "states"): 8, ("sm_90a", 64, "d_q"): 784,
-            ("sm_90a", 64, "d_k"): 1080, ("sm_90a", 64, "d_v"): 736, ("sm_90a", 64, "d_q_features"): 112,
-            ("sm_90a", 64, "d_k_features"): 1152,
+            ("sm_90a", 64, "d_k"): 1064, ("sm_90a", 64, "d_v"): 736, ("sm_90a", 64, "d_q_features"): 80,
+            ("sm_90a", 64, "d_k_features"): 880,
             ("sm_90a", 128, "forward"): 808, ("sm_90a", 128, "states"): 128, ("sm_90a", 128, "d_q"): 880,
-            ("sm_90a", 128, "d_k"): 1480, ("sm_90a", 128, "d_v"): 824, ("sm_90a", 128, "d_q_features"): 120,
-            ("sm_90a", 128, "d_k_features"): 1088,
-            ("sm_80", 64, "forward"): 24, ("sm_80", 64, "d_q"): 280, ("sm_80", 64, "d_k"): 528,
-            ("sm_80", 64, "d_v"): 200, ("sm_80", 64, "d_q_features"): 8, ("sm_80", 64, "d_k_features"): 392}
+            ("sm_90a", 128, "d_k"): 1456, ("sm_90a", 128, "d_v"): 536, ("sm_90a", 128, "d_q_features"): 80,
+            ("sm_90a", 128, "d_k_features"): 912,
+            ("sm_80", 64, "forward"): 24, ("sm_80", 64, "d_q"): 216, ("sm_80", 64, "d_k"): 504,
+            ("sm_80", 64, "d_q_features"): 8, ("sm_80", 64, "d_k_features"): 192}
 PROGRAMS = ("forward", "states", "d_q", "d_k", "d_v", "d_q_features", "d_k_features")
 
 

@@ -1,6 +1,8 @@
 """A register tile read by an elementwise op and then only by matmuls (from shared memory) is staged
 before that op, which may then write over its registers; one only matmuls read is staged where it is
-made, unless a wgmma group is in flight there (codegen/staging.py), on both targets."""
+made, unless a wgmma group is in flight there (codegen/staging.py), on both targets. With
+``Schedule.stage_a`` an A operand counts as well (read from shared memory then); the default schedule
+takes it where the kernel spills less."""
 
 from __future__ import annotations
 
@@ -10,12 +12,16 @@ import pytest
 import torch
 
 from tilemix import ops
+from tilemix.ops.attention import attention_bwd_dkdv
 from tilemix.ops.examples import kernel_specs
 from tilemix.reference.tolerance import bound, rel_err
 from tilemix.tiles import Out, Seq, chunks, exp, kernel
 
 pytest.importorskip("cuda.bindings", reason="lowering needs the codegen extra (cuda-bindings, nvidia-cuda-nvrtc)")
 
+from dataclasses import replace  # noqa: E402
+
+from tilemix.codegen.compile import MissingTool, compile_cuda, resources  # noqa: E402
 from tilemix.codegen.schedule import default_schedule  # noqa: E402
 from tilemix.codegen.specialise import kernel_source  # noqa: E402
 
@@ -42,9 +48,17 @@ def made_for_a_later_matmul(x: Seq["D"], q: Seq["D"], k: Seq["D"], y: Out[Seq["D
         y[c] = exp(q[c] @ k[c].T) @ t
 
 
-def _consumer_loop(program, arch: str) -> list[str]:
+@kernel
+def made_for_a_matmul_as_a(x: Seq["D"], k: Seq["D"], y: Out[Seq["D"]]):
+    for c in chunks(64):
+        a = exp(x[c])  # the matmul's A, read by it alone
+        y[c] = a @ k[c]
+
+
+def _consumer_loop(program, arch: str, **schedule) -> list[str]:
     binding = program.bind(kernel_specs(program, size=64))
-    source = kernel_source(program, binding, default_schedule(program, binding, arch), arch).source
+    chosen = replace(default_schedule(program, binding, arch), **schedule)
+    source = kernel_source(program, binding, chosen, arch).source
     loop = source[source.rindex("for (int c = 0; c < n_iter; ++c)"):]
     return [line.strip() for line in loop.splitlines()]
 
@@ -90,10 +104,46 @@ def test_a_tile_made_beside_a_wgmma_group_is_staged_at_its_matmul():
     assert matmuls[0] < wait < stage < matmuls[1]
 
 
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_stage_a_reads_an_a_operand_from_shared_memory(arch):
+    """By default the A operand stays in registers (``*_rs``); with ``stage_a`` it is staged where
+    ``exp`` makes it, before the matmul, which reads both operands from shared memory (``*_ss``)."""
+    kept = "\n".join(_consumer_loop(made_for_a_matmul_as_a, arch))
+    assert "matmul_rs" in kept or "matmul_sync_rs" in kept
+    lines = _consumer_loop(made_for_a_matmul_as_a, arch, stage_a=True)
+    _, stage = _exp_and_its_staging(lines)
+    matmul = next(i for i, line in enumerate(lines) if "matmul" in line)
+    assert stage < matmul and "_ss" in lines[matmul] and not any("_rs" in line for line in lines)
+
+
+def _local_bytes(program, binding, schedule, arch: str) -> int:
+    source = kernel_source(program, binding, schedule, arch)
+    return resources(compile_cuda(source.source, arch, source.name))["local_memory"]
+
+
+def test_default_stages_a_operands_where_the_kernel_spills_less():
+    """gla's forward at D = 128 spills less with ``stage_a`` (on a ring one stage shorter), so the
+    default takes it; attention's dk/dv does not spill, so it keeps its A operands in registers."""
+    gla = ops.gla_fwd.bind(kernel_specs(ops.gla_fwd, size=128))
+    dkdv = attention_bwd_dkdv.bind(kernel_specs(attention_bwd_dkdv, size=128))
+    try:
+        staged = default_schedule(ops.gla_fwd, gla, "sm_90a")
+        kept = default_schedule(attention_bwd_dkdv, dkdv, "sm_90a")
+        unstaged = replace(staged, stage_a=False, stages=staged.stages + 1)
+        spills = [_local_bytes(ops.gla_fwd, gla, s, "sm_90a") for s in (staged, unstaged)]
+        kept_spills = _local_bytes(attention_bwd_dkdv, dkdv, kept, "sm_90a")
+    except MissingTool:
+        pytest.skip("needs NVRTC to compile")
+    assert staged.stage_a and 0 < spills[0] < spills[1]
+    assert not kept.stage_a and kept_spills == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("target", ["auto", "generic"])
-@pytest.mark.parametrize("program", [read_then_multiplied, made_for_a_later_matmul], ids=lambda p: p.name)
-def test_staged_early_matches_the_interpreter(target, program):
+@pytest.mark.parametrize("program", [read_then_multiplied, made_for_a_later_matmul, made_for_a_matmul_as_a],
+                         ids=lambda p: p.name)
+def test_staged_early_matches_the_interpreter(target, program, monkeypatch):
+    monkeypatch.setenv("TILEMIX_SCHEDULE", f"{program.name}:stage_a=true")
     g = torch.Generator().manual_seed(0)
     inputs = {n: 0.5 * torch.randn(2, 130, 3, 64, generator=g, dtype=torch.float64)
               for n, spec in program.specs.items() if not spec.output}

@@ -44,9 +44,10 @@ def test_space_starts_with_the_default_and_varies_every_knob():
     assert consts == {"block_m": {128}, "block_n": {128}, "block_k": {128}}  # the alternatives to 64, 256, 64
     assert {c.schedule.issue for c in space} == {"fit", "early", "program"}
     assert {(c.schedule.consumers, c.schedule.occupancy) for c in space} >= {(2, 2), (1, 2)}
+    assert {c.schedule.stage_a for c in space} == {False, True}
     # the default is one of the 8; two other issue orders, two overlaps, occupancy 2-4 with two consumers and
-    # with one, three block sizes
-    assert len(space) == 1 + 8 - 1 + 2 + 2 + 3 + 3 + 3
+    # with one, A operands staged, three block sizes
+    assert len(space) == 1 + 8 - 1 + 2 + 2 + 3 + 3 + 1 + 3
     attention = ops.attention_fwd.bind(example_specs("attention"))  # is_causal is a flag, not a size
     assert all("is_causal" not in dict(c.consts) for c in tune.config_space(ops.attention_fwd, attention, default))
 
