@@ -104,6 +104,38 @@ def test_decayed_gradients_reach_transposed_matmuls_unscaled():
         assert len(scaled) == (wrt == "k"), wrt
 
 
+def _chain(*, loop_reads: bool):
+    """``matmul(x·r1·r2, y)`` on hand-built IR (``x`` loaded, ``r1``, ``r2`` per-row vectors), with
+    ``x·r1`` also read inside a loop when ``loop_reads``."""
+    from tilemix.tiles.ir import Op, Value
+    from tilemix.tiles.types import DType, Space, TileType
+
+    tile, vector = TileType(64, 64, DType.f32), TileType(64, 1, DType.f32)
+    x, y = Value(TileType(64, 64, DType.bf16, Space.shared)), Value(TileType(64, 64, DType.bf16, Space.shared))
+    r1, r2, once, twice, product = Value(vector), Value(vector), Value(tile), Value(tile), Value(tile)
+    ops = [Op("mul", (x, r1), {}, once, None), Op("mul", (once, r2), {}, twice, None),
+           Op("matmul", (twice, y), {}, product, None)]
+    if loop_reads:
+        inner = Op("mul", (once, once), {}, Value(tile), None)
+        ops.append(Loop("loop", (), {}, None, None, body=[inner]))
+    return ops, x
+
+
+@pytest.mark.parametrize("loop_reads", [False, True])
+def test_a_chain_of_row_scalings_goes_only_where_nothing_else_reads_it(loop_reads):
+    """``(x·r1)·r2`` read by one matmul (its rows scaled): the matmul reads ``x`` and both vectors
+    scale its product; neither scaled copy is left. Where a loop reads ``x·r1`` too, it stays for
+    the loop (the matmul still reads ``x``)."""
+    from tilemix.tiles.matmul_scalars import scalars_after_matmuls
+
+    ops, x = _chain(loop_reads=loop_reads)
+    scalars_after_matmuls(ops)
+    matmul, = [op for op in ops if op.name == "matmul"]
+    scaled = [op for op in ops if op.name == "mul" and op.result.type.shape == (64, 64) and x in op.operands]
+    assert matmul.operands[0] is x
+    assert len(scaled) == loop_reads
+
+
 def test_a_gradient_that_reads_no_state_carries_none():
     """SSD's dD sums ``dy · x``: its program (forward-fused) no longer carries the recurrence's state
     beside that sum, nor computes it."""

@@ -32,14 +32,18 @@ def _loaded(x: Value, op: Op) -> bool:
 
 
 def _readers(ops: list[Op]) -> dict[Value, list[Op | None]]:
-    """value -> the ops reading it; ``None`` for a loop's carried value or update (read outside)."""
+    """value -> the ops of ``ops`` reading it; ``None`` where a loop among them reads it (inside its
+    body, or as a carried value or update): such a reader is rewritten, if at all, on its own level."""
     readers: dict[Value, list[Op | None]] = {}
-    for op in (op for top in ops for op in top.walk()):
+    for op in ops:
+        if isinstance(op, Loop):
+            for inner in op.walk():
+                carried = (*inner.init, *inner.update) if isinstance(inner, Loop) else ()
+                for v in (*inner.operands, *carried):
+                    readers.setdefault(v, []).append(None)
+            continue
         for v in op.operands:
             readers.setdefault(v, []).append(op)
-        if isinstance(op, Loop):
-            for v in (*op.init, *op.update):
-                readers.setdefault(v, []).append(None)
     return readers
 
 
@@ -98,13 +102,15 @@ def scalars_after_matmuls(ops: list[Op]) -> None:
     ``mul(matmul(x, y), f)``, and ``mul(mul(x, s), r)`` (``s`` 1x1, ``r`` a vector) as
     ``mul(x, mul(r, s))``, in place, in ``ops`` and the loops inside them; only where the scaled
     tile then goes."""
-    chains = _Chains(_readers(ops))
-    gone: set[Value] = set()
-    out: list[Op] = []
     for op in ops:
         if isinstance(op, Loop):
             scalars_after_matmuls(op.body)
+    chains = _Chains(_readers(ops))
+    for op in ops:  # all chains first: whether a tile goes may depend on its later products
         chains.add(op)
+    gone: set[Value] = set()
+    out: list[Op] = []
+    for op in ops:
         if op.result in chains.of and (chains.goes(op.result) or chains.absorbed(op.result)):
             gone.add(op.result)
             continue
