@@ -47,31 +47,42 @@ TUNED_MAX_STAGES = 4  # the tuner tries one stage past the default's bound
 
 
 # -- defaults -----------------------------------------------------------------------------------
-def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a") -> Schedule:
+def default_schedule(kernel: Kernel, binding: Binding, arch: str = "sm_90a", probe: bool = True) -> Schedule:
     """Scans: split the state's column dim into SPLIT_WIDTH-wide blocks (state and output tiles then
     fit the registers), two per CTA; where the columns do not split, the state's row dim. Grid
     programs: two neighbouring grid blocks per CTA. Where shared memory is short: one consumer,
     then one stage. Then the ring as deep as shared memory allows (up to MAX_STAGES; scans on
-    sm_90a only, the generic target's scans unmeasured). Where the kernel spills, A operands
-    staged where they are made if it then spills less (``Schedule.stage_a``; compiled to tell)."""
+    sm_90a only, the generic target's scans unmeasured). Choices made by compiling candidates
+    (``probe``; False: the schedule they start from, compiling nothing, as the lowering record
+    takes it): a decode step's occupancy (``_token_occupancy``), and on sm_90a, where the kernel
+    spills, A operands staged where they are made if it then spills less (``Schedule.stage_a``)."""
+    schedule, grid = _unprobed(kernel, binding, arch)
+    if not probe:
+        return schedule
+    if not grid:
+        schedule = _token_occupancy(kernel, binding, schedule, arch)
+    return _fewer_spills(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
+
+
+def _unprobed(kernel: Kernel, binding: Binding, arch: str) -> tuple[Schedule, bool]:
+    """``default_schedule`` before the choices it compiles candidates for, and whether the program
+    is a grid program (its blocks run apart)."""
     split = tuple((dim, SPLIT_WIDTH) for dim in wide_columns(kernel, binding) or wide_rows(kernel, binding)[:1])
     if split:
         pairs = [Schedule(split=split, consumers=2)] if column_blocks(split, binding.static) % 2 == 0 else []
         # two consumers share a CTA's loads; fewer consumers or stages when shared memory is short
         schedule = _first_fitting(kernel, binding, pairs + [Schedule(split=split, consumers=1),
                                                             Schedule(split=split, consumers=1, stages=1)], arch)
-        schedule = _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-        return _fewer_spills(kernel, binding, _token_occupancy(kernel, binding, schedule, arch), arch)
+        return (_deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule), False
     program = kernel.trace(binding, target=arch)
     if any(op.name == "loop" and op.kind == "blocks" for op in program.body):
         # neighbouring grid blocks share loads
         own = _DECLARED.get(kernel, _UNDECLARED).own_blocks
         shared = [] if own else [Schedule(consumers=2, consumer_axis="blocks")]
         schedule = _first_fitting(kernel, binding, shared + [Schedule(), Schedule(stages=1)], arch)
-        return _fewer_spills(kernel, binding, _deepest_ring(kernel, binding, schedule, arch), arch)
+        return _deepest_ring(kernel, binding, schedule, arch), True
     schedule = _first_fitting(kernel, binding, [Schedule(), Schedule(stages=1)], arch)
-    schedule = _deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule
-    return _fewer_spills(kernel, binding, _token_occupancy(kernel, binding, schedule, arch), arch)
+    return (_deepest_ring(kernel, binding, schedule, arch) if arch == "sm_90a" else schedule), False
 
 
 def _token_occupancy(kernel: Kernel, binding: Binding, schedule: Schedule, arch: str) -> Schedule:

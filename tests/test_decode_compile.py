@@ -44,3 +44,19 @@ def test_step_at_two_ctas_per_sm_fits_its_share_of_registers(arch, bounds, regis
     source = check_compiled(kernel, binding, arch, None, {}, mma=False, schedule=schedule).source
     assert f"__launch_bounds__{bounds}" in source
     assert registers is None or registers in source
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_80"])
+def test_default_step_runs_more_ctas_per_sm_where_they_compile(arch):
+    """A decode step moves its state through registers, bound by memory latency: the default takes
+    one consumer and more than one CTA per SM, compiled without local memory (the lowering record
+    takes the schedule unprobed, so this is where the choice is checked)."""
+    from tilemix.codegen.schedule import default_schedule
+
+    kernel, (state,) = STEPS["linear_attention"].kernel, STEPS["linear_attention"].states
+    args = kernel_specs(kernel, size=64, B=128, T=1)
+    args[state] = TensorSpec((128, 16, 64, 64), "float32")
+    binding = kernel.bind(args)
+    schedule, unprobed = default_schedule(kernel, binding, arch), default_schedule(kernel, binding, arch, probe=False)
+    assert schedule.consumers == 1 and schedule.occupancy > unprobed.occupancy
+    check_compiled(kernel, binding, arch, None, {}, mma=False, schedule=schedule)

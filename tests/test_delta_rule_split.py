@@ -93,7 +93,7 @@ SPILLING: dict[tuple, int] = {
     ("gated_delta_rule_prepare", 128, "sm_90a", "beta"): 240, ("gated_delta_rule_prepare", 128, "sm_90a", "g"): 344,
     ("gated_delta_rule_prepare", 128, "sm_90a", "k"): 208, ("gated_delta_rule_prepare", 128, "sm_80", "beta"): 104,
     ("gated_delta_rule_prepare", 128, "sm_80", "g"): 160, ("gated_delta_rule_prepare", 128, "sm_80", "k"): 96,
-    ("delta_rule_scan", 128, "sm_90a", "k"): 144, ("delta_rule_scan", 128, "sm_80", "k"): 80,
+    ("delta_rule_scan", 128, "sm_90a", "k"): 144, ("delta_rule_scan", 128, "sm_80", "k"): 224,
     ("gated_delta_rule_scan", 128, "sm_90a", "g"): 744, ("gated_delta_rule_scan", 128, "sm_90a", "k"): 352,
     ("gated_delta_rule_scan", 128, "sm_80", "g"): 560,
     ("gated_delta_rule_scan", 128, "sm_80", "k"): 528,

@@ -25,13 +25,14 @@ SPILLING: dict[tuple, int] = {
     ("retention", 64, "sm_90a", "d_log_gamma"): 88, ("retention", 128, "sm_90a", "d_log_gamma"): 64,
     ("gla", 64, "sm_90a", "d_g"): 536, ("gla", 64, "sm_80", "d_g"): 592,
     ("gla", 128, "sm_90a", "forward"): 248, ("gla", 128, "sm_90a", "d_v"): 280, ("gla", 128, "sm_90a", "d_g"): 544,
-    ("gla", 128, "sm_80", "forward"): 80, ("gla", 128, "sm_80", "d_v"): 464, ("gla", 128, "sm_80", "d_g"): 160,
+    ("gla", 128, "sm_80", "forward"): 176, ("gla", 128, "sm_80", "d_v"): 560, ("gla", 128, "sm_80", "d_g"): 160,
     ("rwkv6", 64, "sm_90a", "forward"): 104, ("rwkv6", 64, "sm_90a", "d_w"): 336,
-    ("rwkv6", 64, "sm_80", "d_k"): 32, ("rwkv6", 64, "sm_80", "d_w"): 432,
+    ("rwkv6", 64, "sm_80", "forward"): 16, ("rwkv6", 64, "sm_80", "d_k"): 40,
+    ("rwkv6", 64, "sm_80", "d_w"): 432,
     ("rwkv6", 128, "sm_90a", "forward"): 560, ("rwkv6", 128, "sm_90a", "d_r"): 32,
     ("rwkv6", 128, "sm_90a", "d_v"): 376, ("rwkv6", 128, "sm_90a", "d_w"): 392,
-    ("rwkv6", 128, "sm_80", "forward"): 344, ("rwkv6", 128, "sm_80", "d_r"): 8,
-    ("rwkv6", 128, "sm_80", "d_v"): 176, ("rwkv6", 128, "sm_80", "d_w"): 496,
+    ("rwkv6", 128, "sm_80", "forward"): 528, ("rwkv6", 128, "sm_80", "d_r"): 24, ("rwkv6", 128, "sm_80", "d_k"): 16,
+    ("rwkv6", 128, "sm_80", "d_v"): 360, ("rwkv6", 128, "sm_80", "d_w"): 496,
 }
 
 

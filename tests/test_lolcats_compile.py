@@ -25,8 +25,8 @@ SPILLING = {("sm_90a", 64, "forward"): 512, ("sm_90a", 64, "states"): 8, ("sm_90
             ("sm_90a", 128, "forward"): 808, ("sm_90a", 128, "states"): 128, ("sm_90a", 128, "d_q"): 880,
             ("sm_90a", 128, "d_k"): 1456, ("sm_90a", 128, "d_v"): 536, ("sm_90a", 128, "d_q_features"): 80,
             ("sm_90a", 128, "d_k_features"): 912,
-            ("sm_80", 64, "forward"): 24, ("sm_80", 64, "d_q"): 216, ("sm_80", 64, "d_k"): 504,
-            ("sm_80", 64, "d_q_features"): 8, ("sm_80", 64, "d_k_features"): 192}
+            ("sm_80", 64, "forward"): 24, ("sm_80", 64, "d_q"): 280, ("sm_80", 64, "d_k"): 528,
+            ("sm_80", 64, "d_v"): 200, ("sm_80", 64, "d_q_features"): 8, ("sm_80", 64, "d_k_features"): 392}
 PROGRAMS = ("forward", "states", "d_q", "d_k", "d_v", "d_q_features", "d_k_features")
 
 
