@@ -57,7 +57,7 @@ class Emitter:
         self.reloads = {op: tiles for issue in issues.values() for op, tiles in issue.reloads.items()}
         self.early_staging = {op: tiles for issue in issues.values() for op, tiles in issue.early_staging.items()}
         self.staged: dict[Value, str] = {}  # staged value -> its buffer
-        self.staged_early: set[Value] = set()  # staged before their matmuls: every matmul reads them there
+        self.staged_early: set[Value] = set()  # staged so far by early staging: matmuls after read them there
         self.scans: dict[Value, str] = {}  # column vector -> shared memory with its prefix scan
         self.head_rows: dict[Value, str] = {}  # Head row read only in slices -> its row's global address
         self.linrec_carry: dict[Value, tuple] = {}  # linrec result -> (the op, its carry: the last row in scan order)

@@ -57,7 +57,7 @@ class Schedule:
     program at D=128 is serialised when overlapped).
     ``stage_a``: a matmul's A operand that the chunk makes in registers and only matmuls read is
     staged in shared memory where it is made, and read there (its registers free at once, for a
-    shared-memory round trip); the defaults take it where the kernel then spills fewer bytes
+    shared-memory round trip); the sm_90a defaults take it where the kernel then spills fewer bytes
     (``default_schedule``): gla's forward at D=128 spilled 248 B, not 520, and ran 13% faster
     (H100); attention's backward, which does not spill, ran 6% slower with it.
     ``occupancy``: CTAs each SM holds at once (``__launch_bounds__``'s second argument): 2 splits the

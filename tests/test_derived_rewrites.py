@@ -113,12 +113,12 @@ def _chain(*, loop_reads: bool):
     tile, vector = TileType(64, 64, DType.f32), TileType(64, 1, DType.f32)
     x, y = Value(TileType(64, 64, DType.bf16, Space.shared)), Value(TileType(64, 64, DType.bf16, Space.shared))
     r1, r2, once, twice, product = Value(vector), Value(vector), Value(tile), Value(tile), Value(tile)
-    ops = [Op("mul", (x, r1), {}, once, None), Op("mul", (once, r2), {}, twice, None),
-           Op("matmul", (twice, y), {}, product, None)]
+    body = [Op("mul", (x, r1), {}, once, None), Op("mul", (once, r2), {}, twice, None),
+            Op("matmul", (twice, y), {}, product, None)]
     if loop_reads:
         inner = Op("mul", (once, once), {}, Value(tile), None)
-        ops.append(Loop("loop", (), {}, None, None, body=[inner]))
-    return ops, x
+        body.append(Loop("loop", (), {}, None, None, body=[inner]))
+    return body, x
 
 
 @pytest.mark.parametrize("loop_reads", [False, True])
@@ -128,10 +128,10 @@ def test_a_chain_of_row_scalings_goes_only_where_nothing_else_reads_it(loop_read
     the loop (the matmul still reads ``x``)."""
     from tilemix.tiles.matmul_scalars import scalars_after_matmuls
 
-    ops, x = _chain(loop_reads=loop_reads)
-    scalars_after_matmuls(ops)
-    matmul, = [op for op in ops if op.name == "matmul"]
-    scaled = [op for op in ops if op.name == "mul" and op.result.type.shape == (64, 64) and x in op.operands]
+    body, x = _chain(loop_reads=loop_reads)
+    scalars_after_matmuls(body)
+    matmul, = [op for op in body if op.name == "matmul"]
+    scaled = [op for op in body if op.name == "mul" and op.result.type.shape == (64, 64) and x in op.operands]
     assert matmul.operands[0] is x
     assert len(scaled) == loop_reads
 
