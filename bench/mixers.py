@@ -98,9 +98,8 @@ def _exact_form(op: str) -> Callable:
     """``op`` (gla or rwkv6) always in its exact form, whatever the decays: the fast form's cost beside it."""
     def call(**inputs):
         scale = inputs["k"].shape[-1] ** -0.5
-        if op == "gla":
-            return ops.gated.gla_exact_mixer(**{**inputs, "q": inputs["q"] * scale})
-        return ops.gated.rwkv6_exact_mixer(**inputs, scale=scale)
+        exact = ops.gated.gla_exact_mixer if op == "gla" else ops.gated.rwkv6_exact_mixer
+        return exact(**inputs, scale=scale)
     return call
 
 

@@ -177,7 +177,7 @@ def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     """One decode step of ``gla``: ``S ← diag(exp g) S + k vᵀ``, ``o = scale · Sᵀ q``; g as k
     (log forget gates); the rest as ``linear_attention_step``."""
     check_call("gla_step", q=q, g=g)
-    return STEPS["gla"](q=q * default_scale(q, scale), k=k, v=v, g=g, s=state)
+    return STEPS["gla"](q=q, k=k, v=v, g=g, s=state, scale=default_scale(q, scale))
 
 
 def rwkv6_step(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,

@@ -56,12 +56,14 @@ def retention_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], log_gamma: Head[1], sca
 
 
 @kernel
-def gla_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+def gla_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None,
+            scale: Scalar = 1.0):
     for c in chunks(64):
         qc, kc, vc, gc = q[c], k[c], v[c], g[c]
         b = cumsum(gc)  # per key dim: log decay from the chunk start
-        o[c] = causal((qc * exp(b)) @ (kc * exp(-b)).T) @ vc + (qc * exp(b)) @ s
-        s = s * exp(colsum(gc)).T + (kc * exp(colsum(gc) - b)).T @ vc
+        qb, kb = qc * exp(b) * scale, kc * exp(-b)
+        o[c] = causal(qb @ kb.T) @ vc + qb @ s
+        s = (s + kb.T @ vc) * exp(colsum(gc)).T  # the chunk's keys decayed to its end
 
 
 @kernel
@@ -70,18 +72,19 @@ def rwkv6_fwd(r: Seq["K"], k: Seq["K"], v: Seq["V"], w: Seq["K"], u: Head["K"], 
     for c in chunks(64):
         rc, kc, vc, wc = r[c], k[c], v[c], w[c]
         b = cumsum(wc)  # per key dim: log decay from the chunk start through token t
-        rb = rc * exp(b - wc)  # the query reads the state before its own token's decay
-        past = causal(rb @ (kc * exp(-b)).T, strict=True) @ vc + rb @ s
+        rb, kb = rc * exp(b - wc), kc * exp(-b)  # the query reads the state before its own token's decay
+        past = causal(rb @ kb.T, strict=True) @ vc + rb @ s
         o[c] = (past + rowsum(rc * u * kc) * vc) * scale  # u: the current token's bonus
-        s = s * exp(colsum(wc)).T + (kc * exp(colsum(wc) - b)).T @ vc
+        s = (s + kb.T @ vc) * exp(colsum(wc)).T
 
 
 @kernel
-def gla_exact_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None):
+def gla_exact_fwd(q: Seq["K"], k: Seq["K"], v: Seq["V"], g: Seq["K"], o: Out[Seq["V"]], s: State["K", "V"] = None,
+                  scale: Scalar = 1.0):
     """``gla_fwd`` with every decay factor at most 1: finite for log decays of any size."""
     for c in chunks(64):
         qc, kc, vc, gc = q[c], k[c], v[c], g[c]
-        o[c] = decayed_scores(qc, kc, gc) @ vc + (qc * exp(cumsum(gc))) @ s
+        o[c] = (decayed_scores(qc, kc, gc) @ vc + (qc * exp(cumsum(gc))) @ s) * scale
         after = linrec(1.0, gc, zeros(1, gc.shape[1]), reverse=True, exclusive=True)  # exact sums, no cancellation
         s = s * exp(colsum(gc)).T + (kc * exp(after)).T @ vc
 
@@ -187,7 +190,7 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     if g.shape != k.shape:
         raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
     run = gla_exact_mixer if _exact_form(exact, g, q.dtype) else gla_mixer
-    o, state = run(q=q * default_scale(q, scale), k=k, v=v, g=g, s=initial_state, cu_seqlens=cu_seqlens)
+    o, state = run(q=q, k=k, v=v, g=g, s=initial_state, scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 

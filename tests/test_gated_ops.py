@@ -81,10 +81,7 @@ def test_exact_form_matches_float64_token_loop(op, max_decay):
     args = _inputs(op, T=150, K=32, V=16, seed=7, max_decay=max_decay)
     state = torch.randn(1, 2, 32, 16, generator=torch.Generator().manual_seed(7))
     exact = ops.gated.gla_exact_mixer if op == "gla" else ops.gated.rwkv6_exact_mixer
-    if op == "gla":
-        o, final = exact(q=args["q"] * 32 ** -0.5, k=args["k"], v=args["v"], g=args["g"], s=state)
-    else:
-        o, final = exact(**args, scale=32 ** -0.5, s=state)
+    o, final = exact(**args, scale=32 ** -0.5, s=state)
     o_ref, final_ref = getattr(ref, op)(**args, initial_state=state, output_final_state=True)
     assert rel_err(o, o_ref) <= bound(torch.float32)
     assert rel_err(final, final_ref) <= bound(torch.float32)
@@ -150,7 +147,7 @@ def test_exact_form_float64_gradients(op):
     exact = ops.gated.gla_exact_mixer if op == "gla" else ops.gated.rwkv6_exact_mixer
     names = list(args)
     leaves = [args[n].requires_grad_() for n in names]
-    fn = lambda *xs: exact(**dict(zip(names, xs)), **({"scale": 0.25} if op == "rwkv6" else {}))  # noqa: E731
+    fn = lambda *xs: exact(**dict(zip(names, xs)), scale=0.25)  # noqa: E731
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
 
 

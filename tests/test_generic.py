@@ -195,7 +195,8 @@ PROGRAMS = _programs()
 # (ssd_fwd there stopped spilling when per-token vectors were read from shared memory where used,
 # rather than transposed through it).
 SPILLING = {
-    "gla_fwd": "a 128x128 state decayed row by row beside the chunk's tiles (spills on sm_90a too)",
+    **{("gla_fwd", arch): "a 128x128 state beside the chunk's 64x128 cumsum and its exp factors (8-96 B)"
+       for arch in ("sm_86", "sm_89", "sm_90")},
     "normalized_la_fwd": "a 128x128 state and the chunk's normaliser (spills on sm_90a too)",
     "rwkv6_fwd": "gla_fwd's tiles plus the current token's bonus (spills on sm_90a too, tests/test_gated_compile.py)",
     **{name: "six levels of segment sums beside a 128x128 state (spills on sm_90a too, tests/test_gated_compile.py)"

@@ -130,13 +130,13 @@ def test_autograd_registration():
     through AOT dispatch with fake tensors (static and dynamic shapes); the backward op on its own."""
     m = MIXERS["gla"]
     args = _inputs("gla", B=1, T=70, seed=3)
-    inputs = [args[n] for n in ("q", "k", "v", "g", "s")]  # the op's order: the program's
+    inputs = [args[n] for n in ("q", "k", "v", "g", "s")]  # the op's order: the program's (then scale)
     torch.library.opcheck(m.op, tuple(t.clone().requires_grad_() for t in inputs))
-    torch.library.opcheck(m.op, (*(t.clone().requires_grad_() for t in inputs[:4]), None))
+    torch.library.opcheck(m.op, (*(t.clone().requires_grad_() for t in inputs[:4]), None, 0.5))
     grads = [torch.randn_like(t) for t in m(**args)]
     backward = torch.ops.tilemix_test.gla_autograd_backward.default
-    torch.library.opcheck(backward, (*inputs, grads, [True, False, True, True, True]))
-    torch.library.opcheck(backward, (*inputs, [grads[0], None], [True] * 5))
+    torch.library.opcheck(backward, (*inputs, 0.5, grads, [True, False, True, True, True]))
+    torch.library.opcheck(backward, (*inputs, 1.0, [grads[0], None], [True] * 5))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

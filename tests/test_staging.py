@@ -122,7 +122,7 @@ def _local_bytes(program, binding, schedule, arch: str) -> int:
 
 
 def test_default_stages_a_operands_where_the_kernel_spills_less():
-    """gla's forward at D = 128 spills less with ``stage_a`` (on a ring one stage shorter), so the
+    """gla's forward at D = 128 spills less with ``stage_a`` (on a ring one stage shorter: none), so the
     default takes it; attention's dk/dv does not spill, so it keeps its A operands in registers."""
     gla = ops.gla_fwd.bind(kernel_specs(ops.gla_fwd, size=128))
     dkdv = attention_bwd_dkdv.bind(kernel_specs(attention_bwd_dkdv, size=128))
@@ -134,7 +134,7 @@ def test_default_stages_a_operands_where_the_kernel_spills_less():
         kept_spills = _local_bytes(attention_bwd_dkdv, dkdv, kept, "sm_90a")
     except MissingTool:
         pytest.skip("needs NVRTC to compile")
-    assert staged.stage_a and 0 < spills[0] < spills[1]
+    assert staged.stage_a and spills[0] < spills[1]
     assert not kept.stage_a and kept_spills == 0
 
 
