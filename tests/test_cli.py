@@ -118,7 +118,7 @@ def test_random_inputs_for_a_users_program():
     from tilemix.ops.examples import kernel_inputs
 
     inputs = kernel_inputs(gla_fwd, device="cpu", dtype="float32", B=1, T=70, H=2, size=16)
-    assert set(inputs) == {"q", "k", "v", "g"} and inputs["g"].shape == (1, 70, 2, 16)
+    assert set(inputs) == {"q", "k", "v", "g", "scale"} and inputs["g"].shape == (1, 70, 2, 16)
     assert ops.run(gla_fwd, **inputs)["o"].isfinite().all()
 
 
@@ -225,10 +225,10 @@ def test_show_without_the_codegen_extra_names_it(capsys, monkeypatch):
 
 
 def test_show_resources_counts_the_stack_as_local_memory(capsys, monkeypatch):
-    """A kernel that spills (gla_fwd: its stack frame, LDL/STL in the SASS) shows that local memory."""
+    """A kernel that spills (normalized_la_fwd: its stack frame, LDL/STL in the SASS) shows that local memory."""
     pytest.importorskip("cuda.bindings")
     monkeypatch.chdir(Path(__file__).parent)
-    assert main(["show", "test_user_mixers:gla_fwd", "--resources"]) == 0
+    assert main(["show", "test_user_mixers:normalized_la_fwd", "--resources"]) == 0
     out = capsys.readouterr().out
     found = re.search(r"(\d+) B local memory \((\d+) B stack\)", out)
     assert found and int(found[1]) == int(found[2]) > 0, out
