@@ -134,7 +134,7 @@ def test_default_stages_a_operands_where_the_kernel_spills_less():
         kept_spills = _local_bytes(attention_bwd_dkdv, dkdv, kept, "sm_90a")
     except MissingTool:
         pytest.skip("needs NVRTC to compile")
-    assert staged.stage_a and spills[0] < spills[1]
+    assert staged.stage_a and spills[0] == 0 < spills[1]
     assert not kept.stage_a and kept_spills == 0
 
 
