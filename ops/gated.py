@@ -8,7 +8,7 @@ chunk as ``exp(b_i) · exp(-b_j)`` (``b`` the cumulative log decay from the chun
 while ``exp(-b)`` stays inside the compute dtype's range (log decays summing below about -88 within a
 64-token chunk overflow fp32 and bf16, below about -11 fp16). The exact one (``gla_exact_fwd``,
 ``rwkv6_exact_fwd``) forms the in-chunk scores with ``decayed_scores``: factors never above 1, six
-matmuls, finite for log decays of any size. ``gla`` and ``rwkv6`` pick per call (``_fast_form_holds``)."""
+matmuls, finite for log decays of any size. ``gla`` and ``rwkv6`` pick per call (``_run_form``)."""
 
 from __future__ import annotations
 
@@ -108,35 +108,57 @@ gla_exact_mixer = mixer(gla_exact_fwd, "tilemix::gla_exact", final_states=("s",)
 rwkv6_exact_mixer = mixer(rwkv6_exact_fwd, "tilemix::rwkv6_exact", final_states=("s",))
 
 
-def _fast_form_holds(log_decay: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+class _HostFlag:
+    """A device bool the host reads later: copied to pinned memory behind the work queued so far, so
+    reading it waits for that work only, not for kernels launched after it."""
+
+    def __init__(self, flag: torch.Tensor):
+        self._event = None
+        if flag.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag
+
+    def read(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        host_read()
+        return bool(self._host)
+
+
+def _fast_form_holds(log_decay: torch.Tensor, compute_dtype: torch.dtype) -> _HostFlag:
     """Whether the fast form is exact for these log decays ``[B, T, H, K]``: every factor
     ``exp(±b)`` within the square root of the compute dtype's largest value, so its products with
     values up to that size (keys, gradients) stay finite. ``-b`` is at most a chunk's total log
     decay; any 64 tokens lie in two adjacent aligned chunks, so their sums bound it wherever the
-    chunks start. Traced (``torch.compile``) or captured (CUDA graphs) calls take the exact form:
-    the test reads the values on the host."""
-    if torch.compiler.is_compiling() or (log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return False
-    if log_decay.numel() == 0:
-        return True
+    chunks start."""
     log_decay, (B, T, H, K) = log_decay.detach(), log_decay.shape
     whole = T - T % 64
     totals = [log_decay[:, :whole].reshape(B, whole // 64, 64, H, K).sum(2, dtype=torch.float32),
               log_decay[:, whole:].sum(1, keepdim=True, dtype=torch.float32),  # the partial chunk, or zeros
               log_decay.new_zeros(B, 1, H, K, dtype=torch.float32)]
     totals = torch.cat(totals, 1)
-    worst = -(totals[:, :-1] + totals[:, 1:]).amin().item()
-    host_read()
-    return worst <= math.log(torch.finfo(compute_dtype).max) / 2
+    worst = -(totals[:, :-1] + totals[:, 1:]).amin() if log_decay.numel() else totals.new_zeros(())
+    return _HostFlag(worst <= math.log(torch.finfo(compute_dtype).max) / 2)
 
 
-def _exact_form(exact, log_decay: torch.Tensor, compute_dtype: torch.dtype) -> bool:
-    """The caller's ``exact`` (a bool), or, for None, whether the fast form fails these decays."""
-    if exact is None:
-        return not _fast_form_holds(log_decay, compute_dtype)
-    if not isinstance(exact, bool):
-        raise TypeError(f"exact: expected True, False or None, got {exact!r}")
-    return exact
+def _run_form(fast, exact_form, exact, log_decay: torch.Tensor, compute_dtype: torch.dtype, **args):
+    """``exact_form(**args)`` or ``fast(**args)``: the caller's ``exact`` (a bool), or, for None, the
+    fast form launched behind an enqueued check of the decays and the exact one run after it only if
+    the check fails; the host waits for the check alone, so the GPU never idles on the read. Traced
+    (``torch.compile``) or captured (CUDA graphs) calls take the exact form: the check reads the host."""
+    if exact is not None:
+        if not isinstance(exact, bool):
+            raise TypeError(f"exact: expected True, False or None, got {exact!r}")
+        return (exact_form if exact else fast)(**args)
+    if torch.compiler.is_compiling() or (log_decay.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return exact_form(**args)
+    holds = _fast_form_holds(log_decay, compute_dtype)
+    result = fast(**args)
+    return result if holds.read() else exact_form(**args)
 
 
 def retention_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -184,13 +206,14 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scal
     q, k, g: ``[B, T, H, K]`` (g: log forget gates, ≤ 0); v: ``[B, T, H, V]``; scale defaults to
     ``K ** -0.5``; initial_state: float32 ``[B, H, K, V]`` or None (zeros). Returns
     ``(o [B, T, H, V], final_state or None)``. Differentiable (the derived backward). ``cu_seqlens``:
-    a packed batch, as ``Mixer`` takes it. ``exact``: the form (module docstring); None picks it from
-    the gates, which reads them on the host (one synchronisation per call): pass True or False to skip it."""
+    a packed batch, as ``Mixer`` takes it. ``exact``: the form (module docstring); None checks the
+    gates on the GPU and has the host wait for that check (not for the forward launched behind it): pass
+    True or False to skip it (traced or captured calls take the exact form unless told)."""
     _check("gla", output_final_state, cu_seqlens, q=q, k=k, v=v, g=g, initial_state=initial_state)
     if g.shape != k.shape:
         raise ValueError(f"g: expected the shape of k {tuple(k.shape)}, got {tuple(g.shape)}")
-    run = gla_exact_mixer if _exact_form(exact, g, q.dtype) else gla_mixer
-    o, state = run(q=q, k=k, v=v, g=g, s=initial_state, scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
+    o, state = _run_form(gla_mixer, gla_exact_mixer, exact, g, q.dtype, q=q, k=k, v=v, g=g, s=initial_state,
+                         scale=default_scale(q, scale), cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
 
 
@@ -209,6 +232,6 @@ def rwkv6(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u:
         raise ValueError(f"w: expected the shape of k {tuple(k.shape)}, got {tuple(w.shape)}")
     if u.shape != (k.shape[2], k.shape[3]):
         raise ValueError(f"u: expected [H, K] = {[k.shape[2], k.shape[3]]}, got {list(u.shape)}")
-    run = rwkv6_exact_mixer if _exact_form(exact, w, r.dtype) else rwkv6_mixer
-    o, state = run(r=r, k=k, v=v, w=w, u=u, scale=default_scale(r, scale), s=initial_state, cu_seqlens=cu_seqlens)
+    o, state = _run_form(rwkv6_mixer, rwkv6_exact_mixer, exact, w, r.dtype, r=r, k=k, v=v, w=w, u=u,
+                         scale=default_scale(r, scale), s=initial_state, cu_seqlens=cu_seqlens)
     return o, (state if output_final_state else None)
