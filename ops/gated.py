@@ -118,7 +118,7 @@ class _HostFlag:
             self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
             self._host.copy_(flag, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(flag.device))  # the copy's stream
         else:
             self._host = flag
 
