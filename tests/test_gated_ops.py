@@ -87,19 +87,23 @@ def test_exact_form_matches_float64_token_loop(op, max_decay):
     assert rel_err(final, final_ref) <= bound(torch.float32)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("op, name", [("gla", "g"), ("rwkv6", "w")])
-def test_form_follows_the_chunk_decay(op, name, monkeypatch):
+def test_form_follows_the_chunk_decay(op, name, device, monkeypatch):
     """The fast form while two adjacent chunks' log decay stays within half the compute dtype's
-    exponent range (fp32: about -44), the exact form past it, wherever in the sequence."""
+    exponent range (fp32, bf16: about -44), the exact form past it, wherever in the sequence; on
+    the GPU the check's flag reaches the host through pinned memory after the fast launch."""
     taken = []
     for form in ("", "_exact"):
         mixer = getattr(ops.gated, f"{op}{form}_mixer")
         monkeypatch.setattr(ops.gated, f"{op}{form}_mixer",
                             lambda *a, _m=mixer, _f=form, **kw: taken.append(_f) or _m(*a, **kw))
-    args = _inputs(op, T=200, K=16, V=16, max_decay=0.3)  # about -10 per chunk
-    OPS[op](**args)
+    width, dtype = (16, torch.float32) if device == "cpu" else (64, torch.bfloat16)
+    args = _inputs(op, T=200, K=width, V=width, max_decay=0.3)  # about -10 per chunk
+    args = {n: t.to(device, dtype if n != "u" else torch.float32) for n, t in args.items()}
+    assert torch.isfinite(OPS[op](**args)[0]).all()
     args[name][:, 150] = -30.0  # one token: two chunks' total passes -44
-    OPS[op](**args)
+    assert torch.isfinite(OPS[op](**args)[0]).all()
     assert taken == ["", "", "_exact"]  # the fast form launched behind the check, then the exact one
     OPS[op](**args, exact=False)  # the caller's choice, the decays not read
     OPS[op](**_inputs(op, T=200, K=16, V=16, max_decay=0.3), exact=True)
