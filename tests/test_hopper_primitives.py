@@ -25,6 +25,7 @@ from tilemix.tiles import (
     softplus,
     sqrt,
     tanh,
+    trisolve,
 )
 
 pytest.importorskip("cuda.bindings")
@@ -87,7 +88,15 @@ def unary(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):  # every ele
         o[c] = exp(x) + exp2(x) + log(abs(x) + 1.0) + sqrt(abs(x)) + sigmoid(x) + softplus(-x) + tanh(x) - x
 
 
-PROBES = [copy, scores, mix, shared_a, causal_mix, outer, staged, scans, unary]
+@kernel
+def solves(q: Seq["K"], k: Seq["K"], v: Seq["V"], o: Out[Seq["V"]]):  # unit triangular: both ways, tile and vector
+    for c in chunks(64):
+        a = causal(q[c] @ k[c].T, strict=True) * 0.005
+        x = v[c] * 1.0
+        o[c] = trisolve(a, x) + trisolve(a, x, transposed=True) + trisolve(a, rowsum(x) * 0.1)
+
+
+PROBES = [copy, scores, mix, shared_a, causal_mix, outer, staged, scans, unary, solves]
 
 
 @pytest.mark.gpu

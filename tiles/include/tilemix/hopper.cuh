@@ -374,33 +374,63 @@ __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& 
       for (int cp = 0; cp < T::CP; ++cp) carry->v[0][nb][0][cp] = h[nb][cp];
 }
 
-// x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): l's strictly lower
-// triangle and b go to `scratch` (R * (R + C) floats), then each thread substitutes down whole columns
-// of x in place there, with no barrier between rows (columns are independent).
+// One column of (I + tril(l, -1)) x = b (TRANS: its transpose) solved in place over b, four rows at
+// a time, so that each solved value read serves four rows' sums: x_j at x[j * stride], the
+// coefficient of x_j in x_i's equation at coef[i * R + j] (16-byte aligned rows). A host function
+// too: tests/test_trisolve_host.py checks it without a GPU.
+template <bool TRANS, int R>
+__host__ __device__ __forceinline__ void solve_column(float* x, int stride, const float* coef) {
+  static_assert(R % 4 == 0, "trisolve: rows in multiples of 4");
+  for (int quad = 0; quad < R / 4; ++quad) {
+    const int i0 = 4 * (TRANS ? R / 4 - 1 - quad : quad);  // rows i0 .. i0 + 3
+    float acc[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[r] = x[(i0 + r) * stride];
+#pragma unroll 1
+    for (int j0 = TRANS ? i0 + 4 : 0; j0 < (TRANS ? R : i0); j0 += 4) {  // the rows solved before
+      float xj[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xj[e] = x[(j0 + e) * stride];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float4 l4 = *reinterpret_cast<const float4*>(coef + (i0 + r) * R + j0);
+        acc[r] = fmaf(-l4.x, xj[0], acc[r]);
+        acc[r] = fmaf(-l4.y, xj[1], acc[r]);
+        acc[r] = fmaf(-l4.z, xj[2], acc[r]);
+        acc[r] = fmaf(-l4.w, xj[3], acc[r]);
+      }
+    }
+#pragma unroll
+    for (int s = 1; s < 4; ++s) {  // the four rows' own triangle
+      const int r = TRANS ? 3 - s : s;
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (TRANS ? e > r : e < r) acc[r] = fmaf(-coef[(i0 + r) * R + i0 + e], acc[e], acc[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) x[(i0 + r) * stride] = acc[r];
+  }
+}
+
+// x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): the equations'
+// coefficients (row i: x_i's; TRANS: l's column i) and b go to `scratch` (R * (R + C) floats), then
+// each thread solves whole columns of x in place there, with no barrier between rows (columns are
+// independent).
 template <bool TRANS, int R, int C>
 __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const rt<R, C>& b, float* scratch, int bar) {
   float* sl = scratch;
   float* sx = scratch + R * R;
   {
     using L = rt<R, R>;
-    TM_FOR_EACH(L) sl[row_of(mb, hr) * R + col_of(nb, cp)] = l.v[mb][nb][hr][cp];
+    TM_FOR_EACH(L) {
+      const int r = row_of(mb, hr), c = col_of(nb, cp);
+      sl[TRANS ? c * R + r : r * R + c] = l.v[mb][nb][hr][cp];
+    }
   }
   using T = rt<R, C>;
   TM_FOR_EACH(T) sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))] = b.v[mb][nb][hr][cp];
   sync_threads(bar, 128);
-  for (int c = threadIdx.x % 128; c < C; c += 128)
-    for (int step = 1; step < R; ++step) {
-      const int i = TRANS ? R - 1 - step : step;
-      float acc = sx[i * C + c];
-      if (TRANS) {
-#pragma unroll 4
-        for (int j = i + 1; j < R; ++j) acc = fmaf(-sl[j * R + i], sx[j * C + c], acc);
-      } else {
-#pragma unroll 4
-        for (int j = 0; j < i; ++j) acc = fmaf(-sl[i * R + j], sx[j * C + c], acc);
-      }
-      sx[i * C + c] = acc;
-    }
+  for (int c = threadIdx.x % 128; c < C; c += 128) solve_column<TRANS, R>(sx + c, C, sl);
   sync_threads(bar, 128);
   TM_FOR_EACH(T) x.v[mb][nb][hr][cp] = sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))];
   sync_threads(bar, 128);  // scratch is free again
