@@ -23,7 +23,7 @@ from rich.table import Table
 
 from tilemix import ops
 from tilemix.ops.examples import kernel_inputs
-from tilemix.ops.timing import host_us, time_ms
+from tilemix.ops.timing import host_us, kernel_ms, time_ms
 
 from .attention_decode import ATTENTION_DECODE_CASES, ATTENTION_DECODE_SHAPES
 from .bidirectional import BIDIRECTIONAL_CASES
@@ -278,6 +278,7 @@ def sweep_rows(lengths=SWEEP_T, head_dims=SWEEP_D, names=SWEEP_OPS) -> list[tupl
     return rows
 
 
+KERNELS_SHOWN = 8  # --kernels: the longest kernels printed under a row (its record keeps all)
 GRID_OPS = ("linear_attention", "ssd", "ssd-mamba")  # issue 25's grid: the scans beside fla and mamba_ssm
 GRID_BH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GRID_T = (1024, 4096, 16384, 32768, 65536, 131072)
@@ -336,12 +337,13 @@ def default_rows(names: list[str] | None) -> list[tuple[str, int, int, int, int]
 def run_bench(names: list[str] | None = None, json_path: str | None = None, sweep: bool = False,
               plot_dir: str | None = None, head_dims: tuple[int, ...] = (), md_path: str | None = None,
               target: str | None = None, peers: bool = True, programs: dict | None = None,
-              grid: bool = False) -> int:
+              grid: bool = False, kernels: bool = False) -> int:
     """``target``: the backend our ops run on ("hopper", "generic": the mma.sync kernels, also on an
     H100; None: automatic / $TILEMIX_TARGET). Records carry it: "sm_90a" or "generic", and the arch.
     ``peers=False`` times our ops only (peer_ms NaN). ``programs``: name -> ``@kernel`` of programs
     to time beside the ops (``module:kernel``, a user's own; no peer). ``grid``: ``grid_rows`` (records
-    carry ``grid: True``)."""
+    carry ``grid: True``). ``kernels``: also each row's kernels and their ms per call (``kernel_ms``),
+    printed under the row and kept in its record."""
     from tilemix.ops.runtime import call_with_target, select_arch
 
     console = Console(width=max(Console().width, 150))  # the 140-wide table uncropped when piped
@@ -392,16 +394,20 @@ def run_bench(names: list[str] | None = None, json_path: str | None = None, swee
         except Exception as e:  # a peer that refuses this shape, its backward or this Triton (fla #640)
             console.print(f"{name} peer {peer_name}: {type(e).__name__}: {str(e).splitlines()[0]}")
         roofline_ms = max(nbytes / bandwidth, flops / mma_rate) * 1e3
+        launched = kernel_ms(ours) if kernels else []
         records.append(dict(op=op, direction=direction(name), target=label, arch=arch, shape=shape, dtype="bf16", ms=ms,
                             peer=peer_name, peer_ms=peer_ms, speedup=peer_ms / ms, tflops=flops / ms / 1e9,
                             gbps=nbytes / ms / 1e6, roofline_fraction=roofline_ms / ms, host_us=host,
                             **_backward_field(name), **({"grid": True} if grid else {}),
-                            **({"varlen": True} if "varlen" in name.split("-") else {})))
+                            **({"varlen": True} if "varlen" in name.split("-") else {}),
+                            **({"kernels": [[n, round(t, 4)] for n, t in launched]} if kernels else {})))
         cells = (name, shape_text(shape), f"{ms:.3f}", f"{host:.0f}", peer_name,
                  number_cell(peer_ms, ".3f"), number_cell(peer_ms / ms, ".2f", "x"), f"{flops / ms / 1e9:.0f}",
                  f"{roofline_ms / ms:.0%}")
         table.add_row(*cells)
         console.print(" | ".join(cells), highlight=False)  # as measured: a run cut short still says something
+        for kernel_name, kernel_time in launched[:KERNELS_SHOWN]:
+            console.print(f"    {kernel_time:8.3f} ms  {kernel_name[:110]}", highlight=False, markup=False)
         # first calls compile (ours) and autotune (peers): where a device call's minutes go
         console.print(f"  {name}: ours {ours_s:.0f} s, peer {time.perf_counter() - started - ours_s:.0f} s",
                       highlight=False)

@@ -37,7 +37,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     return run_bench(args.ops or None, json_path=args.json, sweep=args.sweep, plot_dir=args.plot,
                      head_dims=tuple(args.head_dim or ()), md_path=args.md, target=args.target,
-                     peers=not args.no_peers, programs=programs, grid=args.grid)
+                     peers=not args.no_peers, programs=programs, grid=args.grid, kernels=args.kernels)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -318,6 +318,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="DIR", help="write PNG plots of the run here (needs matplotlib)")
     bench.add_argument("--target", choices=["auto", "hopper", "generic"],
                        help="the backend our ops run on (generic: the mma.sync kernels, also on an H100)")
+    bench.add_argument("--kernels", action="store_true",
+                       help="under each row, the kernels our call launches and their ms per call (torch.profiler): "
+                            "where its time goes; records keep them as \"kernels\"")
     bench.add_argument("--no-peers", action="store_true",
                        help="time our ops only (no peer columns): skips fla's minutes of first-call autotuning")
     bench.add_argument("--cp", action="store_true",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["HOST_WINDOW_MS", "time_ms", "host_us", "spin_cycles_per_ms"]
+__all__ = ["HOST_WINDOW_MS", "time_ms", "host_us", "kernel_ms", "spin_cycles_per_ms"]
 
 L2_FLUSH_BYTES = 1 << 30  # 20x the H100's 50 MB L2
 HOST_WINDOW_MS = 2.0  # GPU spin before each timed call: host work shorter than this is not timed
@@ -65,3 +66,23 @@ def host_us(fn: Callable[[], object], calls: int = 50) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+def kernel_ms(fn: Callable[[], object], calls: int = 5) -> list[tuple[str, float]]:
+    """Each GPU kernel ``fn`` launches with its milliseconds per call (its launches in one call
+    summed), longest first: where a call's time goes. ``torch.profiler`` over back-to-back calls, L2
+    not flushed, so the sum may undercut ``time_ms``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_call: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            per_call[event.name] += event.time_range.elapsed_us() / 1e3 / calls
+    return sorted(per_call.items(), key=lambda item: -item[1])

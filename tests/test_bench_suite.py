@@ -185,6 +185,46 @@ def test_run_bench_records_backward_direction(tmp_path, monkeypatch):
     assert "| peer | 2.000 | 1.00x |" in text and "| peer | — | — |" in text  # a NaN peer reads as a dash
 
 
+def test_run_bench_kernels_lists_each_rows_kernels(tmp_path, monkeypatch, capsys):
+    """--kernels: under the row, its kernels longest first as ``kernel_ms`` measured them; the record
+    keeps them all; without the flag neither the lines nor the field."""
+    import json
+
+    import torch
+
+    from tilemix.bench import bench
+
+    _fake_gpu(monkeypatch, bench, torch)
+    monkeypatch.setattr(bench, "CASES", {"toy": lambda B, T, H, D, dtype: (lambda: None, None, "peer", 1e6, 1e9,
+                                                                            dict(B=B, T=T))})
+    launched = [(f"tilemix_kernel_{i}", 1.0 / (i + 1)) for i in range(bench.KERNELS_SHOWN + 2)]
+    monkeypatch.setattr(bench, "kernel_ms", lambda fn: launched)
+    for kernels in (True, False):
+        path = tmp_path / f"{kernels}.json"
+        assert bench.run_bench(["toy"], json_path=str(path), kernels=kernels) == 0
+        record = json.loads(path.read_text())["records"][0]
+        out = capsys.readouterr().out
+        shown = [line.split()[-1] for line in out.splitlines() if line.strip().endswith(tuple(n for n, _ in launched))]
+        if kernels:
+            assert record["kernels"] == [[n, round(t, 4)] for n, t in launched]
+            assert shown == [n for n, _ in launched[:bench.KERNELS_SHOWN]]
+        else:
+            assert "kernels" not in record and not shown
+
+
+@pytest.mark.gpu
+def test_kernel_ms_finds_the_kernels_of_a_call():
+    """``kernel_ms`` on a matmul then an add: both kernels, each under the call's event-timed length."""
+    import torch
+
+    from tilemix.ops.timing import kernel_ms, time_ms
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    launched = kernel_ms(lambda: (a @ a).add_(1.0))
+    assert len(launched) >= 2 and all(t > 0 for _, t in launched)
+    assert launched[0][1] >= launched[-1][1] and sum(t for _, t in launched) < 2 * time_ms(lambda: (a @ a).add_(1.0))
+
+
 def test_a_users_program_is_a_case_without_peer():
     """`tilemix bench module:kernel`: the program through ops.run on inputs kernel_inputs builds, its
     bytes those of its inputs and outputs, no peer."""
