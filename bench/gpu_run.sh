@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call (10 min at most): install, then PHASE=tests (every GPU test, the newest files
-# first), PHASE=bench (the rows in ROWS beside their peers), PHASE=all (both) or PHASE=sanitize (the
-# CALLS groups of bench/sanitize.py, inputs of each DTYPES dtype: compiled, then its four tools on each group
-# at once). Run from the repo root with
+# first), PHASE=bench (the rows in ROWS beside their peers; KERNELS=1: each row's kernels too),
+# PHASE=all (both) or PHASE=sanitize (the CALLS groups of bench/sanitize.py, inputs of each DTYPES
+# dtype: compiled, then its four tools on each group at once). Run from the repo root with
 # .whl carried (fla wheels, the unpacked mamba_ssm archive); logs under $OUT, a summary on stdout.
 # Compiles dominate a call: the cubins it compiled come back in $OUT/tmcache.tgz.a, .b (15 MB parts),
 # and archives of them carried in .tmcache/*.tgz (parts joined) seed the next call's kernel cache.
@@ -51,6 +51,7 @@ if [ "${PHASE:-all}" != bench ]; then
 fi
 if [ "${PHASE:-all}" != tests ]; then
   # shellcheck disable=SC2086  # ROWS is a list of bench rows
-  timeout "${BENCH_TIMEOUT:-300}" tilemix bench ${ROWS:-} --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; grep -a -E " \| |Error|error" "$OUT/bench.log" | cut -c1-250
+  timeout "${BENCH_TIMEOUT:-300}" tilemix bench ${ROWS:-} ${KERNELS:+--kernels} --json "$OUT/bench.json" \
+    >"$OUT/bench.log" 2>&1
+  echo "bench rc=$?"; grep -a -E " \| |Error|error| ms  " "$OUT/bench.log" | cut -c1-250
 fi
