@@ -374,38 +374,30 @@ __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& 
       for (int cp = 0; cp < T::CP; ++cp) carry->v[0][nb][0][cp] = h[nb][cp];
 }
 
-// N columns of (I + tril(l, -1)) x = b (TRANS: its transpose) solved in place over b, four rows at a
-// time: each solved value read serves four rows' sums, each coefficient read all N columns' (a
-// coefficient is the same for every column, so it is the costlier load: a broadcast). Column n's x_j
-// at x[n * apart + j * stride]; the coefficient of x_j in x_i's equation at coef[i * R + j]
-// (16-byte aligned rows). A host function too: tests/test_trisolve_host.py checks it without a GPU.
-template <bool TRANS, int R, int N>
-__host__ __device__ __forceinline__ void solve_columns(float* x, int apart, int stride, const float* coef) {
+// One column of (I + tril(l, -1)) x = b (TRANS: its transpose) solved in place over b, four rows at
+// a time, so that each solved value read serves four rows' sums: x_j at x[j * stride], the
+// coefficient of x_j in x_i's equation at coef[i * R + j] (16-byte aligned rows). A host function
+// too: tests/test_trisolve_host.py checks it without a GPU.
+template <bool TRANS, int R>
+__host__ __device__ __forceinline__ void solve_column(float* x, int stride, const float* coef) {
   static_assert(R % 4 == 0, "trisolve: rows in multiples of 4");
   for (int quad = 0; quad < R / 4; ++quad) {
     const int i0 = 4 * (TRANS ? R / 4 - 1 - quad : quad);  // rows i0 .. i0 + 3
-    float acc[N][4];
+    float acc[4];
 #pragma unroll
-    for (int n = 0; n < N; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[n][r] = x[n * apart + (i0 + r) * stride];
+    for (int r = 0; r < 4; ++r) acc[r] = x[(i0 + r) * stride];
 #pragma unroll 1
     for (int j0 = TRANS ? i0 + 4 : 0; j0 < (TRANS ? R : i0); j0 += 4) {  // the rows solved before
-      float xj[N][4];
+      float xj[4];
 #pragma unroll
-      for (int n = 0; n < N; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) xj[n][e] = x[n * apart + (j0 + e) * stride];
+      for (int e = 0; e < 4; ++e) xj[e] = x[(j0 + e) * stride];
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const float4 l4 = *reinterpret_cast<const float4*>(coef + (i0 + r) * R + j0);
-#pragma unroll
-        for (int n = 0; n < N; ++n) {
-          acc[n][r] = fmaf(-l4.x, xj[n][0], acc[n][r]);
-          acc[n][r] = fmaf(-l4.y, xj[n][1], acc[n][r]);
-          acc[n][r] = fmaf(-l4.z, xj[n][2], acc[n][r]);
-          acc[n][r] = fmaf(-l4.w, xj[n][3], acc[n][r]);
-        }
+        acc[r] = fmaf(-l4.x, xj[0], acc[r]);
+        acc[r] = fmaf(-l4.y, xj[1], acc[r]);
+        acc[r] = fmaf(-l4.z, xj[2], acc[r]);
+        acc[r] = fmaf(-l4.w, xj[3], acc[r]);
       }
     }
 #pragma unroll
@@ -413,23 +405,17 @@ __host__ __device__ __forceinline__ void solve_columns(float* x, int apart, int 
       const int r = TRANS ? 3 - s : s;
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        if (TRANS ? e > r : e < r) {
-          const float l = coef[(i0 + r) * R + i0 + e];
-#pragma unroll
-          for (int n = 0; n < N; ++n) acc[n][r] = fmaf(-l, acc[n][e], acc[n][r]);
-        }
+        if (TRANS ? e > r : e < r) acc[r] = fmaf(-coef[(i0 + r) * R + i0 + e], acc[e], acc[r]);
     }
 #pragma unroll
-    for (int n = 0; n < N; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) x[n * apart + (i0 + r) * stride] = acc[n][r];
+    for (int r = 0; r < 4; ++r) x[(i0 + r) * stride] = acc[r];
   }
 }
 
 // x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): the equations'
 // coefficients (row i: x_i's; TRANS: l's column i) and b go to `scratch` (R * (R + C) floats), then
 // each thread solves whole columns of x in place there, with no barrier between rows (columns are
-// independent): from 128 columns on, two a thread, so that a coefficient read serves both.
+// independent).
 template <bool TRANS, int R, int C>
 __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const rt<R, C>& b, float* scratch, int bar) {
   float* sl = scratch;
@@ -444,10 +430,7 @@ __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const r
   using T = rt<R, C>;
   TM_FOR_EACH(T) sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))] = b.v[mb][nb][hr][cp];
   sync_threads(bar, 128);
-  if (C >= 128 && C % 2 == 0)  // two columns a thread (c, c + C / 2): half the coefficient loads
-    for (int c = threadIdx.x % 128; c < C / 2; c += 128) solve_columns<TRANS, R, 2>(sx + c, C / 2, C, sl);
-  else
-    for (int c = threadIdx.x % 128; c < C; c += 128) solve_columns<TRANS, R, 1>(sx + c, 0, C, sl);
+  for (int c = threadIdx.x % 128; c < C; c += 128) solve_column<TRANS, R>(sx + c, C, sl);
   sync_threads(bar, 128);
   TM_FOR_EACH(T) x.v[mb][nb][hr][cp] = sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))];
   sync_threads(bar, 128);  // scratch is free again
