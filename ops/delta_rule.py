@@ -9,6 +9,11 @@ chunk's start (both all ones for the delta rule). So ``u = u0 − w S`` with ``u
 program (``*_prepare``, ``blocks``), then run the state recurrence alone in a scan (``*_scan``), so
 the solves leave the sequential path. ``*_fwd`` states the same forward as one scan program.
 
+The prepares solve for ``(I + A)⁻¹ diag(β)`` (64 right-hand columns, not 2 x 128: the serial
+substitution is the costly part), then multiply on tensor cores with the inverse split as ``hi + lo``
+(``hi`` = bf16 rounding): one bf16 operand alone would give w several times the error at correlated
+keys, two keep it at the direct solve's.
+
 The backward is derived from the programs (``tilemix.tiles.autodiff``, ``trisolve``'s adjoint):
 no hand-written backward. w and u0 pass between the programs in the compute dtype, as every matmul
 operand is rounded to it anyway."""
@@ -17,7 +22,24 @@ from __future__ import annotations
 
 import torch
 
-from tilemix.tiles import Out, Scalar, Seq, State, blocks, causal, chunks, colsum, cumsum, exp, kernel, segsum, trisolve
+from tilemix.tiles import (
+    Out,
+    Scalar,
+    Seq,
+    State,
+    blocks,
+    cast,
+    causal,
+    chunks,
+    colsum,
+    concat,
+    cumsum,
+    exp,
+    eye,
+    kernel,
+    segsum,
+    trisolve,
+)
 
 from ._library import mixer, no_state, register_derived_autograd, tile_op
 from .runtime import check_call, default_scale
@@ -42,8 +64,10 @@ def delta_rule_prepare(k: Seq["K"], v: Seq["V"], beta: Seq[1], w: Out[Seq["K"]],
     for c in blocks(64):  # each chunk alone: no state
         kc, bc = k[c], beta[c]
         a = causal(kc @ kc.T * bc, strict=True)
-        w[c] = trisolve(a, kc * bc)
-        u0[c] = trisolve(a, v[c] * bc)
+        t = trisolve(a, eye(64) * bc)  # (I + A)⁻¹ diag(β), fp32
+        hi = cast(t, "bf16")  # t = hi + lo: both halves exact enough as matmul operands
+        w[c] = hi @ kc + (t - hi) @ kc
+        u0[c] = hi @ v[c] + (t - hi) @ v[c]
 
 
 @kernel
@@ -75,8 +99,11 @@ def gated_delta_rule_prepare(k: Seq["K"], v: Seq["V"], g: Seq[1], beta: Seq[1],
     for c in blocks(64):  # each chunk alone: no state
         kc, gc, bc = k[c], g[c], beta[c]
         a = causal(kc @ kc.T * exp(segsum(gc)) * bc, strict=True)
-        w[c] = trisolve(a, kc * (bc * exp(cumsum(gc))))
-        u0[c] = trisolve(a, v[c] * bc)
+        t = trisolve(a, concat([eye(64) * bc, eye(64) * (bc * exp(cumsum(gc)))]))  # one solve, 128 columns
+        tu, tw = t[:, 0:64], t[:, 64:128]  # (I + A)⁻¹ diag(β), (I + A)⁻¹ diag(β exp(G))
+        hu, hw = cast(tu, "bf16"), cast(tw, "bf16")
+        w[c] = hw @ kc + (tw - hw) @ kc
+        u0[c] = hu @ v[c] + (tu - hu) @ v[c]
 
 
 @kernel

@@ -1,7 +1,7 @@
-"""``tm::solve_column`` (the substitution inside the sm_90a/generic ``trisolve`` primitive) compiled
-for the host with nvcc and run against a float64 substitution: its index arithmetic checked on a
-machine without a GPU. Skipped where nvcc is not installed (CI); the GPU half is
-``test_hopper_primitives``' ``solves`` probe."""
+"""``tm::solve_column`` and the two-thread split of ``solve_column_halves`` (the substitution inside
+the sm_90a/generic ``trisolve`` primitive) compiled for the host with nvcc and run against a float64
+substitution: their index arithmetic checked on a machine without a GPU. Skipped where nvcc is not
+installed (CI); the GPU half is ``test_hopper_primitives``' ``solves`` probe."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ HARNESS = r"""
 #include "tilemix/hopper.cuh"
 #undef tm
 
-template <bool TRANS, int R> double worst(int C, unsigned seed) {  // max |x - exact| / max(1, |exact|)
+template <bool TRANS, int R, bool HALVES> double worst(int C, unsigned seed) {  // max |x - exact| / max(1, |exact|)
   srand(seed);
   alignas(16) static float coef[R * R];
   std::vector<float> l(R * R), b(R * C);
@@ -29,7 +29,22 @@ template <bool TRANS, int R> double worst(int C, unsigned seed) {  // max |x - e
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < R; ++c) coef[TRANS ? c * R + r : r * R + c] = l[r * R + c];  // as trisolve stores them
   std::vector<float> x = b;
-  for (int c = 0; c < C; ++c) tilemix_tm::solve_column<TRANS, R>(x.data() + c, C, coef);
+  for (int c = 0; c < C; ++c) {
+    float* col = x.data() + c;
+    if (!HALVES) {
+      tilemix_tm::solve_column<TRANS, R>(col, C, coef);
+      continue;
+    }
+    for (int p = 0; p < R / 4; ++p) {  // solve_column_halves' two threads, half 1's sum first
+      float sum[2][4];
+      for (int half = 1; half >= 0; --half) {
+        for (int r = 0; r < 4; ++r) sum[half][r] = half ? 0.0f : col[(tilemix_tm::quad_row<TRANS, R>(p) + r) * C];
+        tilemix_tm::subtract_solved<TRANS, R>(sum[half], col, C, coef, p, half, 2);
+      }
+      for (int r = 0; r < 4; ++r) sum[0][r] += sum[1][r];
+      tilemix_tm::finish_quad<TRANS, R>(sum[0], col, C, coef, p);
+    }
+  }
   double err = 0;
   for (int c = 0; c < C; ++c) {
     std::vector<double> y(R);
@@ -48,8 +63,10 @@ template <bool TRANS, int R> double worst(int C, unsigned seed) {  // max |x - e
 int main() {
   double err = 0;
   for (unsigned seed = 1; seed < 6; ++seed) {
-    const double e[] = {worst<false, 64>(128, seed), worst<true, 64>(128, seed), worst<false, 64>(1, seed),
-                        worst<true, 64>(1, seed), worst<false, 128>(8, seed), worst<true, 128>(8, seed)};
+    const double e[] = {worst<false, 64, false>(128, seed), worst<true, 64, false>(128, seed),
+                        worst<false, 64, true>(64, seed), worst<true, 64, true>(64, seed),
+                        worst<false, 64, true>(1, seed), worst<true, 64, true>(1, seed),
+                        worst<false, 128, true>(8, seed), worst<true, 128, true>(8, seed)};
     for (double v : e) err = std::fmax(err, v);
   }
   printf("%.3e\n", err);

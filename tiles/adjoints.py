@@ -17,7 +17,7 @@ from collections.abc import Callable
 from .errors import TileError
 from .ir import Op, Value
 from .rules import MASKS, ShapeError, infer
-from .types import TileType
+from .types import DType, TileType
 
 __all__ = ["Emitter", "ADJOINTS", "NO_GRADIENT"]
 
@@ -251,22 +251,36 @@ def _linrec(em, op, gy):
 def _trisolve(em, op, gy):
     """``x = M⁻¹ b`` with ``M = I + tril(a, -1)`` (``transposed``: ``M⁻ᵀ b``): ``db = y = M⁻ᵀ gy``
     (``M⁻¹ gy``) and ``da = -tril(y xᵀ, -1)`` (``-tril(x yᵀ, -1)``): the strictly lower triangle
-    is all of ``a`` that ``x`` reads."""
+    is all of ``a`` that ``x`` reads. With 16-bit matmul operands, x enters that product as
+    ``hi + lo`` (``hi`` its bf16 rounding): a solution's entries cancel where ``M`` is ill-conditioned
+    (correlated keys), so one rounding of x costs the gradient bits the forward kept."""
     a, b = op.operands
-    x, flip = op.result, op.attrs["transposed"]
+    x, flip, dtype = op.result, op.attrs["transposed"], op.attrs["operand_dtype"]
 
     def y():
-        attrs = {"transposed": not flip, "operand_dtype": op.attrs["operand_dtype"]}
-        return em.op("trisolve", [a, em.expand(gy, x.type.shape)], attrs)
+        return em.op("trisolve", [a, em.expand(gy, x.type.shape)], {"transposed": not flip, "operand_dtype": dtype})
 
     def da():
-        left, right = (x, y()) if flip else (y(), x)
-        outer = em.op("matmul", [left, right], {"operand_dtype": op.attrs["operand_dtype"], "ta": False, "tb": True})
+        gy_solved = y()
+        outer = None
+        for part in _two_term(em, x, dtype):
+            left, right = (part, gy_solved) if flip else (gy_solved, part)
+            term = em.op("matmul", [left, right], {"operand_dtype": dtype, "ta": False, "tb": True})
+            outer = term if outer is None else em.add(outer, term)
         rows = a.type.rows
         below = em.op("gt", [em.op("iota", [], {"rows": rows, "cols": 1, "axis": 0}),
                              em.op("iota", [], {"rows": 1, "cols": rows, "axis": 1})])
         return em.select(below, em.neg(outer), em.const(0.0))
     return {0: da, 1: y}
+
+
+def _two_term(em, x: Value, operand_dtype) -> list[Value]:
+    """``x`` as matmul operands that keep ~16 bits for 16-bit ``operand_dtype``: ``[hi, x - hi]``
+    with ``hi`` = bf16(x) (bf16: fp16's range would overflow); ``[x]`` for f32/f64 operands."""
+    if DType(operand_dtype) not in (DType.f16, DType.bf16):
+        return [x]
+    hi = em.op("cast", [x], {"dtype": DType.bf16})
+    return [hi, em.op("sub", [x, hi])]
 
 
 def _outer(em, op, gy):

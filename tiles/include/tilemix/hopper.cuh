@@ -374,48 +374,101 @@ __device__ __forceinline__ void linrec_rows(rt<R, C>& out, const A& a, const B& 
       for (int cp = 0; cp < T::CP; ++cp) carry->v[0][nb][0][cp] = h[nb][cp];
 }
 
-// One column of (I + tril(l, -1)) x = b (TRANS: its transpose) solved in place over b, four rows at
-// a time, so that each solved value read serves four rows' sums: x_j at x[j * stride], the
-// coefficient of x_j in x_i's equation at coef[i * R + j] (16-byte aligned rows). A host function
-// too: tests/test_trisolve_host.py checks it without a GPU.
+// The substitution of (I + tril(l, -1)) x = b (TRANS: its transpose, from the last row up), four rows
+// (a quad) at a time, so that each solved value read serves four rows' sums: x_j at x[j * stride], the
+// coefficient of x_j in x_i's equation at coef[i * R + j] (16-byte aligned rows). Quads are numbered in
+// solving order; quad_row is the first row of quad p. Host functions too: tests/test_trisolve_host.py
+// checks them without a GPU.
+template <bool TRANS, int R> __host__ __device__ __forceinline__ int quad_row(int p) {
+  static_assert(R % 4 == 0, "trisolve: rows in multiples of 4");
+  return 4 * (TRANS ? R / 4 - 1 - p : p);
+}
+
+// acc[r] -= the terms of the solved quads p - 1 - skip, p - 1 - skip - step, ... in quad p's rows
+template <bool TRANS, int R>
+__host__ __device__ __forceinline__ void subtract_solved(float (&acc)[4], const float* x, int stride, const float* coef,
+                                                         int p, int skip, int step) {
+  const int i0 = quad_row<TRANS, R>(p);
+#pragma unroll 1
+  for (int q = p - 1 - skip; q >= 0; q -= step) {
+    const int j0 = quad_row<TRANS, R>(q);
+    float xj[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) xj[e] = x[(j0 + e) * stride];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float4 l4 = *reinterpret_cast<const float4*>(coef + (i0 + r) * R + j0);
+      acc[r] = fmaf(-l4.x, xj[0], acc[r]);
+      acc[r] = fmaf(-l4.y, xj[1], acc[r]);
+      acc[r] = fmaf(-l4.z, xj[2], acc[r]);
+      acc[r] = fmaf(-l4.w, xj[3], acc[r]);
+    }
+  }
+}
+
+// quad p's own triangle, once the solved quads' terms are off acc; the solution then goes to x
+template <bool TRANS, int R>
+__host__ __device__ __forceinline__ void finish_quad(float (&acc)[4], float* x, int stride, const float* coef, int p) {
+  const int i0 = quad_row<TRANS, R>(p);
+#pragma unroll
+  for (int s = 1; s < 4; ++s) {
+    const int r = TRANS ? 3 - s : s;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (TRANS ? e > r : e < r) acc[r] = fmaf(-coef[(i0 + r) * R + i0 + e], acc[e], acc[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) x[(i0 + r) * stride] = acc[r];
+}
+
+// one column solved in place over b by one thread
 template <bool TRANS, int R>
 __host__ __device__ __forceinline__ void solve_column(float* x, int stride, const float* coef) {
-  static_assert(R % 4 == 0, "trisolve: rows in multiples of 4");
-  for (int quad = 0; quad < R / 4; ++quad) {
-    const int i0 = 4 * (TRANS ? R / 4 - 1 - quad : quad);  // rows i0 .. i0 + 3
+  for (int p = 0; p < R / 4; ++p) {
     float acc[4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) acc[r] = x[(i0 + r) * stride];
-#pragma unroll 1
-    for (int j0 = TRANS ? i0 + 4 : 0; j0 < (TRANS ? R : i0); j0 += 4) {  // the rows solved before
-      float xj[4];
+    for (int r = 0; r < 4; ++r) acc[r] = x[(quad_row<TRANS, R>(p) + r) * stride];
+    subtract_solved<TRANS, R>(acc, x, stride, coef, p, 0, 1);
+    finish_quad<TRANS, R>(acc, x, stride, coef, p);
+  }
+}
+
+// one column solved by two threads, `half` 0 and 1 (threads t and t + 64 of the warpgroup, all 128
+// calling, those past the columns with active = false): quad p's solved quads alternate between them
+// from the newest, which half 0 solved itself; half 1 leaves its sum in `partial` (two slots of 4 x 64
+// floats, by quad parity), which half 0 adds after the quad's barrier. Half 1 reads quads p - 2 and
+// older only, stored before the previous barrier: one barrier a quad. The substitution's serial chain
+// halves where a column a thread would leave half the warpgroup idle (64 columns or fewer).
+template <bool TRANS, int R>
+__device__ __forceinline__ void solve_column_halves(float* x, int stride, const float* coef, float* partial, bool active,
+                                                    int bar) {
+  const int half = threadIdx.x % 128 / 64, slot = threadIdx.x % 64;
+  for (int p = 0; p < R / 4; ++p) {
+    float acc[4];
+    float* part = partial + (p % 2) * 256 + slot;
+    if (active) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) xj[e] = x[(j0 + e) * stride];
+      for (int r = 0; r < 4; ++r) acc[r] = half ? 0.0f : x[(quad_row<TRANS, R>(p) + r) * stride];
+      subtract_solved<TRANS, R>(acc, x, stride, coef, p, half, 2);
+      if (half)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float4 l4 = *reinterpret_cast<const float4*>(coef + (i0 + r) * R + j0);
-        acc[r] = fmaf(-l4.x, xj[0], acc[r]);
-        acc[r] = fmaf(-l4.y, xj[1], acc[r]);
-        acc[r] = fmaf(-l4.z, xj[2], acc[r]);
-        acc[r] = fmaf(-l4.w, xj[3], acc[r]);
-      }
+        for (int r = 0; r < 4; ++r) part[r * 64] = acc[r];
     }
+    sync_threads(bar, 128);
+    if (active && !half) {
 #pragma unroll
-    for (int s = 1; s < 4; ++s) {  // the four rows' own triangle
-      const int r = TRANS ? 3 - s : s;
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (TRANS ? e > r : e < r) acc[r] = fmaf(-coef[(i0 + r) * R + i0 + e], acc[e], acc[r]);
+      for (int r = 0; r < 4; ++r) acc[r] += part[r * 64];
+      finish_quad<TRANS, R>(acc, x, stride, coef, p);
     }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) x[(i0 + r) * stride] = acc[r];
   }
 }
 
 // x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): the equations'
-// coefficients (row i: x_i's; TRANS: l's column i) and b go to `scratch` (R * (R + C) floats), then
-// each thread solves whole columns of x in place there, with no barrier between rows (columns are
-// independent).
+// coefficients (row i: x_i's; TRANS: l's column i) and b go to `scratch` (trisolve_scratch floats),
+// then the threads solve whole columns of x in place there, with no barrier between rows (columns are
+// independent): a column a thread, or two (solve_column_halves) for 64 columns or fewer.
+template <int R, int C> constexpr int trisolve_scratch() { return R * (R + C) + (C <= 64 ? 2 * 4 * 64 : 0); }
+
 template <bool TRANS, int R, int C>
 __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const rt<R, C>& b, float* scratch, int bar) {
   float* sl = scratch;
@@ -430,7 +483,12 @@ __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const r
   using T = rt<R, C>;
   TM_FOR_EACH(T) sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))] = b.v[mb][nb][hr][cp];
   sync_threads(bar, 128);
-  for (int c = threadIdx.x % 128; c < C; c += 128) solve_column<TRANS, R>(sx + c, C, sl);
+  if constexpr (C <= 64) {
+    const int c = threadIdx.x % 64;
+    solve_column_halves<TRANS, R>(sx + (c < C ? c : 0), C, sl, sx + R * C, c < C, bar);
+  } else {
+    for (int c = threadIdx.x % 128; c < C; c += 128) solve_column<TRANS, R>(sx + c, C, sl);
+  }
   sync_threads(bar, 128);
   TM_FOR_EACH(T) x.v[mb][nb][hr][cp] = sx[row_of(mb, hr) * C + (C == 1 ? 0 : col_of(nb, cp))];
   sync_threads(bar, 128);  // scratch is free again
