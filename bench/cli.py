@@ -216,6 +216,7 @@ def _user_kernel(ref: str):
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     module, _, name = ref.partition(":")
+    module = _as_package_module(module)
     try:
         found = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
@@ -223,6 +224,26 @@ def _user_kernel(ref: str):
     if not isinstance(found, Kernel):
         raise ValueError(f"{ref!r} is a {type(found).__name__}, not a @kernel program")
     return found
+
+
+def _as_package_module(module: str) -> str:
+    """``module`` as ``tilemix.`` + its path where the current directory is a tilemix checkout and the
+    module one of its files (``ops.gated`` from the repository's root): imported under its own name,
+    the package's ops would register a second time."""
+    import importlib.util
+    from pathlib import Path
+
+    from tilemix import ops
+
+    root = Path(ops.__file__).resolve().parent.parent  # tilemix is a namespace package: no __file__
+    path = Path.cwd().joinpath(*module.split("."))
+    if not (path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()):
+        return module
+    path = path.resolve()
+    if not path.is_relative_to(root) or path == root:
+        return module
+    parts = path.relative_to(root).parts
+    return "tilemix." + ".".join(parts) if importlib.util.find_spec(f"tilemix.{parts[0]}") else module
 
 
 def _show_binding(args: argparse.Namespace):

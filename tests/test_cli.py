@@ -71,6 +71,19 @@ def test_show_a_users_own_program(capsys, monkeypatch):
         assert words in capsys.readouterr().err
 
 
+def test_show_a_program_of_the_checkout_by_its_path(capsys, monkeypatch):
+    """From the root of the checkout tilemix runs from, ``ops.gated:gla_fwd`` is the package's own
+    module (``tilemix.ops.gated``): imported as ``ops``, its ops would register a second time."""
+    from tilemix import ops
+
+    root = Path(__file__).resolve().parents[1]
+    if Path(ops.__file__).resolve().parent.parent != root:
+        pytest.skip("tilemix is installed from elsewhere, not this checkout")
+    monkeypatch.chdir(root)
+    assert main(["show", "ops.gated:gla_fwd", "--ir"]) == 0
+    assert "gla_fwd" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("op", ["gemm", "attention", "linear_attention", "ssd"])
 def test_show_cuda_sass_and_resources(op, capsys):
     pytest.importorskip("cuda.bindings")
