@@ -272,7 +272,9 @@ def trisolve(a, b, transposed: bool = False) -> Tile:
     """``x`` solving ``(I + tril(a, -1)) x = b``: ``a``'s strictly lower triangle, a unit diagonal
     (``transposed``: ``(I + tril(a, -1))ᵀ x = b``). Forward substitution, stable where an inverse
     built from matmuls is not (DeltaNet's UT transform with correlated keys):
-    ``trisolve(causal(k @ k.T * beta, strict=True), v * beta)``."""
+    ``trisolve(causal(k @ k.T * beta, strict=True), v * beta)``. The substitution is serial down each
+    column: for wide right-hand sides, solve ``eye(64)`` and multiply by the inverse as
+    ``hi = cast(t, "bf16")`` plus ``t - hi`` (two operands keep its precision; ops/delta_rule.py)."""
     builder = current_builder()
     return builder.emit("trisolve", [builder.as_tile(a), builder.as_tile(b)],
                         {"transposed": bool(transposed), "operand_dtype": builder.binding.compute_dtype})
