@@ -223,6 +223,8 @@ SPILLING = {
     **{("gated_delta_rule_scan", arch): "a 128x128 state beside the chunk's 64x64 decays, at the register "
        "ceiling (8 bytes)" for arch in ("sm_86", "sm_89")},
     "rwkv7_prepare": "a 64x128 decay factor per key dim beside the chunk's two solves (sm_90a too, test_rwkv7.py)",
+    ("gated_delta_rule_prepare", "sm_90"): "the 64x128 inverse pair beside its hi halves, at the 255-register "
+                                           "ceiling (8 bytes; sm_80/86/89 and sm_90a fit)",
     "rwkv7_prepare_output": "the chunk's decayed r, b and k at 128 beside two 64x64 scores (sm_90a too)",
 }
 # Programs whose staged tiles need more shared memory than a CTA gets on sm_86/sm_89 (99 KiB) even
