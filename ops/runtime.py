@@ -229,8 +229,9 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     whose signature (``call_signature``) ran before skips the checks and choices and only
     allocates, packs and launches. ``signature``: the call's, where the caller computed it (as
     ``call_signature(kernel, args, final_states, schedule, tuple(into))``)."""
-    if kernel.defaults.keys() - args.keys():  # left-out arguments take the program's defaults (the CPU's do)
-        args = {**kernel.defaults, **args}
+    if kernel.defaults.keys() - args.keys():  # a left-out Scalar takes its default, as on the CPU (Consts
+        # stay out: the arch's own block shapes fill those the caller did not choose)
+        args = {**{n: d for n, d in kernel.defaults.items() if kernel.specs[n].kind == "scalar"}, **args}
     if _CAPTURED is not None:
         _CAPTURED.append((kernel, dict(args)))
     into = into or {}

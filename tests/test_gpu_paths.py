@@ -219,6 +219,17 @@ def fake_gpu(monkeypatch, tmp_path):
     runtime.forget_calls()
 
 
+def test_cuda_call_fills_a_left_out_scalar_with_its_default(fake_gpu):
+    """A Scalar left out (gla_fwd's ``scale = 1.0``, as a mixer's op passes it when the default is
+    kept) reaches the launch as its default, as the interpreter binds it, not as None."""
+    from tilemix.ops.gated import gla_fwd
+
+    with FakeTensorMode():
+        x = torch.empty(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+        runtime.run_kernel(gla_fwd, dict(q=x, k=x, v=x, g=x))
+    assert fake_gpu[-1].args["scale"] == 1.0
+
+
 def test_cuda_call_prepares_with_the_arch_its_consts_and_a_tuned_config(fake_gpu):
     """``run_kernel`` on CUDA tensors: the target's arch (generic forced on a 9.0 device: sm_90) and
     its block shapes passed to the launch, outputs allocated on the device in the inputs' dtype; a
