@@ -167,7 +167,7 @@ def _buffers_of(op: Op, plan: KernelPlan, live: Liveness,
         return [], [], [("scratch", 8 * op.result.type.cols)]
     if op.name == "trisolve":  # the matrix, the solution and (64 columns or fewer) the halves' sums
         rows, cols = op.result.type.shape
-        return [], [], [("scratch", rows * (rows + cols) + (2 * 4 * 64 if cols <= 64 else 0))]  # trisolve_scratch
+        return [], [], [("scratch", rows * (rows + cols) + (2 * 4 * 64 if cols <= 64 else 0))]  # tm::trisolve
     if op.name == "slice" and op.result.type.rows == 1:  # one row of a tile
         return [], [], [("scratch", op.result.type.cols)]
     if op.name not in ("colsum", "colmax", "cumsum", "segsum", "transpose"):

@@ -229,9 +229,8 @@ def run_kernel(kernel: Kernel, args: dict[str, Any], labels: dict[str, str] | No
     whose signature (``call_signature``) ran before skips the checks and choices and only
     allocates, packs and launches. ``signature``: the call's, where the caller computed it (as
     ``call_signature(kernel, args, final_states, schedule, tuple(into))``)."""
-    if kernel.defaults.keys() - args.keys():  # a left-out Scalar takes its default, as on the CPU (Consts
-        # stay out: the arch's own block shapes fill those the caller did not choose)
-        args = {**{n: d for n, d in kernel.defaults.items() if kernel.specs[n].kind == "scalar"}, **args}
+    if not kernel.scalar_defaults.keys() <= args.keys():  # a left-out Scalar takes its default, as on the CPU
+        args = {**kernel.scalar_defaults, **args}
     if _CAPTURED is not None:
         _CAPTURED.append((kernel, dict(args)))
     into = into or {}

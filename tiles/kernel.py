@@ -54,6 +54,8 @@ class Kernel:
             self.specs[name] = annotation
             if param.default is not inspect.Parameter.empty:
                 self.defaults[name] = param.default
+        # what a launch takes as values where a call leaves them out (Consts go through the binding)
+        self.scalar_defaults = {n: d for n, d in self.defaults.items() if self.specs[n].kind == "scalar"}
         self._programs: dict[tuple, Program] = {}
         self._bindings: dict[tuple, Binding] = {}
         self.target_consts = {arch: dict(consts) for arch, consts in (target_consts or {}).items()}

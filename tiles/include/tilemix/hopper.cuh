@@ -464,10 +464,10 @@ __device__ __forceinline__ void solve_column_halves(float* x, int stride, const 
 }
 
 // x solving (I + tril(l, -1)) x = b (TRANS: its transpose, by back substitution): the equations'
-// coefficients (row i: x_i's; TRANS: l's column i) and b go to `scratch` (trisolve_scratch floats),
-// then the threads solve whole columns of x in place there, with no barrier between rows (columns are
-// independent): a column a thread, or two (solve_column_halves) for 64 columns or fewer.
-template <int R, int C> constexpr int trisolve_scratch() { return R * (R + C) + (C <= 64 ? 2 * 4 * 64 : 0); }
+// coefficients (row i: x_i's; TRANS: l's column i) and b go to `scratch` (R * (R + C) floats, and 512
+// more for 64 columns or fewer: codegen/layout.py sizes it), then the threads solve whole columns of x
+// in place there, with no barrier between rows (columns are independent): a column a thread, or two
+// (solve_column_halves) for 64 columns or fewer.
 
 template <bool TRANS, int R, int C>
 __device__ __forceinline__ void trisolve(rt<R, C>& x, const rt<R, R>& l, const rt<R, C>& b, float* scratch, int bar) {
